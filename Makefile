@@ -1,0 +1,53 @@
+# agentplane: `make run` starts the service, `make test` runs the tests. `make help` lists all.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup proto check-proto lint-proto run test test-fast bench lint migrate clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install agentplane with its server and dev extras
+
+proto: $(STAMP) ## regenerate the Python stubs in client/v1 from protos/
+	scripts/gen_protos.sh
+
+check-proto: $(STAMP) ## fail if the committed stubs differ from what protos/ generates; buf lint
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	scripts/gen_protos.sh "$$tmp" && diff -r -x __pycache__ client/v1 "$$tmp" \
+	  && echo "stubs match protos/" \
+	  || { echo "client/v1 is stale: run 'make proto' and commit" >&2; exit 1; }
+	$(VENV)/bin/buf lint
+
+lint-proto: $(STAMP) ## buf lint (STANDARD; exceptions documented in buf.yaml)
+	$(VENV)/bin/buf lint
+
+run: $(STAMP) ## migrate and start the server (sandbox model beside it when ANTHROPIC_API_KEY is unset)
+	$(PY) -m agentplane.server dev
+
+migrate: $(STAMP) ## apply database migrations to AGENTPLANE_DATABASE_URL
+	$(PY) -m agentplane.server migrate
+
+test: $(STAMP) ## run the whole test suite (PostgreSQL too when AGENTPLANE_TEST_DATABASE_URL is set)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff and mypy
+	$(VENV)/bin/ruff check client server tests migrations
+	$(VENV)/bin/mypy client server
+
+bench: $(STAMP) ## benchmarks (none yet)
+	@echo "no benchmarks yet"
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""agentplane: client for the agentplane control plane."""

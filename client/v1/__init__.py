@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for agentplane.v1 (by `make proto`; never edit by hand)."""
