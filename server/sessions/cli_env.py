@@ -61,7 +61,7 @@ class SessionDirs:
 def cli_environment(
     dirs: SessionDirs,
     *,
-    base_url: str,
+    base_url: str | None,
     api_key: str,
     scrub: Iterable[str] = (),
     extra: Mapping[str, str] | None = None,
@@ -84,10 +84,11 @@ def cli_environment(
             "CLAUDE_CONFIG_DIR": str(dirs.config),
             "CLAUDE_CODE_TMPDIR": str(dirs.tmp),
             "TMPDIR": str(dirs.tmp),
-            "ANTHROPIC_BASE_URL": base_url,
             "ANTHROPIC_API_KEY": api_key,
         }
     )
+    if base_url:
+        env["ANTHROPIC_BASE_URL"] = base_url
     if extra:
         env.update(extra)
     return env

@@ -1,0 +1,1 @@
+"""Alembic migrations of agentplane's database (installed as agentplane.server.migrations)."""

@@ -1,0 +1,126 @@
+"""`agentplane-server`: serve, migrate, check-config, hash-token, sandbox, dev."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import sys
+
+from .config import Settings, settings_help
+from .errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentplane-server",
+        description="agentplane: a gRPC control plane for Claude agent sessions.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in [
+        ("serve", "run the gRPC server (configured by the environment below)"),
+        ("migrate", "apply database migrations to AGENTPLANE_DATABASE_URL"),
+        ("check-config", "validate the configuration and the tenants file, then exit"),
+        ("dev", "serve for local use: with no ANTHROPIC_API_KEY, a sandbox model runs beside it"),
+    ]:
+        sub.add_parser(name, help=text, epilog=settings_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    hash_cmd = sub.add_parser("hash-token", help="print the SHA-256 of a caller token for the tenants file")
+    hash_cmd.add_argument("token", nargs="?", help="the token (prompted for when omitted)")
+    sandbox = sub.add_parser("sandbox", help="run the scripted Anthropic Messages API server")
+    sandbox.add_argument("args", nargs=argparse.REMAINDER, help="sandbox options (see `sandbox --help`)")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _settings() -> Settings:
+    settings = Settings.from_env()
+    _configure_logging(settings.log_level)
+    return settings
+
+
+async def _migrate(settings: Settings) -> None:
+    from .store.engine import create_engine, migrate
+
+    engine = create_engine(settings.database_url)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _dev(settings: Settings) -> int:
+    """Serve; without an API key, start the sandbox model first and point the CLI at it."""
+    from .app import serve
+
+    if not os.environ.get("ANTHROPIC_API_KEY") and settings.anthropic_base_url is None:
+        from dataclasses import replace
+
+        from .sandbox import SandboxServer
+
+        sandbox = SandboxServer()
+        await sandbox.start()
+        os.environ["ANTHROPIC_API_KEY"] = "sandbox"
+        settings = replace(settings, anthropic_base_url=sandbox.base_url)
+        print(
+            f"no ANTHROPIC_API_KEY: agents talk to the offline sandbox model at {sandbox.base_url}",
+            flush=True,
+        )
+        try:
+            return await serve(settings)
+        finally:
+            await sandbox.stop()
+    return await serve(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "serve"
+    if command == "hash-token":
+        from .tenants import hash_token
+
+        token = args.token or getpass.getpass("token: ")
+        print(hash_token(token))
+        return 0
+    if command == "sandbox":
+        from .sandbox.cli import main as sandbox_main
+
+        return sandbox_main(args.args)
+    try:
+        settings = _settings()
+        if command == "check-config":
+            from .app import load_tenants
+
+            tenants = load_tenants(settings)
+            print(f"configuration ok: {len(tenants.tenants)} tenant(s)"
+                  + (" (dev mode)" if tenants.dev_mode else ""))
+            return 0
+        if command == "migrate":
+            asyncio.run(_migrate(settings))
+            print("database migrated")
+            return 0
+        from .app import serve
+
+        return asyncio.run(_dev(settings) if command == "dev" else serve(settings))
+    except ConfigError as exc:
+        print(f"agentplane-server: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

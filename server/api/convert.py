@@ -1,0 +1,123 @@
+"""Proto <-> domain conversion."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from agentplane.v1 import budget_pb2, session_pb2
+
+from ..domain import BudgetWindow, Event, EventKind, Session, SessionState
+from ..sessions.requests import RunRequest
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def from_timestamp(msg: object, field: str) -> datetime | None:
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return None
+    return getattr(msg, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+
+
+def state_to_proto(state: SessionState) -> int:
+    return session_pb2.SessionState.Value(f"SESSION_STATE_{state.value}")
+
+
+def state_from_proto(value: int) -> SessionState | None:
+    if value == session_pb2.SESSION_STATE_UNSPECIFIED:
+        return None
+    return SessionState(session_pb2.SessionState.Name(value).removeprefix("SESSION_STATE_"))
+
+
+def session_to_proto(s: Session) -> session_pb2.Session:
+    msg = session_pb2.Session(
+        id=s.id,
+        tenant=s.tenant,
+        state=state_to_proto(s.state),  # type: ignore[arg-type]
+        create_time=timestamp(s.create_time),
+        start_time=timestamp(s.start_time),
+        end_time=timestamp(s.end_time),
+        cost_usd=str(s.cost_usd),
+        sdk_cost_usd=str(s.sdk_cost_usd),
+        max_budget_usd=str(s.max_budget_usd),
+        num_turns=s.num_turns,
+        max_turns=s.max_turns,
+        usage=session_pb2.TokenUsage(**s.usage.__dict__),
+        model=s.model,
+        sdk_session_id=s.sdk_session_id,
+        labels=s.labels,
+        result=s.result,
+        allowed_tools=list(s.allowed_tools),
+        request_id=s.request_id,
+    )
+    if s.error_reason is not None:
+        msg.error.reason = session_pb2.ErrorReason.Value(f"ERROR_REASON_{s.error_reason.value}")
+        msg.error.message = s.error_message
+    return msg
+
+
+def event_to_proto(e: Event) -> session_pb2.SessionEvent:
+    msg = session_pb2.SessionEvent(session_id=e.session_id, seq=e.seq, time=timestamp(e.time))
+    data = e.data
+    if e.kind is EventKind.STARTED:
+        msg.started.session.CopyFrom(session_to_proto(Session.from_json(data["session"])))
+    elif e.kind is EventKind.RESULT:
+        msg.result.session.CopyFrom(session_to_proto(Session.from_json(data["session"])))
+    elif e.kind is EventKind.STATE_CHANGE:
+        msg.state_change.from_state = state_to_proto(SessionState(data["from_state"]))  # type: ignore[assignment]
+        msg.state_change.to_state = state_to_proto(SessionState(data["to_state"]))  # type: ignore[assignment]
+    else:
+        # The other kinds store exactly their proto message's fields.
+        getattr(msg, e.kind.value).MergeFrom(
+            getattr(session_pb2, _MESSAGE_OF[e.kind])(**data)
+        )
+    return msg
+
+
+_MESSAGE_OF = {
+    EventKind.ASSISTANT_TEXT: "AssistantText",
+    EventKind.TOOL_USE: "ToolUse",
+    EventKind.TOOL_RESULT: "ToolResult",
+    EventKind.RETRYING: "Retrying",
+    EventKind.SYSTEM: "SystemMessage",
+    EventKind.THINKING: "Thinking",
+}
+
+
+def run_request(msg: session_pb2.RunSessionRequest) -> RunRequest:
+    return RunRequest(
+        prompt=msg.prompt,
+        request_id=msg.request_id.strip(),
+        max_budget_usd=msg.max_budget_usd,
+        max_turns=msg.max_turns,
+        allowed_tools=tuple(msg.allowed_tools),
+        model=msg.model,
+        labels=dict(msg.labels),
+        on_disconnect_continue=msg.on_disconnect == session_pb2.ON_DISCONNECT_CONTINUE,
+        resume_session_id=msg.resume_session_id.strip(),
+    )
+
+
+def budget_to_proto(w: BudgetWindow, *, max_session_budget: str, max_turns: int,
+                    max_concurrent: int) -> budget_pb2.Budget:
+    return budget_pb2.Budget(
+        tenant=w.tenant,
+        date=w.day,
+        time_zone=w.time_zone,
+        window_start=timestamp(w.window_start),
+        window_end=timestamp(w.window_end),
+        limit_usd=str(w.limit_usd),
+        spent_usd=str(w.spent_usd),
+        reserved_usd=str(w.reserved_usd),
+        remaining_usd=str(w.remaining_usd),
+        max_session_budget_usd=max_session_budget,
+        max_turns=max_turns,
+        max_concurrent_sessions=max_concurrent,
+    )

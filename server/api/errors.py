@@ -1,0 +1,120 @@
+"""Domain errors -> gRPC statuses with google.rpc rich details (the only such mapping)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ..errors import (
+    AgentplaneError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "agentplane.dev"
+
+_CODES: list[tuple[type[AgentplaneError], int, str]] = [
+    (InvalidArgument, code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    (Unauthenticated, code_pb2.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    (NotFound, code_pb2.NOT_FOUND, "NOT_FOUND"),
+    (FailedPrecondition, code_pb2.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
+    (QuotaExceeded, code_pb2.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
+    (Unavailable, code_pb2.UNAVAILABLE, "UNAVAILABLE"),
+    (Unimplemented, code_pb2.UNIMPLEMENTED, "UNIMPLEMENTED"),
+]
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_status(exc: AgentplaneError) -> grpc.Status:
+    """The rich status for a domain error: ErrorInfo always, BadRequest/QuotaFailure when
+    they apply."""
+    code, reason = code_pb2.INTERNAL, "INTERNAL"
+    for cls, cls_code, cls_reason in _CODES:
+        if isinstance(exc, cls):
+            code, reason = cls_code, cls_reason
+            break
+    details = []
+    if isinstance(exc, QuotaExceeded):
+        reason = exc.reason
+        details.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=exc.subject, description=str(exc)
+                        )
+                    ]
+                )
+            )
+        )
+    if isinstance(exc, InvalidArgument):
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=exc.field, description=exc.description
+                        )
+                    ]
+                )
+            )
+        )
+    details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)))
+    return rpc_status.to_status(status_pb2.Status(code=code, message=str(exc), details=details))
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def unary(method: F) -> F:
+    """Map domain errors raised by a unary handler to rich statuses."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except AgentplaneError as exc:
+            await context.abort_with_status(to_status(exc))
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def streaming(method: F) -> F:
+    """Map domain errors raised by a server-streaming handler to rich statuses."""
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except AgentplaneError as exc:
+            await context.abort_with_status(to_status(exc))
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+    return wrapper  # type: ignore[return-value]

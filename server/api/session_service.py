@@ -1,0 +1,79 @@
+"""agentplane.v1.SessionService: thin proto <-> SessionManager adapters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from agentplane.v1 import session_pb2, session_pb2_grpc
+
+from ..errors import Unimplemented
+from ..sessions.manager import SessionManager
+from ..store.sessions import SessionFilter
+from ..tenants import TenantRegistry
+from . import convert
+from .auth import caller
+from .errors import streaming, unary
+
+
+class SessionService(session_pb2_grpc.SessionServiceServicer):
+    def __init__(self, tenants: TenantRegistry, sessions: SessionManager) -> None:
+        self._tenants = tenants
+        self._sessions = sessions
+
+    @streaming
+    async def RunSession(
+        self, request: session_pb2.RunSessionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[session_pb2.SessionEvent]:
+        tenant = caller(self._tenants, context)
+        live = await self._sessions.start(tenant, convert.run_request(request))
+        try:
+            async for event in self._sessions.follow(live):
+                yield convert.event_to_proto(event)
+        except asyncio.CancelledError:
+            # The caller went away (or the server is stopping) mid-stream.
+            if not request.on_disconnect == session_pb2.ON_DISCONNECT_CONTINUE:
+                self._sessions.cancel_on_disconnect(live)
+            raise
+
+    @streaming
+    async def StreamSession(
+        self, request: session_pb2.StreamSessionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[session_pb2.SessionEvent]:
+        caller(self._tenants, context)
+        raise Unimplemented("StreamSession is not implemented in this release yet")
+        yield  # pragma: no cover  (makes this an async generator)
+
+    @unary
+    async def GetSession(
+        self, request: session_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.Session:
+        tenant = caller(self._tenants, context)
+        return convert.session_to_proto(await self._sessions.get(tenant, request.session_id))
+
+    @unary
+    async def ListSessions(
+        self, request: session_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.ListSessionsResponse:
+        tenant = caller(self._tenants, context)
+        flt = SessionFilter(
+            state=convert.state_from_proto(request.state),
+            created_from=convert.from_timestamp(request, "create_time_start"),
+            created_before=convert.from_timestamp(request, "create_time_end"),
+            labels=tuple(sorted(request.labels.items())),
+        )
+        page, token = await self._sessions.list(
+            tenant, flt, page_size=request.page_size, page_token=request.page_token
+        )
+        return session_pb2.ListSessionsResponse(
+            sessions=[convert.session_to_proto(s) for s in page], next_page_token=token
+        )
+
+    @unary
+    async def CancelSession(
+        self, request: session_pb2.CancelSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.Session:
+        caller(self._tenants, context)
+        raise Unimplemented("CancelSession is not implemented in this release yet")

@@ -1,0 +1,1 @@
+"""The budget ledger: daily windows, reservations and settlement."""

@@ -1,0 +1,77 @@
+"""Reserve at admission, settle at the end: the tenant's daily spend, kept in the database."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+
+from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from ..domain import BudgetWindow
+from ..errors import QuotaExceeded
+from ..store import ledger as repo
+from ..tenants import Tenant
+from .windows import day_of, window_bounds
+
+
+async def reserve_for_session(
+    db: DbSession, tenant: Tenant, *, session_id: str, amount: Decimal, day: str, now: datetime
+) -> None:
+    """Hold a session's maximum cost in the window of `day` (part of the admission
+    transaction); raises QuotaExceeded(BUDGET_EXCEEDED) when the window cannot cover it.
+    """
+    held = await repo.reserve(
+        db,
+        session_id=session_id,
+        tenant=tenant.name,
+        day=day,
+        limit=tenant.daily_limit_usd,
+        amount=amount,
+        now=now,
+    )
+    if not held:
+        window = await repo.get_window(db, tenant.name, day)
+        remaining = (
+            window.limit_usd - window.spent_usd - window.reserved_usd if window else amount
+        )
+        raise QuotaExceeded(
+            "BUDGET_EXCEEDED",
+            f"tenant:{tenant.name}:daily_usd",
+            f"the daily budget of tenant {tenant.name!r} cannot cover this session: "
+            f"it needs {amount} USD, {max(remaining, Decimal(0))} USD of "
+            f"{tenant.daily_limit_usd} USD remain for {day}; ask for a smaller "
+            "max_budget_usd or wait for the next window",
+        )
+
+
+async def settle_session(db: DbSession, *, session_id: str, actual: Decimal, now: datetime) -> bool:
+    """Release the session's hold and record its actual cost (exactly once)."""
+    return await repo.settle(db, session_id=session_id, actual=actual, now=now)
+
+
+class BudgetReader:
+    """Reads budget windows for GetBudget."""
+
+    def __init__(self, sessions: async_sessionmaker[DbSession]) -> None:
+        self._sessions = sessions
+
+    async def window(self, tenant: Tenant, day: date) -> BudgetWindow:
+        start, end = window_bounds(day, tenant.time_zone)
+        async with self._sessions() as db:
+            row = await repo.get_window(db, tenant.name, day.isoformat())
+        zero = Decimal("0")
+        return BudgetWindow(
+            tenant=tenant.name,
+            day=day.isoformat(),
+            time_zone=tenant.time_zone,
+            window_start=start,
+            window_end=end,
+            limit_usd=tenant.daily_limit_usd,
+            spent_usd=row.spent_usd if row else zero,
+            reserved_usd=row.reserved_usd if row else zero,
+        )
+
+    @staticmethod
+    def today(tenant: Tenant, now: datetime) -> date:
+        return day_of(now, tenant.time_zone)

@@ -1,0 +1,132 @@
+"""Settings from the environment, validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import ConfigError
+from .sessions.cli_env import MAX_SOCKET_DIR_BYTES
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_DATABASE_URL = "sqlite:///./agentplane.db"
+DEFAULT_WORK_DIR = "./.agentplane"
+MAX_WORK_DIR_BYTES = MAX_SOCKET_DIR_BYTES // 2
+
+# name -> (default, help): the single source for `--help` and the README table.
+SETTINGS: Mapping[str, tuple[str, str]] = {
+    "AGENTPLANE_LISTEN": (DEFAULT_LISTEN, "host:port the gRPC server binds"),
+    "AGENTPLANE_DATABASE_URL": (
+        DEFAULT_DATABASE_URL,
+        "SQLAlchemy URL: sqlite:///path or postgresql://user@host/db",
+    ),
+    "AGENTPLANE_TENANTS_FILE": ("", "TOML tenants file; unset: dev mode, one `default` tenant, no auth"),
+    "ANTHROPIC_BASE_URL": ("", "where agent CLIs send model requests; unset: the Anthropic API"),
+    "AGENTPLANE_WORK_DIR": (DEFAULT_WORK_DIR, "root of per-session working directories (keep short)"),
+    "AGENTPLANE_CLI_PATH": ("", "the Claude Code CLI; unset: the one bundled with claude-agent-sdk"),
+    "AGENTPLANE_CLI_MAX_RETRIES": ("", "caps the CLI's own model-API retries (CLAUDE_CODE_MAX_RETRIES)"),
+    "AGENTPLANE_AUTO_MIGRATE": ("", "1: migrate at start-up; default: only for SQLite"),
+    "AGENTPLANE_LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated server settings."""
+
+    listen: str = DEFAULT_LISTEN
+    database_url: str = DEFAULT_DATABASE_URL
+    tenants_file: Path | None = None
+    anthropic_base_url: str | None = None
+    work_dir: Path = field(default_factory=lambda: Path(DEFAULT_WORK_DIR).resolve())
+    cli_path: Path | None = None
+    cli_max_retries: int | None = None
+    auto_migrate: bool | None = None
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every setting; raises ConfigError naming the first bad one."""
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str:
+            return env.get(name, "").strip() or SETTINGS[name][0]
+
+        listen = get("AGENTPLANE_LISTEN")
+        host, sep, port = listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError("AGENTPLANE_LISTEN", f"{listen!r} is not host:port")
+
+        database_url = get("AGENTPLANE_DATABASE_URL")
+        try:
+            backend = make_url(database_url).get_backend_name()
+        except ArgumentError:
+            raise ConfigError("AGENTPLANE_DATABASE_URL", f"{database_url!r} is not a URL") from None
+        if backend not in ("sqlite", "postgresql"):
+            raise ConfigError("AGENTPLANE_DATABASE_URL", f"unsupported database {backend!r}")
+
+        tenants = env.get("AGENTPLANE_TENANTS_FILE", "").strip()
+        tenants_file = Path(tenants) if tenants else None
+        if tenants_file is not None and not tenants_file.is_file():
+            raise ConfigError("AGENTPLANE_TENANTS_FILE", f"{tenants} is not a file")
+
+        base_url = env.get("ANTHROPIC_BASE_URL", "").strip() or None
+        if base_url is not None and not base_url.startswith(("http://", "https://")):
+            raise ConfigError("ANTHROPIC_BASE_URL", f"{base_url!r} is not an http(s) URL")
+
+        work_dir = Path(get("AGENTPLANE_WORK_DIR")).resolve()
+        # <work_dir>/<tenant>/<16-char session dir>/t must fit the CLI's socket path.
+        if len(os.fsencode(str(work_dir))) > MAX_WORK_DIR_BYTES:
+            raise ConfigError(
+                "AGENTPLANE_WORK_DIR",
+                f"{work_dir} is longer than {MAX_WORK_DIR_BYTES} bytes, too long for the "
+                "agent CLI's socket path; choose a shorter folder",
+            )
+
+        cli = env.get("AGENTPLANE_CLI_PATH", "").strip()
+        cli_path = Path(cli) if cli else None
+
+        retries_raw = env.get("AGENTPLANE_CLI_MAX_RETRIES", "").strip()
+        if retries_raw and not retries_raw.isdigit():
+            raise ConfigError("AGENTPLANE_CLI_MAX_RETRIES", f"{retries_raw!r} is not an integer >= 0")
+
+        auto = env.get("AGENTPLANE_AUTO_MIGRATE", "").strip().lower()
+        if auto not in ("", "0", "1", "true", "false"):
+            raise ConfigError("AGENTPLANE_AUTO_MIGRATE", f"{auto!r} is not 0 or 1")
+
+        level = get("AGENTPLANE_LOG_LEVEL").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("AGENTPLANE_LOG_LEVEL", f"{level!r} is not a log level")
+
+        return cls(
+            listen=listen,
+            database_url=database_url,
+            tenants_file=tenants_file,
+            anthropic_base_url=base_url,
+            work_dir=work_dir,
+            cli_path=cli_path,
+            cli_max_retries=int(retries_raw) if retries_raw else None,
+            auto_migrate=None if auto == "" else auto in ("1", "true"),
+            log_level=level,
+        )
+
+    @property
+    def migrate_at_start(self) -> bool:
+        if self.auto_migrate is not None:
+            return self.auto_migrate
+        return make_url(self.database_url).get_backend_name() == "sqlite"
+
+
+def settings_help() -> str:
+    """The environment settings, for `--help`."""
+    width = max(map(len, SETTINGS))
+    lines = ["environment:"]
+    for name, (default, text) in SETTINGS.items():
+        suffix = f" (default: {default})" if default else ""
+        lines.append(f"  {name:<{width}}  {text}{suffix}")
+    return "\n".join(lines)

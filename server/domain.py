@@ -1,0 +1,194 @@
+"""The domain vocabulary shared by every layer: states, reasons, sessions, events.
+
+Plain data with no I/O; `store`, `sessions` and `api` all speak it, so it imports nothing
+of theirs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+MICRO = Decimal("0.000001")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def usd(value: Decimal | float | int | str) -> Decimal:
+    """Money as a Decimal exact to the micro-dollar (floats go through their repr)."""
+    if isinstance(value, float):
+        value = repr(value)
+    return Decimal(value).quantize(MICRO)
+
+
+class SessionState(enum.StrEnum):
+    """IDLE -> RUNNING -> COMPLETE | ERROR, or IDLE -> ERROR; terminal states never change."""
+
+    IDLE = "IDLE"
+    RUNNING = "RUNNING"
+    COMPLETE = "COMPLETE"
+    ERROR = "ERROR"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (SessionState.COMPLETE, SessionState.ERROR)
+
+
+class ErrorReason(enum.StrEnum):
+    """Why a session ended in ERROR (names match the proto's ErrorReason)."""
+
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+    MAX_TURNS = "MAX_TURNS"
+    CANCELLED = "CANCELLED"
+    SHUTDOWN = "SHUTDOWN"
+    AGENT_FAILED = "AGENT_FAILED"
+    INTERRUPTED = "INTERRUPTED"
+    MODEL_API_ERROR = "MODEL_API_ERROR"
+    TIMEOUT = "TIMEOUT"
+
+
+class EventKind(enum.StrEnum):
+    """The kinds of SessionEvent (names match the proto's oneof fields)."""
+
+    STARTED = "started"
+    ASSISTANT_TEXT = "assistant_text"
+    TOOL_USE = "tool_use"
+    TOOL_RESULT = "tool_result"
+    RETRYING = "retrying"
+    STATE_CHANGE = "state_change"
+    SYSTEM = "system"
+    THINKING = "thinking"
+    RESULT = "result"
+
+
+@dataclass(frozen=True)
+class TokenUsage:
+    """Token counts summed over a session's model requests."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    @classmethod
+    def from_sdk(cls, usage: dict[str, Any] | None) -> TokenUsage:
+        usage = usage or {}
+        return cls(**{name: int(usage.get(name) or 0) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Session:
+    """One agent session as agentplane records it."""
+
+    id: str
+    tenant: str
+    state: SessionState
+    create_time: datetime
+    max_budget_usd: Decimal
+    max_turns: int
+    allowed_tools: tuple[str, ...]
+    model: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    request_id: str = ""
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    cost_usd: Decimal = Decimal("0")
+    sdk_cost_usd: Decimal = Decimal("0")
+    num_turns: int = 0
+    usage: TokenUsage = TokenUsage()
+    error_reason: ErrorReason | None = None
+    error_message: str = ""
+    sdk_session_id: str = ""
+    result: str = ""
+
+    def evolve(self, **changes: Any) -> Session:
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict (stored in event payloads)."""
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "state": self.state.value,
+            "create_time": self.create_time.isoformat(),
+            "max_budget_usd": str(self.max_budget_usd),
+            "max_turns": self.max_turns,
+            "allowed_tools": list(self.allowed_tools),
+            "model": self.model,
+            "labels": dict(self.labels),
+            "request_id": self.request_id,
+            "start_time": self.start_time.isoformat() if self.start_time else None,
+            "end_time": self.end_time.isoformat() if self.end_time else None,
+            "cost_usd": str(self.cost_usd),
+            "sdk_cost_usd": str(self.sdk_cost_usd),
+            "num_turns": self.num_turns,
+            "usage": self.usage.__dict__.copy(),
+            "error_reason": self.error_reason.value if self.error_reason else None,
+            "error_message": self.error_message,
+            "sdk_session_id": self.sdk_session_id,
+            "result": self.result,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Session:
+        def when(value: str | None) -> datetime | None:
+            return datetime.fromisoformat(value) if value else None
+
+        return cls(
+            id=data["id"],
+            tenant=data["tenant"],
+            state=SessionState(data["state"]),
+            create_time=datetime.fromisoformat(data["create_time"]),
+            max_budget_usd=Decimal(data["max_budget_usd"]),
+            max_turns=data["max_turns"],
+            allowed_tools=tuple(data["allowed_tools"]),
+            model=data["model"],
+            labels=dict(data["labels"]),
+            request_id=data["request_id"],
+            start_time=when(data["start_time"]),
+            end_time=when(data["end_time"]),
+            cost_usd=Decimal(data["cost_usd"]),
+            sdk_cost_usd=Decimal(data["sdk_cost_usd"]),
+            num_turns=data["num_turns"],
+            usage=TokenUsage(**data["usage"]),
+            error_reason=ErrorReason(data["error_reason"]) if data["error_reason"] else None,
+            error_message=data["error_message"],
+            sdk_session_id=data["sdk_session_id"],
+            result=data["result"],
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One SessionEvent: `data` holds the kind's fields (a Session as JSON for
+    started/result)."""
+
+    session_id: str
+    seq: int
+    time: datetime
+    kind: EventKind
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BudgetWindow:
+    """A tenant's spend in one day window."""
+
+    tenant: str
+    day: str
+    time_zone: str
+    window_start: datetime
+    window_end: datetime
+    limit_usd: Decimal
+    spent_usd: Decimal
+    reserved_usd: Decimal
+
+    @property
+    def remaining_usd(self) -> Decimal:
+        return max(Decimal("0"), self.limit_usd - self.spent_usd - self.reserved_usd)

@@ -1,0 +1,92 @@
+"""grpc.health.v1 statuses and the readiness checks behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .sessions.cli_env import NO_OUTBOUND_TRAFFIC
+from .store.engine import migrate, migrations_current
+
+log = logging.getLogger(__name__)
+
+SESSION_SERVICE = "agentplane.v1.SessionService"
+READINESS = "readiness"
+LIVENESS = "liveness"
+# The names that say "send me work": NOT_SERVING until ready, and again on shutdown.
+READY_NAMES = ("", SESSION_SERVICE, READINESS)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    """Owns the health servicer and the reason the server is not ready, if any."""
+
+    def __init__(self) -> None:
+        self.servicer = HealthServicer()
+        self.problem: str | None = "starting up"
+        self._stopping = False
+
+    async def init(self) -> None:
+        for name in READY_NAMES:
+            await self.servicer.set(name, NOT_SERVING)
+        await self.servicer.set(LIVENESS, SERVING)
+
+    async def _set_ready(self, problem: str | None) -> None:
+        self.problem = problem
+        status = SERVING if problem is None and not self._stopping else NOT_SERVING
+        for name in READY_NAMES:
+            await self.servicer.set(name, status)
+
+    async def check(self, engine: AsyncEngine, cli_path: Path, *, migrate_first: bool) -> None:
+        """Check the database, its migrations and the agent CLI; SERVING if all pass."""
+        problem = await _database_problem(engine, migrate_first) or await _cli_problem(cli_path)
+        if problem:
+            log.error("not ready: %s", problem)
+        else:
+            log.info("ready: database migrated and agent CLI found")
+        await self._set_ready(problem)
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING for good (liveness too: the process is going away)."""
+        self._stopping = True
+        self.problem = "the server is shutting down"
+        await self.servicer.enter_graceful_shutdown()
+
+
+async def _database_problem(engine: AsyncEngine, migrate_first: bool) -> str | None:
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        if migrate_first:
+            await migrate(engine)
+        if not await migrations_current(engine):
+            return "the database schema is not current: run `agentplane-server migrate`"
+    except Exception as exc:  # any driver error means "not ready", with its reason
+        return f"the database is unreachable: {type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+async def _cli_problem(cli_path: Path) -> str | None:
+    if not cli_path.is_file() or not os.access(cli_path, os.X_OK):
+        return f"the agent CLI was not found at {cli_path} (set AGENTPLANE_CLI_PATH)"
+    env = {**os.environ, **NO_OUTBOUND_TRAFFIC}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(cli_path), "--version", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    except (OSError, TimeoutError) as exc:
+        return f"the agent CLI at {cli_path} does not start: {exc}"
+    if proc.returncode != 0:
+        return f"the agent CLI at {cli_path} failed: {out.decode(errors='replace')[:200]}"
+    return None

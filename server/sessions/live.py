@@ -1,0 +1,121 @@
+"""A running session's event stream: numbering, fan-out to watchers, batched persistence."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from ..domain import ErrorReason, Event, EventKind, Session, utcnow
+
+log = logging.getLogger(__name__)
+
+Persist = Callable[[Sequence[Event]], Awaitable[None]]
+
+
+class EventWriter:
+    """Writes a session's events in batches, off the path that streams them.
+
+    Events wait at most `interval` seconds; a failed write is retried with the batch
+    kept in order, so the persisted log never has a gap.
+    """
+
+    def __init__(self, persist: Persist, *, interval: float = 0.05) -> None:
+        self._persist = persist
+        self._interval = interval
+        self._pending: list[Event] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task = asyncio.create_task(self._loop(), name="event-writer")
+
+    def add(self, event: Event) -> None:
+        self._pending.append(event)
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            if not self._closing:
+                await asyncio.sleep(self._interval)
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                try:
+                    await self._persist(batch)
+                except Exception:
+                    log.exception("writing %d events failed; retrying", len(batch))
+                    self._pending[:0] = batch
+                    self._wake.set()
+                    await asyncio.sleep(0.5)
+                    continue
+            if self._closing and not self._pending:
+                return
+
+    async def close(self) -> None:
+        """Write everything still pending, then stop."""
+        self._closing = True
+        self._wake.set()
+        await asyncio.shield(self._task)
+
+
+class LiveSession:
+    """A session this server is running: the source of its events until it ends.
+
+    Watchers follow from any sequence number and each sees every event exactly once, in
+    order: events live in memory for the session's lifetime, so there is no window in
+    which one has been published but is not yet readable.
+    """
+
+    def __init__(self, session: Session, writer: EventWriter) -> None:
+        self.session = session
+        self.writer = writer
+        self.task: asyncio.Task[None] | None = None
+        self.cancel_reason: ErrorReason | None = None
+        self._events: list[Event] = []
+        self._wake = asyncio.Event()
+        self._ended = False
+
+    @property
+    def id(self) -> str:
+        return self.session.id
+
+    @property
+    def last_seq(self) -> int:
+        return len(self._events)
+
+    def build(self, kind: EventKind, data: dict[str, Any]) -> Event:
+        """The next event of this session (not yet published)."""
+        return Event(self.session.id, len(self._events) + 1, utcnow(), kind, data)
+
+    def publish(self, event: Event, *, persist: bool = True) -> None:
+        """Make an event visible to watchers (and queue it for the database)."""
+        if event.seq != len(self._events) + 1:
+            raise RuntimeError(f"event {event.seq} out of order after {len(self._events)}")
+        self._events.append(event)
+        if persist:
+            self.writer.add(event)
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    def emit(self, kind: EventKind, data: dict[str, Any]) -> Event:
+        event = self.build(kind, data)
+        self.publish(event)
+        return event
+
+    def end(self) -> None:
+        """No more events will come; watchers finish after the last one."""
+        self._ended = True
+        self._wake.set()
+
+    async def follow(self, after_seq: int = 0) -> AsyncIterator[Event]:
+        """Events after `after_seq`, then live ones until the session ends."""
+        index = max(after_seq, 0)
+        while True:
+            wake = self._wake
+            while index < len(self._events):
+                yield self._events[index]
+                index += 1
+            if self._ended:
+                return
+            await wake.wait()

@@ -1,0 +1,140 @@
+"""Drives one agent session through claude-agent-sdk's ClaudeSDKClient and its bundled CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import claude_agent_sdk
+from claude_agent_sdk import (
+    ClaudeAgentOptions,
+    ClaudeSDKClient,
+    ClaudeSDKError,
+    CLIConnectionError,
+    CLINotFoundError,
+    ProcessError,
+    ResultMessage,
+)
+
+from ..domain import ErrorReason, SessionState, TokenUsage, usd
+from ..tenants import Tenant
+from .cli_env import SessionDirs, cli_environment
+from .live import LiveSession
+from .requests import SessionSpec
+from .translate import Verdict, to_events, verdict
+
+BUNDLED_CLI = Path(claude_agent_sdk.__file__).resolve().parent / "_bundled" / "claude"
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """What every session's CLI is started with."""
+
+    work_dir: Path
+    base_url: str | None = None
+    cli_path: Path = BUNDLED_CLI
+    cli_max_retries: int | None = None
+    # Environment variables of the server that must not reach any agent (tenants' keys).
+    scrub_env: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass
+class Outcome:
+    """What a finished run produced."""
+
+    verdict: Verdict
+    cost_usd: str = "0"
+    num_turns: int = 0
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    sdk_session_id: str = ""
+    result: str = ""
+
+
+class AgentRunner:
+    """Runs agents; knows the SDK and the CLI, nothing of gRPC or the database."""
+
+    def __init__(self, config: RunnerConfig) -> None:
+        self.config = config
+
+    def session_dirs(self, tenant: str, session_id: str) -> SessionDirs:
+        return SessionDirs(self.config.work_dir / tenant / session_id.replace("-", "")[:16])
+
+    def _options(self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs) -> ClaudeAgentOptions:
+        extra = {}
+        if self.config.cli_max_retries is not None:
+            extra["CLAUDE_CODE_MAX_RETRIES"] = str(self.config.cli_max_retries)
+        env = cli_environment(
+            dirs,
+            base_url=self.config.base_url,
+            api_key=tenant.api_key() or "",
+            scrub=self.config.scrub_env,
+            extra=extra,
+        )
+        return ClaudeAgentOptions(
+            # `tools` limits what exists; `allowed_tools` lets those run without a prompt.
+            tools=list(spec.tools),
+            allowed_tools=list(spec.tools),
+            system_prompt=tenant.system_prompt,
+            max_turns=spec.max_turns,
+            max_budget_usd=float(spec.budget_usd),
+            model=spec.model or None,
+            cwd=str(dirs.cwd),
+            env=env,
+            cli_path=str(self.config.cli_path),
+            setting_sources=[],
+        )
+
+    async def run(self, live: LiveSession, spec: SessionSpec, tenant: Tenant) -> Outcome:
+        """Run the agent, publishing each SDK message as events; return how it ended.
+
+        Agent failures become an ERROR outcome; cancellation propagates (the caller
+        records it).
+        """
+        dirs = self.session_dirs(tenant.name, live.id)
+        try:
+            await asyncio.to_thread(self._prepare, dirs, tenant)
+            options = self._options(spec, tenant, dirs)
+            result: ResultMessage | None = None
+            async with ClaudeSDKClient(options) as client:
+                await client.query(spec.prompt)
+                async for message in client.receive_response():
+                    for kind, data in to_events(message):
+                        live.emit(kind, data)
+                    if isinstance(message, ResultMessage):
+                        result = message
+            if result is None:
+                return Outcome(Verdict(SessionState.ERROR, ErrorReason.AGENT_FAILED,
+                                       "the agent ended without a result"))
+            return Outcome(
+                verdict=verdict(result),
+                cost_usd=str(usd(result.total_cost_usd or 0)),
+                num_turns=result.num_turns,
+                usage=TokenUsage.from_sdk(result.usage),
+                sdk_session_id=result.session_id or "",
+                result=result.result or "" if not result.is_error else "",
+            )
+        except CLINotFoundError as exc:
+            return _failed(f"the agent CLI was not found ({self.config.cli_path}): {exc}")
+        except CLIConnectionError as exc:
+            return _failed(f"the agent CLI could not be started: {exc}")
+        except ProcessError as exc:
+            return _failed(f"the agent CLI failed (exit code {exc.exit_code}): {exc}")
+        except ClaudeSDKError as exc:
+            return _failed(f"the agent failed: {exc}")
+        finally:
+            await asyncio.to_thread(shutil.rmtree, dirs.root, True)
+
+    @staticmethod
+    def _prepare(dirs: SessionDirs, tenant: Tenant) -> None:
+        dirs.create()
+        if tenant.workspace_template is not None:
+            shutil.copytree(tenant.workspace_template, dirs.cwd, dirs_exist_ok=True)
+
+
+def _failed(message: str) -> Outcome:
+    return Outcome(Verdict(SessionState.ERROR, ErrorReason.AGENT_FAILED, message[:2000]))
+
+
+__all__ = ["AgentRunner", "BUNDLED_CLI", "Outcome", "RunnerConfig"]

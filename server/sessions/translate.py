@@ -1,0 +1,113 @@
+"""Claude Agent SDK messages -> agentplane events, and a result -> a session outcome."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from claude_agent_sdk import (
+    AssistantMessage,
+    ResultMessage,
+    SystemMessage,
+    TextBlock,
+    ThinkingBlock,
+    ToolResultBlock,
+    ToolUseBlock,
+    UserMessage,
+)
+
+from ..domain import ErrorReason, EventKind, SessionState
+
+EventData = tuple[EventKind, dict[str, Any]]
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [c.get("text", "") if isinstance(c, dict) and c.get("type") == "text" else
+                 json.dumps(c, default=str) for c in content]
+        return "\n".join(parts)
+    return json.dumps(content, default=str)
+
+
+def _tool_result(block: ToolResultBlock) -> EventData:
+    return EventKind.TOOL_RESULT, {
+        "tool_use_id": block.tool_use_id,
+        "is_error": bool(block.is_error),
+        "content": _text_of(block.content),
+    }
+
+
+def to_events(message: Any) -> list[EventData]:
+    """The events one SDK message stands for (a ResultMessage is handled by the runner)."""
+    if isinstance(message, AssistantMessage):
+        events: list[EventData] = []
+        for block in message.content:
+            if isinstance(block, TextBlock):
+                events.append((EventKind.ASSISTANT_TEXT, {"text": block.text, "model": message.model}))
+            elif isinstance(block, ThinkingBlock):
+                events.append((EventKind.THINKING, {"text": block.thinking}))
+            elif isinstance(block, ToolUseBlock):
+                events.append(
+                    (
+                        EventKind.TOOL_USE,
+                        {
+                            "tool_use_id": block.id,
+                            "name": block.name,
+                            "input_json": json.dumps(block.input, sort_keys=True),
+                        },
+                    )
+                )
+            elif isinstance(block, ToolResultBlock):
+                events.append(_tool_result(block))
+        if message.error:
+            events.append((EventKind.SYSTEM, {"subtype": "assistant_error",
+                                              "data_json": json.dumps({"error": message.error})}))
+        return events
+    if isinstance(message, UserMessage):
+        if isinstance(message.content, list):
+            return [_tool_result(b) for b in message.content if isinstance(b, ToolResultBlock)]
+        return []
+    if isinstance(message, SystemMessage):
+        return [(EventKind.SYSTEM, {"subtype": message.subtype,
+                                    "data_json": json.dumps(message.data, default=str)})]
+    if isinstance(message, ResultMessage):
+        return []
+    # Newer SDK message types (rate-limit notices, task events, ...) still become events.
+    data = getattr(message, "__dict__", {"value": repr(message)})
+    return [(EventKind.SYSTEM, {"subtype": type(message).__name__,
+                                "data_json": json.dumps(data, default=str)})]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a session ended, read from the SDK's ResultMessage."""
+
+    state: SessionState
+    reason: ErrorReason | None = None
+    message: str = ""
+
+
+def verdict(result: ResultMessage) -> Verdict:
+    """Classify a ResultMessage (see DESIGN.md "Limits" and "Model API errors")."""
+    if result.subtype == "success" and not result.is_error:
+        return Verdict(SessionState.COMPLETE)
+    detail = "; ".join(result.errors or []) or (result.result or "")
+    terminal = result.terminal_reason or ""
+    if result.subtype == "error_max_turns" or terminal == "max_turns":
+        return Verdict(SessionState.ERROR, ErrorReason.MAX_TURNS,
+                       f"the agent reached its limit of turns ({result.num_turns} taken)")
+    if result.subtype == "error_max_budget_usd" or terminal == "budget_exhausted":
+        return Verdict(SessionState.ERROR, ErrorReason.BUDGET_EXCEEDED,
+                       "the session's budget was used up")
+    if result.api_error_status or terminal == "api_error":
+        status = f"HTTP {result.api_error_status}" if result.api_error_status else "an error"
+        return Verdict(SessionState.ERROR, ErrorReason.MODEL_API_ERROR,
+                       f"the model API answered {status} after the agent's retries: {detail}"[:2000])
+    return Verdict(SessionState.ERROR, ErrorReason.AGENT_FAILED,
+                   f"the agent ended with {result.subtype}"
+                   + (f" ({terminal})" if terminal else "") + (f": {detail}" if detail else ""))

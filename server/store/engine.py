@@ -1,0 +1,84 @@
+"""The database engine: URL normalisation, SQLite pragmas, migrations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+
+from .. import migrations as _migrations  # the top-level migrations/ folder, as a package
+
+MIGRATIONS_DIR = Path(_migrations.__file__).resolve().parent
+
+
+def async_url(url: str) -> str:
+    """Pick the async driver for a plain URL (sqlite -> aiosqlite, postgresql -> psycopg)."""
+    parsed = make_url(url)
+    drivers = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
+    if parsed.drivername in drivers:
+        parsed = parsed.set(drivername=drivers[parsed.drivername])
+    return parsed.render_as_string(hide_password=False)
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine; SQLite gets WAL, a busy timeout and foreign keys."""
+    url = async_url(url)
+    if is_sqlite(url):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[DbSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def _alembic_config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _upgrade(connection: Connection) -> None:
+    command.upgrade(_alembic_config(connection), "head")
+
+
+def _is_current(connection: Connection) -> bool:
+    heads = set(ScriptDirectory.from_config(_alembic_config()).get_heads())
+    current = set(MigrationContext.configure(connection).get_current_heads())
+    return current == heads
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Apply every pending migration."""
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade)
+
+
+async def migrations_current(engine: AsyncEngine) -> bool:
+    """True when the database is at the newest migration."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(_is_current)

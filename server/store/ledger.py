@@ -1,0 +1,107 @@
+"""Repository of budget windows and reservations: the atomic money moves.
+
+Each function is one step of a transaction the caller owns. The conditional UPDATE in
+`reserve` is what makes concurrent admissions safe on any number of replicas: the check
+and the hold are one statement, so two sessions can never both pass a check only one
+should pass.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+
+from .models import BudgetWindowRow, ReservationRow
+
+HELD = "HELD"
+SETTLED = "SETTLED"
+
+
+async def _ensure_window(db: DbSession, tenant: str, day: str, limit: Decimal) -> None:
+    dialect = postgresql if db.bind.dialect.name == "postgresql" else sqlite
+    await db.execute(
+        dialect.insert(BudgetWindowRow)
+        .values(tenant=tenant, day=day, limit_usd=limit, spent_usd=0, reserved_usd=0)
+        .on_conflict_do_nothing()
+    )
+
+
+async def reserve(
+    db: DbSession,
+    *,
+    session_id: str,
+    tenant: str,
+    day: str,
+    limit: Decimal,
+    amount: Decimal,
+    now: datetime,
+) -> bool:
+    """Hold `amount` in the window if spent + reserved + amount stays within `limit`.
+
+    The configured limit is written on every reservation, so a changed tenants file
+    takes effect on the next admission. Returns False (and holds nothing) when the
+    window cannot cover the amount.
+    """
+    await _ensure_window(db, tenant, day, limit)
+    w = BudgetWindowRow
+    result = await db.execute(
+        update(w)
+        .where(
+            w.tenant == tenant,
+            w.day == day,
+            w.spent_usd + w.reserved_usd + amount <= limit,
+        )
+        .values(reserved_usd=w.reserved_usd + amount, limit_usd=limit)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    db.add(
+        ReservationRow(
+            session_id=session_id, tenant=tenant, day=day, amount_usd=amount, status=HELD,
+            created_at=now,
+        )
+    )
+    await db.flush()
+    return True
+
+
+async def settle(db: DbSession, *, session_id: str, actual: Decimal, now: datetime) -> bool:
+    """Release a session's hold and add its actual cost to the window it was taken from.
+
+    Exactly once: a second call finds the reservation SETTLED and changes nothing.
+    """
+    held = await db.scalar(
+        select(ReservationRow).where(
+            ReservationRow.session_id == session_id, ReservationRow.status == HELD
+        )
+    )
+    if held is None:
+        return False
+    claimed = await db.execute(
+        update(ReservationRow)
+        .where(ReservationRow.session_id == session_id, ReservationRow.status == HELD)
+        .values(status=SETTLED, actual_usd=actual, settled_at=now)
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    w = BudgetWindowRow
+    await db.execute(
+        update(w)
+        .where(w.tenant == held.tenant, w.day == held.day)
+        .values(reserved_usd=w.reserved_usd - held.amount_usd, spent_usd=w.spent_usd + actual)
+    )
+    return True
+
+
+async def get_window(db: DbSession, tenant: str, day: str) -> BudgetWindowRow | None:
+    return await db.scalar(
+        select(BudgetWindowRow).where(BudgetWindowRow.tenant == tenant, BudgetWindowRow.day == day)
+    )
+
+
+async def get_reservation(db: DbSession, session_id: str) -> ReservationRow | None:
+    return await db.scalar(select(ReservationRow).where(ReservationRow.session_id == session_id))

@@ -1,0 +1,139 @@
+"""SQLAlchemy 2.x models: the tables agentplane persists."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .types import Money, UTCDateTime
+
+# Stable constraint names, so Alembic migrations can refer to them on every database.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+
+
+class SessionRow(Base):
+    """One agent session; money in USD, times in UTC."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (
+        UniqueConstraint("tenant", "request_id", name="uq_sessions_tenant_request_id"),
+        Index("ix_sessions_tenant_created", "tenant", "created_at", "id"),
+        Index("ix_sessions_tenant_state", "tenant", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # A NULL request_id never collides, so the unique constraint only binds real keys.
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128), default="")
+    allowed_tools: Mapped[list[str]] = mapped_column(JSON)
+    labels: Mapped[dict[str, Any]] = mapped_column(JSON)
+    max_budget_usd: Mapped[Decimal] = mapped_column(Money())
+    max_turns: Mapped[int] = mapped_column(Integer)
+    budget_day: Mapped[str] = mapped_column(String(10))
+    cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal("0"))
+    sdk_cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal("0"))
+    num_turns: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_creation_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_read_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    error_reason: Mapped[str | None] = mapped_column(String(32))
+    error_message: Mapped[str] = mapped_column(Text, default="")
+    sdk_session_id: Mapped[str] = mapped_column(String(64), default="")
+    result: Mapped[str] = mapped_column(Text, default="")
+    # The server instance running the session and how long its claim lasts (crash recovery).
+    owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class SessionLabelRow(Base):
+    """A session's labels, one row each, so ListSessions can filter by them in SQL."""
+
+    __tablename__ = "session_labels"
+    __table_args__ = (Index("ix_session_labels_key_value", "key", "value"),)
+
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class EventRow(Base):
+    """One SessionEvent; (session_id, seq) is gap-free from 1."""
+
+    __tablename__ = "session_events"
+
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[datetime] = mapped_column(UTCDateTime())
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ToolUseRow(Base):
+    """One tool call of a session, with its outcome."""
+
+    __tablename__ = "tool_uses"
+    __table_args__ = (Index("ix_tool_uses_session", "session_id"),)
+
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    tool_use_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    is_error: Mapped[bool | None] = mapped_column()
+
+
+class BudgetWindowRow(Base):
+    """A tenant's spend in one day window; the key is the day, so no reset job exists."""
+
+    __tablename__ = "budget_windows"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    limit_usd: Mapped[Decimal] = mapped_column(Money())
+    spent_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal("0"))
+    reserved_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal("0"))
+
+
+class ReservationRow(Base):
+    """What a session holds in its window until it settles (exactly once)."""
+
+    __tablename__ = "reservations"
+
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    tenant: Mapped[str] = mapped_column(String(64))
+    day: Mapped[str] = mapped_column(String(10))
+    amount_usd: Mapped[Decimal] = mapped_column(Money())
+    status: Mapped[str] = mapped_column(String(16))  # HELD | SETTLED
+    actual_usd: Mapped[Decimal | None] = mapped_column(Money())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

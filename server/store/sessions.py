@@ -1,0 +1,210 @@
+"""Repository of sessions, their labels, events and tool uses.
+
+Functions take an AsyncSession and never commit: the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+
+from ..domain import ErrorReason, Event, EventKind, Session, SessionState, TokenUsage
+from .models import EventRow, SessionLabelRow, SessionRow, ToolUseRow
+
+
+def _to_domain(row: SessionRow) -> Session:
+    return Session(
+        id=row.id,
+        tenant=row.tenant,
+        state=SessionState(row.state),
+        create_time=row.created_at,
+        max_budget_usd=row.max_budget_usd,
+        max_turns=row.max_turns,
+        allowed_tools=tuple(row.allowed_tools),
+        model=row.model,
+        labels=dict(row.labels),
+        request_id=row.request_id or "",
+        start_time=row.started_at,
+        end_time=row.ended_at,
+        cost_usd=row.cost_usd,
+        sdk_cost_usd=row.sdk_cost_usd,
+        num_turns=row.num_turns,
+        usage=TokenUsage(
+            input_tokens=row.input_tokens,
+            output_tokens=row.output_tokens,
+            cache_creation_input_tokens=row.cache_creation_input_tokens,
+            cache_read_input_tokens=row.cache_read_input_tokens,
+        ),
+        error_reason=ErrorReason(row.error_reason) if row.error_reason else None,
+        error_message=row.error_message,
+        sdk_session_id=row.sdk_session_id,
+        result=row.result,
+    )
+
+
+def _outcome_columns(session: Session) -> dict[str, object]:
+    """The columns that change as a session runs and ends."""
+    return {
+        "state": session.state.value,
+        "started_at": session.start_time,
+        "ended_at": session.end_time,
+        "cost_usd": session.cost_usd,
+        "sdk_cost_usd": session.sdk_cost_usd,
+        "num_turns": session.num_turns,
+        "input_tokens": session.usage.input_tokens,
+        "output_tokens": session.usage.output_tokens,
+        "cache_creation_input_tokens": session.usage.cache_creation_input_tokens,
+        "cache_read_input_tokens": session.usage.cache_read_input_tokens,
+        "error_reason": session.error_reason.value if session.error_reason else None,
+        "error_message": session.error_message,
+        "sdk_session_id": session.sdk_session_id,
+        "result": session.result,
+    }
+
+
+async def insert_session(
+    db: DbSession, session: Session, *, request_hash: str, budget_day: str
+) -> None:
+    db.add(
+        SessionRow(
+            id=session.id,
+            tenant=session.tenant,
+            created_at=session.create_time,
+            request_id=session.request_id or None,
+            request_hash=request_hash,
+            model=session.model,
+            allowed_tools=list(session.allowed_tools),
+            labels=dict(session.labels),
+            max_budget_usd=session.max_budget_usd,
+            max_turns=session.max_turns,
+            budget_day=budget_day,
+            **_outcome_columns(session),
+        )
+    )
+    await db.flush()  # the labels' foreign key needs the session row first
+    db.add_all(
+        SessionLabelRow(session_id=session.id, key=k, value=v) for k, v in session.labels.items()
+    )
+    await db.flush()
+
+
+async def get_session(db: DbSession, tenant: str, session_id: str) -> Session | None:
+    row = await db.scalar(
+        select(SessionRow).where(SessionRow.id == session_id, SessionRow.tenant == tenant)
+    )
+    return _to_domain(row) if row else None
+
+
+async def save_progress(db: DbSession, session: Session, *, expect: SessionState) -> bool:
+    """Write a session's state and outcome if it is still in state `expect`.
+
+    The guard makes terminal states final even when two writers race (a cancel and a
+    natural end, say): the loser sees False and changes nothing.
+    """
+    result = await db.execute(
+        update(SessionRow)
+        .where(SessionRow.id == session.id, SessionRow.state == expect.value)
+        .values(**_outcome_columns(session))
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class SessionFilter:
+    """ListSessions filters."""
+
+    state: SessionState | None = None
+    created_from: datetime | None = None
+    created_before: datetime | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+async def list_sessions(
+    db: DbSession,
+    tenant: str,
+    flt: SessionFilter,
+    *,
+    after: tuple[datetime, str] | None,
+    limit: int,
+) -> list[Session]:
+    """Sessions newest first, keyset-paginated after (created_at, id) of the last one seen."""
+    query = select(SessionRow).where(SessionRow.tenant == tenant)
+    if flt.state is not None:
+        query = query.where(SessionRow.state == flt.state.value)
+    if flt.created_from is not None:
+        query = query.where(SessionRow.created_at >= flt.created_from)
+    if flt.created_before is not None:
+        query = query.where(SessionRow.created_at < flt.created_before)
+    for key, value in flt.labels:
+        query = query.where(
+            exists().where(
+                SessionLabelRow.session_id == SessionRow.id,
+                SessionLabelRow.key == key,
+                SessionLabelRow.value == value,
+            )
+        )
+    if after is not None:
+        created, last_id = after
+        query = query.where(
+            or_(
+                SessionRow.created_at < created,
+                and_(SessionRow.created_at == created, SessionRow.id < last_id),
+            )
+        )
+    query = query.order_by(SessionRow.created_at.desc(), SessionRow.id.desc()).limit(limit)
+    return [_to_domain(row) for row in (await db.scalars(query)).all()]
+
+
+async def insert_events(db: DbSession, events: Sequence[Event]) -> None:
+    db.add_all(
+        EventRow(session_id=e.session_id, seq=e.seq, time=e.time, kind=e.kind.value, payload=e.data)
+        for e in events
+    )
+    await _record_tool_uses(db, events)
+    await db.flush()
+
+
+async def _record_tool_uses(db: DbSession, events: Iterable[Event]) -> None:
+    for e in events:
+        if e.kind is EventKind.TOOL_USE:
+            db.add(
+                ToolUseRow(
+                    session_id=e.session_id,
+                    tool_use_id=e.data["tool_use_id"],
+                    name=e.data["name"],
+                    started_at=e.time,
+                )
+            )
+        elif e.kind is EventKind.TOOL_RESULT:
+            await db.flush()  # the ToolUseRow of the same batch must exist first
+            await db.execute(
+                update(ToolUseRow)
+                .where(
+                    ToolUseRow.session_id == e.session_id,
+                    ToolUseRow.tool_use_id == e.data["tool_use_id"],
+                )
+                .values(ended_at=e.time, is_error=bool(e.data["is_error"]))
+            )
+
+
+async def list_events(db: DbSession, session_id: str, *, after_seq: int = 0) -> list[Event]:
+    rows = await db.scalars(
+        select(EventRow)
+        .where(EventRow.session_id == session_id, EventRow.seq > after_seq)
+        .order_by(EventRow.seq)
+    )
+    return [
+        Event(session_id=r.session_id, seq=r.seq, time=r.time, kind=EventKind(r.kind), data=r.payload)
+        for r in rows
+    ]
+
+
+async def list_tool_uses(db: DbSession, session_id: str) -> list[ToolUseRow]:
+    rows = await db.scalars(
+        select(ToolUseRow).where(ToolUseRow.session_id == session_id).order_by(ToolUseRow.started_at)
+    )
+    return list(rows)

@@ -1,0 +1,196 @@
+"""Tenants: who may call, with which tools, prompt and limits.
+
+The tenants file (TOML) holds only hashes of caller tokens and the *name* of the
+environment variable with each tenant's Anthropic API key, never a secret itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .domain import usd
+from .errors import ConfigError, Unauthenticated
+
+DEFAULT_TENANT = "default"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def hash_token(token: str) -> str:
+    """The hex SHA-256 of a caller token, as the tenants file stores it."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """One tenant's policy."""
+
+    name: str
+    token_sha256: frozenset[str]
+    anthropic_api_key_env: str
+    allowed_tools: tuple[str, ...]
+    system_prompt: str | None
+    daily_limit_usd: Decimal
+    max_session_budget_usd: Decimal
+    max_turns: int
+    max_concurrent_sessions: int
+    time_zone: str = "UTC"
+    workspace_template: Path | None = None
+
+    def api_key(self) -> str | None:
+        """The tenant's Anthropic API key, read from the environment when needed."""
+        return os.environ.get(self.anthropic_api_key_env) or None
+
+
+_DEFAULTS: Mapping[str, Any] = {
+    "anthropic_api_key_env": "ANTHROPIC_API_KEY",
+    "allowed_tools": ["Read", "Glob", "Grep"],
+    "system_prompt": None,
+    "daily_limit_usd": "10",
+    "max_session_budget_usd": "1",
+    "max_turns": 20,
+    "max_concurrent_sessions": 4,
+    "timezone": "UTC",
+    "workspace_template": None,
+}
+_KEYS = {"token_sha256", *_DEFAULTS}
+
+
+def dev_tenant() -> Tenant:
+    """The single tenant of dev mode (no tenants file, no auth)."""
+    return _parse_tenant(DEFAULT_TENANT, {}, where="(dev mode)", require_tokens=False)
+
+
+def _money(value: Any, setting: str) -> Decimal:
+    try:
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ConfigError(setting, f"{value!r} is not a number") from None
+    if not amount.is_finite() or amount <= 0:
+        raise ConfigError(setting, f"must be a positive amount, not {value!r}")
+    return usd(amount)
+
+
+def _positive_int(value: Any, setting: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(setting, f"must be a positive integer, not {value!r}")
+    return value
+
+
+def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_tokens: bool) -> Tenant:
+    def key(k: str) -> str:
+        return f"{where} tenants.{name}.{k}"
+
+    if not _NAME.match(name):
+        raise ConfigError(f"{where} tenants.{name}", "tenant names are 1-63 chars of [a-z0-9_-]")
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise ConfigError(key(sorted(unknown)[0]), "unknown setting")
+    cfg = {**_DEFAULTS, **raw}
+    tokens = raw.get("token_sha256", [])
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ConfigError(key("token_sha256"), "must be a list of hex SHA-256 strings")
+    bad = [t for t in tokens if not _SHA256.match(t.lower())]
+    if bad:
+        raise ConfigError(
+            key("token_sha256"),
+            "entries must be 64 hex chars (use `agentplane-server hash-token`)",
+        )
+    if require_tokens and not tokens:
+        raise ConfigError(key("token_sha256"), "at least one token hash is required")
+    tools = cfg["allowed_tools"]
+    if not isinstance(tools, list) or not all(isinstance(t, str) and t for t in tools):
+        raise ConfigError(key("allowed_tools"), "must be a list of tool names")
+    try:
+        ZoneInfo(str(cfg["timezone"]))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(key("timezone"), f"unknown time zone {cfg['timezone']!r}") from None
+    template = cfg["workspace_template"]
+    if template is not None and not Path(template).is_dir():
+        raise ConfigError(key("workspace_template"), f"{template} is not a directory")
+    daily = _money(cfg["daily_limit_usd"], key("daily_limit_usd"))
+    per_session = _money(cfg["max_session_budget_usd"], key("max_session_budget_usd"))
+    if per_session > daily:
+        raise ConfigError(key("max_session_budget_usd"), "is above daily_limit_usd")
+    return Tenant(
+        name=name,
+        token_sha256=frozenset(t.lower() for t in tokens),
+        anthropic_api_key_env=str(cfg["anthropic_api_key_env"]),
+        allowed_tools=tuple(tools),
+        system_prompt=cfg["system_prompt"],
+        daily_limit_usd=daily,
+        max_session_budget_usd=per_session,
+        max_turns=_positive_int(cfg["max_turns"], key("max_turns")),
+        max_concurrent_sessions=_positive_int(
+            cfg["max_concurrent_sessions"], key("max_concurrent_sessions")
+        ),
+        time_zone=str(cfg["timezone"]),
+        workspace_template=Path(template).resolve() if template else None,
+    )
+
+
+class TenantRegistry:
+    """The configured tenants and the caller-token check."""
+
+    def __init__(self, tenants: list[Tenant], *, dev_mode: bool = False) -> None:
+        self.tenants = {t.name: t for t in tenants}
+        self.dev_mode = dev_mode
+        self._by_hash: dict[str, Tenant] = {}
+        for tenant in tenants:
+            for digest in tenant.token_sha256:
+                if digest in self._by_hash:
+                    raise ConfigError(
+                        f"tenants.{tenant.name}.token_sha256",
+                        f"a token hash is also listed for tenant {self._by_hash[digest].name}",
+                    )
+                self._by_hash[digest] = tenant
+
+    @classmethod
+    def dev(cls) -> TenantRegistry:
+        return cls([dev_tenant()], dev_mode=True)
+
+    @classmethod
+    def load(cls, path: Path) -> TenantRegistry:
+        where = "AGENTPLANE_TENANTS_FILE"
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(where, f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(where, f"{path} is not valid TOML: {exc}") from None
+        tenants = data.get("tenants")
+        if not isinstance(tenants, dict) or not tenants:
+            raise ConfigError(where, f"{path} defines no [tenants.<name>] table")
+        return cls(
+            [
+                _parse_tenant(name, raw, where=f"{path}:", require_tokens=True)
+                for name, raw in tenants.items()
+            ]
+        )
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        """The tenant of an `authorization: Bearer <token>` header value."""
+        if self.dev_mode:
+            return self.tenants[DEFAULT_TENANT]
+        if not authorization:
+            raise Unauthenticated("missing `authorization: Bearer <token>` metadata")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("authorization metadata must be `Bearer <token>`")
+        tenant = self._by_hash.get(hash_token(token.strip()))
+        if tenant is None:
+            raise Unauthenticated("unknown token")
+        return tenant
+
+    def key_env_names(self) -> set[str]:
+        """Every tenant's API-key variable name (scrubbed from other tenants' agents)."""
+        return {t.anthropic_api_key_env for t in self.tenants.values()}

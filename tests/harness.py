@@ -1,0 +1,195 @@
+"""Test harness: a real agentplane server on loopback with the sandbox model beside it.
+
+Real parts everywhere (grpc.aio over a loopback socket, the generated stubs, SQLite or
+PostgreSQL, the bundled CLI); the sandbox model is the one double.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import textwrap
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+from sqlalchemy.engine import make_url
+
+from agentplane.server.app import App
+from agentplane.server.config import Settings
+from agentplane.server.sandbox.server import SandboxServer
+from agentplane.server.tenants import TenantRegistry, hash_token
+from agentplane.v1 import budget_pb2_grpc, session_pb2, session_pb2_grpc, usage_pb2_grpc
+
+TEST_PG_URL = os.environ.get("AGENTPLANE_TEST_DATABASE_URL", "").strip()
+MODEL = "claude-sonnet-4-5"
+
+TOKENS = {"acme": "acme-secret-token-1", "globex": "globex-secret-token-2", "small": "small-tok-3"}
+
+
+def short_dir(prefix: str = "ap") -> Path:
+    """A folder with a short path (the CLI's socket path limit)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def tenants_toml(workspace: Path) -> str:
+    return textwrap.dedent(
+        f"""
+        [tenants.acme]
+        token_sha256 = ["{hash_token(TOKENS['acme'])}"]
+        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
+        allowed_tools = ["Read", "Glob", "Grep"]
+        system_prompt = "You are acme's assistant."
+        daily_limit_usd = 50.0
+        max_session_budget_usd = 1.0
+        max_turns = 8
+        max_concurrent_sessions = 4
+        workspace_template = "{workspace}"
+
+        [tenants.globex]
+        token_sha256 = ["{hash_token(TOKENS['globex'])}"]
+        anthropic_api_key_env = "AGENTPLANE_TEST_GLOBEX_KEY"
+        allowed_tools = ["Read"]
+        daily_limit_usd = 10.0
+        max_session_budget_usd = 0.5
+        max_turns = 4
+
+        [tenants.small]
+        token_sha256 = ["{hash_token(TOKENS['small'])}"]
+        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
+        allowed_tools = ["Read"]
+        daily_limit_usd = 1.0
+        max_session_budget_usd = 0.6
+        max_turns = 4
+        """
+    )
+
+
+class PostgresDatabase:
+    """A fresh database on the test PostgreSQL server, dropped afterwards."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = make_url(admin_url).set(drivername="postgresql")
+        self.name = f"ap_{uuid.uuid4().hex[:12]}"
+        self.url = self.admin_url.set(database=self.name).render_as_string(hide_password=False)
+
+    def _admin(self) -> psycopg.Connection[Any]:
+        url = self.admin_url
+        return psycopg.connect(
+            host=url.host, port=url.port or 5432, user=url.username, password=url.password,
+            dbname=url.database, autocommit=True,
+        )
+
+    def create(self) -> str:
+        with self._admin() as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        return self.url
+
+    def drop(self) -> None:
+        with self._admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+@dataclass
+class Harness:
+    """One server, its sandbox model and stubs."""
+
+    app: App
+    sandbox: SandboxServer
+    channel: grpc.aio.Channel
+    database_url: str
+    work_dir: Path
+    workspace: Path
+    sessions: session_pb2_grpc.SessionServiceStub = field(init=False)
+    budgets: budget_pb2_grpc.BudgetServiceStub = field(init=False)
+    usage: usage_pb2_grpc.UsageServiceStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sessions = session_pb2_grpc.SessionServiceStub(self.channel)
+        self.budgets = budget_pb2_grpc.BudgetServiceStub(self.channel)
+        self.usage = usage_pb2_grpc.UsageServiceStub(self.channel)
+
+    @staticmethod
+    def auth(tenant: str = "acme") -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {TOKENS[tenant]}"),)
+
+    async def run(
+        self, tenant: str = "acme", **fields: Any
+    ) -> list[session_pb2.SessionEvent]:
+        """RunSession to the end; the events received."""
+        fields.setdefault("model", MODEL)
+        call = self.sessions.RunSession(
+            session_pb2.RunSessionRequest(**fields), metadata=self.auth(tenant)
+        )
+        return [event async for event in call]
+
+
+async def start_harness(database_url: str, **settings: Any) -> Harness:
+    work = short_dir()
+    workspace = work / "tpl"
+    workspace.mkdir()
+    (workspace / "hello.txt").write_text("The magic word is PAPAYA.\n")
+    tenants_file = work / "tenants.toml"
+    tenants_file.write_text(tenants_toml(workspace))
+    os.environ["AGENTPLANE_TEST_ACME_KEY"] = "sk-ant-test-acme-key"
+    os.environ["AGENTPLANE_TEST_GLOBEX_KEY"] = "sk-ant-test-globex-key"
+    sandbox = SandboxServer()
+    await sandbox.start()
+    base = Settings(
+        listen="127.0.0.1:0",
+        database_url=database_url,
+        tenants_file=tenants_file,
+        anthropic_base_url=sandbox.base_url,
+        work_dir=work / "w",
+        cli_max_retries=0,
+        auto_migrate=True,
+    )
+    app = await App.start(replace(base, **settings), TenantRegistry.load(tenants_file))
+    await app.ready()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    return Harness(app, sandbox, channel, database_url, work, workspace)
+
+
+async def stop_harness(h: Harness) -> None:
+    await h.channel.close()
+    await h.app.stop(grace=1)
+    await h.sandbox.stop()
+    shutil.rmtree(h.work_dir, ignore_errors=True)
+
+
+async def collect(call: AsyncIterator[Any]) -> list[Any]:
+    return [item async for item in call]
+
+
+def rich_status(err: grpc.aio.AioRpcError) -> Any:
+    """The google.rpc.Status carried in an error's trailing metadata (or None)."""
+    from google.rpc import status_pb2
+
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
+    """The ErrorInfo / BadRequest / QuotaFailure of an error, by type name."""
+    from google.rpc import error_details_pb2
+
+    status = rich_status(err)
+    found: dict[str, Any] = {}
+    for detail in status.details if status else ():
+        for cls in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.QuotaFailure,
+        ):
+            if detail.Is(cls.DESCRIPTOR):
+                msg = cls()
+                detail.Unpack(msg)
+                found[cls.__name__] = msg
+    return found
