@@ -11,6 +11,7 @@ import sys
 
 from .config import Settings, settings_help
 from .errors import ConfigError
+from .tenants import TenantRegistry
 
 EXIT_CONFIG = 2
 
@@ -44,6 +45,8 @@ def _configure_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Alembic announces its plugins at INFO on import; that is noise in a server log.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def _settings() -> Settings:
@@ -62,7 +65,7 @@ async def _migrate(settings: Settings) -> None:
         await engine.dispose()
 
 
-async def _dev(settings: Settings) -> int:
+async def _dev(settings: Settings, tenants: TenantRegistry) -> int:
     """Serve; without an API key, start the sandbox model first and point the CLI at it."""
     from .app import serve
 
@@ -80,10 +83,10 @@ async def _dev(settings: Settings) -> int:
             flush=True,
         )
         try:
-            return await serve(settings)
+            return await serve(settings, tenants)
         finally:
             await sandbox.stop()
-    return await serve(settings)
+    return await serve(settings, tenants)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,20 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         return sandbox_main(args.args)
     try:
         settings = _settings()
-        if command == "check-config":
-            from .app import load_tenants
-
-            tenants = load_tenants(settings)
-            print(f"configuration ok: {len(tenants.tenants)} tenant(s)"
-                  + (" (dev mode)" if tenants.dev_mode else ""))
-            return 0
         if command == "migrate":
             asyncio.run(_migrate(settings))
             print("database migrated")
             return 0
-        from .app import serve
+        from .app import load_tenants, serve
 
-        return asyncio.run(_dev(settings) if command == "dev" else serve(settings))
+        tenants = load_tenants(settings)  # a bad tenants file stops us before anything starts
+        if command == "check-config":
+            print(f"configuration ok: {len(tenants.tenants)} tenant(s)"
+                  + (" (dev mode)" if tenants.dev_mode else ""))
+            return 0
+        return asyncio.run(
+            _dev(settings, tenants) if command == "dev" else serve(settings, tenants)
+        )
     except ConfigError as exc:
         print(f"agentplane-server: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -8,10 +8,6 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from agentplane.v1 import (
     budget_pb2,
     budget_pb2_grpc,
@@ -20,6 +16,9 @@ from agentplane.v1 import (
     usage_pb2,
     usage_pb2_grpc,
 )
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .api.budget_service import BudgetService, UsageService
 from .api.session_service import SessionService
@@ -122,9 +121,9 @@ class App:
         await self.engine.dispose()
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, tenants: TenantRegistry | None = None) -> int:
     """Run until SIGTERM or SIGINT, then stop cleanly. Returns the exit code."""
-    app = await App.start(settings)
+    app = await App.start(settings, tenants)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

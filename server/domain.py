@@ -20,7 +20,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def usd(value: Decimal | float | int | str) -> Decimal:
+def usd(value: Decimal | float | str) -> Decimal:
     """Money as a Decimal exact to the micro-dollar (floats go through their repr)."""
     if isinstance(value, float):
         value = repr(value)
@@ -98,8 +98,8 @@ class Session:
     request_id: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None
-    cost_usd: Decimal = Decimal("0")
-    sdk_cost_usd: Decimal = Decimal("0")
+    cost_usd: Decimal = Decimal(0)
+    sdk_cost_usd: Decimal = Decimal(0)
     num_turns: int = 0
     usage: TokenUsage = TokenUsage()
     error_reason: ErrorReason | None = None
@@ -191,4 +191,4 @@ class BudgetWindow:
 
     @property
     def remaining_usd(self) -> Decimal:
-        return max(Decimal("0"), self.limit_usd - self.spent_usd - self.reserved_usd)
+        return max(Decimal(0), self.limit_usd - self.spent_usd - self.reserved_usd)

@@ -70,7 +70,7 @@ async def _database_problem(engine: AsyncEngine, migrate_first: bool) -> str | N
             await migrate(engine)
         if not await migrations_current(engine):
             return "the database schema is not current: run `agentplane-server migrate`"
-    except Exception as exc:  # any driver error means "not ready", with its reason
+    except Exception as exc:  # noqa: BLE001  (any driver error means "not ready")
         return f"the database is unreachable: {type(exc).__name__}: {exc}".splitlines()[0]
     return None
 

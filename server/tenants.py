@@ -94,7 +94,7 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         raise ConfigError(f"{where} tenants.{name}", "tenant names are 1-63 chars of [a-z0-9_-]")
     unknown = set(raw) - _KEYS
     if unknown:
-        raise ConfigError(key(sorted(unknown)[0]), "unknown setting")
+        raise ConfigError(key(min(unknown)), "unknown setting")
     cfg = {**_DEFAULTS, **raw}
     tokens = raw.get("token_sha256", [])
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from agentplane.server.app import App
 from agentplane.server.config import Settings
 from agentplane.server.tenants import TenantRegistry
 from agentplane.v1 import session_pb2, session_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from harness import short_dir
 
 pytestmark = pytest.mark.asyncio

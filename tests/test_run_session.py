@@ -8,7 +8,6 @@ from decimal import Decimal
 
 import grpc
 import pytest
-
 from agentplane.server.api.convert import event_to_proto
 from agentplane.server.sandbox.script import HttpFailure, Script, Step, ToolCall, Usage
 from agentplane.v1 import budget_pb2, session_pb2

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import date
 
 import grpc
-
 from agentplane.v1 import budget_pb2, budget_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 from ..budgets.ledger import BudgetReader

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from agentplane.v1 import budget_pb2, session_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..domain import BudgetWindow, Event, EventKind, Session, SessionState
 from ..sessions.requests import RunRequest

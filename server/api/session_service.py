@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-
 from agentplane.v1 import session_pb2, session_pb2_grpc
 
 from ..errors import Unimplemented
@@ -34,7 +33,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
                 yield convert.event_to_proto(event)
         except asyncio.CancelledError:
             # The caller went away (or the server is stopping) mid-stream.
-            if not request.on_disconnect == session_pb2.ON_DISCONNECT_CONTINUE:
+            if request.on_disconnect != session_pb2.ON_DISCONNECT_CONTINUE:
                 self._sessions.cancel_on_disconnect(live)
             raise
 

@@ -60,7 +60,7 @@ class BudgetReader:
         start, end = window_bounds(day, tenant.time_zone)
         async with self._sessions() as db:
             row = await repo.get_window(db, tenant.name, day.isoformat())
-        zero = Decimal("0")
+        zero = Decimal(0)
         return BudgetWindow(
             tenant=tenant.name,
             day=day.isoformat(),

@@ -137,4 +137,4 @@ def _failed(message: str) -> Outcome:
     return Outcome(Verdict(SessionState.ERROR, ErrorReason.AGENT_FAILED, message[:2000]))
 
 
-__all__ = ["AgentRunner", "BUNDLED_CLI", "Outcome", "RunnerConfig"]
+__all__ = ["BUNDLED_CLI", "AgentRunner", "Outcome", "RunnerConfig"]

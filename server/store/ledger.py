@@ -22,7 +22,7 @@ SETTLED = "SETTLED"
 
 
 async def _ensure_window(db: DbSession, tenant: str, day: str, limit: Decimal) -> None:
-    dialect = postgresql if db.bind.dialect.name == "postgresql" else sqlite
+    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
     await db.execute(
         dialect.insert(BudgetWindowRow)
         .values(tenant=tenant, day=day, limit_usd=limit, spent_usd=0, reserved_usd=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -23,7 +23,7 @@ NAMING_CONVENTION = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[str]: JSON}
 
 
 class SessionRow(Base):
@@ -51,8 +51,8 @@ class SessionRow(Base):
     max_budget_usd: Mapped[Decimal] = mapped_column(Money())
     max_turns: Mapped[int] = mapped_column(Integer)
     budget_day: Mapped[str] = mapped_column(String(10))
-    cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal("0"))
-    sdk_cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal("0"))
+    cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
+    sdk_cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
     num_turns: Mapped[int] = mapped_column(Integer, default=0)
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
@@ -118,8 +118,8 @@ class BudgetWindowRow(Base):
     tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
     day: Mapped[str] = mapped_column(String(10), primary_key=True)
     limit_usd: Mapped[Decimal] = mapped_column(Money())
-    spent_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal("0"))
-    reserved_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal("0"))
+    spent_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
+    reserved_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
 
 
 class ReservationRow(Base):

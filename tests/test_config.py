@@ -1,0 +1,144 @@
+"""Configuration: every bad setting fails start-up with one line naming it, exit code 2."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from agentplane.server.config import Settings
+from agentplane.server.errors import ConfigError, Unauthenticated
+from agentplane.server.tenants import TenantRegistry, hash_token
+
+GOOD_HASH = hash_token("tok")
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"AGENTPLANE_LISTEN": "nonsense"}, "AGENTPLANE_LISTEN"),
+        ({"AGENTPLANE_LISTEN": "127.0.0.1:99999"}, "AGENTPLANE_LISTEN"),
+        ({"AGENTPLANE_DATABASE_URL": "mysql://x/y"}, "AGENTPLANE_DATABASE_URL"),
+        ({"AGENTPLANE_DATABASE_URL": "::::"}, "AGENTPLANE_DATABASE_URL"),
+        ({"AGENTPLANE_TENANTS_FILE": "/no/such/file.toml"}, "AGENTPLANE_TENANTS_FILE"),
+        ({"ANTHROPIC_BASE_URL": "ftp://x"}, "ANTHROPIC_BASE_URL"),
+        ({"AGENTPLANE_WORK_DIR": "/tmp/" + "x" * 60}, "AGENTPLANE_WORK_DIR"),
+        ({"AGENTPLANE_CLI_MAX_RETRIES": "-1"}, "AGENTPLANE_CLI_MAX_RETRIES"),
+        ({"AGENTPLANE_AUTO_MIGRATE": "maybe"}, "AGENTPLANE_AUTO_MIGRATE"),
+        ({"AGENTPLANE_LOG_LEVEL": "LOUD"}, "AGENTPLANE_LOG_LEVEL"),
+    ],
+)
+def test_each_bad_setting_is_named(env: dict[str, str], setting: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert caught.value.setting == setting
+    assert setting in str(caught.value)
+
+
+def test_defaults() -> None:
+    s = Settings.from_env({})
+    assert s.listen == "127.0.0.1:50051"
+    assert s.database_url == "sqlite:///./agentplane.db"
+    assert s.tenants_file is None and s.migrate_at_start
+    assert not Settings.from_env({"AGENTPLANE_DATABASE_URL": "postgresql://h/db"}).migrate_at_start
+
+
+def _tenants(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "tenants.toml"
+    path.write_text(body)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ("[tenants.a]\nallowed_tools = []\n", "tenants.a.token_sha256"),
+        ('[tenants.a]\ntoken_sha256 = ["abc"]\n', "tenants.a.token_sha256"),
+        (f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\ndaily_limit_usd = -1\n', "tenants.a.daily_limit_usd"),
+        (f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\nmax_turns = 0\n', "tenants.a.max_turns"),
+        (f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\ntimezone = "Mars/Base"\n', "tenants.a.timezone"),
+        (f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\ncolour = "red"\n', "tenants.a.colour"),
+        (
+            f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\ndaily_limit_usd = 1\nmax_session_budget_usd = 2\n',
+            "tenants.a.max_session_budget_usd",
+        ),
+        ("not toml at all [", "AGENTPLANE_TENANTS_FILE"),
+        ("[other]\nx = 1\n", "AGENTPLANE_TENANTS_FILE"),
+    ],
+)
+def test_bad_tenants_files_name_the_key(tmp_path: Path, body: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        TenantRegistry.load(_tenants(tmp_path, body))
+    assert key in str(caught.value)
+
+
+def test_a_token_hash_shared_by_two_tenants_is_refused(tmp_path: Path) -> None:
+    body = f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\n[tenants.b]\ntoken_sha256 = ["{GOOD_HASH}"]\n'
+    with pytest.raises(ConfigError, match="also listed"):
+        TenantRegistry.load(_tenants(tmp_path, body))
+
+
+def test_tokens_authenticate_by_hash_only(tmp_path: Path) -> None:
+    registry = TenantRegistry.load(
+        _tenants(tmp_path, f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH.upper()}"]\n')
+    )
+    assert registry.authenticate("Bearer tok").name == "a"
+    assert registry.authenticate("bearer  tok ").name == "a"
+    for header in (None, "", "Bearer", "Bearer nope", "Basic tok", "tok"):
+        with pytest.raises(Unauthenticated) as caught:
+            registry.authenticate(header)
+        assert "tok" not in str(caught.value).replace("token", "")
+    assert hash_token("tok") == hashlib.sha256(b"tok").hexdigest()
+
+
+def test_dev_mode_needs_no_token() -> None:
+    registry = TenantRegistry.dev()
+    assert registry.dev_mode and registry.authenticate(None).name == "default"
+
+
+def _server(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "agentplane.server", *args],
+        env={**clean, **env}, capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_a_bad_setting_stops_the_server_with_exit_code_2_and_one_line() -> None:
+    proc = _server("serve", AGENTPLANE_LISTEN="no-port-here")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "AGENTPLANE_LISTEN" in lines[0]
+
+
+def test_a_bad_tenants_file_stops_the_server_with_exit_code_2(tmp_path: Path) -> None:
+    path = _tenants(tmp_path, "[tenants.a]\nmax_turns = 3\n")
+    proc = _server("serve", AGENTPLANE_TENANTS_FILE=str(path), AGENTPLANE_DATABASE_URL=f"sqlite:///{tmp_path}/x.db")
+    assert proc.returncode == 2
+    assert "tenants.a.token_sha256" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_hash_token_check_config_and_migrate(tmp_path: Path) -> None:
+    proc = _server("hash-token", "s3cret")
+    assert proc.returncode == 0 and proc.stdout.strip() == hash_token("s3cret")
+    path = _tenants(tmp_path, f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\n')
+    proc = _server("check-config", AGENTPLANE_TENANTS_FILE=str(path))
+    assert proc.returncode == 0 and "1 tenant" in proc.stdout
+    db = tmp_path / "m.db"
+    proc = _server("migrate", AGENTPLANE_DATABASE_URL=f"sqlite:///{db}")
+    assert proc.returncode == 0, proc.stderr
+    import sqlite3
+
+    tables = {r[0] for r in sqlite3.connect(db).execute("select name from sqlite_master")}
+    assert {"sessions", "session_events", "budget_windows", "reservations", "tool_uses"} <= tables
+
+
+def test_help_documents_every_setting() -> None:
+    proc = _server("--help")
+    assert proc.returncode == 0
+    for name in ("AGENTPLANE_LISTEN", "AGENTPLANE_DATABASE_URL", "AGENTPLANE_TENANTS_FILE",
+                 "ANTHROPIC_BASE_URL", "AGENTPLANE_WORK_DIR"):
+        assert name in proc.stdout

@@ -1,0 +1,93 @@
+"""The budget ledger on a real database: atomic reservations, exactly-once settlement."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from agentplane.server.budgets.ledger import BudgetReader, reserve_for_session, settle_session
+from agentplane.server.budgets.windows import day_of, window_bounds
+from agentplane.server.domain import Session, SessionState
+from agentplane.server.errors import QuotaExceeded
+from agentplane.server.store import sessions as repo
+from agentplane.server.store.engine import create_engine, migrate, sessionmaker
+from agentplane.server.tenants import Tenant
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+pytestmark = pytest.mark.asyncio
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def tenant(name: str, limit: str = "1.0", tz: str = "UTC") -> Tenant:
+    return Tenant(
+        name=name, token_sha256=frozenset(), anthropic_api_key_env="X", allowed_tools=("Read",),
+        system_prompt=None, daily_limit_usd=Decimal(limit), max_session_budget_usd=Decimal("0.5"),
+        max_turns=3, max_concurrent_sessions=2, time_zone=tz,
+    )
+
+
+@pytest.fixture(scope="module")
+async def db(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_engine(database_url)
+    await migrate(engine)
+    yield sessionmaker(engine)
+    await engine.dispose()
+
+
+async def admit(db: async_sessionmaker[AsyncSession], t: Tenant, amount: str) -> str | None:
+    """What admission does: insert the session and reserve, in one transaction."""
+    session = Session(
+        id=str(uuid.uuid4()), tenant=t.name, state=SessionState.IDLE, create_time=NOW,
+        max_budget_usd=Decimal(amount), max_turns=3, allowed_tools=("Read",),
+    )
+    day = day_of(NOW, t.time_zone).isoformat()
+    try:
+        async with db.begin() as s:
+            await repo.insert_session(s, session, request_hash="h", budget_day=day)
+            await reserve_for_session(s, t, session_id=session.id, amount=Decimal(amount), day=day, now=NOW)
+    except QuotaExceeded:
+        return None
+    return session.id
+
+
+async def test_concurrent_admissions_never_pass_the_limit_together(db: async_sessionmaker[AsyncSession]) -> None:
+    t = tenant(f"t{uuid.uuid4().hex[:8]}")
+    results = await asyncio.gather(*(admit(db, t, "0.25") for _ in range(20)))
+    admitted = [r for r in results if r]
+    assert len(admitted) == 4
+
+    reader = BudgetReader(db)
+    window = await reader.window(t, NOW.date())
+    assert window.reserved_usd == Decimal("1.000000") and window.remaining_usd == 0
+    async with db() as s:  # the refused ones left nothing behind
+        assert all([await repo.get_session(s, t.name, sid) for sid in admitted])
+        listed = await repo.list_sessions(s, t.name, repo.SessionFilter(), after=None, limit=100)
+    assert len(listed) == 4
+
+    for sid in admitted:
+        async with db.begin() as s:
+            assert await settle_session(s, session_id=sid, actual=Decimal("0.123456"), now=NOW)
+    async with db.begin() as s:  # exactly once
+        assert not await settle_session(s, session_id=admitted[0], actual=Decimal(9), now=NOW)
+    window = await reader.window(t, NOW.date())
+    assert window.spent_usd == Decimal("0.493824") and window.reserved_usd == 0
+    assert window.remaining_usd == Decimal("0.506176")
+    assert await admit(db, t, "0.5") is not None
+    assert await admit(db, t, "0.1") is None
+
+
+async def test_windows_follow_the_tenants_time_zone(db: async_sessionmaker[AsyncSession]) -> None:
+    t = tenant(f"tz{uuid.uuid4().hex[:8]}", tz="America/New_York")
+    late = datetime(2026, 3, 2, 3, 0, tzinfo=UTC)  # still March 1st in New York
+    assert day_of(late, t.time_zone).isoformat() == "2026-03-01"
+    start, end = window_bounds(day_of(late, t.time_zone), t.time_zone)
+    assert start == datetime(2026, 3, 1, 5, 0, tzinfo=UTC)
+    assert end == datetime(2026, 3, 2, 5, 0, tzinfo=UTC)
+    # A DST change makes a 23-hour day.
+    start, end = window_bounds(datetime(2026, 3, 8).date(), t.time_zone)
+    assert (end - start).total_seconds() == 23 * 3600
