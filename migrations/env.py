@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 
-from alembic import context
-from sqlalchemy.engine import Connection
-
 from agentplane.server.store.engine import create_engine
 from agentplane.server.store.models import Base
+from alembic import context
+from sqlalchemy.engine import Connection
 
 target_metadata = Base.metadata
 

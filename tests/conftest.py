@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-
 from harness import TEST_PG_URL, Harness, PostgresDatabase, start_harness, stop_harness
 
 BACKENDS = ["sqlite"] + (["postgresql"] if TEST_PG_URL else [])

@@ -18,13 +18,12 @@ from typing import Any
 
 import grpc
 import psycopg
-from sqlalchemy.engine import make_url
-
 from agentplane.server.app import App
 from agentplane.server.config import Settings
 from agentplane.server.sandbox.server import SandboxServer
 from agentplane.server.tenants import TenantRegistry, hash_token
 from agentplane.v1 import budget_pb2_grpc, session_pb2, session_pb2_grpc, usage_pb2_grpc
+from sqlalchemy.engine import make_url
 
 TEST_PG_URL = os.environ.get("AGENTPLANE_TEST_DATABASE_URL", "").strip()
 MODEL = "claude-sonnet-4-5"

@@ -7,11 +7,9 @@ Create Date: 2026-11-24 17:35:00.525526
 
 from __future__ import annotations
 
+import agentplane.server.store.types
 import sqlalchemy as sa
 from alembic import op
-
-import agentplane.server.store.types
-
 
 revision = '0001'
 down_revision = None
