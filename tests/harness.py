@@ -192,3 +192,24 @@ def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
                 detail.Unpack(msg)
                 found[cls.__name__] = msg
     return found
+
+
+def cli_processes(under: Path) -> list[int]:
+    """Pids of agent CLI processes whose private folders lie under `under`.
+
+    Matching on the environment (CLAUDE_CONFIG_DIR) rather than the name keeps this exact
+    when other servers run agents on the same machine.
+    """
+    marker = f"CLAUDE_CONFIG_DIR={under}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"_bundled/claude" not in (proc / "cmdline").read_bytes():
+                continue
+            if any(v.startswith(marker) for v in (proc / "environ").read_bytes().split(b"\0")):
+                pids.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids

@@ -11,7 +11,7 @@ import pytest
 from agentplane.server.api.convert import event_to_proto
 from agentplane.server.sandbox.script import HttpFailure, Script, Step, ToolCall, Usage
 from agentplane.v1 import budget_pb2, session_pb2
-from harness import Harness, error_details
+from harness import Harness, cli_processes, error_details
 
 pytestmark = pytest.mark.asyncio
 
@@ -300,3 +300,34 @@ async def test_unimplemented_rpcs_say_so(harness: Harness) -> None:
         )
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     await asyncio.sleep(0)
+
+
+async def test_a_caller_that_goes_away_cancels_its_session_and_its_cli(harness: Harness) -> None:
+    harness.sandbox.add_script(
+        "very_slow", Script(steps=[Step(text="late", delay_s=30.0)])
+    )
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:very_slow]] go", model="claude-sonnet-4-5"),
+        metadata=harness.auth("globex"),
+    )
+    started = await call.read()
+    await call.read()  # RUNNING
+    session_id = started.session_id
+    for _ in range(100):  # wait until the CLI has asked the model
+        if harness.sandbox.find(script="very_slow"):
+            break
+        await asyncio.sleep(0.1)
+    assert cli_processes(harness.work_dir)  # the check below can see a live CLI
+    call.cancel()
+
+    for _ in range(100):
+        got = await harness.sessions.GetSession(
+            session_pb2.GetSessionRequest(session_id=session_id), metadata=harness.auth("globex")
+        )
+        if got.state == session_pb2.SESSION_STATE_ERROR:
+            break
+        await asyncio.sleep(0.1)
+    assert got.error.reason == session_pb2.ERROR_REASON_CANCELLED
+    window = await budget(harness, "globex")
+    assert Decimal(window.reserved_usd) == 0
+    assert cli_processes(harness.work_dir) == []
