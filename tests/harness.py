@@ -20,7 +20,7 @@ import grpc
 import psycopg
 from agentplane.server.app import App
 from agentplane.server.config import Settings
-from agentplane.server.sandbox.server import SandboxServer
+from agentplane.server.sandbox import SandboxServer
 from agentplane.server.tenants import TenantRegistry, hash_token
 from agentplane.v1 import budget_pb2_grpc, session_pb2, session_pb2_grpc, usage_pb2_grpc
 from sqlalchemy.engine import make_url
@@ -28,7 +28,12 @@ from sqlalchemy.engine import make_url
 TEST_PG_URL = os.environ.get("AGENTPLANE_TEST_DATABASE_URL", "").strip()
 MODEL = "claude-sonnet-4-5"
 
-TOKENS = {"acme": "acme-secret-token-1", "globex": "globex-secret-token-2", "small": "small-tok-3"}
+TOKENS = {
+    "acme": "acme-secret-token-1",
+    "globex": "globex-secret-token-2",
+    "small": "small-tok-3",
+    "ops": "ops-token-4",
+}
 
 
 def short_dir(prefix: str = "ap") -> Path:
@@ -65,6 +70,14 @@ def tenants_toml(workspace: Path) -> str:
         daily_limit_usd = 1.0
         max_session_budget_usd = 0.6
         max_turns = 4
+
+        [tenants.ops]
+        token_sha256 = ["{hash_token(TOKENS['ops'])}"]
+        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
+        allowed_tools = ["Bash", "Glob"]
+        daily_limit_usd = 10.0
+        max_session_budget_usd = 1.0
+        max_turns = 6
         """
     )
 
@@ -194,20 +207,18 @@ def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
     return found
 
 
-def cli_processes(under: Path) -> list[int]:
-    """Pids of agent CLI processes whose private folders lie under `under`.
+def agent_processes(under: Path) -> list[int]:
+    """Pids of agent processes (CLIs and their tools) whose private folders lie under `under`.
 
-    Matching on the environment (CLAUDE_CONFIG_DIR) rather than the name keeps this exact
-    when other servers run agents on the same machine.
+    Every process of a session inherits its CLAUDE_CONFIG_DIR; matching on it keeps this
+    exact when other servers run agents on the same machine.
     """
-    marker = f"CLAUDE_CONFIG_DIR={under}".encode()
+    marker = f"CLAUDE_CONFIG_DIR={under}/".encode()
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if b"_bundled/claude" not in (proc / "cmdline").read_bytes():
-                continue
             if any(v.startswith(marker) for v in (proc / "environ").read_bytes().split(b"\0")):
                 pids.append(int(proc.name))
         except OSError:  # gone, or not ours to read

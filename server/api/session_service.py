@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 import grpc
 from agentplane.v1 import session_pb2, session_pb2_grpc
 
-from ..errors import Unimplemented
 from ..sessions.manager import SessionManager
 from ..store.sessions import SessionFilter
 from ..tenants import TenantRegistry
@@ -27,23 +26,24 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.RunSessionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[session_pb2.SessionEvent]:
         tenant = caller(self._tenants, context)
-        live = await self._sessions.start(tenant, convert.run_request(request))
+        admission = await self._sessions.start(tenant, convert.run_request(request))
         try:
-            async for event in self._sessions.follow(live):
+            async for event in admission.events:
                 yield convert.event_to_proto(event)
         except asyncio.CancelledError:
             # The caller went away (or the server is stopping) mid-stream.
             if request.on_disconnect != session_pb2.ON_DISCONNECT_CONTINUE:
-                self._sessions.cancel_on_disconnect(live)
+                self._sessions.cancel_on_disconnect(admission)
             raise
 
     @streaming
     async def StreamSession(
         self, request: session_pb2.StreamSessionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[session_pb2.SessionEvent]:
-        caller(self._tenants, context)
-        raise Unimplemented("StreamSession is not implemented in this release yet")
-        yield  # pragma: no cover  (makes this an async generator)
+        tenant = caller(self._tenants, context)
+        events = await self._sessions.stream(tenant, request.session_id, request.after_seq)
+        async for event in events:
+            yield convert.event_to_proto(event)
 
     @unary
     async def GetSession(
@@ -74,5 +74,5 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
     async def CancelSession(
         self, request: session_pb2.CancelSessionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.Session:
-        caller(self._tenants, context)
-        raise Unimplemented("CancelSession is not implemented in this release yet")
+        tenant = caller(self._tenants, context)
+        return convert.session_to_proto(await self._sessions.cancel(tenant, request.session_id))

@@ -71,7 +71,9 @@ class LiveSession:
         self.session = session
         self.writer = writer
         self.task: asyncio.Task[None] | None = None
+        self.cancel_requested = asyncio.Event()
         self.cancel_reason: ErrorReason | None = None
+        self.finished = asyncio.Event()
         self._events: list[Event] = []
         self._wake = asyncio.Event()
         self._ended = False
@@ -103,10 +105,17 @@ class LiveSession:
         self.publish(event)
         return event
 
+    def request_cancel(self, reason: ErrorReason) -> None:
+        """Ask the run to stop (the first reason given wins)."""
+        if not self.cancel_requested.is_set():
+            self.cancel_reason = reason
+            self.cancel_requested.set()
+
     def end(self) -> None:
         """No more events will come; watchers finish after the last one."""
         self._ended = True
         self._wake.set()
+        self.finished.set()
 
     async def follow(self, after_seq: int = 0) -> AsyncIterator[Event]:
         """Events after `after_seq`, then live ones until the session ends."""

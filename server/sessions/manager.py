@@ -10,8 +10,8 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
@@ -19,20 +19,29 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..budgets.ledger import reserve_for_session, settle_session
 from ..budgets.windows import day_of
-from ..domain import ErrorReason, Event, EventKind, Session, SessionState, utcnow
-from ..errors import InvalidArgument, NotFound, Unavailable
+from ..domain import ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ..store import sessions as repo
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
 from .live import EventWriter, LiveSession
 from .requests import RunRequest, SessionSpec, validate
-from .runner import AgentRunner, Outcome
+from .runner import CANCEL_MESSAGES, AgentRunner, Outcome
 from .translate import Verdict
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+
+
+@dataclass
+class Admission:
+    """An admitted (or re-attached) session and its event stream."""
+
+    session_id: str
+    events: AsyncIterator[Event]
+    live: LiveSession | None
 
 
 class SessionManager:
@@ -49,15 +58,21 @@ class SessionManager:
         self._runner = runner
         self._not_ready = not_ready
         self._live: dict[str, LiveSession] = {}
+        self.poll_interval_s = 0.25
 
     # -- running -------------------------------------------------------------------------
 
-    async def start(self, tenant: Tenant, request: RunRequest) -> LiveSession:
+    async def start(self, tenant: Tenant, request: RunRequest) -> Admission:
         """Admit a session (persist it IDLE and reserve its budget, atomically) and start it.
 
-        Raises InvalidArgument, QuotaExceeded or Unavailable; then nothing is created.
+        A repeat of a request_id re-attaches to the session it started instead. Raises
+        InvalidArgument, QuotaExceeded or Unavailable; then nothing is created.
         """
         spec = validate(request, tenant)
+        if spec.request_id:
+            earlier = await self._by_request_id(tenant, spec)
+            if earlier is not None:
+                return earlier
         problem = self._not_ready()
         if problem:
             raise Unavailable(problem)
@@ -90,10 +105,11 @@ class SessionManager:
             await live.writer.close()
             if not spec.request_id:
                 raise
-            # Until idempotent re-attach lands, a repeated request_id is refused clearly.
-            raise InvalidArgument(
-                "request_id", f"{spec.request_id} was already used for another session"
-            ) from None
+            # A concurrent request with the same request_id won the unique constraint.
+            earlier = await self._by_request_id(tenant, spec)
+            if earlier is None:
+                raise
+            return earlier
         except BaseException:
             await live.writer.close()
             raise
@@ -101,26 +117,42 @@ class SessionManager:
         self._live[session.id] = live
         live.task = asyncio.create_task(self._run(live, spec, tenant), name=f"session-{session.id}")
         log.info("session_start session_id=%s tenant=%s", session.id, tenant.name)
-        return live
+        return Admission(session.id, self._follow(tenant, session.id, 0), live)
+
+    async def _by_request_id(self, tenant: Tenant, spec: SessionSpec) -> Admission | None:
+        async with self._db() as db:
+            found = await repo.find_by_request_id(db, tenant.name, spec.request_id)
+        if found is None:
+            return None
+        session, fingerprint = found
+        if fingerprint != spec.fingerprint():
+            raise InvalidArgument(
+                "request_id",
+                f"{spec.request_id} was already used for session {session.id} with a "
+                "different request; use a new request_id for a new session",
+            )
+        return Admission(session.id, self._follow(tenant, session.id, 0), None)
 
     async def _run(self, live: LiveSession, spec: SessionSpec, tenant: Tenant) -> None:
         try:
-            running = live.session.evolve(state=SessionState.RUNNING, start_time=utcnow())
-            async with self._db.begin() as db:
-                await repo.save_progress(db, running, expect=SessionState.IDLE)
-            live.session = running
-            live.emit(
-                EventKind.STATE_CHANGE,
-                {"from_state": SessionState.IDLE.value, "to_state": SessionState.RUNNING.value},
-            )
-            outcome = await self._runner.run(live, spec, tenant)
+            if live.cancel_requested.is_set():  # cancelled while IDLE: never start
+                outcome = Outcome(Verdict(SessionState.ERROR, live.cancel_reason,
+                                          CANCEL_MESSAGES[live.cancel_reason or ErrorReason.CANCELLED]))
+            else:
+                running = live.session.evolve(state=SessionState.RUNNING, start_time=utcnow())
+                async with self._db.begin() as db:
+                    await repo.save_progress(db, running, expect=SessionState.IDLE)
+                live.session = running
+                live.emit(
+                    EventKind.STATE_CHANGE,
+                    {"from_state": SessionState.IDLE.value, "to_state": SessionState.RUNNING.value},
+                )
+                outcome = await self._runner.run(live, spec, tenant)
         except asyncio.CancelledError:
-            reason = live.cancel_reason or ErrorReason.CANCELLED
-            message = {
-                ErrorReason.SHUTDOWN: "the server shut down before the session ended",
-            }.get(reason, "the session was cancelled")
+            # Cancelled from outside (event loop shutdown): still record the end.
+            reason = live.cancel_reason or ErrorReason.SHUTDOWN
             await asyncio.shield(
-                self._finish(live, Outcome(Verdict(SessionState.ERROR, reason, message)))
+                self._finish(live, Outcome(Verdict(SessionState.ERROR, reason, CANCEL_MESSAGES[reason])))
             )
             raise
         except Exception as exc:  # a bug of ours must still end the session and settle
@@ -140,8 +172,8 @@ class SessionManager:
             end_time=now,
             error_reason=v.reason,
             error_message=v.message,
-            cost_usd=Decimal(outcome.cost_usd),
-            sdk_cost_usd=Decimal(outcome.cost_usd),
+            cost_usd=usd(outcome.cost_usd),
+            sdk_cost_usd=usd(outcome.cost_usd),
             num_turns=outcome.num_turns,
             usage=outcome.usage,
             sdk_session_id=outcome.sdk_session_id,
@@ -170,21 +202,37 @@ class SessionManager:
         async with self._db.begin() as db:
             await repo.insert_events(db, events)
 
-    def cancel_on_disconnect(self, live: LiveSession) -> None:
-        """The RunSession caller went away: cancel unless it asked to continue."""
-        if live.task is not None and not live.task.done():
-            live.cancel_reason = ErrorReason.CANCELLED
-            live.task.cancel()
+    def cancel_on_disconnect(self, admission: Admission) -> None:
+        """The RunSession caller went away: cancel the session it started."""
+        if admission.live is not None:
+            admission.live.request_cancel(ErrorReason.CANCELLED)
+
+    async def cancel(self, tenant: Tenant, session_id: str) -> Session:
+        """Cancel a session: an IDLE one never starts, a RUNNING one is interrupted.
+
+        Returns the session in its terminal state; FailedPrecondition if it had ended.
+        """
+        session = await self.get(tenant, session_id)
+        if session.state.terminal:
+            raise FailedPrecondition(
+                f"session {session_id} has already ended ({session.state.value}); "
+                "only IDLE or RUNNING sessions can be cancelled"
+            )
+        live = self._live.get(session_id)
+        if live is None:
+            raise FailedPrecondition(
+                f"session {session_id} is not running on this server; cancel it on its owner"
+            )
+        live.request_cancel(ErrorReason.CANCELLED)
+        await live.finished.wait()
+        return live.session
 
     async def shutdown(self) -> None:
         """Interrupt every live session, recording it ERROR/SHUTDOWN."""
-        tasks = []
-        for live in list(self._live.values()):
-            if live.task is not None and not live.task.done():
-                live.cancel_reason = ErrorReason.SHUTDOWN
-                live.task.cancel()
-                tasks.append(live.task)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        lives = list(self._live.values())
+        for live in lives:
+            live.request_cancel(ErrorReason.SHUTDOWN)
+        await asyncio.gather(*(live.finished.wait() for live in lives))
 
     @property
     def live_count(self) -> int:
@@ -208,9 +256,33 @@ class SessionManager:
         async with self._db() as db:
             return await repo.list_events(db, session_id)
 
-    async def follow(self, live: LiveSession, after_seq: int = 0) -> AsyncIterator[Event]:
-        async for event in live.follow(after_seq):
-            yield event
+    async def stream(self, tenant: Tenant, session_id: str, after_seq: int) -> AsyncIterator[Event]:
+        """A session's events after `after_seq`: persisted ones, then live ones to the end."""
+        if after_seq < 0:
+            raise InvalidArgument("after_seq", "must not be negative")
+        await self.get(tenant, session_id)
+        return self._follow(tenant, session_id, after_seq)
+
+    async def _follow(self, tenant: Tenant, session_id: str, after_seq: int) -> AsyncIterator[Event]:
+        last = after_seq
+        while True:
+            live = self._live.get(session_id)
+            if live is not None:  # in memory from seq 1: switching over leaves no gap
+                async for event in live.follow(last):
+                    yield event
+                return
+            async with self._db() as db:
+                events = await repo.list_events(db, session_id, after_seq=last)
+                session = await repo.get_session(db, tenant.name, session_id)
+            for event in events:
+                yield event
+                last = event.seq
+                if event.kind is EventKind.RESULT:
+                    return
+            if session is None or (session.state.terminal and not events):
+                return
+            # Running on another server (or between admission and registration here).
+            await asyncio.sleep(self.poll_interval_s)
 
     async def list(
         self, tenant: Tenant, flt: SessionFilter, *, page_size: int, page_token: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..domain import ErrorReason, SessionState, TokenUsage, usd
 from ..tenants import Tenant
 from .cli_env import SessionDirs, cli_environment
 from .live import LiveSession
+from .reaper import kill_session_processes
 from .requests import SessionSpec
 from .translate import Verdict, to_events, verdict
 
@@ -38,6 +40,8 @@ class RunnerConfig:
     cli_max_retries: int | None = None
     # Environment variables of the server that must not reach any agent (tenants' keys).
     scrub_env: frozenset[str] = field(default_factory=frozenset)
+    # How long an interrupted agent gets to stop before its processes are killed.
+    interrupt_grace_s: float = 5.0
 
 
 @dataclass
@@ -89,32 +93,23 @@ class AgentRunner:
     async def run(self, live: LiveSession, spec: SessionSpec, tenant: Tenant) -> Outcome:
         """Run the agent, publishing each SDK message as events; return how it ended.
 
-        Agent failures become an ERROR outcome; cancellation propagates (the caller
-        records it).
+        Agent failures become an ERROR outcome. A cancel request (live.cancel_requested)
+        interrupts the agent and returns an ERROR outcome with live.cancel_reason, charged
+        for what the agent used; whatever happens, no process of the session survives.
         """
         dirs = self.session_dirs(tenant.name, live.id)
         try:
             await asyncio.to_thread(self._prepare, dirs, tenant)
             options = self._options(spec, tenant, dirs)
-            result: ResultMessage | None = None
             async with ClaudeSDKClient(options) as client:
                 await client.query(spec.prompt)
-                async for message in client.receive_response():
-                    for kind, data in to_events(message):
-                        live.emit(kind, data)
-                    if isinstance(message, ResultMessage):
-                        result = message
+                result = await self._drive(client, live)
+            completed = result is not None and verdict(result).state is SessionState.COMPLETE
+            if live.cancel_requested.is_set() and not completed:
+                return _cancelled(live, result)
             if result is None:
-                return Outcome(Verdict(SessionState.ERROR, ErrorReason.AGENT_FAILED,
-                                       "the agent ended without a result"))
-            return Outcome(
-                verdict=verdict(result),
-                cost_usd=str(usd(result.total_cost_usd or 0)),
-                num_turns=result.num_turns,
-                usage=TokenUsage.from_sdk(result.usage),
-                sdk_session_id=result.session_id or "",
-                result=result.result or "" if not result.is_error else "",
-            )
+                return _failed("the agent ended without a result")
+            return _from_result(result)
         except CLINotFoundError as exc:
             return _failed(f"the agent CLI was not found ({self.config.cli_path}): {exc}")
         except CLIConnectionError as exc:
@@ -124,7 +119,48 @@ class AgentRunner:
         except ClaudeSDKError as exc:
             return _failed(f"the agent failed: {exc}")
         finally:
+            await asyncio.to_thread(kill_session_processes, dirs.config)
             await asyncio.to_thread(shutil.rmtree, dirs.root, True)
+
+    async def _drive(self, client: ClaudeSDKClient, live: LiveSession) -> ResultMessage | None:
+        """Publish messages until the result; on a cancel request, interrupt the agent and
+        keep reading briefly for its (error) result."""
+        messages = client.receive_response().__aiter__()
+        cancel = asyncio.create_task(live.cancel_requested.wait())
+        deadline: float | None = None
+        # One pending read at a time, never cancelled: cancelling an async generator's
+        # __anext__ would close the generator and lose the result that follows.
+        pull: asyncio.Future[object] | None = None
+        try:
+            while True:
+                if pull is None:
+                    pull = asyncio.ensure_future(messages.__anext__())
+                waiting: set[asyncio.Future[object]] = {pull}
+                if deadline is None:
+                    waiting.add(cancel)
+                timeout = None if deadline is None else max(0.0, deadline - _now())
+                done, _ = await asyncio.wait(
+                    waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if pull not in done:
+                    if deadline is not None:  # the agent did not stop in time
+                        pull.cancel()
+                        return None
+                    deadline = _now() + self.config.interrupt_grace_s
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(client.interrupt(), self.config.interrupt_grace_s)
+                    continue
+                try:
+                    message = pull.result()
+                except StopAsyncIteration:
+                    return None
+                pull = None
+                for kind, data in to_events(message):
+                    live.emit(kind, data)
+                if isinstance(message, ResultMessage):
+                    return message
+        finally:
+            cancel.cancel()
 
     @staticmethod
     def _prepare(dirs: SessionDirs, tenant: Tenant) -> None:
@@ -133,8 +169,38 @@ class AgentRunner:
             shutil.copytree(tenant.workspace_template, dirs.cwd, dirs_exist_ok=True)
 
 
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
 def _failed(message: str) -> Outcome:
     return Outcome(Verdict(SessionState.ERROR, ErrorReason.AGENT_FAILED, message[:2000]))
+
+
+def _from_result(result: ResultMessage) -> Outcome:
+    return Outcome(
+        verdict=verdict(result),
+        cost_usd=str(usd(result.total_cost_usd or 0)),
+        num_turns=result.num_turns,
+        usage=TokenUsage.from_sdk(result.usage),
+        sdk_session_id=result.session_id or "",
+        result=(result.result or "") if not result.is_error else "",
+    )
+
+
+def _cancelled(live: LiveSession, result: ResultMessage | None) -> Outcome:
+    """A cancelled run, charged for what the agent used before it stopped."""
+    reason = live.cancel_reason or ErrorReason.CANCELLED
+    outcome = _from_result(result) if result is not None else Outcome(Verdict(SessionState.ERROR))
+    outcome.verdict = Verdict(SessionState.ERROR, reason, CANCEL_MESSAGES[reason])
+    outcome.result = ""
+    return outcome
+
+
+CANCEL_MESSAGES = {
+    ErrorReason.CANCELLED: "the session was cancelled",
+    ErrorReason.SHUTDOWN: "the server shut down before the session ended",
+}
 
 
 __all__ = ["BUNDLED_CLI", "AgentRunner", "Outcome", "RunnerConfig"]

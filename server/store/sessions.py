@@ -99,6 +99,16 @@ async def get_session(db: DbSession, tenant: str, session_id: str) -> Session | 
     return _to_domain(row) if row else None
 
 
+async def find_by_request_id(
+    db: DbSession, tenant: str, request_id: str
+) -> tuple[Session, str] | None:
+    """The session a request_id started, with the fingerprint of that request."""
+    row = await db.scalar(
+        select(SessionRow).where(SessionRow.tenant == tenant, SessionRow.request_id == request_id)
+    )
+    return (_to_domain(row), row.request_hash) if row else None
+
+
 async def save_progress(db: DbSession, session: Session, *, expect: SessionState) -> bool:
     """Write a session's state and outcome if it is still in state `expect`.
 

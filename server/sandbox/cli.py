@@ -1,0 +1,52 @@
+"""``agentplane-server sandbox``: serve the sandbox model until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from .script import load_scripts
+from .server import SandboxServer
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentplane-server sandbox",
+        description="Serve a scripted Anthropic Messages API (point ANTHROPIC_BASE_URL at it).",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=8787, help="port (default: %(default)s)")
+    parser.add_argument(
+        "--scripts", metavar="FILE", help='JSON file: {"name": {"steps": [...]}, ...}'
+    )
+    return parser
+
+
+async def serve(host: str, port: int, scripts_file: str | None) -> None:
+    """Run the server until SIGINT or SIGTERM."""
+    scripts = load_scripts(scripts_file) if scripts_file else {}
+    server = SandboxServer(scripts=scripts, host=host, port=port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        print(f"sandbox model listening on {server.base_url}", flush=True)
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        asyncio.run(serve(args.host, args.port, args.scripts))
+    except (OSError, TypeError, ValueError) as exc:
+        print(f"agentplane-server sandbox: {exc}", flush=True)
+        return 1
+    return 0

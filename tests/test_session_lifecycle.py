@@ -1,0 +1,189 @@
+"""Cancel, re-attach, idempotency and disconnects, against the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from decimal import Decimal
+
+import grpc
+import pytest
+from agentplane.server.domain import ErrorReason, SessionState
+from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.sessions.requests import RunRequest
+from agentplane.v1 import budget_pb2, session_pb2
+from harness import MODEL, Harness, agent_processes
+
+pytestmark = pytest.mark.asyncio
+
+
+async def read_until(call: object, kind: str) -> list[session_pb2.SessionEvent]:
+    events = []
+    while True:
+        event = await call.read()  # type: ignore[attr-defined]
+        assert event is not grpc.aio.EOF, f"stream ended before a {kind} event"
+        events.append(event)
+        if event.WhichOneof("kind") == kind:
+            return events
+
+
+async def rest_of(call: object) -> list[session_pb2.SessionEvent]:
+    events = []
+    while (event := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+        events.append(event)
+    return events
+
+
+async def stream(h: Harness, session_id: str, after_seq: int = 0, tenant: str = "acme") -> list:
+    call = h.sessions.StreamSession(
+        session_pb2.StreamSessionRequest(session_id=session_id, after_seq=after_seq),
+        metadata=h.auth(tenant),
+    )
+    return [e async for e in call]
+
+
+async def wait_gone(h: Harness) -> list[int]:
+    for _ in range(50):
+        left = agent_processes(h.work_dir)
+        if not left:
+            return left
+        await asyncio.sleep(0.1)
+    return left
+
+
+async def test_cancel_interrupts_a_running_tool_and_kills_it(harness: Harness) -> None:
+    harness.sandbox.add_script(
+        "long_tool",
+        Script(steps=[
+            Step(tool_calls=[ToolCall("Bash", {"command": "python3 -c 'import time; time.sleep(60)'"})],
+                 usage=Usage(input_tokens=500, output_tokens=50)),
+            Step(text="finished"),
+        ]),
+    )
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:long_tool]] run it", model=MODEL),
+        metadata=harness.auth("ops"),
+    )
+    events = await read_until(call, "tool_use")
+    session_id = events[0].session_id
+    for _ in range(100):  # the tool's own process is running
+        if len(agent_processes(harness.work_dir)) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(agent_processes(harness.work_dir)) >= 2
+
+    cancelled = await harness.sessions.CancelSession(
+        session_pb2.CancelSessionRequest(session_id=session_id), metadata=harness.auth("ops")
+    )
+
+    assert cancelled.state == session_pb2.SESSION_STATE_ERROR
+    assert cancelled.error.reason == session_pb2.ERROR_REASON_CANCELLED
+    rest = await rest_of(call)
+    assert rest[-1].result.session == cancelled
+    assert await wait_gone(harness) == []
+    window = await harness.budgets.GetBudget(budget_pb2.GetBudgetRequest(), metadata=harness.auth("ops"))
+    assert Decimal(window.reserved_usd) == 0
+    assert Decimal(window.spent_usd) >= Decimal(cancelled.cost_usd) > 0  # the used turn is paid
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.sessions.CancelSession(
+            session_pb2.CancelSessionRequest(session_id=session_id), metadata=harness.auth("ops")
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.sessions.CancelSession(
+            session_pb2.CancelSessionRequest(session_id=session_id), metadata=harness.auth("acme")
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_cancelling_an_idle_session_ends_it_before_it_starts(harness: Harness) -> None:
+    tenant = harness.app.tenants.tenants["acme"]
+    admission = await harness.app.sessions.start(tenant, RunRequest(prompt="never runs", model=MODEL))
+    assert admission.live is not None
+    admission.live.request_cancel(ErrorReason.CANCELLED)  # before the run task got a turn
+    events = [e async for e in admission.events]
+    assert [e.kind.value for e in events] == ["started", "result"]
+    session = await harness.app.sessions.get(tenant, admission.session_id)
+    assert session.state is SessionState.ERROR and session.error_reason is ErrorReason.CANCELLED
+    assert session.start_time is None
+    assert not [r for r in harness.sandbox.requests if "never runs" in str(r.body)]
+
+
+async def test_stream_session_replays_from_any_point(harness: Harness) -> None:
+    events = await harness.run(prompt="replay me")
+    session_id = events[0].session_id
+    assert await stream(harness, session_id) == events
+    assert await stream(harness, session_id, after_seq=2) == events[2:]
+    assert await stream(harness, session_id, after_seq=len(events)) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream(harness, session_id, tenant="globex")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream(harness, session_id, after_seq=-1)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_concurrent_watchers_each_see_every_event_once_in_order(harness: Harness) -> None:
+    steps = [
+        Step(tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"}) for i in range(3)], delay_s=0.3)
+        for _ in range(3)
+    ]
+    harness.sandbox.add_script("busy", Script(steps=[*steps, Step(text="done")]))
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:busy]] go", model=MODEL),
+        metadata=harness.auth("acme"),
+    )
+    first = await call.read()
+    watchers = [asyncio.create_task(stream(harness, first.session_id)) for _ in range(5)]
+    own = [first, *await rest_of(call)]
+    seen = await asyncio.gather(*watchers)
+    assert own[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    assert len([e for e in own if e.HasField("tool_use")]) == 9
+    for events in seen:
+        assert events == own
+
+
+async def test_a_repeated_request_id_reattaches_instead_of_paying_twice(harness: Harness) -> None:
+    request_id = str(uuid.uuid4())
+    first = await harness.run(prompt="once only", request_id=request_id, labels={"rid": "a"})
+    again = await harness.run(prompt="once only", request_id=request_id, labels={"rid": "a"})
+    assert again == first
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.run(prompt="something else", request_id=request_id)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert first[0].session_id in caught.value.details()
+
+
+async def test_concurrent_requests_with_one_request_id_start_one_session(harness: Harness) -> None:
+    request_id = str(uuid.uuid4())
+    runs = await asyncio.gather(
+        *(harness.run("globex", prompt="together", request_id=request_id, labels={"rid": "c"})
+          for _ in range(4))
+    )
+    assert len({events[0].session_id for events in runs}) == 1
+    assert all(events == runs[0] for events in runs)
+    listed = await harness.sessions.ListSessions(
+        session_pb2.ListSessionsRequest(labels={"rid": "c"}), metadata=harness.auth("globex")
+    )
+    assert len(listed.sessions) == 1
+
+
+async def test_a_caller_that_goes_away_with_continue_leaves_the_session_running(
+    harness: Harness,
+) -> None:
+    harness.sandbox.add_script("slowish", Script(steps=[Step(text="still done", delay_s=1.5)]))
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(
+            prompt="[[sandbox:slowish]] go", model=MODEL,
+            on_disconnect=session_pb2.ON_DISCONNECT_CONTINUE,
+        ),
+        metadata=harness.auth("acme"),
+    )
+    first = await call.read()
+    call.cancel()
+    events = await stream(harness, first.session_id)
+    assert events[0] == first
+    assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    assert events[-1].result.session.result == "still done"
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
