@@ -1,0 +1,62 @@
+"""Tenant API keys and caller tokens never reach the database, events or logs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+import pytest
+from agentplane.server.sandbox import Script, Step
+from agentplane.server.store.models import Base
+from agentplane.v1 import session_pb2
+from harness import MODEL, TOKENS, Harness, agent_processes
+from sqlalchemy import select
+
+pytestmark = pytest.mark.asyncio
+
+SECRETS = ["sk-ant-test-acme-key", "sk-ant-test-globex-key", *TOKENS.values()]
+
+
+async def test_no_secret_is_persisted_streamed_or_logged(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    events = await harness.run(prompt="tell me a secret")
+    assert events[-1].result.session.state  # the session ran and ended
+    # The key did reach the model endpoint (so its absence elsewhere means something).
+    assert any(
+        r.headers.get("x-api-key") == "sk-ant-test-acme-key" for r in harness.sandbox.requests
+    )
+
+    dump = [str(e) for e in events]
+    async with harness.app.sessions._db() as db:
+        for table in Base.metadata.sorted_tables:
+            dump.extend(str(row) for row in (await db.execute(select(table))).all())
+    dump.extend(record.getMessage() for record in caplog.records)
+    text = "\n".join(dump)
+    assert "tell me a secret" in text  # the scan does see the session's data
+    for secret in SECRETS:
+        assert secret not in text
+
+
+async def test_an_agent_never_sees_another_tenants_key(harness: Harness) -> None:
+
+    harness.sandbox.add_script("pause", Script(steps=[Step(text="ok", delay_s=2.0)]))
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:pause]] hi", model=MODEL),
+        metadata=harness.auth("globex"),
+    )
+    await call.read()
+    for _ in range(100):
+        pids = agent_processes(harness.work_dir)
+        if pids:
+            break
+        await asyncio.sleep(0.05)
+    environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+    assert b"ANTHROPIC_API_KEY=sk-ant-test-globex-key" in environ  # its own key (until the gateway)
+    assert not [v for v in environ if b"sk-ant-test-acme-key" in v]
+    assert b"AGENTPLANE_TEST_ACME_KEY=" in environ  # blanked, not inherited
+    while await call.read() is not grpc.aio.EOF:
+        pass
