@@ -71,9 +71,12 @@ class App:
                 cli_path=cli_path,
                 cli_max_retries=settings.cli_max_retries,
                 scrub_env=frozenset(tenants.key_env_names()),
+                idle_timeout_s=settings.session_idle_timeout_s,
             )
         )
-        sessions = SessionManager(db, runner, not_ready=lambda: health.problem)
+        sessions = SessionManager(
+            db, runner, not_ready=lambda: health.problem, max_sessions=settings.max_sessions
+        )
 
         server = grpc.aio.server()
         session_pb2_grpc.add_SessionServiceServicer_to_server(

@@ -17,6 +17,8 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite:///./agentplane.db"
 DEFAULT_WORK_DIR = "./.agentplane"
 MAX_WORK_DIR_BYTES = MAX_SOCKET_DIR_BYTES // 2
+# One session costs ~0.5 CPU-s and ~210 MiB; CPU, not memory, bounds how many run well.
+DEFAULT_MAX_SESSIONS = 4 * (os.cpu_count() or 1)
 
 # name -> (default, help): the single source for `--help` and the README table.
 SETTINGS: Mapping[str, tuple[str, str]] = {
@@ -31,6 +33,12 @@ SETTINGS: Mapping[str, tuple[str, str]] = {
     "AGENTPLANE_CLI_PATH": ("", "the Claude Code CLI; unset: the one bundled with claude-agent-sdk"),
     "AGENTPLANE_CLI_MAX_RETRIES": ("", "caps the CLI's own model-API retries (CLAUDE_CODE_MAX_RETRIES)"),
     "AGENTPLANE_AUTO_MIGRATE": ("", "1: migrate at start-up; default: only for SQLite"),
+    "AGENTPLANE_MAX_SESSIONS": (
+        str(DEFAULT_MAX_SESSIONS), "sessions this server runs at once (default: 4 per CPU)"
+    ),
+    "AGENTPLANE_SESSION_IDLE_TIMEOUT_S": (
+        "120", "a session with no event for this long ends ERROR/TIMEOUT"
+    ),
     "AGENTPLANE_LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
 }
 
@@ -47,6 +55,8 @@ class Settings:
     cli_path: Path | None = None
     cli_max_retries: int | None = None
     auto_migrate: bool | None = None
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    session_idle_timeout_s: float = 120.0
     log_level: str = "INFO"
 
     @classmethod
@@ -99,6 +109,19 @@ class Settings:
         if auto not in ("", "0", "1", "true", "false"):
             raise ConfigError("AGENTPLANE_AUTO_MIGRATE", f"{auto!r} is not 0 or 1")
 
+        max_sessions = get("AGENTPLANE_MAX_SESSIONS")
+        if not max_sessions.isdigit() or int(max_sessions) < 1:
+            raise ConfigError("AGENTPLANE_MAX_SESSIONS", f"{max_sessions!r} is not an integer >= 1")
+        idle = get("AGENTPLANE_SESSION_IDLE_TIMEOUT_S")
+        try:
+            idle_s = float(idle)
+        except ValueError:
+            idle_s = -1.0
+        if not idle_s > 0 or idle_s == float("inf"):
+            raise ConfigError(
+                "AGENTPLANE_SESSION_IDLE_TIMEOUT_S", f"{idle!r} is not a positive number of seconds"
+            )
+
         level = get("AGENTPLANE_LOG_LEVEL").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("AGENTPLANE_LOG_LEVEL", f"{level!r} is not a log level")
@@ -112,6 +135,8 @@ class Settings:
             cli_path=cli_path,
             cli_max_retries=int(retries_raw) if retries_raw else None,
             auto_migrate=None if auto == "" else auto in ("1", "true"),
+            max_sessions=int(max_sessions),
+            session_idle_timeout_s=idle_s,
             log_level=level,
         )
 

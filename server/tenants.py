@@ -45,6 +45,7 @@ class Tenant:
     max_concurrent_sessions: int
     time_zone: str = "UTC"
     workspace_template: Path | None = None
+    max_duration_s: float = 3600.0
 
     def api_key(self) -> str | None:
         """The tenant's Anthropic API key, read from the environment when needed."""
@@ -61,6 +62,7 @@ _DEFAULTS: Mapping[str, Any] = {
     "max_concurrent_sessions": 4,
     "timezone": "UTC",
     "workspace_template": None,
+    "max_duration_s": 3600,
 }
 _KEYS = {"token_sha256", *_DEFAULTS}
 
@@ -134,6 +136,7 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
             cfg["max_concurrent_sessions"], key("max_concurrent_sessions")
         ),
         time_zone=str(cfg["timezone"]),
+        max_duration_s=float(_positive_int(cfg["max_duration_s"], key("max_duration_s"))),
         workspace_template=Path(template).resolve() if template else None,
     )
 

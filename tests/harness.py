@@ -62,6 +62,8 @@ def tenants_toml(workspace: Path) -> str:
         daily_limit_usd = 10.0
         max_session_budget_usd = 0.5
         max_turns = 4
+        max_concurrent_sessions = 2
+        max_duration_s = 3
 
         [tenants.small]
         token_sha256 = ["{hash_token(TOKENS['small'])}"]

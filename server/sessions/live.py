@@ -11,6 +11,11 @@ from ..domain import ErrorReason, Event, EventKind, Session, utcnow
 
 log = logging.getLogger(__name__)
 
+STOP_MESSAGES = {
+    ErrorReason.CANCELLED: "the session was cancelled",
+    ErrorReason.SHUTDOWN: "the server shut down before the session ended",
+}
+
 Persist = Callable[[Sequence[Event]], Awaitable[None]]
 
 
@@ -73,6 +78,7 @@ class LiveSession:
         self.task: asyncio.Task[None] | None = None
         self.cancel_requested = asyncio.Event()
         self.cancel_reason: ErrorReason | None = None
+        self.cancel_message = ""
         self.finished = asyncio.Event()
         self._events: list[Event] = []
         self._wake = asyncio.Event()
@@ -105,10 +111,11 @@ class LiveSession:
         self.publish(event)
         return event
 
-    def request_cancel(self, reason: ErrorReason) -> None:
+    def request_cancel(self, reason: ErrorReason, message: str = "") -> None:
         """Ask the run to stop (the first reason given wins)."""
         if not self.cancel_requested.is_set():
             self.cancel_reason = reason
+            self.cancel_message = message or STOP_MESSAGES.get(reason, reason.value)
             self.cancel_requested.set()
 
     def end(self) -> None:

@@ -20,13 +20,13 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from ..budgets.ledger import reserve_for_session, settle_session
 from ..budgets.windows import day_of
 from ..domain import ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded, Unavailable
 from ..store import sessions as repo
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
 from .live import EventWriter, LiveSession
 from .requests import RunRequest, SessionSpec, validate
-from .runner import CANCEL_MESSAGES, AgentRunner, Outcome
+from .runner import AgentRunner, Outcome
 from .translate import Verdict
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,13 @@ class SessionManager:
         runner: AgentRunner,
         *,
         not_ready: Callable[[], str | None] = lambda: None,
+        max_sessions: int = 8,
     ) -> None:
         self._db = db
         self._runner = runner
         self._not_ready = not_ready
+        self._max_sessions = max_sessions
+        self._admitting = 0
         self._live: dict[str, LiveSession] = {}
         self.poll_interval_s = 0.25
 
@@ -76,6 +79,20 @@ class SessionManager:
         problem = self._not_ready()
         if problem:
             raise Unavailable(problem)
+        if len(self._live) + self._admitting >= self._max_sessions:
+            raise QuotaExceeded(
+                "CONCURRENCY_LIMIT",
+                "server:max_sessions",
+                f"this server already runs its maximum of {self._max_sessions} sessions "
+                "(AGENTPLANE_MAX_SESSIONS); retry later or on another replica",
+            )
+        self._admitting += 1
+        try:
+            return await self._admit(tenant, spec)
+        finally:
+            self._admitting -= 1
+
+    async def _admit(self, tenant: Tenant, spec: SessionSpec) -> Admission:
         now = utcnow()
         session = Session(
             id=str(uuid.uuid4()),
@@ -97,9 +114,19 @@ class SessionManager:
                 await repo.insert_session(
                     db, session, request_hash=spec.fingerprint(), budget_day=day
                 )
+                # The reservation's UPDATE locks the tenant's window row until commit, so
+                # the count below cannot race another admission of the same tenant.
                 await reserve_for_session(
                     db, tenant, session_id=session.id, amount=spec.budget_usd, day=day, now=now
                 )
+                active = await repo.count_active(db, tenant.name)
+                if active > tenant.max_concurrent_sessions:
+                    raise QuotaExceeded(
+                        "CONCURRENCY_LIMIT",
+                        f"tenant:{tenant.name}:concurrent_sessions",
+                        f"tenant {tenant.name!r} already runs its maximum of "
+                        f"{tenant.max_concurrent_sessions} concurrent sessions; retry when one ends",
+                    )
                 await repo.insert_events(db, [started])
         except IntegrityError:
             await live.writer.close()
@@ -136,8 +163,9 @@ class SessionManager:
     async def _run(self, live: LiveSession, spec: SessionSpec, tenant: Tenant) -> None:
         try:
             if live.cancel_requested.is_set():  # cancelled while IDLE: never start
-                outcome = Outcome(Verdict(SessionState.ERROR, live.cancel_reason,
-                                          CANCEL_MESSAGES[live.cancel_reason or ErrorReason.CANCELLED]))
+                outcome = Outcome(
+                    Verdict(SessionState.ERROR, live.cancel_reason, live.cancel_message)
+                )
             else:
                 running = live.session.evolve(state=SessionState.RUNNING, start_time=utcnow())
                 async with self._db.begin() as db:
@@ -150,10 +178,9 @@ class SessionManager:
                 outcome = await self._runner.run(live, spec, tenant)
         except asyncio.CancelledError:
             # Cancelled from outside (event loop shutdown): still record the end.
-            reason = live.cancel_reason or ErrorReason.SHUTDOWN
-            await asyncio.shield(
-                self._finish(live, Outcome(Verdict(SessionState.ERROR, reason, CANCEL_MESSAGES[reason])))
-            )
+            live.request_cancel(ErrorReason.SHUTDOWN)
+            verdict = Verdict(SessionState.ERROR, live.cancel_reason, live.cancel_message)
+            await asyncio.shield(self._finish(live, Outcome(verdict)))
             raise
         except Exception as exc:  # a bug of ours must still end the session and settle
             log.exception("session %s failed", live.id)

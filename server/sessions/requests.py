@@ -45,6 +45,7 @@ class SessionSpec:
     labels: dict[str, str]
     request_id: str
     on_disconnect_continue: bool
+    max_duration_s: float = 3600.0
 
     def fingerprint(self) -> str:
         """A hash of the request body, to tell a true repeat of a request_id from a reuse."""
@@ -138,4 +139,5 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
         labels=_labels(request.labels),
         request_id=str(uuid.UUID(request.request_id)) if request.request_id else "",
         on_disconnect_continue=request.on_disconnect_continue,
+        max_duration_s=tenant.max_duration_s,
     )

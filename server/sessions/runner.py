@@ -7,6 +7,7 @@ import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import claude_agent_sdk
 from claude_agent_sdk import (
@@ -42,6 +43,8 @@ class RunnerConfig:
     scrub_env: frozenset[str] = field(default_factory=frozenset)
     # How long an interrupted agent gets to stop before its processes are killed.
     interrupt_grace_s: float = 5.0
+    # A session with no message for this long is interrupted and ends ERROR/TIMEOUT.
+    idle_timeout_s: float = 120.0
 
 
 @dataclass
@@ -103,7 +106,7 @@ class AgentRunner:
             options = self._options(spec, tenant, dirs)
             async with ClaudeSDKClient(options) as client:
                 await client.query(spec.prompt)
-                result = await self._drive(client, live)
+                result = await self._drive(client, live, spec)
             completed = result is not None and verdict(result).state is SessionState.COMPLETE
             if live.cancel_requested.is_set() and not completed:
                 return _cancelled(live, result)
@@ -122,39 +125,52 @@ class AgentRunner:
             await asyncio.to_thread(kill_session_processes, dirs.config)
             await asyncio.to_thread(shutil.rmtree, dirs.root, True)
 
-    async def _drive(self, client: ClaudeSDKClient, live: LiveSession) -> ResultMessage | None:
-        """Publish messages until the result; on a cancel request, interrupt the agent and
-        keep reading briefly for its (error) result."""
+    async def _drive(
+        self, client: ClaudeSDKClient, live: LiveSession, spec: SessionSpec
+    ) -> ResultMessage | None:
+        """Publish messages until the result.
+
+        On a cancel request, or when the agent is silent for longer than the idle timeout
+        or runs past its maximum duration (the CLI itself notices a stalled model stream
+        only after 300 s), interrupt the agent and read briefly on for its error result.
+        """
         messages = client.receive_response().__aiter__()
         cancel = asyncio.create_task(live.cancel_requested.wait())
-        deadline: float | None = None
-        # One pending read at a time, never cancelled: cancelling an async generator's
-        # __anext__ would close the generator and lose the result that follows.
-        pull: asyncio.Future[object] | None = None
+        last = _now()
+        end_at = last + spec.max_duration_s
+        interrupt_deadline: float | None = None
+        # One pending read at a time, never cancelled while the agent may still answer:
+        # cancelling an async generator's __anext__ closes it and loses the result.
+        pull: asyncio.Future[Any] | None = None
         try:
             while True:
                 if pull is None:
                     pull = asyncio.ensure_future(messages.__anext__())
-                waiting: set[asyncio.Future[object]] = {pull}
-                if deadline is None:
-                    waiting.add(cancel)
-                timeout = None if deadline is None else max(0.0, deadline - _now())
-                done, _ = await asyncio.wait(
-                    waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                if pull not in done:
-                    if deadline is not None:  # the agent did not stop in time
+                if interrupt_deadline is None:
+                    wake_at = min(last + self.config.idle_timeout_s, end_at)
+                    done, _ = await asyncio.wait(
+                        {pull, cancel}, timeout=max(0.0, wake_at - _now()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if not done:
+                        live.request_cancel(ErrorReason.TIMEOUT, _timeout_message(
+                            self.config.idle_timeout_s, spec.max_duration_s, ran_out=_now() >= end_at
+                        ))
+                    if pull not in done:
+                        interrupt_deadline = _now() + self.config.interrupt_grace_s
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(client.interrupt(), self.config.interrupt_grace_s)
+                        continue
+                else:
+                    done, _ = await asyncio.wait({pull}, timeout=max(0.0, interrupt_deadline - _now()))
+                    if not done:  # the agent did not stop in time: its processes get killed
                         pull.cancel()
                         return None
-                    deadline = _now() + self.config.interrupt_grace_s
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(client.interrupt(), self.config.interrupt_grace_s)
-                    continue
                 try:
                     message = pull.result()
                 except StopAsyncIteration:
                     return None
-                pull = None
+                pull, last = None, _now()
                 for kind, data in to_events(message):
                     live.emit(kind, data)
                 if isinstance(message, ResultMessage):
@@ -188,19 +204,16 @@ def _from_result(result: ResultMessage) -> Outcome:
     )
 
 
+def _timeout_message(idle_s: float, max_s: float, *, ran_out: bool) -> str:
+    if ran_out:
+        return f"the session ran longer than its maximum of {max_s:g} s"
+    return f"the agent produced nothing for {idle_s:g} s (AGENTPLANE_SESSION_IDLE_TIMEOUT_S)"
+
+
 def _cancelled(live: LiveSession, result: ResultMessage | None) -> Outcome:
     """A cancelled run, charged for what the agent used before it stopped."""
     reason = live.cancel_reason or ErrorReason.CANCELLED
     outcome = _from_result(result) if result is not None else Outcome(Verdict(SessionState.ERROR))
-    outcome.verdict = Verdict(SessionState.ERROR, reason, CANCEL_MESSAGES[reason])
+    outcome.verdict = Verdict(SessionState.ERROR, reason, live.cancel_message)
     outcome.result = ""
     return outcome
-
-
-CANCEL_MESSAGES = {
-    ErrorReason.CANCELLED: "the session was cancelled",
-    ErrorReason.SHUTDOWN: "the server shut down before the session ended",
-}
-
-
-__all__ = ["BUNDLED_CLI", "AgentRunner", "Outcome", "RunnerConfig"]

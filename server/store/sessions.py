@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from ..domain import ErrorReason, Event, EventKind, Session, SessionState, TokenUsage
@@ -121,6 +121,19 @@ async def save_progress(db: DbSession, session: Session, *, expect: SessionState
         .values(**_outcome_columns(session))
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def count_active(db: DbSession, tenant: str) -> int:
+    """The tenant's sessions that are IDLE or RUNNING."""
+    count = await db.scalar(
+        select(func.count())
+        .select_from(SessionRow)
+        .where(
+            SessionRow.tenant == tenant,
+            SessionRow.state.in_([SessionState.IDLE.value, SessionState.RUNNING.value]),
+        )
+    )
+    return int(count or 0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,90 @@
+"""Concurrency limits and time limits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from agentplane.server.sandbox import Script, Step
+from agentplane.v1 import session_pb2
+from harness import MODEL, Harness, agent_processes, error_details, start_harness, stop_harness
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+async def tight(database_url: str) -> AsyncIterator[Harness]:
+    """A server that runs at most 3 sessions and gives up on a silent agent after 1.5 s."""
+    h = await start_harness(database_url, max_sessions=3, session_idle_timeout_s=1.5)
+    h.sandbox.add_script("hang", Script(steps=[Step(hang=True)]))
+    h.sandbox.add_script("slow", Script(steps=[Step(text="done", delay_s=1.0)]))
+    yield h
+    await stop_harness(h)
+
+
+def start(h: Harness, tenant: str, prompt: str) -> grpc.aio.UnaryStreamCall:
+    return h.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt=prompt, model=MODEL), metadata=h.auth(tenant)
+    )
+
+
+async def finish(call: grpc.aio.UnaryStreamCall) -> session_pb2.Session:
+    last = None
+    while (event := await call.read()) is not grpc.aio.EOF:
+        last = event
+    assert last is not None and last.HasField("result")
+    return last.result.session
+
+
+async def test_a_tenant_over_its_concurrency_limit_is_refused(tight: Harness) -> None:
+    running = [start(tight, "globex", "[[sandbox:slow]] one") for _ in range(2)]
+    for call in running:
+        assert (await call.read()).HasField("started")
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await tight.run("globex", prompt="three")
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = error_details(caught.value)
+    assert details["ErrorInfo"].reason == "CONCURRENCY_LIMIT"
+    assert details["QuotaFailure"].violations[0].subject == "tenant:globex:concurrent_sessions"
+
+    for call in running:
+        assert (await finish(call)).state == session_pb2.SESSION_STATE_COMPLETE
+    events = await tight.run("globex", prompt="now there is room")
+    assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+
+
+async def test_a_server_over_its_session_limit_is_refused(tight: Harness) -> None:
+    running = [start(tight, tenant, "[[sandbox:slow]] x") for tenant in ("acme", "acme", "globex")]
+    for call in running:
+        assert (await call.read()).HasField("started")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await tight.run("ops", prompt="four")
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_details(caught.value)["ErrorInfo"].reason == "CONCURRENCY_LIMIT"
+    assert "AGENTPLANE_MAX_SESSIONS" in caught.value.details()
+    await asyncio.gather(*(finish(call) for call in running))
+
+
+async def test_a_silent_agent_times_out(tight: Harness) -> None:
+    session = await finish(start(tight, "acme", "[[sandbox:hang]] wait forever"))
+    assert session.state == session_pb2.SESSION_STATE_ERROR
+    assert session.error.reason == session_pb2.ERROR_REASON_TIMEOUT
+    assert "1.5 s" in session.error.message
+    assert agent_processes(tight.work_dir) == []
+
+
+async def test_a_session_past_its_maximum_duration_times_out(tight: Harness) -> None:
+    # globex sessions may run 3 s; a hanging model call outlasts that. The shared server's
+    # idle timeout (1.5 s) would end it first, so this uses a server with a long one.
+    h = await start_harness(tight.database_url, session_idle_timeout_s=30)
+    try:
+        h.sandbox.add_script("hang", Script(steps=[Step(hang=True)]))
+        session = await finish(start(h, "globex", "[[sandbox:hang]] wait"))
+    finally:
+        await stop_harness(h)
+    assert session.error.reason == session_pb2.ERROR_REASON_TIMEOUT
+    assert "maximum of 3 s" in session.error.message
