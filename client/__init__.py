@@ -1,1 +1,32 @@
-"""agentplane: client for the agentplane control plane."""
+"""agentplane: client for the agentplane control plane.
+
+    from agentplane import Client
+
+    with Client("127.0.0.1:50051", token="...") as client:
+        for event in client.run("Summarise README.md", max_budget_usd="0.50"):
+            print(event.seq, event.WhichOneof("kind"))
+
+:class:`AsyncClient` has the same methods for asyncio. Messages are the generated protos in
+:mod:`agentplane.v1`; failed calls raise :class:`RPCError` (see :mod:`agentplane._errors`).
+"""
+
+from ._async_client import AsyncClient, AsyncEventStream
+from ._client import Client, EventStream
+from ._errors import AgentplaneError, FieldViolation, QuotaViolation, RPCError
+from ._health import HealthStatus
+from ._requests import DEFAULT_TARGET, TARGET_ENV, TOKEN_ENV
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "TARGET_ENV",
+    "TOKEN_ENV",
+    "AgentplaneError",
+    "AsyncClient",
+    "AsyncEventStream",
+    "Client",
+    "EventStream",
+    "FieldViolation",
+    "HealthStatus",
+    "QuotaViolation",
+    "RPCError",
+]

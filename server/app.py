@@ -26,6 +26,7 @@ from .budgets.ledger import BudgetReader
 from .config import Settings
 from .health import Health
 from .sessions.manager import SessionManager
+from .sessions.retry import RetryPolicy
 from .sessions.runner import BUNDLED_CLI, AgentRunner, RunnerConfig
 from .store.engine import create_engine, sessionmaker
 from .tenants import TenantRegistry
@@ -72,6 +73,9 @@ class App:
                 cli_max_retries=settings.cli_max_retries,
                 scrub_env=frozenset(tenants.key_env_names()),
                 idle_timeout_s=settings.session_idle_timeout_s,
+                retry=RetryPolicy(
+                    attempts=settings.retry_attempts, base_delay_s=settings.retry_base_delay_s
+                ),
             )
         )
         sessions = SessionManager(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,8 @@ SETTINGS: Mapping[str, tuple[str, str]] = {
     "AGENTPLANE_SESSION_IDLE_TIMEOUT_S": (
         "120", "a session with no event for this long ends ERROR/TIMEOUT"
     ),
+    "AGENTPLANE_RETRY_ATTEMPTS": ("3", "attempts per session for transient failures (1: no retry)"),
+    "AGENTPLANE_RETRY_BASE_DELAY_S": ("1", "first retry delay; doubles per retry, with jitter"),
     "AGENTPLANE_LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
 }
 
@@ -57,6 +59,8 @@ class Settings:
     auto_migrate: bool | None = None
     max_sessions: int = DEFAULT_MAX_SESSIONS
     session_idle_timeout_s: float = 120.0
+    retry_attempts: int = 3
+    retry_base_delay_s: float = 1.0
     log_level: str = "INFO"
 
     @classmethod
@@ -112,15 +116,11 @@ class Settings:
         max_sessions = get("AGENTPLANE_MAX_SESSIONS")
         if not max_sessions.isdigit() or int(max_sessions) < 1:
             raise ConfigError("AGENTPLANE_MAX_SESSIONS", f"{max_sessions!r} is not an integer >= 1")
-        idle = get("AGENTPLANE_SESSION_IDLE_TIMEOUT_S")
-        try:
-            idle_s = float(idle)
-        except ValueError:
-            idle_s = -1.0
-        if not idle_s > 0 or idle_s == float("inf"):
-            raise ConfigError(
-                "AGENTPLANE_SESSION_IDLE_TIMEOUT_S", f"{idle!r} is not a positive number of seconds"
-            )
+        idle_s = _seconds(get, "AGENTPLANE_SESSION_IDLE_TIMEOUT_S")
+        attempts = get("AGENTPLANE_RETRY_ATTEMPTS")
+        if not attempts.isdigit() or not 1 <= int(attempts) <= 20:
+            raise ConfigError("AGENTPLANE_RETRY_ATTEMPTS", f"{attempts!r} is not an integer in 1..20")
+        base_delay_s = _seconds(get, "AGENTPLANE_RETRY_BASE_DELAY_S")
 
         level = get("AGENTPLANE_LOG_LEVEL").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -137,6 +137,8 @@ class Settings:
             auto_migrate=None if auto == "" else auto in ("1", "true"),
             max_sessions=int(max_sessions),
             session_idle_timeout_s=idle_s,
+            retry_attempts=int(attempts),
+            retry_base_delay_s=base_delay_s,
             log_level=level,
         )
 
@@ -145,6 +147,17 @@ class Settings:
         if self.auto_migrate is not None:
             return self.auto_migrate
         return make_url(self.database_url).get_backend_name() == "sqlite"
+
+
+def _seconds(get: Callable[[str], str], name: str) -> float:
+    raw = get(name)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(name, f"{raw!r} is not a positive number of seconds")
+    return value
 
 
 def settings_help() -> str:

@@ -76,6 +76,11 @@ class TokenUsage:
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
 
+    def plus(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            *(getattr(self, name) + getattr(other, name) for name in self.__dataclass_fields__)
+        )
+
     @classmethod
     def from_sdk(cls, usage: dict[str, Any] | None) -> TokenUsage:
         usage = usage or {}

@@ -161,6 +161,7 @@ async def start_harness(database_url: str, **settings: Any) -> Harness:
         anthropic_base_url=sandbox.base_url,
         work_dir=work / "w",
         cli_max_retries=0,
+        retry_base_delay_s=0.05,
         auto_migrate=True,
     )
     app = await App.start(replace(base, **settings), TenantRegistry.load(tenants_file))

@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-
 from agentplane.server.sandbox import Script, Step
 from agentplane.v1 import session_pb2
 from harness import MODEL, Harness, agent_processes, error_details, start_harness, stop_harness

@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from harness import short_dir
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]

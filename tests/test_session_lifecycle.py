@@ -187,3 +187,89 @@ async def test_a_caller_that_goes_away_with_continue_leaves_the_session_running(
     assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
     assert events[-1].result.session.result == "still done"
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_a_transient_model_failure_is_retried_and_resumed(harness: Harness) -> None:
+    from agentplane.server.sandbox import HttpFailure
+
+    harness.sandbox.add_script(
+        "flaky",
+        Script(steps=[
+            Step(tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})],
+                 usage=Usage(input_tokens=1000, output_tokens=100)),
+            Step(text="found it", usage=Usage(input_tokens=1200, output_tokens=30),
+                 failures=[HttpFailure(529, should_retry=False), HttpFailure(500, should_retry=False)]),
+        ]),
+    )
+    events = await harness.run(prompt="[[sandbox:flaky]] look around")
+
+    retries = [e.retrying for e in events if e.HasField("retrying")]
+    assert [r.attempt for r in retries] == [2, 3]
+    assert "529" in retries[0].reason and "500" in retries[1].reason
+    assert all(r.delay_ms >= 0 for r in retries)
+    final = events[-1].result.session
+    assert final.state == session_pb2.SESSION_STATE_COMPLETE
+    assert final.result == "found it"
+    # The finished tool turn was not re-run: one Glob, and step 0 was asked for once.
+    assert len([e for e in events if e.HasField("tool_use")]) == 1
+    step0 = [r for r in harness.sandbox.find(script="flaky") if r.step == 0]
+    assert len(step0) == 1
+    # Paid once: the two successful responses, priced by the CLI (sonnet: $3/$15 per Mtok).
+    expected = Decimal("0.003") + Decimal("0.0015") + Decimal("0.0036") + Decimal("0.00045")
+    assert Decimal(final.cost_usd) == expected
+    assert final.usage.input_tokens == 2200 and final.usage.output_tokens == 130
+
+
+async def test_a_permanent_failure_ends_after_the_configured_attempts(harness: Harness) -> None:
+    from agentplane.server.sandbox import HttpFailure
+
+    harness.sandbox.add_script(
+        "down", Script(steps=[Step(fail_always=HttpFailure(503, should_retry=False, message="down for maintenance"))])
+    )
+    events = await harness.run(prompt="[[sandbox:down]] hello")
+    assert len([e for e in events if e.HasField("retrying")]) == 2  # 3 attempts in all
+    final = events[-1].result.session
+    assert final.state == session_pb2.SESSION_STATE_ERROR
+    assert final.error.reason == session_pb2.ERROR_REASON_MODEL_API_ERROR
+    assert "503" in final.error.message
+    assert len(harness.sandbox.find(script="down")) == 3
+
+
+async def test_a_client_error_is_not_retried(harness: Harness) -> None:
+    from agentplane.server.sandbox import HttpFailure
+
+    # 401: a bad key will not get better by asking again. (The CLI itself re-sends a 400
+    # a few times, so a 400 would not show whether *we* retried.)
+    harness.sandbox.add_script("bad", Script(steps=[Step(fail_always=HttpFailure(401, should_retry=False))]))
+    events = await harness.run(prompt="[[sandbox:bad]] hello")
+    assert not [e for e in events if e.HasField("retrying")]
+    assert events[-1].result.session.error.reason == session_pb2.ERROR_REASON_MODEL_API_ERROR
+    assert len(harness.sandbox.find(script="bad")) == 1
+
+
+async def test_a_killed_cli_is_retried_and_the_session_completes(harness: Harness) -> None:
+    import os
+    import signal
+
+    harness.sandbox.add_script(
+        "crash", Script(steps=[Step(text="survived", delay_s=2.0, usage=Usage(input_tokens=100, output_tokens=10))])
+    )
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:crash]] go", model=MODEL),
+        metadata=harness.auth("globex"),
+    )
+    await read_until(call, "system")  # the CLI is up
+    for _ in range(100):
+        if harness.sandbox.find(script="crash"):
+            break
+        await asyncio.sleep(0.05)
+    for pid in agent_processes(harness.work_dir):
+        os.kill(pid, signal.SIGKILL)
+    rest = await rest_of(call)
+    retries = [e.retrying for e in rest if e.HasField("retrying")]
+    assert len(retries) == 1 and retries[0].attempt == 2
+    assert "CLI" in retries[0].reason
+    final = rest[-1].result.session
+    assert final.state == session_pb2.SESSION_STATE_COMPLETE
+    assert final.result == "survived"
+    assert await wait_gone(harness) == []

@@ -79,6 +79,8 @@ class LiveSession:
         self.cancel_requested = asyncio.Event()
         self.cancel_reason: ErrorReason | None = None
         self.cancel_message = ""
+        # The SDK's session id, known from the CLI's init message (used to resume).
+        self.sdk_session_id = ""
         self.finished = asyncio.Event()
         self._events: list[Event] = []
         self._wake = asyncio.Event()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,22 @@ from claude_agent_sdk import (
     CLINotFoundError,
     ProcessError,
     ResultMessage,
+    SystemMessage,
 )
 
-from ..domain import ErrorReason, SessionState, TokenUsage, usd
+from ..domain import ErrorReason, EventKind, SessionState, TokenUsage, usd
 from ..tenants import Tenant
 from .cli_env import SessionDirs, cli_environment
 from .live import LiveSession
 from .reaper import kill_session_processes
 from .requests import SessionSpec
+from .retry import RetryPolicy, transient_api_failure
 from .translate import Verdict, to_events, verdict
+
+# What a retry tells the resumed agent (the failed turn is not in its transcript).
+log = logging.getLogger(__name__)
+
+RESUME_PROMPT = "Continue with the task from where you left off."
 
 BUNDLED_CLI = Path(claude_agent_sdk.__file__).resolve().parent / "_bundled" / "claude"
 
@@ -45,6 +54,7 @@ class RunnerConfig:
     interrupt_grace_s: float = 5.0
     # A session with no message for this long is interrupted and ends ERROR/TIMEOUT.
     idle_timeout_s: float = 120.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 @dataclass
@@ -58,6 +68,23 @@ class Outcome:
     sdk_session_id: str = ""
     result: str = ""
 
+    def plus(self, later: Outcome) -> Outcome:
+        """The totals after a further attempt, which decides the verdict."""
+        return Outcome(
+            verdict=later.verdict,
+            cost_usd=str(usd(Decimal(self.cost_usd) + Decimal(later.cost_usd))),
+            num_turns=self.num_turns + later.num_turns,
+            usage=self.usage.plus(later.usage),
+            sdk_session_id=later.sdk_session_id or self.sdk_session_id,
+            result=later.result,
+        )
+
+    def stopped(self, live: LiveSession) -> Outcome:
+        """This outcome, ended by a stop request (cancel, shutdown, timeout)."""
+        reason = live.cancel_reason or ErrorReason.CANCELLED
+        return replace(self, verdict=Verdict(SessionState.ERROR, reason, live.cancel_message),
+                       result="")
+
 
 class AgentRunner:
     """Runs agents; knows the SDK and the CLI, nothing of gRPC or the database."""
@@ -68,7 +95,10 @@ class AgentRunner:
     def session_dirs(self, tenant: str, session_id: str) -> SessionDirs:
         return SessionDirs(self.config.work_dir / tenant / session_id.replace("-", "")[:16])
 
-    def _options(self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs) -> ClaudeAgentOptions:
+    def _options(
+        self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs, *,
+        resume: str | None, budget: Decimal, max_turns: int,
+    ) -> ClaudeAgentOptions:
         extra = {}
         if self.config.cli_max_retries is not None:
             extra["CLAUDE_CODE_MAX_RETRIES"] = str(self.config.cli_max_retries)
@@ -84,8 +114,9 @@ class AgentRunner:
             tools=list(spec.tools),
             allowed_tools=list(spec.tools),
             system_prompt=tenant.system_prompt,
-            max_turns=spec.max_turns,
-            max_budget_usd=float(spec.budget_usd),
+            max_turns=max_turns,
+            max_budget_usd=float(budget),
+            resume=resume,
             model=spec.model or None,
             cwd=str(dirs.cwd),
             env=env,
@@ -96,37 +127,86 @@ class AgentRunner:
     async def run(self, live: LiveSession, spec: SessionSpec, tenant: Tenant) -> Outcome:
         """Run the agent, publishing each SDK message as events; return how it ended.
 
-        Agent failures become an ERROR outcome. A cancel request (live.cancel_requested)
-        interrupts the agent and returns an ERROR outcome with live.cancel_reason, charged
-        for what the agent used; whatever happens, no process of the session survives.
+        Transient failures (the CLI cannot start or dies, the model API keeps answering
+        429/5xx) are retried per the retry policy: each retry is announced as a `retrying`
+        event, re-checks the budget and resumes the SDK session instead of re-running paid
+        turns. A cancel request (live.cancel_requested) interrupts the agent; the outcome
+        is then ERROR with live.cancel_reason, charged for what the agent used. Whatever
+        happens, no process of the session survives.
         """
         dirs = self.session_dirs(tenant.name, live.id)
+        policy = self.config.retry
+        total = Outcome(Verdict(SessionState.ERROR))
+        end_at = _now() + spec.max_duration_s
         try:
             await asyncio.to_thread(self._prepare, dirs, tenant)
-            options = self._options(spec, tenant, dirs)
-            async with ClaudeSDKClient(options) as client:
-                await client.query(spec.prompt)
-                result = await self._drive(client, live, spec)
-            completed = result is not None and verdict(result).state is SessionState.COMPLETE
-            if live.cancel_requested.is_set() and not completed:
-                return _cancelled(live, result)
-            if result is None:
-                return _failed("the agent ended without a result")
-            return _from_result(result)
-        except CLINotFoundError as exc:
-            return _failed(f"the agent CLI was not found ({self.config.cli_path}): {exc}")
-        except CLIConnectionError as exc:
-            return _failed(f"the agent CLI could not be started: {exc}")
-        except ProcessError as exc:
-            return _failed(f"the agent CLI failed (exit code {exc.exit_code}): {exc}")
-        except ClaudeSDKError as exc:
-            return _failed(f"the agent failed: {exc}")
+            attempt = 1
+            while True:
+                outcome, transient = await self._attempt(live, spec, tenant, dirs, total, end_at)
+                total = total.plus(outcome)
+                if live.cancel_requested.is_set() and total.verdict.state is not SessionState.COMPLETE:
+                    return total.stopped(live)
+                if not transient or attempt >= policy.attempts:
+                    return total
+                spent = Decimal(total.cost_usd)
+                if spent >= spec.budget_usd:
+                    total.verdict = Verdict(
+                        SessionState.ERROR, ErrorReason.BUDGET_EXCEEDED,
+                        f"the session's budget was used up before a retry ({total.verdict.message})",
+                    )
+                    return total
+                attempt += 1
+                delay = policy.delay_s(attempt)
+                live.emit(EventKind.RETRYING, {
+                    "attempt": attempt, "delay_ms": int(delay * 1000), "reason": total.verdict.message,
+                })
+                log.warning("retry session_id=%s attempt=%d delay_s=%.2f reason=%s",
+                            live.id, attempt, delay, total.verdict.message)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(live.cancel_requested.wait(), delay)
+                if live.cancel_requested.is_set():
+                    return total.stopped(live)
         finally:
             await asyncio.to_thread(kill_session_processes, dirs.config)
             await asyncio.to_thread(shutil.rmtree, dirs.root, True)
 
+    async def _attempt(
+        self, live: LiveSession, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs,
+        before: Outcome, end_at: float,
+    ) -> tuple[Outcome, bool]:
+        """One run of the CLI; returns its outcome and whether a retry may help."""
+        resume = before.sdk_session_id if _has_transcript(dirs, before.sdk_session_id) else None
+        remaining = spec.budget_usd - Decimal(before.cost_usd)
+        turns_left = max(1, spec.max_turns - before.num_turns)
+        try:
+            options = self._options(spec, tenant, dirs, resume=resume, budget=remaining,
+                                    max_turns=turns_left)
+            async with ClaudeSDKClient(options) as client:
+                await client.query(RESUME_PROMPT if resume else spec.prompt)
+                result = await self._drive(client, live, spec, end_at)
+            if result is None:  # the CLI's output ended early: it died or hung up
+                outcome = _failed("the agent CLI stopped without a result")
+                outcome.sdk_session_id = live.sdk_session_id
+                return outcome, not live.cancel_requested.is_set()
+            outcome = _from_result(result)
+            if resume:
+                # A resumed CLI restores its session's cost and reports the running total.
+                cost = Decimal(outcome.cost_usd) - Decimal(before.cost_usd)
+                outcome.cost_usd = str(usd(max(cost, Decimal(0))))
+            return outcome, transient_api_failure(outcome.verdict.reason, result.api_error_status)
+        except CLINotFoundError as exc:
+            return _failed(f"the agent CLI was not found ({self.config.cli_path}): {exc}"), False
+        except CLIConnectionError as exc:
+            return _failed(f"the agent CLI could not be started: {exc}"), True
+        except ProcessError as exc:
+            outcome = _failed(f"the agent CLI failed (exit code {exc.exit_code}): {exc}")
+            outcome.sdk_session_id = live.sdk_session_id
+            return outcome, True
+        except ClaudeSDKError as exc:
+            return _failed(f"the agent failed: {exc}"), False
+
     async def _drive(
-        self, client: ClaudeSDKClient, live: LiveSession, spec: SessionSpec
+        self, client: ClaudeSDKClient, live: LiveSession, spec: SessionSpec, end_at: float
     ) -> ResultMessage | None:
         """Publish messages until the result.
 
@@ -137,7 +217,6 @@ class AgentRunner:
         messages = client.receive_response().__aiter__()
         cancel = asyncio.create_task(live.cancel_requested.wait())
         last = _now()
-        end_at = last + spec.max_duration_s
         interrupt_deadline: float | None = None
         # One pending read at a time, never cancelled while the agent may still answer:
         # cancelling an async generator's __anext__ closes it and loses the result.
@@ -171,6 +250,8 @@ class AgentRunner:
                 except StopAsyncIteration:
                     return None
                 pull, last = None, _now()
+                if isinstance(message, SystemMessage) and message.subtype == "init":
+                    live.sdk_session_id = str(message.data.get("session_id") or "")
                 for kind, data in to_events(message):
                     live.emit(kind, data)
                 if isinstance(message, ResultMessage):
@@ -183,6 +264,14 @@ class AgentRunner:
         dirs.create()
         if tenant.workspace_template is not None:
             shutil.copytree(tenant.workspace_template, dirs.cwd, dirs_exist_ok=True)
+
+
+def _has_transcript(dirs: SessionDirs, sdk_session_id: str) -> bool:
+    """Whether the CLI saved the conversation, so `resume` can continue it (a CLI killed
+    before its first answer saved nothing, and a retry then starts afresh)."""
+    if not sdk_session_id:
+        return False
+    return any((dirs.config / "projects").glob(f"*/{sdk_session_id}.jsonl"))
 
 
 def _now() -> float:
@@ -208,12 +297,3 @@ def _timeout_message(idle_s: float, max_s: float, *, ran_out: bool) -> str:
     if ran_out:
         return f"the session ran longer than its maximum of {max_s:g} s"
     return f"the agent produced nothing for {idle_s:g} s (AGENTPLANE_SESSION_IDLE_TIMEOUT_S)"
-
-
-def _cancelled(live: LiveSession, result: ResultMessage | None) -> Outcome:
-    """A cancelled run, charged for what the agent used before it stopped."""
-    reason = live.cancel_reason or ErrorReason.CANCELLED
-    outcome = _from_result(result) if result is not None else Outcome(Verdict(SessionState.ERROR))
-    outcome.verdict = Verdict(SessionState.ERROR, reason, live.cancel_message)
-    outcome.result = ""
-    return outcome

@@ -1,0 +1,227 @@
+"""The synchronous client, over grpc's blocking channel."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Self, TypeVar
+
+import grpc
+
+from . import _requests as rq
+from ._errors import RPCError
+from ._health import CHECK_METHOD, HealthStatus, decode_response, encode_request
+from .v1 import (
+    budget_pb2,
+    budget_pb2_grpc,
+    session_pb2,
+    session_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
+
+T = TypeVar("T")
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def make_credentials(
+    secure: bool, root_certificates: bytes | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials when asked for (a root certificate implies TLS), else None."""
+    if not secure and root_certificates is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+
+
+class EventStream(Iterator[session_pb2.SessionEvent]):
+    """The events of one RunSession / StreamSession call, in order.
+
+    Iterate it; errors surface as :class:`RPCError`. ``cancel()`` (or leaving a ``with``
+    block) ends the call — for RunSession that is a disconnect, which cancels the session
+    unless it was started with ``on_disconnect="continue"``.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> EventStream:
+        return self
+
+    def __next__(self) -> session_pb2.SessionEvent:
+        try:
+            return next(self._call)
+        except grpc.RpcError as exc:
+            raise RPCError.from_grpc(exc) from exc
+
+    def cancel(self) -> None:
+        """End the call (a no-op once it has finished)."""
+        self._call.cancel()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+
+class Client:
+    """A blocking agentplane client.
+
+    ``target`` defaults to ``$AGENTPLANE_TARGET`` or ``127.0.0.1:50051``; ``token`` to
+    ``$AGENTPLANE_TOKEN`` (sent as ``authorization: Bearer <token>``; none for a dev-mode
+    server). ``secure`` (or ``root_certificates``, PEM bytes) selects TLS. ``timeout`` is
+    the deadline in seconds of each unary call; streaming calls take their own.
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        token: str | None = None,
+        secure: bool = False,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+        options: ChannelOptions | None = None,
+    ) -> None:
+        self.target = rq.resolve_target(target)
+        self.timeout = timeout
+        self._metadata = rq.auth_metadata(rq.resolve_token(token))
+        credentials = make_credentials(secure, root_certificates)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(self.target, options=options)
+        else:
+            self._channel = grpc.secure_channel(self.target, credentials, options=options)
+        self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
+        self._budgets = budget_pb2_grpc.BudgetServiceStub(self._channel)
+        self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
+        self._health_check = self._channel.unary_unary(
+            CHECK_METHOD, request_serializer=encode_request, response_deserializer=decode_response
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- calls -------------------------------------------------------------------------
+
+    def _unary(self, method: Callable[..., T], request: Any) -> T:
+        try:
+            return method(request, metadata=self._metadata, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise RPCError.from_grpc(exc) from exc
+
+    def run(
+        self,
+        prompt: str,
+        *,
+        max_budget_usd: rq.Money | None = None,
+        max_turns: int | None = None,
+        allowed_tools: Sequence[str] | None = None,
+        model: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | uuid.UUID | None = None,
+        on_disconnect: rq.DisconnectLike | None = None,
+        resume_session_id: str | uuid.UUID | None = None,
+        timeout: float | None = None,
+    ) -> EventStream:
+        """Start a session and stream its events (``started`` first, ``result`` last).
+
+        A session that fails after admission still ends with a ``result`` event (state
+        ERROR); errors before admission raise :class:`RPCError` on the first ``next()``.
+        """
+        request = rq.run_request(
+            prompt, max_budget_usd=max_budget_usd, max_turns=max_turns,
+            allowed_tools=allowed_tools, model=model, labels=labels, request_id=request_id,
+            on_disconnect_=on_disconnect, resume_session_id=resume_session_id,
+        )
+        return EventStream(
+            self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout)
+        )
+
+    def stream_session(
+        self, session_id: str | uuid.UUID, after_seq: int = 0, *, timeout: float | None = None
+    ) -> EventStream:
+        """Replay a session's events after ``after_seq``, then follow it to its end."""
+        request = session_pb2.StreamSessionRequest(
+            session_id=rq.session_id(session_id), after_seq=after_seq
+        )
+        return EventStream(
+            self._sessions.StreamSession(request, metadata=self._metadata, timeout=timeout)
+        )
+
+    def get_session(self, session_id: str | uuid.UUID) -> session_pb2.Session:
+        """One session of the caller's tenant."""
+        request = session_pb2.GetSessionRequest(session_id=rq.session_id(session_id))
+        return self._unary(self._sessions.GetSession, request)
+
+    def list_sessions(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        state: rq.StateLike | None = None,
+        labels: Mapping[str, str] | None = None,
+        create_time_start: rq.Time | None = None,
+        create_time_end: rq.Time | None = None,
+    ) -> session_pb2.ListSessionsResponse:
+        """One page of sessions, newest first (``page_size`` 0: the server's default, 50)."""
+        request = rq.list_request(
+            page_size=page_size, page_token=page_token, state=state, labels=labels,
+            create_time_start=create_time_start, create_time_end=create_time_end,
+        )
+        return self._unary(self._sessions.ListSessions, request)
+
+    def iter_sessions(
+        self,
+        *,
+        page_size: int = 100,
+        limit: int | None = None,
+        state: rq.StateLike | None = None,
+        labels: Mapping[str, str] | None = None,
+        create_time_start: rq.Time | None = None,
+        create_time_end: rq.Time | None = None,
+    ) -> Iterator[session_pb2.Session]:
+        """Every matching session, newest first, fetching pages as needed (at most
+        ``limit``)."""
+        token, count = "", 0
+        size = page_size if limit is None else max(1, min(page_size, limit))
+        while limit is None or count < limit:
+            page = self.list_sessions(
+                page_size=size, page_token=token, state=state, labels=labels,
+                create_time_start=create_time_start, create_time_end=create_time_end,
+            )
+            for session in page.sessions[: None if limit is None else limit - count]:
+                count += 1
+                yield session
+            token = page.next_page_token
+            if not token:
+                return
+
+    def cancel_session(self, session_id: str | uuid.UUID) -> session_pb2.Session:
+        """Cancel a session; returns it in its terminal state."""
+        request = session_pb2.CancelSessionRequest(session_id=rq.session_id(session_id))
+        return self._unary(self._sessions.CancelSession, request)
+
+    def get_budget(self, date: str | dt.date | None = None) -> budget_pb2.Budget:
+        """The tenant's budget window for ``date`` ("YYYY-MM-DD" or a date; None: today)."""
+        return self._unary(self._budgets.GetBudget, rq.budget_request(date))
+
+    def get_usage(
+        self, *, start_time: rq.Time | None = None, end_time: rq.Time | None = None
+    ) -> usage_pb2.Usage:
+        """The tenant's usage over [start_time, end_time)."""
+        return self._unary(self._usage.GetUsage, rq.usage_request(start_time, end_time))
+
+    def health(self, service: str = "") -> HealthStatus:
+        """grpc.health.v1 Check for ``service`` ("" is the server as a whole)."""
+        return self._unary(self._health_check, service)

@@ -1,0 +1,194 @@
+"""What the sync and asyncio clients share: settings from the environment, call metadata,
+and building request messages from Python values."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import TypeAlias
+
+from google.protobuf import timestamp_pb2
+
+from .v1 import budget_pb2, session_pb2, usage_pb2
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+TARGET_ENV = "AGENTPLANE_TARGET"
+TOKEN_ENV = "AGENTPLANE_TOKEN"
+
+Money: TypeAlias = Decimal | str | int | float
+Time: TypeAlias = dt.datetime | timestamp_pb2.Timestamp
+StateLike: TypeAlias = int | str
+DisconnectLike: TypeAlias = int | str
+
+
+def resolve_target(target: str | None) -> str:
+    """The target argument, else ``$AGENTPLANE_TARGET``, else 127.0.0.1:50051."""
+    return target or os.environ.get(TARGET_ENV, "").strip() or DEFAULT_TARGET
+
+
+def resolve_token(token: str | None) -> str | None:
+    """The token argument, else ``$AGENTPLANE_TOKEN``, else None (dev-mode servers)."""
+    if token is None:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+    return token or None
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def money(value: Money | None) -> str:
+    """A USD amount as the decimal string the API wants ("" for None)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        raise TypeError("a money amount cannot be a bool")
+    if isinstance(value, float):
+        return str(Decimal(repr(value)))
+    if isinstance(value, (int, Decimal)):
+        return str(value)
+    if isinstance(value, str):
+        return value.strip()
+    raise TypeError(f"a money amount must be a Decimal, str, int or float, not {type(value)!r}")
+
+
+def session_id(value: str | uuid.UUID) -> str:
+    return str(value)
+
+
+def timestamp(value: Time | None) -> timestamp_pb2.Timestamp | None:
+    """A Timestamp for a datetime (naive ones are taken as UTC) or a Timestamp."""
+    if value is None or isinstance(value, timestamp_pb2.Timestamp):
+        return value
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"expected a datetime or Timestamp, not {type(value)!r}")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def session_state(value: StateLike | None) -> int:
+    """A SessionState for an enum value or a name ("complete", "SESSION_STATE_COMPLETE")."""
+    if value is None:
+        return session_pb2.SESSION_STATE_UNSPECIFIED
+    if isinstance(value, str):
+        name = value.strip().upper()
+        if not name.startswith("SESSION_STATE_"):
+            name = "SESSION_STATE_" + name
+        try:
+            return session_pb2.SessionState.Value(name)
+        except ValueError:
+            names = ", ".join(state_name(v) for v in session_pb2.SessionState.values() if v)
+            raise ValueError(f"unknown session state {value!r} (one of {names})") from None
+    return int(value)
+
+
+def state_name(value: int) -> str:
+    """ "COMPLETE" for SESSION_STATE_COMPLETE."""
+    return _short(session_pb2.SessionState, value, "SESSION_STATE_")
+
+
+def reason_name(value: int) -> str:
+    """ "MAX_TURNS" for ERROR_REASON_MAX_TURNS."""
+    return _short(session_pb2.ErrorReason, value, "ERROR_REASON_")
+
+
+def _short(enum: object, value: int, prefix: str) -> str:
+    try:
+        name = enum.Name(value)  # type: ignore[attr-defined]
+    except ValueError:
+        return str(value)
+    return name.removeprefix(prefix)
+
+
+def on_disconnect(value: DisconnectLike | None) -> int:
+    if value is None:
+        return session_pb2.ON_DISCONNECT_UNSPECIFIED
+    if isinstance(value, str):
+        name = value.strip().upper()
+        if not name.startswith("ON_DISCONNECT_"):
+            name = "ON_DISCONNECT_" + name
+        try:
+            return session_pb2.OnDisconnect.Value(name)
+        except ValueError:
+            raise ValueError(f"on_disconnect must be 'cancel' or 'continue', not {value!r}") from None
+    return int(value)
+
+
+def _strings(name: str, values: Sequence[str] | None) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a list of strings, not a string")
+    return [str(v) for v in values]
+
+
+def run_request(
+    prompt: str,
+    *,
+    max_budget_usd: Money | None = None,
+    max_turns: int | None = None,
+    allowed_tools: Sequence[str] | None = None,
+    model: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    request_id: str | uuid.UUID | None = None,
+    on_disconnect_: DisconnectLike | None = None,
+    resume_session_id: str | uuid.UUID | None = None,
+) -> session_pb2.RunSessionRequest:
+    return session_pb2.RunSessionRequest(
+        prompt=prompt,
+        request_id=str(request_id) if request_id is not None else "",
+        max_budget_usd=money(max_budget_usd),
+        max_turns=max_turns or 0,
+        allowed_tools=_strings("allowed_tools", allowed_tools),
+        model=model or "",
+        labels=dict(labels or {}),
+        on_disconnect=on_disconnect(on_disconnect_),  # type: ignore[arg-type]
+        resume_session_id=str(resume_session_id) if resume_session_id is not None else "",
+    )
+
+
+def list_request(
+    *,
+    page_size: int = 0,
+    page_token: str = "",
+    state: StateLike | None = None,
+    labels: Mapping[str, str] | None = None,
+    create_time_start: Time | None = None,
+    create_time_end: Time | None = None,
+) -> session_pb2.ListSessionsRequest:
+    request = session_pb2.ListSessionsRequest(
+        page_size=page_size,
+        page_token=page_token,
+        state=session_state(state),  # type: ignore[arg-type]
+        labels=dict(labels or {}),
+    )
+    start, end = timestamp(create_time_start), timestamp(create_time_end)
+    if start is not None:
+        request.create_time_start.CopyFrom(start)
+    if end is not None:
+        request.create_time_end.CopyFrom(end)
+    return request
+
+
+def budget_request(date: str | dt.date | None) -> budget_pb2.GetBudgetRequest:
+    if isinstance(date, dt.datetime):
+        date = date.date()
+    if isinstance(date, dt.date):
+        date = date.isoformat()
+    return budget_pb2.GetBudgetRequest(date=date or "")
+
+
+def usage_request(start_time: Time | None, end_time: Time | None) -> usage_pb2.GetUsageRequest:
+    request = usage_pb2.GetUsageRequest()
+    start, end = timestamp(start_time), timestamp(end_time)
+    if start is not None:
+        request.start_time.CopyFrom(start)
+    if end is not None:
+        request.end_time.CopyFrom(end)
+    return request

@@ -1,0 +1,305 @@
+"""The `agentplane` command: run sessions and look things up from a terminal.
+
+    agentplane run "prompt" [--budget USD] [--max-turns N] [--tool NAME]... [--model M]
+                            [--label k=v]... [--json]
+    agentplane get ID | list [--state S] [--label k=v] [--limit N] | budget [--date D]
+    agentplane health [--service NAME] | cancel ID | stream ID [--after-seq N] | usage
+
+Global flags (before or after the command): --target (default $AGENTPLANE_TARGET or
+127.0.0.1:50051), --token (default $AGENTPLANE_TOKEN), --timeout SECONDS.
+
+Exit status: 0 success; 1 the session ended in ERROR (or health is not SERVING); 2 usage
+error; 3 the call failed (gRPC status printed on stderr); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+
+from . import _render as render
+from ._client import Client, EventStream
+from ._errors import RPCError
+from ._health import HealthStatus
+from ._requests import TARGET_ENV, TOKEN_ENV, session_state
+from .v1 import session_pb2
+
+EXIT_OK = 0
+EXIT_SESSION_FAILED = 1
+EXIT_USAGE = 2
+EXIT_RPC_ERROR = 3
+EXIT_INTERRUPTED = 130
+
+Handler = Callable[[Client, argparse.Namespace], int]
+
+
+# -- argument types (their ValueErrors become argparse usage errors, exit 2) ----------------
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _usd(text: str) -> str:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not a decimal amount: {text!r}") from None
+    if not value.is_finite() or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive amount: {text!r}")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer: {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _state(text: str) -> int:
+    try:
+        state = session_state(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return state
+
+
+def _date(text: str) -> str:
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {text!r}") from None
+    return text
+
+
+def _time(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time, got {text!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def _out(text: str) -> None:
+    print(text, flush=True)
+
+
+def _err(text: str) -> None:
+    print(f"agentplane: {text}", file=sys.stderr, flush=True)
+
+
+def _follow(stream: EventStream, as_json: bool) -> int:
+    """Print a session's events as they come; the exit status of its result."""
+    final: session_pb2.Session | None = None
+    with stream:
+        for event in stream:
+            _out(render.to_json(event) if as_json else render.event_line(event))
+            if event.HasField("result"):
+                final = event.result.session
+    if final is None:
+        _err("the event stream ended without a result")
+        return EXIT_RPC_ERROR
+    if not as_json:
+        _out(render.summary_line(final))
+    if final.state == session_pb2.SESSION_STATE_ERROR:
+        _err(f"session {final.id} failed: {render.error_line(final)}")
+        return EXIT_SESSION_FAILED
+    return EXIT_OK
+
+
+def cmd_run(client: Client, args: argparse.Namespace) -> int:
+    stream = client.run(
+        args.prompt,
+        max_budget_usd=args.budget,
+        max_turns=args.max_turns,
+        allowed_tools=args.tool,
+        model=args.model,
+        labels=dict(args.label or ()),
+        request_id=args.request_id,
+        on_disconnect=args.on_disconnect,
+        timeout=args.timeout,
+    )
+    return _follow(stream, args.json)
+
+
+def cmd_stream(client: Client, args: argparse.Namespace) -> int:
+    return _follow(client.stream_session(args.id, args.after_seq, timeout=args.timeout), args.json)
+
+
+def cmd_get(client: Client, args: argparse.Namespace) -> int:
+    session = client.get_session(args.id)
+    _out(render.to_json(session, indent=2) if args.json else render.session_details(session))
+    return EXIT_OK
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    session = client.cancel_session(args.id)
+    _out(render.to_json(session, indent=2) if args.json else render.session_details(session))
+    return EXIT_OK
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    sessions = client.iter_sessions(
+        limit=args.limit, page_size=min(args.limit, 500), state=args.state,
+        labels=dict(args.label or ()),
+    )
+    for session in sessions:
+        _out(render.to_json(session) if args.json else render.session_row(session))
+    return EXIT_OK
+
+
+def cmd_budget(client: Client, args: argparse.Namespace) -> int:
+    budget = client.get_budget(args.date)
+    _out(render.to_json(budget, indent=2) if args.json else render.budget_details(budget))
+    return EXIT_OK
+
+
+def cmd_usage(client: Client, args: argparse.Namespace) -> int:
+    usage = client.get_usage(start_time=args.since, end_time=args.until)
+    _out(render.to_json(usage, indent=2))
+    return EXIT_OK
+
+
+def cmd_health(client: Client, args: argparse.Namespace) -> int:
+    status = client.health(args.service)
+    _out(status.name)
+    return EXIT_OK if status == HealthStatus.SERVING else EXIT_SESSION_FAILED
+
+
+# -- the parser ---------------------------------------------------------------------------
+
+
+def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """--target/--token/--timeout, accepted before the command and (``suppress``: without
+    overriding an earlier value) after it."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--target", default=default(None),
+        help=f"host:port of the server (default: ${TARGET_ENV} or 127.0.0.1:50051)",
+    )
+    group.add_argument(
+        "--token", default=default(None), help=f"bearer token (default: ${TOKEN_ENV})"
+    )
+    group.add_argument(
+        "--timeout", type=_positive_float, default=default(None), metavar="SECONDS",
+        help="deadline of each call (for run/stream: of the whole session)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agentplane",
+        description="Run Claude agent sessions on an agentplane server and look them up.",
+        epilog="Exit status: 0 ok, 1 session ERROR / not SERVING, 2 usage, 3 RPC error.",
+    )
+    _add_globals(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        _add_globals(sub, suppress=True)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def json_flag(sub: argparse.ArgumentParser, help_: str = "print JSON") -> None:
+        sub.add_argument("--json", action="store_true", help=help_)
+
+    run = command("run", cmd_run, "run a session and stream its events")
+    run.add_argument("prompt")
+    run.add_argument("--budget", type=_usd, metavar="USD", help="the session's budget")
+    run.add_argument("--max-turns", type=_positive_int, metavar="N")
+    run.add_argument("--tool", action="append", metavar="NAME",
+                     help="allow this tool (repeat; default: all of the tenant's tools)")
+    run.add_argument("--model", metavar="M")
+    run.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
+    run.add_argument("--request-id", metavar="UUID", help="idempotency key")
+    run.add_argument("--on-disconnect", choices=["cancel", "continue"],
+                     help="what the server does if this command goes away (default: cancel)")
+    json_flag(run, "print each event as one JSON line")
+
+    get = command("get", cmd_get, "show one session")
+    get.add_argument("id")
+    json_flag(get)
+
+    lst = command("list", cmd_list, "list sessions, newest first")
+    lst.add_argument("--state", type=_state, help="idle, running, complete or error")
+    lst.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
+    lst.add_argument("--limit", type=_positive_int, default=20, metavar="N")
+    json_flag(lst, "print each session as one JSON line")
+
+    budget = command("budget", cmd_budget, "show the tenant's budget window")
+    budget.add_argument("--date", type=_date, metavar="YYYY-MM-DD", help="default: today")
+    json_flag(budget)
+
+    health = command("health", cmd_health, "check the server's health (exit 0 if SERVING)")
+    health.add_argument("--service", default="", metavar="NAME",
+                        help='e.g. "readiness" (default: the whole server)')
+
+    cancel = command("cancel", cmd_cancel, "cancel a session")
+    cancel.add_argument("id")
+    json_flag(cancel)
+
+    stream = command("stream", cmd_stream, "replay and follow a session's events")
+    stream.add_argument("id")
+    stream.add_argument("--after-seq", type=_non_negative_int, default=0, metavar="N")
+    json_flag(stream, "print each event as one JSON line")
+
+    usage = command("usage", cmd_usage, "show the tenant's usage (JSON)")
+    usage.add_argument("--since", type=_time, metavar="TIME", help="ISO 8601, e.g. 2025-01-31")
+    usage.add_argument("--until", type=_time, metavar="TIME")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        with Client(args.target, token=args.token, timeout=args.timeout) as client:
+            return int(args.handler(client, args))
+    except RPCError as exc:
+        _err(" ".join(str(exc).split()))
+        return EXIT_RPC_ERROR
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `agentplane list | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+#!/usr/bin/env node
+// Runs one agentplane session from Node.js, using nothing but the .proto files:
+// @grpc/proto-loader loads protos/agentplane/v1/{session,budget}.proto and the standard
+// grpc.health.v1 health.proto (a copy beside this script); @grpc/grpc-js makes the calls.
+//
+//   node run_session.js --prompt "Say hi" [--target HOST:PORT] [--token TOKEN]
+//                       [--model M] [--budget USD] [--timeout SECONDS] [--protos DIR]
+//
+// --target defaults to $AGENTPLANE_TARGET or 127.0.0.1:50051, --token to $AGENTPLANE_TOKEN.
+// Checks Health/Check == SERVING, reads the caller's budget, runs the session to its
+// `result` event and prints ONE JSON line:
+//   {"health":"SERVING","tenant":...,"session_id":...,"kinds":["started",...,"result"],
+//    "seqs":[1,2,...],"state":"SESSION_STATE_COMPLETE","cost_usd":"0.0123",...}
+// Exit status: 0 the session ended COMPLETE; 1 it ended otherwise; 2 the server is not
+// SERVING; 3 a call failed (the summary's "error" has the gRPC code and details); 64 usage.
+
+'use strict';
+
+const path = require('node:path');
+const { parseArgs } = require('node:util');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const LOADER_OPTIONS = {
+  keepCase: true,
+  longs: String,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+};
+
+const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
+
+function usage(message) {
+  process.stderr.write(`run_session: ${message}\n`);
+  process.exit(64);
+}
+
+function options() {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      options: {
+        prompt: { type: 'string' },
+        target: { type: 'string', default: process.env.AGENTPLANE_TARGET || '127.0.0.1:50051' },
+        token: { type: 'string', default: process.env.AGENTPLANE_TOKEN || '' },
+        model: { type: 'string', default: '' },
+        budget: { type: 'string', default: '' },
+        timeout: { type: 'string', default: '120' },
+        protos: { type: 'string', default: path.resolve(__dirname, '..', '..', 'protos') },
+      },
+      allowPositionals: true,
+    });
+  } catch (err) {
+    usage(err.message);
+  }
+  const opts = parsed.values;
+  opts.prompt = opts.prompt ?? parsed.positionals.join(' ');
+  if (!opts.prompt) usage('a prompt is required (--prompt TEXT)');
+  opts.timeout = Number(opts.timeout);
+  if (!(opts.timeout > 0)) usage('--timeout must be a positive number of seconds');
+  return opts;
+}
+
+function load(protosDir) {
+  const definition = protoLoader.loadSync(
+    ['agentplane/v1/session.proto', 'agentplane/v1/budget.proto', 'health.proto'],
+    { ...LOADER_OPTIONS, includeDirs: [protosDir, __dirname] },
+  );
+  return grpc.loadPackageDefinition(definition);
+}
+
+function deadline(seconds) {
+  return new Date(Date.now() + seconds * 1000);
+}
+
+function unary(client, method, request, metadata, seconds) {
+  return new Promise((resolve, reject) => {
+    client[method](request, metadata, { deadline: deadline(seconds) }, (err, reply) =>
+      err ? reject(err) : resolve(reply),
+    );
+  });
+}
+
+// Reads a server stream until it ends; calls onEvent for each message.
+function readStream(call, onEvent) {
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    call.on('data', onEvent);
+    call.on('error', (err) => {
+      if (!settled) { settled = true; reject(err); }
+    });
+    call.on('end', () => {
+      if (!settled) { settled = true; resolve(); }
+    });
+  });
+}
+
+async function main() {
+  const opts = options();
+  const pkg = load(opts.protos);
+  const credentials = grpc.credentials.createInsecure();
+  const metadata = new grpc.Metadata();
+  if (opts.token) metadata.add('authorization', `Bearer ${opts.token}`);
+
+  const health = new pkg.grpc.health.v1.Health(opts.target, credentials);
+  const budgets = new pkg.agentplane.v1.BudgetService(opts.target, credentials);
+  const sessions = new pkg.agentplane.v1.SessionService(opts.target, credentials);
+  const summary = { health: null, tenant: null, session_id: null, kinds: [], seqs: [], state: null };
+  let exitCode = 0;
+  try {
+    const status = await unary(health, 'Check', { service: '' }, new grpc.Metadata(), 10);
+    summary.health = status.status;
+    if (status.status !== 'SERVING') {
+      exitCode = 2;
+      return summary;
+    }
+    const budget = await unary(budgets, 'GetBudget', {}, metadata, 10);
+    summary.tenant = budget.tenant;
+    summary.remaining_usd_before = budget.remaining_usd;
+
+    const request = { prompt: opts.prompt, model: opts.model, max_budget_usd: opts.budget };
+    const call = sessions.RunSession(request, metadata, { deadline: deadline(opts.timeout) });
+    let final = null;
+    await readStream(call, (event) => {
+      summary.session_id = summary.session_id ?? event.session_id;
+      summary.kinds.push(event.kind);
+      summary.seqs.push(Number(event.seq));
+      if (event.kind === 'result') final = event.result.session;
+    });
+    if (final === null) {
+      summary.error = { code: 'NO_RESULT', details: 'the stream ended without a result event' };
+      exitCode = 1;
+      return summary;
+    }
+    Object.assign(summary, {
+      state: final.state,
+      cost_usd: final.cost_usd,
+      num_turns: final.num_turns,
+      input_tokens: Number(final.usage.input_tokens),
+      output_tokens: Number(final.usage.output_tokens),
+      result: final.result,
+      error_reason: final.error ? final.error.reason : null,
+    });
+    exitCode = final.state === 'SESSION_STATE_COMPLETE' ? 0 : 1;
+    return summary;
+  } catch (err) {
+    summary.error = { code: CODE_NAMES[err.code] ?? String(err.code), details: err.details ?? err.message };
+    exitCode = 3;
+    return summary;
+  } finally {
+    for (const client of [health, budgets, sessions]) client.close();
+    process.exitCode = exitCode;
+  }
+}
+
+main().then(
+  (summary) => process.stdout.write(`${JSON.stringify(summary)}\n`),
+  (err) => {
+    process.stderr.write(`run_session: ${err && err.stack ? err.stack : err}\n`);
+    process.exitCode = 70;
+  },
+);
