@@ -29,6 +29,7 @@ from .sessions.manager import SessionManager
 from .sessions.retry import RetryPolicy
 from .sessions.runner import BUNDLED_CLI, AgentRunner, RunnerConfig
 from .store.engine import create_engine, sessionmaker
+from .store.transcripts import SqlSessionStore
 from .tenants import TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ class App:
                 retry=RetryPolicy(
                     attempts=settings.retry_attempts, base_delay_s=settings.retry_base_delay_s
                 ),
-            )
+            ),
+            SqlSessionStore(db),
         )
         sessions = SessionManager(
             db, runner, not_ready=lambda: health.problem, max_sessions=settings.max_sessions

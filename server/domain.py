@@ -111,6 +111,7 @@ class Session:
     error_message: str = ""
     sdk_session_id: str = ""
     result: str = ""
+    resumed_from: str = ""
 
     def evolve(self, **changes: Any) -> Session:
         return replace(self, **changes)
@@ -138,6 +139,7 @@ class Session:
             "error_message": self.error_message,
             "sdk_session_id": self.sdk_session_id,
             "result": self.result,
+            "resumed_from": self.resumed_from,
         }
 
     @classmethod
@@ -166,6 +168,7 @@ class Session:
             error_message=data["error_message"],
             sdk_session_id=data["sdk_session_id"],
             result=data["result"],
+            resumed_from=data.get("resumed_from", ""),
         )
 
 

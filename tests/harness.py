@@ -213,10 +213,10 @@ def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
 def agent_processes(under: Path) -> list[int]:
     """Pids of agent processes (CLIs and their tools) whose private folders lie under `under`.
 
-    Every process of a session inherits its CLAUDE_CONFIG_DIR; matching on it keeps this
-    exact when other servers run agents on the same machine.
+    Every process of a session inherits its AGENTPLANE_SESSION_DIR; matching on it keeps
+    this exact when other servers run agents on the same machine.
     """
-    marker = f"CLAUDE_CONFIG_DIR={under}/".encode()
+    marker = f"AGENTPLANE_SESSION_DIR={under}/".encode()
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():

@@ -259,17 +259,19 @@ async def test_a_killed_cli_is_retried_and_the_session_completes(harness: Harnes
         metadata=harness.auth("globex"),
     )
     await read_until(call, "system")  # the CLI is up
-    for _ in range(100):
+    for _ in range(200):  # and waiting for the model
         if harness.sandbox.find(script="crash"):
             break
         await asyncio.sleep(0.05)
-    for pid in agent_processes(harness.work_dir):
+    victims = agent_processes(harness.work_dir)
+    assert victims
+    for pid in victims:
         os.kill(pid, signal.SIGKILL)
     rest = await rest_of(call)
     retries = [e.retrying for e in rest if e.HasField("retrying")]
-    assert len(retries) == 1 and retries[0].attempt == 2
+    assert len(retries) == 1 and retries[0].attempt == 2, rest
     assert "CLI" in retries[0].reason
     final = rest[-1].result.session
-    assert final.state == session_pb2.SESSION_STATE_COMPLETE
+    assert final.state == session_pb2.SESSION_STATE_COMPLETE, rest
     assert final.result == "survived"
     assert await wait_gone(harness) == []

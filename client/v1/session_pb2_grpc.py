@@ -84,7 +84,11 @@ class SessionServiceServicer:
         Errors (before the first event; nothing is created or charged):
         - INVALID_ARGUMENT: empty prompt, a budget that is negative, malformed or above the
         tenant's maximum, max_turns out of range, a tool outside the tenant's list, a
-        malformed request_id or label. BadRequest names the field.
+        malformed request_id or label, a request_id reused with a different request.
+        BadRequest names the field.
+        - NOT_FOUND: resume_session_id names no session of this tenant.
+        - FAILED_PRECONDITION: resume_session_id names a session that has not ended or has
+        no conversation to continue.
         - UNAUTHENTICATED: no or unknown bearer token.
         - RESOURCE_EXHAUSTED: ErrorInfo reason BUDGET_EXCEEDED (the tenant's daily window
         cannot cover the session's budget) or CONCURRENCY_LIMIT; with a QuotaFailure.
@@ -99,8 +103,8 @@ class SessionServiceServicer:
         """Re-attaches to a session: replays its persisted events after `after_seq`, then follows
         live ones until the session ends. For a finished session it replays and ends.
 
-        Errors: INVALID_ARGUMENT (malformed id, negative after_seq), UNAUTHENTICATED,
-        NOT_FOUND (no such session for this tenant), UNIMPLEMENTED (not in this release).
+        Errors: INVALID_ARGUMENT (empty id, negative after_seq), UNAUTHENTICATED,
+        NOT_FOUND (no such session for this tenant).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,8 +135,7 @@ class SessionServiceServicer:
         Returns the session in its terminal state (ERROR, reason CANCELLED).
 
         Errors: INVALID_ARGUMENT (empty session_id), UNAUTHENTICATED, NOT_FOUND,
-        FAILED_PRECONDITION (the session has already ended), UNIMPLEMENTED (not in this
-        release).
+        FAILED_PRECONDITION (the session has already ended, or it runs on another replica).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,6 +55,7 @@ def session_to_proto(s: Session) -> session_pb2.Session:
         result=s.result,
         allowed_tools=list(s.allowed_tools),
         request_id=s.request_id,
+        resume_session_id=s.resumed_from,
     )
     if s.error_reason is not None:
         msg.error.reason = session_pb2.ErrorReason.Value(f"ERROR_REASON_{s.error_reason.value}")

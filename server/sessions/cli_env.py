@@ -80,6 +80,8 @@ def cli_environment(
     env.update(NO_OUTBOUND_TRAFFIC)
     env.update(
         {
+            # Marks every process of the session, tools included (see reaper.py).
+            "AGENTPLANE_SESSION_DIR": str(dirs.root),
             "HOME": str(dirs.home),
             "CLAUDE_CONFIG_DIR": str(dirs.config),
             "CLAUDE_CODE_TMPDIR": str(dirs.tmp),

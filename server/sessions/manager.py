@@ -10,7 +10,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
@@ -72,6 +72,8 @@ class SessionManager:
         InvalidArgument, QuotaExceeded or Unavailable; then nothing is created.
         """
         spec = validate(request, tenant)
+        if spec.resume_session_id:
+            spec = await self._resolve_resume(tenant, spec)
         if spec.request_id:
             earlier = await self._by_request_id(tenant, spec)
             if earlier is not None:
@@ -105,6 +107,7 @@ class SessionManager:
             model=spec.model,
             labels=spec.labels,
             request_id=spec.request_id,
+            resumed_from=spec.resume_session_id,
         )
         live = LiveSession(session, EventWriter(self._persist_events))
         started = live.build(EventKind.STARTED, {"session": session.to_json()})
@@ -145,6 +148,25 @@ class SessionManager:
         live.task = asyncio.create_task(self._run(live, spec, tenant), name=f"session-{session.id}")
         log.info("session_start session_id=%s tenant=%s", session.id, tenant.name)
         return Admission(session.id, self._follow(tenant, session.id, 0), live)
+
+    async def _resolve_resume(self, tenant: Tenant, spec: SessionSpec) -> SessionSpec:
+        """Find the SDK conversation an earlier session of this tenant left behind."""
+        try:
+            earlier = await self.get(tenant, spec.resume_session_id)
+        except NotFound:
+            raise NotFound(
+                f"resume_session_id: session {spec.resume_session_id} not found"
+            ) from None
+        if not earlier.state.terminal:
+            raise FailedPrecondition(
+                f"resume_session_id: session {earlier.id} has not ended yet; resume it when it has"
+            )
+        transcripts = self._runner.transcripts(tenant.name)
+        if not earlier.sdk_session_id or not await transcripts.has(earlier.sdk_session_id):
+            raise FailedPrecondition(
+                f"resume_session_id: session {earlier.id} left no conversation to continue"
+            )
+        return replace(spec, resume_sdk_session_id=earlier.sdk_session_id)
 
     async def _by_request_id(self, tenant: Tenant, spec: SessionSpec) -> Admission | None:
         async with self._db() as db:
@@ -200,7 +222,7 @@ class SessionManager:
             error_reason=v.reason,
             error_message=v.message,
             cost_usd=usd(outcome.cost_usd),
-            sdk_cost_usd=usd(outcome.cost_usd),
+            sdk_cost_usd=usd(outcome.sdk_total_usd or outcome.cost_usd),
             num_turns=outcome.num_turns,
             usage=outcome.usage,
             sdk_session_id=outcome.sdk_session_id,

@@ -2,7 +2,8 @@
 
 The CLI starts its tools in sessions of their own, so neither its process group nor its
 session reaches them once it dies. They all inherit the CLI's environment, though, and
-every agentplane session has its own CLAUDE_CONFIG_DIR: that marks them exactly.
+every agentplane session's CLI gets its own AGENTPLANE_SESSION_DIR: that marks them
+exactly. (CLAUDE_CONFIG_DIR would not: the SDK points it elsewhere on a resume.)
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import os
 import signal
 from pathlib import Path
 
+MARKER = "AGENTPLANE_SESSION_DIR"
 
-def session_processes(config_dir: Path) -> list[int]:
-    """Pids of live processes whose environment carries this CLAUDE_CONFIG_DIR."""
-    marker = f"CLAUDE_CONFIG_DIR={config_dir}".encode()
+
+def session_processes(session_dir: Path) -> list[int]:
+    """Pids of live processes whose environment carries this AGENTPLANE_SESSION_DIR."""
+    marker = f"{MARKER}={session_dir}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -27,9 +30,9 @@ def session_processes(config_dir: Path) -> list[int]:
     return pids
 
 
-def kill_session_processes(config_dir: Path) -> list[int]:
+def kill_session_processes(session_dir: Path) -> list[int]:
     """SIGKILL every process of the session; returns the pids it signalled."""
-    pids = session_processes(config_dir)
+    pids = session_processes(session_dir)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)

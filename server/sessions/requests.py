@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
 from ..domain import usd
-from ..errors import InvalidArgument, Unimplemented
+from ..errors import InvalidArgument
 from ..tenants import Tenant
 
 MAX_PROMPT_CHARS = 200_000
@@ -46,6 +46,9 @@ class SessionSpec:
     request_id: str
     on_disconnect_continue: bool
     max_duration_s: float = 3600.0
+    # The earlier agentplane session to continue, and (once resolved) its SDK session id.
+    resume_session_id: str = ""
+    resume_sdk_session_id: str = ""
 
     def fingerprint(self) -> str:
         """A hash of the request body, to tell a true repeat of a request_id from a reuse."""
@@ -56,6 +59,7 @@ class SessionSpec:
             "tools": list(self.tools),
             "model": self.model,
             "labels": self.labels,
+            "resume": self.resume_session_id,
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -129,7 +133,10 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
     if len(request.model) > 128:
         raise InvalidArgument("model", "is longer than 128 characters")
     if request.resume_session_id:
-        raise Unimplemented("resume_session_id is not supported by this release yet")
+        try:
+            uuid.UUID(request.resume_session_id)
+        except ValueError:
+            raise InvalidArgument("resume_session_id", "must be a session id (a UUID)") from None
     return SessionSpec(
         prompt=request.prompt,
         budget_usd=_budget(request.max_budget_usd, tenant),
@@ -140,4 +147,5 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
         request_id=str(uuid.UUID(request.request_id)) if request.request_id else "",
         on_disconnect_continue=request.on_disconnect_continue,
         max_duration_s=tenant.max_duration_s,
+        resume_session_id=request.resume_session_id,
     )

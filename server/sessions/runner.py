@@ -24,6 +24,7 @@ from claude_agent_sdk import (
 )
 
 from ..domain import ErrorReason, EventKind, SessionState, TokenUsage, usd
+from ..store.transcripts import SqlSessionStore, TenantTranscripts
 from ..tenants import Tenant
 from .cli_env import SessionDirs, cli_environment
 from .live import LiveSession
@@ -67,6 +68,8 @@ class Outcome:
     usage: TokenUsage = field(default_factory=TokenUsage)
     sdk_session_id: str = ""
     result: str = ""
+    # The SDK's own running total for the conversation, as the CLI last reported it.
+    sdk_total_usd: str | None = None
 
     def plus(self, later: Outcome) -> Outcome:
         """The totals after a further attempt, which decides the verdict."""
@@ -77,6 +80,7 @@ class Outcome:
             usage=self.usage.plus(later.usage),
             sdk_session_id=later.sdk_session_id or self.sdk_session_id,
             result=later.result,
+            sdk_total_usd=later.sdk_total_usd or self.sdk_total_usd,
         )
 
     def stopped(self, live: LiveSession) -> Outcome:
@@ -89,15 +93,20 @@ class Outcome:
 class AgentRunner:
     """Runs agents; knows the SDK and the CLI, nothing of gRPC or the database."""
 
-    def __init__(self, config: RunnerConfig) -> None:
+    def __init__(self, config: RunnerConfig, store: SqlSessionStore) -> None:
         self.config = config
+        self._store = store
+
+    def transcripts(self, tenant: str) -> TenantTranscripts:
+        """The tenant's SDK transcripts (the SessionStore the CLI mirrors into)."""
+        return TenantTranscripts(self._store, tenant)
 
     def session_dirs(self, tenant: str, session_id: str) -> SessionDirs:
         return SessionDirs(self.config.work_dir / tenant / session_id.replace("-", "")[:16])
 
     def _options(
         self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs, *,
-        resume: str | None, budget: Decimal, max_turns: int,
+        resume: str | None, budget: Decimal, max_turns: int, transcripts: TenantTranscripts,
     ) -> ClaudeAgentOptions:
         extra = {}
         if self.config.cli_max_retries is not None:
@@ -117,6 +126,8 @@ class AgentRunner:
             max_turns=max_turns,
             max_budget_usd=float(budget),
             resume=resume,
+            # Transcripts are mirrored to the database, so a resume works on any replica.
+            session_store=transcripts,
             model=spec.model or None,
             cwd=str(dirs.cwd),
             env=env,
@@ -167,7 +178,7 @@ class AgentRunner:
                 if live.cancel_requested.is_set():
                     return total.stopped(live)
         finally:
-            await asyncio.to_thread(kill_session_processes, dirs.config)
+            await asyncio.to_thread(kill_session_processes, dirs.root)
             await asyncio.to_thread(shutil.rmtree, dirs.root, True)
 
     async def _attempt(
@@ -175,23 +186,28 @@ class AgentRunner:
         before: Outcome, end_at: float,
     ) -> tuple[Outcome, bool]:
         """One run of the CLI; returns its outcome and whether a retry may help."""
-        resume = before.sdk_session_id if _has_transcript(dirs, before.sdk_session_id) else None
+        transcripts = self.transcripts(tenant.name)
+        resume = before.sdk_session_id or spec.resume_sdk_session_id or None
+        if resume and not await transcripts.has(resume):
+            resume = None  # a CLI killed before its first answer saved nothing: start afresh
         remaining = spec.budget_usd - Decimal(before.cost_usd)
         turns_left = max(1, spec.max_turns - before.num_turns)
         try:
             options = self._options(spec, tenant, dirs, resume=resume, budget=remaining,
-                                    max_turns=turns_left)
+                                    max_turns=turns_left, transcripts=transcripts)
             async with ClaudeSDKClient(options) as client:
-                await client.query(RESUME_PROMPT if resume else spec.prompt)
+                retrying = resume is not None and resume == before.sdk_session_id
+                await client.query(RESUME_PROMPT if retrying else spec.prompt)
                 result = await self._drive(client, live, spec, end_at)
             if result is None:  # the CLI's output ended early: it died or hung up
                 outcome = _failed("the agent CLI stopped without a result")
                 outcome.sdk_session_id = live.sdk_session_id
                 return outcome, not live.cancel_requested.is_set()
             outcome = _from_result(result)
-            if resume:
-                # A resumed CLI restores its session's cost and reports the running total.
-                cost = Decimal(outcome.cost_usd) - Decimal(before.cost_usd)
+            if retrying and before.sdk_total_usd is not None:
+                # Resumed in the same cwd, the CLI restores its running cost total (it keeps
+                # it per project directory): this attempt cost what the total grew by.
+                cost = Decimal(outcome.cost_usd) - Decimal(before.sdk_total_usd)
                 outcome.cost_usd = str(usd(max(cost, Decimal(0))))
             return outcome, transient_api_failure(outcome.verdict.reason, result.api_error_status)
         except CLINotFoundError as exc:
@@ -266,14 +282,6 @@ class AgentRunner:
             shutil.copytree(tenant.workspace_template, dirs.cwd, dirs_exist_ok=True)
 
 
-def _has_transcript(dirs: SessionDirs, sdk_session_id: str) -> bool:
-    """Whether the CLI saved the conversation, so `resume` can continue it (a CLI killed
-    before its first answer saved nothing, and a retry then starts afresh)."""
-    if not sdk_session_id:
-        return False
-    return any((dirs.config / "projects").glob(f"*/{sdk_session_id}.jsonl"))
-
-
 def _now() -> float:
     return asyncio.get_running_loop().time()
 
@@ -290,6 +298,7 @@ def _from_result(result: ResultMessage) -> Outcome:
         usage=TokenUsage.from_sdk(result.usage),
         sdk_session_id=result.session_id or "",
         result=(result.result or "") if not result.is_error else "",
+        sdk_total_usd=str(usd(result.total_cost_usd or 0)),
     )
 
 

@@ -6,7 +6,17 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .types import Money, UTCDateTime
@@ -51,6 +61,8 @@ class SessionRow(Base):
     max_budget_usd: Mapped[Decimal] = mapped_column(Money())
     max_turns: Mapped[int] = mapped_column(Integer)
     budget_day: Mapped[str] = mapped_column(String(10))
+    # The agentplane session whose conversation this one continues.
+    resumed_from: Mapped[str | None] = mapped_column(String(36))
     cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
     sdk_cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
     num_turns: Mapped[int] = mapped_column(Integer, default=0)
@@ -137,3 +149,34 @@ class ReservationRow(Base):
     actual_usd: Mapped[Decimal | None] = mapped_column(Money())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class TranscriptEntryRow(Base):
+    """One line of an SDK session transcript (the SessionStore mirror), in append order."""
+
+    __tablename__ = "transcript_entries"
+    __table_args__ = (
+        Index("ix_transcript_entries_key", "project_key", "session_id", "subpath", "id"),
+        Index("ix_transcript_entries_uuid", "project_key", "session_id", "subpath", "uuid"),
+    )
+
+    # INTEGER on SQLite, where only that type auto-increments a primary key.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    project_key: Mapped[str] = mapped_column(String(255))
+    session_id: Mapped[str] = mapped_column(String(64))
+    subpath: Mapped[str] = mapped_column(String(255))  # "" for the main transcript
+    uuid: Mapped[str | None] = mapped_column(String(64))
+    entry: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class TranscriptRow(Base):
+    """A transcript's key and when it was last written (epoch ms, for list_sessions)."""
+
+    __tablename__ = "transcripts"
+
+    project_key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subpath: Mapped[str] = mapped_column(String(255), primary_key=True)
+    mtime_ms: Mapped[int] = mapped_column(BigInteger)

@@ -43,6 +43,7 @@ def _to_domain(row: SessionRow) -> Session:
         error_message=row.error_message,
         sdk_session_id=row.sdk_session_id,
         result=row.result,
+        resumed_from=row.resumed_from or "",
     )
 
 
@@ -82,6 +83,7 @@ async def insert_session(
             max_budget_usd=session.max_budget_usd,
             max_turns=session.max_turns,
             budget_day=budget_day,
+            resumed_from=session.resumed_from or None,
             **_outcome_columns(session),
         )
     )
