@@ -66,6 +66,10 @@ class App:
         health = Health()
         await health.init()
         cli_path = settings.cli_path or BUNDLED_CLI
+        settings.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if any(t.os_user for t in tenants.tenants.values()):
+            # Agents running as tenants' own users must traverse (not list) the root.
+            settings.work_dir.chmod(0o711)
         runner = AgentRunner(
             RunnerConfig(
                 work_dir=settings.work_dir,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Mapping
@@ -46,6 +47,8 @@ class Tenant:
     time_zone: str = "UTC"
     workspace_template: Path | None = None
     max_duration_s: float = 3600.0
+    # Run this tenant's agent processes as this Unix user (the server must run as root).
+    os_user: str | None = None
 
     def api_key(self) -> str | None:
         """The tenant's Anthropic API key, read from the environment when needed."""
@@ -63,6 +66,7 @@ _DEFAULTS: Mapping[str, Any] = {
     "timezone": "UTC",
     "workspace_template": None,
     "max_duration_s": 3600,
+    "os_user": None,
 }
 _KEYS = {"token_sha256", *_DEFAULTS}
 
@@ -119,6 +123,14 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
     template = cfg["workspace_template"]
     if template is not None and not Path(template).is_dir():
         raise ConfigError(key("workspace_template"), f"{template} is not a directory")
+    os_user = cfg["os_user"]
+    if os_user is not None:
+        try:
+            pwd.getpwnam(str(os_user))
+        except KeyError:
+            raise ConfigError(key("os_user"), f"no such Unix user {os_user!r}") from None
+        if os.geteuid() != 0:
+            raise ConfigError(key("os_user"), "running agents as another user needs a root server")
     daily = _money(cfg["daily_limit_usd"], key("daily_limit_usd"))
     per_session = _money(cfg["max_session_budget_usd"], key("max_session_budget_usd"))
     if per_session > daily:
@@ -137,6 +149,7 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         ),
         time_zone=str(cfg["timezone"]),
         max_duration_s=float(_positive_int(cfg["max_duration_s"], key("max_duration_s"))),
+        os_user=str(os_user) if os_user is not None else None,
         workspace_template=Path(template).resolve() if template else None,
     )
 

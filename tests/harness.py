@@ -143,13 +143,13 @@ class Harness:
         return [event async for event in call]
 
 
-async def start_harness(database_url: str, **settings: Any) -> Harness:
+async def start_harness(database_url: str, *, extra_tenants: str = "", **settings: Any) -> Harness:
     work = short_dir()
     workspace = work / "tpl"
     workspace.mkdir()
     (workspace / "hello.txt").write_text("The magic word is PAPAYA.\n")
     tenants_file = work / "tenants.toml"
-    tenants_file.write_text(tenants_toml(workspace))
+    tenants_file.write_text(tenants_toml(workspace) + textwrap.dedent(extra_tenants))
     os.environ["AGENTPLANE_TEST_ACME_KEY"] = "sk-ant-test-acme-key"
     os.environ["AGENTPLANE_TEST_GLOBEX_KEY"] = "sk-ant-test-globex-key"
     sandbox = SandboxServer()

@@ -8,6 +8,7 @@ measured against the CLI shipped with claude-agent-sdk 0.2.188 (see DESIGN.md).
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +53,23 @@ class SessionDirs:
     def tmp(self) -> Path:
         return self.root / "t"
 
-    def create(self) -> None:
-        """Make every folder, private to the server's user (mode 0700)."""
-        for path in (self.root, self.cwd, self.home, self.config, self.tmp):
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    def create(self, owner: str | None = None) -> None:
+        """Make every folder, mode 0700, owned by `owner` (a Unix user) when given.
+
+        The tenant's folder above them is 0700 as well, so no other tenant's agent
+        (running as another user) can even list it.
+        """
+        uid = gid = -1
+        if owner is not None:
+            entry = pwd.getpwnam(owner)
+            uid, gid = entry.pw_uid, entry.pw_gid
+        tenant_root = self.root.parent
+        tenant_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (tenant_root, self.root, self.cwd, self.home, self.config, self.tmp):
+            path.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
+            if owner is not None:
+                os.chown(path, uid, gid)
 
 
 def cli_environment(

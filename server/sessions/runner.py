@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pwd
 import shutil
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -133,6 +134,7 @@ class AgentRunner:
             env=env,
             cli_path=str(self.config.cli_path),
             setting_sources=[],
+            user=tenant.os_user,
         )
 
     async def run(self, live: LiveSession, spec: SessionSpec, tenant: Tenant) -> Outcome:
@@ -277,9 +279,12 @@ class AgentRunner:
 
     @staticmethod
     def _prepare(dirs: SessionDirs, tenant: Tenant) -> None:
-        dirs.create()
+        dirs.create(owner=tenant.os_user)
         if tenant.workspace_template is not None:
             shutil.copytree(tenant.workspace_template, dirs.cwd, dirs_exist_ok=True)
+            if tenant.os_user is not None:
+                for path in [dirs.cwd, *dirs.cwd.rglob("*")]:
+                    shutil.chown(path, tenant.os_user, pwd.getpwnam(tenant.os_user).pw_gid)
 
 
 def _now() -> float:
