@@ -174,7 +174,9 @@ async def stop_harness(h: Harness) -> None:
     await h.channel.close()
     await h.app.stop(grace=1)
     await h.sandbox.stop()
+    leftover = agent_processes(h.work_dir)
     shutil.rmtree(h.work_dir, ignore_errors=True)
+    assert leftover == [], f"agent processes outlived their server: {leftover}"
 
 
 async def collect(call: AsyncIterator[Any]) -> list[Any]:

@@ -87,3 +87,11 @@ async def test_a_session_past_its_maximum_duration_times_out(tight: Harness) -> 
         await stop_harness(h)
     assert session.error.reason == session_pb2.ERROR_REASON_TIMEOUT
     assert "maximum of 3 s" in session.error.message
+
+
+async def test_a_stalled_model_stream_times_out(tight: Harness) -> None:
+    tight.sandbox.add_script("stall", Script(steps=[Step(text="never finished", stall_after_events=3)]))
+    session = await finish(start(tight, "acme", "[[sandbox:stall]] talk"))
+    assert session.state == session_pb2.SESSION_STATE_ERROR
+    assert session.error.reason == session_pb2.ERROR_REASON_TIMEOUT
+    assert agent_processes(tight.work_dir) == []
