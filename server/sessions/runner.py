@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import pwd
+import shlex
 import shutil
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -98,6 +99,28 @@ class AgentRunner:
         self.config = config
         self._store = store
 
+    def _cli_for(self, tenant: Tenant) -> Path:
+        """The CLI, or for a tenant with an os_user a launcher that becomes that user first.
+
+        Not the SDK's `user` option: that makes Python fork() (not vfork) a process full of
+        gRPC threads, whose fork handlers can crash the child.
+        """
+        if tenant.os_user is None:
+            return self.config.cli_path
+        launcher = self.config.work_dir / ".launchers" / f"{tenant.name}.sh"
+        if not launcher.exists():
+            entry = pwd.getpwnam(tenant.os_user)
+            launcher.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            tmp = launcher.with_suffix(".tmp")
+            tmp.write_text(
+                "#!/bin/sh\n"
+                f"exec setpriv --reuid={entry.pw_uid} --regid={entry.pw_gid} "
+                f"--init-groups -- {shlex.quote(str(self.config.cli_path))} \"$@\"\n"
+            )
+            tmp.chmod(0o755)
+            tmp.replace(launcher)
+        return launcher
+
     def transcripts(self, tenant: str) -> TenantTranscripts:
         """The tenant's SDK transcripts (the SessionStore the CLI mirrors into)."""
         return TenantTranscripts(self._store, tenant)
@@ -132,9 +155,8 @@ class AgentRunner:
             model=spec.model or None,
             cwd=str(dirs.cwd),
             env=env,
-            cli_path=str(self.config.cli_path),
+            cli_path=str(self._cli_for(tenant)),
             setting_sources=[],
-            user=tenant.os_user,
         )
 
     async def run(self, live: LiveSession, spec: SessionSpec, tenant: Tenant) -> Outcome:
