@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from agentplane.v1 import (
@@ -25,6 +27,7 @@ from .api.session_service import SessionService
 from .budgets.ledger import BudgetReader
 from .config import Settings
 from .health import Health
+from .sessions.leases import LeaseConfig
 from .sessions.manager import SessionManager
 from .sessions.retry import RetryPolicy
 from .sessions.runner import BUNDLED_CLI, AgentRunner, RunnerConfig
@@ -53,6 +56,7 @@ class App:
     engine: AsyncEngine
     port: int
     _ready_task: asyncio.Task[None] | None = None
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     async def start(cls, settings: Settings, tenants: TenantRegistry | None = None) -> App:
@@ -85,7 +89,11 @@ class App:
             SqlSessionStore(db),
         )
         sessions = SessionManager(
-            db, runner, not_ready=lambda: health.problem, max_sessions=settings.max_sessions
+            db,
+            runner,
+            not_ready=lambda: health.problem,
+            max_sessions=settings.max_sessions,
+            leases=LeaseConfig(owner=f"agentplane-{uuid.uuid4().hex[:12]}", ttl_s=settings.lease_ttl_s),
         )
 
         server = grpc.aio.server()
@@ -112,35 +120,57 @@ class App:
             raise OSError(f"cannot bind {settings.listen}")
         await server.start()
         app = cls(settings, tenants, server, health, sessions, engine, port)
-        app._ready_task = asyncio.create_task(
-            health.check(engine, cli_path, migrate_first=settings.migrate_at_start)
-        )
+        app._ready_task = asyncio.create_task(app._start_up(cli_path))
         log.info("agentplane listening on %s", settings.listen.rsplit(":", 1)[0] + f":{port}")
         return app
+
+    async def _start_up(self, cli_path: Path) -> None:
+        """Readiness checks (and the SQLite migration), then the periodic upkeep: lease
+        renewal and crash recovery, and readiness re-checks of the database."""
+        await self.health.check(self.engine, cli_path, migrate_first=self.settings.migrate_at_start)
+        self._background += [
+            asyncio.create_task(self.sessions.lease_keeper.run(), name="leases"),
+            asyncio.create_task(
+                self.health.monitor(self.engine, self.settings.health_interval_s), name="health"
+            ),
+        ]
 
     async def ready(self) -> None:
         """Wait for the start-up checks to finish (whatever their verdict)."""
         if self._ready_task is not None:
             await self._ready_task
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Health NOT_SERVING, end live sessions (ERROR/SHUTDOWN, settled), stop serving."""
-        log.info("shutdown: stopping with %d live session(s)", self.sessions.live_count)
+    async def stop(self, grace: float | None = None, force: asyncio.Event | None = None) -> None:
+        """Drain: readiness NOT_SERVING at once (liveness stays SERVING), new sessions
+        UNAVAILABLE, running ones get `grace` seconds (default AGENTPLANE_SHUTDOWN_GRACE_S,
+        cut short when `force` is set), the rest end ERROR/SHUTDOWN, settled; then stop."""
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        log.info("shutdown: draining %d live session(s), grace %.0f s",
+                 self.sessions.live_count, grace)
+        await self.health.drain()
+        await self.sessions.drain(grace, force)
+        await self.server.stop(1.0)
         await self.health.shutdown()
-        if self._ready_task is not None and not self._ready_task.done():
-            self._ready_task.cancel()
-        await self.sessions.shutdown()
-        await self.server.stop(grace)
+        for task in [self._ready_task, *self._background]:
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.engine.dispose()
+        log.info("shutdown: done")
 
 
 async def serve(settings: Settings, tenants: TenantRegistry | None = None) -> int:
-    """Run until SIGTERM or SIGINT, then stop cleanly. Returns the exit code."""
+    """Run until SIGTERM or SIGINT, then drain and stop; a second signal cuts the grace
+    period short. Returns the exit code."""
     app = await App.start(settings, tenants)
-    stop = asyncio.Event()
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (force if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    await app.stop()
+    await app.stop(force=force)
     return 0

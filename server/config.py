@@ -41,6 +41,13 @@ SETTINGS: Mapping[str, tuple[str, str]] = {
     ),
     "AGENTPLANE_RETRY_ATTEMPTS": ("3", "attempts per session for transient failures (1: no retry)"),
     "AGENTPLANE_RETRY_BASE_DELAY_S": ("1", "first retry delay; doubles per retry, with jitter"),
+    "AGENTPLANE_SHUTDOWN_GRACE_S": (
+        "25", "on SIGTERM, how long running sessions get to finish before they are interrupted"
+    ),
+    "AGENTPLANE_LEASE_TTL_S": (
+        "30", "a session whose server stopped renewing its lease this long ends ERROR/INTERRUPTED"
+    ),
+    "AGENTPLANE_HEALTH_INTERVAL_S": ("5", "how often readiness re-checks the database"),
     "AGENTPLANE_LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
 }
 
@@ -61,6 +68,9 @@ class Settings:
     session_idle_timeout_s: float = 120.0
     retry_attempts: int = 3
     retry_base_delay_s: float = 1.0
+    shutdown_grace_s: float = 25.0
+    lease_ttl_s: float = 30.0
+    health_interval_s: float = 5.0
     log_level: str = "INFO"
 
     @classmethod
@@ -121,6 +131,9 @@ class Settings:
         if not attempts.isdigit() or not 1 <= int(attempts) <= 20:
             raise ConfigError("AGENTPLANE_RETRY_ATTEMPTS", f"{attempts!r} is not an integer in 1..20")
         base_delay_s = _seconds(get, "AGENTPLANE_RETRY_BASE_DELAY_S")
+        grace_s = _seconds(get, "AGENTPLANE_SHUTDOWN_GRACE_S")
+        lease_s = _seconds(get, "AGENTPLANE_LEASE_TTL_S")
+        health_s = _seconds(get, "AGENTPLANE_HEALTH_INTERVAL_S")
 
         level = get("AGENTPLANE_LOG_LEVEL").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -139,6 +152,9 @@ class Settings:
             session_idle_timeout_s=idle_s,
             retry_attempts=int(attempts),
             retry_base_delay_s=base_delay_s,
+            shutdown_grace_s=grace_s,
+            lease_ttl_s=lease_s,
+            health_interval_s=health_s,
             log_level=level,
         )
 

@@ -51,6 +51,7 @@ class ErrorReason(enum.StrEnum):
     INTERRUPTED = "INTERRUPTED"
     MODEL_API_ERROR = "MODEL_API_ERROR"
     TIMEOUT = "TIMEOUT"
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
 
 
 class EventKind(enum.StrEnum):

@@ -34,6 +34,7 @@ class Health:
         self.servicer = HealthServicer()
         self.problem: str | None = "starting up"
         self._stopping = False
+        self._cli_problem: str | None = None
 
     async def init(self) -> None:
         for name in READY_NAMES:
@@ -48,12 +49,30 @@ class Health:
 
     async def check(self, engine: AsyncEngine, cli_path: Path, *, migrate_first: bool) -> None:
         """Check the database, its migrations and the agent CLI; SERVING if all pass."""
-        problem = await _database_problem(engine, migrate_first) or await _cli_problem(cli_path)
+        self._cli_problem = await _cli_problem(cli_path)
+        problem = await _database_problem(engine, migrate_first) or self._cli_problem
         if problem:
             log.error("not ready: %s", problem)
         else:
             log.info("ready: database migrated and agent CLI found")
         await self._set_ready(problem)
+
+    async def monitor(self, engine: AsyncEngine, interval_s: float) -> None:
+        """Re-check the database every `interval_s`: readiness follows it down and back up
+        without a restart."""
+        while not self._stopping:
+            await asyncio.sleep(interval_s)
+            problem = await _database_problem(engine, False) or self._cli_problem
+            if problem != self.problem and not self._stopping:
+                log.warning("readiness: %s", problem or "ready again")
+                await self._set_ready(problem)
+
+    async def drain(self) -> None:
+        """Draining: every name that invites work goes NOT_SERVING; liveness stays SERVING."""
+        self._stopping = True
+        self.problem = "the server is shutting down"
+        for name in READY_NAMES:
+            await self.servicer.set(name, NOT_SERVING)
 
     async def shutdown(self) -> None:
         """NOT_SERVING for good (liveness too: the process is going away)."""
@@ -64,7 +83,7 @@ class Health:
 
 async def _database_problem(engine: AsyncEngine, migrate_first: bool) -> str | None:
     try:
-        async with engine.connect() as conn:
+        async with asyncio.timeout(10), engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
         if migrate_first:
             await migrate(engine)

@@ -29,6 +29,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_INTERRUPTED: _ClassVar[ErrorReason]
     ERROR_REASON_MODEL_API_ERROR: _ClassVar[ErrorReason]
     ERROR_REASON_TIMEOUT: _ClassVar[ErrorReason]
+    ERROR_REASON_DATABASE_UNAVAILABLE: _ClassVar[ErrorReason]
 
 class OnDisconnect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -49,6 +50,7 @@ ERROR_REASON_AGENT_FAILED: ErrorReason
 ERROR_REASON_INTERRUPTED: ErrorReason
 ERROR_REASON_MODEL_API_ERROR: ErrorReason
 ERROR_REASON_TIMEOUT: ErrorReason
+ERROR_REASON_DATABASE_UNAVAILABLE: ErrorReason
 ON_DISCONNECT_UNSPECIFIED: OnDisconnect
 ON_DISCONNECT_CANCEL: OnDisconnect
 ON_DISCONNECT_CONTINUE: OnDisconnect

@@ -22,13 +22,25 @@ Persist = Callable[[Sequence[Event]], Awaitable[None]]
 class EventWriter:
     """Writes a session's events in batches, off the path that streams them.
 
-    Events wait at most `interval` seconds; a failed write is retried with the batch
-    kept in order, so the persisted log never has a gap.
+    Events wait at most `interval` seconds; a failed write (the database is down) is
+    retried with the batch kept in order, so the persisted log never has a gap. At most
+    `max_pending` events wait; past that `on_overflow` is called once (the session must
+    end: events are never dropped silently).
     """
 
-    def __init__(self, persist: Persist, *, interval: float = 0.05) -> None:
+    def __init__(
+        self,
+        persist: Persist,
+        *,
+        interval: float = 0.05,
+        max_pending: int = 10_000,
+        on_overflow: Callable[[], None] = lambda: None,
+    ) -> None:
         self._persist = persist
         self._interval = interval
+        self._max_pending = max_pending
+        self.on_overflow = on_overflow
+        self._overflowed = False
         self._pending: list[Event] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -37,8 +49,16 @@ class EventWriter:
     def add(self, event: Event) -> None:
         self._pending.append(event)
         self._wake.set()
+        if len(self._pending) > self._max_pending and not self._overflowed:
+            self._overflowed = True
+            self.on_overflow()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
     async def _loop(self) -> None:
+        delay = 0.2
         while True:
             await self._wake.wait()
             if not self._closing:
@@ -48,20 +68,32 @@ class EventWriter:
             if batch:
                 try:
                     await self._persist(batch)
-                except Exception:
-                    log.exception("writing %d events failed; retrying", len(batch))
+                    delay = 0.2
+                except Exception as exc:  # noqa: BLE001 - any failure: keep the batch, retry
+                    log.warning("writing %d events failed (%s); retrying in %.1f s",
+                                len(batch), type(exc).__name__, delay)
                     self._pending[:0] = batch
                     self._wake.set()
-                    await asyncio.sleep(0.5)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
                     continue
             if self._closing and not self._pending:
                 return
 
-    async def close(self) -> None:
-        """Write everything still pending, then stop."""
+    async def close(self, timeout: float | None = None) -> bool:
+        """Write everything still pending, then stop; False if that took over `timeout`
+        (the writer keeps trying until `abort`)."""
         self._closing = True
         self._wake.set()
-        await asyncio.shield(self._task)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def abort(self) -> None:
+        """Stop trying; what is still pending is left to crash recovery."""
+        self._task.cancel()
 
 
 class LiveSession:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -24,6 +24,7 @@ from ..errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceede
 from ..store import sessions as repo
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
+from .leases import LeaseConfig, LeaseKeeper
 from .live import EventWriter, LiveSession
 from .requests import RunRequest, SessionSpec, validate
 from .runner import AgentRunner, Outcome
@@ -54,6 +55,8 @@ class SessionManager:
         *,
         not_ready: Callable[[], str | None] = lambda: None,
         max_sessions: int = 8,
+        leases: LeaseConfig | None = None,
+        finish_retry_s: float = 60.0,
     ) -> None:
         self._db = db
         self._runner = runner
@@ -62,6 +65,12 @@ class SessionManager:
         self._admitting = 0
         self._live: dict[str, LiveSession] = {}
         self.poll_interval_s = 0.25
+        self.draining = False
+        self.leases = leases or LeaseConfig(owner=f"agentplane-{uuid.uuid4().hex[:12]}")
+        self.lease_keeper = LeaseKeeper(
+            db, self.leases, self._live.keys, self._lost, self._runner.clean_up
+        )
+        self._finish_retry_s = finish_retry_s
 
     # -- running -------------------------------------------------------------------------
 
@@ -78,6 +87,8 @@ class SessionManager:
             earlier = await self._by_request_id(tenant, spec)
             if earlier is not None:
                 return earlier
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
         problem = self._not_ready()
         if problem:
             raise Unavailable(problem)
@@ -110,12 +121,17 @@ class SessionManager:
             resumed_from=spec.resume_session_id,
         )
         live = LiveSession(session, EventWriter(self._persist_events))
+        live.writer.on_overflow = lambda: live.request_cancel(
+            ErrorReason.DATABASE_UNAVAILABLE,
+            "the database was unreachable for longer than the session's event buffer lasts",
+        )
         started = live.build(EventKind.STARTED, {"session": session.to_json()})
         try:
             async with self._db.begin() as db:
                 day = day_of(now, tenant.time_zone).isoformat()
                 await repo.insert_session(
-                    db, session, request_hash=spec.fingerprint(), budget_day=day
+                    db, session, request_hash=spec.fingerprint(), budget_day=day,
+                    owner=self.leases.owner, lease_until=self.leases.expiry(now),
                 )
                 # The reservation's UPDATE locks the tenant's window row until commit, so
                 # the count below cannot race another admission of the same tenant.
@@ -229,14 +245,7 @@ class SessionManager:
             result=outcome.result if v.state is SessionState.COMPLETE else "",
         )
         result = live.build(EventKind.RESULT, {"session": final.to_json()})
-        await live.writer.close()
-        try:
-            async with self._db.begin() as db:
-                await repo.save_progress(db, final, expect=live.session.state)
-                await settle_session(db, session_id=final.id, actual=final.cost_usd, now=now)
-                await repo.insert_events(db, [result])
-        except Exception:
-            log.exception("recording the end of session %s failed", final.id)
+        await self._record_end(live, final, result)
         live.session = final
         live.publish(result, persist=False)
         live.end()
@@ -246,6 +255,57 @@ class SessionManager:
             "complete" if final.state is SessionState.COMPLETE else "error",
             final.id, final.tenant, final.error_reason or "", final.cost_usd,
         )
+
+    async def _record_end(self, live: LiveSession, final: Session, result: Event) -> None:
+        """Write the remaining events, then the terminal state, the settlement and the
+        result event in one transaction. While the database is down this is retried for
+        `finish_retry_s`; after that the session is left to crash recovery (its lease is
+        no longer renewed once it leaves the registry)."""
+        deadline = asyncio.get_running_loop().time() + self._finish_retry_s
+        delay = 0.2
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                if not await live.writer.close(timeout=max(remaining, 0.0)):
+                    raise TimeoutError("events still unwritten")
+                async with self._db.begin() as db:
+                    if not await repo.save_progress(db, final, expect=live.session.state):
+                        log.warning("session %s was closed by another server meanwhile", final.id)
+                        return
+                    await settle_session(db, session_id=final.id, actual=final.cost_usd, now=final.end_time or utcnow())
+                    await repo.insert_events(db, [result])
+                return
+            except (DBAPIError, TimeoutError) as exc:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    live.writer.abort()
+                    log.error("recording the end of session %s failed for good (%s); crash "
+                              "recovery will close it", final.id, type(exc).__name__)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _lost(self, session_id: str) -> None:
+        """Another server closed a session we still run (we were cut off): stop it."""
+        live = self._live.get(session_id)
+        if live is not None:
+            live.request_cancel(
+                ErrorReason.INTERRUPTED, "another server closed the session while it was cut off"
+            )
+
+    async def drain(self, grace_s: float, force: asyncio.Event | None = None) -> None:
+        """Refuse new sessions, give running ones `grace_s` to finish (or until `force` is
+        set), then interrupt the rest (ERROR/SHUTDOWN, settled)."""
+        self.draining = True
+        lives = list(self._live.values())
+        if lives:
+            done = asyncio.ensure_future(asyncio.gather(*(lv.finished.wait() for lv in lives)))
+            waiters: set[asyncio.Future[object]] = {done}
+            if force is not None:
+                waiters.add(asyncio.ensure_future(force.wait()))
+            await asyncio.wait(waiters, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+        await self.shutdown()
 
     async def _persist_events(self, events: Sequence[Event]) -> None:
         async with self._db.begin() as db:

@@ -25,7 +25,7 @@ from claude_agent_sdk import (
     SystemMessage,
 )
 
-from ..domain import ErrorReason, EventKind, SessionState, TokenUsage, usd
+from ..domain import ErrorReason, EventKind, Session, SessionState, TokenUsage, usd
 from ..store.transcripts import SqlSessionStore, TenantTranscripts
 from ..tenants import Tenant
 from .cli_env import SessionDirs, cli_environment
@@ -98,6 +98,12 @@ class AgentRunner:
     def __init__(self, config: RunnerConfig, store: SqlSessionStore) -> None:
         self.config = config
         self._store = store
+
+    async def clean_up(self, session: Session) -> None:
+        """Kill what is left of a session a dead server ran here, and remove its folder."""
+        dirs = self.session_dirs(session.tenant, session.id)
+        await asyncio.to_thread(kill_session_processes, dirs.root)
+        await asyncio.to_thread(shutil.rmtree, dirs.root, True)
 
     def _cli_for(self, tenant: Tenant) -> Path:
         """The CLI, or for a tenant with an os_user a launcher that becomes that user first.

@@ -68,7 +68,13 @@ def _outcome_columns(session: Session) -> dict[str, object]:
 
 
 async def insert_session(
-    db: DbSession, session: Session, *, request_hash: str, budget_day: str
+    db: DbSession,
+    session: Session,
+    *,
+    request_hash: str,
+    budget_day: str,
+    owner: str | None = None,
+    lease_until: datetime | None = None,
 ) -> None:
     db.add(
         SessionRow(
@@ -84,6 +90,8 @@ async def insert_session(
             max_turns=session.max_turns,
             budget_day=budget_day,
             resumed_from=session.resumed_from or None,
+            owner=owner,
+            lease_expires_at=lease_until,
             **_outcome_columns(session),
         )
     )
@@ -136,6 +144,42 @@ async def count_active(db: DbSession, tenant: str) -> int:
         )
     )
     return int(count or 0)
+
+
+async def renew_leases(
+    db: DbSession, *, owner: str, ids: Sequence[str], until: datetime
+) -> set[str]:
+    """Extend the leases of these sessions if still active and ours; the ids kept."""
+    active = [SessionState.IDLE.value, SessionState.RUNNING.value]
+    await db.execute(
+        update(SessionRow)
+        .where(SessionRow.id.in_(ids), SessionRow.owner == owner, SessionRow.state.in_(active))
+        .values(lease_expires_at=until)
+    )
+    kept = await db.scalars(
+        select(SessionRow.id).where(
+            SessionRow.id.in_(ids), SessionRow.owner == owner, SessionRow.state.in_(active)
+        )
+    )
+    return set(kept)
+
+
+async def expired_sessions(db: DbSession, *, now: datetime, limit: int = 100) -> list[Session]:
+    """Active sessions whose owner's lease ran out."""
+    rows = await db.scalars(
+        select(SessionRow)
+        .where(
+            SessionRow.state.in_([SessionState.IDLE.value, SessionState.RUNNING.value]),
+            or_(SessionRow.lease_expires_at.is_(None), SessionRow.lease_expires_at < now),
+        )
+        .limit(limit)
+    )
+    return [_to_domain(row) for row in rows]
+
+
+async def last_seq(db: DbSession, session_id: str) -> int:
+    seq = await db.scalar(select(func.max(EventRow.seq)).where(EventRow.session_id == session_id))
+    return int(seq or 0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,255 @@
+"""Drain on SIGTERM, recovery after kill -9, a database that goes away: real processes,
+real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from agentplane.server.sandbox import SandboxServer, Script, Step
+from agentplane.server.store.engine import create_engine, sessionmaker
+from agentplane.server.store.models import BudgetWindowRow, EventRow, SessionRow
+from agentplane.v1 import session_pb2, session_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import MODEL, TOKENS, agent_processes, short_dir, tenants_toml
+from sqlalchemy import select
+from test_server_process import free_port
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
+
+
+@dataclass
+class ServerProcess:
+    proc: asyncio.subprocess.Process
+    port: int
+    channel: grpc.aio.Channel
+
+    @property
+    def sessions(self) -> session_pb2_grpc.SessionServiceStub:
+        return session_pb2_grpc.SessionServiceStub(self.channel)
+
+    @property
+    def health(self) -> health_pb2_grpc.HealthStub:
+        return health_pb2_grpc.HealthStub(self.channel)
+
+    async def status(self, service: str = "") -> int:
+        return (await self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)).status
+
+    async def wait_status(self, wanted: int, service: str = "", timeout: float = 30) -> None:
+        for _ in range(int(timeout * 10)):
+            try:
+                if await self.status(service) == wanted:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"health of {service!r} never became {wanted}")
+
+
+@dataclass
+class World:
+    """A sandbox model, a tenants file and a work dir shared by the servers of a test."""
+
+    sandbox: SandboxServer
+    work: Path
+    database_url: str
+
+    async def start(self, **env: str) -> ServerProcess:
+        port = free_port()
+        full = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
+        full.update(
+            AGENTPLANE_LISTEN=f"127.0.0.1:{port}",
+            AGENTPLANE_DATABASE_URL=self.database_url,
+            AGENTPLANE_AUTO_MIGRATE="1",
+            AGENTPLANE_TENANTS_FILE=str(self.work / "tenants.toml"),
+            AGENTPLANE_WORK_DIR=str(self.work / "w"),
+            AGENTPLANE_CLI_MAX_RETRIES="0",
+            AGENTPLANE_TEST_ACME_KEY="sk-ant-test-acme-key",
+            ANTHROPIC_BASE_URL=self.sandbox.base_url,
+            **env,
+        )
+        with (self.work / f"server-{port}.log").open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agentplane.server", "serve", env=full, stderr=log
+            )
+        server = ServerProcess(proc, port, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+        await server.wait_status(SERVING)
+        return server
+
+    async def rows(self) -> tuple[list[SessionRow], dict[str, list[int]], list[BudgetWindowRow]]:
+        engine = create_engine(self.database_url)
+        try:
+            async with sessionmaker(engine)() as db:
+                sessions = list(await db.scalars(select(SessionRow)))
+                seqs: dict[str, list[int]] = {}
+                for event in await db.scalars(select(EventRow).order_by(EventRow.seq)):
+                    seqs.setdefault(event.session_id, []).append(event.seq)
+                windows = list(await db.scalars(select(BudgetWindowRow)))
+        finally:
+            await engine.dispose()
+        return sessions, seqs, windows
+
+
+@pytest.fixture
+async def world(database_url: str) -> AsyncIterator[World]:
+    work = short_dir()
+    workspace = work / "tpl"
+    workspace.mkdir()
+    (work / "tenants.toml").write_text(tenants_toml(workspace))
+    sandbox = SandboxServer(scripts={
+        "quick": Script(steps=[Step(text="quick done", delay_s=1.0)]),
+        "stuck": Script(steps=[Step(hang=True)]),
+        "slowish": Script(steps=[Step(text="slow done", delay_s=4.0)]),
+    })
+    await sandbox.start()
+    yield World(sandbox, work, database_url)
+    await sandbox.stop()
+    assert agent_processes(work) == []
+
+
+def run(server: ServerProcess, script: str) -> grpc.aio.UnaryStreamCall:
+    return server.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt=f"[[sandbox:{script}]] go", model=MODEL), metadata=AUTH
+    )
+
+
+async def events_of(call: grpc.aio.UnaryStreamCall) -> list[session_pb2.SessionEvent]:
+    """The rest of a stream (read() throughout: gRPC forbids mixing it with iteration)."""
+    events = []
+    while (event := await call.read()) is not grpc.aio.EOF:
+        events.append(event)
+    return events
+
+
+async def wait_requests(sandbox: SandboxServer, n: int) -> None:
+    for _ in range(300):
+        if len([r for r in sandbox.requests if r.kind == "conversation"]) >= n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the model never got {n} requests")
+
+
+async def test_sigterm_drains_finishes_what_it_can_and_exits_0(world: World) -> None:
+    server = await world.start(AGENTPLANE_SHUTDOWN_GRACE_S="3")
+    watch = server.health.Watch(health_pb2.HealthCheckRequest(service="readiness"))
+    assert (await watch.read()).status == SERVING
+    calls = [run(server, "quick"), run(server, "quick"), run(server, "stuck")]
+    streams = [asyncio.create_task(events_of(c)) for c in calls]
+    await wait_requests(world.sandbox, 3)
+
+    started = asyncio.get_running_loop().time()
+    server.proc.send_signal(signal.SIGTERM)
+    assert (await watch.read()).status == NOT_SERVING
+    assert await server.status("liveness") == SERVING  # alive while draining
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await events_of(run(server, "quick"))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    results = [(await s)[-1].result.session for s in streams]
+    assert [r.state for r in results] == [session_pb2.SESSION_STATE_COMPLETE] * 2 + [
+        session_pb2.SESSION_STATE_ERROR
+    ]
+    assert results[2].error.reason == session_pb2.ERROR_REASON_SHUTDOWN
+    assert await asyncio.wait_for(server.proc.wait(), 15) == 0
+    assert asyncio.get_running_loop().time() - started < 3 + 8  # grace + a small margin
+    await server.channel.close()
+    assert agent_processes(world.work) == []
+
+    sessions, seqs, windows = await world.rows()
+    assert len(sessions) == 3
+    for s in sessions:
+        assert seqs[s.id] == list(range(1, len(seqs[s.id]) + 1))  # persisted gap-free
+    assert all(w.reserved_usd == 0 for w in windows)
+
+
+async def test_a_second_signal_cuts_the_grace_short(world: World) -> None:
+    server = await world.start(AGENTPLANE_SHUTDOWN_GRACE_S="60")
+    stream = asyncio.create_task(events_of(run(server, "stuck")))
+    await wait_requests(world.sandbox, 1)
+    server.proc.send_signal(signal.SIGTERM)
+    await server.wait_status(NOT_SERVING, "readiness")
+    server.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(server.proc.wait(), 15) == 0
+    final = (await stream)[-1].result.session
+    assert final.error.reason == session_pb2.ERROR_REASON_SHUTDOWN
+    await server.channel.close()
+
+
+async def test_after_kill_9_another_server_closes_the_session(world: World) -> None:
+    first = await world.start(AGENTPLANE_LEASE_TTL_S="2")
+    call = run(first, "stuck")
+    started = await call.read()
+    await wait_requests(world.sandbox, 1)
+    first.proc.kill()
+    await first.proc.wait()
+    call.cancel()
+    await first.channel.close()
+
+    second = await world.start(AGENTPLANE_LEASE_TTL_S="2")
+    watch = second.sessions.StreamSession(
+        session_pb2.StreamSessionRequest(session_id=started.session_id), metadata=AUTH
+    )
+    events = await asyncio.wait_for(events_of(watch), 20)
+    final = events[-1].result.session
+    assert final.state == session_pb2.SESSION_STATE_ERROR
+    assert final.error.reason == session_pb2.ERROR_REASON_INTERRUPTED
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    second.proc.send_signal(signal.SIGTERM)
+    assert await second.proc.wait() == 0
+    await second.channel.close()
+    _, _, windows = await world.rows()
+    assert all(w.reserved_usd == 0 for w in windows)
+    assert agent_processes(world.work) == []  # the dead server's CLI was reaped too
+
+
+async def test_a_database_outage_is_ridden_out(world: World) -> None:
+    if not world.database_url.startswith("postgresql"):
+        pytest.skip("needs a database server whose connections can be cut")
+    server = await world.start(AGENTPLANE_HEALTH_INTERVAL_S="0.5")
+    name = world.database_url.rsplit("/", 1)[1]
+    admin = await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    )
+    call = run(server, "slowish")
+    first = await call.read()
+    await wait_requests(world.sandbox, 1)
+
+    await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    await admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+    )
+    await server.wait_status(NOT_SERVING, "readiness", timeout=10)
+    assert await server.status("liveness") == SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await events_of(run(server, "quick"))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    await asyncio.sleep(4)  # the session ends while the database is away
+    await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    await server.wait_status(SERVING, "readiness", timeout=15)
+    events = [first, *await events_of(call)]
+    assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    await admin.close()
+
+    server.proc.send_signal(signal.SIGTERM)
+    assert await server.proc.wait() == 0
+    await server.channel.close()
+    sessions, seqs, windows = await world.rows()
+    (session,) = sessions
+    assert session.state == "COMPLETE"
+    assert seqs[session.id] == [e.seq for e in events]  # nothing lost
+    assert all(w.reserved_usd == 0 for w in windows)
+    assert sum((w.spent_usd for w in windows), Decimal(0)) == session.cost_usd
