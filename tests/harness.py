@@ -77,9 +77,10 @@ def tenants_toml(workspace: Path) -> str:
         token_sha256 = ["{hash_token(TOKENS['ops'])}"]
         anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
         allowed_tools = ["Bash", "Glob"]
-        daily_limit_usd = 10.0
+        daily_limit_usd = 500.0
         max_session_budget_usd = 1.0
         max_turns = 6
+        max_concurrent_sessions = 8
         """
     )
 
@@ -162,6 +163,7 @@ async def start_harness(database_url: str, *, extra_tenants: str = "", **setting
         work_dir=work / "w",
         cli_max_retries=0,
         retry_base_delay_s=0.05,
+        max_sessions=16,
         auto_migrate=True,
     )
     app = await App.start(replace(base, **settings), TenantRegistry.load(tenants_file))

@@ -1,0 +1,60 @@
+"""A bounded soak: many short sessions, a few at a time, leave nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from agentplane.v1 import budget_pb2, session_pb2
+from harness import Harness, agent_processes
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
+
+SESSIONS = 200
+AT_ONCE = 8
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_many_short_sessions_leak_nothing(harness: Harness, database_url: str) -> None:
+    if not database_url.startswith("sqlite"):
+        pytest.skip("the soak runs once, on SQLite, to keep CI short")
+    gate = asyncio.Semaphore(AT_ONCE)
+    states: list[int] = []
+    # Warm up at full concurrency: pools that grow to their working size are not leaks.
+    await asyncio.gather(*(harness.run("ops", prompt="warm up") for _ in range(AT_ONCE)))
+    fds_before, rss_before = open_fds(), rss_mib()
+
+    async def one(i: int) -> None:
+        async with gate:
+            events = await harness.run("ops", prompt=f"soak {i}")
+            states.append(events[-1].result.session.state)
+
+    started = asyncio.get_running_loop().time()
+    await asyncio.gather(*(one(i) for i in range(SESSIONS)))
+    elapsed = asyncio.get_running_loop().time() - started
+    fds_after, rss_after = open_fds(), rss_mib()
+    print(
+        f"\nsoak: {SESSIONS} sessions, {AT_ONCE} at a time, {elapsed:.1f} s "
+        f"({SESSIONS / elapsed:.1f}/s); test process RSS {rss_before:.0f} -> {rss_after:.0f} MiB; "
+        f"open fds {fds_before} -> {fds_after}"
+    )
+    assert states == [session_pb2.SESSION_STATE_COMPLETE] * SESSIONS
+    assert agent_processes(harness.work_dir) == []
+    assert fds_after <= fds_before + 5
+    window = await harness.budgets.GetBudget(budget_pb2.GetBudgetRequest(), metadata=harness.auth("ops"))
+    assert Decimal(window.reserved_usd) == 0
+    assert harness.app.sessions.live_count == 0
