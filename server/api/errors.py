@@ -85,6 +85,14 @@ def to_status(exc: AgentplaneError) -> grpc.Status:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+    """End the call with the status for `exc`; anything not ours is INTERNAL, logged."""
+    if isinstance(exc, AgentplaneError):
+        await context.abort_with_status(to_status(exc))
+    log.error("unexpected error in %s", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+
 def unary(method: F) -> F:
     """Map domain errors raised by a unary handler to rich statuses."""
 
@@ -92,11 +100,8 @@ def unary(method: F) -> F:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except AgentplaneError as exc:
-            await context.abort_with_status(to_status(exc))
-        except Exception:
-            log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, never swallowed
+            await _abort(context, method.__name__, exc)
 
     return wrapper  # type: ignore[return-value]
 
@@ -111,10 +116,7 @@ def streaming(method: F) -> F:
         try:
             async for item in method(self, request, context):
                 yield item
-        except AgentplaneError as exc:
-            await context.abort_with_status(to_status(exc))
-        except Exception:
-            log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, never swallowed
+            await _abort(context, method.__name__, exc)
 
     return wrapper  # type: ignore[return-value]
