@@ -15,9 +15,12 @@ TOOL_INPUT_CHARS = 200
 SYSTEM_CHARS = 120
 
 
-def to_json(message: Any, *, indent: int | None = None) -> str:
-    """A message as JSON (proto field names; one line unless ``indent``)."""
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+def to_json(message: Any, *, indent: int | None = None, all_fields: bool = False) -> str:
+    """A message as JSON (proto field names; one line unless ``indent``; zero values
+    too with ``all_fields``)."""
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=all_fields
+    )
     if indent is None:
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     return json.dumps(data, indent=indent, ensure_ascii=False)

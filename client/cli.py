@@ -181,7 +181,7 @@ def cmd_budget(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_usage(client: Client, args: argparse.Namespace) -> int:
     usage = client.get_usage(start_time=args.since, end_time=args.until)
-    _out(render.to_json(usage, indent=2))
+    _out(render.to_json(usage, indent=2, all_fields=True))  # "sessions_failed": "0" too
     return EXIT_OK
 
 

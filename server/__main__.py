@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import logging
 import os
 import sys
 
 from .config import Settings, settings_help
 from .errors import ConfigError
+from .telemetry.logs import configure_logging
 from .tenants import TenantRegistry
 
 EXIT_CONFIG = 2
@@ -39,19 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # Alembic announces its plugins at INFO on import; that is noise in a server log.
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLevelName(level)))
-
-
 def _settings() -> Settings:
     settings = Settings.from_env()
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)  # JSON lines on stderr
     return settings
 
 

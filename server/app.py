@@ -24,15 +24,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .api.budget_service import BudgetService, UsageService
 from .api.session_service import SessionService
+from .budgets.gateway import MeteringGateway
 from .budgets.ledger import BudgetReader
+from .budgets.pricing import PriceTable
 from .config import Settings
 from .health import Health
 from .sessions.leases import LeaseConfig
 from .sessions.manager import SessionManager
 from .sessions.retry import RetryPolicy
 from .sessions.runner import BUNDLED_CLI, AgentRunner, RunnerConfig
+from .sessions.usage import UsageReader
 from .store.engine import create_engine, sessionmaker
 from .store.transcripts import SqlSessionStore
+from .telemetry.observer import TelemetryObserver
+from .telemetry.setup import Telemetry, telemetry_for
 from .tenants import TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -57,12 +62,21 @@ class App:
     port: int
     _ready_task: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    gateway: MeteringGateway | None = None
+    telemetry: Telemetry = field(default_factory=Telemetry.disabled)
 
     @classmethod
-    async def start(cls, settings: Settings, tenants: TenantRegistry | None = None) -> App:
+    async def start(
+        cls,
+        settings: Settings,
+        tenants: TenantRegistry | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> App:
         """Bind, start serving (health NOT_SERVING), then run the readiness checks in the
-        background so probes can watch the transition."""
+        background so probes can watch the transition. `telemetry` (default: as the
+        settings say) is the App's own: stop() flushes and closes it."""
         tenants = tenants or load_tenants(settings)
+        telemetry = telemetry or telemetry_for(settings)
         if tenants.dev_mode:
             log.warning("no AGENTPLANE_TENANTS_FILE: dev mode, one `default` tenant, no auth")
         engine = create_engine(settings.database_url)
@@ -74,6 +88,11 @@ class App:
         if any(t.os_user for t in tenants.tenants.values()):
             # Agents running as tenants' own users must traverse (not list) the root.
             settings.work_dir.chmod(0o711)
+        prices = PriceTable.load()
+        if settings.prices_file is not None:
+            prices = prices.override(settings.prices_file)
+        gateway = MeteringGateway(prices)
+        await gateway.start()
         runner = AgentRunner(
             RunnerConfig(
                 work_dir=settings.work_dir,
@@ -87,6 +106,7 @@ class App:
                 ),
             ),
             SqlSessionStore(db),
+            gateway,
         )
         sessions = SessionManager(
             db,
@@ -94,16 +114,19 @@ class App:
             not_ready=lambda: health.problem,
             max_sessions=settings.max_sessions,
             leases=LeaseConfig(owner=f"agentplane-{uuid.uuid4().hex[:12]}", ttl_s=settings.lease_ttl_s),
+            observer=TelemetryObserver(telemetry),
         )
 
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=telemetry.server_interceptors())
         session_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionService(tenants, sessions), server
         )
         budget_pb2_grpc.add_BudgetServiceServicer_to_server(
             BudgetService(tenants, BudgetReader(db)), server
         )
-        usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageService(tenants), server)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageService(tenants, UsageReader(db)), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
         reflection.enable_server_reflection(
             [
@@ -119,7 +142,8 @@ class App:
         if port == 0:
             raise OSError(f"cannot bind {settings.listen}")
         await server.start()
-        app = cls(settings, tenants, server, health, sessions, engine, port)
+        app = cls(settings, tenants, server, health, sessions, engine, port, telemetry=telemetry)
+        app.gateway = gateway
         app._ready_task = asyncio.create_task(app._start_up(cli_path))
         log.info("agentplane listening on %s", settings.listen.rsplit(":", 1)[0] + f":{port}")
         return app
@@ -145,8 +169,9 @@ class App:
         UNAVAILABLE, running ones get `grace` seconds (default AGENTPLANE_SHUTDOWN_GRACE_S,
         cut short when `force` is set), the rest end ERROR/SHUTDOWN, settled; then stop."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
-        log.info("shutdown: draining %d live session(s), grace %.0f s",
-                 self.sessions.live_count, grace)
+        log.info("shutdown", extra={
+            "phase": "draining", "live_sessions": self.sessions.live_count, "grace_s": grace,
+        })
         await self.health.drain()
         await self.sessions.drain(grace, force)
         await self.server.stop(1.0)
@@ -155,8 +180,11 @@ class App:
             if task is not None and not task.done():
                 task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.gateway is not None:
+            await self.gateway.stop()
         await self.engine.dispose()
-        log.info("shutdown: done")
+        await asyncio.to_thread(self.telemetry.shutdown)  # flush spans and metrics
+        log.info("shutdown", extra={"phase": "done"})
 
 
 async def serve(settings: Settings, tenants: TenantRegistry | None = None) -> int:

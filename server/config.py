@@ -12,6 +12,7 @@ from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
 from .sessions.cli_env import MAX_SOCKET_DIR_BYTES
+from .telemetry.setup import DEFAULT_SERVICE_NAME, OtelConfig
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE_URL = "sqlite:///./agentplane.db"
@@ -41,6 +42,9 @@ SETTINGS: Mapping[str, tuple[str, str]] = {
     ),
     "AGENTPLANE_RETRY_ATTEMPTS": ("3", "attempts per session for transient failures (1: no retry)"),
     "AGENTPLANE_RETRY_BASE_DELAY_S": ("1", "first retry delay; doubles per retry, with jitter"),
+    "AGENTPLANE_PRICES_FILE": (
+        "", "TOML price table overriding the packaged one (model -> $/Mtok in, out, cache)"
+    ),
     "AGENTPLANE_SHUTDOWN_GRACE_S": (
         "25", "on SIGTERM, how long running sessions get to finish before they are interrupted"
     ),
@@ -49,6 +53,26 @@ SETTINGS: Mapping[str, tuple[str, str]] = {
     ),
     "AGENTPLANE_HEALTH_INTERVAL_S": ("5", "how often readiness re-checks the database"),
     "AGENTPLANE_LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
+    "AGENTPLANE_PROMETHEUS_PORT": (
+        "", "serve Prometheus /metrics on this port, on the AGENTPLANE_LISTEN host; unset: off"
+    ),
+    "AGENTPLANE_TRACE_CONTENT": (
+        "0", "1: put prompts, results and tool inputs/outputs on spans (never by default)"
+    ),
+    "AGENTPLANE_TRACE_CONTENT_MAX_CHARS": (
+        "4096", "with AGENTPLANE_TRACE_CONTENT=1, the most characters kept of each"
+    ),
+    "OTEL_EXPORTER_OTLP_ENDPOINT": (
+        "", "OTLP collector for spans and metrics, e.g. http://collector:4317; unset: no export"
+    ),
+    "OTEL_EXPORTER_OTLP_PROTOCOL": (
+        "grpc", "grpc or http/protobuf (per signal: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, ...)"
+    ),
+    "OTEL_SERVICE_NAME": (DEFAULT_SERVICE_NAME, "service.name on spans and metrics"),
+    "OTEL_SDK_DISABLED": ("", "true: no spans, no OpenTelemetry metrics (JSON logs stay)"),
+    "OTEL_TRACES_EXPORTER": ("otlp", "otlp, console or none"),
+    "OTEL_METRICS_EXPORTER": ("otlp", "otlp or none (Prometheus is AGENTPLANE_PROMETHEUS_PORT)"),
+    "OTEL_METRIC_EXPORT_INTERVAL": ("60000", "milliseconds between OTLP metric exports"),
 }
 
 
@@ -69,9 +93,14 @@ class Settings:
     retry_attempts: int = 3
     retry_base_delay_s: float = 1.0
     shutdown_grace_s: float = 25.0
+    prices_file: Path | None = None
     lease_ttl_s: float = 30.0
     health_interval_s: float = 5.0
     log_level: str = "INFO"
+    prometheus_port: int | None = None
+    trace_content: bool = False
+    trace_content_max_chars: int = 4096
+    otel: OtelConfig = field(default_factory=OtelConfig)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -131,6 +160,9 @@ class Settings:
         if not attempts.isdigit() or not 1 <= int(attempts) <= 20:
             raise ConfigError("AGENTPLANE_RETRY_ATTEMPTS", f"{attempts!r} is not an integer in 1..20")
         base_delay_s = _seconds(get, "AGENTPLANE_RETRY_BASE_DELAY_S")
+        prices = env.get("AGENTPLANE_PRICES_FILE", "").strip()
+        if prices and not Path(prices).is_file():
+            raise ConfigError("AGENTPLANE_PRICES_FILE", f"{prices} is not a file")
         grace_s = _seconds(get, "AGENTPLANE_SHUTDOWN_GRACE_S")
         lease_s = _seconds(get, "AGENTPLANE_LEASE_TTL_S")
         health_s = _seconds(get, "AGENTPLANE_HEALTH_INTERVAL_S")
@@ -138,6 +170,18 @@ class Settings:
         level = get("AGENTPLANE_LOG_LEVEL").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("AGENTPLANE_LOG_LEVEL", f"{level!r} is not a log level")
+
+        prometheus = env.get("AGENTPLANE_PROMETHEUS_PORT", "").strip()
+        if prometheus and (not prometheus.isdigit() or int(prometheus) > 65535):
+            raise ConfigError("AGENTPLANE_PROMETHEUS_PORT", f"{prometheus!r} is not a port number")
+        content = get("AGENTPLANE_TRACE_CONTENT").lower()
+        if content not in ("0", "1", "true", "false"):
+            raise ConfigError("AGENTPLANE_TRACE_CONTENT", f"{content!r} is not 0 or 1")
+        content_max = get("AGENTPLANE_TRACE_CONTENT_MAX_CHARS")
+        if not content_max.isdigit() or int(content_max) < 1:
+            raise ConfigError(
+                "AGENTPLANE_TRACE_CONTENT_MAX_CHARS", f"{content_max!r} is not an integer >= 1"
+            )
 
         return cls(
             listen=listen,
@@ -153,9 +197,14 @@ class Settings:
             retry_attempts=int(attempts),
             retry_base_delay_s=base_delay_s,
             shutdown_grace_s=grace_s,
+            prices_file=Path(prices) if prices else None,
             lease_ttl_s=lease_s,
             health_interval_s=health_s,
             log_level=level,
+            prometheus_port=int(prometheus) if prometheus else None,
+            trace_content=content in ("1", "true"),
+            trace_content_max_chars=int(content_max),
+            otel=OtelConfig.from_env(env),
         )
 
     @property
@@ -163,6 +212,13 @@ class Settings:
         if self.auto_migrate is not None:
             return self.auto_migrate
         return make_url(self.database_url).get_backend_name() == "sqlite"
+
+    @property
+    def prometheus_address(self) -> tuple[str, int] | None:
+        """Where /metrics is served: the listen host, AGENTPLANE_PROMETHEUS_PORT."""
+        if self.prometheus_port is None:
+            return None
+        return self.listen.rpartition(":")[0].strip("[]"), self.prometheus_port
 
 
 def _seconds(get: Callable[[str], str], name: str) -> float:

@@ -201,3 +201,35 @@ class BudgetWindow:
     @property
     def remaining_usd(self) -> Decimal:
         return max(Decimal(0), self.limit_usd - self.spent_usd - self.reserved_usd)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a tenant's sessions created in [start, end) did, from the database."""
+
+    tenant: str
+    start: datetime | None
+    end: datetime
+    sessions_total: int = 0
+    sessions_succeeded: int = 0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    total_cost_usd: Decimal = Decimal(0)
+    ended_cost_usd: Decimal = Decimal(0)
+    total_turns: int = 0
+    tool_uses: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def sessions_failed(self) -> int:
+        return sum(self.failures_by_reason.values())
+
+    @property
+    def success_rate(self) -> float:
+        """succeeded / (succeeded + failed); 0 when none ended."""
+        ended = self.sessions_succeeded + self.sessions_failed
+        return self.sessions_succeeded / ended if ended else 0.0
+
+    @property
+    def average_cost_usd(self) -> Decimal:
+        """The average cost of an ended session (0 when none ended)."""
+        ended = self.sessions_succeeded + self.sessions_failed
+        return usd(self.ended_cost_usd / ended) if ended else Decimal(0).quantize(MICRO)

@@ -21,6 +21,7 @@ import psycopg
 from agentplane.server.app import App
 from agentplane.server.config import Settings
 from agentplane.server.sandbox import SandboxServer
+from agentplane.server.telemetry.setup import Telemetry
 from agentplane.server.tenants import TenantRegistry, hash_token
 from agentplane.v1 import budget_pb2_grpc, session_pb2, session_pb2_grpc, usage_pb2_grpc
 from sqlalchemy.engine import make_url
@@ -33,6 +34,7 @@ TOKENS = {
     "globex": "globex-secret-token-2",
     "small": "small-tok-3",
     "ops": "ops-token-4",
+    "nokey": "nokey-token-5",
 }
 
 
@@ -81,6 +83,11 @@ def tenants_toml(workspace: Path) -> str:
         max_session_budget_usd = 1.0
         max_turns = 6
         max_concurrent_sessions = 8
+
+        [tenants.nokey]
+        token_sha256 = ["{hash_token(TOKENS['nokey'])}"]
+        anthropic_api_key_env = "AGENTPLANE_TEST_UNSET_KEY"
+        allowed_tools = ["Read"]
         """
     )
 
@@ -144,7 +151,10 @@ class Harness:
         return [event async for event in call]
 
 
-async def start_harness(database_url: str, *, extra_tenants: str = "", **settings: Any) -> Harness:
+async def start_harness(
+    database_url: str, *, extra_tenants: str = "", telemetry: Telemetry | None = None,
+    **settings: Any,
+) -> Harness:
     work = short_dir()
     workspace = work / "tpl"
     workspace.mkdir()
@@ -166,7 +176,7 @@ async def start_harness(database_url: str, *, extra_tenants: str = "", **setting
         max_sessions=16,
         auto_migrate=True,
     )
-    app = await App.start(replace(base, **settings), TenantRegistry.load(tenants_file))
+    app = await App.start(replace(base, **settings), TenantRegistry.load(tenants_file), telemetry)
     await app.ready()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     return Harness(app, sandbox, channel, database_url, work, workspace)

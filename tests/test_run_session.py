@@ -293,15 +293,6 @@ async def test_get_budget_reports_the_window_and_limits(harness: Harness) -> Non
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_unimplemented_rpcs_say_so(harness: Harness) -> None:
-    from agentplane.v1 import usage_pb2
-
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.usage.GetUsage(usage_pb2.GetUsageRequest(), metadata=harness.auth())
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "GetUsage" in caught.value.details()
-
-
 async def test_a_caller_that_goes_away_cancels_its_session_and_its_cli(harness: Harness) -> None:
     harness.sandbox.add_script(
         "very_slow", Script(steps=[Step(text="late", delay_s=30.0)])
@@ -331,3 +322,18 @@ async def test_a_caller_that_goes_away_cancels_its_session_and_its_cli(harness: 
     window = await budget(harness, "globex")
     assert Decimal(window.reserved_usd) == 0
     assert agent_processes(harness.work_dir) == []
+
+
+async def test_a_model_missing_from_the_price_table_is_invalid(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.run(prompt="hi", model="claude-imaginary-9")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(caught.value)["BadRequest"].field_violations[0].field == "model"
+    assert "price table" in caught.value.details()
+
+
+async def test_a_tenant_without_an_api_key_gets_a_clear_error(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.run("nokey", prompt="hi")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "AGENTPLANE_TEST_UNSET_KEY" in caught.value.details()

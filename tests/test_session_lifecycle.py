@@ -252,11 +252,16 @@ async def test_a_killed_cli_is_retried_and_the_session_completes(harness: Harnes
     import signal
 
     harness.sandbox.add_script(
-        "crash", Script(steps=[Step(text="survived", delay_s=2.0, usage=Usage(input_tokens=100, output_tokens=10))])
+        # Step 1 answers too: whether the retry resumes (the SDK may have mirrored the
+        # prompt before the kill) or starts afresh, the session must complete.
+        "crash", Script(steps=[
+            Step(text="survived", delay_s=2.0, usage=Usage(input_tokens=100, output_tokens=10)),
+            Step(text="survived", usage=Usage(input_tokens=100, output_tokens=10)),
+        ])
     )
     call = harness.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt="[[sandbox:crash]] go", model=MODEL),
-        metadata=harness.auth("globex"),
+        metadata=harness.auth("acme"),
     )
     await read_until(call, "system")  # the CLI is up
     for _ in range(200):  # and waiting for the model

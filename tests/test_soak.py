@@ -8,7 +8,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import Harness, agent_processes
 

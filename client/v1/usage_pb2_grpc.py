@@ -47,10 +47,10 @@ class UsageServiceServicer:
     """
 
     def GetUsage(self, request, context):
-        """Returns the caller's tenant's usage over a time range.
+        """Returns the caller's tenant's usage over a time range, computed from the database.
 
-        Errors: INVALID_ARGUMENT (an inverted range), UNAUTHENTICATED, UNIMPLEMENTED (not in
-        this release).
+        Errors: INVALID_ARGUMENT (an inverted range: end_time not after start_time),
+        UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

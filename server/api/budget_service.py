@@ -9,7 +9,8 @@ from agentplane.v1 import budget_pb2, budget_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 from ..budgets.ledger import BudgetReader
 from ..domain import utcnow
-from ..errors import InvalidArgument, Unimplemented
+from ..errors import InvalidArgument
+from ..sessions.usage import UsageReader
 from ..tenants import TenantRegistry
 from . import convert
 from .auth import caller
@@ -43,12 +44,18 @@ class BudgetService(budget_pb2_grpc.BudgetServiceServicer):
 
 
 class UsageService(usage_pb2_grpc.UsageServiceServicer):
-    def __init__(self, tenants: TenantRegistry) -> None:
+    def __init__(self, tenants: TenantRegistry, usage: UsageReader) -> None:
         self._tenants = tenants
+        self._usage = usage
 
     @unary
     async def GetUsage(
         self, request: usage_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> usage_pb2.Usage:
-        caller(self._tenants, context)
-        raise Unimplemented("GetUsage is not implemented in this release yet")
+        tenant = caller(self._tenants, context)
+        usage = await self._usage.usage(
+            tenant,
+            convert.from_timestamp(request, "start_time"),
+            convert.from_timestamp(request, "end_time"),
+        )
+        return convert.usage_to_proto(usage)

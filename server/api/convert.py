@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from agentplane.v1 import budget_pb2, session_pb2
+from agentplane.v1 import budget_pb2, session_pb2, usage_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ..domain import BudgetWindow, Event, EventKind, Session, SessionState
+from ..domain import BudgetWindow, Event, EventKind, Session, SessionState, Usage
 from ..sessions.requests import RunRequest
 
 
@@ -120,4 +120,21 @@ def budget_to_proto(w: BudgetWindow, *, max_session_budget: str, max_turns: int,
         max_session_budget_usd=max_session_budget,
         max_turns=max_turns,
         max_concurrent_sessions=max_concurrent,
+    )
+
+
+def usage_to_proto(u: Usage) -> usage_pb2.Usage:
+    return usage_pb2.Usage(
+        tenant=u.tenant,
+        start_time=timestamp(u.start),
+        end_time=timestamp(u.end),
+        sessions_total=u.sessions_total,
+        sessions_succeeded=u.sessions_succeeded,
+        sessions_failed=u.sessions_failed,
+        failures_by_reason=u.failures_by_reason,
+        success_rate=u.success_rate,
+        total_cost_usd=str(u.total_cost_usd),
+        average_cost_usd=str(u.average_cost_usd),
+        total_turns=u.total_turns,
+        tool_uses=u.tool_uses,
     )

@@ -88,7 +88,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
     """End the call with the status for `exc`; anything not ours is INTERNAL, logged."""
     if isinstance(exc, AgentplaneError):
-        await context.abort_with_status(to_status(exc))
+        status = to_status(exc)
+        # Told first so that the tracing interceptor's context records the code on its span.
+        context.set_code(status.code)
+        context.set_details(status.details)
+        await context.abort_with_status(status)
     log.error("unexpected error in %s", method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 

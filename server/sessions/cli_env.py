@@ -54,18 +54,14 @@ class SessionDirs:
         return self.root / "t"
 
     def create(self, owner: str | None = None) -> None:
-        """Make every folder, mode 0700, owned by `owner` (a Unix user) when given.
-
-        The tenant's folder above them is 0700 as well, so no other tenant's agent
-        (running as another user) can even list it.
-        """
+        """Make every folder (not the parent of `root`), mode 0700, owned by `owner` (a
+        Unix user) when given."""
         uid = gid = -1
         if owner is not None:
             entry = pwd.getpwnam(owner)
             uid, gid = entry.pw_uid, entry.pw_gid
-        tenant_root = self.root.parent
-        tenant_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for path in (tenant_root, self.root, self.cwd, self.home, self.config, self.tmp):
+        self.root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (self.root, self.cwd, self.home, self.config, self.tmp):
             path.mkdir(mode=0o700, exist_ok=True)
             os.chmod(path, 0o700)
             if owner is not None:

@@ -90,7 +90,7 @@ class LeaseKeeper:
                 )
             closed.append(final.id)
             await self._on_recovered(final)
-            log.warning("session_interrupted session_id=%s tenant=%s", final.id, final.tenant)
+            log.warning("session_interrupted", extra={"session_id": final.id, "tenant": final.tenant})
         return closed
 
     async def run(self) -> None:

@@ -104,9 +104,16 @@ class LiveSession:
     which one has been published but is not yet readable.
     """
 
-    def __init__(self, session: Session, writer: EventWriter) -> None:
+    def __init__(
+        self,
+        session: Session,
+        writer: EventWriter,
+        on_publish: Callable[[Session, Event], None] | None = None,
+    ) -> None:
         self.session = session
         self.writer = writer
+        # Told of every published event (telemetry); must not raise.
+        self.on_publish = on_publish or (lambda _session, _event: None)
         self.task: asyncio.Task[None] | None = None
         self.cancel_requested = asyncio.Event()
         self.cancel_reason: ErrorReason | None = None
@@ -137,6 +144,7 @@ class LiveSession:
         self._events.append(event)
         if persist:
             self.writer.add(event)
+        self.on_publish(self.session, event)
         self._wake.set()
         self._wake = asyncio.Event()
 

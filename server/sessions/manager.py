@@ -20,12 +20,20 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from ..budgets.ledger import reserve_for_session, settle_session
 from ..budgets.windows import day_of
 from ..domain import ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded, Unavailable
+from ..errors import (
+    AgentplaneError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+    Unavailable,
+)
 from ..store import sessions as repo
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
 from .leases import LeaseConfig, LeaseKeeper
 from .live import EventWriter, LiveSession
+from .observer import NullObserver, SessionObserver, rejection_reason
 from .requests import RunRequest, SessionSpec, validate
 from .runner import AgentRunner, Outcome
 from .translate import Verdict
@@ -57,8 +65,10 @@ class SessionManager:
         max_sessions: int = 8,
         leases: LeaseConfig | None = None,
         finish_retry_s: float = 60.0,
+        observer: SessionObserver | None = None,
     ) -> None:
         self._db = db
+        self._observer: SessionObserver = observer or NullObserver()
         self._runner = runner
         self._not_ready = not_ready
         self._max_sessions = max_sessions
@@ -80,7 +90,29 @@ class SessionManager:
         A repeat of a request_id re-attaches to the session it started instead. Raises
         InvalidArgument, QuotaExceeded or Unavailable; then nothing is created.
         """
+        try:
+            return await self._start(tenant, request)
+        except AgentplaneError as exc:
+            reason = rejection_reason(exc)
+            self._observer.rejected(tenant.name, reason)
+            detail = {"detail": str(exc)} if isinstance(exc, QuotaExceeded) else {}
+            log.info("budget_rejected" if reason == "BUDGET_EXCEEDED" else "admission_rejected",
+                     extra={"tenant": tenant.name, "reason": reason, **detail})
+            raise
+
+    async def _start(self, tenant: Tenant, request: RunRequest) -> Admission:
         spec = validate(request, tenant)
+        self._runner.check_model(spec.model)
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        problem = self._not_ready()
+        if problem:
+            raise Unavailable(problem)
+        if not tenant.api_key():
+            raise FailedPrecondition(
+                f"tenant {tenant.name!r} has no Anthropic API key: set the environment "
+                f"variable {tenant.anthropic_api_key_env} for the server"
+            )
         if spec.resume_session_id:
             spec = await self._resolve_resume(tenant, spec)
         if spec.request_id:
@@ -120,7 +152,7 @@ class SessionManager:
             request_id=spec.request_id,
             resumed_from=spec.resume_session_id,
         )
-        live = LiveSession(session, EventWriter(self._persist_events))
+        live = LiveSession(session, EventWriter(self._persist_events), self._observer.event)
         live.writer.on_overflow = lambda: live.request_cancel(
             ErrorReason.DATABASE_UNAVAILABLE,
             "the database was unreachable for longer than the session's event buffer lasts",
@@ -159,10 +191,17 @@ class SessionManager:
         except BaseException:
             await live.writer.close()
             raise
+        # The run task starts in the context the observer gives (its trace span current).
+        run_context = self._observer.admitted(session, spec.prompt)
+        run_context.run(log.info, "session_start", extra={
+            "session_id": session.id, "tenant": tenant.name, "model": session.model,
+            "max_budget_usd": str(session.max_budget_usd), "max_turns": session.max_turns,
+        })
         live.publish(started, persist=False)
         self._live[session.id] = live
-        live.task = asyncio.create_task(self._run(live, spec, tenant), name=f"session-{session.id}")
-        log.info("session_start session_id=%s tenant=%s", session.id, tenant.name)
+        live.task = asyncio.create_task(
+            self._run(live, spec, tenant), name=f"session-{session.id}", context=run_context
+        )
         return Admission(session.id, self._follow(tenant, session.id, 0), live)
 
     async def _resolve_resume(self, tenant: Tenant, spec: SessionSpec) -> SessionSpec:
@@ -251,9 +290,13 @@ class SessionManager:
         live.end()
         self._live.pop(live.id, None)
         log.info(
-            "session_%s session_id=%s tenant=%s reason=%s cost_usd=%s",
-            "complete" if final.state is SessionState.COMPLETE else "error",
-            final.id, final.tenant, final.error_reason or "", final.cost_usd,
+            "session_complete" if final.state is SessionState.COMPLETE else "session_error",
+            extra={
+                "session_id": final.id, "tenant": final.tenant,
+                "reason": final.error_reason.value if final.error_reason else None,
+                "detail": final.error_message[:500] or None,
+                "cost_usd": str(final.cost_usd), "num_turns": final.num_turns,
+            },
         )
 
     async def _record_end(self, live: LiveSession, final: Session, result: Event) -> None:

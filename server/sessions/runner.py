@@ -25,6 +25,8 @@ from claude_agent_sdk import (
     SystemMessage,
 )
 
+from ..budgets.gateway import MeteringGateway
+from ..budgets.gateway_meter import SessionMeter
 from ..domain import ErrorReason, EventKind, Session, SessionState, TokenUsage, usd
 from ..store.transcripts import SqlSessionStore, TenantTranscripts
 from ..tenants import Tenant
@@ -39,6 +41,8 @@ from .translate import Verdict, to_events, verdict
 log = logging.getLogger(__name__)
 
 RESUME_PROMPT = "Continue with the task from where you left off."
+
+ANTHROPIC_API = "https://api.anthropic.com"
 
 BUNDLED_CLI = Path(claude_agent_sdk.__file__).resolve().parent / "_bundled" / "claude"
 
@@ -95,9 +99,12 @@ class Outcome:
 class AgentRunner:
     """Runs agents; knows the SDK and the CLI, nothing of gRPC or the database."""
 
-    def __init__(self, config: RunnerConfig, store: SqlSessionStore) -> None:
+    def __init__(
+        self, config: RunnerConfig, store: SqlSessionStore, gateway: MeteringGateway
+    ) -> None:
         self.config = config
         self._store = store
+        self._gateway = gateway
 
     async def clean_up(self, session: Session) -> None:
         """Kill what is left of a session a dead server ran here, and remove its folder."""
@@ -127,6 +134,12 @@ class AgentRunner:
             tmp.replace(launcher)
         return launcher
 
+    def check_model(self, model: str) -> None:
+        """Raise UnknownModel (INVALID_ARGUMENT on `model`) for a model the price table lacks;
+        an empty model is the CLI's default, which the table covers."""
+        if model:
+            self._gateway.prices.price(model)
+
     def transcripts(self, tenant: str) -> TenantTranscripts:
         """The tenant's SDK transcripts (the SessionStore the CLI mirrors into)."""
         return TenantTranscripts(self._store, tenant)
@@ -137,14 +150,17 @@ class AgentRunner:
     def _options(
         self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs, *,
         resume: str | None, budget: Decimal, max_turns: int, transcripts: TenantTranscripts,
+        meter: SessionMeter,
     ) -> ClaudeAgentOptions:
         extra = {}
         if self.config.cli_max_retries is not None:
             extra["CLAUDE_CODE_MAX_RETRIES"] = str(self.config.cli_max_retries)
+        # The CLI talks to the metering gateway with a per-session token; the tenant's real
+        # key stays in this process and is added by the gateway.
         env = cli_environment(
             dirs,
-            base_url=self.config.base_url,
-            api_key=tenant.api_key() or "",
+            base_url=self._gateway.base_url,
+            api_key=meter.token,
             scrub=self.config.scrub_env,
             extra=extra,
         )
@@ -176,55 +192,83 @@ class AgentRunner:
         happens, no process of the session survives.
         """
         dirs = self.session_dirs(tenant.name, live.id)
-        policy = self.config.retry
-        total = Outcome(Verdict(SessionState.ERROR))
-        end_at = _now() + spec.max_duration_s
+        meter = self._gateway.open_session(
+            live.id,
+            budget_usd=spec.budget_usd,
+            upstream_base_url=self.config.base_url or ANTHROPIC_API,
+            upstream_api_key=tenant.api_key() or "",
+        )
         try:
             await asyncio.to_thread(self._prepare, dirs, tenant)
-            attempt = 1
-            while True:
-                outcome, transient = await self._attempt(live, spec, tenant, dirs, total, end_at)
-                total = total.plus(outcome)
-                if live.cancel_requested.is_set() and total.verdict.state is not SessionState.COMPLETE:
-                    return total.stopped(live)
-                if not transient or attempt >= policy.attempts:
-                    return total
-                spent = Decimal(total.cost_usd)
-                if spent >= spec.budget_usd:
-                    total.verdict = Verdict(
-                        SessionState.ERROR, ErrorReason.BUDGET_EXCEEDED,
-                        f"the session's budget was used up before a retry ({total.verdict.message})",
-                    )
-                    return total
-                attempt += 1
-                delay = policy.delay_s(attempt)
-                live.emit(EventKind.RETRYING, {
-                    "attempt": attempt, "delay_ms": int(delay * 1000), "reason": total.verdict.message,
-                })
-                log.warning("retry session_id=%s attempt=%d delay_s=%.2f reason=%s",
-                            live.id, attempt, delay, total.verdict.message)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(live.cancel_requested.wait(), delay)
-                if live.cancel_requested.is_set():
-                    return total.stopped(live)
+            outcome = await self._attempts(live, spec, tenant, dirs, meter)
+            # The gateway's meter is the cost; the SDK's own estimate is kept beside it.
+            outcome.sdk_total_usd = outcome.cost_usd
+            outcome.cost_usd = str(usd(meter.spent_usd))
+            if meter.exhausted and outcome.verdict.state is not SessionState.COMPLETE:
+                outcome.verdict = Verdict(
+                    SessionState.ERROR, ErrorReason.BUDGET_EXCEEDED,
+                    f"the session's budget of {spec.budget_usd} USD was used up",
+                )
+            return outcome
         finally:
+            self._gateway.close_session(live.id)
             await asyncio.to_thread(kill_session_processes, dirs.root)
             await asyncio.to_thread(shutil.rmtree, dirs.root, True)
 
+    async def _attempts(
+        self, live: LiveSession, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs,
+        meter: SessionMeter,
+    ) -> Outcome:
+        """Attempts until one ends for good (see `run`)."""
+        policy = self.config.retry
+        total = Outcome(Verdict(SessionState.ERROR))
+        end_at = _now() + spec.max_duration_s
+        attempt = 1
+        while True:
+            outcome, transient = await self._attempt(
+                live, spec, tenant, dirs, total, end_at, meter
+            )
+            total = total.plus(outcome)
+            if live.cancel_requested.is_set() and total.verdict.state is not SessionState.COMPLETE:
+                return total.stopped(live)
+            if not transient or attempt >= policy.attempts:
+                return total
+            if meter.exhausted or meter.spent_usd >= spec.budget_usd:
+                total.verdict = Verdict(
+                    SessionState.ERROR, ErrorReason.BUDGET_EXCEEDED,
+                    f"the session's budget was used up before a retry ({total.verdict.message})",
+                )
+                return total
+            attempt += 1
+            delay = policy.delay_s(attempt)
+            live.emit(EventKind.RETRYING, {
+                "attempt": attempt, "delay_ms": int(delay * 1000), "reason": total.verdict.message,
+            })
+            log.warning("retry", extra={
+                "session_id": live.id, "tenant": tenant.name, "attempt": attempt,
+                "delay_s": round(delay, 3),
+                "reason": total.verdict.reason.value if total.verdict.reason else None,
+                "detail": total.verdict.message[:500],
+            })
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.cancel_requested.wait(), delay)
+            if live.cancel_requested.is_set():
+                return total.stopped(live)
+
     async def _attempt(
         self, live: LiveSession, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs,
-        before: Outcome, end_at: float,
+        before: Outcome, end_at: float, meter: SessionMeter,
     ) -> tuple[Outcome, bool]:
         """One run of the CLI; returns its outcome and whether a retry may help."""
         transcripts = self.transcripts(tenant.name)
         resume = before.sdk_session_id or spec.resume_sdk_session_id or None
         if resume and not await transcripts.has(resume):
             resume = None  # a CLI killed before its first answer saved nothing: start afresh
-        remaining = spec.budget_usd - Decimal(before.cost_usd)
+        remaining = meter.remaining_usd
         turns_left = max(1, spec.max_turns - before.num_turns)
         try:
             options = self._options(spec, tenant, dirs, resume=resume, budget=remaining,
-                                    max_turns=turns_left, transcripts=transcripts)
+                                    max_turns=turns_left, transcripts=transcripts, meter=meter)
             async with ClaudeSDKClient(options) as client:
                 retrying = resume is not None and resume == before.sdk_session_id
                 await client.query(RESUME_PROMPT if retrying else spec.prompt)
@@ -305,8 +349,14 @@ class AgentRunner:
         finally:
             cancel.cancel()
 
-    @staticmethod
-    def _prepare(dirs: SessionDirs, tenant: Tenant) -> None:
+    def _prepare(self, dirs: SessionDirs, tenant: Tenant) -> None:
+        # The tenant's folder is 0700 (and its os_user's), so no other tenant's agent,
+        # running as another user, can even list it.
+        tenant_root = self.config.work_dir / tenant.name
+        tenant_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tenant_root.chmod(0o700)
+        if tenant.os_user is not None:
+            shutil.chown(tenant_root, tenant.os_user, pwd.getpwnam(tenant.os_user).pw_gid)
         dirs.create(owner=tenant.os_user)
         if tenant.workspace_template is not None:
             shutil.copytree(tenant.workspace_template, dirs.cwd, dirs_exist_ok=True)

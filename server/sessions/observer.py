@@ -1,0 +1,50 @@
+"""The hook through which telemetry watches sessions, without `sessions` knowing of it.
+
+SessionManager calls an observer at admission (refused or admitted) and for every event a
+live session publishes, `started` first and `result` last. An observer must be cheap and
+must never raise: it runs on the session's own path.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+from typing import Protocol
+
+from ..domain import Event, Session
+from ..errors import AgentplaneError, QuotaExceeded
+
+
+class SessionObserver(Protocol):
+    """What SessionManager reports; telemetry implements it."""
+
+    def rejected(self, tenant: str, reason: str) -> None:
+        """A RunSession was refused; `reason` as from `rejection_reason`."""
+
+    def admitted(self, session: Session, prompt: str) -> contextvars.Context:
+        """A session was admitted (IDLE, persisted). Returns the context its run task is
+        created in (the current one, or a copy with the session's own trace span)."""
+
+    def event(self, session: Session, event: Event) -> None:
+        """A live session published `event`; at `result`, `session` is final."""
+
+
+class NullObserver:
+    """Observes nothing."""
+
+    def rejected(self, tenant: str, reason: str) -> None:
+        pass
+
+    def admitted(self, session: Session, prompt: str) -> contextvars.Context:
+        return contextvars.copy_context()
+
+    def event(self, session: Session, event: Event) -> None:
+        pass
+
+
+def rejection_reason(exc: AgentplaneError) -> str:
+    """BUDGET_EXCEEDED / CONCURRENCY_LIMIT for quota refusals, else the error's kind in
+    upper snake case (INVALID_ARGUMENT, UNAVAILABLE, NOT_FOUND, ...)."""
+    if isinstance(exc, QuotaExceeded):
+        return exc.reason
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).upper()

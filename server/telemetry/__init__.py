@@ -1,0 +1,1 @@
+"""OpenTelemetry traces and metrics, JSON logs: setup, names and the session observer."""

@@ -1,0 +1,95 @@
+"""The session metrics (OpenTelemetry instruments), their names and labels in one place."""
+
+from __future__ import annotations
+
+from opentelemetry import metrics
+
+from ..domain import Session
+
+METER_NAME = "agentplane"
+
+SESSIONS_STARTED = "agentplane.sessions.started"
+SESSIONS_ENDED = "agentplane.sessions.ended"
+SESSIONS_ACTIVE = "agentplane.sessions.active"
+SESSION_DURATION = "agentplane.session.duration"
+SESSION_COST = "agentplane.session.cost_usd"
+SESSION_TURNS = "agentplane.session.turns"
+SESSION_TOKENS = "agentplane.session.tokens"
+SESSION_RETRIES = "agentplane.session.retries"
+TOOL_USES = "agentplane.tool_uses"
+ADMISSION_REJECTIONS = "agentplane.admission.rejections"
+
+# Seconds: a session lasts from under a second to an hour.
+DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class SessionMetrics:
+    """Counts sessions, their cost, turns, tokens and tool uses, and refused admissions.
+
+    Labels: `tenant` everywhere; `outcome` (COMPLETE or ERROR) and `reason` (the
+    ErrorReason, "" on success) on ended sessions; `tool` and `outcome` (ok, error,
+    interrupted) on tool uses; `reason` on rejections; `type` on tokens.
+    """
+
+    def __init__(self, provider: metrics.MeterProvider) -> None:
+        meter = provider.get_meter(METER_NAME)
+        self.started = meter.create_counter(
+            SESSIONS_STARTED, unit="{session}", description="Sessions admitted")
+        self.ended = meter.create_counter(
+            SESSIONS_ENDED, unit="{session}", description="Sessions ended, by outcome")
+        self.active = meter.create_up_down_counter(
+            SESSIONS_ACTIVE, unit="{session}", description="Sessions admitted and not ended")
+        self.duration = meter.create_histogram(
+            SESSION_DURATION, unit="s", description="Session run time (admission to end)",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS))
+        self.cost = meter.create_counter(
+            SESSION_COST, unit="{USD}", description="Cost of ended sessions")
+        self.turns = meter.create_counter(
+            SESSION_TURNS, unit="{turn}", description="Agent turns of ended sessions")
+        self.tokens = meter.create_counter(
+            SESSION_TOKENS, unit="{token}", description="Model tokens of ended sessions, by type")
+        self.retries = meter.create_counter(
+            SESSION_RETRIES, unit="{retry}", description="Retries of transient failures")
+        self.tool_uses = meter.create_counter(
+            TOOL_USES, unit="{call}", description="Tool calls, by tool and outcome")
+        self.rejections = meter.create_counter(
+            ADMISSION_REJECTIONS, unit="{request}", description="Refused RunSession requests")
+
+    def admitted(self, session: Session) -> None:
+        labels = {"tenant": session.tenant}
+        self.started.add(1, labels)
+        self.active.add(1, labels)
+
+    def rejected(self, tenant: str, reason: str) -> None:
+        self.rejections.add(1, {"tenant": tenant, "reason": reason})
+
+    def retried(self, tenant: str) -> None:
+        self.retries.add(1, {"tenant": tenant})
+
+    def tool_used(self, tenant: str, tool: str, outcome: str) -> None:
+        self.tool_uses.add(1, {"tenant": tenant, "tool": tool, "outcome": outcome})
+
+    def ended_session(self, final: Session) -> None:
+        tenant = {"tenant": final.tenant}
+        outcome = {
+            **tenant,
+            "outcome": final.state.value,
+            "reason": final.error_reason.value if final.error_reason else "",
+        }
+        self.active.add(-1, tenant)
+        self.ended.add(1, outcome)
+        if final.end_time is not None:
+            seconds = (final.end_time - final.create_time).total_seconds()
+            self.duration.record(max(seconds, 0.0), {**tenant, "outcome": final.state.value})
+        self.cost.add(float(final.cost_usd), tenant)
+        self.turns.add(final.num_turns, tenant)
+        usage = final.usage
+        for kind, count in (
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+            ("cache_read", usage.cache_read_input_tokens),
+            ("cache_creation", usage.cache_creation_input_tokens),
+        ):
+            if count:
+                self.tokens.add(count, {**tenant, "type": kind})
+

@@ -1,0 +1,90 @@
+"""The SessionObserver that turns a session's life into spans, metrics and log lines."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..domain import Event, EventKind, Session
+from .logs import span_ids
+from .metrics import SessionMetrics
+from .setup import Telemetry
+from .tracing import TRACER_NAME, SessionSpans
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _never_raises(method: F) -> F:
+    """Telemetry must not break a session: a failure here is logged and swallowed."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except Exception:  # any failure: log it, keep the session going
+            log.exception("telemetry_failed")
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class TelemetryObserver:
+    """Spans per session and tool use, session metrics, and the tool_use log line."""
+
+    def __init__(self, telemetry: Telemetry) -> None:
+        self._tracer = telemetry.tracer_provider.get_tracer(TRACER_NAME)
+        self._content = telemetry.content
+        self.metrics = SessionMetrics(telemetry.meter_provider)
+        self._spans: dict[str, SessionSpans] = {}
+
+    @_never_raises
+    def rejected(self, tenant: str, reason: str) -> None:
+        self.metrics.rejected(tenant, reason)
+
+    def admitted(self, session: Session, prompt: str) -> contextvars.Context:
+        """Open the session's invoke_agent span under the current one (the RunSession
+        server span) and return a context in which it is current, for the run task: the
+        SDK then hands it to the CLI as TRACEPARENT."""
+        run_context = contextvars.copy_context()
+        spans = self._open(session, prompt)
+        if spans is not None:
+            run_context.run(spans.attach)
+        return run_context
+
+    @_never_raises
+    def _open(self, session: Session, prompt: str) -> SessionSpans | None:
+        spans = SessionSpans(self._tracer, session, prompt, self._content)
+        self._spans[session.id] = spans
+        self.metrics.admitted(session)
+        return spans
+
+    @_never_raises
+    def event(self, session: Session, event: Event) -> None:
+        spans = self._spans.get(session.id)
+        if spans is None:
+            return
+        if event.kind is EventKind.TOOL_USE:
+            span = spans.tool_started(event)
+            log.info("tool_use", extra={
+                "session_id": session.id, "tenant": session.tenant,
+                "tool": event.data.get("name", ""), "tool_use_id": event.data.get("tool_use_id", ""),
+                **span_ids(span),
+            })
+        elif event.kind is EventKind.TOOL_RESULT:
+            finished = spans.tool_finished(event)
+            if finished is not None:
+                name, failed = finished
+                self.metrics.tool_used(session.tenant, name, "error" if failed else "ok")
+        elif event.kind is EventKind.RETRYING:
+            spans.retry(event)
+            self.metrics.retried(session.tenant)
+        elif event.kind is EventKind.RESULT:
+            del self._spans[session.id]
+            for name in spans.end(session):
+                self.metrics.tool_used(session.tenant, name, "interrupted")
+            self.metrics.ended_session(session)

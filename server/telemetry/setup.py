@@ -1,0 +1,247 @@
+"""Tracer and meter providers and their exporters, from the standard OTEL_* variables.
+
+Nothing here is global: a `Telemetry` holds its own providers, so every App (and every
+test) has its own and the process-wide OpenTelemetry defaults are never set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc.filters import health_check, negate
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from prometheus_client import CollectorRegistry, start_http_server
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVICE_NAME = "agentplane"
+PROTOCOLS = ("grpc", "http/protobuf")
+TRACES_EXPORTERS = ("otlp", "console", "none")
+METRICS_EXPORTERS = ("otlp", "none")
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _names(env: Mapping[str, str], name: str, allowed: Sequence[str]) -> tuple[str, ...]:
+    raw = env.get(name, "").strip().lower() or "otlp"
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    for n in names:
+        if n not in allowed:
+            raise ConfigError(name, f"{n!r} is not one of {', '.join(allowed)}")
+    return tuple(n for n in names if n != "none")
+
+
+def _protocol(env: Mapping[str, str], signal: str) -> str:
+    name = f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"
+    if not env.get(name, "").strip():
+        name = "OTEL_EXPORTER_OTLP_PROTOCOL"
+    value = env.get(name, "").strip().lower() or "grpc"
+    if value not in PROTOCOLS:
+        raise ConfigError(name, f"{value!r} is not one of {', '.join(PROTOCOLS)}")
+    return value
+
+
+def _endpoint(env: Mapping[str, str], signal: str, protocol: str) -> str | None:
+    """The signal's own endpoint, else the common one (+ /v1/<signal> for OTLP/HTTP)."""
+    own = env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT", "").strip()
+    if own:
+        return own
+    common = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if not common:
+        return None
+    if not common.startswith(("http://", "https://")):
+        raise ConfigError("OTEL_EXPORTER_OTLP_ENDPOINT", f"{common!r} is not an http(s) URL")
+    if protocol == "http/protobuf":
+        return common.rstrip("/") + f"/v1/{signal.lower()}"
+    return common
+
+
+@dataclass(frozen=True)
+class OtelConfig:
+    """The standard OpenTelemetry variables agentplane reads (the exporters read the rest
+    themselves: OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, _COMPRESSION, OTEL_BSP_*, ...)."""
+
+    disabled: bool = False
+    service_name: str = DEFAULT_SERVICE_NAME
+    traces_exporters: tuple[str, ...] = ("otlp",)
+    traces_endpoint: str | None = None
+    traces_protocol: str = "grpc"
+    metrics_exporters: tuple[str, ...] = ("otlp",)
+    metrics_endpoint: str | None = None
+    metrics_protocol: str = "grpc"
+    metric_export_interval_ms: int = 60_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OtelConfig:
+        """Read and validate; raises ConfigError naming the first bad variable."""
+        traces_protocol = _protocol(env, "TRACES")
+        metrics_protocol = _protocol(env, "METRICS")
+        interval = env.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip() or "60000"
+        if not interval.isdigit() or int(interval) < 1:
+            raise ConfigError("OTEL_METRIC_EXPORT_INTERVAL", f"{interval!r} is not milliseconds > 0")
+        return cls(
+            disabled=_flag(env, "OTEL_SDK_DISABLED"),
+            service_name=env.get("OTEL_SERVICE_NAME", "").strip() or DEFAULT_SERVICE_NAME,
+            traces_exporters=_names(env, "OTEL_TRACES_EXPORTER", TRACES_EXPORTERS),
+            traces_endpoint=_endpoint(env, "TRACES", traces_protocol),
+            traces_protocol=traces_protocol,
+            metrics_exporters=_names(env, "OTEL_METRICS_EXPORTER", METRICS_EXPORTERS),
+            metrics_endpoint=_endpoint(env, "METRICS", metrics_protocol),
+            metrics_protocol=metrics_protocol,
+            metric_export_interval_ms=int(interval),
+        )
+
+
+@dataclass(frozen=True)
+class ContentPolicy:
+    """Whether prompts and tool inputs/outputs go on spans (off by default), and how much."""
+
+    capture: bool = False
+    max_chars: int = 4096
+
+    def cap(self, text: str) -> str:
+        return text if len(text) <= self.max_chars else text[: self.max_chars] + "…"
+
+
+def _span_exporters(config: OtelConfig) -> list[SpanExporter]:
+    exporters: list[SpanExporter] = []
+    if "console" in config.traces_exporters:
+        exporters.append(ConsoleSpanExporter())
+    if "otlp" in config.traces_exporters and config.traces_endpoint:
+        if config.traces_protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
+                OTLPSpanExporter,
+            )
+        exporters.append(OTLPSpanExporter(endpoint=config.traces_endpoint))
+    return exporters
+
+
+def _metric_readers(config: OtelConfig) -> list[MetricReader]:
+    if "otlp" not in config.metrics_exporters or not config.metrics_endpoint:
+        return []
+    if config.metrics_protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # type: ignore[assignment]
+            OTLPMetricExporter,
+        )
+    exporter = OTLPMetricExporter(endpoint=config.metrics_endpoint)
+    return [PeriodicExportingMetricReader(exporter, config.metric_export_interval_ms)]
+
+
+class PrometheusEndpoint:
+    """`/metrics` over HTTP from a registry of its own (not prometheus_client's global)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.reader = PrometheusMetricReader(registry=self.registry)
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.host = host
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class Telemetry:
+    """One server's tracer and meter providers, what to record, and their shutdown."""
+
+    tracer_provider: trace.TracerProvider
+    meter_provider: metrics.MeterProvider
+    content: ContentPolicy = field(default_factory=ContentPolicy)
+    prometheus: PrometheusEndpoint | None = None
+
+    @classmethod
+    def create(
+        cls,
+        config: OtelConfig,
+        *,
+        content: ContentPolicy | None = None,
+        prometheus: tuple[str, int] | None = None,
+        span_processors: Iterable[SpanProcessor] = (),
+        metric_readers: Iterable[MetricReader] = (),
+    ) -> Telemetry:
+        """Providers per `config`, plus a Prometheus endpoint on (host, port) when given,
+        and any extra processors/readers (tests add in-memory ones)."""
+        content = content or ContentPolicy()
+        if config.disabled:
+            return cls(trace.NoOpTracerProvider(), metrics.NoOpMeterProvider(), content)
+        resource = Resource.create({SERVICE_NAME: config.service_name})
+        tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+        for exporter in _span_exporters(config):
+            tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        for processor in span_processors:
+            tracer_provider.add_span_processor(processor)
+        readers = [*_metric_readers(config), *metric_readers]
+        endpoint = None
+        if prometheus is not None:
+            endpoint = PrometheusEndpoint(*prometheus)
+            readers.append(endpoint.reader)
+            log.info("prometheus_listening", extra={"address": f"{endpoint.host}:{endpoint.port}"})
+        meter_provider = MeterProvider(
+            metric_readers=readers, resource=resource, shutdown_on_exit=False
+        )
+        return cls(tracer_provider, meter_provider, content, endpoint)
+
+    @classmethod
+    def disabled(cls) -> Telemetry:
+        return cls.create(OtelConfig(disabled=True))
+
+    @property
+    def tracing(self) -> bool:
+        return isinstance(self.tracer_provider, TracerProvider)
+
+    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The gRPC server span interceptor (continues the caller's traceparent; health
+        checks are not traced)."""
+        if not self.tracing:
+            return []
+        interceptor: Any = aio_server_interceptor(
+            tracer_provider=self.tracer_provider, filter_=negate(health_check())
+        )
+        return [interceptor]
+
+    def shutdown(self) -> None:
+        """Flush and stop (blocking: exporters may wait on the network)."""
+        if isinstance(self.tracer_provider, TracerProvider):
+            self.tracer_provider.shutdown()
+        if isinstance(self.meter_provider, MeterProvider):
+            self.meter_provider.shutdown()
+        if self.prometheus is not None:
+            self.prometheus.close()
+
+
+def telemetry_for(settings: Settings) -> Telemetry:
+    """The telemetry the settings ask for (OTEL_*, AGENTPLANE_PROMETHEUS_PORT, ...)."""
+    return Telemetry.create(
+        settings.otel,
+        content=ContentPolicy(settings.trace_content, settings.trace_content_max_chars),
+        prometheus=settings.prometheus_address,
+    )

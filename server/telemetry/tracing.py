@@ -1,0 +1,168 @@
+"""Span names and attributes (OpenTelemetry GenAI conventions) in one place, and the spans
+of one session: `invoke_agent {agent}` with an `execute_tool {tool}` child per tool use.
+
+Tool spans get their real start and end times from the session's tool_use and
+tool_result events. Prompts and tool inputs/outputs go on spans only when the
+ContentPolicy says so, cut to its size.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from ..domain import Event, Session, SessionState
+from .setup import ContentPolicy
+
+TRACER_NAME = "agentplane"
+PROVIDER = "anthropic"
+
+INVOKE_AGENT = "invoke_agent"
+EXECUTE_TOOL = "execute_tool"
+
+# GenAI semantic conventions.
+OPERATION_NAME = "gen_ai.operation.name"
+PROVIDER_NAME = "gen_ai.provider.name"
+AGENT_NAME = "gen_ai.agent.name"
+CONVERSATION_ID = "gen_ai.conversation.id"
+REQUEST_MODEL = "gen_ai.request.model"
+INPUT_TOKENS = "gen_ai.usage.input_tokens"
+OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+CACHE_READ_TOKENS = "gen_ai.usage.cache_read.input_tokens"
+CACHE_CREATION_TOKENS = "gen_ai.usage.cache_creation.input_tokens"
+INPUT_MESSAGES = "gen_ai.input.messages"
+OUTPUT_MESSAGES = "gen_ai.output.messages"
+TOOL_NAME = "gen_ai.tool.name"
+TOOL_CALL_ID = "gen_ai.tool.call.id"
+TOOL_TYPE = "gen_ai.tool.type"
+TOOL_ARGUMENTS = "gen_ai.tool.call.arguments"
+TOOL_RESULT = "gen_ai.tool.call.result"
+ERROR_TYPE = "error.type"
+# agentplane's own.
+SESSION_ID = "session.id"
+TENANT = "agentplane.tenant"
+COST_USD = "agentplane.cost_usd"
+NUM_TURNS = "agentplane.num_turns"
+SESSION_STATE = "agentplane.session.state"
+RETRY_EVENT = "agentplane.retry"
+
+TOOL_ERROR = "tool_error"
+
+
+def ns(when: datetime) -> int:
+    """A datetime as OpenTelemetry's nanoseconds since the epoch."""
+    return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
+def _messages(role: str, text: str) -> str:
+    return json.dumps([{"role": role, "parts": [{"type": "text", "content": text}]}])
+
+
+class SessionSpans:
+    """The spans of one session; the invoke_agent span is current in `context`."""
+
+    def __init__(self, tracer: trace.Tracer, session: Session, prompt: str,
+                 content: ContentPolicy) -> None:
+        self._tracer = tracer
+        self._content = content
+        attributes: dict[str, Any] = {
+            OPERATION_NAME: INVOKE_AGENT,
+            PROVIDER_NAME: PROVIDER,
+            AGENT_NAME: session.tenant,
+            CONVERSATION_ID: session.id,
+            SESSION_ID: session.id,
+            TENANT: session.tenant,
+        }
+        if session.model:
+            attributes[REQUEST_MODEL] = session.model
+        if content.capture:
+            attributes[INPUT_MESSAGES] = _messages("user", content.cap(prompt))
+        self.span: Span = tracer.start_span(
+            f"{INVOKE_AGENT} {session.tenant}", kind=SpanKind.INTERNAL,
+            attributes=attributes, start_time=ns(session.create_time),
+        )
+        self.context = trace.set_span_in_context(self.span)
+        self._tools: dict[str, tuple[Span, str]] = {}
+
+    def attach(self) -> None:
+        """Make the invoke_agent span current in the running context."""
+        otel_context.attach(self.context)
+
+    def tool_started(self, event: Event) -> Span:
+        """Open the execute_tool span of a tool_use event (at the event's time)."""
+        name = str(event.data.get("name", ""))
+        call_id = str(event.data.get("tool_use_id", ""))
+        attributes: dict[str, Any] = {
+            OPERATION_NAME: EXECUTE_TOOL,
+            TOOL_NAME: name,
+            TOOL_CALL_ID: call_id,
+            TOOL_TYPE: "function",
+            SESSION_ID: event.session_id,
+        }
+        if self._content.capture:
+            attributes[TOOL_ARGUMENTS] = self._content.cap(str(event.data.get("input_json", "")))
+        span = self._tracer.start_span(
+            f"{EXECUTE_TOOL} {name}", context=self.context, kind=SpanKind.INTERNAL,
+            attributes=attributes, start_time=ns(event.time),
+        )
+        self._tools[call_id] = (span, name)
+        return span
+
+    def tool_finished(self, event: Event) -> tuple[str, bool] | None:
+        """Close the span of a tool_result event; the tool's name and whether it failed
+        (None: not a tool call of this session)."""
+        found = self._tools.pop(str(event.data.get("tool_use_id", "")), None)
+        if found is None:
+            return None
+        span, name = found
+        failed = bool(event.data.get("is_error"))
+        if self._content.capture:
+            span.set_attribute(TOOL_RESULT, self._content.cap(str(event.data.get("content", ""))))
+        if failed:
+            span.set_attribute(ERROR_TYPE, TOOL_ERROR)
+            span.set_status(Status(StatusCode.ERROR, "the tool reported an error"))
+        span.end(end_time=ns(event.time))
+        return name, failed
+
+    def retry(self, event: Event) -> None:
+        self.span.add_event(
+            RETRY_EVENT,
+            {"attempt": int(event.data.get("attempt", 0)),
+             "delay_ms": int(event.data.get("delay_ms", 0))},
+            timestamp=ns(event.time),
+        )
+
+    def end(self, final: Session) -> list[str]:
+        """Close the session span with its outcome (and any tool span still open, as
+        interrupted); returns the names of those interrupted tools."""
+        end_time = ns(final.end_time) if final.end_time else None
+        reason = final.error_reason.value if final.error_reason else "ERROR"
+        interrupted = [name for _, name in self._tools.values()]
+        for span, _ in self._tools.values():
+            span.set_attribute(ERROR_TYPE, reason)
+            span.set_status(Status(StatusCode.ERROR, "the session ended before the tool did"))
+            span.end(end_time=end_time)
+        self._tools.clear()
+        span = self.span
+        span.set_attributes({
+            CONVERSATION_ID: final.sdk_session_id or final.id,
+            INPUT_TOKENS: final.usage.input_tokens,
+            OUTPUT_TOKENS: final.usage.output_tokens,
+            CACHE_READ_TOKENS: final.usage.cache_read_input_tokens,
+            CACHE_CREATION_TOKENS: final.usage.cache_creation_input_tokens,
+            COST_USD: float(final.cost_usd),
+            NUM_TURNS: final.num_turns,
+            SESSION_STATE: final.state.value,
+        })
+        if final.state is SessionState.ERROR:
+            span.set_attribute(ERROR_TYPE, reason)
+            span.set_status(Status(StatusCode.ERROR, final.error_message[:500]))
+        elif self._content.capture and final.result:
+            span.set_attribute(OUTPUT_MESSAGES, _messages("assistant", self._content.cap(final.result)))
+        span.end(end_time=end_time)
+        return interrupted
