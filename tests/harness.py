@@ -35,6 +35,7 @@ TOKENS = {
     "small": "small-tok-3",
     "ops": "ops-token-4",
     "nokey": "nokey-token-5",
+    "ten": "ten-token-6",
 }
 
 
@@ -88,6 +89,16 @@ def tenants_toml(workspace: Path) -> str:
         token_sha256 = ["{hash_token(TOKENS['nokey'])}"]
         anthropic_api_key_env = "AGENTPLANE_TEST_UNSET_KEY"
         allowed_tools = ["Read"]
+
+        # A day that admits exactly ten sessions of 0.1 USD.
+        [tenants.ten]
+        token_sha256 = ["{hash_token(TOKENS['ten'])}"]
+        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
+        allowed_tools = ["Glob"]
+        daily_limit_usd = 1.0
+        max_session_budget_usd = 0.1
+        max_concurrent_sessions = 50
+        max_turns = 20
         """
     )
 

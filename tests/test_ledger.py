@@ -91,3 +91,31 @@ async def test_windows_follow_the_tenants_time_zone(db: async_sessionmaker[Async
     # A DST change makes a 23-hour day.
     start, end = window_bounds(datetime(2026, 3, 8).date(), t.time_zone)
     assert (end - start).total_seconds() == 23 * 3600
+
+
+async def test_a_session_spanning_midnight_settles_into_the_day_it_was_admitted(
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    t = tenant(f"mid{uuid.uuid4().hex[:8]}")
+    late = datetime(2026, 3, 1, 23, 59, 30, tzinfo=UTC)
+    session_id = await admit_at(db, t, "0.4", late)
+    next_day = datetime(2026, 3, 2, 0, 1, tzinfo=UTC)
+    async with db.begin() as s:
+        assert await settle_session(s, session_id=session_id, actual=Decimal("0.25"), now=next_day)
+    reader = BudgetReader(db)
+    first = await reader.window(t, late.date())
+    second = await reader.window(t, next_day.date())
+    assert (first.spent_usd, first.reserved_usd) == (Decimal("0.25"), 0)
+    assert (second.spent_usd, second.reserved_usd) == (0, 0)  # a new day starts at 0
+
+
+async def admit_at(db: async_sessionmaker[AsyncSession], t: Tenant, amount: str, now: datetime) -> str:
+    session = Session(
+        id=str(uuid.uuid4()), tenant=t.name, state=SessionState.IDLE, create_time=now,
+        max_budget_usd=Decimal(amount), max_turns=3, allowed_tools=("Read",),
+    )
+    day = day_of(now, t.time_zone).isoformat()
+    async with db.begin() as s:
+        await repo.insert_session(s, session, request_hash="h", budget_day=day)
+        await reserve_for_session(s, t, session_id=session.id, amount=Decimal(amount), day=day, now=now)
+    return session.id

@@ -9,12 +9,13 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
-from agentplane.server.sandbox import SandboxServer, Script, Step
+from agentplane.server.sandbox import SandboxServer, Script, Step, Usage
 from agentplane.server.store.engine import create_engine, sessionmaker
 from agentplane.server.store.models import BudgetWindowRow, EventRow, SessionRow
 from agentplane.v1 import session_pb2, session_pb2_grpc
@@ -258,3 +259,36 @@ async def test_a_database_outage_is_ridden_out(world: World) -> None:
     assert session.state == "COMPLETE"
     assert seqs[session.id] == [e.seq for e in events]  # nothing lost
     assert all(w.reserved_usd == 0 for w in windows)
+
+
+async def test_two_servers_on_one_database_share_a_budget_exactly(world: World) -> None:
+    if not world.database_url.startswith("postgresql"):
+        pytest.skip("replicas share PostgreSQL")
+    world.sandbox.add_script("hold", Script(steps=[
+        Step(text="done", delay_s=2.0, usage=Usage(input_tokens=1000, output_tokens=100)),
+    ]))
+    servers = [await world.start(AGENTPLANE_MAX_SESSIONS="64") for _ in range(2)]
+    auth = (("authorization", f"Bearer {TOKENS['ten']}"),)
+
+    async def attempt(server: ServerProcess) -> session_pb2.Session | grpc.aio.AioRpcError:
+        call = server.sessions.RunSession(
+            session_pb2.RunSessionRequest(prompt="[[sandbox:hold]] go", model=MODEL), metadata=auth
+        )
+        try:
+            return (await events_of(call))[-1].result.session
+        except grpc.aio.AioRpcError as exc:
+            return exc
+
+    outcomes = await asyncio.gather(*(attempt(servers[i % 2]) for i in range(50)))
+    admitted = [o for o in outcomes if isinstance(o, session_pb2.Session)]
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(admitted) == 10 and len(refused) == 40
+    assert all(o.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for o in refused)
+    for server in servers:
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.proc.wait() == 0
+        await server.channel.close()
+    _, _, windows = await world.rows()
+    (ten,) = [w for w in windows if w.tenant == "ten"]
+    assert ten.reserved_usd == 0
+    assert ten.spent_usd == sum(Decimal(s.cost_usd) for s in admitted) > 0

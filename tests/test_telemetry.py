@@ -71,6 +71,7 @@ max_turns = 4
 PROMPT_MARKER = "PROMPT-TEXT-7f3a91-never-in-telemetry"
 SECRETS = ["sk-ant-test-acme-key", "sk-ant-test-globex-key", TIGHT_TOKEN, *TOKENS.values()]
 SERVER, INTERNAL = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_INTERNAL
+CLIENT = trace_pb2.Span.SPAN_KIND_CLIENT
 ERROR = trace_pb2.Status.STATUS_CODE_ERROR
 
 
@@ -201,11 +202,18 @@ async def test_one_trace_from_the_caller_to_every_tool_call(traced: Traced) -> N
     uses = {e.tool_use.name: e for e in events if e.HasField("tool_use")}
     results = {e.tool_result.tool_use_id: e for e in events if e.HasField("tool_result")}
 
-    def complete(spans: list[trace_pb2.Span]) -> bool:
-        names = [s.name for s in spans if hexid(s.trace_id) == trace_id]
-        return "/agentplane.v1.SessionService/RunSession" in names and len(names) >= 4
+    expected = {
+        "/agentplane.v1.SessionService/RunSession", "invoke_agent tight",
+        "execute_tool Glob", "execute_tool Read",
+    }
 
-    spans = [s for s in await traced.spans(complete) if hexid(s.trace_id) == trace_id]
+    def complete(spans: list[trace_pb2.Span]) -> bool:
+        ours = [s.name for s in spans if hexid(s.trace_id) == trace_id]
+        return expected <= set(ours) and sum(n.startswith("chat ") for n in ours) >= 2
+
+    everything = [s for s in await traced.spans(complete) if hexid(s.trace_id) == trace_id]
+    chats = [s for s in everything if s.name.startswith("chat ")]
+    spans = [s for s in everything if not s.name.startswith("chat ")]
     by_name = {s.name: s for s in spans}
     assert sorted(by_name) == sorted([
         "/agentplane.v1.SessionService/RunSession", "invoke_agent tight",
@@ -249,6 +257,17 @@ async def test_one_trace_from_the_caller_to_every_tool_call(traced: Traced) -> N
         assert (tool_attrs.get("error.type") == "tool_error") is is_error
     assert agent.start_time_unix_nano <= by_name["execute_tool Glob"].start_time_unix_nano
     assert agent.end_time_unix_nano >= by_name["execute_tool Read"].end_time_unix_nano
+
+    # One `chat {model}` span per metered model request, under invoke_agent.
+    assert len(chats) == 2  # the turn that calls Glob and Read, and the answer
+    for chat in chats:
+        chat_attrs = attributes(chat.attributes)
+        assert chat.name == f"chat {MODEL}" and chat.kind == CLIENT
+        assert chat.parent_span_id == agent.span_id
+        assert chat_attrs["gen_ai.operation.name"] == "chat"
+        assert chat_attrs["gen_ai.request.max_tokens"] > 0
+    assert sum(attributes(c.attributes)["gen_ai.usage.input_tokens"] for c in chats) == 2200
+    assert sum(Decimal(str(attributes(c.attributes)["agentplane.cost_usd"])) for c in chats) == Decimal(final.cost_usd)
 
     # The CLI was started with the invoke_agent span as its parent context.
     assert traceparent is not None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -27,14 +26,16 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
     ) -> AsyncIterator[session_pb2.SessionEvent]:
         tenant = caller(self._tenants, context)
         admission = await self._sessions.start(tenant, convert.run_request(request))
+        ended = False
         try:
             async for event in admission.events:
                 yield convert.event_to_proto(event)
-        except asyncio.CancelledError:
-            # The caller went away (or the server is stopping) mid-stream.
-            if request.on_disconnect != session_pb2.ON_DISCONNECT_CONTINUE:
+            ended = True
+        finally:
+            # The caller went away mid-stream (cancelled, or the stream was closed while
+            # suspended between events, which arrives as GeneratorExit instead).
+            if not ended and request.on_disconnect != session_pb2.ON_DISCONNECT_CONTINUE:
                 self._sessions.cancel_on_disconnect(admission)
-            raise
 
     @streaming
     async def StreamSession(

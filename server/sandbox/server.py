@@ -14,6 +14,7 @@ assistant messages. Only ``failures`` keep state: an attempt counter per
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -261,7 +262,9 @@ class SandboxServer:
         if step.hang:
             await self._hold(request)
             return web.Response()  # never sent: the connection is gone
-        return await self._send(request, body, step_reply(step, model), step)
+        return await self._send(
+            request, body, step_reply(step, model, body.get("max_tokens")), step
+        )
 
     async def _send(
         self, request: web.Request, body: dict[str, Any], reply: Reply, step: Step | None = None
@@ -315,17 +318,22 @@ def _text_reply(model: str, text: str, usage: Usage) -> Reply:
     )
 
 
-def step_reply(step: Step, request_model: str) -> Reply:
-    """The assistant message a step answers with (fresh ids for tool calls without one)."""
+def step_reply(step: Step, request_model: str, max_tokens: Any = None) -> Reply:
+    """The assistant message a step answers with (fresh ids for tool calls without one).
+
+    Like the real API, it never reports more output than the request's `max_tokens`
+    allows: a step scripted for more is cut there, with stop_reason "max_tokens".
+    """
     content: list[dict[str, Any]] = []
     if step.text is not None:
         content.append({"type": "text", "text": step.text})
     content.extend(_tool_use_block(call) for call in step.tool_calls)
+    usage, stop_reason = step.usage, step.effective_stop_reason
+    if isinstance(max_tokens, int) and 0 < max_tokens < usage.output_tokens:
+        usage = dataclasses.replace(usage, output_tokens=max_tokens)
+        stop_reason = "max_tokens"
     return Reply(
-        model=step.model or request_model,
-        content=content,
-        stop_reason=step.effective_stop_reason,
-        usage=step.usage,
+        model=step.model or request_model, content=content, stop_reason=stop_reason, usage=usage
     )
 
 

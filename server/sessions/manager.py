@@ -252,7 +252,10 @@ class SessionManager:
                     EventKind.STATE_CHANGE,
                     {"from_state": SessionState.IDLE.value, "to_state": SessionState.RUNNING.value},
                 )
-                outcome = await self._runner.run(live, spec, tenant)
+                outcome = await self._runner.run(
+                    live, spec, tenant,
+                    lambda request: self._observer.model_request(live.session, request),
+                )
         except asyncio.CancelledError:
             # Cancelled from outside (event loop shutdown): still record the end.
             live.request_cancel(ErrorReason.SHUTDOWN)

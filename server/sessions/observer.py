@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import re
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..domain import Event, Session
 from ..errors import AgentplaneError, QuotaExceeded
@@ -28,6 +28,10 @@ class SessionObserver(Protocol):
     def event(self, session: Session, event: Event) -> None:
         """A live session published `event`; at `result`, `session` is final."""
 
+    def model_request(self, session: Session, request: Any) -> None:
+        """The metering gateway settled one model request of the session (a
+        MeteredRequest: model, tokens, cost, times, outcome)."""
+
 
 class NullObserver:
     """Observes nothing."""
@@ -39,6 +43,9 @@ class NullObserver:
         return contextvars.copy_context()
 
     def event(self, session: Session, event: Event) -> None:
+        pass
+
+    def model_request(self, session: Session, request: Any) -> None:
         pass
 
 

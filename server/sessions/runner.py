@@ -8,6 +8,7 @@ import logging
 import pwd
 import shlex
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -26,7 +27,7 @@ from claude_agent_sdk import (
 )
 
 from ..budgets.gateway import MeteringGateway
-from ..budgets.gateway_meter import SessionMeter
+from ..budgets.gateway_meter import MeteredRequest, SessionMeter
 from ..domain import ErrorReason, EventKind, Session, SessionState, TokenUsage, usd
 from ..store.transcripts import SqlSessionStore, TenantTranscripts
 from ..tenants import Tenant
@@ -181,7 +182,10 @@ class AgentRunner:
             setting_sources=[],
         )
 
-    async def run(self, live: LiveSession, spec: SessionSpec, tenant: Tenant) -> Outcome:
+    async def run(
+        self, live: LiveSession, spec: SessionSpec, tenant: Tenant,
+        on_model_request: Callable[[MeteredRequest], None] | None = None,
+    ) -> Outcome:
         """Run the agent, publishing each SDK message as events; return how it ended.
 
         Transient failures (the CLI cannot start or dies, the model API keeps answering
@@ -198,9 +202,15 @@ class AgentRunner:
             upstream_base_url=self.config.base_url or ANTHROPIC_API,
             upstream_api_key=tenant.api_key() or "",
         )
+        meter.on_request = on_model_request
         try:
             await asyncio.to_thread(self._prepare, dirs, tenant)
             outcome = await self._attempts(live, spec, tenant, dirs, meter)
+            # A request the CLI saw end may still be settling in the gateway.
+            for _ in range(100):
+                if not meter.in_flight:
+                    break
+                await asyncio.sleep(0.05)
             # The gateway's meter is the cost; the SDK's own estimate is kept beside it.
             outcome.sdk_total_usd = outcome.cost_usd
             outcome.cost_usd = str(usd(meter.spent_usd))

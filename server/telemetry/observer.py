@@ -64,6 +64,12 @@ class TelemetryObserver:
         return spans
 
     @_never_raises
+    def model_request(self, session: Session, request: Any) -> None:
+        spans = self._spans.get(session.id)
+        if spans is not None:
+            spans.model_request(request)
+
+    @_never_raises
     def event(self, session: Session, event: Event) -> None:
         spans = self._spans.get(session.id)
         if spans is None:

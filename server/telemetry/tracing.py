@@ -24,6 +24,9 @@ PROVIDER = "anthropic"
 
 INVOKE_AGENT = "invoke_agent"
 EXECUTE_TOOL = "execute_tool"
+CHAT = "chat"
+REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+RESPONSE_MODEL = "gen_ai.response.model"
 
 # GenAI semantic conventions.
 OPERATION_NAME = "gen_ai.operation.name"
@@ -128,6 +131,30 @@ class SessionSpans:
             span.set_status(Status(StatusCode.ERROR, "the tool reported an error"))
         span.end(end_time=ns(event.time))
         return name, failed
+
+    def model_request(self, request: Any) -> None:
+        """A `chat {model}` span for one metered model request (a gateway MeteredRequest),
+        with its real start and end times, tokens and cost."""
+        attributes: dict[str, Any] = {
+            OPERATION_NAME: CHAT,
+            PROVIDER_NAME: PROVIDER,
+            REQUEST_MODEL: request.model,
+            INPUT_TOKENS: request.input_tokens,
+            OUTPUT_TOKENS: request.output_tokens,
+            CACHE_READ_TOKENS: request.cache_read_input_tokens,
+            CACHE_CREATION_TOKENS: request.cache_creation_input_tokens,
+            COST_USD: str(request.cost_usd),
+        }
+        if request.max_tokens_forwarded is not None:
+            attributes[REQUEST_MAX_TOKENS] = request.max_tokens_forwarded
+        span = self._tracer.start_span(
+            f"{CHAT} {request.model}", context=self.context, kind=SpanKind.CLIENT,
+            attributes=attributes, start_time=ns(request.started_at),
+        )
+        if request.outcome != "completed":
+            span.set_attribute(ERROR_TYPE, request.outcome or "error")
+            span.set_status(Status(StatusCode.ERROR, f"model request {request.outcome}"))
+        span.end(end_time=ns(request.ended_at or request.started_at))
 
     def retry(self, event: Event) -> None:
         self.span.add_event(

@@ -1,0 +1,80 @@
+"""Money you can trust: budgets under concurrency, metered per request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import grpc
+import pytest
+from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.v1 import budget_pb2, session_pb2
+from harness import MODEL, Harness, error_details, start_harness, stop_harness
+
+pytestmark = pytest.mark.asyncio
+
+@pytest.fixture(scope="module")
+async def money(database_url: str) -> AsyncIterator[Harness]:
+    h = await start_harness(database_url, max_sessions=64)
+    h.sandbox.add_script("hold", Script(steps=[
+        Step(text="done", delay_s=2.0, usage=Usage(input_tokens=1000, output_tokens=100)),
+    ]))
+    yield h
+    await stop_harness(h)
+
+
+AUTH = Harness.auth("ten")
+
+
+async def window(h: Harness) -> budget_pb2.Budget:
+    return await h.budgets.GetBudget(budget_pb2.GetBudgetRequest(), metadata=AUTH)
+
+
+async def attempt(h: Harness) -> session_pb2.Session | grpc.aio.AioRpcError:
+    call = h.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:hold]] go", model=MODEL), metadata=AUTH
+    )
+    try:
+        events = [e async for e in call]
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    return events[-1].result.session
+
+
+async def test_fifty_concurrent_sessions_against_a_limit_that_admits_ten(money: Harness) -> None:
+    outcomes = await asyncio.gather(*(attempt(money) for _ in range(50)))
+
+    admitted = [o for o in outcomes if isinstance(o, session_pb2.Session)]
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(admitted) == 10 and len(refused) == 40
+    assert all(s.state == session_pb2.SESSION_STATE_COMPLETE for s in admitted)
+    for err in refused:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_details(err)["ErrorInfo"].reason == "BUDGET_EXCEEDED"
+    b = await window(money)
+    assert Decimal(b.reserved_usd) == 0
+    assert Decimal(b.spent_usd) == sum(Decimal(s.cost_usd) for s in admitted)
+    # Metered: the sandbox's usage numbers times the price table (sonnet: $3 / $15 per Mtok).
+    assert all(Decimal(s.cost_usd) == Decimal("0.004500") for s in admitted)
+
+
+async def test_a_session_stops_when_its_budget_is_used_up(money: Harness) -> None:
+    turn = Step(tool_calls=[ToolCall("Glob", {"pattern": "*"})],
+                usage=Usage(input_tokens=1000, output_tokens=1500))
+    money.sandbox.add_script("spender", Script(steps=[turn] * 15))
+    before = len(money.sandbox.requests)
+    call = money.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:spender]] spend", model=MODEL,
+                                      max_budget_usd="0.05"),
+        metadata=AUTH,
+    )
+    final = [e async for e in call][-1].result.session
+    assert final.state == session_pb2.SESSION_STATE_ERROR
+    assert final.error.reason == session_pb2.ERROR_REASON_BUDGET_EXCEEDED
+    assert Decimal(final.cost_usd) <= Decimal("0.05")
+    forwarded = [r for r in money.sandbox.requests[before:] if r.kind == "conversation"]
+    assert forwarded and all(r.body["max_tokens"] < 32000 for r in forwarded)
+    assert forwarded[-1].body["max_tokens"] < forwarded[0].body["max_tokens"]
+    assert json.dumps(forwarded[-1].headers).find("sk-ant-test-acme-key") >= 0  # upstream got the key
