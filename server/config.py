@@ -29,7 +29,7 @@ SETTINGS: Mapping[str, tuple[str, str]] = {
         "SQLAlchemy URL: sqlite:///path or postgresql://user@host/db",
     ),
     "AGENTPLANE_TENANTS_FILE": ("", "TOML tenants file; unset: dev mode, one `default` tenant, no auth"),
-    "ANTHROPIC_BASE_URL": ("", "where agent CLIs send model requests; unset: the Anthropic API"),
+    "ANTHROPIC_BASE_URL": ("", "the model API behind the metering gateway; unset: the Anthropic API"),
     "AGENTPLANE_WORK_DIR": (DEFAULT_WORK_DIR, "root of per-session working directories (keep short)"),
     "AGENTPLANE_CLI_PATH": ("", "the Claude Code CLI; unset: the one bundled with claude-agent-sdk"),
     "AGENTPLANE_CLI_MAX_RETRIES": ("", "caps the CLI's own model-API retries (CLAUDE_CODE_MAX_RETRIES)"),
