@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
@@ -345,7 +346,7 @@ class SessionManager:
         lives = list(self._live.values())
         if lives:
             done = asyncio.ensure_future(asyncio.gather(*(lv.finished.wait() for lv in lives)))
-            waiters: set[asyncio.Future[object]] = {done}
+            waiters: set[asyncio.Future[Any]] = {done}
             if force is not None:
                 waiters.add(asyncio.ensure_future(force.wait()))
             await asyncio.wait(waiters, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)

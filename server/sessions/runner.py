@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import claude_agent_sdk
 from claude_agent_sdk import (
@@ -23,6 +23,7 @@ from claude_agent_sdk import (
     CLINotFoundError,
     ProcessError,
     ResultMessage,
+    SessionStore,
     SystemMessage,
 )
 
@@ -174,7 +175,7 @@ class AgentRunner:
             max_budget_usd=float(budget),
             resume=resume,
             # Transcripts are mirrored to the database, so a resume works on any replica.
-            session_store=transcripts,
+            session_store=cast(SessionStore, transcripts),
             model=spec.model or None,
             cwd=str(dirs.cwd),
             env=env,

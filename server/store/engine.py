@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from .. import migrations as _migrations  # the top-level migrations/ folder, as a package
+from .. import migrations as _migrations  # type: ignore[attr-defined]  # top-level migrations/
 
 MIGRATIONS_DIR = Path(_migrations.__file__).resolve().parent
 
