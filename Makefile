@@ -46,8 +46,8 @@ lint: $(STAMP) ## ruff and mypy
 	$(VENV)/bin/ruff check client server tests migrations
 	$(VENV)/bin/mypy client server
 
-bench: $(STAMP) ## benchmarks (none yet)
-	@echo "no benchmarks yet"
+bench: $(STAMP) ## agentplane vs the direct SDK, as ratios; writes BENCHMARKS.md (BENCH_ARGS=--quick: one run)
+	$(PY) tests/bench/run.py $(BENCH_ARGS)
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
