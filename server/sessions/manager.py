@@ -104,16 +104,6 @@ class SessionManager:
     async def _start(self, tenant: Tenant, request: RunRequest) -> Admission:
         spec = validate(request, tenant)
         self._runner.check_model(spec.model)
-        if self.draining:
-            raise Unavailable("the server is shutting down; retry on another replica")
-        problem = self._not_ready()
-        if problem:
-            raise Unavailable(problem)
-        if not tenant.api_key():
-            raise FailedPrecondition(
-                f"tenant {tenant.name!r} has no Anthropic API key: set the environment "
-                f"variable {tenant.anthropic_api_key_env} for the server"
-            )
         if spec.resume_session_id:
             spec = await self._resolve_resume(tenant, spec)
         if spec.request_id:
@@ -125,6 +115,11 @@ class SessionManager:
         problem = self._not_ready()
         if problem:
             raise Unavailable(problem)
+        if not tenant.api_key():
+            raise FailedPrecondition(
+                f"tenant {tenant.name!r} has no Anthropic API key: set the environment "
+                f"variable {tenant.anthropic_api_key_env} for the server"
+            )
         if len(self._live) + self._admitting >= self._max_sessions:
             raise QuotaExceeded(
                 "CONCURRENCY_LIMIT",
