@@ -31,6 +31,7 @@ from .config import Settings
 from .health import Health
 from .sessions.leases import LeaseConfig
 from .sessions.manager import SessionManager
+from .sessions.pool import PoolConfig, WarmPool
 from .sessions.retry import RetryPolicy
 from .sessions.runner import BUNDLED_CLI, AgentRunner, RunnerConfig
 from .sessions.usage import UsageReader
@@ -108,14 +109,32 @@ class App:
             SqlSessionStore(db),
             gateway,
         )
+        observer = TelemetryObserver(telemetry)
         sessions = SessionManager(
             db,
             runner,
             not_ready=lambda: health.problem,
             max_sessions=settings.max_sessions,
             leases=LeaseConfig(owner=f"agentplane-{uuid.uuid4().hex[:12]}", ttl_s=settings.lease_ttl_s),
-            observer=TelemetryObserver(telemetry),
+            observer=observer,
         )
+        pool = WarmPool(
+            runner,
+            tenants.tenants.values(),
+            room=lambda: sessions.room,
+            config=PoolConfig(
+                max_age_s=settings.warm_pool_max_age_s,
+                min_available_mib=settings.warm_pool_min_available_mib,
+            ),
+            on_served=observer.pool_served,
+        )
+        if pool.enabled:
+            try:
+                pool.check_models()
+            except Exception:
+                await gateway.stop()
+                raise
+            sessions.pool = pool
 
         server = grpc.aio.server(interceptors=telemetry.server_interceptors())
         session_pb2_grpc.add_SessionServiceServicer_to_server(
@@ -152,6 +171,9 @@ class App:
         """Readiness checks (and the SQLite migration), then the periodic upkeep: lease
         renewal and crash recovery, and readiness re-checks of the database."""
         await self.health.check(self.engine, cli_path, migrate_first=self.settings.migrate_at_start)
+        if self.sessions.pool is not None:
+            # Started once ready: a server that cannot serve should not spend on agents.
+            self._background.append(asyncio.create_task(self.sessions.pool.run(), name="warm-pool"))
         self._background += [
             asyncio.create_task(self.sessions.lease_keeper.run(), name="leases"),
             asyncio.create_task(
@@ -173,6 +195,8 @@ class App:
             "phase": "draining", "live_sessions": self.sessions.live_count, "grace_s": grace,
         })
         await self.health.drain()
+        if self.sessions.pool is not None:
+            await self.sessions.pool.close()
         await self.sessions.drain(grace, force)
         await self.server.stop(1.0)
         await self.health.shutdown()

@@ -51,6 +51,12 @@ SETTINGS: Mapping[str, tuple[str, str]] = {
     "AGENTPLANE_LEASE_TTL_S": (
         "30", "a session whose server stopped renewing its lease this long ends ERROR/INTERRUPTED"
     ),
+    "AGENTPLANE_WARM_POOL_MAX_AGE_S": (
+        "600", "warm agents (tenants' warm_pool_size) unused this long are replaced"
+    ),
+    "AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB": (
+        "1024", "no warm agent starts while the machine has less available memory than this"
+    ),
     "AGENTPLANE_HEALTH_INTERVAL_S": ("5", "how often readiness re-checks the database"),
     "AGENTPLANE_LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
     "AGENTPLANE_PROMETHEUS_PORT": (
@@ -100,6 +106,8 @@ class Settings:
     prometheus_port: int | None = None
     trace_content: bool = False
     trace_content_max_chars: int = 4096
+    warm_pool_max_age_s: float = 600.0
+    warm_pool_min_available_mib: int = 1024
     otel: OtelConfig = field(default_factory=OtelConfig)
 
     @classmethod
@@ -183,6 +191,13 @@ class Settings:
                 "AGENTPLANE_TRACE_CONTENT_MAX_CHARS", f"{content_max!r} is not an integer >= 1"
             )
 
+        pool_age_s = _seconds(get, "AGENTPLANE_WARM_POOL_MAX_AGE_S")
+        pool_mib = get("AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB")
+        if not pool_mib.isdigit():
+            raise ConfigError(
+                "AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB", f"{pool_mib!r} is not an integer >= 0"
+            )
+
         return cls(
             listen=listen,
             database_url=database_url,
@@ -204,6 +219,8 @@ class Settings:
             prometheus_port=int(prometheus) if prometheus else None,
             trace_content=content in ("1", "true"),
             trace_content_max_chars=int(content_max),
+            warm_pool_max_age_s=pool_age_s,
+            warm_pool_min_available_mib=int(pool_mib),
             otel=OtelConfig.from_env(env),
         )
 

@@ -49,6 +49,10 @@ class Tenant:
     max_duration_s: float = 3600.0
     # Run this tenant's agent processes as this Unix user (the server must run as root).
     os_user: str | None = None
+    # Agent processes kept started ahead of demand (0: none), for requests that leave
+    # tools, turns and budget at the tenant's defaults and ask for `warm_pool_model`.
+    warm_pool_size: int = 0
+    warm_pool_model: str = ""
 
     def api_key(self) -> str | None:
         """The tenant's Anthropic API key, read from the environment when needed."""
@@ -67,6 +71,8 @@ _DEFAULTS: Mapping[str, Any] = {
     "workspace_template": None,
     "max_duration_s": 3600,
     "os_user": None,
+    "warm_pool_size": 0,
+    "warm_pool_model": "",
 }
 _KEYS = {"token_sha256", *_DEFAULTS}
 
@@ -90,6 +96,18 @@ def _positive_int(value: Any, setting: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(setting, f"must be a positive integer, not {value!r}")
     return value
+
+
+def _count(value: Any, setting: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(setting, f"must be an integer >= 0, not {value!r}")
+    return value
+
+
+def _model(value: Any, setting: str) -> str:
+    if not isinstance(value, str) or len(value) > 128:
+        raise ConfigError(setting, f"must be a model name (a string), not {value!r}")
+    return value.strip()
 
 
 def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_tokens: bool) -> Tenant:
@@ -151,6 +169,8 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         max_duration_s=float(_positive_int(cfg["max_duration_s"], key("max_duration_s"))),
         os_user=str(os_user) if os_user is not None else None,
         workspace_template=Path(template).resolve() if template else None,
+        warm_pool_size=_count(cfg["warm_pool_size"], key("warm_pool_size")),
+        warm_pool_model=_model(cfg["warm_pool_model"], key("warm_pool_model")),
     )
 
 

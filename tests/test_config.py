@@ -12,6 +12,7 @@ import pytest
 from agentplane.server.config import Settings
 from agentplane.server.errors import ConfigError, Unauthenticated
 from agentplane.server.tenants import TenantRegistry, hash_token
+from test_warm_pool import twin_tenants
 
 GOOD_HASH = hash_token("tok")
 
@@ -142,3 +143,18 @@ def test_help_documents_every_setting() -> None:
     for name in ("AGENTPLANE_LISTEN", "AGENTPLANE_DATABASE_URL", "AGENTPLANE_TENANTS_FILE",
                  "ANTHROPIC_BASE_URL", "AGENTPLANE_WORK_DIR"):
         assert name in proc.stdout
+
+
+def test_warm_pool_settings_are_checked(tmp_path: Path) -> None:
+    bad = tmp_path / "t.toml"
+    bad.write_text(twin_tenants(1).replace("warm_pool_size = 1", "warm_pool_size = -1"))
+    with pytest.raises(ConfigError, match="warm_pool_size"):
+        TenantRegistry.load(bad)
+    bad.write_text(twin_tenants(1).replace('warm_pool_model = "claude-sonnet-4-5"',
+                                           "warm_pool_model = 4", 1))
+    with pytest.raises(ConfigError, match="warm_pool_model"):
+        TenantRegistry.load(bad)
+    with pytest.raises(ConfigError, match="AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB"):
+        Settings.from_env({"AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB": "lots"})
+    with pytest.raises(ConfigError, match="AGENTPLANE_WARM_POOL_MAX_AGE_S"):
+        Settings.from_env({"AGENTPLANE_WARM_POOL_MAX_AGE_S": "0"})

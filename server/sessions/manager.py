@@ -35,8 +35,9 @@ from ..tenants import Tenant
 from .leases import LeaseConfig, LeaseKeeper
 from .live import EventWriter, LiveSession
 from .observer import NullObserver, SessionObserver, rejection_reason
+from .pool import WarmPool
 from .requests import RunRequest, SessionSpec, validate
-from .runner import AgentRunner, Outcome
+from .runner import AgentRunner, Outcome, WarmAgent
 from .translate import Verdict
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,13 @@ class SessionManager:
             db, self.leases, self._live.keys, self._lost, self._runner.clean_up
         )
         self._finish_retry_s = finish_retry_s
+        # Set by the app when a tenant has a warm pool (see pool.py).
+        self.pool: WarmPool | None = None
+
+    @property
+    def room(self) -> int:
+        """How many more sessions this server would admit now."""
+        return self._max_sessions - len(self._live) - self._admitting
 
     # -- running -------------------------------------------------------------------------
 
@@ -134,9 +142,26 @@ class SessionManager:
             self._admitting -= 1
 
     async def _admit(self, tenant: Tenant, spec: SessionSpec) -> Admission:
+        pool = self.pool
+        warm = pool.take(tenant, spec) if pool is not None else None
+        admitted = None
+        try:
+            admission = await self._admit_as(tenant, spec, warm)
+            admitted = admission.session_id
+            if pool is not None and admission.live is not None:
+                pool.served(tenant.name, hit=warm is not None and admitted == warm.session_id)
+            return admission
+        finally:
+            if pool is not None and warm is not None and admitted != warm.session_id:
+                pool.give_back(warm)  # not admitted (or a repeat): the agent is still unused
+
+    async def _admit_as(
+        self, tenant: Tenant, spec: SessionSpec, warm: WarmAgent | None
+    ) -> Admission:
+        """Admit with the id of `warm` (a warm agent made for it) or a new one."""
         now = utcnow()
         session = Session(
-            id=str(uuid.uuid4()),
+            id=warm.session_id if warm is not None else str(uuid.uuid4()),
             tenant=tenant.name,
             state=SessionState.IDLE,
             create_time=now,
@@ -196,7 +221,7 @@ class SessionManager:
         live.publish(started, persist=False)
         self._live[session.id] = live
         live.task = asyncio.create_task(
-            self._run(live, spec, tenant), name=f"session-{session.id}", context=run_context
+            self._run(live, spec, tenant, warm), name=f"session-{session.id}", context=run_context
         )
         return Admission(session.id, self._follow(tenant, session.id, 0), live)
 
@@ -233,9 +258,13 @@ class SessionManager:
             )
         return Admission(session.id, self._follow(tenant, session.id, 0), None)
 
-    async def _run(self, live: LiveSession, spec: SessionSpec, tenant: Tenant) -> None:
+    async def _run(
+        self, live: LiveSession, spec: SessionSpec, tenant: Tenant, warm: WarmAgent | None
+    ) -> None:
         try:
             if live.cancel_requested.is_set():  # cancelled while IDLE: never start
+                if warm is not None:
+                    await self._runner.discard(warm)
                 outcome = Outcome(
                     Verdict(SessionState.ERROR, live.cancel_reason, live.cancel_message)
                 )
@@ -251,10 +280,13 @@ class SessionManager:
                 outcome = await self._runner.run(
                     live, spec, tenant,
                     lambda request: self._observer.model_request(live.session, request),
+                    warm,
                 )
         except asyncio.CancelledError:
             # Cancelled from outside (event loop shutdown): still record the end.
             live.request_cancel(ErrorReason.SHUTDOWN)
+            if warm is not None:  # harmless if the runner already closed it
+                await asyncio.shield(self._runner.discard(warm))
             verdict = Verdict(SessionState.ERROR, live.cancel_reason, live.cancel_message)
             await asyncio.shield(self._finish(live, Outcome(verdict)))
             raise

@@ -32,6 +32,10 @@ class SessionObserver(Protocol):
         """The metering gateway settled one model request of the session (a
         MeteredRequest: model, tokens, cost, times, outcome)."""
 
+    def pool_served(self, tenant: str, hit: bool) -> None:
+        """A session of a tenant with a warm pool was admitted, served by a warm agent (hit)
+        or started cold."""
+
 
 class NullObserver:
     """Observes nothing."""
@@ -46,6 +50,9 @@ class NullObserver:
         pass
 
     def model_request(self, session: Session, request: Any) -> None:
+        pass
+
+    def pool_served(self, tenant: str, hit: bool) -> None:
         pass
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import pwd
 import shlex
 import shutil
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -39,9 +41,9 @@ from .requests import SessionSpec
 from .retry import RetryPolicy, transient_api_failure
 from .translate import Verdict, to_events, verdict
 
-# What a retry tells the resumed agent (the failed turn is not in its transcript).
 log = logging.getLogger(__name__)
 
+# What a retry tells the resumed agent (the failed turn is not in its transcript).
 RESUME_PROMPT = "Continue with the task from where you left off."
 
 ANTHROPIC_API = "https://api.anthropic.com"
@@ -98,6 +100,42 @@ class Outcome:
                        result="")
 
 
+# Marks the folder of a warm agent no session has taken yet; holds the server's pid.
+WARM_MARKER = ".warm"
+
+PoolKey = tuple[tuple[str, ...], str, int, Decimal]
+
+
+def pool_key(spec: SessionSpec) -> PoolKey | None:
+    """What a CLI's options depend on at spawn, for matching a request to a warm agent
+    (None: the request resumes a conversation, which is fixed at spawn too)."""
+    if spec.resume_session_id:
+        return None
+    return (spec.tools, spec.model, spec.max_turns, spec.budget_usd)
+
+
+@dataclass
+class WarmAgent:
+    """A CLI started and connected ahead of demand, for the session that will take its id.
+
+    Its folder and meter are those of session `session_id`, so a taken agent is, from the
+    first query on, exactly what a cold start of that session would have spawned.
+    """
+
+    session_id: str
+    tenant: str
+    key: PoolKey
+    dirs: SessionDirs
+    client: ClaudeSDKClient
+    meter: SessionMeter
+    born: float
+
+    def alive(self) -> bool:
+        """Whether its CLI process still runs."""
+        process = getattr(getattr(self.client, "_transport", None), "_process", None)
+        return process is not None and process.returncode is None
+
+
 class AgentRunner:
     """Runs agents; knows the SDK and the CLI, nothing of gRPC or the database."""
 
@@ -149,6 +187,51 @@ class AgentRunner:
     def session_dirs(self, tenant: str, session_id: str) -> SessionDirs:
         return SessionDirs(self.config.work_dir / tenant / session_id.replace("-", "")[:16])
 
+    async def prestart(self, tenant: Tenant, spec: SessionSpec) -> WarmAgent:
+        """Start and connect a CLI with the options `spec` gives, for a session to come.
+
+        Its meter has no budget until a session takes it, so the agent cannot spend
+        anything while it waits.
+        """
+        key = pool_key(spec)
+        if key is None:
+            raise ValueError("a warm agent cannot resume a conversation")
+        session_id = str(uuid.uuid4())
+        dirs = self.session_dirs(tenant.name, session_id)
+        meter = self._open_meter(session_id, tenant, Decimal(0))
+        try:
+            await asyncio.to_thread(self._prepare, dirs, tenant)
+            (dirs.root / WARM_MARKER).write_text(str(os.getpid()))
+            options = self._options(
+                spec, tenant, dirs, resume=None, budget=spec.budget_usd,
+                max_turns=spec.max_turns, transcripts=self.transcripts(tenant.name), meter=meter,
+            )
+            client = ClaudeSDKClient(options)
+            await client.connect()
+        except BaseException:
+            await self._release(session_id, dirs)
+            raise
+        return WarmAgent(session_id, tenant.name, key, dirs, client, meter, _now())
+
+    async def discard(self, agent: WarmAgent) -> None:
+        """Stop a warm agent no session will use, and remove its folder."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(agent.client.disconnect(), self.config.interrupt_grace_s)
+        await self._release(agent.session_id, agent.dirs)
+
+    async def _release(self, session_id: str, dirs: SessionDirs) -> None:
+        self._gateway.close_session(session_id)
+        await asyncio.to_thread(kill_session_processes, dirs.root)
+        await asyncio.to_thread(shutil.rmtree, dirs.root, True)
+
+    def _open_meter(self, session_id: str, tenant: Tenant, budget: Decimal) -> SessionMeter:
+        return self._gateway.open_session(
+            session_id,
+            budget_usd=budget,
+            upstream_base_url=self.config.base_url or ANTHROPIC_API,
+            upstream_api_key=tenant.api_key() or "",
+        )
+
     def _options(
         self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs, *,
         resume: str | None, budget: Decimal, max_turns: int, transcripts: TenantTranscripts,
@@ -186,27 +269,33 @@ class AgentRunner:
     async def run(
         self, live: LiveSession, spec: SessionSpec, tenant: Tenant,
         on_model_request: Callable[[MeteredRequest], None] | None = None,
+        warm: WarmAgent | None = None,
     ) -> Outcome:
         """Run the agent, publishing each SDK message as events; return how it ended.
 
         Transient failures (the CLI cannot start or dies, the model API keeps answering
         429/5xx) are retried per the retry policy: each retry is announced as a `retrying`
         event, re-checks the budget and resumes the SDK session instead of re-running paid
-        turns. A cancel request (live.cancel_requested) interrupts the agent; the outcome
+        turns. `warm`, a warm agent started for this session's id with the options `spec`
+        gives, serves the first attempt in place of a new CLI. A cancel request (live.cancel_requested) interrupts the agent; the outcome
         is then ERROR with live.cancel_reason, charged for what the agent used. Whatever
         happens, no process of the session survives.
         """
         dirs = self.session_dirs(tenant.name, live.id)
-        meter = self._gateway.open_session(
-            live.id,
-            budget_usd=spec.budget_usd,
-            upstream_base_url=self.config.base_url or ANTHROPIC_API,
-            upstream_api_key=tenant.api_key() or "",
-        )
+        if warm is not None:
+            if warm.session_id != live.id or warm.key != pool_key(spec):
+                raise ValueError(f"warm agent {warm.session_id} does not fit session {live.id}")
+            meter = warm.meter
+            meter.budget_usd = usd(spec.budget_usd)
+        else:
+            meter = self._open_meter(live.id, tenant, spec.budget_usd)
         meter.on_request = on_model_request
         try:
-            await asyncio.to_thread(self._prepare, dirs, tenant)
-            outcome = await self._attempts(live, spec, tenant, dirs, meter)
+            if warm is None:
+                await asyncio.to_thread(self._prepare, dirs, tenant)
+            else:
+                (dirs.root / WARM_MARKER).unlink(missing_ok=True)
+            outcome = await self._attempts(live, spec, tenant, dirs, meter, warm)
             # A request the CLI saw end may still be settling in the gateway.
             for _ in range(100):
                 if not meter.in_flight:
@@ -222,13 +311,11 @@ class AgentRunner:
                 )
             return outcome
         finally:
-            self._gateway.close_session(live.id)
-            await asyncio.to_thread(kill_session_processes, dirs.root)
-            await asyncio.to_thread(shutil.rmtree, dirs.root, True)
+            await self._release(live.id, dirs)
 
     async def _attempts(
         self, live: LiveSession, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs,
-        meter: SessionMeter,
+        meter: SessionMeter, warm: WarmAgent | None,
     ) -> Outcome:
         """Attempts until one ends for good (see `run`)."""
         policy = self.config.retry
@@ -237,8 +324,9 @@ class AgentRunner:
         attempt = 1
         while True:
             outcome, transient = await self._attempt(
-                live, spec, tenant, dirs, total, end_at, meter
+                live, spec, tenant, dirs, total, end_at, meter, warm
             )
+            warm = None  # used up: a retry starts a new CLI
             total = total.plus(outcome)
             if live.cancel_requested.is_set() and total.verdict.state is not SessionState.COMPLETE:
                 return total.stopped(live)
@@ -268,7 +356,7 @@ class AgentRunner:
 
     async def _attempt(
         self, live: LiveSession, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs,
-        before: Outcome, end_at: float, meter: SessionMeter,
+        before: Outcome, end_at: float, meter: SessionMeter, warm: WarmAgent | None = None,
     ) -> tuple[Outcome, bool]:
         """One run of the CLI; returns its outcome and whether a retry may help."""
         transcripts = self.transcripts(tenant.name)
@@ -278,9 +366,14 @@ class AgentRunner:
         remaining = meter.remaining_usd
         turns_left = max(1, spec.max_turns - before.num_turns)
         try:
-            options = self._options(spec, tenant, dirs, resume=resume, budget=remaining,
-                                    max_turns=turns_left, transcripts=transcripts, meter=meter)
-            async with ClaudeSDKClient(options) as client:
+            connected: contextlib.AbstractAsyncContextManager[ClaudeSDKClient]
+            if warm is not None:
+                connected = _connected(warm.client)
+            else:
+                options = self._options(spec, tenant, dirs, resume=resume, budget=remaining,
+                                        max_turns=turns_left, transcripts=transcripts, meter=meter)
+                connected = ClaudeSDKClient(options)
+            async with connected as client:
                 retrying = resume is not None and resume == before.sdk_session_id
                 await client.query(RESUME_PROMPT if retrying else spec.prompt)
                 result = await self._drive(client, live, spec, end_at)
@@ -374,6 +467,15 @@ class AgentRunner:
             if tenant.os_user is not None:
                 for path in [dirs.cwd, *dirs.cwd.rglob("*")]:
                     shutil.chown(path, tenant.os_user, pwd.getpwnam(tenant.os_user).pw_gid)
+
+
+@contextlib.asynccontextmanager
+async def _connected(client: ClaudeSDKClient) -> AsyncIterator[ClaudeSDKClient]:
+    """An already connected client, as `async with ClaudeSDKClient(...)` gives a new one."""
+    try:
+        yield client
+    finally:
+        await client.disconnect()
 
 
 def _now() -> float:

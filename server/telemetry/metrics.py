@@ -18,6 +18,8 @@ SESSION_TOKENS = "agentplane.session.tokens"
 SESSION_RETRIES = "agentplane.session.retries"
 TOOL_USES = "agentplane.tool_uses"
 ADMISSION_REJECTIONS = "agentplane.admission.rejections"
+WARM_POOL_HITS = "agentplane.warm_pool.hits"
+WARM_POOL_MISSES = "agentplane.warm_pool.misses"
 
 # Seconds: a session lasts from under a second to an hour.
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -54,6 +56,11 @@ class SessionMetrics:
             TOOL_USES, unit="{call}", description="Tool calls, by tool and outcome")
         self.rejections = meter.create_counter(
             ADMISSION_REJECTIONS, unit="{request}", description="Refused RunSession requests")
+        self.pool_hits = meter.create_counter(
+            WARM_POOL_HITS, unit="{session}", description="Sessions served by a warm agent")
+        self.pool_misses = meter.create_counter(
+            WARM_POOL_MISSES, unit="{session}",
+            description="Sessions of tenants with a warm pool that started cold")
 
     def admitted(self, session: Session) -> None:
         labels = {"tenant": session.tenant}
@@ -62,6 +69,9 @@ class SessionMetrics:
 
     def rejected(self, tenant: str, reason: str) -> None:
         self.rejections.add(1, {"tenant": tenant, "reason": reason})
+
+    def pool_served(self, tenant: str, hit: bool) -> None:
+        (self.pool_hits if hit else self.pool_misses).add(1, {"tenant": tenant})
 
     def retried(self, tenant: str) -> None:
         self.retries.add(1, {"tenant": tenant})

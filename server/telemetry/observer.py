@@ -64,6 +64,10 @@ class TelemetryObserver:
         return spans
 
     @_never_raises
+    def pool_served(self, tenant: str, hit: bool) -> None:
+        self.metrics.pool_served(tenant, hit)
+
+    @_never_raises
     def model_request(self, session: Session, request: Any) -> None:
         spans = self._spans.get(session.id)
         if spans is not None:
