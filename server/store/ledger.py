@@ -11,11 +11,11 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from .models import BudgetWindowRow, ReservationRow
+from .models import BudgetWindowRow, ReservationRow, table
 
 HELD = "HELD"
 SETTLED = "SETTLED"
@@ -49,7 +49,7 @@ async def reserve(
     await _ensure_window(db, tenant, day, limit)
     w = BudgetWindowRow
     result = await db.execute(
-        update(w)
+        update(table(w))
         .where(
             w.tenant == tenant,
             w.day == day,
@@ -59,13 +59,10 @@ async def reserve(
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    db.add(
-        ReservationRow(
-            session_id=session_id, tenant=tenant, day=day, amount_usd=amount, status=HELD,
-            created_at=now,
-        )
-    )
-    await db.flush()
+    await db.execute(insert(table(ReservationRow)).values(
+        session_id=session_id, tenant=tenant, day=day, amount_usd=amount, status=HELD,
+        created_at=now,
+    ))
     return True
 
 
@@ -82,7 +79,7 @@ async def settle(db: DbSession, *, session_id: str, actual: Decimal, now: dateti
     if held is None:
         return False
     claimed = await db.execute(
-        update(ReservationRow)
+        update(table(ReservationRow))
         .where(ReservationRow.session_id == session_id, ReservationRow.status == HELD)
         .values(status=SETTLED, actual_usd=actual, settled_at=now)
     )
@@ -90,7 +87,7 @@ async def settle(db: DbSession, *, session_id: str, actual: Decimal, now: dateti
         return False
     w = BudgetWindowRow
     await db.execute(
-        update(w)
+        update(table(w))
         .where(w.tenant == held.tenant, w.day == held.day)
         .values(reserved_usd=w.reserved_usd - held.amount_usd, spent_usd=w.spent_usd + actual)
     )

@@ -5,15 +5,15 @@ Functions take an AsyncSession and never commit: the caller owns the transaction
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from ..domain import ErrorReason, Event, EventKind, Session, SessionState, TokenUsage
-from .models import EventRow, SessionLabelRow, SessionRow, ToolUseRow
+from .models import EventRow, SessionLabelRow, SessionRow, ToolUseRow, table
 
 
 def _to_domain(row: SessionRow) -> Session:
@@ -76,30 +76,28 @@ async def insert_session(
     owner: str | None = None,
     lease_until: datetime | None = None,
 ) -> None:
-    db.add(
-        SessionRow(
-            id=session.id,
-            tenant=session.tenant,
-            created_at=session.create_time,
-            request_id=session.request_id or None,
-            request_hash=request_hash,
-            model=session.model,
-            allowed_tools=list(session.allowed_tools),
-            labels=dict(session.labels),
-            max_budget_usd=session.max_budget_usd,
-            max_turns=session.max_turns,
-            budget_day=budget_day,
-            resumed_from=session.resumed_from or None,
-            owner=owner,
-            lease_expires_at=lease_until,
-            **_outcome_columns(session),
-        )
-    )
-    await db.flush()  # the labels' foreign key needs the session row first
-    db.add_all(
-        SessionLabelRow(session_id=session.id, key=k, value=v) for k, v in session.labels.items()
-    )
-    await db.flush()
+    # Core statements, not the ORM's unit of work: they cost a fraction of its CPU.
+    await db.execute(insert(table(SessionRow)), [{
+        "id": session.id,
+        "tenant": session.tenant,
+        "created_at": session.create_time,
+        "request_id": session.request_id or None,
+        "request_hash": request_hash,
+        "model": session.model,
+        "allowed_tools": list(session.allowed_tools),
+        "labels": dict(session.labels),
+        "max_budget_usd": session.max_budget_usd,
+        "max_turns": session.max_turns,
+        "budget_day": budget_day,
+        "resumed_from": session.resumed_from or None,
+        "owner": owner,
+        "lease_expires_at": lease_until,
+        **_outcome_columns(session),
+    }])
+    if session.labels:
+        await db.execute(insert(table(SessionLabelRow)), [
+            {"session_id": session.id, "key": k, "value": v} for k, v in session.labels.items()
+        ])
 
 
 async def get_session(db: DbSession, tenant: str, session_id: str) -> Session | None:
@@ -126,7 +124,7 @@ async def save_progress(db: DbSession, session: Session, *, expect: SessionState
     natural end, say): the loser sees False and changes nothing.
     """
     result = await db.execute(
-        update(SessionRow)
+        update(table(SessionRow))
         .where(SessionRow.id == session.id, SessionRow.state == expect.value)
         .values(**_outcome_columns(session))
     )
@@ -152,7 +150,7 @@ async def renew_leases(
     """Extend the leases of these sessions if still active and ours; the ids kept."""
     active = [SessionState.IDLE.value, SessionState.RUNNING.value]
     await db.execute(
-        update(SessionRow)
+        update(table(SessionRow))
         .where(SessionRow.id.in_(ids), SessionRow.owner == owner, SessionRow.state.in_(active))
         .values(lease_expires_at=until)
     )
@@ -229,35 +227,38 @@ async def list_sessions(
 
 
 async def insert_events(db: DbSession, events: Sequence[Event]) -> None:
-    db.add_all(
-        EventRow(session_id=e.session_id, seq=e.seq, time=e.time, kind=e.kind.value, payload=e.data)
+    """Insert a batch of events (one executemany) and record its tool uses."""
+    if not events:
+        return
+    await db.execute(insert(table(EventRow)), [
+        {"session_id": e.session_id, "seq": e.seq, "time": e.time, "kind": e.kind.value,
+         "payload": e.data}
         for e in events
-    )
+    ])
     await _record_tool_uses(db, events)
-    await db.flush()
 
 
-async def _record_tool_uses(db: DbSession, events: Iterable[Event]) -> None:
-    for e in events:
-        if e.kind is EventKind.TOOL_USE:
-            db.add(
-                ToolUseRow(
-                    session_id=e.session_id,
-                    tool_use_id=e.data["tool_use_id"],
-                    name=e.data["name"],
-                    started_at=e.time,
-                )
-            )
-        elif e.kind is EventKind.TOOL_RESULT:
-            await db.flush()  # the ToolUseRow of the same batch must exist first
-            await db.execute(
-                update(ToolUseRow)
-                .where(
-                    ToolUseRow.session_id == e.session_id,
-                    ToolUseRow.tool_use_id == e.data["tool_use_id"],
-                )
-                .values(ended_at=e.time, is_error=bool(e.data["is_error"]))
-            )
+async def _record_tool_uses(db: DbSession, events: Sequence[Event]) -> None:
+    uses = [
+        {"session_id": e.session_id, "tool_use_id": e.data["tool_use_id"],
+         "name": e.data["name"], "started_at": e.time}
+        for e in events if e.kind is EventKind.TOOL_USE
+    ]
+    ends = [
+        {"sid": e.session_id, "tid": e.data["tool_use_id"], "end": e.time,
+         "err": bool(e.data["is_error"])}
+        for e in events if e.kind is EventKind.TOOL_RESULT
+    ]
+    if uses:  # first: a result may end a use of the same batch
+        await db.execute(insert(table(ToolUseRow)), uses)
+    if ends:
+        tools = table(ToolUseRow)
+        await db.execute(
+            update(tools)
+            .where(tools.c.session_id == bindparam("sid"), tools.c.tool_use_id == bindparam("tid"))
+            .values(ended_at=bindparam("end"), is_error=bindparam("err")),
+            ends,
+        )
 
 
 async def list_events(db: DbSession, session_id: str, *, after_seq: int = 0) -> list[Event]:

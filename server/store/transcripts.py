@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from .models import TranscriptEntryRow, TranscriptRow
+from .models import TranscriptEntryRow, TranscriptRow, table
 
 Key = dict[str, Any]  # claude_agent_sdk.types.SessionKey: project_key, session_id[, subpath]
 
@@ -49,15 +49,17 @@ class SqlSessionStore:
                 seen = set(await db.scalars(
                     select(TranscriptEntryRow.uuid).where(*where, TranscriptEntryRow.uuid.in_(uuids))
                 ))
+            rows = []
             for entry in entries:
                 uuid = entry.get("uuid") if isinstance(entry.get("uuid"), str) else None
                 if uuid is not None:
                     if uuid in seen:
                         continue
                     seen.add(uuid)
-                db.add(TranscriptEntryRow(
-                    project_key=project, session_id=session, subpath=subpath, uuid=uuid, entry=entry
-                ))
+                rows.append({"project_key": project, "session_id": session, "subpath": subpath,
+                             "uuid": uuid, "entry": entry})
+            if rows:
+                await db.execute(insert(table(TranscriptEntryRow)), rows)
             await self._touch(db, project, session, subpath)
 
     @staticmethod
@@ -100,12 +102,12 @@ class SqlSessionStore:
     async def delete(self, key: Key) -> None:
         project, session, subpath = _parts(key)
         async with self._db.begin() as db:
-            for table in (TranscriptEntryRow, TranscriptRow):
-                stmt = delete(table).where(
-                    table.project_key == project, table.session_id == session
+            for model in (TranscriptEntryRow, TranscriptRow):
+                stmt = delete(model).where(
+                    model.project_key == project, model.session_id == session
                 )
                 if subpath:  # a main-transcript delete cascades to every subpath
-                    stmt = stmt.where(table.subpath == subpath)
+                    stmt = stmt.where(model.subpath == subpath)
                 await db.execute(stmt)
 
     async def list_subkeys(self, key: Key) -> list[str]:
