@@ -1,11 +1,23 @@
-"""`make bench`: agentplane vs the direct SDK, as ratios measured side by side in one run.
+"""`make bench`: agentplane against baselines, as ratios measured side by side in one run.
 
-Both sides use the real bundled CLI against the sandbox model. agentplane runs as its own
-server process (SQLite), so its CPU can be read from /proc apart from the CLIs it spawns
-(they are its children: their CPU shows as its cutime/cstime once reaped). Pairs run
-interleaved (A B A B ...); each figure is the median of the runs, with min and max.
+Everything is real but the model (the sandbox): the bundled CLI, agentplane as its own server
+process (`python -m agentplane.server serve`) on SQLite and on PostgreSQL, a load generator
+process for unary RPCs. Pairs run interleaved (A B A B ...); each figure is the median of the
+runs, with min and max. The benchmarks, one module each:
+
+    latency.py     1-3  one session: wall time, time to first event, control-plane CPU
+    throughput.py  4    completed sessions/s at concurrency 1, 2, 4, 8
+    unary.py       5    GetSession / GetBudget req/s and latency vs a bare grpc.aio server
+    relay.py       6    events/s of a ~2,000-event session, streamed and persisted
+    admission.py   7    50 concurrent admissions against one budget: latency, no overspend
+    scaling.py     8    memory/CPU with idle streams; figures with 10k-1M rows in the tables
 
     python tests/bench/run.py [--runs N] [--quick] [--output BENCHMARKS.md]
+
+--quick (or AGENTPLANE_BENCH_QUICK=1) runs each benchmark once with tiny sizes, on SQLite
+only, and writes nothing: the test suite runs it so the benchmarks cannot rot. PostgreSQL is
+AGENTPLANE_BENCH_DATABASE_URL, else AGENTPLANE_TEST_DATABASE_URL, else
+postgresql://postgres@127.0.0.1:5432/test; its rows say "skipped" when it is not reachable.
 """
 
 from __future__ import annotations
@@ -14,178 +26,234 @@ import argparse
 import asyncio
 import os
 import platform
-import statistics
+import shutil
+import sqlite3
+import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+import admission
 import claude_agent_sdk
 import grpc
-from agentplane.server.sandbox import SandboxServer, Script, Step, ToolCall, Usage
-from agentplane.server.sessions.cli_env import SessionDirs, cli_environment
+import latency
+import psycopg
+import relay
+import scaling
+import sqlalchemy
+import throughput
+import unary
+from agentplane.server.sandbox import SandboxServer
 from agentplane.server.sessions.runner import BUNDLED_CLI
-from agentplane.v1 import session_pb2, session_pb2_grpc
-from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ResultMessage, query
+from common import (
+    PER_SESSION_USD,
+    Bench,
+    Server,
+    load_average,
+    scripts,
+    short_dir,
+    tenants_toml,
+    via_agentplane,
+    via_sdk,
+)
+from harness import PostgresDatabase
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' own helpers
-from harness import MODEL, TOKENS, short_dir, tenants_toml
-from test_server_process import free_port
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
-SCRIPTS = {
-    "one": Script(steps=[Step(text="done", usage=Usage(input_tokens=500, output_tokens=20))]),
-    "tools": Script(steps=[
-        *[Step(tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"})],
-               usage=Usage(input_tokens=500, output_tokens=20)) for i in range(3)],
-        Step(text="done", usage=Usage(input_tokens=600, output_tokens=20)),
-    ]),
+SECTIONS = {
+    "1-3": ("One session (benchmarks 1-3)",
+            "agentplane vs `query()` of the direct SDK with the same options and script."),
+    "4": ("Saturation throughput (benchmark 4)",
+          ("Completed 1-turn sessions per second, closed loop (each caller starts its next "
+           "session when its last one ends; 2 sessions per caller per run), agentplane vs the "
+           "direct SDK at the same concurrency. The machine's cores bound both sides alike.")),
+    "5": ("Unary RPCs (benchmark 5)",
+          (f"A load generator process ({unary.TASKS} grpc.aio tasks, requests pre-serialized) "
+           "against agentplane and against a bare grpc.aio server process answering the same "
+           "messages from memory (no auth, no database). req/s median (min-max); p50/p99: "
+           "medians over the runs.")),
+    "6": ("Event relay (benchmark 6)",
+          (f"One session whose script makes {relay.TOOL_CALLS:,} tool uses ({relay.STEPS} "
+           f"assistant messages of {relay.TOOL_CALLS // relay.STEPS} parallel Reads; 2 events "
+           "each). agentplane streams every event over gRPC and persists it (the "
+           "result is sent after every event is written; its CLI also mirrors the transcript "
+           "into the database); the baseline is the same script through the direct SDK, its "
+           "messages counted as the same events by agentplane's own translation, with no gRPC, "
+           "no database and no SessionStore. events/s from the first assistant message to the "
+           "result. The statement counts come from SQLAlchemy's cursor and commit events on an "
+           "in-process server running one such session.")),
+    "7": ("Admission under contention (benchmark 7)",
+          (f"{admission.CALLS} RunSession calls at once against one tenant's fresh day window "
+           f"that covers only {admission.ADMITS} sessions of {PER_SESSION_USD} USD (the admitted ones stay running until every admission is "
+           "decided). Latency: request sent -> the `started` event or the RESOURCE_EXHAUSTED "
+           "refusal, p50/p99 per run; baseline: one admission alone. Spend is watched with "
+           "GetBudget every 10 ms during the run and checked in the database after it.")),
+    "8": ("Scaling (benchmark 8)",
+          ("Server process RSS (/proc VmRSS) and CPU with idle StreamSession followers of a "
+           "session held RUNNING; then GetSession, ListSessions and throughput as rows are seeded "
+           "straight into `sessions` and `session_events` (one event per session, all of the "
+           f"queried tenant), against the same figures with {scaling.BASE} seeded rows.")),
 }
-AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
 
 
-@dataclass
-class Sample:
-    wall_s: float
-    first_s: float
+def postgres(quick: bool) -> tuple[str | None, str]:
+    """(the PostgreSQL URL to use, or None with the reason)."""
+    if quick:
+        return None, "--quick runs on SQLite only"
+    url = (os.environ.get("AGENTPLANE_BENCH_DATABASE_URL")
+           or os.environ.get("AGENTPLANE_TEST_DATABASE_URL") or DEFAULT_PG).strip()
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            return url, ""
+    except psycopg.Error:
+        return None, f"PostgreSQL not reachable at {url}"
 
 
-def cpu_of(pid: int) -> tuple[float, float]:
-    """(own CPU s, reaped children's CPU s) of a process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    utime, stime, cutime, cstime = (int(fields[i]) / tick for i in (11, 12, 13, 14))
-    return utime + stime, cutime + cstime
+def versions(pg_url: str | None) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor() or "unknown CPU")
+    cli = subprocess.run([str(BUNDLED_CLI), "--version"], capture_output=True, text=True,
+                         check=False, timeout=30).stdout.strip()
+    pg = "not measured"
+    if pg_url:
+        with psycopg.connect(pg_url) as conn:
+            pg = str(conn.execute("SHOW server_version").fetchone()[0]).split()[0]  # type: ignore[index]
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024 // 1024
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}), {mem} GiB, "
+            f"{platform.system()} {platform.release()}; Python {platform.python_version()}, "
+            f"claude-agent-sdk {claude_agent_sdk.__version__} (CLI {cli}), grpcio {grpc.__version__}, "
+            f"SQLAlchemy {sqlalchemy.__version__}, SQLite {sqlite3.sqlite_version}, PostgreSQL {pg}")
 
 
-async def via_agentplane(stub: session_pb2_grpc.SessionServiceStub, script: str) -> Sample:
-    start = time.perf_counter()
-    first = None
-    call = stub.RunSession(
-        session_pb2.RunSessionRequest(prompt=f"[[sandbox:{script}]] go", model=MODEL), metadata=AUTH
-    )
-    async for event in call:
-        if first is None and event.WhichOneof("kind") in ("assistant_text", "tool_use"):
-            first = time.perf_counter() - start
-        if event.HasField("result"):
-            assert event.result.session.state == session_pb2.SESSION_STATE_COMPLETE, event
-    return Sample(time.perf_counter() - start, first or 0.0)
+async def statements_on_postgres(bench: Bench) -> str:
+    assert bench.pg_url is not None
+    database = PostgresDatabase(bench.pg_url)
+    try:
+        return await relay.count_statements(bench, database.create(), "PostgreSQL")
+    finally:
+        database.drop()
 
 
-async def via_sdk(base_url: str, script: str, workspace: Path) -> Sample:
-    dirs = SessionDirs(short_dir("apb") / "s")
-    dirs.create()
-    env = cli_environment(dirs, base_url=base_url, api_key="bench", extra={"CLAUDE_CODE_MAX_RETRIES": "0"})
-    options = ClaudeAgentOptions(
-        tools=["Read", "Glob", "Grep"], allowed_tools=["Read", "Glob", "Grep"],
-        system_prompt="You are acme's assistant.", max_turns=8, max_budget_usd=1.0, model=MODEL,
-        cwd=str(dirs.cwd), env=env, cli_path=str(BUNDLED_CLI), setting_sources=[],
-    )
-    start = time.perf_counter()
-    first = None
-    async for message in query(prompt=f"[[sandbox:{script}]] go", options=options):
-        if first is None and isinstance(message, AssistantMessage):
-            first = time.perf_counter() - start
-        if isinstance(message, ResultMessage):
-            assert not message.is_error, message
-    return Sample(time.perf_counter() - start, first or 0.0)
+async def on_postgres(bench: Bench, rows: dict[str, list[str]], notes: dict[str, list[str]]) -> None:
+    """Benchmarks 5-8 on a fresh PostgreSQL database (dropped afterwards), or skipped rows."""
+    calls, _ = admission.sizes(bench.quick)
+    if bench.pg_url is None:
+        for method in ("GetSession", "GetBudget"):
+            rows["5"].append(bench.skipped(f"{method}, PostgreSQL", unary.GOAL))
+        rows["6"].append(bench.skipped("event relay, PostgreSQL", ">= 0.8"))
+        if not bench.quick:
+            rows["7"].append(bench.skipped(f"admission latency p50, {calls} concurrent, PostgreSQL",
+                                           "(none set)"))
+        rows["8"].append(bench.skipped("GetSession, PostgreSQL, seeded rows", scaling.FLAT))
+        return
+    database = PostgresDatabase(bench.pg_url)
+    url = database.create()
+    server = None
+    try:
+        server = await Server.start(label="PostgreSQL", database_url=url,
+                                    sandbox_url=bench.sandbox.base_url,
+                                    tenants_file=bench.tenants_file, work=bench.work / "p")
+        await via_agentplane(server.sessions, "one")  # warm-up
+        rows["5"] += await unary.run(bench, server)
+        rows["6"] += await relay.run(bench, server)
+        rows["6"].append(await statements_on_postgres(bench))
+        rows["7"] += await admission.run(bench, server)
+        lines, more = await scaling.run(bench, server)
+        rows["8"] += lines
+        notes["8"] += more
+    finally:
+        if server is not None:
+            await server.stop()
+        database.drop()
 
 
-def summary(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
-
-
-async def interleaved(
-    runs: int, a: Callable[[], Awaitable[Sample]], b: Callable[[], Awaitable[Sample]]
-) -> tuple[list[Sample], list[Sample]]:
-    ours, theirs = [], []
-    for _ in range(runs):
-        ours.append(await a())
-        theirs.append(await b())
-    return ours, theirs
-
-
-async def main(runs: int, output: Path | None) -> list[str]:
-    sandbox = SandboxServer(scripts=SCRIPTS)
+async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
+    started = time.perf_counter()
+    load_before = load_average()
+    pg_url, pg_skipped = postgres(quick)
+    _, admits = admission.sizes(quick)
+    sandbox = SandboxServer(scripts=scripts(relay_tool_calls=relay.tool_calls(quick),
+                                            relay_steps=relay.steps(quick),
+                                            hold_s=1.5 if quick else 3.0))
     await sandbox.start()
     work = short_dir("apb")
     (work / "tpl").mkdir()
-    (work / "tenants.toml").write_text(tenants_toml(work / "tpl"))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
-    env.update(
-        AGENTPLANE_LISTEN=f"127.0.0.1:{port}", AGENTPLANE_DATABASE_URL=f"sqlite:///{work}/b.db",
-        AGENTPLANE_TENANTS_FILE=str(work / "tenants.toml"), AGENTPLANE_WORK_DIR=str(work / "w"),
-        AGENTPLANE_TEST_ACME_KEY="bench", ANTHROPIC_BASE_URL=sandbox.base_url,
-        AGENTPLANE_LOG_LEVEL="WARNING", AGENTPLANE_CLI_MAX_RETRIES="0",
-    )
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentplane.server", "serve", env=env
-    )
-    lines: list[str] = []
+    (work / "tenants.toml").write_text(tenants_toml(work / "tpl", adm_runs=runs, adm_admits=admits))
+    bench = Bench(quick=quick, runs=runs, sandbox=sandbox, tenants_file=work / "tenants.toml",
+                  work=work, adm_admits=admits, pg_url=pg_url, pg_skipped=pg_skipped)
+    rows: dict[str, list[str]] = {key: [] for key in SECTIONS}
+    notes: dict[str, list[str]] = {key: [] for key in SECTIONS}
     try:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        await asyncio.sleep(2)  # readiness checks
-        stub = session_pb2_grpc.SessionServiceStub(channel)
-        await via_agentplane(stub, "one")  # warm-up: imports, first connection, migrations
-        await via_sdk(sandbox.base_url, "one", work)
-
-        lines += [
-            "| benchmark | agentplane (s) | direct SDK (s) | ratio (median) | goal |",
-            "|---|---|---|---|---|",
-        ]
-        for script, label in (("one", "1-turn session, wall"), ("tools", "3-tool-turn session, wall")):
-            ours, theirs = await interleaved(
-                runs, lambda s=script: via_agentplane(stub, s), lambda s=script: via_sdk(sandbox.base_url, s, work)
+        server = await Server.start(label="SQLite", database_url=f"sqlite:///{work}/b.db",
+                                    sandbox_url=sandbox.base_url, tenants_file=bench.tenants_file,
+                                    work=work / "w")
+        try:
+            await via_agentplane(server.sessions, "one")  # warm-up: imports, connections
+            await via_sdk(sandbox.base_url, "one")
+            rows["1-3"] += await latency.run(bench, server)
+            rows["4"] += await throughput.run(bench, server)
+            rows["5"] += await unary.run(bench, server)
+            rows["6"] += await relay.run(bench, server)
+            rows["6"].append(
+                await relay.count_statements(bench, f"sqlite:///{work}/statements.db", "SQLite")
             )
-            a, b = [x.wall_s for x in ours], [x.wall_s for x in theirs]
-            lines.append(f"| {label} | {summary(a)} | {summary(b)} | "
-                         f"{statistics.median(a) / statistics.median(b):.2f} | <= 1.05 (cold) |")
-            if script == "one":
-                fa, fb = [x.first_s for x in ours], [x.first_s for x in theirs]
-                lines.append(f"| time to first agent event | {summary(fa)} | {summary(fb)} | "
-                             f"{statistics.median(fa) / statistics.median(fb):.2f} | <= 0.4 (warm pool, not built) |")
-
-        own0, kids0 = cpu_of(server.pid)
-        for _ in range(runs):
-            await via_agentplane(stub, "one")
-        own1, kids1 = cpu_of(server.pid)
-        per_server = (own1 - own0) / runs
-        per_cli = (kids1 - kids0) / runs
-        lines.append(f"| control-plane CPU per session | {per_server:.3f} CPU-s | CLI {per_cli:.3f} CPU-s | "
-                     f"{per_server / per_cli:.2f} | <= 0.05 |")
-        await channel.close()
+            if quick:  # PostgreSQL's benchmark, on SQLite so that --quick covers it
+                rows["7"] += await admission.run(bench, server)
+            rows["8"] += await scaling.idle_streams(bench, server)
+            lines, more = await scaling.run(bench, server)
+            rows["8"] += lines
+            notes["8"] += more
+        finally:
+            await server.stop()
+        await on_postgres(bench, rows, notes)
     finally:
-        server.terminate()
-        await server.wait()
         await sandbox.stop()
-    header = [
-        "# Benchmarks",
-        "",
-        (f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, claude-agent-sdk {claude_agent_sdk.__version__}; "
-        f"sandbox model, real CLI, agentplane server process on SQLite; {runs} interleaved runs "
-        "per figure, median (min-max)."),
-        "",
-        f"Command: `make bench` (`python tests/bench/run.py --runs {runs}`)",
-        "",
-    ]
-    text = "\n".join(header + lines) + "\n"
+        shutil.rmtree(work, ignore_errors=True)
+    minutes = (time.perf_counter() - started) / 60
+    text = render(rows, notes, runs=runs, quick=quick, pg_url=pg_url, minutes=minutes,
+                  load=f"{load_before} before, {load_average()} after")
     print(text)
     if output is not None:
         output.write_text(text)
-    return lines
+    return [line for section in rows.values() for line in section]
+
+
+def render(rows: dict[str, list[str]], notes: dict[str, list[str]], *, runs: int, quick: bool,
+           pg_url: str | None, minutes: float, load: str) -> str:
+    command = "make bench BENCH_ARGS=--quick" if quick else "make bench"
+    args = "--quick" if quick else f"--runs {runs}"
+    out = [
+        "# Benchmarks",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {versions(pg_url)}.",
+        "",
+        ("Sandbox model, real CLI, agentplane as its own server process (SQLite file, and a "
+         f"fresh PostgreSQL database); {runs} interleaved run(s) per figure, median (min-max). "
+         "Ratios matter, not absolute times: they vary between machines. Load average (1, 5, "
+         f"15 min) {load}; whole run {minutes:.1f} min."),
+        "",
+        f"Command: `{command}` (`python tests/bench/run.py {args}`)",
+    ]
+    for key, (title, text) in SECTIONS.items():
+        out += ["", f"## {title}", "", text, "",
+                "| benchmark | agentplane | baseline | ratio (median) | goal |",
+                "|---|---|---|---|---|", *rows[key]]
+        if notes[key]:
+            out += ["", *(f"- {note}" for note in notes[key])]
+    return "\n".join(out) + "\n"
 
 
 def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--quick", action="store_true", help="one run each, no BENCHMARKS.md")
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure (at least 5)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one run each, tiny sizes, SQLite only, no BENCHMARKS.md")
     parser.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
     args = parser.parse_args(argv)
-    runs = 1 if args.quick else max(5, args.runs)
-    asyncio.run(main(runs, None if args.quick else args.output))
+    quick = args.quick or os.environ.get("AGENTPLANE_BENCH_QUICK", "") in ("1", "true")
+    runs = 1 if quick else max(5, args.runs)
+    asyncio.run(main(runs, quick, None if quick else args.output))
     return 0
 
 
