@@ -109,6 +109,19 @@ def postgres(quick: bool) -> tuple[str | None, str]:
         return None, f"PostgreSQL not reachable at {url}"
 
 
+def revision() -> str:
+    """The commit measured, and whether the server's code differed from it."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False,
+                              cwd=root, timeout=30).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "server", "migrations", "client", "protos")
+    return f"agentplane {head}" + (" with uncommitted changes to its code" if dirty else "")
+
+
 def versions(pg_url: str | None) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
@@ -170,6 +183,7 @@ async def on_postgres(bench: Bench, rows: dict[str, list[str]], notes: dict[str,
 
 async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
     started = time.perf_counter()
+    code = revision()  # before the run: what was measured
     load_before = load_average()
     pg_url, pg_skipped = postgres(quick)
     _, admits = admission.sizes(quick)
@@ -211,7 +225,7 @@ async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
         await sandbox.stop()
         shutil.rmtree(work, ignore_errors=True)
     minutes = (time.perf_counter() - started) / 60
-    text = render(rows, notes, runs=runs, quick=quick, pg_url=pg_url, minutes=minutes,
+    text = render(rows, notes, code=code, runs=runs, quick=quick, pg_url=pg_url, minutes=minutes,
                   load=f"{load_before} before, {load_average()} after")
     print(text)
     if output is not None:
@@ -219,19 +233,20 @@ async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
     return [line for section in rows.values() for line in section]
 
 
-def render(rows: dict[str, list[str]], notes: dict[str, list[str]], *, runs: int, quick: bool,
-           pg_url: str | None, minutes: float, load: str) -> str:
+def render(rows: dict[str, list[str]], notes: dict[str, list[str]], *, code: str, runs: int,
+           quick: bool, pg_url: str | None, minutes: float, load: str) -> str:
     command = "make bench BENCH_ARGS=--quick" if quick else "make bench"
     args = "--quick" if quick else f"--runs {runs}"
     out = [
         "# Benchmarks",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {versions(pg_url)}.",
+        f"Measured {time.strftime('%Y-%m-%d')}, {code}, on {versions(pg_url)}.",
         "",
         ("Sandbox model, real CLI, agentplane as its own server process (SQLite file, and a "
          f"fresh PostgreSQL database); {runs} interleaved run(s) per figure, median (min-max). "
-         "Ratios matter, not absolute times: they vary between machines. Load average (1, 5, "
-         f"15 min) {load}; whole run {minutes:.1f} min."),
+         "Ratios matter, not absolute times: they vary between machines, and from run to run "
+         "by 10-20 % on a small machine that does other work (load average, 1, 5, 15 min: "
+         f"{load}); whole run {minutes:.1f} min."),
         "",
         f"Command: `{command}` (`python tests/bench/run.py {args}`)",
     ]
