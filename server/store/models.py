@@ -45,6 +45,8 @@ class SessionRow(Base):
         UniqueConstraint("tenant", "request_id", name="uq_sessions_tenant_request_id"),
         Index("ix_sessions_tenant_created", "tenant", "created_at", "id"),
         Index("ix_sessions_tenant_state", "tenant", "state"),
+        # Crash recovery: active sessions whose lease ran out.
+        Index("ix_sessions_state_lease", "state", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
