@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+# Ended sessions kept in memory for GetSession (an ended session never changes again).
+ENDED_CACHE_SIZE = 4096
+ENDED_CACHE_MAX_RESULT_CHARS = 65536
 
 
 @dataclass
@@ -85,6 +89,7 @@ class SessionManager:
         self._finish_retry_s = finish_retry_s
         # Set by the app when a tenant has a warm pool (see pool.py).
         self.pool: WarmPool | None = None
+        self._ended: OrderedDict[str, Session] = OrderedDict()
 
     @property
     def room(self) -> int:
@@ -315,8 +320,10 @@ class SessionManager:
             result=outcome.result if v.state is SessionState.COMPLETE else "",
         )
         result = live.build(EventKind.RESULT, {"session": final.to_json()})
-        await self._record_end(live, final, result)
+        recorded = await self._record_end(live, final, result)
         live.session = final
+        if recorded:  # else the database holds another end: `get` must read it there
+            self._remember(final)
         live.publish(result, persist=False)
         live.end()
         self._live.pop(live.id, None)
@@ -330,11 +337,11 @@ class SessionManager:
             },
         )
 
-    async def _record_end(self, live: LiveSession, final: Session, result: Event) -> None:
+    async def _record_end(self, live: LiveSession, final: Session, result: Event) -> bool:
         """Write the remaining events, then the terminal state, the settlement and the
         result event in one transaction. While the database is down this is retried for
         `finish_retry_s`; after that the session is left to crash recovery (its lease is
-        no longer renewed once it leaves the registry)."""
+        no longer renewed once it leaves the registry). True if `final` was recorded."""
         deadline = asyncio.get_running_loop().time() + self._finish_retry_s
         delay = 0.2
         while True:
@@ -345,16 +352,16 @@ class SessionManager:
                 async with self._db.begin() as db:
                     if not await repo.save_progress(db, final, expect=live.session.state):
                         log.warning("session %s was closed by another server meanwhile", final.id)
-                        return
+                        return False
                     await settle_session(db, session_id=final.id, actual=final.cost_usd, now=final.end_time or utcnow())
                     await repo.insert_events(db, [result])
-                return
+                return True
             except (DBAPIError, TimeoutError) as exc:
                 if asyncio.get_running_loop().time() + delay > deadline:
                     live.writer.abort()
                     log.error("recording the end of session %s failed for good (%s); crash "
                               "recovery will close it", final.id, type(exc).__name__)
-                    return
+                    return False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -424,14 +431,32 @@ class SessionManager:
     # -- queries -------------------------------------------------------------------------
 
     async def get(self, tenant: Tenant, session_id: str) -> Session:
-        """A session of this tenant; another tenant's is NotFound, exactly like a missing one."""
+        """A session of this tenant; another tenant's is NotFound, exactly like a missing one.
+
+        Sessions running here and recently ended ones are answered from memory: a running
+        session's record is written by this server alone, and an ended one never changes.
+        """
         if not session_id:
             raise InvalidArgument("session_id", "must not be empty")
+        live = self._live.get(session_id)
+        known = live.session if live is not None else self._ended.get(session_id)
+        if known is not None and known.tenant == tenant.name:
+            return known
         async with self._db() as db:
             session = await repo.get_session(db, tenant.name, session_id)
         if session is None:
             raise NotFound(f"session {session_id} not found")
+        self._remember(session)
         return session
+
+    def _remember(self, session: Session) -> None:
+        """Keep an ended session for `get` (least recently ended ones go first)."""
+        if not session.state.terminal or len(session.result) > ENDED_CACHE_MAX_RESULT_CHARS:
+            return
+        self._ended[session.id] = session
+        self._ended.move_to_end(session.id)
+        while len(self._ended) > ENDED_CACHE_SIZE:
+            self._ended.popitem(last=False)
 
     async def events(self, tenant: Tenant, session_id: str) -> list[Event]:
         """The persisted events of a session of this tenant."""
