@@ -170,6 +170,21 @@ async def test_callers_without_a_known_token_are_unauthenticated(
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_an_answer_longer_than_a_mebibyte_is_streamed_whole(harness: Harness) -> None:
+    # The SDK's own limit on one line of the CLI's output is 1 MiB; this answer's line is 1.5.
+    long = "".join(f"line {i:06d} of a long answer\n" for i in range(50_000))
+    harness.sandbox.add_script("long_answer", Script(steps=[
+        Step(text=long, usage=Usage(input_tokens=100, output_tokens=4000)),
+    ]))
+
+    events = await harness.run(prompt="[[sandbox:long_answer]] write a lot")
+
+    final = events[-1].result.session
+    assert final.state == session_pb2.SESSION_STATE_COMPLETE, final.error
+    assert final.result == long
+    assert [e.assistant_text.text for e in events if e.HasField("assistant_text")] == [long]
+
+
 async def test_another_tenants_session_is_not_found_exactly_like_a_missing_one(
     harness: Harness,
 ) -> None:

@@ -48,6 +48,11 @@ RESUME_PROMPT = "Continue with the task from where you left off."
 
 ANTHROPIC_API = "https://api.anthropic.com"
 
+# The longest line of the CLI's output the SDK accepts (its default, 1 MiB, fails a session
+# whose one assistant message or transcript-mirror frame is larger: 1,000 parallel tool
+# uses, say, or a long answer).
+MAX_CLI_MESSAGE_BYTES = 64 << 20
+
 BUNDLED_CLI = Path(claude_agent_sdk.__file__).resolve().parent / "_bundled" / "claude"
 
 
@@ -264,6 +269,7 @@ class AgentRunner:
             env=env,
             cli_path=str(self._cli_for(tenant)),
             setting_sources=[],
+            max_buffer_size=MAX_CLI_MESSAGE_BYTES,
         )
 
     async def run(
