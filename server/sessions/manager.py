@@ -191,8 +191,10 @@ class SessionManager:
                     db, session, request_hash=spec.fingerprint(), budget_day=day,
                     owner=self.leases.owner, lease_until=self.leases.expiry(now),
                 )
+                await repo.insert_events(db, [started])
                 # The reservation's UPDATE locks the tenant's window row until commit, so
-                # the count below cannot race another admission of the same tenant.
+                # the count below cannot race another admission of the same tenant; all
+                # else is written before it, to hold that lock as briefly as possible.
                 await reserve_for_session(
                     db, tenant, session_id=session.id, amount=spec.budget_usd, day=day, now=now
                 )
@@ -204,7 +206,6 @@ class SessionManager:
                         f"tenant {tenant.name!r} already runs its maximum of "
                         f"{tenant.max_concurrent_sessions} concurrent sessions; retry when one ends",
                     )
-                await repo.insert_events(db, [started])
         except IntegrityError:
             await live.writer.close()
             if not spec.request_id:

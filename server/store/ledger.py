@@ -43,10 +43,16 @@ async def reserve(
     """Hold `amount` in the window if spent + reserved + amount stays within `limit`.
 
     The configured limit is written on every reservation, so a changed tenants file
-    takes effect on the next admission. Returns False (and holds nothing) when the
-    window cannot cover the amount.
+    takes effect on the next admission. Returns False when the window cannot cover the
+    amount; the caller must then roll back (the reservation row is already written).
     """
     await _ensure_window(db, tenant, day, limit)
+    # The hold is written before the window's UPDATE, which locks the row until commit:
+    # the caller's transaction is rolled back when the window cannot cover it.
+    await db.execute(insert(table(ReservationRow)).values(
+        session_id=session_id, tenant=tenant, day=day, amount_usd=amount, status=HELD,
+        created_at=now,
+    ))
     w = BudgetWindowRow
     result = await db.execute(
         update(table(w))
@@ -57,13 +63,7 @@ async def reserve(
         )
         .values(reserved_usd=w.reserved_usd + amount, limit_usd=limit)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return False
-    await db.execute(insert(table(ReservationRow)).values(
-        session_id=session_id, tenant=tenant, day=day, amount_usd=amount, status=HELD,
-        created_at=now,
-    ))
-    return True
+    return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 async def settle(db: DbSession, *, session_id: str, actual: Decimal, now: datetime) -> bool:
