@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 ROWS = [
     # 1-3: one session
     "1-turn session, wall", "3-tool-turn session, wall", "time to first agent event |",
-    "time to first agent event, warm pool", "control-plane CPU per session",
+    "1-turn session, wall, warm pool", "time to first agent event, warm pool",
+    "control-plane CPU per session",
     # 4: saturation throughput
     "sessions/s at concurrency 1 |", "sessions/s at concurrency 2 |",
     # 5: unary RPCs (PostgreSQL rows say skipped in --quick)
