@@ -172,8 +172,7 @@ class App:
         renewal and crash recovery, and readiness re-checks of the database."""
         await self.health.check(self.engine, cli_path, migrate_first=self.settings.migrate_at_start)
         if self.sessions.pool is not None:
-            # Started once ready: a server that cannot serve should not spend on agents.
-            self._background.append(asyncio.create_task(self.sessions.pool.run(), name="warm-pool"))
+            self.sessions.pool.start()  # once ready: a server that cannot serve spends nothing
         self._background += [
             asyncio.create_task(self.sessions.lease_keeper.run(), name="leases"),
             asyncio.create_task(

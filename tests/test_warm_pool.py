@@ -223,6 +223,21 @@ async def test_shutdown_leaves_no_agent_process_and_no_folder(tmp_path: Path) ->
         await stop_harness(h)  # stopping twice is harmless; it checks for processes again
 
 
+async def test_shutdown_while_an_agent_is_starting_leaves_nothing(tmp_path: Path) -> None:
+    h = await start_harness(sqlite(tmp_path), extra_tenants=twin_tenants(3))
+    try:
+        await until(lambda: pool(h).ready("warm") == 1)  # the next one is starting now
+        assert pool(h).size > pool(h).ready("warm")
+
+        await h.app.stop(grace=1)
+
+        assert agent_processes(h.work_dir / "w") == []
+        assert warm_markers(h) == []
+        assert pool(h).size == 0
+    finally:
+        await stop_harness(h)
+
+
 async def test_the_pool_stays_within_the_session_limit_and_replaces_old_agents(
     tmp_path: Path,
 ) -> None:

@@ -85,6 +85,7 @@ class WarmPool:
         self._wake = asyncio.Event()
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -153,8 +154,13 @@ class WarmPool:
 
     # -- refilling -----------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Start refilling in the background (until `close`)."""
+        if self._task is None and not self._closed:
+            self._task = asyncio.create_task(self.run(), name="warm-pool")
+
     async def run(self) -> None:
-        """Keep each tenant's pool stocked until `close` (runs as a background task)."""
+        """Keep each tenant's pool stocked until `close`."""
         self.sweep()
         delay = RETRY_DELAY_S
         while not self._closed:
@@ -194,10 +200,7 @@ class WarmPool:
         finally:
             self._starting -= 1
         self.stats[tenant.name].started += 1
-        if self._closed:
-            self._discard(agent)
-        else:
-            self._ready[tenant.name].append(agent)
+        self._ready[tenant.name].append(agent)
         return True
 
     def _expired(self, agent: WarmAgent) -> bool:
@@ -218,16 +221,16 @@ class WarmPool:
     # -- stopping and recovery -----------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop refilling and close every pooled agent (at shutdown); idempotent."""
+        """Stop refilling (an agent still starting is stopped) and close every pooled
+        agent, at shutdown; idempotent."""
         self._closed = True
-        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         for queue in self._ready.values():
             while queue:
                 self._discard(queue.popleft())
-        while self._closing or self._starting:
-            await asyncio.gather(*self._closing, return_exceptions=True)
-            if self._starting:
-                await asyncio.sleep(0.05)
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     def sweep(self) -> int:
         """Remove warm agents a server that died left in the work dir (their processes
