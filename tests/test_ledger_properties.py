@@ -4,6 +4,7 @@ never loses a cent (run against a real SQLite database)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 import uuid
 from datetime import UTC, datetime
@@ -56,6 +57,7 @@ async def play(ops: list[tuple]) -> None:
             assert window.spent_usd == spent
     finally:
         await engine.dispose()
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
