@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import date, datetime
 from decimal import Decimal
 
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from ..coalesce import Coalescer
 from ..domain import BudgetWindow
 from ..errors import QuotaExceeded
 from ..store import ledger as repo
@@ -54,13 +55,15 @@ class BudgetReader:
     """Reads budget windows for GetBudget."""
 
     def __init__(self, sessions: async_sessionmaker[DbSession]) -> None:
-        self._sessions = sessions
+        self._engine: AsyncEngine = sessions.kw["bind"]
+        # Concurrent GetBudgets of a tenant's day share one database read, never an older one.
+        self.reads: Coalescer[tuple[Decimal, Decimal]] = Coalescer()
 
     async def window(self, tenant: Tenant, day: date) -> BudgetWindow:
         start, end = window_bounds(day, tenant.time_zone)
-        async with self._sessions() as db:
-            row = await repo.get_window(db, tenant.name, day.isoformat())
-        zero = Decimal(0)
+        spent, reserved = await self.reads.get(
+            (tenant.name, day), lambda: self._totals(tenant.name, day.isoformat())
+        )
         return BudgetWindow(
             tenant=tenant.name,
             day=day.isoformat(),
@@ -68,9 +71,13 @@ class BudgetReader:
             window_start=start,
             window_end=end,
             limit_usd=tenant.daily_limit_usd,
-            spent_usd=row.spent_usd if row else zero,
-            reserved_usd=row.reserved_usd if row else zero,
+            spent_usd=spent,
+            reserved_usd=reserved,
         )
+
+    async def _totals(self, tenant: str, day: str) -> tuple[Decimal, Decimal]:
+        async with self._engine.connect() as conn:
+            return await repo.window_totals(conn, tenant, day)
 
     @staticmethod
     def today(tenant: Tenant, now: datetime) -> date:

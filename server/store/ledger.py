@@ -13,6 +13,7 @@ from decimal import Decimal
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from .models import BudgetWindowRow, ReservationRow, table
@@ -98,6 +99,16 @@ async def get_window(db: DbSession, tenant: str, day: str) -> BudgetWindowRow | 
     return await db.scalar(
         select(BudgetWindowRow).where(BudgetWindowRow.tenant == tenant, BudgetWindowRow.day == day)
     )
+
+
+async def window_totals(conn: AsyncConnection, tenant: str, day: str) -> tuple[Decimal, Decimal]:
+    """(spent, reserved) of a window, zero if none; on a bare connection (no ORM session),
+    the cheapest read there is, for GetBudget."""
+    w = table(BudgetWindowRow)
+    row = (await conn.execute(
+        select(w.c.spent_usd, w.c.reserved_usd).where(w.c.tenant == tenant, w.c.day == day)
+    )).first()
+    return (row.spent_usd, row.reserved_usd) if row else (Decimal(0), Decimal(0))
 
 
 async def get_reservation(db: DbSession, session_id: str) -> ReservationRow | None:
