@@ -487,6 +487,17 @@ def test_otel_settings_from_the_environment() -> None:
     off.shutdown()
 
 
+def test_without_an_exporter_spans_are_not_recorded_but_trace_ids_still_flow() -> None:
+    quiet = Telemetry.create(OtelConfig.from_env({}))  # no OTLP endpoint: nowhere to send
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    context = propagate.extract({"traceparent": caller})
+    span = quiet.tracer_provider.get_tracer("x").start_span("s", context=context)
+    assert not span.is_recording()
+    assert format(span.get_span_context().trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    assert quiet.server_interceptors() != []  # the caller's trace still reaches logs and the CLI
+    quiet.shutdown()
+
+
 def _session(**changes: Any) -> Session:
     now = utcnow()
     base = Session(
