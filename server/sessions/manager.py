@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..budgets.ledger import reserve_for_session, settle_session
 from ..budgets.windows import day_of
+from ..coalesce import Coalescer
 from ..domain import ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
 from ..errors import (
     AgentplaneError,
@@ -90,6 +91,7 @@ class SessionManager:
         # Set by the app when a tenant has a warm pool (see pool.py).
         self.pool: WarmPool | None = None
         self._ended: OrderedDict[str, Session] = OrderedDict()
+        self._reads: Coalescer[Session | None] = Coalescer()
 
     @property
     def room(self) -> int:
@@ -443,12 +445,18 @@ class SessionManager:
         known = live.session if live is not None else self._ended.get(session_id)
         if known is not None and known.tenant == tenant.name:
             return known
-        async with self._db() as db:
-            session = await repo.get_session(db, tenant.name, session_id)
+        # Concurrent calls for one session (callers polling it) share a read.
+        session = await self._reads.get(
+            (tenant.name, session_id), lambda: self._read(tenant.name, session_id)
+        )
         if session is None:
             raise NotFound(f"session {session_id} not found")
         self._remember(session)
         return session
+
+    async def _read(self, tenant: str, session_id: str) -> Session | None:
+        async with self._db() as db:
+            return await repo.get_session(db, tenant, session_id)
 
     def _remember(self, session: Session) -> None:
         """Keep an ended session for `get` (least recently ended ones go first)."""
