@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import unary
@@ -25,7 +27,7 @@ from common import (
     scalar,
     summary,
 )
-from seed import seed
+from seed import seed, sqlite_value
 from throughput import agentplane_rate
 
 STREAMS, QUICK_STREAMS = (0, 8, 32), (0, 2, 4)
@@ -92,6 +94,22 @@ async def figures(bench: Bench, server: Server, requests: dict[str, bytes]) -> d
     return {"GetSession": results[0::2], "ListSessions": results[1::2], "throughput": rates}
 
 
+def elsewhere(database_url: str) -> bytes:
+    """A GetSession request for a seeded session made RUNNING on another (pretend) server
+    with a lease far ahead: this server has it neither live nor among the ended sessions
+    it keeps in memory, so every call reads the database (the index is what is measured)."""
+    session_id = str(uuid.UUID(int=1))  # seed.py's first session
+    with connect(database_url) as conn:
+        sql = ("UPDATE sessions SET state = 'RUNNING', ended_at = NULL, owner = 'elsewhere', "
+               "lease_expires_at = ? WHERE id = ?")
+        if not database_url.startswith("sqlite"):
+            sql = sql.replace("?", "%s")
+        lease = datetime(2100, 1, 1, tzinfo=UTC)
+        conn.execute(sql, (sqlite_value(lease) if database_url.startswith("sqlite") else lease,
+                           session_id))
+    return session_pb2.GetSessionRequest(session_id=session_id).SerializeToString()
+
+
 def rows_in(server: Server) -> str:
     sessions = scalar(server.database_url, "SELECT count(*) FROM sessions")
     events = scalar(server.database_url, "SELECT count(*) FROM session_events")
@@ -106,6 +124,7 @@ async def run(bench: Bench, server: Server) -> tuple[list[str], list[str]]:
     # returns full pages from the start.
     await asyncio.to_thread(seed, server.database_url, 0, BASE)
     seeded = BASE
+    requests = {**requests, "GetSession": await asyncio.to_thread(elsewhere, server.database_url)}
     base = await figures(bench, server, requests)
     notes = [(f"{server.label} baseline (+{BASE} rows seeded, beside the benchmarks' own "
               f"sessions): {rows_in(server)}.")]

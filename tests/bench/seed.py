@@ -41,7 +41,7 @@ def _event(session: dict[str, Any]) -> dict[str, Any]:
             "kind": "started", "payload": json.dumps({"seeded": True})}
 
 
-def _sqlite_value(value: Any) -> Any:
+def sqlite_value(value: Any) -> Any:
     if isinstance(value, datetime):  # what SQLAlchemy's SQLite DATETIME stores (naive UTC)
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
     if isinstance(value, Decimal):  # Money is integer micro-dollars on SQLite
@@ -83,8 +83,8 @@ def _seed_sqlite(conn: Any, start: int, count: int, tenant: str) -> None:
         chunk = [pair for _, pair in zip(range(CHUNK), rows, strict=False)]
         if not chunk:
             break
-        conn.executemany(s_sql, [tuple(_sqlite_value(s.get(c)) for c in s_cols) for s, _ in chunk])
-        conn.executemany(e_sql, [tuple(_sqlite_value(e.get(c)) for c in e_cols) for _, e in chunk])
+        conn.executemany(s_sql, [tuple(sqlite_value(s.get(c)) for c in s_cols) for s, _ in chunk])
+        conn.executemany(e_sql, [tuple(sqlite_value(e.get(c)) for c in e_cols) for _, e in chunk])
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
