@@ -56,8 +56,10 @@ async def test_many_short_sessions_leak_nothing(harness: Harness, database_url: 
     )
     assert states == [session_pb2.SESSION_STATE_COMPLETE] * SESSIONS
     assert agent_processes(harness.work_dir) == []
-    # Pools (database, HTTP keep-alive) may settle at a few more; a leak grows per session.
-    assert fds_after <= fds_half + 5 and fds_after <= fds_before + 20
+    # Pools may still grow to their working size (a SQLite connection holds 3 fds: the
+    # database, its WAL and shared memory; HTTP keep-alive sockets come in pairs here, the
+    # sandbox being in this process). A leak grows per session: 100 sessions per half.
+    assert fds_after <= fds_half + 15 and fds_after <= fds_before + 30
     window = await harness.budgets.GetBudget(budget_pb2.GetBudgetRequest(), metadata=harness.auth("ops"))
     assert Decimal(window.reserved_usd) == 0
     assert harness.app.sessions.live_count == 0
