@@ -274,7 +274,7 @@ async def test_start_up_sweeps_warm_agents_a_dead_server_left(tmp_path: Path) ->
         ours.mkdir(parents=True)
         (ours / WARM_MARKER).write_text(str(os.getpid()))
 
-        assert pool(h).sweep() == 1
+        assert await pool(h).sweep() == 1
 
         assert await asyncio.wait_for(sleeper.wait(), 10) != 0
         assert not orphan.exists()

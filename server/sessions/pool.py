@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from pathlib import Path
 
 from ..errors import ConfigError, InvalidArgument
 from ..tenants import Tenant
-from .reaper import kill_session_processes
 from .requests import RunRequest, SessionSpec, validate
 from .runner import WARM_MARKER, AgentRunner, WarmAgent, pool_key
 
@@ -161,7 +159,7 @@ class WarmPool:
 
     async def run(self) -> None:
         """Keep each tenant's pool stocked until `close`."""
-        self.sweep()
+        await self.sweep()
         delay = RETRY_DELAY_S
         while not self._closed:
             self._wake.clear()
@@ -232,20 +230,19 @@ class WarmPool:
                 self._discard(queue.popleft())
         await asyncio.gather(*self._closing, return_exceptions=True)
 
-    def sweep(self) -> int:
+    async def sweep(self) -> int:
         """Remove warm agents a server that died left in the work dir (their processes
         too); returns how many. Agents of live servers sharing the dir are left alone."""
-        swept = 0
-        for marker in self._runner.config.work_dir.glob(f"*/*/{WARM_MARKER}"):
-            if _owner_alive(marker):
-                continue
-            root = marker.parent
-            kill_session_processes(root)
-            shutil.rmtree(root, ignore_errors=True)
-            swept += 1
-        if swept:
-            log.info("warm_pool_swept", extra={"agents": swept})
-        return swept
+        orphans = await asyncio.to_thread(lambda: [
+            marker.parent
+            for marker in self._runner.config.work_dir.glob(f"*/*/{WARM_MARKER}")
+            if not _owner_alive(marker)
+        ])
+        for root in orphans:
+            await self._runner.remove_folder(root)
+        if orphans:
+            log.info("warm_pool_swept", extra={"agents": len(orphans)})
+        return len(orphans)
 
 
 def _owner_alive(marker: Path) -> bool:

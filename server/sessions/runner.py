@@ -153,9 +153,11 @@ class AgentRunner:
 
     async def clean_up(self, session: Session) -> None:
         """Kill what is left of a session a dead server ran here, and remove its folder."""
-        dirs = self.session_dirs(session.tenant, session.id)
-        await asyncio.to_thread(kill_session_processes, dirs.root)
-        await asyncio.to_thread(shutil.rmtree, dirs.root, True)
+        await self.remove_folder(self.session_dirs(session.tenant, session.id).root)
+
+    async def remove_folder(self, root: Path) -> None:
+        """Kill every process of the session folder `root` (tools included), remove it."""
+        await asyncio.to_thread(_remove_folder, root)
 
     def _cli_for(self, tenant: Tenant) -> Path:
         """The CLI, or for a tenant with an os_user a launcher that becomes that user first.
@@ -226,8 +228,7 @@ class AgentRunner:
 
     async def _release(self, session_id: str, dirs: SessionDirs) -> None:
         self._gateway.close_session(session_id)
-        await asyncio.to_thread(kill_session_processes, dirs.root)
-        await asyncio.to_thread(shutil.rmtree, dirs.root, True)
+        await self.remove_folder(dirs.root)
 
     def _open_meter(self, session_id: str, tenant: Tenant, budget: Decimal) -> SessionMeter:
         return self._gateway.open_session(
@@ -473,6 +474,11 @@ class AgentRunner:
             if tenant.os_user is not None:
                 for path in [dirs.cwd, *dirs.cwd.rglob("*")]:
                     shutil.chown(path, tenant.os_user, pwd.getpwnam(tenant.os_user).pw_gid)
+
+
+def _remove_folder(root: Path) -> None:
+    kill_session_processes(root)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
