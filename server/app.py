@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from agentplane.v1 import (
@@ -20,7 +20,8 @@ from agentplane.v1 import (
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from .api.budget_service import BudgetService, UsageService
 from .api.session_service import SessionService
@@ -29,11 +30,13 @@ from .budgets.ledger import BudgetReader
 from .budgets.pricing import PriceTable
 from .config import Settings
 from .health import Health
+from .sessions.capacity import Capacity
+from .sessions.launcher import BUNDLED_CLI, LaunchConfig, Launcher
 from .sessions.leases import LeaseConfig
 from .sessions.manager import SessionManager
 from .sessions.pool import PoolConfig, WarmPool
 from .sessions.retry import RetryPolicy
-from .sessions.runner import BUNDLED_CLI, AgentRunner, RunnerConfig
+from .sessions.runner import AgentRunner, RunnerConfig
 from .sessions.usage import UsageReader
 from .store.engine import create_engine, sessionmaker
 from .store.transcripts import SqlSessionStore
@@ -52,7 +55,8 @@ def load_tenants(settings: Settings) -> TenantRegistry:
 
 @dataclass
 class App:
-    """A running agentplane server."""
+    """A running agentplane server. Whatever it opened is closed by `stop`, or at once
+    when `start` fails part-way."""
 
     settings: Settings
     tenants: TenantRegistry
@@ -60,11 +64,12 @@ class App:
     health: Health
     sessions: SessionManager
     engine: AsyncEngine
+    gateway: MeteringGateway
+    telemetry: Telemetry
     port: int
+    _resources: contextlib.AsyncExitStack
     _ready_task: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
-    gateway: MeteringGateway | None = None
-    telemetry: Telemetry = field(default_factory=Telemetry.disabled)
 
     @classmethod
     async def start(
@@ -75,16 +80,40 @@ class App:
     ) -> App:
         """Bind, start serving (health NOT_SERVING), then run the readiness checks in the
         background so probes can watch the transition. `telemetry` (default: as the
-        settings say) is the App's own: stop() flushes and closes it."""
+        settings say) is the App's own: stop() flushes and closes it. If anything fails,
+        what was opened so far is closed before the error propagates."""
         tenants = tenants or load_tenants(settings)
-        telemetry = telemetry or telemetry_for(settings)
         if tenants.dev_mode:
             log.warning("no AGENTPLANE_TENANTS_FILE: dev mode, one `default` tenant, no auth")
+        resources = contextlib.AsyncExitStack()  # the app's own from here: stop() closes it
+        try:
+            app = await cls._open(resources, settings, tenants, telemetry)
+        except BaseException:
+            await resources.aclose()
+            raise
+        app._ready_task = asyncio.create_task(app._start_up())
+        log.info("agentplane listening on %s",
+                 settings.listen.rsplit(":", 1)[0] + f":{app.port}")
+        return app
+
+    @classmethod
+    async def _open(
+        cls,
+        resources: contextlib.AsyncExitStack,
+        settings: Settings,
+        tenants: TenantRegistry,
+        telemetry: Telemetry | None,
+    ) -> App:
+        """Open every part in order, each registered in `resources` to be closed in
+        reverse order."""
+        telemetry = telemetry or telemetry_for(settings)
+        resources.push_async_callback(asyncio.to_thread, telemetry.shutdown)  # flushes
         engine = create_engine(settings.database_url)
+        resources.push_async_callback(engine.dispose)
         db = sessionmaker(engine)
         health = Health()
         await health.init()
-        cli_path = settings.cli_path or BUNDLED_CLI
+        resources.push_async_callback(health.shutdown)
         settings.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if any(t.os_user for t in tenants.tenants.values()):
             # Agents running as tenants' own users must traverse (not list) the root.
@@ -94,34 +123,33 @@ class App:
             prices = prices.override(settings.prices_file)
         gateway = MeteringGateway(prices)
         await gateway.start()
-        runner = AgentRunner(
-            RunnerConfig(
+        resources.push_async_callback(gateway.stop)
+        launcher = Launcher(
+            LaunchConfig(
                 work_dir=settings.work_dir,
                 base_url=settings.anthropic_base_url,
-                cli_path=cli_path,
+                cli_path=settings.cli_path or BUNDLED_CLI,
                 cli_max_retries=settings.cli_max_retries,
                 scrub_env=frozenset(tenants.key_env_names()),
+            ),
+            SqlSessionStore(db),
+            gateway,
+        )
+        runner = AgentRunner(
+            RunnerConfig(
                 idle_timeout_s=settings.session_idle_timeout_s,
                 retry=RetryPolicy(
                     attempts=settings.retry_attempts, base_delay_s=settings.retry_base_delay_s
                 ),
             ),
-            SqlSessionStore(db),
-            gateway,
+            launcher,
         )
         observer = TelemetryObserver(telemetry)
-        sessions = SessionManager(
-            db,
-            runner,
-            not_ready=lambda: health.problem,
-            max_sessions=settings.max_sessions,
-            leases=LeaseConfig(owner=f"agentplane-{uuid.uuid4().hex[:12]}", ttl_s=settings.lease_ttl_s),
-            observer=observer,
-        )
+        capacity = Capacity(settings.max_sessions)
         pool = WarmPool(
-            runner,
+            launcher,
             tenants.tenants.values(),
-            room=lambda: sessions.room,
+            capacity,
             config=PoolConfig(
                 max_age_s=settings.warm_pool_max_age_s,
                 min_available_mib=settings.warm_pool_min_available_mib,
@@ -129,47 +157,40 @@ class App:
             on_served=observer.pool_served,
         )
         if pool.enabled:
-            try:
-                pool.check_models()
-            except Exception:
-                await gateway.stop()
-                raise
-            sessions.pool = pool
-
-        server = grpc.aio.server(interceptors=telemetry.server_interceptors())
-        session_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionService(tenants, sessions), server
+            pool.check_models()
+            resources.push_async_callback(pool.close)
+        sessions = SessionManager(
+            db,
+            launcher,
+            runner,
+            capacity,
+            pool=pool if pool.enabled else None,
+            observer=observer,
+            leases=LeaseConfig(
+                owner=f"agentplane-{uuid.uuid4().hex[:12]}", ttl_s=settings.lease_ttl_s
+            ),
+            not_ready=lambda: health.problem,
         )
-        budget_pb2_grpc.add_BudgetServiceServicer_to_server(
-            BudgetService(tenants, BudgetReader(db)), server
-        )
-        usage_pb2_grpc.add_UsageServiceServicer_to_server(
-            UsageService(tenants, UsageReader(db)), server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-        reflection.enable_server_reflection(
-            [
-                session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
-                budget_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name,
-                usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
-        port = server.add_insecure_port(settings.listen)
+        server = _grpc_server(telemetry, tenants, sessions, db, health)
+        resources.push_async_callback(server.stop, 1.0)
+        try:
+            port = server.add_insecure_port(settings.listen)
+        except RuntimeError:  # grpcio raises where older releases returned 0
+            port = 0
         if port == 0:
-            raise OSError(f"cannot bind {settings.listen}")
+            raise OSError(f"cannot bind {settings.listen}: in use, or not an address of this host")
         await server.start()
-        app = cls(settings, tenants, server, health, sessions, engine, port, telemetry=telemetry)
-        app.gateway = gateway
-        app._ready_task = asyncio.create_task(app._start_up(cli_path))
-        log.info("agentplane listening on %s", settings.listen.rsplit(":", 1)[0] + f":{port}")
+        app = cls(
+            settings, tenants, server, health, sessions, engine, gateway, telemetry, port,
+            resources,
+        )
+        resources.push_async_callback(app._cancel_background)
         return app
 
-    async def _start_up(self, cli_path: Path) -> None:
+    async def _start_up(self) -> None:
         """Readiness checks (and the SQLite migration), then the periodic upkeep: lease
         renewal and crash recovery, and readiness re-checks of the database."""
+        cli_path = self.settings.cli_path or BUNDLED_CLI
         await self.health.check(self.engine, cli_path, migrate_first=self.settings.migrate_at_start)
         if self.sessions.pool is not None:
             self.sessions.pool.start()  # once ready: a server that cannot serve spends nothing
@@ -180,6 +201,12 @@ class App:
             ),
         ]
 
+    async def _cancel_background(self) -> None:
+        tasks = [t for t in [self._ready_task, *self._background] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def ready(self) -> None:
         """Wait for the start-up checks to finish (whatever their verdict)."""
         if self._ready_task is not None:
@@ -188,7 +215,8 @@ class App:
     async def stop(self, grace: float | None = None, force: asyncio.Event | None = None) -> None:
         """Drain: readiness NOT_SERVING at once (liveness stays SERVING), new sessions
         UNAVAILABLE, running ones get `grace` seconds (default AGENTPLANE_SHUTDOWN_GRACE_S,
-        cut short when `force` is set), the rest end ERROR/SHUTDOWN, settled; then stop."""
+        cut short when `force` is set), the rest end ERROR/SHUTDOWN, settled; then close
+        everything `start` opened, in reverse order."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
         log.info("shutdown", extra={
             "phase": "draining", "live_sessions": self.sessions.live_count, "grace_s": grace,
@@ -197,17 +225,40 @@ class App:
         if self.sessions.pool is not None:
             await self.sessions.pool.close()
         await self.sessions.drain(grace, force)
-        await self.server.stop(1.0)
-        await self.health.shutdown()
-        for task in [self._ready_task, *self._background]:
-            if task is not None and not task.done():
-                task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        if self.gateway is not None:
-            await self.gateway.stop()
-        await self.engine.dispose()
-        await asyncio.to_thread(self.telemetry.shutdown)  # flush spans and metrics
+        await self._resources.aclose()
         log.info("shutdown", extra={"phase": "done"})
+
+
+def _grpc_server(
+    telemetry: Telemetry,
+    tenants: TenantRegistry,
+    sessions: SessionManager,
+    db: async_sessionmaker[DbSession],
+    health: Health,
+) -> grpc.aio.Server:
+    """The gRPC server with agentplane's services, health and reflection (not bound)."""
+    server = grpc.aio.server(interceptors=telemetry.server_interceptors())
+    session_pb2_grpc.add_SessionServiceServicer_to_server(
+        SessionService(tenants, sessions), server
+    )
+    budget_pb2_grpc.add_BudgetServiceServicer_to_server(
+        BudgetService(tenants, BudgetReader(db)), server
+    )
+    usage_pb2_grpc.add_UsageServiceServicer_to_server(
+        UsageService(tenants, UsageReader(db)), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection(
+        [
+            session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+            budget_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name,
+            usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    return server
 
 
 async def serve(settings: Settings, tenants: TenantRegistry | None = None) -> int:

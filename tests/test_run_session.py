@@ -10,6 +10,8 @@ import grpc
 import pytest
 from agentplane.server.api.convert import event_to_proto
 from agentplane.server.sandbox import HttpFailure, Script, Step, ToolCall, Usage
+from agentplane.server.store.engine import sessionmaker
+from agentplane.server.store.sessions import list_events
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import Harness, agent_processes, error_details
 
@@ -78,8 +80,8 @@ async def test_a_session_uses_a_tool_in_its_workspace_and_answers(harness: Harne
     assert final.HasField("end_time") and final.HasField("start_time")
 
     # What was persisted is exactly what was streamed.
-    tenant = harness.app.tenants.tenants["acme"]
-    persisted = await harness.app.sessions.events(tenant, session_id)
+    async with sessionmaker(harness.app.engine)() as db:
+        persisted = await list_events(db, session_id)
     assert [event_to_proto(e) for e in persisted] == events
     got = await harness.sessions.GetSession(
         session_pb2.GetSessionRequest(session_id=session_id), metadata=harness.auth()

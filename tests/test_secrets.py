@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentplane.server.sandbox import Script, Step
+from agentplane.server.store.engine import sessionmaker
 from agentplane.server.store.models import Base
 from agentplane.v1 import session_pb2
 from harness import MODEL, TOKENS, Harness, agent_processes
@@ -31,7 +32,7 @@ async def test_no_secret_is_persisted_streamed_or_logged(
     )
 
     dump = [str(e) for e in events]
-    async with harness.app.sessions._db() as db:
+    async with sessionmaker(harness.app.engine)() as db:
         for table in Base.metadata.sorted_tables:
             dump.extend(str(row) for row in (await db.execute(select(table))).all())
     # The message and every field given with it (structured logs carry their data in extras).

@@ -11,14 +11,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from agentplane.server.errors import ConfigError
 from agentplane.server.sandbox import Script, Step, ToolCall, Usage
-from agentplane.server.sessions.runner import WARM_MARKER
+from agentplane.server.sessions.pool import WARM_MARKER
 from agentplane.server.tenants import hash_token
 from agentplane.v1 import session_pb2
 from google.protobuf import json_format
-from harness import Harness, agent_processes, start_harness, stop_harness
+from harness import Harness, agent_processes, error_details, start_harness, stop_harness
 
 pytestmark = pytest.mark.asyncio
 
@@ -247,11 +248,13 @@ async def test_the_pool_stays_within_the_session_limit_and_replaces_old_agents(
     try:
         await until(lambda: pool(h).ready("warm") == 2)
         first = {a.session_id for a in pool(h)._ready["warm"]}
+        gone = pool(h).stats["warm"].discarded  # a slow start may see one expire already
         await asyncio.sleep(0.5)
         assert pool(h).size <= 2  # never the third: max_sessions is 2
 
-        await until(lambda: pool(h).stats["warm"].discarded >= 2 and pool(h).ready("warm") == 2)
-        assert first.isdisjoint(a.session_id for a in pool(h)._ready["warm"])
+        await until(lambda: pool(h).stats["warm"].discarded >= gone + 2
+                    and pool(h).ready("warm") == 2
+                    and first.isdisjoint(a.session_id for a in pool(h)._ready["warm"]))
         for session_id in first:
             assert agent_processes(h.work_dir / "w" / "warm" / session_id.replace("-", "")[:16]) == []
     finally:
@@ -296,3 +299,55 @@ async def test_an_unpriced_warm_pool_model_stops_the_server_at_start(tmp_path: P
                         tenants_file=tenants, work_dir=tmp_path / "w")
     with pytest.raises(ConfigError, match="tenants.warm.warm_pool_model"):
         await App.start(settings, TenantRegistry.load(tenants))
+
+
+def running_agents(h: Harness) -> int:
+    """How many sessions' agents (warm or not) have processes now."""
+    return sum(1 for root in (h.work_dir / "w").glob("*/*") if agent_processes(root))
+
+
+async def test_warm_agents_and_sessions_together_never_exceed_the_session_limit(
+    tmp_path: Path,
+) -> None:
+    h = await start_harness(sqlite(tmp_path), extra_tenants=twin_tenants(2), max_sessions=3)
+    h.sandbox.add_script("hang", Script(steps=[Step(hang=True)]))
+    most, sampling = 0, True
+
+    async def sample() -> None:
+        nonlocal most
+        while sampling:
+            most = max(most, await asyncio.to_thread(running_agents, h))
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.create_task(sample())
+    calls = []
+    try:
+        await until(lambda: pool(h).ready("warm") == 2)
+        # Two places are the pool's; a cold session gets the one left, the next none.
+        cold = h.sessions.RunSession(session_pb2.RunSessionRequest(
+            prompt="[[sandbox:hang]] wait", model="claude-sonnet-4-5"), metadata=auth("cold"))
+        calls.append(cold)
+        assert (await cold.read()).HasField("started")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await run(h, "cold", prompt="[[sandbox:hang]] one too many")
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_details(caught.value)["ErrorInfo"].reason == "CONCURRENCY_LIMIT"
+
+        # A session the pool serves takes a waiting agent's place; none starts to refill.
+        warm = h.sessions.RunSession(session_pb2.RunSessionRequest(
+            prompt="[[sandbox:hang]] wait", model="claude-sonnet-4-5"), metadata=auth("warm"))
+        calls.append(warm)
+        assert (await warm.read()).HasField("started")
+        await asyncio.sleep(1.0)  # time enough for a refill, which must not come
+        assert pool(h).stats["warm"].hits == 1
+        assert pool(h).size == 1
+
+        for call in calls:
+            call.cancel()  # on_disconnect CANCEL: both sessions end
+        await until(lambda: h.app.sessions.live_count == 0)
+        await until(lambda: pool(h).ready("warm") == 2)  # refilled once there is room
+    finally:
+        sampling = False
+        await sampler
+        await stop_harness(h)
+    assert most == 3  # the limit, reached and never passed

@@ -2,7 +2,9 @@
 
 The bundled Claude Code CLI phones home, writes under /tmp and $HOME, and picks up
 whatever the server's own environment holds unless told otherwise. Everything here was
-measured against the CLI shipped with claude-agent-sdk 0.2.188 (see DESIGN.md).
+measured against the CLI shipped with claude-agent-sdk 0.2.188: with these variables it
+sends nothing but model requests to ANTHROPIC_BASE_URL, and writes only under the
+session's own folders.
 """
 
 from __future__ import annotations

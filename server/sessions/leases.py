@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -18,9 +18,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..budgets.ledger import settle_session
-from ..domain import ErrorReason, Event, EventKind, Session, SessionState, utcnow
+from ..domain import ErrorReason, SessionState, utcnow
 from ..store import sessions as repo
+from .capacity import Capacity
+from .ending import write_end
+from .folders import SessionFolders
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +45,22 @@ class LeaseKeeper:
         self,
         db: async_sessionmaker[DbSession],
         config: LeaseConfig,
-        live_ids: Callable[[], Collection[str]],
+        capacity: Capacity,
+        folders: SessionFolders,
         on_lost: Callable[[str], None],
-        on_recovered: Callable[[Session], Awaitable[None]],
     ) -> None:
+        """Leases are kept for `capacity.live`; `on_lost(id)` is told of a session we run
+        that another server closed; a recovered session's folder here is removed."""
         self._db = db
         self.config = config
-        self._live_ids = live_ids
+        self._live = capacity.live
+        self._folders = folders
         self._on_lost = on_lost
-        self._on_recovered = on_recovered
 
     async def renew(self) -> None:
         """Extend the leases of the sessions this server runs; a session another server
         has meanwhile closed (we were cut off too long) is reported lost."""
-        ids = list(self._live_ids())
+        ids = list(self._live)
         if not ids:
             return
         async with self._db.begin() as db:
@@ -64,7 +68,7 @@ class LeaseKeeper:
                 db, owner=self.config.owner, ids=ids, until=self.config.expiry(utcnow())
             )
         for session_id in set(ids) - kept:
-            if session_id in self._live_ids():
+            if session_id in self._live:
                 self._on_lost(session_id)
 
     async def recover(self) -> list[str]:
@@ -81,15 +85,11 @@ class LeaseKeeper:
                 error_message="the server running the session stopped before it ended",
             )
             async with self._db.begin() as db:
-                if not await repo.save_progress(db, final, expect=session.state):
+                if await write_end(db, final, expect=session.state) is None:
                     continue  # closed meanwhile by its owner or another server
-                await settle_session(db, session_id=final.id, actual=final.cost_usd, now=now)
-                seq = await repo.last_seq(db, final.id) + 1
-                await repo.insert_events(
-                    db, [Event(final.id, seq, now, EventKind.RESULT, {"session": final.to_json()})]
-                )
             closed.append(final.id)
-            await self._on_recovered(final)
+            # What is left of its agent on this host (a dead server sharing the work dir).
+            await self._folders.remove(self._folders.dirs(final.tenant, final.id).root)
             log.warning("session_interrupted", extra={"session_id": final.id, "tenant": final.tenant})
         return closed
 

@@ -53,10 +53,6 @@ class EventWriter:
             self._overflowed = True
             self.on_overflow()
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
     async def _loop(self) -> None:
         delay = 0.2
         while True:
@@ -130,12 +126,13 @@ class LiveSession:
         return self.session.id
 
     @property
-    def last_seq(self) -> int:
-        return len(self._events)
+    def next_seq(self) -> int:
+        """The number the next event will have."""
+        return len(self._events) + 1
 
     def build(self, kind: EventKind, data: dict[str, Any]) -> Event:
         """The next event of this session (not yet published)."""
-        return Event(self.session.id, len(self._events) + 1, utcnow(), kind, data)
+        return Event(self.session.id, self.next_seq, utcnow(), kind, data)
 
     def publish(self, event: Event, *, persist: bool = True) -> None:
         """Make an event visible to watchers (and queue it for the database)."""

@@ -16,21 +16,80 @@ import asyncio
 import contextlib
 import logging
 import os
+import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
+from claude_agent_sdk import ClaudeSDKClient
+
+from ..budgets.gateway_meter import SessionMeter
 from ..errors import ConfigError, InvalidArgument
 from ..tenants import Tenant
+from .capacity import Capacity
+from .cli_env import SessionDirs
+from .launcher import Launcher
 from .requests import RunRequest, SessionSpec, validate
-from .runner import WARM_MARKER, AgentRunner, WarmAgent, pool_key
 
 log = logging.getLogger(__name__)
 
 # After a failed start, wait this long (doubling up to the maximum) before the next try.
 RETRY_DELAY_S = 1.0
 MAX_RETRY_DELAY_S = 60.0
+
+
+# Marks the folder of a warm agent no session has taken yet; holds the server's pid.
+WARM_MARKER = ".warm"
+
+PoolKey = tuple[tuple[str, ...], str, int, Decimal]
+
+
+def pool_key(spec: SessionSpec) -> PoolKey | None:
+    """What a CLI's options depend on at spawn, for matching a request to a warm agent
+    (None: the request resumes a conversation, which is fixed at spawn too)."""
+    if spec.resume_session_id:
+        return None
+    return (spec.tools, spec.model, spec.max_turns, spec.budget_usd)
+
+
+@dataclass
+class WarmAgent:
+    """A CLI started and connected ahead of demand, for the session that will take its id.
+
+    Its folder and meter are those of session `session_id`, so a taken agent is, from the
+    first query on, exactly what a cold start of that session would have spawned.
+    """
+
+    session_id: str
+    tenant: str
+    key: PoolKey
+    dirs: SessionDirs
+    client: ClaudeSDKClient
+    meter: SessionMeter
+    born: float
+
+    def alive(self) -> bool:
+        """Whether its CLI process still runs."""
+        process = getattr(getattr(self.client, "_transport", None), "_process", None)
+        return process is not None and process.returncode is None
+
+    def fits(self, session_id: str, spec: SessionSpec) -> bool:
+        """Whether it was made for this session and these options."""
+        return self.session_id == session_id and self.key == pool_key(spec)
+
+    def unmark(self) -> None:
+        """Its folder now belongs to a session, no longer to the pool."""
+        (self.dirs.root / WARM_MARKER).unlink(missing_ok=True)
+
+    @contextlib.asynccontextmanager
+    async def connected(self) -> AsyncIterator[ClaudeSDKClient]:
+        """Its client, as `async with ClaudeSDKClient(...)` gives a new one."""
+        try:
+            yield self.client
+        finally:
+            await self.client.disconnect()
 
 
 @dataclass(frozen=True)
@@ -40,6 +99,8 @@ class PoolConfig:
 
     max_age_s: float = 600.0
     min_available_mib: int = 1024
+    # How long a closing agent gets to disconnect before its processes are killed.
+    disconnect_timeout_s: float = 5.0
 
 
 @dataclass
@@ -58,18 +119,18 @@ class WarmPool:
 
     def __init__(
         self,
-        runner: AgentRunner,
+        launcher: Launcher,
         tenants: Iterable[Tenant],
+        capacity: Capacity,
         *,
-        room: Callable[[], int],
         config: PoolConfig | None = None,
         on_served: Callable[[str, bool], None] = lambda tenant, hit: None,
     ) -> None:
-        """`room()` is how many more sessions the server could run now; pooled agents
-        count against it. `on_served(tenant, hit)` is told of every admitted session of a
-        tenant with a pool (the metrics)."""
-        self._runner = runner
-        self._room = room
+        """Pooled agents hold places in `capacity` (waiting, starting and closing ones).
+        `on_served(tenant, hit)` is told of every admitted session of a tenant with a pool
+        (the metrics)."""
+        self._launcher = launcher
+        self._capacity = capacity
         self.config = config or PoolConfig()
         self._on_served = on_served
         self._wanted: dict[str, tuple[Tenant, SessionSpec]] = {
@@ -102,7 +163,7 @@ class WarmPool:
         """Raise ConfigError if a tenant's warm_pool_model is not in the price table."""
         for name, (_, spec) in self._wanted.items():
             try:
-                self._runner.check_model(spec.model)
+                self._launcher.check_model(spec.model)
             except InvalidArgument as exc:
                 raise ConfigError(f"tenants.{name}.warm_pool_model", str(exc)) from None
 
@@ -111,9 +172,10 @@ class WarmPool:
     def take(self, tenant: Tenant, spec: SessionSpec) -> WarmAgent | None:
         """A ready agent for a request of `tenant`, or None (the session starts cold).
 
-        The agent leaves the pool here, so no other take can get it; the caller gives it
-        back (`give_back`) if the session is not admitted after all, and reports each
-        admitted session (`served`): hits and misses count admitted sessions only.
+        The agent leaves the pool here, so no other take can get it; its place in the
+        capacity goes with it to the admission. The caller gives it back (`give_back`) if
+        the session is not admitted after all, and reports each admitted session
+        (`served`): hits and misses count admitted sessions only.
         """
         wanted = self._wanted.get(tenant.name)
         if wanted is None:
@@ -150,6 +212,12 @@ class WarmPool:
         else:
             queue.appendleft(agent)
 
+    async def discard(self, agent: WarmAgent) -> None:
+        """Stop an agent no session will use, and remove its folder."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(agent.client.disconnect(), self.config.disconnect_timeout_s)
+        await self._launcher.release(agent.session_id, agent.dirs)
+
     # -- refilling -----------------------------------------------------------------------
 
     def start(self) -> None:
@@ -178,7 +246,7 @@ class WarmPool:
     def _next_to_fill(self) -> str | None:
         """The tenant whose pool is emptiest relative to its size, if one needs an agent
         and the server has room and memory for it."""
-        if self._room() - self.size <= 0 or _available_mib() < self.config.min_available_mib:
+        if self._capacity.room <= 0 or _available_mib() < self.config.min_available_mib:
             return None
         short = [
             (len(self._ready[name]) / tenant.warm_pool_size, name)
@@ -188,18 +256,50 @@ class WarmPool:
         return min(short)[1] if short else None
 
     async def _start_one(self, tenant: Tenant, spec: SessionSpec) -> bool:
+        if not self._capacity.claim_pooled():
+            return True  # filled up meanwhile: the next round waits for room
         self._starting += 1
         try:
-            agent = await self._runner.prestart(tenant, spec)
+            agent = await self._prestart(tenant, spec)
         except Exception as exc:  # noqa: BLE001  # whatever stops a start: try again later
+            self._capacity.release_pooled()
             log.warning("warm_pool_start_failed",
                         extra={"tenant": tenant.name, "detail": str(exc)[:500]})
             return False
+        except BaseException:
+            self._capacity.release_pooled()
+            raise
         finally:
             self._starting -= 1
         self.stats[tenant.name].started += 1
         self._ready[tenant.name].append(agent)
         return True
+
+    async def _prestart(self, tenant: Tenant, spec: SessionSpec) -> WarmAgent:
+        """Start and connect a CLI with the options `spec` gives, for a session to come.
+
+        Its meter has no budget until a session takes it, so the agent cannot spend
+        anything while it waits.
+        """
+        key = pool_key(spec)
+        if key is None:
+            raise ValueError("a warm agent cannot resume a conversation")
+        session_id = str(uuid.uuid4())
+        dirs = self._launcher.folders.dirs(tenant.name, session_id)
+        meter = self._launcher.open_meter(session_id, tenant, Decimal(0))
+        try:
+            await self._launcher.folders.prepare(dirs, tenant)
+            (dirs.root / WARM_MARKER).write_text(str(os.getpid()))
+            client = ClaudeSDKClient(self._launcher.options(
+                spec, tenant, dirs, meter,
+                resume=None, budget=spec.budget_usd, max_turns=spec.max_turns,
+            ))
+            await client.connect()
+        except BaseException:
+            await self._launcher.release(session_id, dirs)
+            raise
+        born = asyncio.get_running_loop().time()
+        return WarmAgent(session_id, tenant.name, key, dirs, client, meter, born)
 
     def _expired(self, agent: WarmAgent) -> bool:
         return asyncio.get_running_loop().time() - agent.born > self.config.max_age_s
@@ -211,10 +311,18 @@ class WarmPool:
                 self._discard(agent)
 
     def _discard(self, agent: WarmAgent) -> None:
+        """Close a pooled agent in the background; its place is free once it is gone."""
         self.stats[agent.tenant].discarded += 1
-        task = asyncio.get_running_loop().create_task(self._runner.discard(agent))
+        task = asyncio.get_running_loop().create_task(self._close(agent))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    async def _close(self, agent: WarmAgent) -> None:
+        try:
+            await self.discard(agent)
+        finally:
+            self._capacity.release_pooled()
+            self._wake.set()
 
     # -- stopping and recovery -----------------------------------------------------------
 
@@ -233,13 +341,14 @@ class WarmPool:
     async def sweep(self) -> int:
         """Remove warm agents a server that died left in the work dir (their processes
         too); returns how many. Agents of live servers sharing the dir are left alone."""
+        work_dir = self._launcher.folders.work_dir
         orphans = await asyncio.to_thread(lambda: [
             marker.parent
-            for marker in self._runner.config.work_dir.glob(f"*/*/{WARM_MARKER}")
+            for marker in work_dir.glob(f"*/*/{WARM_MARKER}")
             if not _owner_alive(marker)
         ])
         for root in orphans:
-            await self._runner.remove_folder(root)
+            await self._launcher.folders.remove(root)
         if orphans:
             log.info("warm_pool_swept", extra={"agents": len(orphans)})
         return len(orphans)

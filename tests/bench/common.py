@@ -21,7 +21,7 @@ import grpc
 import psycopg
 from agentplane.server.sandbox import SandboxServer, Script, Step, ToolCall, Usage
 from agentplane.server.sessions.cli_env import SessionDirs, cli_environment
-from agentplane.server.sessions.runner import BUNDLED_CLI
+from agentplane.server.sessions.launcher import BUNDLED_CLI
 from agentplane.server.sessions.translate import to_events
 from agentplane.server.tenants import hash_token
 from agentplane.v1 import budget_pb2_grpc, session_pb2, session_pb2_grpc

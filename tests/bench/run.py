@@ -44,7 +44,7 @@ import sqlalchemy
 import throughput
 import unary
 from agentplane.server.sandbox import SandboxServer
-from agentplane.server.sessions.runner import BUNDLED_CLI
+from agentplane.server.sessions.launcher import BUNDLED_CLI
 from common import (
     PER_SESSION_USD,
     Bench,

@@ -1,0 +1,249 @@
+"""Admission: a RunSession becomes a session, or is refused with nothing created.
+
+In order: the request is checked against the tenant's policy, a resume is resolved, a
+repeated request_id re-attaches to the session it started, the server must be ready and
+have room, and then one transaction inserts the session (IDLE) with its `started` event
+and reserves its budget in the tenant's day window.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from ..budgets.ledger import reserve_for_session
+from ..budgets.windows import day_of
+from ..domain import ErrorReason, Event, EventKind, Session, SessionState, utcnow
+from ..errors import (
+    AgentplaneError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+    Unavailable,
+)
+from ..store import sessions as repo
+from ..tenants import Tenant
+from .capacity import Capacity
+from .launcher import Launcher
+from .leases import LeaseConfig
+from .lifecycle import SessionLifecycle
+from .live import EventWriter, LiveSession
+from .observer import SessionObserver, rejection_reason
+from .pool import WarmAgent, WarmPool
+from .queries import SessionQueries
+from .requests import RunRequest, SessionSpec, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Admission:
+    """An admitted (or re-attached) session and its event stream."""
+
+    session_id: str
+    events: AsyncIterator[Event]
+    # The session started by this admission; None when it re-attached to an earlier one.
+    live: LiveSession | None
+
+
+class Admitter:
+    """Admits sessions (see the module docstring) and hands them to their lifecycle."""
+
+    def __init__(
+        self,
+        db: async_sessionmaker[DbSession],
+        launcher: Launcher,
+        capacity: Capacity,
+        queries: SessionQueries,
+        lifecycle: SessionLifecycle,
+        observer: SessionObserver,
+        leases: LeaseConfig,
+        pool: WarmPool | None = None,
+        *,
+        not_ready: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        """`not_ready()` says why the server cannot take work now (None: it can)."""
+        self._db = db
+        self._launcher = launcher
+        self._capacity = capacity
+        self._queries = queries
+        self._lifecycle = lifecycle
+        self._observer = observer
+        self._leases = leases
+        self._pool = pool
+        self._not_ready = not_ready
+        self.draining = False
+
+    async def admit(self, tenant: Tenant, request: RunRequest) -> Admission:
+        """Admit a session (persist it IDLE and reserve its budget, atomically) and start it.
+
+        A repeat of a request_id re-attaches to the session it started instead. Raises
+        InvalidArgument, NotFound, FailedPrecondition, QuotaExceeded or Unavailable; then
+        nothing is created.
+        """
+        try:
+            return await self._admit(tenant, request)
+        except AgentplaneError as exc:
+            reason = rejection_reason(exc)
+            self._observer.rejected(tenant.name, reason)
+            detail = {"detail": str(exc)} if isinstance(exc, QuotaExceeded) else {}
+            log.info("budget_rejected" if reason == "BUDGET_EXCEEDED" else "admission_rejected",
+                     extra={"tenant": tenant.name, "reason": reason, **detail})
+            raise
+
+    async def _admit(self, tenant: Tenant, request: RunRequest) -> Admission:
+        spec = validate(request, tenant)
+        self._launcher.check_model(spec.model)
+        if spec.resume_session_id:
+            spec = await self._resolve_resume(tenant, spec)
+        if spec.request_id:
+            earlier = await self._by_request_id(tenant, spec)
+            if earlier is not None:
+                return earlier
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        problem = self._not_ready()
+        if problem:
+            raise Unavailable(problem)
+        if not tenant.api_key():
+            raise FailedPrecondition(
+                f"tenant {tenant.name!r} has no Anthropic API key: set the environment "
+                f"variable {tenant.anthropic_api_key_env} for the server"
+            )
+        warm = self._pool.take(tenant, spec) if self._pool is not None else None
+        self._capacity.begin_admission(warm=warm is not None)
+        admission: Admission | None = None
+        try:
+            admission = await self._insert(tenant, spec, warm)
+        finally:
+            live = admission.live if admission is not None else None
+            if live is not None:
+                self._capacity.admitted(live)
+            else:
+                self._capacity.not_admitted(warm_returned=warm is not None)
+            if self._pool is not None and live is not None:
+                self._pool.served(tenant.name, hit=warm is not None)
+            if self._pool is not None and warm is not None and live is None:
+                self._pool.give_back(warm)  # not admitted (or a repeat): still unused
+        if live is not None:
+            self._start(live, spec, tenant, warm)
+        assert admission is not None
+        return admission
+
+    async def _insert(
+        self, tenant: Tenant, spec: SessionSpec, warm: WarmAgent | None
+    ) -> Admission:
+        """The admission transaction, with the id of `warm` (a warm agent made for it) or
+        a new one. A request_id that a concurrent request won re-attaches to its session."""
+        now = utcnow()
+        session = Session(
+            id=warm.session_id if warm is not None else str(uuid.uuid4()),
+            tenant=tenant.name,
+            state=SessionState.IDLE,
+            create_time=now,
+            max_budget_usd=spec.budget_usd,
+            max_turns=spec.max_turns,
+            allowed_tools=spec.tools,
+            model=spec.model,
+            labels=spec.labels,
+            request_id=spec.request_id,
+            resumed_from=spec.resume_session_id,
+        )
+        live = LiveSession(session, EventWriter(self._persist_events), self._observer.event)
+        live.writer.on_overflow = lambda: live.request_cancel(
+            ErrorReason.DATABASE_UNAVAILABLE,
+            "the database was unreachable for longer than the session's event buffer lasts",
+        )
+        started = live.build(EventKind.STARTED, {"session": session.to_json()})
+        try:
+            async with self._db.begin() as db:
+                day = day_of(now, tenant.time_zone).isoformat()
+                await repo.insert_session(
+                    db, session, request_hash=spec.fingerprint(), budget_day=day,
+                    owner=self._leases.owner, lease_until=self._leases.expiry(now),
+                )
+                await repo.insert_events(db, [started])
+                # The reservation's UPDATE locks the tenant's window row until commit, so
+                # the count below cannot race another admission of the same tenant; all
+                # else is written before it, to hold that lock as briefly as possible.
+                await reserve_for_session(
+                    db, tenant, session_id=session.id, amount=spec.budget_usd, day=day, now=now
+                )
+                active = await repo.count_active(db, tenant.name)
+                if active > tenant.max_concurrent_sessions:
+                    raise QuotaExceeded(
+                        "CONCURRENCY_LIMIT",
+                        f"tenant:{tenant.name}:concurrent_sessions",
+                        f"tenant {tenant.name!r} already runs its maximum of "
+                        f"{tenant.max_concurrent_sessions} concurrent sessions; retry when one ends",
+                    )
+        except IntegrityError:
+            await live.writer.close()
+            if not spec.request_id:
+                raise
+            # A concurrent request with the same request_id won the unique constraint.
+            earlier = await self._by_request_id(tenant, spec)
+            if earlier is None:
+                raise
+            return earlier
+        except BaseException:
+            await live.writer.close()
+            raise
+        live.publish(started, persist=False)
+        return Admission(session.id, self._queries.follow(tenant, session.id, 0), live)
+
+    def _start(
+        self, live: LiveSession, spec: SessionSpec, tenant: Tenant, warm: WarmAgent | None
+    ) -> None:
+        # The run task starts in the context the observer gives (its trace span current).
+        session = live.session
+        context = self._observer.admitted(session, spec.prompt)
+        context.run(log.info, "session_start", extra={
+            "session_id": session.id, "tenant": tenant.name, "model": session.model,
+            "max_budget_usd": str(session.max_budget_usd), "max_turns": session.max_turns,
+        })
+        self._lifecycle.launch(live, spec, tenant, warm, context)
+
+    async def _resolve_resume(self, tenant: Tenant, spec: SessionSpec) -> SessionSpec:
+        """Find the SDK conversation an earlier session of this tenant left behind."""
+        try:
+            earlier = await self._queries.get(tenant, spec.resume_session_id)
+        except NotFound:
+            raise NotFound(
+                f"resume_session_id: session {spec.resume_session_id} not found"
+            ) from None
+        if not earlier.state.terminal:
+            raise FailedPrecondition(
+                f"resume_session_id: session {earlier.id} has not ended yet; resume it when it has"
+            )
+        transcripts = self._launcher.transcripts(tenant.name)
+        if not earlier.sdk_session_id or not await transcripts.has(earlier.sdk_session_id):
+            raise FailedPrecondition(
+                f"resume_session_id: session {earlier.id} left no conversation to continue"
+            )
+        return replace(spec, resume_sdk_session_id=earlier.sdk_session_id)
+
+    async def _by_request_id(self, tenant: Tenant, spec: SessionSpec) -> Admission | None:
+        async with self._db() as db:
+            found = await repo.find_by_request_id(db, tenant.name, spec.request_id)
+        if found is None:
+            return None
+        session, fingerprint = found
+        if fingerprint != spec.fingerprint():
+            raise InvalidArgument(
+                "request_id",
+                f"{spec.request_id} was already used for session {session.id} with a "
+                "different request; use a new request_id for a new session",
+            )
+        return Admission(session.id, self._queries.follow(tenant, session.id, 0), None)
+
+    async def _persist_events(self, events: Sequence[Event]) -> None:
+        async with self._db.begin() as db:
+            await repo.insert_events(db, events)

@@ -1,0 +1,77 @@
+"""How many agents this server holds, against AGENTPLANE_MAX_SESSIONS.
+
+Every agent CLI the server has running counts once, whatever holds it: a live session, a
+session being admitted, or the warm pool (waiting, starting, or being closed). So a full
+pool and the most cold sessions together never exceed the limit.
+"""
+
+from __future__ import annotations
+
+from ..errors import QuotaExceeded
+from .live import LiveSession
+
+
+class Capacity:
+    """The one owner of the counts: live sessions (by id), admissions, pooled agents."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.live: dict[str, LiveSession] = {}
+        self.admitting = 0
+        self.pooled = 0
+
+    @property
+    def used(self) -> int:
+        """Agents held now, in every state."""
+        return len(self.live) + self.admitting + self.pooled
+
+    @property
+    def room(self) -> int:
+        """How many more agents could start now."""
+        return self.limit - self.used
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def begin_admission(self, *, warm: bool) -> None:
+        """Hold a place for a session being admitted. `warm`: it brings a warm agent the
+        pool handed out, whose place it takes over; otherwise QuotaExceeded when full."""
+        if warm:
+            self.pooled -= 1
+        elif self.room <= 0:
+            raise QuotaExceeded(
+                "CONCURRENCY_LIMIT",
+                "server:max_sessions",
+                f"this server already runs its maximum of {self.limit} agents "
+                "(AGENTPLANE_MAX_SESSIONS, warm agents included); retry later or on "
+                "another replica",
+            )
+        self.admitting += 1
+
+    def admitted(self, live: LiveSession) -> None:
+        """The admission succeeded: its place is the live session's until `ended`."""
+        self.admitting -= 1
+        self.live[live.id] = live
+
+    def not_admitted(self, *, warm_returned: bool) -> None:
+        """The admission failed (or re-attached); a warm agent it brought goes back to the
+        pool with its place."""
+        self.admitting -= 1
+        if warm_returned:
+            self.pooled += 1
+
+    def ended(self, session_id: str) -> None:
+        """A live session ended and its agent is gone."""
+        self.live.pop(session_id, None)
+
+    # -- the warm pool -------------------------------------------------------------------
+
+    def claim_pooled(self) -> bool:
+        """Hold a place for a warm agent about to start; False when there is none."""
+        if self.room <= 0:
+            return False
+        self.pooled += 1
+        return True
+
+    def release_pooled(self) -> None:
+        """A warm agent failed to start, or was closed unused."""
+        self.pooled -= 1

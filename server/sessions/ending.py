@@ -1,0 +1,39 @@
+"""The end of a session, written once: the one transaction that closes it.
+
+A session's normal end (its run finished) and its recovered end (its server died and
+another closed it) both go through `write_end`, so the two cannot drift apart: the
+terminal state, the settlement of its reservation and the `result` event are written
+together, or not at all.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+
+from ..budgets.ledger import settle_session
+from ..domain import Event, EventKind, Session, SessionState, utcnow
+from ..store import sessions as repo
+
+
+def result_event(final: Session, seq: int) -> Event:
+    """The `result` event of an ended session: the final Session, numbered `seq`."""
+    return Event(final.id, seq, final.end_time or utcnow(), EventKind.RESULT,
+                 {"session": final.to_json()})
+
+
+async def write_end(
+    db: DbSession, final: Session, *, expect: SessionState, seq: int | None = None
+) -> Event | None:
+    """In `db`'s transaction: record `final` if the session is still in state `expect`,
+    settle its reservation to `final.cost_usd` and append its `result` event as number
+    `seq` (default: after the last one persisted). Returns that event, or None when
+    another server has closed the session meanwhile (then nothing is written)."""
+    if not await repo.save_progress(db, final, expect=expect):
+        return None
+    await settle_session(db, session_id=final.id, actual=final.cost_usd,
+                         now=final.end_time or utcnow())
+    if seq is None:
+        seq = await repo.last_seq(db, final.id) + 1
+    result = result_event(final, seq)
+    await repo.insert_events(db, [result])
+    return result

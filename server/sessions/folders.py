@@ -1,0 +1,52 @@
+"""Each session's private folder under the work dir: where it lies, setting it up, removing it."""
+
+from __future__ import annotations
+
+import asyncio
+import pwd
+import shutil
+from pathlib import Path
+
+from ..tenants import Tenant
+from .cli_env import SessionDirs
+from .reaper import kill_session_processes
+
+
+class SessionFolders:
+    """`<work dir>/<tenant>/<session>/`: made before an agent starts, removed (with every
+    process still running in it) when it ends."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+
+    def dirs(self, tenant: str, session_id: str) -> SessionDirs:
+        """The folders of a session (short: the CLI's socket path limit)."""
+        return SessionDirs(self.work_dir / tenant / session_id.replace("-", "")[:16])
+
+    async def prepare(self, dirs: SessionDirs, tenant: Tenant) -> None:
+        """Make the session's folders and copy the tenant's workspace template into its cwd."""
+        await asyncio.to_thread(self._prepare, dirs, tenant)
+
+    def _prepare(self, dirs: SessionDirs, tenant: Tenant) -> None:
+        # The tenant's folder is 0700 (and its os_user's), so no other tenant's agent,
+        # running as another user, can even list it.
+        tenant_root = self.work_dir / tenant.name
+        tenant_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tenant_root.chmod(0o700)
+        if tenant.os_user is not None:
+            shutil.chown(tenant_root, tenant.os_user, pwd.getpwnam(tenant.os_user).pw_gid)
+        dirs.create(owner=tenant.os_user)
+        if tenant.workspace_template is not None:
+            shutil.copytree(tenant.workspace_template, dirs.cwd, dirs_exist_ok=True)
+            if tenant.os_user is not None:
+                for path in [dirs.cwd, *dirs.cwd.rglob("*")]:
+                    shutil.chown(path, tenant.os_user, pwd.getpwnam(tenant.os_user).pw_gid)
+
+    async def remove(self, root: Path) -> None:
+        """Kill every process of the session folder `root` (tools included), remove it."""
+        await asyncio.to_thread(_remove, root)
+
+
+def _remove(root: Path) -> None:
+    kill_session_processes(root)
+    shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,139 @@
+"""Launching an agent: which CLI runs for a tenant, its meter, and its SDK options."""
+
+from __future__ import annotations
+
+import pwd
+import shlex
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import cast
+
+import claude_agent_sdk
+from claude_agent_sdk import ClaudeAgentOptions, SessionStore
+
+from ..budgets.gateway import MeteringGateway
+from ..budgets.gateway_meter import SessionMeter
+from ..store.transcripts import SqlSessionStore, TenantTranscripts
+from ..tenants import Tenant
+from .cli_env import SessionDirs, cli_environment
+from .folders import SessionFolders
+from .requests import SessionSpec
+
+ANTHROPIC_API = "https://api.anthropic.com"
+
+# The longest line of the CLI's output the SDK accepts (its default, 1 MiB, fails a session
+# whose one assistant message or transcript-mirror frame is larger: 1,000 parallel tool
+# uses, say, or a long answer).
+MAX_CLI_MESSAGE_BYTES = 64 << 20
+
+BUNDLED_CLI = Path(claude_agent_sdk.__file__).resolve().parent / "_bundled" / "claude"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """What every session's CLI is started with."""
+
+    work_dir: Path
+    base_url: str | None = None
+    cli_path: Path = BUNDLED_CLI
+    cli_max_retries: int | None = None
+    # Environment variables of the server that must not reach any agent (tenants' keys).
+    scrub_env: frozenset[str] = field(default_factory=frozenset)
+
+
+class Launcher:
+    """Everything a new agent CLI needs: its folder, its meter at the gateway, its options.
+
+    Shared by cold starts (the runner) and warm agents (the pool), so both start exactly
+    the same CLI.
+    """
+
+    def __init__(
+        self, config: LaunchConfig, store: SqlSessionStore, gateway: MeteringGateway
+    ) -> None:
+        self.config = config
+        self.folders = SessionFolders(config.work_dir)
+        self._store = store
+        self._gateway = gateway
+
+    def check_model(self, model: str) -> None:
+        """Raise UnknownModel (INVALID_ARGUMENT on `model`) for a model the price table lacks;
+        an empty model is the CLI's default, which the table covers."""
+        if model:
+            self._gateway.prices.price(model)
+
+    def transcripts(self, tenant: str) -> TenantTranscripts:
+        """The tenant's SDK transcripts (the SessionStore the CLI mirrors into)."""
+        return TenantTranscripts(self._store, tenant)
+
+    def open_meter(self, session_id: str, tenant: Tenant, budget: Decimal) -> SessionMeter:
+        """The session's meter at the gateway: its token is the CLI's API key."""
+        return self._gateway.open_session(
+            session_id,
+            budget_usd=budget,
+            upstream_base_url=self.config.base_url or ANTHROPIC_API,
+            upstream_api_key=tenant.api_key() or "",
+        )
+
+    async def release(self, session_id: str, dirs: SessionDirs) -> None:
+        """Close the session's meter, kill what runs in its folder and remove it."""
+        self._gateway.close_session(session_id)
+        await self.folders.remove(dirs.root)
+
+    def options(
+        self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs, meter: SessionMeter, *,
+        resume: str | None, budget: Decimal, max_turns: int,
+    ) -> ClaudeAgentOptions:
+        """The SDK options of one CLI start for `spec` (limits as given: what is left)."""
+        extra = {}
+        if self.config.cli_max_retries is not None:
+            extra["CLAUDE_CODE_MAX_RETRIES"] = str(self.config.cli_max_retries)
+        # The CLI talks to the metering gateway with a per-session token; the tenant's real
+        # key stays in this process and is added by the gateway.
+        env = cli_environment(
+            dirs,
+            base_url=self._gateway.base_url,
+            api_key=meter.token,
+            scrub=self.config.scrub_env,
+            extra=extra,
+        )
+        return ClaudeAgentOptions(
+            # `tools` limits what exists; `allowed_tools` lets those run without a prompt.
+            tools=list(spec.tools),
+            allowed_tools=list(spec.tools),
+            system_prompt=tenant.system_prompt,
+            max_turns=max_turns,
+            max_budget_usd=float(budget),
+            resume=resume,
+            # Transcripts are mirrored to the database, so a resume works on any replica.
+            session_store=cast(SessionStore, self.transcripts(tenant.name)),
+            model=spec.model or None,
+            cwd=str(dirs.cwd),
+            env=env,
+            cli_path=str(self._cli_for(tenant)),
+            setting_sources=[],
+            max_buffer_size=MAX_CLI_MESSAGE_BYTES,
+        )
+
+    def _cli_for(self, tenant: Tenant) -> Path:
+        """The CLI, or for a tenant with an os_user a launcher that becomes that user first.
+
+        Not the SDK's `user` option: that makes Python fork() (not vfork) a process full of
+        gRPC threads, whose fork handlers can crash the child.
+        """
+        if tenant.os_user is None:
+            return self.config.cli_path
+        launcher = self.config.work_dir / ".launchers" / f"{tenant.name}.sh"
+        if not launcher.exists():
+            entry = pwd.getpwnam(tenant.os_user)
+            launcher.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            tmp = launcher.with_suffix(".tmp")
+            tmp.write_text(
+                "#!/bin/sh\n"
+                f"exec setpriv --reuid={entry.pw_uid} --regid={entry.pw_gid} "
+                f"--init-groups -- {shlex.quote(str(self.config.cli_path))} \"$@\"\n"
+            )
+            tmp.chmod(0o755)
+            tmp.replace(launcher)
+        return launcher

@@ -1,0 +1,120 @@
+"""Reading sessions: one by id, their events (replayed, then followed live), and pages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from ..coalesce import Coalescer
+from ..domain import Event, EventKind, Session
+from ..errors import InvalidArgument, NotFound
+from ..store import sessions as repo
+from ..store.sessions import SessionFilter
+from ..tenants import Tenant
+from .capacity import Capacity
+from .paging import decode_token, encode_token
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+# Ended sessions kept in memory for GetSession (an ended session never changes again).
+ENDED_CACHE_SIZE = 4096
+ENDED_CACHE_MAX_RESULT_CHARS = 65536
+
+
+class SessionQueries:
+    """Answers for sessions of a tenant; another tenant's is NotFound, like a missing one."""
+
+    def __init__(self, db: async_sessionmaker[DbSession], capacity: Capacity) -> None:
+        self._db = db
+        self._live = capacity.live
+        # How often a follower of a session another server runs looks for new events.
+        self.poll_interval_s = 0.25
+        self._ended: OrderedDict[str, Session] = OrderedDict()
+        self._reads: Coalescer[Session | None] = Coalescer()
+
+    async def get(self, tenant: Tenant, session_id: str) -> Session:
+        """A session of this tenant.
+
+        Sessions running here and recently ended ones are answered from memory: a running
+        session's record is written by this server alone, and an ended one never changes.
+        """
+        if not session_id:
+            raise InvalidArgument("session_id", "must not be empty")
+        live = self._live.get(session_id)
+        known = live.session if live is not None else self._ended.get(session_id)
+        if known is not None and known.tenant == tenant.name:
+            return known
+        # Concurrent calls for one session (callers polling it) share a read.
+        session = await self._reads.get(
+            (tenant.name, session_id), lambda: self._read(tenant.name, session_id)
+        )
+        if session is None:
+            raise NotFound(f"session {session_id} not found")
+        self.remember(session)
+        return session
+
+    async def _read(self, tenant: str, session_id: str) -> Session | None:
+        async with self._db() as db:
+            return await repo.get_session(db, tenant, session_id)
+
+    def remember(self, session: Session) -> None:
+        """Keep an ended session for `get` (least recently ended ones go first)."""
+        if not session.state.terminal or len(session.result) > ENDED_CACHE_MAX_RESULT_CHARS:
+            return
+        self._ended[session.id] = session
+        self._ended.move_to_end(session.id)
+        while len(self._ended) > ENDED_CACHE_SIZE:
+            self._ended.popitem(last=False)
+
+    async def stream(self, tenant: Tenant, session_id: str, after_seq: int) -> AsyncIterator[Event]:
+        """A session's events after `after_seq`: persisted ones, then live ones to the end."""
+        if after_seq < 0:
+            raise InvalidArgument("after_seq", "must not be negative")
+        await self.get(tenant, session_id)
+        return self.follow(tenant, session_id, after_seq)
+
+    async def follow(self, tenant: Tenant, session_id: str, after_seq: int) -> AsyncIterator[Event]:
+        """Events after `after_seq` to the end, wherever the session runs (unchecked)."""
+        last = after_seq
+        while True:
+            live = self._live.get(session_id)
+            if live is not None:  # in memory from seq 1: switching over leaves no gap
+                async for event in live.follow(last):
+                    yield event
+                return
+            async with self._db() as db:
+                events = await repo.list_events(db, session_id, after_seq=last)
+                session = await repo.get_session(db, tenant.name, session_id)
+            for event in events:
+                yield event
+                last = event.seq
+                if event.kind is EventKind.RESULT:
+                    return
+            if session is None or (session.state.terminal and not events):
+                return
+            # Running on another server (or between admission and registration here).
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def list(
+        self, tenant: Tenant, flt: SessionFilter, *, page_size: int, page_token: str
+    ) -> tuple[list[Session], str]:
+        """One page of the tenant's sessions, newest first, and the next page's token."""
+        if page_size < 0:
+            raise InvalidArgument("page_size", "must not be negative")
+        if (
+            flt.created_from is not None
+            and flt.created_before is not None
+            and flt.created_from >= flt.created_before
+        ):
+            raise InvalidArgument("create_time_end", "must be after create_time_start")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = decode_token(page_token, flt) if page_token else None
+        async with self._db() as db:
+            rows = await repo.list_sessions(db, tenant.name, flt, after=after, limit=size + 1)
+        page, more = rows[:size], len(rows) > size
+        token = encode_token(page[-1].create_time, page[-1].id, flt) if more else ""
+        return page, token
