@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from opentelemetry import metrics, trace
@@ -24,9 +24,6 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ..errors import ConfigError
-
-if TYPE_CHECKING:
-    from ..config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -243,11 +240,3 @@ class Telemetry:
         if self.prometheus is not None:
             self.prometheus.close()
 
-
-def telemetry_for(settings: Settings) -> Telemetry:
-    """The telemetry the settings ask for (OTEL_*, AGENTPLANE_PROMETHEUS_PORT, ...)."""
-    return Telemetry.create(
-        settings.otel,
-        content=ContentPolicy(settings.trace_content, settings.trace_content_max_chars),
-        prometheus=settings.prometheus_address,
-    )
