@@ -41,7 +41,7 @@ from .sessions.usage import UsageReader
 from .store.engine import create_engine, sessionmaker
 from .store.transcripts import SqlSessionStore
 from .telemetry.observer import TelemetryObserver
-from .telemetry.setup import Telemetry, telemetry_for
+from .telemetry.setup import ContentPolicy, Telemetry
 from .tenants import TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,17 @@ def load_tenants(settings: Settings) -> TenantRegistry:
     if settings.tenants_file is None:
         return TenantRegistry.dev()
     return TenantRegistry.load(settings.tenants_file)
+
+
+def telemetry_for(settings: Settings) -> Telemetry:
+    """The telemetry the settings ask for (OTEL_*, AGENTPLANE_PROMETHEUS_PORT, ...).
+
+    Here, not in telemetry/, so that telemetry never depends on the server's settings."""
+    return Telemetry.create(
+        settings.otel,
+        content=ContentPolicy(settings.trace_content, settings.trace_content_max_chars),
+        prometheus=settings.prometheus_address,
+    )
 
 
 @dataclass

@@ -1,228 +1,304 @@
-"""Settings from the environment, validated once at start-up."""
+"""Settings from the environment, validated once at start-up.
+
+Each setting is declared once, as a field of `Settings`: its variable, parser, default and
+help text. `Settings.from_env`, the dataclass defaults, `--help` and the README's
+Configuration table (tests/test_config.py compares it) all come from those declarations.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
-from .sessions.cli_env import MAX_SOCKET_DIR_BYTES
-from .telemetry.setup import DEFAULT_SERVICE_NAME, OtelConfig
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
-DEFAULT_DATABASE_URL = "sqlite:///./agentplane.db"
-DEFAULT_WORK_DIR = "./.agentplane"
-MAX_WORK_DIR_BYTES = MAX_SOCKET_DIR_BYTES // 2
+# The one dependency on telemetry, and one way only: Settings carries the OTEL_* variables
+# as the value telemetry defines and parses (setup.py never imports config; app.py wires).
+from .telemetry.setup import OtelConfig
+
+T = TypeVar("T")
+
+# <work_dir>/<tenant>/<16-char session dir>/t must fit the folder of the agent CLI's unix
+# socket, at most sessions.cli_env.MAX_SOCKET_DIR_BYTES (80); the work dir gets half. A copy,
+# not an import, so that config does not depend on sessions (a test pins the two together).
+MAX_WORK_DIR_BYTES = 40
 # One session costs ~0.5 CPU-s and ~210 MiB; CPU, not memory, bounds how many run well.
-DEFAULT_MAX_SESSIONS = 4 * (os.cpu_count() or 1)
+SESSIONS_PER_CPU = 4
 
-# name -> (default, help): the single source for `--help` and the README table.
-SETTINGS: Mapping[str, tuple[str, str]] = {
-    "AGENTPLANE_LISTEN": (DEFAULT_LISTEN, "host:port the gRPC server binds"),
-    "AGENTPLANE_DATABASE_URL": (
-        DEFAULT_DATABASE_URL,
-        "SQLAlchemy URL: sqlite:///path or postgresql://user@host/db",
-    ),
-    "AGENTPLANE_TENANTS_FILE": ("", "TOML tenants file; unset: dev mode, one `default` tenant, no auth"),
-    "ANTHROPIC_BASE_URL": ("", "the model API behind the metering gateway; unset: the Anthropic API"),
-    "AGENTPLANE_WORK_DIR": (DEFAULT_WORK_DIR, "root of per-session working directories (keep short)"),
-    "AGENTPLANE_CLI_PATH": ("", "the Claude Code CLI; unset: the one bundled with claude-agent-sdk"),
-    "AGENTPLANE_CLI_MAX_RETRIES": ("", "caps the CLI's own model-API retries (CLAUDE_CODE_MAX_RETRIES)"),
-    "AGENTPLANE_AUTO_MIGRATE": ("", "1: migrate at start-up; default: only for SQLite"),
-    "AGENTPLANE_MAX_SESSIONS": (
-        str(DEFAULT_MAX_SESSIONS), "sessions this server runs at once (default: 4 per CPU)"
-    ),
-    "AGENTPLANE_SESSION_IDLE_TIMEOUT_S": (
-        "120", "a session with no event for this long ends ERROR/TIMEOUT"
-    ),
-    "AGENTPLANE_RETRY_ATTEMPTS": ("3", "attempts per session for transient failures (1: no retry)"),
-    "AGENTPLANE_RETRY_BASE_DELAY_S": ("1", "first retry delay; doubles per retry, with jitter"),
-    "AGENTPLANE_PRICES_FILE": (
-        "", "TOML price table overriding the packaged one (model -> $/Mtok in, out, cache)"
-    ),
-    "AGENTPLANE_SHUTDOWN_GRACE_S": (
-        "25", "on SIGTERM, how long running sessions get to finish before they are interrupted"
-    ),
-    "AGENTPLANE_LEASE_TTL_S": (
-        "30", "a session whose server stopped renewing its lease this long ends ERROR/INTERRUPTED"
-    ),
-    "AGENTPLANE_WARM_POOL_MAX_AGE_S": (
-        "600", "warm agents (tenants' warm_pool_size) unused this long are replaced"
-    ),
-    "AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB": (
-        "1024", "no warm agent starts while the machine has less available memory than this"
-    ),
-    "AGENTPLANE_HEALTH_INTERVAL_S": ("5", "how often readiness re-checks the database"),
-    "AGENTPLANE_LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR"),
-    "AGENTPLANE_PROMETHEUS_PORT": (
-        "", "serve Prometheus /metrics on this port, on the AGENTPLANE_LISTEN host; unset: off"
-    ),
-    "AGENTPLANE_TRACE_CONTENT": (
-        "0", "1: put prompts, results and tool inputs/outputs on spans (never by default)"
-    ),
-    "AGENTPLANE_TRACE_CONTENT_MAX_CHARS": (
-        "4096", "with AGENTPLANE_TRACE_CONTENT=1, the most characters kept of each"
-    ),
-    "OTEL_EXPORTER_OTLP_ENDPOINT": (
-        "", "OTLP collector for spans and metrics, e.g. http://collector:4317; unset: no export"
-    ),
-    "OTEL_EXPORTER_OTLP_PROTOCOL": (
-        "grpc", "grpc or http/protobuf (per signal: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, ...)"
-    ),
-    "OTEL_SERVICE_NAME": (DEFAULT_SERVICE_NAME, "service.name on spans and metrics"),
-    "OTEL_SDK_DISABLED": ("", "true: no spans, no OpenTelemetry metrics (JSON logs stay)"),
-    "OTEL_TRACES_EXPORTER": ("otlp", "otlp, console or none"),
-    "OTEL_METRICS_EXPORTER": ("otlp", "otlp or none (Prometheus is AGENTPLANE_PROMETHEUS_PORT)"),
-    "OTEL_METRIC_EXPORT_INTERVAL": ("60000", "milliseconds between OTLP metric exports"),
-}
+_SETTING = "agentplane.setting"  # the key of a field's Setting in its dataclass metadata
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One environment variable: how it is read, its default and what it means."""
+
+    env: str
+    # The text (stripped; `default` when unset or blank) -> the value, or ValueError with the
+    # reason. None: only documented here, parsed by OtelConfig.from_env.
+    parse: Callable[[str], T] | None
+    default: str  # "" = none: the setting is unset
+    help: str  # Markdown, for the README; --help prints it without backticks
+    shown: str | None = None  # how the docs name a default that is not one literal value
+    # Checks the value against this machine. Only from_env runs it, so that Settings() with
+    # a default never fails (e.g. in a deep current directory).
+    check: Callable[[T], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.default and self.shown is None:
+            raise TypeError(f"{self.env}: say in `shown` what unset means")
+
+    @property
+    def default_text(self) -> str:
+        """The default as the README and --help name it."""
+        return self.shown if self.shown is not None else f"`{self.default}`"
+
+    def read(self, env: Mapping[str, str]) -> T:
+        """The value `env` gives; raises ConfigError naming the variable."""
+        if self.parse is None:
+            raise TypeError(f"{self.env} is read by OtelConfig.from_env")
+        raw = env.get(self.env, "").strip() or self.default
+        try:
+            value = self.parse(raw)
+            if self.check is not None:
+                self.check(value)
+        except ValueError as exc:
+            raise ConfigError(self.env, str(exc)) from None
+        return value
+
+
+def setting(
+    env: str,
+    parse: Callable[[str], T],
+    default: str,
+    help: str,
+    *,
+    shown: str | None = None,
+    check: Callable[[T], None] | None = None,
+) -> T:
+    """A `Settings` field read from `env`; its dataclass default is `parse(default)`."""
+    declared = Setting(env, parse, default, help, shown, check)
+    # A factory, not a value: work_dir resolves against the directory current at creation.
+    return field(default_factory=lambda: parse(default), metadata={_SETTING: declared})
+
+
+# -- parsers: the text -> the value, or ValueError(the reason) ------------------------------
+
+
+def _optional(parse: Callable[[str], T]) -> Callable[[str], T | None]:
+    """Unset -> None, else `parse`."""
+    return lambda raw: parse(raw) if raw else None
+
+
+def _host_port(raw: str) -> str:
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{raw!r} is not host:port")
+    return raw
+
+
+def _port(raw: str) -> int:
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ValueError(f"{raw!r} is not a port number")
+    return int(raw)
+
+
+def _database_url(raw: str) -> str:
+    try:
+        backend = make_url(raw).get_backend_name()
+    except ArgumentError:
+        raise ValueError(f"{raw!r} is not a URL") from None
+    if backend not in ("sqlite", "postgresql"):
+        raise ValueError(f"unsupported database {backend!r}")
+    return raw
+
+
+def _http_url(raw: str) -> str:
+    if not raw.startswith(("http://", "https://")):
+        raise ValueError(f"{raw!r} is not an http(s) URL")
+    return raw
+
+
+def _file(raw: str) -> Path:
+    if not Path(raw).is_file():
+        raise ValueError(f"{raw} is not a file")
+    return Path(raw)
+
+
+def _absolute(raw: str) -> Path:
+    return Path(raw).resolve()
+
+
+def _short_enough(work_dir: Path) -> None:
+    if len(os.fsencode(str(work_dir))) > MAX_WORK_DIR_BYTES:
+        raise ValueError(
+            f"{work_dir} is longer than {MAX_WORK_DIR_BYTES} bytes, too long for the "
+            "agent CLI's socket path; choose a shorter folder"
+        )
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A parser of whole numbers in low..high (no upper bound when high is None)."""
+    bounds = f">= {low}" if high is None else f"in {low}..{high}"
+
+    def parse(raw: str) -> int:
+        if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
+            raise ValueError(f"{raw!r} is not an integer {bounds}")
+        return int(raw)
+
+    return parse
+
+
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise ValueError(f"{raw!r} is not a positive number of seconds")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("0", "1", "true", "false"):
+        raise ValueError(f"{value!r} is not 0 or 1")
+    return value in ("1", "true")
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"{level!r} is not a log level")
+    return level
+
+
+# -- the settings, in the order of --help and the README -------------------------------------
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Validated server settings."""
+    """Validated server settings; each field declares the variable it is read from."""
 
-    listen: str = DEFAULT_LISTEN
-    database_url: str = DEFAULT_DATABASE_URL
-    tenants_file: Path | None = None
-    anthropic_base_url: str | None = None
-    work_dir: Path = field(default_factory=lambda: Path(DEFAULT_WORK_DIR).resolve())
-    cli_path: Path | None = None
-    cli_max_retries: int | None = None
-    auto_migrate: bool | None = None
-    max_sessions: int = DEFAULT_MAX_SESSIONS
-    session_idle_timeout_s: float = 120.0
-    retry_attempts: int = 3
-    retry_base_delay_s: float = 1.0
-    shutdown_grace_s: float = 25.0
-    prices_file: Path | None = None
-    lease_ttl_s: float = 30.0
-    health_interval_s: float = 5.0
-    log_level: str = "INFO"
-    prometheus_port: int | None = None
-    trace_content: bool = False
-    trace_content_max_chars: int = 4096
-    warm_pool_max_age_s: float = 600.0
-    warm_pool_min_available_mib: int = 1024
+    # setting() returns a field() with a default_factory, so no instance shares a default
+    # object with another: RUF009 cannot see that (hence its noqa on the Path fields).
+
+    listen: str = setting(
+        "AGENTPLANE_LISTEN", _host_port, "127.0.0.1:50051", "host:port the gRPC server binds"
+    )
+    database_url: str = setting(
+        "AGENTPLANE_DATABASE_URL", _database_url, "sqlite:///./agentplane.db",
+        "`sqlite:///path` or `postgresql://user@host/db` (psycopg 3)",
+    )
+    tenants_file: Path | None = setting(  # noqa: RUF009
+        "AGENTPLANE_TENANTS_FILE", _optional(_file), "",
+        "TOML tenants file; unset = dev mode: one `default` tenant, no auth (logged)",
+        shown="unset",
+    )
+    anthropic_base_url: str | None = setting(
+        "ANTHROPIC_BASE_URL", _optional(_http_url), "",
+        "the model API behind the metering gateway (unset: the Anthropic API)",
+        shown="unset",
+    )
+    work_dir: Path = setting(  # noqa: RUF009
+        "AGENTPLANE_WORK_DIR", _absolute, "./.agentplane",
+        f"root of per-session working directories; at most {MAX_WORK_DIR_BYTES} bytes as an "
+        "absolute path (the CLI's unix-socket path limit)",
+        check=_short_enough,
+    )
+    cli_path: Path | None = setting(  # noqa: RUF009
+        "AGENTPLANE_CLI_PATH", _optional(Path), "",
+        "the Claude Code CLI binary", shown="the bundled CLI",
+    )
+    cli_max_retries: int | None = setting(
+        "AGENTPLANE_CLI_MAX_RETRIES", _optional(_integer(0)), "",
+        "caps the CLI's own model-API retries (`CLAUDE_CODE_MAX_RETRIES`)",
+        shown="CLI default (10)",
+    )
+    auto_migrate: bool | None = setting(
+        "AGENTPLANE_AUTO_MIGRATE", _optional(_bool), "",
+        "apply migrations at start-up", shown="`1` for SQLite, else `0`",
+    )
+    max_sessions: int = setting(
+        "AGENTPLANE_MAX_SESSIONS", _integer(1), str(SESSIONS_PER_CPU * (os.cpu_count() or 1)),
+        "sessions this server runs at once; over it RunSession is "
+        "RESOURCE_EXHAUSTED/CONCURRENCY_LIMIT",
+        shown=f"{SESSIONS_PER_CPU} per CPU",
+    )
+    session_idle_timeout_s: float = setting(
+        "AGENTPLANE_SESSION_IDLE_TIMEOUT_S", _seconds, "120",
+        "a session with no event for this long is interrupted: ERROR/TIMEOUT (the CLI itself "
+        "notices a stalled stream only after 300 s)",
+    )
+    retry_attempts: int = setting(
+        "AGENTPLANE_RETRY_ATTEMPTS", _integer(1, 20), "3",
+        "attempts per session for transient failures, 1..20 (1 = no retry)",
+    )
+    retry_base_delay_s: float = setting(
+        "AGENTPLANE_RETRY_BASE_DELAY_S", _seconds, "1",
+        "first retry delay; doubles per retry (cap 30 s), times a random factor in [0.5, 1]",
+    )
+    prices_file: Path | None = setting(  # noqa: RUF009
+        "AGENTPLANE_PRICES_FILE", _optional(_file), "",
+        "TOML price table (model -> $ per Mtok input, output, cache_write, cache_read) "
+        "overriding `server/budgets/prices.toml`",
+        shown="the packaged table",
+    )
+    shutdown_grace_s: float = setting(
+        "AGENTPLANE_SHUTDOWN_GRACE_S", _seconds, "25",
+        "on SIGTERM/SIGINT, how long running sessions get to finish before they end "
+        "ERROR/SHUTDOWN",
+    )
+    lease_ttl_s: float = setting(
+        "AGENTPLANE_LEASE_TTL_S", _seconds, "30",
+        "a session whose server stopped renewing its lease for this long is closed "
+        "ERROR/INTERRUPTED by any server",
+    )
+    warm_pool_max_age_s: float = setting(
+        "AGENTPLANE_WARM_POOL_MAX_AGE_S", _seconds, "600",
+        "warm agents (a tenant's `warm_pool_size`) unused this long are closed and replaced",
+    )
+    warm_pool_min_available_mib: int = setting(
+        "AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB", _integer(0), "1024",
+        "no warm agent starts while the machine's `MemAvailable` is below this",
+    )
+    health_interval_s: float = setting(
+        "AGENTPLANE_HEALTH_INTERVAL_S", _seconds, "5",
+        "how often readiness re-checks the database",
+    )
+    log_level: str = setting(
+        "AGENTPLANE_LOG_LEVEL", _log_level, "INFO",
+        "`DEBUG`, `INFO`, `WARNING`, `ERROR` (logs are JSON lines on stderr)",
+    )
+    prometheus_port: int | None = setting(
+        "AGENTPLANE_PROMETHEUS_PORT", _optional(_port), "",
+        "serve Prometheus `/metrics` on this port, bound to the `AGENTPLANE_LISTEN` host",
+        shown="unset (off)",
+    )
+    trace_content: bool = setting(
+        "AGENTPLANE_TRACE_CONTENT", _bool, "0",
+        "`1`: put prompts, results and tool inputs/outputs on spans (never by default)",
+    )
+    trace_content_max_chars: int = setting(
+        "AGENTPLANE_TRACE_CONTENT_MAX_CHARS", _integer(1), "4096",
+        "with `AGENTPLANE_TRACE_CONTENT=1`, the most characters kept of each",
+    )
+    # The OTEL_* variables, parsed by OtelConfig.from_env; documented in OTEL_SETTINGS.
     otel: OtelConfig = field(default_factory=OtelConfig)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every setting; raises ConfigError naming the first bad one."""
         env = os.environ if env is None else env
-
-        def get(name: str) -> str:
-            return env.get(name, "").strip() or SETTINGS[name][0]
-
-        listen = get("AGENTPLANE_LISTEN")
-        host, sep, port = listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ConfigError("AGENTPLANE_LISTEN", f"{listen!r} is not host:port")
-
-        database_url = get("AGENTPLANE_DATABASE_URL")
-        try:
-            backend = make_url(database_url).get_backend_name()
-        except ArgumentError:
-            raise ConfigError("AGENTPLANE_DATABASE_URL", f"{database_url!r} is not a URL") from None
-        if backend not in ("sqlite", "postgresql"):
-            raise ConfigError("AGENTPLANE_DATABASE_URL", f"unsupported database {backend!r}")
-
-        tenants = env.get("AGENTPLANE_TENANTS_FILE", "").strip()
-        tenants_file = Path(tenants) if tenants else None
-        if tenants_file is not None and not tenants_file.is_file():
-            raise ConfigError("AGENTPLANE_TENANTS_FILE", f"{tenants} is not a file")
-
-        base_url = env.get("ANTHROPIC_BASE_URL", "").strip() or None
-        if base_url is not None and not base_url.startswith(("http://", "https://")):
-            raise ConfigError("ANTHROPIC_BASE_URL", f"{base_url!r} is not an http(s) URL")
-
-        work_dir = Path(get("AGENTPLANE_WORK_DIR")).resolve()
-        # <work_dir>/<tenant>/<16-char session dir>/t must fit the CLI's socket path.
-        if len(os.fsencode(str(work_dir))) > MAX_WORK_DIR_BYTES:
-            raise ConfigError(
-                "AGENTPLANE_WORK_DIR",
-                f"{work_dir} is longer than {MAX_WORK_DIR_BYTES} bytes, too long for the "
-                "agent CLI's socket path; choose a shorter folder",
-            )
-
-        cli = env.get("AGENTPLANE_CLI_PATH", "").strip()
-        cli_path = Path(cli) if cli else None
-
-        retries_raw = env.get("AGENTPLANE_CLI_MAX_RETRIES", "").strip()
-        if retries_raw and not retries_raw.isdigit():
-            raise ConfigError("AGENTPLANE_CLI_MAX_RETRIES", f"{retries_raw!r} is not an integer >= 0")
-
-        auto = env.get("AGENTPLANE_AUTO_MIGRATE", "").strip().lower()
-        if auto not in ("", "0", "1", "true", "false"):
-            raise ConfigError("AGENTPLANE_AUTO_MIGRATE", f"{auto!r} is not 0 or 1")
-
-        max_sessions = get("AGENTPLANE_MAX_SESSIONS")
-        if not max_sessions.isdigit() or int(max_sessions) < 1:
-            raise ConfigError("AGENTPLANE_MAX_SESSIONS", f"{max_sessions!r} is not an integer >= 1")
-        idle_s = _seconds(get, "AGENTPLANE_SESSION_IDLE_TIMEOUT_S")
-        attempts = get("AGENTPLANE_RETRY_ATTEMPTS")
-        if not attempts.isdigit() or not 1 <= int(attempts) <= 20:
-            raise ConfigError("AGENTPLANE_RETRY_ATTEMPTS", f"{attempts!r} is not an integer in 1..20")
-        base_delay_s = _seconds(get, "AGENTPLANE_RETRY_BASE_DELAY_S")
-        prices = env.get("AGENTPLANE_PRICES_FILE", "").strip()
-        if prices and not Path(prices).is_file():
-            raise ConfigError("AGENTPLANE_PRICES_FILE", f"{prices} is not a file")
-        grace_s = _seconds(get, "AGENTPLANE_SHUTDOWN_GRACE_S")
-        lease_s = _seconds(get, "AGENTPLANE_LEASE_TTL_S")
-        health_s = _seconds(get, "AGENTPLANE_HEALTH_INTERVAL_S")
-
-        level = get("AGENTPLANE_LOG_LEVEL").upper()
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError("AGENTPLANE_LOG_LEVEL", f"{level!r} is not a log level")
-
-        prometheus = env.get("AGENTPLANE_PROMETHEUS_PORT", "").strip()
-        if prometheus and (not prometheus.isdigit() or int(prometheus) > 65535):
-            raise ConfigError("AGENTPLANE_PROMETHEUS_PORT", f"{prometheus!r} is not a port number")
-        content = get("AGENTPLANE_TRACE_CONTENT").lower()
-        if content not in ("0", "1", "true", "false"):
-            raise ConfigError("AGENTPLANE_TRACE_CONTENT", f"{content!r} is not 0 or 1")
-        content_max = get("AGENTPLANE_TRACE_CONTENT_MAX_CHARS")
-        if not content_max.isdigit() or int(content_max) < 1:
-            raise ConfigError(
-                "AGENTPLANE_TRACE_CONTENT_MAX_CHARS", f"{content_max!r} is not an integer >= 1"
-            )
-
-        pool_age_s = _seconds(get, "AGENTPLANE_WARM_POOL_MAX_AGE_S")
-        pool_mib = get("AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB")
-        if not pool_mib.isdigit():
-            raise ConfigError(
-                "AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB", f"{pool_mib!r} is not an integer >= 0"
-            )
-
-        return cls(
-            listen=listen,
-            database_url=database_url,
-            tenants_file=tenants_file,
-            anthropic_base_url=base_url,
-            work_dir=work_dir,
-            cli_path=cli_path,
-            cli_max_retries=int(retries_raw) if retries_raw else None,
-            auto_migrate=None if auto == "" else auto in ("1", "true"),
-            max_sessions=int(max_sessions),
-            session_idle_timeout_s=idle_s,
-            retry_attempts=int(attempts),
-            retry_base_delay_s=base_delay_s,
-            shutdown_grace_s=grace_s,
-            prices_file=Path(prices) if prices else None,
-            lease_ttl_s=lease_s,
-            health_interval_s=health_s,
-            log_level=level,
-            prometheus_port=int(prometheus) if prometheus else None,
-            trace_content=content in ("1", "true"),
-            trace_content_max_chars=int(content_max),
-            warm_pool_max_age_s=pool_age_s,
-            warm_pool_min_available_mib=int(pool_mib),
-            otel=OtelConfig.from_env(env),
-        )
+        values: dict[str, Any] = {
+            f.name: f.metadata[_SETTING].read(env) for f in fields(cls) if _SETTING in f.metadata
+        }
+        return cls(**values, otel=OtelConfig.from_env(env))
 
     @property
     def migrate_at_start(self) -> bool:
@@ -238,22 +314,67 @@ class Settings:
         return self.listen.rpartition(":")[0].strip("[]"), self.prometheus_port
 
 
-def _seconds(get: Callable[[str], str], name: str) -> float:
-    raw = get(name)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise ConfigError(name, f"{raw!r} is not a positive number of seconds")
-    return value
+_OTEL = OtelConfig()  # the defaults OtelConfig.from_env falls back on
+# Parsed by OtelConfig.from_env (with per-signal variants); declared here for the docs only.
+OTEL_SETTINGS: tuple[Setting[Any], ...] = (
+    Setting(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", None, "",
+        "OTLP collector for spans and metrics, e.g. `http://collector:4317`; "
+        "`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `..._METRICS_ENDPOINT` per signal",
+        shown="unset (no export)",
+    ),
+    Setting(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", None, _OTEL.traces_protocol,
+        "`grpc` or `http/protobuf` (per signal: `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, "
+        "`..._METRICS_PROTOCOL`)",
+    ),
+    Setting(
+        "OTEL_SERVICE_NAME", None, _OTEL.service_name,
+        "`service.name` of spans and metrics (`OTEL_RESOURCE_ATTRIBUTES` adds more)",
+    ),
+    Setting(
+        "OTEL_SDK_DISABLED", None, str(_OTEL.disabled).lower(),
+        "`true`: no spans and no OpenTelemetry metrics (JSON logs stay)",
+    ),
+    Setting(
+        "OTEL_TRACES_EXPORTER", None, ",".join(_OTEL.traces_exporters),
+        "`otlp`, `console` or `none`",
+    ),
+    Setting(
+        "OTEL_METRICS_EXPORTER", None, ",".join(_OTEL.metrics_exporters),
+        "`otlp` or `none` (Prometheus is `AGENTPLANE_PROMETHEUS_PORT`)",
+    ),
+    Setting(
+        "OTEL_METRIC_EXPORT_INTERVAL", None, str(_OTEL.metric_export_interval_ms),
+        "milliseconds between OTLP metric exports",
+    ),
+)
+
+# Every setting, in the order of --help and the README: Settings' own, then OTEL_*.
+SETTINGS: tuple[Setting[Any], ...] = (
+    *(f.metadata[_SETTING] for f in fields(Settings) if _SETTING in f.metadata),
+    *OTEL_SETTINGS,
+)
+
+
+def _plain(markdown: str) -> str:
+    return markdown.replace("`", "")
 
 
 def settings_help() -> str:
-    """The environment settings, for `--help`."""
-    width = max(map(len, SETTINGS))
-    lines = ["environment:"]
-    for name, (default, text) in SETTINGS.items():
-        suffix = f" (default: {default})" if default else ""
-        lines.append(f"  {name:<{width}}  {text}{suffix}")
-    return "\n".join(lines)
+    """The environment settings, for `--help`: one line each (so they grep well)."""
+    width = max(len(s.env) for s in SETTINGS)
+    return "\n".join([
+        "environment:",
+        *(f"  {s.env:<{width}}  {_plain(s.help)} (default: {_plain(s.default_text)})"
+          for s in SETTINGS),
+    ])
+
+
+def settings_table() -> str:
+    """The README's Configuration table, in Markdown (a test checks the README has it)."""
+    return "\n".join([
+        "| variable | default | meaning |",
+        "|---|---|---|",
+        *(f"| `{s.env}` | {s.default_text} | {s.help} |" for s in SETTINGS),
+    ])

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from agentplane.server.config import Settings
+from agentplane.server.config import MAX_WORK_DIR_BYTES, SETTINGS, Settings, settings_table
 from agentplane.server.errors import ConfigError, Unauthenticated
 from agentplane.server.tenants import TenantRegistry, hash_token
 from test_warm_pool import twin_tenants
@@ -45,6 +45,46 @@ def test_defaults() -> None:
     assert s.database_url == "sqlite:///./agentplane.db"
     assert s.tenants_file is None and s.migrate_at_start
     assert not Settings.from_env({"AGENTPLANE_DATABASE_URL": "postgresql://h/db"}).migrate_at_start
+    # The dataclass defaults and the environment's come from the same declarations.
+    assert Settings() == s
+
+
+def test_a_too_long_work_dir_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match="too long for the agent CLI's socket path"):
+        Settings.from_env({"AGENTPLANE_WORK_DIR": "/tmp/" + "x" * (MAX_WORK_DIR_BYTES - 4)})
+    ok = "/tmp/" + "x" * (MAX_WORK_DIR_BYTES - 5)
+    assert Settings.from_env({"AGENTPLANE_WORK_DIR": ok}).work_dir == Path(ok)
+
+
+def test_the_work_dir_limit_mirrors_the_cli_socket_limit() -> None:
+    # config keeps a copy so that it does not import sessions; this keeps the copy honest.
+    from agentplane.server.sessions.cli_env import MAX_SOCKET_DIR_BYTES
+
+    assert MAX_WORK_DIR_BYTES == MAX_SOCKET_DIR_BYTES // 2
+
+
+def test_the_readme_configuration_table_is_the_declared_one() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    start = readme.index("| variable | default | meaning |")
+    end = next((i for i in range(start, len(readme)) if not readme[i].startswith("|")), None)
+    assert readme[start:end] == settings_table().splitlines(), (
+        "README.md's Configuration table differs from server/config.py: paste the output of "
+        "python -c 'from agentplane.server.config import settings_table; print(settings_table())'"
+    )
+
+
+def test_config_and_telemetry_setup_do_not_import_each_other_or_sessions() -> None:
+    probe = (
+        "import sys\n"
+        "import agentplane.server.telemetry.setup\n"
+        "assert 'agentplane.server.config' not in sys.modules, 'setup imports config'\n"
+        "import agentplane.server.config\n"
+        "bad = [m for m in sys.modules if m.startswith('agentplane.server.sessions')]\n"
+        "assert not bad, f'config imports {bad}'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
 
 
 def _tenants(tmp_path: Path, body: str) -> Path:
@@ -113,6 +153,10 @@ def test_a_bad_setting_stops_the_server_with_exit_code_2_and_one_line() -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "AGENTPLANE_LISTEN" in lines[0]
+    proc = _server("check-config", AGENTPLANE_WORK_DIR="/tmp/" + "x" * 60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "AGENTPLANE_WORK_DIR" in lines[0] and "socket path" in lines[0]
 
 
 def test_a_bad_tenants_file_stops_the_server_with_exit_code_2(tmp_path: Path) -> None:
@@ -140,9 +184,8 @@ def test_hash_token_check_config_and_migrate(tmp_path: Path) -> None:
 def test_help_documents_every_setting() -> None:
     proc = _server("--help")
     assert proc.returncode == 0
-    for name in ("AGENTPLANE_LISTEN", "AGENTPLANE_DATABASE_URL", "AGENTPLANE_TENANTS_FILE",
-                 "ANTHROPIC_BASE_URL", "AGENTPLANE_WORK_DIR"):
-        assert name in proc.stdout
+    documented = [line.split()[0] for line in proc.stdout.split("environment:\n")[1].splitlines()]
+    assert documented == [s.env for s in SETTINGS]
 
 
 def test_warm_pool_settings_are_checked(tmp_path: Path) -> None:

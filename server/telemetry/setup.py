@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from opentelemetry import metrics, trace
@@ -25,9 +25,6 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from ..errors import ConfigError
 
-if TYPE_CHECKING:
-    from ..config import Settings
-
 log = logging.getLogger(__name__)
 
 DEFAULT_SERVICE_NAME = "agentplane"
@@ -40,8 +37,10 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-def _names(env: Mapping[str, str], name: str, allowed: Sequence[str]) -> tuple[str, ...]:
-    raw = env.get(name, "").strip().lower() or "otlp"
+def _names(
+    env: Mapping[str, str], name: str, allowed: Sequence[str], default: Sequence[str]
+) -> tuple[str, ...]:
+    raw = env.get(name, "").strip().lower() or ",".join(default)
     names = tuple(n.strip() for n in raw.split(",") if n.strip())
     for n in names:
         if n not in allowed:
@@ -49,11 +48,11 @@ def _names(env: Mapping[str, str], name: str, allowed: Sequence[str]) -> tuple[s
     return tuple(n for n in names if n != "none")
 
 
-def _protocol(env: Mapping[str, str], signal: str) -> str:
+def _protocol(env: Mapping[str, str], signal: str, default: str) -> str:
     name = f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"
     if not env.get(name, "").strip():
         name = "OTEL_EXPORTER_OTLP_PROTOCOL"
-    value = env.get(name, "").strip().lower() or "grpc"
+    value = env.get(name, "").strip().lower() or default
     if value not in PROTOCOLS:
         raise ConfigError(name, f"{value!r} is not one of {', '.join(PROTOCOLS)}")
     return value
@@ -91,19 +90,28 @@ class OtelConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OtelConfig:
-        """Read and validate; raises ConfigError naming the first bad variable."""
-        traces_protocol = _protocol(env, "TRACES")
-        metrics_protocol = _protocol(env, "METRICS")
-        interval = env.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip() or "60000"
+        """Read and validate; raises ConfigError naming the first bad variable. An unset
+        variable takes the field's default (the settings' --help shows the same ones)."""
+        default = cls()
+        traces_protocol = _protocol(env, "TRACES", default.traces_protocol)
+        metrics_protocol = _protocol(env, "METRICS", default.metrics_protocol)
+        interval = (
+            env.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip()
+            or str(default.metric_export_interval_ms)
+        )
         if not interval.isdigit() or int(interval) < 1:
             raise ConfigError("OTEL_METRIC_EXPORT_INTERVAL", f"{interval!r} is not milliseconds > 0")
         return cls(
             disabled=_flag(env, "OTEL_SDK_DISABLED"),
-            service_name=env.get("OTEL_SERVICE_NAME", "").strip() or DEFAULT_SERVICE_NAME,
-            traces_exporters=_names(env, "OTEL_TRACES_EXPORTER", TRACES_EXPORTERS),
+            service_name=env.get("OTEL_SERVICE_NAME", "").strip() or default.service_name,
+            traces_exporters=_names(
+                env, "OTEL_TRACES_EXPORTER", TRACES_EXPORTERS, default.traces_exporters
+            ),
             traces_endpoint=_endpoint(env, "TRACES", traces_protocol),
             traces_protocol=traces_protocol,
-            metrics_exporters=_names(env, "OTEL_METRICS_EXPORTER", METRICS_EXPORTERS),
+            metrics_exporters=_names(
+                env, "OTEL_METRICS_EXPORTER", METRICS_EXPORTERS, default.metrics_exporters
+            ),
             metrics_endpoint=_endpoint(env, "METRICS", metrics_protocol),
             metrics_protocol=metrics_protocol,
             metric_export_interval_ms=int(interval),
@@ -243,11 +251,3 @@ class Telemetry:
         if self.prometheus is not None:
             self.prometheus.close()
 
-
-def telemetry_for(settings: Settings) -> Telemetry:
-    """The telemetry the settings ask for (OTEL_*, AGENTPLANE_PROMETHEUS_PORT, ...)."""
-    return Telemetry.create(
-        settings.otel,
-        content=ContentPolicy(settings.trace_content, settings.trace_content_max_chars),
-        prometheus=settings.prometheus_address,
-    )
