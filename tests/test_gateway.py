@@ -26,7 +26,7 @@ from agentplane.server.budgets.gateway_meter import (
     SessionMeter,
     estimate_input_tokens,
 )
-from agentplane.server.budgets.gateway_sse import ResponseUsage, SseUsageParser
+from agentplane.server.budgets.gateway_sse import SseUsageParser
 from agentplane.server.budgets.pricing import PriceTable
 from agentplane.server.domain import TokenUsage
 from agentplane.server.sandbox import (
@@ -690,7 +690,7 @@ def test_sse_usage_parser_on_any_chunking() -> None:
                 parser.feed(raw[i : i + size])
             parser.close()
             assert parser.saw_usage and parser.saw_stop and parser.error is None
-            assert parser.usage == ResponseUsage(500, 70, 9, 11, 4)
+            assert parser.usage == TokenUsage(500, 70, 9, 11, 4)
     error = SseUsageParser()
     error.feed(b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}')
     error.close()

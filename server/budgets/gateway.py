@@ -30,7 +30,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..domain import utcnow
+from ..domain import TokenUsage, utcnow
 from .gateway_meter import (
     MeteredRequest,
     Reservation,
@@ -39,7 +39,7 @@ from .gateway_meter import (
     fit_body,
     thinking_budget,
 )
-from .gateway_sse import ResponseUsage, SideDecoder, SseUsageParser, usage_from_message
+from .gateway_sse import SideDecoder, SseUsageParser, usage_from_message
 from .pricing import PriceTable, UnknownModel
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ class MeteringGateway:
         data: bytes,
     ) -> web.StreamResponse:
         url, headers = self._upstream(request, meter)
-        usage: ResponseUsage | None = None
+        usage: TokenUsage | None = None
         parser: SseUsageParser | None = None
         try:
             async with self._http.post(url, data=data, headers=headers) as up:
