@@ -405,11 +405,7 @@ class MeteringGateway:
                     reservation.amount_usd,
                 )
             elif usage is not None:
-                record.input_tokens = usage.input_tokens
-                record.output_tokens = usage.output_tokens
-                record.cache_creation_input_tokens = usage.cache_creation_input_tokens
-                record.cache_read_input_tokens = usage.cache_read_input_tokens
-                record.cache_creation_1h_input_tokens = usage.cache_creation_1h_input_tokens
+                record.usage = usage
                 record.cost_usd = reservation.price.cost(usage)
             record.ended_at = utcnow()
             meter.settle(reservation, record)
@@ -422,10 +418,10 @@ class MeteringGateway:
                 record.outcome,
                 record.max_tokens_forwarded,
                 record.max_tokens_requested,
-                record.input_tokens,
-                record.output_tokens,
-                record.cache_creation_input_tokens,
-                record.cache_read_input_tokens,
+                record.usage.input_tokens,
+                record.usage.output_tokens,
+                record.usage.cache_creation_input_tokens,
+                record.usage.cache_read_input_tokens,
                 record.cost_usd,
                 meter.spent_usd,
                 meter.budget_usd,

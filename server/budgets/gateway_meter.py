@@ -27,7 +27,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from ..domain import usd, utcnow
+from ..domain import TokenUsage, usd, utcnow
 from .pricing import ModelPrice
 
 log = logging.getLogger(__name__)
@@ -82,14 +82,12 @@ class MeteredRequest:
     ``upstream_failed`` (no response from upstream), ``upstream_dropped`` (the stream
     broke off; what was seen is charged), ``client_disconnected`` (the agent went away;
     what was seen is charged), ``usage_missing`` (a success without readable usage;
-    charged its reservation, the worst case).
+    charged its reservation, the worst case). ``usage`` is what the response reported
+    (zero when it was not forwarded, or reported none).
     """
 
     model: str
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
+    usage: TokenUsage = field(default_factory=TokenUsage)
     cost_usd: Decimal = Decimal(0)
     max_tokens_requested: int | None = None
     max_tokens_forwarded: int | None = None
@@ -102,17 +100,8 @@ class MeteredRequest:
     reserved_usd: Decimal = Decimal(0)
     thinking_budget_requested: int | None = None
     thinking_budget_forwarded: int | None = None
-    cache_creation_1h_input_tokens: int = 0
     price_version: str = ""
     upstream_request_id: str = ""
-
-    @property
-    def max_tokens_lowered(self) -> bool:
-        return (
-            self.max_tokens_forwarded is not None
-            and self.max_tokens_requested is not None
-            and self.max_tokens_forwarded < self.max_tokens_requested
-        )
 
 
 @dataclass(frozen=True)
