@@ -16,8 +16,6 @@ in a ``finally`` of a cancelled request cannot be interrupted.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import logging
 import math
@@ -141,8 +139,7 @@ class SessionMeter:
         self.exhausted = False
         self.closed = False
         self.in_flight = 0
-        self.on_request: Callable[[MeteredRequest], Any] | None = None
-        self._callbacks: set[asyncio.Future[Any]] = set()
+        self.on_request: Callable[[MeteredRequest], None] | None = None
 
     @property
     def upstream_api_key(self) -> str:
@@ -202,27 +199,15 @@ class SessionMeter:
         self._notify(record)
 
     def _notify(self, record: MeteredRequest) -> None:
+        # The callback runs inside settle, often in a `finally`: its failure is logged,
+        # never raised into the request that is being settled.
         callback = self.on_request
         if callback is None:
             return
         try:
-            result = callback(record)
+            callback(record)
         except Exception:
             log.exception("on_request callback failed for session %s", self.session_id)
-            return
-        if inspect.isawaitable(result):
-            future = asyncio.ensure_future(result)
-            self._callbacks.add(future)
-            future.add_done_callback(self._callback_done)
-
-    def _callback_done(self, future: asyncio.Future[Any]) -> None:
-        self._callbacks.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error(
-                "on_request callback failed for session %s",
-                self.session_id,
-                exc_info=future.exception(),
-            )
 
 
 def fit_body(body: dict[str, Any], max_tokens: int) -> tuple[dict[str, Any], int | None]:
