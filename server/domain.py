@@ -7,6 +7,7 @@ of theirs.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -68,24 +69,74 @@ class EventKind(enum.StrEnum):
     RESULT = "result"
 
 
+def _count(value: object) -> int:
+    """A token count read from JSON: a positive int, else 0 (bools, floats, strings,
+    negatives and absent keys all count as nothing)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return 0
+
+
 @dataclass(frozen=True)
 class TokenUsage:
-    """Token counts summed over a session's model requests."""
+    """Token counts of one model response, or summed over a session's requests.
+
+    ``cache_creation_1h_input_tokens`` is the part of ``cache_creation_input_tokens``
+    written with a 1-hour TTL (priced higher than a 5-minute write). It travels in
+    :meth:`to_json` (event payloads) but not in the sessions table or the proto, which
+    keep the four API counts.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
 
     def plus(self, other: TokenUsage) -> TokenUsage:
+        """The field-wise sum (a session's requests, or a resumed session's runs)."""
         return TokenUsage(
             *(getattr(self, name) + getattr(other, name) for name in self.__dataclass_fields__)
         )
 
+    def max_with(self, other: TokenUsage) -> TokenUsage:
+        """The field-wise maximum (how a stream's cumulative usage events combine)."""
+        return TokenUsage(
+            *(max(getattr(self, name), getattr(other, name)) for name in self.__dataclass_fields__)
+        )
+
     @classmethod
-    def from_sdk(cls, usage: dict[str, Any] | None) -> TokenUsage:
-        usage = usage or {}
-        return cls(**{name: int(usage.get(name) or 0) for name in cls.__dataclass_fields__})
+    def from_api(cls, usage: Mapping[str, Any]) -> TokenUsage:
+        """Parse the Messages API's ``usage`` object (the one parser of it).
+
+        The 1-hour share of the cache writes is ``cache_creation.ephemeral_1h_input_tokens``;
+        other keys (``server_tool_use``, ``service_tier``, ...) are ignored.
+        """
+        detail = usage.get("cache_creation")
+        return cls(
+            input_tokens=_count(usage.get("input_tokens")),
+            output_tokens=_count(usage.get("output_tokens")),
+            cache_creation_input_tokens=_count(usage.get("cache_creation_input_tokens")),
+            cache_read_input_tokens=_count(usage.get("cache_read_input_tokens")),
+            cache_creation_1h_input_tokens=_count(
+                detail.get("ephemeral_1h_input_tokens") if isinstance(detail, Mapping) else None
+            ),
+        )
+
+    @classmethod
+    def from_sdk(cls, usage: Mapping[str, Any] | None) -> TokenUsage:
+        """The SDK's ``ResultMessage.usage``: the API's shape summed by the CLI (None: 0)."""
+        return cls.from_api(usage or {})
+
+    def to_json(self) -> dict[str, int]:
+        """The counts by field name (Session.to_json's ``usage``)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TokenUsage:
+        """Read :meth:`to_json`; a key it lacks is 0 (events stored before the 1-hour count
+        existed have four)."""
+        return cls(**{name: int(data.get(name, 0)) for name in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -135,7 +186,7 @@ class Session:
             "cost_usd": str(self.cost_usd),
             "sdk_cost_usd": str(self.sdk_cost_usd),
             "num_turns": self.num_turns,
-            "usage": self.usage.__dict__.copy(),
+            "usage": self.usage.to_json(),
             "error_reason": self.error_reason.value if self.error_reason else None,
             "error_message": self.error_message,
             "sdk_session_id": self.sdk_session_id,
@@ -164,7 +215,7 @@ class Session:
             cost_usd=Decimal(data["cost_usd"]),
             sdk_cost_usd=Decimal(data["sdk_cost_usd"]),
             num_turns=data["num_turns"],
-            usage=TokenUsage(**data["usage"]),
+            usage=TokenUsage.from_json(data["usage"]),
             error_reason=ErrorReason(data["error_reason"]) if data["error_reason"] else None,
             error_message=data["error_message"],
             sdk_session_id=data["sdk_session_id"],

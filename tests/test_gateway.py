@@ -26,7 +26,7 @@ from agentplane.server.budgets.gateway_meter import (
     SessionMeter,
     estimate_input_tokens,
 )
-from agentplane.server.budgets.gateway_sse import ResponseUsage, SseUsageParser
+from agentplane.server.budgets.gateway_sse import SseUsageParser
 from agentplane.server.budgets.pricing import PriceTable
 from agentplane.server.domain import TokenUsage
 from agentplane.server.sandbox import (
@@ -232,8 +232,8 @@ async def test_cli_session_is_metered_exactly_and_never_sees_the_real_key(
     assert meter.spent_usd == sum(_cost(model, s.usage) for s in steps)
     _assert_settled(meter)
     assert [
-        (r.input_tokens, r.output_tokens, r.cache_creation_input_tokens,
-         r.cache_read_input_tokens, r.outcome, r.status, r.stream)
+        (r.usage.input_tokens, r.usage.output_tokens, r.usage.cache_creation_input_tokens,
+         r.usage.cache_read_input_tokens, r.outcome, r.status, r.stream)
         for r in meter.requests
     ] == [
         (1000, 200, 300, 400, "completed", 200, True),
@@ -312,8 +312,8 @@ async def test_small_budget_stops_the_session_with_max_tokens_lowered(
     # The documented bound: spend <= budget + what the input estimate missed (here
     # nothing: every response's input is within its estimate).
     missed = sum(
-        max(0, r.input_tokens + r.cache_creation_input_tokens + r.cache_read_input_tokens
-            - r.input_tokens_estimate)
+        max(0, r.usage.input_tokens + r.usage.cache_creation_input_tokens
+            + r.usage.cache_read_input_tokens - r.input_tokens_estimate)
         for r in forwarded
     )
     assert missed == 0
@@ -490,8 +490,9 @@ async def test_sse_and_json_pass_through_byte_for_byte(
     model = "claude-sonnet-4-5"
     streamed, plain = meter.requests
     for record in (streamed, plain):
-        assert (record.input_tokens, record.output_tokens) == (500, 70)
-        assert (record.cache_creation_input_tokens, record.cache_read_input_tokens) == (9, 11)
+        assert (record.usage.input_tokens, record.usage.output_tokens) == (500, 70)
+        assert (record.usage.cache_creation_input_tokens,
+                record.usage.cache_read_input_tokens) == (9, 11)
         assert record.cost_usd == _cost(model, usage) == Decimal("0.002587")  # 2587.05 u$
         assert record.outcome == "completed" and record.max_tokens_forwarded == 4096
         assert record.upstream_request_id.startswith("req_")
@@ -690,7 +691,7 @@ def test_sse_usage_parser_on_any_chunking() -> None:
                 parser.feed(raw[i : i + size])
             parser.close()
             assert parser.saw_usage and parser.saw_stop and parser.error is None
-            assert parser.usage == ResponseUsage(500, 70, 9, 11, 4)
+            assert parser.usage == TokenUsage(500, 70, 9, 11, 4)
     error = SseUsageParser()
     error.feed(b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error"}}')
     error.close()

@@ -70,7 +70,7 @@ def test_exact_cost_of_a_usage() -> None:
         "cache_creation": {"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 100},
         "service_tier": "standard",
     }
-    assert price.cost(api_usage) == Decimal("0.007245") + Decimal(100) * (6 - Decimal("3.75")) / 10**6
+    assert price.cost(TokenUsage.from_api(api_usage)) == Decimal("0.007245") + Decimal(100) * (6 - Decimal("3.75")) / 10**6
     # Quantized to the micro-dollar (half-even): 3 cache-read tokens are 0.9 micro-dollars.
     assert price.cost(TokenUsage(cache_read_input_tokens=3)) == Decimal("0.000001")
     assert price.cost(TokenUsage()) == Decimal("0.000000")

@@ -30,7 +30,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..domain import utcnow
+from ..domain import TokenUsage, utcnow
 from .gateway_meter import (
     MeteredRequest,
     Reservation,
@@ -39,7 +39,7 @@ from .gateway_meter import (
     fit_body,
     thinking_budget,
 )
-from .gateway_sse import ResponseUsage, SideDecoder, SseUsageParser, usage_from_message
+from .gateway_sse import SideDecoder, SseUsageParser, usage_from_message
 from .pricing import PriceTable, UnknownModel
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ class MeteringGateway:
         data: bytes,
     ) -> web.StreamResponse:
         url, headers = self._upstream(request, meter)
-        usage: ResponseUsage | None = None
+        usage: TokenUsage | None = None
         parser: SseUsageParser | None = None
         try:
             async with self._http.post(url, data=data, headers=headers) as up:
@@ -405,11 +405,7 @@ class MeteringGateway:
                     reservation.amount_usd,
                 )
             elif usage is not None:
-                record.input_tokens = usage.input_tokens
-                record.output_tokens = usage.output_tokens
-                record.cache_creation_input_tokens = usage.cache_creation_input_tokens
-                record.cache_read_input_tokens = usage.cache_read_input_tokens
-                record.cache_creation_1h_input_tokens = usage.cache_creation_1h_input_tokens
+                record.usage = usage
                 record.cost_usd = reservation.price.cost(usage)
             record.ended_at = utcnow()
             meter.settle(reservation, record)
@@ -422,10 +418,10 @@ class MeteringGateway:
                 record.outcome,
                 record.max_tokens_forwarded,
                 record.max_tokens_requested,
-                record.input_tokens,
-                record.output_tokens,
-                record.cache_creation_input_tokens,
-                record.cache_read_input_tokens,
+                record.usage.input_tokens,
+                record.usage.output_tokens,
+                record.usage.cache_creation_input_tokens,
+                record.usage.cache_read_input_tokens,
                 record.cost_usd,
                 meter.spent_usd,
                 meter.budget_usd,

@@ -16,8 +16,6 @@ in a ``finally`` of a cancelled request cannot be interrupted.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import logging
 import math
@@ -27,7 +25,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from ..domain import usd, utcnow
+from ..domain import TokenUsage, usd, utcnow
 from .pricing import ModelPrice
 
 log = logging.getLogger(__name__)
@@ -82,14 +80,12 @@ class MeteredRequest:
     ``upstream_failed`` (no response from upstream), ``upstream_dropped`` (the stream
     broke off; what was seen is charged), ``client_disconnected`` (the agent went away;
     what was seen is charged), ``usage_missing`` (a success without readable usage;
-    charged its reservation, the worst case).
+    charged its reservation, the worst case). ``usage`` is what the response reported
+    (zero when it was not forwarded, or reported none).
     """
 
     model: str
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
+    usage: TokenUsage = field(default_factory=TokenUsage)
     cost_usd: Decimal = Decimal(0)
     max_tokens_requested: int | None = None
     max_tokens_forwarded: int | None = None
@@ -102,17 +98,8 @@ class MeteredRequest:
     reserved_usd: Decimal = Decimal(0)
     thinking_budget_requested: int | None = None
     thinking_budget_forwarded: int | None = None
-    cache_creation_1h_input_tokens: int = 0
     price_version: str = ""
     upstream_request_id: str = ""
-
-    @property
-    def max_tokens_lowered(self) -> bool:
-        return (
-            self.max_tokens_forwarded is not None
-            and self.max_tokens_requested is not None
-            and self.max_tokens_forwarded < self.max_tokens_requested
-        )
 
 
 @dataclass(frozen=True)
@@ -152,8 +139,7 @@ class SessionMeter:
         self.exhausted = False
         self.closed = False
         self.in_flight = 0
-        self.on_request: Callable[[MeteredRequest], Any] | None = None
-        self._callbacks: set[asyncio.Future[Any]] = set()
+        self.on_request: Callable[[MeteredRequest], None] | None = None
 
     @property
     def upstream_api_key(self) -> str:
@@ -213,27 +199,15 @@ class SessionMeter:
         self._notify(record)
 
     def _notify(self, record: MeteredRequest) -> None:
+        # The callback runs inside settle, often in a `finally`: its failure is logged,
+        # never raised into the request that is being settled.
         callback = self.on_request
         if callback is None:
             return
         try:
-            result = callback(record)
+            callback(record)
         except Exception:
             log.exception("on_request callback failed for session %s", self.session_id)
-            return
-        if inspect.isawaitable(result):
-            future = asyncio.ensure_future(result)
-            self._callbacks.add(future)
-            future.add_done_callback(self._callback_done)
-
-    def _callback_done(self, future: asyncio.Future[Any]) -> None:
-        self._callbacks.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error(
-                "on_request callback failed for session %s",
-                self.session_id,
-                exc_info=future.exception(),
-            )
 
 
 def fit_body(body: dict[str, Any], max_tokens: int) -> tuple[dict[str, Any], int | None]:

@@ -9,49 +9,18 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass, fields
 from typing import Any
 
+from ..domain import TokenUsage
+
 _USAGE_EVENTS = frozenset({"message_start", "message_delta", "error"})
-
-
-@dataclass
-class ResponseUsage:
-    """Token counts of one response (``cache_creation_1h_input_tokens`` is the part of
-    the cache writes made with a 1-hour TTL)."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-    cache_read_input_tokens: int = 0
-    cache_creation_1h_input_tokens: int = 0
-
-    def merge_max(self, usage: Any) -> bool:
-        """Raise each count to the one in the API's ``usage`` dict; False if not a dict.
-
-        ``message_delta`` counts are cumulative and newer APIs repeat the input counts
-        there, so the maximum of everything seen is the response's usage.
-        """
-        if not isinstance(usage, dict):
-            return False
-        counts = dict(usage)
-        detail = usage.get("cache_creation")
-        if isinstance(detail, dict):
-            counts.setdefault(
-                "cache_creation_1h_input_tokens", detail.get("ephemeral_1h_input_tokens")
-            )
-        for f in fields(self):
-            value = counts.get(f.name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                setattr(self, f.name, max(getattr(self, f.name), value))
-        return True
 
 
 class SseUsageParser:
     """Collects usage from an SSE byte stream fed in arbitrary chunks."""
 
     def __init__(self) -> None:
-        self.usage = ResponseUsage()
+        self.usage = TokenUsage()
         self.saw_usage = False  # a message_start (or a delta with usage) was seen
         self.saw_stop = False  # message_stop: the message is complete
         self.error: dict[str, Any] | None = None  # the payload of an `error` event
@@ -104,28 +73,33 @@ class SseUsageParser:
         kind = payload.get("type", event)
         if kind == "message_start":
             message = payload.get("message")
-            if isinstance(message, dict) and self.usage.merge_max(message.get("usage")):
-                self.saw_usage = True
+            if isinstance(message, dict):
+                self._merge(message.get("usage"))
         elif kind == "message_delta":
-            if self.usage.merge_max(payload.get("usage")):
-                self.saw_usage = True
+            self._merge(payload.get("usage"))
         elif kind == "message_stop":
             self.saw_stop = True
         elif kind == "error":
             error = payload.get("error")
             self.error = error if isinstance(error, dict) else payload
 
+    def _merge(self, usage: Any) -> None:
+        """Fold in an event's ``usage`` object (ignored unless it is one). Delta counts
+        are cumulative and newer APIs repeat the input counts there, so the response's
+        usage is the field-wise maximum of everything seen."""
+        if isinstance(usage, dict):
+            self.usage = self.usage.max_with(TokenUsage.from_api(usage))
+            self.saw_usage = True
 
-def usage_from_message(raw: bytes) -> ResponseUsage | None:
+
+def usage_from_message(raw: bytes) -> TokenUsage | None:
     """The usage of a non-streaming response body, or None when it has none."""
     try:
         message = json.loads(raw)
     except ValueError:
         return None
-    if not isinstance(message, dict):
-        return None
-    usage = ResponseUsage()
-    return usage if usage.merge_max(message.get("usage")) else None
+    usage = message.get("usage") if isinstance(message, dict) else None
+    return TokenUsage.from_api(usage) if isinstance(usage, dict) else None
 
 
 class SideDecoder:

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..domain import MICRO, usd
+from ..domain import MICRO, TokenUsage, usd
 from ..errors import ConfigError, InvalidArgument
 
 PER_TOKEN = Decimal(1_000_000)  # prices are per million tokens
@@ -59,24 +59,20 @@ class ModelPrice:
     cache_write_1h: Decimal
     version: str = ""  # the table's version
 
-    def cost(self, usage: Any) -> Decimal:
+    def cost(self, usage: TokenUsage) -> Decimal:
         """The exact cost of one response's ``usage``, quantized to the micro-dollar.
 
-        ``usage`` is a :class:`~agentplane.server.domain.TokenUsage`, anything with the
-        same attributes, or the API's usage dict. Cache writes with a 1-hour TTL (the
-        API's ``cache_creation.ephemeral_1h_input_tokens``, or an attribute
-        ``cache_creation_1h_input_tokens``) are priced at ``cache_write_1h``; the rest
-        of ``cache_creation_input_tokens`` at ``cache_write``.
+        The 1-hour share of the cache writes is priced at ``cache_write_1h``, the rest of
+        ``cache_creation_input_tokens`` at ``cache_write`` (the share is capped at the
+        writes, so an inconsistent report cannot make the rest negative).
         """
-        counts = token_counts(usage)
-        writes_1h = min(counts["cache_creation_1h_input_tokens"],
-                        counts["cache_creation_input_tokens"])
+        writes_1h = min(usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens)
         total = (
-            counts["input_tokens"] * self.input
-            + counts["output_tokens"] * self.output
-            + (counts["cache_creation_input_tokens"] - writes_1h) * self.cache_write
+            usage.input_tokens * self.input
+            + usage.output_tokens * self.output
+            + (usage.cache_creation_input_tokens - writes_1h) * self.cache_write
             + writes_1h * self.cache_write_1h
-            + counts["cache_read_input_tokens"] * self.cache_read
+            + usage.cache_read_input_tokens * self.cache_read
         )
         return usd(total / PER_TOKEN)
 
@@ -114,35 +110,6 @@ class ModelPrice:
         ) > budget_usd:
             tokens -= 1
         return tokens
-
-
-def token_counts(usage: Any) -> dict[str, int]:
-    """Token counts from a TokenUsage-like object or an API usage dict (missing -> 0)."""
-    names = (
-        "input_tokens",
-        "output_tokens",
-        "cache_creation_input_tokens",
-        "cache_read_input_tokens",
-        "cache_creation_1h_input_tokens",
-    )
-    if isinstance(usage, Mapping):
-        counts = {name: _int(usage.get(name)) for name in names}
-        detail = usage.get("cache_creation")
-        if isinstance(detail, Mapping) and not counts["cache_creation_1h_input_tokens"]:
-            counts["cache_creation_1h_input_tokens"] = _int(
-                detail.get("ephemeral_1h_input_tokens")
-            )
-        return counts
-    return {name: _int(getattr(usage, name, 0)) for name in names}
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
-        return 0
-    try:
-        return max(0, int(value))
-    except ValueError:
-        return 0
 
 
 class PriceTable:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -18,6 +18,9 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ..domain import Event, Session, SessionState
 from .setup import ContentPolicy
+
+if TYPE_CHECKING:  # typing only: telemetry is handed the records, it never meters
+    from ..budgets.gateway_meter import MeteredRequest
 
 TRACER_NAME = "agentplane"
 PROVIDER = "anthropic"
@@ -132,17 +135,17 @@ class SessionSpans:
         span.end(end_time=ns(event.time))
         return name, failed
 
-    def model_request(self, request: Any) -> None:
-        """A `chat {model}` span for one metered model request (a gateway MeteredRequest),
-        with its real start and end times, tokens and cost."""
+    def model_request(self, request: MeteredRequest) -> None:
+        """A `chat {model}` span for one model request the gateway metered, with its real
+        start and end times, tokens and cost."""
         attributes: dict[str, Any] = {
             OPERATION_NAME: CHAT,
             PROVIDER_NAME: PROVIDER,
             REQUEST_MODEL: request.model,
-            INPUT_TOKENS: request.input_tokens,
-            OUTPUT_TOKENS: request.output_tokens,
-            CACHE_READ_TOKENS: request.cache_read_input_tokens,
-            CACHE_CREATION_TOKENS: request.cache_creation_input_tokens,
+            INPUT_TOKENS: request.usage.input_tokens,
+            OUTPUT_TOKENS: request.usage.output_tokens,
+            CACHE_READ_TOKENS: request.usage.cache_read_input_tokens,
+            CACHE_CREATION_TOKENS: request.usage.cache_creation_input_tokens,
             COST_USD: str(request.cost_usd),
         }
         if request.max_tokens_forwarded is not None:
