@@ -226,8 +226,8 @@ class Settings:
     )
     max_sessions: int = setting(
         "AGENTPLANE_MAX_SESSIONS", _integer(1), str(SESSIONS_PER_CPU * (os.cpu_count() or 1)),
-        "sessions this server runs at once; over it RunSession is "
-        "RESOURCE_EXHAUSTED/CONCURRENCY_LIMIT",
+        "agents this server runs at once (sessions and warm agents); over it RunSession "
+        "is RESOURCE_EXHAUSTED/CONCURRENCY_LIMIT",
         shown=f"{SESSIONS_PER_CPU} per CPU",
     )
     session_idle_timeout_s: float = setting(

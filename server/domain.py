@@ -77,6 +77,12 @@ def _count(value: object) -> int:
     return 0
 
 
+# The token counts a session records (its table's columns, the proto's TokenUsage).
+RECORDED_COUNTS = (
+    "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"
+)
+
+
 @dataclass(frozen=True)
 class TokenUsage:
     """Token counts of one model response, or summed over a session's requests.
@@ -129,8 +135,11 @@ class TokenUsage:
         return cls.from_api(usage or {})
 
     def to_json(self) -> dict[str, int]:
-        """The counts by field name (Session.to_json's ``usage``)."""
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        """The counts a session records (Session.to_json's ``usage``): the four of the
+        database and the proto. The 1-hour part of cache writes only prices requests; left
+        out, event payloads stay readable by servers of the previous release (which take
+        exactly these four keys) during a rolling upgrade."""
+        return {name: getattr(self, name) for name in RECORDED_COUNTS}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TokenUsage:

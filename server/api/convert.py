@@ -48,12 +48,7 @@ def session_to_proto(s: Session) -> session_pb2.Session:
         max_budget_usd=str(s.max_budget_usd),
         num_turns=s.num_turns,
         max_turns=s.max_turns,
-        usage=session_pb2.TokenUsage(
-            input_tokens=s.usage.input_tokens,
-            output_tokens=s.usage.output_tokens,
-            cache_creation_input_tokens=s.usage.cache_creation_input_tokens,
-            cache_read_input_tokens=s.usage.cache_read_input_tokens,
-        ),
+        usage=session_pb2.TokenUsage(**s.usage.to_json()),
         model=s.model,
         sdk_session_id=s.sdk_session_id,
         labels=s.labels,
