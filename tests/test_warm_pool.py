@@ -303,7 +303,14 @@ async def test_an_unpriced_warm_pool_model_stops_the_server_at_start(tmp_path: P
 
 def running_agents(h: Harness) -> int:
     """How many sessions' agents (warm or not) have processes now."""
-    return sum(1 for root in (h.work_dir / "w").glob("*/*") if agent_processes(root))
+    folders = set()
+    for pid in agent_processes(h.work_dir / "w"):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        folders.update(v for v in environ if v.startswith(b"AGENTPLANE_SESSION_DIR="))
+    return len(folders)
 
 
 async def test_warm_agents_and_sessions_together_never_exceed_the_session_limit(

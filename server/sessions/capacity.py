@@ -7,6 +7,8 @@ pool and the most cold sessions together never exceed the limit.
 
 from __future__ import annotations
 
+import asyncio
+
 from ..errors import QuotaExceeded
 from .live import LiveSession
 
@@ -19,6 +21,15 @@ class Capacity:
         self.live: dict[str, LiveSession] = {}
         self.admitting = 0
         self.pooled = 0
+        self._watchers: list[asyncio.Event] = []
+
+    def wake_on_free(self, event: asyncio.Event) -> None:
+        """Set `event` whenever a place frees up (the warm pool refills then)."""
+        self._watchers.append(event)
+
+    def _freed(self) -> None:
+        for event in self._watchers:
+            event.set()
 
     @property
     def used(self) -> int:
@@ -58,10 +69,12 @@ class Capacity:
         self.admitting -= 1
         if warm_returned:
             self.pooled += 1
+        self._freed()
 
     def ended(self, session_id: str) -> None:
         """A live session ended and its agent is gone."""
         self.live.pop(session_id, None)
+        self._freed()
 
     # -- the warm pool -------------------------------------------------------------------
 
@@ -75,3 +88,4 @@ class Capacity:
     def release_pooled(self) -> None:
         """A warm agent failed to start, or was closed unused."""
         self.pooled -= 1
+        self._freed()

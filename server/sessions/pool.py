@@ -142,6 +142,7 @@ class WarmPool:
         self.stats: dict[str, PoolStats] = {name: PoolStats() for name in self._wanted}
         self._starting = 0
         self._wake = asyncio.Event()
+        capacity.wake_on_free(self._wake)
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
@@ -322,7 +323,6 @@ class WarmPool:
             await self.discard(agent)
         finally:
             self._capacity.release_pooled()
-            self._wake.set()
 
     # -- stopping and recovery -----------------------------------------------------------
 
