@@ -11,6 +11,7 @@ the `reason` label of the admission-rejection metric, so the two always agree.
     ├── FailedPrecondition   not in the session's state   FAILED_PRECONDITION
     ├── QuotaExceeded        admission refused            BUDGET_EXCEEDED, CONCURRENCY_LIMIT
     ├── Unavailable          not ready, draining          UNAVAILABLE
+    │   └── DatabaseUnavailable  the database is out      DATABASE_UNAVAILABLE
     ├── Unimplemented        not in this release          UNIMPLEMENTED
     └── ConfigError          invalid configuration        CONFIG_ERROR (start-up, names the setting)
 """
@@ -57,6 +58,17 @@ class QuotaExceeded(AgentplaneError):
 
 class Unavailable(AgentplaneError):
     reason = "UNAVAILABLE"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database cannot serve now (unreachable, its file gone, read-only, ...); raised
+    by the store layer with the driver's error as `__cause__`. A retry later may succeed.
+    The message is for the caller: it never holds a URL, a password or SQL."""
+
+    reason = "DATABASE_UNAVAILABLE"
+
+    def __init__(self, message: str = "the database is unreachable; retry later") -> None:
+        super().__init__(message)
 
 
 class Unimplemented(AgentplaneError):

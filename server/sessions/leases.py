@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..budgets.ledger import settle_session
 from ..domain import ErrorReason, Event, EventKind, Session, SessionState, utcnow
+from ..errors import DatabaseUnavailable
 from ..store import sessions as repo
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,6 @@ class LeaseKeeper:
             try:
                 await self.renew()
                 await self.recover()
-            except DBAPIError as exc:
+            except (DBAPIError, DatabaseUnavailable) as exc:
                 log.warning("lease upkeep failed (database unavailable): %s", type(exc).__name__)
             await asyncio.sleep(interval)

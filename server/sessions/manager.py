@@ -359,7 +359,7 @@ class SessionManager:
                     await settle_session(db, session_id=final.id, actual=final.cost_usd, now=final.end_time or utcnow())
                     await repo.insert_events(db, [result])
                 return True
-            except (DBAPIError, TimeoutError) as exc:
+            except (DBAPIError, Unavailable, TimeoutError) as exc:
                 if asyncio.get_running_loop().time() + delay > deadline:
                     live.writer.abort()
                     log.error("recording the end of session %s failed for good (%s); crash "
