@@ -1,14 +1,19 @@
 """Domain errors. Only `api/` maps them to gRPC status codes.
 
-    AgentplaneError
-    ├── InvalidArgument      a request field is wrong (names the field)
-    ├── Unauthenticated      no or unknown caller token
-    ├── NotFound             no such session for this tenant
-    ├── FailedPrecondition   the action does not fit the session's state
-    ├── QuotaExceeded        admission refused: BUDGET_EXCEEDED or CONCURRENCY_LIMIT
-    ├── Unavailable          the server cannot take work now (not ready, draining)
-    ├── Unimplemented        a capability this release does not have yet
-    └── ConfigError          invalid configuration at start-up (names the setting)
+Each error carries its `reason` (upper snake case): the ErrorInfo reason on the wire and
+the `reason` label of the admission-rejection metric, so the two always agree.
+
+    AgentplaneError                                       reason
+    ├── InvalidArgument      a request field is wrong     INVALID_ARGUMENT
+    │   └── UnknownModel     not in the price table       UNKNOWN_MODEL (budgets/pricing.py)
+    ├── Unauthenticated      no or unknown caller token   UNAUTHENTICATED
+    ├── NotFound             no such session (tenant)     NOT_FOUND
+    ├── FailedPrecondition   not in the session's state   FAILED_PRECONDITION
+    ├── QuotaExceeded        admission refused            BUDGET_EXCEEDED, CONCURRENCY_LIMIT
+    ├── Unavailable          not ready, draining          UNAVAILABLE
+    │   └── DatabaseUnavailable  the database is out      DATABASE_UNAVAILABLE
+    ├── Unimplemented        not in this release          UNIMPLEMENTED
+    └── ConfigError          invalid configuration        CONFIG_ERROR (start-up, names the setting)
 """
 
 from __future__ import annotations
@@ -17,8 +22,13 @@ from __future__ import annotations
 class AgentplaneError(Exception):
     """The root of agentplane's own errors."""
 
+    # Overridden by every subclass (and per instance where one class has several reasons).
+    reason: str = "INTERNAL"
+
 
 class InvalidArgument(AgentplaneError):
+    reason = "INVALID_ARGUMENT"
+
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
@@ -26,15 +36,15 @@ class InvalidArgument(AgentplaneError):
 
 
 class Unauthenticated(AgentplaneError):
-    pass
+    reason = "UNAUTHENTICATED"
 
 
 class NotFound(AgentplaneError):
-    pass
+    reason = "NOT_FOUND"
 
 
 class FailedPrecondition(AgentplaneError):
-    pass
+    reason = "FAILED_PRECONDITION"
 
 
 class QuotaExceeded(AgentplaneError):
@@ -47,15 +57,28 @@ class QuotaExceeded(AgentplaneError):
 
 
 class Unavailable(AgentplaneError):
-    pass
+    reason = "UNAVAILABLE"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database cannot serve now (unreachable, its file gone, read-only, ...); raised
+    by the store layer with the driver's error as `__cause__`. A retry later may succeed.
+    The message is for the caller: it never holds a URL, a password or SQL."""
+
+    reason = "DATABASE_UNAVAILABLE"
+
+    def __init__(self, message: str = "the database is unreachable; retry later") -> None:
+        super().__init__(message)
 
 
 class Unimplemented(AgentplaneError):
-    pass
+    reason = "UNIMPLEMENTED"
 
 
 class ConfigError(AgentplaneError):
     """Invalid configuration; `setting` names the variable or file key at fault."""
+
+    reason = "CONFIG_ERROR"
 
     def __init__(self, setting: str, message: str) -> None:
         super().__init__(f"{setting}: {message}")

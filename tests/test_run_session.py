@@ -345,7 +345,10 @@ async def test_a_model_missing_from_the_price_table_is_invalid(harness: Harness)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.run(prompt="hi", model="claude-imaginary-9")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error_details(caught.value)["BadRequest"].field_violations[0].field == "model"
+    details = error_details(caught.value)
+    assert details["BadRequest"].field_violations[0].field == "model"
+    # The reason the admission-rejection metric counts it under, too.
+    assert details["ErrorInfo"].reason == "UNKNOWN_MODEL"
     assert "price table" in caught.value.details()
 
 

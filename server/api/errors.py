@@ -27,14 +27,16 @@ log = logging.getLogger(__name__)
 
 DOMAIN = "agentplane.dev"
 
-_CODES: list[tuple[type[AgentplaneError], int, str]] = [
-    (InvalidArgument, code_pb2.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
-    (Unauthenticated, code_pb2.UNAUTHENTICATED, "UNAUTHENTICATED"),
-    (NotFound, code_pb2.NOT_FOUND, "NOT_FOUND"),
-    (FailedPrecondition, code_pb2.FAILED_PRECONDITION, "FAILED_PRECONDITION"),
-    (QuotaExceeded, code_pb2.RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED"),
-    (Unavailable, code_pb2.UNAVAILABLE, "UNAVAILABLE"),
-    (Unimplemented, code_pb2.UNIMPLEMENTED, "UNIMPLEMENTED"),
+# The gRPC code of each kind of error (first match wins); the ErrorInfo reason is the
+# error's own `reason`, which the admission-rejection metric reads too.
+_CODES: list[tuple[type[AgentplaneError], int]] = [
+    (InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (NotFound, code_pb2.NOT_FOUND),
+    (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (QuotaExceeded, code_pb2.RESOURCE_EXHAUSTED),
+    (Unavailable, code_pb2.UNAVAILABLE),
+    (Unimplemented, code_pb2.UNIMPLEMENTED),
 ]
 
 
@@ -47,14 +49,9 @@ def _pack(message: Any) -> any_pb2.Any:
 def to_status(exc: AgentplaneError) -> grpc.Status:
     """The rich status for a domain error: ErrorInfo always, BadRequest/QuotaFailure when
     they apply."""
-    code, reason = code_pb2.INTERNAL, "INTERNAL"
-    for cls, cls_code, cls_reason in _CODES:
-        if isinstance(exc, cls):
-            code, reason = cls_code, cls_reason
-            break
+    code = next((c for cls, c in _CODES if isinstance(exc, cls)), code_pb2.INTERNAL)
     details = []
     if isinstance(exc, QuotaExceeded):
-        reason = exc.reason
         details.append(
             _pack(
                 error_details_pb2.QuotaFailure(
@@ -78,7 +75,7 @@ def to_status(exc: AgentplaneError) -> grpc.Status:
                 )
             )
         )
-    details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN)))
+    details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN)))
     return rpc_status.to_status(status_pb2.Status(code=code, message=str(exc), details=details))
 
 

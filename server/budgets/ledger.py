@@ -12,6 +12,7 @@ from ..coalesce import Coalescer
 from ..domain import BudgetWindow
 from ..errors import QuotaExceeded
 from ..store import ledger as repo
+from ..store.engine import database_outages
 from ..tenants import Tenant
 from .windows import day_of, window_bounds
 
@@ -76,8 +77,11 @@ class BudgetReader:
         )
 
     async def _totals(self, tenant: str, day: str) -> tuple[Decimal, Decimal]:
-        async with self._engine.connect() as conn:
-            return await repo.window_totals(conn, tenant, day)
+        # A bare connection (the cheapest read), outside the store's sessions: so the
+        # outage translation is applied here.
+        with database_outages():
+            async with self._engine.connect() as conn:
+                return await repo.window_totals(conn, tenant, day)
 
     @staticmethod
     def today(tenant: Tenant, now: datetime) -> date:

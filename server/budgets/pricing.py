@@ -32,6 +32,8 @@ _SUFFIX = re.compile(r"-(\d{8}|latest)$")
 class UnknownModel(InvalidArgument):
     """A model the price table has no entry for (refused, never priced at zero)."""
 
+    reason = "UNKNOWN_MODEL"  # still INVALID_ARGUMENT, with BadRequest on `model`
+
     def __init__(self, model: str, version: str) -> None:
         super().__init__(
             "model", f"model {model} is not in agentplane's price table (version {version})"

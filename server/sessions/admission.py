@@ -35,7 +35,7 @@ from .launcher import Launcher
 from .leases import LeaseConfig
 from .lifecycle import SessionLifecycle
 from .live import EventWriter, LiveSession
-from .observer import SessionObserver, rejection_reason
+from .observer import SessionObserver
 from .pool import WarmAgent, WarmPool
 from .queries import SessionQueries
 from .requests import RunRequest, SessionSpec, validate
@@ -91,7 +91,7 @@ class Admitter:
         try:
             return await self._admit(tenant, request)
         except AgentplaneError as exc:
-            reason = rejection_reason(exc)
+            reason = exc.reason
             self._observer.rejected(tenant.name, reason)
             detail = {"detail": str(exc)} if isinstance(exc, QuotaExceeded) else {}
             log.info("budget_rejected" if reason == "BUDGET_EXCEEDED" else "admission_rejected",

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..domain import ErrorReason, SessionState, utcnow
+from ..errors import DatabaseUnavailable
 from ..store import sessions as repo
 from .capacity import Capacity
 from .ending import write_end
@@ -100,6 +101,6 @@ class LeaseKeeper:
             try:
                 await self.renew()
                 await self.recover()
-            except DBAPIError as exc:
+            except (DBAPIError, DatabaseUnavailable) as exc:
                 log.warning("lease upkeep failed (database unavailable): %s", type(exc).__name__)
             await asyncio.sleep(interval)

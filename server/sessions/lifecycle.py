@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..domain import ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
+from ..errors import DatabaseUnavailable
 from ..store import sessions as repo
 from ..tenants import Tenant
 from .capacity import Capacity
@@ -92,6 +93,8 @@ class SessionLifecycle:
             verdict = Verdict(SessionState.ERROR, live.cancel_reason, live.cancel_message)
             await asyncio.shield(self._finish(live, Outcome(verdict)))
             raise
+        except DatabaseUnavailable as exc:  # the database went away before the agent started
+            outcome = Outcome(Verdict(SessionState.ERROR, ErrorReason.DATABASE_UNAVAILABLE, str(exc)))
         except Exception as exc:  # a bug of ours must still end the session and settle
             log.exception("session %s failed", live.id)
             outcome = Outcome(
@@ -155,7 +158,7 @@ class SessionLifecycle:
                 if result is None:
                     log.warning("session %s was closed by another server meanwhile", final.id)
                 return result
-            except (DBAPIError, TimeoutError) as exc:
+            except (DBAPIError, DatabaseUnavailable, TimeoutError) as exc:
                 if loop.time() + delay > deadline:
                     live.writer.abort()
                     log.error("recording the end of session %s failed for good (%s); crash "

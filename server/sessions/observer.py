@@ -1,6 +1,6 @@
 """The hook through which telemetry watches sessions, without `sessions` knowing of it.
 
-SessionManager calls an observer at admission (refused or admitted) and for every event a
+Admission and the live sessions call an observer at admission (refused or admitted) and for every event a
 live session publishes, `started` first and `result` last. An observer must be cheap and
 must never raise: it runs on the session's own path.
 """
@@ -8,18 +8,18 @@ must never raise: it runs on the session's own path.
 from __future__ import annotations
 
 import contextvars
-import re
 from typing import Any, Protocol
 
 from ..domain import Event, Session
-from ..errors import AgentplaneError, QuotaExceeded
 
 
 class SessionObserver(Protocol):
     """What SessionManager reports; telemetry implements it."""
 
     def rejected(self, tenant: str, reason: str) -> None:
-        """A RunSession was refused; `reason` as from `rejection_reason`."""
+        """A RunSession was refused; `reason` is the refusal's `AgentplaneError.reason`,
+        the ErrorInfo reason its caller got (BUDGET_EXCEEDED, CONCURRENCY_LIMIT,
+        INVALID_ARGUMENT, UNKNOWN_MODEL, UNAVAILABLE, DATABASE_UNAVAILABLE, ...)."""
 
     def admitted(self, session: Session, prompt: str) -> contextvars.Context:
         """A session was admitted (IDLE, persisted). Returns the context its run task is
@@ -54,11 +54,3 @@ class NullObserver:
 
     def pool_served(self, tenant: str, hit: bool) -> None:
         pass
-
-
-def rejection_reason(exc: AgentplaneError) -> str:
-    """BUDGET_EXCEEDED / CONCURRENCY_LIMIT for quota refusals, else the error's kind in
-    upper snake case (INVALID_ARGUMENT, UNAVAILABLE, NOT_FOUND, ...)."""
-    if isinstance(exc, QuotaExceeded):
-        return exc.reason
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).upper()
