@@ -235,20 +235,49 @@ def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
     return found
 
 
-def agent_processes(under: Path) -> list[int]:
-    """Pids of agent processes (CLIs and their tools) whose private folders lie under `under`.
+@dataclass(frozen=True)
+class Process:
+    """One entry of the process table, as /proc shows it."""
+
+    pid: int
+    ppid: int
+    cmdline: bytes  # NUL-separated arguments
+    environ: bytes  # NUL-separated NAME=value entries; empty when not ours to read
+
+    @property
+    def env(self) -> list[bytes]:
+        """The NAME=value entries of its environment."""
+        return self.environ.split(b"\0")
+
+
+def processes(under: Path | None = None) -> list[Process]:
+    """One scan of the process table: every process whose stat and command line could be
+    read or, with `under`, only the agent processes (CLIs and their tools) whose private
+    folders lie under `under`.
 
     Every process of a session inherits its AGENTPLANE_SESSION_DIR; matching on it keeps
     this exact when other servers run agents on the same machine.
     """
     marker = f"AGENTPLANE_SESSION_DIR={under}/".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
         try:
-            if any(v.startswith(marker) for v in (proc / "environ").read_bytes().split(b"\0")):
-                pids.append(int(proc.name))
-        except OSError:  # gone, or not ours to read
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # gone
             continue
-    return pids
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            environ = b""
+        process = Process(int(entry.name), int(stat.rsplit(")", 1)[1].split()[1]), cmdline, environ)
+        if under is None or any(v.startswith(marker) for v in process.env):
+            found.append(process)
+    return found
+
+
+def agent_processes(under: Path) -> list[int]:
+    """Pids of agent processes whose private folders lie under `under` (see `processes`)."""
+    return [p.pid for p in processes(under)]

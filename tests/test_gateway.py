@@ -46,6 +46,7 @@ from claude_agent_sdk import (
     Message,
     ResultMessage,
 )
+from harness import processes
 
 PRICES = PriceTable.load()
 REAL_KEY = "sk-ant-api03-tenant-" + secrets.token_urlsafe(24)
@@ -79,19 +80,8 @@ def session_dirs() -> Iterator[SessionDirs]:
 
 
 def _processes_with_env(marker: bytes) -> dict[int, bytes]:
-    """Processes whose environment holds ``marker`` -> their raw environ."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0") and CLI_MARK.encode() in cmdline:
-            found[int(proc.name)] = environ
-    return found
+    """CLI processes whose environment holds ``marker`` -> their raw environ."""
+    return {p.pid: p.environ for p in processes() if marker in p.env and CLI_MARK.encode() in p.cmdline}
 
 
 @pytest.fixture

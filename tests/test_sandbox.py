@@ -43,6 +43,7 @@ from claude_agent_sdk import (
     ToolUseBlock,
     UserMessage,
 )
+from harness import processes
 
 CLI_MARK = "_bundled/claude"
 
@@ -52,19 +53,9 @@ CLI_MARK = "_bundled/claude"
 
 def _cli_children() -> list[int]:
     """Bundled-CLI processes that are descendants of this test process."""
-    parents: dict[int, int] = {}
-    cmdlines: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
-        cmdlines[pid] = cmd
+    table = processes()
+    parents = {p.pid: p.ppid for p in table}
+    cmdlines = {p.pid: p.cmdline.replace(b"\0", b" ").decode(errors="replace") for p in table}
 
     def descends(pid: int) -> bool:
         seen = set()

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -43,8 +42,8 @@ from harness import (
     MODEL,
     TOKENS,
     Harness,
-    agent_processes,
     error_details,
+    processes,
     start_harness,
     stop_harness,
 )
@@ -156,12 +155,8 @@ async def read_until(call: Any, done: Callable[[session_pb2.SessionEvent], bool]
 
 
 def cli_traceparent(h: Harness) -> str | None:
-    for pid in agent_processes(h.work_dir):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in environ:
+    for agent in processes(h.work_dir):
+        for item in agent.env:
             if item.startswith(b"TRACEPARENT="):
                 return item.split(b"=", 1)[1].decode()
     return None
