@@ -8,12 +8,9 @@ import math
 import os
 import re
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -67,16 +64,6 @@ async def sandbox() -> AsyncIterator[SandboxServer]:
 async def gateway() -> AsyncIterator[MeteringGateway]:
     async with MeteringGateway(PRICES) as gw:
         yield gw
-
-
-@pytest.fixture
-def session_dirs() -> Iterator[SessionDirs]:
-    """A short session root under /tmp (the CLI's socket path must stay short)."""
-    root = Path(tempfile.mkdtemp(prefix="ap", dir="/tmp"))
-    dirs = SessionDirs(root)
-    dirs.create()
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def _processes_with_env(marker: bytes) -> dict[int, bytes]:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -77,16 +75,6 @@ def no_cli_left() -> Iterator[None]:
     while (left := _cli_children()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not left, f"CLI processes left running: {left}"
-
-
-@pytest.fixture
-def session_dirs() -> Iterator[SessionDirs]:
-    """A short session root under /tmp (the CLI's socket path must stay short)."""
-    root = Path(tempfile.mkdtemp(prefix="ap", dir="/tmp"))
-    dirs = SessionDirs(root)
-    dirs.create()
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
