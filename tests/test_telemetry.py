@@ -35,7 +35,6 @@ from agentplane.server.sandbox import Script, Step, ToolCall, Usage
 from agentplane.server.telemetry.logs import JsonFormatter, redact
 from agentplane.server.telemetry.setup import ContentPolicy, OtelConfig, Telemetry
 from agentplane.server.telemetry.tracing import SessionSpans
-from agentplane.server.tenants import hash_token
 from agentplane.v1 import session_pb2, usage_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import (
@@ -46,6 +45,7 @@ from harness import (
     processes,
     start_harness,
     stop_harness,
+    tenant_toml,
 )
 from opentelemetry import propagate, trace
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -58,15 +58,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 TIGHT_TOKEN = "tight-secret-token-5"
 # Its whole day fits one session: a second one while the first runs is BUDGET_EXCEEDED.
-TIGHT = f"""
-[tenants.tight]
-token_sha256 = ["{hash_token(TIGHT_TOKEN)}"]
-anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
-allowed_tools = ["Glob", "Read"]
-daily_limit_usd = 1.0
-max_session_budget_usd = 1.0
-max_turns = 4
-"""
+TIGHT = tenant_toml(
+    "tight", TIGHT_TOKEN, anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+    allowed_tools=["Glob", "Read"], daily_limit_usd=1.0, max_session_budget_usd=1.0, max_turns=4,
+)
 PROMPT_MARKER = "PROMPT-TEXT-7f3a91-never-in-telemetry"
 SECRETS = ["sk-ant-test-acme-key", "sk-ant-test-globex-key", TIGHT_TOKEN, *TOKENS.values()]
 SERVER, INTERNAL = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_INTERNAL
