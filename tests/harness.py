@@ -64,7 +64,8 @@ def tenant_toml(name: str, token: str | None = None, **settings: TomlValue) -> s
     given, then `settings` in their order (a test may give `token_sha256` itself)."""
     if token is not None:
         settings = {"token_sha256": [hash_token(token)], **settings}
-    return "".join([f"[tenants.{name}]\n", *(f"{k} = {toml_value(v)}\n" for k, v in settings.items())])
+    lines = [f"[tenants.{name}]", *(f"{k} = {toml_value(v)}" for k, v in settings.items())]
+    return "".join(f"{line}\n" for line in lines)
 
 
 def write_tenants(folder: Path, *tables: str) -> Path:

@@ -141,7 +141,8 @@ def test_help_documents_every_setting() -> None:
 
 
 def test_warm_pool_settings_are_checked(tmp_path: Path) -> None:
-    bad = write_tenants(tmp_path, twin_tenants(1).replace("warm_pool_size = 1", "warm_pool_size = -1"))
+    bad = write_tenants(tmp_path, twin_tenants(1).replace("warm_pool_size = 1",
+                                                          "warm_pool_size = -1"))
     with pytest.raises(ConfigError, match="warm_pool_size"):
         TenantRegistry.load(bad)
     write_tenants(tmp_path, twin_tenants(1).replace('warm_pool_model = "claude-sonnet-4-5"',

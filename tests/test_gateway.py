@@ -68,7 +68,8 @@ async def gateway() -> AsyncIterator[MeteringGateway]:
 
 def _processes_with_env(marker: bytes) -> dict[int, bytes]:
     """CLI processes whose environment holds ``marker`` -> their raw environ."""
-    return {p.pid: p.environ for p in processes() if marker in p.env and CLI_MARK.encode() in p.cmdline}
+    cli = CLI_MARK.encode()
+    return {p.pid: p.environ for p in processes() if marker in p.env and cli in p.cmdline}
 
 
 @pytest.fixture

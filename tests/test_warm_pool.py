@@ -289,7 +289,8 @@ async def test_an_unpriced_warm_pool_model_stops_the_server_at_start(tmp_path: P
     from agentplane.server.config import Settings
     from agentplane.server.tenants import TenantRegistry
 
-    tenants = write_tenants(tmp_path, twin_tenants(1).replace('"claude-sonnet-4-5"', '"no-such-model"', 1))
+    unpriced = twin_tenants(1).replace('"claude-sonnet-4-5"', '"no-such-model"', 1)
+    tenants = write_tenants(tmp_path, unpriced)
     settings = Settings(listen="127.0.0.1:0", database_url=sqlite(tmp_path),
                         tenants_file=tenants, work_dir=tmp_path / "w")
     with pytest.raises(ConfigError, match="tenants.warm.warm_pool_model"):
