@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio  # the public name of the asyncio servicer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -31,7 +31,7 @@ class Health:
     """Owns the health servicer and the reason the server is not ready, if any."""
 
     def __init__(self) -> None:
-        self.servicer = HealthServicer()
+        self.servicer = health_aio.HealthServicer()
         self.problem: str | None = "starting up"
         self._stopping = False
         self._cli_problem: str | None = None

@@ -3,10 +3,13 @@ AGENTPLANE_TEST_DATABASE_URL is set, on PostgreSQL too."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
-from harness import TEST_PG_URL, Harness, PostgresDatabase, start_harness, stop_harness
+from agentplane.server.sessions.cli_env import SessionDirs
+from harness import TEST_PG_URL, Harness, PostgresDatabase, short_dir, start_harness, stop_harness
 
 BACKENDS = ["sqlite"] + (["postgresql"] if TEST_PG_URL else [])
 
@@ -28,3 +31,20 @@ async def harness(database_url: str) -> AsyncIterator[Harness]:
     h = await start_harness(database_url)
     yield h
     await stop_harness(h)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh, empty folder with a short path (see `short_dir`), removed afterwards: for
+    session folders and servers' work folders, which tmp_path's long paths would not fit."""
+    path = short_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def session_dirs(short_tmp: Path) -> SessionDirs:
+    """One session's folders, created, in `short_tmp`."""
+    dirs = SessionDirs(short_tmp / "s")
+    dirs.create()
+    return dirs

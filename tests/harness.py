@@ -6,12 +6,13 @@ PostgreSQL, the bundled CLI); the sandbox model is the one double.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import textwrap
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,63 +45,71 @@ def short_dir(prefix: str = "ap") -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+TomlValue = str | int | float | bool | Path | Sequence[str]
+
+
+def toml_value(value: TomlValue) -> str:
+    """`value` written as TOML (a string, number, boolean or list of strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
+    return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+
+
+def tenant_toml(name: str, token: str | None = None, **settings: TomlValue) -> str:
+    """One `[tenants.NAME]` table: `token_sha256` holds the hash of `token` when one is
+    given, then `settings` in their order (a test may give `token_sha256` itself)."""
+    if token is not None:
+        settings = {"token_sha256": [hash_token(token)], **settings}
+    lines = [f"[tenants.{name}]", *(f"{k} = {toml_value(v)}" for k, v in settings.items())]
+    return "".join(f"{line}\n" for line in lines)
+
+
+def write_tenants(folder: Path, *tables: str) -> Path:
+    """Write `tables` (from `tenant_toml`, or any TOML text) as `folder/tenants.toml`; its path."""
+    path = folder / "tenants.toml"
+    path.write_text("\n".join(tables))
+    return path
+
+
 def tenants_toml(workspace: Path) -> str:
-    return textwrap.dedent(
-        f"""
-        [tenants.acme]
-        token_sha256 = ["{hash_token(TOKENS['acme'])}"]
-        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
-        allowed_tools = ["Read", "Glob", "Grep"]
-        system_prompt = "You are acme's assistant."
-        daily_limit_usd = 50.0
-        max_session_budget_usd = 1.0
-        max_turns = 8
-        max_concurrent_sessions = 4
-        workspace_template = "{workspace}"
-
-        [tenants.globex]
-        token_sha256 = ["{hash_token(TOKENS['globex'])}"]
-        anthropic_api_key_env = "AGENTPLANE_TEST_GLOBEX_KEY"
-        allowed_tools = ["Read"]
-        daily_limit_usd = 10.0
-        max_session_budget_usd = 0.5
-        max_turns = 4
-        max_concurrent_sessions = 2
-        max_duration_s = 3
-
-        [tenants.small]
-        token_sha256 = ["{hash_token(TOKENS['small'])}"]
-        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
-        allowed_tools = ["Read"]
-        daily_limit_usd = 1.0
-        max_session_budget_usd = 0.6
-        max_turns = 4
-
-        [tenants.ops]
-        token_sha256 = ["{hash_token(TOKENS['ops'])}"]
-        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
-        allowed_tools = ["Bash", "Glob"]
-        daily_limit_usd = 500.0
-        max_session_budget_usd = 1.0
-        max_turns = 6
-        max_concurrent_sessions = 8
-
-        [tenants.nokey]
-        token_sha256 = ["{hash_token(TOKENS['nokey'])}"]
-        anthropic_api_key_env = "AGENTPLANE_TEST_UNSET_KEY"
-        allowed_tools = ["Read"]
-
+    """The harness's tenants (TOKENS names them), `acme` with `workspace` as its template."""
+    key = "AGENTPLANE_TEST_ACME_KEY"
+    return "\n".join([
+        tenant_toml(
+            "acme", TOKENS["acme"], anthropic_api_key_env=key,
+            allowed_tools=["Read", "Glob", "Grep"], system_prompt="You are acme's assistant.",
+            daily_limit_usd=50.0, max_session_budget_usd=1.0, max_turns=8,
+            max_concurrent_sessions=4, workspace_template=workspace,
+        ),
+        tenant_toml(
+            "globex", TOKENS["globex"], anthropic_api_key_env="AGENTPLANE_TEST_GLOBEX_KEY",
+            allowed_tools=["Read"], daily_limit_usd=10.0, max_session_budget_usd=0.5, max_turns=4,
+            max_concurrent_sessions=2, max_duration_s=3,
+        ),
+        tenant_toml(
+            "small", TOKENS["small"], anthropic_api_key_env=key, allowed_tools=["Read"],
+            daily_limit_usd=1.0, max_session_budget_usd=0.6, max_turns=4,
+        ),
+        tenant_toml(
+            "ops", TOKENS["ops"], anthropic_api_key_env=key, allowed_tools=["Bash", "Glob"],
+            daily_limit_usd=500.0, max_session_budget_usd=1.0, max_turns=6,
+            max_concurrent_sessions=8,
+        ),
+        tenant_toml(
+            "nokey", TOKENS["nokey"], anthropic_api_key_env="AGENTPLANE_TEST_UNSET_KEY",
+            allowed_tools=["Read"],
+        ),
         # A day that admits exactly ten sessions of 0.1 USD.
-        [tenants.ten]
-        token_sha256 = ["{hash_token(TOKENS['ten'])}"]
-        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
-        allowed_tools = ["Glob"]
-        daily_limit_usd = 1.0
-        max_session_budget_usd = 0.1
-        max_concurrent_sessions = 50
-        max_turns = 20
-        """
-    )
+        tenant_toml(
+            "ten", TOKENS["ten"], anthropic_api_key_env=key, allowed_tools=["Glob"],
+            daily_limit_usd=1.0, max_session_budget_usd=0.1, max_concurrent_sessions=50,
+            max_turns=20,
+        ),
+    ])
 
 
 class PostgresDatabase:
@@ -170,8 +179,7 @@ async def start_harness(
     workspace = work / "tpl"
     workspace.mkdir()
     (workspace / "hello.txt").write_text("The magic word is PAPAYA.\n")
-    tenants_file = work / "tenants.toml"
-    tenants_file.write_text(tenants_toml(workspace) + textwrap.dedent(extra_tenants))
+    tenants_file = write_tenants(work, tenants_toml(workspace), textwrap.dedent(extra_tenants))
     os.environ["AGENTPLANE_TEST_ACME_KEY"] = "sk-ant-test-acme-key"
     os.environ["AGENTPLANE_TEST_GLOBEX_KEY"] = "sk-ant-test-globex-key"
     sandbox = SandboxServer()
@@ -235,20 +243,49 @@ def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
     return found
 
 
-def agent_processes(under: Path) -> list[int]:
-    """Pids of agent processes (CLIs and their tools) whose private folders lie under `under`.
+@dataclass(frozen=True)
+class Process:
+    """One entry of the process table, as /proc shows it."""
+
+    pid: int
+    ppid: int
+    cmdline: bytes  # NUL-separated arguments
+    environ: bytes  # NUL-separated NAME=value entries; empty when not ours to read
+
+    @property
+    def env(self) -> list[bytes]:
+        """The NAME=value entries of its environment."""
+        return self.environ.split(b"\0")
+
+
+def processes(under: Path | None = None) -> list[Process]:
+    """One scan of the process table: every process whose stat and command line could be
+    read or, with `under`, only the agent processes (CLIs and their tools) whose private
+    folders lie under `under`.
 
     Every process of a session inherits its AGENTPLANE_SESSION_DIR; matching on it keeps
     this exact when other servers run agents on the same machine.
     """
     marker = f"AGENTPLANE_SESSION_DIR={under}/".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
         try:
-            if any(v.startswith(marker) for v in (proc / "environ").read_bytes().split(b"\0")):
-                pids.append(int(proc.name))
-        except OSError:  # gone, or not ours to read
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:  # gone
             continue
-    return pids
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            environ = b""
+        process = Process(int(entry.name), int(stat.rsplit(")", 1)[1].split()[1]), cmdline, environ)
+        if under is None or any(v.startswith(marker) for v in process.env):
+            found.append(process)
+    return found
+
+
+def agent_processes(under: Path) -> list[int]:
+    """Pids of agent processes whose private folders lie under `under` (see `processes`)."""
+    return [p.pid for p in processes(under)]

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 from agentplane.server.sessions.cli_env import NO_OUTBOUND_TRAFFIC, SessionDirs, cli_environment
-from harness import short_dir
 
 
-def test_session_folders_are_private_and_leave_their_parent_alone() -> None:
-    parent = short_dir()
+def test_session_folders_are_private_and_leave_their_parent_alone(short_tmp: Path) -> None:
+    parent = short_tmp
     parent.chmod(0o755)
     dirs = SessionDirs(parent / "s1")
     dirs.create()
@@ -20,10 +19,10 @@ def test_session_folders_are_private_and_leave_their_parent_alone() -> None:
 
 
 def test_the_cli_environment_stops_outbound_traffic_and_scrubs_keys(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, session_dirs: SessionDirs,
 ) -> None:
     monkeypatch.setenv("OTHER_TENANT_KEY", "sk-ant-other")
-    dirs = SessionDirs(short_dir() / "s")
+    dirs = session_dirs
     env = cli_environment(dirs, base_url="http://127.0.0.1:1", api_key="tok", scrub={"OTHER_TENANT_KEY"})
     assert all(env[k] == v for k, v in NO_OUTBOUND_TRAFFIC.items())
     assert env["OTHER_TENANT_KEY"] == ""

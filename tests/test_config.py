@@ -12,6 +12,7 @@ import pytest
 from agentplane.server.config import MAX_WORK_DIR_BYTES, SETTINGS, Settings, settings_table
 from agentplane.server.errors import ConfigError, Unauthenticated
 from agentplane.server.tenants import TenantRegistry, hash_token
+from harness import tenant_toml, write_tenants
 from test_warm_pool import twin_tenants
 
 GOOD_HASH = hash_token("tok")
@@ -87,23 +88,17 @@ def test_config_and_telemetry_setup_do_not_import_each_other_or_sessions() -> No
     assert proc.returncode == 0, proc.stderr
 
 
-def _tenants(tmp_path: Path, body: str) -> Path:
-    path = tmp_path / "tenants.toml"
-    path.write_text(body)
-    return path
-
-
 @pytest.mark.parametrize(
     ("body", "key"),
     [
-        ("[tenants.a]\nallowed_tools = []\n", "tenants.a.token_sha256"),
-        ('[tenants.a]\ntoken_sha256 = ["abc"]\n', "tenants.a.token_sha256"),
-        (f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\ndaily_limit_usd = -1\n', "tenants.a.daily_limit_usd"),
-        (f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\nmax_turns = 0\n', "tenants.a.max_turns"),
-        (f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\ntimezone = "Mars/Base"\n', "tenants.a.timezone"),
-        (f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\ncolour = "red"\n', "tenants.a.colour"),
+        (tenant_toml("a", allowed_tools=[]), "tenants.a.token_sha256"),
+        (tenant_toml("a", token_sha256=["abc"]), "tenants.a.token_sha256"),
+        (tenant_toml("a", "tok", daily_limit_usd=-1), "tenants.a.daily_limit_usd"),
+        (tenant_toml("a", "tok", max_turns=0), "tenants.a.max_turns"),
+        (tenant_toml("a", "tok", timezone="Mars/Base"), "tenants.a.timezone"),
+        (tenant_toml("a", "tok", colour="red"), "tenants.a.colour"),
         (
-            f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\ndaily_limit_usd = 1\nmax_session_budget_usd = 2\n',
+            tenant_toml("a", "tok", daily_limit_usd=1, max_session_budget_usd=2),
             "tenants.a.max_session_budget_usd",
         ),
         ("not toml at all [", "AGENTPLANE_TENANTS_FILE"),
@@ -112,19 +107,19 @@ def _tenants(tmp_path: Path, body: str) -> Path:
 )
 def test_bad_tenants_files_name_the_key(tmp_path: Path, body: str, key: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        TenantRegistry.load(_tenants(tmp_path, body))
+        TenantRegistry.load(write_tenants(tmp_path, body))
     assert key in str(caught.value)
 
 
 def test_a_token_hash_shared_by_two_tenants_is_refused(tmp_path: Path) -> None:
-    body = f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\n[tenants.b]\ntoken_sha256 = ["{GOOD_HASH}"]\n'
+    path = write_tenants(tmp_path, tenant_toml("a", "tok"), tenant_toml("b", "tok"))
     with pytest.raises(ConfigError, match="also listed"):
-        TenantRegistry.load(_tenants(tmp_path, body))
+        TenantRegistry.load(path)
 
 
 def test_tokens_authenticate_by_hash_only(tmp_path: Path) -> None:
     registry = TenantRegistry.load(
-        _tenants(tmp_path, f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH.upper()}"]\n')
+        write_tenants(tmp_path, tenant_toml("a", token_sha256=[GOOD_HASH.upper()]))
     )
     assert registry.authenticate("Bearer tok").name == "a"
     assert registry.authenticate("bearer  tok ").name == "a"
@@ -160,7 +155,7 @@ def test_a_bad_setting_stops_the_server_with_exit_code_2_and_one_line() -> None:
 
 
 def test_a_bad_tenants_file_stops_the_server_with_exit_code_2(tmp_path: Path) -> None:
-    path = _tenants(tmp_path, "[tenants.a]\nmax_turns = 3\n")
+    path = write_tenants(tmp_path, tenant_toml("a", max_turns=3))
     proc = _server("serve", AGENTPLANE_TENANTS_FILE=str(path), AGENTPLANE_DATABASE_URL=f"sqlite:///{tmp_path}/x.db")
     assert proc.returncode == 2
     assert "tenants.a.token_sha256" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -169,7 +164,7 @@ def test_a_bad_tenants_file_stops_the_server_with_exit_code_2(tmp_path: Path) ->
 def test_hash_token_check_config_and_migrate(tmp_path: Path) -> None:
     proc = _server("hash-token", "s3cret")
     assert proc.returncode == 0 and proc.stdout.strip() == hash_token("s3cret")
-    path = _tenants(tmp_path, f'[tenants.a]\ntoken_sha256 = ["{GOOD_HASH}"]\n')
+    path = write_tenants(tmp_path, tenant_toml("a", "tok"))
     proc = _server("check-config", AGENTPLANE_TENANTS_FILE=str(path))
     assert proc.returncode == 0 and "1 tenant" in proc.stdout
     db = tmp_path / "m.db"
@@ -189,12 +184,12 @@ def test_help_documents_every_setting() -> None:
 
 
 def test_warm_pool_settings_are_checked(tmp_path: Path) -> None:
-    bad = tmp_path / "t.toml"
-    bad.write_text(twin_tenants(1).replace("warm_pool_size = 1", "warm_pool_size = -1"))
+    bad = write_tenants(tmp_path, twin_tenants(1).replace("warm_pool_size = 1",
+                                                          "warm_pool_size = -1"))
     with pytest.raises(ConfigError, match="warm_pool_size"):
         TenantRegistry.load(bad)
-    bad.write_text(twin_tenants(1).replace('warm_pool_model = "claude-sonnet-4-5"',
-                                           "warm_pool_model = 4", 1))
+    write_tenants(tmp_path, twin_tenants(1).replace('warm_pool_model = "claude-sonnet-4-5"',
+                                                    "warm_pool_model = 4", 1))
     with pytest.raises(ConfigError, match="warm_pool_model"):
         TenantRegistry.load(bad)
     with pytest.raises(ConfigError, match="AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB"):

@@ -8,12 +8,9 @@ import math
 import os
 import re
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -46,6 +43,7 @@ from claude_agent_sdk import (
     Message,
     ResultMessage,
 )
+from harness import processes
 
 PRICES = PriceTable.load()
 REAL_KEY = "sk-ant-api03-tenant-" + secrets.token_urlsafe(24)
@@ -68,30 +66,10 @@ async def gateway() -> AsyncIterator[MeteringGateway]:
         yield gw
 
 
-@pytest.fixture
-def session_dirs() -> Iterator[SessionDirs]:
-    """A short session root under /tmp (the CLI's socket path must stay short)."""
-    root = Path(tempfile.mkdtemp(prefix="ap", dir="/tmp"))
-    dirs = SessionDirs(root)
-    dirs.create()
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
-
-
 def _processes_with_env(marker: bytes) -> dict[int, bytes]:
-    """Processes whose environment holds ``marker`` -> their raw environ."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0") and CLI_MARK.encode() in cmdline:
-            found[int(proc.name)] = environ
-    return found
+    """CLI processes whose environment holds ``marker`` -> their raw environ."""
+    cli = CLI_MARK.encode()
+    return {p.pid: p.environ for p in processes() if marker in p.env and cli in p.cmdline}
 
 
 @pytest.fixture

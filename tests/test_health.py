@@ -13,7 +13,6 @@ from agentplane.server.tenants import TenantRegistry
 from agentplane.v1 import session_pb2, session_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from harness import short_dir
 
 pytestmark = pytest.mark.asyncio
 
@@ -21,13 +20,15 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def settings(database_url: str, **kw: object) -> Settings:
-    return Settings(listen="127.0.0.1:0", database_url=database_url, work_dir=short_dir(),
+def settings(database_url: str, work_dir: Path, **kw: object) -> Settings:
+    return Settings(listen="127.0.0.1:0", database_url=database_url, work_dir=work_dir,
                     auto_migrate=True, **kw)  # type: ignore[arg-type]
 
 
-async def test_health_goes_serving_when_ready_and_not_serving_on_shutdown(database_url: str) -> None:
-    app = await App.start(settings(database_url), TenantRegistry.dev())
+async def test_health_goes_serving_when_ready_and_not_serving_on_shutdown(
+    database_url: str, short_tmp: Path,
+) -> None:
+    app = await App.start(settings(database_url, short_tmp), TenantRegistry.dev())
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
     health = health_pb2_grpc.HealthStub(channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
@@ -48,8 +49,8 @@ async def test_health_goes_serving_when_ready_and_not_serving_on_shutdown(databa
     await channel.close()
 
 
-async def test_reflection_lists_the_services(database_url: str) -> None:
-    app = await App.start(settings(database_url), TenantRegistry.dev())
+async def test_reflection_lists_the_services(database_url: str, short_tmp: Path) -> None:
+    app = await App.start(settings(database_url, short_tmp), TenantRegistry.dev())
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         call = stub.ServerReflectionInfo(
@@ -63,10 +64,10 @@ async def test_reflection_lists_the_services(database_url: str) -> None:
 
 
 async def test_a_missing_cli_keeps_the_server_not_serving_and_refuses_sessions(
-    database_url: str,
+    database_url: str, short_tmp: Path,
 ) -> None:
     missing = Path("/nonexistent/claude")
-    app = await App.start(settings(database_url, cli_path=missing), TenantRegistry.dev())
+    app = await App.start(settings(database_url, short_tmp, cli_path=missing), TenantRegistry.dev())
     await app.ready()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)

@@ -11,9 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from agentplane.server.sandbox import Script, Step, ToolCall
-from agentplane.server.tenants import hash_token
 from agentplane.v1 import session_pb2
-from harness import Harness, start_harness, stop_harness
+from harness import Harness, start_harness, stop_harness, tenant_toml
 
 pytestmark = [
     pytest.mark.asyncio,
@@ -35,14 +34,9 @@ def ensure_user(name: str) -> None:
 async def isolated(database_url: str) -> AsyncIterator[Harness]:
     for name in USERS:
         ensure_user(name)
-    tenants = "".join(
-        f"""
-        [tenants.{user}]
-        token_sha256 = ["{hash_token(user)}"]
-        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
-        allowed_tools = ["Bash"]
-        os_user = "{user}"
-        """
+    tenants = "\n".join(
+        tenant_toml(user, user, anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+                    allowed_tools=["Bash"], os_user=user)
         for user in USERS
     )
     h = await start_harness(database_url, extra_tenants=tenants)

@@ -20,7 +20,7 @@ from agentplane.server.store.engine import create_engine, sessionmaker
 from agentplane.server.store.models import BudgetWindowRow, EventRow, SessionRow
 from agentplane.v1 import session_pb2, session_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import MODEL, TOKENS, agent_processes, short_dir, tenants_toml
+from harness import MODEL, TOKENS, agent_processes, tenants_toml, write_tenants
 from sqlalchemy import select
 from test_server_process import free_port
 
@@ -106,11 +106,11 @@ class World:
 
 
 @pytest.fixture
-async def world(database_url: str) -> AsyncIterator[World]:
-    work = short_dir()
+async def world(database_url: str, short_tmp: Path) -> AsyncIterator[World]:
+    work = short_tmp
     workspace = work / "tpl"
     workspace.mkdir()
-    (work / "tenants.toml").write_text(tenants_toml(workspace))
+    write_tenants(work, tenants_toml(workspace))
     sandbox = SandboxServer(scripts={
         "quick": Script(steps=[Step(text="quick done", delay_s=1.0)]),
         "stuck": Script(steps=[Step(hang=True)]),

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -43,6 +41,7 @@ from claude_agent_sdk import (
     ToolUseBlock,
     UserMessage,
 )
+from harness import processes
 
 CLI_MARK = "_bundled/claude"
 
@@ -52,19 +51,9 @@ CLI_MARK = "_bundled/claude"
 
 def _cli_children() -> list[int]:
     """Bundled-CLI processes that are descendants of this test process."""
-    parents: dict[int, int] = {}
-    cmdlines: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
-        cmdlines[pid] = cmd
+    table = processes()
+    parents = {p.pid: p.ppid for p in table}
+    cmdlines = {p.pid: p.cmdline.replace(b"\0", b" ").decode(errors="replace") for p in table}
 
     def descends(pid: int) -> bool:
         seen = set()
@@ -86,16 +75,6 @@ def no_cli_left() -> Iterator[None]:
     while (left := _cli_children()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not left, f"CLI processes left running: {left}"
-
-
-@pytest.fixture
-def session_dirs() -> Iterator[SessionDirs]:
-    """A short session root under /tmp (the CLI's socket path must stay short)."""
-    root = Path(tempfile.mkdtemp(prefix="ap", dir="/tmp"))
-    dirs = SessionDirs(root)
-    dirs.create()
-    yield dirs
-    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

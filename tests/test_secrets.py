@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 import grpc
 import pytest
@@ -12,7 +11,7 @@ from agentplane.server.sandbox import Script, Step
 from agentplane.server.store.engine import sessionmaker
 from agentplane.server.store.models import Base
 from agentplane.v1 import session_pb2
-from harness import MODEL, TOKENS, Harness, agent_processes
+from harness import MODEL, TOKENS, Harness, processes
 from sqlalchemy import select
 
 pytestmark = pytest.mark.asyncio
@@ -52,11 +51,11 @@ async def test_an_agent_never_sees_a_tenants_key(harness: Harness) -> None:
     )
     await call.read()
     for _ in range(100):
-        pids = agent_processes(harness.work_dir)
-        if pids:
+        agents = processes(harness.work_dir)
+        if agents:
             break
         await asyncio.sleep(0.05)
-    environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")
+    environ = agents[0].env
     # Not even its own key: the CLI holds a per-session gateway token instead.
     assert not [v for v in environ if b"sk-ant-test-" in v]
     assert [v for v in environ if v.startswith(b"ANTHROPIC_API_KEY=")] != []

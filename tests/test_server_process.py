@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import short_dir
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -52,8 +51,8 @@ async def wait_serving(port: int) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_a_signal_stops_the_server_cleanly(sig: signal.Signals) -> None:
-    work = short_dir()
+async def test_a_signal_stops_the_server_cleanly(sig: signal.Signals, short_tmp: Path) -> None:
+    work = short_tmp
     port = free_port()
     proc = await start_server(work, port)
     await wait_serving(port)

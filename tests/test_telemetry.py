@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,17 +35,17 @@ from agentplane.server.sandbox import Script, Step, ToolCall, Usage
 from agentplane.server.telemetry.logs import JsonFormatter, redact
 from agentplane.server.telemetry.setup import ContentPolicy, OtelConfig, Telemetry
 from agentplane.server.telemetry.tracing import SessionSpans
-from agentplane.server.tenants import hash_token
 from agentplane.v1 import session_pb2, usage_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import (
     MODEL,
     TOKENS,
     Harness,
-    agent_processes,
     error_details,
+    processes,
     start_harness,
     stop_harness,
+    tenant_toml,
 )
 from opentelemetry import propagate, trace
 from opentelemetry.proto.trace.v1 import trace_pb2
@@ -59,15 +58,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 TIGHT_TOKEN = "tight-secret-token-5"
 # Its whole day fits one session: a second one while the first runs is BUDGET_EXCEEDED.
-TIGHT = f"""
-[tenants.tight]
-token_sha256 = ["{hash_token(TIGHT_TOKEN)}"]
-anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
-allowed_tools = ["Glob", "Read"]
-daily_limit_usd = 1.0
-max_session_budget_usd = 1.0
-max_turns = 4
-"""
+TIGHT = tenant_toml(
+    "tight", TIGHT_TOKEN, anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+    allowed_tools=["Glob", "Read"], daily_limit_usd=1.0, max_session_budget_usd=1.0, max_turns=4,
+)
 PROMPT_MARKER = "PROMPT-TEXT-7f3a91-never-in-telemetry"
 SECRETS = ["sk-ant-test-acme-key", "sk-ant-test-globex-key", TIGHT_TOKEN, *TOKENS.values()]
 SERVER, INTERNAL = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_INTERNAL
@@ -156,12 +150,8 @@ async def read_until(call: Any, done: Callable[[session_pb2.SessionEvent], bool]
 
 
 def cli_traceparent(h: Harness) -> str | None:
-    for pid in agent_processes(h.work_dir):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in environ:
+    for agent in processes(h.work_dir):
+        for item in agent.env:
             if item.startswith(b"TRACEPARENT="):
                 return item.split(b"=", 1)[1].decode()
     return None

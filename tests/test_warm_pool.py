@@ -16,35 +16,36 @@ import pytest
 from agentplane.server.errors import ConfigError
 from agentplane.server.sandbox import Script, Step, ToolCall, Usage
 from agentplane.server.sessions.pool import WARM_MARKER
-from agentplane.server.tenants import hash_token
 from agentplane.v1 import session_pb2
 from google.protobuf import json_format
-from harness import Harness, agent_processes, error_details, start_harness, stop_harness
+from harness import (
+    Harness,
+    TomlValue,
+    agent_processes,
+    error_details,
+    processes,
+    start_harness,
+    stop_harness,
+    tenant_toml,
+    write_tenants,
+)
 
 pytestmark = pytest.mark.asyncio
 
 TOKENS = {"warm": "warm-token-7", "cold": "cold-token-8"}
 
 
-def twin_tenants(pool_size: int, **extra: str) -> str:
+def twin_tenants(pool_size: int, **extra: TomlValue) -> str:
     """Two tenants alike in everything but the name and `warm`'s pool."""
-    lines = []
-    for name, size in (("warm", pool_size), ("cold", 0)):
-        lines += [
-            f"[tenants.{name}]",
-            f'token_sha256 = ["{hash_token(TOKENS[name])}"]',
-            'anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"',
-            'allowed_tools = ["Read", "Glob"]',
-            'system_prompt = "You are a careful assistant."',
-            "max_session_budget_usd = 0.5",
-            "max_turns = 6",
-            "max_concurrent_sessions = 8",
-            f"warm_pool_size = {size}",
-            'warm_pool_model = "claude-sonnet-4-5"',
-            *(f"{k} = {v}" for k, v in extra.items()),
-            "",
-        ]
-    return "\n".join(lines)
+    return "\n".join(
+        tenant_toml(
+            name, TOKENS[name], anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+            allowed_tools=["Read", "Glob"], system_prompt="You are a careful assistant.",
+            max_session_budget_usd=0.5, max_turns=6, max_concurrent_sessions=8,
+            warm_pool_size=size, warm_pool_model="claude-sonnet-4-5", **extra,
+        )
+        for name, size in (("warm", pool_size), ("cold", 0))
+    )
 
 
 def auth(tenant: str) -> tuple[tuple[str, str], ...]:
@@ -293,8 +294,8 @@ async def test_an_unpriced_warm_pool_model_stops_the_server_at_start(tmp_path: P
     from agentplane.server.config import Settings
     from agentplane.server.tenants import TenantRegistry
 
-    tenants = tmp_path / "t.toml"
-    tenants.write_text(twin_tenants(1).replace('"claude-sonnet-4-5"', '"no-such-model"', 1))
+    unpriced = twin_tenants(1).replace('"claude-sonnet-4-5"', '"no-such-model"', 1)
+    tenants = write_tenants(tmp_path, unpriced)
     settings = Settings(listen="127.0.0.1:0", database_url=sqlite(tmp_path),
                         tenants_file=tenants, work_dir=tmp_path / "w")
     with pytest.raises(ConfigError, match="tenants.warm.warm_pool_model"):
@@ -303,14 +304,8 @@ async def test_an_unpriced_warm_pool_model_stops_the_server_at_start(tmp_path: P
 
 def running_agents(h: Harness) -> int:
     """How many sessions' agents (warm or not) have processes now."""
-    folders = set()
-    for pid in agent_processes(h.work_dir / "w"):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile
-            continue
-        folders.update(v for v in environ if v.startswith(b"AGENTPLANE_SESSION_DIR="))
-    return len(folders)
+    marker = b"AGENTPLANE_SESSION_DIR="
+    return len({v for p in processes(h.work_dir / "w") for v in p.env if v.startswith(marker)})
 
 
 async def test_warm_agents_and_sessions_together_never_exceed_the_session_limit(

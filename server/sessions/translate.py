@@ -93,7 +93,15 @@ class Verdict:
 
 
 def verdict(result: ResultMessage) -> Verdict:
-    """Classify a ResultMessage (see DESIGN.md "Limits" and "Model API errors")."""
+    """Classify a ResultMessage, first rule that matches:
+
+    - ``success`` without ``is_error``: COMPLETE;
+    - subtype ``error_max_turns`` or terminal reason ``max_turns``: MAX_TURNS;
+    - subtype ``error_max_budget_usd`` or terminal reason ``budget_exhausted``: BUDGET_EXCEEDED;
+    - an ``api_error_status`` or terminal reason ``api_error`` (the CLI's own retries are
+      spent by then): MODEL_API_ERROR, with the HTTP status and the errors (2000 chars at most);
+    - anything else: AGENT_FAILED, naming the subtype, terminal reason and errors.
+    """
     if result.subtype == "success" and not result.is_error:
         return Verdict(SessionState.COMPLETE)
     detail = "; ".join(result.errors or []) or (result.result or "")

@@ -109,7 +109,3 @@ async def window_totals(conn: AsyncConnection, tenant: str, day: str) -> tuple[D
         select(w.c.spent_usd, w.c.reserved_usd).where(w.c.tenant == tenant, w.c.day == day)
     )).first()
     return (row.spent_usd, row.reserved_usd) if row else (Decimal(0), Decimal(0))
-
-
-async def get_reservation(db: DbSession, session_id: str) -> ReservationRow | None:
-    return await db.scalar(select(ReservationRow).where(ReservationRow.session_id == session_id))

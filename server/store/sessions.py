@@ -271,10 +271,3 @@ async def list_events(db: DbSession, session_id: str, *, after_seq: int = 0) -> 
         Event(session_id=r.session_id, seq=r.seq, time=r.time, kind=EventKind(r.kind), data=r.payload)
         for r in rows
     ]
-
-
-async def list_tool_uses(db: DbSession, session_id: str) -> list[ToolUseRow]:
-    rows = await db.scalars(
-        select(ToolUseRow).where(ToolUseRow.session_id == session_id).order_by(ToolUseRow.started_at)
-    )
-    return list(rows)

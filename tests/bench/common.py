@@ -9,7 +9,6 @@ import shutil
 import sqlite3
 import statistics
 import sys
-import textwrap
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,13 +22,12 @@ from agentplane.server.sandbox import SandboxServer, Script, Step, ToolCall, Usa
 from agentplane.server.sessions.cli_env import SessionDirs, cli_environment
 from agentplane.server.sessions.launcher import BUNDLED_CLI
 from agentplane.server.sessions.translate import to_events
-from agentplane.server.tenants import hash_token
 from agentplane.v1 import budget_pb2_grpc, session_pb2, session_pb2_grpc
 from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ResultMessage, query
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' own helpers
-from harness import MODEL, TOKENS, short_dir
+from harness import MODEL, TOKENS, TomlValue, short_dir, tenant_toml
 from test_server_process import free_port
 
 T = TypeVar("T")
@@ -84,54 +82,32 @@ def tenants_toml(workspace: Path, *, adm_runs: int, adm_admits: int) -> str:
     uncontended admission at a time), `warm` (acme with a warm pool of one agent) and
     `adm0..` (one fresh budget window per run of the admission benchmark, admitting exactly
     `adm_admits` sessions of 0.1 USD)."""
-    text = textwrap.dedent(f"""
-        [tenants.acme]
-        token_sha256 = ["{hash_token(TOKENS['acme'])}"]
-        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
-        allowed_tools = ["Read", "Glob", "Grep"]
-        system_prompt = "You are acme's assistant."
-        daily_limit_usd = 100000.0
-        max_session_budget_usd = 1.0
-        max_turns = 8
-        max_concurrent_sessions = 64
-        workspace_template = "{workspace}"
-
-        [tenants.solo]
-        token_sha256 = ["{hash_token('solo-token')}"]
-        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
-        allowed_tools = ["Read"]
-        daily_limit_usd = 100000.0
-        max_session_budget_usd = {PER_SESSION_USD}
-        max_turns = 4
-        max_concurrent_sessions = 64
-    """)
-    # acme's policy with one agent kept started ahead of demand (the warm pool).
-    text += textwrap.dedent(f"""
-        [tenants.warm]
-        token_sha256 = ["{hash_token(WARM_TOKEN)}"]
-        anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
-        allowed_tools = ["Read", "Glob", "Grep"]
-        system_prompt = "You are acme's assistant."
-        daily_limit_usd = 100000.0
-        max_session_budget_usd = 1.0
-        max_turns = 8
-        max_concurrent_sessions = 64
-        workspace_template = "{workspace}"
-        warm_pool_size = 1
-        warm_pool_model = "{MODEL}"
-    """)
-    for run in range(adm_runs):
-        text += textwrap.dedent(f"""
-            [tenants.adm{run}]
-            token_sha256 = ["{hash_token(adm_token(run))}"]
-            anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
-            allowed_tools = ["Read"]
-            daily_limit_usd = {float(PER_SESSION_USD) * adm_admits:.1f}
-            max_session_budget_usd = {PER_SESSION_USD}
-            max_turns = 4
-            max_concurrent_sessions = 100
-        """)
-    return text
+    key = "AGENTPLANE_TEST_ACME_KEY"
+    acme: dict[str, TomlValue] = {
+        "anthropic_api_key_env": key, "allowed_tools": ["Read", "Glob", "Grep"],
+        "system_prompt": "You are acme's assistant.", "daily_limit_usd": 100000.0,
+        "max_session_budget_usd": 1.0, "max_turns": 8, "max_concurrent_sessions": 64,
+        "workspace_template": workspace,
+    }
+    per_session = float(PER_SESSION_USD)
+    return "\n".join([
+        tenant_toml("acme", TOKENS["acme"], **acme),
+        tenant_toml(
+            "solo", "solo-token", anthropic_api_key_env=key, allowed_tools=["Read"],
+            daily_limit_usd=100000.0, max_session_budget_usd=per_session, max_turns=4,
+            max_concurrent_sessions=64,
+        ),
+        # acme's policy with one agent kept started ahead of demand (the warm pool).
+        tenant_toml("warm", WARM_TOKEN, **acme, warm_pool_size=1, warm_pool_model=MODEL),
+        *(
+            tenant_toml(
+                f"adm{run}", adm_token(run), anthropic_api_key_env=key, allowed_tools=["Read"],
+                daily_limit_usd=round(per_session * adm_admits, 1),
+                max_session_budget_usd=per_session, max_turns=4, max_concurrent_sessions=100,
+            )
+            for run in range(adm_runs)
+        ),
+    ])
 
 
 # -- the server process -----------------------------------------------------------------------

@@ -56,7 +56,7 @@ from common import (
     via_agentplane,
     via_sdk,
 )
-from harness import PostgresDatabase
+from harness import PostgresDatabase, write_tenants
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -193,8 +193,8 @@ async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
     await sandbox.start()
     work = short_dir("apb")
     (work / "tpl").mkdir()
-    (work / "tenants.toml").write_text(tenants_toml(work / "tpl", adm_runs=runs, adm_admits=admits))
-    bench = Bench(quick=quick, runs=runs, sandbox=sandbox, tenants_file=work / "tenants.toml",
+    tenants_file = write_tenants(work, tenants_toml(work / "tpl", adm_runs=runs, adm_admits=admits))
+    bench = Bench(quick=quick, runs=runs, sandbox=sandbox, tenants_file=tenants_file,
                   work=work, adm_admits=admits, pg_url=pg_url, pg_skipped=pg_skipped)
     rows: dict[str, list[str]] = {key: [] for key in SECTIONS}
     notes: dict[str, list[str]] = {key: [] for key in SECTIONS}
