@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..budgets.ledger import reserve_for_session
 from ..budgets.windows import day_of
-from ..domain import ErrorReason, Event, EventKind, Session, SessionState, utcnow
+from ..domain import Event, EventKind, Session, SessionState, utcnow
 from ..errors import (
     AgentplaneError,
     FailedPrecondition,
@@ -34,7 +34,7 @@ from .capacity import Capacity
 from .launcher import Launcher
 from .leases import LeaseConfig
 from .lifecycle import SessionLifecycle
-from .live import EventWriter, LiveSession
+from .live import LiveSession
 from .observer import SessionObserver
 from .pool import WarmAgent, WarmPool
 from .queries import SessionQueries
@@ -156,11 +156,7 @@ class Admitter:
             request_id=spec.request_id,
             resumed_from=spec.resume_session_id,
         )
-        live = LiveSession(session, EventWriter(self._persist_events), self._observer.event)
-        live.writer.on_overflow = lambda: live.request_cancel(
-            ErrorReason.DATABASE_UNAVAILABLE,
-            "the database was unreachable for longer than the session's event buffer lasts",
-        )
+        live = LiveSession(session, self._persist_events, self._observer.event)
         started = live.build(EventKind.STARTED, {"session": session.to_json()})
         try:
             async with self._db.begin() as db:

@@ -39,7 +39,7 @@ class EventWriter:
         self._persist = persist
         self._interval = interval
         self._max_pending = max_pending
-        self.on_overflow = on_overflow
+        self._on_overflow = on_overflow
         self._overflowed = False
         self._pending: list[Event] = []
         self._wake = asyncio.Event()
@@ -51,7 +51,7 @@ class EventWriter:
         self._wake.set()
         if len(self._pending) > self._max_pending and not self._overflowed:
             self._overflowed = True
-            self.on_overflow()
+            self._on_overflow()
 
     async def _loop(self) -> None:
         delay = 0.2
@@ -103,11 +103,13 @@ class LiveSession:
     def __init__(
         self,
         session: Session,
-        writer: EventWriter,
+        persist: Persist,
         on_publish: Callable[[Session, Event], None] | None = None,
     ) -> None:
+        """Events are written with `persist`; a session whose events cannot be written
+        for longer than the writer's buffer lasts ends ERROR/DATABASE_UNAVAILABLE."""
         self.session = session
-        self.writer = writer
+        self.writer = EventWriter(persist, on_overflow=self._overflowed)
         # Told of every published event (telemetry); must not raise.
         self.on_publish = on_publish or (lambda _session, _event: None)
         self.task: asyncio.Task[None] | None = None
@@ -149,6 +151,12 @@ class LiveSession:
         event = self.build(kind, data)
         self.publish(event)
         return event
+
+    def _overflowed(self) -> None:
+        self.request_cancel(
+            ErrorReason.DATABASE_UNAVAILABLE,
+            "the database was unreachable for longer than the session's event buffer lasts",
+        )
 
     def request_cancel(self, reason: ErrorReason, message: str = "") -> None:
         """Ask the run to stop (the first reason given wins)."""

@@ -290,7 +290,7 @@ class WarmPool:
         meter = self._launcher.open_meter(session_id, tenant, Decimal(0))
         try:
             await self._launcher.folders.prepare(dirs, tenant)
-            (dirs.root / WARM_MARKER).write_text(str(os.getpid()))
+            _write_marker(dirs.root)
             client = ClaudeSDKClient(self._launcher.options(
                 spec, tenant, dirs, meter,
                 resume=None, budget=spec.budget_usd, max_turns=spec.max_turns,
@@ -352,6 +352,14 @@ class WarmPool:
         if orphans:
             log.info("warm_pool_swept", extra={"agents": len(orphans)})
         return len(orphans)
+
+
+def _write_marker(root: Path) -> None:
+    """Mark `root` as a warm agent of this server, atomically: a sweep running meanwhile
+    must never read a marker half written (it would take a live agent for an orphan)."""
+    tmp = root / f"{WARM_MARKER}.tmp"
+    tmp.write_text(str(os.getpid()))
+    tmp.replace(root / WARM_MARKER)
 
 
 def _owner_alive(marker: Path) -> bool:
