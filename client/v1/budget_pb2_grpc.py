@@ -49,7 +49,8 @@ class BudgetServiceServicer:
     def GetBudget(self, request, context):
         """Returns the caller's tenant's budget window for a day (default: today).
 
-        Errors: INVALID_ARGUMENT (a malformed date), UNAUTHENTICATED.
+        Errors: INVALID_ARGUMENT (a malformed date), UNAUTHENTICATED,
+        UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE: the database is unreachable; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

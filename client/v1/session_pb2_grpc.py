@@ -84,15 +84,16 @@ class SessionServiceServicer:
         Errors (before the first event; nothing is created or charged):
         - INVALID_ARGUMENT: empty prompt, a budget that is negative, malformed or above the
         tenant's maximum, max_turns out of range, a tool outside the tenant's list, a
-        malformed request_id or label, a request_id reused with a different request.
-        BadRequest names the field.
+        malformed request_id or label, a request_id reused with a different request; a model
+        the price table lacks has ErrorInfo reason UNKNOWN_MODEL. BadRequest names the field.
         - NOT_FOUND: resume_session_id names no session of this tenant.
         - FAILED_PRECONDITION: resume_session_id names a session that has not ended or has
         no conversation to continue.
         - UNAUTHENTICATED: no or unknown bearer token.
         - RESOURCE_EXHAUSTED: ErrorInfo reason BUDGET_EXCEEDED (the tenant's daily window
         cannot cover the session's budget) or CONCURRENCY_LIMIT; with a QuotaFailure.
-        - UNAVAILABLE: the server is not ready (database or agent CLI missing) or draining.
+        - UNAVAILABLE: the server is not ready (database or agent CLI missing) or draining;
+        ErrorInfo reason DATABASE_UNAVAILABLE when the database cannot be reached.
         - INTERNAL: an unexpected server fault.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -104,7 +105,7 @@ class SessionServiceServicer:
         live ones until the session ends. For a finished session it replays and ends.
 
         Errors: INVALID_ARGUMENT (empty id, negative after_seq), UNAUTHENTICATED,
-        NOT_FOUND (no such session for this tenant).
+        NOT_FOUND (no such session for this tenant), UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE: the database is unreachable; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,7 +115,8 @@ class SessionServiceServicer:
         """Returns one session of the caller's tenant.
 
         Errors: INVALID_ARGUMENT (empty session_id), UNAUTHENTICATED, NOT_FOUND (no such
-        session, or it belongs to another tenant: the two are indistinguishable).
+        session, or it belongs to another tenant: the two are indistinguishable),
+        UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE: the database is unreachable; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,7 +126,8 @@ class SessionServiceServicer:
         """Lists the caller's sessions, newest first.
 
         Errors: INVALID_ARGUMENT (page_size < 0, a page_token this server did not issue or one
-        issued for different filters, an inverted time range), UNAUTHENTICATED.
+        issued for different filters, an inverted time range), UNAUTHENTICATED,
+        UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE: the database is unreachable; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,7 +138,8 @@ class SessionServiceServicer:
         Returns the session in its terminal state (ERROR, reason CANCELLED).
 
         Errors: INVALID_ARGUMENT (empty session_id), UNAUTHENTICATED, NOT_FOUND,
-        FAILED_PRECONDITION (the session has already ended, or it runs on another replica).
+        FAILED_PRECONDITION (the session has already ended, or it runs on another replica),
+        UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE: the database is unreachable; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,7 +50,7 @@ class UsageServiceServicer:
         """Returns the caller's tenant's usage over a time range, computed from the database.
 
         Errors: INVALID_ARGUMENT (an inverted range: end_time not after start_time),
-        UNAUTHENTICATED.
+        UNAUTHENTICATED, UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE: the database is unreachable; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
