@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from agentplane.server.store.engine import outage
+from agentplane.server.store.outages import outage
 from agentplane.v1 import budget_pb2, session_pb2, usage_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import Harness, error_details, start_harness, stop_harness

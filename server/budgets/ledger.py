@@ -12,7 +12,7 @@ from ..coalesce import Coalescer
 from ..domain import BudgetWindow
 from ..errors import QuotaExceeded
 from ..store import ledger as repo
-from ..store.engine import database_outages
+from ..store.outages import database_outages
 from ..tenants import Tenant
 from .windows import day_of, window_bounds
 
