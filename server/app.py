@@ -180,7 +180,7 @@ class App:
             leases=LeaseConfig(
                 owner=f"agentplane-{uuid.uuid4().hex[:12]}", ttl_s=settings.lease_ttl_s
             ),
-            not_ready=lambda: health.problem,
+            not_ready=health.refusal,
         )
         server = _grpc_server(telemetry, tenants, sessions, db, health)
         resources.push_async_callback(server.stop, 1.0)

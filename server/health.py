@@ -12,6 +12,7 @@ from grpc_health.v1.health import aio as health_aio  # the public name of the as
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .errors import DatabaseUnavailable, Unavailable
 from .sessions.cli_env import NO_OUTBOUND_TRAFFIC
 from .store.engine import migrate, migrations_current
 
@@ -35,6 +36,7 @@ class Health:
         self.problem: str | None = "starting up"
         self._stopping = False
         self._cli_problem: str | None = None
+        self._database_down = False
 
     async def init(self) -> None:
         for name in READY_NAMES:
@@ -47,12 +49,22 @@ class Health:
         for name in READY_NAMES:
             await self.servicer.set(name, status)
 
+    def refusal(self) -> Unavailable | None:
+        """Why the server takes no new work now, as the error a caller gets (None: it
+        does): DatabaseUnavailable while readiness finds the database unreachable."""
+        if self.problem is None:
+            return None
+        if self._database_down and not self._stopping:
+            return DatabaseUnavailable(self.problem)
+        return Unavailable(self.problem)
+
     async def check(self, engine: AsyncEngine, cli_path: Path, *, migrate_first: bool) -> None:
         """Check the database, its migrations and the agent CLI; SERVING if all pass."""
         self._cli_problem = await _cli_problem(cli_path)
-        problem = await _database_problem(engine, migrate_first) or self._cli_problem
+        problem, detail = await self._database(engine, migrate_first)
+        problem = problem or self._cli_problem
         if problem:
-            log.error("not ready: %s", problem)
+            log.error("not ready: %s", detail or problem)
         else:
             log.info("ready: database migrated and agent CLI found")
         await self._set_ready(problem)
@@ -62,10 +74,18 @@ class Health:
         without a restart."""
         while not self._stopping:
             await asyncio.sleep(interval_s)
-            problem = await _database_problem(engine, False) or self._cli_problem
+            problem, detail = await self._database(engine, False)
+            problem = problem or self._cli_problem
             if problem != self.problem and not self._stopping:
-                log.warning("readiness: %s", problem or "ready again")
+                log.warning("readiness: %s", detail or problem or "ready again")
                 await self._set_ready(problem)
+
+    async def _database(
+        self, engine: AsyncEngine, migrate_first: bool
+    ) -> tuple[str | None, str | None]:
+        problem, detail = await _database_problem(engine, migrate_first)
+        self._database_down = detail is not None
+        return problem, detail
 
     async def drain(self) -> None:
         """Draining: every name that invites work goes NOT_SERVING; liveness stays SERVING."""
@@ -81,17 +101,23 @@ class Health:
         await self.servicer.enter_graceful_shutdown()
 
 
-async def _database_problem(engine: AsyncEngine, migrate_first: bool) -> str | None:
+async def _database_problem(
+    engine: AsyncEngine, migrate_first: bool
+) -> tuple[str | None, str | None]:
+    """What keeps the database from serving, for callers, and the driver's own words for
+    the log (which may name hosts and databases: callers never see them); (None, None) when
+    it serves. The detail is None when the database answers but its schema is behind."""
     try:
         async with asyncio.timeout(10), engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
         if migrate_first:
             await migrate(engine)
         if not await migrations_current(engine):
-            return "the database schema is not current: run `agentplane-server migrate`"
+            return "the database schema is not current: run `agentplane-server migrate`", None
     except Exception as exc:  # noqa: BLE001  (any driver error means "not ready")
-        return f"the database is unreachable: {type(exc).__name__}: {exc}".splitlines()[0]
-    return None
+        detail = f"the database is unreachable: {type(exc).__name__}: {exc}".splitlines()[0]
+        return "the database is unreachable; retry later", detail
+    return None, None
 
 
 async def _cli_problem(cli_path: Path) -> str | None:

@@ -198,12 +198,13 @@ async def test_run_session_is_unavailable_and_creates_nothing(h: Harness) -> Non
         assert_unavailable(caught.value)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await h.run(prompt="hi")
-        # Without one, readiness refuses first once it noticed, else the database does.
-        assert_unavailable(caught.value, "UNAVAILABLE", "DATABASE_UNAVAILABLE")
+        # Without one, readiness refuses first once it noticed, else the database does:
+        # the same answer either way, and never the driver's words (hosts, names).
+        assert_unavailable(caught.value)
         await wait_readiness(h, NOT_SERVING)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await h.run(prompt="hi")
-        assert_unavailable(caught.value, "UNAVAILABLE")
+        assert_unavailable(caught.value)
     assert len((await list_sessions(h)).sessions) == before
     events = await h.run(prompt="hi", request_id=request_id)  # the request_id is still new
     assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE

@@ -67,9 +67,10 @@ class Admitter:
         leases: LeaseConfig,
         pool: WarmPool | None = None,
         *,
-        not_ready: Callable[[], str | None] = lambda: None,
+        not_ready: Callable[[], Unavailable | None] = lambda: None,
     ) -> None:
-        """`not_ready()` says why the server cannot take work now (None: it can)."""
+        """`not_ready()` is the error a caller gets while the server cannot take work now
+        (None: it can)."""
         self._db = db
         self._launcher = launcher
         self._capacity = capacity
@@ -109,9 +110,9 @@ class Admitter:
                 return earlier
         if self.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
-        problem = self._not_ready()
-        if problem:
-            raise Unavailable(problem)
+        refusal = self._not_ready()
+        if refusal is not None:
+            raise refusal
         if not tenant.api_key():
             raise FailedPrecondition(
                 f"tenant {tenant.name!r} has no Anthropic API key: set the environment "

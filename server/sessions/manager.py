@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..domain import Event, Session
+from ..errors import Unavailable
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
 from .admission import Admission, Admitter
@@ -46,7 +47,7 @@ class SessionManager:
         pool: WarmPool | None = None,
         observer: SessionObserver | None = None,
         leases: LeaseConfig | None = None,
-        not_ready: Callable[[], str | None] = lambda: None,
+        not_ready: Callable[[], Unavailable | None] = lambda: None,
         finish_retry_s: float = 60.0,
     ) -> None:
         observer = observer or NullObserver()
