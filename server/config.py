@@ -19,8 +19,8 @@ from sqlalchemy.exc import ArgumentError
 from .errors import ConfigError
 
 # The one dependency on telemetry, and one way only: Settings carries the OTEL_* variables
-# as the value telemetry defines and parses (setup.py never imports config; app.py wires).
-from .telemetry.setup import OtelConfig
+# as the value telemetry defines and parses (without the SDK; app.py wires the providers).
+from .telemetry.otel_env import OtelConfig
 
 T = TypeVar("T")
 

@@ -77,11 +77,13 @@ def test_the_readme_configuration_table_is_the_declared_one() -> None:
 def test_config_and_telemetry_setup_do_not_import_each_other_or_sessions() -> None:
     probe = (
         "import sys\n"
+        "import agentplane.server.config\n"
+        "bad = [m for m in sys.modules if m.startswith(('agentplane.server.sessions',\n"
+        "    'agentplane.server.telemetry.setup', 'opentelemetry.sdk'))]\n"
+        "assert not bad, f'config imports {bad}'\n"
+        "del sys.modules['agentplane.server.config']\n"
         "import agentplane.server.telemetry.setup\n"
         "assert 'agentplane.server.config' not in sys.modules, 'setup imports config'\n"
-        "import agentplane.server.config\n"
-        "bad = [m for m in sys.modules if m.startswith('agentplane.server.sessions')]\n"
-        "assert not bad, f'config imports {bad}'\n"
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=60, check=False)

@@ -33,7 +33,8 @@ from agentplane.server.domain import (
 from agentplane.server.errors import ConfigError
 from agentplane.server.sandbox import Script, Step, ToolCall, Usage
 from agentplane.server.telemetry.logs import JsonFormatter, redact
-from agentplane.server.telemetry.setup import ContentPolicy, OtelConfig, Telemetry
+from agentplane.server.telemetry.otel_env import OtelConfig
+from agentplane.server.telemetry.setup import ContentPolicy, Telemetry
 from agentplane.server.telemetry.tracing import SessionSpans
 from agentplane.v1 import session_pb2, usage_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
