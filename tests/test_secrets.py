@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import stat
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,6 +15,7 @@ from agentplane.server.store.models import Base
 from agentplane.v1 import session_pb2
 from harness import MODEL, TOKENS, Harness, processes
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 pytestmark = pytest.mark.asyncio
 
@@ -62,3 +65,18 @@ async def test_an_agent_never_sees_a_tenants_key(harness: Harness) -> None:
     assert b"AGENTPLANE_TEST_ACME_KEY=" in environ  # blanked, not inherited
     while await call.read() is not grpc.aio.EOF:
         pass
+
+
+async def test_the_sqlite_database_and_its_wal_are_private_to_the_server(
+    harness: Harness,
+) -> None:
+    if not harness.database_url.startswith("sqlite:"):
+        pytest.skip("a PostgreSQL database keeps its files to itself")
+    events = await harness.run(prompt="hello")  # the WAL and its index exist once written
+    assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    database = Path(make_url(harness.database_url).database or "")
+    files = [database, Path(f"{database}-wal"), Path(f"{database}-shm")]
+    assert all(f.exists() for f in files)
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {
+        f.name: 0o600 for f in files
+    }

@@ -4,6 +4,7 @@ factory, whose sessions turn an outage of the database into DatabaseUnavailable 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import TracebackType
 
@@ -41,9 +42,11 @@ def is_sqlite(url: str) -> bool:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """An async engine; SQLite gets WAL, a busy timeout and foreign keys."""
+    """An async engine; SQLite gets WAL, a busy timeout and foreign keys, and files only
+    the server's user can read (see `private_sqlite_files`)."""
     url = async_url(url)
     if is_sqlite(url):
+        private_sqlite_files(make_url(url).database)
         engine = create_async_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -94,6 +97,20 @@ class _Session(DbSession):
             await super().__aexit__(type_, value, traceback)  # closes the session
         if isinstance(value, Exception) and (translated := unavailable(value)) is not None:
             raise translated from value
+
+
+def private_sqlite_files(database: str | None) -> None:
+    """Make the SQLite file (and its -wal and -shm, if there) mode 0600, creating it so
+    when missing: SQLite gives the -wal and -shm it creates the database file's mode, and
+    they hold every tenant's prompts and transcripts."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if path.parent.is_dir():
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        if name.exists():
+            name.chmod(0o600)
 
 
 def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[DbSession]:
