@@ -88,9 +88,8 @@ class TokenUsage:
     """Token counts of one model response, or summed over a session's requests.
 
     ``cache_creation_1h_input_tokens`` is the part of ``cache_creation_input_tokens``
-    written with a 1-hour TTL (priced higher than a 5-minute write). It travels in
-    :meth:`to_json` (event payloads) but not in the sessions table or the proto, which
-    keep the four API counts.
+    written with a 1-hour TTL (priced higher than a 5-minute write). It only prices
+    requests: the sessions table, the proto and :meth:`to_json` keep the four API counts.
     """
 
     input_tokens: int = 0
@@ -129,11 +128,6 @@ class TokenUsage:
             ),
         )
 
-    @classmethod
-    def from_sdk(cls, usage: Mapping[str, Any] | None) -> TokenUsage:
-        """The SDK's ``ResultMessage.usage``: the API's shape summed by the CLI (None: 0)."""
-        return cls.from_api(usage or {})
-
     def to_json(self) -> dict[str, int]:
         """The counts a session records (Session.to_json's ``usage``): the four of the
         database and the proto. The 1-hour part of cache writes only prices requests; left
@@ -143,8 +137,7 @@ class TokenUsage:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TokenUsage:
-        """Read :meth:`to_json`; a key it lacks is 0 (events stored before the 1-hour count
-        existed have four)."""
+        """Read :meth:`to_json` (a key it lacks is 0)."""
         return cls(**{name: int(data.get(name, 0)) for name in cls.__dataclass_fields__})
 
 

@@ -13,6 +13,7 @@ from agentplane.server.app import App
 from agentplane.server.config import Settings
 from agentplane.server.tenants import TenantRegistry
 from harness import short_dir
+from test_server_process import free_port
 
 pytestmark = pytest.mark.asyncio
 
@@ -34,12 +35,6 @@ def listening_sockets() -> set[int]:
             if fields[3] == "0A" and int(fields[9]) in ours:  # 0A: LISTEN
                 listening.add(int(fields[9]))
     return listening
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_a_start_that_cannot_bind_leaves_nothing_open(tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ class Outcome:
             verdict=verdict(result),
             cost_usd=total,
             num_turns=result.num_turns,
-            usage=TokenUsage.from_sdk(result.usage),
+            usage=TokenUsage.from_api(result.usage or {}),  # the CLI's sum, API-shaped
             sdk_session_id=result.session_id or "",
             result=(result.result or "") if not result.is_error else "",
             sdk_total_usd=total,
