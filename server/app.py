@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from agentplane.v1 import (
@@ -29,7 +31,9 @@ from .budgets.gateway import MeteringGateway
 from .budgets.ledger import BudgetReader
 from .budgets.pricing import PriceTable
 from .config import Settings
+from .errors import ConfigError
 from .health import Health
+from .isolation.sandboxes import Sandboxes, SandboxUnavailable
 from .sessions.capacity import Capacity
 from .sessions.launcher import BUNDLED_CLI, LaunchConfig, Launcher
 from .sessions.leases import LeaseConfig
@@ -51,6 +55,21 @@ def load_tenants(settings: Settings) -> TenantRegistry:
     if settings.tenants_file is None:
         return TenantRegistry.dev()
     return TenantRegistry.load(settings.tenants_file)
+
+
+async def _sandboxes(settings: Settings, cli: Path, gateway: MeteringGateway) -> Sandboxes:
+    """The sessions' sandboxes; ConfigError (exit 2) where this host cannot build them."""
+    socket = gateway.unix_socket
+    assert socket is not None
+    try:
+        return await asyncio.to_thread(
+            Sandboxes.open, settings.work_dir, cli, socket, gateway.port
+        )
+    except SandboxUnavailable as exc:
+        raise ConfigError("AGENTPLANE_SANDBOX", (
+            f"cannot sandbox sessions: {exc}; or set AGENTPLANE_SANDBOX=none to run agents "
+            "unsandboxed (unsafe with more than one tenant)"
+        )) from None
 
 
 def telemetry_for(settings: Settings) -> Telemetry:
@@ -96,6 +115,12 @@ class App:
         tenants = tenants or load_tenants(settings)
         if tenants.dev_mode:
             log.warning("no AGENTPLANE_TENANTS_FILE: dev mode, one `default` tenant, no auth")
+        if not settings.sandbox:
+            log.warning(
+                "AGENTPLANE_SANDBOX=none: agents run unsandboxed, with the server's view of "
+                "this host (its files, processes and network); health `agentplane.sandbox` "
+                "is NOT_SERVING"
+            )
         resources = contextlib.AsyncExitStack()  # the app's own from here: stop() closes it
         try:
             app = await cls._open(resources, settings, tenants, telemetry)
@@ -123,7 +148,7 @@ class App:
         resources.push_async_callback(engine.dispose)
         db = sessionmaker(engine)
         health = Health()
-        await health.init()
+        await health.init(sandboxed=settings.sandbox)
         resources.push_async_callback(health.shutdown)
         settings.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if any(t.os_user for t in tenants.tenants.values()):
@@ -132,19 +157,26 @@ class App:
         prices = PriceTable.load()
         if settings.prices_file is not None:
             prices = prices.override(settings.prices_file)
-        gateway = MeteringGateway(prices)
+        cli = settings.cli_path or BUNDLED_CLI
+        # Per server (pid): replicas may share a work dir.
+        socket = settings.work_dir / f".gateway-{os.getpid()}.sock"
+        gateway = MeteringGateway(prices, unix_socket=socket if settings.sandbox else None)
         await gateway.start()
         resources.push_async_callback(gateway.stop)
+        sandboxes = await _sandboxes(settings, cli, gateway) if settings.sandbox else None
+        if sandboxes is not None:
+            resources.callback(sandboxes.close)
         launcher = Launcher(
             LaunchConfig(
                 work_dir=settings.work_dir,
                 base_url=settings.anthropic_base_url,
-                cli_path=settings.cli_path or BUNDLED_CLI,
+                cli_path=cli,
                 cli_max_retries=settings.cli_max_retries,
                 scrub_env=frozenset(tenants.key_env_names()),
             ),
             SqlSessionStore(db),
             gateway,
+            sandboxes,
         )
         runner = AgentRunner(
             RunnerConfig(

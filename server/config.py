@@ -171,6 +171,13 @@ def _bool(raw: str) -> bool:
     return value in ("1", "true")
 
 
+def _sandbox(raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("bwrap", "none"):
+        raise ValueError(f"{raw!r} is not `bwrap` or `none`")
+    return value == "bwrap"
+
+
 def _log_level(raw: str) -> str:
     level = raw.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -214,6 +221,14 @@ class Settings:
     cli_path: Path | None = setting(  # noqa: RUF009
         "AGENTPLANE_CLI_PATH", _optional(Path), "",
         "the Claude Code CLI binary", shown="the bundled CLI",
+    )
+    sandbox: bool = setting(
+        "AGENTPLANE_SANDBOX", _sandbox, "bwrap",
+        "`bwrap`: every session runs in its own bubblewrap sandbox with cgroup limits (the "
+        "server does not start where it cannot build one); `none`: agents run unsandboxed "
+        "(unsafe with more than one tenant; logged at start, health `agentplane.sandbox` "
+        "NOT_SERVING)",
+        shown="`bwrap`",
     )
     cli_max_retries: int | None = setting(
         "AGENTPLANE_CLI_MAX_RETRIES", _optional(_integer(0)), "",

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 SESSION_SERVICE = "agentplane.v1.SessionService"
 READINESS = "readiness"
 LIVENESS = "liveness"
+# SERVING while every session runs sandboxed; NOT_SERVING names the unsafe opt-out
+# (AGENTPLANE_SANDBOX=none), which leaves the server itself serving.
+SANDBOX = "agentplane.sandbox"
 # The names that say "send me work": NOT_SERVING until ready, and again on shutdown.
 READY_NAMES = ("", SESSION_SERVICE, READINESS)
 
@@ -38,10 +41,11 @@ class Health:
         self._cli_problem: str | None = None
         self._database_down = False
 
-    async def init(self) -> None:
+    async def init(self, *, sandboxed: bool = True) -> None:
         for name in READY_NAMES:
             await self.servicer.set(name, NOT_SERVING)
         await self.servicer.set(LIVENESS, SERVING)
+        await self.servicer.set(SANDBOX, SERVING if sandboxed else NOT_SERVING)
 
     async def _set_ready(self, problem: str | None) -> None:
         self.problem = problem

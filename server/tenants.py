@@ -12,7 +12,7 @@ import pwd
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .domain import usd
 from .errors import ConfigError, Unauthenticated
+from .isolation.limits import SessionLimits
 
 DEFAULT_TENANT = "default"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -53,9 +54,19 @@ class Tenant:
     # tools, turns and budget at the tenant's defaults and ask for `warm_pool_model`.
     warm_pool_size: int = 0
     warm_pool_model: str = ""
+    # What each of the tenant's sessions may use (memory, processes, CPU time, disk).
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    # A file holding the key, read when needed (in place of anthropic_api_key_env).
+    anthropic_api_key_file: Path | None = None
 
     def api_key(self) -> str | None:
-        """The tenant's Anthropic API key, read from the environment when needed."""
+        """The tenant's Anthropic API key, read from its file or the environment when
+        needed (so a rotated key is used from the next session on)."""
+        if self.anthropic_api_key_file is not None:
+            try:
+                return self.anthropic_api_key_file.read_text().strip() or None
+            except OSError:
+                return None
         return os.environ.get(self.anthropic_api_key_env) or None
 
 
@@ -73,6 +84,11 @@ _DEFAULTS: Mapping[str, Any] = {
     "os_user": None,
     "warm_pool_size": 0,
     "warm_pool_model": "",
+    "anthropic_api_key_file": None,
+    "max_memory_mib": SessionLimits.memory_mib,
+    "max_processes": SessionLimits.processes,
+    "max_cpu_s": SessionLimits.cpu_s,
+    "max_disk_mib": SessionLimits.disk_mib,
 }
 _KEYS = {"token_sha256", *_DEFAULTS}
 
@@ -149,6 +165,28 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
             raise ConfigError(key("os_user"), f"no such Unix user {os_user!r}") from None
         if os.geteuid() != 0:
             raise ConfigError(key("os_user"), "running agents as another user needs a root server")
+    key_file = cfg["anthropic_api_key_file"]
+    if key_file is not None:
+        if "anthropic_api_key_env" in raw:
+            raise ConfigError(key("anthropic_api_key_file"), "set it or anthropic_api_key_env, not both")
+        key_file = Path(str(key_file))
+        try:
+            if not key_file.read_text().strip():
+                raise ConfigError(key("anthropic_api_key_file"), f"{key_file} is empty")
+        except OSError as exc:
+            raise ConfigError(
+                key("anthropic_api_key_file"), f"cannot read {key_file}: {exc.strerror}"
+            ) from None
+    limits = SessionLimits(
+        memory_mib=_positive_int(cfg["max_memory_mib"], key("max_memory_mib")),
+        processes=_positive_int(cfg["max_processes"], key("max_processes")),
+        cpu_s=_positive_int(cfg["max_cpu_s"], key("max_cpu_s")),
+        disk_mib=_positive_int(cfg["max_disk_mib"], key("max_disk_mib")),
+    )
+    if limits.memory_mib < 256:
+        raise ConfigError(key("max_memory_mib"), "must be at least 256 (the agent CLI alone needs ~200 MiB)")
+    if limits.processes < 32:
+        raise ConfigError(key("max_processes"), "must be at least 32 (the agent CLI alone runs ~20 threads)")
     daily = _money(cfg["daily_limit_usd"], key("daily_limit_usd"))
     per_session = _money(cfg["max_session_budget_usd"], key("max_session_budget_usd"))
     if per_session > daily:
@@ -171,6 +209,8 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         workspace_template=Path(template).resolve() if template else None,
         warm_pool_size=_count(cfg["warm_pool_size"], key("warm_pool_size")),
         warm_pool_model=_model(cfg["warm_pool_model"], key("warm_pool_model")),
+        limits=limits,
+        anthropic_api_key_file=key_file.resolve() if key_file is not None else None,
     )
 
 

@@ -68,7 +68,7 @@ async def test_an_agent_cannot_read_another_tenants_files(isolated: Harness) -> 
     output = next(e.tool_result.content for e in events if e.HasField("tool_result"))
     assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
     assert output.splitlines()[0] == "apiso_a"  # the agent ran as tenant A's user
-    assert "Permission denied" in output
+    assert f"ls: cannot access '{root_b}': No such file or directory" in output  # not even there
     assert "B-SECRET-42" not in output
     assert "mine" in output  # while its own folder is writable
     root_a = h.app.settings.work_dir / "apiso_a"

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentplane.server.sandbox import Script, Step
+from agentplane.server.sessions.launcher import BUNDLED_CLI
 from agentplane.server.store.engine import sessionmaker
 from agentplane.server.store.models import Base
 from agentplane.v1 import session_pb2
@@ -58,11 +59,16 @@ async def test_an_agent_never_sees_a_tenants_key(harness: Harness) -> None:
         if agents:
             break
         await asyncio.sleep(0.05)
-    environ = agents[0].env
+    # The CLI itself (the launcher and bwrap before it run as the server, outside the
+    # sandbox; the agent cannot see them).
+    cli = [p for p in agents if p.cmdline.startswith(bytes(BUNDLED_CLI))]
+    assert len(cli) == 1
+    environ = cli[0].env
     # Not even its own key: the CLI holds a per-session gateway token instead.
     assert not [v for v in environ if b"sk-ant-test-" in v]
     assert [v for v in environ if v.startswith(b"ANTHROPIC_API_KEY=")] != []
-    assert b"AGENTPLANE_TEST_ACME_KEY=" in environ  # blanked, not inherited
+    # None of the server's own variables reach it, blanked or not.
+    assert not [v for v in environ if v.startswith(b"AGENTPLANE_TEST_")]
     while await call.read() is not grpc.aio.EOF:
         pass
 

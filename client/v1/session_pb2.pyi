@@ -30,6 +30,10 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_MODEL_API_ERROR: _ClassVar[ErrorReason]
     ERROR_REASON_TIMEOUT: _ClassVar[ErrorReason]
     ERROR_REASON_DATABASE_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_MEMORY_LIMIT: _ClassVar[ErrorReason]
+    ERROR_REASON_PROCESS_LIMIT: _ClassVar[ErrorReason]
+    ERROR_REASON_CPU_LIMIT: _ClassVar[ErrorReason]
+    ERROR_REASON_DISK_LIMIT: _ClassVar[ErrorReason]
 
 class OnDisconnect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -51,6 +55,10 @@ ERROR_REASON_INTERRUPTED: ErrorReason
 ERROR_REASON_MODEL_API_ERROR: ErrorReason
 ERROR_REASON_TIMEOUT: ErrorReason
 ERROR_REASON_DATABASE_UNAVAILABLE: ErrorReason
+ERROR_REASON_MEMORY_LIMIT: ErrorReason
+ERROR_REASON_PROCESS_LIMIT: ErrorReason
+ERROR_REASON_CPU_LIMIT: ErrorReason
+ERROR_REASON_DISK_LIMIT: ErrorReason
 ON_DISCONNECT_UNSPECIFIED: OnDisconnect
 ON_DISCONNECT_CANCEL: OnDisconnect
 ON_DISCONNECT_CONTINUE: OnDisconnect

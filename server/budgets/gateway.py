@@ -23,6 +23,7 @@ import logging
 import re
 import secrets
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Self
 
 import aiohttp
@@ -134,6 +135,7 @@ class MeteringGateway:
         connect_timeout_s: float = 30.0,
         input_margin: float = 0.2,
         min_output_tokens: int = 512,
+        unix_socket: Path | None = None,
     ) -> None:
         if input_margin < 0:
             raise ValueError("input_margin must be >= 0")
@@ -146,6 +148,8 @@ class MeteringGateway:
         self.connect_timeout_s = connect_timeout_s
         self.input_margin = input_margin
         self.min_output_tokens = min_output_tokens
+        # Also served on this unix socket: sandboxed agents reach the gateway only there.
+        self.unix_socket = unix_socket
         self._meters: dict[str, SessionMeter] = {}
         self._by_token: dict[bytes, SessionMeter] = {}
         self._runner: web.AppRunner | None = None
@@ -166,6 +170,11 @@ class MeteringGateway:
         try:
             site = web.TCPSite(runner, self.host, self.port)
             await site.start()
+            if self.unix_socket is not None:
+                self.unix_socket.unlink(missing_ok=True)  # a server that died left it
+                await web.UnixSite(runner, str(self.unix_socket)).start()
+                # Agents running as a tenant's os_user connect to it too.
+                self.unix_socket.chmod(0o666)
         except BaseException:
             await runner.cleanup()
             raise

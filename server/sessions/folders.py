@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import pwd
 import shutil
 from pathlib import Path
 
+from ..isolation.sandboxes import Sandboxes
 from ..tenants import Tenant
 from .cli_env import SessionDirs
 from .reaper import kill_session_processes
@@ -16,8 +18,9 @@ class SessionFolders:
     """`<work dir>/<tenant>/<session>/`: made before an agent starts, removed (with every
     process still running in it) when it ends."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, sandboxes: Sandboxes | None = None) -> None:
         self.work_dir = work_dir
+        self._sandboxes = sandboxes
 
     def dirs(self, tenant: str, session_id: str) -> SessionDirs:
         """The folders of a session (short: the CLI's socket path limit)."""
@@ -33,8 +36,15 @@ class SessionFolders:
         tenant_root = self.work_dir / tenant.name
         tenant_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         tenant_root.chmod(0o700)
-        if tenant.os_user is not None:
-            shutil.chown(tenant_root, tenant.os_user, pwd.getpwnam(tenant.os_user).pw_gid)
+        owner = pwd.getpwnam(tenant.os_user) if tenant.os_user is not None else None
+        if owner is not None:
+            shutil.chown(tenant_root, owner.pw_uid, owner.pw_gid)
+        if self._sandboxes is not None:
+            self._sandboxes.prepare(
+                dirs.root, tenant.limits,
+                uid=owner.pw_uid if owner else os.getuid(),
+                gid=owner.pw_gid if owner else os.getgid(),
+            )
         dirs.create(owner=tenant.os_user)
         if tenant.workspace_template is not None:
             shutil.copytree(tenant.workspace_template, dirs.cwd, dirs_exist_ok=True)
@@ -43,10 +53,15 @@ class SessionFolders:
                     shutil.chown(path, tenant.os_user, pwd.getpwnam(tenant.os_user).pw_gid)
 
     async def remove(self, root: Path) -> None:
-        """Kill every process of the session folder `root` (tools included), remove it."""
-        await asyncio.to_thread(_remove, root)
+        """Kill every process of the session folder `root` (tools included), remove it
+        (and its sandbox)."""
+        await asyncio.to_thread(self._remove, root)
 
-
-def _remove(root: Path) -> None:
-    kill_session_processes(root)
-    shutil.rmtree(root, ignore_errors=True)
+    def _remove(self, root: Path) -> None:
+        # Sandboxed, the cgroup holds every process; the marker also finds those of a
+        # server that died before its sandbox started (or of an unsandboxed one).
+        kill_session_processes(root)
+        if self._sandboxes is not None:
+            self._sandboxes.remove(root)
+        else:
+            shutil.rmtree(root, ignore_errors=True)

@@ -14,6 +14,8 @@ from claude_agent_sdk import ClaudeAgentOptions, SessionStore
 
 from ..budgets.gateway import MeteringGateway
 from ..budgets.gateway_meter import SessionMeter
+from ..isolation.limits import Breach
+from ..isolation.sandboxes import Sandboxes
 from ..store.transcripts import SqlSessionStore, TenantTranscripts
 from ..tenants import Tenant
 from .cli_env import SessionDirs, cli_environment
@@ -50,10 +52,12 @@ class Launcher:
     """
 
     def __init__(
-        self, config: LaunchConfig, store: SqlSessionStore, gateway: MeteringGateway
+        self, config: LaunchConfig, store: SqlSessionStore, gateway: MeteringGateway,
+        sandboxes: Sandboxes | None = None,
     ) -> None:
         self.config = config
-        self.folders = SessionFolders(config.work_dir)
+        self.sandboxes = sandboxes
+        self.folders = SessionFolders(config.work_dir, sandboxes)
         self._store = store
         self._gateway = gateway
 
@@ -76,6 +80,12 @@ class Launcher:
             upstream_api_key=tenant.api_key() or "",
         )
 
+    def breach(self, dirs: SessionDirs, tenant: Tenant) -> Breach | None:
+        """The limit the session in `dirs` hit so far (None: none, or no sandbox)."""
+        if self.sandboxes is None:
+            return None
+        return self.sandboxes.breach(dirs.root, tenant.limits)
+
     async def release(self, session_id: str, dirs: SessionDirs) -> None:
         """Close the session's meter, kill what runs in its folder and remove it."""
         self._gateway.close_session(session_id)
@@ -95,9 +105,18 @@ class Launcher:
             dirs,
             base_url=self._gateway.base_url,
             api_key=meter.token,
-            scrub=self.config.scrub_env,
+            # A sandboxed CLI sees none of the server's environment in any case.
+            scrub=() if self.sandboxes else self.config.scrub_env,
             extra=extra,
         )
+        cli = self._cli_for(tenant)
+        if self.sandboxes is not None:
+            owner = pwd.getpwnam(tenant.os_user) if tenant.os_user else None
+            env.update(self.sandboxes.variables(
+                dirs.root, [name for name, value in env.items() if value],
+                uid=owner.pw_uid if owner else None, gid=owner.pw_gid if owner else None,
+            ))
+            cli = self.sandboxes.launcher
         return ClaudeAgentOptions(
             # `tools` limits what exists; `allowed_tools` lets those run without a prompt.
             tools=list(spec.tools),
@@ -111,13 +130,14 @@ class Launcher:
             model=spec.model or None,
             cwd=str(dirs.cwd),
             env=env,
-            cli_path=str(self._cli_for(tenant)),
+            cli_path=str(cli),
             setting_sources=[],
             max_buffer_size=MAX_CLI_MESSAGE_BYTES,
         )
 
     def _cli_for(self, tenant: Tenant) -> Path:
-        """The CLI, or for a tenant with an os_user a launcher that becomes that user first.
+        """Unsandboxed: the CLI, or for a tenant with an os_user a launcher that becomes
+        that user first (sandboxed, the sandbox's launcher does that).
 
         Not the SDK's `user` option: that makes Python fork() (not vfork) a process full of
         gRPC threads, whose fork handlers can crash the child.

@@ -24,9 +24,11 @@ from claude_agent_sdk import (
 
 from ..budgets.gateway_meter import MeteredRequest, SessionMeter
 from ..domain import ErrorReason, EventKind, SessionState, usd
+from ..isolation.limits import Breach
 from ..tenants import Tenant
 from .cli_env import SessionDirs
 from .launcher import Launcher
+from .limits_watch import watch_limits
 from .live import LiveSession
 from .outcome import Outcome
 from .pool import WarmAgent
@@ -67,6 +69,8 @@ class AgentRun:
     # The warm agent made for this session; serves the first attempt only.
     warm: WarmAgent | None = None
     total: Outcome = field(default_factory=lambda: Outcome(Verdict(SessionState.ERROR)))
+    # The sandbox limit the session hit so far (always None without a sandbox).
+    breach: Callable[[], Breach | None] = lambda: None
 
     def stopped(self) -> Outcome:
         """The totals so far, ended by the stop request (cancel, shutdown, timeout)."""
@@ -107,12 +111,16 @@ class AgentRunner:
         else:
             meter = self._launcher.open_meter(live.id, tenant, spec.budget_usd)
         meter.on_request = on_model_request
-        run = AgentRun(live, spec, tenant, dirs, meter, _now() + spec.max_duration_s, warm)
+        run = AgentRun(live, spec, tenant, dirs, meter, _now() + spec.max_duration_s, warm,
+                       breach=lambda: self._launcher.breach(dirs, tenant))
+        watch: asyncio.Task[None] | None = None
         try:
             if warm is None:
                 await self._launcher.folders.prepare(dirs, tenant)
             else:
                 warm.unmark()
+            if self._launcher.sandboxes is not None:
+                watch = asyncio.create_task(watch_limits(run.breach, live))
             outcome = await self._attempts(run)
             # A request the CLI saw end may still be settling in the gateway.
             for _ in range(100):
@@ -127,8 +135,14 @@ class AgentRunner:
                     SessionState.ERROR, ErrorReason.BUDGET_EXCEEDED,
                     f"the session's budget of {spec.budget_usd} USD was used up",
                 )
+            # A limit hit ends the session ERROR even if the agent answered meanwhile.
+            breach = run.breach()
+            if breach is not None:
+                outcome.verdict = Verdict(SessionState.ERROR, breach.reason, breach.message)
             return outcome
         finally:
+            if watch is not None:
+                watch.cancel()
             await self._launcher.release(live.id, dirs)
 
     async def _attempts(self, run: AgentRun) -> Outcome:
@@ -141,6 +155,9 @@ class AgentRunner:
             run.warm = None  # used up: a retry starts a new CLI
             run.total = run.total.plus(outcome)
             total = run.total
+            breach = run.breach()
+            if breach is not None:  # a limit is never transient: no retry
+                live.request_cancel(breach.reason, breach.message)
             if live.cancel_requested.is_set() and total.verdict.state is not SessionState.COMPLETE:
                 return run.stopped()
             if not transient or attempt >= policy.attempts:

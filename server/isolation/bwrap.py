@@ -1,0 +1,189 @@
+"""The command that starts an agent CLI inside its session's bubblewrap sandbox.
+
+The SDK starts `cli_path` with the server's whole environment merged under the
+session's, so `cli_path` is a small shell script (written once per server, outside every
+sandbox) that reads the session's sandbox from AGENTPLANE_SANDBOX_* variables and execs
+bwrap. Inside, the agent sees:
+
+- `/usr` (and the /bin, /lib symlinks into it), a few files of /etc and the CLI binary,
+  all read-only; a fresh /proc, a minimal /dev;
+- its session folder, read-write, at the same path, and the folder's `t/` as /tmp;
+- nothing else: not the database, the tenants file, other sessions or the server's files;
+- its own PID, network, IPC, UTS and cgroup namespaces; its network has only loopback,
+  where a forwarder (socat) listens on the gateway's port and relays to the metering
+  gateway's unix socket, bound in at /run/agentplane/gateway.sock;
+- no capabilities and no new privileges; with an os_user, that user's uid and gid;
+- only the variables named in AGENTPLANE_SANDBOX_ENV (the CLI's own), never the server's.
+
+Every process of the session joins its cgroups before bwrap starts, and bwrap dies with
+the server (--die-with-parent), taking the whole PID namespace with it.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+GATEWAY_INSIDE = "/run/agentplane/gateway.sock"
+# Files of /etc the CLI and ordinary tools need (user names, DNS-free host names, time
+# zone, dynamic linker cache, certificates); none of them is secret.
+ETC_FILES = (
+    "passwd", "group", "nsswitch.conf", "hosts", "localtime", "ld.so.cache", "alternatives",
+    "ssl", "ca-certificates", "bash.bashrc", "profile", "inputrc", "mime.types",
+)
+NAMESPACES = (
+    "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+)
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The programs the sandbox is built with (absolute paths)."""
+
+    bwrap: Path
+    socat: Path
+    setpriv: Path
+
+
+def sandbox_args() -> list[str]:
+    """bwrap's arguments that build the system part of every sandbox (and the probe's)."""
+    args = ["--die-with-parent", "--new-session", *NAMESPACES, "--cap-drop", "ALL",
+            "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
+            "--setenv", "LANG", "C.UTF-8",
+            "--ro-bind", "/usr", "/usr"]
+    for link in ("bin", "sbin", "lib", "lib64"):
+        if Path("/", link).is_symlink() or not Path("/", link).exists():
+            args += ["--symlink", f"usr/{link}", f"/{link}"]
+        else:
+            args += ["--ro-bind", f"/{link}", f"/{link}"]
+    # Folders bwrap makes for a mount point are 0700: an os_user could not enter them.
+    args += ["--perms", "0755", "--dir", "/etc"]
+    for name in ETC_FILES:
+        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    return [*args, "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run",
+            "--perms", "0755", "--dir", str(Path(GATEWAY_INSIDE).parent)]
+
+
+# The launcher: `@NAME@` marks are filled in by `launcher_script` (shell-quoted).
+_LAUNCHER = r"""#!/bin/sh
+# Written by agentplane (server/isolation/bwrap.py): starts one session's agent CLI in its
+# sandbox. Not for hand use: it reads the sandbox from AGENTPLANE_SANDBOX_* variables.
+set -eu
+S=${AGENTPLANE_SESSION_DIR:?this is an agentplane session launcher; it needs AGENTPLANE_SESSION_DIR}
+for procs in ${AGENTPLANE_SANDBOX_CGROUPS:-}; do echo $$ > "$procs"; done
+config=$S/h/.claude
+caps=
+# "$@" becomes: n words of bwrap options, then the command.
+set -- /bin/sh -c @FORWARDER@ "$AGENTPLANE_SANDBOX_PORT" "$PWD" @CLI@ "$@"
+n=0
+if [ -n "${AGENTPLANE_SANDBOX_UID:-}" ]; then
+  set -- @SETPRIV@ --reuid="$AGENTPLANE_SANDBOX_UID" --regid="$AGENTPLANE_SANDBOX_GID" \
+    --clear-groups --no-new-privs -- "$@"
+  caps="--cap-add CAP_SETUID --cap-add CAP_SETGID"
+fi
+if [ "${CLAUDE_CONFIG_DIR:-$config}" != "$config" ]; then
+  # A resume: the SDK put the transcript in a folder of the server's. The agent gets a copy
+  # in its own folder, seen at the path the SDK expects its transcript under.
+  cp -R "$CLAUDE_CONFIG_DIR/." "$config/"
+  [ -z "${AGENTPLANE_SANDBOX_UID:-}" ] ||
+    chown -R "$AGENTPLANE_SANDBOX_UID:$AGENTPLANE_SANDBOX_GID" "$config"
+  set -- --bind "$config" "$CLAUDE_CONFIG_DIR" "$@"; n=$((n + 3))
+fi
+for name in $AGENTPLANE_SANDBOX_ENV; do
+  eval "[ -z \"\${$name+x}\" ]" || { eval "set -- --setenv $name \"\$$name\" \"\$@\""; n=$((n + 3)); }
+done
+# The session folder, after /tmp (its t/) is mounted, so a work dir under /tmp works too;
+# the folders above it are made traversable (0711), not listable.
+set -- --bind "$S" "$S" "$@"; n=$((n + 3))
+d=$S
+while d=${d%/*}; [ -n "$d" ]; do set -- --perms 0711 --dir "$d" "$@"; n=$((n + 4)); done
+# The options (with the session's variables) reach bwrap through a file descriptor, and
+# bwrap starts with an empty environment: neither its command line nor its environment,
+# both visible in /proc, holds a secret of the server's.
+umask 077
+options=${0%/*}/options.$$
+: > "$options"
+while [ "$n" -gt 0 ]; do printf '%s\0' "$1" >> "$options"; shift; n=$((n - 1)); done
+exec 3< "$options"
+rm -f "$options"
+exec /usr/bin/env -i @BWRAP@ @SYSTEM@ $caps @CLI_PARENTS@ --ro-bind @CLI@ @CLI@ \
+  --bind "$AGENTPLANE_SANDBOX_GATEWAY" @GATEWAY@ --bind "$S/t" /tmp --chdir / --args 3 -- "$@"
+"""
+
+
+def launcher_script(tools: Tools, cli: Path) -> str:
+    """The shell script the SDK runs as the CLI (see the module docstring)."""
+    q = shlex.quote
+    forwarder = (
+        f"{q(str(tools.socat))} TCP-LISTEN:$0,bind=127.0.0.1,fork,reuseaddr "
+        f'UNIX-CONNECT:{GATEWAY_INSIDE} & cd "$1" && shift && exec "$@"'
+    )
+    fills = {
+        "@FORWARDER@": q(forwarder),
+        "@CLI_PARENTS@": " ".join(q(a) for a in _traversable_parents(cli)),
+        "@CLI@": q(str(cli)),
+        "@SETPRIV@": q(str(tools.setpriv)),
+        "@BWRAP@": q(str(tools.bwrap)),
+        "@SYSTEM@": " ".join(q(a) for a in sandbox_args()),
+        "@GATEWAY@": q(GATEWAY_INSIDE),
+    }
+    script = _LAUNCHER
+    for mark, value in fills.items():
+        script = script.replace(mark, value)
+    return script
+
+
+def _traversable_parents(path: Path) -> list[str]:
+    """bwrap arguments making the folders above `path` traversable (0711) for an os_user
+    (bwrap would make them 0700), except where they lie in the read-only system."""
+    args: list[str] = []
+    for parent in reversed(path.parents[:-1]):
+        if not parent.is_relative_to("/usr"):
+            args += ["--perms", "0711", "--dir", str(parent)]
+    return args
+
+
+def write_launcher(path: Path, tools: Tools, cli: Path) -> Path:
+    """Write the launcher script to `path` (atomically, root-readable only) and return it."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(launcher_script(tools, cli))
+    tmp.chmod(0o700)
+    tmp.replace(path)
+    return path
+
+
+def session_variables(
+    *, passed: Iterable[str], cgroup_procs: Iterable[Path], gateway_socket: Path, port: int,
+    uid: int | None = None, gid: int | None = None,
+) -> dict[str, str]:
+    """The AGENTPLANE_SANDBOX_* variables of one CLI start. `passed` names the variables
+    the CLI gets inside (the SDK's own are added here)."""
+    names = sorted({*passed, *SDK_VARIABLES} - {"PATH"})
+    bad = [n for n in names if not _NAME.match(n)]
+    if bad:
+        raise ValueError(f"not an environment variable name: {bad[0]!r}")
+    env = {
+        "AGENTPLANE_SANDBOX_ENV": " ".join(names),
+        "AGENTPLANE_SANDBOX_CGROUPS": " ".join(str(p) for p in cgroup_procs),
+        "AGENTPLANE_SANDBOX_GATEWAY": str(gateway_socket),
+        "AGENTPLANE_SANDBOX_PORT": str(port),
+    }
+    if uid is not None:
+        env["AGENTPLANE_SANDBOX_UID"] = str(uid)
+        env["AGENTPLANE_SANDBOX_GID"] = str(gid)
+    return env
+
+
+# Variables the SDK itself sets for the CLI (claude_agent_sdk/_internal/transport/
+# subprocess_cli.py), which must reach it inside.
+SDK_VARIABLES = (
+    "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_AGENT_SDK_VERSION", "CLAUDE_AGENT_SDK_CLIENT_APP",
+    "CLAUDE_AGENT_SDK_DERIVED_CLIENT_APP", "CLAUDE_CODE_SDK_READS_SESSION_STATE",
+    "CLAUDE_CODE_ENABLE_SDK_FILE_CHECKPOINTING", "TRACEPARENT", "TRACESTATE", "PWD",
+    "CLAUDE_CONFIG_DIR",
+)

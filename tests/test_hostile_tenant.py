@@ -1,0 +1,263 @@
+"""The session sandbox, tried as a hostile tenant would.
+
+An attacking tenant's agent is scripted (through the sandbox model) to run each attack as
+a `Bash` command while another tenant's session runs; the tests assert on what the
+attack's tool result showed and on the victim's record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from agentplane import server
+from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.v1 import budget_pb2, session_pb2
+from harness import (
+    TOKENS,
+    Harness,
+    processes,
+    short_dir,
+    start_harness,
+    stop_harness,
+    tenant_toml,
+)
+
+pytestmark = [
+    pytest.mark.asyncio,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the session sandbox needs root"),
+]
+
+VICTIM_PROMPT = "You are victim's assistant; VICTIM-PROMPT-7731."
+TOKENS.update({"victim": "victim-token-7", "worker": "worker-token-8"})
+LIMITED = {  # tenant -> its one tight limit
+    "lim_disk": {"max_disk_mib": 16},
+    "lim_mem": {"max_memory_mib": 400},
+    "lim_procs": {"max_processes": 64},
+    "lim_cpu": {"max_cpu_s": 3},
+}
+TOKENS.update({name: f"{name}-token" for name in LIMITED})
+
+
+@pytest.fixture(scope="module")
+async def h(database_url: str) -> AsyncIterator[Harness]:
+    key = "AGENTPLANE_TEST_ACME_KEY"
+    template = short_dir("tpl")
+    (template / "plan.txt").write_text("The plan is GUAVA.\n")
+    tables = [
+        tenant_toml("victim", TOKENS["victim"], anthropic_api_key_env="AGENTPLANE_TEST_GLOBEX_KEY",
+                    allowed_tools=["Bash"], system_prompt=VICTIM_PROMPT, daily_limit_usd=5.0),
+        tenant_toml("worker", TOKENS["worker"], anthropic_api_key_env=key,
+                    allowed_tools=["Bash", "Read", "Write", "Glob", "Grep"],
+                    workspace_template=template),
+        *(tenant_toml(name, TOKENS[name], anthropic_api_key_env=key, allowed_tools=["Bash"],
+                      **limits) for name, limits in LIMITED.items()),
+    ]
+    harness = await start_harness(database_url, extra_tenants="\n".join(tables))
+    yield harness
+    await stop_harness(harness)
+
+
+def bash_script(h: Harness, name: str, command: str, *, answer: str = "done") -> str:
+    """Script `name`: one Bash call running `command`, then `answer`; the prompt for it."""
+    h.sandbox.add_script(name, Script(steps=[
+        Step(tool_calls=[ToolCall("Bash", {"command": command, "timeout": 120000})],
+             usage=Usage(input_tokens=1000, output_tokens=50)),
+        Step(text=answer, usage=Usage(input_tokens=1200, output_tokens=20)),
+    ]))
+    return f"[[sandbox:{name}]] go"
+
+
+def tool_output(events: list[session_pb2.SessionEvent]) -> str:
+    return "\n".join(e.tool_result.content for e in events if e.HasField("tool_result"))
+
+
+def final(events: list[session_pb2.SessionEvent]) -> session_pb2.Session:
+    return events[-1].result.session
+
+
+@contextlib.asynccontextmanager
+async def victim_running(h: Harness) -> AsyncIterator[asyncio.Task[list[session_pb2.SessionEvent]]]:
+    """A victim session whose agent sits in a `sleep` while the body runs."""
+    prompt = bash_script(h, f"victim-{time.monotonic_ns()}", "sleep 6; echo slept")
+    started = asyncio.Event()
+    events: list[session_pb2.SessionEvent] = []
+
+    async def run() -> list[session_pb2.SessionEvent]:
+        call = h.sessions.RunSession(session_pb2.RunSessionRequest(prompt=prompt, model="claude-sonnet-4-5"),
+                                     metadata=h.auth("victim"))
+        async for event in call:
+            events.append(event)
+            if event.HasField("tool_use"):
+                started.set()
+        return events
+
+    task = asyncio.create_task(run())
+    await asyncio.wait_for(started.wait(), 60)
+    yield task
+    await task
+
+
+async def spent(h: Harness, tenant: str) -> Decimal:
+    reply = await h.budgets.GetBudget(budget_pb2.GetBudgetRequest(), metadata=h.auth(tenant))
+    return Decimal(reply.spent_usd)
+
+
+async def test_proc_shows_no_other_session_no_key_and_no_other_prompt(h: Harness) -> None:
+    scan = (
+        "for p in /proc/[0-9]*; do echo \"== $p\"; tr '\\0' '\\n' < $p/environ; "
+        "tr '\\0' ' ' < $p/cmdline; echo; done 2>&1; echo PIDS $(ls -d /proc/[0-9]* | wc -l)"
+    )
+    prompt = bash_script(h, "scan-proc", scan)
+    before = await spent(h, "victim")
+    tokens: set[str] = set()
+
+    async def watch_tokens() -> None:  # every session's gateway token while both run
+        while True:
+            tokens.update(meter.token for meter in h.app.gateway._meters.values())
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch_tokens())
+    async with victim_running(h) as victim:
+        attack = await h.run("ops", prompt=prompt)
+    watcher.cancel()
+    out = tool_output(attack)
+    assert final(attack).state == session_pb2.SESSION_STATE_COMPLETE
+    assert "AGENTPLANE_SESSION_DIR=" in out  # the scan did read its own processes
+    assert len(tokens) >= 2
+    own_token = [t for t in tokens if t in out]
+    assert len(own_token) <= 1, "another session's gateway token was visible"
+    assert "sk-ant-test" not in out  # no real key, not even the attacker's own tenant's
+    assert "VICTIM-PROMPT-7731" not in out
+    assert int(out.rsplit("PIDS ", 1)[1].split()[0]) < 12  # only its own few processes
+    # The victim ran undisturbed: its cost is its own script's, and so is its day.
+    victim_events = victim.result()
+    assert final(victim_events).state == session_pb2.SESSION_STATE_COMPLETE
+    assert "slept" in tool_output(victim_events)
+    cost = Decimal(final(victim_events).cost_usd)
+    assert Decimal(0) < cost < Decimal("0.05")
+    assert await spent(h, "victim") == before + cost
+
+
+async def test_the_database_tenants_file_and_other_sessions_are_not_visible(h: Harness) -> None:
+    work_dir = h.app.settings.work_dir
+    db_file = h.database_url.removeprefix("sqlite+aiosqlite:///").removeprefix("sqlite:///")
+    # (The folders above the CLI binary exist inside: the way to it, read-only.)
+    hidden = [work_dir / "victim", h.work_dir / "tenants.toml", Path(server.__file__).parent,
+              Path(__file__).parent, "/root", "/etc/shadow", "/var/tmp"]
+    if h.database_url.startswith("sqlite"):
+        hidden.append(db_file)
+    command = "; ".join(f"ls -la {t}; cat {t}" for t in hidden)
+    command += (
+        f"; echo LISTING; ls -a {work_dir} {h.work_dir}; echo LISTED"
+        "; echo planted > /var/tmp/ap-escape; echo planted > /etc/ap-escape; echo END"
+    )
+    async with victim_running(h) as victim:
+        victim_dirs = list((work_dir / "victim").iterdir())
+        attack = await h.run("ops", prompt=bash_script(h, "snoop-files", command))
+    out = tool_output(attack)
+    assert "END" in out
+    assert victim_dirs, "the victim's session folder exists on the host"
+    assert "token_sha256" not in out and "SQLite format" not in out
+    for target in hidden:
+        assert f"ls: cannot access '{target}': No such file or directory" in out, target
+    # The folders above its own show only the way to it: no other tenant, no database.
+    listing = out.split("LISTING", 1)[1].split("LISTED", 1)[0].split()
+    assert "victim" not in listing and "tenants.toml" not in listing and "ops" in listing
+    assert not Path("/var/tmp/ap-escape").exists() and not Path("/etc/ap-escape").exists()
+    assert final(victim.result()).state == session_pb2.SESSION_STATE_COMPLETE
+
+
+async def test_no_port_on_loopback_is_reachable_but_the_gateway(h: Harness) -> None:
+    connections = 0
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    listener = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    targets = {"grpc": h.app.port, "postgresql": 5432, "listener": port,
+               "model": int(h.sandbox.base_url.rsplit(":", 1)[1])}
+    command = "; ".join(
+        f"(echo > /dev/tcp/127.0.0.1/{p}) 2>/dev/null && echo '{n} OPEN' || echo '{n} closed'"
+        for n, p in targets.items()
+    ) + f"; (echo > /dev/tcp/127.0.0.1/{h.app.gateway.port}) && echo 'gateway OPEN'"
+    async with listener:
+        attack = await h.run("ops", prompt=bash_script(h, "probe-ports", command))
+    out = tool_output(attack)
+    for name in targets:
+        assert f"{name} closed" in out, out
+    assert "gateway OPEN" in out  # the one way out: the metering gateway's forwarder
+    assert connections == 0
+
+
+async def test_processes_that_shed_their_session_do_not_outlive_it(h: Harness) -> None:
+    command = (
+        "env -i setsid sleep 987651 >/dev/null 2>&1 & "
+        "(env -u AGENTPLANE_SESSION_DIR sleep 987652 >/dev/null 2>&1 &); "
+        "setsid -f env -i sleep 987653 >/dev/null 2>&1; "
+        "python3 -c \"import os; os.fork() or os.execve('/bin/sleep', ['sleep', '987654'], {})\"; "
+        "sleep 0.5; cat /proc/[0-9]*/cmdline | tr '\\0' ' ' | grep -o 'sleep 98765[0-9]' | sort -u"
+    )
+    events = await h.run("ops", prompt=bash_script(h, "escape", command))
+    out = tool_output(events)
+    for n in range(1, 5):
+        assert f"sleep 98765{n}" in out, out  # each escape attempt ran inside
+    assert final(events).state == session_pb2.SESSION_STATE_COMPLETE
+    survivors: list[bytes] = []
+    for _ in range(50):
+        survivors = [p.cmdline for p in processes() if b"98765" in p.cmdline and b"grep" not in p.cmdline]
+        if not survivors:
+            break
+        await asyncio.sleep(0.1)
+    assert survivors == []
+
+
+@pytest.mark.parametrize(("tenant", "command", "reason"), [
+    ("lim_disk", "dd if=/dev/zero of=big bs=1M count=64; echo dd=$?; sleep 30",
+     session_pb2.ERROR_REASON_DISK_LIMIT),
+    ("lim_mem", "python3 -c \"a = []\nwhile True: a.append(b'x' * (32 << 20))\"; sleep 30",
+     session_pb2.ERROR_REASON_MEMORY_LIMIT),
+    ("lim_procs", "bomb() { bomb | bomb & }; bomb; sleep 30", session_pb2.ERROR_REASON_PROCESS_LIMIT),
+    ("lim_cpu", "timeout 60 sh -c 'while :; do :; done'", session_pb2.ERROR_REASON_CPU_LIMIT),
+])
+async def test_a_session_past_a_limit_ends_with_that_limit_and_others_run_on(
+    h: Harness, tenant: str, command: str, reason: int,
+) -> None:
+    attack, bystander = await asyncio.gather(
+        h.run(tenant, prompt=bash_script(h, f"hog-{tenant}", command)),
+        h.run("ops", prompt=bash_script(h, f"bystander-{tenant}", "sleep 1; echo fine")),
+    )
+    session = final(attack)
+    assert session.state == session_pb2.SESSION_STATE_ERROR, tool_output(attack)
+    assert session.error.reason == reason, (session.error.message, tool_output(attack))
+    assert "limit" in session.error.message
+    assert final(bystander).state == session_pb2.SESSION_STATE_COMPLETE
+    assert "fine" in tool_output(bystander)
+
+
+async def test_the_agent_works_in_its_own_folder_with_its_template(h: Harness) -> None:
+    h.sandbox.add_script("work", Script(steps=[
+        Step(tool_calls=[ToolCall("Write", {"file_path": "/tmp/notes.txt", "content": "kiwi\n"})]),
+        Step(tool_calls=[ToolCall("Read", {"file_path": "/tmp/notes.txt"})]),
+        Step(tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})]),
+        Step(tool_calls=[ToolCall("Grep", {"pattern": "GUAVA", "output_mode": "content"})]),
+        Step(tool_calls=[ToolCall("Bash", {"command": "echo made > mine.txt; cat mine.txt plan.txt; id -u"})]),
+        Step(text="worked"),
+    ]))
+    events = await h.run("worker", prompt="[[sandbox:work]] go")
+    results = [e.tool_result for e in events if e.HasField("tool_result")]
+    assert final(events).state == session_pb2.SESSION_STATE_COMPLETE
+    assert [r.is_error for r in results] == [False] * 5, [r.content for r in results]
+    assert "kiwi" in results[1].content
+    assert "plan.txt" in results[2].content
+    assert "GUAVA" in results[3].content
+    assert results[4].content.split() == ["made", "The", "plan", "is", "GUAVA.", "0"]
