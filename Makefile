@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install agentplane with its server and dev extras
+setup: $(STAMP) ## create .venv, install agentplane with its extras, and the sandbox's tools (bwrap, socat)
+	@scripts/install_sandbox_tools.sh
 
 proto: $(STAMP) ## regenerate the Python stubs in client/v1 from protos/
 	scripts/gen_protos.sh
@@ -33,13 +34,13 @@ check-proto: $(STAMP) ## fail if the committed stubs differ from what protos/ ge
 lint-proto: $(STAMP) ## buf lint (STANDARD; exceptions documented in buf.yaml)
 	$(VENV)/bin/buf lint
 
-run: $(STAMP) ## migrate and start the server (sandbox model beside it when ANTHROPIC_API_KEY is unset)
+run: setup ## migrate and start the server (sandbox model beside it when ANTHROPIC_API_KEY is unset)
 	$(PY) -m agentplane.server dev
 
 migrate: $(STAMP) ## apply database migrations to AGENTPLANE_DATABASE_URL
 	$(PY) -m agentplane.server migrate
 
-test: $(STAMP) ## run the whole test suite (PostgreSQL too when AGENTPLANE_TEST_DATABASE_URL is set)
+test: setup ## run the whole test suite (PostgreSQL too when AGENTPLANE_TEST_DATABASE_URL is set)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy

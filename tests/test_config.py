@@ -31,6 +31,7 @@ GOOD_HASH = hash_token("tok")
         ({"AGENTPLANE_CLI_MAX_RETRIES": "-1"}, "AGENTPLANE_CLI_MAX_RETRIES"),
         ({"AGENTPLANE_AUTO_MIGRATE": "maybe"}, "AGENTPLANE_AUTO_MIGRATE"),
         ({"AGENTPLANE_LOG_LEVEL": "LOUD"}, "AGENTPLANE_LOG_LEVEL"),
+        ({"AGENTPLANE_SANDBOX": "off"}, "AGENTPLANE_SANDBOX"),
     ],
 )
 def test_each_bad_setting_is_named(env: dict[str, str], setting: str) -> None:
@@ -103,6 +104,16 @@ def test_config_and_telemetry_setup_do_not_import_each_other_or_sessions() -> No
             tenant_toml("a", "tok", daily_limit_usd=1, max_session_budget_usd=2),
             "tenants.a.max_session_budget_usd",
         ),
+        (tenant_toml("a", "tok", anthropic_api_key_file="/no/such/key"), "tenants.a.anthropic_api_key_file"),
+        (tenant_toml("a", "tok", anthropic_api_key_file="/dev/null"), "tenants.a.anthropic_api_key_file"),
+        (
+            tenant_toml("a", "tok", anthropic_api_key_env="K", anthropic_api_key_file="/etc/hostname"),
+            "tenants.a.anthropic_api_key_file",
+        ),
+        (tenant_toml("a", "tok", max_memory_mib=100), "tenants.a.max_memory_mib"),
+        (tenant_toml("a", "tok", max_processes=8), "tenants.a.max_processes"),
+        (tenant_toml("a", "tok", max_cpu_s=0), "tenants.a.max_cpu_s"),
+        (tenant_toml("a", "tok", max_disk_mib=True), "tenants.a.max_disk_mib"),
         ("not toml at all [", "AGENTPLANE_TENANTS_FILE"),
         ("[other]\nx = 1\n", "AGENTPLANE_TENANTS_FILE"),
     ],

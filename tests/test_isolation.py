@@ -74,3 +74,26 @@ async def test_an_agent_cannot_read_another_tenants_files(isolated: Harness) -> 
     root_a = h.app.settings.work_dir / "apiso_a"
     assert root_a.stat().st_mode & 0o777 == 0o700
     assert root_a.stat().st_uid == pwd.getpwnam("apiso_a").pw_uid
+
+
+async def test_a_session_of_an_os_user_resumes_in_its_sandbox(isolated: Harness) -> None:
+    h = isolated
+    memory = Script(steps=[
+        Step(text="Noted: the fruit is FIG."),
+        Step(text="You told me FIG."),
+    ])
+    h.sandbox.add_script("osmemory", memory)
+    auth = (("authorization", "Bearer apiso_a"),)
+    first = [e async for e in h.sessions.RunSession(session_pb2.RunSessionRequest(
+        prompt="[[sandbox:osmemory]] Remember the fruit FIG.", model="claude-sonnet-4-5"),
+        metadata=auth)]
+    earlier = first[-1].result.session
+    assert earlier.state == session_pb2.SESSION_STATE_COMPLETE, earlier.error
+    events = [e async for e in h.sessions.RunSession(session_pb2.RunSessionRequest(
+        prompt="Which fruit did I name?", model="claude-sonnet-4-5", resume_session_id=earlier.id),
+        metadata=auth)]
+    final = events[-1].result.session
+    assert final.state == session_pb2.SESSION_STATE_COMPLETE, final.error
+    assert final.result == "You told me FIG."
+    history = str(h.sandbox.requests[-1].body["messages"])
+    assert "Remember the fruit FIG" in history and "Which fruit did I name?" in history

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import stat
 from pathlib import Path
 
 import grpc
 import pytest
-from agentplane.server.sandbox import Script, Step
+from agentplane.server.sandbox import Script, Step, ToolCall
 from agentplane.server.sessions.launcher import BUNDLED_CLI
 from agentplane.server.store.engine import sessionmaker
 from agentplane.server.store.models import Base
 from agentplane.v1 import session_pb2
-from harness import MODEL, TOKENS, Harness, processes
+from harness import (
+    MODEL,
+    TOKENS,
+    Harness,
+    processes,
+    short_dir,
+    start_harness,
+    stop_harness,
+    tenant_toml,
+)
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
@@ -86,3 +96,34 @@ async def test_the_sqlite_database_and_its_wal_are_private_to_the_server(
     assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {
         f.name: 0o600 for f in files
     }
+
+
+async def test_a_key_file_is_read_for_each_session_and_never_reaches_the_agent(
+    database_url: str,
+) -> None:
+    folder = short_dir()
+    key_file = folder / "filekey"
+    key_file.write_text("sk-ant-from-file-1\n")
+    key_file.chmod(0o600)
+    h = await start_harness(database_url, extra_tenants=tenant_toml(
+        "filed", "filed-token", anthropic_api_key_file=key_file, allowed_tools=["Bash"]))
+    TOKENS["filed"] = "filed-token"
+    try:
+        h.sandbox.add_script("env", Script(steps=[
+            Step(tool_calls=[ToolCall("Bash", {"command": f"env; cat {key_file}"})]),
+            Step(text="ok"),
+        ]))
+        first = await h.run("filed", prompt="[[sandbox:env]] go")
+        key_file.write_text("sk-ant-from-file-2\n")  # rotated: the next session uses it
+        second = await h.run("filed", prompt="[[sandbox:env]] go")
+        keys = [r.headers.get("x-api-key") for r in h.sandbox.requests]
+        assert "sk-ant-from-file-1" in keys and "sk-ant-from-file-2" in keys
+        for events in (first, second):
+            assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+            output = "\n".join(e.tool_result.content for e in events if e.HasField("tool_result"))
+            assert "ANTHROPIC_API_KEY=" in output and "sk-ant-from-file" not in output
+            assert "No such file or directory" in output  # the key file is not in its sandbox
+    finally:
+        TOKENS.pop("filed")
+        await stop_harness(h)
+        shutil.rmtree(folder, ignore_errors=True)

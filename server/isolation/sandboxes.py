@@ -60,7 +60,10 @@ class Sandboxes:
         """Mount the folder's tmpfs (its disk limit) on `root` and make its cgroup."""
         root.mkdir(mode=0o700, exist_ok=True)
         if not os.path.ismount(root):
-            mount_tmpfs(root, size_bytes=limits.disk_mib << 20, uid=uid, gid=gid)
+            limit = limits.disk_mib << 20
+            # Room above the limit, so that a session past it stays past it (and is seen
+            # so by `breach`) even when the agent deletes a few files after its ENOSPC.
+            mount_tmpfs(root, size_bytes=limit + max(1 << 20, limit // 8), uid=uid, gid=gid)
         self._cgroup(root).create(limits)
 
     def variables(self, root: Path, passed: Iterable[str], uid: int | None, gid: int | None) -> dict[str, str]:
@@ -73,9 +76,10 @@ class Sandboxes:
     def breach(self, root: Path, limits: SessionLimits) -> Breach | None:
         """The limit the session in `root` hit, if any."""
         found = self._cgroup(root).breach(limits)
-        if found is None and _full(root):
+        if found is None and _used_bytes(root) > limits.disk_mib << 20:
             found = Breach(ErrorReason.DISK_LIMIT, (
-                f"the session's folder reached its disk limit of {limits.disk_mib} MiB"
+                f"the session wrote more than its disk limit of {limits.disk_mib} MiB "
+                "(its folder and /tmp)"
             ))
         return found
 
@@ -132,8 +136,9 @@ def probe(tools: Tools, work_dir: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _full(root: Path) -> bool:
+def _used_bytes(root: Path) -> int:
     try:
-        return os.statvfs(root).f_bfree == 0
+        stat = os.statvfs(root)
     except OSError:
-        return False
+        return 0
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
