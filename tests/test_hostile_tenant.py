@@ -35,7 +35,7 @@ pytestmark = [
 ]
 
 VICTIM_PROMPT = "You are victim's assistant; VICTIM-PROMPT-7731."
-TOKENS.update({"victim": "victim-token-7", "worker": "worker-token-8"})
+TOKENS.update({"victim": "victim-token-7", "worker": "worker-token-8", "pooled": "pooled-token-9"})
 LIMITED = {  # tenant -> its one tight limit
     "lim_disk": {"max_disk_mib": 16},
     "lim_mem": {"max_memory_mib": 400},
@@ -58,6 +58,8 @@ async def h(database_url: str) -> AsyncIterator[Harness]:
                     workspace_template=template),
         *(tenant_toml(name, TOKENS[name], anthropic_api_key_env=key, allowed_tools=["Bash"],
                       **limits) for name, limits in LIMITED.items()),
+        tenant_toml("pooled", TOKENS["pooled"], anthropic_api_key_env=key, allowed_tools=["Bash"],
+                    warm_pool_size=1, warm_pool_model="claude-sonnet-4-5"),
     ]
     harness = await start_harness(database_url, extra_tenants="\n".join(tables))
     yield harness
@@ -143,6 +145,29 @@ async def test_proc_shows_no_other_session_no_key_and_no_other_prompt(h: Harness
     cost = Decimal(final(victim_events).cost_usd)
     assert Decimal(0) < cost < Decimal("0.05")
     assert await spent(h, "victim") == before + cost
+
+
+async def test_a_warm_agent_is_as_sealed_as_a_cold_one(h: Harness) -> None:
+    pool = h.app.sessions.pool
+    assert pool is not None
+    for _ in range(600):
+        if pool.ready("pooled"):
+            break
+        await asyncio.sleep(0.05)
+    hits = pool.stats["pooled"].hits
+    scan = (
+        "cat /proc/[0-9]*/environ | tr '\\0' '\\n' | grep -c AGENTPLANE_SESSION_DIR=; "
+        f"ls {h.app.settings.work_dir}; echo PIDS $(ls -d /proc/[0-9]* | wc -l); "
+        "(echo > /dev/tcp/127.0.0.1/5432) 2>/dev/null && echo 'db OPEN' || echo 'db closed'"
+    )
+    async with victim_running(h):
+        events = await h.run("pooled", prompt=bash_script(h, "warm-scan", scan))
+    assert pool.stats["pooled"].hits == hits + 1  # served by the warm agent
+    out = tool_output(events)
+    assert final(events).state == session_pb2.SESSION_STATE_COMPLETE
+    assert int(out.rsplit("PIDS ", 1)[1].split()[0]) < 12
+    assert "victim" not in out.split("PIDS")[0] and "db closed" in out
+    assert "sk-ant-test" not in out
 
 
 async def test_the_database_tenants_file_and_other_sessions_are_not_visible(h: Harness) -> None:
