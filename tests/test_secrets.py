@@ -56,31 +56,46 @@ async def test_no_secret_is_persisted_streamed_or_logged(
         assert secret not in text
 
 
-async def test_an_agent_never_sees_a_tenants_key(harness: Harness) -> None:
-
-    harness.sandbox.add_script("pause", Script(steps=[Step(text="ok", delay_s=2.0)]))
-    call = harness.sessions.RunSession(
+async def cli_environ(h: Harness) -> list[bytes]:
+    """The environment of a running session's CLI (globex's; the session is left to end)."""
+    h.sandbox.add_script("pause", Script(steps=[Step(text="ok", delay_s=2.0)]))
+    call = h.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt="[[sandbox:pause]] hi", model=MODEL),
-        metadata=harness.auth("globex"),
+        metadata=h.auth("globex"),
     )
     await call.read()
+    cli: list[bytes] = []
     for _ in range(100):
-        agents = processes(harness.work_dir)
-        if agents:
+        # The CLI itself (the launcher and bwrap before it run as the server, outside the
+        # sandbox; the agent cannot see them).
+        found = [p for p in processes(h.work_dir) if p.cmdline.startswith(bytes(BUNDLED_CLI))]
+        if found:
+            cli = found[0].env
             break
         await asyncio.sleep(0.05)
-    # The CLI itself (the launcher and bwrap before it run as the server, outside the
-    # sandbox; the agent cannot see them).
-    cli = [p for p in agents if p.cmdline.startswith(bytes(BUNDLED_CLI))]
-    assert len(cli) == 1
-    environ = cli[0].env
+    while await call.read() is not grpc.aio.EOF:
+        pass
+    assert cli, "no CLI process was seen"
+    return cli
+
+
+async def test_an_agent_never_sees_a_tenants_key(harness: Harness) -> None:
+    environ = await cli_environ(harness)
     # Not even its own key: the CLI holds a per-session gateway token instead.
     assert not [v for v in environ if b"sk-ant-test-" in v]
     assert [v for v in environ if v.startswith(b"ANTHROPIC_API_KEY=")] != []
     # None of the server's own variables reach it, blanked or not.
     assert not [v for v in environ if v.startswith(b"AGENTPLANE_TEST_")]
-    while await call.read() is not grpc.aio.EOF:
-        pass
+
+
+async def test_unsandboxed_agents_get_every_tenants_key_variable_blanked(database_url: str) -> None:
+    h = await start_harness(database_url, sandbox=False)
+    try:
+        environ = await cli_environ(h)
+    finally:
+        await stop_harness(h)
+    assert not [v for v in environ if b"sk-ant-test-" in v]
+    assert b"AGENTPLANE_TEST_ACME_KEY=" in environ  # blanked, not inherited
 
 
 async def test_the_sqlite_database_and_its_wal_are_private_to_the_server(
