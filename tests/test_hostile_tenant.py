@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from agentplane import server
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.sandbox import HttpFailure, Script, Step, ToolCall, Usage
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import (
     TOKENS,
@@ -244,6 +244,36 @@ async def test_processes_that_shed_their_session_do_not_outlive_it(h: Harness) -
             break
         await asyncio.sleep(0.1)
     assert survivors == []
+
+
+async def test_symlinks_planted_in_its_folder_do_not_reach_the_host_on_a_retry(h: Harness) -> None:
+    # The agent points its folder's tmp and config folders at the host's / and /etc, then
+    # the model fails, so the session is retried: a new CLI starts in the same folder.
+    plant = (
+        "cd $AGENTPLANE_SESSION_DIR && mv t t.old && ln -s / t && mv h h.old && mkdir h "
+        "&& ln -s /etc h/.claude && ln -s /etc h/.claude-resumed.AAAAAA && echo planted"
+    )
+    check = (
+        "echo TMP; ls /tmp; echo SESSION; ls -a $AGENTPLANE_SESSION_DIR $AGENTPLANE_SESSION_DIR/h; "
+        "echo probe > /tmp/ap-escape-probe; echo probe > $CLAUDE_CONFIG_DIR/ap-escape-probe; "
+        "echo checked"
+    )
+    h.sandbox.add_script("plant", Script(steps=[
+        Step(tool_calls=[ToolCall("Bash", {"command": plant})]),
+        Step(tool_calls=[ToolCall("Bash", {"command": check})],
+             failures=[HttpFailure(500, should_retry=False)]),
+        Step(text="done"),
+    ]))
+    events = await h.run("ops", prompt="[[sandbox:plant]] go")
+    out = tool_output(events)
+    assert "checked" in out, out
+    assert any(e.HasField("retrying") for e in events)  # a second CLI started
+    tmp, session = out.rsplit("TMP", 1)[1].split("SESSION", 1)
+    assert "t.old" in session and "h.old" in session and ".claude-resumed.AAAAAA" in session
+    assert not {"usr", "etc", "root", "proc"} & set(tmp.split())  # /tmp is not the host's /
+    assert final(events).state == session_pb2.SESSION_STATE_COMPLETE, final(events).error
+    for host_path in ("/ap-escape-probe", "/etc/ap-escape-probe"):
+        assert not Path(host_path).exists(), host_path
 
 
 @pytest.mark.parametrize(("tenant", "command", "reason"), [

@@ -87,11 +87,14 @@ if [ -n "${AGENTPLANE_SANDBOX_UID:-}" ]; then
 fi
 if [ "${CLAUDE_CONFIG_DIR:-$config}" != "$config" ]; then
   # A resume: the SDK put the transcript in a folder of the server's. The agent gets a copy
-  # in its own folder, seen at the path the SDK expects its transcript under.
-  cp -R "$CLAUDE_CONFIG_DIR/." "$config/"
+  # in its own folder, seen at the path the SDK expects its transcript under. The copy goes
+  # to a new folder (mktemp), never into one an earlier agent of this session could have
+  # filled with symlinks (no process of the session runs now: the server made sure).
+  fresh=$(mktemp -d "$S/h/.claude-resumed.XXXXXX")
+  cp -R "$CLAUDE_CONFIG_DIR/." "$fresh/"
   [ -z "${AGENTPLANE_SANDBOX_UID:-}" ] ||
-    chown -R "$AGENTPLANE_SANDBOX_UID:$AGENTPLANE_SANDBOX_GID" "$config"
-  set -- --bind "$config" "$CLAUDE_CONFIG_DIR" "$@"; n=$((n + 3))
+    chown -R "$AGENTPLANE_SANDBOX_UID:$AGENTPLANE_SANDBOX_GID" "$fresh"
+  set -- --bind "$fresh" "$CLAUDE_CONFIG_DIR" "$@"; n=$((n + 3))
 fi
 for name in $AGENTPLANE_SANDBOX_ENV; do
   eval "[ -z \"\${$name+x}\" ]" || { eval "set -- --setenv $name \"\$$name\" \"\$@\""; n=$((n + 3)); }

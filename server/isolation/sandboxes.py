@@ -66,6 +66,24 @@ class Sandboxes:
             mount_tmpfs(root, size_bytes=limit + max(1 << 20, limit // 8), uid=uid, gid=gid)
         self._cgroup(root).create(limits)
 
+    def reseal(self, root: Path, uid: int, gid: int) -> None:
+        """Before another CLI starts in `root` (a retry): kill whatever of the session
+        still runs, and make the folders the launcher binds or writes into real folders
+        again: `h` (HOME), and `t` (/tmp) afresh and empty. An agent may have replaced
+        them, or filled /tmp, with symlinks to anywhere on the host, which bwrap and the
+        launcher, running as root outside the sandbox, would follow."""
+        self._cgroup(root).kill_all()
+        for name in ("t", "h"):
+            path = root / name
+            if path.is_symlink() or not path.is_dir():
+                path.unlink(missing_ok=True)  # a symlink, a file, or nothing
+            elif name == "t":
+                shutil.rmtree(path)
+            else:
+                continue
+            path.mkdir(mode=0o700)
+            os.chown(path, uid, gid)
+
     def variables(self, root: Path, passed: Iterable[str], uid: int | None, gid: int | None) -> dict[str, str]:
         """The launcher's variables for one CLI start in the folder `root`."""
         return session_variables(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import pwd
 import shlex
 from dataclasses import dataclass, field
@@ -79,6 +81,15 @@ class Launcher:
             upstream_base_url=self.config.base_url or ANTHROPIC_API,
             upstream_api_key=tenant.api_key() or "",
         )
+
+    async def reseal(self, dirs: SessionDirs, tenant: Tenant) -> None:
+        """Before a CLI starts again in the folder of an agent that already ran there."""
+        if self.sandboxes is not None:
+            owner = pwd.getpwnam(tenant.os_user) if tenant.os_user else None
+            await asyncio.to_thread(
+                self.sandboxes.reseal, dirs.root,
+                owner.pw_uid if owner else os.getuid(), owner.pw_gid if owner else os.getgid(),
+            )
 
     def breach(self, dirs: SessionDirs, tenant: Tenant) -> Breach | None:
         """The limit the session in `dirs` hit so far (None: none, or no sandbox)."""

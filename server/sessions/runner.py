@@ -69,6 +69,8 @@ class AgentRun:
     # The warm agent made for this session; serves the first attempt only.
     warm: WarmAgent | None = None
     total: Outcome = field(default_factory=lambda: Outcome(Verdict(SessionState.ERROR)))
+    # CLIs started for the session so far (the warm agent's included).
+    starts: int = 0
     # The sandbox limit the session hit so far (always None without a sandbox).
     breach: Callable[[], Breach | None] = lambda: None
 
@@ -196,11 +198,14 @@ class AgentRunner:
             if run.warm is not None:
                 connected = run.warm.connected()
             else:
+                if run.starts:  # an agent ran in this folder before: seal it again
+                    await self._launcher.reseal(run.dirs, run.tenant)
                 connected = ClaudeSDKClient(self._launcher.options(
                     spec, run.tenant, run.dirs, run.meter, resume=resume,
                     budget=run.meter.remaining_usd,
                     max_turns=max(1, spec.max_turns - before.num_turns),
                 ))
+            run.starts += 1
             async with connected as client:
                 retrying = resume is not None and resume == before.sdk_session_id
                 await client.query(RESUME_PROMPT if retrying else spec.prompt)
