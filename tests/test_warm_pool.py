@@ -277,8 +277,13 @@ async def test_start_up_sweeps_warm_agents_a_dead_server_left(tmp_path: Path) ->
         ours = h.work_dir / "w" / "warm" / "fedcba9876543210"
         ours.mkdir(parents=True)
         (ours / WARM_MARKER).write_text(str(os.getpid()))
+        # An agent may leave markers that would hang or flood a naive read.
+        for name, plant in (("aaaaaaaaaaaaaaaa", lambda m: m.symlink_to("/dev/zero")),
+                            ("bbbbbbbbbbbbbbbb", os.mkfifo)):
+            (h.work_dir / "w" / "warm" / name).mkdir(parents=True)
+            plant(h.work_dir / "w" / "warm" / name / WARM_MARKER)
 
-        assert await pool(h).sweep() == 1
+        assert await asyncio.wait_for(pool(h).sweep(), 30) == 3
 
         assert await asyncio.wait_for(sleeper.wait(), 10) != 0
         assert not orphan.exists()

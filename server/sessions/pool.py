@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -363,8 +364,16 @@ def _write_marker(root: Path) -> None:
 
 
 def _owner_alive(marker: Path) -> bool:
+    # The marker lies in a folder an agent could write to: read at most a few bytes of a
+    # regular file, never through a symlink (to /dev/zero, say) or from a FIFO.
     try:
-        pid = int(marker.read_text().strip())
+        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            pid = int(os.read(fd, 32).strip())
+        finally:
+            os.close(fd)
     except (OSError, ValueError):
         return False
     if pid == os.getpid():
