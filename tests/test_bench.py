@@ -16,6 +16,7 @@ ROWS = [
     "1-turn session, wall", "3-tool-turn session, wall", "time to first agent event |",
     "1-turn session, wall, warm pool", "time to first agent event, warm pool",
     "control-plane CPU per session",
+    "sandbox cost: 1-turn session, wall", "sandbox cost: CPU per 1-turn session",
     # 4: saturation throughput
     "sessions/s at concurrency 1 |", "sessions/s at concurrency 2 |",
     # 5: unary RPCs (PostgreSQL rows say skipped in --quick)

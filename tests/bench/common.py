@@ -10,8 +10,8 @@ import sqlite3
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,6 +70,7 @@ def scripts(*, relay_tool_calls: int, relay_steps: int = 1, hold_s: float) -> di
 # -- tenants ----------------------------------------------------------------------------------
 
 PER_SESSION_USD = "0.1"  # the admission tenants' per-session budget
+TEMPLATE = "tpl"  # acme's workspace template, in the work folder of a bench run
 WARM_TOKEN = "warm-token"
 
 
@@ -77,11 +78,11 @@ def adm_token(run: int) -> str:
     return f"adm-token-{run}"
 
 
-def tenants_toml(workspace: Path, *, adm_runs: int, adm_admits: int) -> str:
+def tenants_toml(workspace: Path, *, adm_runs: int, adm_admits: int, warm: bool = True) -> str:
     """acme (limits high enough for concurrency 8 and thousands of sessions), `solo` (one
-    uncontended admission at a time), `warm` (acme with a warm pool of one agent) and
-    `adm0..` (one fresh budget window per run of the admission benchmark, admitting exactly
-    `adm_admits` sessions of 0.1 USD)."""
+    uncontended admission at a time), `warm` (acme with a warm pool of one agent; not with
+    warm=False) and `adm0..` (one fresh budget window per run of the admission benchmark,
+    admitting exactly `adm_admits` sessions of 0.1 USD)."""
     key = "AGENTPLANE_TEST_ACME_KEY"
     acme: dict[str, TomlValue] = {
         "anthropic_api_key_env": key, "allowed_tools": ["Read", "Glob", "Grep"],
@@ -98,7 +99,8 @@ def tenants_toml(workspace: Path, *, adm_runs: int, adm_admits: int) -> str:
             max_concurrent_sessions=64,
         ),
         # acme's policy with one agent kept started ahead of demand (the warm pool).
-        tenant_toml("warm", WARM_TOKEN, **acme, warm_pool_size=1, warm_pool_model=MODEL),
+        *([tenant_toml("warm", WARM_TOKEN, **acme, warm_pool_size=1, warm_pool_model=MODEL)]
+          if warm else []),
         *(
             tenant_toml(
                 f"adm{run}", adm_token(run), anthropic_api_key_env=key, allowed_tools=["Read"],
@@ -121,6 +123,7 @@ class Server:
     database_url: str
     label: str  # "SQLite" or "PostgreSQL"
     channel: grpc.aio.Channel
+    cpu: CpuGroup  # everything the process runs, its sandboxes too
     sessions: session_pb2_grpc.SessionServiceStub = field(init=False)
     budgets: budget_pb2_grpc.BudgetServiceStub = field(init=False)
 
@@ -138,8 +141,10 @@ class Server:
 
     @classmethod
     async def start(
-        cls, *, label: str, database_url: str, sandbox_url: str, tenants_file: Path, work: Path
+        cls, *, label: str, database_url: str, sandbox_url: str, tenants_file: Path, work: Path,
+        settings: Mapping[str, str] | None = None,
     ) -> Server:
+        """`settings`: variables over the benchmarks' own (AGENTPLANE_SANDBOX=none, say)."""
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
         env.update(
@@ -151,11 +156,18 @@ class Server:
             # Benchmark 4 runs 8 sessions at once, benchmark 7 admits 50 at once.
             AGENTPLANE_MAX_SESSIONS="64",
         )
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agentplane.server", "serve", env=env
-        )
+        env.update(settings or {})
+        cpu = CpuGroup.make(f"agentplane-bench-{os.getpid()}-{port}")
+        command = [sys.executable, "-m", "agentplane.server", "serve"]
+        if cpu.path is not None:  # join the group before the server starts (and finds its own)
+            command = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cpu.procs), *command]
+        try:
+            proc = await asyncio.create_subprocess_exec(*command, env=env)
+        except BaseException:
+            cpu.remove()
+            raise
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        server = cls(proc, port, database_url, label, channel)
+        server = cls(proc, port, database_url, label, channel, cpu)
         try:
             await server._wait_ready()
         except BaseException:
@@ -180,15 +192,25 @@ class Server:
             await asyncio.sleep(0.1)
         raise RuntimeError(f"the {self.label} server never became ready")
 
+    async def sandboxed(self) -> bool:
+        """Whether the server runs every session in a sandbox (health `agentplane.sandbox`)."""
+        reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+            health_pb2.HealthCheckRequest(service="agentplane.sandbox"), timeout=5
+        )
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
     async def stop(self) -> None:
         await self.channel.close()
-        if self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 30)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        try:
+            if self.proc.returncode is None:
+                self.proc.terminate()
+                try:
+                    await asyncio.wait_for(self.proc.wait(), 30)
+                except TimeoutError:
+                    self.proc.kill()
+                    await self.proc.wait()
+        finally:
+            self.cpu.remove()
 
 
 # -- /proc ------------------------------------------------------------------------------------
@@ -199,6 +221,58 @@ def cpu_of(pid: int) -> tuple[float, float]:
     tick = os.sysconf("SC_CLK_TCK")
     utime, stime, cutime, cstime = (int(fields[i]) / tick for i in (11, 12, 13, 14))
     return utime + stime, cutime + cstime
+
+
+CPUACCT = Path("/sys/fs/cgroup/cpuacct")
+
+
+@dataclass(frozen=True)
+class CpuGroup:
+    """A cpuacct cgroup (cgroup v1) of one server process's own, for the CPU of everything
+    the server runs. cpu_of's reaped-children figure misses a sandboxed CLI (~0.01 of its
+    ~0.6 CPU-s show): the sandbox's processes are SIGKILLed with its cgroup, so bwrap never
+    reaps the CLI's CPU into its own and on to the server's. The sandbox's cgroup lies below
+    the server's, and the kernel charges CPU to every ancestor cgroup as it is used, so this
+    group keeps the CPU of session cgroups removed since. `path` None: none (`why`)."""
+
+    path: Path | None
+    why: str = ""
+
+    @classmethod
+    def make(cls, name: str) -> CpuGroup:
+        """A new group `name` below this process's own cpuacct cgroup."""
+        if not (CPUACCT / "cpuacct.usage").is_file():
+            return cls(None, f"no cgroup v1 cpuacct controller at {CPUACCT}")
+        own = next((line.split(":", 2)[2] for line in
+                    Path("/proc/self/cgroup").read_text().splitlines()
+                    if "cpuacct" in line.split(":", 2)[1].split(",")), "/")
+        path = CPUACCT / own.lstrip("/") / name
+        try:
+            path.mkdir()
+        except OSError as exc:
+            return cls(None, f"cannot make a cpuacct cgroup ({exc.strerror or exc})")
+        return cls(path)
+
+    @property
+    def procs(self) -> Path:
+        assert self.path is not None, self.why
+        return self.path / "cgroup.procs"
+
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by every process that ran in the group or below it."""
+        assert self.path is not None, self.why
+        return int((self.path / "cpuacct.usage").read_text()) / 1e9
+
+    def remove(self) -> None:
+        """Remove the group and the (empty) groups the server left below it."""
+        if self.path is None or not self.path.is_dir():
+            return
+        for folder in sorted((p for p in self.path.rglob("*") if p.is_dir()),
+                             key=lambda p: len(p.parts), reverse=True):
+            with suppress(OSError):
+                folder.rmdir()
+        with suppress(OSError):
+            self.path.rmdir()
 
 
 def rss_mib(pid: int) -> float:
@@ -282,16 +356,13 @@ async def via_sdk(base_url: str, script: str) -> Sample:
     return Sample(time.perf_counter() - start, first or 0.0, events, events)
 
 
-async def interleaved(
-    runs: int, a: Callable[[], Awaitable[T]], b: Callable[[], Awaitable[T]]
-) -> tuple[list[T], list[T]]:
-    """A B A B ...: `runs` results of each."""
-    ours: list[T] = []
-    theirs: list[T] = []
+async def interleaved(runs: int, *each: Callable[[], Awaitable[T]]) -> list[list[T]]:
+    """A B A B ... (or A B C A B C ...): `runs` results of each."""
+    results: list[list[T]] = [[] for _ in each]
     for _ in range(runs):
-        ours.append(await a())
-        theirs.append(await b())
-    return ours, theirs
+        for one, out in zip(each, results, strict=True):
+            out.append(await one())
+    return results
 
 
 async def closed_loop(concurrency: int, total: int, one: Callable[[], Awaitable[Any]]) -> float:
@@ -351,6 +422,11 @@ def row(name: str, ours: str, theirs: str, ratio_: str, goal: str) -> str:
     return f"| {name} | {ours} | {theirs} | {ratio_} | {goal} |"
 
 
+def met(goal: str, ok: bool) -> str:
+    """The goal cell of a figure checked against its goal."""
+    return f"{goal}; met: {'yes' if ok else 'no'}"
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -368,6 +444,11 @@ class Bench:
     adm_admits: int
     pg_url: str | None  # the PostgreSQL server to create databases on, None: skipped
     pg_skipped: str = ""  # why PostgreSQL rows are skipped
+
+    @property
+    def template(self) -> Path:
+        """acme's workspace template (run.py makes it)."""
+        return self.work / TEMPLATE
 
     def skipped(self, name: str, goal: str) -> str:
         return row(name, f"skipped: {self.pg_skipped}", "-", "-", goal)

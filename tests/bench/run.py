@@ -47,6 +47,7 @@ from agentplane.server.sandbox import SandboxServer
 from agentplane.server.sessions.launcher import BUNDLED_CLI
 from common import (
     PER_SESSION_USD,
+    TEMPLATE,
     Bench,
     Server,
     load_average,
@@ -62,7 +63,16 @@ DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 SECTIONS = {
     "1-3": ("One session (benchmarks 1-3)",
-            "agentplane vs `query()` of the direct SDK with the same options and script."),
+            ("agentplane, every session in its bubblewrap sandbox (the default), vs `query()` of "
+             "the direct SDK with the same options and script. The cold 1-turn rows come from "
+             "one interleaved run of three: a sandboxed server, one alike but for "
+             "AGENTPLANE_SANDBOX=none (neither with a warm pool), the direct SDK "
+             f"({latency.COLD_RUNS} times the runs of the other rows, once in --quick). "
+             "\"sandbox cost\" is sandboxed minus unsandboxed (medians); its CPU is that of "
+             "every process the server ran (its own, the CLI's, bwrap's, socat's, sh's), from a "
+             "cpuacct cgroup of the server's own read after each session. Control-plane CPU "
+             "(means over those sessions): the sandboxed server's own against the rest of that "
+             "cgroup.")),
     "4": ("Saturation throughput (benchmark 4)",
           ("Completed 1-turn sessions per second, closed loop (each caller starts its next "
            "session when its last one ends; 2 sessions per caller per run), agentplane vs the "
@@ -192,8 +202,8 @@ async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
                                             hold_s=1.5 if quick else 3.0))
     await sandbox.start()
     work = short_dir("apb")
-    (work / "tpl").mkdir()
-    tenants_file = write_tenants(work, tenants_toml(work / "tpl", adm_runs=runs, adm_admits=admits))
+    (work / TEMPLATE).mkdir()
+    tenants_file = write_tenants(work, tenants_toml(work / TEMPLATE, adm_runs=runs, adm_admits=admits))
     bench = Bench(quick=quick, runs=runs, sandbox=sandbox, tenants_file=tenants_file,
                   work=work, adm_admits=admits, pg_url=pg_url, pg_skipped=pg_skipped)
     rows: dict[str, list[str]] = {key: [] for key in SECTIONS}
