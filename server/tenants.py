@@ -59,6 +59,13 @@ class Tenant:
     # A file holding the key, read when needed (in place of anthropic_api_key_env).
     anthropic_api_key_file: Path | None = None
 
+    def unix_ids(self) -> tuple[int, int] | None:
+        """The uid and gid of the tenant's os_user (None: its agents run as the server)."""
+        if self.os_user is None:
+            return None
+        entry = pwd.getpwnam(self.os_user)
+        return entry.pw_uid, entry.pw_gid
+
     def api_key(self) -> str | None:
         """The tenant's Anthropic API key, read from its file or the environment when
         needed (so a rotated key is used from the next session on)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 import shutil
 from pathlib import Path
 
@@ -36,21 +35,18 @@ class SessionFolders:
         tenant_root = self.work_dir / tenant.name
         tenant_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         tenant_root.chmod(0o700)
-        owner = pwd.getpwnam(tenant.os_user) if tenant.os_user is not None else None
-        if owner is not None:
-            shutil.chown(tenant_root, owner.pw_uid, owner.pw_gid)
+        ids = tenant.unix_ids()
+        if ids is not None:
+            os.chown(tenant_root, *ids)
         if self._sandboxes is not None:
-            self._sandboxes.prepare(
-                dirs.root, tenant.limits,
-                uid=owner.pw_uid if owner else os.getuid(),
-                gid=owner.pw_gid if owner else os.getgid(),
-            )
+            uid, gid = ids or (os.getuid(), os.getgid())
+            self._sandboxes.prepare(dirs.root, tenant.limits, uid=uid, gid=gid)
         dirs.create(owner=tenant.os_user)
         if tenant.workspace_template is not None:
             shutil.copytree(tenant.workspace_template, dirs.cwd, dirs_exist_ok=True)
-            if tenant.os_user is not None:
+            if ids is not None:
                 for path in [dirs.cwd, *dirs.cwd.rglob("*")]:
-                    shutil.chown(path, tenant.os_user, pwd.getpwnam(tenant.os_user).pw_gid)
+                    os.chown(path, *ids, follow_symlinks=False)
 
     async def remove(self, root: Path) -> None:
         """Kill every process of the session folder `root` (tools included), remove it

@@ -85,11 +85,8 @@ class Launcher:
     async def reseal(self, dirs: SessionDirs, tenant: Tenant) -> None:
         """Before a CLI starts again in the folder of an agent that already ran there."""
         if self.sandboxes is not None:
-            owner = pwd.getpwnam(tenant.os_user) if tenant.os_user else None
-            await asyncio.to_thread(
-                self.sandboxes.reseal, dirs.root,
-                owner.pw_uid if owner else os.getuid(), owner.pw_gid if owner else os.getgid(),
-            )
+            uid, gid = tenant.unix_ids() or (os.getuid(), os.getgid())
+            await asyncio.to_thread(self.sandboxes.reseal, dirs.root, uid, gid)
 
     def breach(self, dirs: SessionDirs, tenant: Tenant) -> Breach | None:
         """The limit the session in `dirs` hit so far (None: none, or no sandbox)."""
@@ -120,14 +117,15 @@ class Launcher:
             scrub=() if self.sandboxes else self.config.scrub_env,
             extra=extra,
         )
-        cli = self._cli_for(tenant)
         if self.sandboxes is not None:
-            owner = pwd.getpwnam(tenant.os_user) if tenant.os_user else None
+            ids = tenant.unix_ids()
             env.update(self.sandboxes.variables(
                 dirs.root, [name for name, value in env.items() if value],
-                uid=owner.pw_uid if owner else None, gid=owner.pw_gid if owner else None,
+                uid=ids[0] if ids else None, gid=ids[1] if ids else None,
             ))
             cli = self.sandboxes.launcher
+        else:
+            cli = self._cli_for(tenant)
         return ClaudeAgentOptions(
             # `tools` limits what exists; `allowed_tools` lets those run without a prompt.
             tools=list(spec.tools),
