@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentplane.server.sandbox import Script, Step, ToolCall
+from agentplane.server.isolation.bwrap import CLI_INSIDE
 from agentplane.server.sessions.launcher import BUNDLED_CLI
 from agentplane.server.store.engine import sessionmaker
 from agentplane.server.store.models import Base
@@ -68,7 +69,8 @@ async def cli_environ(h: Harness) -> list[bytes]:
     for _ in range(100):
         # The CLI itself (the launcher and bwrap before it run as the server, outside the
         # sandbox; the agent cannot see them).
-        found = [p for p in processes(h.work_dir) if p.cmdline.startswith(bytes(BUNDLED_CLI))]
+        found = [p for p in processes(h.work_dir)
+                 if p.cmdline.split(b"\0")[0] in (bytes(BUNDLED_CLI), CLI_INSIDE.encode())]
         if found:
             cli = found[0].env
             break

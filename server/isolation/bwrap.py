@@ -5,8 +5,8 @@ session's, so `cli_path` is a small shell script (written once per server, outsi
 sandbox) that reads the session's sandbox from AGENTPLANE_SANDBOX_* variables and execs
 bwrap. Inside, the agent sees:
 
-- `/usr` (and the /bin, /lib symlinks into it), a few files of /etc and the CLI binary,
-  all read-only; a fresh /proc, a minimal /dev;
+- `/usr` (and the /bin, /lib symlinks into it), a few files of /etc and the CLI binary
+  (at /run/agentplane/claude), all read-only; a fresh /proc, a minimal /dev;
 - its session folder, read-write, at the same path, and the folder's `t/` as /tmp;
 - nothing else: not the database, the tenants file, other sessions or the server's files;
 - its own PID, network, IPC, UTS and cgroup namespaces; its network has only loopback,
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GATEWAY_INSIDE = "/run/agentplane/gateway.sock"
+# Where the CLI binary is seen inside (wherever it lies outside, /tmp even).
+CLI_INSIDE = "/run/agentplane/claude"
 # Files of /etc the CLI and ordinary tools need (user names, DNS-free host names, time
 # zone, dynamic linker cache, certificates); none of them is secret.
 ETC_FILES = (
@@ -78,7 +80,7 @@ for procs in ${AGENTPLANE_SANDBOX_CGROUPS:-}; do echo $$ > "$procs"; done
 config=$S/h/.claude
 caps=
 # "$@" becomes: n words of bwrap options, then the command.
-set -- /bin/sh -c @FORWARDER@ "$AGENTPLANE_SANDBOX_PORT" "$PWD" @CLI@ "$@"
+set -- /bin/sh -c @FORWARDER@ "$AGENTPLANE_SANDBOX_PORT" "$PWD" @CLI_INSIDE@ "$@"
 n=0
 if [ -n "${AGENTPLANE_SANDBOX_UID:-}" ]; then
   set -- @SETPRIV@ --reuid="$AGENTPLANE_SANDBOX_UID" --regid="$AGENTPLANE_SANDBOX_GID" \
@@ -113,7 +115,7 @@ options=${0%/*}/options.$$
 while [ "$n" -gt 0 ]; do printf '%s\0' "$1" >> "$options"; shift; n=$((n - 1)); done
 exec 3< "$options"
 rm -f "$options"
-exec /usr/bin/env -i @BWRAP@ @SYSTEM@ $caps @CLI_PARENTS@ --ro-bind @CLI@ @CLI@ \
+exec /usr/bin/env -i @BWRAP@ @SYSTEM@ $caps --ro-bind @CLI@ @CLI_INSIDE@ \
   --bind "$AGENTPLANE_SANDBOX_GATEWAY" @GATEWAY@ --bind "$S/t" /tmp --chdir / --args 3 -- "$@"
 """
 
@@ -127,8 +129,8 @@ def launcher_script(tools: Tools, cli: Path) -> str:
     )
     fills = {
         "@FORWARDER@": q(forwarder),
-        "@CLI_PARENTS@": " ".join(q(a) for a in _traversable_parents(cli)),
         "@CLI@": q(str(cli)),
+        "@CLI_INSIDE@": q(CLI_INSIDE),
         "@SETPRIV@": q(str(tools.setpriv)),
         "@BWRAP@": q(str(tools.bwrap)),
         "@SYSTEM@": " ".join(q(a) for a in sandbox_args()),
@@ -138,16 +140,6 @@ def launcher_script(tools: Tools, cli: Path) -> str:
     for mark, value in fills.items():
         script = script.replace(mark, value)
     return script
-
-
-def _traversable_parents(path: Path) -> list[str]:
-    """bwrap arguments making the folders above `path` traversable (0711) for an os_user
-    (bwrap would make them 0700), except where they lie in the read-only system."""
-    args: list[str] = []
-    for parent in reversed(path.parents[:-1]):
-        if not parent.is_relative_to("/usr"):
-            args += ["--perms", "0711", "--dir", str(parent)]
-    return args
 
 
 def write_launcher(path: Path, tools: Tools, cli: Path) -> Path:
