@@ -224,6 +224,21 @@ async def test_no_port_on_loopback_is_reachable_but_the_gateway(h: Harness) -> N
     assert connections == 0
 
 
+async def test_the_agent_has_no_capabilities_and_gains_none(h: Harness) -> None:
+    command = (
+        "grep -E '^(NoNewPrivs|CapInh|CapPrm|CapEff|CapAmb)' /proc/self/status; "
+        "mkdir -p /tmp/m; mount -t tmpfs x /tmp/m 2>&1 || echo mount-refused; "
+        "su -c 'cat /proc/self/status' root 2>&1 | grep -E '^CapEff' || echo su-gained-nothing"
+    )
+    events = await h.run("ops", prompt=bash_script(h, "caps", command))
+    out = tool_output(events)
+    status = dict(line.split(":\t") for line in out.splitlines() if ":\t" in line)
+    assert status["NoNewPrivs"] == "1"
+    for caps in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(status[caps], 16) == 0, (caps, out)
+    assert "mount-refused" in out and "su-gained-nothing" in out
+
+
 async def test_processes_that_shed_their_session_do_not_outlive_it(h: Harness) -> None:
     command = (
         "env -i setsid sleep 987651 >/dev/null 2>&1 & "
