@@ -280,3 +280,34 @@ async def test_a_killed_cli_is_retried_and_the_session_completes(harness: Harnes
     assert final.state == session_pb2.SESSION_STATE_COMPLETE, rest
     assert final.result == "survived"
     assert await wait_gone(harness) == []
+
+
+async def test_recovery_does_not_close_a_session_whose_lease_was_renewed(harness: Harness) -> None:
+    # Another server saw the lease expired, but the owner renewed it before that server's
+    # closing UPDATE: the UPDATE checks the lease itself, so the session stays the owner's.
+    from agentplane.server.sessions.ending import write_end
+    from agentplane.server.store import sessions as repo
+    from agentplane.server.store.engine import sessionmaker
+
+    harness.sandbox.add_script("held", Script(steps=[Step(text="late", delay_s=3.0)]))
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:held]] wait", model=MODEL),
+        metadata=harness.auth(),
+    )
+    session_id = (await call.read()).session_id
+    db = sessionmaker(harness.app.engine)
+    for _ in range(100):
+        async with db() as s:
+            seen = await repo.get_session(s, "acme", session_id)
+        if seen is not None and seen.state is SessionState.RUNNING:
+            break
+        await asyncio.sleep(0.05)
+    assert seen is not None and seen.state is SessionState.RUNNING
+    stale_now = seen.start_time  # as if the recovering server looked before the renewal
+    final = seen.evolve(state=SessionState.ERROR, error_reason=ErrorReason.INTERRUPTED)
+    async with db.begin() as s:
+        assert await write_end(s, final, expect=SessionState.RUNNING, lease_expired_by=stale_now) is None
+    last = None
+    while (event := await call.read()) is not grpc.aio.EOF:
+        last = event
+    assert last is not None and last.result.session.state == session_pb2.SESSION_STATE_COMPLETE

@@ -8,6 +8,8 @@ together, or not at all.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from ..budgets.ledger import settle_session
@@ -22,13 +24,15 @@ def result_event(final: Session, seq: int) -> Event:
 
 
 async def write_end(
-    db: DbSession, final: Session, *, expect: SessionState, seq: int | None = None
+    db: DbSession, final: Session, *, expect: SessionState, seq: int | None = None,
+    lease_expired_by: datetime | None = None,
 ) -> Event | None:
-    """In `db`'s transaction: record `final` if the session is still in state `expect`,
-    settle its reservation to `final.cost_usd` and append its `result` event as number
-    `seq` (default: after the last one persisted). Returns that event, or None when
-    another server has closed the session meanwhile (then nothing is written)."""
-    if not await repo.save_progress(db, final, expect=expect):
+    """In `db`'s transaction: record `final` if the session is still in state `expect`
+    (and, for a recovery, its lease expired before `lease_expired_by`), settle its
+    reservation to `final.cost_usd` and append its `result` event as number `seq`
+    (default: after the last one persisted). Returns that event, or None when the session
+    was closed meanwhile, or its owner renewed its lease (then nothing is written)."""
+    if not await repo.save_progress(db, final, expect=expect, lease_expired_by=lease_expired_by):
         return None
     await settle_session(db, session_id=final.id, actual=final.cost_usd,
                          now=final.end_time or utcnow())

@@ -86,8 +86,8 @@ class LeaseKeeper:
                 error_message="the server running the session stopped before it ended",
             )
             async with self._db.begin() as db:
-                if await write_end(db, final, expect=session.state) is None:
-                    continue  # closed meanwhile by its owner or another server
+                if await write_end(db, final, expect=session.state, lease_expired_by=now) is None:
+                    continue  # closed meanwhile, or its owner renewed the lease: alive
             closed.append(final.id)
             # What is left of its agent on this host (a dead server sharing the work dir).
             await self._folders.remove(self._folders.dirs(final.tenant, final.id).root)

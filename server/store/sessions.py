@@ -117,16 +117,23 @@ async def find_by_request_id(
     return (_to_domain(row), row.request_hash) if row else None
 
 
-async def save_progress(db: DbSession, session: Session, *, expect: SessionState) -> bool:
-    """Write a session's state and outcome if it is still in state `expect`.
+async def save_progress(
+    db: DbSession, session: Session, *, expect: SessionState,
+    lease_expired_by: datetime | None = None,
+) -> bool:
+    """Write a session's state and outcome if it is still in state `expect` (and, with
+    `lease_expired_by`, only if its lease expired before then: a recovering server must
+    not close a session whose owner renewed its lease since it looked).
 
     The guard makes terminal states final even when two writers race (a cancel and a
     natural end, say): the loser sees False and changes nothing.
     """
+    guard = [SessionRow.id == session.id, SessionRow.state == expect.value]
+    if lease_expired_by is not None:
+        guard.append(or_(SessionRow.lease_expires_at.is_(None),
+                         SessionRow.lease_expires_at < lease_expired_by))
     result = await db.execute(
-        update(table(SessionRow))
-        .where(SessionRow.id == session.id, SessionRow.state == expect.value)
-        .values(**_outcome_columns(session))
+        update(table(SessionRow)).where(*guard).values(**_outcome_columns(session))
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
 
