@@ -124,7 +124,7 @@ def launcher_script(tools: Tools, cli: Path) -> str:
     """The shell script the SDK runs as the CLI (see the module docstring)."""
     q = shlex.quote
     forwarder = (
-        f"{q(str(tools.socat))} TCP-LISTEN:$0,bind=127.0.0.1,fork,reuseaddr "
+        f"{q(str(tools.socat))} TCP-LISTEN:$0,bind=127.0.0.1,fork,reuseaddr,nodelay "
         f'UNIX-CONNECT:{GATEWAY_INSIDE} & cd "$1" && shift && exec "$@"'
     )
     fills = {
