@@ -80,6 +80,9 @@ class SessionRow(Base):
     # The server instance running the session and how long its claim lasts (crash recovery).
     owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When a CancelSession reached a replica that does not run the session: its owner
+    # stops it (told by NOTIFY, or finding this at its next lease renewal).
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class SessionLabelRow(Base):
