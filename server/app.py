@@ -43,6 +43,7 @@ from .sessions.retry import RetryPolicy
 from .sessions.runner import AgentRunner, RunnerConfig
 from .sessions.usage import UsageReader
 from .store.engine import create_engine, sessionmaker
+from .store.notify import CANCEL_CHANNEL, Listener
 from .store.transcripts import SqlSessionStore
 from .telemetry.observer import TelemetryObserver
 from .telemetry.setup import ContentPolicy, Telemetry
@@ -98,6 +99,8 @@ class App:
     telemetry: Telemetry
     port: int
     _resources: contextlib.AsyncExitStack
+    # PostgreSQL: the LISTEN for cancels taken by other replicas (None on SQLite).
+    cancels: Listener | None = None
     _ready_task: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -237,6 +240,12 @@ class App:
         await self.health.check(self.engine, cli_path, migrate_first=self.settings.migrate_at_start)
         if self.sessions.pool is not None:
             self.sessions.pool.start()  # once ready: a server that cannot serve spends nothing
+        if self.engine.dialect.name == "postgresql":
+            # CancelSession on another replica reaches this one's sessions at once.
+            self.cancels = Listener(
+                self.engine.url, CANCEL_CHANNEL, self.sessions.stopper.cancelled_elsewhere
+            )
+            self._background.append(asyncio.create_task(self.cancels.run(), name="cancels"))
         self._background += [
             asyncio.create_task(self.sessions.lease_keeper.run(), name="leases"),
             asyncio.create_task(

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
-from agentplane.server.sandbox import SandboxServer, Script, Step, Usage
+from agentplane.server.sandbox import SandboxServer, Script, Step, ToolCall, Usage
 from agentplane.server.store.engine import create_engine, sessionmaker
 from agentplane.server.store.models import BudgetWindowRow, EventRow, SessionRow
 from agentplane.v1 import session_pb2, session_pb2_grpc
@@ -115,6 +115,11 @@ async def world(database_url: str, short_tmp: Path) -> AsyncIterator[World]:
         "quick": Script(steps=[Step(text="quick done", delay_s=1.0)]),
         "stuck": Script(steps=[Step(hang=True)]),
         "slowish": Script(steps=[Step(text="slow done", delay_s=4.0)]),
+        "answered_then_stuck": Script(steps=[
+            Step(tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})],
+                 usage=Usage(input_tokens=1000, output_tokens=100)),
+            Step(hang=True),
+        ]),
     })
     await sandbox.start()
     world = World(sandbox, work, database_url)
@@ -220,6 +225,45 @@ async def test_after_kill_9_another_server_closes_the_session(world: World) -> N
     _, _, windows = await world.rows()
     assert all(w.reserved_usd == 0 for w in windows)
     assert agent_processes(world.work) == []  # the dead server's CLI was reaped too
+
+
+async def test_a_killed_replica_loses_no_spend(world: World) -> None:
+    # The model answered the first request (sonnet, 1,000 in / 100 out: $0.0045) when the
+    # server is killed; the server that recovers the session charges exactly that.
+    first = await world.start(AGENTPLANE_LEASE_TTL_S="2")
+    call = run(first, "answered_then_stuck")
+    started = await call.read()
+    await wait_requests(world.sandbox, 2)  # the second one hangs
+    progress = await first.sessions.GetSession(
+        session_pb2.GetSessionRequest(session_id=started.session_id), metadata=AUTH)
+    assert progress.state == session_pb2.SESSION_STATE_RUNNING
+    assert Decimal(progress.cost_usd) == Decimal("0.0045") and progress.num_turns == 1
+    assert progress.usage.input_tokens == 1000 and progress.usage.output_tokens == 100
+    for _ in range(100):  # written as it settled: the database has it too
+        sessions, _, _ = await world.rows()
+        if [s.cost_usd for s in sessions if s.id == started.session_id] == [Decimal("0.0045")]:
+            break
+        await asyncio.sleep(0.05)
+    assert [s.cost_usd for s in sessions if s.id == started.session_id] == [Decimal("0.0045")]
+    first.proc.kill()
+    await first.proc.wait()
+    call.cancel()
+    await first.channel.close()
+
+    second = await world.start(AGENTPLANE_LEASE_TTL_S="2")
+    watch = second.sessions.StreamSession(
+        session_pb2.StreamSessionRequest(session_id=started.session_id), metadata=AUTH
+    )
+    final = (await asyncio.wait_for(events_of(watch), 20))[-1].result.session
+    assert final.error.reason == session_pb2.ERROR_REASON_INTERRUPTED
+    assert Decimal(final.cost_usd) == Decimal("0.0045")
+    second.proc.send_signal(signal.SIGTERM)
+    assert await second.proc.wait() == 0
+    await second.channel.close()
+    _, _, windows = await world.rows()
+    assert [(w.spent_usd, w.reserved_usd) for w in windows if w.tenant == "acme"] == [
+        (Decimal("0.0045"), Decimal(0))
+    ]
 
 
 async def test_a_database_outage_is_ridden_out(world: World) -> None:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..domain import ErrorReason, Session
+from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from ..domain import ErrorReason, Session, utcnow
 from ..errors import FailedPrecondition
+from ..store import sessions as repo
+from ..store.notify import CANCEL_CHANNEL, notify
 from ..tenants import Tenant
 from .capacity import Capacity
 from .live import LiveSession
@@ -17,29 +22,56 @@ class SessionStopper:
     """Asks live sessions to stop; each then ends through its own lifecycle (interrupted,
     charged for what it used, recorded ERROR with the reason given)."""
 
-    def __init__(self, capacity: Capacity, queries: SessionQueries) -> None:
+    def __init__(
+        self, db: async_sessionmaker[DbSession], capacity: Capacity, queries: SessionQueries,
+        *, remote_wait_s: float = 30.0, poll_s: float = 0.05,
+    ) -> None:
+        self._db = db
         self._live = capacity.live
         self._queries = queries
+        self._remote_wait_s = remote_wait_s
+        self._poll_s = poll_s
 
     async def cancel(self, tenant: Tenant, session_id: str) -> Session:
-        """Cancel a session: an IDLE one never starts, a RUNNING one is interrupted.
+        """Cancel a session, wherever it runs: an IDLE one never starts, a RUNNING one is
+        interrupted.
 
-        Returns the session in its terminal state; FailedPrecondition if it had ended.
+        Returns the session in its terminal state (one another replica runs: as it is
+        after `remote_wait_s`, if its owner has not ended it by then); FailedPrecondition
+        if it had ended.
         """
         session = await self._queries.get(tenant, session_id)
         if session.state.terminal:
-            raise FailedPrecondition(
-                f"session {session_id} has already ended ({session.state.value}); "
-                "only IDLE or RUNNING sessions can be cancelled"
-            )
+            raise _ended(session)
         live = self._live.get(session_id)
         if live is None:
-            raise FailedPrecondition(
-                f"session {session_id} is not running on this server; cancel it on its owner"
-            )
+            return await self._cancel_elsewhere(tenant, session)
         live.request_cancel(ErrorReason.CANCELLED)
         await live.finished.wait()
         return live.session
+
+    async def _cancel_elsewhere(self, tenant: Tenant, session: Session) -> Session:
+        """Flag the session for its owner (NOTIFY tells it at once), then wait for the end."""
+        async with self._db.begin() as db:
+            flagged = await repo.request_cancel(db, session.id, at=utcnow())
+            if flagged:
+                await notify(db, CANCEL_CHANNEL, session.id)
+        deadline = asyncio.get_running_loop().time() + self._remote_wait_s
+        while True:
+            session = await self._queries.get(tenant, session.id)
+            if session.state.terminal:
+                if not flagged:  # it ended before the request reached it
+                    raise _ended(session)
+                return session
+            if asyncio.get_running_loop().time() >= deadline:
+                return session
+            await asyncio.sleep(self._poll_s)
+
+    def cancelled_elsewhere(self, session_id: str) -> None:
+        """Another replica took a CancelSession for a session we run: stop it."""
+        live = self._live.get(session_id)
+        if live is not None:
+            live.request_cancel(ErrorReason.CANCELLED)
 
     @staticmethod
     def disconnected(live: LiveSession) -> None:
@@ -74,3 +106,10 @@ class SessionStopper:
         for live in lives:
             live.request_cancel(ErrorReason.SHUTDOWN)
         await asyncio.gather(*(live.finished.wait() for live in lives))
+
+
+def _ended(session: Session) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"session {session.id} has already ended ({session.state.value}); "
+        "only IDLE or RUNNING sessions can be cancelled"
+    )

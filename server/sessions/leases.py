@@ -49,14 +49,18 @@ class LeaseKeeper:
         capacity: Capacity,
         folders: SessionFolders,
         on_lost: Callable[[str], None],
+        on_cancel: Callable[[str], None] = lambda _: None,
     ) -> None:
         """Leases are kept for `capacity.live`; `on_lost(id)` is told of a session we run
-        that another server closed; a recovered session's folder here is removed."""
+        that another server closed, `on_cancel(id)` of one another server was asked to
+        cancel (in case its NOTIFY was missed); a recovered session's folder here is
+        removed."""
         self._db = db
         self.config = config
         self._live = capacity.live
         self._folders = folders
         self._on_lost = on_lost
+        self._on_cancel = on_cancel
 
     async def renew(self) -> None:
         """Extend the leases of the sessions this server runs; a session another server
@@ -68,9 +72,12 @@ class LeaseKeeper:
             kept = await repo.renew_leases(
                 db, owner=self.config.owner, ids=ids, until=self.config.expiry(utcnow())
             )
+            cancelled = await repo.cancel_requested(db, ids)
         for session_id in set(ids) - kept:
             if session_id in self._live:
                 self._on_lost(session_id)
+        for session_id in cancelled:
+            self._on_cancel(session_id)
 
     async def recover(self) -> list[str]:
         """Close every active session whose lease expired; returns their ids."""

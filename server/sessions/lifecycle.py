@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
+from ..budgets.gateway_meter import MeteredRequest
 from ..domain import ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
 from ..errors import DatabaseUnavailable
 from ..store import sessions as repo
@@ -22,6 +23,7 @@ from ..tenants import Tenant
 from .capacity import Capacity
 from .ending import result_event, write_end
 from .live import LiveSession
+from .metering import RequestRecorder
 from .observer import SessionObserver
 from .outcome import Outcome
 from .pool import WarmAgent, WarmPool
@@ -82,10 +84,14 @@ class SessionLifecycle:
                     EventKind.STATE_CHANGE,
                     {"from_state": SessionState.IDLE.value, "to_state": SessionState.RUNNING.value},
                 )
-                outcome = await self._runner.run(
-                    live, spec, tenant, warm,
-                    lambda request: self._observer.model_request(live.session, request),
-                )
+                recorder = RequestRecorder(self._db, live)
+
+                def settled(request: MeteredRequest) -> None:
+                    recorder.add(request)
+                    self._observer.model_request(live.session, request)
+
+                outcome = await self._runner.run(live, spec, tenant, warm, settled)
+                await recorder.close()
         except asyncio.CancelledError:
             # Cancelled from outside (event loop shutdown): still record the end.
             live.request_cancel(ErrorReason.SHUTDOWN)

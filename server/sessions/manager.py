@@ -55,9 +55,10 @@ class SessionManager:
         self.pool = pool
         self.leases = leases or LeaseConfig(owner=f"agentplane-{uuid.uuid4().hex[:12]}")
         self.queries = SessionQueries(db, capacity)
-        self.stopper = SessionStopper(capacity, self.queries)
+        self.stopper = SessionStopper(db, capacity, self.queries)
         self.lease_keeper = LeaseKeeper(
-            db, self.leases, capacity, launcher.folders, self.stopper.lost
+            db, self.leases, capacity, launcher.folders, self.stopper.lost,
+            on_cancel=self.stopper.cancelled_elsewhere,
         )
         lifecycle = SessionLifecycle(
             db, runner, capacity, self.queries, observer, pool, finish_retry_s=finish_retry_s

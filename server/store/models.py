@@ -80,6 +80,9 @@ class SessionRow(Base):
     # The server instance running the session and how long its claim lasts (crash recovery).
     owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When a CancelSession reached a replica that does not run the session: its owner
+    # stops it (told by NOTIFY, or finding this at its next lease renewal).
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class SessionLabelRow(Base):
@@ -107,6 +110,34 @@ class EventRow(Base):
     time: Mapped[datetime] = mapped_column(UTCDateTime())
     kind: Mapped[str] = mapped_column(String(32))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ModelRequestRow(Base):
+    """One model request of a session as the metering gateway settled it: the audit trail
+    a billing team reconciles against the upstream invoice."""
+
+    __tablename__ = "model_requests"
+    __table_args__ = (
+        Index("ix_model_requests_session", "session_id"),
+        Index("ix_model_requests_tenant_time", "tenant", "ended_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    tenant: Mapped[str] = mapped_column(String(63))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    model: Mapped[str] = mapped_column(String(128))
+    outcome: Mapped[str] = mapped_column(String(32))
+    status: Mapped[int | None] = mapped_column(Integer)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_creation_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_read_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
+    price_version: Mapped[str] = mapped_column(String(32), default="")
+    upstream_request_id: Mapped[str] = mapped_column(String(128), default="")
 
 
 class ToolUseRow(Base):

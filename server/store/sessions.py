@@ -169,6 +169,27 @@ async def renew_leases(
     return set(kept)
 
 
+async def request_cancel(db: DbSession, session_id: str, *, at: datetime) -> bool:
+    """Flag an active session for its owner to cancel; False if it is no longer active."""
+    active = [SessionState.IDLE.value, SessionState.RUNNING.value]
+    result = await db.execute(
+        update(table(SessionRow))
+        .where(SessionRow.id == session_id, SessionRow.state.in_(active))
+        .values(cancel_requested_at=func.coalesce(SessionRow.cancel_requested_at, at))
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def cancel_requested(db: DbSession, ids: Sequence[str]) -> set[str]:
+    """Those of these sessions that another replica asked to cancel."""
+    flagged = await db.scalars(
+        select(SessionRow.id).where(
+            SessionRow.id.in_(ids), SessionRow.cancel_requested_at.is_not(None)
+        )
+    )
+    return set(flagged)
+
+
 async def expired_sessions(db: DbSession, *, now: datetime, limit: int = 100) -> list[Session]:
     """Active sessions whose owner's lease ran out."""
     rows = await db.scalars(
