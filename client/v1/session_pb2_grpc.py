@@ -134,11 +134,13 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelSession(self, request, context):
-        """Cancels a session: an IDLE one ends before it starts, a RUNNING one is interrupted.
-        Returns the session in its terminal state (ERROR, reason CANCELLED).
+        """Cancels a session, on whichever replica runs it: an IDLE one ends before it starts, a
+        RUNNING one is interrupted. Returns the session in its terminal state (ERROR, reason
+        CANCELLED); if another replica runs it and has not ended it within 30 s (its owner
+        died, say), the session as it is then (crash recovery closes it later).
 
         Errors: INVALID_ARGUMENT (empty session_id), UNAUTHENTICATED, NOT_FOUND,
-        FAILED_PRECONDITION (the session has already ended, or it runs on another replica),
+        FAILED_PRECONDITION (the session has already ended),
         UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE: the database is unreachable; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
