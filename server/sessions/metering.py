@@ -30,10 +30,11 @@ class RequestRecorder:
     """Records one running session's model requests (see the module docstring)."""
 
     def __init__(self, db: async_sessionmaker[DbSession], live: LiveSession,
-                 *, retry_s: float = 0.5) -> None:
+                 *, retry_s: float = 0.5, give_up_s: float = 60.0) -> None:
         self._db = db
         self._live = live
         self._retry_s = retry_s
+        self._give_up_s = give_up_s  # of failing writes in a row (a long database outage)
         self._pending: list[ModelRequestRecord] = []
         self._writing: asyncio.Task[None] | None = None
 
@@ -56,6 +57,7 @@ class RequestRecorder:
             self._writing = asyncio.create_task(self._write(), name=f"meter-{session.id}")
 
     async def _write(self) -> None:
+        failing_since: float | None = None
         while self._pending:
             batch, self._pending = self._pending, []
             progress = self._live.session
@@ -65,10 +67,20 @@ class RequestRecorder:
                     if progress.state is SessionState.RUNNING:
                         await repo.save_progress(db, progress, expect=SessionState.RUNNING)
             except (DBAPIError, DatabaseUnavailable) as exc:
+                now = asyncio.get_running_loop().time()
+                failing_since = failing_since if failing_since is not None else now
+                if now - failing_since > self._give_up_s:
+                    # The session's end still records its totals (and retries on its own).
+                    log.error("recording %d model requests of %s failed for good (%s)",
+                              len(batch) + len(self._pending), progress.id, type(exc).__name__)
+                    self._pending.clear()
+                    return
                 log.warning("recording model requests of %s failed (%s); retrying",
                             progress.id, type(exc).__name__)
                 self._pending = batch + self._pending
                 await asyncio.sleep(self._retry_s)
+            else:
+                failing_since = None
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Wait for what is recorded so far to be written (up to `timeout_s`)."""
