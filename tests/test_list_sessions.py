@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 from agentplane.server.domain import ErrorReason
 from agentplane.server.sessions.requests import RunRequest
 from agentplane.v1 import session_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
-from harness import MODEL, Harness
+from harness import MODEL, Harness, error_details
 
 pytestmark = pytest.mark.asyncio
 
@@ -94,3 +95,19 @@ async def test_an_inverted_time_range_or_negative_page_size_is_invalid(harness: 
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await harness.sessions.ListSessions(request, metadata=harness.auth("ops"))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_label_filters_are_capped_like_session_labels(harness: Harness) -> None:
+    too_many = {f"k{i}": "v" for i in range(33)}  # each filter is a join: 150 took seconds
+    for labels, field in ((too_many, "labels"), ({"K" * 64: "v"}, f"labels[{'K' * 64!r}]"),
+                          ({"k": "v" * 257}, "labels['k']")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await harness.sessions.ListSessions(
+                session_pb2.ListSessionsRequest(labels=labels), metadata=harness.auth())
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(caught.value)["BadRequest"].field_violations[0].field == field
+    # 32 filters are fine (and match nothing here).
+    reply = await harness.sessions.ListSessions(
+        session_pb2.ListSessionsRequest(labels={f"k{i}": "v" for i in range(32)}),
+        metadata=harness.auth())
+    assert list(reply.sessions) == []

@@ -17,6 +17,7 @@ from ..store.sessions import SessionFilter
 from ..tenants import Tenant
 from .capacity import Capacity
 from .paging import decode_token, encode_token
+from .requests import check_labels
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -105,6 +106,8 @@ class SessionQueries:
         """One page of the tenant's sessions, newest first, and the next page's token."""
         if page_size < 0:
             raise InvalidArgument("page_size", "must not be negative")
+        # As many filters as a session can carry labels, no more: each is a join.
+        check_labels(dict(flt.labels))
         if (
             flt.created_from is not None
             and flt.created_before is not None

@@ -108,7 +108,10 @@ def _tools(raw: tuple[str, ...], tenant: Tenant) -> tuple[str, ...]:
     return tuple(dict.fromkeys(raw))
 
 
-def _labels(raw: dict[str, str]) -> dict[str, str]:
+def check_labels(raw: dict[str, str]) -> dict[str, str]:
+    """Labels as RunSession stores them and ListSessions filters by them (InvalidArgument
+    on `labels` otherwise: at most MAX_LABELS, keys 1-63 chars of [a-z0-9_.-], values at
+    most 256 chars), sorted by key."""
     if len(raw) > MAX_LABELS:
         raise InvalidArgument("labels", f"at most {MAX_LABELS} labels, not {len(raw)}")
     for key, value in raw.items():
@@ -143,7 +146,7 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
         max_turns=_turns(request.max_turns, tenant),
         tools=_tools(request.allowed_tools, tenant),
         model=request.model.strip(),
-        labels=_labels(request.labels),
+        labels=check_labels(request.labels),
         request_id=str(uuid.UUID(request.request_id)) if request.request_id else "",
         on_disconnect_continue=request.on_disconnect_continue,
         max_duration_s=tenant.max_duration_s,
