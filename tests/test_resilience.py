@@ -200,28 +200,36 @@ async def test_a_second_signal_cuts_the_grace_short(world: World) -> None:
     await server.channel.close()
 
 
+async def kill_and_recover(
+    world: World, server: ServerProcess, call: grpc.aio.UnaryStreamCall, session_id: str
+) -> list[session_pb2.SessionEvent]:
+    """kill -9 `server`, start another that recovers the session; the session's events as
+    the new server streams them (to the end), after which it is stopped cleanly."""
+    server.proc.kill()
+    await server.proc.wait()
+    call.cancel()
+    await server.channel.close()
+    second = await world.start(AGENTPLANE_LEASE_TTL_S="2")
+    watch = second.sessions.StreamSession(
+        session_pb2.StreamSessionRequest(session_id=session_id), metadata=AUTH
+    )
+    events = await asyncio.wait_for(events_of(watch), 20)
+    second.proc.send_signal(signal.SIGTERM)
+    assert await second.proc.wait() == 0
+    await second.channel.close()
+    return events
+
+
 async def test_after_kill_9_another_server_closes_the_session(world: World) -> None:
     first = await world.start(AGENTPLANE_LEASE_TTL_S="2")
     call = run(first, "stuck")
     started = await call.read()
     await wait_requests(world.sandbox, 1)
-    first.proc.kill()
-    await first.proc.wait()
-    call.cancel()
-    await first.channel.close()
-
-    second = await world.start(AGENTPLANE_LEASE_TTL_S="2")
-    watch = second.sessions.StreamSession(
-        session_pb2.StreamSessionRequest(session_id=started.session_id), metadata=AUTH
-    )
-    events = await asyncio.wait_for(events_of(watch), 20)
+    events = await kill_and_recover(world, first, call, started.session_id)
     final = events[-1].result.session
     assert final.state == session_pb2.SESSION_STATE_ERROR
     assert final.error.reason == session_pb2.ERROR_REASON_INTERRUPTED
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
-    second.proc.send_signal(signal.SIGTERM)
-    assert await second.proc.wait() == 0
-    await second.channel.close()
     _, _, windows = await world.rows()
     assert all(w.reserved_usd == 0 for w in windows)
     assert agent_processes(world.work) == []  # the dead server's CLI was reaped too
@@ -250,21 +258,9 @@ async def test_a_killed_replica_loses_no_spend(world: World) -> None:
             break
         await asyncio.sleep(0.05)
     assert [s.cost_usd for s in sessions if s.id == started.session_id] == [Decimal("0.0045")]
-    first.proc.kill()
-    await first.proc.wait()
-    call.cancel()
-    await first.channel.close()
-
-    second = await world.start(AGENTPLANE_LEASE_TTL_S="2")
-    watch = second.sessions.StreamSession(
-        session_pb2.StreamSessionRequest(session_id=started.session_id), metadata=AUTH
-    )
-    final = (await asyncio.wait_for(events_of(watch), 20))[-1].result.session
+    final = (await kill_and_recover(world, first, call, started.session_id))[-1].result.session
     assert final.error.reason == session_pb2.ERROR_REASON_INTERRUPTED
     assert Decimal(final.cost_usd) == Decimal("0.0045")
-    second.proc.send_signal(signal.SIGTERM)
-    assert await second.proc.wait() == 0
-    await second.channel.close()
     assert acme_day((await world.rows())[2]) == (before + Decimal("0.0045"), Decimal(0))
 
 

@@ -165,9 +165,8 @@ def _delegate_v2(own: Path) -> dict[str, Path]:
     """
     leaf = own / "server"
     leaf.mkdir(exist_ok=True)
-    if own.joinpath("cgroup.procs").read_text().split():
-        for pid in own.joinpath("cgroup.procs").read_text().split():
-            _write(leaf / "cgroup.procs", pid, optional=True)
+    for pid in own.joinpath("cgroup.procs").read_text().split():
+        _write(leaf / "cgroup.procs", pid, optional=True)
     _write(own / "cgroup.subtree_control", "+memory +pids")
     parent = own / "agentplane"
     parent.mkdir(exist_ok=True)
