@@ -43,7 +43,7 @@ from .sessions.retry import RetryPolicy
 from .sessions.runner import AgentRunner, RunnerConfig
 from .sessions.usage import UsageReader
 from .store.engine import create_engine, sessionmaker
-from .store.notify import CANCEL_CHANNEL, Listener
+from .store.notify import CANCEL_CHANNEL, EVENTS_CHANNEL, Listener
 from .store.transcripts import SqlSessionStore
 from .telemetry.observer import TelemetryObserver
 from .telemetry.setup import ContentPolicy, Telemetry
@@ -99,8 +99,8 @@ class App:
     telemetry: Telemetry
     port: int
     _resources: contextlib.AsyncExitStack
-    # PostgreSQL: the LISTEN for cancels taken by other replicas (None on SQLite).
-    cancels: Listener | None = None
+    # PostgreSQL: the LISTEN for what other replicas tell this one (None on SQLite).
+    notifications: Listener | None = None
     _ready_task: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -241,11 +241,16 @@ class App:
         if self.sessions.pool is not None:
             self.sessions.pool.start()  # once ready: a server that cannot serve spends nothing
         if self.engine.dialect.name == "postgresql":
-            # CancelSession on another replica reaches this one's sessions at once.
-            self.cancels = Listener(
-                self.engine.url, CANCEL_CHANNEL, self.sessions.stopper.cancelled_elsewhere
-            )
-            self._background.append(asyncio.create_task(self.cancels.run(), name="cancels"))
+            # CancelSession on another replica reaches this one's sessions at once, and
+            # followers here of its sessions read their events as they are committed.
+            feeds = self.sessions.queries.feeds
+            listener = self.notifications = Listener(self.engine.url, {
+                CANCEL_CHANNEL: self.sessions.stopper.cancelled_elsewhere,
+                EVENTS_CHANNEL: feeds.on_events,
+            })
+            listener.on_listening.append(feeds.on_listening)
+            feeds.notified = listener.listening.is_set
+            self._background.append(asyncio.create_task(listener.run(), name="notifications"))
         self._background += [
             asyncio.create_task(self.sessions.lease_keeper.run(), name="leases"),
             asyncio.create_task(
@@ -258,6 +263,7 @@ class App:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.sessions.queries.feeds.close()
 
     async def ready(self) -> None:
         """Wait for the start-up checks to finish (whatever their verdict)."""

@@ -1,5 +1,6 @@
 """Replicas on one PostgreSQL database behave as one: a cancel taken by any of them stops
-the session wherever it runs (two real servers in this process, one database)."""
+the session wherever it runs, and followers on any of them get its events as they are
+committed (two real servers in this process, one database)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from agentplane.server.sandbox import Script, Step
+import sqlalchemy
+from agentplane.server.sandbox import Script, Step, ToolCall
+from agentplane.server.store.notify import EVENTS_CHANNEL, Listener
 from agentplane.v1 import session_pb2
 from harness import MODEL, Harness, error_details, start_harness, stop_harness
 
@@ -53,8 +56,8 @@ async def test_a_cancel_through_another_replica_interrupts_the_session(
     replicas: tuple[Harness, Harness],
 ) -> None:
     owner, other = replicas
-    assert owner.app.cancels is not None
-    await asyncio.wait_for(owner.app.cancels.listening.wait(), 10)
+    assert owner.app.notifications is not None
+    await asyncio.wait_for(owner.app.notifications.listening.wait(), 10)
     call, session_id = await running_on(owner)
 
     cancelled = await other.sessions.CancelSession(
@@ -77,7 +80,7 @@ async def test_a_cancel_whose_notification_was_missed_is_found_at_lease_renewal(
     replicas: tuple[Harness, Harness],
 ) -> None:
     owner, other = replicas
-    listener = next(t for t in owner.app._background if t.get_name() == "cancels")
+    listener = next(t for t in owner.app._background if t.get_name() == "notifications")
     listener.cancel()  # the owner hears no NOTIFY now
     call, session_id = await running_on(owner)
     cancelled = await other.sessions.CancelSession(
@@ -98,3 +101,99 @@ async def test_another_tenant_cannot_cancel_through_any_replica(
                 session_pb2.CancelSessionRequest(session_id=session_id), metadata=h.auth("globex"))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     call.cancel()  # on_disconnect CANCEL ends it
+
+
+def tool_steps(n: int, *, sleep_s: float) -> Script:
+    """`n` Bash tool turns that each sleep `sleep_s`, then an answer."""
+    return Script(steps=[
+        *(Step(tool_calls=[ToolCall("Bash", {"command": f"sleep {sleep_s}"})]) for _ in range(n)),
+        Step(text="all done"),
+    ])
+
+
+async def collect(call: grpc.aio.UnaryStreamCall) -> list[session_pb2.SessionEvent]:
+    events = []
+    while (event := await call.read()) is not grpc.aio.EOF:
+        events.append(event)
+    return events
+
+
+def event_reads(h: Harness) -> list[str]:
+    """Every statement `h` runs against the events table, from now on."""
+    seen: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if "FROM events" in statement:
+            seen.append(statement)
+
+    sqlalchemy.event.listen(h.app.engine.sync_engine, "before_cursor_execute", count)
+    return seen
+
+
+async def test_followers_on_another_replica_share_one_pushed_read(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    owner, other = replicas
+    assert other.app.notifications is not None
+    await asyncio.wait_for(other.app.notifications.listening.wait(), 10)
+    owner.sandbox.add_script("tools", tool_steps(4, sleep_s=0.3))
+    call = owner.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:tools]] go", model=MODEL),
+        metadata=owner.auth("ops"),
+    )
+    first = await call.read()
+    session_id = first.session_id
+    # What the followers' replica is told: one notification per committed batch.
+    notified: list[str] = []
+    listener = Listener(other.app.engine.url, {
+        EVENTS_CHANNEL: lambda p: notified.append(p) if p.startswith(session_id) else None,
+    })
+    listening = asyncio.create_task(listener.run())
+    await asyncio.wait_for(listener.listening.wait(), 10)
+    reads = event_reads(other)
+    followers = [
+        other.sessions.StreamSession(
+            session_pb2.StreamSessionRequest(session_id=session_id), metadata=other.auth("ops"))
+        for _ in range(20)
+    ]
+    streams = await asyncio.gather(*(collect(f) for f in followers))
+    owners = [first, *await collect(call)]
+    listening.cancel()
+
+    assert owners[-1].HasField("result")
+    assert owners[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    assert sum(e.HasField("tool_use") for e in owners) == 4
+    for stream in streams:  # every follower: every event, in order, to the result
+        assert [e.seq for e in stream] == [e.seq for e in owners]
+        assert stream[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    # Twenty followers cost one read per commit (and the first), not twenty.
+    assert len(notified) >= 4
+    assert len(reads) <= len(notified) + 2, (len(reads), len(notified))
+
+
+async def test_every_follower_on_another_replica_ends_with_the_result(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """Sessions end while many followers on another replica join at every moment: each
+    follower ends with the `result` event, none short of it."""
+    owner, other = replicas
+    owner.sandbox.add_script("brief", Script(steps=[Step(text="brief", delay_s=0.4)]))
+    calls = [
+        owner.sessions.RunSession(
+            session_pb2.RunSessionRequest(prompt="[[sandbox:brief]] go", model=MODEL),
+            metadata=owner.auth("ops"))
+        for _ in range(6)
+    ]
+    ids = [(await c.read()).session_id for c in calls]
+
+    async def follow_later(session_id: str, delay_s: float) -> list[session_pb2.SessionEvent]:
+        await asyncio.sleep(delay_s)
+        return await collect(other.sessions.StreamSession(
+            session_pb2.StreamSessionRequest(session_id=session_id), metadata=other.auth("ops")))
+
+    followers = [follow_later(i, k * 0.05) for i in ids for k in range(25)]
+    streams, _ = await asyncio.gather(
+        asyncio.gather(*followers), asyncio.gather(*(collect(c) for c in calls)))
+    for stream in streams:
+        assert stream[-1].HasField("result"), [e.WhichOneof("kind") for e in stream]
+        assert [e.seq for e in stream] == list(range(1, len(stream) + 1))

@@ -81,6 +81,13 @@ class Admitter:
         self._pool = pool
         self._not_ready = not_ready
         self.draining = False
+        # How long events wait to be written in one batch. Followers on other replicas
+        # read them once committed, so on PostgreSQL they are written at once (events
+        # arriving during a write form the next batch); SQLite serves one server, whose
+        # followers read memory, and fewer writes leave more of its one writer lock.
+        self.event_write_interval_s = (
+            0.0 if db.kw["bind"].dialect.name == "postgresql" else 0.05
+        )
 
     async def admit(self, tenant: Tenant, request: RunRequest) -> Admission:
         """Admit a session (persist it IDLE and reserve its budget, atomically) and start it.
@@ -157,7 +164,8 @@ class Admitter:
             request_id=spec.request_id,
             resumed_from=spec.resume_session_id,
         )
-        live = LiveSession(session, self._persist_events, self._observer.event)
+        live = LiveSession(session, self._persist_events, self._observer.event,
+                           write_interval_s=self.event_write_interval_s)
         started = live.build(EventKind.STARTED, {"session": session.to_json()})
         try:
             async with self._db.begin() as db:

@@ -105,11 +105,16 @@ class LiveSession:
         session: Session,
         persist: Persist,
         on_publish: Callable[[Session, Event], None] | None = None,
+        *,
+        write_interval_s: float = 0.05,
     ) -> None:
-        """Events are written with `persist`; a session whose events cannot be written
-        for longer than the writer's buffer lasts ends ERROR/DATABASE_UNAVAILABLE."""
+        """Events are written with `persist`, batched for up to `write_interval_s`; a
+        session whose events cannot be written for longer than the writer's buffer lasts
+        ends ERROR/DATABASE_UNAVAILABLE."""
         self.session = session
-        self.writer = EventWriter(persist, on_overflow=self._overflowed)
+        self.writer = EventWriter(
+            persist, interval=write_interval_s, on_overflow=self._overflowed
+        )
         # Told of every published event (telemetry); must not raise.
         self.on_publish = on_publish or (lambda _session, _event: None)
         self.task: asyncio.Task[None] | None = None

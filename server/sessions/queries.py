@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
@@ -10,12 +9,13 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..coalesce import Coalescer
-from ..domain import Event, EventKind, Session
+from ..domain import Event, Session
 from ..errors import InvalidArgument, NotFound
 from ..store import sessions as repo
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
 from .capacity import Capacity
+from .feeds import Feeds
 from .paging import decode_token, encode_token
 from .requests import check_labels
 
@@ -32,8 +32,8 @@ class SessionQueries:
     def __init__(self, db: async_sessionmaker[DbSession], capacity: Capacity) -> None:
         self._db = db
         self._live = capacity.live
-        # How often a follower of a session another server runs looks for new events.
-        self.poll_interval_s = 0.25
+        # Followers of sessions that another replica runs.
+        self.feeds = Feeds(db)
         self._ended: OrderedDict[str, Session] = OrderedDict()
         self._reads: Coalescer[Session | None] = Coalescer()
 
@@ -80,25 +80,14 @@ class SessionQueries:
 
     async def follow(self, tenant: Tenant, session_id: str, after_seq: int) -> AsyncIterator[Event]:
         """Events after `after_seq` to the end, wherever the session runs (unchecked)."""
-        last = after_seq
-        while True:
-            live = self._live.get(session_id)
-            if live is not None:  # in memory from seq 1: switching over leaves no gap
-                async for event in live.follow(last):
-                    yield event
-                return
-            async with self._db() as db:
-                events = await repo.list_events(db, session_id, after_seq=last)
-                session = await repo.get_session(db, tenant.name, session_id)
-            for event in events:
+        live = self._live.get(session_id)
+        if live is not None:  # in memory from seq 1, as they are published
+            async for event in live.follow(after_seq):
                 yield event
-                last = event.seq
-                if event.kind is EventKind.RESULT:
-                    return
-            if session is None or (session.state.terminal and not events):
-                return
-            # Running on another server (or between admission and registration here).
-            await asyncio.sleep(self.poll_interval_s)
+            return
+        # Running on another replica (or ended; or between admission and registration here).
+        async for event in self.feeds.follow(tenant.name, session_id, after_seq):
+            yield event
 
     async def list(
         self, tenant: Tenant, flt: SessionFilter, *, page_size: int, page_token: str

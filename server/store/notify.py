@@ -1,17 +1,17 @@
 """PostgreSQL LISTEN/NOTIFY: how one replica tells the others something at once.
 
 `notify` sends in the caller's transaction, so the message goes out at its commit, never
-for a change rolled back. `Listener` holds one connection of its own per channel and
-reconnects after an outage; whatever it missed meanwhile, its users must find in the
+for a change rolled back. `Listener` holds one connection of its own for all its channels
+and reconnects after an outage; whatever it missed meanwhile, its users must find in the
 tables (notifications are hints, the database stays the truth). On SQLite (one server)
-both do nothing.
+`notify` does nothing and no Listener runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import psycopg
 from psycopg import sql
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # A session was asked to stop by a replica that does not run it (payload: its id).
 CANCEL_CHANNEL = "agentplane_cancel"
+# A session's events up to a number were committed (payload: "<session id> <seq>").
+EVENTS_CHANNEL = "agentplane_events"
 
 
 async def notify(db: DbSession, channel: str, payload: str) -> None:
@@ -33,16 +35,21 @@ async def notify(db: DbSession, channel: str, payload: str) -> None:
 
 
 class Listener:
-    """LISTENs on one channel and hands each payload to `on_message`, until cancelled."""
+    """LISTENs on its channels and hands each payload to that channel's handler, until
+    cancelled. Handlers run on the event loop and must not block or raise."""
 
-    def __init__(self, url: URL, channel: str, on_message: Callable[[str], None],
-                 *, retry_s: float = 1.0) -> None:
+    def __init__(
+        self, url: URL, handlers: Mapping[str, Callable[[str], None]],
+        *, retry_s: float = 1.0,
+    ) -> None:
         # psycopg's own connection string: the URL without SQLAlchemy's driver name.
         self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
-        self._channel = channel
-        self._on_message = on_message
+        self._handlers = dict(handlers)
         self._retry_s = retry_s
-        self.listening = asyncio.Event()  # set while subscribed (tests wait for it)
+        self.listening = asyncio.Event()  # set while subscribed
+        # Called each time the subscription (re)starts: what was sent while it was down
+        # is lost, so users re-read the tables.
+        self.on_listening: list[Callable[[], None]] = []
 
     async def run(self) -> None:
         while True:
@@ -50,13 +57,17 @@ class Listener:
                 async with await psycopg.AsyncConnection.connect(
                     self._conninfo, autocommit=True
                 ) as conn:
-                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    for channel in self._handlers:
+                        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     self.listening.set()
+                    for callback in self.on_listening:
+                        callback()
                     async for message in conn.notifies():
-                        self._on_message(message.payload)
+                        handler = self._handlers.get(message.channel)
+                        if handler is not None:
+                            handler(message.payload)
             except psycopg.OperationalError as exc:
-                log.warning("listen %s: database unavailable (%s); retrying",
-                            self._channel, type(exc).__name__)
+                log.warning("listen: database unavailable (%s); retrying", type(exc).__name__)
             finally:
                 self.listening.clear()
             await asyncio.sleep(self._retry_s)

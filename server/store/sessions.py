@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from ..domain import ErrorReason, Event, EventKind, Session, SessionState, TokenUsage
 from .models import EventRow, SessionLabelRow, SessionRow, ToolUseRow, table
+from .notify import EVENTS_CHANNEL, notify
 
 
 def _to_domain(row: SessionRow) -> Session:
@@ -105,6 +106,14 @@ async def get_session(db: DbSession, tenant: str, session_id: str) -> Session | 
         select(SessionRow).where(SessionRow.id == session_id, SessionRow.tenant == tenant)
     )
     return _to_domain(row) if row else None
+
+
+async def get_state(db: DbSession, tenant: str, session_id: str) -> SessionState | None:
+    """Only a session's state (what a follower checks before each read of its events)."""
+    state = await db.scalar(
+        select(SessionRow.state).where(SessionRow.id == session_id, SessionRow.tenant == tenant)
+    )
+    return SessionState(state) if state is not None else None
 
 
 async def find_by_request_id(
@@ -264,6 +273,12 @@ async def insert_events(db: DbSession, events: Sequence[Event]) -> None:
         for e in events
     ])
     await _record_tool_uses(db, events)
+    # Followers on other replicas read the new events when told (at this commit).
+    last: dict[str, int] = {}
+    for e in events:
+        last[e.session_id] = max(e.seq, last.get(e.session_id, 0))
+    for session_id, seq in last.items():
+        await notify(db, EVENTS_CHANNEL, f"{session_id} {seq}")
 
 
 async def _record_tool_uses(db: DbSession, events: Sequence[Event]) -> None:
@@ -289,12 +304,14 @@ async def _record_tool_uses(db: DbSession, events: Sequence[Event]) -> None:
         )
 
 
-async def list_events(db: DbSession, session_id: str, *, after_seq: int = 0) -> list[Event]:
-    rows = await db.scalars(
-        select(EventRow)
-        .where(EventRow.session_id == session_id, EventRow.seq > after_seq)
-        .order_by(EventRow.seq)
-    )
+async def list_events(
+    db: DbSession, session_id: str, *, after_seq: int = 0, up_to: int | None = None
+) -> list[Event]:
+    """A session's events after `after_seq` (and up to `up_to`, when given), in order."""
+    query = select(EventRow).where(EventRow.session_id == session_id, EventRow.seq > after_seq)
+    if up_to is not None:
+        query = query.where(EventRow.seq <= up_to)
+    rows = await db.scalars(query.order_by(EventRow.seq))
     return [
         Event(session_id=r.session_id, seq=r.seq, time=r.time, kind=EventKind(r.kind), data=r.payload)
         for r in rows
