@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--after-seq", type=_non_negative_int, default=0, metavar="N")
     json_flag(stream, "print each event as one JSON line")
 
-    usage = command("usage", cmd_usage, "show the tenant's usage (JSON)")
+    usage = command("usage", cmd_usage, "show the tenant's usage, per model too (JSON)")
     usage.add_argument("--since", type=_time, metavar="TIME", help="ISO 8601, e.g. 2025-01-31")
     usage.add_argument("--until", type=_time, metavar="TIME")
     return parser

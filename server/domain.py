@@ -261,8 +261,23 @@ class BudgetWindow:
 
 
 @dataclass(frozen=True)
+class ModelUsage:
+    """One model's metered requests (``model_requests``) of a tenant over a time range."""
+
+    model: str
+    requests_by_outcome: dict[str, int] = field(default_factory=dict)
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    cost_usd: Decimal = Decimal(0)
+
+    @property
+    def requests_total(self) -> int:
+        return sum(self.requests_by_outcome.values())
+
+
+@dataclass(frozen=True)
 class Usage:
-    """What a tenant's sessions created in [start, end) did, from the database."""
+    """What a tenant's sessions created in [start, end) did, and its model requests that
+    ended in [start, end) by model (sorted by model), from the database."""
 
     tenant: str
     start: datetime | None
@@ -274,6 +289,7 @@ class Usage:
     ended_cost_usd: Decimal = Decimal(0)
     total_turns: int = 0
     tool_uses: dict[str, int] = field(default_factory=dict)
+    models: tuple[ModelUsage, ...] = ()
 
     @property
     def sessions_failed(self) -> int:

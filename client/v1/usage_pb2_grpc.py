@@ -47,7 +47,9 @@ class UsageServiceServicer:
     """
 
     def GetUsage(self, request, context):
-        """Returns the caller's tenant's usage over a time range, computed from the database.
+        """Returns the caller's tenant's usage over a time range, computed from the database:
+        its sessions created in the range, and its model requests that ended in the range,
+        by model.
 
         Errors: INVALID_ARGUMENT (an inverted range: end_time not after start_time),
         UNAUTHENTICATED, UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE: the database is unreachable; retry).

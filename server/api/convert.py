@@ -137,4 +137,14 @@ def usage_to_proto(u: Usage) -> usage_pb2.Usage:
         average_cost_usd=str(u.average_cost_usd),
         total_turns=u.total_turns,
         tool_uses=u.tool_uses,
+        models=[
+            usage_pb2.ModelUsage(
+                model=m.model,
+                requests_total=m.requests_total,
+                requests_by_outcome=m.requests_by_outcome,
+                usage=session_pb2.TokenUsage(**m.usage.to_json()),
+                cost_usd=str(m.cost_usd),
+            )
+            for m in u.models
+        ],
     )

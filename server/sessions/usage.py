@@ -14,7 +14,8 @@ from ..tenants import Tenant
 
 
 class UsageReader:
-    """Answers GetUsage: sessions created in [start, end), by outcome, cost, turns, tools."""
+    """Answers GetUsage: sessions created in [start, end), by outcome, cost, turns, tools;
+    model requests that ended in [start, end), by model."""
 
     def __init__(self, db: async_sessionmaker[DbSession]) -> None:
         self._db = db

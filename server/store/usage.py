@@ -1,4 +1,4 @@
-"""Usage aggregated in SQL over the sessions and tool_uses tables.
+"""Usage aggregated in SQL over the sessions, tool_uses and model_requests tables.
 
 Functions take an AsyncSession and never commit: the caller owns the transaction.
 """
@@ -12,8 +12,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from ..domain import SessionState, Usage, usd
-from .models import SessionRow, ToolUseRow
+from ..domain import ModelUsage, SessionState, TokenUsage, Usage, usd
+from .models import ModelRequestRow, SessionRow, ToolUseRow
 
 
 def _in_range(tenant: str, start: datetime | None, end: datetime) -> list[Any]:
@@ -25,7 +25,8 @@ def _in_range(tenant: str, start: datetime | None, end: datetime) -> list[Any]:
 
 async def usage(db: DbSession, tenant: str, start: datetime | None, end: datetime) -> Usage:
     """The tenant's sessions created in [start, end): counts by state and error reason,
-    cost and turns; and their tool uses by tool name."""
+    cost and turns; their tool uses by tool name; and the tenant's model requests that
+    ended in [start, end), by model (see `by_model`)."""
     where = _in_range(tenant, start, end)
     rows = await db.execute(
         select(
@@ -70,4 +71,44 @@ async def usage(db: DbSession, tenant: str, start: datetime | None, end: datetim
         ended_cost_usd=usd(ended_cost),
         total_turns=turns,
         tool_uses={name: int(count) for name, count in tools},
+        models=await by_model(db, tenant, start, end),
+    )
+
+
+async def by_model(
+    db: DbSession, tenant: str, start: datetime | None, end: datetime
+) -> tuple[ModelUsage, ...]:
+    """The tenant's model requests that ended in [start, end), per model (sorted by model
+    id): counts by outcome, tokens by kind and cost. By `ended_at`, as a request is charged
+    when it settles; the index on (tenant, ended_at) serves the range."""
+    conditions = [ModelRequestRow.tenant == tenant, ModelRequestRow.ended_at < end]
+    if start is not None:
+        conditions.append(ModelRequestRow.ended_at >= start)
+    rows = await db.execute(
+        select(
+            ModelRequestRow.model,
+            ModelRequestRow.outcome,
+            func.count(),
+            func.sum(ModelRequestRow.input_tokens),
+            func.sum(ModelRequestRow.output_tokens),
+            func.sum(ModelRequestRow.cache_creation_input_tokens),
+            func.sum(ModelRequestRow.cache_read_input_tokens),
+            func.sum(ModelRequestRow.cost_usd),
+        )
+        .where(*conditions)
+        .group_by(ModelRequestRow.model, ModelRequestRow.outcome)
+    )
+    outcomes: dict[str, dict[str, int]] = {}
+    tokens: dict[str, TokenUsage] = {}
+    costs: dict[str, Decimal] = {}
+    for model, outcome, count, inputs, outputs, cache_writes, cache_reads, cost_sum in rows:
+        outcomes.setdefault(model, {})[outcome] = int(count)
+        group = TokenUsage(int(inputs or 0), int(outputs or 0), int(cache_writes or 0),
+                           int(cache_reads or 0))
+        tokens[model] = tokens.get(model, TokenUsage()).plus(group)
+        costs[model] = costs.get(model, Decimal(0)) + Decimal(cost_sum or 0)
+    # Sorted here, not in SQL: the databases' collations order strings differently.
+    return tuple(
+        ModelUsage(model, outcomes[model], tokens[model], usd(costs[model]))
+        for model in sorted(outcomes)
     )
