@@ -42,7 +42,7 @@ from .sessions.pool import PoolConfig, WarmPool
 from .sessions.retry import RetryPolicy
 from .sessions.runner import AgentRunner, RunnerConfig
 from .sessions.usage import UsageReader
-from .store.engine import create_engine, sessionmaker
+from .store.engine import POOL, UPKEEP_POOL, create_engine, sessionmaker
 from .store.notify import CANCEL_CHANNEL, EVENTS_CHANNEL, Listener
 from .store.transcripts import SqlSessionStore
 from .telemetry.observer import TelemetryObserver
@@ -56,6 +56,13 @@ def load_tenants(settings: Settings) -> TenantRegistry:
     if settings.tenants_file is None:
         return TenantRegistry.dev()
     return TenantRegistry.load(settings.tenants_file)
+
+
+def _engine(settings: Settings, pool: tuple[int, int] = POOL) -> AsyncEngine:
+    return create_engine(
+        settings.database_url, statement_timeout_s=settings.db_statement_timeout_s,
+        pool_timeout_s=settings.db_pool_timeout_s, pool=pool,
+    )
 
 
 async def _sandboxes(settings: Settings, cli: Path, gateway: MeteringGateway) -> Sandboxes:
@@ -147,9 +154,13 @@ class App:
         reverse order."""
         telemetry = telemetry or telemetry_for(settings)
         resources.push_async_callback(asyncio.to_thread, telemetry.shutdown)  # flushes
-        engine = create_engine(settings.database_url)
+        engine = _engine(settings)
         resources.push_async_callback(engine.dispose)
         db = sessionmaker(engine)
+        # Running sessions write through a pool of their own (see SessionManager).
+        upkeep_engine = _engine(settings, UPKEEP_POOL)
+        resources.push_async_callback(upkeep_engine.dispose)
+        upkeep_db = sessionmaker(upkeep_engine)
         health = Health()
         await health.init(sandboxed=settings.sandbox)
         resources.push_async_callback(health.shutdown)
@@ -177,7 +188,7 @@ class App:
                 cli_max_retries=settings.cli_max_retries,
                 scrub_env=frozenset(tenants.key_env_names()),
             ),
-            SqlSessionStore(db),
+            SqlSessionStore(upkeep_db),
             gateway,
             sandboxes,
         )
@@ -216,6 +227,7 @@ class App:
                 owner=f"agentplane-{uuid.uuid4().hex[:12]}", ttl_s=settings.lease_ttl_s
             ),
             not_ready=health.refusal,
+            upkeep_db=upkeep_db,
         )
         server = _grpc_server(telemetry, tenants, sessions, db, health)
         resources.push_async_callback(server.stop, 1.0)

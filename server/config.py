@@ -202,6 +202,16 @@ class Settings:
         "AGENTPLANE_DATABASE_URL", _database_url, "sqlite:///./agentplane.db",
         "`sqlite:///path` or `postgresql://user@host/db` (psycopg 3)",
     )
+    db_statement_timeout_s: float = setting(
+        "AGENTPLANE_DB_STATEMENT_TIMEOUT_S", _seconds, "10",
+        "PostgreSQL: a statement running longer is cancelled and its call answered "
+        "UNAVAILABLE (migrations are exempt)",
+    )
+    db_pool_timeout_s: float = setting(
+        "AGENTPLANE_DB_POOL_TIMEOUT_S", _seconds, "5",
+        "how long a call waits for a free database connection before it is answered "
+        "UNAVAILABLE",
+    )
     tenants_file: Path | None = setting(  # noqa: RUF009
         "AGENTPLANE_TENANTS_FILE", _optional(_file), "",
         "TOML tenants file; unset = dev mode: one `default` tenant, no auth (logged)",

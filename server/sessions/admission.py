@@ -68,10 +68,12 @@ class Admitter:
         pool: WarmPool | None = None,
         *,
         not_ready: Callable[[], Unavailable | None] = lambda: None,
+        upkeep_db: async_sessionmaker[DbSession] | None = None,
     ) -> None:
         """`not_ready()` is the error a caller gets while the server cannot take work now
         (None: it can)."""
         self._db = db
+        self._upkeep_db = upkeep_db or db  # the running sessions' own pool
         self._launcher = launcher
         self._capacity = capacity
         self._queries = queries
@@ -250,5 +252,5 @@ class Admitter:
         return Admission(session.id, self._queries.follow(tenant, session.id, 0), None)
 
     async def _persist_events(self, events: Sequence[Event]) -> None:
-        async with self._db.begin() as db:
+        async with self._upkeep_db.begin() as db:
             await repo.insert_events(db, events)

@@ -49,7 +49,12 @@ class SessionManager:
         leases: LeaseConfig | None = None,
         not_ready: Callable[[], Unavailable | None] = lambda: None,
         finish_retry_s: float = 60.0,
+        upkeep_db: async_sessionmaker[DbSession] | None = None,
     ) -> None:
+        """`upkeep_db` (default: `db`) serves what running sessions write (events, model
+        requests, leases, their end): a pool of its own, so callers that exhaust `db`'s
+        connections cannot fail a running session."""
+        upkeep = upkeep_db or db
         observer = observer or NullObserver()
         self.capacity = capacity
         self.pool = pool
@@ -57,15 +62,15 @@ class SessionManager:
         self.queries = SessionQueries(db, capacity)
         self.stopper = SessionStopper(db, capacity, self.queries)
         self.lease_keeper = LeaseKeeper(
-            db, self.leases, capacity, launcher.folders, self.stopper.lost,
+            upkeep, self.leases, capacity, launcher.folders, self.stopper.lost,
             on_cancel=self.stopper.cancelled_elsewhere,
         )
         lifecycle = SessionLifecycle(
-            db, runner, capacity, self.queries, observer, pool, finish_retry_s=finish_retry_s
+            upkeep, runner, capacity, self.queries, observer, pool, finish_retry_s=finish_retry_s
         )
         self._admitter = Admitter(
             db, launcher, capacity, self.queries, lifecycle, observer, self.leases, pool,
-            not_ready=not_ready,
+            not_ready=not_ready, upkeep_db=upkeep,
         )
 
     async def start(self, tenant: Tenant, request: RunRequest) -> Admission:

@@ -41,13 +41,25 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """An async engine; SQLite gets WAL, a busy timeout and foreign keys, and files only
-    the server's user can read (see `private_sqlite_files`)."""
+# Connections of the main pool (callers' requests), and of the running sessions' own.
+POOL = (10, 10)  # pool_size, max_overflow
+UPKEEP_POOL = (4, 4)
+
+
+def create_engine(
+    url: str, *, statement_timeout_s: float = 10.0, pool_timeout_s: float = 5.0,
+    pool: tuple[int, int] = POOL,
+) -> AsyncEngine:
+    """An async engine whose callers wait at most `pool_timeout_s` for a connection;
+    PostgreSQL cancels statements after `statement_timeout_s`. SQLite gets WAL, a busy
+    timeout and foreign keys, and files only the server's user can read (see
+    `private_sqlite_files`)."""
     url = async_url(url)
     if is_sqlite(url):
         private_sqlite_files(make_url(url).database)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(
+            url, connect_args={"timeout": 30}, pool_timeout=pool_timeout_s
+        )
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -59,7 +71,13 @@ def create_engine(url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    # Every statement is bounded, so one slow query (or a lock held elsewhere) cannot keep
+    # a connection from everyone else for long.
+    options = f"-c statement_timeout={round(statement_timeout_s * 1000)}"
+    return create_async_engine(
+        url, pool_size=pool[0], max_overflow=pool[1], pool_timeout=pool_timeout_s,
+        pool_pre_ping=True, connect_args={"options": options},
+    )
 
 
 class _Transaction(AsyncSessionTransaction):
@@ -128,6 +146,9 @@ def _alembic_config(connection: Connection | None = None) -> Config:
 
 
 def _upgrade(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        # A migration may rewrite a large table: it is not held to a call's timeout.
+        connection.exec_driver_sql("SET LOCAL statement_timeout = 0")
     command.upgrade(_alembic_config(connection), "head")
 
 

@@ -31,6 +31,10 @@ NO_SCHEMA = (
 )
 EXHAUSTED = "the database is out of resources (connections, memory or disk); retry later"
 NO_CONNECTION = "no database connection became free in time; retry later"
+TOO_SLOW = (
+    "a database statement ran past its timeout (AGENTPLANE_DB_STATEMENT_TIMEOUT_S), or was "
+    "cancelled by an operator; retry later"
+)
 
 # SQLite primary result codes that mean "the database cannot serve now". Not among them:
 # BUSY/LOCKED (contention: another writer, not an outage), CORRUPT (damaged data, which
@@ -43,11 +47,12 @@ _SQLITE = {
     26: STORAGE,  # SQLITE_NOTADB: the file was replaced by something else
 }
 # PostgreSQL SQLSTATEs (or their two-letter classes) that mean the same. Not among them:
-# 40xxx (deadlock, serialization failure: conflicts), 57014 (a cancelled statement),
-# XX (internal errors, corruption), the rest of 42 (a statement's syntax or access: bugs).
+# 40xxx (deadlock, serialization failure: conflicts), XX (internal errors, corruption),
+# the rest of 42 (a statement's syntax or access: bugs).
 _SQLSTATES = {
     "08": UNREACHABLE,  # connection exceptions
     "53": EXHAUSTED,  # insufficient resources: disk full, out of memory, too many connections
+    "57014": TOO_SLOW,  # query_canceled: statement_timeout, or pg_cancel_backend
     "57P01": UNREACHABLE,  # admin shutdown (pg_terminate_backend, a restart)
     "57P02": UNREACHABLE,  # crash shutdown
     "57P03": UNREACHABLE,  # cannot connect now (starting up, shutting down)
