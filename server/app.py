@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .health import Health
 from .isolation.sandboxes import Sandboxes, SandboxUnavailable
 from .sessions.capacity import Capacity
+from .sessions.host_dirs import default_host_dir, register
 from .sessions.launcher import BUNDLED_CLI, LaunchConfig, Launcher
 from .sessions.leases import LeaseConfig
 from .sessions.manager import SessionManager
@@ -249,6 +250,7 @@ class App:
         """Readiness checks (and the SQLite migration), then the periodic upkeep: lease
         renewal and crash recovery, and readiness re-checks of the database."""
         cli_path = self.settings.cli_path or BUNDLED_CLI
+        await self._sweep_host()  # before readiness: a restart's own leftovers too
         await self.health.check(self.engine, cli_path, migrate_first=self.settings.migrate_at_start)
         if self.sessions.pool is not None:
             self.sessions.pool.start()  # once ready: a server that cannot serve spends nothing
@@ -269,6 +271,17 @@ class App:
                 self.health.monitor(self.engine, self.settings.health_interval_s), name="health"
             ),
         ]
+
+    async def _sweep_host(self) -> None:
+        """Remove what dead servers of this host left in their work dirs (this one's too:
+        it may be a restart), whatever work dirs they had."""
+        folders = self.sessions.folders
+        host_dir = self.settings.host_dir or default_host_dir()
+        work_dirs = await asyncio.to_thread(register, host_dir, self.settings.work_dir.resolve())
+        for work_dir in work_dirs:
+            removed = await folders.sweep(work_dir)
+            if removed:
+                log.info("host_swept", extra={"work_dir": str(work_dir), "folders": removed})
 
     async def _cancel_background(self) -> None:
         tasks = [t for t in [self._ready_task, *self._background] if t is not None]

@@ -228,6 +228,12 @@ class Settings:
         "absolute path (the CLI's unix-socket path limit)",
         check=_short_enough,
     )
+    host_dir: Path | None = setting(  # noqa: RUF009
+        "AGENTPLANE_HOST_DIR", _optional(_absolute), "",
+        "where the servers of this host list their work dirs: each server, at its start, "
+        "removes the session folders and processes that dead ones left in any of them",
+        shown="`/run/agentplane` (root), else `<temp dir>/agentplane-<uid>`",
+    )
     cli_path: Path | None = setting(  # noqa: RUF009
         "AGENTPLANE_CLI_PATH", _optional(Path), "",
         "the Claude Code CLI binary", shown="the bundled CLI",

@@ -71,17 +71,17 @@ class World:
     async def start(self, **env: str) -> ServerProcess:
         port = free_port()
         full = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
-        full.update(
-            AGENTPLANE_LISTEN=f"127.0.0.1:{port}",
-            AGENTPLANE_DATABASE_URL=self.database_url,
-            AGENTPLANE_AUTO_MIGRATE="1",
-            AGENTPLANE_TENANTS_FILE=str(self.work / "tenants.toml"),
-            AGENTPLANE_WORK_DIR=str(self.work / "w"),
-            AGENTPLANE_CLI_MAX_RETRIES="0",
-            AGENTPLANE_TEST_ACME_KEY="sk-ant-test-acme-key",
-            ANTHROPIC_BASE_URL=self.sandbox.base_url,
+        full.update({
+            "AGENTPLANE_LISTEN": f"127.0.0.1:{port}",
+            "AGENTPLANE_DATABASE_URL": self.database_url,
+            "AGENTPLANE_AUTO_MIGRATE": "1",
+            "AGENTPLANE_TENANTS_FILE": str(self.work / "tenants.toml"),
+            "AGENTPLANE_WORK_DIR": str(self.work / "w"),
+            "AGENTPLANE_CLI_MAX_RETRIES": "0",
+            "AGENTPLANE_TEST_ACME_KEY": "sk-ant-test-acme-key",
+            "ANTHROPIC_BASE_URL": self.sandbox.base_url,
             **env,
-        )
+        })
         with (self.work / f"server-{port}.log").open("wb") as log:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "agentplane.server", "serve", env=full, stderr=log
@@ -233,6 +233,34 @@ async def test_after_kill_9_another_server_closes_the_session(world: World) -> N
     _, _, windows = await world.rows()
     assert all(w.reserved_usd == 0 for w in windows)
     assert agent_processes(world.work) == []  # the dead server's CLI was reaped too
+
+
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+async def test_any_replica_of_the_host_removes_what_a_dead_one_left(
+    world: World, sandbox: str
+) -> None:
+    """Replicas with work dirs of their own: the next one to start, whichever, removes a
+    dead one's session folders (its sandbox's tmpfs too) and kills what still runs there."""
+    host, dead_dir = world.work / "host", world.work / "wa"
+    common = {"AGENTPLANE_HOST_DIR": str(host), "AGENTPLANE_SANDBOX": sandbox}
+    first = await world.start(AGENTPLANE_WORK_DIR=str(dead_dir), **common)
+    call = run(first, "stuck")
+    await call.read()
+    await wait_requests(world.sandbox, 1)
+    (folder,) = [p for p in (dead_dir / "acme").iterdir() if p.is_dir()]
+    first.proc.kill()
+    await first.proc.wait()
+    call.cancel()
+    await first.channel.close()
+    assert folder.is_dir()  # nothing else would ever remove it
+
+    other = await world.start(AGENTPLANE_WORK_DIR=str(world.work / "wb"), **common)
+    assert not folder.exists()
+    assert agent_processes(dead_dir) == []
+    assert [p.name for p in (dead_dir / "acme").iterdir()] == []
+    other.proc.send_signal(signal.SIGTERM)
+    assert await other.proc.wait() == 0
+    await other.channel.close()
 
 
 async def test_a_killed_replica_loses_no_spend(world: World) -> None:

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from agentplane.server.errors import ConfigError
 from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.sessions.owners import write_marker
 from agentplane.server.sessions.pool import WARM_MARKER
 from agentplane.v1 import session_pb2
 from google.protobuf import json_format
@@ -262,34 +263,48 @@ async def test_the_pool_stays_within_the_session_limit_and_replaces_old_agents(
         await stop_harness(h)
 
 
-async def test_start_up_sweeps_warm_agents_a_dead_server_left(tmp_path: Path) -> None:
+async def test_start_up_sweeps_what_dead_servers_left(tmp_path: Path) -> None:
+    """Warm agents and sessions alike: a folder whose owner's mark names a dead server (or
+    a pid now reused by another process) is removed with its processes."""
     h = await start_harness(sqlite(tmp_path), extra_tenants=twin_tenants(1))
     try:
         dead = await asyncio.create_subprocess_exec("true")  # a pid no process has now
         await dead.wait()
-        orphan = h.work_dir / "w" / "warm" / "0123456789abcdef"
+        tenant_dir = h.work_dir / "w" / "warm"
+        orphan = tenant_dir / "0123456789abcdef"
         (orphan / "work").mkdir(parents=True)
-        (orphan / WARM_MARKER).write_text(str(dead.pid))
+        (orphan / WARM_MARKER).write_text("")
+        (tenant_dir / "0123456789abcdef.owner").write_text(f"{dead.pid} 1")
         sleeper = await asyncio.create_subprocess_exec(  # stands for the dead server's CLI
             sys.executable, "-c", "import time; time.sleep(60)",
             env={**os.environ, "AGENTPLANE_SESSION_DIR": str(orphan)},
         )
-        ours = h.work_dir / "w" / "warm" / "fedcba9876543210"
-        ours.mkdir(parents=True)
-        (ours / WARM_MARKER).write_text(str(os.getpid()))
-        # An agent may leave markers that would hang or flood a naive read.
+        # A live pid whose start time is not the mark's: the pid was reused.
+        reused = tenant_dir / "cccccccccccccccc"
+        reused.mkdir()
+        (tenant_dir / "cccccccccccccccc.owner").write_text(f"{sleeper.pid} 1")
+        ours = tenant_dir / "fedcba9876543210"
+        ours.mkdir()
+        write_marker(tenant_dir / "fedcba9876543210.owner")
+        unmarked = tenant_dir / "dddddddddddddddd"  # a release before marks: left alone
+        unmarked.mkdir()
+        # A mark that would hang or flood a naive read.
         for name, plant in (("aaaaaaaaaaaaaaaa", lambda m: m.symlink_to("/dev/zero")),
                             ("bbbbbbbbbbbbbbbb", os.mkfifo)):
-            (h.work_dir / "w" / "warm" / name).mkdir(parents=True)
-            plant(h.work_dir / "w" / "warm" / name / WARM_MARKER)
+            (tenant_dir / name).mkdir()
+            plant(tenant_dir / f"{name}.owner")
 
-        assert await asyncio.wait_for(pool(h).sweep(), 30) == 3
+        assert await asyncio.wait_for(h.app.sessions.folders.sweep(), 30) == 4
 
         assert await asyncio.wait_for(sleeper.wait(), 10) != 0
-        assert not orphan.exists()
-        assert ours.exists()  # a live server's agent is not touched
-        (ours / WARM_MARKER).unlink()
-        ours.rmdir()
+        left = {p.name for p in tenant_dir.iterdir()}
+        for name in ("0123456789abcdef", "cccccccccccccccc", "aaaaaaaaaaaaaaaa",
+                     "bbbbbbbbbbbbbbbb"):
+            assert name not in left and f"{name}.owner" not in left
+        assert {"dddddddddddddddd", "fedcba9876543210", "fedcba9876543210.owner"} <= left
+        for path in (ours, unmarked):
+            path.rmdir()
+        (tenant_dir / "fedcba9876543210.owner").unlink()
     finally:
         await stop_harness(h)
 

@@ -10,12 +10,16 @@ from pathlib import Path
 from ..isolation.sandboxes import Sandboxes
 from ..tenants import Tenant
 from .cli_env import SessionDirs
+from .owners import owner_alive, write_marker
 from .reaper import kill_session_processes
+
+# `<tenant>/<folder>.owner`, beside the folder: out of its sandboxed agent's reach.
+OWNER_SUFFIX = ".owner"
 
 
 class SessionFolders:
     """`<work dir>/<tenant>/<session>/`: made before an agent starts, removed (with every
-    process still running in it) when it ends."""
+    process still running in it) when it ends, or by `sweep` when its server died."""
 
     def __init__(self, work_dir: Path, sandboxes: Sandboxes | None = None) -> None:
         self.work_dir = work_dir
@@ -38,6 +42,8 @@ class SessionFolders:
         ids = tenant.unix_ids()
         if ids is not None:
             os.chown(tenant_root, *ids)
+        # Before the folder: a folder never exists without its owner's mark.
+        write_marker(_marker(dirs.root))
         if self._sandboxes is not None:
             uid, gid = ids or (os.getuid(), os.getgid())
             self._sandboxes.prepare(dirs.root, tenant.limits, uid=uid, gid=gid)
@@ -61,3 +67,27 @@ class SessionFolders:
             self._sandboxes.remove(root)
         else:
             shutil.rmtree(root, ignore_errors=True)
+        _marker(root).unlink(missing_ok=True)
+
+    async def sweep(self, work_dir: Path | None = None) -> int:
+        """Remove the folders (and kill the processes) of sessions and warm agents whose
+        server died, in `work_dir` (default: this server's); returns how many. Folders
+        of live servers sharing it, and folders with no mark (a release before marks),
+        are left alone."""
+        orphans = await asyncio.to_thread(_orphans, work_dir or self.work_dir)
+        for root in orphans:
+            await self.remove(root)
+        return len(orphans)
+
+
+def _orphans(work_dir: Path) -> list[Path]:
+    try:
+        markers = list(work_dir.glob(f"*/*{OWNER_SUFFIX}"))
+    except OSError:  # the work dir is gone (a server removed it meanwhile)
+        return []
+    return [m.with_name(m.name.removesuffix(OWNER_SUFFIX)) for m in markers
+            if not owner_alive(m)]
+
+
+def _marker(root: Path) -> Path:
+    return root.with_name(root.name + OWNER_SUFFIX)

@@ -58,6 +58,7 @@ class SessionManager:
         observer = observer or NullObserver()
         self.capacity = capacity
         self.pool = pool
+        self.folders = launcher.folders
         self.leases = leases or LeaseConfig(owner=f"agentplane-{uuid.uuid4().hex[:12]}")
         self.queries = SessionQueries(db, capacity)
         self.stopper = SessionStopper(db, capacity, self.queries)

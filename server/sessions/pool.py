@@ -15,14 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import stat
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 
 from claude_agent_sdk import ClaudeSDKClient
 
@@ -32,6 +29,7 @@ from ..tenants import Tenant
 from .capacity import Capacity
 from .cli_env import SessionDirs
 from .launcher import Launcher
+from .owners import write_marker
 from .requests import RunRequest, SessionSpec, validate
 
 log = logging.getLogger(__name__)
@@ -229,7 +227,6 @@ class WarmPool:
 
     async def run(self) -> None:
         """Keep each tenant's pool stocked until `close`."""
-        await self.sweep()
         delay = RETRY_DELAY_S
         while not self._closed:
             self._wake.clear()
@@ -291,7 +288,7 @@ class WarmPool:
         meter = self._launcher.open_meter(session_id, tenant, Decimal(0))
         try:
             await self._launcher.folders.prepare(dirs, tenant)
-            _write_marker(dirs.root)
+            write_marker(dirs.root / WARM_MARKER)
             client = ClaudeSDKClient(self._launcher.options(
                 spec, tenant, dirs, meter,
                 resume=None, budget=spec.budget_usd, max_turns=spec.max_turns,
@@ -338,53 +335,6 @@ class WarmPool:
             while queue:
                 self._discard(queue.popleft())
         await asyncio.gather(*self._closing, return_exceptions=True)
-
-    async def sweep(self) -> int:
-        """Remove warm agents a server that died left in the work dir (their processes
-        too); returns how many. Agents of live servers sharing the dir are left alone."""
-        work_dir = self._launcher.folders.work_dir
-        orphans = await asyncio.to_thread(lambda: [
-            marker.parent
-            for marker in work_dir.glob(f"*/*/{WARM_MARKER}")
-            if not _owner_alive(marker)
-        ])
-        for root in orphans:
-            await self._launcher.folders.remove(root)
-        if orphans:
-            log.info("warm_pool_swept", extra={"agents": len(orphans)})
-        return len(orphans)
-
-
-def _write_marker(root: Path) -> None:
-    """Mark `root` as a warm agent of this server, atomically: a sweep running meanwhile
-    must never read a marker half written (it would take a live agent for an orphan)."""
-    tmp = root / f"{WARM_MARKER}.tmp"
-    tmp.write_text(str(os.getpid()))
-    tmp.replace(root / WARM_MARKER)
-
-
-def _owner_alive(marker: Path) -> bool:
-    # The marker lies in a folder an agent could write to: read at most a few bytes of a
-    # regular file, never through a symlink (to /dev/zero, say) or from a FIFO.
-    try:
-        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return False
-            pid = int(os.read(fd, 32).strip())
-        finally:
-            os.close(fd)
-    except (OSError, ValueError):
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _available_mib() -> int:
