@@ -1,9 +1,12 @@
 """The client's target and service config: several replicas get health-checked round_robin,
-every client retries UNAVAILABLE, bad address lists are clear errors."""
+every client retries UNAVAILABLE, bad address lists are clear errors; the docs carry the
+same config (the Node client's: tests/test_polyglot.py)."""
 
 from __future__ import annotations
 
 import json
+import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,8 @@ from agentplane.server.health import READY_NAMES
 from agentplane.v1 import budget_pb2, session_pb2, usage_pb2
 from harness import TOKENS, Harness
 from test_server_process import free_port
+
+ROOT = Path(__file__).parents[1]
 
 
 @pytest.mark.parametrize(("target", "expected"), [
@@ -132,3 +137,28 @@ def test_the_cli_says_what_is_wrong_with_a_target_list(
     monkeypatch.setenv("AGENTPLANE_TARGET", "a.example:1,b.example:2")
     assert main(["budget"]) == 2
     assert "dns:///a.example:PORT" in capsys.readouterr().err
+
+
+def json_block_after(text: str, marker: str, opening: str) -> Any:
+    """The JSON that follows the line `opening` after `marker` in `text`, up to the end of
+    the block (a ``` fence, or text indented less than the JSON)."""
+    lines = text[text.index(marker):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == opening) + 1
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    block = []
+    for line in lines[start:]:
+        if line.strip() == "```" or (line.strip() and len(line) - len(line.lstrip()) < indent):
+            break
+        block.append(line)
+    return json.loads(textwrap.dedent("\n".join(block)))
+
+
+def test_the_readme_and_kubernetes_example_show_the_clients_service_config() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert json_block_after(readme, "**Clients of several replicas.**", "```json") == (
+        service_config()
+    )
+    manifest = (ROOT / "deploy" / "kubernetes.yaml").read_text()
+    assert json_block_after(manifest, "name: agentplane-client", "service-config.json: |") == (
+        service_config()
+    )
