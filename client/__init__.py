@@ -6,11 +6,15 @@
         for event in client.run("Summarise README.md", max_budget_usd="0.50"):
             print(event.seq, event.WhichOneof("kind"))
 
-:class:`AsyncClient` has the same methods for asyncio. Messages are the generated protos in
+:class:`AsyncClient` has the same methods for asyncio. Several replicas:
+``Client(["10.0.0.1:50051", "10.0.0.2:50051"])`` or ``Client("dns:///agentplane:50051")``
+balances over them, health-checked; :func:`service_config` is the grpc service config
+behind it, for other clients. Messages are the generated protos in
 :mod:`agentplane.v1`; failed calls raise :class:`RPCError` (see :mod:`agentplane._errors`).
 """
 
 from ._async_client import AsyncClient, AsyncEventStream
+from ._channel import service_config
 from ._client import Client, EventStream
 from ._errors import AgentplaneError, FieldViolation, QuotaViolation, RPCError
 from ._health import HealthStatus
@@ -29,4 +33,5 @@ __all__ = [
     "HealthStatus",
     "QuotaViolation",
     "RPCError",
+    "service_config",
 ]

@@ -10,8 +10,10 @@ from typing import Any, Self, TypeVar
 import grpc
 import grpc.aio
 
+from . import _channel
 from . import _requests as rq
-from ._client import ChannelOptions, make_credentials
+from ._channel import ChannelOptions, Target
+from ._client import make_credentials
 from ._errors import RPCError
 from ._health import CHECK_METHOD, HealthStatus, decode_response, encode_request
 from .v1 import (
@@ -63,17 +65,15 @@ class AsyncEventStream(AsyncIterator[session_pb2.SessionEvent]):
 class AsyncClient:
     """An asyncio agentplane client; the same methods as :class:`Client`, awaitable.
 
-    ``target`` defaults to ``$AGENTPLANE_TARGET`` or ``127.0.0.1:50051``; ``token`` to
-    ``$AGENTPLANE_TOKEN`` (sent as ``authorization: Bearer <token>``; none for a dev-mode
-    server). ``secure`` (or ``root_certificates``, PEM bytes) selects TLS. ``timeout`` is
-    the deadline in seconds of each unary call; streaming calls take their own.
-    Create it inside the event loop that uses it (grpc.aio binds a channel to its loop);
-    use it as an async context manager, or await :meth:`close`.
+    ``target``, ``token``, ``secure``, ``root_certificates``, ``timeout`` and ``options``
+    are those of :class:`Client` (several replicas: health-checked ``round_robin``;
+    UNAVAILABLE retried). Create it inside the event loop that uses it (grpc.aio binds a
+    channel to its loop); use it as an async context manager, or await :meth:`close`.
     """
 
     def __init__(
         self,
-        target: str | None = None,
+        target: Target | None = None,
         *,
         token: str | None = None,
         secure: bool = False,
@@ -81,14 +81,15 @@ class AsyncClient:
         timeout: float | None = None,
         options: ChannelOptions | None = None,
     ) -> None:
-        self.target = rq.resolve_target(target)
+        self.target, self.balanced = _channel.resolve(target)
         self.timeout = timeout
         self._metadata = rq.auth_metadata(rq.resolve_token(token))
         credentials = make_credentials(secure, root_certificates)
+        opts = _channel.channel_options(self.balanced, options)
         if credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=options)
+            self._channel = grpc.aio.insecure_channel(self.target, options=opts)
         else:
-            self._channel = grpc.aio.secure_channel(self.target, credentials, options=options)
+            self._channel = grpc.aio.secure_channel(self.target, credentials, options=opts)
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
         self._budgets = budget_pb2_grpc.BudgetServiceStub(self._channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
@@ -220,5 +221,6 @@ class AsyncClient:
         return await self._unary(self._usage.GetUsage, rq.usage_request(start_time, end_time))
 
     async def health(self, service: str = "") -> HealthStatus:
-        """grpc.health.v1 Check for ``service`` ("" is the server as a whole)."""
+        """grpc.health.v1 Check for ``service`` ("" is the server as a whole; over several
+        replicas, one that is ready answers)."""
         return await self._unary(self._health_check, service)

@@ -9,7 +9,9 @@ from typing import Any, Self, TypeVar
 
 import grpc
 
+from . import _channel
 from . import _requests as rq
+from ._channel import ChannelOptions, Target
 from ._errors import RPCError
 from ._health import CHECK_METHOD, HealthStatus, decode_response, encode_request
 from .v1 import (
@@ -22,7 +24,6 @@ from .v1 import (
 )
 
 T = TypeVar("T")
-ChannelOptions = Sequence[tuple[str, Any]]
 
 
 def make_credentials(
@@ -68,16 +69,20 @@ class EventStream(Iterator[session_pb2.SessionEvent]):
 class Client:
     """A blocking agentplane client.
 
-    ``target`` defaults to ``$AGENTPLANE_TARGET`` or ``127.0.0.1:50051``; ``token`` to
-    ``$AGENTPLANE_TOKEN`` (sent as ``authorization: Bearer <token>``; none for a dev-mode
-    server). ``secure`` (or ``root_certificates``, PEM bytes) selects TLS. ``timeout`` is
-    the deadline in seconds of each unary call; streaming calls take their own.
-    Use it as a context manager, or call :meth:`close`.
+    ``target`` defaults to ``$AGENTPLANE_TARGET`` or ``127.0.0.1:50051``; several replicas
+    are a list of ``host:port`` addresses (or one string of them joined with commas) or a
+    ``dns:///name:port`` target, and get health-checked ``round_robin`` (see
+    :func:`agentplane.service_config`); UNAVAILABLE is retried in any case. ``token``
+    defaults to ``$AGENTPLANE_TOKEN`` (sent as ``authorization: Bearer <token>``; none for a
+    dev-mode server). ``secure`` (or ``root_certificates``, PEM bytes) selects TLS.
+    ``timeout`` is the deadline in seconds of each unary call; streaming calls take their
+    own. ``options`` are grpc channel options (a ``grpc.service_config`` there replaces
+    agentplane's). Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(
         self,
-        target: str | None = None,
+        target: Target | None = None,
         *,
         token: str | None = None,
         secure: bool = False,
@@ -85,14 +90,15 @@ class Client:
         timeout: float | None = None,
         options: ChannelOptions | None = None,
     ) -> None:
-        self.target = rq.resolve_target(target)
+        self.target, self.balanced = _channel.resolve(target)
         self.timeout = timeout
         self._metadata = rq.auth_metadata(rq.resolve_token(token))
         credentials = make_credentials(secure, root_certificates)
+        opts = _channel.channel_options(self.balanced, options)
         if credentials is None:
-            self._channel = grpc.insecure_channel(self.target, options=options)
+            self._channel = grpc.insecure_channel(self.target, options=opts)
         else:
-            self._channel = grpc.secure_channel(self.target, credentials, options=options)
+            self._channel = grpc.secure_channel(self.target, credentials, options=opts)
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
         self._budgets = budget_pb2_grpc.BudgetServiceStub(self._channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
@@ -223,5 +229,7 @@ class Client:
         return self._unary(self._usage.GetUsage, rq.usage_request(start_time, end_time))
 
     def health(self, service: str = "") -> HealthStatus:
-        """grpc.health.v1 Check for ``service`` ("" is the server as a whole)."""
+        """grpc.health.v1 Check for ``service`` ("" is the server as a whole). Over several
+        replicas, a replica that is ready answers; with none ready the call fails
+        UNAVAILABLE."""
         return self._unary(self._health_check, service)

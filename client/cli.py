@@ -6,7 +6,8 @@
     agentplane health [--service NAME] | cancel ID | stream ID [--after-seq N] | usage
 
 Global flags (before or after the command): --target (default $AGENTPLANE_TARGET or
-127.0.0.1:50051), --token (default $AGENTPLANE_TOKEN), --timeout SECONDS.
+127.0.0.1:50051; several replicas: HOST:PORT,HOST:PORT or dns:///NAME:PORT), --token
+(default $AGENTPLANE_TOKEN), --timeout SECONDS.
 
 Exit status: 0 success; 1 the session ended in ERROR (or health is not SERVING); 2 usage
 error; 3 the call failed (gRPC status printed on stderr); 130 interrupted.
@@ -204,7 +205,8 @@ def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     group = parser.add_argument_group("connection")
     group.add_argument(
         "--target", default=default(None),
-        help=f"host:port of the server (default: ${TARGET_ENV} or 127.0.0.1:50051)",
+        help="host:port of the server, or several replicas: host:port,host:port or "
+             f"dns:///name:port (default: ${TARGET_ENV} or 127.0.0.1:50051)",
     )
     group.add_argument(
         "--token", default=default(None), help=f"bearer token (default: ${TOKEN_ENV})"
@@ -287,7 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        with Client(args.target, token=args.token, timeout=args.timeout) as client:
+        client = Client(args.target, token=args.token, timeout=args.timeout)
+    except ValueError as exc:  # a bad address list, from --target or $AGENTPLANE_TARGET
+        _err(f"target: {exc}")
+        return EXIT_USAGE
+    try:
+        with client:
             return int(args.handler(client, args))
     except RPCError as exc:
         _err(" ".join(str(exc).split()))

@@ -1,17 +1,20 @@
-"""A Node.js caller (@grpc/grpc-js + @grpc/proto-loader, from protos/ alone) runs a session."""
+"""A Node.js caller (@grpc/grpc-js + @grpc/proto-loader, from protos/ alone) runs a session,
+with agentplane's service config: past a draining replica too."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from agentplane import service_config
 from agentplane.server.sandbox.script import Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2
-from harness import MODEL, TOKENS, Harness
+from harness import MODEL, TOKENS, Harness, agent_processes, start_harness
 
 POLYGLOT = Path(__file__).parent / "polyglot"
 NODE = shutil.which("node")
@@ -98,3 +101,60 @@ async def test_a_node_client_with_a_bad_token_gets_unauthenticated(harness: Harn
     summary = json.loads(out)
     assert code == 3 and summary["health"] == "SERVING"
     assert summary["error"]["code"] == "UNAUTHENTICATED" and summary["kinds"] == []
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not on PATH")
+async def test_the_node_client_uses_the_python_clients_service_config() -> None:
+    await node_modules()
+    assert NODE is not None
+    code, out, err = await run(NODE, "run_session.js", "--print-service-config")
+    assert code == 0, err
+    assert json.loads(out) == service_config()
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not on PATH")
+async def test_a_node_client_rides_out_a_draining_replica(
+    harness: Harness, short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # grpc-js ignores healthCheckConfig: it keeps sending calls to a draining replica in
+    # its round robin, and only the config's retries move them to the one that serves.
+    await node_modules()
+    assert NODE is not None
+    harness.sandbox.add_script("node_drain", Script(steps=[Step(text="ok", usage=Usage(100, 5))]))
+    draining = await start_harness(f"sqlite:///{short_tmp}/drain.db")
+    draining.sandbox.add_script("hold", Script(steps=[Step(hang=True)]))
+    held = draining.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:hold]] wait", model=MODEL),
+        metadata=draining.auth(),
+    )
+    await held.read()  # admitted: the drain below waits for it
+    stopping = asyncio.create_task(draining.app.stop(grace=60))
+    try:
+        for _ in range(100):
+            if draining.app.health.problem is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert draining.app.health.problem == "the server is shutting down"
+        caplog.set_level(logging.INFO, logger="agentplane.server.sessions.admission")
+        target = f"ipv4:127.0.0.1:{draining.app.port},127.0.0.1:{harness.app.port}"
+        # Its health check asks `liveness`: `readiness` of whichever replica answers the
+        # Check (the draining one, by turns) would say NOT_SERVING.
+        code, out, err = await run(
+            NODE, "run_session.js", "--target", target, "--token", TOKENS["acme"],
+            "--model", MODEL, "--sessions", "4", "--health-service", "liveness",
+            "--prompt", "[[sandbox:node_drain]] hi",
+        )
+    finally:
+        held.cancel()  # a disconnect: the session ends CANCELLED, and with it the drain
+        await stopping
+        await draining.channel.close()
+        await draining.sandbox.stop()
+        leftover = agent_processes(draining.work_dir)
+        shutil.rmtree(draining.work_dir, ignore_errors=True)
+    assert leftover == []
+
+    assert code == 0, (out, err)
+    summary = json.loads(out)
+    assert [s["state"] for s in summary["sessions"]] == ["SESSION_STATE_COMPLETE"] * 4
+    refused = [r for r in caplog.records if getattr(r, "reason", None) == "UNAVAILABLE"]
+    assert refused, "no call reached the draining replica: the test proves nothing"

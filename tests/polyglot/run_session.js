@@ -3,15 +3,20 @@
 // @grpc/proto-loader loads protos/agentplane/v1/{session,budget}.proto and the standard
 // grpc.health.v1 health.proto (a copy beside this script); @grpc/grpc-js makes the calls.
 //
-//   node run_session.js --prompt "Say hi" [--target HOST:PORT] [--token TOKEN]
+//   node run_session.js --prompt "Say hi" [--target TARGET] [--token TOKEN]
 //                       [--model M] [--budget USD] [--timeout SECONDS] [--protos DIR]
+//                       [--sessions N] [--health-service NAME]
+//   node run_session.js --print-service-config
 //
-// --target defaults to $AGENTPLANE_TARGET or 127.0.0.1:50051, --token to $AGENTPLANE_TOKEN.
-// Checks Health/Check == SERVING, reads the caller's budget, runs the session to its
-// `result` event and prints ONE JSON line:
+// --target defaults to $AGENTPLANE_TARGET or 127.0.0.1:50051, --token to $AGENTPLANE_TOKEN;
+// several replicas: ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT (see SERVICE_CONFIG).
+// Checks Health/Check of --health-service (default "") == SERVING, reads the caller's
+// budget, runs --sessions sessions (default 1) one after the other, each to its `result`
+// event, and prints ONE JSON line (the fields of the last session, and all of them):
 //   {"health":"SERVING","tenant":...,"session_id":...,"kinds":["started",...,"result"],
-//    "seqs":[1,2,...],"state":"SESSION_STATE_COMPLETE","cost_usd":"0.0123",...}
-// Exit status: 0 the session ended COMPLETE; 1 it ended otherwise; 2 the server is not
+//    "seqs":[1,2,...],"state":"SESSION_STATE_COMPLETE","cost_usd":"0.0123",...,
+//    "sessions":[{"session_id":...,"state":...}]}
+// Exit status: 0 every session ended COMPLETE; 1 one ended otherwise; 2 the server is not
 // SERVING; 3 a call failed (the summary's "error" has the gRPC code and details); 64 usage.
 
 'use strict';
@@ -27,6 +32,39 @@ const LOADER_OPTIONS = {
   enums: String,
   defaults: true,
   oneofs: true,
+};
+
+// agentplane's service config (README, "Replicas and draining"; the Python client's
+// agentplane.service_config()): round_robin over every address of the target, and
+// UNAVAILABLE retried, which a draining replica answers new sessions with before anything
+// starts. grpc-js (1.14) ignores healthCheckConfig (no client-side health checking), so
+// here the retries alone steer calls off a draining replica; C-core, Go and Java also
+// stop sending to it.
+const SERVICE_CONFIG = {
+  loadBalancingConfig: [{ round_robin: {} }],
+  healthCheckConfig: { serviceName: 'readiness' },
+  methodConfig: [
+    {
+      name: [
+        { service: 'agentplane.v1.SessionService' },
+        { service: 'agentplane.v1.BudgetService' },
+        { service: 'agentplane.v1.UsageService' },
+        { service: 'grpc.health.v1.Health', method: 'Check' },
+      ],
+      retryPolicy: {
+        maxAttempts: 5,
+        initialBackoff: '0.1s',
+        maxBackoff: '1s',
+        backoffMultiplier: 2,
+        retryableStatusCodes: ['UNAVAILABLE'],
+      },
+    },
+  ],
+  retryThrottling: { maxTokens: 100, tokenRatio: 1 },
+};
+const CHANNEL_OPTIONS = {
+  'grpc.service_config': JSON.stringify(SERVICE_CONFIG),
+  'grpc.enable_retries': 1,
 };
 
 const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
@@ -48,6 +86,9 @@ function options() {
         budget: { type: 'string', default: '' },
         timeout: { type: 'string', default: '120' },
         protos: { type: 'string', default: path.resolve(__dirname, '..', '..', 'protos') },
+        sessions: { type: 'string', default: '1' },
+        'health-service': { type: 'string', default: '' },
+        'print-service-config': { type: 'boolean', default: false },
       },
       allowPositionals: true,
     });
@@ -55,10 +96,15 @@ function options() {
     usage(err.message);
   }
   const opts = parsed.values;
+  if (opts['print-service-config']) return opts;
   opts.prompt = opts.prompt ?? parsed.positionals.join(' ');
   if (!opts.prompt) usage('a prompt is required (--prompt TEXT)');
   opts.timeout = Number(opts.timeout);
   if (!(opts.timeout > 0)) usage('--timeout must be a positive number of seconds');
+  opts.sessions = Number(opts.sessions);
+  if (!(Number.isInteger(opts.sessions) && opts.sessions > 0)) {
+    usage('--sessions must be a positive integer');
+  }
   return opts;
 }
 
@@ -96,20 +142,49 @@ function readStream(call, onEvent) {
   });
 }
 
+// Runs one session to its end; its fields go into `summary`. Returns its final Session
+// (null: the stream ended without a result event).
+async function runSession(sessions, request, metadata, opts, summary) {
+  Object.assign(summary, { session_id: null, kinds: [], seqs: [], state: null });
+  const call = sessions.RunSession(request, metadata, { deadline: deadline(opts.timeout) });
+  let final = null;
+  await readStream(call, (event) => {
+    summary.session_id = summary.session_id ?? event.session_id;
+    summary.kinds.push(event.kind);
+    summary.seqs.push(Number(event.seq));
+    if (event.kind === 'result') final = event.result.session;
+  });
+  if (final === null) return null;
+  Object.assign(summary, {
+    state: final.state,
+    cost_usd: final.cost_usd,
+    num_turns: final.num_turns,
+    input_tokens: Number(final.usage.input_tokens),
+    output_tokens: Number(final.usage.output_tokens),
+    result: final.result,
+    error_reason: final.error ? final.error.reason : null,
+  });
+  return final;
+}
+
 async function main() {
   const opts = options();
+  if (opts['print-service-config']) return SERVICE_CONFIG;
   const pkg = load(opts.protos);
   const credentials = grpc.credentials.createInsecure();
   const metadata = new grpc.Metadata();
   if (opts.token) metadata.add('authorization', `Bearer ${opts.token}`);
 
-  const health = new pkg.grpc.health.v1.Health(opts.target, credentials);
-  const budgets = new pkg.agentplane.v1.BudgetService(opts.target, credentials);
-  const sessions = new pkg.agentplane.v1.SessionService(opts.target, credentials);
-  const summary = { health: null, tenant: null, session_id: null, kinds: [], seqs: [], state: null };
+  const health = new pkg.grpc.health.v1.Health(opts.target, credentials, CHANNEL_OPTIONS);
+  const budgets = new pkg.agentplane.v1.BudgetService(opts.target, credentials, CHANNEL_OPTIONS);
+  const sessions = new pkg.agentplane.v1.SessionService(opts.target, credentials, CHANNEL_OPTIONS);
+  const summary = {
+    health: null, tenant: null, session_id: null, kinds: [], seqs: [], state: null, sessions: [],
+  };
   let exitCode = 0;
   try {
-    const status = await unary(health, 'Check', { service: '' }, new grpc.Metadata(), 10);
+    const service = opts['health-service'];
+    const status = await unary(health, 'Check', { service }, new grpc.Metadata(), 10);
     summary.health = status.status;
     if (status.status !== 'SERVING') {
       exitCode = 2;
@@ -120,29 +195,16 @@ async function main() {
     summary.remaining_usd_before = budget.remaining_usd;
 
     const request = { prompt: opts.prompt, model: opts.model, max_budget_usd: opts.budget };
-    const call = sessions.RunSession(request, metadata, { deadline: deadline(opts.timeout) });
-    let final = null;
-    await readStream(call, (event) => {
-      summary.session_id = summary.session_id ?? event.session_id;
-      summary.kinds.push(event.kind);
-      summary.seqs.push(Number(event.seq));
-      if (event.kind === 'result') final = event.result.session;
-    });
-    if (final === null) {
-      summary.error = { code: 'NO_RESULT', details: 'the stream ended without a result event' };
-      exitCode = 1;
-      return summary;
+    for (let i = 0; i < opts.sessions; i += 1) {
+      const final = await runSession(sessions, request, metadata, opts, summary);
+      if (final === null) {
+        summary.error = { code: 'NO_RESULT', details: 'the stream ended without a result event' };
+        exitCode = 1;
+        return summary;
+      }
+      summary.sessions.push({ session_id: final.id, state: final.state });
+      if (final.state !== 'SESSION_STATE_COMPLETE') exitCode = 1;
     }
-    Object.assign(summary, {
-      state: final.state,
-      cost_usd: final.cost_usd,
-      num_turns: final.num_turns,
-      input_tokens: Number(final.usage.input_tokens),
-      output_tokens: Number(final.usage.output_tokens),
-      result: final.result,
-      error_reason: final.error ? final.error.reason : null,
-    });
-    exitCode = final.state === 'SESSION_STATE_COMPLETE' ? 0 : 1;
     return summary;
   } catch (err) {
     summary.error = { code: CODE_NAMES[err.code] ?? String(err.code), details: err.details ?? err.message };
