@@ -44,7 +44,7 @@ from .sessions.retry import RetryPolicy
 from .sessions.runner import AgentRunner, RunnerConfig
 from .sessions.usage import UsageReader
 from .store.engine import POOL, UPKEEP_POOL, create_engine, sessionmaker
-from .store.notify import CANCEL_CHANNEL, EVENTS_CHANNEL, Listener
+from .store.notify import Bus, Listener
 from .store.transcripts import SqlSessionStore
 from .telemetry.observer import TelemetryObserver
 from .telemetry.setup import ContentPolicy, Telemetry
@@ -109,6 +109,7 @@ class App:
     _resources: contextlib.AsyncExitStack
     # PostgreSQL: the LISTEN for what other replicas tell this one (None on SQLite).
     notifications: Listener | None = None
+    budgets: BudgetReader | None = None
     _ready_task: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -157,11 +158,14 @@ class App:
         resources.push_async_callback(asyncio.to_thread, telemetry.shutdown)  # flushes
         engine = _engine(settings)
         resources.push_async_callback(engine.dispose)
-        db = sessionmaker(engine)
+        # What this server's commits and (PostgreSQL) the other replicas' notify.
+        bus = Bus()
+        notifications = Listener(engine.url, bus) if engine.dialect.name == "postgresql" else None
+        db = sessionmaker(engine, bus)
         # Running sessions write through a pool of their own (see SessionManager).
         upkeep_engine = _engine(settings, UPKEEP_POOL)
         resources.push_async_callback(upkeep_engine.dispose)
-        upkeep_db = sessionmaker(upkeep_engine)
+        upkeep_db = sessionmaker(upkeep_engine, bus)
         health = Health()
         await health.init(sandboxed=settings.sandbox)
         resources.push_async_callback(health.shutdown)
@@ -230,7 +234,8 @@ class App:
             not_ready=health.refusal,
             upkeep_db=upkeep_db,
         )
-        server = _grpc_server(telemetry, tenants, sessions, db, health)
+        budgets = BudgetReader(db)
+        server = _grpc_server(telemetry, tenants, sessions, db, budgets, health)
         resources.push_async_callback(server.stop, 1.0)
         try:
             port = server.add_insecure_port(settings.listen)
@@ -241,7 +246,7 @@ class App:
         await server.start()
         app = cls(
             settings, tenants, server, health, sessions, engine, gateway, telemetry, port,
-            resources,
+            resources, notifications, budgets,
         )
         resources.push_async_callback(app._cancel_background)
         return app
@@ -254,17 +259,10 @@ class App:
         await self.health.check(self.engine, cli_path, migrate_first=self.settings.migrate_at_start)
         if self.sessions.pool is not None:
             self.sessions.pool.start()  # once ready: a server that cannot serve spends nothing
-        if self.engine.dialect.name == "postgresql":
-            # CancelSession on another replica reaches this one's sessions at once, and
-            # followers here of its sessions read their events as they are committed.
-            feeds = self.sessions.queries.feeds
-            listener = self.notifications = Listener(self.engine.url, {
-                CANCEL_CHANNEL: self.sessions.stopper.cancelled_elsewhere,
-                EVENTS_CHANNEL: feeds.on_events,
-            })
-            listener.on_listening.append(feeds.on_listening)
-            feeds.notified = listener.listening.is_set
-            self._background.append(asyncio.create_task(listener.run(), name="notifications"))
+        if self.notifications is not None:
+            # Cancels, events and budget changes of the other replicas, as they commit.
+            self._background.append(
+                asyncio.create_task(self.notifications.run(), name="notifications"))
         self._background += [
             asyncio.create_task(self.sessions.lease_keeper.run(), name="leases"),
             asyncio.create_task(
@@ -317,6 +315,7 @@ def _grpc_server(
     tenants: TenantRegistry,
     sessions: SessionManager,
     db: async_sessionmaker[DbSession],
+    budgets: BudgetReader,
     health: Health,
 ) -> grpc.aio.Server:
     """The gRPC server with agentplane's services, health and reflection (not bound)."""
@@ -325,7 +324,7 @@ def _grpc_server(
         SessionService(tenants, sessions), server
     )
     budget_pb2_grpc.add_BudgetServiceServicer_to_server(
-        BudgetService(tenants, BudgetReader(db)), server
+        BudgetService(tenants, budgets), server
     )
     usage_pb2_grpc.add_UsageServiceServicer_to_server(
         UsageService(tenants, UsageReader(db)), server

@@ -11,8 +11,8 @@ import grpc
 import pytest
 import sqlalchemy
 from agentplane.server.sandbox import Script, Step, ToolCall
-from agentplane.server.store.notify import EVENTS_CHANNEL, Listener
-from agentplane.v1 import session_pb2
+from agentplane.server.store.notify import EVENTS_CHANNEL, Bus, Listener
+from agentplane.v1 import budget_pb2, session_pb2
 from harness import MODEL, Harness, error_details, start_harness, stop_harness
 
 pytestmark = pytest.mark.asyncio
@@ -32,11 +32,13 @@ async def replicas(database_url: str) -> AsyncIterator[tuple[Harness, Harness]]:
     await stop_harness(owner)
 
 
-async def running_on(h: Harness) -> tuple[grpc.aio.UnaryStreamCall, str]:
+async def running_on(
+    h: Harness, tenant: str = "acme"
+) -> tuple[grpc.aio.UnaryStreamCall, str]:
     """A session that waits for the model forever, RUNNING on `h`; its call and id."""
     call = h.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt="[[sandbox:held]] wait", model=MODEL),
-        metadata=h.auth(),
+        metadata=h.auth(tenant),
     )
     while True:
         event = await call.read()
@@ -145,9 +147,9 @@ async def test_followers_on_another_replica_share_one_pushed_read(
     session_id = first.session_id
     # What the followers' replica is told: one notification per committed batch.
     notified: list[str] = []
-    listener = Listener(other.app.engine.url, {
-        EVENTS_CHANNEL: lambda p: notified.append(p) if p.startswith(session_id) else None,
-    })
+    bus = Bus()
+    bus.subscribe(EVENTS_CHANNEL, lambda p: notified.append(p) if p.startswith(session_id) else None)
+    listener = Listener(other.app.engine.url, bus)
     listening = asyncio.create_task(listener.run())
     await asyncio.wait_for(listener.listening.wait(), 10)
     reads = event_reads(other)
@@ -197,3 +199,46 @@ async def test_every_follower_on_another_replica_ends_with_the_result(
     for stream in streams:
         assert stream[-1].HasField("result"), [e.WhichOneof("kind") for e in stream]
         assert [e.seq for e in stream] == list(range(1, len(stream) + 1))
+
+
+async def budget_of(h: Harness) -> tuple[str, str]:
+    budget = await h.budgets.GetBudget(budget_pb2.GetBudgetRequest(), metadata=h.auth("ops"))
+    return budget.reserved_usd, budget.spent_usd
+
+
+async def test_getbudget_on_another_replica_follows_each_reservation_and_settlement(
+    replicas: tuple[Harness, Harness],
+) -> None:
+    """GetBudget answers from memory, yet a reservation or settlement committed on any
+    replica shows on every other once notified; and with notifications lost it reads."""
+    owner, other = replicas
+    assert other.app.notifications is not None
+    await asyncio.wait_for(other.app.notifications.listening.wait(), 10)
+    idle = await budget_of(other)
+    assert await budget_of(other) == idle  # now known in memory
+    reads = other.app.budgets.reads.reads
+
+    call, _ = await running_on(owner, "ops")
+    reserved = await until_changed(other, idle)  # told of the reservation
+    assert reserved[0] != idle[0]
+    assert await budget_of(other) == reserved
+    call.cancel()  # ends CANCELLED: settled
+    settled = await until_changed(other, reserved)
+    assert settled[0] == idle[0]
+    assert other.app.budgets.reads.reads - reads <= 4  # one read per change, not per call
+
+    # Deaf (its listener stopped), the replica reads every time: never a stale answer.
+    next(t for t in other.app._background if t.get_name() == "notifications").cancel()
+    await asyncio.sleep(0.1)
+    call, _ = await running_on(owner, "ops")
+    assert (await budget_of(other))[0] != settled[0]
+    call.cancel()
+
+
+async def until_changed(h: Harness, was: tuple[str, str]) -> tuple[str, str]:
+    for _ in range(200):
+        now = await budget_of(h)
+        if now != was:
+            return now
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the budget stayed {was}")

@@ -242,10 +242,11 @@ async def test_any_replica_of_the_host_removes_what_a_dead_one_left(
     """Replicas with work dirs of their own: the next one to start, whichever, removes a
     dead one's session folders (its sandbox's tmpfs too) and kills what still runs there."""
     host, dead_dir = world.work / "host", world.work / "wa"
-    common = {"AGENTPLANE_HOST_DIR": str(host), "AGENTPLANE_SANDBOX": sandbox}
+    common = {"AGENTPLANE_HOST_DIR": str(host), "AGENTPLANE_SANDBOX": sandbox,
+              "AGENTPLANE_LEASE_TTL_S": "2"}
     first = await world.start(AGENTPLANE_WORK_DIR=str(dead_dir), **common)
     call = run(first, "stuck")
-    await call.read()
+    session_id = (await call.read()).session_id
     await wait_requests(world.sandbox, 1)
     (folder,) = [p for p in (dead_dir / "acme").iterdir() if p.is_dir()]
     first.proc.kill()
@@ -258,6 +259,11 @@ async def test_any_replica_of_the_host_removes_what_a_dead_one_left(
     assert not folder.exists()
     assert agent_processes(dead_dir) == []
     assert [p.name for p in (dead_dir / "acme").iterdir()] == []
+    # The session itself is closed by recovery, as ever (so no hold outlives the test).
+    watch = other.sessions.StreamSession(
+        session_pb2.StreamSessionRequest(session_id=session_id), metadata=AUTH)
+    final = (await asyncio.wait_for(events_of(watch), 20))[-1].result.session
+    assert final.error.reason == session_pb2.ERROR_REASON_INTERRUPTED
     other.proc.send_signal(signal.SIGTERM)
     assert await other.proc.wait() == 0
     await other.channel.close()

@@ -12,9 +12,14 @@ from ..coalesce import Coalescer
 from ..domain import BudgetWindow
 from ..errors import QuotaExceeded
 from ..store import ledger as repo
+from ..store.engine import bus_of
+from ..store.notify import BUDGET_CHANNEL
 from ..store.outages import database_outages
 from ..tenants import Tenant
 from .windows import day_of, window_bounds
+
+# Windows whose totals are kept in memory (tenants x days asked for), at most.
+MAX_KNOWN = 4096
 
 
 async def reserve_for_session(
@@ -53,18 +58,41 @@ async def settle_session(db: DbSession, *, session_id: str, actual: Decimal, now
 
 
 class BudgetReader:
-    """Reads budget windows for GetBudget."""
+    """Reads budget windows for GetBudget, from memory while that is exact.
+
+    Every reservation and settlement notifies its window at commit (BUDGET_CHANNEL). A
+    window's totals are kept from a read until a change of it is heard, and only while
+    the bus hears every change: never older than the last change committed and
+    notified. Otherwise, and after a gap in hearing, it reads the database.
+    """
 
     def __init__(self, sessions: async_sessionmaker[DbSession]) -> None:
         self._engine: AsyncEngine = sessions.kw["bind"]
         # Concurrent GetBudgets of a tenant's day share one database read, never an older one.
         self.reads: Coalescer[tuple[Decimal, Decimal]] = Coalescer()
+        self._bus = bus_of(sessions)
+        self._known: dict[tuple[str, str], tuple[Decimal, Decimal]] = {}
+        self._changes: dict[tuple[str, str], int] = {}  # heard, per window
+        self._gaps = 0  # times the bus stopped hearing everything and resumed
+        self._bus.subscribe(BUDGET_CHANNEL, self._changed)
+        self._bus.on_resume(self._forget)
+
+    def _changed(self, payload: str) -> None:
+        tenant, _, day = payload.rpartition(" ")
+        key = (tenant, day)
+        self._changes[key] = self._changes.get(key, 0) + 1
+        self._known.pop(key, None)
+        if len(self._changes) > MAX_KNOWN:
+            self._forget()
+
+    def _forget(self) -> None:
+        self._gaps += 1
+        self._known.clear()
+        self._changes.clear()
 
     async def window(self, tenant: Tenant, day: date) -> BudgetWindow:
         start, end = window_bounds(day, tenant.time_zone)
-        spent, reserved = await self.reads.get(
-            (tenant.name, day), lambda: self._totals(tenant.name, day.isoformat())
-        )
+        spent, reserved = await self._totals_of((tenant.name, day.isoformat()))
         return BudgetWindow(
             tenant=tenant.name,
             day=day.isoformat(),
@@ -75,6 +103,19 @@ class BudgetReader:
             spent_usd=spent,
             reserved_usd=reserved,
         )
+
+    async def _totals_of(self, key: tuple[str, str]) -> tuple[Decimal, Decimal]:
+        known = self._known.get(key)
+        if known is not None and self._bus.hears_all():
+            return known
+        before = (self._gaps, self._changes.get(key, 0))
+        totals = await self.reads.get(key, lambda: self._totals(*key))
+        # Kept only if nothing changed the window since before the read started.
+        if self._bus.hears_all() and (self._gaps, self._changes.get(key, 0)) == before:
+            if len(self._known) >= MAX_KNOWN:
+                self._known.clear()
+            self._known[key] = totals
+        return totals
 
     async def _totals(self, tenant: str, day: str) -> tuple[Decimal, Decimal]:
         # A bare connection (the cheapest read), outside the store's sessions: so the

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from ..domain import ErrorReason, Session, utcnow
 from ..errors import FailedPrecondition
 from ..store import sessions as repo
+from ..store.engine import bus_of
 from ..store.notify import CANCEL_CHANNEL, notify
 from ..tenants import Tenant
 from .capacity import Capacity
@@ -27,6 +28,8 @@ class SessionStopper:
         *, remote_wait_s: float = 30.0, poll_s: float = 0.05,
     ) -> None:
         self._db = db
+        # Another replica's CancelSession for a session this one runs.
+        bus_of(db).subscribe(CANCEL_CHANNEL, self.cancelled_elsewhere)
         self._live = capacity.live
         self._queries = queries
         self._remote_wait_s = remote_wait_s

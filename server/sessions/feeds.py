@@ -18,6 +18,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from ..domain import Event, EventKind
 from ..errors import Unavailable
 from ..store import sessions as repo
+from ..store.engine import bus_of
+from ..store.notify import EVENTS_CHANNEL
 
 # How often a feed reads when notifications may be missed, and when they cannot be.
 POLL_S = 0.25
@@ -90,21 +92,22 @@ class Feeds:
     def __init__(self, db: async_sessionmaker[DbSession]) -> None:
         self._db = db
         self._feeds: dict[str, Feed] = {}
-        # True while notifications arrive (a Listener is subscribed): then feeds read on
-        # a hint, and poll only as a safety net.
-        self.notified: Callable[[], bool] = lambda: False
+        self._bus = bus_of(db)
+        self._bus.subscribe(EVENTS_CHANNEL, self._on_events)
+        self._bus.on_resume(self._on_resume)
 
     def _poll_s(self) -> float:
-        return SAFETY_POLL_S if self.notified() else POLL_S
+        # While every commit is heard, feeds read when told, and poll only as a safety net.
+        return SAFETY_POLL_S if self._bus.hears_all() else POLL_S
 
-    def on_events(self, payload: str) -> None:
+    def _on_events(self, payload: str) -> None:
         """EVENTS_CHANNEL's handler: "<session id> <last seq>"."""
         session_id, _, seq = payload.partition(" ")
         feed = self._feeds.get(session_id)
         if feed is not None:
             feed.hint(int(seq) if seq.isdigit() else None)
 
-    def on_listening(self) -> None:
+    def _on_resume(self) -> None:
         """The subscription (re)started: anything may have been missed meanwhile."""
         for feed in self._feeds.values():
             feed.hint()

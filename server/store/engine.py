@@ -21,8 +21,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+from sqlalchemy.orm import Session
 
 from .. import migrations as _migrations  # type: ignore[attr-defined]  # top-level migrations/
+from .notify import BUS, Bus, committed, rolled_back
 from .outages import database_outages, unavailable
 
 MIGRATIONS_DIR = Path(_migrations.__file__).resolve().parent
@@ -98,9 +100,26 @@ class _Transaction(AsyncSessionTransaction):
             await super().__aexit__(type_, value, traceback)
 
 
+class _SyncSession(Session):
+    """The ORM session under `_Session`: at each commit it delivers what the transaction
+    notified (see `notify.py`)."""
+
+
+@event.listens_for(_SyncSession, "after_commit")
+def _after_commit(session: Session) -> None:
+    committed(session.info)
+
+
+@event.listens_for(_SyncSession, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    rolled_back(session.info)
+
+
 class _Session(DbSession):
     """An AsyncSession whose `async with` raises DatabaseUnavailable for outages, and
     whose transactions (`begin()`, also via the maker's `begin()`) do too."""
+
+    sync_session_class = _SyncSession
 
     def begin(self) -> AsyncSessionTransaction:
         return _Transaction(self)
@@ -131,10 +150,20 @@ def private_sqlite_files(database: str | None) -> None:
             name.chmod(0o600)
 
 
-def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[DbSession]:
+def sessionmaker(engine: AsyncEngine, bus: Bus | None = None) -> async_sessionmaker[DbSession]:
     """The store's session factory: `async with db() as s` and `async with db.begin() as
-    s` as with SQLAlchemy's, but an outage raises DatabaseUnavailable."""
-    return async_sessionmaker[DbSession](engine, class_=_Session, expire_on_commit=False)
+    s` as with SQLAlchemy's, but an outage raises DatabaseUnavailable; what a transaction
+    notifies goes to `bus` at its commit."""
+    return async_sessionmaker[DbSession](
+        engine, class_=_Session, expire_on_commit=False, info={BUS: bus or Bus()}
+    )
+
+
+def bus_of(db: async_sessionmaker[DbSession]) -> Bus:
+    """The bus that `db`'s commits deliver to."""
+    bus = db.kw["info"][BUS]
+    assert isinstance(bus, Bus)
+    return bus
 
 
 def _alembic_config(connection: Connection | None = None) -> Config:

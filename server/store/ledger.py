@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from .models import BudgetWindowRow, ReservationRow, table
+from .notify import BUDGET_CHANNEL, notify
 
 HELD = "HELD"
 SETTLED = "SETTLED"
@@ -64,7 +65,10 @@ async def reserve(
         )
         .values(reserved_usd=w.reserved_usd + amount, limit_usd=limit)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    await notify(db, BUDGET_CHANNEL, f"{tenant} {day}")
+    return True
 
 
 async def settle(db: DbSession, *, session_id: str, actual: Decimal, now: datetime) -> bool:
@@ -92,6 +96,7 @@ async def settle(db: DbSession, *, session_id: str, actual: Decimal, now: dateti
         .where(w.tenant == held.tenant, w.day == held.day)
         .values(reserved_usd=w.reserved_usd - held.amount_usd, spent_usd=w.spent_usd + actual)
     )
+    await notify(db, BUDGET_CHANNEL, f"{held.tenant} {held.day}")
     return True
 
 
