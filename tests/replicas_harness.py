@@ -64,9 +64,12 @@ class Replica:
     def sessions(self) -> session_pb2_grpc.SessionServiceStub:
         return session_pb2_grpc.SessionServiceStub(self.channel)
 
+    @property
+    def health(self) -> health_pb2_grpc.HealthStub:
+        return health_pb2_grpc.HealthStub(self.channel)
+
     async def status(self, service: str = "") -> int:
-        stub = health_pb2_grpc.HealthStub(self.channel)
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+        reply = await self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
         return int(reply.status)
 
     async def wait_status(self, wanted: int, service: str = "", timeout: float = 60) -> None:
@@ -103,6 +106,39 @@ class Replica:
         return "\n".join(self.log_lines()[-lines:])
 
 
+async def start_server(work: Path, database_url: str, model_url: str, **env: str) -> Replica:
+    """`agentplane-server serve` on a free loopback port, its tenants file and work dir in
+    `work`, logging to `work/server-<port>.log`; `env` over the test defaults. Returns once
+    it is SERVING."""
+    port = free_port()
+    full = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
+    full.update({
+        "AGENTPLANE_LISTEN": f"127.0.0.1:{port}",
+        "AGENTPLANE_DATABASE_URL": database_url,
+        "AGENTPLANE_AUTO_MIGRATE": "1",
+        "AGENTPLANE_TENANTS_FILE": str(work / "tenants.toml"),
+        "AGENTPLANE_WORK_DIR": str(work / "w"),
+        "AGENTPLANE_CLI_MAX_RETRIES": "0",
+        "AGENTPLANE_TEST_ACME_KEY": "sk-ant-test-acme-key",
+        "ANTHROPIC_BASE_URL": model_url,
+        **env,
+    })
+    log = work / f"server-{port}.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agentplane.server", "serve", env=full, stderr=out
+        )
+    replica = Replica(proc, port, log, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+    try:
+        await replica.wait_status(SERVING)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    return replica
+
+
 @dataclass
 class Replicas:
     """Running replicas on one database, with their shared sandbox model and folder."""
@@ -125,27 +161,9 @@ class Replicas:
 
     async def start(self, **env: str) -> Replica:
         """One more replica (the database is already migrated); returns once it is SERVING."""
-        port = free_port()
-        full = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
-        full.update(
-            AGENTPLANE_LISTEN=f"127.0.0.1:{port}",
-            AGENTPLANE_DATABASE_URL=self.database_url,
-            AGENTPLANE_AUTO_MIGRATE="0",
-            AGENTPLANE_TENANTS_FILE=str(self.work / "tenants.toml"),
-            AGENTPLANE_WORK_DIR=str(self.work / "w"),
-            AGENTPLANE_CLI_MAX_RETRIES="0",
-            AGENTPLANE_TEST_ACME_KEY="sk-ant-test-acme-key",
-            ANTHROPIC_BASE_URL=self.sandbox.base_url,
-            **env,
-        )
-        log = self.work / f"server-{port}.log"
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agentplane.server", "serve", env=full, stderr=out
-            )
-        replica = Replica(proc, port, log, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
+        replica = await start_server(self.work, self.database_url, self.sandbox.base_url,
+                                     AGENTPLANE_AUTO_MIGRATE="0", **env)
         self.replicas.append(replica)
-        await replica.wait_status(SERVING)
         return replica
 
     async def sessions(self) -> list[SessionRow]:

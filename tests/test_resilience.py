@@ -4,9 +4,7 @@ real signals."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -18,45 +16,17 @@ import pytest
 from agentplane.server.sandbox import SandboxServer, Script, Step, ToolCall, Usage
 from agentplane.server.store.engine import create_engine, sessionmaker
 from agentplane.server.store.models import BudgetWindowRow, EventRow, SessionRow
-from agentplane.v1 import session_pb2, session_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from agentplane.v1 import session_pb2
+from grpc_health.v1 import health_pb2
 from harness import MODEL, TOKENS, agent_processes, tenants_toml, write_tenants
+from replicas_harness import Replica, start_server
 from sqlalchemy import select
-from test_server_process import free_port
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
-
-
-@dataclass
-class ServerProcess:
-    proc: asyncio.subprocess.Process
-    port: int
-    channel: grpc.aio.Channel
-
-    @property
-    def sessions(self) -> session_pb2_grpc.SessionServiceStub:
-        return session_pb2_grpc.SessionServiceStub(self.channel)
-
-    @property
-    def health(self) -> health_pb2_grpc.HealthStub:
-        return health_pb2_grpc.HealthStub(self.channel)
-
-    async def status(self, service: str = "") -> int:
-        return (await self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)).status
-
-    async def wait_status(self, wanted: int, service: str = "", timeout: float = 30) -> None:
-        for _ in range(int(timeout * 10)):
-            try:
-                if await self.status(service) == wanted:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"health of {service!r} never became {wanted}")
 
 
 @dataclass
@@ -68,27 +38,9 @@ class World:
     database_url: str
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
 
-    async def start(self, **env: str) -> ServerProcess:
-        port = free_port()
-        full = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
-        full.update({
-            "AGENTPLANE_LISTEN": f"127.0.0.1:{port}",
-            "AGENTPLANE_DATABASE_URL": self.database_url,
-            "AGENTPLANE_AUTO_MIGRATE": "1",
-            "AGENTPLANE_TENANTS_FILE": str(self.work / "tenants.toml"),
-            "AGENTPLANE_WORK_DIR": str(self.work / "w"),
-            "AGENTPLANE_CLI_MAX_RETRIES": "0",
-            "AGENTPLANE_TEST_ACME_KEY": "sk-ant-test-acme-key",
-            "ANTHROPIC_BASE_URL": self.sandbox.base_url,
-            **env,
-        })
-        with (self.work / f"server-{port}.log").open("wb") as log:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agentplane.server", "serve", env=full, stderr=log
-            )
-        self.processes.append(proc)
-        server = ServerProcess(proc, port, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
-        await server.wait_status(SERVING)
+    async def start(self, **env: str) -> Replica:
+        server = await start_server(self.work, self.database_url, self.sandbox.base_url, **env)
+        self.processes.append(server.proc)
         return server
 
     async def rows(self) -> tuple[list[SessionRow], dict[str, list[int]], list[BudgetWindowRow]]:
@@ -132,7 +84,7 @@ async def world(database_url: str, short_tmp: Path) -> AsyncIterator[World]:
     assert agent_processes(work) == []
 
 
-def run(server: ServerProcess, script: str) -> grpc.aio.UnaryStreamCall:
+def run(server: Replica, script: str) -> grpc.aio.UnaryStreamCall:
     return server.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt=f"[[sandbox:{script}]] go", model=MODEL), metadata=AUTH
     )
@@ -201,7 +153,7 @@ async def test_a_second_signal_cuts_the_grace_short(world: World) -> None:
 
 
 async def kill_and_recover(
-    world: World, server: ServerProcess, call: grpc.aio.UnaryStreamCall, session_id: str
+    world: World, server: Replica, call: grpc.aio.UnaryStreamCall, session_id: str
 ) -> list[session_pb2.SessionEvent]:
     """kill -9 `server`, start another that recovers the session; the session's events as
     the new server streams them (to the end), after which it is stopped cleanly."""
@@ -346,7 +298,7 @@ async def test_two_servers_on_one_database_share_a_budget_exactly(world: World) 
     servers = [await world.start(AGENTPLANE_MAX_SESSIONS="64") for _ in range(2)]
     auth = (("authorization", f"Bearer {TOKENS['ten']}"),)
 
-    async def attempt(server: ServerProcess) -> session_pb2.Session | grpc.aio.AioRpcError:
+    async def attempt(server: Replica) -> session_pb2.Session | grpc.aio.AioRpcError:
         call = server.sessions.RunSession(
             session_pb2.RunSessionRequest(prompt="[[sandbox:hold]] go", model=MODEL), metadata=auth
         )

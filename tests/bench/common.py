@@ -62,6 +62,12 @@ def scripts(*, relay_tool_calls: int, relay_steps: int = 1, hold_s: float) -> di
         "relay": relay_script(relay_tool_calls, relay_steps),
         # Admitted sessions of the admission benchmark: alive until every admission is decided.
         "hold": Script(steps=[Step(text="done", usage=USAGE, delay_s=hold_s)]),
+        # Events paced by the model (10 tool turns, 0.1 s apart): followers see each as it comes.
+        "paced": Script(steps=[
+            *[Step(tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"})], usage=USAGE, delay_s=0.1)
+              for i in range(10)],
+            Step(text="done", usage=USAGE),
+        ]),
         # A session that stays RUNNING until cancelled (the idle streams follow it).
         "hang": Script(steps=[Step(hang=True)]),
     }

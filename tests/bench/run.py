@@ -11,6 +11,7 @@ runs, with min and max. The benchmarks, one module each:
     relay.py       6    events/s of a ~2,000-event session, streamed and persisted
     admission.py   7    50 concurrent admissions against one budget: latency, no overspend
     scaling.py     8    memory/CPU with idle streams; figures with 10k-1M rows in the tables
+    replicas.py    9    two replicas: follow lag and database load, cancel through the other
 
     python tests/bench/run.py [--runs N] [--quick] [--output BENCHMARKS.md]
 
@@ -39,6 +40,7 @@ import grpc
 import latency
 import psycopg
 import relay
+import replicas
 import scaling
 import sqlalchemy
 import throughput
@@ -103,6 +105,15 @@ SECTIONS = {
            "session held RUNNING; then GetSession, ListSessions and throughput as rows are seeded "
            "straight into `sessions` and `session_events` (one event per session, all of the "
            f"queried tenant), against the same figures with {scaling.BASE} seeded rows.")),
+    "9": ("Replicas (benchmark 9, PostgreSQL)",
+          ("A second server process on the same database beside the PostgreSQL one. Follow lag: "
+           "a session whose model paces 10 tool turns 0.1 s apart, followed by N StreamSession "
+           "calls on its owner and N on the other replica; lag is an event's time on the owner "
+           "to its receipt, over the events after all followers joined (every run pooled). "
+           "Transactions/s: `pg_stat_database.xact_commit` over "
+           f"{replicas.IDLE_WINDOW_S:g} s while N followers on the other replica follow a session "
+           "that waits for the model, minus the rate with none. Cancel: CancelSession on the "
+           "replica that does not run the session, sent -> answered (the session has ended).")),
 }
 
 
@@ -169,6 +180,7 @@ async def on_postgres(bench: Bench, rows: dict[str, list[str]], notes: dict[str,
             rows["7"].append(bench.skipped(f"admission latency p50, {calls} concurrent, PostgreSQL",
                                            "(none set)"))
         rows["8"].append(bench.skipped("GetSession, PostgreSQL, seeded rows", scaling.FLAT))
+        rows["9"].append(bench.skipped("follow lag on another replica", "<= 20 / 100 ms"))
         return
     database = PostgresDatabase(bench.pg_url)
     url = database.create()
@@ -185,6 +197,7 @@ async def on_postgres(bench: Bench, rows: dict[str, list[str]], notes: dict[str,
         lines, more = await scaling.run(bench, server)
         rows["8"] += lines
         notes["8"] += more
+        rows["9"] += await replicas.run(bench, server)
     finally:
         if server is not None:
             await server.stop()

@@ -1,0 +1,144 @@
+"""Benchmark 9: two replicas on one PostgreSQL database. Followers of a session on the replica
+that does not run it against followers on its owner: the lag of each event (its time on the
+owner -> received by the follower) at p50/p99 with 1, 10 and 50 followers, and the database
+transactions per second that idle followers cause; and CancelSession through the other
+replica, request sent -> answered (the session ended)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from pathlib import Path
+
+import grpc
+from agentplane.v1 import session_pb2
+from common import (
+    AUTH,
+    MODEL,
+    Bench,
+    Server,
+    met,
+    percentile,
+    row,
+    scalar,
+    summary,
+)
+
+FOLLOWERS = (1, 10, 50)
+LAG_P50_MS, LAG_P99_MS = 20.0, 100.0
+IDLE_WINDOW_S = 8.0  # pg_stat_database flushes each backend's counts at most once a second
+CANCELS = 10
+
+
+def request(script: str) -> session_pb2.RunSessionRequest:
+    return session_pb2.RunSessionRequest(prompt=f"[[sandbox:{script}]] go", model=MODEL)
+
+
+async def _collect(call: grpc.aio.UnaryStreamCall, joined: float, lags: list[float]) -> None:
+    """Lags (ms) of the events published after `joined` (a UTC timestamp)."""
+    while (event := await call.read()) is not grpc.aio.EOF:
+        at = dt.datetime.now(dt.UTC).timestamp()
+        sent = event.time.ToDatetime(dt.UTC).timestamp()
+        if sent > joined:
+            lags.append((at - sent) * 1000)
+
+
+async def follow_lag(owner: Server, other: Server, followers: int) -> tuple[list[float], list[float]]:
+    """One paced session on `owner`, followed by `followers` streams on each replica."""
+    run = owner.sessions.RunSession(request("paced"), metadata=AUTH)
+    first = await run.read()
+    streams = {
+        name: [server.sessions.StreamSession(
+            session_pb2.StreamSessionRequest(session_id=first.session_id), metadata=AUTH)
+            for _ in range(followers)]
+        for name, server in (("owner", owner), ("other", other))
+    }
+    joined = dt.datetime.now(dt.UTC).timestamp() + 0.2  # events after every follower joined
+    lags: dict[str, list[float]] = {"owner": [], "other": []}
+    await asyncio.gather(
+        *(_collect(call, joined, lags[name]) for name, calls in streams.items() for call in calls),
+        _collect(run, joined, []),
+    )
+    return lags["owner"], lags["other"]
+
+
+def commits(url: str) -> int:
+    return int(scalar(url, "SELECT xact_commit FROM pg_stat_database WHERE datname = "
+                           "current_database()"))
+
+
+async def idle_transactions(owner: Server, other: Server, followers: int) -> float:
+    """Transactions/s on the database while `followers` streams on `other` follow a session
+    that does nothing on `owner` (the rate with none subtracted by the caller)."""
+    run = owner.sessions.RunSession(request("hang"), metadata=AUTH)
+    first = await run.read()
+    calls = [other.sessions.StreamSession(
+        session_pb2.StreamSessionRequest(session_id=first.session_id), metadata=AUTH)
+        for _ in range(followers)]
+    readers = [asyncio.create_task(c.read()) for c in calls]
+    await asyncio.sleep(1.5)  # joined, and the counters flushed
+    before, start = commits(owner.database_url), time.perf_counter()
+    await asyncio.sleep(IDLE_WINDOW_S)
+    rate = (commits(owner.database_url) - before) / (time.perf_counter() - start)
+    for c in calls:
+        c.cancel()
+    run.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    return rate
+
+
+async def cancel_latency(owner: Server, other: Server) -> float:
+    run = owner.sessions.RunSession(request("hang"), metadata=AUTH)
+    first = await run.read()
+    while True:  # RUNNING: the CLI is up and waiting for the model
+        event = await run.read()
+        if event.HasField("state_change") and event.state_change.to_state == session_pb2.SESSION_STATE_RUNNING:
+            break
+    start = time.perf_counter()
+    cancelled = await other.sessions.CancelSession(
+        session_pb2.CancelSessionRequest(session_id=first.session_id), metadata=AUTH)
+    took = time.perf_counter() - start
+    assert cancelled.error.reason == session_pb2.ERROR_REASON_CANCELLED, cancelled
+    while await run.read() is not grpc.aio.EOF:
+        pass
+    return took
+
+
+async def run(bench: Bench, owner: Server) -> list[str]:
+    """The rows, with a second replica started beside `owner` (PostgreSQL)."""
+    other = await Server.start(label="PostgreSQL, replica 2", database_url=owner.database_url,
+                               sandbox_url=bench.sandbox.base_url,
+                               tenants_file=bench.tenants_file, work=Path(f"{bench.work}/p2"))
+    rows = []
+    try:
+        for n in FOLLOWERS:
+            on_owner: list[float] = []
+            on_other: list[float] = []
+            for _ in range(bench.runs):
+                a, b = await follow_lag(owner, other, n)
+                on_owner += a
+                on_other += b
+            p50, p99 = percentile(on_other, 50), percentile(on_other, 99)
+            rows.append(row(
+                f"follow lag on another replica, {n} follower(s) per replica, p50 / p99 ms",
+                f"{p50:.1f} / {p99:.1f}",
+                f"owner {percentile(on_owner, 50):.1f} / {percentile(on_owner, 99):.1f}", "-",
+                met(f"<= {LAG_P50_MS:g} / {LAG_P99_MS:g}", p50 <= LAG_P50_MS and p99 <= LAG_P99_MS),
+            ))
+        base = await idle_transactions(owner, other, 0)
+        rates = {n: await idle_transactions(owner, other, n) - base for n in FOLLOWERS}
+        rows.append(row(
+            "database transactions/s of idle followers on another replica, "
+            + " / ".join(f"{n}" for n in FOLLOWERS),
+            " / ".join(f"{rates[n]:.1f}" for n in FOLLOWERS),
+            f"{base:.1f} with none", "-",
+            met("independent of the count", max(rates.values()) - min(rates.values()) < 2),
+        ))
+        took = [await cancel_latency(owner, other) for _ in range(CANCELS)]
+        p99 = percentile(took, 99)
+        rows.append(row(f"CancelSession through another replica, {CANCELS} sessions, s",
+                        summary(took), "-", "-", met("p99 < 1 s", p99 < 1.0)))
+    finally:
+        await other.stop()
+    return rows
