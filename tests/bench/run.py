@@ -110,9 +110,11 @@ SECTIONS = {
            "a session whose model paces 10 tool turns 0.1 s apart, followed by N StreamSession "
            "calls on its owner and N on the other replica; lag is an event's time on the owner "
            "to its receipt, over the events after all followers joined (every run pooled). "
-           "Transactions/s: `pg_stat_database.xact_commit` over "
+           "Load: transactions/s (`pg_stat_database.xact_commit`, which counts autovacuum and "
+           "every server's upkeep too) and reads of `session_events` "
+           "(`pg_stat_user_tables` scans) over "
            f"{replicas.IDLE_WINDOW_S:g} s while N followers on the other replica follow a session "
-           "that waits for the model, minus the rate with none. Cancel: CancelSession on the "
+           "that waits for the model, minus the rates with none (before and after, averaged). Cancel: CancelSession on the "
            "replica that does not run the session, sent -> answered (the session has ended).")),
 }
 
