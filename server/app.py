@@ -110,6 +110,8 @@ class App:
     # PostgreSQL: the LISTEN for what other replicas tell this one (None on SQLite).
     notifications: Listener | None = None
     budgets: BudgetReader | None = None
+    # The running sessions' own pool (see SessionManager).
+    upkeep_engine: AsyncEngine | None = None
     _ready_task: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -246,7 +248,7 @@ class App:
         await server.start()
         app = cls(
             settings, tenants, server, health, sessions, engine, gateway, telemetry, port,
-            resources, notifications, budgets,
+            resources, notifications, budgets, upkeep_engine,
         )
         resources.push_async_callback(app._cancel_background)
         return app

@@ -138,6 +138,16 @@ async def test_a_killed_replica_with_answered_requests_loses_no_spend() -> None:
         calls = [run(fleet[0], "answered_then_stuck") for _ in range(3)]
         ids = [await until_running(c) for c in calls]
         await wait_requests(fleet, 6)  # each session's first request answered, its second held
+        for i, session_id in enumerate(ids):  # live progress, on every replica
+            for _ in range(100):
+                progress = await fleet[i].sessions.GetSession(
+                    session_pb2.GetSessionRequest(session_id=session_id), metadata=OPS)
+                if Decimal(progress.cost_usd) == Decimal("0.0045"):
+                    break
+                await asyncio.sleep(0.05)
+            assert progress.state == session_pb2.SESSION_STATE_RUNNING
+            assert Decimal(progress.cost_usd) == Decimal("0.0045"), progress
+            assert progress.num_turns == 1 and progress.usage.input_tokens == 1000
         fleet[0].kill()
         await fleet[0].wait()
         for c in calls:

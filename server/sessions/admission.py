@@ -83,12 +83,12 @@ class Admitter:
         self._pool = pool
         self._not_ready = not_ready
         self.draining = False
-        # How long events wait to be written in one batch. Followers on other replicas
-        # read them once committed, so on PostgreSQL they are written at once (events
-        # arriving during a write form the next batch); SQLite serves one server, whose
+        # At most one write of a session's events per interval (see EventWriter): an event
+        # after a quiet spell is written at once. Followers on other replicas read events
+        # once committed, so PostgreSQL's is short; SQLite serves one server, whose
         # followers read memory, and fewer writes leave more of its one writer lock.
         self.event_write_interval_s = (
-            0.0 if db.kw["bind"].dialect.name == "postgresql" else 0.05
+            0.02 if db.kw["bind"].dialect.name == "postgresql" else 0.05
         )
 
     async def admit(self, tenant: Tenant, request: RunRequest) -> Admission:

@@ -22,7 +22,9 @@ Persist = Callable[[Sequence[Event]], Awaitable[None]]
 class EventWriter:
     """Writes a session's events in batches, off the path that streams them.
 
-    Events wait at most `interval` seconds; a failed write (the database is down) is
+    At most one write starts per `interval` seconds: an event after a quiet spell is
+    written at once, a burst waits for the interval to pass and goes in one batch (events
+    published in one turn of the event loop always do). A failed write (the database is down) is
     retried with the batch kept in order, so the persisted log never has a gap. At most
     `max_pending` events wait; past that `on_overflow` is called once (the session must
     end: events are never dropped silently).
@@ -55,10 +57,13 @@ class EventWriter:
 
     async def _loop(self) -> None:
         delay = 0.2
+        loop = asyncio.get_running_loop()
+        last = -self._interval  # when the last write started
         while True:
             await self._wake.wait()
             if not self._closing:
-                await asyncio.sleep(self._interval)
+                await asyncio.sleep(max(0.0, last + self._interval - loop.time()))
+            last = loop.time()
             self._wake.clear()
             batch, self._pending = self._pending, []
             if batch:

@@ -91,14 +91,18 @@ async def count_statements(bench: Bench, database_url: str, label: str) -> str:
             nonlocal commits
             commits += 1
 
-        engine = h.app.engine.sync_engine
-        event.listen(engine, "before_cursor_execute", on_execute)
-        event.listen(engine, "commit", on_commit)
+        # Both pools: callers' (admission) and the running sessions' (events, the end).
+        assert h.app.upkeep_engine is not None
+        engines = [h.app.engine.sync_engine, h.app.upkeep_engine.sync_engine]
+        for engine in engines:
+            event.listen(engine, "before_cursor_execute", on_execute)
+            event.listen(engine, "commit", on_commit)
         try:
             sample: Sample = await via_agentplane(h.sessions, "relay")
         finally:
-            event.remove(engine, "before_cursor_execute", on_execute)
-            event.remove(engine, "commit", on_commit)
+            for engine in engines:
+                event.remove(engine, "before_cursor_execute", on_execute)
+                event.remove(engine, "commit", on_commit)
     finally:
         await stop_harness(h)
     total = sum(statements.values())
