@@ -169,8 +169,13 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         limit=args.limit, page_size=min(args.limit, 500), state=args.state,
         labels=dict(args.label or ()),
     )
+    shown = 0
     for session in sessions:
         _out(render.to_json(session) if args.json else render.session_row(session))
+        shown += 1
+    if not shown and not args.json:  # (JSON lines: none is an empty output)
+        print("no sessions" + (" match these filters" if args.state or args.label else ""),
+              file=sys.stderr)
     return EXIT_OK
 
 

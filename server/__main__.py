@@ -10,6 +10,7 @@ import sys
 
 from .config import Settings, settings_help
 from .errors import ConfigError
+from .sandbox import cli as sandbox_cli
 from .telemetry.logs import configure_logging
 from .tenants import TenantRegistry
 
@@ -34,8 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     hash_cmd = sub.add_parser("hash-token", help="print the SHA-256 of a caller token for the tenants file")
     hash_cmd.add_argument("token", nargs="?", help="the token (prompted for when omitted)")
-    sandbox = sub.add_parser("sandbox", help="run the scripted Anthropic Messages API server")
-    sandbox.add_argument("args", nargs=argparse.REMAINDER, help="sandbox options (see `sandbox --help`)")
+    sandbox = sub.add_parser("sandbox", help="run the scripted Anthropic Messages API server",
+                             description=sandbox_cli.DESCRIPTION)
+    sandbox_cli.add_options(sandbox)
     return parser
 
 
@@ -67,6 +69,10 @@ async def _dev(settings: Settings, tenants: TenantRegistry) -> int:
         sandbox = SandboxServer()
         await sandbox.start()
         os.environ["ANTHROPIC_API_KEY"] = "sandbox"
+        # The sandbox model takes any key: tenants of a tenants file need no real one.
+        for tenant in tenants.tenants.values():
+            if tenant.api_key() is None and tenant.anthropic_api_key_file is None:
+                os.environ[tenant.anthropic_api_key_env] = "sandbox"
         settings = replace(settings, anthropic_base_url=sandbox.base_url)
         print(
             f"no ANTHROPIC_API_KEY: agents talk to the offline sandbox model at {sandbox.base_url}",
@@ -79,19 +85,40 @@ async def _dev(settings: Settings, tenants: TenantRegistry) -> int:
     return await serve(settings, tenants)
 
 
+def _missing_keys(tenants: TenantRegistry) -> list[str]:
+    """A line per tenant whose Anthropic API key is not there now (its sessions would be
+    refused FAILED_PRECONDITION, except under `dev` with the sandbox model)."""
+    lines = []
+    for tenant in tenants.tenants.values():
+        if tenant.api_key() is not None:
+            continue
+        where = (f"the file {tenant.anthropic_api_key_file} is missing, unreadable or empty"
+                 if tenant.anthropic_api_key_file is not None
+                 else f"the environment variable {tenant.anthropic_api_key_env} is not set")
+        lines.append(f"warning: tenant {tenant.name!r} has no Anthropic API key: {where}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "serve"
     if command == "hash-token":
         from .tenants import hash_token
 
-        token = args.token or getpass.getpass("token: ")
+        # From a pipe, quietly: getpass would warn that it cannot hide what is typed.
+        if args.token:
+            token = args.token
+        elif sys.stdin.isatty():
+            token = getpass.getpass("token: ")
+        else:
+            token = sys.stdin.readline().rstrip("\r\n")
+        if not token:
+            print("agentplane-server hash-token: no token given", file=sys.stderr)
+            return EXIT_CONFIG
         print(hash_token(token))
         return 0
     if command == "sandbox":
-        from .sandbox.cli import main as sandbox_main
-
-        return sandbox_main(args.args)
+        return sandbox_cli.run(args)
     try:
         settings = _settings()
         if command == "migrate":
@@ -104,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "check-config":
             print(f"configuration ok: {len(tenants.tenants)} tenant(s)"
                   + (" (dev mode)" if tenants.dev_mode else ""))
+            for line in _missing_keys(tenants):
+                print(line)
             return 0
         return asyncio.run(
             _dev(settings, tenants) if command == "dev" else serve(settings, tenants)

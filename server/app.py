@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from .api.budget_service import BudgetService, UsageService
+from .api.errors import DecodeGuard
 from .api.session_service import SessionService
 from .budgets.gateway import MeteringGateway
 from .budgets.ledger import BudgetReader
@@ -184,6 +185,7 @@ class App:
         gateway = MeteringGateway(prices, unix_socket=socket if settings.sandbox else None)
         await gateway.start()
         resources.push_async_callback(gateway.stop)
+        gateway.on_upstream = health.model_api
         sandboxes = await _sandboxes(settings, cli, gateway) if settings.sandbox else None
         if sandboxes is not None:
             resources.callback(sandboxes.close)
@@ -244,7 +246,9 @@ class App:
         except RuntimeError:  # grpcio raises where older releases returned 0
             port = 0
         if port == 0:
-            raise OSError(f"cannot bind {settings.listen}: in use, or not an address of this host")
+            raise ConfigError("AGENTPLANE_LISTEN", (
+                f"cannot bind {settings.listen}: the port is in use (another agentplane "
+                "server?), or the host is not an address of this machine"))
         await server.start()
         app = cls(
             settings, tenants, server, health, sessions, engine, gateway, telemetry, port,
@@ -321,7 +325,11 @@ def _grpc_server(
     health: Health,
 ) -> grpc.aio.Server:
     """The gRPC server with agentplane's services, health and reflection (not bound)."""
-    server = grpc.aio.server(interceptors=telemetry.server_interceptors())
+    # No SO_REUSEPORT: a second server on a port in use must fail, not split its calls.
+    server = grpc.aio.server(
+        interceptors=[DecodeGuard(), *telemetry.server_interceptors()],
+        options=[("grpc.so_reuseport", 0)],
+    )
     session_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionService(tenants, sessions), server
     )

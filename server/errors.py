@@ -18,6 +18,17 @@ the `reason` label of the admission-rejection metric, so the two always agree.
 
 from __future__ import annotations
 
+# How much of a caller's input an error message repeats: a whole 1 MB id in the reply's
+# trailers would exceed the client's metadata limit and hide the error itself.
+QUOTED_CHARS = 100
+
+
+def quote(value: str) -> str:
+    """`value` for an error message: repr'd, and cut to QUOTED_CHARS characters."""
+    if len(value) <= QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:QUOTED_CHARS]!r}... ({len(value)} characters)"
+
 
 class AgentplaneError(Exception):
     """The root of agentplane's own errors."""

@@ -24,6 +24,10 @@ LIVENESS = "liveness"
 # SERVING while every session runs sandboxed; NOT_SERVING names the unsafe opt-out
 # (AGENTPLANE_SANDBOX=none), which leaves the server itself serving.
 SANDBOX = "agentplane.sandbox"
+# NOT_SERVING from a model API request that could not connect (refused, no such host) to
+# the next that got an answer: seen per replica without pulling each one's logs. Not a
+# readiness input: another replica's network may reach the model API.
+MODEL_API = "agentplane.model_api"
 # The names that say "send me work": NOT_SERVING until ready, and again on shutdown.
 READY_NAMES = ("", SESSION_SERVICE, READINESS)
 
@@ -31,21 +35,48 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _Servicer(health_aio.HealthServicer):
+    """grpcio's servicer, with `List` (which it leaves UNIMPLEMENTED)."""
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: object
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items()
+        })
+
+
 class Health:
     """Owns the health servicer and the reason the server is not ready, if any."""
 
     def __init__(self) -> None:
-        self.servicer = health_aio.HealthServicer()
+        self.servicer = _Servicer()
         self.problem: str | None = "starting up"
         self._stopping = False
         self._cli_problem: str | None = None
         self._database_down = False
+        self._model_api_reachable = True
+        self._updates: set[asyncio.Task[None]] = set()
 
     async def init(self, *, sandboxed: bool = True) -> None:
         for name in READY_NAMES:
             await self.servicer.set(name, NOT_SERVING)
         await self.servicer.set(LIVENESS, SERVING)
         await self.servicer.set(SANDBOX, SERVING if sandboxed else NOT_SERVING)
+        await self.servicer.set(MODEL_API, SERVING)
+
+    def model_api(self, reachable: bool) -> None:
+        """The metering gateway reached the model API, or could not connect to it."""
+        if reachable == self._model_api_reachable:
+            return
+        self._model_api_reachable = reachable
+        if not reachable:
+            log.warning("model_api_unreachable")
+        task = asyncio.get_running_loop().create_task(
+            self.servicer.set(MODEL_API, SERVING if reachable else NOT_SERVING))
+        self._updates.add(task)
+        task.add_done_callback(self._updates.discard)
 
     async def _set_ready(self, problem: str | None) -> None:
         self.problem = problem

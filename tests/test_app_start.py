@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from agentplane.server.app import App
 from agentplane.server.config import Settings
+from agentplane.server.errors import ConfigError
 from agentplane.server.tenants import TenantRegistry
 from harness import short_dir
 from test_server_process import free_port
@@ -51,7 +52,7 @@ async def test_a_start_that_cannot_bind_leaves_nothing_open(tmp_path: Path) -> N
         )
         sockets, tasks = listening_sockets(), asyncio.all_tasks()
 
-        with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{port}"):
+        with pytest.raises(ConfigError, match=f"cannot bind 127.0.0.1:{port}: the port is in use"):
             await App.start(settings, TenantRegistry.dev())
 
         await asyncio.sleep(0)  # let cancelled tasks finish

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import date
 
 import grpc
@@ -9,7 +10,7 @@ from agentplane.v1 import budget_pb2, budget_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 from ..budgets.ledger import BudgetReader
 from ..domain import utcnow
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, quote
 from ..sessions.usage import UsageReader
 from ..tenants import TenantRegistry
 from . import convert
@@ -28,19 +29,33 @@ class BudgetService(budget_pb2_grpc.BudgetServiceServicer):
     ) -> budget_pb2.Budget:
         tenant = caller(self._tenants, context)
         if request.date:
-            try:
-                day = date.fromisoformat(request.date)
-            except ValueError:
-                raise InvalidArgument("date", f"{request.date!r} is not YYYY-MM-DD") from None
+            day = _day(request.date)
         else:
             day = self._budgets.today(tenant, utcnow())
         window = await self._budgets.window(tenant, day)
         return convert.budget_to_proto(
             window,
-            max_session_budget=str(tenant.max_session_budget_usd),
+            max_session_budget=convert.money(tenant.max_session_budget_usd),
             max_turns=tenant.max_turns,
             max_concurrent=tenant.max_concurrent_sessions,
         )
+
+
+# The days whose window (midnight to midnight in any time zone) datetime can hold.
+_FIRST_DAY, _LAST_DAY = date(1, 1, 2), date(9999, 12, 30)
+
+
+def _day(raw: str) -> date:
+    # Exactly YYYY-MM-DD: date.fromisoformat alone also takes 20261201 and 2026-W01-1.
+    try:
+        if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", raw, re.ASCII):
+            raise ValueError(raw)
+        day = date.fromisoformat(raw)
+    except ValueError:
+        raise InvalidArgument("date", f"{quote(raw)} is not a date as YYYY-MM-DD") from None
+    if not _FIRST_DAY <= day <= _LAST_DAY:
+        raise InvalidArgument("date", f"must lie between {_FIRST_DAY} and {_LAST_DAY}")
+    return day
 
 
 class UsageService(usage_pb2_grpc.UsageServiceServicer):

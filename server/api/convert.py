@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from agentplane.v1 import budget_pb2, session_pb2, usage_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ..domain import BudgetWindow, Event, EventKind, Session, SessionState, Usage
+from ..domain import BudgetWindow, Event, EventKind, Session, SessionState, Usage, usd
+from ..errors import InvalidArgument
 from ..sessions.requests import RunRequest
 
 
@@ -19,10 +21,22 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return ts
 
 
+# google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.
+_MIN_SECONDS, _MAX_SECONDS = -62135596800, 253402300799
+
+
 def from_timestamp(msg: object, field: str) -> datetime | None:
+    """The Timestamp `field` of `msg` (None when unset); InvalidArgument outside the range
+    google.protobuf.Timestamp defines."""
     if not msg.HasField(field):  # type: ignore[attr-defined]
         return None
-    return getattr(msg, field).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+    value: Timestamp = getattr(msg, field)
+    if not _MIN_SECONDS <= value.seconds <= _MAX_SECONDS:
+        raise InvalidArgument(field, "must lie between 0001-01-01T00:00:00Z and "
+                                     "9999-12-31T23:59:59Z")
+    if not 0 <= value.nanos <= 999_999_999:
+        raise InvalidArgument(field, "nanos must be between 0 and 999,999,999")
+    return value.ToDatetime(tzinfo=UTC)
 
 
 def state_to_proto(state: SessionState) -> int:
@@ -32,6 +46,8 @@ def state_to_proto(state: SessionState) -> int:
 def state_from_proto(value: int) -> SessionState | None:
     if value == session_pb2.SESSION_STATE_UNSPECIFIED:
         return None
+    if value not in session_pb2.SessionState.values():
+        raise InvalidArgument("state", f"{value} is not a SessionState")
     return SessionState(session_pb2.SessionState.Name(value).removeprefix("SESSION_STATE_"))
 
 
@@ -43,9 +59,9 @@ def session_to_proto(s: Session) -> session_pb2.Session:
         create_time=timestamp(s.create_time),
         start_time=timestamp(s.start_time),
         end_time=timestamp(s.end_time),
-        cost_usd=str(s.cost_usd),
-        sdk_cost_usd=str(s.sdk_cost_usd),
-        max_budget_usd=str(s.max_budget_usd),
+        cost_usd=money(s.cost_usd),
+        sdk_cost_usd=money(s.sdk_cost_usd),
+        max_budget_usd=money(s.max_budget_usd),
         num_turns=s.num_turns,
         max_turns=s.max_turns,
         usage=session_pb2.TokenUsage(**s.usage.to_json()),
@@ -105,6 +121,11 @@ def run_request(msg: session_pb2.RunSessionRequest) -> RunRequest:
     )
 
 
+def money(value: Decimal) -> str:
+    """Money on the wire: US dollars with exactly six decimals ("0.000000"), always."""
+    return f"{usd(value):.6f}"
+
+
 def budget_to_proto(w: BudgetWindow, *, max_session_budget: str, max_turns: int,
                     max_concurrent: int) -> budget_pb2.Budget:
     return budget_pb2.Budget(
@@ -113,10 +134,10 @@ def budget_to_proto(w: BudgetWindow, *, max_session_budget: str, max_turns: int,
         time_zone=w.time_zone,
         window_start=timestamp(w.window_start),
         window_end=timestamp(w.window_end),
-        limit_usd=str(w.limit_usd),
-        spent_usd=str(w.spent_usd),
-        reserved_usd=str(w.reserved_usd),
-        remaining_usd=str(w.remaining_usd),
+        limit_usd=money(w.limit_usd),
+        spent_usd=money(w.spent_usd),
+        reserved_usd=money(w.reserved_usd),
+        remaining_usd=money(w.remaining_usd),
         max_session_budget_usd=max_session_budget,
         max_turns=max_turns,
         max_concurrent_sessions=max_concurrent,
@@ -133,8 +154,8 @@ def usage_to_proto(u: Usage) -> usage_pb2.Usage:
         sessions_failed=u.sessions_failed,
         failures_by_reason=u.failures_by_reason,
         success_rate=u.success_rate,
-        total_cost_usd=str(u.total_cost_usd),
-        average_cost_usd=str(u.average_cost_usd),
+        total_cost_usd=money(u.total_cost_usd),
+        average_cost_usd=money(u.average_cost_usd),
         total_turns=u.total_turns,
         tool_uses=u.tool_uses,
         models=[
@@ -143,7 +164,7 @@ def usage_to_proto(u: Usage) -> usage_pb2.Usage:
                 requests_total=m.requests_total,
                 requests_by_outcome=m.requests_by_outcome,
                 usage=session_pb2.TokenUsage(**m.usage.to_json()),
-                cost_usd=str(m.cost_usd),
+                cost_usd=money(m.cost_usd),
             )
             for m in u.models
         ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -121,3 +122,70 @@ def streaming(method: F) -> F:
             await _abort(context, method.__name__, exc)
 
     return wrapper  # type: ignore[return-value]
+
+
+class _Undecodable:
+    """A request whose bytes did not parse (invalid UTF-8 in a string, corrupt bytes)."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+def _safe(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data) if deserialize is not None else data
+        except Exception as exc:  # noqa: BLE001 - answered INVALID_ARGUMENT, see DecodeGuard
+            return _Undecodable(exc)
+
+    return parse
+
+
+async def _refuse(context: grpc.aio.ServicerContext, method: str) -> None:
+    await _abort(context, method, InvalidArgument(
+        "request", "is not a valid message of its type: a string field holds invalid UTF-8, "
+                   "or the bytes are corrupt; send it as the generated stubs encode it"))
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Answers a request that cannot be parsed INVALID_ARGUMENT with ErrorInfo, like any
+    other bad input (grpcio itself would answer UNKNOWN or INTERNAL, with no details)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler  # (reflection's stream): grpcio's own answer stands
+        method = details.method
+        behavior = handler.unary_unary or handler.unary_stream
+        if handler.unary_unary is not None:
+            async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    return await _refuse(context, method)
+                return await behavior(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_call, _safe(handler.request_deserializer), handler.response_serializer)
+        if inspect.isasyncgenfunction(behavior):
+            async def stream_gen(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await _refuse(context, method)
+                    return
+                async for item in behavior(request, context):
+                    yield item
+
+            wrapped: Callable[..., Any] = stream_gen
+        else:  # writes with context.write (the Health service's Watch)
+            async def stream_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Undecodable):
+                    return await _refuse(context, method)
+                return await behavior(request, context)
+
+            wrapped = stream_call
+        return grpc.unary_stream_rpc_method_handler(
+            wrapped, _safe(handler.request_deserializer), handler.response_serializer)

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Self
@@ -151,6 +152,9 @@ class MeteringGateway:
         # Also served on this unix socket: sandboxed agents reach the gateway only there.
         self.unix_socket = unix_socket
         self._meters: dict[str, SessionMeter] = {}
+        # Told True when the model API answered, False when it could not be reached
+        # (health reports it; see app.py). Must not raise.
+        self.on_upstream: Callable[[bool], None] = lambda _reachable: None
         self._by_token: dict[bytes, SessionMeter] = {}
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
@@ -273,6 +277,17 @@ class MeteringGateway:
             404, "not_found_error", f"Not found: {request.method} {request.path}", should_retry=None
         )
 
+    def _upstream_failure(self, exc: BaseException, meter: SessionMeter) -> web.Response:
+        if not isinstance(exc, aiohttp.ClientConnectorError):
+            return _upstream_failure(exc)
+        # Refused, or no such host: not a blip that minutes of the CLI's retries would cure.
+        self.on_upstream(False)
+        where = URL(meter.upstream_base_url).with_user(None).with_password(None)
+        return error_response(
+            502, "api_error",
+            f"the model API at {where} cannot be reached ({type(exc.os_error).__name__}): "
+            "check ANTHROPIC_BASE_URL and the network", should_retry=False)
+
     def _upstream(self, request: web.Request, meter: SessionMeter) -> tuple[URL, CIMultiDict[str]]:
         url = URL(meter.upstream_base_url + request.raw_path, encoded=True)
         headers: CIMultiDict[str] = CIMultiDict(
@@ -296,12 +311,13 @@ class MeteringGateway:
         url, headers = self._upstream(request, meter)
         try:
             async with self._http.post(url, data=raw, headers=headers) as up:
+                self.on_upstream(True)
                 payload = await up.read()
                 return web.Response(
                     status=up.status, reason=up.reason, body=payload, headers=_reply_headers(up)
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return _upstream_failure(exc)
+            return self._upstream_failure(exc, meter)
 
     async def _messages(self, request: web.Request, meter: SessionMeter) -> web.StreamResponse:
         raw = await request.read()
@@ -372,6 +388,7 @@ class MeteringGateway:
         parser: SseUsageParser | None = None
         try:
             async with self._http.post(url, data=data, headers=headers) as up:
+                self.on_upstream(True)
                 record.status = up.status
                 record.upstream_request_id = up.headers.get("request-id", "")
                 if up.status >= 300:
@@ -396,7 +413,7 @@ class MeteringGateway:
         except (aiohttp.ClientError, TimeoutError) as exc:
             # No (complete) response from upstream: the agent gets a retryable error.
             record.outcome = "upstream_failed"
-            response = _upstream_failure(exc)
+            response = self._upstream_failure(exc, meter)
             record.status = response.status
             return response
         except asyncio.CancelledError:
@@ -491,6 +508,7 @@ def _reply_headers(up: aiohttp.ClientResponse) -> CIMultiDict[str]:
 
 
 def _upstream_failure(exc: BaseException) -> web.Response:
+    """The error the agent gets when upstream gave no (complete) answer: retryable."""
     if isinstance(exc, TimeoutError):
         return error_response(
             504, "timeout_error", "the model API did not answer in time", should_retry=None

@@ -9,12 +9,17 @@ import signal
 from .script import load_scripts
 from .server import SandboxServer
 
+DESCRIPTION = "Serve a scripted Anthropic Messages API (point ANTHROPIC_BASE_URL at it)."
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="agentplane-server sandbox",
-        description="Serve a scripted Anthropic Messages API (point ANTHROPIC_BASE_URL at it).",
-    )
+    parser = argparse.ArgumentParser(prog="agentplane-server sandbox", description=DESCRIPTION)
+    add_options(parser)
+    return parser
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The sandbox model's options (also those of `agentplane-server sandbox`)."""
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
     )
@@ -22,7 +27,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scripts", metavar="FILE", help='JSON file: {"name": {"steps": [...]}, ...}'
     )
-    return parser
 
 
 async def serve(host: str, port: int, scripts_file: str | None) -> None:
@@ -43,7 +47,11 @@ async def serve(host: str, port: int, scripts_file: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    return run(_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve with the parsed options until a signal; the exit code."""
     try:
         asyncio.run(serve(args.host, args.port, args.scripts))
     except (OSError, TypeError, ValueError) as exc:

@@ -6,10 +6,11 @@ import base64
 import binascii
 import hashlib
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from ..errors import InvalidArgument
 from ..store.sessions import SessionFilter
+from .requests import is_session_id
 
 
 def _filter_digest(flt: SessionFilter) -> str:
@@ -37,7 +38,11 @@ def decode_token(token: str, flt: SessionFilter) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         body = json.loads(raw)
         created, session_id, digest = datetime.fromisoformat(body["c"]), body["i"], body["f"]
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        # Tokens carry the UTC time of a session this server listed, never another.
+        if created.utcoffset() != timedelta(0) or not is_session_id(session_id):
+            raise ValueError(token)
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError,
+            OverflowError):
         raise InvalidArgument("page_token", "is not a token this server issued") from None
     if digest != _filter_digest(flt):
         raise InvalidArgument("page_token", "was issued for different filters")

@@ -10,14 +10,14 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..coalesce import Coalescer
 from ..domain import Event, Session
-from ..errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument, NotFound, quote
 from ..store import sessions as repo
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
 from .capacity import Capacity
 from .feeds import Feeds
 from .paging import decode_token, encode_token
-from .requests import check_labels
+from .requests import check_labels, is_session_id
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -45,6 +45,8 @@ class SessionQueries:
         """
         if not session_id:
             raise InvalidArgument("session_id", "must not be empty")
+        if not is_session_id(session_id):  # no session has such an id: no need to look
+            raise NotFound(f"session {quote(session_id)} not found")
         live = self._live.get(session_id)
         known = live.session if live is not None else self._ended.get(session_id)
         if known is not None and known.tenant == tenant.name:

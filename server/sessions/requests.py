@@ -7,15 +7,28 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from ..domain import usd
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, quote
 from ..tenants import Tenant
 
 MAX_PROMPT_CHARS = 200_000
 MAX_LABELS = 32
-_LABEL_KEY = re.compile(r"^[a-z0-9_.-]{1,63}$")
+_LABEL_KEY = re.compile(r"[a-z0-9_.-]{1,63}")
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", re.ASCII)
+# What every session id is (str(uuid4())): anything else cannot name a session.
+_SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def is_session_id(value: str) -> bool:
+    return _SESSION_ID.fullmatch(value) is not None
+
+
+def no_nul(field: str, value: str) -> None:
+    """InvalidArgument on `field` if `value` holds a NUL (no database stores one in text)."""
+    if "\0" in value:
+        raise InvalidArgument(field, "must not contain NUL characters")
 
 
 @dataclass(frozen=True)
@@ -67,16 +80,18 @@ class SessionSpec:
 def _budget(raw: str, tenant: Tenant) -> Decimal:
     if not raw.strip():
         return usd(tenant.max_session_budget_usd)
-    try:
-        amount = Decimal(raw.strip())
-    except InvalidOperation:
-        raise InvalidArgument("max_budget_usd", f"{raw!r} is not a decimal number") from None
-    if not amount.is_finite() or amount <= 0:
-        raise InvalidArgument("max_budget_usd", f"must be greater than 0, not {raw}")
+    # ASCII digits only: Decimal() would also take "１" (fullwidth), "1_0" and "1e3".
+    if not _DECIMAL.fullmatch(raw.strip()):
+        raise InvalidArgument(
+            "max_budget_usd", f"{quote(raw)} is not a decimal number of US dollars like 0.25"
+        )
+    amount = Decimal(raw.strip())
+    if amount <= 0:
+        raise InvalidArgument("max_budget_usd", f"must be greater than 0, not {quote(raw)}")
     if amount > tenant.max_session_budget_usd:
         raise InvalidArgument(
             "max_budget_usd",
-            f"{raw} is above the tenant's per-session maximum of "
+            f"{quote(raw)} is above the tenant's per-session maximum of "
             f"{tenant.max_session_budget_usd} USD",
         )
     amount = usd(amount)
@@ -115,10 +130,11 @@ def check_labels(raw: dict[str, str]) -> dict[str, str]:
     if len(raw) > MAX_LABELS:
         raise InvalidArgument("labels", f"at most {MAX_LABELS} labels, not {len(raw)}")
     for key, value in raw.items():
-        if not _LABEL_KEY.match(key):
-            raise InvalidArgument(f"labels[{key!r}]", "keys are 1-63 chars of [a-z0-9_.-]")
+        if not _LABEL_KEY.fullmatch(key):
+            raise InvalidArgument(f"labels[{quote(key)}]", "keys are 1-63 chars of [a-z0-9_.-]")
         if len(value) > 256:
             raise InvalidArgument(f"labels[{key!r}]", "values are at most 256 chars")
+        no_nul(f"labels[{key!r}]", value)
     return dict(sorted(raw.items()))
 
 
@@ -126,6 +142,8 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
     """Check a request against the tenant's policy; raises InvalidArgument naming the field."""
     if not request.prompt.strip():
         raise InvalidArgument("prompt", "must not be empty")
+    no_nul("prompt", request.prompt)
+    no_nul("model", request.model)
     if len(request.prompt) > MAX_PROMPT_CHARS:
         raise InvalidArgument("prompt", f"is longer than {MAX_PROMPT_CHARS} characters")
     if request.request_id:
@@ -150,5 +168,7 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
         request_id=str(uuid.UUID(request.request_id)) if request.request_id else "",
         on_disconnect_continue=request.on_disconnect_continue,
         max_duration_s=tenant.max_duration_s,
-        resume_session_id=request.resume_session_id,
+        resume_session_id=(
+            str(uuid.UUID(request.resume_session_id)) if request.resume_session_id else ""
+        ),
     )
