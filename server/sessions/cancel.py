@@ -51,7 +51,7 @@ class SessionStopper:
             return await self._cancel_elsewhere(tenant, session)
         live.request_cancel(ErrorReason.CANCELLED)
         await live.finished.wait()
-        return live.session
+        return _cancelled(live.session)
 
     async def _cancel_elsewhere(self, tenant: Tenant, session: Session) -> Session:
         """Flag the session for its owner (NOTIFY tells it at once), then wait for the end."""
@@ -65,7 +65,7 @@ class SessionStopper:
             if session.state.terminal:
                 if not flagged:  # it ended before the request reached it
                     raise _ended(session)
-                return session
+                return _cancelled(session)
             if asyncio.get_running_loop().time() >= deadline:
                 return session
             await asyncio.sleep(self._poll_s)
@@ -109,6 +109,14 @@ class SessionStopper:
         for live in lives:
             live.request_cancel(ErrorReason.SHUTDOWN)
         await asyncio.gather(*(live.finished.wait() for live in lives))
+
+
+def _cancelled(final: Session) -> Session:
+    """The end of a session asked to stop: CANCELLED, or FailedPrecondition when it ended
+    otherwise first (it completed, or failed, before the request took effect)."""
+    if final.error_reason is not ErrorReason.CANCELLED:
+        raise _ended(final)
+    return final
 
 
 def _ended(session: Session) -> FailedPrecondition:

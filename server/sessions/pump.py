@@ -64,6 +64,8 @@ async def pump(
             pull, last = None, _now()
             if isinstance(message, SystemMessage) and message.subtype == "init":
                 live.sdk_session_id = str(message.data.get("session_id") or "")
+                if message.data.get("model"):  # what runs, also when none was asked for
+                    live.session = live.session.evolve(model=str(message.data["model"]))
             for kind, data in to_events(message):
                 live.emit(kind, data)
             if isinstance(message, ResultMessage):

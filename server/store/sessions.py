@@ -52,6 +52,7 @@ def _outcome_columns(session: Session) -> dict[str, object]:
     """The columns that change as a session runs and ends."""
     return {
         "state": session.state.value,
+        "model": session.model,
         "started_at": session.start_time,
         "ended_at": session.end_time,
         "cost_usd": session.cost_usd,
