@@ -225,7 +225,7 @@ def requests(cls: type) -> st.SearchStrategy[Any]:
     for field in cls.DESCRIPTOR.fields:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             fields[field.name] = st.dictionaries(texts, texts, max_size=4)
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             fields[field.name] = st.lists(_value(field), max_size=4)
         else:
             fields[field.name] = _value(field)

@@ -506,14 +506,20 @@ async def test_upstream_errors_pass_through_and_cost_nothing(
     ]
     assert meter.spent_usd == 0 and not meter.exhausted
 
-    # No upstream at all: a retryable 502, nothing charged.
+    # No upstream at all (refused): a 502 the CLI must not retry for minutes, naming the
+    # URL; nothing charged; the gateway tells its watcher.
+    heard: list[bool] = []
+    gateway.on_upstream = heard.append
     dead = gateway.open_session(
         "s-dead", budget_usd=Decimal(1), upstream_base_url="http://127.0.0.1:9",
         upstream_api_key=REAL_KEY,
     )
     status, headers, raw = await _post(gateway.base_url, _body(), key=dead.token)
-    assert status == 502 and "x-should-retry" not in headers
-    assert json.loads(raw)["error"]["type"] == "api_error"
+    assert status == 502 and headers["x-should-retry"] == "false"
+    error = json.loads(raw)["error"]
+    assert error["type"] == "api_error"
+    assert "the model API at http://127.0.0.1:9 cannot be reached" in error["message"]
+    assert heard == [False]
     assert REAL_KEY.encode() not in raw
     assert (dead.requests[0].outcome, dead.spent_usd) == ("upstream_failed", 0)
     for m in (meter, dead):

@@ -281,10 +281,11 @@ async def test_symlinks_planted_in_its_folder_do_not_reach_the_host_on_a_retry(h
     ]))
     events = await h.run("ops", prompt="[[sandbox:plant]] go")
     out = tool_output(events)
-    assert "planted" in out and "checked" in out, out
+    # (The plant's own output may be lost: it moves the CLI's /tmp away under it.)
+    assert "checked" in out, out
     assert any(e.HasField("retrying") for e in events)  # a second CLI started
     tmp, session = out.rsplit("TMP", 1)[1].split("SESSION", 1)
-    # (The planted h/.claude-resumed.AAAAAA may be gone by then: the CLI tidies its home.)
+    # The plant ran (its h/.claude-resumed.AAAAAA may be gone by then: the CLI tidies).
     assert "t.old" in session and "h.old" in session and ".claude-resumed." in session
     assert not {"usr", "etc", "root", "proc"} & set(tmp.split())  # /tmp is not the host's /
     assert final(events).state == session_pb2.SESSION_STATE_COMPLETE, final(events).error
