@@ -293,3 +293,23 @@ async def test_any_request_gets_ok_or_a_documented_error_at_length(
 ) -> None:
     await answer(harness, *call)
     await still_serving(harness)
+
+
+# -- answers that said too much, or too little ----------------------------------------------
+
+
+async def test_the_init_event_shows_no_server_paths_and_the_session_its_model(
+    harness: Harness,
+) -> None:
+    events = await harness.run("acme", prompt="hello", model="")  # no model asked for
+    (init,) = [e for e in events if e.HasField("system") and e.system.subtype == "init"]
+    data = json.loads(init.system.data_json)
+    assert str(harness.work_dir) not in init.system.data_json
+    for key in ("cwd", "original_cwd", "messaging_socket_path"):
+        assert key not in data
+    assert data["tools"] and data["model"]  # what callers can use stays
+    final = events[-1].result.session
+    assert final.model == data["model"]  # the model that ran, though none was asked for
+    stored = await harness.sessions.GetSession(
+        session_pb2.GetSessionRequest(session_id=final.id), metadata=harness.auth())
+    assert stored.model == data["model"]

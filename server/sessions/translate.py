@@ -34,6 +34,17 @@ def _text_of(content: Any) -> str:
     return json.dumps(content, default=str)
 
 
+def _without_paths(value: Any) -> Any:
+    """`value` without the server's file paths (absolute ones: the session's folder, the
+    CLI's socket, memory files), which callers have no use for and should not see."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items()
+                if not (isinstance(v, str) and v.startswith("/"))}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value if not (isinstance(v, str) and v.startswith("/"))]
+    return value
+
+
 def _tool_result(block: ToolResultBlock) -> EventData:
     return EventKind.TOOL_RESULT, {
         "tool_use_id": block.tool_use_id,
@@ -73,8 +84,9 @@ def to_events(message: Any) -> list[EventData]:
             return [_tool_result(b) for b in message.content if isinstance(b, ToolResultBlock)]
         return []
     if isinstance(message, SystemMessage):
+        data = _without_paths(message.data) if message.subtype == "init" else message.data
         return [(EventKind.SYSTEM, {"subtype": message.subtype,
-                                    "data_json": json.dumps(message.data, default=str)})]
+                                    "data_json": json.dumps(data, default=str)})]
     if isinstance(message, ResultMessage):
         return []
     # Newer SDK message types (rate-limit notices, task events, ...) still become events.
