@@ -124,19 +124,16 @@ def streaming(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class _Undecodable:
-    """A request whose bytes did not parse (invalid UTF-8 in a string, corrupt bytes)."""
-
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
+# Stands for a request whose bytes did not parse (invalid UTF-8 in a string, corrupt bytes).
+_UNDECODABLE = object()
 
 
 def _safe(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
             return deserialize(data) if deserialize is not None else data
-        except Exception as exc:  # noqa: BLE001 - answered INVALID_ARGUMENT, see DecodeGuard
-            return _Undecodable(exc)
+        except Exception:  # noqa: BLE001 - answered INVALID_ARGUMENT, see DecodeGuard
+            return _UNDECODABLE
 
     return parse
 
@@ -161,31 +158,22 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             return handler  # (reflection's stream): grpcio's own answer stands
         method = details.method
         behavior = handler.unary_unary or handler.unary_stream
+
+        # Unary calls, and streams that write with context.write (Health's Watch).
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if request is _UNDECODABLE:
+                return await _refuse(context, method)
+            return await behavior(request, context)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if request is _UNDECODABLE:
+                await _refuse(context, method)
+                return
+            async for item in behavior(request, context):
+                yield item
+
+        parse = _safe(handler.request_deserializer)
         if handler.unary_unary is not None:
-            async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    return await _refuse(context, method)
-                return await behavior(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_call, _safe(handler.request_deserializer), handler.response_serializer)
-        if inspect.isasyncgenfunction(behavior):
-            async def stream_gen(
-                request: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                if isinstance(request, _Undecodable):
-                    await _refuse(context, method)
-                    return
-                async for item in behavior(request, context):
-                    yield item
-
-            wrapped: Callable[..., Any] = stream_gen
-        else:  # writes with context.write (the Health service's Watch)
-            async def stream_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Undecodable):
-                    return await _refuse(context, method)
-                return await behavior(request, context)
-
-            wrapped = stream_call
-        return grpc.unary_stream_rpc_method_handler(
-            wrapped, _safe(handler.request_deserializer), handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(call, parse, handler.response_serializer)
+        wrapped = stream if inspect.isasyncgenfunction(behavior) else call
+        return grpc.unary_stream_rpc_method_handler(wrapped, parse, handler.response_serializer)

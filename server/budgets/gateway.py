@@ -277,7 +277,8 @@ class MeteringGateway:
             404, "not_found_error", f"Not found: {request.method} {request.path}", should_retry=None
         )
 
-    def _upstream_failure(self, exc: BaseException, meter: SessionMeter) -> web.Response:
+    def _unanswered(self, exc: BaseException, meter: SessionMeter) -> web.Response:
+        """What the agent gets when upstream gave no (complete) answer."""
         if not isinstance(exc, aiohttp.ClientConnectorError):
             return _upstream_failure(exc)
         # Refused, or no such host: not a blip that minutes of the CLI's retries would cure.
@@ -317,7 +318,7 @@ class MeteringGateway:
                     status=up.status, reason=up.reason, body=payload, headers=_reply_headers(up)
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return self._upstream_failure(exc, meter)
+            return self._unanswered(exc, meter)
 
     async def _messages(self, request: web.Request, meter: SessionMeter) -> web.StreamResponse:
         raw = await request.read()
@@ -413,7 +414,7 @@ class MeteringGateway:
         except (aiohttp.ClientError, TimeoutError) as exc:
             # No (complete) response from upstream: the agent gets a retryable error.
             record.outcome = "upstream_failed"
-            response = self._upstream_failure(exc, meter)
+            response = self._unanswered(exc, meter)
             record.status = response.status
             return response
         except asyncio.CancelledError:

@@ -3,6 +3,7 @@ start time (so a pid reused by another process does not pass for the owner)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from pathlib import Path
@@ -18,11 +19,16 @@ def _start_time(pid: int) -> str:
     return stat_line.rpartition(")")[2].split()[19]
 
 
+@functools.cache
+def _mark_of(pid: int) -> str:
+    return f"{pid} {_start_time(pid)}"
+
+
 def write_marker(path: Path) -> None:
     """Mark `path` as this server's, atomically: a sweep running meanwhile must never
     read a marker half written (it would take a live folder for an orphan)."""
     tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(f"{os.getpid()} {_start_time(os.getpid())}")
+    tmp.write_text(_mark_of(os.getpid()))  # (keyed by pid: a forked child is not us)
     tmp.replace(path)
 
 

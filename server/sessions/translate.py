@@ -37,11 +37,13 @@ def _text_of(content: Any) -> str:
 def _without_paths(value: Any) -> Any:
     """`value` without the server's file paths (absolute ones: the session's folder, the
     CLI's socket, memory files), which callers have no use for and should not see."""
+    def is_path(v: Any) -> bool:
+        return isinstance(v, str) and v.startswith("/")
+
     if isinstance(value, dict):
-        return {k: _without_paths(v) for k, v in value.items()
-                if not (isinstance(v, str) and v.startswith("/"))}
+        return {k: _without_paths(v) for k, v in value.items() if not is_path(v)}
     if isinstance(value, list):
-        return [_without_paths(v) for v in value if not (isinstance(v, str) and v.startswith("/"))]
+        return [_without_paths(v) for v in value if not is_path(v)]
     return value
 
 
