@@ -12,11 +12,17 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
+# The first install takes a minute or two: each step says what it does, pip names each
+# package as it fetches it.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	@echo "[1/3] creating the virtualenv $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "[2/3] upgrading pip"
+	@$(PY) -m pip install -q --upgrade pip
+	@echo "[3/3] installing agentplane and its dependencies (the first time: about 2 minutes)"
+	@set -o pipefail; $(PY) -m pip install --progress-bar off -e '.[dev]' | grep --line-buffered -E '^(Collecting|Successfully installed)' | cut -c1-100
+	@touch $(STAMP)
+	@echo "installed into $(VENV)"
 
 setup: $(STAMP) ## create .venv, install agentplane with its extras, and the sandbox's tools (bwrap, socat)
 	@scripts/install_sandbox_tools.sh

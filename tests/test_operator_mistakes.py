@@ -169,3 +169,19 @@ async def test_list_says_when_there_is_nothing(
     out = capsys.readouterr()
     assert out.out == ""
     assert "no sessions match these filters" in out.err
+
+
+def test_the_first_install_says_what_it_does(tmp_path: Path) -> None:
+    # `make run` on a new machine installs for a minute or two before the server starts:
+    # each step announces itself, pip names each package, and a failed install still fails.
+    repo = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    plan = subprocess.run(
+        ["make", "-n", f"VENV={venv}", f"{venv}/.installed"], cwd=repo,
+        capture_output=True, text=True, check=True,
+    ).stdout
+    steps = [line for line in plan.splitlines() if line.startswith("echo ")]
+    assert [s.split("]")[0] for s in steps[:3]] == ['echo "[1/3', 'echo "[2/3', 'echo "[3/3']
+    assert "about 2 minutes" in steps[2]
+    install = next(line for line in plan.splitlines() if "pip install --progress-bar off" in line)
+    assert install.startswith("set -o pipefail;") and "Collecting" in install

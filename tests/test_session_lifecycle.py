@@ -10,6 +10,7 @@ import grpc
 import pytest
 from agentplane.server.domain import ErrorReason, SessionState
 from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.sessions.lifecycle import SessionLifecycle
 from agentplane.server.sessions.requests import RunRequest
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import MODEL, Harness, agent_processes
@@ -95,6 +96,76 @@ async def test_cancel_interrupts_a_running_tool_and_kills_it(harness: Harness) -
             session_pb2.CancelSessionRequest(session_id=session_id), metadata=harness.auth("acme")
         )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_cancelled_session_reports_the_usage_that_was_metered(harness: Harness) -> None:
+    # One turn answered, the second stopped while the model is still thinking: the CLI's
+    # interrupted result reports no tokens and counts the stopped turn.
+    harness.sandbox.add_script("stopped_in_turn_two", Script(steps=[
+        Step(tool_calls=[ToolCall("Glob", {"pattern": "*.md"})],
+             usage=Usage(input_tokens=1000, output_tokens=100)),
+        Step(text="never said", delay_s=60),
+    ]))
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:stopped_in_turn_two]] go", model=MODEL),
+        metadata=harness.auth("ops"),
+    )
+    events = await read_until(call, "tool_result")
+    tool_use_id = events[-1].tool_result.tool_use_id
+    for _ in range(100):  # the second turn's request reached the model
+        if any(tool_use_id in str(r.body) for r in harness.sandbox.requests):
+            break
+        await asyncio.sleep(0.05)
+
+    cancelled = await harness.sessions.CancelSession(
+        session_pb2.CancelSessionRequest(session_id=events[0].session_id),
+        metadata=harness.auth("ops"),
+    )
+
+    assert cancelled.error.reason == session_pb2.ERROR_REASON_CANCELLED
+    assert cancelled.num_turns == 1
+    assert (cancelled.usage.input_tokens, cancelled.usage.output_tokens) == (1000, 100)
+    assert cancelled.cost_usd == "0.004500"  # claude-sonnet-4-5: $3 / $15 per Mtok
+    await rest_of(call)
+    stored = await harness.sessions.GetSession(
+        session_pb2.GetSessionRequest(session_id=cancelled.id), metadata=harness.auth("ops")
+    )
+    assert stored == cancelled
+
+
+async def test_a_cancel_that_meets_the_sessions_own_end_is_failed_precondition(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hold the session between the agent's result and the record of its end, the window in
+    # which a cancel used to answer OK with a COMPLETE session.
+    ending, release = asyncio.Event(), asyncio.Event()
+    record_end = SessionLifecycle._record_end
+
+    async def held(self: SessionLifecycle, *args: object) -> object:
+        ending.set()
+        await release.wait()
+        return await record_end(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SessionLifecycle, "_record_end", held)
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="finish first", model=MODEL),
+        metadata=harness.auth("ops"),
+    )
+    session_id = (await call.read()).session_id
+    await asyncio.wait_for(ending.wait(), 60)
+    live = harness.app.sessions.capacity.live[session_id]
+    cancel = asyncio.ensure_future(harness.sessions.CancelSession(
+        session_pb2.CancelSessionRequest(session_id=session_id), metadata=harness.auth("ops")
+    ))
+    await asyncio.wait_for(live.cancel_requested.wait(), 10)
+    release.set()
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cancel
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already ended (COMPLETE)" in (caught.value.details() or "")
+    final = (await rest_of(call))[-1].result.session
+    assert final.state == session_pb2.SESSION_STATE_COMPLETE and final.result
 
 
 async def test_cancelling_an_idle_session_ends_it_before_it_starts(harness: Harness) -> None:

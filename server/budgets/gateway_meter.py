@@ -150,6 +150,19 @@ class SessionMeter:
         """What new requests may still reserve (may be negative after an overshoot)."""
         return self.budget_usd - self.spent_usd - self.reserved_usd
 
+    @property
+    def usage(self) -> TokenUsage:
+        """The tokens of every request settled so far, as upstream reported them."""
+        total = TokenUsage()
+        for request in self.requests:
+            total = total.plus(request.usage)
+        return total
+
+    @property
+    def answered(self) -> int:
+        """How many requests upstream answered in full (each one turn of the agent's)."""
+        return sum(1 for request in self.requests if request.outcome == "completed")
+
     def __repr__(self) -> str:
         return (
             f"SessionMeter(session_id={self.session_id!r}, budget_usd={self.budget_usd}, "

@@ -132,6 +132,12 @@ class AgentRunner:
             # The gateway's meter is the cost; the SDK's own estimate is kept beside it.
             outcome.sdk_total_usd = outcome.cost_usd
             outcome.cost_usd = usd(meter.spent_usd)
+            # So are its tokens and turns: the CLI reports none for a turn it was stopped
+            # in, or no result at all, yet counts the stopped turn.
+            outcome.usage = meter.usage
+            outcome.num_turns = (
+                min(outcome.num_turns, meter.answered) if outcome.num_turns else meter.answered
+            )
             if meter.exhausted and outcome.verdict.state is not SessionState.COMPLETE:
                 outcome.verdict = Verdict(
                     SessionState.ERROR, ErrorReason.BUDGET_EXCEEDED,
