@@ -14,7 +14,10 @@ import pytest
 from agentplane.server.sessions.paging import _filter_digest
 from agentplane.server.store.sessions import SessionFilter
 from agentplane.v1 import budget_pb2, session_pb2, usage_pb2
+from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import Harness, error_details
@@ -188,15 +191,24 @@ DOCUMENTED = {
 }
 # (method, request type, streaming, tenant). RunSession goes as `nokey`: a request that
 # passes validation is refused for the missing key, so no agent starts.
-RPCS = [
-    ("/agentplane.v1.SessionService/RunSession", session_pb2.RunSessionRequest, True, "nokey"),
-    ("/agentplane.v1.SessionService/StreamSession", session_pb2.StreamSessionRequest, True, "acme"),
-    ("/agentplane.v1.SessionService/GetSession", session_pb2.GetSessionRequest, False, "acme"),
-    ("/agentplane.v1.SessionService/ListSessions", session_pb2.ListSessionsRequest, False, "acme"),
-    ("/agentplane.v1.SessionService/CancelSession", session_pb2.CancelSessionRequest, False, "acme"),
-    ("/agentplane.v1.BudgetService/GetBudget", budget_pb2.GetBudgetRequest, False, "acme"),
-    ("/agentplane.v1.UsageService/GetUsage", usage_pb2.GetUsageRequest, False, "acme"),
-]
+def _rpcs() -> list[tuple[str, type, bool, str]]:
+    """Every RPC of the API (a new one is covered without listing it): its path, request
+    class, whether it streams, and the tenant that calls it (RunSession as `nokey`, whose
+    sessions fail at once for want of a key, so the fuzz runs no agents)."""
+    rpcs = []
+    for module in (session_pb2, budget_pb2, usage_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                rpcs.append((
+                    f"/{service.full_name}/{method.name}",
+                    message_factory.GetMessageClass(method.input_type),
+                    method.server_streaming,
+                    "nokey" if method.name == "RunSession" else "acme",
+                ))
+    return rpcs
+
+
+RPCS = _rpcs()
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40) | st.sampled_from(
     ["", "\x00", "x" * 5000, "9" * 300, "2026-12-01", "3f2d6c1e-0b1a-4c3d-9e8f-0123456789ab",
      "１", "1_0", "0.5", "-1", "nan", "Infinity"])
@@ -212,10 +224,12 @@ def _value(field: FieldDescriptor) -> st.SearchStrategy[Any]:
         return st.integers(-(2**31), 2**31 - 1)
     if field.type in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_SINT32):
         return st.integers(-(2**31), 2**31 - 1)
-    if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name == (
-        "google.protobuf.Timestamp"
-    ):
-        return st.builds(Timestamp, seconds=int64s, nanos=st.integers(-(2**31), 2**31 - 1))
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        well_known = {"google.protobuf.Timestamp": Timestamp, "google.protobuf.Duration": Duration}
+        known = well_known.get(field.message_type.full_name)
+        if known is not None:
+            return st.builds(known, seconds=int64s, nanos=st.integers(-(2**31), 2**31 - 1))
+        return st.deferred(lambda: requests(message_factory.GetMessageClass(field.message_type)))
     return int64s
 
 
@@ -238,7 +252,7 @@ def requests(cls: type) -> st.SearchStrategy[Any]:
                 target.update(value)
             elif isinstance(value, list):
                 target.extend(value)
-            elif isinstance(value, Timestamp):
+            elif isinstance(value, Message):
                 target.CopyFrom(value)
             else:
                 try:

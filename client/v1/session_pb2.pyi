@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -40,6 +41,20 @@ class OnDisconnect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ON_DISCONNECT_UNSPECIFIED: _ClassVar[OnDisconnect]
     ON_DISCONNECT_CANCEL: _ClassVar[OnDisconnect]
     ON_DISCONNECT_CONTINUE: _ClassVar[OnDisconnect]
+
+class InputKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INPUT_KIND_UNSPECIFIED: _ClassVar[InputKind]
+    INPUT_KIND_TOOL_CALL: _ClassVar[InputKind]
+    INPUT_KIND_PERMISSION: _ClassVar[InputKind]
+    INPUT_KIND_QUESTION: _ClassVar[InputKind]
+
+class Decider(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECIDER_UNSPECIFIED: _ClassVar[Decider]
+    DECIDER_CALLER: _ClassVar[Decider]
+    DECIDER_TIMEOUT: _ClassVar[Decider]
+    DECIDER_SESSION_END: _ClassVar[Decider]
 SESSION_STATE_UNSPECIFIED: SessionState
 SESSION_STATE_IDLE: SessionState
 SESSION_STATE_RUNNING: SessionState
@@ -62,6 +77,14 @@ ERROR_REASON_DISK_LIMIT: ErrorReason
 ON_DISCONNECT_UNSPECIFIED: OnDisconnect
 ON_DISCONNECT_CANCEL: OnDisconnect
 ON_DISCONNECT_CONTINUE: OnDisconnect
+INPUT_KIND_UNSPECIFIED: InputKind
+INPUT_KIND_TOOL_CALL: InputKind
+INPUT_KIND_PERMISSION: InputKind
+INPUT_KIND_QUESTION: InputKind
+DECIDER_UNSPECIFIED: Decider
+DECIDER_CALLER: Decider
+DECIDER_TIMEOUT: Decider
+DECIDER_SESSION_END: Decider
 
 class TokenUsage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
@@ -84,7 +107,7 @@ class SessionError(_message.Message):
     def __init__(self, reason: _Optional[_Union[ErrorReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("id", "tenant", "state", "create_time", "start_time", "end_time", "cost_usd", "sdk_cost_usd", "max_budget_usd", "num_turns", "max_turns", "usage", "model", "error", "sdk_session_id", "labels", "result", "allowed_tools", "request_id", "resume_session_id")
+    __slots__ = ("id", "tenant", "state", "create_time", "start_time", "end_time", "cost_usd", "sdk_cost_usd", "max_budget_usd", "num_turns", "max_turns", "usage", "model", "error", "sdk_session_id", "labels", "result", "allowed_tools", "request_id", "resume_session_id", "awaiting", "caller_tools", "require_approval")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +135,9 @@ class Session(_message.Message):
     ALLOWED_TOOLS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_FIELD_NUMBER: _ClassVar[int]
+    CALLER_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_APPROVAL_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     state: SessionState
@@ -132,10 +158,13 @@ class Session(_message.Message):
     allowed_tools: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
     resume_session_id: str
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_usd: _Optional[str] = ..., sdk_cost_usd: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., num_turns: _Optional[int] = ..., max_turns: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., sdk_session_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., result: _Optional[str] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., resume_session_id: _Optional[str] = ...) -> None: ...
+    awaiting: _containers.RepeatedCompositeFieldContainer[InputRequest]
+    caller_tools: _containers.RepeatedScalarFieldContainer[str]
+    require_approval: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_usd: _Optional[str] = ..., sdk_cost_usd: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., num_turns: _Optional[int] = ..., max_turns: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., sdk_session_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., result: _Optional[str] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., awaiting: _Optional[_Iterable[_Union[InputRequest, _Mapping]]] = ..., caller_tools: _Optional[_Iterable[str]] = ..., require_approval: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunSessionRequest(_message.Message):
-    __slots__ = ("prompt", "request_id", "max_budget_usd", "max_turns", "allowed_tools", "model", "labels", "on_disconnect", "resume_session_id")
+    __slots__ = ("prompt", "request_id", "max_budget_usd", "max_turns", "allowed_tools", "model", "labels", "on_disconnect", "resume_session_id", "tools", "require_approval", "answer_timeout")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +181,9 @@ class RunSessionRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     request_id: str
     max_budget_usd: str
@@ -161,7 +193,20 @@ class RunSessionRequest(_message.Message):
     labels: _containers.ScalarMap[str, str]
     on_disconnect: OnDisconnect
     resume_session_id: str
-    def __init__(self, prompt: _Optional[str] = ..., request_id: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., max_turns: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., resume_session_id: _Optional[str] = ...) -> None: ...
+    tools: _containers.RepeatedCompositeFieldContainer[CallerTool]
+    require_approval: _containers.RepeatedScalarFieldContainer[str]
+    answer_timeout: _duration_pb2.Duration
+    def __init__(self, prompt: _Optional[str] = ..., request_id: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., max_turns: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., resume_session_id: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[CallerTool, _Mapping]]] = ..., require_approval: _Optional[_Iterable[str]] = ..., answer_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class CallerTool(_message.Message):
+    __slots__ = ("name", "description", "input_schema_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    input_schema_json: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., input_schema_json: _Optional[str] = ...) -> None: ...
 
 class StreamSessionRequest(_message.Message):
     __slots__ = ("session_id", "after_seq")
@@ -178,7 +223,7 @@ class GetSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "state", "create_time_start", "create_time_end", "labels")
+    __slots__ = ("page_size", "page_token", "state", "create_time_start", "create_time_end", "labels", "awaiting")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -192,13 +237,15 @@ class ListSessionsRequest(_message.Message):
     CREATE_TIME_START_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_END_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     state: SessionState
     create_time_start: _timestamp_pb2.Timestamp
     create_time_end: _timestamp_pb2.Timestamp
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    awaiting: bool
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., awaiting: _Optional[bool] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
     __slots__ = ("sessions", "next_page_token")
@@ -215,7 +262,7 @@ class CancelSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionEvent(_message.Message):
-    __slots__ = ("session_id", "seq", "time", "started", "assistant_text", "tool_use", "tool_result", "retrying", "state_change", "system", "thinking", "result")
+    __slots__ = ("session_id", "seq", "time", "started", "assistant_text", "tool_use", "tool_result", "retrying", "state_change", "system", "thinking", "result", "input_request", "input_resolved")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +275,8 @@ class SessionEvent(_message.Message):
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
     THINKING_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    INPUT_RESOLVED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -240,7 +289,92 @@ class SessionEvent(_message.Message):
     system: SystemMessage
     thinking: Thinking
     result: SessionResult
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[SessionStarted, _Mapping]] = ..., assistant_text: _Optional[_Union[AssistantText, _Mapping]] = ..., tool_use: _Optional[_Union[ToolUse, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., retrying: _Optional[_Union[Retrying, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., system: _Optional[_Union[SystemMessage, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., result: _Optional[_Union[SessionResult, _Mapping]] = ...) -> None: ...
+    input_request: InputRequest
+    input_resolved: InputResolved
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[SessionStarted, _Mapping]] = ..., assistant_text: _Optional[_Union[AssistantText, _Mapping]] = ..., tool_use: _Optional[_Union[ToolUse, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., retrying: _Optional[_Union[Retrying, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., system: _Optional[_Union[SystemMessage, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., result: _Optional[_Union[SessionResult, _Mapping]] = ..., input_request: _Optional[_Union[InputRequest, _Mapping]] = ..., input_resolved: _Optional[_Union[InputResolved, _Mapping]] = ...) -> None: ...
+
+class InputRequest(_message.Message):
+    __slots__ = ("request_id", "kind", "tool_name", "tool_use_id", "input_json", "deadline")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TOOL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TOOL_USE_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_JSON_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    kind: InputKind
+    tool_name: str
+    tool_use_id: str
+    input_json: str
+    deadline: _timestamp_pb2.Timestamp
+    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[InputKind, str]] = ..., tool_name: _Optional[str] = ..., tool_use_id: _Optional[str] = ..., input_json: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class InputResolved(_message.Message):
+    __slots__ = ("request_id", "kind", "decided_by", "outcome", "message")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    kind: InputKind
+    decided_by: Decider
+    outcome: str
+    message: str
+    def __init__(self, request_id: _Optional[str] = ..., kind: _Optional[_Union[InputKind, str]] = ..., decided_by: _Optional[_Union[Decider, str]] = ..., outcome: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RespondRequest(_message.Message):
+    __slots__ = ("session_id", "request_id", "tool_result", "permission", "answer")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
+    PERMISSION_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    request_id: str
+    tool_result: ToolCallResult
+    permission: PermissionDecision
+    answer: QuestionAnswer
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., tool_result: _Optional[_Union[ToolCallResult, _Mapping]] = ..., permission: _Optional[_Union[PermissionDecision, _Mapping]] = ..., answer: _Optional[_Union[QuestionAnswer, _Mapping]] = ...) -> None: ...
+
+class ToolCallResult(_message.Message):
+    __slots__ = ("text", "structured_json", "is_error")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_JSON_FIELD_NUMBER: _ClassVar[int]
+    IS_ERROR_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    structured_json: str
+    is_error: bool
+    def __init__(self, text: _Optional[str] = ..., structured_json: _Optional[str] = ..., is_error: _Optional[bool] = ...) -> None: ...
+
+class PermissionDecision(_message.Message):
+    __slots__ = ("allow", "updated_input_json", "message")
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_INPUT_JSON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    allow: bool
+    updated_input_json: str
+    message: str
+    def __init__(self, allow: _Optional[bool] = ..., updated_input_json: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class QuestionAnswer(_message.Message):
+    __slots__ = ("answers",)
+    class AnswersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.ScalarMap[str, str]
+    def __init__(self, answers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RespondResponse(_message.Message):
+    __slots__ = ("resolved",)
+    RESOLVED_FIELD_NUMBER: _ClassVar[int]
+    resolved: InputResolved
+    def __init__(self, resolved: _Optional[_Union[InputResolved, _Mapping]] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
     __slots__ = ("session",)

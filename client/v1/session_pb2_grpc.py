@@ -64,6 +64,11 @@ class SessionServiceStub:
                 request_serializer=agentplane_dot_v1_dot_session__pb2.CancelSessionRequest.SerializeToString,
                 response_deserializer=agentplane_dot_v1_dot_session__pb2.Session.FromString,
                 _registered_method=True)
+        self.Respond = channel.unary_unary(
+                '/agentplane.v1.SessionService/Respond',
+                request_serializer=agentplane_dot_v1_dot_session__pb2.RespondRequest.SerializeToString,
+                response_deserializer=agentplane_dot_v1_dot_session__pb2.RespondResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -147,6 +152,24 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Respond(self, request, context):
+        """Answers what a running session waits for (an `input_request` event): the result of a
+        caller tool's call, a decision on a tool that needs approval, or the answers to the
+        agent's questions. Works on any replica; the answer reaches the session's owner
+        through the database. Returns what was recorded (also sent as an `input_resolved`
+        event).
+
+        Errors: INVALID_ARGUMENT (empty ids, no response, a response of the wrong kind for the
+        request, updated_input_json or structured_json that is not a JSON object),
+        UNAUTHENTICATED, NOT_FOUND (no such session for this tenant, or no such request in
+        it), FAILED_PRECONDITION (ErrorInfo reason ALREADY_ANSWERED: answered before or timed
+        out; SESSION_ENDED: the session is no longer running),
+        UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE: the database is unreachable; retry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +197,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.CancelSession,
                     request_deserializer=agentplane_dot_v1_dot_session__pb2.CancelSessionRequest.FromString,
                     response_serializer=agentplane_dot_v1_dot_session__pb2.Session.SerializeToString,
+            ),
+            'Respond': grpc.unary_unary_rpc_method_handler(
+                    servicer.Respond,
+                    request_deserializer=agentplane_dot_v1_dot_session__pb2.RespondRequest.FromString,
+                    response_serializer=agentplane_dot_v1_dot_session__pb2.RespondResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -316,6 +344,33 @@ class SessionService:
             '/agentplane.v1.SessionService/CancelSession',
             agentplane_dot_v1_dot_session__pb2.CancelSessionRequest.SerializeToString,
             agentplane_dot_v1_dot_session__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Respond(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.v1.SessionService/Respond',
+            agentplane_dot_v1_dot_session__pb2.RespondRequest.SerializeToString,
+            agentplane_dot_v1_dot_session__pb2.RespondResponse.FromString,
             options,
             channel_credentials,
             insecure,
