@@ -216,9 +216,10 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
     max_answer_timeout = _positive_int(cfg["max_answer_timeout_s"], key("max_answer_timeout_s"))
     if answer_timeout > max_answer_timeout:
         raise ConfigError(key("answer_timeout_s"), "is above max_answer_timeout_s")
-    if rules and cfg["warm_pool_size"]:
+    if cfg["warm_pool_size"] and (rules or "AskUserQuestion" in tools):
         # A warm agent starts before its request is known, without the caller's loop.
-        raise ConfigError(key("warm_pool_size"), "cannot be combined with require_approval")
+        raise ConfigError(key("warm_pool_size"), "cannot be combined with require_approval "
+                          "or with AskUserQuestion in allowed_tools (the caller's loop)")
     daily = _money(cfg["daily_limit_usd"], key("daily_limit_usd"))
     per_session = _money(cfg["max_session_budget_usd"], key("max_session_budget_usd"))
     if per_session > daily:

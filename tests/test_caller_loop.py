@@ -6,6 +6,7 @@ model's next request (its tool results), what the caller saw from the stream.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from agentplane.server.sandbox import Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2
 from google.protobuf.duration_pb2 import Duration
-from harness import MODEL, Harness, error_details
+from harness import MODEL, Harness, error_details, start_harness, stop_harness
 
 pytestmark = pytest.mark.asyncio
 
@@ -378,3 +379,62 @@ async def test_respond_needs_its_ids_and_a_response(harness: Harness) -> None:
         session_id="3f2d6c1e-0b1a-4c3d-9e8f-0123456789ab", request_id="x",
         tool_result=session_pb2.ToolCallResult(text="x")), metadata=harness.auth("loop")))
     assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.fixture
+async def replicas(database_url: str) -> Any:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("replicas share a PostgreSQL database (SQLite serves one server)")
+    owner = await start_harness(database_url)
+    other = await start_harness(database_url)
+    yield owner, other
+    await stop_harness(other)
+    await stop_harness(owner)
+
+
+async def test_a_caller_tool_answered_through_another_replica(replicas: Any) -> None:
+    owner, other = replicas
+    call = start(owner, "lookup_elsewhere", [
+        Step(tool_calls=[ToolCall("mcp__caller__lookup", {"q": "far"})]),
+        Step(text="done"),
+    ], tools=[LOOKUP])
+    events = await until(call, "input_request")
+    session_id = events[0].session_id
+    asked = of(events, "input_request")[0]
+
+    seen = await other.sessions.GetSession(
+        session_pb2.GetSessionRequest(session_id=session_id), metadata=other.auth("loop"))
+    assert [r.request_id for r in seen.awaiting] == [asked.request_id]
+    assert seen.awaiting[0] == asked
+    listed = await other.sessions.ListSessions(
+        session_pb2.ListSessionsRequest(awaiting=True), metadata=other.auth("loop"))
+    assert session_id in [s.id for s in listed.sessions]
+    err = await refused(respond(other, session_id, asked.request_id, tenant="ops",
+                                tool_result=session_pb2.ToolCallResult(text="stolen")))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+    await respond(other, session_id, asked.request_id,
+                  tool_result=session_pb2.ToolCallResult(text="from afar"))
+    tail = await rest(call)
+    assert tail[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    assert text_of(tool_results(owner)[asked.tool_use_id]).startswith("from afar")
+    listed = await other.sessions.ListSessions(
+        session_pb2.ListSessionsRequest(awaiting=True), metadata=other.auth("loop"))
+    assert session_id not in [s.id for s in listed.sessions]
+
+
+async def test_the_idle_timeout_does_not_fire_while_the_caller_is_asked(database_url: str) -> None:
+    h = await start_harness(database_url, session_idle_timeout_s=1)
+    try:
+        call = start(h, "slow_caller", [
+            Step(tool_calls=[ToolCall("mcp__caller__lookup", {"q": "slow"})]),
+            Step(text="done"),
+        ], tools=[LOOKUP])
+        events = await until(call, "input_request")
+        await asyncio.sleep(2.5)  # the caller takes longer than the idle timeout
+        await respond(h, events[0].session_id, of(events, "input_request")[0].request_id,
+                      tool_result=session_pb2.ToolCallResult(text="finally"))
+        final = (await rest(call))[-1].result.session
+        assert final.state == session_pb2.SESSION_STATE_COMPLETE, final.error
+    finally:
+        await stop_harness(h)

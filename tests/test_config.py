@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agentplane.server.config import MAX_WORK_DIR_BYTES, SETTINGS, Settings, settings_table
@@ -209,3 +210,24 @@ def test_warm_pool_settings_are_checked(tmp_path: Path) -> None:
         Settings.from_env({"AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB": "lots"})
     with pytest.raises(ConfigError, match="AGENTPLANE_WARM_POOL_MAX_AGE_S"):
         Settings.from_env({"AGENTPLANE_WARM_POOL_MAX_AGE_S": "0"})
+
+
+@pytest.mark.parametrize(("settings", "setting"), [
+    ({"require_approval": "Bash"}, "require_approval"),
+    ({"require_approval": ["Bash(unclosed"]}, "require_approval"),
+    ({"answer_timeout_s": 0}, "answer_timeout_s"),
+    ({"answer_timeout_s": 100, "max_answer_timeout_s": 50}, "answer_timeout_s"),
+    ({"require_approval": ["Bash"], "warm_pool_size": 1}, "warm_pool_size"),
+    ({"allowed_tools": ["AskUserQuestion"], "warm_pool_size": 1}, "warm_pool_size"),
+])
+def test_the_callers_loop_settings_are_checked(
+    tmp_path: Path, settings: dict[str, Any], setting: str
+) -> None:
+    path = write_tenants(tmp_path, tenant_toml("a", "tok", **settings))
+    with pytest.raises(ConfigError, match=f"tenants.a.{setting}"):
+        TenantRegistry.load(path)
+    ok = write_tenants(tmp_path, tenant_toml(
+        "a", "tok", require_approval=["Bash(git push:*)", "Write"], answer_timeout_s=30))
+    tenant = TenantRegistry.load(ok).tenants["a"]
+    assert tenant.require_approval == ("Bash(git push:*)", "Write")
+    assert (tenant.answer_timeout_s, tenant.max_answer_timeout_s) == (30, 3600)

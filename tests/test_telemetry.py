@@ -37,6 +37,7 @@ from agentplane.server.telemetry.otel_env import OtelConfig
 from agentplane.server.telemetry.setup import ContentPolicy, Telemetry
 from agentplane.server.telemetry.tracing import SessionSpans
 from agentplane.v1 import session_pb2, usage_pb2
+from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import (
     MODEL,
@@ -376,6 +377,46 @@ async def test_metrics_in_memory_and_on_prometheus(traced: Traced) -> None:
     assert samples[("agentplane_session_cost_usd_total", (("tenant", "tight"),))] > 0
     assert samples[("agentplane_session_duration_seconds_count",
                     (("outcome", "COMPLETE"), ("tenant", "tight")))] == 1
+
+
+async def test_waiting_for_the_caller_is_on_the_span_and_counted(traced: Traced) -> None:
+    h = traced.h
+    h.sandbox.add_script("traced_loop", Script(steps=[
+        Step(tool_calls=[ToolCall("mcp__caller__lookup", {"q": "x"})]),
+        Step(tool_calls=[ToolCall("Bash", {"command": "echo unapproved"})]),
+        Step(text="done"),
+    ]))
+    call = h.sessions.RunSession(session_pb2.RunSessionRequest(
+        prompt="[[sandbox:traced_loop]] go", model=MODEL, require_approval=["Bash"],
+        tools=[session_pb2.CallerTool(name="lookup")], answer_timeout=Duration(seconds=1),
+    ), metadata=h.auth("loop"))
+    async for event in call:
+        if event.HasField("input_request") and event.input_request.tool_name == "lookup":
+            await h.sessions.Respond(session_pb2.RespondRequest(
+                session_id=event.session_id, request_id=event.input_request.request_id,
+                tool_result=session_pb2.ToolCallResult(text="found")), metadata=h.auth("loop"))
+        last = event
+    session_id = last.result.session.id  # the Bash approval timed out: denied
+
+    def ended(spans: list[trace_pb2.Span]) -> bool:
+        return any(s.name == "invoke_agent loop" for s in spans)
+
+    spans = await traced.spans(ended)
+    agent = next(s for s in spans if s.name == "invoke_agent loop"
+                 and attributes(s.attributes)["session.id"] == session_id)
+    waits = [attributes(e.attributes) for e in agent.events if e.name == "agentplane.caller_input"]
+    assert [(w["agentplane.input.kind"], w["agentplane.input.decided_by"],
+             w["agentplane.input.outcome"]) for w in waits] == [
+        ("TOOL_CALL", "CALLER", "result"), ("PERMISSION", "TIMEOUT", "deny")]
+    assert waits[1]["agentplane.input.waited_ms"] >= 1000
+    bash = next(s for s in spans if s.name == "execute_tool Bash"
+                and s.trace_id == agent.trace_id)
+    assert attributes(bash.attributes)["agentplane.input.decided_by"] == "TIMEOUT"
+    points = _points(traced.memory)
+    assert _value(points, "agentplane.caller.inputs", tenant="loop", kind="TOOL_CALL",
+                  decided_by="CALLER") == 1
+    assert _value(points, "agentplane.caller.inputs", tenant="loop", kind="PERMISSION",
+                  decided_by="TIMEOUT", outcome="deny") == 1
 
 
 async def test_stop_flushes_spans_and_metrics_and_health_checks_are_not_traced(

@@ -3,15 +3,13 @@
 What the SDK is given for a session that may wait for its caller:
 - caller tools as an in-process MCP server (`mcp__caller__<name>`): each call becomes an
   input request, and the caller's result is the tool's result;
-- one PreToolUse hook for every tool. It sees each call first, with its id: a call the
-  approval rules name waits for the caller's decision (allow, allow with edited input,
-  deny with a message the agent reads), and AskUserQuestion waits for the caller's
-  answers. The hook, not `can_use_tool`, because the CLI runs read-only calls (`Read`,
-  `Bash(echo ...)`) without asking for permission at all;
-- with AskUserQuestion among its tools, a `can_use_tool` that refuses what reaches it:
-  the CLI offers that tool only to a client that answers permission prompts, and the hook
-  has decided every call by then (a prompt for anything else is what a headless CLI
-  refuses anyway).
+- a PreToolUse hook on every tool call: it notes the ids of caller-tool calls, and turns
+  the calls the approval rules name, and AskUserQuestion, into permission prompts. A hook
+  because the CLI runs read-only calls (`Read`, `Bash(echo ...)`) without any prompt;
+- `can_use_tool`, which answers those prompts with the caller's decision (the agent reads
+  a denial's message as the tool's result) or answers, and refuses any other prompt, as a
+  headless CLI does. It also makes AskUserQuestion exist: the CLI offers that tool only to
+  a client that answers prompts.
 """
 
 from __future__ import annotations
@@ -29,23 +27,27 @@ from claude_agent_sdk import (
     ToolAnnotations,
     create_sdk_mcp_server,
 )
-from claude_agent_sdk.types import HookContext, PermissionResultDeny, ToolPermissionContext
+from claude_agent_sdk.types import (
+    HookContext,
+    PermissionResult,
+    PermissionResultAllow,
+    PermissionResultDeny,
+    ToolPermissionContext,
+)
 
 from ..approvals import ApprovalPolicy
-from ..domain import Decider, InputAnswer, InputKind
+from ..domain import Decider, InputKind
 from .inputs import InputWaiter
 from .requests import CALLER_PREFIX, CALLER_SERVER, CallerTool, SessionSpec
 
 QUESTION_TOOL = "AskUserQuestion"
-# Beyond the longest wait, so the CLI never gives up on the hook before the waiter does.
-HOOK_MARGIN_S = 60.0
 
-# The allowed tools shadow `can_use_tool` on purpose (it only makes AskUserQuestion exist).
+# The allowed tools shadow `can_use_tool` on purpose: the hook sends it what it decides.
 warnings.filterwarnings("ignore", category=CanUseToolShadowedWarning)
 
 
 class CallerLoop:
-    """One session's caller tools and hook (see the module docstring)."""
+    """One session's caller tools, hook and prompt answers (see the module docstring)."""
 
     def __init__(self, spec: SessionSpec, waiter: InputWaiter, workspace: str) -> None:
         self._spec = spec
@@ -70,28 +72,19 @@ class CallerLoop:
     def hooks(self) -> dict[Any, list[HookMatcher]]:
         return {"PreToolUse": [HookMatcher(
             matcher=None, hooks=[self._before_tool],  # type: ignore[list-item]
-            timeout=self._waiter.timeout_s + HOOK_MARGIN_S,
             # A failing hook must not let a call through unapproved.
             on_failure="block",
         )]}
-
-    @property
-    def asks_questions(self) -> bool:
-        return QUESTION_TOOL in self._spec.tools
-
-    async def refuse_prompt(
-        self, tool: str, tool_input: dict[str, Any], context: ToolPermissionContext
-    ) -> PermissionResultDeny:
-        """`can_use_tool`: a permission prompt the hook did not settle is refused."""
-        return PermissionResultDeny(message=f"{tool} needs a permission this session lacks")
 
     def _tool(self, tool: CallerTool) -> SdkMcpTool[Any]:
         async def call(arguments: dict[str, Any]) -> dict[str, Any]:
             return await self._call(tool.name, arguments)
 
+        # The SDK reads a dict without "properties" as a map of parameter names.
+        schema = {"properties": {}, **tool.input_schema}
         # Read-only, so the CLI runs parallel calls at once: the caller may answer them in
         # any order.
-        return SdkMcpTool(tool.name, tool.description, tool.input_schema, call,
+        return SdkMcpTool(tool.name, tool.description, schema, call,
                           annotations=ToolAnnotations(readOnlyHint=True))
 
     async def _call(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -111,41 +104,58 @@ class CallerLoop:
         self, hook_input: dict[str, Any], tool_use_id: str | None, context: HookContext
     ) -> dict[str, Any]:
         name = str(hook_input.get("tool_name", ""))
-        tool_input = hook_input.get("tool_input")
-        tool_input = tool_input if isinstance(tool_input, dict) else {}
-        call_id = tool_use_id or ""
-        caller_tool = name.removeprefix(CALLER_PREFIX) if name.startswith(CALLER_PREFIX) else None
-        if caller_tool is not None:
-            self._call_ids[(caller_tool, _canonical(tool_input))].append(call_id)
+        tool_input = _object(hook_input.get("tool_input"))
+        if name.startswith(CALLER_PREFIX):
+            key = (name.removeprefix(CALLER_PREFIX), _canonical(tool_input))
+            self._call_ids[key].append(tool_use_id or "")
+        if name == QUESTION_TOOL or self._needs_approval(name, tool_input):
+            return {"hookSpecificOutput": {
+                "hookEventName": "PreToolUse", "permissionDecision": "ask",
+                "permissionDecisionReason": "the caller decides",
+            }}
+        return {}  # no opinion: the session's allowed tools decide
+
+    async def can_use_tool(
+        self, name: str, tool_input: dict[str, Any], context: ToolPermissionContext
+    ) -> PermissionResult:
+        """A permission prompt: the caller's decision or answers (see the module docstring)."""
+        call_id = context.tool_use_id or ""
         if name == QUESTION_TOOL:
             return await self._question(call_id, tool_input)
-        rule_name = caller_tool or name
-        if self._policy.needs_approval(rule_name, tool_input, self._workspace):
-            return await self._approval(rule_name, call_id, tool_input)
-        return {}  # no opinion: the session's allowed tools decide
+        if self._needs_approval(name, tool_input):
+            return await self._approval(_rule_name(name), call_id, tool_input)
+        return PermissionResultDeny(message=f"{name} needs a permission this session lacks")
+
+    def _needs_approval(self, name: str, tool_input: dict[str, Any]) -> bool:
+        return self._policy.needs_approval(_rule_name(name), tool_input, self._workspace)
 
     async def _approval(
         self, name: str, tool_use_id: str, tool_input: dict[str, Any]
-    ) -> dict[str, Any]:
+    ) -> PermissionResult:
         answer = await self._waiter.ask(InputKind.PERMISSION, name, tool_use_id, tool_input)
         if answer.decided_by is Decider.CALLER and answer.value.get("allow"):
-            edited = answer.value.get("updated_input")
-            return _decision("allow", "approved by the caller", edited)
-        message = answer.message or "denied by the caller"
+            return PermissionResultAllow(updated_input=answer.value.get("updated_input"))
         if answer.decided_by is Decider.TIMEOUT:
-            message = f"not approved: {answer.message}"
-        return _decision("deny", message)
+            return PermissionResultDeny(message=f"Not approved: {answer.message}.")
+        return PermissionResultDeny(message=answer.message or "denied by the caller")
 
-    async def _question(self, tool_use_id: str, tool_input: dict[str, Any]) -> dict[str, Any]:
+    async def _question(self, tool_use_id: str, tool_input: dict[str, Any]) -> PermissionResult:
         answer = await self._waiter.ask(InputKind.QUESTION, QUESTION_TOOL, tool_use_id, tool_input)
         answers = answer.value.get("answers") if answer.decided_by is Decider.CALLER else None
         if not answers:
-            return _decision("deny", f"the caller gave no answers ({_why(answer)})")
-        return _decision("allow", "answered by the caller", {**tool_input, "answers": answers})
+            return PermissionResultDeny(
+                message=f"The questions went unanswered ({answer.message or answer.outcome})."
+            )
+        return PermissionResultAllow(updated_input={**tool_input, "answers": answers})
 
 
-def _why(answer: InputAnswer) -> str:
-    return answer.message or answer.outcome
+def _rule_name(name: str) -> str:
+    """What approval rules call a tool: a caller tool by its own name."""
+    return name.removeprefix(CALLER_PREFIX)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _canonical(value: dict[str, Any]) -> str:
@@ -155,14 +165,3 @@ def _canonical(value: dict[str, Any]) -> str:
 def _text(text: str, *, error: bool) -> dict[str, Any]:
     return {"content": [{"type": "text", "text": text}], "is_error": error}
 
-
-def _decision(
-    behaviour: str, reason: str, updated_input: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    output: dict[str, Any] = {
-        "hookEventName": "PreToolUse", "permissionDecision": behaviour,
-        "permissionDecisionReason": reason,
-    }
-    if updated_input is not None:
-        output["updatedInput"] = updated_input
-    return {"hookSpecificOutput": output}

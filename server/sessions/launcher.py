@@ -136,7 +136,7 @@ class Launcher:
             allowed_tools=[*spec.tools, *caller_tools],
             mcp_servers=caller.mcp_servers() if caller is not None else {},
             hooks=caller.hooks() if caller is not None else None,
-            can_use_tool=caller.refuse_prompt if caller and caller.asks_questions else None,
+            can_use_tool=caller.can_use_tool if caller is not None else None,
             system_prompt=tenant.system_prompt,
             max_turns=max_turns,
             max_budget_usd=float(budget),

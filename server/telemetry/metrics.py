@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from opentelemetry import metrics
 
 from ..domain import Session
@@ -20,6 +22,8 @@ TOOL_USES = "agentplane.tool_uses"
 ADMISSION_REJECTIONS = "agentplane.admission.rejections"
 WARM_POOL_HITS = "agentplane.warm_pool.hits"
 WARM_POOL_MISSES = "agentplane.warm_pool.misses"
+CALLER_INPUTS = "agentplane.caller.inputs"
+CALLER_WAIT = "agentplane.caller.wait"
 
 # Seconds: a session lasts from under a second to an hour.
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -61,6 +65,13 @@ class SessionMetrics:
         self.pool_misses = meter.create_counter(
             WARM_POOL_MISSES, unit="{session}",
             description="Sessions of tenants with a warm pool that started cold")
+        self.caller_inputs = meter.create_counter(
+            CALLER_INPUTS, unit="{request}",
+            description="Requests to callers (tool calls, approvals, questions), by who "
+                        "settled them (CALLER, TIMEOUT, SESSION_END) and how")
+        self.caller_wait = meter.create_histogram(
+            CALLER_WAIT, unit="s", description="How long sessions waited for their callers",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS))
 
     def admitted(self, session: Session) -> None:
         labels = {"tenant": session.tenant}
@@ -78,6 +89,13 @@ class SessionMetrics:
 
     def tool_used(self, tenant: str, tool: str, outcome: str) -> None:
         self.tool_uses.add(1, {"tenant": tenant, "tool": tool, "outcome": outcome})
+
+    def caller_input(self, tenant: str, data: dict[str, Any]) -> None:
+        """An input request was settled (the `input_resolved` event's data)."""
+        kind = {"tenant": tenant, "kind": str(data.get("kind", ""))}
+        self.caller_inputs.add(1, {**kind, "decided_by": str(data.get("decided_by", "")),
+                                   "outcome": str(data.get("outcome", ""))})
+        self.caller_wait.record(int(data.get("waited_ms", 0)) / 1000, kind)
 
     def ended_session(self, final: Session) -> None:
         tenant = {"tenant": final.tenant}

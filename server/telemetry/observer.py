@@ -90,6 +90,9 @@ class TelemetryObserver:
             if finished is not None:
                 name, failed = finished
                 self.metrics.tool_used(session.tenant, name, "error" if failed else "ok")
+        elif event.kind is EventKind.INPUT_RESOLVED:
+            spans.caller_input(event)
+            self.metrics.caller_input(session.tenant, event.data)
         elif event.kind is EventKind.RETRYING:
             spans.retry(event)
             self.metrics.retried(session.tenant)

@@ -56,6 +56,8 @@ COST_USD = "agentplane.cost_usd"
 NUM_TURNS = "agentplane.num_turns"
 SESSION_STATE = "agentplane.session.state"
 RETRY_EVENT = "agentplane.retry"
+# A wait for the caller ended (on invoke_agent; its tool's span gets the decision too).
+CALLER_INPUT_EVENT = "agentplane.caller_input"
 
 TOOL_ERROR = "tool_error"
 
@@ -166,6 +168,21 @@ class SessionSpans:
              "delay_ms": int(event.data.get("delay_ms", 0))},
             timestamp=ns(event.time),
         )
+
+    def caller_input(self, event: Event) -> None:
+        """An `input_resolved` event: how long the session waited, who decided what."""
+        data = event.data
+        attributes: dict[str, str | int] = {
+            "agentplane.input.kind": str(data.get("kind", "")),
+            "agentplane.input.tool": str(data.get("tool_name", "")),
+            "agentplane.input.decided_by": str(data.get("decided_by", "")),
+            "agentplane.input.outcome": str(data.get("outcome", "")),
+            "agentplane.input.waited_ms": int(data.get("waited_ms", 0)),
+        }
+        self.span.add_event(CALLER_INPUT_EVENT, attributes, timestamp=ns(event.time))
+        tool = self._tools.get(str(data.get("tool_use_id", "")))
+        if tool is not None:
+            tool[0].set_attributes(attributes)
 
     def end(self, final: Session) -> list[str]:
         """Close the session span with its outcome (and any tool span still open, as
