@@ -12,6 +12,7 @@ from typing import TypeAlias
 
 from google.protobuf import timestamp_pb2
 
+from . import _inputs as inputs
 from .v1 import budget_pb2, session_pb2, usage_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -139,8 +140,11 @@ def run_request(
     request_id: str | uuid.UUID | None = None,
     on_disconnect_: DisconnectLike | None = None,
     resume_session_id: str | uuid.UUID | None = None,
+    tools: Sequence[inputs.ToolLike] | None = None,
+    require_approval: Sequence[str] | None = None,
+    answer_timeout: inputs.Seconds | None = None,
 ) -> session_pb2.RunSessionRequest:
-    return session_pb2.RunSessionRequest(
+    request = session_pb2.RunSessionRequest(
         prompt=prompt,
         request_id=str(request_id) if request_id is not None else "",
         max_budget_usd=money(max_budget_usd),
@@ -150,7 +154,13 @@ def run_request(
         labels=dict(labels or {}),
         on_disconnect=on_disconnect(on_disconnect_),  # type: ignore[arg-type]
         resume_session_id=str(resume_session_id) if resume_session_id is not None else "",
+        tools=inputs.caller_tools(tools),
+        require_approval=_strings("require_approval", require_approval),
     )
+    timeout = inputs.duration(answer_timeout)
+    if timeout is not None:
+        request.answer_timeout.CopyFrom(timeout)
+    return request
 
 
 def list_request(
@@ -161,8 +171,10 @@ def list_request(
     labels: Mapping[str, str] | None = None,
     create_time_start: Time | None = None,
     create_time_end: Time | None = None,
+    awaiting: bool = False,
 ) -> session_pb2.ListSessionsRequest:
     request = session_pb2.ListSessionsRequest(
+        awaiting=awaiting,
         page_size=page_size,
         page_token=page_token,
         state=session_state(state),  # type: ignore[arg-type]
