@@ -99,6 +99,16 @@ def reason_name(value: int) -> str:
     return _short(session_pb2.ErrorReason, value, "ERROR_REASON_")
 
 
+def input_kind_name(value: int) -> str:
+    """ "PERMISSION" for INPUT_KIND_PERMISSION."""
+    return _short(session_pb2.InputKind, value, "INPUT_KIND_")
+
+
+def decider_name(value: int) -> str:
+    """ "CALLER" for DECIDER_CALLER."""
+    return _short(session_pb2.Decider, value, "DECIDER_")
+
+
 def _short(enum: object, value: int, prefix: str) -> str:
     try:
         name = enum.Name(value)  # type: ignore[attr-defined]
