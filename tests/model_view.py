@@ -11,10 +11,12 @@ from agentplane.server.sandbox import SandboxServer
 # The script steps of the tests of callers in the loop: a caller tool, a tool that needs
 # approval, and the agent's question, each with a fixed tool_use id to find its result by.
 LOOKUP_ID = "toolu_caller_lookup"
-GREP_ID = "toolu_caller_grep"
-ASK_ID = "toolu_caller_ask"
 BASH_ID = "toolu_caller_bash"
+ASK_ID = "toolu_caller_ask"
 QUESTION = "Which fruit should the report cover?"
+# A command whose output is not in its input: seeing the output proves it ran.
+BASH_COMMAND = "echo approved-$((6*7))"
+BASH_OUTPUT = "approved-42"
 
 
 def question_input(multi_select: bool = False) -> dict[str, Any]:

@@ -18,7 +18,15 @@ import pytest
 from agentplane.cli import main
 from agentplane.server.sandbox.script import HttpFailure, Script, Step, ToolCall, Usage
 from harness import MODEL, TOKENS, Harness
-from model_view import ASK_ID, GREP_ID, QUESTION, question_input, tool_results_seen
+from model_view import (
+    ASK_ID,
+    BASH_COMMAND,
+    BASH_ID,
+    BASH_OUTPUT,
+    QUESTION,
+    question_input,
+    tool_results_seen,
+)
 
 
 def target(h: Harness) -> str:
@@ -177,11 +185,11 @@ async def test_the_installed_command_runs_a_session_and_reports_rpc_errors(
 # -- callers in the loop (issue 15): approvals and questions ---------------------------------
 
 
-def grep_then_ask(name: str) -> Script:
-    """Grep (the tests make it need approval), then the agent's question, then its answer."""
+def bash_then_ask(name: str) -> Script:
+    """Bash (the tests make it need approval), then the agent's question, then its answer."""
     return Script(steps=[
-        Step(tool_calls=[ToolCall("Grep", {"pattern": "magic", "output_mode": "content"},
-                                  GREP_ID)], usage=Usage(1000, 30)),
+        Step(tool_calls=[ToolCall("Bash", {"command": BASH_COMMAND}, BASH_ID)],
+             usage=Usage(1000, 30)),
         Step(tool_calls=[ToolCall("AskUserQuestion", question_input(), ASK_ID)],
              usage=Usage(1100, 30)),
         Step(text=f"{name} done", usage=Usage(1200, 10)),
@@ -200,12 +208,12 @@ def event_lines(out: str, kind: str) -> list[str]:
 async def test_deny_all_denies_approvals_and_answers_questions_with_nothing(
     harness: Harness,
 ) -> None:
-    harness.sandbox.add_script("cli_deny_all", grep_then_ask("deny-all"))
-    env = {**os.environ, "AGENTPLANE_TARGET": target(harness), "AGENTPLANE_TOKEN": TOKENS["acme"]}
+    harness.sandbox.add_script("cli_deny_all", bash_then_ask("deny-all"))
+    env = {**os.environ, "AGENTPLANE_TARGET": target(harness), "AGENTPLANE_TOKEN": TOKENS["loop"]}
 
     proc = await asyncio.create_subprocess_exec(
-        *agentplane_command(), "run", "[[sandbox:cli_deny_all]] grep and ask", "--model", MODEL,
-        "--require-approval", "Grep", "--answer-timeout", "120", "--deny-all", env=env,
+        *agentplane_command(), "run", "[[sandbox:cli_deny_all]] run and ask", "--model", MODEL,
+        "--require-approval", "Bash", "--answer-timeout", "120", "--deny-all", env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -216,35 +224,36 @@ async def test_deny_all_denies_approvals_and_answers_questions_with_nothing(
     assert out.splitlines()[-1].startswith("COMPLETE  cost $")
     asked = event_lines(out, "input_request")
     assert len(asked) == 2
-    assert 'PERMISSION Grep {"pattern":"magic"' in asked[0] and "(answer by " in asked[0]
+    assert f'PERMISSION Bash {{"command":"{BASH_COMMAND}"' in asked[0]
+    assert "(answer by " in asked[0]
     assert f"QUESTION AskUserQuestion {QUESTION} [Papaya | Mango]" in asked[1]
     resolved = event_lines(out, "input_resolved")
     assert "PERMISSION deny by CALLER: denied by agentplane run --deny-all" in resolved[0]
     assert "QUESTION" in resolved[1] and "by CALLER" in resolved[1]
-    assert "denied Grep: denied by agentplane run --deny-all" in err
+    assert "denied Bash: denied by agentplane run --deny-all" in err
     seen = tool_results_seen(harness.sandbox, "cli_deny_all")
-    assert "--deny-all" in seen[GREP_ID][0] and "PAPAYA" not in seen[GREP_ID][0]
+    assert "--deny-all" in seen[BASH_ID][0] and BASH_OUTPUT not in seen[BASH_ID][0]
     assert "Papaya" not in seen[ASK_ID][0] and "Mango" not in seen[ASK_ID][0]
 
 
 async def test_without_a_terminal_approvals_are_denied_without_reading_stdin(
     harness: Harness, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    harness.sandbox.add_script("cli_no_tty", grep_then_ask("no-tty"))
+    harness.sandbox.add_script("cli_no_tty", bash_then_ask("no-tty"))
     piped = io.StringIO("y\n2\n")  # not a terminal: never read
     monkeypatch.setattr(sys, "stdin", piped)
 
-    code = await cli(harness, "run", "[[sandbox:cli_no_tty]] grep", "--model", MODEL,
-                     "--require-approval", "Grep")
+    code = await cli(harness, "run", "[[sandbox:cli_no_tty]] run it", "--model", MODEL,
+                     "--require-approval", "Bash")
 
     captured = capsys.readouterr()
     assert code == 0, captured
     assert piped.tell() == 0
     (resolved, _) = event_lines(captured.out, "input_resolved")
     assert "PERMISSION deny by CALLER: stdin is not a terminal" in resolved
-    assert "denied Grep: stdin is not a terminal" in captured.err
+    assert "denied Bash: stdin is not a terminal" in captured.err
     seen = tool_results_seen(harness.sandbox, "cli_no_tty")
-    assert "stdin is not a terminal" in seen[GREP_ID][0]
+    assert "stdin is not a terminal" in seen[BASH_ID][0]
 
 
 def converse(fd: int, exchanges: list[tuple[str, str]], limit_s: float = 60) -> str:
@@ -269,20 +278,20 @@ def converse(fd: int, exchanges: list[tuple[str, str]], limit_s: float = 60) -> 
 
 
 async def test_at_a_terminal_the_person_approves_and_answers(harness: Harness) -> None:
-    harness.sandbox.add_script("cli_tty", grep_then_ask("tty"))
-    env = {**os.environ, "AGENTPLANE_TARGET": target(harness), "AGENTPLANE_TOKEN": TOKENS["acme"]}
+    harness.sandbox.add_script("cli_tty", bash_then_ask("tty"))
+    env = {**os.environ, "AGENTPLANE_TARGET": target(harness), "AGENTPLANE_TOKEN": TOKENS["loop"]}
     controller, terminal = pty.openpty()
     try:
         proc = await asyncio.create_subprocess_exec(
-            *agentplane_command(), "run", "[[sandbox:cli_tty]] grep and ask", "--model", MODEL,
-            "--require-approval", "Grep", env=env, stdin=terminal,
+            *agentplane_command(), "run", "[[sandbox:cli_tty]] run and ask", "--model", MODEL,
+            "--require-approval", "Bash", env=env, stdin=terminal,
             stdout=asyncio.subprocess.PIPE, stderr=terminal,
         )
         os.close(terminal)
         terminal = -1
         stdout = asyncio.ensure_future(proc.stdout.read())  # type: ignore[union-attr]
         shown = await asyncio.to_thread(converse, controller, [
-            ("Allow Grep? [y/n] ", "y"),
+            ("Allow Bash? [y/n] ", "y"),
             ("Answer (a number, or your own answer; Enter to skip): ", "2"),
         ])
         out = (await asyncio.wait_for(stdout, 60)).decode()
@@ -293,8 +302,8 @@ async def test_at_a_terminal_the_person_approves_and_answers(harness: Harness) -
             os.close(terminal)
 
     assert code == 0, (out, shown)
-    assert "The agent wants to run Grep:" in shown and "    pattern: magic" in shown
-    assert "<Allow Grep? [y/n]>" in shown
+    assert "The agent wants to run Bash:" in shown and f"    command: {BASH_COMMAND}" in shown
+    assert "<Allow Bash? [y/n]>" in shown
     assert f"The agent asks: [Fruit] {QUESTION}" in shown and "2. Mango - another fruit" in shown
     assert "<Answer (a number, or your own answer; Enter to skip):>" in shown
     resolved = event_lines(out, "input_resolved")
@@ -302,5 +311,5 @@ async def test_at_a_terminal_the_person_approves_and_answers(harness: Harness) -
     assert "QUESTION answered by CALLER" in resolved[1]
     assert out.splitlines()[-1].startswith("COMPLETE  cost $")
     seen = tool_results_seen(harness.sandbox, "cli_tty")
-    assert "PAPAYA" in seen[GREP_ID][0]  # approved: Grep ran
+    assert BASH_OUTPUT in seen[BASH_ID][0]  # approved: Bash ran
     assert "Mango" in seen[ASK_ID][0]

@@ -32,7 +32,9 @@ from agentplane.v1 import session_pb2
 from harness import MODEL, TOKENS, Harness
 from model_view import (
     ASK_ID,
-    GREP_ID,
+    BASH_COMMAND,
+    BASH_ID,
+    BASH_OUTPUT,
     LOOKUP_ID,
     QUESTION,
     question_input,
@@ -51,13 +53,13 @@ def target(h: Harness) -> str:
 
 
 def three_asks(name: str, *, multi_select: bool = False) -> Script:
-    """A caller tool's call, then Grep (which the tests make need approval), then a
+    """A caller tool's call, then Bash (which the tests make need approval), then a
     question, then the answer."""
     return Script(steps=[
         Step(tool_calls=[ScriptedCall("mcp__caller__lookup", {"word": "papaya"}, LOOKUP_ID)],
              usage=Usage(1000, 30)),
-        Step(tool_calls=[ScriptedCall("Grep", {"pattern": "magic", "output_mode": "content"},
-                                      GREP_ID)], usage=Usage(1100, 30)),
+        Step(tool_calls=[ScriptedCall("Bash", {"command": BASH_COMMAND}, BASH_ID)],
+             usage=Usage(1100, 30)),
         Step(tool_calls=[ScriptedCall("AskUserQuestion", question_input(multi_select), ASK_ID)],
              usage=Usage(1200, 30)),
         Step(text=f"{name} done", usage=Usage(1300, 10)),
@@ -72,7 +74,7 @@ def assert_asked_three_times(events: list[session_pb2.SessionEvent]) -> None:
     asked = of_kind(events, "input_request")
     assert [(r.kind, r.tool_name) for r in asked] == [
         (session_pb2.INPUT_KIND_TOOL_CALL, "lookup"),
-        (session_pb2.INPUT_KIND_PERMISSION, "Grep"),
+        (session_pb2.INPUT_KIND_PERMISSION, "Bash"),
         (session_pb2.INPUT_KIND_QUESTION, "AskUserQuestion"),
     ]
     resolved = of_kind(events, "input_resolved")
@@ -104,10 +106,10 @@ async def test_the_sync_client_answers_a_tool_call_an_approval_and_a_question(
         return {request.questions[0].question: request.questions[0].options[1].label}
 
     def work() -> tuple[list[session_pb2.SessionEvent], session_pb2.Session]:
-        with Client(target(harness), token=TOKENS["acme"], timeout=10) as client:
+        with Client(target(harness), token=TOKENS["loop"], timeout=10) as client:
             events = list(client.run(
                 "[[sandbox:inputs_sync]] report", model=MODEL, tools=[LOOKUP],
-                require_approval=["Grep"], answer_timeout=60, on_tool_call=on_tool_call,
+                require_approval=["Bash"], answer_timeout=60, on_tool_call=on_tool_call,
                 on_permission=on_permission, on_question=on_question,
             ))
             return events, client.get_session(events[0].session_id)
@@ -123,8 +125,8 @@ async def test_the_sync_client_answers_a_tool_call_an_approval_and_a_question(
     assert call.input == {"word": "papaya"} and call.tool_use_id == LOOKUP_ID
     assert call.session_id == final.id and call.deadline is not None
     assert call.deadline > dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    assert isinstance(permission, PermissionRequest) and permission.tool_name == "Grep"
-    assert permission.input["pattern"] == "magic"
+    assert isinstance(permission, PermissionRequest) and permission.tool_name == "Bash"
+    assert permission.input["command"] == BASH_COMMAND
     assert isinstance(question, QuestionRequest) and question.tool_name == "AskUserQuestion"
     (asked,) = question.questions
     assert (asked.question, asked.header, asked.multi_select) == (QUESTION, "Fruit", False)
@@ -135,11 +137,11 @@ async def test_the_sync_client_answers_a_tool_call_an_approval_and_a_question(
     results = tool_results_seen(harness.sandbox, "inputs_sync")
     assert "a tropical fruit (caller's dictionary)" in results[LOOKUP_ID][0]
     assert not results[LOOKUP_ID][1]
-    assert "PAPAYA" in results[GREP_ID][0] and not results[GREP_ID][1]  # Grep ran
+    assert BASH_OUTPUT in results[BASH_ID][0] and not results[BASH_ID][1]  # Bash ran
     assert "Mango" in results[ASK_ID][0]
     assert "mcp__caller__lookup" in tools_offered(harness.sandbox, "inputs_sync")
 
-    assert list(session.caller_tools) == ["lookup"] and "Grep" in session.require_approval
+    assert list(session.caller_tools) == ["lookup"] and "Bash" in session.require_approval
     assert list(session.awaiting) == []
 
 
@@ -162,18 +164,18 @@ async def test_the_async_client_answers_with_async_handlers_errors_and_denials(
         asked.append(request.tool_name)
         return {request.questions[0].question: ["Papaya", "Mango"]}
 
-    async with AsyncClient(target(harness), token=TOKENS["acme"], timeout=10) as client:
+    async with AsyncClient(target(harness), token=TOKENS["loop"], timeout=10) as client:
         events = [e async for e in client.run(
             "[[sandbox:inputs_async]] report", model=MODEL, tools=[
                 {"name": "lookup", "description": "Looks a word up.",
                  "input_schema": {"type": "object"}},
-            ], require_approval=["Grep"], answer_timeout=dt.timedelta(minutes=1),
+            ], require_approval=["Bash"], answer_timeout=dt.timedelta(minutes=1),
             on_tool_call=on_tool_call, on_permission=on_permission, on_question=on_question,
         )]
 
     final = events[-1].result.session
     assert final.state == session_pb2.SESSION_STATE_COMPLETE and final.result == "async done"
-    assert asked == ["lookup", "Grep", "AskUserQuestion"]
+    assert asked == ["lookup", "Bash", "AskUserQuestion"]
     assert_asked_three_times(events)
     resolved = of_kind(events, "input_resolved")
     assert [r.outcome for r in resolved] == ["error", "deny", "answered"]
@@ -181,8 +183,8 @@ async def test_the_async_client_answers_with_async_handlers_errors_and_denials(
     results = tool_results_seen(harness.sandbox, "inputs_async")
     text, is_error = results[LOOKUP_ID]
     assert is_error and "no entry for 'papaya' in the dictionary" in text
-    text, is_error = results[GREP_ID]
-    assert "not on a Friday" in text and "PAPAYA" not in text  # Grep did not run
+    text, is_error = results[BASH_ID]
+    assert "not on a Friday" in text and BASH_OUTPUT not in text  # Bash did not run
     assert "Papaya, Mango" in results[ASK_ID][0]
 
 
@@ -192,7 +194,7 @@ async def test_a_request_without_a_handler_is_answered_by_hand(harness: Harness)
         Step(text="manual done"),
     ]))
 
-    async with AsyncClient(target(harness), token=TOKENS["acme"], timeout=10) as client:
+    async with AsyncClient(target(harness), token=TOKENS["loop"], timeout=10) as client:
         # Handlers for the other kinds only: the tool call is left to us.
         stream = client.run("[[sandbox:inputs_manual]] look it up", model=MODEL,
                             tools=[LOOKUP], on_permission=lambda r: False)
@@ -230,24 +232,22 @@ async def test_a_handlers_late_answer_to_a_request_settled_elsewhere_is_dropped(
     harness: Harness,
 ) -> None:
     harness.sandbox.add_script("inputs_late", Script(steps=[
-        Step(tool_calls=[ScriptedCall("Grep", {"pattern": "magic", "output_mode": "content"},
-                                      GREP_ID)]),
+        Step(tool_calls=[ScriptedCall("Bash", {"command": BASH_COMMAND}, BASH_ID)]),
         Step(text="late done"),
     ]))
 
     def work() -> list[session_pb2.SessionEvent]:
-        with Client(target(harness), token=TOKENS["acme"], timeout=10) as client, \
-                Client(target(harness), token=TOKENS["acme"], timeout=10) as elsewhere:
+        with Client(target(harness), token=TOKENS["loop"], timeout=10) as client, \
+                Client(target(harness), token=TOKENS["loop"], timeout=10) as elsewhere:
 
             def on_permission(request: PermissionRequest) -> bool:
                 # Someone else (another process, another replica) answers first.
                 elsewhere.respond(request.session_id, request.request_id,
-                                  permission=Allow({"pattern": "PAPAYA",
-                                                    "output_mode": "content"}))
+                                  permission=Allow({"command": "echo edited-$((2*3))"}))
                 return False
 
-            return list(client.run("[[sandbox:inputs_late]] grep", model=MODEL,
-                                   require_approval=["Grep"], on_permission=on_permission))
+            return list(client.run("[[sandbox:inputs_late]] run it", model=MODEL,
+                                   require_approval=["Bash"], on_permission=on_permission))
 
     events = await asyncio.to_thread(work)
 
@@ -255,22 +255,22 @@ async def test_a_handlers_late_answer_to_a_request_settled_elsewhere_is_dropped(
     assert final.state == session_pb2.SESSION_STATE_COMPLETE, final.error
     (resolved,) = of_kind(events, "input_resolved")
     assert resolved.outcome == "allow_edited"  # the first answer, not the handler's "deny"
-    text, is_error = tool_results_seen(harness.sandbox, "inputs_late")[GREP_ID]
-    assert "PAPAYA" in text and not is_error
+    text, is_error = tool_results_seen(harness.sandbox, "inputs_late")[BASH_ID]
+    assert "edited-6" in text and not is_error
 
 
 async def test_a_permission_handlers_exception_stops_the_iteration(harness: Harness) -> None:
     harness.sandbox.add_script("inputs_raise", Script(steps=[
-        Step(tool_calls=[ScriptedCall("Grep", {"pattern": "magic"}, GREP_ID)]),
+        Step(tool_calls=[ScriptedCall("Bash", {"command": BASH_COMMAND}, BASH_ID)]),
         Step(text="never"),
     ]))
 
     def on_permission(request: PermissionRequest) -> bool:
         raise RuntimeError("the approval service is down")
 
-    async with AsyncClient(target(harness), token=TOKENS["acme"], timeout=10) as client:
-        stream = client.run("[[sandbox:inputs_raise]] grep", model=MODEL,
-                            require_approval=["Grep"], on_permission=on_permission)
+    async with AsyncClient(target(harness), token=TOKENS["loop"], timeout=10) as client:
+        stream = client.run("[[sandbox:inputs_raise]] run it", model=MODEL,
+                            require_approval=["Bash"], on_permission=on_permission)
         events = []
         with pytest.raises(RuntimeError, match="the approval service is down"):
             async with stream:
