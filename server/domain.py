@@ -71,6 +71,74 @@ class EventKind(enum.StrEnum):
     SYSTEM = "system"
     THINKING = "thinking"
     RESULT = "result"
+    INPUT_REQUEST = "input_request"
+    INPUT_RESOLVED = "input_resolved"
+
+
+class InputKind(enum.StrEnum):
+    """What a session asks its caller for (names match the proto's InputKind)."""
+
+    TOOL_CALL = "TOOL_CALL"
+    PERMISSION = "PERMISSION"
+    QUESTION = "QUESTION"
+
+
+class Decider(enum.StrEnum):
+    """Who settled an input request (names match the proto's Decider)."""
+
+    CALLER = "CALLER"
+    TIMEOUT = "TIMEOUT"
+    SESSION_END = "SESSION_END"
+
+
+@dataclass(frozen=True)
+class InputRequest:
+    """A running session's request to its caller, until it is settled."""
+
+    id: str
+    session_id: str
+    kind: InputKind
+    tool_name: str
+    tool_use_id: str
+    input: dict[str, Any]
+    created_at: datetime
+    deadline: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        """The `input_request` event's data (and Session.awaiting's entries)."""
+        return {
+            "request_id": self.id, "kind": self.kind.value, "tool_name": self.tool_name,
+            "tool_use_id": self.tool_use_id, "input": self.input,
+            "created_at": self.created_at.isoformat(), "deadline": self.deadline.isoformat(),
+        }
+
+    @classmethod
+    def from_json(cls, session_id: str, data: dict[str, Any]) -> InputRequest:
+        return cls(
+            id=data["request_id"], session_id=session_id, kind=InputKind(data["kind"]),
+            tool_name=data["tool_name"], tool_use_id=data["tool_use_id"],
+            input=dict(data["input"]), created_at=datetime.fromisoformat(data["created_at"]),
+            deadline=datetime.fromisoformat(data["deadline"]),
+        )
+
+
+@dataclass(frozen=True)
+class InputAnswer:
+    """How an input request was settled: by whom, and with what (`value` as its kind
+    takes it: a tool result, a permission decision, or the answers to questions)."""
+
+    decided_by: Decider
+    outcome: str
+    message: str = ""
+    value: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, request: InputRequest) -> dict[str, Any]:
+        """The `input_resolved` event's data (never the answer itself: it may be large)."""
+        return {
+            "request_id": request.id, "kind": request.kind.value,
+            "decided_by": self.decided_by.value, "outcome": self.outcome,
+            "message": self.message,
+        }
 
 
 def _count(value: object) -> int:
@@ -170,6 +238,11 @@ class Session:
     sdk_session_id: str = ""
     result: str = ""
     resumed_from: str = ""
+    # The caller tools it was started with, and what needs the caller's approval.
+    caller_tools: tuple[str, ...] = ()
+    require_approval: tuple[str, ...] = ()
+    # Its requests to the caller not yet settled (RUNNING only).
+    awaiting: tuple[InputRequest, ...] = ()
 
     def evolve(self, **changes: Any) -> Session:
         return replace(self, **changes)
@@ -198,6 +271,9 @@ class Session:
             "sdk_session_id": self.sdk_session_id,
             "result": self.result,
             "resumed_from": self.resumed_from,
+            "caller_tools": list(self.caller_tools),
+            "require_approval": list(self.require_approval),
+            "awaiting": [request.to_json() for request in self.awaiting],
         }
 
     @classmethod
@@ -227,6 +303,11 @@ class Session:
             sdk_session_id=data["sdk_session_id"],
             result=data["result"],
             resumed_from=data.get("resumed_from", ""),
+            caller_tools=tuple(data.get("caller_tools", ())),
+            require_approval=tuple(data.get("require_approval", ())),
+            awaiting=tuple(
+                InputRequest.from_json(data["id"], a) for a in data.get("awaiting", ())
+            ),
         )
 
 

@@ -55,7 +55,13 @@ class NotFound(AgentplaneError):
 
 
 class FailedPrecondition(AgentplaneError):
+    """Not in the right state; `reason` may say which (ALREADY_ANSWERED, SESSION_ENDED)."""
+
     reason = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, reason: str = "FAILED_PRECONDITION") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class QuotaExceeded(AgentplaneError):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .approvals import parse_rule
 from .domain import usd
 from .errors import ConfigError, Unauthenticated
 from .isolation.limits import SessionLimits
@@ -58,6 +59,12 @@ class Tenant:
     limits: SessionLimits = field(default_factory=SessionLimits)
     # A file holding the key, read when needed (in place of anthropic_api_key_env).
     anthropic_api_key_file: Path | None = None
+    # Tools whose every call needs the caller's approval (names or patterns; see
+    # approvals.py); a request may add rules, never remove these.
+    require_approval: tuple[str, ...] = ()
+    # How long a session waits for its caller's answer by default, and at most.
+    answer_timeout_s: float = 300.0
+    max_answer_timeout_s: float = 3600.0
 
     def unix_ids(self) -> tuple[int, int] | None:
         """The uid and gid of the tenant's os_user (None: its agents run as the server)."""
@@ -96,6 +103,9 @@ _DEFAULTS: Mapping[str, Any] = {
     "max_processes": SessionLimits.processes,
     "max_cpu_s": SessionLimits.cpu_s,
     "max_disk_mib": SessionLimits.disk_mib,
+    "require_approval": [],
+    "answer_timeout_s": 300,
+    "max_answer_timeout_s": 3600,
 }
 _KEYS = {"token_sha256", *_DEFAULTS}
 
@@ -194,6 +204,21 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         raise ConfigError(key("max_memory_mib"), "must be at least 256 (the agent CLI alone needs ~200 MiB)")
     if limits.processes < 32:
         raise ConfigError(key("max_processes"), "must be at least 32 (the agent CLI alone runs ~20 threads)")
+    rules = cfg["require_approval"]
+    if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
+        raise ConfigError(key("require_approval"), "must be a list of tool names or patterns")
+    for rule in rules:
+        try:
+            parse_rule(rule)
+        except ValueError as exc:
+            raise ConfigError(key("require_approval"), f"{rule!r}: {exc}") from None
+    answer_timeout = _positive_int(cfg["answer_timeout_s"], key("answer_timeout_s"))
+    max_answer_timeout = _positive_int(cfg["max_answer_timeout_s"], key("max_answer_timeout_s"))
+    if answer_timeout > max_answer_timeout:
+        raise ConfigError(key("answer_timeout_s"), "is above max_answer_timeout_s")
+    if rules and cfg["warm_pool_size"]:
+        # A warm agent starts before its request is known, without the caller's loop.
+        raise ConfigError(key("warm_pool_size"), "cannot be combined with require_approval")
     daily = _money(cfg["daily_limit_usd"], key("daily_limit_usd"))
     per_session = _money(cfg["max_session_budget_usd"], key("max_session_budget_usd"))
     if per_session > daily:
@@ -218,6 +243,9 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         warm_pool_model=_model(cfg["warm_pool_model"], key("warm_pool_model")),
         limits=limits,
         anthropic_api_key_file=key_file.resolve() if key_file is not None else None,
+        require_approval=tuple(rules),
+        answer_timeout_s=float(answer_timeout),
+        max_answer_timeout_s=float(max_answer_timeout),
     )
 
 

@@ -37,6 +37,7 @@ TOKENS = {
     "ops": "ops-token-4",
     "nokey": "nokey-token-5",
     "ten": "ten-token-6",
+    "loop": "loop-token-7",
 }
 
 
@@ -102,6 +103,13 @@ def tenants_toml(workspace: Path) -> str:
         tenant_toml(
             "nokey", TOKENS["nokey"], anthropic_api_key_env="AGENTPLANE_TEST_UNSET_KEY",
             allowed_tools=["Read"],
+        ),
+        # Its caller in the loop: Write always needs the caller's approval.
+        tenant_toml(
+            "loop", TOKENS["loop"], anthropic_api_key_env=key,
+            allowed_tools=["Bash", "Glob", "Read", "Write", "AskUserQuestion"],
+            require_approval=["Write"], daily_limit_usd=100.0, max_session_budget_usd=1.0,
+            max_turns=8, max_concurrent_sessions=8, max_answer_timeout_s=600,
         ),
         # A day that admits exactly ten sessions of 0.1 USD.
         tenant_toml(

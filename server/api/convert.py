@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from agentplane.v1 import budget_pb2, session_pb2, usage_pb2
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ..domain import BudgetWindow, Event, EventKind, Session, SessionState, Usage, usd
+from ..domain import (
+    BudgetWindow,
+    Decider,
+    Event,
+    EventKind,
+    InputAnswer,
+    InputKind,
+    InputRequest,
+    Session,
+    SessionState,
+    Usage,
+    usd,
+)
 from ..errors import InvalidArgument
-from ..sessions.requests import RunRequest
+from ..sessions.requests import CallerTool, RunRequest
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -72,6 +87,9 @@ def session_to_proto(s: Session) -> session_pb2.Session:
         allowed_tools=list(s.allowed_tools),
         request_id=s.request_id,
         resume_session_id=s.resumed_from,
+        awaiting=[input_request_to_proto(r) for r in s.awaiting],
+        caller_tools=list(s.caller_tools),
+        require_approval=list(s.require_approval),
     )
     if s.error_reason is not None:
         msg.error.reason = session_pb2.ErrorReason.Value(f"ERROR_REASON_{s.error_reason.value}")
@@ -86,6 +104,10 @@ def event_to_proto(e: Event) -> session_pb2.SessionEvent:
         msg.started.session.CopyFrom(session_to_proto(Session.from_json(data["session"])))
     elif e.kind is EventKind.RESULT:
         msg.result.session.CopyFrom(session_to_proto(Session.from_json(data["session"])))
+    elif e.kind is EventKind.INPUT_REQUEST:
+        msg.input_request.CopyFrom(input_request_to_proto(InputRequest.from_json(e.session_id, data)))
+    elif e.kind is EventKind.INPUT_RESOLVED:
+        msg.input_resolved.CopyFrom(input_resolved_to_proto(data))
     elif e.kind is EventKind.STATE_CHANGE:
         msg.state_change.from_state = state_to_proto(SessionState(data["from_state"]))  # type: ignore[assignment]
         msg.state_change.to_state = state_to_proto(SessionState(data["to_state"]))  # type: ignore[assignment]
@@ -107,6 +129,85 @@ _MESSAGE_OF = {
 }
 
 
+def input_request_to_proto(r: InputRequest) -> session_pb2.InputRequest:
+    return session_pb2.InputRequest(
+        request_id=r.id,
+        kind=session_pb2.InputKind.Value(f"INPUT_KIND_{r.kind.value}"),
+        tool_name=r.tool_name,
+        tool_use_id=r.tool_use_id,
+        input_json=json.dumps(r.input, ensure_ascii=False),
+        deadline=timestamp(r.deadline),
+    )
+
+
+def input_resolved_to_proto(data: dict[str, Any]) -> session_pb2.InputResolved:
+    """The `input_resolved` event's data (InputAnswer.to_json) as its message."""
+    return session_pb2.InputResolved(
+        request_id=data["request_id"],
+        kind=session_pb2.InputKind.Value(f"INPUT_KIND_{data['kind']}"),
+        decided_by=session_pb2.Decider.Value(f"DECIDER_{data['decided_by']}"),
+        outcome=data["outcome"],
+        message=data["message"],
+    )
+
+
+def respond_request(msg: session_pb2.RespondRequest) -> tuple[InputKind, InputAnswer]:
+    """The caller's answer of a Respond, and the kind of request it answers."""
+    which = msg.WhichOneof("response")
+    if which == "tool_result":
+        result = msg.tool_result
+        value: dict[str, Any] = {"text": result.text, "is_error": result.is_error}
+        if result.structured_json:
+            value["structured"] = _json_object("tool_result.structured_json", result.structured_json)
+        return InputKind.TOOL_CALL, InputAnswer(
+            Decider.CALLER, "error" if result.is_error else "result",
+            result.text if result.is_error else "", value,
+        )
+    if which == "permission":
+        decision = msg.permission
+        if not decision.allow:
+            return InputKind.PERMISSION, InputAnswer(
+                Decider.CALLER, "deny", decision.message or "denied by the caller", {"allow": False}
+            )
+        value = {"allow": True}
+        if decision.updated_input_json:
+            value["updated_input"] = _json_object(
+                "permission.updated_input_json", decision.updated_input_json
+            )
+        return InputKind.PERMISSION, InputAnswer(
+            Decider.CALLER, "allow_edited" if "updated_input" in value else "allow", "", value
+        )
+    if which == "answer":
+        answers = dict(msg.answer.answers)
+        for question, text in answers.items():
+            if "\0" in question or "\0" in text:
+                raise InvalidArgument("answer.answers", "must not contain NUL characters")
+        return InputKind.QUESTION, InputAnswer(
+            Decider.CALLER, "answered" if answers else "unanswered", "", {"answers": answers}
+        )
+    raise InvalidArgument("response", "one of tool_result, permission or answer is required")
+
+
+def _json_object(field: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidArgument(field, "must be a JSON object")
+    return value
+
+
+def duration_s(msg: object, field: str) -> float:
+    """A Duration field in seconds (0 when unset); InvalidArgument when negative."""
+    if not msg.HasField(field):  # type: ignore[attr-defined]
+        return 0.0
+    value: Duration = getattr(msg, field)
+    if value.seconds < 0 or value.nanos < 0 or value.nanos > 999_999_999:
+        raise InvalidArgument(field, "must be a positive duration")
+    return value.seconds + value.nanos / 1e9
+
+
 def run_request(msg: session_pb2.RunSessionRequest) -> RunRequest:
     return RunRequest(
         prompt=msg.prompt,
@@ -118,6 +219,11 @@ def run_request(msg: session_pb2.RunSessionRequest) -> RunRequest:
         labels=dict(msg.labels),
         on_disconnect_continue=msg.on_disconnect == session_pb2.ON_DISCONNECT_CONTINUE,
         resume_session_id=msg.resume_session_id.strip(),
+        caller_tools=tuple(
+            CallerTool(t.name, t.description, t.input_schema_json) for t in msg.tools
+        ),
+        require_approval=tuple(msg.require_approval),
+        answer_timeout_s=duration_s(msg, "answer_timeout"),
     )
 
 

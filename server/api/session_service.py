@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 from agentplane.v1 import session_pb2, session_pb2_grpc
 
+from ..errors import InvalidArgument
 from ..sessions.manager import SessionManager
 from ..store.sessions import SessionFilter
 from ..tenants import TenantRegistry
@@ -63,6 +64,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             created_from=convert.from_timestamp(request, "create_time_start"),
             created_before=convert.from_timestamp(request, "create_time_end"),
             labels=tuple(sorted(request.labels.items())),
+            awaiting=request.awaiting,
         )
         page, token = await self._sessions.list(
             tenant, flt, page_size=request.page_size, page_token=request.page_token
@@ -77,3 +79,18 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.Session:
         tenant = caller(self._tenants, context)
         return convert.session_to_proto(await self._sessions.cancel(tenant, request.session_id))
+
+    @unary
+    async def Respond(
+        self, request: session_pb2.RespondRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.RespondResponse:
+        tenant = caller(self._tenants, context)
+        if not request.session_id:
+            raise InvalidArgument("session_id", "must not be empty")
+        kind, answer = convert.respond_request(request)
+        settled, recorded = await self._sessions.respond(
+            tenant, request.session_id, request.request_id, kind, answer
+        )
+        return session_pb2.RespondResponse(
+            resolved=convert.input_resolved_to_proto(recorded.to_json(settled))
+        )

@@ -165,6 +165,8 @@ class Admitter:
             labels=spec.labels,
             request_id=spec.request_id,
             resumed_from=spec.resume_session_id,
+            caller_tools=tuple(t.name for t in spec.caller_tools),
+            require_approval=spec.require_approval,
         )
         live = LiveSession(session, self._persist_events, self._observer.event,
                            write_interval_s=self.event_write_interval_s)

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from ..budgets.ledger import settle_session
 from ..domain import Event, EventKind, Session, SessionState, utcnow
+from ..store import inputs
 from ..store import sessions as repo
 
 
@@ -36,6 +37,9 @@ async def write_end(
         return None
     await settle_session(db, session_id=final.id, actual=final.cost_usd,
                          now=final.end_time or utcnow())
+    # What it still waited for can no longer be answered.
+    await inputs.settle_all(db, final.id, at=final.end_time or utcnow(),
+                            message="the session ended")
     if seq is None:
         seq = await repo.last_seq(db, final.id) + 1
     result = result_event(final, seq)

@@ -20,6 +20,7 @@ from ..isolation.limits import Breach
 from ..isolation.sandboxes import Sandboxes
 from ..store.transcripts import SqlSessionStore, TenantTranscripts
 from ..tenants import Tenant
+from .caller_loop import CallerLoop
 from .cli_env import SessionDirs, cli_environment
 from .folders import SessionFolders
 from .requests import SessionSpec
@@ -101,9 +102,10 @@ class Launcher:
 
     def options(
         self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs, meter: SessionMeter, *,
-        resume: str | None, budget: Decimal, max_turns: int,
+        resume: str | None, budget: Decimal, max_turns: int, caller: CallerLoop | None = None,
     ) -> ClaudeAgentOptions:
-        """The SDK options of one CLI start for `spec` (limits as given: what is left)."""
+        """The SDK options of one CLI start for `spec` (limits as given: what is left);
+        `caller` brings the caller's tools and its hook on every tool call."""
         extra = {}
         if self.config.cli_max_retries is not None:
             extra["CLAUDE_CODE_MAX_RETRIES"] = str(self.config.cli_max_retries)
@@ -126,10 +128,15 @@ class Launcher:
             cli = self.sandboxes.launcher
         else:
             cli = self._cli_for(tenant)
+        caller_tools = caller.tool_names if caller is not None else []
         return ClaudeAgentOptions(
-            # `tools` limits what exists; `allowed_tools` lets those run without a prompt.
+            # `tools` limits what exists; `allowed_tools` lets those run without a prompt
+            # (the caller's hook decides first what needs its approval).
             tools=list(spec.tools),
-            allowed_tools=list(spec.tools),
+            allowed_tools=[*spec.tools, *caller_tools],
+            mcp_servers=caller.mcp_servers() if caller is not None else {},
+            hooks=caller.hooks() if caller is not None else None,
+            can_use_tool=caller.refuse_prompt if caller and caller.asks_questions else None,
             system_prompt=tenant.system_prompt,
             max_turns=max_turns,
             max_budget_usd=float(budget),

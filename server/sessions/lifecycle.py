@@ -22,6 +22,7 @@ from ..store import sessions as repo
 from ..tenants import Tenant
 from .capacity import Capacity
 from .ending import result_event, write_end
+from .inputs import InputHub
 from .live import LiveSession
 from .metering import RequestRecorder
 from .observer import SessionObserver
@@ -47,6 +48,7 @@ class SessionLifecycle:
         observer: SessionObserver,
         pool: WarmPool | None = None,
         *,
+        inputs: InputHub | None = None,
         finish_retry_s: float = 60.0,
     ) -> None:
         self._db = db
@@ -55,6 +57,7 @@ class SessionLifecycle:
         self._queries = queries
         self._observer = observer
         self._pool = pool
+        self._inputs = inputs or InputHub(db)
         self._finish_retry_s = finish_retry_s
 
     def launch(
@@ -90,7 +93,10 @@ class SessionLifecycle:
                     recorder.add(request)
                     self._observer.model_request(live.session, request)
 
-                outcome = await self._runner.run(live, spec, tenant, warm, settled)
+                waiter = (
+                    self._inputs.waiter(live, spec.answer_timeout_s) if spec.in_the_loop else None
+                )
+                outcome = await self._runner.run(live, spec, tenant, warm, settled, waiter)
                 await recorder.close()
         except asyncio.CancelledError:
             # Cancelled from outside (event loop shutdown): still record the end.

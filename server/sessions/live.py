@@ -129,6 +129,8 @@ class LiveSession:
         # The SDK's session id, known from the CLI's init message (used to resume).
         self.sdk_session_id = ""
         self.finished = asyncio.Event()
+        # Event-loop time a wait for the caller last ended: the idle clock restarts there.
+        self.input_settled_at = 0.0
         self._events: list[Event] = []
         self._wake = asyncio.Event()
         self._ended = False
@@ -167,6 +169,14 @@ class LiveSession:
             ErrorReason.DATABASE_UNAVAILABLE,
             "the database was unreachable for longer than the session's event buffer lasts",
         )
+
+    @property
+    def awaiting_caller(self) -> bool:
+        """Whether the session waits for its caller now (the idle timeout does not run)."""
+        return bool(self.session.awaiting)
+
+    def input_settled(self) -> None:
+        self.input_settled_at = asyncio.get_running_loop().time()
 
     def request_cancel(self, reason: ErrorReason, message: str = "") -> None:
         """Ask the run to stop (the first reason given wins)."""

@@ -6,6 +6,8 @@
     cancel.py      cancel, disconnect, lost leases, drain
     queries.py     GetSession, StreamSession, ListSessions (paging.py: page tokens)
     capacity.py    live sessions, admissions and warm agents against the session limit
+    inputs.py      waiting for the caller: input requests, timeouts, Respond (caller_loop.py:
+                   the caller's tools and the hook on every tool call)
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..domain import Event, Session
+from ..domain import Event, InputAnswer, InputKind, InputRequest, Session
 from ..errors import Unavailable
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
 from .admission import Admission, Admitter
 from .cancel import SessionStopper
 from .capacity import Capacity
+from .inputs import InputHub, respond
 from .launcher import Launcher
 from .leases import LeaseConfig, LeaseKeeper
 from .lifecycle import SessionLifecycle
@@ -66,8 +69,11 @@ class SessionManager:
             upkeep, self.leases, capacity, launcher.folders, self.stopper.lost,
             on_cancel=self.stopper.cancelled_elsewhere,
         )
+        self._db = db
+        # Running sessions wait for their callers' answers through the upkeep pool.
         lifecycle = SessionLifecycle(
-            upkeep, runner, capacity, self.queries, observer, pool, finish_retry_s=finish_retry_s
+            upkeep, runner, capacity, self.queries, observer, pool, inputs=InputHub(upkeep),
+            finish_retry_s=finish_retry_s,
         )
         self._admitter = Admitter(
             db, launcher, capacity, self.queries, lifecycle, observer, self.leases, pool,
@@ -91,6 +97,13 @@ class SessionManager:
 
     async def cancel(self, tenant: Tenant, session_id: str) -> Session:
         return await self.stopper.cancel(tenant, session_id)
+
+    async def respond(
+        self, tenant: Tenant, session_id: str, request_id: str, kind: InputKind,
+        answer: InputAnswer,
+    ) -> tuple[InputRequest, InputAnswer]:
+        """The caller's answer to an input request of a running session (any replica)."""
+        return await respond(self._db, self.queries, tenant, session_id, request_id, kind, answer)
 
     def cancel_on_disconnect(self, admission: Admission) -> None:
         """The RunSession caller went away: cancel the session it started (not one it

@@ -20,6 +20,8 @@ def _filter_digest(flt: SessionFilter) -> str:
             flt.created_from.isoformat() if flt.created_from else None,
             flt.created_before.isoformat() if flt.created_before else None,
             sorted(flt.labels),
+            # Only when set, so tokens issued before the filter existed stay valid.
+            *(["awaiting"] if flt.awaiting else []),
         ]
     )
     return hashlib.sha256(body.encode()).hexdigest()[:16]

@@ -47,8 +47,9 @@ PoolKey = tuple[tuple[str, ...], str, int, Decimal]
 
 def pool_key(spec: SessionSpec) -> PoolKey | None:
     """What a CLI's options depend on at spawn, for matching a request to a warm agent
-    (None: the request resumes a conversation, which is fixed at spawn too)."""
-    if spec.resume_session_id:
+    (None: the request resumes a conversation, or has its caller in the loop: both are
+    fixed at spawn too)."""
+    if spec.resume_session_id or spec.in_the_loop:
         return None
     return (spec.tools, spec.model, spec.max_turns, spec.budget_usd)
 

@@ -38,14 +38,22 @@ async def pump(
             if pull is None:
                 pull = asyncio.ensure_future(messages.__anext__())
             if interrupt_deadline is None:
-                wake_at = min(last + idle_timeout_s, end_at)
+                # Waiting for the caller is not idleness: its own timeout bounds it.
+                idle_from = max(last, live.input_settled_at)
+                wake_at = min(idle_from + idle_timeout_s, end_at)
+                if live.awaiting_caller:
+                    wake_at = min(_now() + idle_timeout_s, end_at)
                 done, _ = await asyncio.wait(
                     {pull, cancel}, timeout=max(0.0, wake_at - _now()),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if not done:
+                    ran_out = _now() >= end_at
+                    idle = _now() >= max(last, live.input_settled_at) + idle_timeout_s
+                    if not ran_out and (live.awaiting_caller or not idle):
+                        continue
                     live.request_cancel(ErrorReason.TIMEOUT, _timeout_message(
-                        idle_timeout_s, max_duration_s, ran_out=_now() >= end_at
+                        idle_timeout_s, max_duration_s, ran_out=ran_out
                     ))
                 if pull not in done:
                     interrupt_deadline = _now() + interrupt_grace_s

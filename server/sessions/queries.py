@@ -9,8 +9,9 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..coalesce import Coalescer
-from ..domain import Event, Session
+from ..domain import Event, Session, SessionState
 from ..errors import InvalidArgument, NotFound, quote
+from ..store import inputs
 from ..store import sessions as repo
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
@@ -62,7 +63,8 @@ class SessionQueries:
 
     async def _read(self, tenant: str, session_id: str) -> Session | None:
         async with self._db() as db:
-            return await repo.get_session(db, tenant, session_id)
+            session = await repo.get_session(db, tenant, session_id)
+            return (await _with_awaiting(db, [session]))[0] if session is not None else None
 
     def remember(self, session: Session) -> None:
         """Keep an ended session for `get` (least recently ended ones go first)."""
@@ -109,6 +111,15 @@ class SessionQueries:
         after = decode_token(page_token, flt) if page_token else None
         async with self._db() as db:
             rows = await repo.list_sessions(db, tenant.name, flt, after=after, limit=size + 1)
-        page, more = rows[:size], len(rows) > size
+            page, more = await _with_awaiting(db, rows[:size]), len(rows) > size
         token = encode_token(page[-1].create_time, page[-1].id, flt) if more else ""
         return page, token
+
+
+async def _with_awaiting(db: DbSession, sessions: list[Session]) -> list[Session]:
+    """`sessions` with what the running ones wait for from their callers."""
+    running = [s.id for s in sessions if s.state is SessionState.RUNNING]
+    waiting = await inputs.pending(db, running)
+    return [
+        s.evolve(awaiting=tuple(waiting[s.id])) if s.id in waiting else s for s in sessions
+    ]

@@ -8,7 +8,11 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
+import jsonschema
+
+from ..approvals import MAX_RULES, parse_rule
 from ..domain import usd
 from ..errors import InvalidArgument, quote
 from ..tenants import Tenant
@@ -19,6 +23,13 @@ _LABEL_KEY = re.compile(r"[a-z0-9_.-]{1,63}")
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", re.ASCII)
 # What every session id is (str(uuid4())): anything else cannot name a session.
 _SESSION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+MAX_CALLER_TOOLS = 32
+MAX_TOOL_DESCRIPTION_CHARS = 4096
+MAX_TOOL_SCHEMA_BYTES = 64 << 10
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}", re.ASCII)
+# What the agent calls a caller tool: the in-process MCP server's tools are mcp__caller__*.
+CALLER_SERVER = "caller"
+CALLER_PREFIX = f"mcp__{CALLER_SERVER}__"
 
 
 def is_session_id(value: str) -> bool:
@@ -29,6 +40,17 @@ def no_nul(field: str, value: str) -> None:
     """InvalidArgument on `field` if `value` holds a NUL (no database stores one in text)."""
     if "\0" in value:
         raise InvalidArgument(field, "must not contain NUL characters")
+
+
+@dataclass(frozen=True)
+class CallerTool:
+    """A tool the caller runs (its input schema as JSON text until validated)."""
+
+    name: str
+    description: str = ""
+    input_schema_json: str = ""
+    # Filled in by validation: the parsed schema.
+    input_schema: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -44,6 +66,10 @@ class RunRequest:
     labels: dict[str, str] = field(default_factory=dict)
     on_disconnect_continue: bool = False
     resume_session_id: str = ""
+    caller_tools: tuple[CallerTool, ...] = ()
+    require_approval: tuple[str, ...] = ()
+    # 0: the tenant's answer_timeout_s.
+    answer_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +88,16 @@ class SessionSpec:
     # The earlier agentplane session to continue, and (once resolved) its SDK session id.
     resume_session_id: str = ""
     resume_sdk_session_id: str = ""
+    # The caller's loop: its tools, the approval rules (the tenant's, then the request's)
+    # and how long each answer is waited for.
+    caller_tools: tuple[CallerTool, ...] = ()
+    require_approval: tuple[str, ...] = ()
+    answer_timeout_s: float = 300.0
+
+    @property
+    def in_the_loop(self) -> bool:
+        """Whether the session may wait for its caller (tools, approvals, questions)."""
+        return bool(self.caller_tools or self.require_approval or "AskUserQuestion" in self.tools)
 
     def fingerprint(self) -> str:
         """A hash of the request body, to tell a true repeat of a request_id from a reuse."""
@@ -73,6 +109,10 @@ class SessionSpec:
             "model": self.model,
             "labels": self.labels,
             "resume": self.resume_session_id,
+            **({"caller": [
+                [[t.name, t.description, t.input_schema_json] for t in self.caller_tools],
+                list(self.require_approval), self.answer_timeout_s,
+            ]} if self.in_the_loop else {}),
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -123,6 +163,78 @@ def _tools(raw: tuple[str, ...], tenant: Tenant) -> tuple[str, ...]:
     return tuple(dict.fromkeys(raw))
 
 
+def _caller_tools(raw: tuple[CallerTool, ...], tools: tuple[str, ...]) -> tuple[CallerTool, ...]:
+    if len(raw) > MAX_CALLER_TOOLS:
+        raise InvalidArgument("tools", f"at most {MAX_CALLER_TOOLS} tools, not {len(raw)}")
+    seen: set[str] = set()
+    checked = []
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not _TOOL_NAME.fullmatch(tool.name):
+            raise InvalidArgument(f"{where}.name", f"{quote(tool.name)}: names are 1-64 "
+                                  "characters of [A-Za-z0-9_-]")
+        if tool.name in seen or tool.name in tools:
+            raise InvalidArgument(f"{where}.name", f"{tool.name} is taken by another tool")
+        seen.add(tool.name)
+        if len(tool.description) > MAX_TOOL_DESCRIPTION_CHARS:
+            raise InvalidArgument(f"{where}.description", f"{tool.name}: at most "
+                                  f"{MAX_TOOL_DESCRIPTION_CHARS} characters")
+        no_nul(f"{where}.description", tool.description)
+        checked.append(CallerTool(tool.name, tool.description, tool.input_schema_json,
+                                  _schema(f"{where}.input_schema_json", tool)))
+    return tuple(checked)
+
+
+def _schema(where: str, tool: CallerTool) -> dict[str, Any]:
+    """The tool's input schema: a valid JSON Schema whose instances are objects."""
+    text = tool.input_schema_json.strip()
+    if not text:
+        return {"type": "object"}
+    if len(text.encode()) > MAX_TOOL_SCHEMA_BYTES:
+        raise InvalidArgument(where, f"{tool.name}: the schema is larger than 64 KiB")
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(where, f"{tool.name}: not JSON ({exc})") from None
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        raise InvalidArgument(where, f'{tool.name}: the schema must be an object with "type": '
+                              '"object" (a tool takes an object)')
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise InvalidArgument(
+            where, f"{tool.name}: not a valid JSON Schema: {quote(exc.message)}"
+        ) from None
+    return schema
+
+
+def _approval(raw: tuple[str, ...], tenant: Tenant, tools: set[str]) -> tuple[str, ...]:
+    """The tenant's rules, then the request's (each naming a tool of the session)."""
+    if len(raw) > MAX_RULES:
+        raise InvalidArgument("require_approval", f"at most {MAX_RULES} rules, not {len(raw)}")
+    for i, text in enumerate(raw):
+        try:
+            rule = parse_rule(text)
+        except ValueError as exc:
+            raise InvalidArgument(f"require_approval[{i}]", f"{quote(text)}: {exc}") from None
+        if rule.tool not in tools:
+            raise InvalidArgument(
+                f"require_approval[{i}]", f"{quote(text)} names no tool of this session"
+            )
+    return tuple(dict.fromkeys((*tenant.require_approval, *(t.strip() for t in raw))))
+
+
+def _answer_timeout(raw: float, tenant: Tenant) -> float:
+    if raw == 0:
+        return tenant.answer_timeout_s
+    if not 0 < raw <= tenant.max_answer_timeout_s:
+        raise InvalidArgument(
+            "answer_timeout", f"must be between 0 and the tenant's maximum of "
+            f"{tenant.max_answer_timeout_s:g} s, not {raw:g} s"
+        )
+    return raw
+
+
 def check_labels(raw: dict[str, str]) -> dict[str, str]:
     """Labels as RunSession stores them and ListSessions filters by them (InvalidArgument
     on `labels` otherwise: at most MAX_LABELS, keys 1-63 chars of [a-z0-9_.-], values at
@@ -158,11 +270,18 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
             uuid.UUID(request.resume_session_id)
         except ValueError:
             raise InvalidArgument("resume_session_id", "must be a session id (a UUID)") from None
+    tools = _tools(request.allowed_tools, tenant)
+    caller_tools = _caller_tools(request.caller_tools, tools)
     return SessionSpec(
         prompt=request.prompt,
         budget_usd=_budget(request.max_budget_usd, tenant),
         max_turns=_turns(request.max_turns, tenant),
-        tools=_tools(request.allowed_tools, tenant),
+        tools=tools,
+        caller_tools=caller_tools,
+        require_approval=_approval(
+            request.require_approval, tenant, {*tools, *(t.name for t in caller_tools)}
+        ),
+        answer_timeout_s=_answer_timeout(request.answer_timeout_s, tenant),
         model=request.model.strip(),
         labels=check_labels(request.labels),
         request_id=str(uuid.UUID(request.request_id)) if request.request_id else "",

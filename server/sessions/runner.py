@@ -26,7 +26,9 @@ from ..budgets.gateway_meter import MeteredRequest, SessionMeter
 from ..domain import ErrorReason, EventKind, SessionState, usd
 from ..isolation.limits import Breach
 from ..tenants import Tenant
+from .caller_loop import CallerLoop
 from .cli_env import SessionDirs
+from .inputs import InputWaiter
 from .launcher import Launcher
 from .limits_watch import watch_limits
 from .live import LiveSession
@@ -73,6 +75,8 @@ class AgentRun:
     starts: int = 0
     # The sandbox limit the session hit so far (always None without a sandbox).
     breach: Callable[[], Breach | None] = lambda: None
+    # The caller's tools and hook, when the session has its caller in the loop.
+    caller: CallerLoop | None = None
 
     def stopped(self) -> Outcome:
         """The totals so far, ended by the stop request (cancel, shutdown, timeout)."""
@@ -92,6 +96,7 @@ class AgentRunner:
         self, live: LiveSession, spec: SessionSpec, tenant: Tenant,
         warm: WarmAgent | None = None,
         on_model_request: Callable[[MeteredRequest], None] | None = None,
+        waiter: InputWaiter | None = None,
     ) -> Outcome:
         """Run the agent, publishing each SDK message as events; return how it ended.
 
@@ -102,7 +107,8 @@ class AgentRunner:
         gives, serves the first attempt in place of a new CLI. A cancel request
         (live.cancel_requested) interrupts the agent; the outcome is then ERROR with
         live.cancel_reason, charged for what the agent used. Whatever happens, no process
-        of the session survives.
+        of the session survives. `waiter` asks the caller, for a session with its caller
+        in the loop (spec.in_the_loop).
         """
         dirs = self._launcher.folders.dirs(tenant.name, live.id)
         if warm is not None:
@@ -114,7 +120,8 @@ class AgentRunner:
             meter = self._launcher.open_meter(live.id, tenant, spec.budget_usd)
         meter.on_request = on_model_request
         run = AgentRun(live, spec, tenant, dirs, meter, _now() + spec.max_duration_s, warm,
-                       breach=lambda: self._launcher.breach(dirs, tenant))
+                       breach=lambda: self._launcher.breach(dirs, tenant),
+                       caller=CallerLoop(spec, waiter, str(dirs.cwd)) if waiter else None)
         watch: asyncio.Task[None] | None = None
         try:
             if warm is None:
@@ -209,7 +216,7 @@ class AgentRunner:
                 connected = ClaudeSDKClient(self._launcher.options(
                     spec, run.tenant, run.dirs, run.meter, resume=resume,
                     budget=run.meter.remaining_usd,
-                    max_turns=max(1, spec.max_turns - before.num_turns),
+                    max_turns=max(1, spec.max_turns - before.num_turns), caller=run.caller,
                 ))
             run.starts += 1
             async with connected as client:

@@ -83,6 +83,9 @@ class SessionRow(Base):
     # When a CancelSession reached a replica that does not run the session: its owner
     # stops it (told by NOTIFY, or finding this at its next lease renewal).
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The caller tools' names and the approval patterns (NULL: none).
+    caller_tools: Mapped[list[str] | None] = mapped_column(JSON)
+    require_approval: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class SessionLabelRow(Base):
@@ -154,6 +157,28 @@ class ToolUseRow(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     is_error: Mapped[bool | None] = mapped_column()
+
+
+class SessionInputRow(Base):
+    """A running session's request to its caller and, once settled, its answer: Respond
+    on any replica settles the row, the session's owner reads the answer."""
+
+    __tablename__ = "session_inputs"
+    __table_args__ = (Index("ix_session_inputs_session", "session_id", "resolved_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))
+    tool_name: Mapped[str] = mapped_column(String(128))
+    tool_use_id: Mapped[str] = mapped_column(String(128))
+    input: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime())
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    decided_by: Mapped[str | None] = mapped_column(String(16))
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    message: Mapped[str | None] = mapped_column(Text)
+    answer: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class BudgetWindowRow(Base):

@@ -28,6 +28,8 @@ CANCEL_CHANNEL = "agentplane_cancel"
 EVENTS_CHANNEL = "agentplane_events"
 # A budget window's spent or reserved dollars changed (payload: "<tenant> <day>").
 BUDGET_CHANNEL = "agentplane_budget"
+# A session's input request was answered (payload: "<session id> <request id>").
+INPUTS_CHANNEL = "agentplane_inputs"
 
 # Keys of a store session's `info`: its bus, and what it notified in its transaction.
 BUS = "agentplane.bus"

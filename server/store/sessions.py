@@ -13,7 +13,7 @@ from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, updat
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from ..domain import ErrorReason, Event, EventKind, Session, SessionState, TokenUsage
-from .models import EventRow, SessionLabelRow, SessionRow, ToolUseRow, table
+from .models import EventRow, SessionInputRow, SessionLabelRow, SessionRow, ToolUseRow, table
 from .notify import EVENTS_CHANNEL, notify
 
 
@@ -45,6 +45,8 @@ def _to_domain(row: SessionRow) -> Session:
         sdk_session_id=row.sdk_session_id,
         result=row.result,
         resumed_from=row.resumed_from or "",
+        caller_tools=tuple(row.caller_tools or ()),
+        require_approval=tuple(row.require_approval or ()),
     )
 
 
@@ -92,6 +94,8 @@ async def insert_session(
         "max_turns": session.max_turns,
         "budget_day": budget_day,
         "resumed_from": session.resumed_from or None,
+        "caller_tools": list(session.caller_tools) or None,
+        "require_approval": list(session.require_approval) or None,
         "owner": owner,
         "lease_expires_at": lease_until,
         **_outcome_columns(session),
@@ -226,6 +230,8 @@ class SessionFilter:
     created_from: datetime | None = None
     created_before: datetime | None = None
     labels: tuple[tuple[str, str], ...] = ()
+    # Only sessions with an unsettled input request.
+    awaiting: bool = False
 
 
 async def list_sessions(
@@ -252,6 +258,10 @@ async def list_sessions(
                 SessionLabelRow.value == value,
             )
         )
+    if flt.awaiting:
+        query = query.where(exists().where(
+            SessionInputRow.session_id == SessionRow.id, SessionInputRow.resolved_at.is_(None)
+        ))
     if after is not None:
         created, last_id = after
         query = query.where(
