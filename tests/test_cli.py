@@ -244,7 +244,7 @@ async def test_without_a_terminal_approvals_are_denied_without_reading_stdin(
     monkeypatch.setattr(sys, "stdin", piped)
 
     code = await cli(harness, "run", "[[sandbox:cli_no_tty]] run it", "--model", MODEL,
-                     "--require-approval", "Bash")
+                     "--require-approval", "Bash", token=TOKENS["loop"])
 
     captured = capsys.readouterr()
     assert code == 0, captured
