@@ -6,6 +6,8 @@
     agentplane get ID | list [--state S] [--label k=v] [--limit N] [--awaiting]
     agentplane budget [--date D]
     agentplane health [--service NAME] | cancel ID | stream ID [--after-seq N] | usage
+    agentplane respond ID REQUEST_ID (--allow | --deny [MESSAGE] | --answer QUESTION=ANSWER...
+                                      | --result TEXT [--error])
 
 Global flags (before or after the command): --target (default $AGENTPLANE_TARGET or
 127.0.0.1:50051; several replicas: HOST:PORT,HOST:PORT or dns:///NAME:PORT), --token
@@ -34,6 +36,7 @@ from . import _render as render
 from ._client import Client, EventStream
 from ._errors import RPCError
 from ._health import HealthStatus
+from ._inputs import Deny, ToolResult
 from ._requests import TARGET_ENV, TOKEN_ENV, session_state
 from .v1 import session_pb2
 
@@ -206,6 +209,29 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_respond(client: Client, args: argparse.Namespace) -> int:
+    if args.answer is not None:
+        resolved = client.respond(args.id, args.request_id, answers=dict(args.answer))
+    elif args.result is not None:
+        resolved = client.respond(args.id, args.request_id,
+                                  tool_result=ToolResult(args.result, is_error=args.error))
+    else:
+        decision = True if args.allow else Deny(args.deny or "")
+        resolved = client.respond(args.id, args.request_id, permission=decision)
+    if args.json:
+        _out(render.to_json(resolved))
+    else:
+        _out(render.event_summary(session_pb2.SessionEvent(input_resolved=resolved)))
+    return EXIT_OK
+
+
+def _answer(text: str) -> tuple[str, str]:
+    question, sep, answer = text.rpartition("=")
+    if not sep or not question:
+        raise argparse.ArgumentTypeError(f"expected QUESTION=ANSWER, got {text!r}")
+    return question, answer
+
+
 def cmd_budget(client: Client, args: argparse.Namespace) -> int:
     budget = client.get_budget(args.date)
     _out(render.to_json(budget, indent=2) if args.json else render.budget_details(budget))
@@ -317,6 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("id")
     stream.add_argument("--after-seq", type=_non_negative_int, default=0, metavar="N")
     json_flag(stream, "print each event as one JSON line")
+
+    respond = command("respond", cmd_respond,
+                      "answer what a running session waits for (its input_request)")
+    respond.add_argument("id", help="the session")
+    respond.add_argument("request_id", help="the input_request's request_id")
+    answer = respond.add_mutually_exclusive_group(required=True)
+    answer.add_argument("--allow", action="store_true", help="approve the tool call")
+    answer.add_argument("--deny", nargs="?", const="", metavar="MESSAGE",
+                        help="deny it (the agent is told MESSAGE)")
+    answer.add_argument("--answer", action="append", type=_answer, metavar="QUESTION=ANSWER",
+                        help="answer a question with an option's label or free text (repeat)")
+    answer.add_argument("--result", metavar="TEXT", help="a caller tool's result")
+    respond.add_argument("--error", action="store_true", help="with --result: it failed")
+    json_flag(respond)
 
     usage = command("usage", cmd_usage, "show the tenant's usage, per model too (JSON)")
     usage.add_argument("--since", type=_time, metavar="TIME", help="ISO 8601, e.g. 2025-01-31")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from agentplane.cli import main
 from agentplane.server.sandbox.script import HttpFailure, Script, Step, ToolCall, Usage
+from agentplane.v1 import session_pb2
 from harness import MODEL, TOKENS, Harness
 from model_view import (
     ASK_ID,
@@ -313,3 +314,51 @@ async def test_at_a_terminal_the_person_approves_and_answers(harness: Harness) -
     seen = tool_results_seen(harness.sandbox, "cli_tty")
     assert BASH_OUTPUT in seen[BASH_ID][0]  # approved: Bash ran
     assert "Mango" in seen[ASK_ID][0]
+
+
+async def test_respond_answers_a_waiting_session_by_hand(
+    harness: Harness, capsys: pytest.CaptureFixture[str]
+) -> None:
+    harness.sandbox.add_script("cli_respond", bash_then_ask("respond"))
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(
+            prompt="[[sandbox:cli_respond]] run and ask", model=MODEL, require_approval=["Bash"],
+        ),
+        metadata=harness.auth("loop"),
+    )
+    answered = []
+    events = []
+    async for event in call:  # nobody answers on this stream: the CLI does, by hand
+        events.append(event)
+        if not event.HasField("input_request"):
+            continue
+        request = event.input_request
+        assert await cli(harness, "list", "--awaiting", token=TOKENS["loop"]) == 0
+        listed = capsys.readouterr().out
+        assert await cli(harness, "get", event.session_id, token=TOKENS["loop"]) == 0
+        details = capsys.readouterr().out
+        if request.kind == session_pb2.INPUT_KIND_PERMISSION:
+            argv = ["--deny", "use Python instead"]
+        else:
+            argv = ["--answer", f"{QUESTION}=Mango"]
+        code = await cli(harness, "respond", event.session_id, request.request_id, *argv,
+                         token=TOKENS["loop"])
+        answered.append((code, capsys.readouterr().out.strip(), listed, details))
+
+    assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    (deny_code, denied, listed, details), (answer_code, answer, _, _) = answered
+    assert (deny_code, answer_code) == (0, 0)
+    assert events[0].session_id in listed
+    assert "awaiting:    PERMISSION Bash (" in details
+    assert denied == "PERMISSION deny by CALLER: use Python instead"
+    assert answer == "QUESTION answered by CALLER"
+    seen = tool_results_seen(harness.sandbox, "cli_respond")
+    assert "use Python instead" in seen[BASH_ID][0] and "Mango" in seen[ASK_ID][0]
+
+    # Too late now: the session has ended.
+    code = await cli(harness, "respond", events[0].session_id, request.request_id, "--allow",
+                     token=TOKENS["loop"])
+    assert code == 3 and "FAILED_PRECONDITION" in capsys.readouterr().err
+    assert main(["respond", "s", "r"]) == 2  # an answer is required
+    assert main(["respond", "s", "r", "--allow", "--deny"]) == 2
+    capsys.readouterr()
