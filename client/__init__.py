@@ -9,7 +9,10 @@
 :class:`AsyncClient` has the same methods for asyncio. Several replicas:
 ``Client(["10.0.0.1:50051", "10.0.0.2:50051"])`` or ``Client("dns:///agentplane:50051")``
 balances over them, health-checked; :func:`service_config` is the grpc service config
-behind it, for other clients. Messages are the generated protos in
+behind it, for other clients. Callers in the loop: ``run(..., tools=[Tool(...)], require_approval=["Bash"],
+on_tool_call=..., on_permission=..., on_question=...)`` answers the session's
+``input_request`` events with its handlers (see :meth:`Client.run`). Messages are the
+generated protos in
 :mod:`agentplane.v1`; failed calls raise :class:`RPCError` (see :mod:`agentplane._errors`).
 """
 
@@ -18,6 +21,18 @@ from ._channel import service_config
 from ._client import Client, EventStream
 from ._errors import AgentplaneError, FieldViolation, QuotaViolation, RPCError
 from ._health import HealthStatus
+from ._inputs import (
+    Allow,
+    Deny,
+    InputRequest,
+    PermissionRequest,
+    Question,
+    QuestionOption,
+    QuestionRequest,
+    Tool,
+    ToolCall,
+    ToolResult,
+)
 from ._requests import DEFAULT_TARGET, TARGET_ENV, TOKEN_ENV
 
 __all__ = [
@@ -25,13 +40,23 @@ __all__ = [
     "TARGET_ENV",
     "TOKEN_ENV",
     "AgentplaneError",
+    "Allow",
     "AsyncClient",
     "AsyncEventStream",
     "Client",
+    "Deny",
     "EventStream",
     "FieldViolation",
     "HealthStatus",
+    "InputRequest",
+    "PermissionRequest",
+    "Question",
+    "QuestionOption",
+    "QuestionRequest",
     "QuotaViolation",
     "RPCError",
+    "Tool",
+    "ToolCall",
+    "ToolResult",
     "service_config",
 ]

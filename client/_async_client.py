@@ -11,6 +11,7 @@ import grpc
 import grpc.aio
 
 from . import _channel
+from . import _inputs as inputs
 from . import _requests as rq
 from ._channel import ChannelOptions, Target
 from ._client import make_credentials
@@ -34,22 +35,51 @@ class AsyncEventStream(AsyncIterator[session_pb2.SessionEvent]):
     ``async for`` over it; errors surface as :class:`RPCError`. ``cancel()`` (or leaving
     an ``async with`` block) ends the call — for RunSession that is a disconnect, which
     cancels the session unless it was started with ``on_disconnect="continue"``.
+
+    With handlers, an ``input_request`` event is yielded first; when the next event is
+    asked for, its handler is awaited (a plain function is called) and its answer sent
+    with Respond before the stream is read on.
     """
 
-    def __init__(self, call: Any) -> None:
+    def __init__(
+        self,
+        call: Any,
+        handlers: inputs.Handlers | None = None,
+        respond: Callable[[session_pb2.RespondRequest], Awaitable[Any]] | None = None,
+    ) -> None:
         self._call = call
+        self._handlers = handlers or inputs.Handlers()
+        self._respond = respond
+        self._pending: inputs.AnyRequest | None = None
 
     def __aiter__(self) -> AsyncEventStream:
         return self
 
     async def __anext__(self) -> session_pb2.SessionEvent:
+        if self._pending is not None:
+            request, self._pending = self._pending, None
+            await self._answer(request)
         try:
             event = await self._call.read()
         except grpc.RpcError as exc:
             raise RPCError.from_grpc(exc) from exc
         if event is grpc.aio.EOF:
             raise StopAsyncIteration
+        if self._handlers:
+            self._pending = self._handlers.pending(event)
         return event  # type: ignore[no-any-return]
+
+    async def _answer(self, request: inputs.AnyRequest) -> None:
+        handler = self._handlers.handler(request)
+        assert handler is not None and self._respond is not None
+        message = await inputs.handle_async(request, handler)
+        if message is None:
+            return
+        try:
+            await self._respond(message)
+        except RPCError as exc:
+            if not inputs.settled_elsewhere(exc, request):
+                raise
 
     def cancel(self) -> None:
         """End the call (a no-op once it has finished)."""
@@ -129,6 +159,12 @@ class AsyncClient:
         request_id: str | uuid.UUID | None = None,
         on_disconnect: rq.DisconnectLike | None = None,
         resume_session_id: str | uuid.UUID | None = None,
+        tools: Sequence[inputs.ToolLike] | None = None,
+        require_approval: Sequence[str] | None = None,
+        answer_timeout: inputs.Seconds | None = None,
+        on_tool_call: inputs.AsyncToolCallHandler | None = None,
+        on_permission: inputs.AsyncPermissionHandler | None = None,
+        on_question: inputs.AsyncQuestionHandler | None = None,
         timeout: float | None = None,
     ) -> AsyncEventStream:
         """Start a session and stream its events (``started`` first, ``result`` last).
@@ -136,15 +172,39 @@ class AsyncClient:
         Not a coroutine: ``async for event in client.run(...)``. A session that fails after
         admission still ends with a ``result`` event (state ERROR); errors before admission
         raise :class:`RPCError` from the first iteration.
+
+        ``tools``, ``require_approval``, ``answer_timeout`` and the handlers are those of
+        :meth:`Client.run`; handlers may be coroutine functions or plain functions (a
+        plain one runs on the event loop: keep it quick). Requests are answered one at a
+        time, in the order they arrive.
         """
         request = rq.run_request(
             prompt, max_budget_usd=max_budget_usd, max_turns=max_turns,
             allowed_tools=allowed_tools, model=model, labels=labels, request_id=request_id,
             on_disconnect_=on_disconnect, resume_session_id=resume_session_id,
+            tools=tools, require_approval=require_approval, answer_timeout=answer_timeout,
         )
+        handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
         return AsyncEventStream(
-            self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout)
+            self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout),
+            handlers, lambda message: self._unary(self._sessions.Respond, message),
         )
+
+    async def respond(
+        self,
+        session_id: str | uuid.UUID,
+        request_id: str,
+        *,
+        tool_result: inputs.ToolResultLike | None = None,
+        permission: inputs.DecisionLike | None = None,
+        answers: inputs.AnswersLike | None = None,
+    ) -> session_pb2.InputResolved:
+        """Answer one ``input_request`` of a running session; see :meth:`Client.respond`."""
+        message = inputs.respond_request(
+            rq.session_id(session_id), request_id, tool_result_=tool_result,
+            permission=permission, answers_=answers,
+        )
+        return (await self._unary(self._sessions.Respond, message)).resolved
 
     def stream_session(
         self, session_id: str | uuid.UUID, after_seq: int = 0, *, timeout: float | None = None
@@ -171,11 +231,14 @@ class AsyncClient:
         labels: Mapping[str, str] | None = None,
         create_time_start: rq.Time | None = None,
         create_time_end: rq.Time | None = None,
+        awaiting: bool = False,
     ) -> session_pb2.ListSessionsResponse:
-        """One page of sessions, newest first (``page_size`` 0: the server's default, 50)."""
+        """One page of sessions, newest first (``page_size`` 0: the server's default, 50);
+        ``awaiting``: only sessions waiting for their caller."""
         request = rq.list_request(
             page_size=page_size, page_token=page_token, state=state, labels=labels,
             create_time_start=create_time_start, create_time_end=create_time_end,
+            awaiting=awaiting,
         )
         return await self._unary(self._sessions.ListSessions, request)
 
@@ -188,6 +251,7 @@ class AsyncClient:
         labels: Mapping[str, str] | None = None,
         create_time_start: rq.Time | None = None,
         create_time_end: rq.Time | None = None,
+        awaiting: bool = False,
     ) -> AsyncIterator[session_pb2.Session]:
         """Every matching session, newest first, fetching pages as needed (at most
         ``limit``)."""
@@ -197,6 +261,7 @@ class AsyncClient:
             page = await self.list_sessions(
                 page_size=size, page_token=token, state=state, labels=labels,
                 create_time_start=create_time_start, create_time_end=create_time_end,
+                awaiting=awaiting,
             )
             for session in page.sessions[: None if limit is None else limit - count]:
                 count += 1

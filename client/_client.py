@@ -10,6 +10,7 @@ from typing import Any, Self, TypeVar
 import grpc
 
 from . import _channel
+from . import _inputs as inputs
 from . import _requests as rq
 from ._channel import ChannelOptions, Target
 from ._errors import RPCError
@@ -41,19 +42,49 @@ class EventStream(Iterator[session_pb2.SessionEvent]):
     Iterate it; errors surface as :class:`RPCError`. ``cancel()`` (or leaving a ``with``
     block) ends the call — for RunSession that is a disconnect, which cancels the session
     unless it was started with ``on_disconnect="continue"``.
+
+    With handlers (``run(on_tool_call=..., on_permission=..., on_question=...)``), an
+    ``input_request`` event is yielded first; when the next event is asked for, its
+    handler runs and its answer is sent with Respond before the stream is read on.
     """
 
-    def __init__(self, call: Any) -> None:
+    def __init__(
+        self,
+        call: Any,
+        handlers: inputs.Handlers | None = None,
+        respond: Callable[[session_pb2.RespondRequest], Any] | None = None,
+    ) -> None:
         self._call = call
+        self._handlers = handlers or inputs.Handlers()
+        self._respond = respond
+        self._pending: inputs.AnyRequest | None = None
 
     def __iter__(self) -> EventStream:
         return self
 
     def __next__(self) -> session_pb2.SessionEvent:
+        if self._pending is not None:
+            request, self._pending = self._pending, None
+            self._answer(request)
         try:
-            return next(self._call)
+            event = next(self._call)
         except grpc.RpcError as exc:
             raise RPCError.from_grpc(exc) from exc
+        if self._handlers:
+            self._pending = self._handlers.pending(event)
+        return event
+
+    def _answer(self, request: inputs.AnyRequest) -> None:
+        handler = self._handlers.handler(request)
+        assert handler is not None and self._respond is not None
+        message = inputs.handle(request, handler)
+        if message is None:
+            return
+        try:
+            self._respond(message)
+        except RPCError as exc:
+            if not inputs.settled_elsewhere(exc, request):
+                raise
 
     def cancel(self) -> None:
         """End the call (a no-op once it has finished)."""
@@ -138,21 +169,65 @@ class Client:
         request_id: str | uuid.UUID | None = None,
         on_disconnect: rq.DisconnectLike | None = None,
         resume_session_id: str | uuid.UUID | None = None,
+        tools: Sequence[inputs.ToolLike] | None = None,
+        require_approval: Sequence[str] | None = None,
+        answer_timeout: inputs.Seconds | None = None,
+        on_tool_call: inputs.ToolCallHandler | None = None,
+        on_permission: inputs.PermissionHandler | None = None,
+        on_question: inputs.QuestionHandler | None = None,
         timeout: float | None = None,
     ) -> EventStream:
         """Start a session and stream its events (``started`` first, ``result`` last).
 
         A session that fails after admission still ends with a ``result`` event (state
         ERROR); errors before admission raise :class:`RPCError` on the first ``next()``.
+
+        Callers in the loop: ``tools`` are caller tools (:class:`agentplane.Tool` or dicts
+        with ``name``, ``description``, ``input_schema``), ``require_approval`` tool names
+        or patterns (``"Bash"``, ``"Bash(git push:*)"``) that need the caller's approval,
+        ``answer_timeout`` (seconds or a timedelta) how long the session waits for each
+        answer. While iterating, each ``input_request`` is answered by its handler with
+        Respond on this channel: ``on_tool_call(call)`` returns a str, a dict (structured
+        content) or a :class:`ToolResult` (an exception answers an error result with its
+        message); ``on_permission(request)`` returns True/False, :class:`Allow` or
+        :class:`Deny`; ``on_question(request)`` returns ``{question: label}``. A request
+        with no handler for its kind (or whose handler returns None) is left unanswered:
+        answer it with :meth:`respond`, here or on any replica, before its deadline (then
+        a tool call fails, an approval is denied, questions go unanswered). A handler's
+        answer that comes after the request was settled is dropped.
         """
         request = rq.run_request(
             prompt, max_budget_usd=max_budget_usd, max_turns=max_turns,
             allowed_tools=allowed_tools, model=model, labels=labels, request_id=request_id,
             on_disconnect_=on_disconnect, resume_session_id=resume_session_id,
+            tools=tools, require_approval=require_approval, answer_timeout=answer_timeout,
         )
+        handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
         return EventStream(
-            self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout)
+            self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout),
+            handlers, lambda message: self._unary(self._sessions.Respond, message),
         )
+
+    def respond(
+        self,
+        session_id: str | uuid.UUID,
+        request_id: str,
+        *,
+        tool_result: inputs.ToolResultLike | None = None,
+        permission: inputs.DecisionLike | None = None,
+        answers: inputs.AnswersLike | None = None,
+    ) -> session_pb2.InputResolved:
+        """Answer one ``input_request`` of a running session (give exactly one of
+        ``tool_result``, ``permission`` or ``answers``, of the request's kind, as the
+        handlers of :meth:`run` return them); returns how it was settled. Errors: an
+        answer of the wrong kind is INVALID_ARGUMENT; one that comes too late (answered,
+        timed out) FAILED_PRECONDITION with ``reason`` ALREADY_ANSWERED, after the
+        session's end SESSION_ENDED."""
+        message = inputs.respond_request(
+            rq.session_id(session_id), request_id, tool_result_=tool_result,
+            permission=permission, answers_=answers,
+        )
+        return self._unary(self._sessions.Respond, message).resolved
 
     def stream_session(
         self, session_id: str | uuid.UUID, after_seq: int = 0, *, timeout: float | None = None
@@ -179,11 +254,14 @@ class Client:
         labels: Mapping[str, str] | None = None,
         create_time_start: rq.Time | None = None,
         create_time_end: rq.Time | None = None,
+        awaiting: bool = False,
     ) -> session_pb2.ListSessionsResponse:
-        """One page of sessions, newest first (``page_size`` 0: the server's default, 50)."""
+        """One page of sessions, newest first (``page_size`` 0: the server's default, 50);
+        ``awaiting``: only sessions waiting for their caller."""
         request = rq.list_request(
             page_size=page_size, page_token=page_token, state=state, labels=labels,
             create_time_start=create_time_start, create_time_end=create_time_end,
+            awaiting=awaiting,
         )
         return self._unary(self._sessions.ListSessions, request)
 
@@ -196,6 +274,7 @@ class Client:
         labels: Mapping[str, str] | None = None,
         create_time_start: rq.Time | None = None,
         create_time_end: rq.Time | None = None,
+        awaiting: bool = False,
     ) -> Iterator[session_pb2.Session]:
         """Every matching session, newest first, fetching pages as needed (at most
         ``limit``)."""
@@ -205,6 +284,7 @@ class Client:
             page = self.list_sessions(
                 page_size=size, page_token=token, state=state, labels=labels,
                 create_time_start=create_time_start, create_time_end=create_time_end,
+                awaiting=awaiting,
             )
             for session in page.sessions[: None if limit is None else limit - count]:
                 count += 1

@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from ._requests import reason_name, state_name
+from ._requests import decider_name, input_kind_name, reason_name, state_name
 from .v1 import budget_pb2, session_pb2
 
 TOOL_RESULT_CHARS = 200
@@ -81,6 +81,14 @@ def event_summary(event: session_pb2.SessionEvent) -> str:
         return f"{state_name(c.from_state)} -> {state_name(c.to_state)}"
     if kind == "system":
         return system_summary(event.system.subtype, event.system.data_json)
+    if kind == "input_request":
+        return input_request_summary(event.input_request)
+    if kind == "input_resolved":
+        r = event.input_resolved
+        text = f"{input_kind_name(r.kind)} {r.outcome} by {decider_name(r.decided_by)}"
+        if r.message:
+            text += f": {shorten(r.message, TOOL_RESULT_CHARS)}"
+        return text
     if kind == "result":
         s = event.result.session
         text = state_name(s.state)
@@ -88,6 +96,31 @@ def event_summary(event: session_pb2.SessionEvent) -> str:
             text += f" {reason_name(s.error.reason)}"
         return text
     return ""
+
+
+def input_request_summary(request: session_pb2.InputRequest) -> str:
+    """ "PERMISSION Bash {"command":"ls"} (by 10:00:05Z)"; questions show their text and
+    options."""
+    what = f"{input_kind_name(request.kind)} {request.tool_name}"
+    if request.kind == session_pb2.INPUT_KIND_QUESTION:
+        what += " " + shorten(_questions_text(request.input_json), TOOL_INPUT_CHARS)
+    else:
+        what += " " + _compact_json(request.input_json, TOOL_INPUT_CHARS)
+    if request.HasField("deadline"):
+        what += f" (answer by {request.deadline.ToDatetime():%H:%M:%S}Z)"
+    return what
+
+
+def _questions_text(input_json: str) -> str:
+    try:
+        data = json.loads(input_json)
+        texts = []
+        for q in data.get("questions") or ():
+            labels = " | ".join(str(o.get("label", "")) for o in q.get("options") or ())
+            texts.append(f"{q.get('question', '')} [{labels}]" if labels else q.get("question", ""))
+        return " ".join(texts)
+    except (ValueError, AttributeError, TypeError):
+        return input_json
 
 
 def system_summary(subtype: str, data_json: str) -> str:
@@ -162,6 +195,11 @@ def session_details(session: session_pb2.Session) -> str:
             f"{u.cache_read_input_tokens} cache read"
         )),
         ("tools", ", ".join(session.allowed_tools)),
+        ("caller tool", ", ".join(session.caller_tools)),
+        ("approval", ", ".join(session.require_approval)),
+        ("awaiting", ", ".join(
+            f"{input_kind_name(r.kind)} {r.tool_name} ({r.request_id})" for r in session.awaiting
+        )),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(session.labels.items()))),
         ("request id", session.request_id),
         ("sdk session", session.sdk_session_id),

@@ -12,6 +12,7 @@ from typing import TypeAlias
 
 from google.protobuf import timestamp_pb2
 
+from . import _inputs as inputs
 from .v1 import budget_pb2, session_pb2, usage_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -98,6 +99,16 @@ def reason_name(value: int) -> str:
     return _short(session_pb2.ErrorReason, value, "ERROR_REASON_")
 
 
+def input_kind_name(value: int) -> str:
+    """ "PERMISSION" for INPUT_KIND_PERMISSION."""
+    return _short(session_pb2.InputKind, value, "INPUT_KIND_")
+
+
+def decider_name(value: int) -> str:
+    """ "CALLER" for DECIDER_CALLER."""
+    return _short(session_pb2.Decider, value, "DECIDER_")
+
+
 def _short(enum: object, value: int, prefix: str) -> str:
     try:
         name = enum.Name(value)  # type: ignore[attr-defined]
@@ -139,8 +150,11 @@ def run_request(
     request_id: str | uuid.UUID | None = None,
     on_disconnect_: DisconnectLike | None = None,
     resume_session_id: str | uuid.UUID | None = None,
+    tools: Sequence[inputs.ToolLike] | None = None,
+    require_approval: Sequence[str] | None = None,
+    answer_timeout: inputs.Seconds | None = None,
 ) -> session_pb2.RunSessionRequest:
-    return session_pb2.RunSessionRequest(
+    request = session_pb2.RunSessionRequest(
         prompt=prompt,
         request_id=str(request_id) if request_id is not None else "",
         max_budget_usd=money(max_budget_usd),
@@ -150,7 +164,13 @@ def run_request(
         labels=dict(labels or {}),
         on_disconnect=on_disconnect(on_disconnect_),  # type: ignore[arg-type]
         resume_session_id=str(resume_session_id) if resume_session_id is not None else "",
+        tools=inputs.caller_tools(tools),
+        require_approval=_strings("require_approval", require_approval),
     )
+    timeout = inputs.duration(answer_timeout)
+    if timeout is not None:
+        request.answer_timeout.CopyFrom(timeout)
+    return request
 
 
 def list_request(
@@ -161,8 +181,10 @@ def list_request(
     labels: Mapping[str, str] | None = None,
     create_time_start: Time | None = None,
     create_time_end: Time | None = None,
+    awaiting: bool = False,
 ) -> session_pb2.ListSessionsRequest:
     request = session_pb2.ListSessionsRequest(
+        awaiting=awaiting,
         page_size=page_size,
         page_token=page_token,
         state=session_state(state),  # type: ignore[arg-type]

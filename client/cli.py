@@ -1,13 +1,22 @@
 """The `agentplane` command: run sessions and look things up from a terminal.
 
     agentplane run "prompt" [--budget USD] [--max-turns N] [--tool NAME]... [--model M]
-                            [--label k=v]... [--json]
-    agentplane get ID | list [--state S] [--label k=v] [--limit N] | budget [--date D]
+                            [--label k=v]... [--json] [--require-approval PATTERN]...
+                            [--answer-timeout SECONDS] [--deny-all]
+    agentplane get ID | list [--state S] [--label k=v] [--limit N] [--awaiting]
+    agentplane budget [--date D]
     agentplane health [--service NAME] | cancel ID | stream ID [--after-seq N] | usage
+    agentplane respond ID REQUEST_ID (--allow | --deny [MESSAGE] | --answer QUESTION=ANSWER...
+                                      | --result TEXT [--error])
 
 Global flags (before or after the command): --target (default $AGENTPLANE_TARGET or
 127.0.0.1:50051; several replicas: HOST:PORT,HOST:PORT or dns:///NAME:PORT), --token
 (default $AGENTPLANE_TOKEN), --timeout SECONDS.
+
+`run` answers what the session asks its caller: at a terminal it asks you to approve each
+tool that needs approval (y/n, and why not) and to answer the agent's questions; with
+--deny-all, or when stdin is not a terminal, it denies every approval and answers
+questions with nothing, without asking.
 
 Exit status: 0 success; 1 the session ended in ERROR (or health is not SERVING); 2 usage
 error; 3 the call failed (gRPC status printed on stderr); 130 interrupted.
@@ -22,10 +31,12 @@ import sys
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 
+from . import _prompt
 from . import _render as render
 from ._client import Client, EventStream
 from ._errors import RPCError
 from ._health import HealthStatus
+from ._inputs import Deny, ToolResult
 from ._requests import TARGET_ENV, TOKEN_ENV, session_state
 from .v1 import session_pb2
 
@@ -133,7 +144,22 @@ def _follow(stream: EventStream, as_json: bool) -> int:
     return EXIT_OK
 
 
+NOT_A_TERMINAL = "stdin is not a terminal, so nobody was asked (agentplane run)"
+DENY_ALL = "denied by agentplane run --deny-all"
+
+
+def prompter(args: argparse.Namespace) -> _prompt.TerminalPrompter | _prompt.NoPrompter:
+    """Who answers the session's approvals and questions: the person at the terminal, or
+    nobody (--deny-all, or stdin is not a terminal)."""
+    if args.deny_all:
+        return _prompt.NoPrompter(DENY_ALL, sys.stderr)
+    if not sys.stdin.isatty():
+        return _prompt.NoPrompter(NOT_A_TERMINAL, sys.stderr)
+    return _prompt.TerminalPrompter(sys.stdin, sys.stderr)
+
+
 def cmd_run(client: Client, args: argparse.Namespace) -> int:
+    answers = prompter(args)
     stream = client.run(
         args.prompt,
         max_budget_usd=args.budget,
@@ -143,6 +169,10 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         labels=dict(args.label or ()),
         request_id=args.request_id,
         on_disconnect=args.on_disconnect,
+        require_approval=args.require_approval,
+        answer_timeout=args.answer_timeout,
+        on_permission=answers.permission,
+        on_question=answers.questions,
         timeout=args.timeout,
     )
     return _follow(stream, args.json)
@@ -167,16 +197,39 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 def cmd_list(client: Client, args: argparse.Namespace) -> int:
     sessions = client.iter_sessions(
         limit=args.limit, page_size=min(args.limit, 500), state=args.state,
-        labels=dict(args.label or ()),
+        labels=dict(args.label or ()), awaiting=args.awaiting,
     )
     shown = 0
     for session in sessions:
         _out(render.to_json(session) if args.json else render.session_row(session))
         shown += 1
     if not shown and not args.json:  # (JSON lines: none is an empty output)
-        print("no sessions" + (" match these filters" if args.state or args.label else ""),
+        print("no sessions" + (" match these filters" if args.state or args.label or args.awaiting else ""),
               file=sys.stderr)
     return EXIT_OK
+
+
+def cmd_respond(client: Client, args: argparse.Namespace) -> int:
+    if args.answer is not None:
+        resolved = client.respond(args.id, args.request_id, answers=dict(args.answer))
+    elif args.result is not None:
+        resolved = client.respond(args.id, args.request_id,
+                                  tool_result=ToolResult(args.result, is_error=args.error))
+    else:
+        decision = True if args.allow else Deny(args.deny or "")
+        resolved = client.respond(args.id, args.request_id, permission=decision)
+    if args.json:
+        _out(render.to_json(resolved))
+    else:
+        _out(render.event_summary(session_pb2.SessionEvent(input_resolved=resolved)))
+    return EXIT_OK
+
+
+def _answer(text: str) -> tuple[str, str]:
+    question, sep, answer = text.rpartition("=")
+    if not sep or not question:
+        raise argparse.ArgumentTypeError(f"expected QUESTION=ANSWER, got {text!r}")
+    return question, answer
 
 
 def cmd_budget(client: Client, args: argparse.Namespace) -> int:
@@ -251,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-id", metavar="UUID", help="idempotency key")
     run.add_argument("--on-disconnect", choices=["cancel", "continue"],
                      help="what the server does if this command goes away (default: cancel)")
+    run.add_argument("--require-approval", action="append", metavar="PATTERN",
+                     help="ask before each use of this tool: a name (Bash) or a pattern "
+                          "(\"Bash(git push:*)\", \"Write(src/*)\"); repeat")
+    run.add_argument("--answer-timeout", type=_positive_float, metavar="SECONDS",
+                     help="how long the session waits for each answer (default: the "
+                          "tenant's)")
+    run.add_argument("--deny-all", action="store_true",
+                     help="deny every approval and leave questions unanswered, without "
+                          "asking (the default when stdin is not a terminal)")
     json_flag(run, "print each event as one JSON line")
 
     get = command("get", cmd_get, "show one session")
@@ -261,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--state", type=_state, help="idle, running, complete or error")
     lst.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
     lst.add_argument("--limit", type=_positive_int, default=20, metavar="N")
+    lst.add_argument("--awaiting", action="store_true",
+                     help="only sessions waiting for their caller's answer")
     json_flag(lst, "print each session as one JSON line")
 
     budget = command("budget", cmd_budget, "show the tenant's budget window")
@@ -279,6 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("id")
     stream.add_argument("--after-seq", type=_non_negative_int, default=0, metavar="N")
     json_flag(stream, "print each event as one JSON line")
+
+    respond = command("respond", cmd_respond,
+                      "answer what a running session waits for (its input_request)")
+    respond.add_argument("id", help="the session")
+    respond.add_argument("request_id", help="the input_request's request_id")
+    answer = respond.add_mutually_exclusive_group(required=True)
+    answer.add_argument("--allow", action="store_true", help="approve the tool call")
+    answer.add_argument("--deny", nargs="?", const="", metavar="MESSAGE",
+                        help="deny it (the agent is told MESSAGE)")
+    answer.add_argument("--answer", action="append", type=_answer, metavar="QUESTION=ANSWER",
+                        help="answer a question with an option's label or free text (repeat)")
+    answer.add_argument("--result", metavar="TEXT", help="a caller tool's result")
+    respond.add_argument("--error", action="store_true", help="with --result: it failed")
+    json_flag(respond)
 
     usage = command("usage", cmd_usage, "show the tenant's usage, per model too (JSON)")
     usage.add_argument("--since", type=_time, metavar="TIME", help="ISO 8601, e.g. 2025-01-31")

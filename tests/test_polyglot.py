@@ -15,6 +15,7 @@ from agentplane import service_config
 from agentplane.server.sandbox.script import Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2
 from harness import MODEL, TOKENS, Harness, agent_processes, start_harness
+from model_view import BASH_COMMAND, BASH_ID, BASH_OUTPUT, LOOKUP_ID, tool_results_seen
 
 POLYGLOT = Path(__file__).parent / "polyglot"
 NODE = shutil.which("node")
@@ -86,6 +87,52 @@ async def test_a_node_client_runs_a_session_from_the_protos_alone(harness: Harne
         metadata=harness.auth("acme"),
     )
     assert session.cost_usd == summary["cost_usd"]
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not on PATH")
+async def test_a_node_client_answers_a_caller_tool_and_approves_bash(harness: Harness) -> None:
+    await node_modules()
+    harness.sandbox.add_script("polyglot_loop", Script(steps=[
+        Step(tool_calls=[ToolCall("mcp__caller__lookup", {"word": "papaya"}, LOOKUP_ID)],
+             usage=Usage(1000, 30)),
+        Step(tool_calls=[ToolCall("Bash", {"command": BASH_COMMAND}, BASH_ID)],
+             usage=Usage(1100, 30)),
+        Step(text="Node answered.", usage=Usage(1200, 10)),
+    ]))
+    tool = {
+        "name": "lookup", "description": "Looks a word up in the caller's dictionary.",
+        "input_schema_json": json.dumps({
+            "type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"],
+        }),
+    }
+
+    assert NODE is not None
+    code, out, err = await run(
+        NODE, "run_session.js", "--target", f"127.0.0.1:{harness.app.port}",
+        "--token", TOKENS["loop"], "--model", MODEL, "--budget", "0.5",
+        "--prompt", "[[sandbox:polyglot_loop]] look it up, then run it",
+        "--caller-tool", json.dumps(tool), "--tool-result", "from Node:",
+        "--require-approval", "Bash", "--permission", "allow",
+    )
+
+    assert code == 0, (out, err)
+    summary = json.loads(out)
+    assert summary["state"] == "SESSION_STATE_COMPLETE" and summary["result"] == "Node answered."
+    assert [(i["kind"], i["tool_name"]) for i in summary["inputs"]] == [
+        ("INPUT_KIND_TOOL_CALL", "lookup"), ("INPUT_KIND_PERMISSION", "Bash"),
+    ]
+    assert summary["inputs"][0]["input"] == {"word": "papaya"}
+    assert summary["inputs"][1]["input"]["command"] == BASH_COMMAND
+    assert [(r["outcome"], r["decided_by"]) for r in summary["resolved"]] == [
+        ("result", "DECIDER_CALLER"), ("allow", "DECIDER_CALLER"),
+    ]
+    assert sorted(r["outcome"] for r in summary["responded"]) == ["allow", "result"]
+    # The model saw the Node caller's answer, and the output of the Bash it approved.
+    seen = tool_results_seen(harness.sandbox, "polyglot_loop")
+    text, is_error = seen[LOOKUP_ID]
+    assert "from Node:" in text and '"papaya"' in text and not is_error
+    text, is_error = seen[BASH_ID]
+    assert BASH_OUTPUT in text and not is_error
 
 
 @pytest.mark.skipif(NODE is None, reason="node is not on PATH")

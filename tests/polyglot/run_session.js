@@ -6,6 +6,8 @@
 //   node run_session.js --prompt "Say hi" [--target TARGET] [--token TOKEN]
 //                       [--model M] [--budget USD] [--timeout SECONDS] [--protos DIR]
 //                       [--sessions N] [--health-service NAME]
+//                       [--caller-tool JSON]... [--tool-result TEXT]
+//                       [--require-approval PATTERN]... [--permission allow|deny]
 //   node run_session.js --print-service-config
 //
 // --target defaults to $AGENTPLANE_TARGET or 127.0.0.1:50051, --token to $AGENTPLANE_TOKEN;
@@ -16,6 +18,13 @@
 //   {"health":"SERVING","tenant":...,"session_id":...,"kinds":["started",...,"result"],
 //    "seqs":[1,2,...],"state":"SESSION_STATE_COMPLETE","cost_usd":"0.0123",...,
 //    "sessions":[{"session_id":...,"state":...}]}
+// Callers in the loop: --caller-tool declares a caller tool (a CallerTool as JSON:
+// {"name":..., "description":..., "input_schema_json":...}); each of its calls (an
+// `input_request` of kind TOOL_CALL) is answered with Respond: --tool-result TEXT, with the
+// call's input appended as JSON. --require-approval names tools that need approval; each
+// request of kind PERMISSION is answered --permission allow or deny (unset: unanswered).
+// The summary then has "inputs" (each input_request: request_id, kind, tool_name, input),
+// "resolved" (each input_resolved) and "responded" (what each Respond recorded).
 // Exit status: 0 every session ended COMPLETE; 1 one ended otherwise; 2 the server is not
 // SERVING; 3 a call failed (the summary's "error" has the gRPC code and details); 64 usage.
 
@@ -88,6 +97,10 @@ function options() {
         protos: { type: 'string', default: path.resolve(__dirname, '..', '..', 'protos') },
         sessions: { type: 'string', default: '1' },
         'health-service': { type: 'string', default: '' },
+        'caller-tool': { type: 'string', multiple: true, default: [] },
+        'tool-result': { type: 'string' },
+        'require-approval': { type: 'string', multiple: true, default: [] },
+        permission: { type: 'string' },
         'print-service-config': { type: 'boolean', default: false },
       },
       allowPositionals: true,
@@ -101,6 +114,14 @@ function options() {
   if (!opts.prompt) usage('a prompt is required (--prompt TEXT)');
   opts.timeout = Number(opts.timeout);
   if (!(opts.timeout > 0)) usage('--timeout must be a positive number of seconds');
+  try {
+    opts.callerTools = opts['caller-tool'].map((text) => JSON.parse(text));
+  } catch (err) {
+    usage(`--caller-tool must be a CallerTool as JSON: ${err.message}`);
+  }
+  if (opts.permission !== undefined && !['allow', 'deny'].includes(opts.permission)) {
+    usage('--permission must be allow or deny');
+  }
   opts.sessions = Number(opts.sessions);
   if (!(Number.isInteger(opts.sessions) && opts.sessions > 0)) {
     usage('--sessions must be a positive integer');
@@ -142,18 +163,53 @@ function readStream(call, onEvent) {
   });
 }
 
+// The answer (a RespondRequest's oneof) to an input request, or null to leave it.
+function answerFor(request, opts) {
+  if (request.kind === 'INPUT_KIND_TOOL_CALL' && opts['tool-result'] !== undefined) {
+    return { tool_result: { text: `${opts['tool-result']} ${request.input_json}` } };
+  }
+  if (request.kind === 'INPUT_KIND_PERMISSION' && opts.permission !== undefined) {
+    const allow = opts.permission === 'allow';
+    return { permission: { allow, message: allow ? '' : 'denied by the Node caller' } };
+  }
+  return null;
+}
+
 // Runs one session to its end; its fields go into `summary`. Returns its final Session
-// (null: the stream ended without a result event).
+// (null: the stream ended without a result event). Answers input requests (answerFor) with
+// Respond while the stream goes on.
 async function runSession(sessions, request, metadata, opts, summary) {
-  Object.assign(summary, { session_id: null, kinds: [], seqs: [], state: null });
+  Object.assign(summary, {
+    session_id: null, kinds: [], seqs: [], state: null, inputs: [], resolved: [], responded: [],
+  });
   const call = sessions.RunSession(request, metadata, { deadline: deadline(opts.timeout) });
   let final = null;
+  const answers = [];
+  const failures = [];
   await readStream(call, (event) => {
     summary.session_id = summary.session_id ?? event.session_id;
     summary.kinds.push(event.kind);
     summary.seqs.push(Number(event.seq));
     if (event.kind === 'result') final = event.result.session;
+    if (event.kind === 'input_resolved') summary.resolved.push(event.input_resolved);
+    if (event.kind === 'input_request') {
+      const asked = event.input_request;
+      summary.inputs.push({
+        request_id: asked.request_id, kind: asked.kind, tool_name: asked.tool_name,
+        input: JSON.parse(asked.input_json || '{}'),
+      });
+      const answer = answerFor(asked, opts);
+      if (answer !== null) {
+        const respond = { session_id: event.session_id, request_id: asked.request_id, ...answer };
+        answers.push(unary(sessions, 'Respond', respond, metadata, 30).then(
+          (reply) => { summary.responded.push(reply.resolved); },
+          (err) => { failures.push(err); },
+        ));
+      }
+    }
   });
+  await Promise.all(answers);
+  if (failures.length > 0) throw failures[0];
   if (final === null) return null;
   Object.assign(summary, {
     state: final.state,
@@ -194,7 +250,10 @@ async function main() {
     summary.tenant = budget.tenant;
     summary.remaining_usd_before = budget.remaining_usd;
 
-    const request = { prompt: opts.prompt, model: opts.model, max_budget_usd: opts.budget };
+    const request = {
+      prompt: opts.prompt, model: opts.model, max_budget_usd: opts.budget,
+      tools: opts.callerTools, require_approval: opts['require-approval'],
+    };
     for (let i = 0; i < opts.sessions; i += 1) {
       const final = await runSession(sessions, request, metadata, opts, summary);
       if (final === null) {
