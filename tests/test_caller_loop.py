@@ -438,3 +438,25 @@ async def test_the_idle_timeout_does_not_fire_while_the_caller_is_asked(database
         assert final.state == session_pb2.SESSION_STATE_COMPLETE, final.error
     finally:
         await stop_harness(h)
+
+
+async def test_a_caller_tool_that_needs_approval_asks_first_then_calls(harness: Harness) -> None:
+    call = start(harness, "lookup_approved", [
+        Step(tool_calls=[ToolCall("mcp__caller__lookup", {"q": "guarded"})]),
+        Step(text="done"),
+    ], tools=[LOOKUP], require_approval=["lookup"])
+    events = await until(call, "input_request")
+    session_id = events[0].session_id
+    permission = of(events, "input_request")[0]
+    assert (permission.kind, permission.tool_name) == (session_pb2.INPUT_KIND_PERMISSION, "lookup")
+    await respond(harness, session_id, permission.request_id,
+                  permission=session_pb2.PermissionDecision(allow=True))
+    events = await until(call, "input_request")
+    tool_call = of(events, "input_request")[0]
+    assert tool_call.kind == session_pb2.INPUT_KIND_TOOL_CALL
+    assert tool_call.tool_use_id == permission.tool_use_id
+    await respond(harness, session_id, tool_call.request_id,
+                  tool_result=session_pb2.ToolCallResult(text="guarded answer"))
+    tail = await rest(call)
+    assert tail[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    assert text_of(tool_results(harness)[tool_call.tool_use_id]).startswith("guarded answer")

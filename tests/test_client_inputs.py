@@ -228,10 +228,6 @@ async def test_a_request_without_a_handler_is_answered_by_hand(harness: Harness)
     assert not is_error
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server: a schema without \"properties\" (and an empty one, 'any object') reaches "
-    "create_sdk_mcp_server as {'type': 'object'}, which the SDK reads as a parameter named "
-    "'type': the call fails \"Input validation error: 'type' is a required property\""))
 async def test_a_tool_declared_without_a_schema_takes_any_object(harness: Harness) -> None:
     harness.sandbox.add_script("inputs_any", Script(steps=[
         Step(tool_calls=[ScriptedCall("mcp__caller__now", {"zone": "UTC"}, LOOKUP_ID)]),
