@@ -49,7 +49,7 @@ from .store.notify import Bus, Listener
 from .store.transcripts import SqlSessionStore
 from .telemetry.observer import TelemetryObserver
 from .telemetry.setup import ContentPolicy, Telemetry
-from .tenants import TenantRegistry
+from .tenants import MAX_INPUT_TOTAL_BYTES, TenantRegistry
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,9 @@ class App:
             asyncio.create_task(
                 self.health.monitor(self.engine, self.settings.health_interval_s), name="health"
             ),
+            asyncio.create_task(self.sessions.deleter.run(
+                lambda: self.tenants.tenants.values(), self.settings.retention_interval_s,
+            ), name="retention"),
         ]
 
     async def _sweep_host(self) -> None:
@@ -328,7 +331,11 @@ def _grpc_server(
     # No SO_REUSEPORT: a second server on a port in use must fail, not split its calls.
     server = grpc.aio.server(
         interceptors=[DecodeGuard(), *telemetry.server_interceptors()],
-        options=[("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            # A RunSession carries its input files (tenants' totals are capped below this).
+            ("grpc.max_receive_message_length", MAX_INPUT_TOTAL_BYTES + (1 << 20)),
+        ],
     )
     session_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionService(tenants, sessions), server

@@ -302,6 +302,10 @@ class Settings:
         "AGENTPLANE_HEALTH_INTERVAL_S", _seconds, "5",
         "how often readiness re-checks the database",
     )
+    retention_interval_s: float = setting(
+        "AGENTPLANE_RETENTION_INTERVAL_S", _seconds, "3600",
+        "how often ended sessions past their tenant's retention_days are deleted",
+    )
     log_level: str = setting(
         "AGENTPLANE_LOG_LEVEL", _log_level, "INFO",
         "`DEBUG`, `INFO`, `WARNING`, `ERROR` (logs are JSON lines on stderr)",

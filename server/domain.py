@@ -57,6 +57,7 @@ class ErrorReason(enum.StrEnum):
     PROCESS_LIMIT = "PROCESS_LIMIT"
     CPU_LIMIT = "CPU_LIMIT"
     DISK_LIMIT = "DISK_LIMIT"
+    INVALID_OUTPUT = "INVALID_OUTPUT"
 
 
 class EventKind(enum.StrEnum):
@@ -243,6 +244,9 @@ class Session:
     require_approval: tuple[str, ...] = ()
     # Its requests to the caller not yet settled (RUNNING only).
     awaiting: tuple[InputRequest, ...] = ()
+    # The schema its result must match (JSON text; "" for none), and the matching result.
+    output_schema: str = ""
+    structured_result: Any = None
 
     def evolve(self, **changes: Any) -> Session:
         return replace(self, **changes)
@@ -274,6 +278,8 @@ class Session:
             "caller_tools": list(self.caller_tools),
             "require_approval": list(self.require_approval),
             "awaiting": [request.to_json() for request in self.awaiting],
+            "output_schema": self.output_schema,
+            "structured_result": self.structured_result,
         }
 
     @classmethod
@@ -308,6 +314,8 @@ class Session:
             awaiting=tuple(
                 InputRequest.from_json(data["id"], a) for a in data.get("awaiting", ())
             ),
+            output_schema=data.get("output_schema", ""),
+            structured_result=data.get("structured_result"),
         )
 
 
@@ -321,6 +329,18 @@ class Event:
     time: datetime
     kind: EventKind
     data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A file a session created or changed in its workspace; `content` is None when it
+    was left out (`omitted_reason` says why)."""
+
+    path: str
+    size: int
+    sha256: str = ""
+    content: bytes | None = None
+    omitted_reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from .isolation.limits import SessionLimits
 DEFAULT_TENANT = "default"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# The input files of one request travel in it: the gRPC server takes messages this large.
+MAX_INPUT_TOTAL_BYTES = 64 << 20
 
 
 def hash_token(token: str) -> str:
@@ -65,6 +67,10 @@ class Tenant:
     # How long a session waits for its caller's answer by default, and at most.
     answer_timeout_s: float = 300.0
     max_answer_timeout_s: float = 3600.0
+    # What a request may bring into the workspace, and what an ended session keeps of it.
+    files: FileLimits = field(default_factory=lambda: FileLimits())
+    # Ended sessions older than this are deleted in the background (0: kept for ever).
+    retention_days: int = 0
 
     def unix_ids(self) -> tuple[int, int] | None:
         """The uid and gid of the tenant's os_user (None: its agents run as the server)."""
@@ -82,6 +88,18 @@ class Tenant:
             except OSError:
                 return None
         return os.environ.get(self.anthropic_api_key_env) or None
+
+
+@dataclass(frozen=True)
+class FileLimits:
+    """A tenant's limits on input files and on the artifacts kept of its sessions."""
+
+    max_input_files: int = 64
+    max_input_file_bytes: int = 4 << 20
+    max_input_total_bytes: int = 16 << 20
+    max_artifacts: int = 100
+    max_artifact_bytes: int = 8 << 20
+    max_artifacts_total_bytes: int = 32 << 20
 
 
 _DEFAULTS: Mapping[str, Any] = {
@@ -106,6 +124,13 @@ _DEFAULTS: Mapping[str, Any] = {
     "require_approval": [],
     "answer_timeout_s": 300,
     "max_answer_timeout_s": 3600,
+    "max_input_files": FileLimits.max_input_files,
+    "max_input_file_mib": FileLimits.max_input_file_bytes >> 20,
+    "max_input_total_mib": FileLimits.max_input_total_bytes >> 20,
+    "max_artifacts": FileLimits.max_artifacts,
+    "max_artifact_mib": FileLimits.max_artifact_bytes >> 20,
+    "max_artifacts_total_mib": FileLimits.max_artifacts_total_bytes >> 20,
+    "retention_days": 0,
 }
 _KEYS = {"token_sha256", *_DEFAULTS}
 
@@ -220,6 +245,20 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         # A warm agent starts before its request is known, without the caller's loop.
         raise ConfigError(key("warm_pool_size"), "cannot be combined with require_approval "
                           "or with AskUserQuestion in allowed_tools (the caller's loop)")
+    files = FileLimits(**{
+        name: _positive_int(cfg[setting], key(setting)) << (20 if setting.endswith("_mib") else 0)
+        for name, setting in (
+            ("max_input_files", "max_input_files"),
+            ("max_input_file_bytes", "max_input_file_mib"),
+            ("max_input_total_bytes", "max_input_total_mib"),
+            ("max_artifacts", "max_artifacts"),
+            ("max_artifact_bytes", "max_artifact_mib"),
+            ("max_artifacts_total_bytes", "max_artifacts_total_mib"),
+        )
+    })
+    if files.max_input_total_bytes > MAX_INPUT_TOTAL_BYTES:
+        raise ConfigError(key("max_input_total_mib"), f"must be at most "
+                          f"{MAX_INPUT_TOTAL_BYTES >> 20} (the largest request the server takes)")
     daily = _money(cfg["daily_limit_usd"], key("daily_limit_usd"))
     per_session = _money(cfg["max_session_budget_usd"], key("max_session_budget_usd"))
     if per_session > daily:
@@ -247,6 +286,8 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         require_approval=tuple(rules),
         answer_timeout_s=float(answer_timeout),
         max_answer_timeout_s=float(max_answer_timeout),
+        files=files,
+        retention_days=_count(cfg["retention_days"], key("retention_days")),
     )
 
 

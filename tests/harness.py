@@ -38,6 +38,7 @@ TOKENS = {
     "nokey": "nokey-token-5",
     "ten": "ten-token-6",
     "loop": "loop-token-7",
+    "files": "files-token-8",
 }
 
 
@@ -110,6 +111,14 @@ def tenants_toml(workspace: Path) -> str:
             allowed_tools=["Bash", "Glob", "Read", "Write", "AskUserQuestion"],
             require_approval=["Write"], daily_limit_usd=100.0, max_session_budget_usd=1.0,
             max_turns=8, max_concurrent_sessions=8, max_answer_timeout_s=600,
+        ),
+        # Small file limits; its sessions are kept one day.
+        tenant_toml(
+            "files", TOKENS["files"], anthropic_api_key_env=key,
+            allowed_tools=["Bash", "Glob", "Read"], daily_limit_usd=100.0,
+            max_session_budget_usd=1.0, max_turns=6, max_input_files=3, max_input_file_mib=1,
+            max_input_total_mib=2, max_artifacts=3, max_artifact_mib=1,
+            max_artifacts_total_mib=2, retention_days=1,
         ),
         # A day that admits exactly ten sessions of 0.1 USD.
         tenant_toml(

@@ -218,6 +218,8 @@ int64s = st.integers(-(2**63), 2**63 - 1) | st.sampled_from([0, 1, -1, 99, 2**31
 def _value(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     if field.type == FieldDescriptor.TYPE_STRING:
         return texts
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return st.binary(max_size=64)
     if field.type == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if field.type == FieldDescriptor.TYPE_ENUM:

@@ -69,6 +69,21 @@ class SessionServiceStub:
                 request_serializer=agentplane_dot_v1_dot_session__pb2.RespondRequest.SerializeToString,
                 response_deserializer=agentplane_dot_v1_dot_session__pb2.RespondResponse.FromString,
                 _registered_method=True)
+        self.ListArtifacts = channel.unary_unary(
+                '/agentplane.v1.SessionService/ListArtifacts',
+                request_serializer=agentplane_dot_v1_dot_session__pb2.ListArtifactsRequest.SerializeToString,
+                response_deserializer=agentplane_dot_v1_dot_session__pb2.ListArtifactsResponse.FromString,
+                _registered_method=True)
+        self.GetArtifact = channel.unary_stream(
+                '/agentplane.v1.SessionService/GetArtifact',
+                request_serializer=agentplane_dot_v1_dot_session__pb2.GetArtifactRequest.SerializeToString,
+                response_deserializer=agentplane_dot_v1_dot_session__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
+        self.DeleteSession = channel.unary_unary(
+                '/agentplane.v1.SessionService/DeleteSession',
+                request_serializer=agentplane_dot_v1_dot_session__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=agentplane_dot_v1_dot_session__pb2.DeleteSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -170,6 +185,42 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListArtifacts(self, request, context):
+        """Lists the files an ended session created or changed in its workspace (its
+        artifacts), those kept and those left out with the reason. Served from the database,
+        on any replica.
+
+        Errors: INVALID_ARGUMENT (empty session_id), UNAUTHENTICATED, NOT_FOUND,
+        UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetArtifact(self, request, context):
+        """Streams one kept artifact in chunks of at most 64 KiB; the first chunk carries its
+        metadata.
+
+        Errors: INVALID_ARGUMENT (empty session_id or path), UNAUTHENTICATED, NOT_FOUND (no
+        such session or artifact), FAILED_PRECONDITION (the file was left out: its reason),
+        UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSession(self, request, context):
+        """Deletes an ended session: its events, transcript, metered requests, input requests
+        and artifacts. The spend stays in the tenant's budget window.
+
+        Errors: INVALID_ARGUMENT (empty session_id), UNAUTHENTICATED, NOT_FOUND,
+        FAILED_PRECONDITION (the session is IDLE or RUNNING: cancel it first),
+        UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +253,21 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.Respond,
                     request_deserializer=agentplane_dot_v1_dot_session__pb2.RespondRequest.FromString,
                     response_serializer=agentplane_dot_v1_dot_session__pb2.RespondResponse.SerializeToString,
+            ),
+            'ListArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListArtifacts,
+                    request_deserializer=agentplane_dot_v1_dot_session__pb2.ListArtifactsRequest.FromString,
+                    response_serializer=agentplane_dot_v1_dot_session__pb2.ListArtifactsResponse.SerializeToString,
+            ),
+            'GetArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetArtifact,
+                    request_deserializer=agentplane_dot_v1_dot_session__pb2.GetArtifactRequest.FromString,
+                    response_serializer=agentplane_dot_v1_dot_session__pb2.ArtifactChunk.SerializeToString,
+            ),
+            'DeleteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSession,
+                    request_deserializer=agentplane_dot_v1_dot_session__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=agentplane_dot_v1_dot_session__pb2.DeleteSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -371,6 +437,87 @@ class SessionService:
             '/agentplane.v1.SessionService/Respond',
             agentplane_dot_v1_dot_session__pb2.RespondRequest.SerializeToString,
             agentplane_dot_v1_dot_session__pb2.RespondResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.v1.SessionService/ListArtifacts',
+            agentplane_dot_v1_dot_session__pb2.ListArtifactsRequest.SerializeToString,
+            agentplane_dot_v1_dot_session__pb2.ListArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentplane.v1.SessionService/GetArtifact',
+            agentplane_dot_v1_dot_session__pb2.GetArtifactRequest.SerializeToString,
+            agentplane_dot_v1_dot_session__pb2.ArtifactChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.v1.SessionService/DeleteSession',
+            agentplane_dot_v1_dot_session__pb2.DeleteSessionRequest.SerializeToString,
+            agentplane_dot_v1_dot_session__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,6 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ..domain import (
+    Artifact,
     BudgetWindow,
     Decider,
     Event,
@@ -25,7 +26,7 @@ from ..domain import (
     usd,
 )
 from ..errors import InvalidArgument
-from ..sessions.requests import CallerTool, RunRequest
+from ..sessions.requests import CallerTool, InputFile, RunRequest
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -90,6 +91,11 @@ def session_to_proto(s: Session) -> session_pb2.Session:
         awaiting=[input_request_to_proto(r) for r in s.awaiting],
         caller_tools=list(s.caller_tools),
         require_approval=list(s.require_approval),
+        output_schema_json=s.output_schema,
+        structured_result_json=(
+            json.dumps(s.structured_result, ensure_ascii=False)
+            if s.structured_result is not None else ""
+        ),
     )
     if s.error_reason is not None:
         msg.error.reason = session_pb2.ErrorReason.Value(f"ERROR_REASON_{s.error_reason.value}")
@@ -224,6 +230,14 @@ def run_request(msg: session_pb2.RunSessionRequest) -> RunRequest:
         ),
         require_approval=tuple(msg.require_approval),
         answer_timeout_s=duration_s(msg, "answer_timeout"),
+        output_schema_json=msg.output_schema_json,
+        input_files=tuple(InputFile(f.path, f.content) for f in msg.input_files),
+    )
+
+
+def artifact_to_proto(a: Artifact) -> session_pb2.Artifact:
+    return session_pb2.Artifact(
+        path=a.path, size_bytes=a.size, sha256=a.sha256, omitted_reason=a.omitted_reason
     )
 
 

@@ -15,6 +15,9 @@ from . import convert
 from .auth import caller
 from .errors import streaming, unary
 
+# GetArtifact's chunks: well under any client's message limit.
+ARTIFACT_CHUNK_BYTES = 64 << 10
+
 
 class SessionService(session_pb2_grpc.SessionServiceServicer):
     def __init__(self, tenants: TenantRegistry, sessions: SessionManager) -> None:
@@ -94,3 +97,36 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         return session_pb2.RespondResponse(
             resolved=convert.input_resolved_to_proto(recorded.to_json(settled))
         )
+
+    @unary
+    async def ListArtifacts(
+        self, request: session_pb2.ListArtifactsRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.ListArtifactsResponse:
+        tenant = caller(self._tenants, context)
+        found = await self._sessions.artifacts(tenant, request.session_id)
+        return session_pb2.ListArtifactsResponse(
+            artifacts=[convert.artifact_to_proto(a) for a in found]
+        )
+
+    @streaming
+    async def GetArtifact(
+        self, request: session_pb2.GetArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[session_pb2.ArtifactChunk]:
+        tenant = caller(self._tenants, context)
+        found = await self._sessions.artifact(tenant, request.session_id, request.path)
+        content = found.content or b""
+        for offset in range(0, max(len(content), 1), ARTIFACT_CHUNK_BYTES):
+            chunk = session_pb2.ArtifactChunk(
+                data=content[offset:offset + ARTIFACT_CHUNK_BYTES], offset=offset
+            )
+            if offset == 0:
+                chunk.artifact.CopyFrom(convert.artifact_to_proto(found))
+            yield chunk
+
+    @unary
+    async def DeleteSession(
+        self, request: session_pb2.DeleteSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.DeleteSessionResponse:
+        tenant = caller(self._tenants, context)
+        await self._sessions.delete(tenant, request.session_id)
+        return session_pb2.DeleteSessionResponse(session_id=request.session_id)

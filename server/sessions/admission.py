@@ -167,6 +167,7 @@ class Admitter:
             resumed_from=spec.resume_session_id,
             caller_tools=tuple(t.name for t in spec.caller_tools),
             require_approval=spec.require_approval,
+            output_schema=spec.output_schema_json,
         )
         live = LiveSession(session, self._persist_events, self._observer.event,
                            write_interval_s=self.event_write_interval_s)

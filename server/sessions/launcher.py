@@ -137,6 +137,10 @@ class Launcher:
             mcp_servers=caller.mcp_servers() if caller is not None else {},
             hooks=caller.hooks() if caller is not None else None,
             can_use_tool=caller.can_use_tool if caller is not None else None,
+            output_format=(
+                {"type": "json_schema", "schema": spec.output_schema}
+                if spec.output_schema is not None else None
+            ),
             system_prompt=tenant.system_prompt,
             max_turns=max_turns,
             max_budget_usd=float(budget),

@@ -16,8 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..budgets.gateway_meter import MeteredRequest
-from ..domain import ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
+from ..domain import Artifact, ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
 from ..errors import DatabaseUnavailable
+from ..store import artifacts
 from ..store import sessions as repo
 from ..tenants import Tenant
 from .capacity import Capacity
@@ -133,9 +134,10 @@ class SessionLifecycle:
             usage=outcome.usage,
             sdk_session_id=outcome.sdk_session_id,
             result=outcome.result if v.state is SessionState.COMPLETE else "",
+            structured_result=outcome.structured if v.state is SessionState.COMPLETE else None,
         )
         seq = live.next_seq
-        recorded = await self._record_end(live, final, seq)
+        recorded = await self._record_end(live, final, seq, outcome.artifacts)
         live.session = final
         if recorded is not None:  # else the database holds another end: `get` reads it there
             self._queries.remember(final)
@@ -152,11 +154,14 @@ class SessionLifecycle:
             },
         )
 
-    async def _record_end(self, live: LiveSession, final: Session, seq: int) -> Event | None:
+    async def _record_end(
+        self, live: LiveSession, final: Session, seq: int, kept: list[Artifact]
+    ) -> Event | None:
         """Write the remaining events, then the end (`write_end`). While the database is
         down this is retried for `finish_retry_s`; after that the session is left to crash
-        recovery (its lease is no longer renewed once it leaves the registry). Returns the
-        recorded result event, or None."""
+        recovery (its lease is no longer renewed once it leaves the registry). The
+        workspace's artifacts (`kept`) are written with the end. Returns the recorded
+        result event, or None."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._finish_retry_s
         delay = 0.2
@@ -167,6 +172,8 @@ class SessionLifecycle:
                     raise TimeoutError("events still unwritten")
                 async with self._db.begin() as db:
                     result = await write_end(db, final, expect=live.session.state, seq=seq)
+                    if result is not None:  # with the end, or not at all
+                        await artifacts.insert_artifacts(db, final.id, kept)
                 if result is None:
                     log.warning("session %s was closed by another server meanwhile", final.id)
                 return result

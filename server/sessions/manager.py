@@ -6,6 +6,7 @@
     cancel.py      cancel, disconnect, lost leases, drain
     queries.py     GetSession, StreamSession, ListSessions (paging.py: page tokens)
     capacity.py    live sessions, admissions and warm agents against the session limit
+    retention.py   DeleteSession and each tenant's retention_days
     inputs.py      waiting for the caller: input requests, timeouts, Respond (caller_loop.py:
                    the caller's tools and the hook on every tool call)
 """
@@ -13,13 +14,14 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..domain import Event, InputAnswer, InputKind, InputRequest, Session
+from ..domain import Artifact, Event, InputAnswer, InputKind, InputRequest, Session
 from ..errors import Unavailable
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
@@ -34,6 +36,7 @@ from .observer import NullObserver, SessionObserver
 from .pool import WarmPool
 from .queries import SessionQueries
 from .requests import RunRequest
+from .retention import SessionDeleter
 from .runner import AgentRunner
 
 
@@ -65,6 +68,7 @@ class SessionManager:
         self.leases = leases or LeaseConfig(owner=f"agentplane-{uuid.uuid4().hex[:12]}")
         self.queries = SessionQueries(db, capacity)
         self.stopper = SessionStopper(db, capacity, self.queries)
+        self.deleter = SessionDeleter(db, self.queries)
         self.lease_keeper = LeaseKeeper(
             upkeep, self.leases, capacity, launcher.folders, self.stopper.lost,
             on_cancel=self.stopper.cancelled_elsewhere,
@@ -104,6 +108,15 @@ class SessionManager:
     ) -> tuple[InputRequest, InputAnswer]:
         """The caller's answer to an input request of a running session (any replica)."""
         return await respond(self._db, self.queries, tenant, session_id, request_id, kind, answer)
+
+    async def artifacts(self, tenant: Tenant, session_id: str) -> builtins.list[Artifact]:
+        return await self.queries.artifacts(tenant, session_id)
+
+    async def artifact(self, tenant: Tenant, session_id: str, path: str) -> Artifact:
+        return await self.queries.artifact(tenant, session_id, path)
+
+    async def delete(self, tenant: Tenant, session_id: str) -> None:
+        await self.deleter.delete(tenant, session_id)
 
     def cancel_on_disconnect(self, admission: Admission) -> None:
         """The RunSession caller went away: cancel the session it started (not one it

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from typing import Any
 
 from claude_agent_sdk import ResultMessage
 
-from ..domain import ErrorReason, SessionState, TokenUsage, usd
+from ..domain import Artifact, ErrorReason, SessionState, TokenUsage, usd
 from .translate import Verdict, verdict
 
 
@@ -23,6 +24,10 @@ class Outcome:
     result: str = ""
     # The SDK's own running total for the conversation, as the CLI last reported it.
     sdk_total_usd: Decimal | None = None
+    # The structured result the CLI reported (output_format), and the workspace's
+    # artifacts once the run has ended.
+    structured: Any = None
+    artifacts: list[Artifact] = field(default_factory=list)
 
     def plus(self, later: Outcome) -> Outcome:
         """The totals after a further attempt, which decides the verdict."""
@@ -35,6 +40,7 @@ class Outcome:
             result=later.result,
             sdk_total_usd=later.sdk_total_usd if later.sdk_total_usd is not None
             else self.sdk_total_usd,
+            structured=later.structured,
         )
 
     def stopped(self, reason: ErrorReason, message: str) -> Outcome:
@@ -58,4 +64,5 @@ class Outcome:
             sdk_session_id=result.session_id or "",
             result=(result.result or "") if not result.is_error else "",
             sdk_total_usd=total,
+            structured=result.structured_output if not result.is_error else None,
         )

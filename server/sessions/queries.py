@@ -9,10 +9,13 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..coalesce import Coalescer
-from ..domain import Event, Session, SessionState
-from ..errors import InvalidArgument, NotFound, quote
+from ..domain import Artifact, Event, Session, SessionState
+from ..errors import FailedPrecondition, InvalidArgument, NotFound, quote
+from ..store import artifacts as artifacts_repo
 from ..store import inputs
 from ..store import sessions as repo
+from ..store.engine import bus_of
+from ..store.notify import DELETED_CHANNEL
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
 from .capacity import Capacity
@@ -37,6 +40,7 @@ class SessionQueries:
         self.feeds = Feeds(db)
         self._ended: OrderedDict[str, Session] = OrderedDict()
         self._reads: Coalescer[Session | None] = Coalescer()
+        bus_of(db).subscribe(DELETED_CHANNEL, self.forget)
 
     async def get(self, tenant: Tenant, session_id: str) -> Session:
         """A session of this tenant.
@@ -65,6 +69,30 @@ class SessionQueries:
         async with self._db() as db:
             session = await repo.get_session(db, tenant, session_id)
             return (await _with_awaiting(db, [session]))[0] if session is not None else None
+
+    def forget(self, session_id: str) -> None:
+        """The session was deleted (here or on another replica)."""
+        self._ended.pop(session_id, None)
+
+    async def artifacts(self, tenant: Tenant, session_id: str) -> list[Artifact]:
+        """The session's artifacts (kept and left out), without content."""
+        await self.get(tenant, session_id)
+        async with self._db() as db:
+            return await artifacts_repo.list_artifacts(db, session_id)
+
+    async def artifact(self, tenant: Tenant, session_id: str, path: str) -> Artifact:
+        """One kept artifact with its content: NotFound, or FailedPrecondition if it was
+        left out."""
+        await self.get(tenant, session_id)
+        if not path:
+            raise InvalidArgument("path", "must not be empty")
+        async with self._db() as db:
+            found = await artifacts_repo.get_artifact(db, session_id, path)
+        if found is None:
+            raise NotFound(f"session {session_id} has no artifact {quote(path)}")
+        if found.content is None:
+            raise FailedPrecondition(f"{quote(path)} was not kept: {found.omitted_reason}")
+        return found
 
     def remember(self, session: Session) -> None:
         """Keep an ended session for `get` (least recently ended ones go first)."""

@@ -54,6 +54,14 @@ class CallerTool:
 
 
 @dataclass(frozen=True)
+class InputFile:
+    """A file for the session's workspace: its relative path and content."""
+
+    path: str
+    content: bytes
+
+
+@dataclass(frozen=True)
 class RunRequest:
     """A RunSession request in domain terms (empty/zero fields mean "the default")."""
 
@@ -70,6 +78,8 @@ class RunRequest:
     require_approval: tuple[str, ...] = ()
     # 0: the tenant's answer_timeout_s.
     answer_timeout_s: float = 0.0
+    output_schema_json: str = ""
+    input_files: tuple[InputFile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,11 @@ class SessionSpec:
     caller_tools: tuple[CallerTool, ...] = ()
     require_approval: tuple[str, ...] = ()
     answer_timeout_s: float = 300.0
+    # The JSON Schema the result must match (text as given, and parsed), and the files
+    # written into the workspace before the agent starts.
+    output_schema_json: str = ""
+    output_schema: dict[str, Any] | None = None
+    input_files: tuple[InputFile, ...] = ()
 
     @property
     def in_the_loop(self) -> bool:
@@ -113,6 +128,10 @@ class SessionSpec:
                 [[t.name, t.description, t.input_schema_json] for t in self.caller_tools],
                 list(self.require_approval), self.answer_timeout_s,
             ]} if self.in_the_loop else {}),
+            **({"output_schema": self.output_schema_json} if self.output_schema_json else {}),
+            **({"files": [
+                [f.path, hashlib.sha256(f.content).hexdigest()] for f in self.input_files
+            ]} if self.input_files else {}),
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -187,25 +206,68 @@ def _caller_tools(raw: tuple[CallerTool, ...], tools: tuple[str, ...]) -> tuple[
 
 def _schema(where: str, tool: CallerTool) -> dict[str, Any]:
     """The tool's input schema: a valid JSON Schema whose instances are objects."""
-    text = tool.input_schema_json.strip()
-    if not text:
+    if not tool.input_schema_json.strip():
         return {"type": "object"}
+    return json_schema(where, tool.input_schema_json, f"{tool.name}: ")
+
+
+def json_schema(where: str, text: str, prefix: str = "") -> dict[str, Any]:
+    """`text` as a JSON Schema for objects (InvalidArgument on `where` otherwise)."""
+    text = text.strip()
     if len(text.encode()) > MAX_TOOL_SCHEMA_BYTES:
-        raise InvalidArgument(where, f"{tool.name}: the schema is larger than 64 KiB")
+        raise InvalidArgument(where, f"{prefix}the schema is larger than 64 KiB")
     try:
         schema = json.loads(text)
     except ValueError as exc:
-        raise InvalidArgument(where, f"{tool.name}: not JSON ({exc})") from None
+        raise InvalidArgument(where, f"{prefix}not JSON ({exc})") from None
     if not isinstance(schema, dict) or schema.get("type") != "object":
-        raise InvalidArgument(where, f'{tool.name}: the schema must be an object with "type": '
-                              '"object" (a tool takes an object)')
+        raise InvalidArgument(where, f'{prefix}the schema must be an object with "type": '
+                              '"object"')
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise InvalidArgument(
-            where, f"{tool.name}: not a valid JSON Schema: {quote(exc.message)}"
+            where, f"{prefix}not a valid JSON Schema: {quote(exc.message)}"
         ) from None
     return schema
+
+
+def _input_files(raw: tuple[InputFile, ...], tenant: Tenant) -> tuple[InputFile, ...]:
+    """Relative, normalised, unique paths within the tenant's limits, none passing through
+    a symlink of its workspace template (which is copied into the workspace first)."""
+    limits = tenant.files
+    if len(raw) > limits.max_input_files:
+        raise InvalidArgument("input_files", f"at most {limits.max_input_files} files, "
+                              f"not {len(raw)}")
+    total = sum(len(f.content) for f in raw)
+    if total > limits.max_input_total_bytes:
+        raise InvalidArgument("input_files", f"{total} bytes in all, above the tenant's "
+                              f"{limits.max_input_total_bytes >> 20} MiB")
+    seen: set[str] = set()
+    folders: set[str] = set()
+    for i, file in enumerate(raw):
+        where = f"input_files[{i}].path"
+        parts = file.path.split("/")
+        if (not file.path or len(file.path) > 1024 or "\0" in file.path
+                or any(part in ("", ".", "..") for part in parts)):
+            raise InvalidArgument(where, f"{quote(file.path)}: a relative path of names "
+                                  "(no leading /, no empty, . or .. parts)")
+        if len(file.content) > limits.max_input_file_bytes:
+            raise InvalidArgument(where, f"{quote(file.path)}: {len(file.content)} bytes, above "
+                                  f"the tenant's {limits.max_input_file_bytes >> 20} MiB")
+        prefixes = {"/".join(parts[:n]) for n in range(1, len(parts))}
+        if file.path in seen or file.path in folders or prefixes & seen:
+            raise InvalidArgument(where, f"{quote(file.path)} is given twice (or as a file "
+                                  "and a folder)")
+        seen.add(file.path)
+        folders |= prefixes
+        template = tenant.workspace_template
+        if template is not None and any(
+            (template / "/".join(parts[:n])).is_symlink() for n in range(1, len(parts) + 1)
+        ):
+            raise InvalidArgument(where, f"{quote(file.path)} passes through a symlink of the "
+                                  "workspace template")
+    return raw
 
 
 def _approval(raw: tuple[str, ...], tenant: Tenant, tools: set[str]) -> tuple[str, ...]:
@@ -282,6 +344,12 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
             request.require_approval, tenant, {*tools, *(t.name for t in caller_tools)}
         ),
         answer_timeout_s=_answer_timeout(request.answer_timeout_s, tenant),
+        output_schema_json=request.output_schema_json.strip(),
+        output_schema=(
+            json_schema("output_schema_json", request.output_schema_json)
+            if request.output_schema_json.strip() else None
+        ),
+        input_files=_input_files(request.input_files, tenant),
         model=request.model.strip(),
         labels=check_labels(request.labels),
         request_id=str(uuid.UUID(request.request_id)) if request.request_id else "",

@@ -13,7 +13,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
+import jsonschema
 from claude_agent_sdk import (
     ClaudeSDKClient,
     ClaudeSDKError,
@@ -38,6 +40,7 @@ from .pump import pump
 from .requests import SessionSpec
 from .retry import RetryPolicy, transient_api_failure
 from .translate import Verdict
+from .workspace_files import Stamp, collect_artifacts, snapshot, write_input_files
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,10 @@ class AgentRunner:
                 await self._launcher.folders.prepare(dirs, tenant)
             else:
                 warm.unmark()
+            try:
+                before = await asyncio.to_thread(self._bring_in, spec, tenant, dirs)
+            except OSError as exc:
+                return Outcome.failed(f"the input files could not be written: {exc}")
             if self._launcher.sandboxes is not None:
                 watch = asyncio.create_task(watch_limits(run.breach, live))
             outcome = await self._attempts(run)
@@ -154,6 +161,11 @@ class AgentRunner:
             breach = run.breach()
             if breach is not None:
                 outcome.verdict = Verdict(SessionState.ERROR, breach.reason, breach.message)
+            if spec.output_schema is not None and outcome.verdict.state is SessionState.COMPLETE:
+                outcome.verdict = check_structured(outcome.structured, spec.output_schema)
+            outcome.artifacts = await asyncio.to_thread(
+                collect_artifacts, dirs.cwd, before, tenant.files
+            )
             return outcome
         finally:
             if watch is not None:
@@ -248,6 +260,29 @@ class AgentRunner:
             return outcome, True
         except ClaudeSDKError as exc:
             return Outcome.failed(f"the agent failed: {exc}"), False
+
+
+    @staticmethod
+    def _bring_in(spec: SessionSpec, tenant: Tenant, dirs: SessionDirs) -> dict[str, Stamp]:
+        """Write the request's input files; what the workspace holds before the agent runs."""
+        write_input_files(dirs.cwd, spec.input_files, tenant.unix_ids())
+        return snapshot(dirs.cwd)
+
+
+def check_structured(value: Any, schema: dict[str, Any]) -> Verdict:
+    """COMPLETE if the structured result matches `schema`, else ERROR/INVALID_OUTPUT."""
+    if value is None:
+        return Verdict(SessionState.ERROR, ErrorReason.INVALID_OUTPUT,
+                       "the agent returned no structured result")
+    error = jsonschema.exceptions.best_match(
+        jsonschema.validators.validator_for(schema)(schema).iter_errors(value)
+    )
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(the result)"
+        return Verdict(SessionState.ERROR, ErrorReason.INVALID_OUTPUT,
+                       f"the structured result does not match the schema at {where}: "
+                       f"{error.message[:500]}")
+    return Verdict(SessionState.COMPLETE)
 
 
 def _now() -> float:

@@ -12,6 +12,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -86,6 +87,9 @@ class SessionRow(Base):
     # The caller tools' names and the approval patterns (NULL: none).
     caller_tools: Mapped[list[str] | None] = mapped_column(JSON)
     require_approval: Mapped[list[str] | None] = mapped_column(JSON)
+    # The request's output schema (JSON text) and the structured result that matched it.
+    output_schema: Mapped[str | None] = mapped_column(Text)
+    structured_result: Mapped[Any] = mapped_column(JSON, nullable=True)
 
 
 class SessionLabelRow(Base):
@@ -179,6 +183,22 @@ class SessionInputRow(Base):
     outcome: Mapped[str | None] = mapped_column(String(16))
     message: Mapped[str | None] = mapped_column(Text)
     answer: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class ArtifactRow(Base):
+    """A file an ended session created or changed in its workspace: its content while
+    within the tenant's limits, else NULL with the reason it was left out."""
+
+    __tablename__ = "session_artifacts"
+
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    path: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    content: Mapped[bytes | None] = mapped_column(LargeBinary)
+    omitted_reason: Mapped[str] = mapped_column(Text)
 
 
 class BudgetWindowRow(Base):

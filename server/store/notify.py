@@ -30,6 +30,8 @@ EVENTS_CHANNEL = "agentplane_events"
 BUDGET_CHANNEL = "agentplane_budget"
 # A session's input request was answered (payload: "<session id> <request id>").
 INPUTS_CHANNEL = "agentplane_inputs"
+# A session was deleted (payload: its id): every replica forgets it.
+DELETED_CHANNEL = "agentplane_deleted"
 
 # Keys of a store session's `info`: its bus, and what it notified in its transaction.
 BUS = "agentplane.bus"

@@ -9,12 +9,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from ..domain import ErrorReason, Event, EventKind, Session, SessionState, TokenUsage
-from .models import EventRow, SessionInputRow, SessionLabelRow, SessionRow, ToolUseRow, table
+from .models import (
+    EventRow,
+    SessionInputRow,
+    SessionLabelRow,
+    SessionRow,
+    ToolUseRow,
+    TranscriptEntryRow,
+    TranscriptRow,
+    table,
+)
 from .notify import EVENTS_CHANNEL, notify
+from .transcripts import project_key
 
 
 def _to_domain(row: SessionRow) -> Session:
@@ -47,6 +57,8 @@ def _to_domain(row: SessionRow) -> Session:
         resumed_from=row.resumed_from or "",
         caller_tools=tuple(row.caller_tools or ()),
         require_approval=tuple(row.require_approval or ()),
+        output_schema=row.output_schema or "",
+        structured_result=row.structured_result,
     )
 
 
@@ -68,6 +80,7 @@ def _outcome_columns(session: Session) -> dict[str, object]:
         "error_message": session.error_message,
         "sdk_session_id": session.sdk_session_id,
         "result": session.result,
+        "structured_result": session.structured_result,
     }
 
 
@@ -96,6 +109,7 @@ async def insert_session(
         "resumed_from": session.resumed_from or None,
         "caller_tools": list(session.caller_tools) or None,
         "require_approval": list(session.require_approval) or None,
+        "output_schema": session.output_schema or None,
         "owner": owner,
         "lease_expires_at": lease_until,
         **_outcome_columns(session),
@@ -327,3 +341,37 @@ async def list_events(
         Event(session_id=r.session_id, seq=r.seq, time=r.time, kind=EventKind(r.kind), data=r.payload)
         for r in rows
     ]
+
+
+async def delete_session(db: DbSession, session: Session) -> bool:
+    """Delete an ended session and all that hangs off it (events, labels, tool uses,
+    metered requests, input requests, artifacts: by cascade), and its transcript unless
+    another session of the tenant continues the same conversation. False if it was gone
+    or not ended (then nothing is deleted)."""
+    deleted = await db.execute(delete(SessionRow).where(
+        SessionRow.id == session.id, SessionRow.tenant == session.tenant,
+        SessionRow.state.in_([SessionState.COMPLETE.value, SessionState.ERROR.value]),
+    ))
+    if deleted.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    conversation = session.sdk_session_id
+    if conversation and not await db.scalar(select(exists().where(
+        SessionRow.tenant == session.tenant, SessionRow.sdk_session_id == conversation
+    ))):
+        for model in (TranscriptEntryRow, TranscriptRow):
+            await db.execute(delete(model).where(
+                model.project_key == project_key(session.tenant),
+                model.session_id == conversation,
+            ))
+    return True
+
+
+async def ended_before(db: DbSession, tenant: str, before: datetime, limit: int) -> list[Session]:
+    """Up to `limit` of the tenant's sessions that ended before `before` (retention)."""
+    rows = await db.scalars(
+        select(SessionRow)
+        .where(SessionRow.tenant == tenant, SessionRow.ended_at < before,
+               SessionRow.state.in_([SessionState.COMPLETE.value, SessionState.ERROR.value]))
+        .order_by(SessionRow.ended_at).limit(limit)
+    )
+    return [_to_domain(row) for row in rows]

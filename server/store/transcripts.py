@@ -122,6 +122,11 @@ class SqlSessionStore:
             return list(rows)
 
 
+def project_key(tenant: str) -> str:
+    """The project_key of every transcript of `tenant` (see TenantTranscripts)."""
+    return f"tenant:{tenant}"
+
+
 class TenantTranscripts:
     """A SessionStore view confined to one tenant.
 
@@ -132,7 +137,7 @@ class TenantTranscripts:
 
     def __init__(self, store: SqlSessionStore, tenant: str) -> None:
         self._store = store
-        self._project = f"tenant:{tenant}"
+        self._project = project_key(tenant)
 
     def _key(self, key: Key) -> Key:
         return {**key, "project_key": self._project}
