@@ -27,25 +27,81 @@ class CertificateProblem(ValueError):
 
 @dataclass(frozen=True)
 class CertIdentity:
-    """Who a client certificate names: its subject (RFC 4514, as `canonical_subject`
-    writes it) and its subject alternative names (DNS names, URIs, e-mail addresses, IP
+    """Who a client certificate names: its subject (as `canonical_subject` writes it)
+    and its subject alternative names (DNS names, URIs, e-mail addresses, IP
     addresses, as text)."""
 
     subject: str
     sans: frozenset[str]
 
 
+# Attribute names people write for the same attribute (OpenSSL's and RFC 4514's).
+_ALIASES = {"EMAILADDRESS": "1.2.840.113549.1.9.1", "E": "1.2.840.113549.1.9.1", "S": "ST",
+            "SERIALNUMBER": "2.5.4.5"}
+
+
+def _split(text: str, separators: str) -> list[str]:
+    """`text` split at the separators that no backslash escapes (escapes kept)."""
+    parts, current, escaped = [], "", False
+    for char in text:
+        if escaped:
+            current += "\\" + char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char in separators:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    if escaped:
+        raise ValueError("ends in a lone backslash")
+    return [*parts, current]
+
+
+def _unescape(value: str) -> str:
+    out, escaped = "", False
+    for char in value:
+        if escaped or char != "\\":
+            out += char
+            escaped = False
+        else:
+            escaped = True
+    return out
+
+
+def _canonical(pairs: list[tuple[str, str]]) -> str:
+    """Attribute pairs in one spelling: names upper case, sorted, values escaped."""
+    def escape(value: str) -> str:
+        return value.replace("\\", "\\\\").replace(",", "\\,").replace("+", "\\+")
+
+    return ",".join(sorted(f"{name}={escape(value)}" for name, value in pairs))
+
+
 def canonical_subject(text: str) -> str:
-    """A distinguished name as RFC 4514 text in one spelling (`CN=a,O=b`), so that the
-    tenants file and a certificate compare equal however spaces and case were written;
-    ValueError when it is not a distinguished name."""
+    """A distinguished name (`CN=billing,O=Acme`) in one spelling, so that the tenants
+    file and a certificate compare equal however it was written: the order of its
+    attributes, spaces around them and the case of their names do not matter, values
+    compare exactly. ValueError when it is not a distinguished name."""
+    pairs = []
     try:
-        name = x509.Name.from_rfc4514_string(text)
+        for part in _split(text, ",+;"):
+            name, sep, value = part.partition("=")
+            name, value = name.strip().upper(), value.strip()
+            if not sep or not name or not value:
+                raise ValueError(f"{part.strip()!r} is not NAME=value")
+            pairs.append((_ALIASES.get(name, name), _unescape(value)))
     except ValueError as exc:
-        raise ValueError(f"{text!r} is not an RFC 4514 distinguished name: {exc}") from None
-    if not list(name):
-        raise ValueError(f"{text!r} is an empty distinguished name")
-    return name.rfc4514_string()
+        raise ValueError(f"{text!r} is not a distinguished name such as "
+                         f"'CN=billing,O=Acme': {exc}") from None
+    return _canonical(pairs)
+
+
+def name_subject(name: x509.Name) -> str:
+    """A certificate's subject as `canonical_subject` writes it."""
+    return _canonical([(_ALIASES.get(a.rfc4514_attribute_name.upper(),
+                                     a.rfc4514_attribute_name.upper()), str(a.value))
+                       for a in name])
 
 
 @functools.lru_cache(maxsize=1024)
@@ -63,7 +119,7 @@ def peer_identity(pem: bytes) -> CertIdentity:
             if isinstance(name, x509.DNSName | x509.UniformResourceIdentifier
                           | x509.RFC822Name | x509.IPAddress)
         )
-    return CertIdentity(cert.subject.rfc4514_string(), sans)
+    return CertIdentity(name_subject(cert.subject), sans)
 
 
 @dataclass(frozen=True)
