@@ -318,7 +318,8 @@ class App:
             self.sessions.pool.start()  # once ready: a server that cannot serve spends nothing
         if self.reloader is not None:
             self._background.append(
-                asyncio.create_task(self.reloader.watch(), name="tenants-file"))
+                asyncio.create_task(self.reloader.watch(self.settings.tenants_poll_s),
+                                    name="tenants-file"))
         if self.notifications is not None:
             # Cancels, events and budget changes of the other replicas, as they commit.
             self._background.append(

@@ -236,6 +236,10 @@ class Settings:
         "`default` tenant, no auth (logged)",
         shown="unset",
     )
+    tenants_poll_s: float = setting(
+        "AGENTPLANE_TENANTS_POLL_S", _seconds, "1",
+        "how often the tenants file is read to see whether it changed",
+    )
     anthropic_base_url: str | None = setting(
         "ANTHROPIC_BASE_URL", _optional(_http_url), "",
         "the model API behind the metering gateway (unset: the Anthropic API)",

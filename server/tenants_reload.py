@@ -20,8 +20,8 @@ from .tenants import TenantChanges, TenantRegistry
 
 log = logging.getLogger(__name__)
 
-# How often the file is read to see whether it changed (it is small: reading it whole
-# also catches an edit that keeps its size and mtime).
+# How often the file is read to see whether it changed (AGENTPLANE_TENANTS_POLL_S). It is
+# small: reading it whole also catches an edit that keeps its size and mtime.
 POLL_INTERVAL_S = 1.0
 
 
@@ -49,7 +49,8 @@ class TenantsReloader:
         self._seen: bytes | str | None = None
         self._lock = asyncio.Lock()  # SIGHUP and the watcher, one reload at a time
         self.problem: str | None = None  # why the file on disk is not in force
-        self.reloads = 0  # valid files applied since start
+        self.reloads = 0  # valid files that changed something, applied since start
+        self.reads = 0  # times the file was read
 
     async def reload(self, trigger: str) -> TenantChanges | None:
         """Read the file now and apply it if it is valid; what changed (None: invalid)."""
@@ -69,6 +70,7 @@ class TenantsReloader:
             await asyncio.sleep(interval_s)
 
     async def _read(self) -> bytes | ConfigError:
+        self.reads += 1
         try:
             return await asyncio.to_thread(self.path.read_bytes)
         except OSError as exc:
