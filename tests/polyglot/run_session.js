@@ -6,10 +6,13 @@
 //   node run_session.js --prompt "Say hi" [--target TARGET] [--token TOKEN]
 //                       [--model M] [--budget USD] [--timeout SECONDS] [--protos DIR]
 //                       [--sessions N] [--health-service NAME]
+//                       [--ca-file PEM [--cert-file PEM --key-file PEM]]
 //   node run_session.js --print-service-config
 //
 // --target defaults to $AGENTPLANE_TARGET or 127.0.0.1:50051, --token to $AGENTPLANE_TOKEN;
 // several replicas: ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT (see SERVICE_CONFIG).
+// --ca-file: connect with TLS, trusting that CA; --cert-file/--key-file: a client
+// certificate (mTLS). Without them the channel is plaintext.
 // Checks Health/Check of --health-service (default "") == SERVING, reads the caller's
 // budget, runs --sessions sessions (default 1) one after the other, each to its `result`
 // event, and prints ONE JSON line (the fields of the last session, and all of them):
@@ -21,6 +24,7 @@
 
 'use strict';
 
+const fs = require('node:fs');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
 const grpc = require('@grpc/grpc-js');
@@ -88,6 +92,9 @@ function options() {
         protos: { type: 'string', default: path.resolve(__dirname, '..', '..', 'protos') },
         sessions: { type: 'string', default: '1' },
         'health-service': { type: 'string', default: '' },
+        'ca-file': { type: 'string' },
+        'cert-file': { type: 'string' },
+        'key-file': { type: 'string' },
         'print-service-config': { type: 'boolean', default: false },
       },
       allowPositionals: true,
@@ -101,6 +108,12 @@ function options() {
   if (!opts.prompt) usage('a prompt is required (--prompt TEXT)');
   opts.timeout = Number(opts.timeout);
   if (!(opts.timeout > 0)) usage('--timeout must be a positive number of seconds');
+  if ((opts['cert-file'] === undefined) !== (opts['key-file'] === undefined)) {
+    usage('--cert-file and --key-file go together');
+  }
+  if (opts['cert-file'] !== undefined && opts['ca-file'] === undefined) {
+    usage('a client certificate needs TLS: give --ca-file too');
+  }
   opts.sessions = Number(opts.sessions);
   if (!(Number.isInteger(opts.sessions) && opts.sessions > 0)) {
     usage('--sessions must be a positive integer');
@@ -114,6 +127,13 @@ function load(protosDir) {
     { ...LOADER_OPTIONS, includeDirs: [protosDir, __dirname] },
   );
   return grpc.loadPackageDefinition(definition);
+}
+
+// Plaintext, or TLS trusting --ca-file (with --cert-file/--key-file: mTLS).
+function channelCredentials(opts) {
+  if (opts['ca-file'] === undefined) return grpc.credentials.createInsecure();
+  const read = (name) => (opts[name] === undefined ? null : fs.readFileSync(opts[name]));
+  return grpc.credentials.createSsl(read('ca-file'), read('key-file'), read('cert-file'));
 }
 
 function deadline(seconds) {
@@ -171,7 +191,7 @@ async function main() {
   const opts = options();
   if (opts['print-service-config']) return SERVICE_CONFIG;
   const pkg = load(opts.protos);
-  const credentials = grpc.credentials.createInsecure();
+  const credentials = channelCredentials(opts);
   const metadata = new grpc.Metadata();
   if (opts.token) metadata.add('authorization', `Bearer ${opts.token}`);
 
