@@ -4,6 +4,8 @@ rotation on disk taken without a restart; check-config checks certificates and k
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -225,6 +227,41 @@ async def test_without_a_trusted_client_certificate_no_connection_is_made(
     # Health needs no tenant: a probe's certificate is enough.
     async with client(mtls, ca=pki.ca.pem, pair=clients.probe) as c:
         assert await c.health("readiness") == HealthStatus.SERVING
+
+
+async def test_the_cli_speaks_tls_and_mtls(mtls: Harness, pki: Pki, clients: Clients) -> None:
+    folder = short_dir("tlscli")
+    try:
+        ca_file = folder / "ca.crt"
+        ca_file.write_bytes(pki.ca.pem)
+        billing_cert, billing_key = clients.billing.write(folder, "billing")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
+
+        async def cli(*argv: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agentplane.cli", "--target",
+                f"localhost:{mtls.app.port}", *argv, env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode is not None
+            return proc.returncode, out.decode(), err.decode()
+
+        mutual = ("--ca-file", str(ca_file), "--cert-file", str(billing_cert),
+                  "--key-file", str(billing_key))
+        code, out, err = await cli(*mutual, "budget", "--json")
+        assert code == 0, err
+        assert json.loads(out)["tenant"] == "billing"
+        # The certificate names 127.0.0.1 and localhost; --server-name checks another name.
+        code, _, err = await cli(*mutual, "--server-name", "agentplane.example", "health")
+        assert code == 3 and "UNAVAILABLE" in err
+        code, _, err = await cli("--tls", "--ca-file", str(ca_file), "health")  # no certificate
+        assert code == 3 and "UNAVAILABLE" in err
+        code, _, err = await cli("--cert-file", str(billing_cert), "health")
+        assert code == 2 and "--cert-file and --key-file go together" in err
+        code, _, err = await cli("--ca-file", str(folder / "missing.crt"), "health")
+        assert code == 2 and "cannot read" in err and "missing.crt" in err
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- check-config -----------------------------------------------------------------------------
