@@ -8,10 +8,13 @@
 //                       [--sessions N] [--health-service NAME]
 //                       [--caller-tool JSON]... [--tool-result TEXT]
 //                       [--require-approval PATTERN]... [--permission allow|deny]
+//                       [--ca-file PEM [--cert-file PEM --key-file PEM]]
 //   node run_session.js --print-service-config
 //
 // --target defaults to $AGENTPLANE_TARGET or 127.0.0.1:50051, --token to $AGENTPLANE_TOKEN;
 // several replicas: ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT (see SERVICE_CONFIG).
+// --ca-file: connect with TLS, trusting that CA; --cert-file/--key-file: a client
+// certificate (mTLS). Without them the channel is plaintext.
 // Checks Health/Check of --health-service (default "") == SERVING, reads the caller's
 // budget, runs --sessions sessions (default 1) one after the other, each to its `result`
 // event, and prints ONE JSON line (the fields of the last session, and all of them):
@@ -30,6 +33,7 @@
 
 'use strict';
 
+const fs = require('node:fs');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
 const grpc = require('@grpc/grpc-js');
@@ -101,6 +105,9 @@ function options() {
         'tool-result': { type: 'string' },
         'require-approval': { type: 'string', multiple: true, default: [] },
         permission: { type: 'string' },
+        'ca-file': { type: 'string' },
+        'cert-file': { type: 'string' },
+        'key-file': { type: 'string' },
         'print-service-config': { type: 'boolean', default: false },
       },
       allowPositionals: true,
@@ -122,6 +129,12 @@ function options() {
   if (opts.permission !== undefined && !['allow', 'deny'].includes(opts.permission)) {
     usage('--permission must be allow or deny');
   }
+  if ((opts['cert-file'] === undefined) !== (opts['key-file'] === undefined)) {
+    usage('--cert-file and --key-file go together');
+  }
+  if (opts['cert-file'] !== undefined && opts['ca-file'] === undefined) {
+    usage('a client certificate needs TLS: give --ca-file too');
+  }
   opts.sessions = Number(opts.sessions);
   if (!(Number.isInteger(opts.sessions) && opts.sessions > 0)) {
     usage('--sessions must be a positive integer');
@@ -135,6 +148,13 @@ function load(protosDir) {
     { ...LOADER_OPTIONS, includeDirs: [protosDir, __dirname] },
   );
   return grpc.loadPackageDefinition(definition);
+}
+
+// Plaintext, or TLS trusting --ca-file (with --cert-file/--key-file: mTLS).
+function channelCredentials(opts) {
+  if (opts['ca-file'] === undefined) return grpc.credentials.createInsecure();
+  const read = (name) => (opts[name] === undefined ? null : fs.readFileSync(opts[name]));
+  return grpc.credentials.createSsl(read('ca-file'), read('key-file'), read('cert-file'));
 }
 
 function deadline(seconds) {
@@ -227,7 +247,7 @@ async function main() {
   const opts = options();
   if (opts['print-service-config']) return SERVICE_CONFIG;
   const pkg = load(opts.protos);
-  const credentials = grpc.credentials.createInsecure();
+  const credentials = channelCredentials(opts);
   const metadata = new grpc.Metadata();
   if (opts.token) metadata.add('authorization', `Bearer ${opts.token}`);
 
