@@ -90,7 +90,7 @@ def tenants_toml(workspace: Path) -> str:
         tenant_toml(
             "globex", TOKENS["globex"], anthropic_api_key_env="AGENTPLANE_TEST_GLOBEX_KEY",
             allowed_tools=["Read"], daily_limit_usd=10.0, max_session_budget_usd=0.5, max_turns=4,
-            max_concurrent_sessions=2, max_duration_s=3,
+            max_concurrent_sessions=2,
         ),
         tenant_toml(
             "small", TOKENS["small"], anthropic_api_key_env=key, allowed_tools=["Read"],

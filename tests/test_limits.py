@@ -9,7 +9,15 @@ import grpc
 import pytest
 from agentplane.server.sandbox import Script, Step
 from agentplane.v1 import session_pb2
-from harness import MODEL, Harness, agent_processes, error_details, start_harness, stop_harness
+from harness import (
+    MODEL,
+    Harness,
+    agent_processes,
+    error_details,
+    start_harness,
+    stop_harness,
+    tenant_toml,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -77,12 +85,17 @@ async def test_a_silent_agent_times_out(tight: Harness) -> None:
 
 
 async def test_a_session_past_its_maximum_duration_times_out(tight: Harness) -> None:
-    # globex sessions may run 3 s; a hanging model call outlasts that. The shared server's
-    # idle timeout (1.5 s) would end it first, so this uses a server with a long one.
-    h = await start_harness(tight.database_url, session_idle_timeout_s=30)
+    # `brief` sessions may run 3 s; a hanging model call outlasts that. The shared server's
+    # idle timeout (1.5 s) would end it first, so this uses a server with a long one. (Only
+    # this tenant is that brief: on a loaded machine, 3 s fail ordinary sessions too.)
+    h = await start_harness(tight.database_url, session_idle_timeout_s=30, extra_tenants=(
+        tenant_toml("brief", "brief-token-10", anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+                    allowed_tools=["Read"], max_duration_s=3)))
     try:
         h.sandbox.add_script("hang", Script(steps=[Step(hang=True)]))
-        session = await finish(start(h, "globex", "[[sandbox:hang]] wait"))
+        session = await finish(h.sessions.RunSession(
+            session_pb2.RunSessionRequest(prompt="[[sandbox:hang]] wait", model=MODEL),
+            metadata=[("authorization", "Bearer brief-token-10")]))
     finally:
         await stop_harness(h)
     assert session.error.reason == session_pb2.ERROR_REASON_TIMEOUT
