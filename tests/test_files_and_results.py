@@ -221,6 +221,7 @@ async def test_delete_session_leaves_no_row_and_keeps_the_spend(harness: Harness
     assert deleted.session_id == final.id
 
     assert set((await rows_of(harness, final.id)).values()) == {0}
+    assert not [p for p in harness.work_dir.rglob("*") if final.id in p.name]  # no file either
     assert await transcript_rows(harness, final.sdk_session_id) == 0
     err = await refused(harness.sessions.GetSession(
         session_pb2.GetSessionRequest(session_id=final.id), metadata=harness.auth("files")))
