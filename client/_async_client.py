@@ -18,9 +18,9 @@ from . import _files as files
 from . import _inputs as inputs
 from . import _requests as rq
 from ._channel import ChannelOptions, Target
-from ._client import make_credentials
 from ._errors import AgentplaneError, RPCError
 from ._health import CHECK_METHOD, HealthStatus, decode_response, encode_request
+from ._tls import make_credentials, tls_options
 from .v1 import (
     budget_pb2,
     budget_pb2_grpc,
@@ -99,10 +99,11 @@ class AsyncEventStream(AsyncIterator[session_pb2.SessionEvent]):
 class AsyncClient:
     """An asyncio agentplane client; the same methods as :class:`Client`, awaitable.
 
-    ``target``, ``token``, ``secure``, ``root_certificates``, ``timeout`` and ``options``
-    are those of :class:`Client` (several replicas: health-checked ``round_robin``;
-    UNAVAILABLE retried). Create it inside the event loop that uses it (grpc.aio binds a
-    channel to its loop); use it as an async context manager, or await :meth:`close`.
+    ``target``, ``token``, ``secure``, ``root_certificates``, ``certificate_chain``,
+    ``private_key``, ``server_name``, ``timeout`` and ``options`` are those of
+    :class:`Client` (several replicas: health-checked ``round_robin``; UNAVAILABLE
+    retried; TLS and mTLS). Create it inside the event loop that uses it (grpc.aio binds
+    a channel to its loop); use it as an async context manager, or await :meth:`close`.
     """
 
     def __init__(
@@ -112,14 +113,18 @@ class AsyncClient:
         token: str | None = None,
         secure: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        server_name: str | None = None,
         timeout: float | None = None,
         options: ChannelOptions | None = None,
     ) -> None:
         self.target, self.balanced = _channel.resolve(target)
         self.timeout = timeout
         self._metadata = rq.auth_metadata(rq.resolve_token(token))
-        credentials = make_credentials(secure, root_certificates)
-        opts = _channel.channel_options(self.balanced, options)
+        credentials = make_credentials(secure, root_certificates, certificate_chain, private_key)
+        opts = _channel.channel_options(
+            self.balanced, [*(options or ()), *tls_options(server_name, credentials)])
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(self.target, options=opts)
         else:

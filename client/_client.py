@@ -18,6 +18,7 @@ from . import _requests as rq
 from ._channel import ChannelOptions, Target
 from ._errors import AgentplaneError, RPCError
 from ._health import CHECK_METHOD, HealthStatus, decode_response, encode_request
+from ._tls import make_credentials, tls_options
 from .v1 import (
     budget_pb2,
     budget_pb2_grpc,
@@ -28,15 +29,6 @@ from .v1 import (
 )
 
 T = TypeVar("T")
-
-
-def make_credentials(
-    secure: bool, root_certificates: bytes | None
-) -> grpc.ChannelCredentials | None:
-    """TLS credentials when asked for (a root certificate implies TLS), else None."""
-    if not secure and root_certificates is None:
-        return None
-    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
 
 class EventStream(Iterator[session_pb2.SessionEvent]):
@@ -108,7 +100,10 @@ class Client:
     ``dns:///name:port`` target, and get health-checked ``round_robin`` (see
     :func:`agentplane.service_config`); UNAVAILABLE is retried in any case. ``token``
     defaults to ``$AGENTPLANE_TOKEN`` (sent as ``authorization: Bearer <token>``; none for a
-    dev-mode server). ``secure`` (or ``root_certificates``, PEM bytes) selects TLS.
+    dev-mode server). ``secure`` (or ``root_certificates``, PEM bytes of the CA to trust
+    instead of the system's) selects TLS; ``certificate_chain`` and ``private_key`` (PEM
+    bytes) are a client certificate for a server that requires one (mTLS), and
+    ``server_name`` the name its certificate must carry when it differs from the target's.
     ``timeout`` is the deadline in seconds of each unary call; streaming calls take their
     own. ``options`` are grpc channel options (a ``grpc.service_config`` there replaces
     agentplane's). Use it as a context manager, or call :meth:`close`.
@@ -121,14 +116,18 @@ class Client:
         token: str | None = None,
         secure: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+        server_name: str | None = None,
         timeout: float | None = None,
         options: ChannelOptions | None = None,
     ) -> None:
         self.target, self.balanced = _channel.resolve(target)
         self.timeout = timeout
         self._metadata = rq.auth_metadata(rq.resolve_token(token))
-        credentials = make_credentials(secure, root_certificates)
-        opts = _channel.channel_options(self.balanced, options)
+        credentials = make_credentials(secure, root_certificates, certificate_chain, private_key)
+        opts = _channel.channel_options(
+            self.balanced, [*(options or ()), *tls_options(server_name, credentials)])
         if credentials is None:
             self._channel = grpc.insecure_channel(self.target, options=opts)
         else:

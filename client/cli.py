@@ -13,7 +13,8 @@
 
 Global flags (before or after the command): --target (default $AGENTPLANE_TARGET or
 127.0.0.1:50051; several replicas: HOST:PORT,HOST:PORT or dns:///NAME:PORT), --token
-(default $AGENTPLANE_TOKEN), --timeout SECONDS.
+(default $AGENTPLANE_TOKEN), --timeout SECONDS; TLS: --tls, --ca-file PEM (implies --tls),
+--cert-file PEM --key-file PEM (a client certificate, mTLS), --server-name NAME.
 
 `run` answers what the session asks its caller: at a terminal it asks you to approve each
 tool that needs approval (y/n, and why not) and to answer the agent's questions; with
@@ -37,6 +38,7 @@ import sys
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 from . import _prompt
 from . import _render as render
@@ -342,6 +344,19 @@ def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--timeout", type=_positive_float, default=default(None), metavar="SECONDS",
         help="deadline of each call (for run/stream: of the whole session)",
     )
+    group.add_argument(
+        "--tls", action="store_true", default=default(False),
+        help="connect with TLS, verifying the server with the system's CAs (or --ca-file)",
+    )
+    group.add_argument("--ca-file", default=default(None), metavar="PEM",
+                       help="CA certificate(s) to verify the server with (implies --tls)")
+    group.add_argument("--cert-file", default=default(None), metavar="PEM",
+                       help="client certificate chain, for a server that requires one (mTLS)")
+    group.add_argument("--key-file", default=default(None), metavar="PEM",
+                       help="the client certificate's private key")
+    group.add_argument("--server-name", default=default(None), metavar="NAME",
+                       help="the name the server's certificate must carry, when it is not "
+                            "the target's host (e.g. dialling 127.0.0.1 in a pod)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -455,6 +470,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tls_files(args: argparse.Namespace) -> dict[str, Any]:
+    """The Client's TLS arguments from --tls, --ca-file, --cert-file, --key-file and
+    --server-name, each of which but --tls implies TLS (the files read here; OSError when
+    one cannot be, ValueError for a certificate without its key or a key without it)."""
+    if (args.cert_file is None) != (args.key_file is None):
+        raise ValueError("--cert-file and --key-file go together (a client certificate "
+                         "and its key)")
+    files = {"root_certificates": args.ca_file, "certificate_chain": args.cert_file,
+             "private_key": args.key_file}
+    tls: dict[str, Any] = {
+        name: Path(path).read_bytes() for name, path in files.items() if path is not None}
+    if args.server_name is not None:
+        tls["server_name"] = args.server_name
+    if args.tls or tls:
+        tls["secure"] = True
+    return tls
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = build_parser()
@@ -463,7 +496,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        client = Client(args.target, token=args.token, timeout=args.timeout)
+        tls = _tls_files(args)
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:
+        _err(f"cannot read {exc.filename}: {exc.strerror}")
+        return EXIT_USAGE
+    try:
+        client = Client(args.target, token=args.token, timeout=args.timeout, **tls)
     except ValueError as exc:  # a bad address list, from --target or $AGENTPLANE_TARGET
         _err(f"target: {exc}")
         return EXIT_USAGE

@@ -99,6 +99,26 @@ def _missing_keys(tenants: TenantRegistry) -> list[str]:
     return lines
 
 
+def _check_config(settings: Settings, tenants: TenantRegistry) -> int:
+    """What `serve` would refuse, without starting anything: the settings, the tenants
+    file, the TLS certificate, key and client CA. Raises ConfigError."""
+    from .app import price_table, tenant_checks
+    from .tls import certificate_files
+
+    certificates = certificate_files(settings)
+    prices = price_table(settings)
+    tenant_checks(settings, prices.price)(tenants)
+    print(f"configuration ok: {len(tenants.tenants)} tenant(s)"
+          + (" (dev mode)" if tenants.dev_mode else ""))
+    if certificates is not None and certificates.material is not None:
+        material = certificates.material
+        print(f"tls: {material.subject}, valid until {material.not_after:%Y-%m-%d %H:%M} UTC"
+              + ("; client certificates required (mTLS)" if certificates.mutual else ""))
+    for line in _missing_keys(tenants):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "serve"
@@ -129,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tenants = load_tenants(settings)  # a bad tenants file stops us before anything starts
         if command == "check-config":
-            print(f"configuration ok: {len(tenants.tenants)} tenant(s)"
-                  + (" (dev mode)" if tenants.dev_mode else ""))
-            for line in _missing_keys(tenants):
-                print(line)
-            return 0
+            return _check_config(settings, tenants)
         return asyncio.run(
             _dev(settings, tenants) if command == "dev" else serve(settings, tenants)
         )

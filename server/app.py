@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .budgets.gateway import MeteringGateway
 from .budgets.ledger import BudgetReader
 from .budgets.pricing import PriceTable
 from .config import Settings
-from .errors import ConfigError
+from .errors import ConfigError, InvalidArgument
 from .health import Health
 from .isolation.sandboxes import Sandboxes, SandboxUnavailable
 from .sessions.capacity import Capacity
@@ -49,7 +50,9 @@ from .store.notify import Bus, Listener
 from .store.transcripts import SqlSessionStore
 from .telemetry.observer import TelemetryObserver
 from .telemetry.setup import ContentPolicy, Telemetry
-from .tenants import MAX_INPUT_TOTAL_BYTES, TenantRegistry
+from .tenants import MAX_INPUT_TOTAL_BYTES, TenantChanges, TenantRegistry
+from .tenants_reload import TenantsReloader
+from .tls import CertificateFiles, certificate_files
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,32 @@ def load_tenants(settings: Settings) -> TenantRegistry:
     if settings.tenants_file is None:
         return TenantRegistry.dev()
     return TenantRegistry.load(settings.tenants_file)
+
+
+def tenant_checks(
+    settings: Settings, check_model: Callable[[str], object]
+) -> Callable[[TenantRegistry], None]:
+    """What the server checks of a tenants file beyond its own rules, at start and before
+    a reload applies it: warm-pool models it can price, certificate bindings it can
+    verify. Raises ConfigError."""
+
+    def check(registry: TenantRegistry) -> None:
+        for tenant in registry.tenants.values():
+            if tenant.warm_pool_size > 0 and tenant.warm_pool_model:
+                try:
+                    check_model(tenant.warm_pool_model)
+                except InvalidArgument as exc:
+                    raise ConfigError(
+                        f"tenants.{tenant.name}.warm_pool_model", exc.description) from None
+            if tenant.binds_certificates and settings.tls_client_ca_file is None:
+                key = "client_cert_sans" if tenant.client_cert_sans else "client_cert_subjects"
+                raise ConfigError(
+                    f"tenants.{tenant.name}.{key}",
+                    "binding a tenant to client certificates needs mTLS: set "
+                    "AGENTPLANE_TLS_CLIENT_CA_FILE (and the TLS certificate and key)",
+                )
+
+    return check
 
 
 def _engine(settings: Settings, pool: tuple[int, int] = POOL) -> AsyncEngine:
@@ -80,6 +109,14 @@ async def _sandboxes(settings: Settings, cli: Path, gateway: MeteringGateway) ->
             f"cannot sandbox sessions: {exc}; or set AGENTPLANE_SANDBOX=none to run agents "
             "unsandboxed (unsafe with more than one tenant)"
         )) from None
+
+
+def price_table(settings: Settings) -> PriceTable:
+    """The packaged price table, with AGENTPLANE_PRICES_FILE over it."""
+    prices = PriceTable.load()
+    if settings.prices_file is not None:
+        prices = prices.override(settings.prices_file)
+    return prices
 
 
 def telemetry_for(settings: Settings) -> Telemetry:
@@ -113,6 +150,9 @@ class App:
     budgets: BudgetReader | None = None
     # The running sessions' own pool (see SessionManager).
     upkeep_engine: AsyncEngine | None = None
+    # TLS on the gRPC port (None: plaintext); the tenants file's watcher (None: dev mode).
+    certificates: CertificateFiles | None = None
+    reloader: TenantsReloader | None = None
     _ready_task: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -128,6 +168,7 @@ class App:
         settings say) is the App's own: stop() flushes and closes it. If anything fails,
         what was opened so far is closed before the error propagates."""
         tenants = tenants or load_tenants(settings)
+        certificates = certificate_files(settings)  # checked before anything opens
         if tenants.dev_mode:
             log.warning("no AGENTPLANE_TENANTS_FILE: dev mode, one `default` tenant, no auth")
         if not settings.sandbox:
@@ -138,13 +179,15 @@ class App:
             )
         resources = contextlib.AsyncExitStack()  # the app's own from here: stop() closes it
         try:
-            app = await cls._open(resources, settings, tenants, telemetry)
+            app = await cls._open(resources, settings, tenants, telemetry, certificates)
         except BaseException:
             await resources.aclose()
             raise
         app._ready_task = asyncio.create_task(app._start_up())
-        log.info("agentplane listening on %s",
-                 settings.listen.rsplit(":", 1)[0] + f":{app.port}")
+        log.info("agentplane listening on %s (%s)",
+                 settings.listen.rsplit(":", 1)[0] + f":{app.port}",
+                 "plaintext" if certificates is None
+                 else "TLS, client certificates required" if certificates.mutual else "TLS")
         return app
 
     @classmethod
@@ -154,6 +197,7 @@ class App:
         settings: Settings,
         tenants: TenantRegistry,
         telemetry: Telemetry | None,
+        certificates: CertificateFiles | None,
     ) -> App:
         """Open every part in order, each registered in `resources` to be closed in
         reverse order."""
@@ -173,12 +217,8 @@ class App:
         await health.init(sandboxed=settings.sandbox)
         resources.push_async_callback(health.shutdown)
         settings.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if any(t.os_user for t in tenants.tenants.values()):
-            # Agents running as tenants' own users must traverse (not list) the root.
-            settings.work_dir.chmod(0o711)
-        prices = PriceTable.load()
-        if settings.prices_file is not None:
-            prices = prices.override(settings.prices_file)
+        _open_work_dir(settings.work_dir, tenants)
+        prices = price_table(settings)
         cli = settings.cli_path or BUNDLED_CLI
         # Per server (pid): replicas may share a work dir.
         socket = settings.work_dir / f".gateway-{os.getpid()}.sock"
@@ -222,15 +262,16 @@ class App:
             ),
             on_served=observer.pool_served,
         )
-        if pool.enabled:
-            pool.check_models()
-            resources.push_async_callback(pool.close)
+        check_tenants = tenant_checks(settings, launcher.check_model)
+        check_tenants(tenants)
+        # A pool even with no tenant's pool configured: a reload may add one.
+        resources.push_async_callback(pool.close)
         sessions = SessionManager(
             db,
             launcher,
             runner,
             capacity,
-            pool=pool if pool.enabled else None,
+            pool=pool,
             observer=observer,
             leases=LeaseConfig(
                 owner=f"agentplane-{uuid.uuid4().hex[:12]}", ttl_s=settings.lease_ttl_s
@@ -239,10 +280,20 @@ class App:
             upkeep_db=upkeep_db,
         )
         budgets = BudgetReader(db)
+        reloader = None
+        if settings.tenants_file is not None and not tenants.dev_mode:
+            reloader = TenantsReloader(
+                settings.tenants_file, tenants, check=check_tenants,
+                applied=_follow_tenants(settings, sessions, pool, launcher),
+                status=health.tenants,
+            )
         server = _grpc_server(telemetry, tenants, sessions, db, budgets, health)
         resources.push_async_callback(server.stop, 1.0)
         try:
-            port = server.add_insecure_port(settings.listen)
+            if certificates is None:
+                port = server.add_insecure_port(settings.listen)
+            else:
+                port = server.add_secure_port(settings.listen, certificates.credentials())
         except RuntimeError:  # grpcio raises where older releases returned 0
             port = 0
         if port == 0:
@@ -252,7 +303,7 @@ class App:
         await server.start()
         app = cls(
             settings, tenants, server, health, sessions, engine, gateway, telemetry, port,
-            resources, notifications, budgets, upkeep_engine,
+            resources, notifications, budgets, upkeep_engine, certificates, reloader,
         )
         resources.push_async_callback(app._cancel_background)
         return app
@@ -265,6 +316,10 @@ class App:
         await self.health.check(self.engine, cli_path, migrate_first=self.settings.migrate_at_start)
         if self.sessions.pool is not None:
             self.sessions.pool.start()  # once ready: a server that cannot serve spends nothing
+        if self.reloader is not None:
+            self._background.append(
+                asyncio.create_task(self.reloader.watch(self.settings.tenants_poll_s),
+                                    name="tenants-file"))
         if self.notifications is not None:
             # Cancels, events and budget changes of the other replicas, as they commit.
             self._background.append(
@@ -297,6 +352,15 @@ class App:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.sessions.queries.feeds.close()
 
+    async def reload_tenants(self, trigger: str = "SIGHUP") -> TenantChanges | None:
+        """Re-read the tenants file now (SIGHUP); what changed, None if it is invalid (or
+        there is none: dev mode)."""
+        if self.reloader is None:
+            log.warning("tenants_reload_skipped",
+                        extra={"detail": "no AGENTPLANE_TENANTS_FILE (dev mode)"})
+            return None
+        return await self.reloader.reload(trigger)
+
     async def ready(self) -> None:
         """Wait for the start-up checks to finish (whatever their verdict)."""
         if self._ready_task is not None:
@@ -317,6 +381,30 @@ class App:
         await self.sessions.drain(grace, force)
         await self._resources.aclose()
         log.info("shutdown", extra={"phase": "done"})
+
+
+def _open_work_dir(work_dir: Path, tenants: TenantRegistry) -> None:
+    """Agents running as tenants' own users must traverse (not list) the work dir."""
+    if any(t.os_user for t in tenants.tenants.values()):
+        work_dir.chmod(0o711)
+
+
+def _follow_tenants(
+    settings: Settings, sessions: SessionManager, pool: WarmPool, launcher: Launcher
+) -> Callable[[TenantRegistry, TenantChanges], None]:
+    """What follows a reloaded tenants file, once it is in force."""
+
+    def follow(registry: TenantRegistry, changes: TenantChanges) -> None:
+        if changes.removed:
+            stopped = sessions.tenants_removed(set(changes.removed))
+            if stopped:
+                log.info("tenant_sessions_cancelled",
+                         extra={"tenants": list(changes.removed), "sessions": stopped})
+        pool.update(registry.tenants.values())
+        launcher.scrub_also(registry.key_env_names())
+        _open_work_dir(settings.work_dir, registry)
+
+    return follow
 
 
 def _grpc_server(
@@ -369,9 +457,17 @@ async def serve(settings: Settings, tenants: TenantRegistry | None = None) -> in
     def on_signal() -> None:
         (force if stop.is_set() else stop).set()
 
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_hangup() -> None:
+        task: asyncio.Task[object] = asyncio.create_task(app.reload_tenants("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
     await app.stop(force=force)
     return 0

@@ -198,6 +198,23 @@ class Settings:
     listen: str = setting(
         "AGENTPLANE_LISTEN", _host_port, "127.0.0.1:50051", "host:port the gRPC server binds"
     )
+    tls_cert_file: Path | None = setting(  # noqa: RUF009
+        "AGENTPLANE_TLS_CERT_FILE", _optional(_file), "",
+        "PEM certificate chain: with `AGENTPLANE_TLS_KEY_FILE`, the gRPC port speaks only TLS; "
+        "both are re-read when they change (no restart)",
+        shown="unset (plaintext)",
+    )
+    tls_key_file: Path | None = setting(  # noqa: RUF009
+        "AGENTPLANE_TLS_KEY_FILE", _optional(_file), "",
+        "the certificate's PEM private key (unencrypted)", shown="unset",
+    )
+    tls_client_ca_file: Path | None = setting(  # noqa: RUF009
+        "AGENTPLANE_TLS_CLIENT_CA_FILE", _optional(_file), "",
+        "PEM CA certificate(s): mTLS, every client must present a certificate one of them "
+        "signed; tenants may be bound to certificates (`client_cert_sans`, "
+        "`client_cert_subjects`); re-read when it changes",
+        shown="unset (no client certificates)",
+    )
     database_url: str = setting(
         "AGENTPLANE_DATABASE_URL", _database_url, "sqlite:///./agentplane.db",
         "`sqlite:///path` or `postgresql://user@host/db` (psycopg 3)",
@@ -214,8 +231,14 @@ class Settings:
     )
     tenants_file: Path | None = setting(  # noqa: RUF009
         "AGENTPLANE_TENANTS_FILE", _optional(_file), "",
-        "TOML tenants file; unset = dev mode: one `default` tenant, no auth (logged)",
+        "TOML tenants file, re-read on SIGHUP and when it changes (an invalid one is "
+        "ignored: health `agentplane.tenants` NOT_SERVING); unset = dev mode: one "
+        "`default` tenant, no auth (logged)",
         shown="unset",
+    )
+    tenants_poll_s: float = setting(
+        "AGENTPLANE_TENANTS_POLL_S", _seconds, "1",
+        "how often the tenants file is read to see whether it changed",
     )
     anthropic_base_url: str | None = setting(
         "ANTHROPIC_BASE_URL", _optional(_http_url), "",
@@ -333,6 +356,7 @@ class Settings:
         values: dict[str, Any] = {
             f.name: f.metadata[_SETTING].read(env) for f in fields(cls) if _SETTING in f.metadata
         }
+        _check_tls(values)
         return cls(**values, otel=OtelConfig.from_env(env))
 
     @property
@@ -347,6 +371,18 @@ class Settings:
         if self.prometheus_port is None:
             return None
         return self.listen.rpartition(":")[0].strip("[]"), self.prometheus_port
+
+
+def _check_tls(values: Mapping[str, Any]) -> None:
+    """The TLS files go together: a certificate with its key, a client CA only with both."""
+    cert, key = values["tls_cert_file"], values["tls_key_file"]
+    if (cert is None) != (key is None):
+        missing = "AGENTPLANE_TLS_KEY_FILE" if key is None else "AGENTPLANE_TLS_CERT_FILE"
+        raise ConfigError(missing, "TLS needs both AGENTPLANE_TLS_CERT_FILE and "
+                          "AGENTPLANE_TLS_KEY_FILE; set it too (or unset the other)")
+    if values["tls_client_ca_file"] is not None and cert is None:
+        raise ConfigError("AGENTPLANE_TLS_CLIENT_CA_FILE", "mTLS needs TLS: set "
+                          "AGENTPLANE_TLS_CERT_FILE and AGENTPLANE_TLS_KEY_FILE too")
 
 
 _OTEL = OtelConfig()  # the defaults OtelConfig.from_env falls back on

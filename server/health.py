@@ -28,6 +28,9 @@ SANDBOX = "agentplane.sandbox"
 # the next that got an answer: seen per replica without pulling each one's logs. Not a
 # readiness input: another replica's network may reach the model API.
 MODEL_API = "agentplane.model_api"
+# NOT_SERVING while the tenants file on disk is invalid: the server keeps the last valid
+# one (callers are still served by it) until the file is fixed. Not a readiness input.
+TENANTS = "agentplane.tenants"
 # The names that say "send me work": NOT_SERVING until ready, and again on shutdown.
 READY_NAMES = ("", SESSION_SERVICE, READINESS)
 
@@ -65,6 +68,7 @@ class Health:
         await self.servicer.set(LIVENESS, SERVING)
         await self.servicer.set(SANDBOX, SERVING if sandboxed else NOT_SERVING)
         await self.servicer.set(MODEL_API, SERVING)
+        await self.servicer.set(TENANTS, SERVING)
 
     def model_api(self, reachable: bool) -> None:
         """The metering gateway reached the model API, or could not connect to it."""
@@ -77,6 +81,10 @@ class Health:
             self.servicer.set(MODEL_API, SERVING if reachable else NOT_SERVING))
         self._updates.add(task)
         task.add_done_callback(self._updates.discard)
+
+    async def tenants(self, valid: bool) -> None:
+        """The tenants file on disk was read: valid (and applied), or not (ignored)."""
+        await self.servicer.set(TENANTS, SERVING if valid else NOT_SERVING)
 
     async def _set_ready(self, problem: str | None) -> None:
         self.problem = problem

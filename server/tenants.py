@@ -1,7 +1,9 @@
 """Tenants: who may call, with which tools, prompt and limits.
 
-The tenants file (TOML) holds only hashes of caller tokens and the *name* of the
-environment variable with each tenant's Anthropic API key, never a secret itself.
+The tenants file (TOML) holds only hashes of caller tokens, the identities of client
+certificates (mTLS) and the *name* of the environment variable with each tenant's
+Anthropic API key, never a secret itself. A `TenantRegistry` is read whole and checked
+before use; a live one takes a newer file's contents in one step (`replace`).
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ import pwd
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .approvals import parse_rule
+from .certs import CertIdentity, canonical_subject
 from .domain import usd
 from .errors import ConfigError, Unauthenticated
 from .isolation.limits import SessionLimits
@@ -71,6 +74,14 @@ class Tenant:
     files: FileLimits = field(default_factory=lambda: FileLimits())
     # Ended sessions older than this are deleted in the background (0: kept for ever).
     retention_days: int = 0
+    # Client certificates (mTLS) that authenticate as this tenant: by a subject
+    # alternative name, or by the subject (RFC 4514, canonical), each exactly.
+    client_cert_sans: frozenset[str] = frozenset()
+    client_cert_subjects: frozenset[str] = frozenset()
+
+    @property
+    def binds_certificates(self) -> bool:
+        return bool(self.client_cert_sans or self.client_cert_subjects)
 
     def unix_ids(self) -> tuple[int, int] | None:
         """The uid and gid of the tenant's os_user (None: its agents run as the server)."""
@@ -132,12 +143,12 @@ _DEFAULTS: Mapping[str, Any] = {
     "max_artifacts_total_mib": FileLimits.max_artifacts_total_bytes >> 20,
     "retention_days": 0,
 }
-_KEYS = {"token_sha256", *_DEFAULTS}
+_KEYS = {"token_sha256", "client_cert_sans", "client_cert_subjects", *_DEFAULTS}
 
 
 def dev_tenant() -> Tenant:
     """The single tenant of dev mode (no tenants file, no auth)."""
-    return _parse_tenant(DEFAULT_TENANT, {}, where="(dev mode)", require_tokens=False)
+    return _parse_tenant(DEFAULT_TENANT, {}, where="(dev mode)", require_credentials=False)
 
 
 def _money(value: Any, setting: str) -> Decimal:
@@ -168,7 +179,15 @@ def _model(value: Any, setting: str) -> str:
     return value.strip()
 
 
-def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_tokens: bool) -> Tenant:
+def _strings(value: Any, setting: str, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(setting, f"must be a list of {what}")
+    return [v.strip() for v in value]
+
+
+def _parse_tenant(
+    name: str, raw: Mapping[str, Any], *, where: str, require_credentials: bool
+) -> Tenant:
     def key(k: str) -> str:
         return f"{where} tenants.{name}.{k}"
 
@@ -187,8 +206,21 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
             key("token_sha256"),
             "entries must be 64 hex chars (use `agentplane-server hash-token`)",
         )
-    if require_tokens and not tokens:
-        raise ConfigError(key("token_sha256"), "at least one token hash is required")
+    sans = _strings(raw.get("client_cert_sans", []), key("client_cert_sans"),
+                    "subject alternative names (DNS names, URIs, ...)")
+    subjects = []
+    for text in _strings(raw.get("client_cert_subjects", []), key("client_cert_subjects"),
+                         "distinguished names such as \"CN=billing,O=Acme\""):
+        try:
+            subjects.append(canonical_subject(text))
+        except ValueError as exc:
+            raise ConfigError(key("client_cert_subjects"), str(exc)) from None
+    if require_credentials and not (tokens or sans or subjects):
+        raise ConfigError(
+            key("token_sha256"),
+            "at least one token hash is required (or a client certificate: "
+            "client_cert_sans, client_cert_subjects)",
+        )
     tools = cfg["allowed_tools"]
     if not isinstance(tools, list) or not all(isinstance(t, str) and t for t in tools):
         raise ConfigError(key("allowed_tools"), "must be a list of tool names")
@@ -288,24 +320,82 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         max_answer_timeout_s=float(max_answer_timeout),
         files=files,
         retention_days=_count(cfg["retention_days"], key("retention_days")),
+        client_cert_sans=frozenset(sans),
+        client_cert_subjects=frozenset(subjects),
     )
 
 
+@dataclass(frozen=True)
+class TenantChanges:
+    """What a reload changed: tenant names, and per changed tenant the names of the
+    settings that differ (never their values: some are token hashes)."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+
+def _differences(old: Tenant, new: Tenant) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(Tenant) if getattr(old, f.name) != getattr(new, f.name))
+
+
+@dataclass(frozen=True)
+class _Directory:
+    """One tenants file, indexed: replaced whole, never changed in place."""
+
+    tenants: Mapping[str, Tenant]
+    by_hash: Mapping[str, Tenant]
+    by_san: Mapping[str, Tenant]
+    by_subject: Mapping[str, Tenant]
+    dev_mode: bool
+
+
+def _index(tenants: list[Tenant], dev_mode: bool) -> _Directory:
+    by_hash: dict[str, Tenant] = {}
+    by_san: dict[str, Tenant] = {}
+    by_subject: dict[str, Tenant] = {}
+    for tenant in tenants:
+        for index, keys, what in (
+            (by_hash, tenant.token_sha256, "token_sha256"),
+            (by_san, tenant.client_cert_sans, "client_cert_sans"),
+            (by_subject, tenant.client_cert_subjects, "client_cert_subjects"),
+        ):
+            for k in keys:
+                if k in index:
+                    entry = "a token hash" if what == "token_sha256" else repr(k)
+                    raise ConfigError(
+                        f"tenants.{tenant.name}.{what}",
+                        f"{entry} is also listed for tenant {index[k].name}",
+                    )
+                index[k] = tenant
+    return _Directory({t.name: t for t in tenants}, by_hash, by_san, by_subject, dev_mode)
+
+
 class TenantRegistry:
-    """The configured tenants and the caller-token check."""
+    """The configured tenants and the caller check (bearer token, client certificate).
+
+    Services hold one registry for the server's life; a reload swaps its whole contents
+    at once (`replace`), so a call sees either the old file or the new one, never a mix.
+    """
 
     def __init__(self, tenants: list[Tenant], *, dev_mode: bool = False) -> None:
-        self.tenants = {t.name: t for t in tenants}
-        self.dev_mode = dev_mode
-        self._by_hash: dict[str, Tenant] = {}
-        for tenant in tenants:
-            for digest in tenant.token_sha256:
-                if digest in self._by_hash:
-                    raise ConfigError(
-                        f"tenants.{tenant.name}.token_sha256",
-                        f"a token hash is also listed for tenant {self._by_hash[digest].name}",
-                    )
-                self._by_hash[digest] = tenant
+        self._current = _index(tenants, dev_mode)
+
+    @property
+    def tenants(self) -> Mapping[str, Tenant]:
+        return self._current.tenants
+
+    @property
+    def dev_mode(self) -> bool:
+        return self._current.dev_mode
+
+    @property
+    def binds_certificates(self) -> bool:
+        """Whether any tenant is bound to client certificates."""
+        return bool(self._current.by_san or self._current.by_subject)
 
     @classmethod
     def dev(cls) -> TenantRegistry:
@@ -313,37 +403,92 @@ class TenantRegistry:
 
     @classmethod
     def load(cls, path: Path) -> TenantRegistry:
+        """Read and check the whole file; raises ConfigError naming what is wrong."""
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError("AGENTPLANE_TENANTS_FILE", f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError("AGENTPLANE_TENANTS_FILE", f"{path} is not UTF-8 text") from None
+        return cls.parse(text, path)
+
+    @classmethod
+    def parse(cls, text: str, path: Path) -> TenantRegistry:
+        """The tenants of `text`, the contents of the tenants file `path`."""
         where = "AGENTPLANE_TENANTS_FILE"
         try:
-            data = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(where, f"cannot read {path}: {exc.strerror}") from None
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(where, f"{path} is not valid TOML: {exc}") from None
         tenants = data.get("tenants")
         if not isinstance(tenants, dict) or not tenants:
             raise ConfigError(where, f"{path} defines no [tenants.<name>] table")
+        for name, raw in tenants.items():
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: tenants.{name}", "must be a table")
         return cls(
             [
-                _parse_tenant(name, raw, where=f"{path}:", require_tokens=True)
+                _parse_tenant(name, raw, where=f"{path}:", require_credentials=True)
                 for name, raw in tenants.items()
             ]
         )
 
-    def authenticate(self, authorization: str | None) -> Tenant:
-        """The tenant of an `authorization: Bearer <token>` header value."""
-        if self.dev_mode:
-            return self.tenants[DEFAULT_TENANT]
+    def replace(self, other: TenantRegistry) -> TenantChanges:
+        """Take `other`'s tenants, all at once; what changed."""
+        old, new = self._current.tenants, other._current.tenants
+        changes = TenantChanges(
+            added=tuple(sorted(set(new) - set(old))),
+            removed=tuple(sorted(set(old) - set(new))),
+            changed={
+                name: diff for name in sorted(set(old) & set(new))
+                if (diff := _differences(old[name], new[name]))
+            },
+        )
+        self._current = other._current
+        return changes
+
+    def current(self, tenant: Tenant) -> bool:
+        """Whether `tenant` is still configured (a reload may have removed it)."""
+        return tenant.name in self._current.tenants
+
+    def authenticate(
+        self, authorization: str | None, peer: CertIdentity | None = None
+    ) -> Tenant:
+        """The tenant of a call: by its client certificate (`peer`, verified by mTLS) if a
+        tenant is bound to it, else by its `authorization: Bearer <token>` header value.
+        A call that names two tenants (a certificate of one, a token of another) is
+        refused: no certificate ever authenticates as another tenant."""
+        directory = self._current  # one file for the whole check, even across a reload
+        if directory.dev_mode:
+            return directory.tenants[DEFAULT_TENANT]
+        by_cert = _certificate_tenant(directory, peer) if peer is not None else None
+        if by_cert is not None and not authorization:
+            return by_cert
         if not authorization:
             raise Unauthenticated("missing `authorization: Bearer <token>` metadata")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("authorization metadata must be `Bearer <token>`")
-        tenant = self._by_hash.get(hash_token(token.strip()))
+        tenant = directory.by_hash.get(hash_token(token.strip()))
         if tenant is None:
             raise Unauthenticated("unknown token")
+        if by_cert is not None and by_cert.name != tenant.name:
+            raise Unauthenticated(
+                "the client certificate and the token belong to different tenants")
         return tenant
 
     def key_env_names(self) -> set[str]:
         """Every tenant's API-key variable name (scrubbed from other tenants' agents)."""
         return {t.anthropic_api_key_env for t in self.tenants.values()}
+
+
+def _certificate_tenant(directory: _Directory, peer: CertIdentity) -> Tenant | None:
+    """The tenant bound to a client certificate (None: bound to none); Unauthenticated
+    when its names are bound to different tenants."""
+    found = {t.name: t for t in (
+        directory.by_subject.get(peer.subject),
+        *(directory.by_san.get(san) for san in peer.sans),
+    ) if t is not None}
+    if len(found) > 1:
+        raise Unauthenticated("the client certificate names more than one tenant")
+    return next(iter(found.values()), None)

@@ -34,6 +34,18 @@ async def harness(database_url: str) -> AsyncIterator[Harness]:
 
 
 @pytest.fixture
+async def replicas(database_url: str) -> AsyncIterator[tuple[Harness, Harness]]:
+    """Two servers on one PostgreSQL database (skipped on SQLite, which serves one)."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("replicas share a PostgreSQL database (SQLite serves one server)")
+    owner = await start_harness(database_url)
+    other = await start_harness(database_url)
+    yield owner, other
+    await stop_harness(other)
+    await stop_harness(owner)
+
+
+@pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A fresh, empty folder with a short path (see `short_dir`), removed afterwards: for
     session folders and servers' work folders, which tmp_path's long paths would not fit."""

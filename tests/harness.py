@@ -190,8 +190,10 @@ class Harness:
 
 async def start_harness(
     database_url: str, *, extra_tenants: str = "", telemetry: Telemetry | None = None,
-    **settings: Any,
+    credentials: grpc.ChannelCredentials | None = None, **settings: Any,
 ) -> Harness:
+    """A server on a free loopback port with the harness's tenants (and `extra_tenants`),
+    `settings` over the test defaults; its channel uses `credentials` (None: plaintext)."""
     work = short_dir()
     workspace = work / "tpl"
     workspace.mkdir()
@@ -214,7 +216,9 @@ async def start_harness(
     )
     app = await App.start(replace(base, **settings), TenantRegistry.load(tenants_file), telemetry)
     await app.ready()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    address = f"127.0.0.1:{app.port}"
+    channel = (grpc.aio.insecure_channel(address) if credentials is None
+               else grpc.aio.secure_channel(address, credentials))
     return Harness(app, sandbox, channel, database_url, work, workspace)
 
 

@@ -178,7 +178,7 @@ async def test_health_list_names_every_service(harness: Harness) -> None:
     assert {name: s.status for name, s in listed.statuses.items()} == {
         "": serving, "readiness": serving, "liveness": serving,
         "agentplane.v1.SessionService": serving, "agentplane.sandbox": serving,
-        "agentplane.model_api": serving,
+        "agentplane.model_api": serving, "agentplane.tenants": serving,
     }
 
 

@@ -381,17 +381,6 @@ async def test_respond_needs_its_ids_and_a_response(harness: Harness) -> None:
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
-@pytest.fixture
-async def replicas(database_url: str) -> Any:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("replicas share a PostgreSQL database (SQLite serves one server)")
-    owner = await start_harness(database_url)
-    other = await start_harness(database_url)
-    yield owner, other
-    await stop_harness(other)
-    await stop_harness(owner)
-
-
 async def test_a_caller_tool_answered_through_another_replica(replicas: Any) -> None:
     owner, other = replicas
     call = start(owner, "lookup_elsewhere", [

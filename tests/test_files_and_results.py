@@ -264,17 +264,6 @@ async def test_retention_deletes_sessions_older_than_the_tenants_days(harness: H
     assert (await rows_of(harness, kept.id))["sessions"] == 1
 
 
-@pytest.fixture
-async def replicas(database_url: str) -> Any:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("replicas share a PostgreSQL database (SQLite serves one server)")
-    owner = await start_harness(database_url)
-    other = await start_harness(database_url)
-    yield owner, other
-    await stop_harness(other)
-    await stop_harness(owner)
-
-
 async def test_artifacts_and_deletion_from_another_replica(replicas: Any) -> None:
     owner, other = replicas
     events = await run(owner, "elsewhere_files", [bash("echo far > far.txt"), Step(text="done")])
@@ -298,3 +287,13 @@ async def test_artifacts_and_deletion_from_another_replica(replicas: Any) -> Non
         await asyncio.sleep(0.05)
     else:
         pytest.fail("the owner still answers a deleted session from memory")
+
+
+async def test_a_structured_result_with_the_caller_in_the_loop(harness: Harness) -> None:
+    # The caller's hook and prompt answers must let the CLI's StructuredOutput tool through.
+    events = await run(harness, "structured_loop", [
+        Step(tool_calls=[ToolCall("StructuredOutput", {"answer": 7})]), Step(text="done"),
+    ], tenant="loop", output_schema_json=json.dumps(SCHEMA), require_approval=["Bash"])
+    final = events[-1].result.session
+    assert final.state == session_pb2.SESSION_STATE_COMPLETE, final.error
+    assert json.loads(final.structured_result_json) == {"answer": 7}

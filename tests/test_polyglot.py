@@ -14,12 +14,22 @@ import shutil
 from decimal import Decimal
 from pathlib import Path
 
+import grpc
 import pytest
 from agentplane import service_config
 from agentplane.server.sandbox.script import Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2
-from harness import MODEL, TOKENS, Harness, agent_processes, start_harness
+from harness import (
+    MODEL,
+    TOKENS,
+    Harness,
+    agent_processes,
+    start_harness,
+    stop_harness,
+    tenant_toml,
+)
 from model_view import BASH_COMMAND, BASH_ID, BASH_OUTPUT, LOOKUP_ID, tool_results_seen
+from tls_certs import CertificateAuthority
 
 POLYGLOT = Path(__file__).parent / "polyglot"
 NODE = shutil.which("node")
@@ -250,3 +260,40 @@ async def test_a_node_client_rides_out_a_draining_replica(
     assert [s["state"] for s in summary["sessions"]] == ["SESSION_STATE_COMPLETE"] * 4
     refused = [r for r in caplog.records if getattr(r, "reason", None) == "UNAVAILABLE"]
     assert refused, "no call reached the draining replica: the test proves nothing"
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not on PATH")
+async def test_a_node_client_connects_over_mtls(database_url: str, short_tmp: Path) -> None:
+    # The server speaks only TLS and wants a client certificate; `nodeco` is bound to the
+    # certificate alone (no token).
+    await node_modules()
+    assert NODE is not None
+    ca = CertificateAuthority()
+    server_cert, server_key = ca.server().write(short_tmp, "server")
+    client_cert, client_key = ca.issue("node", dns=("node.internal",)).write(short_tmp, "node")
+    (short_tmp / "ca.crt").write_bytes(ca.pem)
+    tls = await start_harness(
+        database_url, tls_cert_file=server_cert, tls_key_file=server_key,
+        tls_client_ca_file=short_tmp / "ca.crt",
+        credentials=grpc.ssl_channel_credentials(ca.pem, client_key.read_bytes(),
+                                                 client_cert.read_bytes()),
+        extra_tenants=tenant_toml("nodeco", anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+                                  allowed_tools=["Read"], client_cert_sans=["node.internal"]),
+    )
+    try:
+        tls.sandbox.add_script("node_tls", Script(steps=[Step(text="hi over mTLS",
+                                                              usage=Usage(100, 5))]))
+        target = ["--target", f"127.0.0.1:{tls.app.port}", "--model", MODEL]
+        code, out, err = await run(
+            NODE, "run_session.js", *target, "--ca-file", str(short_tmp / "ca.crt"),
+            "--cert-file", str(client_cert), "--key-file", str(client_key),
+            "--prompt", "[[sandbox:node_tls]] hi",
+        )
+        assert code == 0, (out, err)
+        summary = json.loads(out)
+        assert summary["tenant"] == "nodeco" and summary["result"] == "hi over mTLS"
+
+        code, out, _ = await run(NODE, "run_session.js", *target, "--prompt", "hi")
+        assert code == 3 and json.loads(out)["error"]["code"] == "UNAVAILABLE"  # plaintext
+    finally:
+        await stop_harness(tls)

@@ -373,3 +373,38 @@ async def test_warm_agents_and_sessions_together_never_exceed_the_session_limit(
         await sampler
         await stop_harness(h)
     assert most == 3  # the limit, reached and never passed
+
+
+async def test_a_reload_retires_agents_started_under_a_changed_policy(database_url: str) -> None:
+    from harness import tenants_toml
+
+    h = await start_harness(database_url, extra_tenants=twin_tenants(1))
+    h.sandbox.add_script("reload_warm", Script(steps=[Step(text="new", usage=Usage(100, 5))]))
+    try:
+        await until(lambda: pool(h).ready("warm") == 1)
+        before = pool(h).stats["warm"]
+        started, discarded = before.started, before.discarded
+        (h.work_dir / "tenants.toml").write_text("\n".join([
+            tenants_toml(h.workspace),
+            twin_tenants(1).replace("You are a careful assistant.", "You are a NEW assistant."),
+            tenant_toml("warm2", "warm2-token", anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+                        warm_pool_size=1, warm_pool_model="claude-sonnet-4-5"),
+        ]))
+        changes = await h.app.reload_tenants("test")
+        assert changes is not None and changes.added == ("warm2",)
+        assert changes.changed["warm"] == ("system_prompt",)
+
+        # The agent started with the old prompt is closed; one with the new one replaces it,
+        # and the new tenant's pool fills.
+        await until(lambda: pool(h).stats["warm"].discarded == discarded + 1)
+        await until(lambda: pool(h).stats["warm"].started == started + 1
+                    and pool(h).ready("warm") == 1)
+        await until(lambda: pool(h).ready("warm2") == 1)
+        events = await run(h, "warm", prompt="[[sandbox:reload_warm]] hi")
+        assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+        assert pool(h).stats["warm"].hits == 1
+        systems = json.dumps([r.body.get("system") for r in h.sandbox.find(script="reload_warm")
+                              if r.body])
+        assert "NEW assistant" in systems and "careful" not in systems
+    finally:
+        await stop_harness(h)

@@ -30,6 +30,10 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
     ) -> AsyncIterator[session_pb2.SessionEvent]:
         tenant = caller(self._tenants, context)
         admission = await self._sessions.start(tenant, convert.run_request(request))
+        if not self._tenants.current(tenant):
+            # Removed by a reload while this admission ran, after the reload stopped the
+            # tenant's sessions: this one must not outlive the tenant either.
+            self._sessions.cancel_removed(admission)
         ended = False
         try:
             async for event in admission.events:

@@ -81,6 +81,20 @@ class SessionStopper:
         """The RunSession caller that started this session went away: cancel it."""
         live.request_cancel(ErrorReason.CANCELLED)
 
+    def tenants_removed(self, names: set[str]) -> int:
+        """A reload removed these tenants: stop their sessions that run here (ERROR/
+        CANCELLED, settled). Returns how many were asked to stop."""
+        lives = [lv for lv in self._live.values() if lv.session.tenant in names]
+        for live in lives:
+            self.tenant_removed(live)
+        return len(lives)
+
+    @staticmethod
+    def tenant_removed(live: LiveSession) -> None:
+        """Stop one session of a tenant a reload removed."""
+        live.request_cancel(ErrorReason.CANCELLED,
+                            f"tenant {live.session.tenant!r} was removed from the tenants file")
+
     def lost(self, session_id: str) -> None:
         """Another server closed a session we still run (we were cut off): stop it."""
         live = self._live.get(session_id)

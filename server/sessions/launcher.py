@@ -6,7 +6,8 @@ import asyncio
 import os
 import pwd
 import shlex
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import cast
@@ -63,6 +64,11 @@ class Launcher:
         self.folders = SessionFolders(config.work_dir, sandboxes)
         self._store = store
         self._gateway = gateway
+
+    def scrub_also(self, names: Iterable[str]) -> None:
+        """Keep these variables (a reloaded file's key variables) from agents from now on;
+        those scrubbed before stay scrubbed (a removed tenant's key is still in the env)."""
+        self.config = replace(self.config, scrub_env=self.config.scrub_env | frozenset(names))
 
     def check_model(self, model: str) -> None:
         """Raise UnknownModel (INVALID_ARGUMENT on `model`) for a model the price table lacks;

@@ -124,6 +124,16 @@ class SessionManager:
         if admission.live is not None:
             self.stopper.disconnected(admission.live)
 
+    def tenants_removed(self, names: set[str]) -> int:
+        """Cancel the running sessions of tenants a reload removed; how many."""
+        return self.stopper.tenants_removed(names)
+
+    def cancel_removed(self, admission: Admission) -> None:
+        """Cancel a session admitted for a tenant that a reload removed meanwhile (after
+        the reload's own sweep of the running sessions)."""
+        if admission.live is not None:
+            self.stopper.tenant_removed(admission.live)
+
     async def drain(self, grace_s: float, force: asyncio.Event | None = None) -> None:
         """Refuse new sessions, give running ones `grace_s` to finish (or until `force` is
         set), then interrupt the rest (ERROR/SHUTDOWN, settled)."""

@@ -69,6 +69,8 @@ class WarmAgent:
     client: ClaudeSDKClient
     meter: SessionMeter
     born: float
+    # The tenant's policy it was started with: a reload that changes it retires the agent.
+    policy: Tenant | None = None
 
     def alive(self) -> bool:
         """Whether its CLI process still runs."""
@@ -133,11 +135,7 @@ class WarmPool:
         self._capacity = capacity
         self.config = config or PoolConfig()
         self._on_served = on_served
-        self._wanted: dict[str, tuple[Tenant, SessionSpec]] = {
-            t.name: (t, validate(RunRequest(prompt="(warm)", model=t.warm_pool_model), t))
-            for t in tenants
-            if t.warm_pool_size > 0
-        }
+        self._wanted = _wanted(tenants)
         self._ready: dict[str, deque[WarmAgent]] = {name: deque() for name in self._wanted}
         self.stats: dict[str, PoolStats] = {name: PoolStats() for name in self._wanted}
         self._starting = 0
@@ -160,6 +158,27 @@ class WarmPool:
         """Agents pooled or starting, all tenants."""
         return sum(len(q) for q in self._ready.values()) + self._starting
 
+    def update(self, tenants: Iterable[Tenant]) -> None:
+        """Follow a reloaded tenants file: agents started under a policy that changed or
+        whose tenant is gone are closed (so no session admitted after the reload gets an
+        agent with the old system prompt, tools or limits); new pools fill from now on."""
+        wanted = _wanted(tenants)
+        for name, (tenant, _) in self._wanted.items():
+            if name not in wanted or wanted[name][0] != tenant:
+                queue = self._ready.pop(name, deque())
+                while queue:
+                    self._discard(queue.popleft())
+        for name in wanted:
+            self._ready.setdefault(name, deque())
+            self.stats.setdefault(name, PoolStats())
+        self._wanted = wanted
+        self._wake.set()
+
+    def _current(self, agent: WarmAgent) -> bool:
+        """Whether the agent was started under its tenant's policy as configured now."""
+        wanted = self._wanted.get(agent.tenant)
+        return wanted is not None and wanted[0] == agent.policy
+
     def check_models(self) -> None:
         """Raise ConfigError if a tenant's warm_pool_model is not in the price table."""
         for name, (_, spec) in self._wanted.items():
@@ -179,7 +198,7 @@ class WarmPool:
         (`served`): hits and misses count admitted sessions only.
         """
         wanted = self._wanted.get(tenant.name)
-        if wanted is None:
+        if wanted is None or wanted[0] != tenant:  # (a policy a reload replaced meanwhile)
             return None
         key = pool_key(spec)
         queue = self._ready[tenant.name]
@@ -208,7 +227,7 @@ class WarmPool:
     def give_back(self, agent: WarmAgent) -> None:
         """Return an agent taken for a session that was then not admitted (never used)."""
         queue = self._ready.get(agent.tenant)
-        if self._closed or queue is None or not agent.alive():
+        if self._closed or queue is None or not agent.alive() or not self._current(agent):
             self._discard(agent)
         else:
             queue.appendleft(agent)
@@ -246,7 +265,9 @@ class WarmPool:
     def _next_to_fill(self) -> str | None:
         """The tenant whose pool is emptiest relative to its size, if one needs an agent
         and the server has room and memory for it."""
-        if self._capacity.room <= 0 or _available_mib() < self.config.min_available_mib:
+        if not self._wanted or self._capacity.room <= 0:
+            return None
+        if _available_mib() < self.config.min_available_mib:
             return None
         short = [
             (len(self._ready[name]) / tenant.warm_pool_size, name)
@@ -272,7 +293,10 @@ class WarmPool:
         finally:
             self._starting -= 1
         self.stats[tenant.name].started += 1
-        self._ready[tenant.name].append(agent)
+        if self._closed or not self._current(agent):
+            self._discard(agent)  # a reload changed or removed the tenant while it started
+        else:
+            self._ready[tenant.name].append(agent)
         return True
 
     async def _prestart(self, tenant: Tenant, spec: SessionSpec) -> WarmAgent:
@@ -299,7 +323,7 @@ class WarmPool:
             await self._launcher.release(session_id, dirs)
             raise
         born = asyncio.get_running_loop().time()
-        return WarmAgent(session_id, tenant.name, key, dirs, client, meter, born)
+        return WarmAgent(session_id, tenant.name, key, dirs, client, meter, born, tenant)
 
     def _expired(self, agent: WarmAgent) -> bool:
         return asyncio.get_running_loop().time() - agent.born > self.config.max_age_s
@@ -336,6 +360,15 @@ class WarmPool:
             while queue:
                 self._discard(queue.popleft())
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def _wanted(tenants: Iterable[Tenant]) -> dict[str, tuple[Tenant, SessionSpec]]:
+    """Per tenant with a pool: its policy and the request its agents are started for."""
+    return {
+        t.name: (t, validate(RunRequest(prompt="(warm)", model=t.warm_pool_model), t))
+        for t in tenants
+        if t.warm_pool_size > 0
+    }
 
 
 def _available_mib() -> int:

@@ -10,10 +10,13 @@
 //                       [--require-approval PATTERN]... [--permission allow|deny]
 //                       [--output-schema JSON] [--input-file REMOTE=LOCAL]...
 //                       [--download PATH]...
+//                       [--ca-file PEM [--cert-file PEM --key-file PEM]]
 //   node run_session.js --print-service-config
 //
 // --target defaults to $AGENTPLANE_TARGET or 127.0.0.1:50051, --token to $AGENTPLANE_TOKEN;
 // several replicas: ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT (see SERVICE_CONFIG).
+// --ca-file: connect with TLS, trusting that CA; --cert-file/--key-file: a client
+// certificate (mTLS). Without them the channel is plaintext.
 // Checks Health/Check of --health-service (default "") == SERVING, reads the caller's
 // budget, runs --sessions sessions (default 1) one after the other, each to its `result`
 // event, and prints ONE JSON line (the fields of the last session, and all of them):
@@ -114,6 +117,9 @@ function options() {
         'output-schema': { type: 'string', default: '' },
         'input-file': { type: 'string', multiple: true, default: [] },
         download: { type: 'string', multiple: true, default: [] },
+        'ca-file': { type: 'string' },
+        'cert-file': { type: 'string' },
+        'key-file': { type: 'string' },
         'print-service-config': { type: 'boolean', default: false },
       },
       allowPositionals: true,
@@ -140,6 +146,12 @@ function options() {
     if (at <= 0) usage(`--input-file must be REMOTE=LOCAL, not ${spec}`);
     return { path: spec.slice(0, at), content: fs.readFileSync(spec.slice(at + 1)) };
   });
+  if ((opts['cert-file'] === undefined) !== (opts['key-file'] === undefined)) {
+    usage('--cert-file and --key-file go together');
+  }
+  if (opts['cert-file'] !== undefined && opts['ca-file'] === undefined) {
+    usage('a client certificate needs TLS: give --ca-file too');
+  }
   opts.sessions = Number(opts.sessions);
   if (!(Number.isInteger(opts.sessions) && opts.sessions > 0)) {
     usage('--sessions must be a positive integer');
@@ -153,6 +165,13 @@ function load(protosDir) {
     { ...LOADER_OPTIONS, includeDirs: [protosDir, __dirname] },
   );
   return grpc.loadPackageDefinition(definition);
+}
+
+// Plaintext, or TLS trusting --ca-file (with --cert-file/--key-file: mTLS).
+function channelCredentials(opts) {
+  if (opts['ca-file'] === undefined) return grpc.credentials.createInsecure();
+  const read = (name) => (opts[name] === undefined ? null : fs.readFileSync(opts[name]));
+  return grpc.credentials.createSsl(read('ca-file'), read('key-file'), read('cert-file'));
 }
 
 function deadline(seconds) {
@@ -268,7 +287,7 @@ async function main() {
   const opts = options();
   if (opts['print-service-config']) return SERVICE_CONFIG;
   const pkg = load(opts.protos);
-  const credentials = grpc.credentials.createInsecure();
+  const credentials = channelCredentials(opts);
   const metadata = new grpc.Metadata();
   if (opts.token) metadata.add('authorization', `Bearer ${opts.token}`);
 
