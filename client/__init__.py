@@ -11,7 +11,11 @@
 balances over them, health-checked; :func:`service_config` is the grpc service config
 behind it, for other clients. Callers in the loop: ``run(..., tools=[Tool(...)], require_approval=["Bash"],
 on_tool_call=..., on_permission=..., on_question=...)`` answers the session's
-``input_request`` events with its handlers (see :meth:`Client.run`). Messages are the
+``input_request`` events with its handlers (see :meth:`Client.run`). Files and results:
+``run(..., input_files={"spec.md": b"..."}, output_schema={...})``,
+:func:`structured_result` (or ``client.run_for_result(prompt, schema)``, which raises
+:class:`SessionFailed` for a session that ended ERROR), ``list_artifacts``,
+``get_artifact``, ``download_artifact`` and ``delete_session``. Messages are the
 generated protos in
 :mod:`agentplane.v1`; failed calls raise :class:`RPCError` (see :mod:`agentplane._errors`).
 """
@@ -19,7 +23,15 @@ generated protos in
 from ._async_client import AsyncClient, AsyncEventStream
 from ._channel import service_config
 from ._client import Client, EventStream
-from ._errors import AgentplaneError, FieldViolation, QuotaViolation, RPCError
+from ._errors import (
+    AgentplaneError,
+    ArtifactError,
+    FieldViolation,
+    QuotaViolation,
+    RPCError,
+    SessionFailed,
+)
+from ._files import structured_result
 from ._health import HealthStatus
 from ._inputs import (
     Allow,
@@ -41,6 +53,7 @@ __all__ = [
     "TOKEN_ENV",
     "AgentplaneError",
     "Allow",
+    "ArtifactError",
     "AsyncClient",
     "AsyncEventStream",
     "Client",
@@ -55,8 +68,10 @@ __all__ = [
     "QuestionRequest",
     "QuotaViolation",
     "RPCError",
+    "SessionFailed",
     "Tool",
     "ToolCall",
     "ToolResult",
     "service_config",
+    "structured_result",
 ]

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import grpc
 import grpc.aio
 
 from . import _channel
+from . import _files as files
 from . import _inputs as inputs
 from . import _requests as rq
 from ._channel import ChannelOptions, Target
-from ._errors import RPCError
+from ._errors import AgentplaneError, RPCError
 from ._health import CHECK_METHOD, HealthStatus, decode_response, encode_request
 from ._tls import make_credentials, tls_options
 from .v1 import (
@@ -167,6 +171,8 @@ class AsyncClient:
         tools: Sequence[inputs.ToolLike] | None = None,
         require_approval: Sequence[str] | None = None,
         answer_timeout: inputs.Seconds | None = None,
+        output_schema: files.SchemaLike | None = None,
+        input_files: files.InputFilesLike | None = None,
         on_tool_call: inputs.AsyncToolCallHandler | None = None,
         on_permission: inputs.AsyncPermissionHandler | None = None,
         on_question: inputs.AsyncQuestionHandler | None = None,
@@ -181,19 +187,35 @@ class AsyncClient:
         ``tools``, ``require_approval``, ``answer_timeout`` and the handlers are those of
         :meth:`Client.run`; handlers may be coroutine functions or plain functions (a
         plain one runs on the event loop: keep it quick). Requests are answered one at a
-        time, in the order they arrive.
+        time, in the order they arrive. ``output_schema`` and ``input_files`` are those
+        of :meth:`Client.run`.
         """
         request = rq.run_request(
             prompt, max_budget_usd=max_budget_usd, max_turns=max_turns,
             allowed_tools=allowed_tools, model=model, labels=labels, request_id=request_id,
             on_disconnect_=on_disconnect, resume_session_id=resume_session_id,
             tools=tools, require_approval=require_approval, answer_timeout=answer_timeout,
+            output_schema=output_schema, input_files=input_files,
         )
         handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
         return AsyncEventStream(
             self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout),
             handlers, lambda message: self._unary(self._sessions.Respond, message),
         )
+
+    async def run_for_result(
+        self, prompt: str, output_schema: files.SchemaLike, **kwargs: Any
+    ) -> Any:
+        """Run a session to its end and return its structured result, parsed; see
+        :meth:`Client.run_for_result` (:class:`SessionFailed` if it ended ERROR)."""
+        final: session_pb2.Session | None = None
+        async with self.run(prompt, output_schema=output_schema, **kwargs) as stream:
+            async for event in stream:
+                if event.HasField("result"):
+                    final = event.result.session
+        if final is None:
+            raise AgentplaneError("the session's event stream ended without a result")
+        return files.result_of(final)
 
     async def respond(
         self,
@@ -279,6 +301,50 @@ class AsyncClient:
         """Cancel a session; returns it in its terminal state."""
         request = session_pb2.CancelSessionRequest(session_id=rq.session_id(session_id))
         return await self._unary(self._sessions.CancelSession, request)
+
+    async def delete_session(self, session_id: str | uuid.UUID) -> None:
+        """Delete an ended session; see :meth:`Client.delete_session`."""
+        request = session_pb2.DeleteSessionRequest(session_id=rq.session_id(session_id))
+        await self._unary(self._sessions.DeleteSession, request)
+
+    async def list_artifacts(self, session_id: str | uuid.UUID) -> list[session_pb2.Artifact]:
+        """The files an ended session created or changed; see
+        :meth:`Client.list_artifacts`."""
+        request = session_pb2.ListArtifactsRequest(session_id=rq.session_id(session_id))
+        return list((await self._unary(self._sessions.ListArtifacts, request)).artifacts)
+
+    async def get_artifact(
+        self, session_id: str | uuid.UUID, path: str, *, timeout: float | None = None
+    ) -> bytes:
+        """One kept artifact's content, its chunks checked; see
+        :meth:`Client.get_artifact`."""
+        sid = rq.session_id(session_id)
+        request = session_pb2.GetArtifactRequest(session_id=sid, path=path)
+        assembler = files.ArtifactAssembler(sid, path)
+        call = self._sessions.GetArtifact(
+            request, metadata=self._metadata, timeout=self.timeout if timeout is None else timeout
+        )
+        try:
+            async for chunk in call:
+                assembler.add(chunk)
+        except grpc.RpcError as exc:
+            raise RPCError.from_grpc(exc) from exc
+        finally:
+            call.cancel()
+        return assembler.content()
+
+    async def download_artifact(
+        self,
+        session_id: str | uuid.UUID,
+        path: str,
+        dest: str | os.PathLike[str],
+        *,
+        timeout: float | None = None,
+    ) -> Path:
+        """Download an artifact to ``dest`` (a file or a directory); returns the file
+        written. See :meth:`Client.download_artifact`."""
+        data = await self.get_artifact(session_id, path, timeout=timeout)
+        return await asyncio.to_thread(files.write_file, files.destination(dest, path), data)
 
     async def get_budget(self, date: str | dt.date | None = None) -> budget_pb2.Budget:
         """The tenant's budget window for ``date`` ("YYYY-MM-DD" or a date; None: today)."""

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import grpc
 
 from . import _channel
+from . import _files as files
 from . import _inputs as inputs
 from . import _requests as rq
 from ._channel import ChannelOptions, Target
-from ._errors import RPCError
+from ._errors import AgentplaneError, RPCError
 from ._health import CHECK_METHOD, HealthStatus, decode_response, encode_request
 from ._tls import make_credentials, tls_options
 from .v1 import (
@@ -171,6 +174,8 @@ class Client:
         tools: Sequence[inputs.ToolLike] | None = None,
         require_approval: Sequence[str] | None = None,
         answer_timeout: inputs.Seconds | None = None,
+        output_schema: files.SchemaLike | None = None,
+        input_files: files.InputFilesLike | None = None,
         on_tool_call: inputs.ToolCallHandler | None = None,
         on_permission: inputs.PermissionHandler | None = None,
         on_question: inputs.QuestionHandler | None = None,
@@ -194,18 +199,43 @@ class Client:
         answer it with :meth:`respond`, here or on any replica, before its deadline (then
         a tool call fails, an approval is denied, questions go unanswered). A handler's
         answer that comes after the request was settled is dropped.
+
+        Files and results: ``input_files`` (``{path: bytes | str}`` or ``[(path,
+        content), ...]``) are written into the workspace before the agent starts;
+        ``output_schema`` (a JSON Schema, as a dict or JSON text) makes the session end
+        with a structured result matching it (:func:`agentplane.structured_result` parses
+        it from the final Session), or ERROR with reason INVALID_OUTPUT. See also
+        :meth:`run_for_result`.
         """
         request = rq.run_request(
             prompt, max_budget_usd=max_budget_usd, max_turns=max_turns,
             allowed_tools=allowed_tools, model=model, labels=labels, request_id=request_id,
             on_disconnect_=on_disconnect, resume_session_id=resume_session_id,
             tools=tools, require_approval=require_approval, answer_timeout=answer_timeout,
+            output_schema=output_schema, input_files=input_files,
         )
         handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
         return EventStream(
             self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout),
             handlers, lambda message: self._unary(self._sessions.Respond, message),
         )
+
+    def run_for_result(self, prompt: str, output_schema: files.SchemaLike, **kwargs: Any) -> Any:
+        """Run a session to its end and return its structured result, parsed (a value
+        matching ``output_schema``). ``kwargs`` are those of :meth:`run` (handlers too).
+
+        Raises :class:`SessionFailed` (with the final Session) if the session ended ERROR,
+        e.g. reason INVALID_OUTPUT when the agent's result did not match the schema;
+        :class:`RPCError` if it was not admitted.
+        """
+        final: session_pb2.Session | None = None
+        with self.run(prompt, output_schema=output_schema, **kwargs) as stream:
+            for event in stream:
+                if event.HasField("result"):
+                    final = event.result.session
+        if final is None:
+            raise AgentplaneError("the session's event stream ended without a result")
+        return files.result_of(final)
 
     def respond(
         self,
@@ -296,6 +326,53 @@ class Client:
         """Cancel a session; returns it in its terminal state."""
         request = session_pb2.CancelSessionRequest(session_id=rq.session_id(session_id))
         return self._unary(self._sessions.CancelSession, request)
+
+    def delete_session(self, session_id: str | uuid.UUID) -> None:
+        """Delete an ended session (its events, transcript and artifacts; its spend stays
+        in the budget). FAILED_PRECONDITION while it is IDLE or RUNNING: cancel it first."""
+        request = session_pb2.DeleteSessionRequest(session_id=rq.session_id(session_id))
+        self._unary(self._sessions.DeleteSession, request)
+
+    def list_artifacts(self, session_id: str | uuid.UUID) -> list[session_pb2.Artifact]:
+        """The files an ended session created or changed, by path: kept ones (with size and
+        SHA-256) and left-out ones (``omitted_reason`` says why)."""
+        request = session_pb2.ListArtifactsRequest(session_id=rq.session_id(session_id))
+        return list(self._unary(self._sessions.ListArtifacts, request).artifacts)
+
+    def get_artifact(
+        self, session_id: str | uuid.UUID, path: str, *, timeout: float | None = None
+    ) -> bytes:
+        """One kept artifact's content, its chunks checked (offsets, size, SHA-256;
+        :class:`ArtifactError` otherwise). A left-out file is FAILED_PRECONDITION, a missing
+        one NOT_FOUND. ``timeout``: the whole download's deadline (default the client's)."""
+        sid = rq.session_id(session_id)
+        request = session_pb2.GetArtifactRequest(session_id=sid, path=path)
+        assembler = files.ArtifactAssembler(sid, path)
+        call = self._sessions.GetArtifact(
+            request, metadata=self._metadata, timeout=self.timeout if timeout is None else timeout
+        )
+        try:
+            for chunk in call:
+                assembler.add(chunk)
+        except grpc.RpcError as exc:
+            raise RPCError.from_grpc(exc) from exc
+        finally:
+            call.cancel()
+        return assembler.content()
+
+    def download_artifact(
+        self,
+        session_id: str | uuid.UUID,
+        path: str,
+        dest: str | os.PathLike[str],
+        *,
+        timeout: float | None = None,
+    ) -> Path:
+        """Download an artifact to ``dest`` (a file, replaced atomically, or a directory to
+        put it in under its own name); returns the file written. Errors as
+        :meth:`get_artifact`; nothing is written when it fails."""
+        target = files.destination(dest, path)
+        return files.write_file(target, self.get_artifact(session_id, path, timeout=timeout))
 
     def get_budget(self, date: str | dt.date | None = None) -> budget_pb2.Budget:
         """The tenant's budget window for ``date`` ("YYYY-MM-DD" or a date; None: today)."""

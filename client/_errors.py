@@ -4,9 +4,13 @@ Every exception the client raises on purpose derives from :class:`AgentplaneErro
 
     Exception
      └── AgentplaneError            anything the agentplane client raises on purpose
-          └── RPCError              a call failed with a gRPC status
-                                    (.code, .message, .reason, .domain, .metadata,
-                                     .field_violations, .quota_violations, .status)
+          ├── RPCError              a call failed with a gRPC status
+          │                         (.code, .message, .reason, .domain, .metadata,
+          │                          .field_violations, .quota_violations, .status)
+          ├── SessionFailed         run_for_result: the session ended ERROR
+          │                         (.session, .reason, .message)
+          └── ArtifactError         get_artifact: the chunks did not add up to the
+                                    artifact the server described (.session_id, .path)
 
 A gRPC failure of any call (``grpc.RpcError`` from the sync API, ``grpc.aio.AioRpcError``
 from the asyncio one) is re-raised as :class:`RPCError` with the original as its
@@ -23,6 +27,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
+
+from .v1 import session_pb2
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -45,6 +51,40 @@ class QuotaViolation:
 
 class AgentplaneError(Exception):
     """The root of the agentplane client's exceptions."""
+
+
+class SessionFailed(AgentplaneError):
+    """A session ended ERROR where its result was wanted (:meth:`Client.run_for_result`).
+
+    Attributes:
+        session: the final Session (state ERROR).
+        reason: the ErrorReason's short name, e.g. ``"INVALID_OUTPUT"`` or ``"MAX_TURNS"``.
+        message: the server's explanation.
+    """
+
+    def __init__(self, session: session_pb2.Session) -> None:
+        self.session = session
+        self.reason = _reason_name(session.error.reason)
+        self.message = session.error.message
+        text = f"session {session.id} failed: {self.reason}"
+        super().__init__(f"{text}: {self.message}" if self.message else text)
+
+
+class ArtifactError(AgentplaneError):
+    """An artifact's chunks did not add up: a missing first chunk, an offset out of order,
+    or a size or SHA-256 other than the artifact's own."""
+
+    def __init__(self, session_id: str, path: str, problem: str) -> None:
+        self.session_id = session_id
+        self.path = path
+        super().__init__(f"artifact {path!r} of session {session_id}: {problem}")
+
+
+def _reason_name(value: int) -> str:
+    try:
+        return session_pb2.ErrorReason.Name(value).removeprefix("ERROR_REASON_")
+    except ValueError:
+        return str(value)
 
 
 class RPCError(AgentplaneError):

@@ -143,6 +143,38 @@ def system_summary(subtype: str, data_json: str) -> str:
 _SYSTEM_NOISE = frozenset({"type", "subtype", "session_id", "uuid"})
 
 
+def structured_json(session: session_pb2.Session, indent: int | None = None) -> str:
+    """The session's structured result as JSON (one line unless ``indent``); "" if none."""
+    raw = session.structured_result_json
+    if not raw:
+        return ""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw
+    separators = (",", ":") if indent is None else None
+    return json.dumps(value, indent=indent, separators=separators, ensure_ascii=False)
+
+
+def size(n: int) -> str:
+    """ "512 B", "1.5 KiB", "2.0 MiB"."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+def artifact_row(artifact: session_pb2.Artifact) -> str:
+    """One line of `agentplane artifacts`: size, SHA-256 (cut short) and path, or why the
+    file was left out."""
+    digest = artifact.sha256[:12] if artifact.sha256 else "-"
+    row = f"{size(artifact.size_bytes):>10}  {digest:<12}  {artifact.path}"
+    if artifact.omitted_reason:
+        row += f"  (not kept: {artifact.omitted_reason})"
+    return row
+
+
 def error_line(session: session_pb2.Session) -> str:
     """Why a session failed: "MODEL_API_ERROR: ..."."""
     return f"{reason_name(session.error.reason)}: {session.error.message}"
@@ -201,10 +233,15 @@ def session_details(session: session_pb2.Session) -> str:
             f"{input_kind_name(r.kind)} {r.tool_name} ({r.request_id})" for r in session.awaiting
         )),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(session.labels.items()))),
+        ("schema", _compact_json(session.output_schema_json, TOOL_INPUT_CHARS)
+                   if session.output_schema_json else ""),
         ("request id", session.request_id),
         ("sdk session", session.sdk_session_id),
     ]
     lines = [f"{name + ':':<13}{value}" for name, value in rows if value]
+    if session.structured_result_json:
+        lines.append("structured result:")
+        lines.append(structured_json(session, indent=2))
     if session.result:
         lines.append("result:")
         lines.append(session.result)

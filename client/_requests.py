@@ -12,6 +12,7 @@ from typing import TypeAlias
 
 from google.protobuf import timestamp_pb2
 
+from . import _files as files
 from . import _inputs as inputs
 from .v1 import budget_pb2, session_pb2, usage_pb2
 
@@ -153,6 +154,8 @@ def run_request(
     tools: Sequence[inputs.ToolLike] | None = None,
     require_approval: Sequence[str] | None = None,
     answer_timeout: inputs.Seconds | None = None,
+    output_schema: files.SchemaLike | None = None,
+    input_files: files.InputFilesLike | None = None,
 ) -> session_pb2.RunSessionRequest:
     request = session_pb2.RunSessionRequest(
         prompt=prompt,
@@ -166,6 +169,8 @@ def run_request(
         resume_session_id=str(resume_session_id) if resume_session_id is not None else "",
         tools=inputs.caller_tools(tools),
         require_approval=_strings("require_approval", require_approval),
+        output_schema_json=files.output_schema_json(output_schema),
+        input_files=files.input_files(input_files),
     )
     timeout = inputs.duration(answer_timeout)
     if timeout is not None:

@@ -3,11 +3,13 @@
     agentplane run "prompt" [--budget USD] [--max-turns N] [--tool NAME]... [--model M]
                             [--label k=v]... [--json] [--require-approval PATTERN]...
                             [--answer-timeout SECONDS] [--deny-all]
+                            [--schema FILE.json] [--file LOCAL[:REMOTE]]...
     agentplane get ID | list [--state S] [--label k=v] [--limit N] [--awaiting]
     agentplane budget [--date D]
     agentplane health [--service NAME] | cancel ID | stream ID [--after-seq N] | usage
     agentplane respond ID REQUEST_ID (--allow | --deny [MESSAGE] | --answer QUESTION=ANSWER...
                                       | --result TEXT [--error])
+    agentplane artifacts ID | download ID PATH [-o FILE] | delete ID
 
 Global flags (before or after the command): --target (default $AGENTPLANE_TARGET or
 127.0.0.1:50051; several replicas: HOST:PORT,HOST:PORT or dns:///NAME:PORT), --token
@@ -17,16 +19,20 @@ Global flags (before or after the command): --target (default $AGENTPLANE_TARGET
 `run` answers what the session asks its caller: at a terminal it asks you to approve each
 tool that needs approval (y/n, and why not) and to answer the agent's questions; with
 --deny-all, or when stdin is not a terminal, it denies every approval and answers
-questions with nothing, without asking.
+questions with nothing, without asking. With --schema (a JSON Schema in a file) its last
+line is the session's structured result, as one line of JSON; --file sends a local file
+into the session's workspace (as REMOTE, default its name; repeat).
 
 Exit status: 0 success; 1 the session ended in ERROR (or health is not SERVING); 2 usage
-error; 3 the call failed (gRPC status printed on stderr); 130 interrupted.
+error (also: a --file or --schema that cannot be read, a download that cannot be
+written); 3 the call failed (gRPC status printed on stderr); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -37,7 +43,8 @@ from typing import Any
 from . import _prompt
 from . import _render as render
 from ._client import Client, EventStream
-from ._errors import RPCError
+from ._errors import AgentplaneError, RPCError
+from ._files import destination, write_file
 from ._health import HealthStatus
 from ._inputs import Deny, ToolResult
 from ._requests import TARGET_ENV, TOKEN_ENV, session_state
@@ -117,6 +124,32 @@ def _time(text: str) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
+def _schema(text: str) -> str:
+    """The JSON Schema in the file ``text``, as its JSON text (the server checks it is a
+    schema)."""
+    try:
+        raw = Path(text).read_text()
+        json.loads(raw)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {exc}") from None
+    return raw
+
+
+def _input_file(text: str) -> tuple[str, bytes]:
+    """LOCAL[:REMOTE] (split at the first colon): the workspace path and the local
+    file's content; REMOTE defaults to the local file's name."""
+    local, _, remote = text.partition(":")
+    if not local:
+        raise argparse.ArgumentTypeError(f"expected LOCAL[:REMOTE], got {text!r}")
+    try:
+        content = Path(local).read_bytes()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {local!r}: {exc.strerror}") from None
+    return remote or Path(local).name, content
+
+
 # -- commands -----------------------------------------------------------------------------
 
 
@@ -141,6 +174,8 @@ def _follow(stream: EventStream, as_json: bool) -> int:
         return EXIT_RPC_ERROR
     if not as_json:
         _out(render.summary_line(final))
+        if final.structured_result_json:  # the last line: ready for `tail -n1 | jq`
+            _out(render.structured_json(final))
     if final.state == session_pb2.SESSION_STATE_ERROR:
         _err(f"session {final.id} failed: {render.error_line(final)}")
         return EXIT_SESSION_FAILED
@@ -176,6 +211,8 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         answer_timeout=args.answer_timeout,
         on_permission=answers.permission,
         on_question=answers.questions,
+        output_schema=args.schema,
+        input_files=args.file,
         timeout=args.timeout,
     )
     return _follow(stream, args.json)
@@ -209,6 +246,37 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     if not shown and not args.json:  # (JSON lines: none is an empty output)
         print("no sessions" + (" match these filters" if args.state or args.label or args.awaiting else ""),
               file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_artifacts(client: Client, args: argparse.Namespace) -> int:
+    artifacts = client.list_artifacts(args.id)
+    for artifact in artifacts:
+        _out(render.to_json(artifact) if args.json else render.artifact_row(artifact))
+    if not artifacts and not args.json:
+        print("no artifacts", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_download(client: Client, args: argparse.Namespace) -> int:
+    data = client.get_artifact(args.id, args.path)
+    if args.output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return EXIT_OK
+    target = destination(args.output or ".", args.path)
+    try:
+        write_file(target, data)
+    except OSError as exc:
+        _err(f"cannot write {str(target)!r}: {exc.strerror or exc}")
+        return EXIT_USAGE
+    _out(f"{args.path} -> {target} ({len(data)} bytes)")
+    return EXIT_OK
+
+
+def cmd_delete(client: Client, args: argparse.Namespace) -> int:
+    client.delete_session(args.id)
+    _out(f"deleted {args.id}")
     return EXIT_OK
 
 
@@ -329,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--deny-all", action="store_true",
                      help="deny every approval and leave questions unanswered, without "
                           "asking (the default when stdin is not a terminal)")
+    run.add_argument("--schema", type=_schema, metavar="FILE.json",
+                     help="a JSON Schema the result must match; the structured result is "
+                          "printed last, as JSON (with --json: in the result event)")
+    run.add_argument("--file", action="append", type=_input_file, metavar="LOCAL[:REMOTE]",
+                     help="put a local file into the session's workspace, as REMOTE "
+                          "(default: its name); repeat")
     json_flag(run, "print each event as one JSON line")
 
     get = command("get", cmd_get, "show one session")
@@ -373,6 +447,22 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--result", metavar="TEXT", help="a caller tool's result")
     respond.add_argument("--error", action="store_true", help="with --result: it failed")
     json_flag(respond)
+
+    artifacts = command("artifacts", cmd_artifacts,
+                        "list the files an ended session created or changed")
+    artifacts.add_argument("id")
+    json_flag(artifacts, "print each artifact as one JSON line")
+
+    download = command("download", cmd_download, "download one artifact of a session")
+    download.add_argument("id")
+    download.add_argument("path", help="the artifact's path in the workspace")
+    download.add_argument("-o", "--output", metavar="FILE",
+                          help="where to write it: a file, a directory, or - for stdout "
+                               "(default: its name, in the current directory)")
+
+    delete = command("delete", cmd_delete,
+                     "delete an ended session: its events, transcript and artifacts")
+    delete.add_argument("id")
 
     usage = command("usage", cmd_usage, "show the tenant's usage, per model too (JSON)")
     usage.add_argument("--since", type=_time, metavar="TIME", help="ISO 8601, e.g. 2025-01-31")
@@ -423,6 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.handler(client, args))
     except RPCError as exc:
         _err(" ".join(str(exc).split()))
+        return EXIT_RPC_ERROR
+    except AgentplaneError as exc:  # a download whose chunks did not add up
+        _err(str(exc))
         return EXIT_RPC_ERROR
     except KeyboardInterrupt:
         _err("interrupted")

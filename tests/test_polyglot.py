@@ -1,11 +1,15 @@
 """A Node.js caller (@grpc/grpc-js + @grpc/proto-loader, from protos/ alone) runs a session,
-with agentplane's service config: past a draining replica too."""
+with agentplane's service config: past a draining replica too; with a schema, files in and
+artifacts out."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
+import random
 import shutil
 from decimal import Decimal
 from pathlib import Path
@@ -143,6 +147,47 @@ async def test_a_node_client_answers_a_caller_tool_and_approves_bash(harness: Ha
     assert "from Node:" in text and '"papaya"' in text and not is_error
     text, is_error = seen[BASH_ID]
     assert BASH_OUTPUT in text and not is_error
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not on PATH")
+async def test_a_node_client_gets_a_structured_result_and_downloads_an_artifact(
+    harness: Harness, short_tmp: Path
+) -> None:
+    await node_modules()
+    blob = random.Random(3).randbytes(150 * 1024)  # three chunks of 64 KiB at most
+    (short_tmp / "in.bin").write_bytes(blob)
+    harness.sandbox.add_script("polyglot_files", Script(steps=[
+        Step(tool_calls=[ToolCall("Bash", {"command": "mkdir -p out && cp data/in.bin out/copy.bin"
+                                                      " && printf node > hi.txt"})]),
+        Step(tool_calls=[ToolCall("StructuredOutput", {"answer": 5, "who": "node"})]),
+        Step(text="done"),
+    ]))
+    schema = {"type": "object", "required": ["answer", "who"],
+              "properties": {"answer": {"type": "integer"}, "who": {"type": "string"}}}
+
+    assert NODE is not None
+    code, out, err = await run(
+        NODE, "run_session.js", "--target", f"127.0.0.1:{harness.app.port}",
+        "--token", TOKENS["files"], "--model", MODEL,
+        "--prompt", "[[sandbox:polyglot_files]] copy it and answer",
+        "--output-schema", json.dumps(schema), "--input-file", f"data/in.bin={short_tmp / 'in.bin'}",
+        "--download", "out/copy.bin", "--download", "hi.txt",
+    )
+
+    assert code == 0, (out, err)
+    summary = json.loads(out)
+    assert summary["state"] == "SESSION_STATE_COMPLETE"
+    assert summary["structured_result"] == {"answer": 5, "who": "node"}
+    digest = hashlib.sha256(blob).hexdigest()
+    assert {a["path"]: (a["size_bytes"], a["sha256"]) for a in summary["artifacts"]} == {
+        "out/copy.bin": (len(blob), digest),
+        "hi.txt": (4, hashlib.sha256(b"node").hexdigest()),
+    }
+    copy = summary["downloads"]["out/copy.bin"]
+    assert base64.b64decode(copy["base64"]) == blob and copy["sha256"] == digest
+    assert copy["offsets"] == [0, 64 << 10, 128 << 10]
+    assert copy["artifact"]["path"] == "out/copy.bin" and copy["artifact"]["sha256"] == digest
+    assert base64.b64decode(summary["downloads"]["hi.txt"]["base64"]) == b"node"
 
 
 @pytest.mark.skipif(NODE is None, reason="node is not on PATH")

@@ -8,6 +8,8 @@
 //                       [--sessions N] [--health-service NAME]
 //                       [--caller-tool JSON]... [--tool-result TEXT]
 //                       [--require-approval PATTERN]... [--permission allow|deny]
+//                       [--output-schema JSON] [--input-file REMOTE=LOCAL]...
+//                       [--download PATH]...
 //                       [--ca-file PEM [--cert-file PEM --key-file PEM]]
 //   node run_session.js --print-service-config
 //
@@ -28,11 +30,18 @@
 // request of kind PERMISSION is answered --permission allow or deny (unset: unanswered).
 // The summary then has "inputs" (each input_request: request_id, kind, tool_name, input),
 // "resolved" (each input_resolved) and "responded" (what each Respond recorded).
+// Files and results: --output-schema sends a JSON Schema (the summary's
+// "structured_result" is the session's, parsed; null without one); --input-file puts the
+// local file LOCAL into the workspace as REMOTE. With --download, the last session's
+// artifacts are listed ("artifacts": ListArtifacts) and each PATH is fetched with
+// GetArtifact ("downloads": {PATH: {"artifact": the first chunk's, "offsets": [...],
+// "base64": the bytes, "sha256": their hex digest}}).
 // Exit status: 0 every session ended COMPLETE; 1 one ended otherwise; 2 the server is not
 // SERVING; 3 a call failed (the summary's "error" has the gRPC code and details); 64 usage.
 
 'use strict';
 
+const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
@@ -105,6 +114,9 @@ function options() {
         'tool-result': { type: 'string' },
         'require-approval': { type: 'string', multiple: true, default: [] },
         permission: { type: 'string' },
+        'output-schema': { type: 'string', default: '' },
+        'input-file': { type: 'string', multiple: true, default: [] },
+        download: { type: 'string', multiple: true, default: [] },
         'ca-file': { type: 'string' },
         'cert-file': { type: 'string' },
         'key-file': { type: 'string' },
@@ -129,6 +141,11 @@ function options() {
   if (opts.permission !== undefined && !['allow', 'deny'].includes(opts.permission)) {
     usage('--permission must be allow or deny');
   }
+  opts.inputFiles = opts['input-file'].map((spec) => {
+    const at = spec.indexOf('=');
+    if (at <= 0) usage(`--input-file must be REMOTE=LOCAL, not ${spec}`);
+    return { path: spec.slice(0, at), content: fs.readFileSync(spec.slice(at + 1)) };
+  });
   if ((opts['cert-file'] === undefined) !== (opts['key-file'] === undefined)) {
     usage('--cert-file and --key-file go together');
   }
@@ -239,8 +256,31 @@ async function runSession(sessions, request, metadata, opts, summary) {
     output_tokens: Number(final.usage.output_tokens),
     result: final.result,
     error_reason: final.error ? final.error.reason : null,
+    structured_result: final.structured_result_json ? JSON.parse(final.structured_result_json) : null,
   });
   return final;
+}
+
+// Lists a session's artifacts and downloads each of `paths` (GetArtifact, in chunks).
+async function fetchArtifacts(sessions, sessionId, paths, metadata, summary) {
+  const listed = await unary(sessions, 'ListArtifacts', { session_id: sessionId }, metadata, 30);
+  summary.artifacts = listed.artifacts.map((a) => ({ ...a, size_bytes: Number(a.size_bytes) }));
+  summary.downloads = {};
+  for (const artifactPath of paths) {
+    const call = sessions.GetArtifact(
+      { session_id: sessionId, path: artifactPath }, metadata, { deadline: deadline(30) },
+    );
+    const chunks = [];
+    await readStream(call, (chunk) => chunks.push(chunk));
+    const data = Buffer.concat(chunks.map((c) => c.data));
+    summary.downloads[artifactPath] = {
+      artifact: chunks.length && chunks[0].artifact
+        ? { ...chunks[0].artifact, size_bytes: Number(chunks[0].artifact.size_bytes) } : null,
+      offsets: chunks.map((c) => Number(c.offset)),
+      base64: data.toString('base64'),
+      sha256: crypto.createHash('sha256').update(data).digest('hex'),
+    };
+  }
 }
 
 async function main() {
@@ -273,6 +313,7 @@ async function main() {
     const request = {
       prompt: opts.prompt, model: opts.model, max_budget_usd: opts.budget,
       tools: opts.callerTools, require_approval: opts['require-approval'],
+      output_schema_json: opts['output-schema'], input_files: opts.inputFiles,
     };
     for (let i = 0; i < opts.sessions; i += 1) {
       const final = await runSession(sessions, request, metadata, opts, summary);
@@ -283,6 +324,9 @@ async function main() {
       }
       summary.sessions.push({ session_id: final.id, state: final.state });
       if (final.state !== 'SESSION_STATE_COMPLETE') exitCode = 1;
+    }
+    if (opts.download.length > 0) {
+      await fetchArtifacts(sessions, summary.session_id, opts.download, metadata, summary);
     }
     return summary;
   } catch (err) {
