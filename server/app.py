@@ -222,6 +222,7 @@ class App:
             ),
             on_served=observer.pool_served,
         )
+        launcher.check_fallback_models(tenants.tenants.values())
         if pool.enabled:
             pool.check_models()
             resources.push_async_callback(pool.close)

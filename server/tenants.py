@@ -24,6 +24,10 @@ from .errors import ConfigError, Unauthenticated
 from .isolation.limits import SessionLimits
 
 DEFAULT_TENANT = "default"
+# The SDK's effort levels (ClaudeAgentOptions.effort).
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
+# The smallest thinking budget the Messages API takes.
+MIN_THINKING_TOKENS = 1024
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -65,6 +69,11 @@ class Tenant:
     # How long a session waits for its caller's answer by default, and at most.
     answer_timeout_s: float = 300.0
     max_answer_timeout_s: float = 3600.0
+    # The model knobs a request may set (none by default): effort levels, the largest
+    # thinking budget (0: none may be asked for) and the fallback models.
+    allowed_efforts: tuple[str, ...] = ()
+    max_thinking_tokens: int = 0
+    fallback_models: tuple[str, ...] = ()
 
     def unix_ids(self) -> tuple[int, int] | None:
         """The uid and gid of the tenant's os_user (None: its agents run as the server)."""
@@ -106,6 +115,9 @@ _DEFAULTS: Mapping[str, Any] = {
     "require_approval": [],
     "answer_timeout_s": 300,
     "max_answer_timeout_s": 3600,
+    "allowed_efforts": [],
+    "max_thinking_tokens": 0,
+    "fallback_models": [],
 }
 _KEYS = {"token_sha256", *_DEFAULTS}
 
@@ -220,6 +232,18 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         # A warm agent starts before its request is known, without the caller's loop.
         raise ConfigError(key("warm_pool_size"), "cannot be combined with require_approval "
                           "or with AskUserQuestion in allowed_tools (the caller's loop)")
+    efforts = cfg["allowed_efforts"]
+    if not isinstance(efforts, list) or not all(e in EFFORTS for e in efforts):
+        raise ConfigError(key("allowed_efforts"), f"must be a list of {', '.join(EFFORTS)}")
+    thinking = _count(cfg["max_thinking_tokens"], key("max_thinking_tokens"))
+    if 0 < thinking < MIN_THINKING_TOKENS:
+        raise ConfigError(key("max_thinking_tokens"),
+                          f"must be 0 (none) or at least {MIN_THINKING_TOKENS}")
+    fallbacks = cfg["fallback_models"]
+    if not isinstance(fallbacks, list) or not all(
+        isinstance(m, str) and m.strip() and len(m) <= 128 for m in fallbacks
+    ):
+        raise ConfigError(key("fallback_models"), "must be a list of model names")
     daily = _money(cfg["daily_limit_usd"], key("daily_limit_usd"))
     per_session = _money(cfg["max_session_budget_usd"], key("max_session_budget_usd"))
     if per_session > daily:
@@ -247,6 +271,9 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         require_approval=tuple(rules),
         answer_timeout_s=float(answer_timeout),
         max_answer_timeout_s=float(max_answer_timeout),
+        allowed_efforts=tuple(dict.fromkeys(efforts)),
+        max_thinking_tokens=thinking,
+        fallback_models=tuple(dict.fromkeys(m.strip() for m in fallbacks)),
     )
 
 

@@ -231,3 +231,27 @@ def test_the_callers_loop_settings_are_checked(
     tenant = TenantRegistry.load(ok).tenants["a"]
     assert tenant.require_approval == ("Bash(git push:*)", "Write")
     assert (tenant.answer_timeout_s, tenant.max_answer_timeout_s) == (30, 3600)
+
+
+@pytest.mark.parametrize(("settings", "setting"), [
+    ({"allowed_efforts": ["low", "huge"]}, "allowed_efforts"),
+    ({"allowed_efforts": "low"}, "allowed_efforts"),
+    ({"max_thinking_tokens": 100}, "max_thinking_tokens"),
+    ({"max_thinking_tokens": -1}, "max_thinking_tokens"),
+    ({"fallback_models": "claude-haiku-4-5"}, "fallback_models"),
+    ({"fallback_models": [""]}, "fallback_models"),
+])
+def test_the_model_knob_settings_are_checked(
+    tmp_path: Path, settings: dict[str, Any], setting: str
+) -> None:
+    path = write_tenants(tmp_path, tenant_toml("a", "tok", **settings))
+    with pytest.raises(ConfigError, match=f"tenants.a.{setting}"):
+        TenantRegistry.load(path)
+    ok = write_tenants(tmp_path, tenant_toml(
+        "a", "tok", allowed_efforts=["low", "max"], max_thinking_tokens=1024,
+        fallback_models=["claude-haiku-4-5"]))
+    tenant = TenantRegistry.load(ok).tenants["a"]
+    assert (tenant.allowed_efforts, tenant.max_thinking_tokens, tenant.fallback_models) == (
+        ("low", "max"), 1024, ("claude-haiku-4-5",))
+    plain = TenantRegistry.load(write_tenants(tmp_path, tenant_toml("a", "tok"))).tenants["a"]
+    assert (plain.allowed_efforts, plain.max_thinking_tokens, plain.fallback_models) == ((), 0, ())

@@ -224,6 +224,10 @@ def run_request(msg: session_pb2.RunSessionRequest) -> RunRequest:
         ),
         require_approval=tuple(msg.require_approval),
         answer_timeout_s=duration_s(msg, "answer_timeout"),
+        include_partial_messages=msg.include_partial_messages,
+        effort=msg.effort,
+        max_thinking_tokens=msg.max_thinking_tokens,
+        fallback_model=msg.fallback_model,
     )
 
 

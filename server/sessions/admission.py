@@ -111,6 +111,7 @@ class Admitter:
     async def _admit(self, tenant: Tenant, request: RunRequest) -> Admission:
         spec = validate(request, tenant)
         self._launcher.check_model(spec.model)
+        self._launcher.check_model(spec.fallback_model, field="fallback_model")
         if spec.resume_session_id:
             spec = await self._resolve_resume(tenant, spec)
         if spec.request_id:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import pwd
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +17,8 @@ from claude_agent_sdk import ClaudeAgentOptions, SessionStore
 
 from ..budgets.gateway import MeteringGateway
 from ..budgets.gateway_meter import SessionMeter
+from ..budgets.pricing import UnknownModel
+from ..errors import ConfigError, InvalidArgument
 from ..isolation.limits import Breach
 from ..isolation.sandboxes import Sandboxes
 from ..store.transcripts import SqlSessionStore, TenantTranscripts
@@ -64,11 +67,23 @@ class Launcher:
         self._store = store
         self._gateway = gateway
 
-    def check_model(self, model: str) -> None:
-        """Raise UnknownModel (INVALID_ARGUMENT on `model`) for a model the price table lacks;
+    def check_model(self, model: str, field: str = "model") -> None:
+        """Raise UnknownModel (INVALID_ARGUMENT on `field`) for a model the price table lacks;
         an empty model is the CLI's default, which the table covers."""
-        if model:
-            self._gateway.prices.price(model)
+        if model and model not in self._gateway.prices:
+            raise UnknownModel(model, self._gateway.prices.version, field)
+
+    def check_fallback_models(self, tenants: Iterable[Tenant]) -> None:
+        """ConfigError for a tenant's fallback model the price table lacks (its requests
+        would be refused by the gateway only once the first model is overloaded)."""
+        for tenant in tenants:
+            for model in tenant.fallback_models:
+                try:
+                    self.check_model(model)
+                except InvalidArgument as exc:
+                    raise ConfigError(
+                        f"tenants.{tenant.name}.fallback_models", exc.description
+                    ) from None
 
     def transcripts(self, tenant: str) -> TenantTranscripts:
         """The tenant's SDK transcripts (the SessionStore the CLI mirrors into)."""
@@ -144,6 +159,10 @@ class Launcher:
             # Transcripts are mirrored to the database, so a resume works on any replica.
             session_store=cast(SessionStore, self.transcripts(tenant.name)),
             model=spec.model or None,
+            effort=spec.effort or None,  # type: ignore[arg-type]  # validated: an EffortLevel
+            max_thinking_tokens=spec.max_thinking_tokens or None,
+            fallback_model=spec.fallback_model or None,
+            include_partial_messages=spec.include_partial_messages,
             cwd=str(dirs.cwd),
             env=env,
             cli_path=str(cli),

@@ -42,7 +42,7 @@ MAX_RETRY_DELAY_S = 60.0
 # Marks the folder of a warm agent no session has taken yet; holds the server's pid.
 WARM_MARKER = ".warm"
 
-PoolKey = tuple[tuple[str, ...], str, int, Decimal]
+PoolKey = tuple[tuple[str, ...], str, int, Decimal, tuple[bool, str, int, str]]
 
 
 def pool_key(spec: SessionSpec) -> PoolKey | None:
@@ -51,7 +51,7 @@ def pool_key(spec: SessionSpec) -> PoolKey | None:
     fixed at spawn too)."""
     if spec.resume_session_id or spec.in_the_loop:
         return None
-    return (spec.tools, spec.model, spec.max_turns, spec.budget_usd)
+    return (spec.tools, spec.model, spec.max_turns, spec.budget_usd, spec.knobs)
 
 
 @dataclass
