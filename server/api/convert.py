@@ -126,6 +126,7 @@ _MESSAGE_OF = {
     EventKind.RETRYING: "Retrying",
     EventKind.SYSTEM: "SystemMessage",
     EventKind.THINKING: "Thinking",
+    EventKind.TEXT_DELTA: "TextDelta",
 }
 
 

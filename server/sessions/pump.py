@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 from typing import Any
 
-from claude_agent_sdk import ClaudeSDKClient, ResultMessage, SystemMessage
+from claude_agent_sdk import ClaudeSDKClient, ResultMessage, StreamEvent, SystemMessage
 
-from ..domain import ErrorReason
+from ..domain import ErrorReason, EventKind
 from .live import LiveSession
-from .translate import to_events
+from .translate import TextDeltas, to_events
 
 
 async def pump(
@@ -30,6 +30,7 @@ async def pump(
     cancel = asyncio.create_task(live.cancel_requested.wait())
     last = _now()
     interrupt_deadline: float | None = None
+    deltas = TextDeltas()
     # One pending read at a time, never cancelled while the agent may still answer:
     # cancelling an async generator's __anext__ closes it and loses the result.
     pull: asyncio.Future[Any] | None = None
@@ -70,6 +71,11 @@ async def pump(
             except StopAsyncIteration:
                 return None
             pull, last = None, _now()
+            if isinstance(message, StreamEvent):  # partial messages: live only
+                delta = deltas.read(message)
+                if delta is not None:
+                    live.publish_transient(EventKind.TEXT_DELTA, delta)
+                continue
             if isinstance(message, SystemMessage) and message.subtype == "init":
                 live.sdk_session_id = str(message.data.get("session_id") or "")
                 if message.data.get("model"):  # what runs, also when none was asked for
