@@ -22,6 +22,8 @@ from .approvals import parse_rule
 from .domain import usd
 from .errors import ConfigError, Unauthenticated
 from .isolation.limits import SessionLimits
+from .mcp.servers import PREFIX as MCP_PREFIX
+from .mcp.servers import McpServer, RemoteServer, parse_servers, tool_server
 
 DEFAULT_TENANT = "default"
 # The SDK's effort levels (ClaudeAgentOptions.effort).
@@ -74,6 +76,10 @@ class Tenant:
     allowed_efforts: tuple[str, ...] = ()
     max_thinking_tokens: int = 0
     fallback_models: tuple[str, ...] = ()
+    # Its MCP servers (their tools are mcp__<server>__<tool>; allowed_tools says which the
+    # agent has), and how long each has to start and answer the CLI's handshake.
+    mcp_servers: tuple[McpServer, ...] = ()
+    mcp_timeout_s: float = 30.0
 
     def unix_ids(self) -> tuple[int, int] | None:
         """The uid and gid of the tenant's os_user (None: its agents run as the server)."""
@@ -118,6 +124,8 @@ _DEFAULTS: Mapping[str, Any] = {
     "allowed_efforts": [],
     "max_thinking_tokens": 0,
     "fallback_models": [],
+    "mcp_servers": {},
+    "mcp_timeout_s": 30,
 }
 _KEYS = {"token_sha256", *_DEFAULTS}
 
@@ -179,6 +187,13 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
     tools = cfg["allowed_tools"]
     if not isinstance(tools, list) or not all(isinstance(t, str) and t for t in tools):
         raise ConfigError(key("allowed_tools"), "must be a list of tool names")
+    servers = parse_servers(cfg["mcp_servers"], key("mcp_servers"))
+    declared = {server.name for server in servers}
+    for tool in tools:
+        server = tool_server(tool)
+        if tool.startswith(MCP_PREFIX) and server not in declared:
+            raise ConfigError(key("allowed_tools"), f"{tool}: no MCP server {server!r} is "
+                              "declared in mcp_servers")
     try:
         ZoneInfo(str(cfg["timezone"]))
     except (ZoneInfoNotFoundError, ValueError):
@@ -274,6 +289,8 @@ def _parse_tenant(name: str, raw: Mapping[str, Any], *, where: str, require_toke
         allowed_efforts=tuple(dict.fromkeys(efforts)),
         max_thinking_tokens=thinking,
         fallback_models=tuple(dict.fromkeys(m.strip() for m in fallbacks)),
+        mcp_servers=servers,
+        mcp_timeout_s=float(_positive_int(cfg["mcp_timeout_s"], key("mcp_timeout_s"))),
     )
 
 
@@ -331,5 +348,11 @@ class TenantRegistry:
         return tenant
 
     def key_env_names(self) -> set[str]:
-        """Every tenant's API-key variable name (scrubbed from other tenants' agents)."""
-        return {t.anthropic_api_key_env for t in self.tenants.values()}
+        """Every variable of the server's that holds a tenant's secret: API keys and MCP
+        servers' headers and variables (scrubbed from unsandboxed agents' environment)."""
+        names = {t.anthropic_api_key_env for t in self.tenants.values()}
+        for tenant in self.tenants.values():
+            for server in tenant.mcp_servers:
+                pairs = server.headers if isinstance(server, RemoteServer) else server.env
+                names.update(value.env for _, value in pairs if value.env)
+        return names

@@ -286,7 +286,7 @@ class WarmPool:
             raise ValueError("a warm agent cannot resume a conversation")
         session_id = str(uuid.uuid4())
         dirs = self._launcher.folders.dirs(tenant.name, session_id)
-        meter = self._launcher.open_meter(session_id, tenant, Decimal(0))
+        meter = self._launcher.open_meter(session_id, tenant, Decimal(0), spec)
         try:
             await self._launcher.folders.prepare(dirs, tenant)
             write_marker(dirs.root / WARM_MARKER)

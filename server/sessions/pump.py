@@ -76,16 +76,33 @@ async def pump(
                 if delta is not None:
                     live.publish_transient(EventKind.TEXT_DELTA, delta)
                 continue
-            if isinstance(message, SystemMessage) and message.subtype == "init":
+            init = isinstance(message, SystemMessage) and message.subtype == "init"
+            if init:
                 live.sdk_session_id = str(message.data.get("session_id") or "")
                 if message.data.get("model"):  # what runs, also when none was asked for
                     live.session = live.session.evolve(model=str(message.data["model"]))
             for kind, data in to_events(message):
                 live.emit(kind, data)
+            if init and (failed := failed_servers(message.data)):
+                # The agent would run on without their tools (or wait on them): the
+                # session ends now, saying which (the init event above shows them too).
+                live.request_cancel(ErrorReason.AGENT_FAILED, (
+                    f"MCP server {', '.join(failed)} did not start or answer in time"
+                    if len(failed) == 1 else
+                    f"MCP servers {', '.join(failed)} did not start or answer in time"
+                ))
             if isinstance(message, ResultMessage):
                 return message
     finally:
         cancel.cancel()
+
+
+def failed_servers(init: dict[str, Any]) -> list[str]:
+    """The MCP servers the CLI's init message reports as failed (or needing an OAuth
+    login, which a headless agent cannot do)."""
+    servers = init.get("mcp_servers")
+    return [str(s.get("name")) for s in servers if isinstance(s, dict)
+            and s.get("status") in ("failed", "needs-auth")] if isinstance(servers, list) else []
 
 
 def _now() -> float:

@@ -15,6 +15,7 @@ import jsonschema
 from ..approvals import MAX_RULES, parse_rule
 from ..domain import usd
 from ..errors import InvalidArgument, quote
+from ..mcp.servers import covered
 from ..tenants import MIN_THINKING_TOKENS, Tenant
 
 MAX_PROMPT_CHARS = 200_000
@@ -210,7 +211,8 @@ def _turns(raw: int, tenant: Tenant) -> int:
 def _tools(raw: tuple[str, ...], tenant: Tenant) -> tuple[str, ...]:
     if not raw:
         return tenant.allowed_tools
-    outside = [t for t in raw if t not in tenant.allowed_tools]
+    # A request may name one tool of a server the tenant allows as a whole.
+    outside = [t for t in raw if not covered(t, tenant.allowed_tools)]
     if outside:
         raise InvalidArgument(
             "allowed_tools",
@@ -274,7 +276,7 @@ def _approval(raw: tuple[str, ...], tenant: Tenant, tools: set[str]) -> tuple[st
             rule = parse_rule(text)
         except ValueError as exc:
             raise InvalidArgument(f"require_approval[{i}]", f"{quote(text)}: {exc}") from None
-        if rule.tool not in tools:
+        if not covered(rule.tool, tools) and not any(covered(t, {rule.tool}) for t in tools):
             raise InvalidArgument(
                 f"require_approval[{i}]", f"{quote(text)} names no tool of this session"
             )
