@@ -4,8 +4,8 @@ Only the servers some tool of the session belongs to are configured. A stdio ser
 as declared (inside the sandbox); its secret variables reach it through the CLI's
 environment (the CLI expands `${NAME}` in its MCP configuration), never on a command line.
 A remote server is configured at the gateway's relay, authenticated by the session's
-gateway token, which the CLI has as ANTHROPIC_API_KEY: the tenant's headers stay in the
-server.
+gateway token (its ANTHROPIC_API_KEY, also in TOKEN_VARIABLE: the CLI does not expand
+ANTHROPIC_API_KEY itself): the tenant's headers stay in the server.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 from .relay import relay_path
 from .servers import McpServer, RemoteServer, StdioServer, tool_server
 
-# The CLI's variable holding its session's gateway token (cli_env.py sets it).
-TOKEN_VARIABLE = "ANTHROPIC_API_KEY"
+# The CLI's variable holding its session's gateway token, for the relay's x-api-key.
+TOKEN_VARIABLE = "AGENTPLANE_MCP_TOKEN"
 
 
 @dataclass
@@ -37,12 +37,14 @@ def session_servers(tools: Iterable[str], servers: Iterable[McpServer]) -> list[
     return [server for server in servers if server.name in wanted]
 
 
-def cli_servers(servers: Iterable[McpServer], gateway_url: str) -> CliServers:
-    """The CLI's configuration of `servers` (see the module docstring). Resolves the stdio
-    servers' secrets now (SecretUnavailable if one is missing)."""
+def cli_servers(servers: Iterable[McpServer], gateway_url: str, token: str) -> CliServers:
+    """The CLI's configuration of `servers` (see the module docstring); `token` is the
+    session's gateway token. Resolves the stdio servers' secrets now (SecretUnavailable if
+    one is missing)."""
     out = CliServers()
     for i, server in enumerate(servers):
         if isinstance(server, RemoteServer):
+            out.env[TOKEN_VARIABLE] = token
             out.config[server.name] = {
                 "type": server.transport,
                 "url": gateway_url + relay_path(server.name) + server.path,

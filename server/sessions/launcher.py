@@ -134,7 +134,7 @@ class Launcher:
         if self.config.cli_max_retries is not None:
             extra["CLAUDE_CODE_MAX_RETRIES"] = str(self.config.cli_max_retries)
         servers = cli_servers(session_servers(spec.tools, tenant.mcp_servers),
-                              self._gateway.base_url)
+                              self._gateway.base_url, meter.token)
         if servers.config:
             extra.update(servers.env)
             # The CLI waits for its servers before the first turn (not connecting them in
