@@ -101,10 +101,11 @@ def _endpoint(head: bytes, server: RemoteServer) -> bytes:
     """The SSE stream's first bytes with its `endpoint` event's URL through the relay."""
     text = head.decode("utf-8", "replace")
     lines = text.splitlines(keepends=True)
-    if not any(line.strip() == "event: endpoint" for line in lines):
+    end = next((i for i, line in enumerate(lines) if not line.strip()), len(lines))
+    if not any(line.strip() == "event: endpoint" for line in lines[:end]):
         return head
     out = []
-    for line in lines:
+    for line in lines[:end]:
         if line.startswith("data:"):
             target = line[5:].strip()
             target = target.removeprefix(server.origin)
@@ -112,4 +113,4 @@ def _endpoint(head: bytes, server: RemoteServer) -> bytes:
                 target = relay_path(server.name) + target
             line = f"data: {target}{line[len(line.rstrip(chr(13) + chr(10))):]}"
         out.append(line)
-    return "".join(out).encode()
+    return "".join(out + lines[end:]).encode()

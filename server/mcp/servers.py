@@ -34,7 +34,7 @@ _SERVER = re.compile(r"[A-Za-z0-9-]+(?:_[A-Za-z0-9-]+)*", re.ASCII)
 _HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}", re.ASCII)
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}", re.ASCII)
 # What the sandbox launcher's word splitting leaves intact.
-_PATH = re.compile(r"/[A-Za-z0-9._/@+-]*", re.ASCII)
+_PATH = re.compile(r"(/[A-Za-z0-9._@+-]+)+/?", re.ASCII)
 # The in-process server of the caller's tools (mcp__caller__*).
 RESERVED = frozenset({"caller"})
 PREFIX = "mcp__"
@@ -193,9 +193,10 @@ def _stdio(name: str, raw: Mapping[str, Any], where: str) -> StdioServer:
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise ConfigError(f"{where}.paths", "must be a list of absolute paths")
     for path in paths:
-        if not _PATH.fullmatch(path) or "/../" in f"{path}/":
-            raise ConfigError(f"{where}.paths", f"{path!r}: an absolute path of "
-                              "[A-Za-z0-9._/@+-] without '..'")
+        # Not "/" (the whole host), no "." or ".." parts.
+        if not _PATH.fullmatch(path) or {".", ".."} & set(path.split("/")):
+            raise ConfigError(f"{where}.paths", f"{path!r}: an absolute path below / of "
+                              "[A-Za-z0-9._/@+-], without '.' or '..' parts")
         if not os.path.exists(path):
             raise ConfigError(f"{where}.paths", f"{path} does not exist")
     env = _pairs(raw.get("env", {}), f"{where}.env", _VARIABLE, "variable names")
