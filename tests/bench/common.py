@@ -55,7 +55,7 @@ CHATTY_TEXT = 3200  # characters of text per message: 200 text deltas of the san
 
 
 def chatty_script(steps: int) -> Script:
-    """`steps` * 5 messages of CHATTY_TEXT characters each (the last four with a Glob)."""
+    """`steps` * 5 messages of CHATTY_TEXT characters each, a Glob after each but the last."""
     text = ("Streaming answers arrive piece by piece. " * 80)[:CHATTY_TEXT]
     return Script(steps=[
         *[Step(text=text, tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"})], usage=USAGE)

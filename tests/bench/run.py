@@ -95,8 +95,8 @@ SECTIONS = {
            "no database and no SessionStore. events/s from the first assistant message to the "
            "result. The statement counts come from SQLAlchemy's cursor and commit events on an "
            "in-process server running one such session. Live text: a session of "
-           f"{relay.CHATTY_MESSAGES} answers of {CHATTY_TEXT:,} characters (four Globs between "
-           "them) with include_partial_messages on (text deltas streamed, never persisted) "
+           f"{relay.CHATTY_MESSAGES} answers of {CHATTY_TEXT:,} characters (a Glob between "
+           "two) with include_partial_messages on (text deltas streamed, never persisted) "
            "and off, interleaved, on SQLite; events/s counts every event streamed, deltas "
            "included.")),
     "7": ("Admission under contention (benchmark 7)",
