@@ -10,6 +10,7 @@ import sys
 
 from .config import Settings, settings_help
 from .errors import ConfigError
+from .mcp.servers import problem as mcp_problem
 from .sandbox import cli as sandbox_cli
 from .telemetry.logs import configure_logging
 from .tenants import TenantRegistry
@@ -87,7 +88,8 @@ async def _dev(settings: Settings, tenants: TenantRegistry) -> int:
 
 def _missing_keys(tenants: TenantRegistry) -> list[str]:
     """A line per tenant whose Anthropic API key is not there now (its sessions would be
-    refused FAILED_PRECONDITION, except under `dev` with the sandbox model)."""
+    refused FAILED_PRECONDITION, except under `dev` with the sandbox model), and per tenant
+    with an MCP server's secret missing (refused too)."""
     lines = []
     for tenant in tenants.tenants.values():
         if tenant.api_key() is not None:
@@ -96,6 +98,10 @@ def _missing_keys(tenants: TenantRegistry) -> list[str]:
                  if tenant.anthropic_api_key_file is not None
                  else f"the environment variable {tenant.anthropic_api_key_env} is not set")
         lines.append(f"warning: tenant {tenant.name!r} has no Anthropic API key: {where}")
+    for tenant in tenants.tenants.values():
+        missing = mcp_problem(tenant.mcp_servers)
+        if missing is not None:  # its sessions using that server would be refused
+            lines.append(f"warning: tenant {tenant.name!r}: {missing}")
     return lines
 
 

@@ -67,17 +67,20 @@ def tenant_checks(
     settings: Settings, check_model: Callable[[str], object]
 ) -> Callable[[TenantRegistry], None]:
     """What the server checks of a tenants file beyond its own rules, at start and before
-    a reload applies it: warm-pool models it can price, certificate bindings it can
-    verify. Raises ConfigError."""
+    a reload applies it: warm-pool and fallback models it can price, certificate bindings
+    it can verify. Raises ConfigError."""
 
     def check(registry: TenantRegistry) -> None:
         for tenant in registry.tenants.values():
+            priced = [("fallback_models", m) for m in tenant.fallback_models]
             if tenant.warm_pool_size > 0 and tenant.warm_pool_model:
+                priced.append(("warm_pool_model", tenant.warm_pool_model))
+            for setting, model in priced:
                 try:
-                    check_model(tenant.warm_pool_model)
+                    check_model(model)
                 except InvalidArgument as exc:
                     raise ConfigError(
-                        f"tenants.{tenant.name}.warm_pool_model", exc.description) from None
+                        f"tenants.{tenant.name}.{setting}", exc.description) from None
             if tenant.binds_certificates and settings.tls_client_ca_file is None:
                 key = "client_cert_sans" if tenant.client_cert_sans else "client_cert_subjects"
                 raise ConfigError(

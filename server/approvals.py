@@ -1,7 +1,7 @@
 """Which tool calls need the caller's approval: tool names and patterns on their input.
 
 A rule is a tool's name (`Bash`, `Write`, a caller tool's name) or a name with a pattern
-on the call's subject: `Bash(git push:*)` (a command that starts with "git push"),
+on the call's subject (`mcp__crm` for every tool of the MCP server crm): `Bash(git push:*)` (a command that starts with "git push"),
 `Write(src/*)` (a path matching the glob, relative to the session's workspace), or any
 other `Tool(glob)` on that tool's input as compact JSON.
 """
@@ -38,7 +38,9 @@ class Rule:
     pattern: str | None = None
 
     def matches(self, tool: str, tool_input: Mapping[str, Any], workspace: str) -> bool:
-        if tool != self.tool:
+        # `mcp__crm` names every tool of the MCP server crm (mcp__crm__<tool>).
+        server_wide = self.tool.startswith("mcp__") and "__" not in self.tool[5:]
+        if tool != self.tool and not (server_wide and tool.startswith(f"{self.tool}__")):
             return False
         if self.pattern is None:
             return True

@@ -74,6 +74,8 @@ class EventKind(enum.StrEnum):
     RESULT = "result"
     INPUT_REQUEST = "input_request"
     INPUT_RESOLVED = "input_resolved"
+    # Live only (LiveSession.publish_transient): seq 0, never persisted or replayed.
+    TEXT_DELTA = "text_delta"
 
 
 class InputKind(enum.StrEnum):

@@ -25,8 +25,14 @@ from .certs import CertIdentity, canonical_subject
 from .domain import usd
 from .errors import ConfigError, Unauthenticated
 from .isolation.limits import SessionLimits
+from .mcp.servers import PREFIX as MCP_PREFIX
+from .mcp.servers import McpServer, RemoteServer, parse_servers, tool_server
 
 DEFAULT_TENANT = "default"
+# The SDK's effort levels (ClaudeAgentOptions.effort).
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
+# The smallest thinking budget the Messages API takes.
+MIN_THINKING_TOKENS = 1024
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # The input files of one request travel in it: the gRPC server takes messages this large.
@@ -82,6 +88,15 @@ class Tenant:
     @property
     def binds_certificates(self) -> bool:
         return bool(self.client_cert_sans or self.client_cert_subjects)
+    # The model knobs a request may set (none by default): effort levels, the largest
+    # thinking budget (0: none may be asked for) and the fallback models.
+    allowed_efforts: tuple[str, ...] = ()
+    max_thinking_tokens: int = 0
+    fallback_models: tuple[str, ...] = ()
+    # Its MCP servers (their tools are mcp__<server>__<tool>; allowed_tools says which the
+    # agent has), and how long each has to start and answer the CLI's handshake.
+    mcp_servers: tuple[McpServer, ...] = ()
+    mcp_timeout_s: float = 30.0
 
     def unix_ids(self) -> tuple[int, int] | None:
         """The uid and gid of the tenant's os_user (None: its agents run as the server)."""
@@ -142,6 +157,11 @@ _DEFAULTS: Mapping[str, Any] = {
     "max_artifact_mib": FileLimits.max_artifact_bytes >> 20,
     "max_artifacts_total_mib": FileLimits.max_artifacts_total_bytes >> 20,
     "retention_days": 0,
+    "allowed_efforts": [],
+    "max_thinking_tokens": 0,
+    "fallback_models": [],
+    "mcp_servers": {},
+    "mcp_timeout_s": 30,
 }
 _KEYS = {"token_sha256", "client_cert_sans", "client_cert_subjects", *_DEFAULTS}
 
@@ -224,6 +244,13 @@ def _parse_tenant(
     tools = cfg["allowed_tools"]
     if not isinstance(tools, list) or not all(isinstance(t, str) and t for t in tools):
         raise ConfigError(key("allowed_tools"), "must be a list of tool names")
+    servers = parse_servers(cfg["mcp_servers"], key("mcp_servers"))
+    declared = {server.name for server in servers}
+    for tool in tools:
+        server = tool_server(tool)
+        if tool.startswith(MCP_PREFIX) and server not in declared:
+            raise ConfigError(key("allowed_tools"), f"{tool}: no MCP server {server!r} is "
+                              "declared in mcp_servers")
     try:
         ZoneInfo(str(cfg["timezone"]))
     except (ZoneInfoNotFoundError, ValueError):
@@ -291,6 +318,18 @@ def _parse_tenant(
     if files.max_input_total_bytes > MAX_INPUT_TOTAL_BYTES:
         raise ConfigError(key("max_input_total_mib"), f"must be at most "
                           f"{MAX_INPUT_TOTAL_BYTES >> 20} (the largest request the server takes)")
+    efforts = cfg["allowed_efforts"]
+    if not isinstance(efforts, list) or not all(e in EFFORTS for e in efforts):
+        raise ConfigError(key("allowed_efforts"), f"must be a list of {', '.join(EFFORTS)}")
+    thinking = _count(cfg["max_thinking_tokens"], key("max_thinking_tokens"))
+    if 0 < thinking < MIN_THINKING_TOKENS:
+        raise ConfigError(key("max_thinking_tokens"),
+                          f"must be 0 (none) or at least {MIN_THINKING_TOKENS}")
+    fallbacks = cfg["fallback_models"]
+    if not isinstance(fallbacks, list) or not all(
+        isinstance(m, str) and m.strip() and len(m) <= 128 for m in fallbacks
+    ):
+        raise ConfigError(key("fallback_models"), "must be a list of model names")
     daily = _money(cfg["daily_limit_usd"], key("daily_limit_usd"))
     per_session = _money(cfg["max_session_budget_usd"], key("max_session_budget_usd"))
     if per_session > daily:
@@ -322,6 +361,11 @@ def _parse_tenant(
         retention_days=_count(cfg["retention_days"], key("retention_days")),
         client_cert_sans=frozenset(sans),
         client_cert_subjects=frozenset(subjects),
+        allowed_efforts=tuple(dict.fromkeys(efforts)),
+        max_thinking_tokens=thinking,
+        fallback_models=tuple(dict.fromkeys(m.strip() for m in fallbacks)),
+        mcp_servers=servers,
+        mcp_timeout_s=float(_positive_int(cfg["mcp_timeout_s"], key("mcp_timeout_s"))),
     )
 
 
@@ -478,8 +522,14 @@ class TenantRegistry:
         return tenant
 
     def key_env_names(self) -> set[str]:
-        """Every tenant's API-key variable name (scrubbed from other tenants' agents)."""
-        return {t.anthropic_api_key_env for t in self.tenants.values()}
+        """Every variable of the server's that holds a tenant's secret: API keys and MCP
+        servers' headers and variables (scrubbed from unsandboxed agents' environment)."""
+        names = {t.anthropic_api_key_env for t in self.tenants.values()}
+        for tenant in self.tenants.values():
+            for server in tenant.mcp_servers:
+                pairs = server.headers if isinstance(server, RemoteServer) else server.env
+                names.update(value.env for _, value in pairs if value.env)
+        return names
 
 
 def _certificate_tenant(directory: _Directory, peer: CertIdentity) -> Tenant | None:

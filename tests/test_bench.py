@@ -24,7 +24,7 @@ ROWS = [
     "GetSession, PostgreSQL |", "GetBudget, PostgreSQL |",
     # 6: event relay
     "event relay, SQLite", "events persisted = streamed, SQLite", "DB work per relay session, SQLite",
-    "event relay, PostgreSQL",
+    "event relay, PostgreSQL", "live text, SQLite", "live text, session wall time, SQLite",
     # 7: admission under contention (on SQLite in --quick)
     "admission latency p50", "admission latency p99", "admitted and overspend",
     # 8: scaling

@@ -231,3 +231,98 @@ def test_the_callers_loop_settings_are_checked(
     tenant = TenantRegistry.load(ok).tenants["a"]
     assert tenant.require_approval == ("Bash(git push:*)", "Write")
     assert (tenant.answer_timeout_s, tenant.max_answer_timeout_s) == (30, 3600)
+
+
+@pytest.mark.parametrize(("settings", "setting"), [
+    ({"allowed_efforts": ["low", "huge"]}, "allowed_efforts"),
+    ({"allowed_efforts": "low"}, "allowed_efforts"),
+    ({"max_thinking_tokens": 100}, "max_thinking_tokens"),
+    ({"max_thinking_tokens": -1}, "max_thinking_tokens"),
+    ({"fallback_models": "claude-haiku-4-5"}, "fallback_models"),
+    ({"fallback_models": [""]}, "fallback_models"),
+])
+def test_the_model_knob_settings_are_checked(
+    tmp_path: Path, settings: dict[str, Any], setting: str
+) -> None:
+    path = write_tenants(tmp_path, tenant_toml("a", "tok", **settings))
+    with pytest.raises(ConfigError, match=f"tenants.a.{setting}"):
+        TenantRegistry.load(path)
+    ok = write_tenants(tmp_path, tenant_toml(
+        "a", "tok", allowed_efforts=["low", "max"], max_thinking_tokens=1024,
+        fallback_models=["claude-haiku-4-5"]))
+    tenant = TenantRegistry.load(ok).tenants["a"]
+    assert (tenant.allowed_efforts, tenant.max_thinking_tokens, tenant.fallback_models) == (
+        ("low", "max"), 1024, ("claude-haiku-4-5",))
+    plain = TenantRegistry.load(write_tenants(tmp_path, tenant_toml("a", "tok"))).tenants["a"]
+    assert (plain.allowed_efforts, plain.max_thinking_tokens, plain.fallback_models) == ((), 0, ())
+
+
+def mcp_tenant(servers: str, tools: str = '["mcp__crm"]') -> str:
+    return tenant_toml("a", "tok") + f"allowed_tools = {tools}\n" + servers
+
+
+@pytest.mark.parametrize(("body", "setting"), [
+    (mcp_tenant("", tools='["mcp__crm"]'), "tenants.a.allowed_tools"),  # no such server
+    (mcp_tenant('[tenants.a.mcp_servers.caller]\ncommand = "/bin/true"\n', '["Read"]'),
+     "tenants.a.mcp_servers.caller"),
+    (mcp_tenant('[tenants.a.mcp_servers.a__b]\ncommand = "/bin/true"\n', '["Read"]'),
+     "tenants.a.mcp_servers.a__b"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "true"\n'),
+     "tenants.a.mcp_servers.crm.command"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/no/such"]\n'),
+     "tenants.a.mcp_servers.crm.paths"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/a b"]\n'),
+     "tenants.a.mcp_servers.crm.paths"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/"]\n'),
+     "tenants.a.mcp_servers.crm.paths"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/usr/../etc"]\n'),
+     "tenants.a.mcp_servers.crm.paths"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "ws"\nurl = "http://x"\n'),
+     "tenants.a.mcp_servers.crm.type"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "ftp://x/mcp"\n'),
+     "tenants.a.mcp_servers.crm.url"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://u:p@x/mcp"\n'),
+     "tenants.a.mcp_servers.crm.url"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://x"\n'
+                'command = "/bin/true"\n'), "tenants.a.mcp_servers.crm.command"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://x"\n'
+                'headers = { Authorization = { env = "A", file = "/b" } }\n'),
+     "tenants.a.mcp_servers.crm.headers.Authorization"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://x"\n'
+                'headers = { "Bad Header" = "x" }\n'), "tenants.a.mcp_servers.crm.headers"),
+    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "sse"\nurl = "https://x"\n'
+                'headers = { Authorization = { file = "relative" } }\n'),
+     "tenants.a.mcp_servers.crm.headers.Authorization"),
+    (tenant_toml("a", "tok", mcp_timeout_s=0), "tenants.a.mcp_timeout_s"),
+])
+def test_mcp_server_declarations_are_checked(tmp_path: Path, body: str, setting: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        TenantRegistry.load(write_tenants(tmp_path, body))
+    assert setting in str(caught.value)
+
+
+def test_mcp_servers_parse_and_keep_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    from agentplane.server.mcp.servers import RemoteServer, StdioServer, problem
+
+    secret = tmp_path / "crm-token"
+    secret.write_text("from-a-file\n")
+    body = mcp_tenant(
+        '[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://crm.example:8443/v1/mcp?x=1"\n'
+        f'headers = {{ Authorization = {{ env = "CRM_TOKEN", prefix = "Bearer " }}, '
+        f'X-Key = {{ file = "{secret}" }}, X-Team = "acme" }}\n'
+        '[tenants.a.mcp_servers.files]\ncommand = "/bin/cat"\nenv = { MODE = "ro" }\n'
+        'paths = ["/usr/share"]\n', tools='["Read", "mcp__crm__lookup", "mcp__files"]')
+    monkeypatch.delenv("CRM_TOKEN", raising=False)
+    registry = TenantRegistry.load(write_tenants(tmp_path, body))
+    crm, files = registry.tenants["a"].mcp_servers
+    assert isinstance(crm, RemoteServer) and isinstance(files, StdioServer)
+    assert (crm.origin, crm.path) == ("https://crm.example:8443", "/v1/mcp?x=1")
+    assert "CRM_TOKEN" in registry.key_env_names()  # scrubbed from unsandboxed agents
+    assert problem([crm]) == ("MCP server crm: header Authorization: the environment "
+                              "variable CRM_TOKEN is not set")
+    monkeypatch.setenv("CRM_TOKEN", "t0k")
+    assert problem([crm, files]) is None
+    assert [(k, v.resolve()) for k, v in crm.headers] == [
+        ("Authorization", "Bearer t0k"), ("X-Key", "from-a-file"), ("X-Team", "acme")]
+    assert "t0k" not in repr(registry.tenants["a"]) and "from-a-file" not in repr(crm)

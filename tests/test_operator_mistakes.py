@@ -185,3 +185,22 @@ def test_the_first_install_says_what_it_does(tmp_path: Path) -> None:
     assert "about 2 minutes" in steps[2]
     install = next(line for line in plan.splitlines() if "pip install --progress-bar off" in line)
     assert install.startswith("set -o pipefail;") and "Collecting" in install
+
+
+def test_check_config_names_a_missing_mcp_secret_but_never_a_value(tmp_path: Path) -> None:
+    from harness import tenant_toml
+
+    write_tenants(tmp_path, tenant_toml("crmco", "crm-tok", allowed_tools=["mcp__crm"]) + (
+        '[tenants.crmco.mcp_servers.crm]\ntype = "http"\nurl = "https://crm.example/mcp"\n'
+        'headers = { Authorization = { env = "AGENTPLANE_TEST_CRM_BEARER" } }\n'))
+    env = server_env(AGENTPLANE_TENANTS_FILE=str(tmp_path / "tenants.toml"),
+                     ANTHROPIC_API_KEY="sk-ant-test")
+    done = subprocess.run([*SERVER, "check-config"], capture_output=True, text=True,
+                          timeout=60, check=False, env=env)
+    assert done.returncode == 0, done.stderr
+    assert ("warning: tenant 'crmco': MCP server crm: header Authorization: the environment "
+            "variable AGENTPLANE_TEST_CRM_BEARER is not set") in done.stdout
+    done = subprocess.run([*SERVER, "check-config"], capture_output=True, text=True,
+                          timeout=60, check=False,
+                          env={**env, "AGENTPLANE_TEST_CRM_BEARER": "crm-bearer-value"})
+    assert "crmco" not in done.stdout and "crm-bearer-value" not in done.stdout + done.stderr

@@ -170,7 +170,7 @@ class Session(_message.Message):
     def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_usd: _Optional[str] = ..., sdk_cost_usd: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., num_turns: _Optional[int] = ..., max_turns: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., sdk_session_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., result: _Optional[str] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., awaiting: _Optional[_Iterable[_Union[InputRequest, _Mapping]]] = ..., caller_tools: _Optional[_Iterable[str]] = ..., require_approval: _Optional[_Iterable[str]] = ..., structured_result_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ...) -> None: ...
 
 class RunSessionRequest(_message.Message):
-    __slots__ = ("prompt", "request_id", "max_budget_usd", "max_turns", "allowed_tools", "model", "labels", "on_disconnect", "resume_session_id", "tools", "require_approval", "answer_timeout", "output_schema_json", "input_files")
+    __slots__ = ("prompt", "request_id", "max_budget_usd", "max_turns", "allowed_tools", "model", "labels", "on_disconnect", "resume_session_id", "tools", "require_approval", "answer_timeout", "output_schema_json", "input_files", "include_partial_messages", "effort", "max_thinking_tokens", "fallback_model")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,10 @@ class RunSessionRequest(_message.Message):
     ANSWER_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
     INPUT_FILES_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PARTIAL_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    EFFORT_FIELD_NUMBER: _ClassVar[int]
+    MAX_THINKING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_MODEL_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     request_id: str
     max_budget_usd: str
@@ -206,7 +210,11 @@ class RunSessionRequest(_message.Message):
     answer_timeout: _duration_pb2.Duration
     output_schema_json: str
     input_files: _containers.RepeatedCompositeFieldContainer[InputFile]
-    def __init__(self, prompt: _Optional[str] = ..., request_id: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., max_turns: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., resume_session_id: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[CallerTool, _Mapping]]] = ..., require_approval: _Optional[_Iterable[str]] = ..., answer_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., output_schema_json: _Optional[str] = ..., input_files: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ...) -> None: ...
+    include_partial_messages: bool
+    effort: str
+    max_thinking_tokens: int
+    fallback_model: str
+    def __init__(self, prompt: _Optional[str] = ..., request_id: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., max_turns: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., resume_session_id: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[CallerTool, _Mapping]]] = ..., require_approval: _Optional[_Iterable[str]] = ..., answer_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., output_schema_json: _Optional[str] = ..., input_files: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ..., include_partial_messages: _Optional[bool] = ..., effort: _Optional[str] = ..., max_thinking_tokens: _Optional[int] = ..., fallback_model: _Optional[str] = ...) -> None: ...
 
 class InputFile(_message.Message):
     __slots__ = ("path", "content")
@@ -334,7 +342,7 @@ class CancelSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionEvent(_message.Message):
-    __slots__ = ("session_id", "seq", "time", "started", "assistant_text", "tool_use", "tool_result", "retrying", "state_change", "system", "thinking", "result", "input_request", "input_resolved")
+    __slots__ = ("session_id", "seq", "time", "started", "assistant_text", "tool_use", "tool_result", "retrying", "state_change", "system", "thinking", "result", "input_request", "input_resolved", "text_delta")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +357,7 @@ class SessionEvent(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     INPUT_REQUEST_FIELD_NUMBER: _ClassVar[int]
     INPUT_RESOLVED_FIELD_NUMBER: _ClassVar[int]
+    TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -363,7 +372,18 @@ class SessionEvent(_message.Message):
     result: SessionResult
     input_request: InputRequest
     input_resolved: InputResolved
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[SessionStarted, _Mapping]] = ..., assistant_text: _Optional[_Union[AssistantText, _Mapping]] = ..., tool_use: _Optional[_Union[ToolUse, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., retrying: _Optional[_Union[Retrying, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., system: _Optional[_Union[SystemMessage, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., result: _Optional[_Union[SessionResult, _Mapping]] = ..., input_request: _Optional[_Union[InputRequest, _Mapping]] = ..., input_resolved: _Optional[_Union[InputResolved, _Mapping]] = ...) -> None: ...
+    text_delta: TextDelta
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[SessionStarted, _Mapping]] = ..., assistant_text: _Optional[_Union[AssistantText, _Mapping]] = ..., tool_use: _Optional[_Union[ToolUse, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., retrying: _Optional[_Union[Retrying, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., system: _Optional[_Union[SystemMessage, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., result: _Optional[_Union[SessionResult, _Mapping]] = ..., input_request: _Optional[_Union[InputRequest, _Mapping]] = ..., input_resolved: _Optional[_Union[InputResolved, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ...) -> None: ...
+
+class TextDelta(_message.Message):
+    __slots__ = ("text", "message_id", "index")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    message_id: str
+    index: int
+    def __init__(self, text: _Optional[str] = ..., message_id: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class InputRequest(_message.Message):
     __slots__ = ("request_id", "kind", "tool_name", "tool_use_id", "input_json", "deadline")

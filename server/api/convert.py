@@ -132,6 +132,7 @@ _MESSAGE_OF = {
     EventKind.RETRYING: "Retrying",
     EventKind.SYSTEM: "SystemMessage",
     EventKind.THINKING: "Thinking",
+    EventKind.TEXT_DELTA: "TextDelta",
 }
 
 
@@ -230,6 +231,10 @@ def run_request(msg: session_pb2.RunSessionRequest) -> RunRequest:
         ),
         require_approval=tuple(msg.require_approval),
         answer_timeout_s=duration_s(msg, "answer_timeout"),
+        include_partial_messages=msg.include_partial_messages,
+        effort=msg.effort,
+        max_thinking_tokens=msg.max_thinking_tokens,
+        fallback_model=msg.fallback_model,
         output_schema_json=msg.output_schema_json,
         input_files=tuple(InputFile(f.path, f.content) for f in msg.input_files),
     )

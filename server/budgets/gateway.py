@@ -11,7 +11,8 @@ unchanged while reading its usage on the side, and settles: the reservation is r
 and the priced usage is added to the session's spend (see :mod:`.gateway_meter`).
 
 Routes: ``POST /v1/messages`` (metered), ``POST /v1/messages/count_tokens`` (forwarded,
-free); anything else is 404. Unauthenticated requests get 401.
+free), ``/mcp/<server>/...`` (the session's remote MCP servers, see :mod:`..mcp.relay`);
+anything else is 404. Unauthenticated requests get 401.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Self
@@ -33,6 +34,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..domain import TokenUsage, utcnow
+from ..mcp import relay
+from ..mcp.servers import RemoteServer
 from .gateway_meter import (
     MeteredRequest,
     Reservation,
@@ -228,8 +231,10 @@ class MeteringGateway:
         budget_usd: Decimal,
         upstream_base_url: str,
         upstream_api_key: str,
+        mcp_servers: Mapping[str, RemoteServer] | None = None,
     ) -> SessionMeter:
-        """Start metering a session; its CLI authenticates with the meter's ``token``."""
+        """Start metering a session; its CLI authenticates with the meter's ``token``.
+        `mcp_servers`: the remote MCP servers it may reach through the relay, by name."""
         if session_id in self._meters:
             raise ValueError(f"session {session_id} already has an open meter")
         if Decimal(budget_usd) < 0:
@@ -243,6 +248,7 @@ class MeteringGateway:
             upstream_api_key=upstream_api_key,
             token=secrets.token_urlsafe(32),
         )
+        meter.mcp_servers = dict(mcp_servers or {})
         self._meters[session_id] = meter
         self._by_token[_digest(meter.token)] = meter
         return meter
@@ -269,6 +275,8 @@ class MeteringGateway:
         meter = self._by_token.get(_digest(token)) if token else None
         if meter is None:
             return error_response(401, "authentication_error", "invalid x-api-key")
+        if request.path.startswith(relay.ROUTE):
+            return await relay.forward(request, self._http, meter.mcp_servers, meter.session_id)
         if request.method == "POST" and request.path == MESSAGES:
             return await self._messages(request, meter)
         if request.method == "POST" and request.path == COUNT_TOKENS:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from ..domain import TokenUsage, usd, utcnow
+from ..mcp.servers import RemoteServer
 from .pricing import ModelPrice
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,8 @@ class SessionMeter:
         self.closed = False
         self.in_flight = 0
         self.on_request: Callable[[MeteredRequest], None] | None = None
+        # The remote MCP servers the session may reach through the gateway's relay.
+        self.mcp_servers: Mapping[str, RemoteServer] = {}
 
     @property
     def upstream_api_key(self) -> str:

@@ -34,9 +34,9 @@ class UnknownModel(InvalidArgument):
 
     reason = "UNKNOWN_MODEL"  # still INVALID_ARGUMENT, with BadRequest on `model`
 
-    def __init__(self, model: str, version: str) -> None:
+    def __init__(self, model: str, version: str, field: str = "model") -> None:
         super().__init__(
-            "model", f"model {model} is not in agentplane's price table (version {version})"
+            field, f"model {model} is not in agentplane's price table (version {version})"
         )
         self.model = model
         self.version = version

@@ -8,6 +8,7 @@ bwrap. Inside, the agent sees:
 - `/usr` (and the /bin, /lib symlinks into it), a few files of /etc and the CLI binary
   (at /run/agentplane/claude), all read-only; a fresh /proc, a minimal /dev;
 - its session folder, read-write, at the same path, and the folder's `t/` as /tmp;
+- the host paths its tenant's stdio MCP servers need (their `paths`), read-only;
 - nothing else: not the database, the tenants file, other sessions or the server's files;
 - its own PID, network, IPC, UTS and cgroup namespaces; its network has only loopback,
   where a forwarder (socat) listens on the gateway's port and relays to the metering
@@ -40,6 +41,7 @@ NAMESPACES = (
     "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
 )
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RO_PATH = re.compile(r"/[A-Za-z0-9._/@+-]*")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ if [ "${CLAUDE_CONFIG_DIR:-$config}" != "$config" ]; then
     chown -R "$AGENTPLANE_SANDBOX_UID:$AGENTPLANE_SANDBOX_GID" "$fresh"
   set -- --bind "$fresh" "$CLAUDE_CONFIG_DIR" "$@"; n=$((n + 3))
 fi
+# Host paths an MCP server of the tenant needs (validated: no spaces, no glob characters).
+for p in ${AGENTPLANE_SANDBOX_RO_BINDS:-}; do set -- --ro-bind "$p" "$p" "$@"; n=$((n + 3)); done
 for name in $AGENTPLANE_SANDBOX_ENV; do
   eval "[ -z \"\${$name+x}\" ]" || { eval "set -- --setenv $name \"\$$name\" \"\$@\""; n=$((n + 3)); }
 done
@@ -154,10 +158,11 @@ def write_launcher(path: Path, tools: Tools, cli: Path) -> Path:
 
 def session_variables(
     *, passed: Iterable[str], cgroup_procs: Iterable[Path], gateway_socket: Path, port: int,
-    uid: int | None = None, gid: int | None = None,
+    uid: int | None = None, gid: int | None = None, ro_paths: Iterable[str] = (),
 ) -> dict[str, str]:
     """The AGENTPLANE_SANDBOX_* variables of one CLI start. `passed` names the variables
-    the CLI gets inside (the SDK's own are added here)."""
+    the CLI gets inside (the SDK's own are added here); `ro_paths`, host paths bound
+    read-only at the same place (a tenant's MCP servers' programs)."""
     names = sorted({*passed, *SDK_VARIABLES} - {"PATH"})
     bad = [n for n in names if not _NAME.match(n)]
     if bad:
@@ -168,6 +173,12 @@ def session_variables(
         "AGENTPLANE_SANDBOX_GATEWAY": str(gateway_socket),
         "AGENTPLANE_SANDBOX_PORT": str(port),
     }
+    paths = list(dict.fromkeys(ro_paths))
+    bad = [p for p in paths if not _RO_PATH.fullmatch(p)]
+    if bad:
+        raise ValueError(f"not a path the sandbox can bind: {bad[0]!r}")
+    if paths:
+        env["AGENTPLANE_SANDBOX_RO_BINDS"] = " ".join(paths)
     if uid is not None:
         env["AGENTPLANE_SANDBOX_UID"] = str(uid)
         env["AGENTPLANE_SANDBOX_GID"] = str(gid)

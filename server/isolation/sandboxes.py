@@ -84,11 +84,15 @@ class Sandboxes:
             path.mkdir(mode=0o700)
             os.chown(path, uid, gid)
 
-    def variables(self, root: Path, passed: Iterable[str], uid: int | None, gid: int | None) -> dict[str, str]:
+    def variables(
+        self, root: Path, passed: Iterable[str], uid: int | None, gid: int | None,
+        ro_paths: Iterable[str] = (),
+    ) -> dict[str, str]:
         """The launcher's variables for one CLI start in the folder `root`."""
         return session_variables(
             passed=passed, cgroup_procs=self._cgroup(root).procs_files(),
             gateway_socket=self.gateway_socket, port=self.gateway_port, uid=uid, gid=gid,
+            ro_paths=ro_paths,
         )
 
     def breach(self, root: Path, limits: SessionLimits) -> Breach | None:

@@ -28,6 +28,8 @@ from ..errors import (
     QuotaExceeded,
     Unavailable,
 )
+from ..mcp.cli_config import session_servers
+from ..mcp.servers import problem as mcp_problem
 from ..store import sessions as repo
 from ..tenants import Tenant
 from .capacity import Capacity
@@ -111,6 +113,7 @@ class Admitter:
     async def _admit(self, tenant: Tenant, request: RunRequest) -> Admission:
         spec = validate(request, tenant)
         self._launcher.check_model(spec.model)
+        self._launcher.check_model(spec.fallback_model, field="fallback_model")
         if spec.resume_session_id:
             spec = await self._resolve_resume(tenant, spec)
         if spec.request_id:
@@ -127,6 +130,9 @@ class Admitter:
                 f"tenant {tenant.name!r} has no Anthropic API key: set the environment "
                 f"variable {tenant.anthropic_api_key_env} for the server"
             )
+        missing = mcp_problem(session_servers(spec.tools, tenant.mcp_servers))
+        if missing is not None:
+            raise FailedPrecondition(f"tenant {tenant.name!r}: {missing}")
         warm = self._pool.take(tenant, spec) if self._pool is not None else None
         self._capacity.begin_admission(warm=warm is not None)
         admission: Admission | None = None

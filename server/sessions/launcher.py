@@ -17,8 +17,12 @@ from claude_agent_sdk import ClaudeAgentOptions, SessionStore
 
 from ..budgets.gateway import MeteringGateway
 from ..budgets.gateway_meter import SessionMeter
+from ..budgets.pricing import UnknownModel
 from ..isolation.limits import Breach
 from ..isolation.sandboxes import Sandboxes
+from ..mcp.cli_config import cli_servers, session_servers
+from ..mcp.servers import PREFIX as MCP_PREFIX
+from ..mcp.servers import RemoteServer
 from ..store.transcripts import SqlSessionStore, TenantTranscripts
 from ..tenants import Tenant
 from .caller_loop import CallerLoop
@@ -70,23 +74,29 @@ class Launcher:
         those scrubbed before stay scrubbed (a removed tenant's key is still in the env)."""
         self.config = replace(self.config, scrub_env=self.config.scrub_env | frozenset(names))
 
-    def check_model(self, model: str) -> None:
-        """Raise UnknownModel (INVALID_ARGUMENT on `model`) for a model the price table lacks;
+    def check_model(self, model: str, field: str = "model") -> None:
+        """Raise UnknownModel (INVALID_ARGUMENT on `field`) for a model the price table lacks;
         an empty model is the CLI's default, which the table covers."""
-        if model:
-            self._gateway.prices.price(model)
+        if model and model not in self._gateway.prices:
+            raise UnknownModel(model, self._gateway.prices.version, field)
 
     def transcripts(self, tenant: str) -> TenantTranscripts:
         """The tenant's SDK transcripts (the SessionStore the CLI mirrors into)."""
         return TenantTranscripts(self._store, tenant)
 
-    def open_meter(self, session_id: str, tenant: Tenant, budget: Decimal) -> SessionMeter:
-        """The session's meter at the gateway: its token is the CLI's API key."""
+    def open_meter(
+        self, session_id: str, tenant: Tenant, budget: Decimal, spec: SessionSpec
+    ) -> SessionMeter:
+        """The session's meter at the gateway: its token is the CLI's API key, and lets it
+        reach the remote MCP servers of its tools (only those) through the gateway."""
+        remote = [s for s in session_servers(spec.tools, tenant.mcp_servers)
+                  if isinstance(s, RemoteServer)]
         return self._gateway.open_session(
             session_id,
             budget_usd=budget,
             upstream_base_url=self.config.base_url or ANTHROPIC_API,
             upstream_api_key=tenant.api_key() or "",
+            mcp_servers={server.name: server for server in remote},
         )
 
     async def reseal(self, dirs: SessionDirs, tenant: Tenant) -> None:
@@ -115,6 +125,15 @@ class Launcher:
         extra = {}
         if self.config.cli_max_retries is not None:
             extra["CLAUDE_CODE_MAX_RETRIES"] = str(self.config.cli_max_retries)
+        servers = cli_servers(session_servers(spec.tools, tenant.mcp_servers),
+                              self._gateway.base_url, meter.token)
+        if servers.config:
+            extra.update(servers.env)
+            # The CLI waits for its servers before the first turn (not connecting them in
+            # the background, which would leave their tools out of it), each at most this
+            # long; the pump turns a server that failed into the session's error.
+            extra["MCP_CONNECTION_NONBLOCKING"] = "false"
+            extra["MCP_TIMEOUT"] = str(int(tenant.mcp_timeout_s * 1000))
         # The CLI talks to the metering gateway with a per-session token; the tenant's real
         # key stays in this process and is added by the gateway.
         env = cli_environment(
@@ -130,17 +149,22 @@ class Launcher:
             env.update(self.sandboxes.variables(
                 dirs.root, [name for name, value in env.items() if value],
                 uid=ids[0] if ids else None, gid=ids[1] if ids else None,
+                ro_paths=servers.paths,
             ))
             cli = self.sandboxes.launcher
         else:
             cli = self._cli_for(tenant)
         caller_tools = caller.tool_names if caller is not None else []
         return ClaudeAgentOptions(
-            # `tools` limits what exists; `allowed_tools` lets those run without a prompt
-            # (the caller's hook decides first what needs its approval).
-            tools=list(spec.tools),
+            # `tools` limits which built-in tools exist; `allowed_tools` lets those and the
+            # MCP servers' (mcp__crm: all of crm's) run without a prompt (the caller's hook
+            # decides first what needs its approval); any other MCP tool is refused.
+            tools=[t for t in spec.tools if not t.startswith(MCP_PREFIX)],
             allowed_tools=[*spec.tools, *caller_tools],
-            mcp_servers=caller.mcp_servers() if caller is not None else {},
+            mcp_servers={**servers.config,
+                         **(caller.mcp_servers() if caller is not None else {})},
+            # No MCP server but the session's: none from settings, plugins or .mcp.json.
+            strict_mcp_config=True,
             hooks=caller.hooks() if caller is not None else None,
             can_use_tool=caller.can_use_tool if caller is not None else None,
             output_format=(
@@ -154,6 +178,10 @@ class Launcher:
             # Transcripts are mirrored to the database, so a resume works on any replica.
             session_store=cast(SessionStore, self.transcripts(tenant.name)),
             model=spec.model or None,
+            effort=spec.effort or None,  # type: ignore[arg-type]  # validated: an EffortLevel
+            max_thinking_tokens=spec.max_thinking_tokens or None,
+            fallback_model=spec.fallback_model or None,
+            include_partial_messages=spec.include_partial_messages,
             cwd=str(dirs.cwd),
             env=env,
             cli_path=str(cli),

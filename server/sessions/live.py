@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,9 @@ STOP_MESSAGES = {
 }
 
 Persist = Callable[[Sequence[Event]], Awaitable[None]]
+# Transient events a watcher may fall behind by; older ones are dropped for it (the
+# numbered events that assemble them always come).
+MAX_TRANSIENT_BACKLOG = 4096
 
 
 class EventWriter:
@@ -103,6 +107,10 @@ class LiveSession:
     Watchers follow from any sequence number and each sees every event exactly once, in
     order: events live in memory for the session's lifetime, so there is no window in
     which one has been published but is not yet readable.
+
+    Transient events (text deltas) are a side channel: not numbered (seq 0), not
+    persisted, and seen only by watchers following at the time, in their place between
+    the numbered events.
     """
 
     def __init__(
@@ -132,6 +140,8 @@ class LiveSession:
         # Event-loop time a wait for the caller last ended: the idle clock restarts there.
         self.input_settled_at = 0.0
         self._events: list[Event] = []
+        # Each watcher's transient events not yet yielded: (events published before it, it).
+        self._transient: dict[int, deque[tuple[int, Event]]] = {}
         self._wake = asyncio.Event()
         self._ended = False
 
@@ -156,6 +166,17 @@ class LiveSession:
         if persist:
             self.writer.add(event)
         self.on_publish(self.session, event)
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    def publish_transient(self, kind: EventKind, data: dict[str, Any]) -> None:
+        """Give the watchers following now an unnumbered event (see the class docstring)."""
+        if not self._transient:
+            return
+        event = Event(self.session.id, 0, utcnow(), kind, data)
+        position = len(self._events)
+        for backlog in self._transient.values():
+            backlog.append((position, event))
         self._wake.set()
         self._wake = asyncio.Event()
 
@@ -192,13 +213,24 @@ class LiveSession:
         self.finished.set()
 
     async def follow(self, after_seq: int = 0) -> AsyncIterator[Event]:
-        """Events after `after_seq`, then live ones until the session ends."""
+        """Events after `after_seq`, then live ones until the session ends (with the
+        transient ones published meanwhile)."""
         index = max(after_seq, 0)
-        while True:
-            wake = self._wake
-            while index < len(self._events):
-                yield self._events[index]
-                index += 1
-            if self._ended:
-                return
-            await wake.wait()
+        backlog: deque[tuple[int, Event]] = deque(maxlen=MAX_TRANSIENT_BACKLOG)
+        self._transient[id(backlog)] = backlog
+        try:
+            while True:
+                wake = self._wake
+                while True:
+                    if backlog and backlog[0][0] <= index:
+                        yield backlog.popleft()[1]
+                    elif index < len(self._events):
+                        yield self._events[index]
+                        index += 1
+                    else:
+                        break
+                if self._ended:
+                    return
+                await wake.wait()
+        finally:
+            del self._transient[id(backlog)]

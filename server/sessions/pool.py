@@ -42,7 +42,7 @@ MAX_RETRY_DELAY_S = 60.0
 # Marks the folder of a warm agent no session has taken yet; holds the server's pid.
 WARM_MARKER = ".warm"
 
-PoolKey = tuple[tuple[str, ...], str, int, Decimal]
+PoolKey = tuple[tuple[str, ...], str, int, Decimal, tuple[bool, str, int, str]]
 
 
 def pool_key(spec: SessionSpec) -> PoolKey | None:
@@ -51,7 +51,7 @@ def pool_key(spec: SessionSpec) -> PoolKey | None:
     schema or input files: all are fixed at spawn too)."""
     if spec.resume_session_id or spec.in_the_loop or spec.output_schema or spec.input_files:
         return None
-    return (spec.tools, spec.model, spec.max_turns, spec.budget_usd)
+    return (spec.tools, spec.model, spec.max_turns, spec.budget_usd, spec.knobs)
 
 
 @dataclass
@@ -310,7 +310,7 @@ class WarmPool:
             raise ValueError("a warm agent cannot resume a conversation")
         session_id = str(uuid.uuid4())
         dirs = self._launcher.folders.dirs(tenant.name, session_id)
-        meter = self._launcher.open_meter(session_id, tenant, Decimal(0))
+        meter = self._launcher.open_meter(session_id, tenant, Decimal(0), spec)
         try:
             await self._launcher.folders.prepare(dirs, tenant)
             write_marker(dirs.root / WARM_MARKER)

@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 from typing import Any
 
-from claude_agent_sdk import ClaudeSDKClient, ResultMessage, SystemMessage
+from claude_agent_sdk import ClaudeSDKClient, ResultMessage, StreamEvent, SystemMessage
 
-from ..domain import ErrorReason
+from ..domain import ErrorReason, EventKind
 from .live import LiveSession
-from .translate import to_events
+from .translate import TextDeltas, to_events
 
 
 async def pump(
@@ -30,6 +30,7 @@ async def pump(
     cancel = asyncio.create_task(live.cancel_requested.wait())
     last = _now()
     interrupt_deadline: float | None = None
+    deltas = TextDeltas()
     # One pending read at a time, never cancelled while the agent may still answer:
     # cancelling an async generator's __anext__ closes it and loses the result.
     pull: asyncio.Future[Any] | None = None
@@ -70,16 +71,38 @@ async def pump(
             except StopAsyncIteration:
                 return None
             pull, last = None, _now()
-            if isinstance(message, SystemMessage) and message.subtype == "init":
+            if isinstance(message, StreamEvent):  # partial messages: live only
+                delta = deltas.read(message)
+                if delta is not None:
+                    live.publish_transient(EventKind.TEXT_DELTA, delta)
+                continue
+            init = isinstance(message, SystemMessage) and message.subtype == "init"
+            if init:
                 live.sdk_session_id = str(message.data.get("session_id") or "")
                 if message.data.get("model"):  # what runs, also when none was asked for
                     live.session = live.session.evolve(model=str(message.data["model"]))
             for kind, data in to_events(message):
                 live.emit(kind, data)
+            if init and (failed := failed_servers(message.data)):
+                # The agent would run on without their tools (or wait on them): the
+                # session ends now, saying which (the init event above shows them too).
+                live.request_cancel(ErrorReason.AGENT_FAILED, (
+                    f"MCP server {', '.join(failed)} did not start or answer in time"
+                    if len(failed) == 1 else
+                    f"MCP servers {', '.join(failed)} did not start or answer in time"
+                ))
             if isinstance(message, ResultMessage):
                 return message
     finally:
         cancel.cancel()
+
+
+def failed_servers(init: dict[str, Any]) -> list[str]:
+    """The MCP servers the CLI's init message reports as failed (or needing an OAuth
+    login, which a headless agent cannot do)."""
+    servers = init.get("mcp_servers")
+    return [str(s.get("name")) for s in servers if isinstance(s, dict)
+            and s.get("status") in ("failed", "needs-auth")] if isinstance(servers, list) else []
 
 
 def _now() -> float:

@@ -15,7 +15,8 @@ import jsonschema
 from ..approvals import MAX_RULES, parse_rule
 from ..domain import usd
 from ..errors import InvalidArgument, quote
-from ..tenants import Tenant
+from ..mcp.servers import covered
+from ..tenants import MIN_THINKING_TOKENS, Tenant
 
 MAX_PROMPT_CHARS = 200_000
 MAX_LABELS = 32
@@ -80,6 +81,10 @@ class RunRequest:
     answer_timeout_s: float = 0.0
     output_schema_json: str = ""
     input_files: tuple[InputFile, ...] = ()
+    include_partial_messages: bool = False
+    effort: str = ""
+    max_thinking_tokens: int = 0
+    fallback_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,11 +113,22 @@ class SessionSpec:
     output_schema_json: str = ""
     output_schema: dict[str, Any] | None = None
     input_files: tuple[InputFile, ...] = ()
+    # Live text deltas, and the model knobs (empty/0: the CLI's defaults).
+    include_partial_messages: bool = False
+    effort: str = ""
+    max_thinking_tokens: int = 0
+    fallback_model: str = ""
 
     @property
     def in_the_loop(self) -> bool:
         """Whether the session may wait for its caller (tools, approvals, questions)."""
         return bool(self.caller_tools or self.require_approval or "AskUserQuestion" in self.tools)
+
+    @property
+    def knobs(self) -> tuple[bool, str, int, str]:
+        """What the CLI's start depends on besides tools, model and limits."""
+        return (self.include_partial_messages, self.effort, self.max_thinking_tokens,
+                self.fallback_model)
 
     def fingerprint(self) -> str:
         """A hash of the request body, to tell a true repeat of a request_id from a reuse."""
@@ -132,8 +148,50 @@ class SessionSpec:
             **({"files": [
                 [f.path, hashlib.sha256(f.content).hexdigest()] for f in self.input_files
             ]} if self.input_files else {}),
+            # Only when set, so that earlier requests keep their fingerprints.
+            **({"knobs": [self.include_partial_messages, self.effort, self.max_thinking_tokens,
+                          self.fallback_model]} if self.knobs != _NO_KNOBS else {}),
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+_NO_KNOBS = (False, "", 0, "")
+
+
+def _effort(raw: str, tenant: Tenant) -> str:
+    effort = raw.strip()
+    if effort and effort not in tenant.allowed_efforts:
+        allowed = ", ".join(tenant.allowed_efforts) or "none: the model's default only"
+        raise InvalidArgument("effort", f"{quote(raw)} is not among the tenant's efforts "
+                              f"({allowed})")
+    return effort
+
+
+def _thinking(raw: int, tenant: Tenant) -> int:
+    if raw == 0:
+        return 0
+    if not tenant.max_thinking_tokens:
+        raise InvalidArgument("max_thinking_tokens", "the tenant allows no thinking budget")
+    if not MIN_THINKING_TOKENS <= raw <= tenant.max_thinking_tokens:
+        raise InvalidArgument(
+            "max_thinking_tokens", f"must be between {MIN_THINKING_TOKENS} and the tenant's "
+            f"maximum {tenant.max_thinking_tokens}, not {raw}"
+        )
+    return raw
+
+
+def _fallback(raw: str, model: str, tenant: Tenant) -> str:
+    fallback = raw.strip()
+    no_nul("fallback_model", raw)
+    if not fallback:
+        return ""
+    if fallback not in tenant.fallback_models:
+        allowed = ", ".join(tenant.fallback_models) or "none"
+        raise InvalidArgument("fallback_model", f"{quote(raw)} is not among the tenant's "
+                              f"fallback models ({allowed})")
+    if fallback == model:
+        raise InvalidArgument("fallback_model", "must differ from model")
+    return fallback
 
 
 def _budget(raw: str, tenant: Tenant) -> Decimal:
@@ -172,7 +230,8 @@ def _turns(raw: int, tenant: Tenant) -> int:
 def _tools(raw: tuple[str, ...], tenant: Tenant) -> tuple[str, ...]:
     if not raw:
         return tenant.allowed_tools
-    outside = [t for t in raw if t not in tenant.allowed_tools]
+    # A request may name one tool of a server the tenant allows as a whole.
+    outside = [t for t in raw if not covered(t, tenant.allowed_tools)]
     if outside:
         raise InvalidArgument(
             "allowed_tools",
@@ -279,7 +338,7 @@ def _approval(raw: tuple[str, ...], tenant: Tenant, tools: set[str]) -> tuple[st
             rule = parse_rule(text)
         except ValueError as exc:
             raise InvalidArgument(f"require_approval[{i}]", f"{quote(text)}: {exc}") from None
-        if rule.tool not in tools:
+        if not covered(rule.tool, tools) and not any(covered(t, {rule.tool}) for t in tools):
             raise InvalidArgument(
                 f"require_approval[{i}]", f"{quote(text)} names no tool of this session"
             )
@@ -334,6 +393,7 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
             raise InvalidArgument("resume_session_id", "must be a session id (a UUID)") from None
     tools = _tools(request.allowed_tools, tenant)
     caller_tools = _caller_tools(request.caller_tools, tools)
+    model = request.model.strip()
     return SessionSpec(
         prompt=request.prompt,
         budget_usd=_budget(request.max_budget_usd, tenant),
@@ -350,7 +410,11 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
             if request.output_schema_json.strip() else None
         ),
         input_files=_input_files(request.input_files, tenant),
-        model=request.model.strip(),
+        model=model,
+        include_partial_messages=request.include_partial_messages,
+        effort=_effort(request.effort, tenant),
+        max_thinking_tokens=_thinking(request.max_thinking_tokens, tenant),
+        fallback_model=_fallback(request.fallback_model, model, tenant),
         labels=check_labels(request.labels),
         request_id=str(uuid.UUID(request.request_id)) if request.request_id else "",
         on_disconnect_continue=request.on_disconnect_continue,

@@ -27,6 +27,7 @@ from claude_agent_sdk import (
 from ..budgets.gateway_meter import MeteredRequest, SessionMeter
 from ..domain import ErrorReason, EventKind, SessionState, usd
 from ..isolation.limits import Breach
+from ..mcp.servers import SecretUnavailable
 from ..tenants import Tenant
 from .caller_loop import CallerLoop
 from .cli_env import SessionDirs
@@ -120,7 +121,7 @@ class AgentRunner:
             meter = warm.meter
             meter.budget_usd = usd(spec.budget_usd)
         else:
-            meter = self._launcher.open_meter(live.id, tenant, spec.budget_usd)
+            meter = self._launcher.open_meter(live.id, tenant, spec.budget_usd, spec)
         meter.on_request = on_model_request
         run = AgentRun(live, spec, tenant, dirs, meter, _now() + spec.max_duration_s, warm,
                        breach=lambda: self._launcher.breach(dirs, tenant),
@@ -249,6 +250,8 @@ class AgentRunner:
                 # it per project directory): this attempt cost what the total grew by.
                 outcome.cost_usd = usd(max(outcome.cost_usd - before.sdk_total_usd, Decimal(0)))
             return outcome, transient_api_failure(outcome.verdict.reason, result.api_error_status)
+        except SecretUnavailable as exc:  # checked at admission: it went away since
+            return Outcome.failed(f"an MCP server's secret is unavailable: {exc}"), False
         except CLINotFoundError as exc:
             cli = self._launcher.config.cli_path
             return Outcome.failed(f"the agent CLI was not found ({cli}): {exc}"), False

@@ -9,6 +9,7 @@ from typing import Any
 from claude_agent_sdk import (
     AssistantMessage,
     ResultMessage,
+    StreamEvent,
     SystemMessage,
     TextBlock,
     ThinkingBlock,
@@ -89,12 +90,36 @@ def to_events(message: Any) -> list[EventData]:
         data = _without_paths(message.data) if message.subtype == "init" else message.data
         return [(EventKind.SYSTEM, {"subtype": message.subtype,
                                     "data_json": json.dumps(data, default=str)})]
-    if isinstance(message, ResultMessage):
+    if isinstance(message, ResultMessage | StreamEvent):  # StreamEvent: see TextDeltas
         return []
     # Newer SDK message types (rate-limit notices, task events, ...) still become events.
     data = getattr(message, "__dict__", {"value": repr(message)})
     return [(EventKind.SYSTEM, {"subtype": type(message).__name__,
                                 "data_json": json.dumps(data, default=str)})]
+
+
+class TextDeltas:
+    """The text deltas of one CLI's partial messages (StreamEvents: the raw Messages API
+    stream events), each with the id of the message it belongs to."""
+
+    def __init__(self) -> None:
+        # The message each stream (the agent's, or a subagent's tool use) is in.
+        self._message: dict[str | None, str] = {}
+
+    def read(self, message: StreamEvent) -> dict[str, Any] | None:
+        """A `text_delta` event's data, or None for any other stream event."""
+        event = message.event
+        kind = event.get("type")
+        if kind == "message_start":
+            self._message[message.parent_tool_use_id] = str(event.get("message", {}).get("id", ""))
+            return None
+        delta = event.get("delta")
+        if kind != "content_block_delta" or not isinstance(delta, dict):
+            return None
+        if delta.get("type") != "text_delta" or not delta.get("text"):
+            return None
+        return {"text": str(delta["text"]), "index": int(event.get("index") or 0),
+                "message_id": self._message.get(message.parent_tool_use_id, "")}
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,19 @@ def relay_script(tool_calls: int, steps: int) -> Script:
     ])
 
 
+CHATTY_TEXT = 3200  # characters of text per message: 200 text deltas of the sandbox's 16
+
+
+def chatty_script(steps: int) -> Script:
+    """`steps` * 5 messages of CHATTY_TEXT characters each, a Glob after each but the last."""
+    text = ("Streaming answers arrive piece by piece. " * 80)[:CHATTY_TEXT]
+    return Script(steps=[
+        *[Step(text=text, tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"})], usage=USAGE)
+          for i in range(steps * 5 - 1)],
+        Step(text=text, usage=USAGE),
+    ])
+
+
 def scripts(*, relay_tool_calls: int, relay_steps: int = 1, hold_s: float) -> dict[str, Script]:
     return {
         "one": Script(steps=[Step(text="done", usage=USAGE)]),
@@ -60,6 +73,8 @@ def scripts(*, relay_tool_calls: int, relay_steps: int = 1, hold_s: float) -> di
             Step(text="done", usage=Usage(input_tokens=600, output_tokens=20)),
         ]),
         "relay": relay_script(relay_tool_calls, relay_steps),
+        # Live text: long answers, streamed as text deltas when the request asks for them.
+        "chatty": chatty_script(relay_steps),
         # Admitted sessions of the admission benchmark: alive until every admission is decided.
         "hold": Script(steps=[Step(text="done", usage=USAGE, delay_s=hold_s)]),
         # Events paced by the model (10 tool turns, 0.1 s apart): followers see each as it comes.
@@ -302,6 +317,7 @@ class Sample:
     agent_events: int = 0  # events standing for agent messages (see AGENT_KINDS)
     streamed: int = 0  # every event the caller received
     session_id: str = ""
+    deltas: int = 0  # text deltas received (with partial messages), of the streamed ones
 
     @property
     def relay_rate(self) -> float:
@@ -311,19 +327,23 @@ class Sample:
 
 async def via_agentplane(
     stub: session_pb2_grpc.SessionServiceStub, script: str,
-    auth: Sequence[tuple[str, str]] = AUTH,
+    auth: Sequence[tuple[str, str]] = AUTH, *, partial: bool = False,
 ) -> Sample:
     start = time.perf_counter()
     first = None
-    agent = streamed = 0
+    agent = streamed = deltas = 0
     session_id = ""
     call = stub.RunSession(
-        session_pb2.RunSessionRequest(prompt=f"[[sandbox:{script}]] go", model=MODEL),
+        session_pb2.RunSessionRequest(prompt=f"[[sandbox:{script}]] go", model=MODEL,
+                                      include_partial_messages=partial),
         metadata=tuple(auth),
     )
     async for event in call:
         kind = event.WhichOneof("kind")
         streamed += 1
+        if kind == "text_delta":
+            deltas += 1
+            continue
         session_id = event.session_id
         if kind in AGENT_KINDS:
             agent += 1
@@ -331,7 +351,7 @@ async def via_agentplane(
             first = time.perf_counter() - start
         if event.HasField("result"):
             assert event.result.session.state == session_pb2.SESSION_STATE_COMPLETE, event
-    return Sample(time.perf_counter() - start, first or 0.0, agent, streamed, session_id)
+    return Sample(time.perf_counter() - start, first or 0.0, agent, streamed, session_id, deltas)
 
 
 async def via_sdk(base_url: str, script: str) -> Sample:

@@ -2,7 +2,8 @@
 streamed and persisted by agentplane, against the same script's messages received with the
 direct SDK and counted as the same events (agentplane's own translation), with no gRPC and no
 database: the cost of relaying and persisting, end to end. Also: the events persisted equal the
-events streamed, and how many database statements and commits one such session makes."""
+events streamed, how many database statements and commits one such session makes, and what
+live text costs: a session of long answers with text deltas on against the same with them off."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ TOOL_CALLS, QUICK_TOOL_CALLS = 1000, 25
 # Four assistant messages of 250 tool uses: with all 1,000 in one message, agentplane's CLI
 # writes a transcript-mirror message over the SDK's 1 MiB read buffer and the session fails.
 STEPS = 4
+CHATTY_MESSAGES = STEPS * 5  # the live-text session's answers (common.chatty_script)
 
 
 def tool_calls(quick: bool) -> int:
@@ -61,6 +63,36 @@ async def run(bench: Bench, server: Server) -> list[str]:
             f"{min(persisted):,}-{max(persisted):,} persisted",
             f"{min(streamed):,}-{max(streamed):,} streamed",
             ratio(sum(persisted), sum(streamed)) if same else "MISMATCH", "1.00 every run"),
+    ]
+
+
+async def live_text(bench: Bench, server: Server) -> list[str]:
+    """The `chatty` script (long answers) with include_partial_messages on and off: events/s
+    streamed (text deltas included) and the session's wall time."""
+    on, off = await interleaved(
+        bench.runs,
+        lambda: via_agentplane(server.sessions, "chatty", partial=True),
+        lambda: via_agentplane(server.sessions, "chatty"),
+    )
+    assert all(s.deltas for s in on) and not any(s.deltas for s in off), (on, off)
+    persisted = [scalar(server.database_url,
+                        "SELECT count(*) FROM session_events WHERE session_id = ?", [s.session_id])
+                 for s in on]
+    # The deltas are live only: what is persisted is what a session without them streams.
+    same = all(p == s.streamed - s.deltas for p, s in zip(persisted, on, strict=True))
+    rate_on = [s.streamed / max(s.wall_s - s.first_s, 1e-9) for s in on]
+    rate_off = [s.streamed / max(s.wall_s - s.first_s, 1e-9) for s in off]
+    wall_on, wall_off = [s.wall_s for s in on], [s.wall_s for s in off]
+    deltas = on[0].deltas
+    return [
+        row(f"live text, {server.label} ({deltas:,} text deltas, {off[0].streamed} events)",
+            f"{summary(rate_on, '.0f')} events/s with deltas (deltas included)"
+            + ("" if same else "; PERSISTED DELTAS"),
+            f"{summary(rate_off, '.0f')} events/s without", ratio(rate_on, rate_off),
+            "(none set)"),
+        row(f"live text, session wall time, {server.label}",
+            f"{summary(wall_on)} s with deltas", f"{summary(wall_off)} s without",
+            ratio(wall_on, wall_off), "(none set)"),
     ]
 
 

@@ -8,7 +8,7 @@ runs, with min and max. The benchmarks, one module each:
     latency.py     1-3  one session: wall time, time to first event, control-plane CPU
     throughput.py  4    completed sessions/s at concurrency 1, 2, 4, 8
     unary.py       5    GetSession / GetBudget req/s and latency vs a bare grpc.aio server
-    relay.py       6    events/s of a ~2,000-event session, streamed and persisted
+    relay.py       6    events/s of a ~2,000-event session, streamed and persisted; live text
     admission.py   7    50 concurrent admissions against one budget: latency, no overspend
     scaling.py     8    memory/CPU with idle streams; figures with 10k-1M rows in the tables
     replicas.py    9    two replicas: follow lag and database load, cancel through the other
@@ -48,6 +48,7 @@ import unary
 from agentplane.server.sandbox import SandboxServer
 from agentplane.server.sessions.launcher import BUNDLED_CLI
 from common import (
+    CHATTY_TEXT,
     PER_SESSION_USD,
     TEMPLATE,
     Bench,
@@ -93,7 +94,11 @@ SECTIONS = {
            "messages counted as the same events by agentplane's own translation, with no gRPC, "
            "no database and no SessionStore. events/s from the first assistant message to the "
            "result. The statement counts come from SQLAlchemy's cursor and commit events on an "
-           "in-process server running one such session.")),
+           "in-process server running one such session. Live text: a session of "
+           f"{relay.CHATTY_MESSAGES} answers of {CHATTY_TEXT:,} characters (a Glob between "
+           "two) with include_partial_messages on (text deltas streamed, never persisted) "
+           "and off, interleaved, on SQLite; events/s counts every event streamed, deltas "
+           "included.")),
     "7": ("Admission under contention (benchmark 7)",
           (f"{admission.CALLS} RunSession calls at once against one tenant's fresh day window "
            f"that covers only {admission.ADMITS} sessions of {PER_SESSION_USD} USD (the admitted ones stay running until every admission is "
@@ -234,6 +239,7 @@ async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
             rows["4"] += await throughput.run(bench, server)
             rows["5"] += await unary.run(bench, server)
             rows["6"] += await relay.run(bench, server)
+            rows["6"] += await relay.live_text(bench, server)
             rows["6"].append(
                 await relay.count_statements(bench, f"sqlite:///{work}/statements.db", "SQLite")
             )
