@@ -173,6 +173,10 @@ class AsyncClient:
         answer_timeout: inputs.Seconds | None = None,
         output_schema: files.SchemaLike | None = None,
         input_files: files.InputFilesLike | None = None,
+        include_partial_messages: bool = False,
+        effort: str | None = None,
+        max_thinking_tokens: int | None = None,
+        fallback_model: str | None = None,
         on_tool_call: inputs.AsyncToolCallHandler | None = None,
         on_permission: inputs.AsyncPermissionHandler | None = None,
         on_question: inputs.AsyncQuestionHandler | None = None,
@@ -196,6 +200,8 @@ class AsyncClient:
             on_disconnect_=on_disconnect, resume_session_id=resume_session_id,
             tools=tools, require_approval=require_approval, answer_timeout=answer_timeout,
             output_schema=output_schema, input_files=input_files,
+            include_partial_messages=include_partial_messages, effort=effort,
+            max_thinking_tokens=max_thinking_tokens, fallback_model=fallback_model,
         )
         handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
         return AsyncEventStream(

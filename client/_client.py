@@ -176,6 +176,10 @@ class Client:
         answer_timeout: inputs.Seconds | None = None,
         output_schema: files.SchemaLike | None = None,
         input_files: files.InputFilesLike | None = None,
+        include_partial_messages: bool = False,
+        effort: str | None = None,
+        max_thinking_tokens: int | None = None,
+        fallback_model: str | None = None,
         on_tool_call: inputs.ToolCallHandler | None = None,
         on_permission: inputs.PermissionHandler | None = None,
         on_question: inputs.QuestionHandler | None = None,
@@ -206,6 +210,10 @@ class Client:
         with a structured result matching it (:func:`agentplane.structured_result` parses
         it from the final Session), or ERROR with reason INVALID_OUTPUT. See also
         :meth:`run_for_result`.
+
+        Live text and model knobs: ``include_partial_messages`` streams ``text_delta``
+        events as the agent writes (live only, seq 0, never replayed); ``effort``,
+        ``max_thinking_tokens`` and ``fallback_model`` within what the tenant allows.
         """
         request = rq.run_request(
             prompt, max_budget_usd=max_budget_usd, max_turns=max_turns,
@@ -213,6 +221,8 @@ class Client:
             on_disconnect_=on_disconnect, resume_session_id=resume_session_id,
             tools=tools, require_approval=require_approval, answer_timeout=answer_timeout,
             output_schema=output_schema, input_files=input_files,
+            include_partial_messages=include_partial_messages, effort=effort,
+            max_thinking_tokens=max_thinking_tokens, fallback_model=fallback_model,
         )
         handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
         return EventStream(

@@ -64,6 +64,8 @@ def event_summary(event: session_pb2.SessionEvent) -> str:
         return f"session {s.id} ({model}, budget {money(s.max_budget_usd)}, max {s.max_turns} turns)"
     if kind == "assistant_text":
         return event.assistant_text.text
+    if kind == "text_delta":
+        return event.text_delta.text
     if kind == "thinking":
         return shorten(event.thinking.text, TOOL_RESULT_CHARS)
     if kind == "tool_use":

@@ -156,6 +156,10 @@ def run_request(
     answer_timeout: inputs.Seconds | None = None,
     output_schema: files.SchemaLike | None = None,
     input_files: files.InputFilesLike | None = None,
+    include_partial_messages: bool = False,
+    effort: str | None = None,
+    max_thinking_tokens: int | None = None,
+    fallback_model: str | None = None,
 ) -> session_pb2.RunSessionRequest:
     request = session_pb2.RunSessionRequest(
         prompt=prompt,
@@ -171,6 +175,10 @@ def run_request(
         require_approval=_strings("require_approval", require_approval),
         output_schema_json=files.output_schema_json(output_schema),
         input_files=files.input_files(input_files),
+        include_partial_messages=include_partial_messages,
+        effort=effort or "",
+        max_thinking_tokens=max_thinking_tokens or 0,
+        fallback_model=fallback_model or "",
     )
     timeout = inputs.duration(answer_timeout)
     if timeout is not None:

@@ -213,6 +213,10 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         on_question=answers.questions,
         output_schema=args.schema,
         input_files=args.file,
+        include_partial_messages=args.partial,
+        effort=args.effort,
+        max_thinking_tokens=args.max_thinking_tokens,
+        fallback_model=args.fallback_model,
         timeout=args.timeout,
     )
     return _follow(stream, args.json)
@@ -403,6 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--file", action="append", type=_input_file, metavar="LOCAL[:REMOTE]",
                      help="put a local file into the session's workspace, as REMOTE "
                           "(default: its name); repeat")
+    run.add_argument("--partial", action="store_true",
+                     help="stream the agent's text as it is written (text_delta events)")
+    run.add_argument("--effort", help="the model's effort (within the tenant's allowed_efforts)")
+    run.add_argument("--max-thinking-tokens", type=int, metavar="N",
+                     help="the model's thinking budget (at most the tenant's)")
+    run.add_argument("--fallback-model", metavar="MODEL",
+                     help="the model to use when the first is overloaded (one of the "
+                          "tenant's fallback_models)")
     json_flag(run, "print each event as one JSON line")
 
     get = command("get", cmd_get, "show one session")

@@ -12,7 +12,7 @@ from agentplane.server.sandbox import Script, Step, ToolCall
 from agentplane.server.store.engine import sessionmaker
 from agentplane.server.store.models import EventRow
 from agentplane.v1 import session_pb2
-from harness import MODEL, Harness
+from harness import MODEL, TOKENS, Harness
 from sqlalchemy import select
 
 pytestmark = pytest.mark.asyncio
@@ -108,3 +108,15 @@ async def test_a_watcher_that_attaches_on_the_owner_gets_the_deltas_from_then_on
     assert numbered(theirs) == numbered(mine)
     assert [e for e in theirs if e.HasField("text_delta")] == [
         e for e in mine if e.HasField("text_delta")]
+
+
+async def test_the_python_client_asks_for_live_text(harness: Harness) -> None:
+    from agentplane import AsyncClient
+
+    harness.sandbox.add_script("client_live", Script(steps=[Step(text=LONG)]))
+    async with AsyncClient(f"127.0.0.1:{harness.app.port}", token=TOKENS["acme"]) as client:
+        events = [e async for e in client.run(
+            "[[sandbox:client_live]] go", model=MODEL, include_partial_messages=True)]
+        plain = [e async for e in client.run("[[sandbox:client_live]] again", model=MODEL)]
+    assert "".join(e.text_delta.text for e in events if e.HasField("text_delta")) == LONG
+    assert not [e for e in plain if e.HasField("text_delta")]

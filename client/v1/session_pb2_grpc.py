@@ -106,9 +106,13 @@ class SessionServiceServicer:
         tenant's maximum, max_turns out of range, a tool outside the tenant's list, a
         malformed request_id or label, a request_id reused with a different request; a model
         the price table lacks has ErrorInfo reason UNKNOWN_MODEL. BadRequest names the field.
+        Also: caller tools, approval rules, answer_timeout, output_schema_json, input files,
+        effort, max_thinking_tokens and fallback_model outside the request's rules or the
+        tenant's policy (each named in BadRequest).
         - NOT_FOUND: resume_session_id names no session of this tenant.
         - FAILED_PRECONDITION: resume_session_id names a session that has not ended or has
-        no conversation to continue.
+        no conversation to continue; a secret of one of the tenant's MCP servers cannot be
+        read now.
         - UNAUTHENTICATED: no or unknown bearer token.
         - RESOURCE_EXHAUSTED: ErrorInfo reason BUDGET_EXCEEDED (the tenant's daily window
         cannot cover the session's budget) or CONCURRENCY_LIMIT; with a QuotaFailure.
