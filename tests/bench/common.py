@@ -55,11 +55,12 @@ CHATTY_TEXT = 3200  # characters of text per message: 200 text deltas of the san
 
 
 def chatty_script(steps: int) -> Script:
-    """`steps` * 5 messages of CHATTY_TEXT characters each, a Glob after each but the last."""
+    """`steps` * 5 messages (at most 7: the bench tenant's 8 turns) of CHATTY_TEXT characters
+    each, a Glob after each but the last."""
     text = ("Streaming answers arrive piece by piece. " * 80)[:CHATTY_TEXT]
     return Script(steps=[
         *[Step(text=text, tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"})], usage=USAGE)
-          for i in range(steps * 5 - 1)],
+          for i in range(min(steps * 5, 7) - 1)],
         Step(text=text, usage=USAGE),
     ])
 
