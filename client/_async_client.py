@@ -124,7 +124,8 @@ class AsyncClient:
         self._metadata = rq.auth_metadata(rq.resolve_token(token))
         credentials = make_credentials(secure, root_certificates, certificate_chain, private_key)
         opts = _channel.channel_options(
-            self.balanced, [*(options or ()), *tls_options(server_name, credentials)])
+            self.balanced, [*(options or ()), *tls_options(server_name, credentials)]
+        )
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(self.target, options=opts)
         else:
@@ -195,18 +196,30 @@ class AsyncClient:
         of :meth:`Client.run`.
         """
         request = rq.run_request(
-            prompt, max_budget_usd=max_budget_usd, max_turns=max_turns,
-            allowed_tools=allowed_tools, model=model, labels=labels, request_id=request_id,
-            on_disconnect_=on_disconnect, resume_session_id=resume_session_id,
-            tools=tools, require_approval=require_approval, answer_timeout=answer_timeout,
-            output_schema=output_schema, input_files=input_files,
-            include_partial_messages=include_partial_messages, effort=effort,
-            max_thinking_tokens=max_thinking_tokens, fallback_model=fallback_model,
+            prompt,
+            max_budget_usd=max_budget_usd,
+            max_turns=max_turns,
+            allowed_tools=allowed_tools,
+            model=model,
+            labels=labels,
+            request_id=request_id,
+            on_disconnect_=on_disconnect,
+            resume_session_id=resume_session_id,
+            tools=tools,
+            require_approval=require_approval,
+            answer_timeout=answer_timeout,
+            output_schema=output_schema,
+            input_files=input_files,
+            include_partial_messages=include_partial_messages,
+            effort=effort,
+            max_thinking_tokens=max_thinking_tokens,
+            fallback_model=fallback_model,
         )
         handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
         return AsyncEventStream(
             self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout),
-            handlers, lambda message: self._unary(self._sessions.Respond, message),
+            handlers,
+            lambda message: self._unary(self._sessions.Respond, message),
         )
 
     async def run_for_result(
@@ -234,8 +247,11 @@ class AsyncClient:
     ) -> session_pb2.InputResolved:
         """Answer one ``input_request`` of a running session; see :meth:`Client.respond`."""
         message = inputs.respond_request(
-            rq.session_id(session_id), request_id, tool_result_=tool_result,
-            permission=permission, answers_=answers,
+            rq.session_id(session_id),
+            request_id,
+            tool_result_=tool_result,
+            permission=permission,
+            answers_=answers,
         )
         return (await self._unary(self._sessions.Respond, message)).resolved
 
@@ -269,8 +285,12 @@ class AsyncClient:
         """One page of sessions, newest first (``page_size`` 0: the server's default, 50);
         ``awaiting``: only sessions waiting for their caller."""
         request = rq.list_request(
-            page_size=page_size, page_token=page_token, state=state, labels=labels,
-            create_time_start=create_time_start, create_time_end=create_time_end,
+            page_size=page_size,
+            page_token=page_token,
+            state=state,
+            labels=labels,
+            create_time_start=create_time_start,
+            create_time_end=create_time_end,
             awaiting=awaiting,
         )
         return await self._unary(self._sessions.ListSessions, request)
@@ -292,8 +312,12 @@ class AsyncClient:
         size = page_size if limit is None else max(1, min(page_size, limit))
         while limit is None or count < limit:
             page = await self.list_sessions(
-                page_size=size, page_token=token, state=state, labels=labels,
-                create_time_start=create_time_start, create_time_end=create_time_end,
+                page_size=size,
+                page_token=token,
+                state=state,
+                labels=labels,
+                create_time_start=create_time_start,
+                create_time_end=create_time_end,
                 awaiting=awaiting,
             )
             for session in page.sessions[: None if limit is None else limit - count]:

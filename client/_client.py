@@ -127,7 +127,8 @@ class Client:
         self._metadata = rq.auth_metadata(rq.resolve_token(token))
         credentials = make_credentials(secure, root_certificates, certificate_chain, private_key)
         opts = _channel.channel_options(
-            self.balanced, [*(options or ()), *tls_options(server_name, credentials)])
+            self.balanced, [*(options or ()), *tls_options(server_name, credentials)]
+        )
         if credentials is None:
             self._channel = grpc.insecure_channel(self.target, options=opts)
         else:
@@ -216,18 +217,30 @@ class Client:
         ``max_thinking_tokens`` and ``fallback_model`` within what the tenant allows.
         """
         request = rq.run_request(
-            prompt, max_budget_usd=max_budget_usd, max_turns=max_turns,
-            allowed_tools=allowed_tools, model=model, labels=labels, request_id=request_id,
-            on_disconnect_=on_disconnect, resume_session_id=resume_session_id,
-            tools=tools, require_approval=require_approval, answer_timeout=answer_timeout,
-            output_schema=output_schema, input_files=input_files,
-            include_partial_messages=include_partial_messages, effort=effort,
-            max_thinking_tokens=max_thinking_tokens, fallback_model=fallback_model,
+            prompt,
+            max_budget_usd=max_budget_usd,
+            max_turns=max_turns,
+            allowed_tools=allowed_tools,
+            model=model,
+            labels=labels,
+            request_id=request_id,
+            on_disconnect_=on_disconnect,
+            resume_session_id=resume_session_id,
+            tools=tools,
+            require_approval=require_approval,
+            answer_timeout=answer_timeout,
+            output_schema=output_schema,
+            input_files=input_files,
+            include_partial_messages=include_partial_messages,
+            effort=effort,
+            max_thinking_tokens=max_thinking_tokens,
+            fallback_model=fallback_model,
         )
         handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
         return EventStream(
             self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout),
-            handlers, lambda message: self._unary(self._sessions.Respond, message),
+            handlers,
+            lambda message: self._unary(self._sessions.Respond, message),
         )
 
     def run_for_result(self, prompt: str, output_schema: files.SchemaLike, **kwargs: Any) -> Any:
@@ -263,8 +276,11 @@ class Client:
         timed out) FAILED_PRECONDITION with ``reason`` ALREADY_ANSWERED, after the
         session's end SESSION_ENDED."""
         message = inputs.respond_request(
-            rq.session_id(session_id), request_id, tool_result_=tool_result,
-            permission=permission, answers_=answers,
+            rq.session_id(session_id),
+            request_id,
+            tool_result_=tool_result,
+            permission=permission,
+            answers_=answers,
         )
         return self._unary(self._sessions.Respond, message).resolved
 
@@ -298,8 +314,12 @@ class Client:
         """One page of sessions, newest first (``page_size`` 0: the server's default, 50);
         ``awaiting``: only sessions waiting for their caller."""
         request = rq.list_request(
-            page_size=page_size, page_token=page_token, state=state, labels=labels,
-            create_time_start=create_time_start, create_time_end=create_time_end,
+            page_size=page_size,
+            page_token=page_token,
+            state=state,
+            labels=labels,
+            create_time_start=create_time_start,
+            create_time_end=create_time_end,
             awaiting=awaiting,
         )
         return self._unary(self._sessions.ListSessions, request)
@@ -321,8 +341,12 @@ class Client:
         size = page_size if limit is None else max(1, min(page_size, limit))
         while limit is None or count < limit:
             page = self.list_sessions(
-                page_size=size, page_token=token, state=state, labels=labels,
-                create_time_start=create_time_start, create_time_end=create_time_end,
+                page_size=size,
+                page_token=token,
+                state=state,
+                labels=labels,
+                create_time_start=create_time_start,
+                create_time_end=create_time_end,
                 awaiting=awaiting,
             )
             for session in page.sessions[: None if limit is None else limit - count]:

@@ -154,8 +154,14 @@ class RPCError(AgentplaneError):
                 detail.Unpack(quota)
                 quotas.extend(QuotaViolation(v.subject, v.description) for v in quota.violations)
         return cls(
-            code, message, reason=reason, domain=domain, metadata=metadata,
-            field_violations=fields, quota_violations=quotas, status=status,
+            code,
+            message,
+            reason=reason,
+            domain=domain,
+            metadata=metadata,
+            field_violations=fields,
+            quota_violations=quotas,
+            status=status,
         )
 
 

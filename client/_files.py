@@ -22,8 +22,7 @@ from .v1 import session_pb2
 
 FileContent: TypeAlias = bytes | bytearray | memoryview | str
 InputFilesLike: TypeAlias = (
-    Mapping[str, FileContent]
-    | Sequence[tuple[str, FileContent] | session_pb2.InputFile]
+    Mapping[str, FileContent] | Sequence[tuple[str, FileContent] | session_pb2.InputFile]
 )
 SchemaLike: TypeAlias = Mapping[str, Any] | str
 

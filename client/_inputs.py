@@ -84,8 +84,10 @@ def caller_tool(value: ToolLike) -> session_pb2.CallerTool:
     if isinstance(value, Mapping):
         unknown = set(value) - _TOOL_KEYS
         if unknown:
-            raise TypeError(f"unknown tool field(s): {', '.join(sorted(map(str, unknown)))} "
-                            f"(a tool has {', '.join(sorted(_TOOL_KEYS))})")
+            raise TypeError(
+                f"unknown tool field(s): {', '.join(sorted(map(str, unknown)))} "
+                f"(a tool has {', '.join(sorted(_TOOL_KEYS))})"
+            )
         if "name" not in value:
             raise TypeError("a tool needs a name")
         return Tool(**value).to_proto()
@@ -195,12 +197,17 @@ def _questions(data: Mapping[str, Any]) -> tuple[Question, ...]:
             continue
         options = tuple(
             QuestionOption(str(o.get("label", "")), str(o.get("description", "") or ""))
-            for o in item.get("options") or () if isinstance(o, Mapping)
+            for o in item.get("options") or ()
+            if isinstance(o, Mapping)
         )
-        found.append(Question(
-            question=str(item.get("question", "")), header=str(item.get("header", "") or ""),
-            options=options, multi_select=bool(item.get("multiSelect", False)),
-        ))
+        found.append(
+            Question(
+                question=str(item.get("question", "")),
+                header=str(item.get("header", "") or ""),
+                options=options,
+                multi_select=bool(item.get("multiSelect", False)),
+            )
+        )
     return tuple(found)
 
 
@@ -208,11 +215,16 @@ def parse_request(session_id: str, message: session_pb2.InputRequest) -> AnyRequ
     """The handler's view of an ``input_request`` (None for a kind this client does not
     know)."""
     data = _decode_object(message.input_json)
-    deadline = (
-        message.deadline.ToDatetime(tzinfo=dt.UTC) if message.HasField("deadline") else None
+    deadline = message.deadline.ToDatetime(tzinfo=dt.UTC) if message.HasField("deadline") else None
+    args = (
+        session_id,
+        message.request_id,
+        message.tool_name,
+        message.tool_use_id,
+        data,
+        deadline,
+        message,
     )
-    args = (session_id, message.request_id, message.tool_name, message.tool_use_id, data,
-            deadline, message)
     if message.kind == session_pb2.INPUT_KIND_TOOL_CALL:
         return ToolCall(*args)
     if message.kind == session_pb2.INPUT_KIND_PERMISSION:
@@ -383,8 +395,7 @@ def answer_request(request: AnyRequest, value: Any) -> session_pb2.RespondReques
     if isawaitable(value):
         if hasattr(value, "close"):
             value.close()  # a coroutine never awaited would warn
-        raise TypeError("Client handlers must be plain functions; async handlers need "
-                        "AsyncClient")
+        raise TypeError("Client handlers must be plain functions; async handlers need AsyncClient")
     if isinstance(request, ToolCall):
         return respond_request(request.session_id, request.request_id, tool_result_=value)
     if isinstance(request, PermissionRequest):
@@ -424,7 +435,11 @@ def settled_elsewhere(exc: RPCError, request: AnyRequest) -> bool:
     """Whether a handler's Respond failed only because the request was already settled
     (timed out, answered by someone else, its session ended): then it is dropped."""
     if exc.reason in SETTLED_REASONS:
-        log.info("input request %s of session %s was settled before its handler answered: %s",
-                 request.request_id, request.session_id, exc)
+        log.info(
+            "input request %s of session %s was settled before its handler answered: %s",
+            request.request_id,
+            request.session_id,
+            exc,
+        )
         return True
     return False

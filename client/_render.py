@@ -61,7 +61,9 @@ def event_summary(event: session_pb2.SessionEvent) -> str:
     if kind == "started":
         s = event.started.session
         model = s.model or "default model"
-        return f"session {s.id} ({model}, budget {money(s.max_budget_usd)}, max {s.max_turns} turns)"
+        return (
+            f"session {s.id} ({model}, budget {money(s.max_budget_usd)}, max {s.max_turns} turns)"
+        )
     if kind == "assistant_text":
         return event.assistant_text.text
     if kind == "text_delta":
@@ -223,20 +225,31 @@ def session_details(session: session_pb2.Session) -> str:
         ("cost", f"{money(session.cost_usd)} (sdk {money(session.sdk_cost_usd)})"),
         ("budget", money(session.max_budget_usd)),
         ("turns", f"{session.num_turns} of {session.max_turns}"),
-        ("tokens", (
-            f"{u.input_tokens} in, {u.output_tokens} out, "
-            f"{u.cache_creation_input_tokens} cache write, "
-            f"{u.cache_read_input_tokens} cache read"
-        )),
+        (
+            "tokens",
+            (
+                f"{u.input_tokens} in, {u.output_tokens} out, "
+                f"{u.cache_creation_input_tokens} cache write, "
+                f"{u.cache_read_input_tokens} cache read"
+            ),
+        ),
         ("tools", ", ".join(session.allowed_tools)),
         ("caller tool", ", ".join(session.caller_tools)),
         ("approval", ", ".join(session.require_approval)),
-        ("awaiting", ", ".join(
-            f"{input_kind_name(r.kind)} {r.tool_name} ({r.request_id})" for r in session.awaiting
-        )),
+        (
+            "awaiting",
+            ", ".join(
+                f"{input_kind_name(r.kind)} {r.tool_name} ({r.request_id})"
+                for r in session.awaiting
+            ),
+        ),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(session.labels.items()))),
-        ("schema", _compact_json(session.output_schema_json, TOOL_INPUT_CHARS)
-                   if session.output_schema_json else ""),
+        (
+            "schema",
+            _compact_json(session.output_schema_json, TOOL_INPUT_CHARS)
+            if session.output_schema_json
+            else "",
+        ),
         ("request id", session.request_id),
         ("sdk session", session.sdk_session_id),
     ]

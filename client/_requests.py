@@ -128,7 +128,9 @@ def on_disconnect(value: DisconnectLike | None) -> int:
         try:
             return session_pb2.OnDisconnect.Value(name)
         except ValueError:
-            raise ValueError(f"on_disconnect must be 'cancel' or 'continue', not {value!r}") from None
+            raise ValueError(
+                f"on_disconnect must be 'cancel' or 'continue', not {value!r}"
+            ) from None
     return int(value)
 
 

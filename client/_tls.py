@@ -18,8 +18,10 @@ def make_credentials(
     system's); ``certificate_chain`` and ``private_key``: the client certificate (mTLS),
     both or neither (ValueError)."""
     if (certificate_chain is None) != (private_key is None):
-        raise ValueError("a client certificate needs its private key and the key its "
-                         "certificate: give both certificate_chain and private_key")
+        raise ValueError(
+            "a client certificate needs its private key and the key its "
+            "certificate: give both certificate_chain and private_key"
+        )
     if not secure and root_certificates is None and certificate_chain is None:
         return None
     return grpc.ssl_channel_credentials(

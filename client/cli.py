@@ -240,16 +240,22 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_list(client: Client, args: argparse.Namespace) -> int:
     sessions = client.iter_sessions(
-        limit=args.limit, page_size=min(args.limit, 500), state=args.state,
-        labels=dict(args.label or ()), awaiting=args.awaiting,
+        limit=args.limit,
+        page_size=min(args.limit, 500),
+        state=args.state,
+        labels=dict(args.label or ()),
+        awaiting=args.awaiting,
     )
     shown = 0
     for session in sessions:
         _out(render.to_json(session) if args.json else render.session_row(session))
         shown += 1
     if not shown and not args.json:  # (JSON lines: none is an empty output)
-        print("no sessions" + (" match these filters" if args.state or args.label or args.awaiting else ""),
-              file=sys.stderr)
+        print(
+            "no sessions"
+            + (" match these filters" if args.state or args.label or args.awaiting else ""),
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -288,8 +294,9 @@ def cmd_respond(client: Client, args: argparse.Namespace) -> int:
     if args.answer is not None:
         resolved = client.respond(args.id, args.request_id, answers=dict(args.answer))
     elif args.result is not None:
-        resolved = client.respond(args.id, args.request_id,
-                                  tool_result=ToolResult(args.result, is_error=args.error))
+        resolved = client.respond(
+            args.id, args.request_id, tool_result=ToolResult(args.result, is_error=args.error)
+        )
     else:
         decision = True if args.allow else Deny(args.deny or "")
         resolved = client.respond(args.id, args.request_id, permission=decision)
@@ -337,30 +344,52 @@ def _add_globals(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
     group = parser.add_argument_group("connection")
     group.add_argument(
-        "--target", default=default(None),
+        "--target",
+        default=default(None),
         help="host:port of the server, or several replicas: host:port,host:port or "
-             f"dns:///name:port (default: ${TARGET_ENV} or 127.0.0.1:50051)",
+        f"dns:///name:port (default: ${TARGET_ENV} or 127.0.0.1:50051)",
     )
     group.add_argument(
         "--token", default=default(None), help=f"bearer token (default: ${TOKEN_ENV})"
     )
     group.add_argument(
-        "--timeout", type=_positive_float, default=default(None), metavar="SECONDS",
+        "--timeout",
+        type=_positive_float,
+        default=default(None),
+        metavar="SECONDS",
         help="deadline of each call (for run/stream: of the whole session)",
     )
     group.add_argument(
-        "--tls", action="store_true", default=default(False),
+        "--tls",
+        action="store_true",
+        default=default(False),
         help="connect with TLS, verifying the server with the system's CAs (or --ca-file)",
     )
-    group.add_argument("--ca-file", default=default(None), metavar="PEM",
-                       help="CA certificate(s) to verify the server with (implies --tls)")
-    group.add_argument("--cert-file", default=default(None), metavar="PEM",
-                       help="client certificate chain, for a server that requires one (mTLS)")
-    group.add_argument("--key-file", default=default(None), metavar="PEM",
-                       help="the client certificate's private key")
-    group.add_argument("--server-name", default=default(None), metavar="NAME",
-                       help="the name the server's certificate must carry, when it is not "
-                            "the target's host (e.g. dialling 127.0.0.1 in a pod)")
+    group.add_argument(
+        "--ca-file",
+        default=default(None),
+        metavar="PEM",
+        help="CA certificate(s) to verify the server with (implies --tls)",
+    )
+    group.add_argument(
+        "--cert-file",
+        default=default(None),
+        metavar="PEM",
+        help="client certificate chain, for a server that requires one (mTLS)",
+    )
+    group.add_argument(
+        "--key-file",
+        default=default(None),
+        metavar="PEM",
+        help="the client certificate's private key",
+    )
+    group.add_argument(
+        "--server-name",
+        default=default(None),
+        metavar="NAME",
+        help="the name the server's certificate must carry, when it is not "
+        "the target's host (e.g. dialling 127.0.0.1 in a pod)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,36 +414,70 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt")
     run.add_argument("--budget", type=_usd, metavar="USD", help="the session's budget")
     run.add_argument("--max-turns", type=_positive_int, metavar="N")
-    run.add_argument("--tool", action="append", metavar="NAME",
-                     help="allow this tool (repeat; default: all of the tenant's tools)")
+    run.add_argument(
+        "--tool",
+        action="append",
+        metavar="NAME",
+        help="allow this tool (repeat; default: all of the tenant's tools)",
+    )
     run.add_argument("--model", metavar="M")
     run.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
     run.add_argument("--request-id", metavar="UUID", help="idempotency key")
-    run.add_argument("--on-disconnect", choices=["cancel", "continue"],
-                     help="what the server does if this command goes away (default: cancel)")
-    run.add_argument("--require-approval", action="append", metavar="PATTERN",
-                     help="ask before each use of this tool: a name (Bash) or a pattern "
-                          "(\"Bash(git push:*)\", \"Write(src/*)\"); repeat")
-    run.add_argument("--answer-timeout", type=_positive_float, metavar="SECONDS",
-                     help="how long the session waits for each answer (default: the "
-                          "tenant's)")
-    run.add_argument("--deny-all", action="store_true",
-                     help="deny every approval and leave questions unanswered, without "
-                          "asking (the default when stdin is not a terminal)")
-    run.add_argument("--schema", type=_schema, metavar="FILE.json",
-                     help="a JSON Schema the result must match; the structured result is "
-                          "printed last, as JSON (with --json: in the result event)")
-    run.add_argument("--file", action="append", type=_input_file, metavar="LOCAL[:REMOTE]",
-                     help="put a local file into the session's workspace, as REMOTE "
-                          "(default: its name); repeat")
-    run.add_argument("--partial", action="store_true",
-                     help="stream the agent's text as it is written (text_delta events)")
+    run.add_argument(
+        "--on-disconnect",
+        choices=["cancel", "continue"],
+        help="what the server does if this command goes away (default: cancel)",
+    )
+    run.add_argument(
+        "--require-approval",
+        action="append",
+        metavar="PATTERN",
+        help="ask before each use of this tool: a name (Bash) or a pattern "
+        '("Bash(git push:*)", "Write(src/*)"); repeat',
+    )
+    run.add_argument(
+        "--answer-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="how long the session waits for each answer (default: the tenant's)",
+    )
+    run.add_argument(
+        "--deny-all",
+        action="store_true",
+        help="deny every approval and leave questions unanswered, without "
+        "asking (the default when stdin is not a terminal)",
+    )
+    run.add_argument(
+        "--schema",
+        type=_schema,
+        metavar="FILE.json",
+        help="a JSON Schema the result must match; the structured result is "
+        "printed last, as JSON (with --json: in the result event)",
+    )
+    run.add_argument(
+        "--file",
+        action="append",
+        type=_input_file,
+        metavar="LOCAL[:REMOTE]",
+        help="put a local file into the session's workspace, as REMOTE (default: its name); repeat",
+    )
+    run.add_argument(
+        "--partial",
+        action="store_true",
+        help="stream the agent's text as it is written (text_delta events)",
+    )
     run.add_argument("--effort", help="the model's effort (within the tenant's allowed_efforts)")
-    run.add_argument("--max-thinking-tokens", type=int, metavar="N",
-                     help="the model's thinking budget (at most the tenant's)")
-    run.add_argument("--fallback-model", metavar="MODEL",
-                     help="the model to use when the first is overloaded (one of the "
-                          "tenant's fallback_models)")
+    run.add_argument(
+        "--max-thinking-tokens",
+        type=int,
+        metavar="N",
+        help="the model's thinking budget (at most the tenant's)",
+    )
+    run.add_argument(
+        "--fallback-model",
+        metavar="MODEL",
+        help="the model to use when the first is overloaded (one of the tenant's fallback_models)",
+    )
     json_flag(run, "print each event as one JSON line")
 
     get = command("get", cmd_get, "show one session")
@@ -425,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--state", type=_state, help="idle, running, complete or error")
     lst.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
     lst.add_argument("--limit", type=_positive_int, default=20, metavar="N")
-    lst.add_argument("--awaiting", action="store_true",
-                     help="only sessions waiting for their caller's answer")
+    lst.add_argument(
+        "--awaiting", action="store_true", help="only sessions waiting for their caller's answer"
+    )
     json_flag(lst, "print each session as one JSON line")
 
     budget = command("budget", cmd_budget, "show the tenant's budget window")
@@ -434,8 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag(budget)
 
     health = command("health", cmd_health, "check the server's health (exit 0 if SERVING)")
-    health.add_argument("--service", default="", metavar="NAME",
-                        help='e.g. "readiness" (default: the whole server)')
+    health.add_argument(
+        "--service", default="", metavar="NAME", help='e.g. "readiness" (default: the whole server)'
+    )
 
     cancel = command("cancel", cmd_cancel, "cancel a session")
     cancel.add_argument("id")
@@ -446,34 +511,47 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--after-seq", type=_non_negative_int, default=0, metavar="N")
     json_flag(stream, "print each event as one JSON line")
 
-    respond = command("respond", cmd_respond,
-                      "answer what a running session waits for (its input_request)")
+    respond = command(
+        "respond", cmd_respond, "answer what a running session waits for (its input_request)"
+    )
     respond.add_argument("id", help="the session")
     respond.add_argument("request_id", help="the input_request's request_id")
     answer = respond.add_mutually_exclusive_group(required=True)
     answer.add_argument("--allow", action="store_true", help="approve the tool call")
-    answer.add_argument("--deny", nargs="?", const="", metavar="MESSAGE",
-                        help="deny it (the agent is told MESSAGE)")
-    answer.add_argument("--answer", action="append", type=_answer, metavar="QUESTION=ANSWER",
-                        help="answer a question with an option's label or free text (repeat)")
+    answer.add_argument(
+        "--deny", nargs="?", const="", metavar="MESSAGE", help="deny it (the agent is told MESSAGE)"
+    )
+    answer.add_argument(
+        "--answer",
+        action="append",
+        type=_answer,
+        metavar="QUESTION=ANSWER",
+        help="answer a question with an option's label or free text (repeat)",
+    )
     answer.add_argument("--result", metavar="TEXT", help="a caller tool's result")
     respond.add_argument("--error", action="store_true", help="with --result: it failed")
     json_flag(respond)
 
-    artifacts = command("artifacts", cmd_artifacts,
-                        "list the files an ended session created or changed")
+    artifacts = command(
+        "artifacts", cmd_artifacts, "list the files an ended session created or changed"
+    )
     artifacts.add_argument("id")
     json_flag(artifacts, "print each artifact as one JSON line")
 
     download = command("download", cmd_download, "download one artifact of a session")
     download.add_argument("id")
     download.add_argument("path", help="the artifact's path in the workspace")
-    download.add_argument("-o", "--output", metavar="FILE",
-                          help="where to write it: a file, a directory, or - for stdout "
-                               "(default: its name, in the current directory)")
+    download.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="where to write it: a file, a directory, or - for stdout "
+        "(default: its name, in the current directory)",
+    )
 
-    delete = command("delete", cmd_delete,
-                     "delete an ended session: its events, transcript and artifacts")
+    delete = command(
+        "delete", cmd_delete, "delete an ended session: its events, transcript and artifacts"
+    )
     delete.add_argument("id")
 
     usage = command("usage", cmd_usage, "show the tenant's usage, per model too (JSON)")
@@ -487,12 +565,17 @@ def _tls_files(args: argparse.Namespace) -> dict[str, Any]:
     --server-name, each of which but --tls implies TLS (the files read here; OSError when
     one cannot be, ValueError for a certificate without its key or a key without it)."""
     if (args.cert_file is None) != (args.key_file is None):
-        raise ValueError("--cert-file and --key-file go together (a client certificate "
-                         "and its key)")
-    files = {"root_certificates": args.ca_file, "certificate_chain": args.cert_file,
-             "private_key": args.key_file}
+        raise ValueError(
+            "--cert-file and --key-file go together (a client certificate and its key)"
+        )
+    files = {
+        "root_certificates": args.ca_file,
+        "certificate_chain": args.cert_file,
+        "private_key": args.key_file,
+    }
     tls: dict[str, Any] = {
-        name: Path(path).read_bytes() for name, path in files.items() if path is not None}
+        name: Path(path).read_bytes() for name, path in files.items() if path is not None
+    }
     if args.server_name is not None:
         tls["server_name"] = args.server_name
     if args.tls or tls:

@@ -32,12 +32,21 @@ def _parser() -> argparse.ArgumentParser:
         ("check-config", "validate the configuration and the tenants file, then exit"),
         ("dev", "serve for local use: with no ANTHROPIC_API_KEY, a sandbox model runs beside it"),
     ]:
-        sub.add_parser(name, help=text, epilog=settings_help(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    hash_cmd = sub.add_parser("hash-token", help="print the SHA-256 of a caller token for the tenants file")
+        sub.add_parser(
+            name,
+            help=text,
+            epilog=settings_help(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    hash_cmd = sub.add_parser(
+        "hash-token", help="print the SHA-256 of a caller token for the tenants file"
+    )
     hash_cmd.add_argument("token", nargs="?", help="the token (prompted for when omitted)")
-    sandbox = sub.add_parser("sandbox", help="run the scripted Anthropic Messages API server",
-                             description=sandbox_cli.DESCRIPTION)
+    sandbox = sub.add_parser(
+        "sandbox",
+        help="run the scripted Anthropic Messages API server",
+        description=sandbox_cli.DESCRIPTION,
+    )
     sandbox_cli.add_options(sandbox)
     return parser
 
@@ -94,9 +103,11 @@ def _missing_keys(tenants: TenantRegistry) -> list[str]:
     for tenant in tenants.tenants.values():
         if tenant.api_key() is not None:
             continue
-        where = (f"the file {tenant.anthropic_api_key_file} is missing, unreadable or empty"
-                 if tenant.anthropic_api_key_file is not None
-                 else f"the environment variable {tenant.anthropic_api_key_env} is not set")
+        where = (
+            f"the file {tenant.anthropic_api_key_file} is missing, unreadable or empty"
+            if tenant.anthropic_api_key_file is not None
+            else f"the environment variable {tenant.anthropic_api_key_env} is not set"
+        )
         lines.append(f"warning: tenant {tenant.name!r} has no Anthropic API key: {where}")
     for tenant in tenants.tenants.values():
         missing = mcp_problem(tenant.mcp_servers)
@@ -114,12 +125,16 @@ def _check_config(settings: Settings, tenants: TenantRegistry) -> int:
     certificates = certificate_files(settings)
     prices = price_table(settings)
     tenant_checks(settings, prices.price)(tenants)
-    print(f"configuration ok: {len(tenants.tenants)} tenant(s)"
-          + (" (dev mode)" if tenants.dev_mode else ""))
+    print(
+        f"configuration ok: {len(tenants.tenants)} tenant(s)"
+        + (" (dev mode)" if tenants.dev_mode else "")
+    )
     if certificates is not None and certificates.material is not None:
         material = certificates.material
-        print(f"tls: {material.subject}, valid until {material.not_after:%Y-%m-%d %H:%M} UTC"
-              + ("; client certificates required (mTLS)" if certificates.mutual else ""))
+        print(
+            f"tls: {material.subject}, valid until {material.not_after:%Y-%m-%d %H:%M} UTC"
+            + ("; client certificates required (mTLS)" if certificates.mutual else "")
+        )
     for line in _missing_keys(tenants):
         print(line)
     return 0

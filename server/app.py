@@ -79,8 +79,7 @@ def tenant_checks(
                 try:
                     check_model(model)
                 except InvalidArgument as exc:
-                    raise ConfigError(
-                        f"tenants.{tenant.name}.{setting}", exc.description) from None
+                    raise ConfigError(f"tenants.{tenant.name}.{setting}", exc.description) from None
             if tenant.binds_certificates and settings.tls_client_ca_file is None:
                 key = "client_cert_sans" if tenant.client_cert_sans else "client_cert_subjects"
                 raise ConfigError(
@@ -94,8 +93,10 @@ def tenant_checks(
 
 def _engine(settings: Settings, pool: tuple[int, int] = POOL) -> AsyncEngine:
     return create_engine(
-        settings.database_url, statement_timeout_s=settings.db_statement_timeout_s,
-        pool_timeout_s=settings.db_pool_timeout_s, pool=pool,
+        settings.database_url,
+        statement_timeout_s=settings.db_statement_timeout_s,
+        pool_timeout_s=settings.db_pool_timeout_s,
+        pool=pool,
     )
 
 
@@ -104,14 +105,15 @@ async def _sandboxes(settings: Settings, cli: Path, gateway: MeteringGateway) ->
     socket = gateway.unix_socket
     assert socket is not None
     try:
-        return await asyncio.to_thread(
-            Sandboxes.open, settings.work_dir, cli, socket, gateway.port
-        )
+        return await asyncio.to_thread(Sandboxes.open, settings.work_dir, cli, socket, gateway.port)
     except SandboxUnavailable as exc:
-        raise ConfigError("AGENTPLANE_SANDBOX", (
-            f"cannot sandbox sessions: {exc}; or set AGENTPLANE_SANDBOX=none to run agents "
-            "unsandboxed (unsafe with more than one tenant)"
-        )) from None
+        raise ConfigError(
+            "AGENTPLANE_SANDBOX",
+            (
+                f"cannot sandbox sessions: {exc}; or set AGENTPLANE_SANDBOX=none to run agents "
+                "unsandboxed (unsafe with more than one tenant)"
+            ),
+        ) from None
 
 
 def price_table(settings: Settings) -> PriceTable:
@@ -187,10 +189,15 @@ class App:
             await resources.aclose()
             raise
         app._ready_task = asyncio.create_task(app._start_up())
-        log.info("agentplane listening on %s (%s)",
-                 settings.listen.rsplit(":", 1)[0] + f":{app.port}",
-                 "plaintext" if certificates is None
-                 else "TLS, client certificates required" if certificates.mutual else "TLS")
+        log.info(
+            "agentplane listening on %s (%s)",
+            settings.listen.rsplit(":", 1)[0] + f":{app.port}",
+            "plaintext"
+            if certificates is None
+            else "TLS, client certificates required"
+            if certificates.mutual
+            else "TLS",
+        )
         return app
 
     @classmethod
@@ -286,7 +293,9 @@ class App:
         reloader = None
         if settings.tenants_file is not None and not tenants.dev_mode:
             reloader = TenantsReloader(
-                settings.tenants_file, tenants, check=check_tenants,
+                settings.tenants_file,
+                tenants,
+                check=check_tenants,
                 applied=_follow_tenants(settings, sessions, pool, launcher),
                 status=health.tenants,
             )
@@ -300,13 +309,30 @@ class App:
         except RuntimeError:  # grpcio raises where older releases returned 0
             port = 0
         if port == 0:
-            raise ConfigError("AGENTPLANE_LISTEN", (
-                f"cannot bind {settings.listen}: the port is in use (another agentplane "
-                "server?), or the host is not an address of this machine"))
+            raise ConfigError(
+                "AGENTPLANE_LISTEN",
+                (
+                    f"cannot bind {settings.listen}: the port is in use (another agentplane "
+                    "server?), or the host is not an address of this machine"
+                ),
+            )
         await server.start()
         app = cls(
-            settings, tenants, server, health, sessions, engine, gateway, telemetry, port,
-            resources, notifications, budgets, upkeep_engine, certificates, reloader,
+            settings,
+            tenants,
+            server,
+            health,
+            sessions,
+            engine,
+            gateway,
+            telemetry,
+            port,
+            resources,
+            notifications,
+            budgets,
+            upkeep_engine,
+            certificates,
+            reloader,
         )
         resources.push_async_callback(app._cancel_background)
         return app
@@ -321,20 +347,27 @@ class App:
             self.sessions.pool.start()  # once ready: a server that cannot serve spends nothing
         if self.reloader is not None:
             self._background.append(
-                asyncio.create_task(self.reloader.watch(self.settings.tenants_poll_s),
-                                    name="tenants-file"))
+                asyncio.create_task(
+                    self.reloader.watch(self.settings.tenants_poll_s), name="tenants-file"
+                )
+            )
         if self.notifications is not None:
             # Cancels, events and budget changes of the other replicas, as they commit.
             self._background.append(
-                asyncio.create_task(self.notifications.run(), name="notifications"))
+                asyncio.create_task(self.notifications.run(), name="notifications")
+            )
         self._background += [
             asyncio.create_task(self.sessions.lease_keeper.run(), name="leases"),
             asyncio.create_task(
                 self.health.monitor(self.engine, self.settings.health_interval_s), name="health"
             ),
-            asyncio.create_task(self.sessions.deleter.run(
-                lambda: self.tenants.tenants.values(), self.settings.retention_interval_s,
-            ), name="retention"),
+            asyncio.create_task(
+                self.sessions.deleter.run(
+                    lambda: self.tenants.tenants.values(),
+                    self.settings.retention_interval_s,
+                ),
+                name="retention",
+            ),
         ]
 
     async def _sweep_host(self) -> None:
@@ -359,8 +392,9 @@ class App:
         """Re-read the tenants file now (SIGHUP); what changed, None if it is invalid (or
         there is none: dev mode)."""
         if self.reloader is None:
-            log.warning("tenants_reload_skipped",
-                        extra={"detail": "no AGENTPLANE_TENANTS_FILE (dev mode)"})
+            log.warning(
+                "tenants_reload_skipped", extra={"detail": "no AGENTPLANE_TENANTS_FILE (dev mode)"}
+            )
             return None
         return await self.reloader.reload(trigger)
 
@@ -375,9 +409,14 @@ class App:
         cut short when `force` is set), the rest end ERROR/SHUTDOWN, settled; then close
         everything `start` opened, in reverse order."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
-        log.info("shutdown", extra={
-            "phase": "draining", "live_sessions": self.sessions.live_count, "grace_s": grace,
-        })
+        log.info(
+            "shutdown",
+            extra={
+                "phase": "draining",
+                "live_sessions": self.sessions.live_count,
+                "grace_s": grace,
+            },
+        )
         await self.health.drain()
         if self.sessions.pool is not None:
             await self.sessions.pool.close()
@@ -401,8 +440,10 @@ def _follow_tenants(
         if changes.removed:
             stopped = sessions.tenants_removed(set(changes.removed))
             if stopped:
-                log.info("tenant_sessions_cancelled",
-                         extra={"tenants": list(changes.removed), "sessions": stopped})
+                log.info(
+                    "tenant_sessions_cancelled",
+                    extra={"tenants": list(changes.removed), "sessions": stopped},
+                )
         pool.update(registry.tenants.values())
         launcher.scrub_also(registry.key_env_names())
         _open_work_dir(settings.work_dir, registry)
@@ -428,12 +469,8 @@ def _grpc_server(
             ("grpc.max_receive_message_length", MAX_INPUT_TOTAL_BYTES + (1 << 20)),
         ],
     )
-    session_pb2_grpc.add_SessionServiceServicer_to_server(
-        SessionService(tenants, sessions), server
-    )
-    budget_pb2_grpc.add_BudgetServiceServicer_to_server(
-        BudgetService(tenants, budgets), server
-    )
+    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(tenants, sessions), server)
+    budget_pb2_grpc.add_BudgetServiceServicer_to_server(BudgetService(tenants, budgets), server)
     usage_pb2_grpc.add_UsageServiceServicer_to_server(
         UsageService(tenants, UsageReader(db)), server
     )

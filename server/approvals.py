@@ -22,9 +22,13 @@ _RULE = re.compile(r"([A-Za-z0-9_-]{1,128})(?:\((.+)\))?", re.ASCII | re.DOTALL)
 # The input field each built-in tool acts on.
 _SUBJECT = {
     "Bash": "command",
-    "Write": "file_path", "Edit": "file_path", "MultiEdit": "file_path", "Read": "file_path",
+    "Write": "file_path",
+    "Edit": "file_path",
+    "MultiEdit": "file_path",
+    "Read": "file_path",
     "NotebookEdit": "notebook_path",
-    "Glob": "pattern", "Grep": "pattern",
+    "Glob": "pattern",
+    "Grep": "pattern",
     "WebFetch": "url",
 }
 _PATHS = {"file_path", "notebook_path"}
@@ -60,8 +64,7 @@ def parse_rule(text: str) -> Rule:
     match = _RULE.fullmatch(text.strip())
     if match is None:
         raise ValueError(
-            "a rule is a tool name, optionally with a pattern: Bash, Bash(git push:*), "
-            "Write(src/*)"
+            "a rule is a tool name, optionally with a pattern: Bash, Bash(git push:*), Write(src/*)"
         )
     return Rule(match.group(1), match.group(2))
 

@@ -36,8 +36,12 @@ class CertIdentity:
 
 
 # Attribute names people write for the same attribute (OpenSSL's and RFC 4514's).
-_ALIASES = {"EMAILADDRESS": "1.2.840.113549.1.9.1", "E": "1.2.840.113549.1.9.1", "S": "ST",
-            "SERIALNUMBER": "2.5.4.5"}
+_ALIASES = {
+    "EMAILADDRESS": "1.2.840.113549.1.9.1",
+    "E": "1.2.840.113549.1.9.1",
+    "S": "ST",
+    "SERIALNUMBER": "2.5.4.5",
+}
 
 
 def _split(text: str, separators: str) -> list[str]:
@@ -72,6 +76,7 @@ def _unescape(value: str) -> str:
 
 def _canonical(pairs: list[tuple[str, str]]) -> str:
     """Attribute pairs in one spelling: names upper case, sorted, values escaped."""
+
     def escape(value: str) -> str:
         return value.replace("\\", "\\\\").replace(",", "\\,").replace("+", "\\+")
 
@@ -92,16 +97,23 @@ def canonical_subject(text: str) -> str:
                 raise ValueError(f"{part.strip()!r} is not NAME=value")
             pairs.append((_ALIASES.get(name, name), _unescape(value)))
     except ValueError as exc:
-        raise ValueError(f"{text!r} is not a distinguished name such as "
-                         f"'CN=billing,O=Acme': {exc}") from None
+        raise ValueError(
+            f"{text!r} is not a distinguished name such as 'CN=billing,O=Acme': {exc}"
+        ) from None
     return _canonical(pairs)
 
 
 def name_subject(name: x509.Name) -> str:
     """A certificate's subject as `canonical_subject` writes it."""
-    return _canonical([(_ALIASES.get(a.rfc4514_attribute_name.upper(),
-                                     a.rfc4514_attribute_name.upper()), str(a.value))
-                       for a in name])
+    return _canonical(
+        [
+            (
+                _ALIASES.get(a.rfc4514_attribute_name.upper(), a.rfc4514_attribute_name.upper()),
+                str(a.value),
+            )
+            for a in name
+        ]
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -115,9 +127,12 @@ def peer_identity(pem: bytes) -> CertIdentity:
         sans: frozenset[str] = frozenset()
     else:
         sans = frozenset(
-            str(name.value) for name in names
-            if isinstance(name, x509.DNSName | x509.UniformResourceIdentifier
-                          | x509.RFC822Name | x509.IPAddress)
+            str(name.value)
+            for name in names
+            if isinstance(
+                name,
+                x509.DNSName | x509.UniformResourceIdentifier | x509.RFC822Name | x509.IPAddress,
+            )
         )
     return CertIdentity(name_subject(cert.subject), sans)
 
@@ -152,7 +167,10 @@ def _certificates(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
 
 
 def load_server_material(
-    cert_file: Path, key_file: Path, client_ca_file: Path | None, *,
+    cert_file: Path,
+    key_file: Path,
+    client_ca_file: Path | None,
+    *,
     now: datetime | None = None,
 ) -> ServerMaterial:
     """Read and check the server's certificate chain, its key and the client CA: each
@@ -169,7 +187,9 @@ def load_server_material(
             key_file, f"key file {key_file} is encrypted; the server needs an unencrypted PEM key"
         ) from None
     except (ValueError, UnsupportedAlgorithm):
-        raise CertificateProblem(key_file, f"key file {key_file} holds no PEM private key") from None
+        raise CertificateProblem(
+            key_file, f"key file {key_file} holds no PEM private key"
+        ) from None
     public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if private.public_key().public_bytes(*public) != leaf.public_key().public_bytes(*public):
         raise CertificateProblem(
@@ -177,12 +197,14 @@ def load_server_material(
         )
     if leaf.not_valid_after_utc <= now:
         raise CertificateProblem(
-            cert_file, f"the certificate in {cert_file} expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+            cert_file,
+            f"the certificate in {cert_file} expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
         )
     if leaf.not_valid_before_utc > now:
         raise CertificateProblem(
-            cert_file, f"the certificate in {cert_file} is valid only from "
-            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+            cert_file,
+            f"the certificate in {cert_file} is valid only from "
+            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
         )
     client_ca = None
     if client_ca_file is not None:

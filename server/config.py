@@ -199,70 +199,97 @@ class Settings:
         "AGENTPLANE_LISTEN", _host_port, "127.0.0.1:50051", "host:port the gRPC server binds"
     )
     tls_cert_file: Path | None = setting(  # noqa: RUF009
-        "AGENTPLANE_TLS_CERT_FILE", _optional(_file), "",
+        "AGENTPLANE_TLS_CERT_FILE",
+        _optional(_file),
+        "",
         "PEM certificate chain: with `AGENTPLANE_TLS_KEY_FILE`, the gRPC port speaks only TLS; "
         "both are re-read when they change (no restart)",
         shown="unset (plaintext)",
     )
     tls_key_file: Path | None = setting(  # noqa: RUF009
-        "AGENTPLANE_TLS_KEY_FILE", _optional(_file), "",
-        "the certificate's PEM private key (unencrypted)", shown="unset",
+        "AGENTPLANE_TLS_KEY_FILE",
+        _optional(_file),
+        "",
+        "the certificate's PEM private key (unencrypted)",
+        shown="unset",
     )
     tls_client_ca_file: Path | None = setting(  # noqa: RUF009
-        "AGENTPLANE_TLS_CLIENT_CA_FILE", _optional(_file), "",
+        "AGENTPLANE_TLS_CLIENT_CA_FILE",
+        _optional(_file),
+        "",
         "PEM CA certificate(s): mTLS, every client must present a certificate one of them "
         "signed; tenants may be bound to certificates (`client_cert_sans`, "
         "`client_cert_subjects`); re-read when it changes",
         shown="unset (no client certificates)",
     )
     database_url: str = setting(
-        "AGENTPLANE_DATABASE_URL", _database_url, "sqlite:///./agentplane.db",
+        "AGENTPLANE_DATABASE_URL",
+        _database_url,
+        "sqlite:///./agentplane.db",
         "`sqlite:///path` or `postgresql://user@host/db` (psycopg 3)",
     )
     db_statement_timeout_s: float = setting(
-        "AGENTPLANE_DB_STATEMENT_TIMEOUT_S", _seconds, "10",
+        "AGENTPLANE_DB_STATEMENT_TIMEOUT_S",
+        _seconds,
+        "10",
         "PostgreSQL: a statement running longer is cancelled and its call answered "
         "UNAVAILABLE (migrations are exempt)",
     )
     db_pool_timeout_s: float = setting(
-        "AGENTPLANE_DB_POOL_TIMEOUT_S", _seconds, "5",
-        "how long a call waits for a free database connection before it is answered "
-        "UNAVAILABLE",
+        "AGENTPLANE_DB_POOL_TIMEOUT_S",
+        _seconds,
+        "5",
+        "how long a call waits for a free database connection before it is answered UNAVAILABLE",
     )
     tenants_file: Path | None = setting(  # noqa: RUF009
-        "AGENTPLANE_TENANTS_FILE", _optional(_file), "",
+        "AGENTPLANE_TENANTS_FILE",
+        _optional(_file),
+        "",
         "TOML tenants file, re-read on SIGHUP and when it changes (an invalid one is "
         "ignored: health `agentplane.tenants` NOT_SERVING); unset = dev mode: one "
         "`default` tenant, no auth (logged)",
         shown="unset",
     )
     tenants_poll_s: float = setting(
-        "AGENTPLANE_TENANTS_POLL_S", _seconds, "1",
+        "AGENTPLANE_TENANTS_POLL_S",
+        _seconds,
+        "1",
         "how often the tenants file is read to see whether it changed",
     )
     anthropic_base_url: str | None = setting(
-        "ANTHROPIC_BASE_URL", _optional(_http_url), "",
+        "ANTHROPIC_BASE_URL",
+        _optional(_http_url),
+        "",
         "the model API behind the metering gateway (unset: the Anthropic API)",
         shown="unset",
     )
     work_dir: Path = setting(  # noqa: RUF009
-        "AGENTPLANE_WORK_DIR", _absolute, "./.agentplane",
+        "AGENTPLANE_WORK_DIR",
+        _absolute,
+        "./.agentplane",
         f"root of per-session working directories; at most {MAX_WORK_DIR_BYTES} bytes as an "
         "absolute path (the CLI's unix-socket path limit)",
         check=_short_enough,
     )
     host_dir: Path | None = setting(  # noqa: RUF009
-        "AGENTPLANE_HOST_DIR", _optional(_absolute), "",
+        "AGENTPLANE_HOST_DIR",
+        _optional(_absolute),
+        "",
         "where the servers of this host list their work dirs: each server, at its start, "
         "removes the session folders and processes that dead ones left in any of them",
         shown="`/run/agentplane` (root), else `<temp dir>/agentplane-<uid>`",
     )
     cli_path: Path | None = setting(  # noqa: RUF009
-        "AGENTPLANE_CLI_PATH", _optional(Path), "",
-        "the Claude Code CLI binary", shown="the bundled CLI",
+        "AGENTPLANE_CLI_PATH",
+        _optional(Path),
+        "",
+        "the Claude Code CLI binary",
+        shown="the bundled CLI",
     )
     sandbox: bool = setting(
-        "AGENTPLANE_SANDBOX", _sandbox, "bwrap",
+        "AGENTPLANE_SANDBOX",
+        _sandbox,
+        "bwrap",
         "`bwrap`: every session runs in its own bubblewrap sandbox with cgroup limits (the "
         "server does not start where it cannot build one); `none`: agents run unsandboxed "
         "(unsafe with more than one tenant; logged at start, health `agentplane.sandbox` "
@@ -270,80 +297,114 @@ class Settings:
         shown="`bwrap`",
     )
     cli_max_retries: int | None = setting(
-        "AGENTPLANE_CLI_MAX_RETRIES", _optional(_integer(0)), "",
+        "AGENTPLANE_CLI_MAX_RETRIES",
+        _optional(_integer(0)),
+        "",
         "caps the CLI's own model-API retries (`CLAUDE_CODE_MAX_RETRIES`)",
         shown="CLI default (10)",
     )
     auto_migrate: bool | None = setting(
-        "AGENTPLANE_AUTO_MIGRATE", _optional(_bool), "",
-        "apply migrations at start-up", shown="`1` for SQLite, else `0`",
+        "AGENTPLANE_AUTO_MIGRATE",
+        _optional(_bool),
+        "",
+        "apply migrations at start-up",
+        shown="`1` for SQLite, else `0`",
     )
     max_sessions: int = setting(
-        "AGENTPLANE_MAX_SESSIONS", _integer(1), str(SESSIONS_PER_CPU * (os.cpu_count() or 1)),
+        "AGENTPLANE_MAX_SESSIONS",
+        _integer(1),
+        str(SESSIONS_PER_CPU * (os.cpu_count() or 1)),
         "agents this server runs at once (sessions and warm agents); over it RunSession "
         "is RESOURCE_EXHAUSTED/CONCURRENCY_LIMIT",
         shown=f"{SESSIONS_PER_CPU} per CPU",
     )
     session_idle_timeout_s: float = setting(
-        "AGENTPLANE_SESSION_IDLE_TIMEOUT_S", _seconds, "120",
+        "AGENTPLANE_SESSION_IDLE_TIMEOUT_S",
+        _seconds,
+        "120",
         "a session with no event for this long is interrupted: ERROR/TIMEOUT (the CLI itself "
         "notices a stalled stream only after 300 s)",
     )
     retry_attempts: int = setting(
-        "AGENTPLANE_RETRY_ATTEMPTS", _integer(1, 20), "3",
+        "AGENTPLANE_RETRY_ATTEMPTS",
+        _integer(1, 20),
+        "3",
         "attempts per session for transient failures, 1..20 (1 = no retry)",
     )
     retry_base_delay_s: float = setting(
-        "AGENTPLANE_RETRY_BASE_DELAY_S", _seconds, "1",
+        "AGENTPLANE_RETRY_BASE_DELAY_S",
+        _seconds,
+        "1",
         "first retry delay; doubles per retry (cap 30 s), times a random factor in [0.5, 1]",
     )
     prices_file: Path | None = setting(  # noqa: RUF009
-        "AGENTPLANE_PRICES_FILE", _optional(_file), "",
+        "AGENTPLANE_PRICES_FILE",
+        _optional(_file),
+        "",
         "TOML price table (model -> $ per Mtok input, output, cache_write, cache_read) "
         "overriding `server/budgets/prices.toml`",
         shown="the packaged table",
     )
     shutdown_grace_s: float = setting(
-        "AGENTPLANE_SHUTDOWN_GRACE_S", _seconds, "25",
-        "on SIGTERM/SIGINT, how long running sessions get to finish before they end "
-        "ERROR/SHUTDOWN",
+        "AGENTPLANE_SHUTDOWN_GRACE_S",
+        _seconds,
+        "25",
+        "on SIGTERM/SIGINT, how long running sessions get to finish before they end ERROR/SHUTDOWN",
     )
     lease_ttl_s: float = setting(
-        "AGENTPLANE_LEASE_TTL_S", _seconds, "30",
+        "AGENTPLANE_LEASE_TTL_S",
+        _seconds,
+        "30",
         "a session whose server stopped renewing its lease for this long is closed "
         "ERROR/INTERRUPTED by any server",
     )
     warm_pool_max_age_s: float = setting(
-        "AGENTPLANE_WARM_POOL_MAX_AGE_S", _seconds, "600",
+        "AGENTPLANE_WARM_POOL_MAX_AGE_S",
+        _seconds,
+        "600",
         "warm agents (a tenant's `warm_pool_size`) unused this long are closed and replaced",
     )
     warm_pool_min_available_mib: int = setting(
-        "AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB", _integer(0), "1024",
+        "AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB",
+        _integer(0),
+        "1024",
         "no warm agent starts while the machine's `MemAvailable` is below this",
     )
     health_interval_s: float = setting(
-        "AGENTPLANE_HEALTH_INTERVAL_S", _seconds, "5",
+        "AGENTPLANE_HEALTH_INTERVAL_S",
+        _seconds,
+        "5",
         "how often readiness re-checks the database",
     )
     retention_interval_s: float = setting(
-        "AGENTPLANE_RETENTION_INTERVAL_S", _seconds, "3600",
+        "AGENTPLANE_RETENTION_INTERVAL_S",
+        _seconds,
+        "3600",
         "how often ended sessions past their tenant's retention_days are deleted",
     )
     log_level: str = setting(
-        "AGENTPLANE_LOG_LEVEL", _log_level, "INFO",
+        "AGENTPLANE_LOG_LEVEL",
+        _log_level,
+        "INFO",
         "`DEBUG`, `INFO`, `WARNING`, `ERROR` (logs are JSON lines on stderr)",
     )
     prometheus_port: int | None = setting(
-        "AGENTPLANE_PROMETHEUS_PORT", _optional(_port), "",
+        "AGENTPLANE_PROMETHEUS_PORT",
+        _optional(_port),
+        "",
         "serve Prometheus `/metrics` on this port, bound to the `AGENTPLANE_LISTEN` host",
         shown="unset (off)",
     )
     trace_content: bool = setting(
-        "AGENTPLANE_TRACE_CONTENT", _bool, "0",
+        "AGENTPLANE_TRACE_CONTENT",
+        _bool,
+        "0",
         "`1`: put prompts, results and tool inputs/outputs on spans (never by default)",
     )
     trace_content_max_chars: int = setting(
-        "AGENTPLANE_TRACE_CONTENT_MAX_CHARS", _integer(1), "4096",
+        "AGENTPLANE_TRACE_CONTENT_MAX_CHARS",
+        _integer(1),
+        "4096",
         "with `AGENTPLANE_TRACE_CONTENT=1`, the most characters kept of each",
     )
     # The OTEL_* variables, parsed by OtelConfig.from_env; documented in OTEL_SETTINGS.
@@ -378,45 +439,64 @@ def _check_tls(values: Mapping[str, Any]) -> None:
     cert, key = values["tls_cert_file"], values["tls_key_file"]
     if (cert is None) != (key is None):
         missing = "AGENTPLANE_TLS_KEY_FILE" if key is None else "AGENTPLANE_TLS_CERT_FILE"
-        raise ConfigError(missing, "TLS needs both AGENTPLANE_TLS_CERT_FILE and "
-                          "AGENTPLANE_TLS_KEY_FILE; set it too (or unset the other)")
+        raise ConfigError(
+            missing,
+            "TLS needs both AGENTPLANE_TLS_CERT_FILE and "
+            "AGENTPLANE_TLS_KEY_FILE; set it too (or unset the other)",
+        )
     if values["tls_client_ca_file"] is not None and cert is None:
-        raise ConfigError("AGENTPLANE_TLS_CLIENT_CA_FILE", "mTLS needs TLS: set "
-                          "AGENTPLANE_TLS_CERT_FILE and AGENTPLANE_TLS_KEY_FILE too")
+        raise ConfigError(
+            "AGENTPLANE_TLS_CLIENT_CA_FILE",
+            "mTLS needs TLS: set AGENTPLANE_TLS_CERT_FILE and AGENTPLANE_TLS_KEY_FILE too",
+        )
 
 
 _OTEL = OtelConfig()  # the defaults OtelConfig.from_env falls back on
 # Parsed by OtelConfig.from_env (with per-signal variants); declared here for the docs only.
 OTEL_SETTINGS: tuple[Setting[Any], ...] = (
     Setting(
-        "OTEL_EXPORTER_OTLP_ENDPOINT", None, "",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        None,
+        "",
         "OTLP collector for spans and metrics, e.g. `http://collector:4317`; "
         "`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `..._METRICS_ENDPOINT` per signal",
         shown="unset (no export)",
     ),
     Setting(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", None, _OTEL.traces_protocol,
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        None,
+        _OTEL.traces_protocol,
         "`grpc` or `http/protobuf` (per signal: `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, "
         "`..._METRICS_PROTOCOL`)",
     ),
     Setting(
-        "OTEL_SERVICE_NAME", None, _OTEL.service_name,
+        "OTEL_SERVICE_NAME",
+        None,
+        _OTEL.service_name,
         "`service.name` of spans and metrics (`OTEL_RESOURCE_ATTRIBUTES` adds more)",
     ),
     Setting(
-        "OTEL_SDK_DISABLED", None, str(_OTEL.disabled).lower(),
+        "OTEL_SDK_DISABLED",
+        None,
+        str(_OTEL.disabled).lower(),
         "`true`: no spans and no OpenTelemetry metrics (JSON logs stay)",
     ),
     Setting(
-        "OTEL_TRACES_EXPORTER", None, ",".join(_OTEL.traces_exporters),
+        "OTEL_TRACES_EXPORTER",
+        None,
+        ",".join(_OTEL.traces_exporters),
         "`otlp`, `console` or `none`",
     ),
     Setting(
-        "OTEL_METRICS_EXPORTER", None, ",".join(_OTEL.metrics_exporters),
+        "OTEL_METRICS_EXPORTER",
+        None,
+        ",".join(_OTEL.metrics_exporters),
         "`otlp` or `none` (Prometheus is `AGENTPLANE_PROMETHEUS_PORT`)",
     ),
     Setting(
-        "OTEL_METRIC_EXPORT_INTERVAL", None, str(_OTEL.metric_export_interval_ms),
+        "OTEL_METRIC_EXPORT_INTERVAL",
+        None,
+        str(_OTEL.metric_export_interval_ms),
         "milliseconds between OTLP metric exports",
     ),
 )
@@ -435,17 +515,23 @@ def _plain(markdown: str) -> str:
 def settings_help() -> str:
     """The environment settings, for `--help`: one line each (so they grep well)."""
     width = max(len(s.env) for s in SETTINGS)
-    return "\n".join([
-        "environment:",
-        *(f"  {s.env:<{width}}  {_plain(s.help)} (default: {_plain(s.default_text)})"
-          for s in SETTINGS),
-    ])
+    return "\n".join(
+        [
+            "environment:",
+            *(
+                f"  {s.env:<{width}}  {_plain(s.help)} (default: {_plain(s.default_text)})"
+                for s in SETTINGS
+            ),
+        ]
+    )
 
 
 def settings_table() -> str:
     """The README's Configuration table, in Markdown (a test checks the README has it)."""
-    return "\n".join([
-        "| variable | default | meaning |",
-        "|---|---|---|",
-        *(f"| `{s.env}` | {s.default_text} | {s.help} |" for s in SETTINGS),
-    ])
+    return "\n".join(
+        [
+            "| variable | default | meaning |",
+            "|---|---|---|",
+            *(f"| `{s.env}` | {s.default_text} | {s.help} |" for s in SETTINGS),
+        ]
+    )

@@ -110,17 +110,25 @@ class InputRequest:
     def to_json(self) -> dict[str, Any]:
         """The `input_request` event's data (and Session.awaiting's entries)."""
         return {
-            "request_id": self.id, "kind": self.kind.value, "tool_name": self.tool_name,
-            "tool_use_id": self.tool_use_id, "input": self.input,
-            "created_at": self.created_at.isoformat(), "deadline": self.deadline.isoformat(),
+            "request_id": self.id,
+            "kind": self.kind.value,
+            "tool_name": self.tool_name,
+            "tool_use_id": self.tool_use_id,
+            "input": self.input,
+            "created_at": self.created_at.isoformat(),
+            "deadline": self.deadline.isoformat(),
         }
 
     @classmethod
     def from_json(cls, session_id: str, data: dict[str, Any]) -> InputRequest:
         return cls(
-            id=data["request_id"], session_id=session_id, kind=InputKind(data["kind"]),
-            tool_name=data["tool_name"], tool_use_id=data["tool_use_id"],
-            input=dict(data["input"]), created_at=datetime.fromisoformat(data["created_at"]),
+            id=data["request_id"],
+            session_id=session_id,
+            kind=InputKind(data["kind"]),
+            tool_name=data["tool_name"],
+            tool_use_id=data["tool_use_id"],
+            input=dict(data["input"]),
+            created_at=datetime.fromisoformat(data["created_at"]),
             deadline=datetime.fromisoformat(data["deadline"]),
         )
 
@@ -138,8 +146,10 @@ class InputAnswer:
     def to_json(self, request: InputRequest) -> dict[str, Any]:
         """The `input_resolved` event's data (never the answer itself: it may be large)."""
         return {
-            "request_id": request.id, "kind": request.kind.value,
-            "decided_by": self.decided_by.value, "outcome": self.outcome,
+            "request_id": request.id,
+            "kind": request.kind.value,
+            "decided_by": self.decided_by.value,
+            "outcome": self.outcome,
             "message": self.message,
         }
 
@@ -154,7 +164,10 @@ def _count(value: object) -> int:
 
 # The token counts a session records (its table's columns, the proto's TokenUsage).
 RECORDED_COUNTS = (
-    "input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
 )
 
 
@@ -313,9 +326,7 @@ class Session:
             resumed_from=data.get("resumed_from", ""),
             caller_tools=tuple(data.get("caller_tools", ())),
             require_approval=tuple(data.get("require_approval", ())),
-            awaiting=tuple(
-                InputRequest.from_json(data["id"], a) for a in data.get("awaiting", ())
-            ),
+            awaiting=tuple(InputRequest.from_json(data["id"], a) for a in data.get("awaiting", ())),
             output_schema=data.get("output_schema", ""),
             structured_result=data.get("structured_result"),
         )

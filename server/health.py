@@ -44,10 +44,12 @@ class _Servicer(health_aio.HealthServicer):
     async def List(
         self, request: health_pb2.HealthListRequest, context: object
     ) -> health_pb2.HealthListResponse:
-        return health_pb2.HealthListResponse(statuses={
-            name: health_pb2.HealthCheckResponse(status=status)
-            for name, status in self._server_status.items()
-        })
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()
+            }
+        )
 
 
 class Health:
@@ -78,7 +80,8 @@ class Health:
         if not reachable:
             log.warning("model_api_unreachable")
         task = asyncio.get_running_loop().create_task(
-            self.servicer.set(MODEL_API, SERVING if reachable else NOT_SERVING))
+            self.servicer.set(MODEL_API, SERVING if reachable else NOT_SERVING)
+        )
         self._updates.add(task)
         task.add_done_callback(self._updates.discard)
 
@@ -169,8 +172,11 @@ async def _cli_problem(cli_path: Path) -> str | None:
     env = {**os.environ, **NO_OUTBOUND_TRAFFIC}
     try:
         proc = await asyncio.create_subprocess_exec(
-            str(cli_path), "--version", env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            str(cli_path),
+            "--version",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
     except (OSError, TimeoutError) as exc:

@@ -88,6 +88,7 @@ class Tenant:
     @property
     def binds_certificates(self) -> bool:
         return bool(self.client_cert_sans or self.client_cert_subjects)
+
     # The model knobs a request may set (none by default): effort levels, the largest
     # thinking budget (0: none may be asked for) and the fallback models.
     allowed_efforts: tuple[str, ...] = ()
@@ -226,11 +227,17 @@ def _parse_tenant(
             key("token_sha256"),
             "entries must be 64 hex chars (use `agentplane-server hash-token`)",
         )
-    sans = _strings(raw.get("client_cert_sans", []), key("client_cert_sans"),
-                    "subject alternative names (DNS names, URIs, ...)")
+    sans = _strings(
+        raw.get("client_cert_sans", []),
+        key("client_cert_sans"),
+        "subject alternative names (DNS names, URIs, ...)",
+    )
     subjects = []
-    for text in _strings(raw.get("client_cert_subjects", []), key("client_cert_subjects"),
-                         "distinguished names such as \"CN=billing,O=Acme\""):
+    for text in _strings(
+        raw.get("client_cert_subjects", []),
+        key("client_cert_subjects"),
+        'distinguished names such as "CN=billing,O=Acme"',
+    ):
         try:
             subjects.append(canonical_subject(text))
         except ValueError as exc:
@@ -249,8 +256,9 @@ def _parse_tenant(
     for tool in tools:
         server = tool_server(tool)
         if tool.startswith(MCP_PREFIX) and server not in declared:
-            raise ConfigError(key("allowed_tools"), f"{tool}: no MCP server {server!r} is "
-                              "declared in mcp_servers")
+            raise ConfigError(
+                key("allowed_tools"), f"{tool}: no MCP server {server!r} is declared in mcp_servers"
+            )
     try:
         ZoneInfo(str(cfg["timezone"]))
     except (ZoneInfoNotFoundError, ValueError):
@@ -269,7 +277,9 @@ def _parse_tenant(
     key_file = cfg["anthropic_api_key_file"]
     if key_file is not None:
         if "anthropic_api_key_env" in raw:
-            raise ConfigError(key("anthropic_api_key_file"), "set it or anthropic_api_key_env, not both")
+            raise ConfigError(
+                key("anthropic_api_key_file"), "set it or anthropic_api_key_env, not both"
+            )
         key_file = Path(str(key_file))
         try:
             if not key_file.read_text().strip():
@@ -285,9 +295,13 @@ def _parse_tenant(
         disk_mib=_positive_int(cfg["max_disk_mib"], key("max_disk_mib")),
     )
     if limits.memory_mib < 256:
-        raise ConfigError(key("max_memory_mib"), "must be at least 256 (the agent CLI alone needs ~200 MiB)")
+        raise ConfigError(
+            key("max_memory_mib"), "must be at least 256 (the agent CLI alone needs ~200 MiB)"
+        )
     if limits.processes < 32:
-        raise ConfigError(key("max_processes"), "must be at least 32 (the agent CLI alone runs ~20 threads)")
+        raise ConfigError(
+            key("max_processes"), "must be at least 32 (the agent CLI alone runs ~20 threads)"
+        )
     rules = cfg["require_approval"]
     if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
         raise ConfigError(key("require_approval"), "must be a list of tool names or patterns")
@@ -302,29 +316,38 @@ def _parse_tenant(
         raise ConfigError(key("answer_timeout_s"), "is above max_answer_timeout_s")
     if cfg["warm_pool_size"] and (rules or "AskUserQuestion" in tools):
         # A warm agent starts before its request is known, without the caller's loop.
-        raise ConfigError(key("warm_pool_size"), "cannot be combined with require_approval "
-                          "or with AskUserQuestion in allowed_tools (the caller's loop)")
-    files = FileLimits(**{
-        name: _positive_int(cfg[setting], key(setting)) << (20 if setting.endswith("_mib") else 0)
-        for name, setting in (
-            ("max_input_files", "max_input_files"),
-            ("max_input_file_bytes", "max_input_file_mib"),
-            ("max_input_total_bytes", "max_input_total_mib"),
-            ("max_artifacts", "max_artifacts"),
-            ("max_artifact_bytes", "max_artifact_mib"),
-            ("max_artifacts_total_bytes", "max_artifacts_total_mib"),
+        raise ConfigError(
+            key("warm_pool_size"),
+            "cannot be combined with require_approval "
+            "or with AskUserQuestion in allowed_tools (the caller's loop)",
         )
-    })
+    files = FileLimits(
+        **{
+            name: _positive_int(cfg[setting], key(setting))
+            << (20 if setting.endswith("_mib") else 0)
+            for name, setting in (
+                ("max_input_files", "max_input_files"),
+                ("max_input_file_bytes", "max_input_file_mib"),
+                ("max_input_total_bytes", "max_input_total_mib"),
+                ("max_artifacts", "max_artifacts"),
+                ("max_artifact_bytes", "max_artifact_mib"),
+                ("max_artifacts_total_bytes", "max_artifacts_total_mib"),
+            )
+        }
+    )
     if files.max_input_total_bytes > MAX_INPUT_TOTAL_BYTES:
-        raise ConfigError(key("max_input_total_mib"), f"must be at most "
-                          f"{MAX_INPUT_TOTAL_BYTES >> 20} (the largest request the server takes)")
+        raise ConfigError(
+            key("max_input_total_mib"),
+            f"must be at most {MAX_INPUT_TOTAL_BYTES >> 20} (the largest request the server takes)",
+        )
     efforts = cfg["allowed_efforts"]
     if not isinstance(efforts, list) or not all(e in EFFORTS for e in efforts):
         raise ConfigError(key("allowed_efforts"), f"must be a list of {', '.join(EFFORTS)}")
     thinking = _count(cfg["max_thinking_tokens"], key("max_thinking_tokens"))
     if 0 < thinking < MIN_THINKING_TOKENS:
-        raise ConfigError(key("max_thinking_tokens"),
-                          f"must be 0 (none) or at least {MIN_THINKING_TOKENS}")
+        raise ConfigError(
+            key("max_thinking_tokens"), f"must be 0 (none) or at least {MIN_THINKING_TOKENS}"
+        )
     fallbacks = cfg["fallback_models"]
     if not isinstance(fallbacks, list) or not all(
         isinstance(m, str) and m.strip() and len(m) <= 128 for m in fallbacks
@@ -451,7 +474,9 @@ class TenantRegistry:
         try:
             text = path.read_text()
         except OSError as exc:
-            raise ConfigError("AGENTPLANE_TENANTS_FILE", f"cannot read {path}: {exc.strerror}") from None
+            raise ConfigError(
+                "AGENTPLANE_TENANTS_FILE", f"cannot read {path}: {exc.strerror}"
+            ) from None
         except UnicodeDecodeError:
             raise ConfigError("AGENTPLANE_TENANTS_FILE", f"{path} is not UTF-8 text") from None
         return cls.parse(text, path)
@@ -484,7 +509,8 @@ class TenantRegistry:
             added=tuple(sorted(set(new) - set(old))),
             removed=tuple(sorted(set(old) - set(new))),
             changed={
-                name: diff for name in sorted(set(old) & set(new))
+                name: diff
+                for name in sorted(set(old) & set(new))
                 if (diff := _differences(old[name], new[name]))
             },
         )
@@ -495,9 +521,7 @@ class TenantRegistry:
         """Whether `tenant` is still configured (a reload may have removed it)."""
         return tenant.name in self._current.tenants
 
-    def authenticate(
-        self, authorization: str | None, peer: CertIdentity | None = None
-    ) -> Tenant:
+    def authenticate(self, authorization: str | None, peer: CertIdentity | None = None) -> Tenant:
         """The tenant of a call: by its client certificate (`peer`, verified by mTLS) if a
         tenant is bound to it, else by its `authorization: Bearer <token>` header value.
         A call that names two tenants (a certificate of one, a token of another) is
@@ -518,7 +542,8 @@ class TenantRegistry:
             raise Unauthenticated("unknown token")
         if by_cert is not None and by_cert.name != tenant.name:
             raise Unauthenticated(
-                "the client certificate and the token belong to different tenants")
+                "the client certificate and the token belong to different tenants"
+            )
         return tenant
 
     def key_env_names(self) -> set[str]:
@@ -535,10 +560,14 @@ class TenantRegistry:
 def _certificate_tenant(directory: _Directory, peer: CertIdentity) -> Tenant | None:
     """The tenant bound to a client certificate (None: bound to none); Unauthenticated
     when its names are bound to different tenants."""
-    found = {t.name: t for t in (
-        directory.by_subject.get(peer.subject),
-        *(directory.by_san.get(san) for san in peer.sans),
-    ) if t is not None}
+    found = {
+        t.name: t
+        for t in (
+            directory.by_subject.get(peer.subject),
+            *(directory.by_san.get(san) for san in peer.sans),
+        )
+        if t is not None
+    }
     if len(found) > 1:
         raise Unauthenticated("the client certificate names more than one tenant")
     return next(iter(found.values()), None)

@@ -74,7 +74,9 @@ class TenantsReloader:
         try:
             return await asyncio.to_thread(self.path.read_bytes)
         except OSError as exc:
-            return ConfigError("AGENTPLANE_TENANTS_FILE", f"cannot read {self.path}: {exc.strerror}")
+            return ConfigError(
+                "AGENTPLANE_TENANTS_FILE", f"cannot read {self.path}: {exc.strerror}"
+            )
 
     async def _apply(self, data: bytes | ConfigError, trigger: str) -> TenantChanges | None:
         self._seen = _seen(data)
@@ -84,15 +86,20 @@ class TenantsReloader:
             try:
                 text = data.decode()
             except UnicodeDecodeError:
-                raise ConfigError("AGENTPLANE_TENANTS_FILE", f"{self.path} is not UTF-8 text") from None
+                raise ConfigError(
+                    "AGENTPLANE_TENANTS_FILE", f"{self.path} is not UTF-8 text"
+                ) from None
             new = TenantRegistry.parse(text, self.path)
             self._check(new)
         except ConfigError as exc:
             self.problem = str(exc)
-            log.error("tenants_reload_failed", extra={
-                "trigger": trigger or "start",
-                "detail": f"{exc}; the last valid tenants file stays in force",
-            })
+            log.error(
+                "tenants_reload_failed",
+                extra={
+                    "trigger": trigger or "start",
+                    "detail": f"{exc}; the last valid tenants file stays in force",
+                },
+            )
             await self._set_status(False)
             return None
         changes = self.registry.replace(new)
@@ -104,14 +111,17 @@ class TenantsReloader:
         if changes:
             self.reloads += 1
         if changes or trigger == "SIGHUP" or was_invalid:
-            log.info("tenants_reloaded", extra={
-                "trigger": trigger or "start",
-                "tenants": len(self.registry.tenants),
-                "added": list(changes.added),
-                "removed": list(changes.removed),
-                # Names of the settings that changed, never their values.
-                "changed": {name: list(keys) for name, keys in changes.changed.items()},
-            })
+            log.info(
+                "tenants_reloaded",
+                extra={
+                    "trigger": trigger or "start",
+                    "tenants": len(self.registry.tenants),
+                    "added": list(changes.added),
+                    "removed": list(changes.removed),
+                    # Names of the settings that changed, never their values.
+                    "changed": {name: list(keys) for name, keys in changes.changed.items()},
+                },
+            )
         await self._set_status(True)
         return changes
 

@@ -63,8 +63,7 @@ class CertificateFiles:
         """Read and check the files now; raises CertificateProblem."""
         with self._lock:
             self._seen = self._stamps()
-            self.material = load_server_material(
-                self.cert_file, self.key_file, self.client_ca_file)
+            self.material = load_server_material(self.cert_file, self.key_file, self.client_ca_file)
             return self.material
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
@@ -87,15 +86,20 @@ class CertificateFiles:
                 self._seen = stamps  # whatever the verdict: one log line per version
                 try:
                     material = load_server_material(
-                        self.cert_file, self.key_file, self.client_ca_file)
+                        self.cert_file, self.key_file, self.client_ca_file
+                    )
                 except CertificateProblem as exc:
-                    log.error("tls_reload_failed", extra={
-                        "detail": f"{exc}; connections keep the previous certificate"})
+                    log.error(
+                        "tls_reload_failed",
+                        extra={"detail": f"{exc}; connections keep the previous certificate"},
+                    )
                     return None
                 self.material = material
                 self.reloads += 1
-            log.info("tls_reloaded", extra={
-                "subject": material.subject, "not_after": material.not_after.isoformat()})
+            log.info(
+                "tls_reloaded",
+                extra={"subject": material.subject, "not_after": material.not_after.isoformat()},
+            )
             return self.configuration()
         except Exception:  # an exception here would fail the handshake
             log.exception("tls_reload_failed")
@@ -104,7 +108,8 @@ class CertificateFiles:
     def credentials(self) -> grpc.ServerCredentials:
         """Server credentials that re-read the files as they change (after `load`)."""
         return grpc.dynamic_ssl_server_credentials(
-            self.configuration(), self.fetch, require_client_authentication=self.mutual)
+            self.configuration(), self.fetch, require_client_authentication=self.mutual
+        )
 
 
 def certificate_files(settings: Settings) -> CertificateFiles | None:
@@ -113,7 +118,8 @@ def certificate_files(settings: Settings) -> CertificateFiles | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
     files = CertificateFiles(
-        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    )
     try:
         files.load()
     except CertificateProblem as exc:

@@ -15,7 +15,9 @@ BACKENDS = ["sqlite"] + (["postgresql"] if TEST_PG_URL else [])
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A fresh, empty database for one test module."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('db')}/agentplane.db"

@@ -80,53 +80,98 @@ def write_tenants(folder: Path, *tables: str) -> Path:
 def tenants_toml(workspace: Path) -> str:
     """The harness's tenants (TOKENS names them), `acme` with `workspace` as its template."""
     key = "AGENTPLANE_TEST_ACME_KEY"
-    return "\n".join([
-        tenant_toml(
-            "acme", TOKENS["acme"], anthropic_api_key_env=key,
-            allowed_tools=["Read", "Glob", "Grep"], system_prompt="You are acme's assistant.",
-            daily_limit_usd=50.0, max_session_budget_usd=1.0, max_turns=8,
-            max_concurrent_sessions=4, workspace_template=workspace,
-        ),
-        tenant_toml(
-            "globex", TOKENS["globex"], anthropic_api_key_env="AGENTPLANE_TEST_GLOBEX_KEY",
-            allowed_tools=["Read"], daily_limit_usd=10.0, max_session_budget_usd=0.5, max_turns=4,
-            max_concurrent_sessions=2,
-        ),
-        tenant_toml(
-            "small", TOKENS["small"], anthropic_api_key_env=key, allowed_tools=["Read"],
-            daily_limit_usd=1.0, max_session_budget_usd=0.6, max_turns=4,
-        ),
-        tenant_toml(
-            "ops", TOKENS["ops"], anthropic_api_key_env=key, allowed_tools=["Bash", "Glob"],
-            daily_limit_usd=500.0, max_session_budget_usd=1.0, max_turns=6,
-            max_concurrent_sessions=8,
-        ),
-        tenant_toml(
-            "nokey", TOKENS["nokey"], anthropic_api_key_env="AGENTPLANE_TEST_UNSET_KEY",
-            allowed_tools=["Read"],
-        ),
-        # Its caller in the loop: Write always needs the caller's approval.
-        tenant_toml(
-            "loop", TOKENS["loop"], anthropic_api_key_env=key,
-            allowed_tools=["Bash", "Glob", "Read", "Write", "AskUserQuestion"],
-            require_approval=["Write"], daily_limit_usd=100.0, max_session_budget_usd=1.0,
-            max_turns=8, max_concurrent_sessions=8, max_answer_timeout_s=600,
-        ),
-        # Small file limits; its sessions are kept one day.
-        tenant_toml(
-            "files", TOKENS["files"], anthropic_api_key_env=key,
-            allowed_tools=["Bash", "Glob", "Read"], daily_limit_usd=100.0,
-            max_session_budget_usd=1.0, max_turns=6, max_input_files=3, max_input_file_mib=1,
-            max_input_total_mib=2, max_artifacts=3, max_artifact_mib=1,
-            max_artifacts_total_mib=2, retention_days=1,
-        ),
-        # A day that admits exactly ten sessions of 0.1 USD.
-        tenant_toml(
-            "ten", TOKENS["ten"], anthropic_api_key_env=key, allowed_tools=["Glob"],
-            daily_limit_usd=1.0, max_session_budget_usd=0.1, max_concurrent_sessions=50,
-            max_turns=20,
-        ),
-    ])
+    return "\n".join(
+        [
+            tenant_toml(
+                "acme",
+                TOKENS["acme"],
+                anthropic_api_key_env=key,
+                allowed_tools=["Read", "Glob", "Grep"],
+                system_prompt="You are acme's assistant.",
+                daily_limit_usd=50.0,
+                max_session_budget_usd=1.0,
+                max_turns=8,
+                max_concurrent_sessions=4,
+                workspace_template=workspace,
+            ),
+            tenant_toml(
+                "globex",
+                TOKENS["globex"],
+                anthropic_api_key_env="AGENTPLANE_TEST_GLOBEX_KEY",
+                allowed_tools=["Read"],
+                daily_limit_usd=10.0,
+                max_session_budget_usd=0.5,
+                max_turns=4,
+                max_concurrent_sessions=2,
+            ),
+            tenant_toml(
+                "small",
+                TOKENS["small"],
+                anthropic_api_key_env=key,
+                allowed_tools=["Read"],
+                daily_limit_usd=1.0,
+                max_session_budget_usd=0.6,
+                max_turns=4,
+            ),
+            tenant_toml(
+                "ops",
+                TOKENS["ops"],
+                anthropic_api_key_env=key,
+                allowed_tools=["Bash", "Glob"],
+                daily_limit_usd=500.0,
+                max_session_budget_usd=1.0,
+                max_turns=6,
+                max_concurrent_sessions=8,
+            ),
+            tenant_toml(
+                "nokey",
+                TOKENS["nokey"],
+                anthropic_api_key_env="AGENTPLANE_TEST_UNSET_KEY",
+                allowed_tools=["Read"],
+            ),
+            # Its caller in the loop: Write always needs the caller's approval.
+            tenant_toml(
+                "loop",
+                TOKENS["loop"],
+                anthropic_api_key_env=key,
+                allowed_tools=["Bash", "Glob", "Read", "Write", "AskUserQuestion"],
+                require_approval=["Write"],
+                daily_limit_usd=100.0,
+                max_session_budget_usd=1.0,
+                max_turns=8,
+                max_concurrent_sessions=8,
+                max_answer_timeout_s=600,
+            ),
+            # Small file limits; its sessions are kept one day.
+            tenant_toml(
+                "files",
+                TOKENS["files"],
+                anthropic_api_key_env=key,
+                allowed_tools=["Bash", "Glob", "Read"],
+                daily_limit_usd=100.0,
+                max_session_budget_usd=1.0,
+                max_turns=6,
+                max_input_files=3,
+                max_input_file_mib=1,
+                max_input_total_mib=2,
+                max_artifacts=3,
+                max_artifact_mib=1,
+                max_artifacts_total_mib=2,
+                retention_days=1,
+            ),
+            # A day that admits exactly ten sessions of 0.1 USD.
+            tenant_toml(
+                "ten",
+                TOKENS["ten"],
+                anthropic_api_key_env=key,
+                allowed_tools=["Glob"],
+                daily_limit_usd=1.0,
+                max_session_budget_usd=0.1,
+                max_concurrent_sessions=50,
+                max_turns=20,
+            ),
+        ]
+    )
 
 
 class PostgresDatabase:
@@ -140,8 +185,12 @@ class PostgresDatabase:
     def _admin(self) -> psycopg.Connection[Any]:
         url = self.admin_url
         return psycopg.connect(
-            host=url.host, port=url.port or 5432, user=url.username, password=url.password,
-            dbname=url.database, autocommit=True,
+            host=url.host,
+            port=url.port or 5432,
+            user=url.username,
+            password=url.password,
+            dbname=url.database,
+            autocommit=True,
         )
 
     def create(self) -> str:
@@ -177,9 +226,7 @@ class Harness:
     def auth(tenant: str = "acme") -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {TOKENS[tenant]}"),)
 
-    async def run(
-        self, tenant: str = "acme", **fields: Any
-    ) -> list[session_pb2.SessionEvent]:
+    async def run(self, tenant: str = "acme", **fields: Any) -> list[session_pb2.SessionEvent]:
         """RunSession to the end; the events received."""
         fields.setdefault("model", MODEL)
         call = self.sessions.RunSession(
@@ -189,8 +236,12 @@ class Harness:
 
 
 async def start_harness(
-    database_url: str, *, extra_tenants: str = "", telemetry: Telemetry | None = None,
-    credentials: grpc.ChannelCredentials | None = None, **settings: Any,
+    database_url: str,
+    *,
+    extra_tenants: str = "",
+    telemetry: Telemetry | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    **settings: Any,
 ) -> Harness:
     """A server on a free loopback port with the harness's tenants (and `extra_tenants`),
     `settings` over the test defaults; its channel uses `credentials` (None: plaintext)."""
@@ -217,8 +268,11 @@ async def start_harness(
     app = await App.start(replace(base, **settings), TenantRegistry.load(tenants_file), telemetry)
     await app.ready()
     address = f"127.0.0.1:{app.port}"
-    channel = (grpc.aio.insecure_channel(address) if credentials is None
-               else grpc.aio.secure_channel(address, credentials))
+    channel = (
+        grpc.aio.insecure_channel(address)
+        if credentials is None
+        else grpc.aio.secure_channel(address, credentials)
+    )
     return Harness(app, sandbox, channel, database_url, work, workspace)
 
 

@@ -21,21 +21,29 @@ BASH_OUTPUT = "approved-42"
 
 def question_input(multi_select: bool = False) -> dict[str, Any]:
     """AskUserQuestion's input: one question with two options."""
-    return {"questions": [{
-        "question": QUESTION, "header": "Fruit", "multiSelect": multi_select,
-        "options": [
-            {"label": "Papaya", "description": "the magic word"},
-            {"label": "Mango", "description": "another fruit"},
-        ],
-    }]}
+    return {
+        "questions": [
+            {
+                "question": QUESTION,
+                "header": "Fruit",
+                "multiSelect": multi_select,
+                "options": [
+                    {"label": "Papaya", "description": "the magic word"},
+                    {"label": "Mango", "description": "another fruit"},
+                ],
+            }
+        ]
+    }
 
 
 def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(_text(block.get("text", block)) if isinstance(block, dict) else
-                         str(block) for block in content)
+        return "\n".join(
+            _text(block.get("text", block)) if isinstance(block, dict) else str(block)
+            for block in content
+        )
     return json.dumps(content)
 
 
@@ -51,7 +59,8 @@ def tool_results_seen(sandbox: SandboxServer, script: str) -> dict[str, tuple[st
             for block in content:
                 if isinstance(block, dict) and block.get("type") == "tool_result":
                     seen[block["tool_use_id"]] = (
-                        _text(block.get("content", "")), bool(block.get("is_error", False))
+                        _text(block.get("content", "")),
+                        bool(block.get("is_error", False)),
                     )
     return seen
 

@@ -77,7 +77,9 @@ class Replica:
         end = loop.time() + timeout
         while loop.time() < end:
             if self.proc.returncode is not None:
-                raise AssertionError(f"{self.address} exited {self.proc.returncode}:\n{self.tail()}")
+                raise AssertionError(
+                    f"{self.address} exited {self.proc.returncode}:\n{self.tail()}"
+                )
             try:
                 if await self.status(service) == wanted:
                     return
@@ -112,17 +114,19 @@ async def start_server(work: Path, database_url: str, model_url: str, **env: str
     it is SERVING."""
     port = free_port()
     full = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
-    full.update({
-        "AGENTPLANE_LISTEN": f"127.0.0.1:{port}",
-        "AGENTPLANE_DATABASE_URL": database_url,
-        "AGENTPLANE_AUTO_MIGRATE": "1",
-        "AGENTPLANE_TENANTS_FILE": str(work / "tenants.toml"),
-        "AGENTPLANE_WORK_DIR": str(work / "w"),
-        "AGENTPLANE_CLI_MAX_RETRIES": "0",
-        "AGENTPLANE_TEST_ACME_KEY": "sk-ant-test-acme-key",
-        "ANTHROPIC_BASE_URL": model_url,
-        **env,
-    })
+    full.update(
+        {
+            "AGENTPLANE_LISTEN": f"127.0.0.1:{port}",
+            "AGENTPLANE_DATABASE_URL": database_url,
+            "AGENTPLANE_AUTO_MIGRATE": "1",
+            "AGENTPLANE_TENANTS_FILE": str(work / "tenants.toml"),
+            "AGENTPLANE_WORK_DIR": str(work / "w"),
+            "AGENTPLANE_CLI_MAX_RETRIES": "0",
+            "AGENTPLANE_TEST_ACME_KEY": "sk-ant-test-acme-key",
+            "ANTHROPIC_BASE_URL": model_url,
+            **env,
+        }
+    )
     log = work / f"server-{port}.log"
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
@@ -156,13 +160,14 @@ class Replicas:
 
     @property
     def addresses(self) -> list[str]:
-        """"host:port" of each replica, for a balanced client."""
+        """ "host:port" of each replica, for a balanced client."""
         return [r.address for r in self.replicas]
 
     async def start(self, **env: str) -> Replica:
         """One more replica (the database is already migrated); returns once it is SERVING."""
-        replica = await start_server(self.work, self.database_url, self.sandbox.base_url,
-                                     AGENTPLANE_AUTO_MIGRATE="0", **env)
+        replica = await start_server(
+            self.work, self.database_url, self.sandbox.base_url, AGENTPLANE_AUTO_MIGRATE="0", **env
+        )
         self.replicas.append(replica)
         return replica
 

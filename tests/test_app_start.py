@@ -66,11 +66,16 @@ async def test_a_start_that_cannot_bind_leaves_nothing_open(tmp_path: Path) -> N
 async def test_a_fallback_model_without_a_price_stops_the_start(tmp_path: Path) -> None:
     from harness import tenant_toml, write_tenants
 
-    tenants = write_tenants(tmp_path, tenant_toml(
-        "a", "tok", fallback_models=["claude-haiku-4-5", "claude-unpriced-9"]))
+    tenants = write_tenants(
+        tmp_path, tenant_toml("a", "tok", fallback_models=["claude-haiku-4-5", "claude-unpriced-9"])
+    )
     work = short_dir()
-    settings = Settings(listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path}/agentplane.db",
-                        work_dir=work / "w", sandbox=False)
+    settings = Settings(
+        listen="127.0.0.1:0",
+        database_url=f"sqlite:///{tmp_path}/agentplane.db",
+        work_dir=work / "w",
+        sandbox=False,
+    )
     try:
         with pytest.raises(ConfigError, match="tenants.a.fallback_models: model claude-unpriced"):
             await App.start(settings, TenantRegistry.load(tenants))

@@ -13,39 +13,62 @@ pytestmark = pytest.mark.slow
 # Every row `run.py --quick` prints, by the start of its name (sizes follow some names).
 ROWS = [
     # 1-3: one session
-    "1-turn session, wall", "3-tool-turn session, wall", "time to first agent event |",
-    "1-turn session, wall, warm pool", "time to first agent event, warm pool",
+    "1-turn session, wall",
+    "3-tool-turn session, wall",
+    "time to first agent event |",
+    "1-turn session, wall, warm pool",
+    "time to first agent event, warm pool",
     "control-plane CPU per session",
-    "sandbox cost: 1-turn session, wall", "sandbox cost: CPU per 1-turn session",
+    "sandbox cost: 1-turn session, wall",
+    "sandbox cost: CPU per 1-turn session",
     # 4: saturation throughput
-    "sessions/s at concurrency 1 |", "sessions/s at concurrency 2 |",
+    "sessions/s at concurrency 1 |",
+    "sessions/s at concurrency 2 |",
     # 5: unary RPCs (PostgreSQL rows say skipped in --quick)
-    "GetSession, SQLite |", "GetBudget, SQLite |",
-    "GetSession, PostgreSQL |", "GetBudget, PostgreSQL |",
+    "GetSession, SQLite |",
+    "GetBudget, SQLite |",
+    "GetSession, PostgreSQL |",
+    "GetBudget, PostgreSQL |",
     # 6: event relay
-    "event relay, SQLite", "events persisted = streamed, SQLite", "DB work per relay session, SQLite",
-    "event relay, PostgreSQL", "live text, SQLite", "live text, session wall time, SQLite",
+    "event relay, SQLite",
+    "events persisted = streamed, SQLite",
+    "DB work per relay session, SQLite",
+    "event relay, PostgreSQL",
+    "live text, SQLite",
+    "live text, session wall time, SQLite",
     # 7: admission under contention (on SQLite in --quick)
-    "admission latency p50", "admission latency p99", "admitted and overspend",
+    "admission latency p50",
+    "admission latency p99",
+    "admitted and overspend",
     # 8: scaling
-    "server RSS and CPU, 0 idle streams", "server RSS and CPU, 2 idle streams",
+    "server RSS and CPU, 0 idle streams",
+    "server RSS and CPU, 2 idle streams",
     "server RSS and CPU, 4 idle streams",
-    "GetSession, SQLite, +1,000 rows", "ListSessions (page of 50), SQLite, +1,000 rows",
-    "sessions/s at concurrency 1, SQLite, +1,000 rows", "GetSession, PostgreSQL, seeded rows",
+    "GetSession, SQLite, +1,000 rows",
+    "ListSessions (page of 50), SQLite, +1,000 rows",
+    "sessions/s at concurrency 1, SQLite, +1,000 rows",
+    "GetSession, PostgreSQL, seeded rows",
 ]
 
 
 def test_the_benchmarks_run(tmp_path: Path) -> None:
     script = Path(__file__).parent / "bench" / "run.py"
     proc = subprocess.run(
-        [sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300,
-        check=False, cwd=tmp_path,
+        [sys.executable, str(script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ROWS:
         assert f"\n| {name}" in proc.stdout, name
-    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in proc.stdout.splitlines()
-            if line.startswith("| ")}
+    rows = {
+        line.split(" | ")[0][2:]: line.split(" | ")
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ")
+    }
     persisted = next(cells for name, cells in rows.items() if name.startswith("events persisted"))
     assert persisted[3] == "1.00"  # every streamed event was persisted
     spend = next(cells for name, cells in rows.items() if name.startswith("admitted and overspend"))

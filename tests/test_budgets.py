@@ -15,12 +15,18 @@ from harness import MODEL, Harness, error_details, start_harness, stop_harness
 
 pytestmark = pytest.mark.asyncio
 
+
 @pytest.fixture(scope="module")
 async def money(database_url: str) -> AsyncIterator[Harness]:
     h = await start_harness(database_url, max_sessions=64)
-    h.sandbox.add_script("hold", Script(steps=[
-        Step(text="done", delay_s=2.0, usage=Usage(input_tokens=1000, output_tokens=100)),
-    ]))
+    h.sandbox.add_script(
+        "hold",
+        Script(
+            steps=[
+                Step(text="done", delay_s=2.0, usage=Usage(input_tokens=1000, output_tokens=100)),
+            ]
+        ),
+    )
     yield h
     await stop_harness(h)
 
@@ -61,13 +67,16 @@ async def test_fifty_concurrent_sessions_against_a_limit_that_admits_ten(money: 
 
 
 async def test_a_session_stops_when_its_budget_is_used_up(money: Harness) -> None:
-    turn = Step(tool_calls=[ToolCall("Glob", {"pattern": "*"})],
-                usage=Usage(input_tokens=1000, output_tokens=1500))
+    turn = Step(
+        tool_calls=[ToolCall("Glob", {"pattern": "*"})],
+        usage=Usage(input_tokens=1000, output_tokens=1500),
+    )
     money.sandbox.add_script("spender", Script(steps=[turn] * 15))
     before = len(money.sandbox.requests)
     call = money.sessions.RunSession(
-        session_pb2.RunSessionRequest(prompt="[[sandbox:spender]] spend", model=MODEL,
-                                      max_budget_usd="0.05"),
+        session_pb2.RunSessionRequest(
+            prompt="[[sandbox:spender]] spend", model=MODEL, max_budget_usd="0.05"
+        ),
         metadata=AUTH,
     )
     final = [e async for e in call][-1].result.session
@@ -77,4 +86,6 @@ async def test_a_session_stops_when_its_budget_is_used_up(money: Harness) -> Non
     forwarded = [r for r in money.sandbox.requests[before:] if r.kind == "conversation"]
     assert forwarded and all(r.body["max_tokens"] < 32000 for r in forwarded)
     assert forwarded[-1].body["max_tokens"] < forwarded[0].body["max_tokens"]
-    assert json.dumps(forwarded[-1].headers).find("sk-ant-test-acme-key") >= 0  # upstream got the key
+    assert (
+        json.dumps(forwarded[-1].headers).find("sk-ant-test-acme-key") >= 0
+    )  # upstream got the key

@@ -45,16 +45,36 @@ async def test_run_streams_readable_events_and_a_summary(
 ) -> None:
     harness.sandbox.add_script(
         "cli_grep",
-        Script(steps=[
-            Step(tool_calls=[ToolCall("Grep", {"pattern": "magic", "output_mode": "content"})],
-                 usage=Usage(1500, 60)),
-            Step(text="It is PAPAYA.\nSecond line.", usage=Usage(1800, 30)),
-        ]),
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[ToolCall("Grep", {"pattern": "magic", "output_mode": "content"})],
+                    usage=Usage(1500, 60),
+                ),
+                Step(text="It is PAPAYA.\nSecond line.", usage=Usage(1800, 30)),
+            ]
+        ),
     )
 
-    code = await cli(harness, "run", "[[sandbox:cli_grep]] magic word?", "--model", MODEL,
-                     "--budget", "0.5", "--max-turns", "4", "--tool", "Grep", "--tool", "Read",
-                     "--label", "via=cli", "--label", "n=1")
+    code = await cli(
+        harness,
+        "run",
+        "[[sandbox:cli_grep]] magic word?",
+        "--model",
+        MODEL,
+        "--budget",
+        "0.5",
+        "--max-turns",
+        "4",
+        "--tool",
+        "Grep",
+        "--tool",
+        "Read",
+        "--label",
+        "via=cli",
+        "--label",
+        "n=1",
+    )
 
     out = capsys.readouterr().out
     assert code == 0, out
@@ -83,7 +103,11 @@ async def test_run_streams_readable_events_and_a_summary(
 
     assert await cli(harness, "list", "--label", "via=cli", "--state", "complete") == 0
     rows = capsys.readouterr().out.splitlines()
-    assert len(rows) == 1 and rows[0].startswith(f"{session_id}  COMPLETE") and "n=1,via=cli" in rows[0]
+    assert (
+        len(rows) == 1
+        and rows[0].startswith(f"{session_id}  COMPLETE")
+        and "n=1,via=cli" in rows[0]
+    )
     assert await cli(harness, "list", "--limit", "1", "--json") == 0
     assert len(capsys.readouterr().out.splitlines()) == 1
 
@@ -167,8 +191,11 @@ async def test_the_installed_command_runs_a_session_and_reports_rpc_errors(
 
     async def run(*argv: str, **extra: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
-            *command, *argv, env={**env, **extra},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            *command,
+            *argv,
+            env={**env, **extra},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode is not None
@@ -188,13 +215,19 @@ async def test_the_installed_command_runs_a_session_and_reports_rpc_errors(
 
 def bash_then_ask(name: str) -> Script:
     """Bash (the tests make it need approval), then the agent's question, then its answer."""
-    return Script(steps=[
-        Step(tool_calls=[ToolCall("Bash", {"command": BASH_COMMAND}, BASH_ID)],
-             usage=Usage(1000, 30)),
-        Step(tool_calls=[ToolCall("AskUserQuestion", question_input(), ASK_ID)],
-             usage=Usage(1100, 30)),
-        Step(text=f"{name} done", usage=Usage(1200, 10)),
-    ])
+    return Script(
+        steps=[
+            Step(
+                tool_calls=[ToolCall("Bash", {"command": BASH_COMMAND}, BASH_ID)],
+                usage=Usage(1000, 30),
+            ),
+            Step(
+                tool_calls=[ToolCall("AskUserQuestion", question_input(), ASK_ID)],
+                usage=Usage(1100, 30),
+            ),
+            Step(text=f"{name} done", usage=Usage(1200, 10)),
+        ]
+    )
 
 
 def agentplane_command() -> list[str]:
@@ -213,9 +246,19 @@ async def test_deny_all_denies_approvals_and_answers_questions_with_nothing(
     env = {**os.environ, "AGENTPLANE_TARGET": target(harness), "AGENTPLANE_TOKEN": TOKENS["loop"]}
 
     proc = await asyncio.create_subprocess_exec(
-        *agentplane_command(), "run", "[[sandbox:cli_deny_all]] run and ask", "--model", MODEL,
-        "--require-approval", "Bash", "--answer-timeout", "120", "--deny-all", env=env,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        *agentplane_command(),
+        "run",
+        "[[sandbox:cli_deny_all]] run and ask",
+        "--model",
+        MODEL,
+        "--require-approval",
+        "Bash",
+        "--answer-timeout",
+        "120",
+        "--deny-all",
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     raw_out, raw_err = await asyncio.wait_for(proc.communicate(), 60)
@@ -244,8 +287,16 @@ async def test_without_a_terminal_approvals_are_denied_without_reading_stdin(
     piped = io.StringIO("y\n2\n")  # not a terminal: never read
     monkeypatch.setattr(sys, "stdin", piped)
 
-    code = await cli(harness, "run", "[[sandbox:cli_no_tty]] run it", "--model", MODEL,
-                     "--require-approval", "Bash", token=TOKENS["loop"])
+    code = await cli(
+        harness,
+        "run",
+        "[[sandbox:cli_no_tty]] run it",
+        "--model",
+        MODEL,
+        "--require-approval",
+        "Bash",
+        token=TOKENS["loop"],
+    )
 
     captured = capsys.readouterr()
     assert code == 0, captured
@@ -284,17 +335,29 @@ async def test_at_a_terminal_the_person_approves_and_answers(harness: Harness) -
     controller, terminal = pty.openpty()
     try:
         proc = await asyncio.create_subprocess_exec(
-            *agentplane_command(), "run", "[[sandbox:cli_tty]] run and ask", "--model", MODEL,
-            "--require-approval", "Bash", env=env, stdin=terminal,
-            stdout=asyncio.subprocess.PIPE, stderr=terminal,
+            *agentplane_command(),
+            "run",
+            "[[sandbox:cli_tty]] run and ask",
+            "--model",
+            MODEL,
+            "--require-approval",
+            "Bash",
+            env=env,
+            stdin=terminal,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=terminal,
         )
         os.close(terminal)
         terminal = -1
         stdout = asyncio.ensure_future(proc.stdout.read())  # type: ignore[union-attr]
-        shown = await asyncio.to_thread(converse, controller, [
-            ("Allow Bash? [y/n] ", "y"),
-            ("Answer (a number, or your own answer; Enter to skip): ", "2"),
-        ])
+        shown = await asyncio.to_thread(
+            converse,
+            controller,
+            [
+                ("Allow Bash? [y/n] ", "y"),
+                ("Answer (a number, or your own answer; Enter to skip): ", "2"),
+            ],
+        )
         out = (await asyncio.wait_for(stdout, 60)).decode()
         code = await asyncio.wait_for(proc.wait(), 60)
     finally:
@@ -322,7 +385,9 @@ async def test_respond_answers_a_waiting_session_by_hand(
     harness.sandbox.add_script("cli_respond", bash_then_ask("respond"))
     call = harness.sessions.RunSession(
         session_pb2.RunSessionRequest(
-            prompt="[[sandbox:cli_respond]] run and ask", model=MODEL, require_approval=["Bash"],
+            prompt="[[sandbox:cli_respond]] run and ask",
+            model=MODEL,
+            require_approval=["Bash"],
         ),
         metadata=harness.auth("loop"),
     )
@@ -341,8 +406,9 @@ async def test_respond_answers_a_waiting_session_by_hand(
             argv = ["--deny", "use Python instead"]
         else:
             argv = ["--answer", f"{QUESTION}=Mango"]
-        code = await cli(harness, "respond", event.session_id, request.request_id, *argv,
-                         token=TOKENS["loop"])
+        code = await cli(
+            harness, "respond", event.session_id, request.request_id, *argv, token=TOKENS["loop"]
+        )
         answered.append((code, capsys.readouterr().out.strip(), listed, details))
 
     assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
@@ -356,8 +422,14 @@ async def test_respond_answers_a_waiting_session_by_hand(
     assert "use Python instead" in seen[BASH_ID][0] and "Mango" in seen[ASK_ID][0]
 
     # Too late now: the session has ended.
-    code = await cli(harness, "respond", events[0].session_id, request.request_id, "--allow",
-                     token=TOKENS["loop"])
+    code = await cli(
+        harness,
+        "respond",
+        events[0].session_id,
+        request.request_id,
+        "--allow",
+        token=TOKENS["loop"],
+    )
     assert code == 3 and "FAILED_PRECONDITION" in capsys.readouterr().err
     assert main(["respond", "s", "r"]) == 2  # an answer is required
     assert main(["respond", "s", "r", "--allow", "--deny"]) == 2

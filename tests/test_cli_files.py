@@ -16,8 +16,7 @@ from agentplane.cli import main
 from agentplane.server.sandbox.script import Script, Step, ToolCall
 from harness import MODEL, TOKENS, Harness
 
-SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}},
-          "required": ["answer"]}
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
 BLOB = random.Random(161).randbytes(100 * 1024)  # two chunks of GetArtifact
 
 
@@ -44,25 +43,43 @@ def inputs(tmp_path: Path) -> Path:
 
 
 def copy_and_answer(h: Harness, name: str) -> str:
-    h.sandbox.add_script(name, Script(steps=[
-        bash("mkdir -p out && cp blob.bin out/copy.bin && cp docs/notes.md notes.out"
-             " && head -c 1100000 /dev/zero > big.bin"),
-        Step(tool_calls=[ToolCall("StructuredOutput", {"answer": 42})]),
-        Step(text="done"),
-    ]))
+    h.sandbox.add_script(
+        name,
+        Script(
+            steps=[
+                bash(
+                    "mkdir -p out && cp blob.bin out/copy.bin && cp docs/notes.md notes.out"
+                    " && head -c 1100000 /dev/zero > big.bin"
+                ),
+                Step(tool_calls=[ToolCall("StructuredOutput", {"answer": 42})]),
+                Step(text="done"),
+            ]
+        ),
+    )
     return f"[[sandbox:{name}]] copy and answer"
 
 
 async def test_run_with_a_schema_and_files_then_artifacts_download_and_delete(
-    harness: Harness, inputs: Path, capsys: pytest.CaptureFixture[str],
+    harness: Harness,
+    inputs: Path,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     prompt = copy_and_answer(harness, "cli_files")
 
-    code = await cli(harness, "run", prompt, "--model", MODEL,
-                     "--schema", str(inputs / "schema.json"),
-                     "--file", f"{inputs / 'notes.txt'}:docs/notes.md",
-                     "--file", str(inputs / "blob.bin"))
+    code = await cli(
+        harness,
+        "run",
+        prompt,
+        "--model",
+        MODEL,
+        "--schema",
+        str(inputs / "schema.json"),
+        "--file",
+        f"{inputs / 'notes.txt'}:docs/notes.md",
+        "--file",
+        str(inputs / "blob.bin"),
+    )
 
     out = capsys.readouterr().out
     assert code == 0, out
@@ -74,12 +91,14 @@ async def test_run_with_a_schema_and_files_then_artifacts_download_and_delete(
     assert await cli(harness, "get", session_id) == 0
     details = capsys.readouterr().out
     assert 'schema:      {"type":"object","properties":{"answer"' in details
-    assert "structured result:\n{\n  \"answer\": 42\n}" in details
+    assert 'structured result:\n{\n  "answer": 42\n}' in details
 
     assert await cli(harness, "artifacts", session_id) == 0
     rows = capsys.readouterr().out.splitlines()
     assert [row.split("  ")[-1] for row in rows if "not kept" not in row] == [
-        "notes.out", "out/copy.bin"]
+        "notes.out",
+        "out/copy.bin",
+    ]
     copy_row = next(row for row in rows if row.endswith("out/copy.bin"))
     assert "100.0 KiB" in copy_row and hashlib.sha256(BLOB).hexdigest()[:12] in copy_row
     (big_row,) = [row for row in rows if "not kept" in row]
@@ -90,8 +109,10 @@ async def test_run_with_a_schema_and_files_then_artifacts_download_and_delete(
 
     out_dir = inputs / "downloads"
     out_dir.mkdir()
-    assert await cli(harness, "download", session_id, "out/copy.bin", "-o",
-                     str(out_dir / "c.bin")) == 0
+    assert (
+        await cli(harness, "download", session_id, "out/copy.bin", "-o", str(out_dir / "c.bin"))
+        == 0
+    )
     assert capsys.readouterr().out == f"out/copy.bin -> {out_dir / 'c.bin'} ({len(BLOB)} bytes)\n"
     assert (out_dir / "c.bin").read_bytes() == BLOB
     assert await cli(harness, "download", session_id, "notes.out", "--output", str(out_dir)) == 0
@@ -105,8 +126,17 @@ async def test_run_with_a_schema_and_files_then_artifacts_download_and_delete(
     err = capsys.readouterr().err
     assert err.startswith("agentplane: FAILED_PRECONDITION: ") and "not kept" in err
     assert not (out_dir / "big.bin").exists()
-    assert await cli(harness, "download", session_id, "out/copy.bin", "-o",
-                     str(out_dir / "no" / "such" / "dir")) == 2
+    assert (
+        await cli(
+            harness,
+            "download",
+            session_id,
+            "out/copy.bin",
+            "-o",
+            str(out_dir / "no" / "such" / "dir"),
+        )
+        == 2
+    )
     assert "cannot write" in capsys.readouterr().err
 
     assert await cli(harness, "delete", session_id) == 0
@@ -121,8 +151,15 @@ async def test_a_result_that_misses_its_schema_exits_1(
 ) -> None:
     harness.sandbox.add_script("cli_prose", Script(steps=[Step(text="only prose")]))
 
-    code = await cli(harness, "run", "[[sandbox:cli_prose]] go", "--model", MODEL,
-                     "--schema", str(inputs / "schema.json"))
+    code = await cli(
+        harness,
+        "run",
+        "[[sandbox:cli_prose]] go",
+        "--model",
+        MODEL,
+        "--schema",
+        str(inputs / "schema.json"),
+    )
 
     captured = capsys.readouterr()
     assert code == 1
@@ -135,8 +172,10 @@ async def test_a_result_that_misses_its_schema_exits_1(
     assert captured.out == "" and captured.err == "no artifacts\n"
 
     (inputs / "array.json").write_text('{"type": "array"}')
-    assert await cli(harness, "run", "hi", "--model", MODEL,
-                     "--schema", str(inputs / "array.json")) == 3
+    assert (
+        await cli(harness, "run", "hi", "--model", MODEL, "--schema", str(inputs / "array.json"))
+        == 3
+    )
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
 
 
@@ -167,15 +206,29 @@ async def test_the_installed_command_runs_with_files_and_downloads_to_stdout(
 
     async def run(*argv: str) -> tuple[int, bytes, str]:
         proc = await asyncio.create_subprocess_exec(
-            *command, *argv, env=env, cwd=inputs,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            *command,
+            *argv,
+            env=env,
+            cwd=inputs,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode is not None
         return proc.returncode, out, err.decode()
 
-    code, out, err = await run("run", prompt, "--model", MODEL, "--schema", "schema.json",
-                               "--file", "notes.txt:docs/notes.md", "--file", "blob.bin")
+    code, out, err = await run(
+        "run",
+        prompt,
+        "--model",
+        MODEL,
+        "--schema",
+        "schema.json",
+        "--file",
+        "notes.txt:docs/notes.md",
+        "--file",
+        "blob.bin",
+    )
     assert code == 0, err
     *_, summary, result = out.decode().splitlines()
     assert json.loads(result) == {"answer": 42}

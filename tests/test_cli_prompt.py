@@ -14,17 +14,29 @@ from model_view import QUESTION, question_input
 
 
 def permission(tool: str = "Bash", **tool_input: object) -> PermissionRequest:
-    parsed = inputs.parse_request("s", session_pb2.InputRequest(
-        request_id="r", kind=session_pb2.INPUT_KIND_PERMISSION, tool_name=tool,
-        input_json=json.dumps(tool_input)))
+    parsed = inputs.parse_request(
+        "s",
+        session_pb2.InputRequest(
+            request_id="r",
+            kind=session_pb2.INPUT_KIND_PERMISSION,
+            tool_name=tool,
+            input_json=json.dumps(tool_input),
+        ),
+    )
     assert isinstance(parsed, PermissionRequest)
     return parsed
 
 
 def question(multi_select: bool = False) -> QuestionRequest:
-    parsed = inputs.parse_request("s", session_pb2.InputRequest(
-        request_id="r", kind=session_pb2.INPUT_KIND_QUESTION, tool_name="AskUserQuestion",
-        input_json=json.dumps(question_input(multi_select))))
+    parsed = inputs.parse_request(
+        "s",
+        session_pb2.InputRequest(
+            request_id="r",
+            kind=session_pb2.INPUT_KIND_QUESTION,
+            tool_name="AskUserQuestion",
+            input_json=json.dumps(question_input(multi_select)),
+        ),
+    )
     assert isinstance(parsed, QuestionRequest)
     return parsed
 
@@ -46,8 +58,7 @@ def test_approving_shows_the_tool_and_its_whole_input() -> None:
 
 def test_multi_line_input_is_indented_under_its_name() -> None:
     ask, out = prompter("YES\n")
-    assert ask.permission(permission("Write", file_path="a.py", content="one\ntwo",
-                                     n=3)) is True
+    assert ask.permission(permission("Write", file_path="a.py", content="one\ntwo", n=3)) is True
     assert "    content:\n        one\n        two\n" in out.getvalue()
     assert "    n: 3" in out.getvalue()
 

@@ -54,11 +54,17 @@ async def test_the_sync_client_runs_a_session_and_reads_it_back(harness: Harness
 
     def work() -> tuple:
         with Client(target(harness), token=TOKENS["acme"], timeout=10) as client:
-            events = list(client.run(
-                "[[sandbox:client_sync]] hello", model=MODEL, max_budget_usd=Decimal("0.25"),
-                max_turns=3, allowed_tools=["Read"], labels={"via": "sync-client"},
-                request_id=uuid.uuid4(),
-            ))
+            events = list(
+                client.run(
+                    "[[sandbox:client_sync]] hello",
+                    model=MODEL,
+                    max_budget_usd=Decimal("0.25"),
+                    max_turns=3,
+                    allowed_tools=["Read"],
+                    labels={"via": "sync-client"},
+                    request_id=uuid.uuid4(),
+                )
+            )
             got = client.get_session(events[0].session_id)
             page = client.list_sessions(page_size=1, labels={"via": "sync-client"})
             every = list(client.iter_sessions(page_size=1, limit=3, state="complete"))
@@ -87,9 +93,12 @@ async def test_the_async_client_runs_a_session_and_reads_it_back(harness: Harnes
     )
 
     async with AsyncClient(target(harness), token=TOKENS["acme"], timeout=10) as client:
-        events = [e async for e in client.run(
-            "[[sandbox:client_async]] hello", model=MODEL, labels={"via": "async-client"}
-        )]
+        events = [
+            e
+            async for e in client.run(
+                "[[sandbox:client_async]] hello", model=MODEL, labels={"via": "async-client"}
+            )
+        ]
         final = assert_complete_run(events, "async says hi")
         assert await client.get_session(uuid.UUID(final.id)) == final
         page = await client.list_sessions(labels={"via": "async-client"})
@@ -148,8 +157,11 @@ async def test_a_bad_token_is_unauthenticated_for_every_call(harness: Harness) -
     def calls() -> list[RPCError]:
         errors = []
         with Client(target(harness), token="wrong-token") as client:
-            for call in (client.get_budget, lambda: client.list_sessions(),
-                         lambda: next(client.run("hi"))):
+            for call in (
+                client.get_budget,
+                lambda: client.list_sessions(),
+                lambda: next(client.run("hi")),
+            ):
                 with pytest.raises(RPCError) as caught:
                     call()
                 errors.append(caught.value)
@@ -212,15 +224,33 @@ def test_rich_status_details_are_decoded() -> None:
         packed.Pack(message)
         return packed
 
-    status = status_pb2.Status(code=8, message="window full", details=[
-        pack(error_details_pb2.ErrorInfo(reason="BUDGET_EXCEEDED", domain="agentplane.dev",
-                                         metadata={"tenant": "small"})),
-        pack(error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject="tenant:small:daily_usd",
-                                                     description="0.6 of 1.0 held")])),
-        pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field="x", description="bad")])),
-    ])
+    status = status_pb2.Status(
+        code=8,
+        message="window full",
+        details=[
+            pack(
+                error_details_pb2.ErrorInfo(
+                    reason="BUDGET_EXCEEDED", domain="agentplane.dev", metadata={"tenant": "small"}
+                )
+            ),
+            pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject="tenant:small:daily_usd", description="0.6 of 1.0 held"
+                        )
+                    ]
+                )
+            ),
+            pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field="x", description="bad")
+                    ]
+                )
+            ),
+        ],
+    )
 
     class FakeError(grpc.RpcError):
         def code(self) -> grpc.StatusCode:

@@ -21,29 +21,33 @@ from test_server_process import free_port
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.parametrize(("target", "expected"), [
-    ("127.0.0.1:5001", "127.0.0.1:5001"),
-    ("agentplane.internal:50051", "agentplane.internal:50051"),
-    ("unix:/run/agentplane.sock", "unix:/run/agentplane.sock"),
-    ("ipv4:127.0.0.1:5001", "ipv4:127.0.0.1:5001"),
-    (["10.0.0.1:50051"], "10.0.0.1:50051"),
-    (" 127.0.0.1:5001 ", "127.0.0.1:5001"),
-])
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("127.0.0.1:5001", "127.0.0.1:5001"),
+        ("agentplane.internal:50051", "agentplane.internal:50051"),
+        ("unix:/run/agentplane.sock", "unix:/run/agentplane.sock"),
+        ("ipv4:127.0.0.1:5001", "ipv4:127.0.0.1:5001"),
+        (["10.0.0.1:50051"], "10.0.0.1:50051"),
+        (" 127.0.0.1:5001 ", "127.0.0.1:5001"),
+    ],
+)
 def test_one_address_is_kept_as_it_is(target: str | list[str], expected: str) -> None:
     assert resolve(target) == (expected, False)
 
 
-@pytest.mark.parametrize(("target", "expected"), [
-    (["127.0.0.1:5001", "127.0.0.1:5002"], "ipv4:127.0.0.1:5001,127.0.0.1:5002"),
-    (("10.0.0.1:1", "10.0.0.2:2", "10.0.0.3:3"), "ipv4:10.0.0.1:1,10.0.0.2:2,10.0.0.3:3"),
-    ("127.0.0.1:5001, 127.0.0.1:5002", "ipv4:127.0.0.1:5001,127.0.0.1:5002"),
-    (["[::1]:5001", "[fd00::2]:5002"], "ipv6:[::1]:5001,[fd00::2]:5002"),
-    ("ipv4:127.0.0.1:5001,127.0.0.1:5002", "ipv4:127.0.0.1:5001,127.0.0.1:5002"),
-    ("dns:///agentplane.svc:50051", "dns:///agentplane.svc:50051"),
-])
-def test_several_replicas_make_one_balanced_target(
-    target: str | list[str], expected: str
-) -> None:
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (["127.0.0.1:5001", "127.0.0.1:5002"], "ipv4:127.0.0.1:5001,127.0.0.1:5002"),
+        (("10.0.0.1:1", "10.0.0.2:2", "10.0.0.3:3"), "ipv4:10.0.0.1:1,10.0.0.2:2,10.0.0.3:3"),
+        ("127.0.0.1:5001, 127.0.0.1:5002", "ipv4:127.0.0.1:5001,127.0.0.1:5002"),
+        (["[::1]:5001", "[fd00::2]:5002"], "ipv6:[::1]:5001,[fd00::2]:5002"),
+        ("ipv4:127.0.0.1:5001,127.0.0.1:5002", "ipv4:127.0.0.1:5001,127.0.0.1:5002"),
+        ("dns:///agentplane.svc:50051", "dns:///agentplane.svc:50051"),
+    ],
+)
+def test_several_replicas_make_one_balanced_target(target: str | list[str], expected: str) -> None:
     assert resolve(target) == (expected, True)
 
 
@@ -54,25 +58,26 @@ def test_the_target_list_may_come_from_the_environment(monkeypatch: pytest.Monke
     assert resolve(None) == ("127.0.0.1:50051", False)
 
 
-@pytest.mark.parametrize(("target", "message"), [
-    ([], "no target address"),
-    ("127.0.0.1:5001,", "empty address"),
-    (["127.0.0.1:5001", ""], "empty address"),
-    (["127.0.0.1", "127.0.0.1:5002"], "expected host:port"),
-    (["127.0.0.1:0", "127.0.0.1:5002"], "port must be a number from 1 to 65535"),
-    (["127.0.0.1:http", "127.0.0.1:5002"], "port must be a number"),
-    (["127.0.0.1:70000", "127.0.0.1:5002"], "port must be a number"),
-    (["a.example:1", "b.example:2"], "dns:///a.example:PORT"),
-    (["127.0.0.1:5001", "[::1]:5002"], "mixes IPv4 and IPv6"),
-    (["127.0.0.1:5001", "127.0.0.1:5001"], "given twice"),
-    (["dns:///x:1", "127.0.0.1:2"], "not grpc targets"),
-    (["::1:5001", "::1:5002"], "in brackets"),
-    (["[::1]5001", "[::1]:5002"], "expected host:port"),
-    ([1, 2], "must be strings"),
-])
-def test_a_bad_address_list_is_a_value_error_naming_the_problem(
-    target: Any, message: str
-) -> None:
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ([], "no target address"),
+        ("127.0.0.1:5001,", "empty address"),
+        (["127.0.0.1:5001", ""], "empty address"),
+        (["127.0.0.1", "127.0.0.1:5002"], "expected host:port"),
+        (["127.0.0.1:0", "127.0.0.1:5002"], "port must be a number from 1 to 65535"),
+        (["127.0.0.1:http", "127.0.0.1:5002"], "port must be a number"),
+        (["127.0.0.1:70000", "127.0.0.1:5002"], "port must be a number"),
+        (["a.example:1", "b.example:2"], "dns:///a.example:PORT"),
+        (["127.0.0.1:5001", "[::1]:5002"], "mixes IPv4 and IPv6"),
+        (["127.0.0.1:5001", "127.0.0.1:5001"], "given twice"),
+        (["dns:///x:1", "127.0.0.1:2"], "not grpc targets"),
+        (["::1:5001", "::1:5002"], "in brackets"),
+        (["[::1]5001", "[::1]:5002"], "expected host:port"),
+        ([1, 2], "must be strings"),
+    ],
+)
+def test_a_bad_address_list_is_a_value_error_naming_the_problem(target: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         resolve(target)
     with pytest.raises(ValueError, match="target|address|port|IPv|twice|strings"):
@@ -93,7 +98,8 @@ def test_the_service_config_balances_checks_health_and_retries_unavailable() -> 
     assert 2 <= policy["maxAttempts"] <= 5  # grpc caps attempts at 5
     # Every agentplane service is covered, so a new one cannot be left without retries.
     services = {
-        s.full_name for module in (session_pb2, budget_pb2, usage_pb2)
+        s.full_name
+        for module in (session_pb2, budget_pb2, usage_pb2)
         for s in module.DESCRIPTOR.services_by_name.values()
     }
     assert services <= {n["service"] for n in method["name"] if "method" not in n}
@@ -142,7 +148,7 @@ def test_the_cli_says_what_is_wrong_with_a_target_list(
 def json_block_after(text: str, marker: str, opening: str) -> Any:
     """The JSON that follows the line `opening` after `marker` in `text`, up to the end of
     the block (a ``` fence, or text indented less than the JSON)."""
-    lines = text[text.index(marker):].splitlines()
+    lines = text[text.index(marker) :].splitlines()
     start = next(i for i, line in enumerate(lines) if line.strip() == opening) + 1
     indent = len(lines[start]) - len(lines[start].lstrip())
     block = []

@@ -51,11 +51,16 @@ def answer(value: dict[str, Any]) -> Step:
 def files_script(h: Harness, name: str) -> str:
     """Copies the input files into new ones (artifacts), then answers structured; the
     prompt that runs it."""
-    h.sandbox.add_script(name, Script(steps=[
-        bash("mkdir -p out && cp blob.bin out/copy.bin && cat docs/in.txt > echo.txt"),
-        answer({"answer": 7, "files": ["out/copy.bin", "echo.txt"]}),
-        Step(text="done"),
-    ]))
+    h.sandbox.add_script(
+        name,
+        Script(
+            steps=[
+                bash("mkdir -p out && cp blob.bin out/copy.bin && cat docs/in.txt > echo.txt"),
+                answer({"answer": 7, "files": ["out/copy.bin", "echo.txt"]}),
+                Step(text="done"),
+            ]
+        ),
+    )
     return f"[[sandbox:{name}]] copy the files"
 
 
@@ -68,7 +73,10 @@ async def test_the_sync_client_sends_files_and_gets_the_result_and_artifacts(
         got: dict[str, Any] = {}
         with Client(target(harness), token=TOKENS["files"], timeout=30) as client:
             got["result"] = client.run_for_result(
-                prompt, SCHEMA, model=MODEL, labels={"via": "sync-files"},
+                prompt,
+                SCHEMA,
+                model=MODEL,
+                labels={"via": "sync-files"},
                 input_files={"docs/in.txt": "héllo\n", "blob.bin": BLOB},
             )
             session = client.list_sessions(labels={"via": "sync-files"}).sessions[0]
@@ -76,8 +84,9 @@ async def test_the_sync_client_sends_files_and_gets_the_result_and_artifacts(
             got["artifacts"] = {a.path: a for a in client.list_artifacts(session.id)}
             got["copy"] = client.get_artifact(session.id, "out/copy.bin")
             got["into_dir"] = client.download_artifact(session.id, "echo.txt", tmp_path)
-            got["as_file"] = client.download_artifact(session.id, "out/copy.bin",
-                                                      tmp_path / "renamed.bin")
+            got["as_file"] = client.download_artifact(
+                session.id, "out/copy.bin", tmp_path / "renamed.bin"
+            )
             with pytest.raises(RPCError) as missing:
                 client.get_artifact(session.id, "docs/in.txt")  # unchanged: not an artifact
             got["missing"] = missing.value
@@ -138,18 +147,22 @@ async def test_the_async_client_sends_files_and_gets_the_result_and_artifacts(
 ) -> None:
     prompt = files_script(harness, "client_files_async")
     async with AsyncClient(target(harness), token=TOKENS["files"], timeout=30) as client:
-        events = [e async for e in client.run(
-            prompt, model=MODEL, output_schema=json.dumps(SCHEMA),
-            input_files=[("docs/in.txt", b"bytes\n"), ("blob.bin", BLOB)],
-        )]
+        events = [
+            e
+            async for e in client.run(
+                prompt,
+                model=MODEL,
+                output_schema=json.dumps(SCHEMA),
+                input_files=[("docs/in.txt", b"bytes\n"), ("blob.bin", BLOB)],
+            )
+        ]
         final = events[-1].result.session
         assert final.state == session_pb2.SESSION_STATE_COMPLETE, final.error
         assert structured_result(final) == {"answer": 7, "files": ["out/copy.bin", "echo.txt"]}
 
         listed = await client.list_artifacts(final.id)
         assert [a.path for a in listed] == sorted(a.path for a in listed)
-        assert {a.path: a.size_bytes for a in listed} == {"out/copy.bin": len(BLOB),
-                                                           "echo.txt": 6}
+        assert {a.path: a.size_bytes for a in listed} == {"out/copy.bin": len(BLOB), "echo.txt": 6}
         assert await client.get_artifact(final.id, "out/copy.bin") == BLOB
         written = await client.download_artifact(final.id, "echo.txt", tmp_path / "e.txt")
         assert written.read_bytes() == b"bytes\n"
@@ -166,15 +179,19 @@ async def test_the_async_client_sends_files_and_gets_the_result_and_artifacts(
 async def test_the_async_client_result_failure_left_out_files_and_a_running_delete(
     harness: Harness, tmp_path: Path
 ) -> None:
-    harness.sandbox.add_script("client_prose_async", Script(steps=[
-        bash("head -c 1100000 /dev/zero > big.bin && echo kept > small.txt"),
-        Step(text="no structure"),
-    ]))
+    harness.sandbox.add_script(
+        "client_prose_async",
+        Script(
+            steps=[
+                bash("head -c 1100000 /dev/zero > big.bin && echo kept > small.txt"),
+                Step(text="no structure"),
+            ]
+        ),
+    )
     harness.sandbox.add_script("client_hold", Script(steps=[Step(hang=True)]))
     async with AsyncClient(target(harness), token=TOKENS["files"], timeout=30) as client:
         with pytest.raises(SessionFailed) as caught:
-            await client.run_for_result("[[sandbox:client_prose_async]] go", SCHEMA,
-                                        model=MODEL)
+            await client.run_for_result("[[sandbox:client_prose_async]] go", SCHEMA, model=MODEL)
         failed = caught.value.session
         assert caught.value.reason == "INVALID_OUTPUT" and failed.id
 
@@ -215,8 +232,9 @@ async def test_a_bad_schema_or_input_file_is_refused_naming_the_field(harness: H
 # -- the pieces, on their own -----------------------------------------------------------
 
 
-def chunk(data: bytes, offset: int, artifact: session_pb2.Artifact | None = None
-          ) -> session_pb2.ArtifactChunk:
+def chunk(
+    data: bytes, offset: int, artifact: session_pb2.Artifact | None = None
+) -> session_pb2.ArtifactChunk:
     message = session_pb2.ArtifactChunk(data=data, offset=offset)
     if artifact is not None:
         message.artifact.CopyFrom(artifact)
@@ -224,8 +242,9 @@ def chunk(data: bytes, offset: int, artifact: session_pb2.Artifact | None = None
 
 
 def described(data: bytes) -> session_pb2.Artifact:
-    return session_pb2.Artifact(path="a.bin", size_bytes=len(data),
-                                sha256=hashlib.sha256(data).hexdigest())
+    return session_pb2.Artifact(
+        path="a.bin", size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
 
 
 def assemble(*chunks: session_pb2.ArtifactChunk) -> bytes:
@@ -242,11 +261,20 @@ def test_chunks_are_put_together_and_checked() -> None:
 
     problems = {
         "the first chunk does not describe": [chunk(data, 0)],
-        "a chunk at offset 5, expected 4": [chunk(data[:4], 0, described(data)),
-                                            chunk(data[5:], 5)],
+        "a chunk at offset 5, expected 4": [
+            chunk(data[:4], 0, described(data)),
+            chunk(data[5:], 5),
+        ],
         "9 bytes received of 10": [chunk(data[:9], 0, described(data))],
-        "SHA-256 ": [chunk(data, 0, session_pb2.Artifact(
-            path="a.bin", size_bytes=10, sha256=hashlib.sha256(b"other").hexdigest()))],
+        "SHA-256 ": [
+            chunk(
+                data,
+                0,
+                session_pb2.Artifact(
+                    path="a.bin", size_bytes=10, sha256=hashlib.sha256(b"other").hexdigest()
+                ),
+            )
+        ],
         "the stream ended without a chunk": [],
     }
     for problem, chunks in problems.items():
@@ -260,10 +288,15 @@ def test_chunks_are_put_together_and_checked() -> None:
 def test_input_files_and_schemas_become_request_fields() -> None:
     files = input_files({"a.txt": "é", "b.bin": b"\x00\xff", Path("c/d"): bytearray(b"x")})  # type: ignore[dict-item]
     assert [(f.path, f.content) for f in files] == [
-        ("a.txt", "é".encode()), ("b.bin", b"\x00\xff"), (os.fspath(Path("c/d")), b"x")]
+        ("a.txt", "é".encode()),
+        ("b.bin", b"\x00\xff"),
+        (os.fspath(Path("c/d")), b"x"),
+    ]
     proto = session_pb2.InputFile(path="p", content=b"q")
-    assert input_files([("x", "y"), proto]) == [session_pb2.InputFile(path="x", content=b"y"),
-                                                proto]
+    assert input_files([("x", "y"), proto]) == [
+        session_pb2.InputFile(path="x", content=b"y"),
+        proto,
+    ]
     assert input_files(None) == []
     with pytest.raises(TypeError):
         input_files({"a": 1})  # type: ignore[dict-item]

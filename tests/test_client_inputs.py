@@ -43,7 +43,8 @@ from model_view import (
 )
 
 LOOKUP = Tool(
-    "lookup", "Looks a word up in the caller's dictionary.",
+    "lookup",
+    "Looks a word up in the caller's dictionary.",
     {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]},
 )
 
@@ -55,15 +56,23 @@ def target(h: Harness) -> str:
 def three_asks(name: str, *, multi_select: bool = False) -> Script:
     """A caller tool's call, then Bash (which the tests make need approval), then a
     question, then the answer."""
-    return Script(steps=[
-        Step(tool_calls=[ScriptedCall("mcp__caller__lookup", {"word": "papaya"}, LOOKUP_ID)],
-             usage=Usage(1000, 30)),
-        Step(tool_calls=[ScriptedCall("Bash", {"command": BASH_COMMAND}, BASH_ID)],
-             usage=Usage(1100, 30)),
-        Step(tool_calls=[ScriptedCall("AskUserQuestion", question_input(multi_select), ASK_ID)],
-             usage=Usage(1200, 30)),
-        Step(text=f"{name} done", usage=Usage(1300, 10)),
-    ])
+    return Script(
+        steps=[
+            Step(
+                tool_calls=[ScriptedCall("mcp__caller__lookup", {"word": "papaya"}, LOOKUP_ID)],
+                usage=Usage(1000, 30),
+            ),
+            Step(
+                tool_calls=[ScriptedCall("Bash", {"command": BASH_COMMAND}, BASH_ID)],
+                usage=Usage(1100, 30),
+            ),
+            Step(
+                tool_calls=[ScriptedCall("AskUserQuestion", question_input(multi_select), ASK_ID)],
+                usage=Usage(1200, 30),
+            ),
+            Step(text=f"{name} done", usage=Usage(1300, 10)),
+        ]
+    )
 
 
 def of_kind(events: list[session_pb2.SessionEvent], kind: str) -> list[Any]:
@@ -107,11 +116,18 @@ async def test_the_sync_client_answers_a_tool_call_an_approval_and_a_question(
 
     def work() -> tuple[list[session_pb2.SessionEvent], session_pb2.Session]:
         with Client(target(harness), token=TOKENS["loop"], timeout=10) as client:
-            events = list(client.run(
-                "[[sandbox:inputs_sync]] report", model=MODEL, tools=[LOOKUP],
-                require_approval=["Bash"], answer_timeout=60, on_tool_call=on_tool_call,
-                on_permission=on_permission, on_question=on_question,
-            ))
+            events = list(
+                client.run(
+                    "[[sandbox:inputs_sync]] report",
+                    model=MODEL,
+                    tools=[LOOKUP],
+                    require_approval=["Bash"],
+                    answer_timeout=60,
+                    on_tool_call=on_tool_call,
+                    on_permission=on_permission,
+                    on_question=on_question,
+                )
+            )
             return events, client.get_session(events[0].session_id)
 
     events, session = await asyncio.to_thread(work)
@@ -130,8 +146,10 @@ async def test_the_sync_client_answers_a_tool_call_an_approval_and_a_question(
     assert isinstance(question, QuestionRequest) and question.tool_name == "AskUserQuestion"
     (asked,) = question.questions
     assert (asked.question, asked.header, asked.multi_select) == (QUESTION, "Fruit", False)
-    assert asked.options == (QuestionOption("Papaya", "the magic word"),
-                             QuestionOption("Mango", "another fruit"))
+    assert asked.options == (
+        QuestionOption("Papaya", "the magic word"),
+        QuestionOption("Mango", "another fruit"),
+    )
 
     # What the model was sent: each answer reached the agent.
     results = tool_results_seen(harness.sandbox, "inputs_sync")
@@ -165,13 +183,28 @@ async def test_the_async_client_answers_with_async_handlers_errors_and_denials(
         return {request.questions[0].question: ["Papaya", "Mango"]}
 
     async with AsyncClient(target(harness), token=TOKENS["loop"], timeout=10) as client:
-        events = [e async for e in client.run(
-            "[[sandbox:inputs_async]] report", model=MODEL, tools=[
-                {"name": "lookup", "description": "Looks a word up.",
-                 "input_schema": {"type": "object", "properties": {"word": {"type": "string"}}}},
-            ], require_approval=["Bash"], answer_timeout=dt.timedelta(minutes=1),
-            on_tool_call=on_tool_call, on_permission=on_permission, on_question=on_question,
-        )]
+        events = [
+            e
+            async for e in client.run(
+                "[[sandbox:inputs_async]] report",
+                model=MODEL,
+                tools=[
+                    {
+                        "name": "lookup",
+                        "description": "Looks a word up.",
+                        "input_schema": {
+                            "type": "object",
+                            "properties": {"word": {"type": "string"}},
+                        },
+                    },
+                ],
+                require_approval=["Bash"],
+                answer_timeout=dt.timedelta(minutes=1),
+                on_tool_call=on_tool_call,
+                on_permission=on_permission,
+                on_question=on_question,
+            )
+        ]
 
     final = events[-1].result.session
     assert final.state == session_pb2.SESSION_STATE_COMPLETE and final.result == "async done"
@@ -189,15 +222,26 @@ async def test_the_async_client_answers_with_async_handlers_errors_and_denials(
 
 
 async def test_a_request_without_a_handler_is_answered_by_hand(harness: Harness) -> None:
-    harness.sandbox.add_script("inputs_manual", Script(steps=[
-        Step(tool_calls=[ScriptedCall("mcp__caller__lookup", {"word": "mango"}, LOOKUP_ID)]),
-        Step(text="manual done"),
-    ]))
+    harness.sandbox.add_script(
+        "inputs_manual",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[ScriptedCall("mcp__caller__lookup", {"word": "mango"}, LOOKUP_ID)]
+                ),
+                Step(text="manual done"),
+            ]
+        ),
+    )
 
     async with AsyncClient(target(harness), token=TOKENS["loop"], timeout=10) as client:
         # Handlers for the other kinds only: the tool call is left to us.
-        stream = client.run("[[sandbox:inputs_manual]] look it up", model=MODEL,
-                            tools=[LOOKUP], on_permission=lambda r: False)
+        stream = client.run(
+            "[[sandbox:inputs_manual]] look it up",
+            model=MODEL,
+            tools=[LOOKUP],
+            on_permission=lambda r: False,
+        )
         events = []
         async for event in stream:
             events.append(event)
@@ -209,7 +253,8 @@ async def test_a_request_without_a_handler_is_answered_by_hand(harness: Harness)
             with pytest.raises(RPCError) as wrong_kind:
                 await client.respond(event.session_id, request.request_id, permission=True)
             resolved = await client.respond(
-                event.session_id, request.request_id,
+                event.session_id,
+                request.request_id,
                 tool_result=ToolResult("mango: a stone fruit", structured={"sweet": True}),
             )
             with pytest.raises(RPCError) as again:
@@ -229,10 +274,15 @@ async def test_a_request_without_a_handler_is_answered_by_hand(harness: Harness)
 
 
 async def test_a_tool_declared_without_a_schema_takes_any_object(harness: Harness) -> None:
-    harness.sandbox.add_script("inputs_any", Script(steps=[
-        Step(tool_calls=[ScriptedCall("mcp__caller__now", {"zone": "UTC"}, LOOKUP_ID)]),
-        Step(text="any done"),
-    ]))
+    harness.sandbox.add_script(
+        "inputs_any",
+        Script(
+            steps=[
+                Step(tool_calls=[ScriptedCall("mcp__caller__now", {"zone": "UTC"}, LOOKUP_ID)]),
+                Step(text="any done"),
+            ]
+        ),
+    )
     calls: list[ToolCall] = []
 
     def on_tool_call(call: ToolCall) -> str:
@@ -240,10 +290,15 @@ async def test_a_tool_declared_without_a_schema_takes_any_object(harness: Harnes
         return "12:00"
 
     async with AsyncClient(target(harness), token=TOKENS["loop"], timeout=10) as client:
-        events = [e async for e in client.run(
-            "[[sandbox:inputs_any]] what time is it", model=MODEL,
-            tools=[Tool("now", "The time now.")], on_tool_call=on_tool_call,
-        )]
+        events = [
+            e
+            async for e in client.run(
+                "[[sandbox:inputs_any]] what time is it",
+                model=MODEL,
+                tools=[Tool("now", "The time now.")],
+                on_tool_call=on_tool_call,
+            )
+        ]
 
     assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
     assert [c.input for c in calls] == [{"zone": "UTC"}]
@@ -253,23 +308,39 @@ async def test_a_tool_declared_without_a_schema_takes_any_object(harness: Harnes
 async def test_a_handlers_late_answer_to_a_request_settled_elsewhere_is_dropped(
     harness: Harness,
 ) -> None:
-    harness.sandbox.add_script("inputs_late", Script(steps=[
-        Step(tool_calls=[ScriptedCall("Bash", {"command": BASH_COMMAND}, BASH_ID)]),
-        Step(text="late done"),
-    ]))
+    harness.sandbox.add_script(
+        "inputs_late",
+        Script(
+            steps=[
+                Step(tool_calls=[ScriptedCall("Bash", {"command": BASH_COMMAND}, BASH_ID)]),
+                Step(text="late done"),
+            ]
+        ),
+    )
 
     def work() -> list[session_pb2.SessionEvent]:
-        with Client(target(harness), token=TOKENS["loop"], timeout=10) as client, \
-                Client(target(harness), token=TOKENS["loop"], timeout=10) as elsewhere:
+        with (
+            Client(target(harness), token=TOKENS["loop"], timeout=10) as client,
+            Client(target(harness), token=TOKENS["loop"], timeout=10) as elsewhere,
+        ):
 
             def on_permission(request: PermissionRequest) -> bool:
                 # Someone else (another process, another replica) answers first.
-                elsewhere.respond(request.session_id, request.request_id,
-                                  permission=Allow({"command": "echo edited-$((2*3))"}))
+                elsewhere.respond(
+                    request.session_id,
+                    request.request_id,
+                    permission=Allow({"command": "echo edited-$((2*3))"}),
+                )
                 return False
 
-            return list(client.run("[[sandbox:inputs_late]] run it", model=MODEL,
-                                   require_approval=["Bash"], on_permission=on_permission))
+            return list(
+                client.run(
+                    "[[sandbox:inputs_late]] run it",
+                    model=MODEL,
+                    require_approval=["Bash"],
+                    on_permission=on_permission,
+                )
+            )
 
     events = await asyncio.to_thread(work)
 
@@ -282,17 +353,26 @@ async def test_a_handlers_late_answer_to_a_request_settled_elsewhere_is_dropped(
 
 
 async def test_a_permission_handlers_exception_stops_the_iteration(harness: Harness) -> None:
-    harness.sandbox.add_script("inputs_raise", Script(steps=[
-        Step(tool_calls=[ScriptedCall("Bash", {"command": BASH_COMMAND}, BASH_ID)]),
-        Step(text="never"),
-    ]))
+    harness.sandbox.add_script(
+        "inputs_raise",
+        Script(
+            steps=[
+                Step(tool_calls=[ScriptedCall("Bash", {"command": BASH_COMMAND}, BASH_ID)]),
+                Step(text="never"),
+            ]
+        ),
+    )
 
     def on_permission(request: PermissionRequest) -> bool:
         raise RuntimeError("the approval service is down")
 
     async with AsyncClient(target(harness), token=TOKENS["loop"], timeout=10) as client:
-        stream = client.run("[[sandbox:inputs_raise]] run it", model=MODEL,
-                            require_approval=["Bash"], on_permission=on_permission)
+        stream = client.run(
+            "[[sandbox:inputs_raise]] run it",
+            model=MODEL,
+            require_approval=["Bash"],
+            on_permission=on_permission,
+        )
         events = []
         with pytest.raises(RuntimeError, match="the approval service is down"):
             async with stream:
@@ -313,8 +393,10 @@ async def test_a_permission_handlers_exception_stops_the_iteration(harness: Harn
 
 def test_tools_are_declared_from_tools_dicts_or_protos() -> None:
     request = rq.run_request(
-        "hi", tools=[LOOKUP, {"name": "now"}, session_pb2.CallerTool(name="raw")],
-        require_approval=["Bash(git push:*)", "lookup"], answer_timeout=2.5,
+        "hi",
+        tools=[LOOKUP, {"name": "now"}, session_pb2.CallerTool(name="raw")],
+        require_approval=["Bash(git push:*)", "lookup"],
+        answer_timeout=2.5,
     )
     assert [t.name for t in request.tools] == ["lookup", "now", "raw"]
     assert json.loads(request.tools[0].input_schema_json)["required"] == ["word"]
@@ -351,7 +433,9 @@ def test_answers_become_respond_requests() -> None:
     assert edited.allow and json.loads(edited.updated_input_json) == {"command": "ls"}
     assert respond(permission=Deny("no")).permission.message == "no"
     assert dict(respond(answers_={"Q": "A", "M": ["x", "y"]}).answer.answers) == {
-        "Q": "A", "M": "x, y"}
+        "Q": "A",
+        "M": "x, y",
+    }
     assert respond(answers_={}).WhichOneof("response") == "answer"
 
     for bad in ({}, {"tool_result_": "a", "permission": True}):
@@ -367,8 +451,12 @@ def test_answers_become_respond_requests() -> None:
 
 async def test_handlers_results_exceptions_and_none() -> None:
     def request(kind: int, input_json: str = "{}") -> inputs.AnyRequest:
-        parsed = inputs.parse_request("s", session_pb2.InputRequest(
-            request_id="r", kind=kind, tool_name="t", input_json=input_json))
+        parsed = inputs.parse_request(
+            "s",
+            session_pb2.InputRequest(
+                request_id="r", kind=kind, tool_name="t", input_json=input_json
+            ),
+        )
         assert parsed is not None
         return parsed
 

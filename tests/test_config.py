@@ -87,8 +87,9 @@ def test_config_and_telemetry_setup_do_not_import_each_other_or_sessions() -> No
         "import agentplane.server.telemetry.setup\n"
         "assert 'agentplane.server.config' not in sys.modules, 'setup imports config'\n"
     )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -105,10 +106,18 @@ def test_config_and_telemetry_setup_do_not_import_each_other_or_sessions() -> No
             tenant_toml("a", "tok", daily_limit_usd=1, max_session_budget_usd=2),
             "tenants.a.max_session_budget_usd",
         ),
-        (tenant_toml("a", "tok", anthropic_api_key_file="/no/such/key"), "tenants.a.anthropic_api_key_file"),
-        (tenant_toml("a", "tok", anthropic_api_key_file="/dev/null"), "tenants.a.anthropic_api_key_file"),
         (
-            tenant_toml("a", "tok", anthropic_api_key_env="K", anthropic_api_key_file="/etc/hostname"),
+            tenant_toml("a", "tok", anthropic_api_key_file="/no/such/key"),
+            "tenants.a.anthropic_api_key_file",
+        ),
+        (
+            tenant_toml("a", "tok", anthropic_api_key_file="/dev/null"),
+            "tenants.a.anthropic_api_key_file",
+        ),
+        (
+            tenant_toml(
+                "a", "tok", anthropic_api_key_env="K", anthropic_api_key_file="/etc/hostname"
+            ),
             "tenants.a.anthropic_api_key_file",
         ),
         (tenant_toml("a", "tok", max_memory_mib=100), "tenants.a.max_memory_mib"),
@@ -153,7 +162,11 @@ def _server(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
     return subprocess.run(
         [sys.executable, "-m", "agentplane.server", *args],
-        env={**clean, **env}, capture_output=True, text=True, timeout=60, check=False,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -170,7 +183,11 @@ def test_a_bad_setting_stops_the_server_with_exit_code_2_and_one_line() -> None:
 
 def test_a_bad_tenants_file_stops_the_server_with_exit_code_2(tmp_path: Path) -> None:
     path = write_tenants(tmp_path, tenant_toml("a", max_turns=3))
-    proc = _server("serve", AGENTPLANE_TENANTS_FILE=str(path), AGENTPLANE_DATABASE_URL=f"sqlite:///{tmp_path}/x.db")
+    proc = _server(
+        "serve",
+        AGENTPLANE_TENANTS_FILE=str(path),
+        AGENTPLANE_DATABASE_URL=f"sqlite:///{tmp_path}/x.db",
+    )
     assert proc.returncode == 2
     assert "tenants.a.token_sha256" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -198,12 +215,15 @@ def test_help_documents_every_setting() -> None:
 
 
 def test_warm_pool_settings_are_checked(tmp_path: Path) -> None:
-    bad = write_tenants(tmp_path, twin_tenants(1).replace("warm_pool_size = 1",
-                                                          "warm_pool_size = -1"))
+    bad = write_tenants(
+        tmp_path, twin_tenants(1).replace("warm_pool_size = 1", "warm_pool_size = -1")
+    )
     with pytest.raises(ConfigError, match="warm_pool_size"):
         TenantRegistry.load(bad)
-    write_tenants(tmp_path, twin_tenants(1).replace('warm_pool_model = "claude-sonnet-4-5"',
-                                                    "warm_pool_model = 4", 1))
+    write_tenants(
+        tmp_path,
+        twin_tenants(1).replace('warm_pool_model = "claude-sonnet-4-5"', "warm_pool_model = 4", 1),
+    )
     with pytest.raises(ConfigError, match="warm_pool_model"):
         TenantRegistry.load(bad)
     with pytest.raises(ConfigError, match="AGENTPLANE_WARM_POOL_MIN_AVAILABLE_MIB"):
@@ -212,47 +232,67 @@ def test_warm_pool_settings_are_checked(tmp_path: Path) -> None:
         Settings.from_env({"AGENTPLANE_WARM_POOL_MAX_AGE_S": "0"})
 
 
-@pytest.mark.parametrize(("settings", "setting"), [
-    ({"require_approval": "Bash"}, "require_approval"),
-    ({"require_approval": ["Bash(unclosed"]}, "require_approval"),
-    ({"answer_timeout_s": 0}, "answer_timeout_s"),
-    ({"answer_timeout_s": 100, "max_answer_timeout_s": 50}, "answer_timeout_s"),
-    ({"require_approval": ["Bash"], "warm_pool_size": 1}, "warm_pool_size"),
-    ({"allowed_tools": ["AskUserQuestion"], "warm_pool_size": 1}, "warm_pool_size"),
-])
+@pytest.mark.parametrize(
+    ("settings", "setting"),
+    [
+        ({"require_approval": "Bash"}, "require_approval"),
+        ({"require_approval": ["Bash(unclosed"]}, "require_approval"),
+        ({"answer_timeout_s": 0}, "answer_timeout_s"),
+        ({"answer_timeout_s": 100, "max_answer_timeout_s": 50}, "answer_timeout_s"),
+        ({"require_approval": ["Bash"], "warm_pool_size": 1}, "warm_pool_size"),
+        ({"allowed_tools": ["AskUserQuestion"], "warm_pool_size": 1}, "warm_pool_size"),
+    ],
+)
 def test_the_callers_loop_settings_are_checked(
     tmp_path: Path, settings: dict[str, Any], setting: str
 ) -> None:
     path = write_tenants(tmp_path, tenant_toml("a", "tok", **settings))
     with pytest.raises(ConfigError, match=f"tenants.a.{setting}"):
         TenantRegistry.load(path)
-    ok = write_tenants(tmp_path, tenant_toml(
-        "a", "tok", require_approval=["Bash(git push:*)", "Write"], answer_timeout_s=30))
+    ok = write_tenants(
+        tmp_path,
+        tenant_toml(
+            "a", "tok", require_approval=["Bash(git push:*)", "Write"], answer_timeout_s=30
+        ),
+    )
     tenant = TenantRegistry.load(ok).tenants["a"]
     assert tenant.require_approval == ("Bash(git push:*)", "Write")
     assert (tenant.answer_timeout_s, tenant.max_answer_timeout_s) == (30, 3600)
 
 
-@pytest.mark.parametrize(("settings", "setting"), [
-    ({"allowed_efforts": ["low", "huge"]}, "allowed_efforts"),
-    ({"allowed_efforts": "low"}, "allowed_efforts"),
-    ({"max_thinking_tokens": 100}, "max_thinking_tokens"),
-    ({"max_thinking_tokens": -1}, "max_thinking_tokens"),
-    ({"fallback_models": "claude-haiku-4-5"}, "fallback_models"),
-    ({"fallback_models": [""]}, "fallback_models"),
-])
+@pytest.mark.parametrize(
+    ("settings", "setting"),
+    [
+        ({"allowed_efforts": ["low", "huge"]}, "allowed_efforts"),
+        ({"allowed_efforts": "low"}, "allowed_efforts"),
+        ({"max_thinking_tokens": 100}, "max_thinking_tokens"),
+        ({"max_thinking_tokens": -1}, "max_thinking_tokens"),
+        ({"fallback_models": "claude-haiku-4-5"}, "fallback_models"),
+        ({"fallback_models": [""]}, "fallback_models"),
+    ],
+)
 def test_the_model_knob_settings_are_checked(
     tmp_path: Path, settings: dict[str, Any], setting: str
 ) -> None:
     path = write_tenants(tmp_path, tenant_toml("a", "tok", **settings))
     with pytest.raises(ConfigError, match=f"tenants.a.{setting}"):
         TenantRegistry.load(path)
-    ok = write_tenants(tmp_path, tenant_toml(
-        "a", "tok", allowed_efforts=["low", "max"], max_thinking_tokens=1024,
-        fallback_models=["claude-haiku-4-5"]))
+    ok = write_tenants(
+        tmp_path,
+        tenant_toml(
+            "a",
+            "tok",
+            allowed_efforts=["low", "max"],
+            max_thinking_tokens=1024,
+            fallback_models=["claude-haiku-4-5"],
+        ),
+    )
     tenant = TenantRegistry.load(ok).tenants["a"]
     assert (tenant.allowed_efforts, tenant.max_thinking_tokens, tenant.fallback_models) == (
-        ("low", "max"), 1024, ("claude-haiku-4-5",))
+        ("low", "max"),
+        1024,
+        ("claude-haiku-4-5",),
+    )
     plain = TenantRegistry.load(write_tenants(tmp_path, tenant_toml("a", "tok"))).tenants["a"]
     assert (plain.allowed_efforts, plain.max_thinking_tokens, plain.fallback_models) == ((), 0, ())
 
@@ -261,48 +301,94 @@ def mcp_tenant(servers: str, tools: str = '["mcp__crm"]') -> str:
     return tenant_toml("a", "tok") + f"allowed_tools = {tools}\n" + servers
 
 
-@pytest.mark.parametrize(("body", "setting"), [
-    (mcp_tenant("", tools='["mcp__crm"]'), "tenants.a.allowed_tools"),  # no such server
-    (mcp_tenant('[tenants.a.mcp_servers.caller]\ncommand = "/bin/true"\n', '["Read"]'),
-     "tenants.a.mcp_servers.caller"),
-    (mcp_tenant('[tenants.a.mcp_servers.a__b]\ncommand = "/bin/true"\n', '["Read"]'),
-     "tenants.a.mcp_servers.a__b"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "true"\n'),
-     "tenants.a.mcp_servers.crm.command"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/no/such"]\n'),
-     "tenants.a.mcp_servers.crm.paths"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/a b"]\n'),
-     "tenants.a.mcp_servers.crm.paths"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/"]\n'),
-     "tenants.a.mcp_servers.crm.paths"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/usr/../etc"]\n'),
-     "tenants.a.mcp_servers.crm.paths"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "ws"\nurl = "http://x"\n'),
-     "tenants.a.mcp_servers.crm.type"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "ftp://x/mcp"\n'),
-     "tenants.a.mcp_servers.crm.url"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://u:p@x/mcp"\n'),
-     "tenants.a.mcp_servers.crm.url"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://x"\n'
-                'command = "/bin/true"\n'), "tenants.a.mcp_servers.crm.command"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://x"\n'
-                'headers = { Authorization = { env = "A", file = "/b" } }\n'),
-     "tenants.a.mcp_servers.crm.headers.Authorization"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://x"\n'
-                'headers = { "Bad Header" = "x" }\n'), "tenants.a.mcp_servers.crm.headers"),
-    (mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "sse"\nurl = "https://x"\n'
-                'headers = { Authorization = { file = "relative" } }\n'),
-     "tenants.a.mcp_servers.crm.headers.Authorization"),
-    (tenant_toml("a", "tok", mcp_timeout_s=0), "tenants.a.mcp_timeout_s"),
-])
+@pytest.mark.parametrize(
+    ("body", "setting"),
+    [
+        (mcp_tenant("", tools='["mcp__crm"]'), "tenants.a.allowed_tools"),  # no such server
+        (
+            mcp_tenant('[tenants.a.mcp_servers.caller]\ncommand = "/bin/true"\n', '["Read"]'),
+            "tenants.a.mcp_servers.caller",
+        ),
+        (
+            mcp_tenant('[tenants.a.mcp_servers.a__b]\ncommand = "/bin/true"\n', '["Read"]'),
+            "tenants.a.mcp_servers.a__b",
+        ),
+        (
+            mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "true"\n'),
+            "tenants.a.mcp_servers.crm.command",
+        ),
+        (
+            mcp_tenant(
+                '[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/no/such"]\n'
+            ),
+            "tenants.a.mcp_servers.crm.paths",
+        ),
+        (
+            mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/a b"]\n'),
+            "tenants.a.mcp_servers.crm.paths",
+        ),
+        (
+            mcp_tenant('[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/"]\n'),
+            "tenants.a.mcp_servers.crm.paths",
+        ),
+        (
+            mcp_tenant(
+                '[tenants.a.mcp_servers.crm]\ncommand = "/bin/true"\npaths = ["/usr/../etc"]\n'
+            ),
+            "tenants.a.mcp_servers.crm.paths",
+        ),
+        (
+            mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "ws"\nurl = "http://x"\n'),
+            "tenants.a.mcp_servers.crm.type",
+        ),
+        (
+            mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "ftp://x/mcp"\n'),
+            "tenants.a.mcp_servers.crm.url",
+        ),
+        (
+            mcp_tenant('[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://u:p@x/mcp"\n'),
+            "tenants.a.mcp_servers.crm.url",
+        ),
+        (
+            mcp_tenant(
+                '[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://x"\n'
+                'command = "/bin/true"\n'
+            ),
+            "tenants.a.mcp_servers.crm.command",
+        ),
+        (
+            mcp_tenant(
+                '[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://x"\n'
+                'headers = { Authorization = { env = "A", file = "/b" } }\n'
+            ),
+            "tenants.a.mcp_servers.crm.headers.Authorization",
+        ),
+        (
+            mcp_tenant(
+                '[tenants.a.mcp_servers.crm]\ntype = "http"\nurl = "https://x"\n'
+                'headers = { "Bad Header" = "x" }\n'
+            ),
+            "tenants.a.mcp_servers.crm.headers",
+        ),
+        (
+            mcp_tenant(
+                '[tenants.a.mcp_servers.crm]\ntype = "sse"\nurl = "https://x"\n'
+                'headers = { Authorization = { file = "relative" } }\n'
+            ),
+            "tenants.a.mcp_servers.crm.headers.Authorization",
+        ),
+        (tenant_toml("a", "tok", mcp_timeout_s=0), "tenants.a.mcp_timeout_s"),
+    ],
+)
 def test_mcp_server_declarations_are_checked(tmp_path: Path, body: str, setting: str) -> None:
     with pytest.raises(ConfigError) as caught:
         TenantRegistry.load(write_tenants(tmp_path, body))
     assert setting in str(caught.value)
 
 
-def test_mcp_servers_parse_and_keep_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                              ) -> None:
+def test_mcp_servers_parse_and_keep_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from agentplane.server.mcp.servers import RemoteServer, StdioServer, problem
 
     secret = tmp_path / "crm-token"
@@ -312,17 +398,23 @@ def test_mcp_servers_parse_and_keep_no_secret(tmp_path: Path, monkeypatch: pytes
         f'headers = {{ Authorization = {{ env = "CRM_TOKEN", prefix = "Bearer " }}, '
         f'X-Key = {{ file = "{secret}" }}, X-Team = "acme" }}\n'
         '[tenants.a.mcp_servers.files]\ncommand = "/bin/cat"\nenv = { MODE = "ro" }\n'
-        'paths = ["/usr/share"]\n', tools='["Read", "mcp__crm__lookup", "mcp__files"]')
+        'paths = ["/usr/share"]\n',
+        tools='["Read", "mcp__crm__lookup", "mcp__files"]',
+    )
     monkeypatch.delenv("CRM_TOKEN", raising=False)
     registry = TenantRegistry.load(write_tenants(tmp_path, body))
     crm, files = registry.tenants["a"].mcp_servers
     assert isinstance(crm, RemoteServer) and isinstance(files, StdioServer)
     assert (crm.origin, crm.path) == ("https://crm.example:8443", "/v1/mcp?x=1")
     assert "CRM_TOKEN" in registry.key_env_names()  # scrubbed from unsandboxed agents
-    assert problem([crm]) == ("MCP server crm: header Authorization: the environment "
-                              "variable CRM_TOKEN is not set")
+    assert problem([crm]) == (
+        "MCP server crm: header Authorization: the environment variable CRM_TOKEN is not set"
+    )
     monkeypatch.setenv("CRM_TOKEN", "t0k")
     assert problem([crm, files]) is None
     assert [(k, v.resolve()) for k, v in crm.headers] == [
-        ("Authorization", "Bearer t0k"), ("X-Key", "from-a-file"), ("X-Team", "acme")]
+        ("Authorization", "Bearer t0k"),
+        ("X-Key", "from-a-file"),
+        ("X-Team", "acme"),
+    ]
     assert "t0k" not in repr(registry.tenants["a"]) and "from-a-file" not in repr(crm)

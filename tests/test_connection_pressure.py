@@ -22,9 +22,7 @@ pytestmark = pytest.mark.asyncio
 
 @pytest.fixture
 async def h(database_url: str) -> AsyncIterator[Harness]:
-    harness = await start_harness(
-        database_url, db_pool_timeout_s=0.5, db_statement_timeout_s=0.5
-    )
+    harness = await start_harness(database_url, db_pool_timeout_s=0.5, db_statement_timeout_s=0.5)
     harness.sandbox.add_script("steady", Script(steps=[Step(text="steady done", delay_s=1.5)]))
     yield harness
     await stop_harness(harness)
@@ -52,8 +50,9 @@ async def test_an_exhausted_pool_answers_unavailable_and_running_sessions_finish
     for _ in range(pool.size() + pool._max_overflow):  # type: ignore[attr-defined]
         await held.enter_async_context(h.app.engine.connect())
     try:
-        err = await unavailable(h.sessions.ListSessions(
-            session_pb2.ListSessionsRequest(), metadata=h.auth("globex")))
+        err = await unavailable(
+            h.sessions.ListSessions(session_pb2.ListSessionsRequest(), metadata=h.auth("globex"))
+        )
         assert err.details() == NO_CONNECTION
         # The running session ends COMPLETE meanwhile: its events and end are written.
         events = []
@@ -64,7 +63,8 @@ async def test_an_exhausted_pool_answers_unavailable_and_running_sessions_finish
         await held.aclose()
     # Once connections are free again, the database holds the whole session.
     streamed = h.sessions.StreamSession(
-        session_pb2.StreamSessionRequest(session_id=session_id), metadata=h.auth())
+        session_pb2.StreamSessionRequest(session_id=session_id), metadata=h.auth()
+    )
     persisted = [e async for e in streamed]
     assert [e.seq for e in persisted] == list(range(1, events[-1].seq + 1))
     listed = await h.sessions.ListSessions(session_pb2.ListSessionsRequest(), metadata=h.auth())
@@ -78,8 +78,9 @@ async def test_a_statement_past_its_timeout_answers_unavailable(h: Harness) -> N
     async with await psycopg.AsyncConnection.connect(url.render_as_string(False)) as lock:
         # An operator's long transaction holds the sessions table.
         await lock.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
-        err = await unavailable(h.sessions.ListSessions(
-            session_pb2.ListSessionsRequest(), metadata=h.auth()))
+        err = await unavailable(
+            h.sessions.ListSessions(session_pb2.ListSessionsRequest(), metadata=h.auth())
+        )
         assert err.details() == TOO_SLOW
         await lock.rollback()
     # The lock gone, the same call is served again (it raises otherwise).

@@ -28,13 +28,15 @@ from harness import (
 pytestmark = pytest.mark.asyncio
 
 SCHEMA = {
-    "type": "object", "properties": {"answer": {"type": "integer"}, "why": {"type": "string"}},
+    "type": "object",
+    "properties": {"answer": {"type": "integer"}, "why": {"type": "string"}},
     "required": ["answer"],
 }
 
 
-async def run(h: Harness, script: str, steps: list[Step], tenant: str = "files",
-              **fields: Any) -> list[session_pb2.SessionEvent]:
+async def run(
+    h: Harness, script: str, steps: list[Step], tenant: str = "files", **fields: Any
+) -> list[session_pb2.SessionEvent]:
     h.sandbox.add_script(script, Script(steps=steps))
     fields.setdefault("model", MODEL)
     call = h.sessions.RunSession(
@@ -56,65 +58,91 @@ def bash(command: str) -> Step:
 
 async def artifacts(h: Harness, session_id: str, tenant: str = "files") -> dict[str, Any]:
     listed = await h.sessions.ListArtifacts(
-        session_pb2.ListArtifactsRequest(session_id=session_id), metadata=h.auth(tenant))
+        session_pb2.ListArtifactsRequest(session_id=session_id), metadata=h.auth(tenant)
+    )
     return {a.path: a for a in listed.artifacts}
 
 
 async def download(h: Harness, session_id: str, path: str, tenant: str = "files") -> bytes:
     call = h.sessions.GetArtifact(
-        session_pb2.GetArtifactRequest(session_id=session_id, path=path), metadata=h.auth(tenant))
+        session_pb2.GetArtifactRequest(session_id=session_id, path=path), metadata=h.auth(tenant)
+    )
     chunks = [chunk async for chunk in call]
     assert chunks[0].artifact.path == path
-    assert [c.offset for c in chunks] == [sum(len(p.data) for p in chunks[:i])
-                                          for i in range(len(chunks))]
+    assert [c.offset for c in chunks] == [
+        sum(len(p.data) for p in chunks[:i]) for i in range(len(chunks))
+    ]
     return b"".join(c.data for c in chunks)
 
 
 async def test_a_structured_result_that_matches_its_schema(harness: Harness) -> None:
-    events = await run(harness, "structured", [
-        Step(tool_calls=[ToolCall("StructuredOutput", {"answer": 42, "why": "because"})]),
-        Step(text="done"),
-    ], output_schema_json=json.dumps(SCHEMA))
+    events = await run(
+        harness,
+        "structured",
+        [
+            Step(tool_calls=[ToolCall("StructuredOutput", {"answer": 42, "why": "because"})]),
+            Step(text="done"),
+        ],
+        output_schema_json=json.dumps(SCHEMA),
+    )
     final = events[-1].result.session
     assert final.state == session_pb2.SESSION_STATE_COMPLETE, final.error
     assert json.loads(final.structured_result_json) == {"answer": 42, "why": "because"}
     assert json.loads(final.output_schema_json) == SCHEMA
     stored = await harness.sessions.GetSession(
-        session_pb2.GetSessionRequest(session_id=final.id), metadata=harness.auth("files"))
+        session_pb2.GetSessionRequest(session_id=final.id), metadata=harness.auth("files")
+    )
     assert stored.structured_result_json == final.structured_result_json
 
 
 async def test_no_structured_result_ends_the_session_invalid_output(harness: Harness) -> None:
-    events = await run(harness, "unstructured", [Step(text="just prose")],
-                       output_schema_json=json.dumps(SCHEMA))
+    events = await run(
+        harness, "unstructured", [Step(text="just prose")], output_schema_json=json.dumps(SCHEMA)
+    )
     final = events[-1].result.session
     assert final.state == session_pb2.SESSION_STATE_ERROR
     assert final.error.reason == session_pb2.ERROR_REASON_INVALID_OUTPUT
     assert "no structured result" in final.error.message and not final.structured_result_json
 
 
-@pytest.mark.parametrize("schema", [
-    "{not json", '{"type": "array"}', '{"type": "object", "properties": {"a": {"type": 7}}}',
-])
+@pytest.mark.parametrize(
+    "schema",
+    [
+        "{not json",
+        '{"type": "array"}',
+        '{"type": "object", "properties": {"a": {"type": 7}}}',
+    ],
+)
 async def test_a_bad_output_schema_is_invalid_argument(harness: Harness, schema: str) -> None:
-    err = await refused(harness.sessions.RunSession(session_pb2.RunSessionRequest(
-        prompt="hi", model=MODEL, output_schema_json=schema), metadata=harness.auth("files")
-    ).read())
+    err = await refused(
+        harness.sessions.RunSession(
+            session_pb2.RunSessionRequest(prompt="hi", model=MODEL, output_schema_json=schema),
+            metadata=harness.auth("files"),
+        ).read()
+    )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in error_details(err)["BadRequest"].field_violations] == [
-        "output_schema_json"]
+        "output_schema_json"
+    ]
 
 
 async def test_files_in_and_artifacts_out(harness: Harness) -> None:
-    events = await run(harness, "files_round_trip", [
-        bash("cat docs/spec.md"),
-        bash("mkdir -p out && echo made > out/result.txt && echo changed >> docs/spec.md"
-             " && head -c 1100000 /dev/zero > big.bin && ln -s /etc/passwd link"),
-        Step(text="done"),
-    ], input_files=[
-        session_pb2.InputFile(path="docs/spec.md", content=b"SPEC-123\n"),
-        session_pb2.InputFile(path="untouched.txt", content=b"same"),
-    ])
+    events = await run(
+        harness,
+        "files_round_trip",
+        [
+            bash("cat docs/spec.md"),
+            bash(
+                "mkdir -p out && echo made > out/result.txt && echo changed >> docs/spec.md"
+                " && head -c 1100000 /dev/zero > big.bin && ln -s /etc/passwd link"
+            ),
+            Step(text="done"),
+        ],
+        input_files=[
+            session_pb2.InputFile(path="docs/spec.md", content=b"SPEC-123\n"),
+            session_pb2.InputFile(path="untouched.txt", content=b"same"),
+        ],
+    )
     results = [e.tool_result for e in events if e.HasField("tool_result")]
     assert results[0].content.strip() == "SPEC-123"
     session_id = events[0].session_id
@@ -138,24 +166,33 @@ async def test_files_in_and_artifacts_out(harness: Harness) -> None:
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
-@pytest.mark.parametrize(("files", "field"), [
-    ([("/etc/passwd", b"")], "input_files[0].path"),
-    ([("a/../../x", b"")], "input_files[0].path"),
-    ([("a//b", b"")], "input_files[0].path"),
-    ([("", b"")], "input_files[0].path"),
-    ([("a.txt", b""), ("a.txt", b"")], "input_files[1].path"),
-    ([("a", b""), ("a/b", b"")], "input_files[1].path"),
-    ([("big", b"x" * ((1 << 20) + 1))], "input_files[0].path"),
-    ([(f"f{i}", b"") for i in range(4)], "input_files"),
-    ([("a", b"x" * (1 << 20)), ("b", b"x" * (1 << 20)), ("c", b"x")], "input_files"),
-])
+@pytest.mark.parametrize(
+    ("files", "field"),
+    [
+        ([("/etc/passwd", b"")], "input_files[0].path"),
+        ([("a/../../x", b"")], "input_files[0].path"),
+        ([("a//b", b"")], "input_files[0].path"),
+        ([("", b"")], "input_files[0].path"),
+        ([("a.txt", b""), ("a.txt", b"")], "input_files[1].path"),
+        ([("a", b""), ("a/b", b"")], "input_files[1].path"),
+        ([("big", b"x" * ((1 << 20) + 1))], "input_files[0].path"),
+        ([(f"f{i}", b"") for i in range(4)], "input_files"),
+        ([("a", b"x" * (1 << 20)), ("b", b"x" * (1 << 20)), ("c", b"x")], "input_files"),
+    ],
+)
 async def test_bad_input_files_are_invalid_argument_naming_the_file(
     harness: Harness, files: list[tuple[str, bytes]], field: str
 ) -> None:
-    err = await refused(harness.sessions.RunSession(session_pb2.RunSessionRequest(
-        prompt="hi", model=MODEL,
-        input_files=[session_pb2.InputFile(path=p, content=c) for p, c in files],
-    ), metadata=harness.auth("files")).read())
+    err = await refused(
+        harness.sessions.RunSession(
+            session_pb2.RunSessionRequest(
+                prompt="hi",
+                model=MODEL,
+                input_files=[session_pb2.InputFile(path=p, content=c) for p, c in files],
+            ),
+            metadata=harness.auth("files"),
+        ).read()
+    )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
     assert [v.field for v in error_details(err)["BadRequest"].field_violations] == [field]
 
@@ -164,14 +201,27 @@ async def test_an_input_file_through_a_template_symlink_is_refused(database_url:
     template = short_dir("tpl")
     (template / "escape").symlink_to("/tmp")
     token = "linked-token-9"
-    h = await start_harness(database_url, extra_tenants=tenant_toml(
-        "linked", token, anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
-        allowed_tools=["Read"], workspace_template=template))
+    h = await start_harness(
+        database_url,
+        extra_tenants=tenant_toml(
+            "linked",
+            token,
+            anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+            allowed_tools=["Read"],
+            workspace_template=template,
+        ),
+    )
     try:
-        err = await refused(h.sessions.RunSession(session_pb2.RunSessionRequest(
-            prompt="hi", model=MODEL,
-            input_files=[session_pb2.InputFile(path="escape/planted", content=b"x")],
-        ), metadata=[("authorization", f"Bearer {token}")]).read())
+        err = await refused(
+            h.sessions.RunSession(
+                session_pb2.RunSessionRequest(
+                    prompt="hi",
+                    model=MODEL,
+                    input_files=[session_pb2.InputFile(path="escape/planted", content=b"x")],
+                ),
+                metadata=[("authorization", f"Bearer {token}")],
+            ).read()
+        )
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "symlink" in err.details()
         assert not Path("/tmp/planted").exists()
@@ -184,66 +234,99 @@ async def rows_of(h: Harness, session_id: str) -> dict[str, int]:
     counts = {}
     async with h.app.engine.connect() as conn:
         for table, column in (
-            ("sessions", "id"), ("session_events", "session_id"), ("session_labels", "session_id"),
-            ("tool_uses", "session_id"), ("model_requests", "session_id"),
-            ("session_inputs", "session_id"), ("session_artifacts", "session_id"),
+            ("sessions", "id"),
+            ("session_events", "session_id"),
+            ("session_labels", "session_id"),
+            ("tool_uses", "session_id"),
+            ("model_requests", "session_id"),
+            ("session_inputs", "session_id"),
+            ("session_artifacts", "session_id"),
             ("reservations", "session_id"),
         ):
-            counts[table] = (await conn.execute(sqlalchemy.text(
-                f"SELECT count(*) FROM {table} WHERE {column} = :id"), {"id": session_id}
-            )).scalar_one()
+            counts[table] = (
+                await conn.execute(
+                    sqlalchemy.text(f"SELECT count(*) FROM {table} WHERE {column} = :id"),
+                    {"id": session_id},
+                )
+            ).scalar_one()
     return counts
 
 
 async def transcript_rows(h: Harness, conversation: str) -> int:
     async with h.app.engine.connect() as conn:
-        return (await conn.execute(sqlalchemy.text(
-            "SELECT count(*) FROM transcript_entries WHERE session_id = :id"), {"id": conversation}
-        )).scalar_one()
+        return (
+            await conn.execute(
+                sqlalchemy.text("SELECT count(*) FROM transcript_entries WHERE session_id = :id"),
+                {"id": conversation},
+            )
+        ).scalar_one()
 
 
 async def test_delete_session_leaves_no_row_and_keeps_the_spend(harness: Harness) -> None:
-    events = await run(harness, "to_delete", [bash("echo x > kept.txt"), Step(text="done")],
-                       labels={"team": "gone"})
+    events = await run(
+        harness,
+        "to_delete",
+        [bash("echo x > kept.txt"), Step(text="done")],
+        labels={"team": "gone"},
+    )
     final = events[-1].result.session
-    before = await harness.budgets.GetBudget(budget_pb2.GetBudgetRequest(),
-                                             metadata=harness.auth("files"))
+    before = await harness.budgets.GetBudget(
+        budget_pb2.GetBudgetRequest(), metadata=harness.auth("files")
+    )
     assert (await rows_of(harness, final.id))["session_artifacts"] == 1
     assert await transcript_rows(harness, final.sdk_session_id) > 0
 
-    err = await refused(harness.sessions.DeleteSession(
-        session_pb2.DeleteSessionRequest(session_id=final.id), metadata=harness.auth("ops")))
+    err = await refused(
+        harness.sessions.DeleteSession(
+            session_pb2.DeleteSessionRequest(session_id=final.id), metadata=harness.auth("ops")
+        )
+    )
     assert err.code() == grpc.StatusCode.NOT_FOUND
     await harness.sessions.GetSession(  # cached in memory, as ended sessions are
-        session_pb2.GetSessionRequest(session_id=final.id), metadata=harness.auth("files"))
+        session_pb2.GetSessionRequest(session_id=final.id), metadata=harness.auth("files")
+    )
     deleted = await harness.sessions.DeleteSession(
-        session_pb2.DeleteSessionRequest(session_id=final.id), metadata=harness.auth("files"))
+        session_pb2.DeleteSessionRequest(session_id=final.id), metadata=harness.auth("files")
+    )
     assert deleted.session_id == final.id
 
     assert set((await rows_of(harness, final.id)).values()) == {0}
     assert not [p for p in harness.work_dir.rglob("*") if final.id in p.name]  # no file either
     assert await transcript_rows(harness, final.sdk_session_id) == 0
-    err = await refused(harness.sessions.GetSession(
-        session_pb2.GetSessionRequest(session_id=final.id), metadata=harness.auth("files")))
+    err = await refused(
+        harness.sessions.GetSession(
+            session_pb2.GetSessionRequest(session_id=final.id), metadata=harness.auth("files")
+        )
+    )
     assert err.code() == grpc.StatusCode.NOT_FOUND
-    err = await refused(harness.sessions.DeleteSession(
-        session_pb2.DeleteSessionRequest(session_id=final.id), metadata=harness.auth("files")))
+    err = await refused(
+        harness.sessions.DeleteSession(
+            session_pb2.DeleteSessionRequest(session_id=final.id), metadata=harness.auth("files")
+        )
+    )
     assert err.code() == grpc.StatusCode.NOT_FOUND
-    after = await harness.budgets.GetBudget(budget_pb2.GetBudgetRequest(),
-                                            metadata=harness.auth("files"))
+    after = await harness.budgets.GetBudget(
+        budget_pb2.GetBudgetRequest(), metadata=harness.auth("files")
+    )
     assert Decimal(after.spent_usd) == Decimal(before.spent_usd) > 0
 
 
 async def test_a_running_session_cannot_be_deleted(harness: Harness) -> None:
     harness.sandbox.add_script("hold_for_delete", Script(steps=[Step(hang=True)]))
-    call = harness.sessions.RunSession(session_pb2.RunSessionRequest(
-        prompt="[[sandbox:hold_for_delete]] wait", model=MODEL), metadata=harness.auth("files"))
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt="[[sandbox:hold_for_delete]] wait", model=MODEL),
+        metadata=harness.auth("files"),
+    )
     session_id = (await call.read()).session_id
-    err = await refused(harness.sessions.DeleteSession(
-        session_pb2.DeleteSessionRequest(session_id=session_id), metadata=harness.auth("files")))
+    err = await refused(
+        harness.sessions.DeleteSession(
+            session_pb2.DeleteSessionRequest(session_id=session_id), metadata=harness.auth("files")
+        )
+    )
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     await harness.sessions.CancelSession(
-        session_pb2.CancelSessionRequest(session_id=session_id), metadata=harness.auth("files"))
+        session_pb2.CancelSessionRequest(session_id=session_id), metadata=harness.auth("files")
+    )
     while await call.read() is not grpc.aio.EOF:
         pass
     assert (await rows_of(harness, session_id))["sessions"] == 1
@@ -255,9 +338,10 @@ async def test_retention_deletes_sessions_older_than_the_tenants_days(harness: H
     kept = (await run(harness, "other_tenant", [Step(text="x")], tenant="ops"))[-1].result.session
     async with harness.app.engine.begin() as conn:  # as if they ended two days ago
         for session_id in (old.id, kept.id):
-            await conn.execute(sqlalchemy.text(
-                "UPDATE sessions SET ended_at = :at WHERE id = :id"),
-                {"at": utcnow() - timedelta(days=2), "id": session_id})
+            await conn.execute(
+                sqlalchemy.text("UPDATE sessions SET ended_at = :at WHERE id = :id"),
+                {"at": utcnow() - timedelta(days=2), "id": session_id},
+            )
     deleted = await harness.app.sessions.deleter.sweep(harness.app.tenants.tenants.values())
     assert deleted == 1  # `files` keeps sessions a day; `ops` keeps them for ever
     assert (await rows_of(harness, old.id))["sessions"] == 0
@@ -272,16 +356,22 @@ async def test_artifacts_and_deletion_from_another_replica(replicas: Any) -> Non
     assert await download(other, session_id, "far.txt") == b"far\n"
     assert set(await artifacts(other, session_id)) == {"far.txt"}
     await owner.sessions.GetSession(  # now in the owner's memory
-        session_pb2.GetSessionRequest(session_id=session_id), metadata=owner.auth("files"))
+        session_pb2.GetSessionRequest(session_id=session_id), metadata=owner.auth("files")
+    )
     await other.sessions.DeleteSession(
-        session_pb2.DeleteSessionRequest(session_id=session_id), metadata=other.auth("files"))
-    err = await refused(other.sessions.GetSession(
-        session_pb2.GetSessionRequest(session_id=session_id), metadata=other.auth("files")))
+        session_pb2.DeleteSessionRequest(session_id=session_id), metadata=other.auth("files")
+    )
+    err = await refused(
+        other.sessions.GetSession(
+            session_pb2.GetSessionRequest(session_id=session_id), metadata=other.auth("files")
+        )
+    )
     assert err.code() == grpc.StatusCode.NOT_FOUND
     for _ in range(100):  # the owner forgets it once the deletion's NOTIFY arrives
         try:
             await owner.sessions.GetSession(
-                session_pb2.GetSessionRequest(session_id=session_id), metadata=owner.auth("files"))
+                session_pb2.GetSessionRequest(session_id=session_id), metadata=owner.auth("files")
+            )
         except grpc.aio.AioRpcError as gone:
             assert gone.code() == grpc.StatusCode.NOT_FOUND
             break
@@ -292,9 +382,17 @@ async def test_artifacts_and_deletion_from_another_replica(replicas: Any) -> Non
 
 async def test_a_structured_result_with_the_caller_in_the_loop(harness: Harness) -> None:
     # The caller's hook and prompt answers must let the CLI's StructuredOutput tool through.
-    events = await run(harness, "structured_loop", [
-        Step(tool_calls=[ToolCall("StructuredOutput", {"answer": 7})]), Step(text="done"),
-    ], tenant="loop", output_schema_json=json.dumps(SCHEMA), require_approval=["Bash"])
+    events = await run(
+        harness,
+        "structured_loop",
+        [
+            Step(tool_calls=[ToolCall("StructuredOutput", {"answer": 7})]),
+            Step(text="done"),
+        ],
+        tenant="loop",
+        output_schema_json=json.dumps(SCHEMA),
+        require_approval=["Bash"],
+    )
     final = events[-1].result.session
     assert final.state == session_pb2.SESSION_STATE_COMPLETE, final.error
     assert json.loads(final.structured_result_json) == {"answer": 7}

@@ -152,7 +152,11 @@ def _assert_settled(meter: SessionMeter) -> None:
 
 
 async def _post(
-    url: str, body: dict[str, Any] | bytes, *, key: str | None, path: str = "/v1/messages",
+    url: str,
+    body: dict[str, Any] | bytes,
+    *,
+    key: str | None,
+    path: str = "/v1/messages",
     headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     all_headers = {"anthropic-version": "2023-06-01", **(headers or {})}
@@ -174,7 +178,9 @@ def _last(sandbox: SandboxServer, count: int = 1) -> list[RecordedRequest]:
 
 
 async def test_cli_session_is_metered_exactly_and_never_sees_the_real_key(
-    sandbox: SandboxServer, gateway: MeteringGateway, session_dirs: SessionDirs,
+    sandbox: SandboxServer,
+    gateway: MeteringGateway,
+    session_dirs: SessionDirs,
     no_cli_left: None,
 ) -> None:
     hello = session_dirs.cwd / "hello.txt"
@@ -196,9 +202,7 @@ async def test_cli_session_is_metered_exactly_and_never_sees_the_real_key(
         await client.query("[[sandbox:gw_cli]] Read hello.txt")
         messages = await _collect(client)
         # The CLI is still running: look at its environment.
-        environs = _processes_with_env(
-            f"AGENTPLANE_SESSION_DIR={session_dirs.root}".encode()
-        )
+        environs = _processes_with_env(f"AGENTPLANE_SESSION_DIR={session_dirs.root}".encode())
     gateway.close_session(meter.session_id)
 
     result = _result(messages)
@@ -210,8 +214,15 @@ async def test_cli_session_is_metered_exactly_and_never_sees_the_real_key(
     assert meter.spent_usd == sum(_cost(model, s.usage) for s in steps)
     _assert_settled(meter)
     assert [
-        (r.usage.input_tokens, r.usage.output_tokens, r.usage.cache_creation_input_tokens,
-         r.usage.cache_read_input_tokens, r.outcome, r.status, r.stream)
+        (
+            r.usage.input_tokens,
+            r.usage.output_tokens,
+            r.usage.cache_creation_input_tokens,
+            r.usage.cache_read_input_tokens,
+            r.outcome,
+            r.status,
+            r.stream,
+        )
         for r in meter.requests
     ] == [
         (1000, 200, 300, 400, "completed", 200, True),
@@ -247,7 +258,9 @@ async def test_cli_session_is_metered_exactly_and_never_sees_the_real_key(
 
 
 async def test_small_budget_stops_the_session_with_max_tokens_lowered(
-    sandbox: SandboxServer, gateway: MeteringGateway, session_dirs: SessionDirs,
+    sandbox: SandboxServer,
+    gateway: MeteringGateway,
+    session_dirs: SessionDirs,
     no_cli_left: None,
 ) -> None:
     """Expensive Opus 4.5 turns (1000 in + 500 out = $0.0175 each) against $0.10.
@@ -290,8 +303,13 @@ async def test_small_budget_stops_the_session_with_max_tokens_lowered(
     # The documented bound: spend <= budget + what the input estimate missed (here
     # nothing: every response's input is within its estimate).
     missed = sum(
-        max(0, r.usage.input_tokens + r.usage.cache_creation_input_tokens
-            + r.usage.cache_read_input_tokens - r.input_tokens_estimate)
+        max(
+            0,
+            r.usage.input_tokens
+            + r.usage.cache_creation_input_tokens
+            + r.usage.cache_read_input_tokens
+            - r.input_tokens_estimate,
+        )
         for r in forwarded
     )
     assert missed == 0
@@ -395,7 +413,10 @@ async def test_unknown_model_is_refused(sandbox: SandboxServer, gateway: Meterin
     assert len(sandbox.requests) == before  # never forwarded
     (record,) = meter.requests
     assert (record.model, record.outcome, record.status, record.cost_usd) == (
-        "claude-fable-9", "refused", 400, 0,
+        "claude-fable-9",
+        "refused",
+        400,
+        0,
     )
     assert not meter.exhausted
     gateway.close_session(meter.session_id)
@@ -443,7 +464,9 @@ async def test_sse_and_json_pass_through_byte_for_byte(
     sandbox: SandboxServer, gateway: MeteringGateway
 ) -> None:
     usage = Usage(
-        input_tokens=500, output_tokens=70, cache_creation_input_tokens=9,
+        input_tokens=500,
+        output_tokens=70,
+        cache_creation_input_tokens=9,
         cache_read_input_tokens=11,
     )
     step = Step(
@@ -469,8 +492,10 @@ async def test_sse_and_json_pass_through_byte_for_byte(
     streamed, plain = meter.requests
     for record in (streamed, plain):
         assert (record.usage.input_tokens, record.usage.output_tokens) == (500, 70)
-        assert (record.usage.cache_creation_input_tokens,
-                record.usage.cache_read_input_tokens) == (9, 11)
+        assert (record.usage.cache_creation_input_tokens, record.usage.cache_read_input_tokens) == (
+            9,
+            11,
+        )
         assert record.cost_usd == _cost(model, usage) == Decimal("0.002587")  # 2587.05 u$
         assert record.outcome == "completed" and record.max_tokens_forwarded == 4096
         assert record.upstream_request_id.startswith("req_")
@@ -511,7 +536,9 @@ async def test_upstream_errors_pass_through_and_cost_nothing(
     heard: list[bool] = []
     gateway.on_upstream = heard.append
     dead = gateway.open_session(
-        "s-dead", budget_usd=Decimal(1), upstream_base_url="http://127.0.0.1:9",
+        "s-dead",
+        budget_usd=Decimal(1),
+        upstream_base_url="http://127.0.0.1:9",
         upstream_api_key=REAL_KEY,
     )
     status, headers, raw = await _post(gateway.base_url, _body(), key=dead.token)
@@ -554,9 +581,7 @@ async def test_concurrent_requests_never_jointly_exceed_the_budget(
     assert sum((r.reserved_usd for r in forwarded), Decimal(0)) <= budget
     sizes = sorted((r.max_tokens_forwarded or 0 for r in forwarded), reverse=True)
     assert sizes[:3] == [2000] * 3 and 512 <= sizes[3] < 2000
-    assert sorted(
-        (r.body or {})["max_tokens"] for r in sandbox.requests[before:]
-    ) == sorted(sizes)
+    assert sorted((r.body or {})["max_tokens"] for r in sandbox.requests[before:]) == sorted(sizes)
     assert meter.spent_usd == 4 * _cost("claude-sonnet-4-5", usage)
     gateway.close_session(meter.session_id)
     _assert_settled(meter)
@@ -566,10 +591,12 @@ async def test_client_disconnect_and_upstream_drop_settle_what_was_seen(
     sandbox: SandboxServer, gateway: MeteringGateway
 ) -> None:
     usage = Usage(input_tokens=700, output_tokens=300, cache_read_input_tokens=50)
-    sandbox.add_script("gw_stall", Script(steps=[Step(text="x" * 64, usage=usage,
-                                                      stall_after_events=2)]))
-    sandbox.add_script("gw_drop", Script(steps=[Step(text="y" * 64, usage=usage,
-                                                     drop_after_events=4)]))
+    sandbox.add_script(
+        "gw_stall", Script(steps=[Step(text="x" * 64, usage=usage, stall_after_events=2)])
+    )
+    sandbox.add_script(
+        "gw_drop", Script(steps=[Step(text="y" * 64, usage=usage, drop_after_events=4)])
+    )
     model = "claude-sonnet-4-5"
     seen = Usage(input_tokens=700, output_tokens=1, cache_read_input_tokens=50)  # message_start
     meter = _open(gateway, sandbox, "1")
@@ -578,8 +605,7 @@ async def test_client_disconnect_and_upstream_drop_settle_what_was_seen(
     async with aiohttp.ClientSession() as http:
         # The agent goes away mid-stream (an interrupt): upstream is closed too.
         body = _body("[[sandbox:gw_stall]] go", stream=True)
-        async with http.post(gateway.base_url + "/v1/messages", json=body,
-                             headers=headers) as resp:
+        async with http.post(gateway.base_url + "/v1/messages", json=body, headers=headers) as resp:
             assert resp.status == 200
             first = await resp.content.readuntil(b"\n\n")
             assert first.startswith(b"event: message_start")
@@ -594,8 +620,7 @@ async def test_client_disconnect_and_upstream_drop_settle_what_was_seen(
         # Upstream breaks off: the agent's stream breaks off the same way.
         body = _body("[[sandbox:gw_drop]] go", stream=True)
         received = b""
-        async with http.post(gateway.base_url + "/v1/messages", json=body,
-                             headers=headers) as resp:
+        async with http.post(gateway.base_url + "/v1/messages", json=body, headers=headers) as resp:
             with pytest.raises(aiohttp.ClientPayloadError):
                 async for chunk in resp.content.iter_any():
                     received += chunk
@@ -616,7 +641,9 @@ async def test_open_session_checks(sandbox: SandboxServer, gateway: MeteringGate
         _open(gateway, sandbox, "1", name="s-twice")
     with pytest.raises(ValueError, match="no upstream API key"):
         gateway.open_session(
-            "s-nokey", budget_usd=Decimal(1), upstream_base_url=sandbox.base_url,
+            "s-nokey",
+            budget_usd=Decimal(1),
+            upstream_base_url=sandbox.base_url,
             upstream_api_key="",
         )
     assert gateway.meter("s-twice") is meter
@@ -632,16 +659,16 @@ async def test_open_session_checks(sandbox: SandboxServer, gateway: MeteringGate
 
 def test_input_estimate() -> None:
     body = _body("hello " * 100, system="You are terse.", tools=[{"name": "Read"}])
-    parts = json.dumps(
-        [body["system"], body["messages"], body["tools"]], separators=(",", ":")
-    )
+    parts = json.dumps([body["system"], body["messages"], body["tools"]], separators=(",", ":"))
     assert estimate_input_tokens(body, 0.2) == math.ceil(len(parts) * 1.2 / 4)
     assert estimate_input_tokens(body, 0) == math.ceil(len(parts) / 4)
     # Non-ASCII text counts as its \uXXXX escapes: 6 characters each.
     assert estimate_input_tokens(_body("日本語" * 100), 0) > 450
     # A base64 image counts as IMAGE_TOKENS, not as its data.
-    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                         "data": "A" * 400_000}}
+    image = {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": "A" * 400_000},
+    }
     result = {"type": "tool_result", "tool_use_id": "t", "content": [image]}
     with_image = _body("see")
     with_image["messages"].append({"role": "user", "content": [result]})
@@ -650,23 +677,46 @@ def test_input_estimate() -> None:
 
 
 def test_sse_usage_parser_on_any_chunking() -> None:
-    start = {"type": "message_start", "message": {"usage": {
-        "input_tokens": 500, "cache_creation_input_tokens": 9, "cache_read_input_tokens": 11,
-        "output_tokens": 1, "cache_creation": {"ephemeral_1h_input_tokens": 4}}}}
-    delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
-             "usage": {"input_tokens": 500, "output_tokens": 70}}
+    start = {
+        "type": "message_start",
+        "message": {
+            "usage": {
+                "input_tokens": 500,
+                "cache_creation_input_tokens": 9,
+                "cache_read_input_tokens": 11,
+                "output_tokens": 1,
+                "cache_creation": {"ephemeral_1h_input_tokens": 4},
+            }
+        },
+    }
+    delta = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn"},
+        "usage": {"input_tokens": 500, "output_tokens": 70},
+    }
     frames = [
         ("message_start", start),
         ("ping", {"type": "ping"}),
-        ("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                 "delta": {"type": "text_delta", "text": "hi\n\nthere"}}),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "hi\n\nthere"},
+            },
+        ),
         ("message_delta", delta),
         ("message_stop", {"type": "message_stop"}),
     ]
     for newline in (b"\n", b"\r\n"):
         raw = b"".join(
-            b"event: " + name.encode() + newline + b"data: " + json.dumps(data).encode()
-            + newline + newline
+            b"event: "
+            + name.encode()
+            + newline
+            + b"data: "
+            + json.dumps(data).encode()
+            + newline
+            + newline
             for name, data in frames
         )
         for size in (1, 7, len(raw)):

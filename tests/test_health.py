@@ -21,12 +21,14 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def settings(database_url: str, work_dir: Path, **kw: object) -> Settings:
-    return Settings(listen="127.0.0.1:0", database_url=database_url, work_dir=work_dir,
-                    auto_migrate=True, **kw)  # type: ignore[arg-type]
+    return Settings(
+        listen="127.0.0.1:0", database_url=database_url, work_dir=work_dir, auto_migrate=True, **kw
+    )  # type: ignore[arg-type]
 
 
 async def test_health_goes_serving_when_ready_and_not_serving_on_shutdown(
-    database_url: str, short_tmp: Path,
+    database_url: str,
+    short_tmp: Path,
 ) -> None:
     app = await App.start(settings(database_url, short_tmp), TenantRegistry.dev())
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
@@ -59,12 +61,17 @@ async def test_reflection_lists_the_services(database_url: str, short_tmp: Path)
         reply = await call.read()
         names = {s.name for s in reply.list_services_response.service}
     await app.stop(grace=1)
-    assert {"agentplane.v1.SessionService", "agentplane.v1.BudgetService",
-            "agentplane.v1.UsageService", "grpc.health.v1.Health"} <= names
+    assert {
+        "agentplane.v1.SessionService",
+        "agentplane.v1.BudgetService",
+        "agentplane.v1.UsageService",
+        "grpc.health.v1.Health",
+    } <= names
 
 
 async def test_a_missing_cli_keeps_the_server_not_serving_and_refuses_sessions(
-    database_url: str, short_tmp: Path,
+    database_url: str,
+    short_tmp: Path,
 ) -> None:
     missing = Path("/nonexistent/claude")
     app = await App.start(settings(database_url, short_tmp, cli_path=missing), TenantRegistry.dev())
@@ -74,7 +81,9 @@ async def test_a_missing_cli_keeps_the_server_not_serving_and_refuses_sessions(
         for name in ("", "agentplane.v1.SessionService", "readiness"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
             assert reply.status == NOT_SERVING, name
-        assert (await health.Check(health_pb2.HealthCheckRequest(service="liveness"))).status == SERVING
+        assert (
+            await health.Check(health_pb2.HealthCheckRequest(service="liveness"))
+        ).status == SERVING
         sessions = session_pb2_grpc.SessionServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _ in sessions.RunSession(session_pb2.RunSessionRequest(prompt="hi")):

@@ -51,15 +51,35 @@ async def h(database_url: str) -> AsyncIterator[Harness]:
     template = short_dir("tpl")
     (template / "plan.txt").write_text("The plan is GUAVA.\n")
     tables = [
-        tenant_toml("victim", TOKENS["victim"], anthropic_api_key_env="AGENTPLANE_TEST_GLOBEX_KEY",
-                    allowed_tools=["Bash"], system_prompt=VICTIM_PROMPT, daily_limit_usd=5.0),
-        tenant_toml("worker", TOKENS["worker"], anthropic_api_key_env=key,
-                    allowed_tools=["Bash", "Read", "Write", "Glob", "Grep"],
-                    workspace_template=template),
-        *(tenant_toml(name, TOKENS[name], anthropic_api_key_env=key, allowed_tools=["Bash"],
-                      **limits) for name, limits in LIMITED.items()),
-        tenant_toml("pooled", TOKENS["pooled"], anthropic_api_key_env=key, allowed_tools=["Bash"],
-                    warm_pool_size=1, warm_pool_model="claude-sonnet-4-5"),
+        tenant_toml(
+            "victim",
+            TOKENS["victim"],
+            anthropic_api_key_env="AGENTPLANE_TEST_GLOBEX_KEY",
+            allowed_tools=["Bash"],
+            system_prompt=VICTIM_PROMPT,
+            daily_limit_usd=5.0,
+        ),
+        tenant_toml(
+            "worker",
+            TOKENS["worker"],
+            anthropic_api_key_env=key,
+            allowed_tools=["Bash", "Read", "Write", "Glob", "Grep"],
+            workspace_template=template,
+        ),
+        *(
+            tenant_toml(
+                name, TOKENS[name], anthropic_api_key_env=key, allowed_tools=["Bash"], **limits
+            )
+            for name, limits in LIMITED.items()
+        ),
+        tenant_toml(
+            "pooled",
+            TOKENS["pooled"],
+            anthropic_api_key_env=key,
+            allowed_tools=["Bash"],
+            warm_pool_size=1,
+            warm_pool_model="claude-sonnet-4-5",
+        ),
     ]
     harness = await start_harness(database_url, extra_tenants="\n".join(tables))
     yield harness
@@ -68,11 +88,18 @@ async def h(database_url: str) -> AsyncIterator[Harness]:
 
 def bash_script(h: Harness, name: str, command: str, *, answer: str = "done") -> str:
     """Script `name`: one Bash call running `command`, then `answer`; the prompt for it."""
-    h.sandbox.add_script(name, Script(steps=[
-        Step(tool_calls=[ToolCall("Bash", {"command": command, "timeout": 120000})],
-             usage=Usage(input_tokens=1000, output_tokens=50)),
-        Step(text=answer, usage=Usage(input_tokens=1200, output_tokens=20)),
-    ]))
+    h.sandbox.add_script(
+        name,
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[ToolCall("Bash", {"command": command, "timeout": 120000})],
+                    usage=Usage(input_tokens=1000, output_tokens=50),
+                ),
+                Step(text=answer, usage=Usage(input_tokens=1200, output_tokens=20)),
+            ]
+        ),
+    )
     return f"[[sandbox:{name}]] go"
 
 
@@ -92,8 +119,10 @@ async def victim_running(h: Harness) -> AsyncIterator[asyncio.Task[list[session_
     events: list[session_pb2.SessionEvent] = []
 
     async def run() -> list[session_pb2.SessionEvent]:
-        call = h.sessions.RunSession(session_pb2.RunSessionRequest(prompt=prompt, model="claude-sonnet-4-5"),
-                                     metadata=h.auth("victim"))
+        call = h.sessions.RunSession(
+            session_pb2.RunSessionRequest(prompt=prompt, model="claude-sonnet-4-5"),
+            metadata=h.auth("victim"),
+        )
         async for event in call:
             events.append(event)
             if event.HasField("tool_use"):
@@ -174,8 +203,15 @@ async def test_the_database_tenants_file_and_other_sessions_are_not_visible(h: H
     work_dir = h.app.settings.work_dir
     db_file = h.database_url.removeprefix("sqlite+aiosqlite:///").removeprefix("sqlite:///")
     # (The folders above the CLI binary exist inside: the way to it, read-only.)
-    hidden = [work_dir / "victim", h.work_dir / "tenants.toml", Path(server.__file__).parent,
-              Path(__file__).parent, "/root", "/etc/shadow", "/var/tmp"]
+    hidden = [
+        work_dir / "victim",
+        h.work_dir / "tenants.toml",
+        Path(server.__file__).parent,
+        Path(__file__).parent,
+        "/root",
+        "/etc/shadow",
+        "/var/tmp",
+    ]
     if h.database_url.startswith("sqlite"):
         hidden.append(db_file)
     command = "; ".join(f"ls -la {t}; cat {t}" for t in hidden)
@@ -209,12 +245,19 @@ async def test_no_port_on_loopback_is_reachable_but_the_gateway(h: Harness) -> N
 
     listener = await asyncio.start_server(accept, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
-    targets = {"grpc": h.app.port, "postgresql": 5432, "listener": port,
-               "model": int(h.sandbox.base_url.rsplit(":", 1)[1])}
-    command = "; ".join(
-        f"(echo > /dev/tcp/127.0.0.1/{p}) 2>/dev/null && echo '{n} OPEN' || echo '{n} closed'"
-        for n, p in targets.items()
-    ) + f"; (echo > /dev/tcp/127.0.0.1/{h.app.gateway.port}) && echo 'gateway OPEN'"
+    targets = {
+        "grpc": h.app.port,
+        "postgresql": 5432,
+        "listener": port,
+        "model": int(h.sandbox.base_url.rsplit(":", 1)[1]),
+    }
+    command = (
+        "; ".join(
+            f"(echo > /dev/tcp/127.0.0.1/{p}) 2>/dev/null && echo '{n} OPEN' || echo '{n} closed'"
+            for n, p in targets.items()
+        )
+        + f"; (echo > /dev/tcp/127.0.0.1/{h.app.gateway.port}) && echo 'gateway OPEN'"
+    )
     async with listener:
         attack = await h.run("ops", prompt=bash_script(h, "probe-ports", command))
     out = tool_output(attack)
@@ -254,7 +297,9 @@ async def test_processes_that_shed_their_session_do_not_outlive_it(h: Harness) -
     assert final(events).state == session_pb2.SESSION_STATE_COMPLETE
     survivors: list[bytes] = []
     for _ in range(50):
-        survivors = [p.cmdline for p in processes() if b"98765" in p.cmdline and b"grep" not in p.cmdline]
+        survivors = [
+            p.cmdline for p in processes() if b"98765" in p.cmdline and b"grep" not in p.cmdline
+        ]
         if not survivors:
             break
         await asyncio.sleep(0.1)
@@ -273,12 +318,19 @@ async def test_symlinks_planted_in_its_folder_do_not_reach_the_host_on_a_retry(h
         "echo probe > /tmp/ap-escape-probe; echo probe > $CLAUDE_CONFIG_DIR/ap-escape-probe; "
         "echo checked"
     )
-    h.sandbox.add_script("plant", Script(steps=[
-        Step(tool_calls=[ToolCall("Bash", {"command": plant})]),
-        Step(tool_calls=[ToolCall("Bash", {"command": check})],
-             failures=[HttpFailure(500, should_retry=False)]),
-        Step(text="done"),
-    ]))
+    h.sandbox.add_script(
+        "plant",
+        Script(
+            steps=[
+                Step(tool_calls=[ToolCall("Bash", {"command": plant})]),
+                Step(
+                    tool_calls=[ToolCall("Bash", {"command": check})],
+                    failures=[HttpFailure(500, should_retry=False)],
+                ),
+                Step(text="done"),
+            ]
+        ),
+    )
     events = await h.run("ops", prompt="[[sandbox:plant]] go")
     out = tool_output(events)
     # (The plant's own output may be lost: it moves the CLI's /tmp away under it.)
@@ -293,16 +345,32 @@ async def test_symlinks_planted_in_its_folder_do_not_reach_the_host_on_a_retry(h
         assert not Path(host_path).exists(), host_path
 
 
-@pytest.mark.parametrize(("tenant", "command", "reason"), [
-    ("lim_disk", "dd if=/dev/zero of=big bs=1M count=64; echo dd=$?; sleep 30",
-     session_pb2.ERROR_REASON_DISK_LIMIT),
-    ("lim_mem", "python3 -c \"a = []\nwhile True: a.append(b'x' * (32 << 20))\"; sleep 30",
-     session_pb2.ERROR_REASON_MEMORY_LIMIT),
-    ("lim_procs", "bomb() { bomb | bomb & }; bomb; sleep 30", session_pb2.ERROR_REASON_PROCESS_LIMIT),
-    ("lim_cpu", "timeout 60 sh -c 'while :; do :; done'", session_pb2.ERROR_REASON_CPU_LIMIT),
-])
+@pytest.mark.parametrize(
+    ("tenant", "command", "reason"),
+    [
+        (
+            "lim_disk",
+            "dd if=/dev/zero of=big bs=1M count=64; echo dd=$?; sleep 30",
+            session_pb2.ERROR_REASON_DISK_LIMIT,
+        ),
+        (
+            "lim_mem",
+            "python3 -c \"a = []\nwhile True: a.append(b'x' * (32 << 20))\"; sleep 30",
+            session_pb2.ERROR_REASON_MEMORY_LIMIT,
+        ),
+        (
+            "lim_procs",
+            "bomb() { bomb | bomb & }; bomb; sleep 30",
+            session_pb2.ERROR_REASON_PROCESS_LIMIT,
+        ),
+        ("lim_cpu", "timeout 60 sh -c 'while :; do :; done'", session_pb2.ERROR_REASON_CPU_LIMIT),
+    ],
+)
 async def test_a_session_past_a_limit_ends_with_that_limit_and_others_run_on(
-    h: Harness, tenant: str, command: str, reason: int,
+    h: Harness,
+    tenant: str,
+    command: str,
+    reason: int,
 ) -> None:
     attack, bystander = await asyncio.gather(
         h.run(tenant, prompt=bash_script(h, f"hog-{tenant}", command)),
@@ -317,14 +385,30 @@ async def test_a_session_past_a_limit_ends_with_that_limit_and_others_run_on(
 
 
 async def test_the_agent_works_in_its_own_folder_with_its_template(h: Harness) -> None:
-    h.sandbox.add_script("work", Script(steps=[
-        Step(tool_calls=[ToolCall("Write", {"file_path": "/tmp/notes.txt", "content": "kiwi\n"})]),
-        Step(tool_calls=[ToolCall("Read", {"file_path": "/tmp/notes.txt"})]),
-        Step(tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})]),
-        Step(tool_calls=[ToolCall("Grep", {"pattern": "GUAVA", "output_mode": "content"})]),
-        Step(tool_calls=[ToolCall("Bash", {"command": "echo made > mine.txt; cat mine.txt plan.txt; id -u"})]),
-        Step(text="worked"),
-    ]))
+    h.sandbox.add_script(
+        "work",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[
+                        ToolCall("Write", {"file_path": "/tmp/notes.txt", "content": "kiwi\n"})
+                    ]
+                ),
+                Step(tool_calls=[ToolCall("Read", {"file_path": "/tmp/notes.txt"})]),
+                Step(tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})]),
+                Step(tool_calls=[ToolCall("Grep", {"pattern": "GUAVA", "output_mode": "content"})]),
+                Step(
+                    tool_calls=[
+                        ToolCall(
+                            "Bash",
+                            {"command": "echo made > mine.txt; cat mine.txt plan.txt; id -u"},
+                        )
+                    ]
+                ),
+                Step(text="worked"),
+            ]
+        ),
+    )
     events = await h.run("worker", prompt="[[sandbox:work]] go")
     results = [e.tool_result for e in events if e.HasField("tool_result")]
     assert final(events).state == session_pb2.SESSION_STATE_COMPLETE

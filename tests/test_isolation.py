@@ -16,7 +16,9 @@ from harness import Harness, start_harness, stop_harness, tenant_toml
 
 pytestmark = [
     pytest.mark.asyncio,
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd"), reason="needs root and useradd"),
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not shutil.which("useradd"), reason="needs root and useradd"
+    ),
 ]
 
 USERS = ("apiso_a", "apiso_b")
@@ -26,8 +28,11 @@ def ensure_user(name: str) -> None:
     try:
         pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True,
+            capture_output=True,
+        )
 
 
 @pytest.fixture(scope="module", params=["bwrap", "none"])
@@ -36,8 +41,13 @@ async def isolated(database_url: str, request: pytest.FixtureRequest) -> AsyncIt
     for name in USERS:
         ensure_user(name)
     tenants = "\n".join(
-        tenant_toml(user, user, anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
-                    allowed_tools=["Bash"], os_user=user)
+        tenant_toml(
+            user,
+            user,
+            anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+            allowed_tools=["Bash"],
+            os_user=user,
+        )
         for user in USERS
     )
     h = await start_harness(database_url, extra_tenants=tenants, sandbox=request.param == "bwrap")
@@ -59,7 +69,10 @@ async def test_an_agent_cannot_read_another_tenants_files(isolated: Harness) -> 
 
     command = f"id -un; cat {secret}; ls {root_b}; echo mine > own.txt && cat own.txt"
     h.sandbox.add_script(
-        "snoop", Script(steps=[Step(tool_calls=[ToolCall("Bash", {"command": command})]), Step(text="done")])
+        "snoop",
+        Script(
+            steps=[Step(tool_calls=[ToolCall("Bash", {"command": command})]), Step(text="done")]
+        ),
     )
     call = h.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt="[[sandbox:snoop]] look", model="claude-sonnet-4-5"),
@@ -84,20 +97,36 @@ async def test_a_session_of_an_os_user_resumes_in_its_sandbox(isolated: Harness)
     h = isolated
     if not h.app.settings.sandbox:
         pytest.skip("unsandboxed, the SDK's resume folder is the server user's (README)")
-    memory = Script(steps=[
-        Step(text="Noted: the fruit is FIG."),
-        Step(text="You told me FIG."),
-    ])
+    memory = Script(
+        steps=[
+            Step(text="Noted: the fruit is FIG."),
+            Step(text="You told me FIG."),
+        ]
+    )
     h.sandbox.add_script("osmemory", memory)
     auth = (("authorization", "Bearer apiso_a"),)
-    first = [e async for e in h.sessions.RunSession(session_pb2.RunSessionRequest(
-        prompt="[[sandbox:osmemory]] Remember the fruit FIG.", model="claude-sonnet-4-5"),
-        metadata=auth)]
+    first = [
+        e
+        async for e in h.sessions.RunSession(
+            session_pb2.RunSessionRequest(
+                prompt="[[sandbox:osmemory]] Remember the fruit FIG.", model="claude-sonnet-4-5"
+            ),
+            metadata=auth,
+        )
+    ]
     earlier = first[-1].result.session
     assert earlier.state == session_pb2.SESSION_STATE_COMPLETE, earlier.error
-    events = [e async for e in h.sessions.RunSession(session_pb2.RunSessionRequest(
-        prompt="Which fruit did I name?", model="claude-sonnet-4-5", resume_session_id=earlier.id),
-        metadata=auth)]
+    events = [
+        e
+        async for e in h.sessions.RunSession(
+            session_pb2.RunSessionRequest(
+                prompt="Which fruit did I name?",
+                model="claude-sonnet-4-5",
+                resume_session_id=earlier.id,
+            ),
+            metadata=auth,
+        )
+    ]
     final = events[-1].result.session
     assert final.state == session_pb2.SESSION_STATE_COMPLETE, final.error
     assert final.result == "You told me FIG."

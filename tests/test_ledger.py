@@ -25,9 +25,16 @@ NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 def tenant(name: str, limit: str = "1.0", tz: str = "UTC") -> Tenant:
     return Tenant(
-        name=name, token_sha256=frozenset(), anthropic_api_key_env="X", allowed_tools=("Read",),
-        system_prompt=None, daily_limit_usd=Decimal(limit), max_session_budget_usd=Decimal("0.5"),
-        max_turns=3, max_concurrent_sessions=2, time_zone=tz,
+        name=name,
+        token_sha256=frozenset(),
+        anthropic_api_key_env="X",
+        allowed_tools=("Read",),
+        system_prompt=None,
+        daily_limit_usd=Decimal(limit),
+        max_session_budget_usd=Decimal("0.5"),
+        max_turns=3,
+        max_concurrent_sessions=2,
+        time_zone=tz,
     )
 
 
@@ -42,20 +49,29 @@ async def db(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession
 async def admit(db: async_sessionmaker[AsyncSession], t: Tenant, amount: str) -> str | None:
     """What admission does: insert the session and reserve, in one transaction."""
     session = Session(
-        id=str(uuid.uuid4()), tenant=t.name, state=SessionState.IDLE, create_time=NOW,
-        max_budget_usd=Decimal(amount), max_turns=3, allowed_tools=("Read",),
+        id=str(uuid.uuid4()),
+        tenant=t.name,
+        state=SessionState.IDLE,
+        create_time=NOW,
+        max_budget_usd=Decimal(amount),
+        max_turns=3,
+        allowed_tools=("Read",),
     )
     day = day_of(NOW, t.time_zone).isoformat()
     try:
         async with db.begin() as s:
             await repo.insert_session(s, session, request_hash="h", budget_day=day)
-            await reserve_for_session(s, t, session_id=session.id, amount=Decimal(amount), day=day, now=NOW)
+            await reserve_for_session(
+                s, t, session_id=session.id, amount=Decimal(amount), day=day, now=NOW
+            )
     except QuotaExceeded:
         return None
     return session.id
 
 
-async def test_concurrent_admissions_never_pass_the_limit_together(db: async_sessionmaker[AsyncSession]) -> None:
+async def test_concurrent_admissions_never_pass_the_limit_together(
+    db: async_sessionmaker[AsyncSession],
+) -> None:
     t = tenant(f"t{uuid.uuid4().hex[:8]}")
     results = await asyncio.gather(*(admit(db, t, "0.25") for _ in range(20)))
     admitted = [r for r in results if r]
@@ -109,13 +125,22 @@ async def test_a_session_spanning_midnight_settles_into_the_day_it_was_admitted(
     assert (second.spent_usd, second.reserved_usd) == (0, 0)  # a new day starts at 0
 
 
-async def admit_at(db: async_sessionmaker[AsyncSession], t: Tenant, amount: str, now: datetime) -> str:
+async def admit_at(
+    db: async_sessionmaker[AsyncSession], t: Tenant, amount: str, now: datetime
+) -> str:
     session = Session(
-        id=str(uuid.uuid4()), tenant=t.name, state=SessionState.IDLE, create_time=now,
-        max_budget_usd=Decimal(amount), max_turns=3, allowed_tools=("Read",),
+        id=str(uuid.uuid4()),
+        tenant=t.name,
+        state=SessionState.IDLE,
+        create_time=now,
+        max_budget_usd=Decimal(amount),
+        max_turns=3,
+        allowed_tools=("Read",),
     )
     day = day_of(now, t.time_zone).isoformat()
     async with db.begin() as s:
         await repo.insert_session(s, session, request_hash="h", budget_day=day)
-        await reserve_for_session(s, t, session_id=session.id, amount=Decimal(amount), day=day, now=now)
+        await reserve_for_session(
+            s, t, session_id=session.id, amount=Decimal(amount), day=day, now=now
+        )
     return session.id

@@ -88,14 +88,27 @@ async def test_a_session_past_its_maximum_duration_times_out(tight: Harness) -> 
     # `brief` sessions may run 3 s; a hanging model call outlasts that. The shared server's
     # idle timeout (1.5 s) would end it first, so this uses a server with a long one. (Only
     # this tenant is that brief: on a loaded machine, 3 s fail ordinary sessions too.)
-    h = await start_harness(tight.database_url, session_idle_timeout_s=30, extra_tenants=(
-        tenant_toml("brief", "brief-token-10", anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
-                    allowed_tools=["Read"], max_duration_s=3)))
+    h = await start_harness(
+        tight.database_url,
+        session_idle_timeout_s=30,
+        extra_tenants=(
+            tenant_toml(
+                "brief",
+                "brief-token-10",
+                anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+                allowed_tools=["Read"],
+                max_duration_s=3,
+            )
+        ),
+    )
     try:
         h.sandbox.add_script("hang", Script(steps=[Step(hang=True)]))
-        session = await finish(h.sessions.RunSession(
-            session_pb2.RunSessionRequest(prompt="[[sandbox:hang]] wait", model=MODEL),
-            metadata=[("authorization", "Bearer brief-token-10")]))
+        session = await finish(
+            h.sessions.RunSession(
+                session_pb2.RunSessionRequest(prompt="[[sandbox:hang]] wait", model=MODEL),
+                metadata=[("authorization", "Bearer brief-token-10")],
+            )
+        )
     finally:
         await stop_harness(h)
     assert session.error.reason == session_pb2.ERROR_REASON_TIMEOUT
@@ -103,7 +116,9 @@ async def test_a_session_past_its_maximum_duration_times_out(tight: Harness) -> 
 
 
 async def test_a_stalled_model_stream_times_out(tight: Harness) -> None:
-    tight.sandbox.add_script("stall", Script(steps=[Step(text="never finished", stall_after_events=3)]))
+    tight.sandbox.add_script(
+        "stall", Script(steps=[Step(text="never finished", stall_after_events=3)])
+    )
     session = await finish(start(tight, "acme", "[[sandbox:stall]] talk"))
     assert session.state == session_pb2.SESSION_STATE_ERROR
     assert session.error.reason == session_pb2.ERROR_REASON_TIMEOUT

@@ -59,9 +59,11 @@ async def test_filters_by_creation_time_and_state(harness: Harness) -> None:
     ids = await admit_cancelled(harness, "ops", 4, "t")
     sessions = {
         s.id: s
-        for s in (await harness.sessions.ListSessions(
-            session_pb2.ListSessionsRequest(labels={"batch": "t"}), metadata=harness.auth("ops")
-        )).sessions
+        for s in (
+            await harness.sessions.ListSessions(
+                session_pb2.ListSessionsRequest(labels={"batch": "t"}), metadata=harness.auth("ops")
+            )
+        ).sessions
     }
     start: Timestamp = sessions[ids[1]].create_time
     end: Timestamp = sessions[ids[3]].create_time
@@ -73,12 +75,16 @@ async def test_filters_by_creation_time_and_state(harness: Harness) -> None:
     )
     assert [s.id for s in ranged.sessions] == [ids[2], ids[1]]  # start inclusive, end exclusive
     errors = await harness.sessions.ListSessions(
-        session_pb2.ListSessionsRequest(labels={"batch": "t"}, state=session_pb2.SESSION_STATE_ERROR),
+        session_pb2.ListSessionsRequest(
+            labels={"batch": "t"}, state=session_pb2.SESSION_STATE_ERROR
+        ),
         metadata=harness.auth("ops"),
     )
     assert len(errors.sessions) == 4
     complete = await harness.sessions.ListSessions(
-        session_pb2.ListSessionsRequest(labels={"batch": "t"}, state=session_pb2.SESSION_STATE_COMPLETE),
+        session_pb2.ListSessionsRequest(
+            labels={"batch": "t"}, state=session_pb2.SESSION_STATE_COMPLETE
+        ),
         metadata=harness.auth("ops"),
     )
     assert list(complete.sessions) == []
@@ -99,15 +105,20 @@ async def test_an_inverted_time_range_or_negative_page_size_is_invalid(harness: 
 
 async def test_label_filters_are_capped_like_session_labels(harness: Harness) -> None:
     too_many = {f"k{i}": "v" for i in range(33)}  # each filter is a join: 150 took seconds
-    for labels, field in ((too_many, "labels"), ({"K" * 64: "v"}, f"labels[{'K' * 64!r}]"),
-                          ({"k": "v" * 257}, "labels['k']")):
+    for labels, field in (
+        (too_many, "labels"),
+        ({"K" * 64: "v"}, f"labels[{'K' * 64!r}]"),
+        ({"k": "v" * 257}, "labels['k']"),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await harness.sessions.ListSessions(
-                session_pb2.ListSessionsRequest(labels=labels), metadata=harness.auth())
+                session_pb2.ListSessionsRequest(labels=labels), metadata=harness.auth()
+            )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error_details(caught.value)["BadRequest"].field_violations[0].field == field
     # 32 filters are fine (and match nothing here).
     reply = await harness.sessions.ListSessions(
         session_pb2.ListSessionsRequest(labels={f"k{i}": "v" for i in range(32)}),
-        metadata=harness.auth())
+        metadata=harness.auth(),
+    )
     assert list(reply.sessions) == []

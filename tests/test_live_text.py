@@ -39,10 +39,17 @@ def assembled(events: list[session_pb2.SessionEvent]) -> dict[str, str]:
 
 
 async def test_deltas_stream_before_their_text_and_are_never_replayed(harness: Harness) -> None:
-    harness.sandbox.add_script("live_text", Script(steps=[
-        Step(text="First, a look.", tool_calls=[ToolCall("Read", {"file_path": "hello.txt"})]),
-        Step(text=LONG),
-    ]))
+    harness.sandbox.add_script(
+        "live_text",
+        Script(
+            steps=[
+                Step(
+                    text="First, a look.", tool_calls=[ToolCall("Read", {"file_path": "hello.txt"})]
+                ),
+                Step(text=LONG),
+            ]
+        ),
+    )
     events = await harness.run(prompt="[[sandbox:live_text]] go", include_partial_messages=True)
     assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
     deltas = [e for e in events if e.HasField("text_delta")]
@@ -56,17 +63,27 @@ async def test_deltas_stream_before_their_text_and_are_never_replayed(harness: H
     for text in ("First, a look.", LONG):
         at = next(i for i, e in enumerate(events) if e.assistant_text.text == text)
         assert "text_delta" in order[:at]
-        last_delta = max(i for i, e in enumerate(events)
-                         if e.HasField("text_delta") and text.endswith(e.text_delta.text))
+        last_delta = max(
+            i
+            for i, e in enumerate(events)
+            if e.HasField("text_delta") and text.endswith(e.text_delta.text)
+        )
         assert last_delta < at
 
-    replay = [e async for e in harness.sessions.StreamSession(
-        session_pb2.StreamSessionRequest(session_id=events[0].session_id),
-        metadata=harness.auth())]
+    replay = [
+        e
+        async for e in harness.sessions.StreamSession(
+            session_pb2.StreamSessionRequest(session_id=events[0].session_id),
+            metadata=harness.auth(),
+        )
+    ]
     assert replay == numbered(events)
     async with sessionmaker(harness.app.engine)() as db:
-        stored = (await db.scalars(
-            select(EventRow.kind).where(EventRow.session_id == events[0].session_id))).all()
+        stored = (
+            await db.scalars(
+                select(EventRow.kind).where(EventRow.session_id == events[0].session_id)
+            )
+        ).all()
     assert "text_delta" not in stored and len(stored) == len(numbered(events))
 
 
@@ -81,24 +98,42 @@ async def test_a_watcher_that_attaches_on_the_owner_gets_the_deltas_from_then_on
     harness: Harness,
 ) -> None:
     # The session waits for its caller's tool: a watcher attaches meanwhile.
-    harness.sandbox.add_script("live_watch", Script(steps=[
-        Step(tool_calls=[ToolCall("mcp__caller__lookup", {"q": "x"})]), Step(text=LONG),
-    ]))
-    call = harness.sessions.RunSession(session_pb2.RunSessionRequest(
-        prompt="[[sandbox:live_watch]] go", model=MODEL, tools=[LOOKUP],
-        include_partial_messages=True), metadata=harness.auth("loop"))
+    harness.sandbox.add_script(
+        "live_watch",
+        Script(
+            steps=[
+                Step(tool_calls=[ToolCall("mcp__caller__lookup", {"q": "x"})]),
+                Step(text=LONG),
+            ]
+        ),
+    )
+    call = harness.sessions.RunSession(
+        session_pb2.RunSessionRequest(
+            prompt="[[sandbox:live_watch]] go",
+            model=MODEL,
+            tools=[LOOKUP],
+            include_partial_messages=True,
+        ),
+        metadata=harness.auth("loop"),
+    )
     mine = []
     while not (mine and mine[-1].HasField("input_request")):
         mine.append(await call.read())
     session_id = mine[0].session_id
     watch = harness.sessions.StreamSession(
-        session_pb2.StreamSessionRequest(session_id=session_id), metadata=harness.auth("loop"))
+        session_pb2.StreamSessionRequest(session_id=session_id), metadata=harness.auth("loop")
+    )
     theirs = []
     while not (theirs and theirs[-1].HasField("input_request")):
         theirs.append(await watch.read())
-    await harness.sessions.Respond(session_pb2.RespondRequest(
-        session_id=session_id, request_id=mine[-1].input_request.request_id,
-        tool_result=session_pb2.ToolCallResult(text="found")), metadata=harness.auth("loop"))
+    await harness.sessions.Respond(
+        session_pb2.RespondRequest(
+            session_id=session_id,
+            request_id=mine[-1].input_request.request_id,
+            tool_result=session_pb2.ToolCallResult(text="found"),
+        ),
+        metadata=harness.auth("loop"),
+    )
     while (event := await call.read()) is not grpc.aio.EOF:
         mine.append(event)
     while (event := await watch.read()) is not grpc.aio.EOF:
@@ -107,7 +142,8 @@ async def test_a_watcher_that_attaches_on_the_owner_gets_the_deltas_from_then_on
     assert list(assembled(mine).values()) == [LONG]
     assert numbered(theirs) == numbered(mine)
     assert [e for e in theirs if e.HasField("text_delta")] == [
-        e for e in mine if e.HasField("text_delta")]
+        e for e in mine if e.HasField("text_delta")
+    ]
 
 
 async def test_the_python_client_asks_for_live_text(harness: Harness) -> None:
@@ -115,8 +151,12 @@ async def test_the_python_client_asks_for_live_text(harness: Harness) -> None:
 
     harness.sandbox.add_script("client_live", Script(steps=[Step(text=LONG)]))
     async with AsyncClient(f"127.0.0.1:{harness.app.port}", token=TOKENS["acme"]) as client:
-        events = [e async for e in client.run(
-            "[[sandbox:client_live]] go", model=MODEL, include_partial_messages=True)]
+        events = [
+            e
+            async for e in client.run(
+                "[[sandbox:client_live]] go", model=MODEL, include_partial_messages=True
+            )
+        ]
         plain = [e async for e in client.run("[[sandbox:client_live]] again", model=MODEL)]
     assert "".join(e.text_delta.text for e in events if e.HasField("text_delta")) == LONG
     assert not [e for e in plain if e.HasField("text_delta")]

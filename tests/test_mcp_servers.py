@@ -91,7 +91,7 @@ def tenants(http_port: int, sse_port: int, silent: int) -> str:
     key = 'anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"'
     return f"""
 [tenants.mcp]
-token_sha256 = ["{hash_token(TOKENS['mcp'])}"]
+token_sha256 = ["{hash_token(TOKENS["mcp"])}"]
 {key}
 allowed_tools = ["Bash", "mcp__crm", "mcp__remote__ping", "mcp__legacy"]
 max_turns = 6
@@ -114,7 +114,7 @@ type = "sse"
 url = "http://127.0.0.1:{sse_port}/sse"
 
 [tenants.mcpbroken]
-token_sha256 = ["{hash_token(TOKENS['mcpbroken'])}"]
+token_sha256 = ["{hash_token(TOKENS["mcpbroken"])}"]
 {key}
 allowed_tools = ["mcp__refused", "mcp__silent", "mcp__crashes"]
 mcp_timeout_s = 3
@@ -131,7 +131,7 @@ url = "http://127.0.0.1:{silent}/mcp"
 command = "/bin/false"
 
 [tenants.mcpnosecret]
-token_sha256 = ["{hash_token(TOKENS['mcpnosecret'])}"]
+token_sha256 = ["{hash_token(TOKENS["mcpnosecret"])}"]
 {key}
 allowed_tools = ["mcp__remote"]
 
@@ -143,35 +143,45 @@ headers = {{ Authorization = {{ env = "AGENTPLANE_TEST_UNSET_MCP_TOKEN" }} }}
 
 
 @pytest.fixture(scope="module")
-async def h(database_url: str, remote_servers: dict[str, Any], silent_port: int
-            ) -> AsyncIterator[Harness]:
-    harness = await start_harness(database_url, extra_tenants=tenants(
-        remote_servers["http"][0], remote_servers["sse"][0], silent_port))
+async def h(
+    database_url: str, remote_servers: dict[str, Any], silent_port: int
+) -> AsyncIterator[Harness]:
+    harness = await start_harness(
+        database_url,
+        extra_tenants=tenants(remote_servers["http"][0], remote_servers["sse"][0], silent_port),
+    )
     yield harness
     await stop_harness(harness)
 
 
 def start(h: Harness, tenant: str, script: str, steps: list[Step], **fields: Any) -> Any:
     h.sandbox.add_script(script, Script(steps=steps))
-    return h.sessions.RunSession(session_pb2.RunSessionRequest(
-        prompt=f"[[sandbox:{script}]] go", model=MODEL, **fields), metadata=h.auth(tenant))
+    return h.sessions.RunSession(
+        session_pb2.RunSessionRequest(prompt=f"[[sandbox:{script}]] go", model=MODEL, **fields),
+        metadata=h.auth(tenant),
+    )
 
 
-async def run(h: Harness, tenant: str, script: str, steps: list[Step], **fields: Any
-              ) -> list[session_pb2.SessionEvent]:
+async def run(
+    h: Harness, tenant: str, script: str, steps: list[Step], **fields: Any
+) -> list[session_pb2.SessionEvent]:
     return [e async for e in start(h, tenant, script, steps, **fields)]
 
 
 def results(events: list[session_pb2.SessionEvent]) -> dict[str, session_pb2.ToolResult]:
     """Tool results by the name of the tool called."""
     names = {e.tool_use.tool_use_id: e.tool_use.name for e in events if e.HasField("tool_use")}
-    return {names[e.tool_result.tool_use_id]: e.tool_result
-            for e in events if e.HasField("tool_result")}
+    return {
+        names[e.tool_result.tool_use_id]: e.tool_result for e in events if e.HasField("tool_result")
+    }
 
 
 def init(events: list[session_pb2.SessionEvent]) -> dict[str, Any]:
-    (data,) = [json.loads(e.system.data_json) for e in events
-               if e.HasField("system") and e.system.subtype == "init"]
+    (data,) = [
+        json.loads(e.system.data_json)
+        for e in events
+        if e.HasField("system") and e.system.subtype == "init"
+    ]
     return data
 
 
@@ -180,18 +190,27 @@ def bash(command: str) -> Step:
 
 
 async def test_the_tenants_servers_tools_answer_the_agent(
-    h: Harness, remote_servers: dict[str, Any], caplog: pytest.LogCaptureFixture,
+    h: Harness,
+    remote_servers: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    events = await run(h, "mcp", "mcp_all", [
-        Step(tool_calls=[
-            ToolCall("mcp__crm__lookup", {"email": "ada@example.com"}),
-            ToolCall("mcp__crm__region", {}),
-            ToolCall("mcp__remote__ping", {"x": "over http"}),
-            ToolCall("mcp__legacy__echo", {"x": "over sse"}),
-        ]),
-        Step(text="all answered"),
-    ])
+    events = await run(
+        h,
+        "mcp",
+        "mcp_all",
+        [
+            Step(
+                tool_calls=[
+                    ToolCall("mcp__crm__lookup", {"email": "ada@example.com"}),
+                    ToolCall("mcp__crm__region", {}),
+                    ToolCall("mcp__remote__ping", {"x": "over http"}),
+                    ToolCall("mcp__legacy__echo", {"x": "over sse"}),
+                ]
+            ),
+            Step(text="all answered"),
+        ],
+    )
     final = events[-1].result.session
     assert final.state == session_pb2.SESSION_STATE_COMPLETE, final.error
     got = results(events)
@@ -202,13 +221,21 @@ async def test_the_tenants_servers_tools_answer_the_agent(
     assert "echo over sse" in got["mcp__legacy__echo"].content
     started = init(events)
     assert {(s["name"], s["status"]) for s in started["mcp_servers"]} == {
-        ("crm", "connected"), ("remote", "connected"), ("legacy", "connected")}
-    assert {"mcp__crm__lookup", "mcp__crm__delete", "mcp__remote__ping",
-            "mcp__legacy__echo"} <= set(started["tools"])
+        ("crm", "connected"),
+        ("remote", "connected"),
+        ("legacy", "connected"),
+    }
+    assert {
+        "mcp__crm__lookup",
+        "mcp__crm__delete",
+        "mcp__remote__ping",
+        "mcp__legacy__echo",
+    } <= set(started["tools"])
 
     # The remote server got the tenant's headers, not the session's gateway token.
-    seen = [json.loads(line)["headers"] for line in remote_servers["http"][1].read_text()
-            .splitlines()]
+    seen = [
+        json.loads(line)["headers"] for line in remote_servers["http"][1].read_text().splitlines()
+    ]
     assert seen and all(s.get("authorization") == f"Bearer {BEARER}" for s in seen)
     assert all(s.get("x-team") == "acme" and "x-api-key" not in s for s in seen)
     # The secret is nowhere else: not in events, the database or the logs.
@@ -221,14 +248,22 @@ async def test_the_tenants_servers_tools_answer_the_agent(
 
 
 async def test_a_request_narrows_the_servers_tools_to_what_it_names(h: Harness) -> None:
-    events = await run(h, "mcp", "mcp_narrow", [
-        Step(tool_calls=[
-            ToolCall("mcp__crm__lookup", {"email": "ada@example.com"}),
-            ToolCall("mcp__crm__delete", {"email": "ada@example.com"}),
-            ToolCall("mcp__remote__ping", {"x": "not mine"}),
-        ]),
-        Step(text="done"),
-    ], allowed_tools=["mcp__crm__lookup"])
+    events = await run(
+        h,
+        "mcp",
+        "mcp_narrow",
+        [
+            Step(
+                tool_calls=[
+                    ToolCall("mcp__crm__lookup", {"email": "ada@example.com"}),
+                    ToolCall("mcp__crm__delete", {"email": "ada@example.com"}),
+                    ToolCall("mcp__remote__ping", {"x": "not mine"}),
+                ]
+            ),
+            Step(text="done"),
+        ],
+        allowed_tools=["mcp__crm__lookup"],
+    )
     assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
     assert list(events[0].started.session.allowed_tools) == ["mcp__crm__lookup"]
     got = results(events)
@@ -239,12 +274,15 @@ async def test_a_request_narrows_the_servers_tools_to_what_it_names(h: Harness) 
     assert [s["name"] for s in init(events)["mcp_servers"]] == ["crm"]
 
 
-@pytest.mark.parametrize(("tools", "field"), [
-    (["mcp__remote__other"], "allowed_tools"),  # the tenant allows remote's ping only
-    (["mcp__remote"], "allowed_tools"),
-    (["mcp__nosuch__x"], "allowed_tools"),
-    (["mcp__caller__x"], "allowed_tools"),
-])
+@pytest.mark.parametrize(
+    ("tools", "field"),
+    [
+        (["mcp__remote__other"], "allowed_tools"),  # the tenant allows remote's ping only
+        (["mcp__remote"], "allowed_tools"),
+        (["mcp__nosuch__x"], "allowed_tools"),
+        (["mcp__caller__x"], "allowed_tools"),
+    ],
+)
 async def test_tools_outside_the_tenants_servers_are_invalid(
     h: Harness, tools: list[str], field: str
 ) -> None:
@@ -255,11 +293,21 @@ async def test_tools_outside_the_tenants_servers_are_invalid(
 
 
 async def test_an_approval_rule_on_an_mcp_tool_asks_the_caller(h: Harness) -> None:
-    call = start(h, "mcp", "mcp_approve", [
-        Step(tool_calls=[ToolCall("mcp__crm__delete", {"email": "ada@example.com"}),
-                         ToolCall("mcp__crm__lookup", {"email": "bob@example.com"})]),
-        Step(text="ok"),
-    ], require_approval=["mcp__crm__delete"])
+    call = start(
+        h,
+        "mcp",
+        "mcp_approve",
+        [
+            Step(
+                tool_calls=[
+                    ToolCall("mcp__crm__delete", {"email": "ada@example.com"}),
+                    ToolCall("mcp__crm__lookup", {"email": "bob@example.com"}),
+                ]
+            ),
+            Step(text="ok"),
+        ],
+        require_approval=["mcp__crm__delete"],
+    )
     events = []
     while not (events and events[-1].HasField("input_request")):
         events.append(await call.read())
@@ -267,10 +315,14 @@ async def test_an_approval_rule_on_an_mcp_tool_asks_the_caller(h: Harness) -> No
     assert asked.kind == session_pb2.INPUT_KIND_PERMISSION
     assert asked.tool_name == "mcp__crm__delete"
     assert json.loads(asked.input_json) == {"email": "ada@example.com"}
-    await h.sessions.Respond(session_pb2.RespondRequest(
-        session_id=events[0].session_id, request_id=asked.request_id,
-        permission=session_pb2.PermissionDecision(allow=False, message="never delete")),
-        metadata=h.auth("mcp"))
+    await h.sessions.Respond(
+        session_pb2.RespondRequest(
+            session_id=events[0].session_id,
+            request_id=asked.request_id,
+            permission=session_pb2.PermissionDecision(allow=False, message="never delete"),
+        ),
+        metadata=h.auth("mcp"),
+    )
     while (event := await call.read()) is not grpc.aio.EOF:
         events.append(event)
     got = results(events)
@@ -280,14 +332,22 @@ async def test_an_approval_rule_on_an_mcp_tool_asks_the_caller(h: Harness) -> No
     assert len([e for e in events if e.HasField("input_request")]) == 1
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:  # a rule must name a session's tool
-        await run(h, "mcp", "mcp_never", [Step(text="x")], allowed_tools=["mcp__crm__lookup"],
-                  require_approval=["mcp__crm__delete"])
+        await run(
+            h,
+            "mcp",
+            "mcp_never",
+            [Step(text="x")],
+            allowed_tools=["mcp__crm__lookup"],
+            require_approval=["mcp__crm__delete"],
+        )
     assert error_details(caught.value)["BadRequest"].field_violations[0].field == (
-        "require_approval[0]")
+        "require_approval[0]"
+    )
 
 
 async def test_the_sandbox_reaches_its_tenants_endpoints_only_through_the_gateway(
-    h: Harness, remote_servers: dict[str, Any],
+    h: Harness,
+    remote_servers: dict[str, Any],
 ) -> None:
     port = remote_servers["http"][0]
     gateway = f"http://127.0.0.1:{h.app.gateway.port}"
@@ -300,10 +360,16 @@ async def test_the_sandbox_reaches_its_tenants_endpoints_only_through_the_gatewa
             f"echo {name} $(curl -s -o /dev/null -w '%{{http_code}}' -X POST "
             f"-H \"x-api-key: $ANTHROPIC_API_KEY\" -H 'content-type: application/json' "
             f"-d '{{}}' {gateway}/mcp/{name}/mcp)"
-            for name in ("remote", "refused", "nosuch"))
+            for name in ("remote", "refused", "nosuch")
+        )
     )
-    events = await run(h, "mcp", "mcp_probe", [bash(probe), Step(text="done")],
-                       allowed_tools=["Bash", "mcp__crm__lookup"])
+    events = await run(
+        h,
+        "mcp",
+        "mcp_probe",
+        [bash(probe), Step(text="done")],
+        allowed_tools=["Bash", "mcp__crm__lookup"],
+    )
     out = results(events)["Bash"].content
     assert "direct closed" in out, out
     assert "remote 404" in out and "refused 404" in out and "nosuch 404" in out, out
@@ -316,8 +382,9 @@ async def test_the_sandbox_reaches_its_tenants_endpoints_only_through_the_gatewa
     assert "direct closed" in out and "refused 404" in out, out
     assert "remote 404" not in out and "remote 502" not in out, out
     lines = remote_servers["http"][1].read_text().splitlines()[before:]
-    assert any(json.loads(line)["headers"].get("authorization") == f"Bearer {BEARER}"
-               for line in lines)
+    assert any(
+        json.loads(line)["headers"].get("authorization") == f"Bearer {BEARER}" for line in lines
+    )
 
 
 async def test_servers_that_fail_or_never_answer_end_the_session_with_a_clear_error(

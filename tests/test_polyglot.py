@@ -67,18 +67,33 @@ async def test_a_node_client_runs_a_session_from_the_protos_alone(harness: Harne
     await node_modules()
     harness.sandbox.add_script(
         "polyglot",
-        Script(steps=[
-            Step(tool_calls=[ToolCall("Read", {"file_path": str(harness.workspace / "hello.txt")})],
-                 usage=Usage(1200, 40)),
-            Step(text="Hello from the sandbox to Node.", usage=Usage(1500, 20)),
-        ]),
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[
+                        ToolCall("Read", {"file_path": str(harness.workspace / "hello.txt")})
+                    ],
+                    usage=Usage(1200, 40),
+                ),
+                Step(text="Hello from the sandbox to Node.", usage=Usage(1500, 20)),
+            ]
+        ),
     )
 
     assert NODE is not None
     code, out, err = await run(
-        NODE, "run_session.js", "--target", f"127.0.0.1:{harness.app.port}",
-        "--token", TOKENS["acme"], "--model", MODEL, "--budget", "0.5",
-        "--prompt", "[[sandbox:polyglot]] read hello.txt and greet me",
+        NODE,
+        "run_session.js",
+        "--target",
+        f"127.0.0.1:{harness.app.port}",
+        "--token",
+        TOKENS["acme"],
+        "--model",
+        MODEL,
+        "--budget",
+        "0.5",
+        "--prompt",
+        "[[sandbox:polyglot]] read hello.txt and greet me",
     )
 
     assert code == 0, (out, err)
@@ -106,39 +121,70 @@ async def test_a_node_client_runs_a_session_from_the_protos_alone(harness: Harne
 @pytest.mark.skipif(NODE is None, reason="node is not on PATH")
 async def test_a_node_client_answers_a_caller_tool_and_approves_bash(harness: Harness) -> None:
     await node_modules()
-    harness.sandbox.add_script("polyglot_loop", Script(steps=[
-        Step(tool_calls=[ToolCall("mcp__caller__lookup", {"word": "papaya"}, LOOKUP_ID)],
-             usage=Usage(1000, 30)),
-        Step(tool_calls=[ToolCall("Bash", {"command": BASH_COMMAND}, BASH_ID)],
-             usage=Usage(1100, 30)),
-        Step(text="Node answered.", usage=Usage(1200, 10)),
-    ]))
+    harness.sandbox.add_script(
+        "polyglot_loop",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[ToolCall("mcp__caller__lookup", {"word": "papaya"}, LOOKUP_ID)],
+                    usage=Usage(1000, 30),
+                ),
+                Step(
+                    tool_calls=[ToolCall("Bash", {"command": BASH_COMMAND}, BASH_ID)],
+                    usage=Usage(1100, 30),
+                ),
+                Step(text="Node answered.", usage=Usage(1200, 10)),
+            ]
+        ),
+    )
     tool = {
-        "name": "lookup", "description": "Looks a word up in the caller's dictionary.",
-        "input_schema_json": json.dumps({
-            "type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"],
-        }),
+        "name": "lookup",
+        "description": "Looks a word up in the caller's dictionary.",
+        "input_schema_json": json.dumps(
+            {
+                "type": "object",
+                "properties": {"word": {"type": "string"}},
+                "required": ["word"],
+            }
+        ),
     }
 
     assert NODE is not None
     code, out, err = await run(
-        NODE, "run_session.js", "--target", f"127.0.0.1:{harness.app.port}",
-        "--token", TOKENS["loop"], "--model", MODEL, "--budget", "0.5",
-        "--prompt", "[[sandbox:polyglot_loop]] look it up, then run it",
-        "--caller-tool", json.dumps(tool), "--tool-result", "from Node:",
-        "--require-approval", "Bash", "--permission", "allow",
+        NODE,
+        "run_session.js",
+        "--target",
+        f"127.0.0.1:{harness.app.port}",
+        "--token",
+        TOKENS["loop"],
+        "--model",
+        MODEL,
+        "--budget",
+        "0.5",
+        "--prompt",
+        "[[sandbox:polyglot_loop]] look it up, then run it",
+        "--caller-tool",
+        json.dumps(tool),
+        "--tool-result",
+        "from Node:",
+        "--require-approval",
+        "Bash",
+        "--permission",
+        "allow",
     )
 
     assert code == 0, (out, err)
     summary = json.loads(out)
     assert summary["state"] == "SESSION_STATE_COMPLETE" and summary["result"] == "Node answered."
     assert [(i["kind"], i["tool_name"]) for i in summary["inputs"]] == [
-        ("INPUT_KIND_TOOL_CALL", "lookup"), ("INPUT_KIND_PERMISSION", "Bash"),
+        ("INPUT_KIND_TOOL_CALL", "lookup"),
+        ("INPUT_KIND_PERMISSION", "Bash"),
     ]
     assert summary["inputs"][0]["input"] == {"word": "papaya"}
     assert summary["inputs"][1]["input"]["command"] == BASH_COMMAND
     assert [(r["outcome"], r["decided_by"]) for r in summary["resolved"]] == [
-        ("result", "DECIDER_CALLER"), ("allow", "DECIDER_CALLER"),
+        ("result", "DECIDER_CALLER"),
+        ("allow", "DECIDER_CALLER"),
     ]
     assert sorted(r["outcome"] for r in summary["responded"]) == ["allow", "result"]
     # The model saw the Node caller's answer, and the output of the Bash it approved.
@@ -156,22 +202,52 @@ async def test_a_node_client_gets_a_structured_result_and_downloads_an_artifact(
     await node_modules()
     blob = random.Random(3).randbytes(150 * 1024)  # three chunks of 64 KiB at most
     (short_tmp / "in.bin").write_bytes(blob)
-    harness.sandbox.add_script("polyglot_files", Script(steps=[
-        Step(tool_calls=[ToolCall("Bash", {"command": "mkdir -p out && cp data/in.bin out/copy.bin"
-                                                      " && printf node > hi.txt"})]),
-        Step(tool_calls=[ToolCall("StructuredOutput", {"answer": 5, "who": "node"})]),
-        Step(text="done"),
-    ]))
-    schema = {"type": "object", "required": ["answer", "who"],
-              "properties": {"answer": {"type": "integer"}, "who": {"type": "string"}}}
+    harness.sandbox.add_script(
+        "polyglot_files",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[
+                        ToolCall(
+                            "Bash",
+                            {
+                                "command": "mkdir -p out && cp data/in.bin out/copy.bin"
+                                " && printf node > hi.txt"
+                            },
+                        )
+                    ]
+                ),
+                Step(tool_calls=[ToolCall("StructuredOutput", {"answer": 5, "who": "node"})]),
+                Step(text="done"),
+            ]
+        ),
+    )
+    schema = {
+        "type": "object",
+        "required": ["answer", "who"],
+        "properties": {"answer": {"type": "integer"}, "who": {"type": "string"}},
+    }
 
     assert NODE is not None
     code, out, err = await run(
-        NODE, "run_session.js", "--target", f"127.0.0.1:{harness.app.port}",
-        "--token", TOKENS["files"], "--model", MODEL,
-        "--prompt", "[[sandbox:polyglot_files]] copy it and answer",
-        "--output-schema", json.dumps(schema), "--input-file", f"data/in.bin={short_tmp / 'in.bin'}",
-        "--download", "out/copy.bin", "--download", "hi.txt",
+        NODE,
+        "run_session.js",
+        "--target",
+        f"127.0.0.1:{harness.app.port}",
+        "--token",
+        TOKENS["files"],
+        "--model",
+        MODEL,
+        "--prompt",
+        "[[sandbox:polyglot_files]] copy it and answer",
+        "--output-schema",
+        json.dumps(schema),
+        "--input-file",
+        f"data/in.bin={short_tmp / 'in.bin'}",
+        "--download",
+        "out/copy.bin",
+        "--download",
+        "hi.txt",
     )
 
     assert code == 0, (out, err)
@@ -196,8 +272,14 @@ async def test_a_node_client_with_a_bad_token_gets_unauthenticated(harness: Harn
     assert NODE is not None
 
     code, out, _ = await run(
-        NODE, "run_session.js", "--target", f"127.0.0.1:{harness.app.port}",
-        "--token", "not-a-token", "--prompt", "hi",
+        NODE,
+        "run_session.js",
+        "--target",
+        f"127.0.0.1:{harness.app.port}",
+        "--token",
+        "not-a-token",
+        "--prompt",
+        "hi",
     )
 
     summary = json.loads(out)
@@ -242,9 +324,20 @@ async def test_a_node_client_rides_out_a_draining_replica(
         # Its health check asks `liveness`: `readiness` of whichever replica answers the
         # Check (the draining one, by turns) would say NOT_SERVING.
         code, out, err = await run(
-            NODE, "run_session.js", "--target", target, "--token", TOKENS["acme"],
-            "--model", MODEL, "--sessions", "4", "--health-service", "liveness",
-            "--prompt", "[[sandbox:node_drain]] hi",
+            NODE,
+            "run_session.js",
+            "--target",
+            target,
+            "--token",
+            TOKENS["acme"],
+            "--model",
+            MODEL,
+            "--sessions",
+            "4",
+            "--health-service",
+            "liveness",
+            "--prompt",
+            "[[sandbox:node_drain]] hi",
         )
     finally:
         held.cancel()  # a disconnect: the session ends CANCELLED, and with it the drain
@@ -273,21 +366,37 @@ async def test_a_node_client_connects_over_mtls(database_url: str, short_tmp: Pa
     client_cert, client_key = ca.issue("node", dns=("node.internal",)).write(short_tmp, "node")
     (short_tmp / "ca.crt").write_bytes(ca.pem)
     tls = await start_harness(
-        database_url, tls_cert_file=server_cert, tls_key_file=server_key,
+        database_url,
+        tls_cert_file=server_cert,
+        tls_key_file=server_key,
         tls_client_ca_file=short_tmp / "ca.crt",
-        credentials=grpc.ssl_channel_credentials(ca.pem, client_key.read_bytes(),
-                                                 client_cert.read_bytes()),
-        extra_tenants=tenant_toml("nodeco", anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
-                                  allowed_tools=["Read"], client_cert_sans=["node.internal"]),
+        credentials=grpc.ssl_channel_credentials(
+            ca.pem, client_key.read_bytes(), client_cert.read_bytes()
+        ),
+        extra_tenants=tenant_toml(
+            "nodeco",
+            anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+            allowed_tools=["Read"],
+            client_cert_sans=["node.internal"],
+        ),
     )
     try:
-        tls.sandbox.add_script("node_tls", Script(steps=[Step(text="hi over mTLS",
-                                                              usage=Usage(100, 5))]))
+        tls.sandbox.add_script(
+            "node_tls", Script(steps=[Step(text="hi over mTLS", usage=Usage(100, 5))])
+        )
         target = ["--target", f"127.0.0.1:{tls.app.port}", "--model", MODEL]
         code, out, err = await run(
-            NODE, "run_session.js", *target, "--ca-file", str(short_tmp / "ca.crt"),
-            "--cert-file", str(client_cert), "--key-file", str(client_key),
-            "--prompt", "[[sandbox:node_tls]] hi",
+            NODE,
+            "run_session.js",
+            *target,
+            "--ca-file",
+            str(short_tmp / "ca.crt"),
+            "--cert-file",
+            str(client_cert),
+            "--key-file",
+            str(client_key),
+            "--prompt",
+            "[[sandbox:node_tls]] hi",
         )
         assert code == 0, (out, err)
         summary = json.loads(out)

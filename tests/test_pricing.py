@@ -70,7 +70,10 @@ def test_exact_cost_of_a_usage() -> None:
         "cache_creation": {"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 100},
         "service_tier": "standard",
     }
-    assert price.cost(TokenUsage.from_api(api_usage)) == Decimal("0.007245") + Decimal(100) * (6 - Decimal("3.75")) / 10**6
+    assert (
+        price.cost(TokenUsage.from_api(api_usage))
+        == Decimal("0.007245") + Decimal(100) * (6 - Decimal("3.75")) / 10**6
+    )
     # Quantized to the micro-dollar (half-even): 3 cache-read tokens are 0.9 micro-dollars.
     assert price.cost(TokenUsage(cache_read_input_tokens=3)) == Decimal("0.000001")
     assert price.cost(TokenUsage()) == Decimal("0.000000")
@@ -181,16 +184,27 @@ def test_override_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
-        ('version = "x"\n[models.m]\ninput = 0\noutput = 1\ncache_write = 1\ncache_read = 1\n',
-         "must be > 0"),
-        ('version = "x"\n[models.m]\ninput = 1\noutput = 1\ncache_write = 1\n',
-         "missing price(s) cache_read"),
-        (('version = "x"\n[models.m]\ninput = 1\noutput = 1\ncache_write = 1\ncache_read = 1\n'
-         'cache_raed = 1\n'), "unknown key(s) cache_raed"),
-        ('version = "x"\n[models.m]\ninput = "1"\noutput = 1\ncache_write = 1\ncache_read = 1\n',
-         "must be a number"),
+        (
+            'version = "x"\n[models.m]\ninput = 0\noutput = 1\ncache_write = 1\ncache_read = 1\n',
+            "must be > 0",
+        ),
+        (
+            'version = "x"\n[models.m]\ninput = 1\noutput = 1\ncache_write = 1\n',
+            "missing price(s) cache_read",
+        ),
+        (
+            (
+                'version = "x"\n[models.m]\ninput = 1\noutput = 1\ncache_write = 1\ncache_read = 1\n'
+                "cache_raed = 1\n"
+            ),
+            "unknown key(s) cache_raed",
+        ),
+        (
+            'version = "x"\n[models.m]\ninput = "1"\noutput = 1\ncache_write = 1\ncache_read = 1\n',
+            "must be a number",
+        ),
         ('version = "x"\n[aliases]\na = "nothing"\n', "alias 'a' names 'nothing'"),
-        ('[models]\n', "non-empty string `version`"),
+        ("[models]\n", "non-empty string `version`"),
         ('version = "x"\nmodel = 1\n', "unknown top-level key(s): model"),
         ("version = ", "not valid TOML"),
     ],

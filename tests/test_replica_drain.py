@@ -21,8 +21,14 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.slow, requires_postgres]
 TOKEN = "fleet-token-7"
 # Room for the whole load at once: the harness's tenants allow 4 to 8 concurrent sessions.
 FLEET_TENANT = tenant_toml(
-    "fleet", TOKEN, anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY", allowed_tools=["Read"],
-    daily_limit_usd=1000.0, max_session_budget_usd=1.0, max_turns=4, max_concurrent_sessions=64,
+    "fleet",
+    TOKEN,
+    anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+    allowed_tools=["Read"],
+    daily_limit_usd=1000.0,
+    max_session_budget_usd=1.0,
+    max_turns=4,
+    max_concurrent_sessions=64,
 )
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 SCRIPTS = {
@@ -47,9 +53,7 @@ async def events_of(call: grpc.aio.UnaryStreamCall) -> list[session_pb2.SessionE
     return events
 
 
-async def session_after(
-    delay_s: float, client: AsyncClient
-) -> session_pb2.Session | RPCError:
+async def session_after(delay_s: float, client: AsyncClient) -> session_pb2.Session | RPCError:
     """One RunSession, `delay_s` from now, to its end: the final Session, or the error."""
     await asyncio.sleep(delay_s)
     try:
@@ -72,8 +76,11 @@ def drain_refusals(replica: Replica) -> int:
 
 async def test_sigterm_of_one_replica_fails_no_call_of_a_balanced_client() -> None:
     async with start_replicas(
-        3, scripts=SCRIPTS, extra_tenants=FLEET_TENANT,
-        AGENTPLANE_SHUTDOWN_GRACE_S="30", AGENTPLANE_MAX_SESSIONS="32",
+        3,
+        scripts=SCRIPTS,
+        extra_tenants=FLEET_TENANT,
+        AGENTPLANE_SHUTDOWN_GRACE_S="30",
+        AGENTPLANE_MAX_SESSIONS="32",
     ) as fleet:
         draining = fleet[1]
         held = draining.sessions.RunSession(request("long"), metadata=AUTH)
@@ -118,8 +125,11 @@ async def test_sigterm_of_one_replica_fails_no_call_of_a_balanced_client() -> No
         drained_owner = rows[held_id].owner
         owners = [rows[s.id].owner for s in finals]
         assert len(set(owners)) == 3  # the load went to all three, the drained one too
-        after = [s.id for s in finals if rows[s.id].owner == drained_owner
-                 and rows[s.id].created_at >= terminated_at]
+        after = [
+            s.id
+            for s in finals
+            if rows[s.id].owner == drained_owner and rows[s.id].created_at >= terminated_at
+        ]
         assert after == []  # nothing was admitted there once it drained
         # The probe above, and at least one call of `retry_only` that a retry rescued.
         assert drain_refusals(draining) >= 2

@@ -32,9 +32,7 @@ async def replicas(database_url: str) -> AsyncIterator[tuple[Harness, Harness]]:
     await stop_harness(owner)
 
 
-async def running_on(
-    h: Harness, tenant: str = "acme"
-) -> tuple[grpc.aio.UnaryStreamCall, str]:
+async def running_on(h: Harness, tenant: str = "acme") -> tuple[grpc.aio.UnaryStreamCall, str]:
     """A session that waits for the model forever, RUNNING on `h`; its call and id."""
     call = h.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt="[[sandbox:held]] wait", model=MODEL),
@@ -42,7 +40,10 @@ async def running_on(
     )
     while True:
         event = await call.read()
-        if event.HasField("state_change") and event.state_change.to_state == session_pb2.SESSION_STATE_RUNNING:
+        if (
+            event.HasField("state_change")
+            and event.state_change.to_state == session_pb2.SESSION_STATE_RUNNING
+        ):
             return call, event.session_id
 
 
@@ -73,7 +74,8 @@ async def test_a_cancel_through_another_replica_interrupts_the_session(
     for h in (owner, other):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await h.sessions.CancelSession(
-                session_pb2.CancelSessionRequest(session_id=session_id), metadata=h.auth())
+                session_pb2.CancelSessionRequest(session_id=session_id), metadata=h.auth()
+            )
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error_details(caught.value)["ErrorInfo"].reason == "FAILED_PRECONDITION"
 
@@ -100,17 +102,23 @@ async def test_another_tenant_cannot_cancel_through_any_replica(
     for h in (owner, other):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await h.sessions.CancelSession(
-                session_pb2.CancelSessionRequest(session_id=session_id), metadata=h.auth("globex"))
+                session_pb2.CancelSessionRequest(session_id=session_id), metadata=h.auth("globex")
+            )
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     call.cancel()  # on_disconnect CANCEL ends it
 
 
 def tool_steps(n: int, *, sleep_s: float) -> Script:
     """`n` Bash tool turns that each sleep `sleep_s`, then an answer."""
-    return Script(steps=[
-        *(Step(tool_calls=[ToolCall("Bash", {"command": f"sleep {sleep_s}"})]) for _ in range(n)),
-        Step(text="all done"),
-    ])
+    return Script(
+        steps=[
+            *(
+                Step(tool_calls=[ToolCall("Bash", {"command": f"sleep {sleep_s}"})])
+                for _ in range(n)
+            ),
+            Step(text="all done"),
+        ]
+    )
 
 
 async def collect(call: grpc.aio.UnaryStreamCall) -> list[session_pb2.SessionEvent]:
@@ -148,14 +156,17 @@ async def test_followers_on_another_replica_share_one_pushed_read(
     # What the followers' replica is told: one notification per committed batch.
     notified: list[str] = []
     bus = Bus()
-    bus.subscribe(EVENTS_CHANNEL, lambda p: notified.append(p) if p.startswith(session_id) else None)
+    bus.subscribe(
+        EVENTS_CHANNEL, lambda p: notified.append(p) if p.startswith(session_id) else None
+    )
     listener = Listener(other.app.engine.url, bus)
     listening = asyncio.create_task(listener.run())
     await asyncio.wait_for(listener.listening.wait(), 10)
     reads = event_reads(other)
     followers = [
         other.sessions.StreamSession(
-            session_pb2.StreamSessionRequest(session_id=session_id), metadata=other.auth("ops"))
+            session_pb2.StreamSessionRequest(session_id=session_id), metadata=other.auth("ops")
+        )
         for _ in range(20)
     ]
     streams = await asyncio.gather(*(collect(f) for f in followers))
@@ -183,19 +194,24 @@ async def test_every_follower_on_another_replica_ends_with_the_result(
     calls = [
         owner.sessions.RunSession(
             session_pb2.RunSessionRequest(prompt="[[sandbox:brief]] go", model=MODEL),
-            metadata=owner.auth("ops"))
+            metadata=owner.auth("ops"),
+        )
         for _ in range(6)
     ]
     ids = [(await c.read()).session_id for c in calls]
 
     async def follow_later(session_id: str, delay_s: float) -> list[session_pb2.SessionEvent]:
         await asyncio.sleep(delay_s)
-        return await collect(other.sessions.StreamSession(
-            session_pb2.StreamSessionRequest(session_id=session_id), metadata=other.auth("ops")))
+        return await collect(
+            other.sessions.StreamSession(
+                session_pb2.StreamSessionRequest(session_id=session_id), metadata=other.auth("ops")
+            )
+        )
 
     followers = [follow_later(i, k * 0.05) for i in ids for k in range(25)]
     streams, _ = await asyncio.gather(
-        asyncio.gather(*followers), asyncio.gather(*(collect(c) for c in calls)))
+        asyncio.gather(*followers), asyncio.gather(*(collect(c) for c in calls))
+    )
     for stream in streams:
         assert stream[-1].HasField("result"), [e.WhichOneof("kind") for e in stream]
         assert [e.seq for e in stream] == list(range(1, len(stream) + 1))

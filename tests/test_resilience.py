@@ -63,16 +63,22 @@ async def world(database_url: str, short_tmp: Path) -> AsyncIterator[World]:
     workspace = work / "tpl"
     workspace.mkdir()
     write_tenants(work, tenants_toml(workspace))
-    sandbox = SandboxServer(scripts={
-        "quick": Script(steps=[Step(text="quick done", delay_s=1.0)]),
-        "stuck": Script(steps=[Step(hang=True)]),
-        "slowish": Script(steps=[Step(text="slow done", delay_s=4.0)]),
-        "answered_then_stuck": Script(steps=[
-            Step(tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})],
-                 usage=Usage(input_tokens=1000, output_tokens=100)),
-            Step(hang=True),
-        ]),
-    })
+    sandbox = SandboxServer(
+        scripts={
+            "quick": Script(steps=[Step(text="quick done", delay_s=1.0)]),
+            "stuck": Script(steps=[Step(hang=True)]),
+            "slowish": Script(steps=[Step(text="slow done", delay_s=4.0)]),
+            "answered_then_stuck": Script(
+                steps=[
+                    Step(
+                        tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})],
+                        usage=Usage(input_tokens=1000, output_tokens=100),
+                    ),
+                    Step(hang=True),
+                ]
+            ),
+        }
+    )
     await sandbox.start()
     world = World(sandbox, work, database_url)
     yield world
@@ -194,8 +200,11 @@ async def test_any_replica_of_the_host_removes_what_a_dead_one_left(
     """Replicas with work dirs of their own: the next one to start, whichever, removes a
     dead one's session folders (its sandbox's tmpfs too) and kills what still runs there."""
     host, dead_dir = world.work / "host", world.work / "wa"
-    common = {"AGENTPLANE_HOST_DIR": str(host), "AGENTPLANE_SANDBOX": sandbox,
-              "AGENTPLANE_LEASE_TTL_S": "2"}
+    common = {
+        "AGENTPLANE_HOST_DIR": str(host),
+        "AGENTPLANE_SANDBOX": sandbox,
+        "AGENTPLANE_LEASE_TTL_S": "2",
+    }
     first = await world.start(AGENTPLANE_WORK_DIR=str(dead_dir), **common)
     call = run(first, "stuck")
     session_id = (await call.read()).session_id
@@ -213,7 +222,8 @@ async def test_any_replica_of_the_host_removes_what_a_dead_one_left(
     assert [p.name for p in (dead_dir / "acme").iterdir()] == []
     # The session itself is closed by recovery, as ever (so no hold outlives the test).
     watch = other.sessions.StreamSession(
-        session_pb2.StreamSessionRequest(session_id=session_id), metadata=AUTH)
+        session_pb2.StreamSessionRequest(session_id=session_id), metadata=AUTH
+    )
     final = (await asyncio.wait_for(events_of(watch), 20))[-1].result.session
     assert final.error.reason == session_pb2.ERROR_REASON_INTERRUPTED
     other.proc.send_signal(signal.SIGTERM)
@@ -234,7 +244,8 @@ async def test_a_killed_replica_loses_no_spend(world: World) -> None:
     started = await call.read()
     await wait_requests(world.sandbox, 2)  # the second one hangs
     progress = await first.sessions.GetSession(
-        session_pb2.GetSessionRequest(session_id=started.session_id), metadata=AUTH)
+        session_pb2.GetSessionRequest(session_id=started.session_id), metadata=AUTH
+    )
     assert progress.state == session_pb2.SESSION_STATE_RUNNING
     assert Decimal(progress.cost_usd) == Decimal("0.0045") and progress.num_turns == 1
     assert progress.usage.input_tokens == 1000 and progress.usage.output_tokens == 100
@@ -292,9 +303,14 @@ async def test_a_database_outage_is_ridden_out(world: World) -> None:
 async def test_two_servers_on_one_database_share_a_budget_exactly(world: World) -> None:
     if not world.database_url.startswith("postgresql"):
         pytest.skip("replicas share PostgreSQL")
-    world.sandbox.add_script("hold", Script(steps=[
-        Step(text="done", delay_s=2.0, usage=Usage(input_tokens=1000, output_tokens=100)),
-    ]))
+    world.sandbox.add_script(
+        "hold",
+        Script(
+            steps=[
+                Step(text="done", delay_s=2.0, usage=Usage(input_tokens=1000, output_tokens=100)),
+            ]
+        ),
+    )
     servers = [await world.start(AGENTPLANE_MAX_SESSIONS="64") for _ in range(2)]
     auth = (("authorization", f"Bearer {TOKENS['ten']}"),)
 

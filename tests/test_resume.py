@@ -64,22 +64,32 @@ class _Namespaced:
         return await self._store.list_subkeys(self._key(key))
 
 
-async def test_appends_with_a_known_uuid_are_idempotent(db: async_sessionmaker[AsyncSession]) -> None:
+async def test_appends_with_a_known_uuid_are_idempotent(
+    db: async_sessionmaker[AsyncSession],
+) -> None:
     store = SqlSessionStore(db)
     key = {"project_key": "idem", "session_id": "s"}
     entry = {"type": "user", "uuid": "u1", "n": 1}
     await store.append(key, [entry, {"type": "title", "t": "x"}])
     await store.append(key, [entry, {"type": "user", "uuid": "u2"}])  # a re-sent batch
-    assert await store.load(key) == [entry, {"type": "title", "t": "x"}, {"type": "user", "uuid": "u2"}]
+    assert await store.load(key) == [
+        entry,
+        {"type": "title", "t": "x"},
+        {"type": "user", "uuid": "u2"},
+    ]
 
 
 async def test_a_session_resumes_an_earlier_conversation_on_another_server(
     harness: Harness,
 ) -> None:
-    memory = Script(steps=[
-        Step(text="Noted: the fruit is KIWI.", usage=Usage(input_tokens=1000, output_tokens=20)),
-        Step(text="You told me KIWI.", usage=Usage(input_tokens=2000, output_tokens=10)),
-    ])
+    memory = Script(
+        steps=[
+            Step(
+                text="Noted: the fruit is KIWI.", usage=Usage(input_tokens=1000, output_tokens=20)
+            ),
+            Step(text="You told me KIWI.", usage=Usage(input_tokens=2000, output_tokens=10)),
+        ]
+    )
     harness.sandbox.add_script("memory", memory)
     first = await harness.run(prompt="[[sandbox:memory]] Remember the fruit KIWI.")
     earlier = first[-1].result.session

@@ -37,7 +37,10 @@ async def test_a_session_uses_a_tool_in_its_workspace_and_answers(harness: Harne
                     ],
                     usage=Usage(input_tokens=2000, output_tokens=100),
                 ),
-                Step(text="The magic word is PAPAYA.", usage=Usage(input_tokens=2600, output_tokens=40)),
+                Step(
+                    text="The magic word is PAPAYA.",
+                    usage=Usage(input_tokens=2600, output_tokens=40),
+                ),
             ]
         ),
     )
@@ -149,13 +152,17 @@ async def test_invalid_requests_name_the_field_and_create_nothing(
     assert await budget(harness) == before_budget
 
 
-@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong"),),
-                                      (("authorization", "acme-secret-token-1"),)])
+@pytest.mark.parametrize(
+    "metadata",
+    [(), (("authorization", "Bearer wrong"),), (("authorization", "acme-secret-token-1"),)],
+)
 async def test_callers_without_a_known_token_are_unauthenticated(
     harness: Harness, metadata: tuple
 ) -> None:
     calls = [
-        harness.sessions.GetSession(session_pb2.GetSessionRequest(session_id="x"), metadata=metadata),
+        harness.sessions.GetSession(
+            session_pb2.GetSessionRequest(session_id="x"), metadata=metadata
+        ),
         harness.sessions.ListSessions(session_pb2.ListSessionsRequest(), metadata=metadata),
         harness.budgets.GetBudget(budget_pb2.GetBudgetRequest(), metadata=metadata),
     ]
@@ -175,9 +182,14 @@ async def test_callers_without_a_known_token_are_unauthenticated(
 async def test_an_answer_longer_than_a_mebibyte_is_streamed_whole(harness: Harness) -> None:
     # The SDK's own limit on one line of the CLI's output is 1 MiB; this answer's line is 1.5.
     long = "".join(f"line {i:06d} of a long answer\n" for i in range(50_000))
-    harness.sandbox.add_script("long_answer", Script(steps=[
-        Step(text=long, usage=Usage(input_tokens=100, output_tokens=4000)),
-    ]))
+    harness.sandbox.add_script(
+        "long_answer",
+        Script(
+            steps=[
+                Step(text=long, usage=Usage(input_tokens=100, output_tokens=4000)),
+            ]
+        ),
+    )
 
     events = await harness.run(prompt="[[sandbox:long_answer]] write a lot")
 
@@ -202,7 +214,9 @@ async def test_another_tenants_session_is_not_found_exactly_like_a_missing_one(
             )
         errors.append(caught.value)
     assert [e.code() for e in errors] == [grpc.StatusCode.NOT_FOUND] * 2
-    assert errors[0].details().replace(session_id, "ID") == errors[1].details().replace(missing, "ID")
+    assert errors[0].details().replace(session_id, "ID") == errors[1].details().replace(
+        missing, "ID"
+    )
     listed = await harness.sessions.ListSessions(
         session_pb2.ListSessionsRequest(), metadata=harness.auth("globex")
     )
@@ -211,7 +225,10 @@ async def test_another_tenants_session_is_not_found_exactly_like_a_missing_one(
 
 async def test_a_session_the_daily_window_cannot_cover_is_refused(harness: Harness) -> None:
     harness.sandbox.add_script(
-        "slow", Script(steps=[Step(text="done", delay_s=3.0, usage=Usage(input_tokens=10, output_tokens=5))])
+        "slow",
+        Script(
+            steps=[Step(text="done", delay_s=3.0, usage=Usage(input_tokens=10, output_tokens=5))]
+        ),
     )
     first = harness.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt="[[sandbox:slow]] go", max_budget_usd="0.6"),
@@ -283,7 +300,8 @@ async def test_list_sessions_pages_newest_first(harness: Harness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.sessions.ListSessions(
             session_pb2.ListSessionsRequest(
-                page_size=1, page_token=first.next_page_token,
+                page_size=1,
+                page_token=first.next_page_token,
                 state=session_pb2.SESSION_STATE_COMPLETE,
             ),
             metadata=harness.auth("globex"),
@@ -295,7 +313,9 @@ async def test_get_budget_reports_the_window_and_limits(harness: Harness) -> Non
     b = await budget(harness, "globex")
     assert b.tenant == "globex" and b.time_zone == "UTC"
     assert Decimal(b.limit_usd) == 10
-    assert Decimal(b.remaining_usd) == Decimal(b.limit_usd) - Decimal(b.spent_usd) - Decimal(b.reserved_usd)
+    assert Decimal(b.remaining_usd) == Decimal(b.limit_usd) - Decimal(b.spent_usd) - Decimal(
+        b.reserved_usd
+    )
     assert (b.window_end.ToDatetime() - b.window_start.ToDatetime()).total_seconds() == 86400
     assert Decimal(b.max_session_budget_usd) == Decimal("0.5") and b.max_turns == 4
 
@@ -311,9 +331,7 @@ async def test_get_budget_reports_the_window_and_limits(harness: Harness) -> Non
 
 
 async def test_a_caller_that_goes_away_cancels_its_session_and_its_cli(harness: Harness) -> None:
-    harness.sandbox.add_script(
-        "very_slow", Script(steps=[Step(text="late", delay_s=30.0)])
-    )
+    harness.sandbox.add_script("very_slow", Script(steps=[Step(text="late", delay_s=30.0)]))
     call = harness.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt="[[sandbox:very_slow]] go", model="claude-sonnet-4-5"),
         metadata=harness.auth("globex"),

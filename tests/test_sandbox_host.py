@@ -28,18 +28,27 @@ TOKEN = "host-test-token"
 
 def server_env(work: Path, **env: str) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
-    tenants = write_tenants(work, tenant_toml("t", TOKEN, allowed_tools=["Bash"],
-                                              anthropic_api_key_env="HOST_TEST_KEY"))
-    return {**clean, "AGENTPLANE_TENANTS_FILE": str(tenants), "HOST_TEST_KEY": "sk-host",
-            "AGENTPLANE_DATABASE_URL": f"sqlite:///{work}/db.sqlite",
-            "AGENTPLANE_WORK_DIR": str(work / "w"), **env}
+    tenants = write_tenants(
+        work, tenant_toml("t", TOKEN, allowed_tools=["Bash"], anthropic_api_key_env="HOST_TEST_KEY")
+    )
+    return {
+        **clean,
+        "AGENTPLANE_TENANTS_FILE": str(tenants),
+        "HOST_TEST_KEY": "sk-host",
+        "AGENTPLANE_DATABASE_URL": f"sqlite:///{work}/db.sqlite",
+        "AGENTPLANE_WORK_DIR": str(work / "w"),
+        **env,
+    }
 
 
 def run_server(work: Path, *prefix: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*prefix, sys.executable, "-m", "agentplane.server", "serve"],
         env=server_env(work, AGENTPLANE_LISTEN="127.0.0.1:0", **env),
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -60,7 +69,9 @@ def test_without_bwrap_the_server_refuses_to_start_and_says_how_to_install_it() 
 def test_where_namespaces_cannot_be_made_the_server_refuses_to_start() -> None:
     # Root without CAP_SYS_ADMIN, as in a default container: no mounts, no namespaces.
     work = short_dir()
-    proc = run_server(work, "setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", "--")
+    proc = run_server(
+        work, "setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", "--"
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, lines
@@ -78,19 +89,26 @@ async def model() -> AsyncIterator[SandboxServer]:
 async def health_of(port: int, service: str) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=5)
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
         return int(reply.status)
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("mode", "sandbox_status"), [
-    ("bwrap", health_pb2.HealthCheckResponse.SERVING),
-    ("none", health_pb2.HealthCheckResponse.NOT_SERVING),
-])
+@pytest.mark.parametrize(
+    ("mode", "sandbox_status"),
+    [
+        ("bwrap", health_pb2.HealthCheckResponse.SERVING),
+        ("none", health_pb2.HealthCheckResponse.NOT_SERVING),
+    ],
+)
 async def test_the_opt_out_is_logged_and_shown_by_health(mode: str, sandbox_status: int) -> None:
     work, port = short_dir(), free_port()
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentplane.server", "serve",
+        sys.executable,
+        "-m",
+        "agentplane.server",
+        "serve",
         env=server_env(work, AGENTPLANE_LISTEN=f"127.0.0.1:{port}", AGENTPLANE_SANDBOX=mode),
         stderr=asyncio.subprocess.PIPE,
     )
@@ -108,22 +126,42 @@ async def test_the_opt_out_is_logged_and_shown_by_health(mode: str, sandbox_stat
 @pytest.mark.asyncio
 async def test_a_killed_server_takes_its_sandboxes_with_it(model: SandboxServer) -> None:
     work, port = short_dir(), free_port()
-    model.add_script("linger", Script(steps=[
-        Step(tool_calls=[ToolCall("Bash", {
-            "command": "env -i setsid sleep 987611 & sleep 987612", "timeout": 600000})]),
-        Step(text="never"),
-    ]))
+    model.add_script(
+        "linger",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[
+                        ToolCall(
+                            "Bash",
+                            {
+                                "command": "env -i setsid sleep 987611 & sleep 987612",
+                                "timeout": 600000,
+                            },
+                        )
+                    ]
+                ),
+                Step(text="never"),
+            ]
+        ),
+    )
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentplane.server", "serve",
-        env=server_env(work, AGENTPLANE_LISTEN=f"127.0.0.1:{port}",
-                       ANTHROPIC_BASE_URL=model.base_url),
+        sys.executable,
+        "-m",
+        "agentplane.server",
+        "serve",
+        env=server_env(
+            work, AGENTPLANE_LISTEN=f"127.0.0.1:{port}", ANTHROPIC_BASE_URL=model.base_url
+        ),
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         await wait_serving(port)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = session_pb2_grpc.SessionServiceStub(channel).RunSession(
-                session_pb2.RunSessionRequest(prompt="[[sandbox:linger]] go", model="claude-sonnet-4-5"),
+                session_pb2.RunSessionRequest(
+                    prompt="[[sandbox:linger]] go", model="claude-sonnet-4-5"
+                ),
                 metadata=(("authorization", f"Bearer {TOKEN}"),),
             )
             async for event in call:
@@ -146,8 +184,11 @@ async def test_a_killed_server_takes_its_sandboxes_with_it(model: SandboxServer)
             server.kill()
             await server.wait()
         # The dead server's session folder stays mounted until a server recovers it.
-        for mount in [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-                      if line.split()[1].startswith(str(work))]:
+        for mount in [
+            line.split()[1]
+            for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1].startswith(str(work))
+        ]:
             unmount(Path(mount))
 
 

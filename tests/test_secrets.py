@@ -69,8 +69,11 @@ async def cli_environ(h: Harness) -> list[bytes]:
     for _ in range(100):
         # The CLI itself (the launcher and bwrap before it run as the server, outside the
         # sandbox; the agent cannot see them).
-        found = [p for p in processes(h.work_dir)
-                 if p.cmdline.split(b"\0")[0] in (bytes(BUNDLED_CLI), CLI_INSIDE.encode())]
+        found = [
+            p
+            for p in processes(h.work_dir)
+            if p.cmdline.split(b"\0")[0] in (bytes(BUNDLED_CLI), CLI_INSIDE.encode())
+        ]
         if found:
             cli = found[0].env
             break
@@ -110,9 +113,7 @@ async def test_the_sqlite_database_and_its_wal_are_private_to_the_server(
     database = Path(make_url(harness.database_url).database or "")
     files = [database, Path(f"{database}-wal"), Path(f"{database}-shm")]
     assert all(f.exists() for f in files)
-    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {
-        f.name: 0o600 for f in files
-    }
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o600 for f in files}
 
 
 async def test_a_key_file_is_read_for_each_session_and_never_reaches_the_agent(
@@ -122,14 +123,23 @@ async def test_a_key_file_is_read_for_each_session_and_never_reaches_the_agent(
     key_file = folder / "filekey"
     key_file.write_text("sk-ant-from-file-1\n")
     key_file.chmod(0o600)
-    h = await start_harness(database_url, extra_tenants=tenant_toml(
-        "filed", "filed-token", anthropic_api_key_file=key_file, allowed_tools=["Bash"]))
+    h = await start_harness(
+        database_url,
+        extra_tenants=tenant_toml(
+            "filed", "filed-token", anthropic_api_key_file=key_file, allowed_tools=["Bash"]
+        ),
+    )
     TOKENS["filed"] = "filed-token"
     try:
-        h.sandbox.add_script("env", Script(steps=[
-            Step(tool_calls=[ToolCall("Bash", {"command": f"env; cat {key_file}"})]),
-            Step(text="ok"),
-        ]))
+        h.sandbox.add_script(
+            "env",
+            Script(
+                steps=[
+                    Step(tool_calls=[ToolCall("Bash", {"command": f"env; cat {key_file}"})]),
+                    Step(text="ok"),
+                ]
+            ),
+        )
         first = await h.run("filed", prompt="[[sandbox:env]] go")
         key_file.write_text("sk-ant-from-file-2\n")  # rotated: the next session uses it
         second = await h.run("filed", prompt="[[sandbox:env]] go")

@@ -31,8 +31,12 @@ async def start_server(work: Path, port: int) -> asyncio.subprocess.Process:
         ANTHROPIC_BASE_URL="http://127.0.0.1:9",  # never called: no session runs here
     )
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "agentplane.server", "serve",
-        env=env, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "agentplane.server",
+        "serve",
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 

@@ -55,11 +55,17 @@ async def wait_gone(h: Harness) -> list[int]:
 async def test_cancel_interrupts_a_running_tool_and_kills_it(harness: Harness) -> None:
     harness.sandbox.add_script(
         "long_tool",
-        Script(steps=[
-            Step(tool_calls=[ToolCall("Bash", {"command": "python3 -c 'import time; time.sleep(60)'"})],
-                 usage=Usage(input_tokens=500, output_tokens=50)),
-            Step(text="finished"),
-        ]),
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[
+                        ToolCall("Bash", {"command": "python3 -c 'import time; time.sleep(60)'"})
+                    ],
+                    usage=Usage(input_tokens=500, output_tokens=50),
+                ),
+                Step(text="finished"),
+            ]
+        ),
     )
     call = harness.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt="[[sandbox:long_tool]] run it", model=MODEL),
@@ -82,7 +88,9 @@ async def test_cancel_interrupts_a_running_tool_and_kills_it(harness: Harness) -
     rest = await rest_of(call)
     assert rest[-1].result.session == cancelled
     assert await wait_gone(harness) == []
-    window = await harness.budgets.GetBudget(budget_pb2.GetBudgetRequest(), metadata=harness.auth("ops"))
+    window = await harness.budgets.GetBudget(
+        budget_pb2.GetBudgetRequest(), metadata=harness.auth("ops")
+    )
     assert Decimal(window.reserved_usd) == 0
     assert Decimal(window.spent_usd) >= Decimal(cancelled.cost_usd) > 0  # the used turn is paid
 
@@ -101,11 +109,18 @@ async def test_cancel_interrupts_a_running_tool_and_kills_it(harness: Harness) -
 async def test_a_cancelled_session_reports_the_usage_that_was_metered(harness: Harness) -> None:
     # One turn answered, the second stopped while the model is still thinking: the CLI's
     # interrupted result reports no tokens and counts the stopped turn.
-    harness.sandbox.add_script("stopped_in_turn_two", Script(steps=[
-        Step(tool_calls=[ToolCall("Glob", {"pattern": "*.md"})],
-             usage=Usage(input_tokens=1000, output_tokens=100)),
-        Step(text="never said", delay_s=60),
-    ]))
+    harness.sandbox.add_script(
+        "stopped_in_turn_two",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[ToolCall("Glob", {"pattern": "*.md"})],
+                    usage=Usage(input_tokens=1000, output_tokens=100),
+                ),
+                Step(text="never said", delay_s=60),
+            ]
+        ),
+    )
     call = harness.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt="[[sandbox:stopped_in_turn_two]] go", model=MODEL),
         metadata=harness.auth("ops"),
@@ -154,9 +169,11 @@ async def test_a_cancel_that_meets_the_sessions_own_end_is_failed_precondition(
     session_id = (await call.read()).session_id
     await asyncio.wait_for(ending.wait(), 60)
     live = harness.app.sessions.capacity.live[session_id]
-    cancel = asyncio.ensure_future(harness.sessions.CancelSession(
-        session_pb2.CancelSessionRequest(session_id=session_id), metadata=harness.auth("ops")
-    ))
+    cancel = asyncio.ensure_future(
+        harness.sessions.CancelSession(
+            session_pb2.CancelSessionRequest(session_id=session_id), metadata=harness.auth("ops")
+        )
+    )
     await asyncio.wait_for(live.cancel_requested.wait(), 10)
     release.set()
 
@@ -170,7 +187,9 @@ async def test_a_cancel_that_meets_the_sessions_own_end_is_failed_precondition(
 
 async def test_cancelling_an_idle_session_ends_it_before_it_starts(harness: Harness) -> None:
     tenant = harness.app.tenants.tenants["acme"]
-    admission = await harness.app.sessions.start(tenant, RunRequest(prompt="never runs", model=MODEL))
+    admission = await harness.app.sessions.start(
+        tenant, RunRequest(prompt="never runs", model=MODEL)
+    )
     assert admission.live is not None
     admission.live.request_cancel(ErrorReason.CANCELLED)  # before the run task got a turn
     events = [e async for e in admission.events]
@@ -229,8 +248,10 @@ async def test_a_repeated_request_id_reattaches_instead_of_paying_twice(harness:
 async def test_concurrent_requests_with_one_request_id_start_one_session(harness: Harness) -> None:
     request_id = str(uuid.uuid4())
     runs = await asyncio.gather(
-        *(harness.run("globex", prompt="together", request_id=request_id, labels={"rid": "c"})
-          for _ in range(4))
+        *(
+            harness.run("globex", prompt="together", request_id=request_id, labels={"rid": "c"})
+            for _ in range(4)
+        )
     )
     assert len({events[0].session_id for events in runs}) == 1
     assert all(events == runs[0] for events in runs)
@@ -246,7 +267,8 @@ async def test_a_caller_that_goes_away_with_continue_leaves_the_session_running(
     harness.sandbox.add_script("slowish", Script(steps=[Step(text="still done", delay_s=1.5)]))
     call = harness.sessions.RunSession(
         session_pb2.RunSessionRequest(
-            prompt="[[sandbox:slowish]] go", model=MODEL,
+            prompt="[[sandbox:slowish]] go",
+            model=MODEL,
             on_disconnect=session_pb2.ON_DISCONNECT_CONTINUE,
         ),
         metadata=harness.auth("acme"),
@@ -265,12 +287,22 @@ async def test_a_transient_model_failure_is_retried_and_resumed(harness: Harness
 
     harness.sandbox.add_script(
         "flaky",
-        Script(steps=[
-            Step(tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})],
-                 usage=Usage(input_tokens=1000, output_tokens=100)),
-            Step(text="found it", usage=Usage(input_tokens=1200, output_tokens=30),
-                 failures=[HttpFailure(529, should_retry=False), HttpFailure(500, should_retry=False)]),
-        ]),
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})],
+                    usage=Usage(input_tokens=1000, output_tokens=100),
+                ),
+                Step(
+                    text="found it",
+                    usage=Usage(input_tokens=1200, output_tokens=30),
+                    failures=[
+                        HttpFailure(529, should_retry=False),
+                        HttpFailure(500, should_retry=False),
+                    ],
+                ),
+            ]
+        ),
     )
     events = await harness.run(prompt="[[sandbox:flaky]] look around")
 
@@ -295,7 +327,14 @@ async def test_a_permanent_failure_ends_after_the_configured_attempts(harness: H
     from agentplane.server.sandbox import HttpFailure
 
     harness.sandbox.add_script(
-        "down", Script(steps=[Step(fail_always=HttpFailure(503, should_retry=False, message="down for maintenance"))])
+        "down",
+        Script(
+            steps=[
+                Step(
+                    fail_always=HttpFailure(503, should_retry=False, message="down for maintenance")
+                )
+            ]
+        ),
     )
     events = await harness.run(prompt="[[sandbox:down]] hello")
     assert len([e for e in events if e.HasField("retrying")]) == 2  # 3 attempts in all
@@ -311,7 +350,9 @@ async def test_a_client_error_is_not_retried(harness: Harness) -> None:
 
     # 401: a bad key will not get better by asking again. (The CLI itself re-sends a 400
     # a few times, so a 400 would not show whether *we* retried.)
-    harness.sandbox.add_script("bad", Script(steps=[Step(fail_always=HttpFailure(401, should_retry=False))]))
+    harness.sandbox.add_script(
+        "bad", Script(steps=[Step(fail_always=HttpFailure(401, should_retry=False))])
+    )
     events = await harness.run(prompt="[[sandbox:bad]] hello")
     assert not [e for e in events if e.HasField("retrying")]
     assert events[-1].result.session.error.reason == session_pb2.ERROR_REASON_MODEL_API_ERROR
@@ -325,10 +366,13 @@ async def test_a_killed_cli_is_retried_and_the_session_completes(harness: Harnes
     harness.sandbox.add_script(
         # Step 1 answers too: whether the retry resumes (the SDK may have mirrored the
         # prompt before the kill) or starts afresh, the session must complete.
-        "crash", Script(steps=[
-            Step(text="survived", delay_s=2.0, usage=Usage(input_tokens=100, output_tokens=10)),
-            Step(text="survived", usage=Usage(input_tokens=100, output_tokens=10)),
-        ])
+        "crash",
+        Script(
+            steps=[
+                Step(text="survived", delay_s=2.0, usage=Usage(input_tokens=100, output_tokens=10)),
+                Step(text="survived", usage=Usage(input_tokens=100, output_tokens=10)),
+            ]
+        ),
     )
     call = harness.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt="[[sandbox:crash]] go", model=MODEL),
@@ -377,7 +421,10 @@ async def test_recovery_does_not_close_a_session_whose_lease_was_renewed(harness
     stale_now = seen.start_time  # as if the recovering server looked before the renewal
     final = seen.evolve(state=SessionState.ERROR, error_reason=ErrorReason.INTERRUPTED)
     async with db.begin() as s:
-        assert await write_end(s, final, expect=SessionState.RUNNING, lease_expired_by=stale_now) is None
+        assert (
+            await write_end(s, final, expect=SessionState.RUNNING, lease_expired_by=stale_now)
+            is None
+        )
     last = None
     while (event := await call.read()) is not grpc.aio.EOF:
         last = event

@@ -60,6 +60,8 @@ async def test_many_short_sessions_leak_nothing(harness: Harness, database_url: 
     # database, its WAL and shared memory; HTTP keep-alive sockets come in pairs here, the
     # sandbox being in this process). A leak grows per session: 100 sessions per half.
     assert fds_after <= fds_half + 15 and fds_after <= fds_before + 30
-    window = await harness.budgets.GetBudget(budget_pb2.GetBudgetRequest(), metadata=harness.auth("ops"))
+    window = await harness.budgets.GetBudget(
+        budget_pb2.GetBudgetRequest(), metadata=harness.auth("ops")
+    )
     assert Decimal(window.reserved_usd) == 0
     assert harness.app.sessions.live_count == 0

@@ -61,8 +61,13 @@ from prometheus_client.parser import text_string_to_metric_families
 TIGHT_TOKEN = "tight-secret-token-5"
 # Its whole day fits one session: a second one while the first runs is BUDGET_EXCEEDED.
 TIGHT = tenant_toml(
-    "tight", TIGHT_TOKEN, anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
-    allowed_tools=["Glob", "Read"], daily_limit_usd=1.0, max_session_budget_usd=1.0, max_turns=4,
+    "tight",
+    TIGHT_TOKEN,
+    anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+    allowed_tools=["Glob", "Read"],
+    daily_limit_usd=1.0,
+    max_session_budget_usd=1.0,
+    max_turns=4,
 )
 PROMPT_MARKER = "PROMPT-TEXT-7f3a91-never-in-telemetry"
 SECRETS = ["sk-ant-test-acme-key", "sk-ant-test-globex-key", TIGHT_TOKEN, *TOKENS.values()]
@@ -125,10 +130,12 @@ async def traced(database_url: str, json_logs: io.StringIO) -> AsyncIterator[Tra
     receiver = OtlpReceiver()
     await receiver.start()
     memory = InMemoryMetricReader()
-    config = OtelConfig.from_env({
-        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-        "OTEL_METRIC_EXPORT_INTERVAL": "3600000",  # so only the shutdown exports metrics
-    })
+    config = OtelConfig.from_env(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_METRIC_EXPORT_INTERVAL": "3600000",  # so only the shutdown exports metrics
+        }
+    )
     telemetry = Telemetry.create(config, prometheus=("127.0.0.1", 0), metric_readers=[memory])
     h = await start_harness(database_url, extra_tenants=TIGHT, telemetry=telemetry)
     t = Traced(h, telemetry, receiver, memory, json_logs)
@@ -161,12 +168,21 @@ def cli_traceparent(h: Harness) -> str | None:
 
 async def test_one_trace_from_the_caller_to_every_tool_call(traced: Traced) -> None:
     h = traced.h
-    h.sandbox.add_script("traced", Script(steps=[
-        Step(tool_calls=[ToolCall("Glob", {"pattern": "*.txt"}),
-                         ToolCall("Read", {"file_path": "/nonexistent/missing.txt"})],
-             usage=Usage(input_tokens=1000, output_tokens=50)),
-        Step(text="done", delay_s=1.0, usage=Usage(input_tokens=1200, output_tokens=20)),
-    ]))
+    h.sandbox.add_script(
+        "traced",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[
+                        ToolCall("Glob", {"pattern": "*.txt"}),
+                        ToolCall("Read", {"file_path": "/nonexistent/missing.txt"}),
+                    ],
+                    usage=Usage(input_tokens=1000, output_tokens=50),
+                ),
+                Step(text="done", delay_s=1.0, usage=Usage(input_tokens=1200, output_tokens=20)),
+            ]
+        ),
+    )
     caller = TracerProvider().get_tracer("caller")
     with caller.start_as_current_span("caller work") as caller_span:
         carrier: dict[str, str] = {}
@@ -176,7 +192,10 @@ async def test_one_trace_from_the_caller_to_every_tool_call(traced: Traced) -> N
 
     call = h.sessions.RunSession(
         session_pb2.RunSessionRequest(prompt=f"[[sandbox:traced]] {PROMPT_MARKER}", model=MODEL),
-        metadata=(("authorization", f"Bearer {TIGHT_TOKEN}"), ("traceparent", carrier["traceparent"])),
+        metadata=(
+            ("authorization", f"Bearer {TIGHT_TOKEN}"),
+            ("traceparent", carrier["traceparent"]),
+        ),
     )
     events = await read_until(call, lambda e: e.HasField("tool_result") and e.tool_result.is_error)
     traceparent = cli_traceparent(h)  # the CLI is still running: the last step is delayed
@@ -195,8 +214,10 @@ async def test_one_trace_from_the_caller_to_every_tool_call(traced: Traced) -> N
     results = {e.tool_result.tool_use_id: e for e in events if e.HasField("tool_result")}
 
     expected = {
-        "/agentplane.v1.SessionService/RunSession", "invoke_agent tight",
-        "execute_tool Glob", "execute_tool Read",
+        "/agentplane.v1.SessionService/RunSession",
+        "invoke_agent tight",
+        "execute_tool Glob",
+        "execute_tool Read",
     }
 
     def complete(spans: list[trace_pb2.Span]) -> bool:
@@ -207,10 +228,14 @@ async def test_one_trace_from_the_caller_to_every_tool_call(traced: Traced) -> N
     chats = [s for s in everything if s.name.startswith("chat ")]
     spans = [s for s in everything if not s.name.startswith("chat ")]
     by_name = {s.name: s for s in spans}
-    assert sorted(by_name) == sorted([
-        "/agentplane.v1.SessionService/RunSession", "invoke_agent tight",
-        "execute_tool Glob", "execute_tool Read",
-    ]), [s.name for s in spans]
+    assert sorted(by_name) == sorted(
+        [
+            "/agentplane.v1.SessionService/RunSession",
+            "invoke_agent tight",
+            "execute_tool Glob",
+            "execute_tool Read",
+        ]
+    ), [s.name for s in spans]
     assert len(spans) == 4  # one trace: nothing else in it, nothing twice
 
     server = by_name["/agentplane.v1.SessionService/RunSession"]
@@ -228,7 +253,10 @@ async def test_one_trace_from_the_caller_to_every_tool_call(traced: Traced) -> N
     assert attrs["agentplane.tenant"] == "tight"
     assert attrs["gen_ai.usage.input_tokens"] == final.usage.input_tokens == 2200
     assert attrs["gen_ai.usage.output_tokens"] == final.usage.output_tokens == 70
-    assert attrs["agentplane.cost_usd"] == pytest.approx(float(final.cost_usd)) and attrs["agentplane.cost_usd"] > 0
+    assert (
+        attrs["agentplane.cost_usd"] == pytest.approx(float(final.cost_usd))
+        and attrs["agentplane.cost_usd"] > 0
+    )
     assert attrs["agentplane.num_turns"] == final.num_turns
     assert attrs["agentplane.session.state"] == "COMPLETE"
     assert "error.type" not in attrs and agent.status.code != ERROR
@@ -259,7 +287,9 @@ async def test_one_trace_from_the_caller_to_every_tool_call(traced: Traced) -> N
         assert chat_attrs["gen_ai.operation.name"] == "chat"
         assert chat_attrs["gen_ai.request.max_tokens"] > 0
     assert sum(attributes(c.attributes)["gen_ai.usage.input_tokens"] for c in chats) == 2200
-    assert sum(Decimal(str(attributes(c.attributes)["agentplane.cost_usd"])) for c in chats) == Decimal(final.cost_usd)
+    assert sum(
+        Decimal(str(attributes(c.attributes)["agentplane.cost_usd"])) for c in chats
+    ) == Decimal(final.cost_usd)
 
     # The CLI was started with the invoke_agent span as its parent context.
     assert traceparent is not None
@@ -272,19 +302,31 @@ async def test_one_trace_from_the_caller_to_every_tool_call(traced: Traced) -> N
 
 async def test_a_failed_session_sets_error_type(traced: Traced) -> None:
     h = traced.h
-    h.sandbox.add_script("turny", Script(steps=[
-        Step(tool_calls=[ToolCall("Glob", {"pattern": "*"})]), Step(text="never"),
-    ]))
+    h.sandbox.add_script(
+        "turny",
+        Script(
+            steps=[
+                Step(tool_calls=[ToolCall("Glob", {"pattern": "*"})]),
+                Step(text="never"),
+            ]
+        ),
+    )
     events = await h.run(prompt=f"[[sandbox:turny]] {PROMPT_MARKER}", max_turns=1)
     final = events[-1].result.session
     assert final.error.reason == session_pb2.ERROR_REASON_MAX_TURNS
 
     def has_agent(spans: list[trace_pb2.Span]) -> bool:
-        return any(attributes(s.attributes).get("session.id") == final.id
-                   and s.name.startswith("invoke_agent") for s in spans)
+        return any(
+            attributes(s.attributes).get("session.id") == final.id
+            and s.name.startswith("invoke_agent")
+            for s in spans
+        )
 
-    agent = next(s for s in await traced.spans(has_agent)
-                 if s.name == "invoke_agent acme" and attributes(s.attributes)["session.id"] == final.id)
+    agent = next(
+        s
+        for s in await traced.spans(has_agent)
+        if s.name == "invoke_agent acme" and attributes(s.attributes)["session.id"] == final.id
+    )
     attrs = attributes(agent.attributes)
     assert attrs["error.type"] == "MAX_TURNS"
     assert attrs["agentplane.session.state"] == "ERROR"
@@ -295,14 +337,21 @@ async def test_a_session_that_outlives_its_stream_still_gets_complete_spans(trac
     h = traced.h
     h.sandbox.add_script("outlive", Script(steps=[Step(text="later", delay_s=1.0)]))
     call = h.sessions.RunSession(
-        session_pb2.RunSessionRequest(prompt="[[sandbox:outlive]] go", model=MODEL,
-                                      on_disconnect=session_pb2.ON_DISCONNECT_CONTINUE),
+        session_pb2.RunSessionRequest(
+            prompt="[[sandbox:outlive]] go",
+            model=MODEL,
+            on_disconnect=session_pb2.ON_DISCONNECT_CONTINUE,
+        ),
         metadata=h.auth("globex"),
     )
     session_id = (await call.read()).session_id
     call.cancel()
-    rest = [e async for e in h.sessions.StreamSession(
-        session_pb2.StreamSessionRequest(session_id=session_id), metadata=h.auth("globex"))]
+    rest = [
+        e
+        async for e in h.sessions.StreamSession(
+            session_pb2.StreamSessionRequest(session_id=session_id), metadata=h.auth("globex")
+        )
+    ]
     assert rest[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
 
     def ended(spans: list[trace_pb2.Span]) -> bool:
@@ -343,58 +392,116 @@ async def test_metrics_in_memory_and_on_prometheus(traced: Traced) -> None:
     assert _value(points, "agentplane.sessions.started", tenant="tight") == 1
     assert _value(points, "agentplane.sessions.started", tenant="acme") == 1
     assert _value(points, "agentplane.sessions.ended", tenant="tight", outcome="COMPLETE") == 1
-    assert _value(points, "agentplane.sessions.ended", tenant="acme", outcome="ERROR",
-                  reason="MAX_TURNS") == 1
+    assert (
+        _value(
+            points, "agentplane.sessions.ended", tenant="acme", outcome="ERROR", reason="MAX_TURNS"
+        )
+        == 1
+    )
     assert _value(points, "agentplane.sessions.active") == 0
     assert _value(points, "agentplane.tool_uses", tenant="tight", tool="Glob", outcome="ok") == 1
     assert _value(points, "agentplane.tool_uses", tenant="tight", tool="Read", outcome="error") == 1
-    assert _value(points, "agentplane.admission.rejections", tenant="tight",
-                  reason="BUDGET_EXCEEDED") == 1
-    assert _value(points, "agentplane.admission.rejections", tenant="acme",
-                  reason="INVALID_ARGUMENT") == 1
+    assert (
+        _value(points, "agentplane.admission.rejections", tenant="tight", reason="BUDGET_EXCEEDED")
+        == 1
+    )
+    assert (
+        _value(points, "agentplane.admission.rejections", tenant="acme", reason="INVALID_ARGUMENT")
+        == 1
+    )
     assert _value(points, "agentplane.session.tokens", tenant="tight", type="input") == 2200
     assert _value(points, "agentplane.session.tokens", tenant="tight", type="output") == 70
     assert _value(points, "agentplane.session.cost_usd", tenant="tight") > 0
     assert _value(points, "agentplane.session.turns", tenant="tight") >= 2
-    durations = [p for attrs, p in points["agentplane.session.duration"] if attrs["tenant"] == "tight"]
+    durations = [
+        p for attrs, p in points["agentplane.session.duration"] if attrs["tenant"] == "tight"
+    ]
     assert durations[0].count == 1 and durations[0].sum >= 1.0  # the delayed step
 
     assert traced.telemetry.prometheus is not None
     url = f"http://127.0.0.1:{traced.telemetry.prometheus.port}/metrics"
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
     samples = {
-        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if not k.startswith("otel_")))): s.value
-        for family in text_string_to_metric_families(text) for s in family.samples
+        (
+            s.name,
+            tuple(sorted((k, v) for k, v in s.labels.items() if not k.startswith("otel_"))),
+        ): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
     }
     assert samples[("agentplane_sessions_started_total", (("tenant", "tight"),))] == 1
-    assert samples[("agentplane_sessions_ended_total",
-                    (("outcome", "ERROR"), ("reason", "MAX_TURNS"), ("tenant", "acme")))] == 1
-    assert samples[("agentplane_tool_uses_total",
-                    (("outcome", "error"), ("tenant", "tight"), ("tool", "Read")))] == 1
-    assert samples[("agentplane_admission_rejections_total",
-                    (("reason", "BUDGET_EXCEEDED"), ("tenant", "tight")))] == 1
+    assert (
+        samples[
+            (
+                "agentplane_sessions_ended_total",
+                (("outcome", "ERROR"), ("reason", "MAX_TURNS"), ("tenant", "acme")),
+            )
+        ]
+        == 1
+    )
+    assert (
+        samples[
+            (
+                "agentplane_tool_uses_total",
+                (("outcome", "error"), ("tenant", "tight"), ("tool", "Read")),
+            )
+        ]
+        == 1
+    )
+    assert (
+        samples[
+            (
+                "agentplane_admission_rejections_total",
+                (("reason", "BUDGET_EXCEEDED"), ("tenant", "tight")),
+            )
+        ]
+        == 1
+    )
     assert samples[("agentplane_sessions_active", (("tenant", "tight"),))] == 0
     assert samples[("agentplane_session_cost_usd_total", (("tenant", "tight"),))] > 0
-    assert samples[("agentplane_session_duration_seconds_count",
-                    (("outcome", "COMPLETE"), ("tenant", "tight")))] == 1
+    assert (
+        samples[
+            (
+                "agentplane_session_duration_seconds_count",
+                (("outcome", "COMPLETE"), ("tenant", "tight")),
+            )
+        ]
+        == 1
+    )
 
 
 async def test_waiting_for_the_caller_is_on_the_span_and_counted(traced: Traced) -> None:
     h = traced.h
-    h.sandbox.add_script("traced_loop", Script(steps=[
-        Step(tool_calls=[ToolCall("mcp__caller__lookup", {"q": "x"})]),
-        Step(tool_calls=[ToolCall("Bash", {"command": "echo unapproved"})]),
-        Step(text="done"),
-    ]))
-    call = h.sessions.RunSession(session_pb2.RunSessionRequest(
-        prompt="[[sandbox:traced_loop]] go", model=MODEL, require_approval=["Bash"],
-        tools=[session_pb2.CallerTool(name="lookup")], answer_timeout=Duration(seconds=1),
-    ), metadata=h.auth("loop"))
+    h.sandbox.add_script(
+        "traced_loop",
+        Script(
+            steps=[
+                Step(tool_calls=[ToolCall("mcp__caller__lookup", {"q": "x"})]),
+                Step(tool_calls=[ToolCall("Bash", {"command": "echo unapproved"})]),
+                Step(text="done"),
+            ]
+        ),
+    )
+    call = h.sessions.RunSession(
+        session_pb2.RunSessionRequest(
+            prompt="[[sandbox:traced_loop]] go",
+            model=MODEL,
+            require_approval=["Bash"],
+            tools=[session_pb2.CallerTool(name="lookup")],
+            answer_timeout=Duration(seconds=1),
+        ),
+        metadata=h.auth("loop"),
+    )
     async for event in call:
         if event.HasField("input_request") and event.input_request.tool_name == "lookup":
-            await h.sessions.Respond(session_pb2.RespondRequest(
-                session_id=event.session_id, request_id=event.input_request.request_id,
-                tool_result=session_pb2.ToolCallResult(text="found")), metadata=h.auth("loop"))
+            await h.sessions.Respond(
+                session_pb2.RespondRequest(
+                    session_id=event.session_id,
+                    request_id=event.input_request.request_id,
+                    tool_result=session_pb2.ToolCallResult(text="found"),
+                ),
+                metadata=h.auth("loop"),
+            )
         last = event
     session_id = last.result.session.id  # the Bash approval timed out: denied
 
@@ -402,21 +509,41 @@ async def test_waiting_for_the_caller_is_on_the_span_and_counted(traced: Traced)
         return any(s.name == "invoke_agent loop" for s in spans)
 
     spans = await traced.spans(ended)
-    agent = next(s for s in spans if s.name == "invoke_agent loop"
-                 and attributes(s.attributes)["session.id"] == session_id)
+    agent = next(
+        s
+        for s in spans
+        if s.name == "invoke_agent loop" and attributes(s.attributes)["session.id"] == session_id
+    )
     waits = [attributes(e.attributes) for e in agent.events if e.name == "agentplane.caller_input"]
-    assert [(w["agentplane.input.kind"], w["agentplane.input.decided_by"],
-             w["agentplane.input.outcome"]) for w in waits] == [
-        ("TOOL_CALL", "CALLER", "result"), ("PERMISSION", "TIMEOUT", "deny")]
+    assert [
+        (
+            w["agentplane.input.kind"],
+            w["agentplane.input.decided_by"],
+            w["agentplane.input.outcome"],
+        )
+        for w in waits
+    ] == [("TOOL_CALL", "CALLER", "result"), ("PERMISSION", "TIMEOUT", "deny")]
     assert waits[1]["agentplane.input.waited_ms"] >= 1000
-    bash = next(s for s in spans if s.name == "execute_tool Bash"
-                and s.trace_id == agent.trace_id)
+    bash = next(s for s in spans if s.name == "execute_tool Bash" and s.trace_id == agent.trace_id)
     assert attributes(bash.attributes)["agentplane.input.decided_by"] == "TIMEOUT"
     points = _points(traced.memory)
-    assert _value(points, "agentplane.caller.inputs", tenant="loop", kind="TOOL_CALL",
-                  decided_by="CALLER") == 1
-    assert _value(points, "agentplane.caller.inputs", tenant="loop", kind="PERMISSION",
-                  decided_by="TIMEOUT", outcome="deny") == 1
+    assert (
+        _value(
+            points, "agentplane.caller.inputs", tenant="loop", kind="TOOL_CALL", decided_by="CALLER"
+        )
+        == 1
+    )
+    assert (
+        _value(
+            points,
+            "agentplane.caller.inputs",
+            tenant="loop",
+            kind="PERMISSION",
+            decided_by="TIMEOUT",
+            outcome="deny",
+        )
+        == 1
+    )
 
 
 async def test_stop_flushes_spans_and_metrics_and_health_checks_are_not_traced(
@@ -433,10 +560,14 @@ async def test_stop_flushes_spans_and_metrics_and_health_checks_are_not_traced(
     assert len(spans) > exported
     assert "/agentplane.v1.UsageService/GetUsage" in [s.name for s in spans]
     assert not [s.name for s in spans if "Health" in s.name]
-    assert {"agentplane.sessions.started", "agentplane.sessions.ended",
-            "agentplane.tool_uses"} <= traced.receiver.metric_names()
-    assert any(line["event"] == "shutdown" and line.get("phase") == "done"
-               for line in traced.log_lines())
+    assert {
+        "agentplane.sessions.started",
+        "agentplane.sessions.ended",
+        "agentplane.tool_uses",
+    } <= traced.receiver.metric_names()
+    assert any(
+        line["event"] == "shutdown" and line.get("phase") == "done" for line in traced.log_lines()
+    )
 
 
 async def test_logs_are_json_with_trace_ids_and_nothing_secret(traced: Traced) -> None:
@@ -455,7 +586,9 @@ async def test_logs_are_json_with_trace_ids_and_nothing_secret(traced: Traced) -
     assert sorted(x["tool"] for x in tool_lines) == ["Glob", "Read"]
     for x in tool_lines:  # each names its own execute_tool span
         assert span_trace[x["span_id"]] == x["trace_id"] == start["trace_id"]
-    complete = next(x for x in by_event["session_complete"] if x["session_id"] == start["session_id"])
+    complete = next(
+        x for x in by_event["session_complete"] if x["session_id"] == start["session_id"]
+    )
     assert complete["trace_id"] == start["trace_id"] and complete["tenant"] == "tight"
     error = by_event["session_error"][0]
     assert error["reason"] == "MAX_TURNS" and error["trace_id"] in span_trace.values()
@@ -464,12 +597,22 @@ async def test_logs_are_json_with_trace_ids_and_nothing_secret(traced: Traced) -
     assert len(rejected["trace_id"]) == 32 and rejected["span_id"] in span_trace
     refused = next(s for _, s in spans if hexid(s.span_id) == rejected["span_id"])
     assert refused.name == "/agentplane.v1.SessionService/RunSession"
-    assert attributes(refused.attributes)["rpc.grpc.status_code"] == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert (
+        attributes(refused.attributes)["rpc.grpc.status_code"]
+        == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    )
     assert "shutdown" in by_event
 
     dump = traced.logs.getvalue() + "\n".join(
-        json.dumps([resource, attributes(s.attributes), [attributes(e.attributes) for e in s.events],
-                    s.status.message, s.name])
+        json.dumps(
+            [
+                resource,
+                attributes(s.attributes),
+                [attributes(e.attributes) for e in s.events],
+                s.status.message,
+                s.name,
+            ]
+        )
         for resource, s in spans
     )
     assert "tight" in dump and "session_start" in dump  # the scan sees real data
@@ -482,12 +625,14 @@ async def test_logs_are_json_with_trace_ids_and_nothing_secret(traced: Traced) -
 
 
 def test_otel_settings_from_the_environment() -> None:
-    http = OtelConfig.from_env({
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-        "OTEL_SERVICE_NAME": "ap-prod",
-        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://metrics:4318/v1/metrics",
-    })
+    http = OtelConfig.from_env(
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_SERVICE_NAME": "ap-prod",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://metrics:4318/v1/metrics",
+        }
+    )
     assert http.traces_endpoint == "http://collector:4318/v1/traces"
     assert http.metrics_endpoint == "http://metrics:4318/v1/metrics"
     assert http.service_name == "ap-prod" and not http.disabled
@@ -498,17 +643,24 @@ def test_otel_settings_from_the_environment() -> None:
         OtelConfig.from_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
     assert bad.value.setting == "OTEL_EXPORTER_OTLP_PROTOCOL"
 
-    settings = Settings.from_env({
-        "AGENTPLANE_LISTEN": "0.0.0.0:50051", "AGENTPLANE_PROMETHEUS_PORT": "9464",
-        "AGENTPLANE_TRACE_CONTENT": "1", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317",
-    })
+    settings = Settings.from_env(
+        {
+            "AGENTPLANE_LISTEN": "0.0.0.0:50051",
+            "AGENTPLANE_PROMETHEUS_PORT": "9464",
+            "AGENTPLANE_TRACE_CONTENT": "1",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317",
+        }
+    )
     assert settings.prometheus_address == ("0.0.0.0", 9464)
     assert settings.trace_content and settings.trace_content_max_chars == 4096
     assert settings.otel.traces_endpoint == settings.otel.metrics_endpoint == "http://c:4317"
     assert Settings.from_env({}).prometheus_address is None
-    for name, value in [("AGENTPLANE_PROMETHEUS_PORT", "http"), ("AGENTPLANE_TRACE_CONTENT", "yes"),
-                        ("AGENTPLANE_TRACE_CONTENT_MAX_CHARS", "0"),
-                        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]:
+    for name, value in [
+        ("AGENTPLANE_PROMETHEUS_PORT", "http"),
+        ("AGENTPLANE_TRACE_CONTENT", "yes"),
+        ("AGENTPLANE_TRACE_CONTENT_MAX_CHARS", "0"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+    ]:
         with pytest.raises(ConfigError) as bad:
             Settings.from_env({name: value})
         assert bad.value.setting == name
@@ -533,8 +685,13 @@ def test_without_an_exporter_spans_are_not_recorded_but_trace_ids_still_flow() -
 def _session(**changes: Any) -> Session:
     now = utcnow()
     base = Session(
-        id="s-1", tenant="acme", state=SessionState.IDLE, create_time=now,
-        max_budget_usd=Decimal(1), max_turns=4, allowed_tools=("Read",),
+        id="s-1",
+        tenant="acme",
+        state=SessionState.IDLE,
+        create_time=now,
+        max_budget_usd=Decimal(1),
+        max_turns=4,
+        allowed_tools=("Read",),
         model=MODEL,
     )
     return base.evolve(**changes)
@@ -547,16 +704,42 @@ def _record(content: ContentPolicy) -> list[Any]:
     session = _session()
     spans = SessionSpans(provider.get_tracer("t"), session, "the secret prompt " * 20, content)
     start = session.create_time + timedelta(milliseconds=5)
-    spans.tool_started(Event("s-1", 3, start, EventKind.TOOL_USE,
-                             {"tool_use_id": "t1", "name": "Read", "input_json": '{"file_path": "/x"}'}))
-    spans.tool_started(Event("s-1", 4, start, EventKind.TOOL_USE,
-                             {"tool_use_id": "t2", "name": "Bash", "input_json": "{}"}))
-    spans.tool_finished(Event("s-1", 5, start + timedelta(milliseconds=7), EventKind.TOOL_RESULT,
-                              {"tool_use_id": "t1", "is_error": False, "content": "file body " * 100}))
-    interrupted = spans.end(session.evolve(
-        state=SessionState.ERROR, end_time=start + timedelta(seconds=1),
-        error_reason=ErrorReason.CANCELLED, error_message="cancelled", usage=TokenUsage(10, 2),
-    ))
+    spans.tool_started(
+        Event(
+            "s-1",
+            3,
+            start,
+            EventKind.TOOL_USE,
+            {"tool_use_id": "t1", "name": "Read", "input_json": '{"file_path": "/x"}'},
+        )
+    )
+    spans.tool_started(
+        Event(
+            "s-1",
+            4,
+            start,
+            EventKind.TOOL_USE,
+            {"tool_use_id": "t2", "name": "Bash", "input_json": "{}"},
+        )
+    )
+    spans.tool_finished(
+        Event(
+            "s-1",
+            5,
+            start + timedelta(milliseconds=7),
+            EventKind.TOOL_RESULT,
+            {"tool_use_id": "t1", "is_error": False, "content": "file body " * 100},
+        )
+    )
+    interrupted = spans.end(
+        session.evolve(
+            state=SessionState.ERROR,
+            end_time=start + timedelta(seconds=1),
+            error_reason=ErrorReason.CANCELLED,
+            error_message="cancelled",
+            usage=TokenUsage(10, 2),
+        )
+    )
     assert interrupted == ["Bash"]
     provider.shutdown()
     return list(exporter.get_finished_spans())
@@ -564,8 +747,12 @@ def _record(content: ContentPolicy) -> list[Any]:
 
 def test_prompts_and_tool_io_are_recorded_only_when_asked_and_capped() -> None:
     default = {s.name: dict(s.attributes or {}) for s in _record(ContentPolicy())}
-    assert not [k for attrs in default.values() for k in attrs
-                if k in ("gen_ai.input.messages", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result")]
+    assert not [
+        k
+        for attrs in default.values()
+        for k in attrs
+        if k in ("gen_ai.input.messages", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result")
+    ]
     assert "secret prompt" not in json.dumps(default)
 
     spans = {s.name: s for s in _record(ContentPolicy(capture=True, max_chars=50))}
@@ -583,7 +770,10 @@ def test_prompts_and_tool_io_are_recorded_only_when_asked_and_capped() -> None:
 
 
 def test_log_lines_mask_keys_and_bearer_tokens() -> None:
-    assert redact("key sk-ant-api03-abcdefghijk and Bearer tok123") == "key sk-ant-api0*** and Bearer ***"
+    assert (
+        redact("key sk-ant-api03-abcdefghijk and Bearer tok123")
+        == "key sk-ant-api0*** and Bearer ***"
+    )
     record = logging.LogRecord("agentplane.x", logging.INFO, __file__, 1, "retry", None, None)
     record.session_id = "s-1"
     record.detail = "failed with sk-ant-test-acme-key"

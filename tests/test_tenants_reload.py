@@ -44,21 +44,28 @@ TOKEN = {"steady": "steady-token", "gone": "gone-token", "newco": "newco-token"}
 def extra(**steady: object) -> str:
     """Two tenants of this module's: `steady` (with `steady` over its settings), `gone`."""
     settings: dict[str, object] = {
-        "anthropic_api_key_env": KEY, "allowed_tools": ["Read", "Glob"],
-        "system_prompt": "You are the OLD steady prompt.", "daily_limit_usd": 20.0,
-        "max_session_budget_usd": 1.0, **steady,
+        "anthropic_api_key_env": KEY,
+        "allowed_tools": ["Read", "Glob"],
+        "system_prompt": "You are the OLD steady prompt.",
+        "daily_limit_usd": 20.0,
+        "max_session_budget_usd": 1.0,
+        **steady,
     }
-    return "\n".join([
-        tenant_toml("steady", TOKEN["steady"], **settings),  # type: ignore[arg-type]
-        tenant_toml("gone", TOKEN["gone"], anthropic_api_key_env=KEY, allowed_tools=["Read"]),
-    ])
+    return "\n".join(
+        [
+            tenant_toml("steady", TOKEN["steady"], **settings),  # type: ignore[arg-type]
+            tenant_toml("gone", TOKEN["gone"], anthropic_api_key_env=KEY, allowed_tools=["Read"]),
+        ]
+    )
 
 
 def auth(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-async def until(check: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 60) -> None:
+async def until(
+    check: Callable[[], Awaitable[bool] | bool], what: str, timeout: float = 60
+) -> None:
     """Wait for `check` to hold (an event, not a time limit on behaviour)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
@@ -77,8 +84,11 @@ def test_a_replacement_says_what_changed_and_never_a_secret(tmp_path: Path) -> N
     path = tmp_path / "t.toml"
     path.write_text(tenant_toml("a", "tok-a") + tenant_toml("b", "tok-b", max_turns=3))
     registry = TenantRegistry.load(path)
-    path.write_text(tenant_toml("a", "tok-a2") + tenant_toml("c", "tok-c")
-                    + tenant_toml("b", "tok-b", max_turns=3))
+    path.write_text(
+        tenant_toml("a", "tok-a2")
+        + tenant_toml("c", "tok-c")
+        + tenant_toml("b", "tok-b", max_turns=3)
+    )
     changes = registry.replace(TenantRegistry.load(path))
     assert (changes.added, changes.removed) == (("c",), ())
     assert dict(changes.changed) == {"a": ("token_sha256",)}
@@ -90,12 +100,18 @@ def test_a_replacement_says_what_changed_and_never_a_secret(tmp_path: Path) -> N
 
 def test_a_certificate_identity_is_bound_to_one_tenant_only(tmp_path: Path) -> None:
     path = tmp_path / "t.toml"
-    path.write_text(tenant_toml("a", client_cert_sans=["x.internal"])
-                    + tenant_toml("b", client_cert_sans=["x.internal"]))
-    with pytest.raises(ConfigError, match=r"tenants\.b\.client_cert_sans.*also listed for tenant a"):
+    path.write_text(
+        tenant_toml("a", client_cert_sans=["x.internal"])
+        + tenant_toml("b", client_cert_sans=["x.internal"])
+    )
+    with pytest.raises(
+        ConfigError, match=r"tenants\.b\.client_cert_sans.*also listed for tenant a"
+    ):
         TenantRegistry.load(path)
-    path.write_text(tenant_toml("a", client_cert_subjects=["CN=x, O=y"])
-                    + tenant_toml("b", client_cert_subjects=["o=y,cn=x"]))
+    path.write_text(
+        tenant_toml("a", client_cert_subjects=["CN=x, O=y"])
+        + tenant_toml("b", client_cert_subjects=["o=y,cn=x"])
+    )
     with pytest.raises(ConfigError, match="client_cert_subjects"):
         TenantRegistry.load(path)
     path.write_text(tenant_toml("a", client_cert_subjects=["not a name"]))
@@ -116,7 +132,9 @@ async def h(database_url: str) -> AsyncIterator[Harness]:
     await stop_harness(harness)
 
 
-def rewrite(h: Harness, *, acme_token: str = TOKENS["acme"], more: str = "", **steady: object) -> None:
+def rewrite(
+    h: Harness, *, acme_token: str = TOKENS["acme"], more: str = "", **steady: object
+) -> None:
     """Write the harness's tenants file anew: its tenants (acme with `acme_token`), this
     module's (`steady` changed by `steady`), then `more`."""
     text = tenants_toml(h.workspace).replace(hash_token(TOKENS["acme"]), hash_token(acme_token))
@@ -134,19 +152,22 @@ async def changed_on_disk(h: Harness, write: Callable[[], None]) -> None:
 
 async def budget(h: Harness, token: str) -> budget_pb2.Budget:
     return await budget_pb2_grpc.BudgetServiceStub(h.channel).GetBudget(
-        budget_pb2.GetBudgetRequest(), metadata=auth(token))
+        budget_pb2.GetBudgetRequest(), metadata=auth(token)
+    )
 
 
 async def tenants_health(h: Harness) -> int:
     reply = await health_pb2_grpc.HealthStub(h.channel).Check(
-        health_pb2.HealthCheckRequest(service=TENANTS))
+        health_pb2.HealthCheckRequest(service=TENANTS)
+    )
     return int(reply.status)
 
 
 async def run(h: Harness, token: str, prompt: str) -> list[session_pb2.SessionEvent]:
     """RunSession to the end; its events."""
     call = h.sessions.RunSession(
-        session_pb2.RunSessionRequest(prompt=prompt, model=MODEL), metadata=auth(token))
+        session_pb2.RunSessionRequest(prompt=prompt, model=MODEL), metadata=auth(token)
+    )
     return [event async for event in call]
 
 
@@ -179,10 +200,16 @@ async def test_a_removed_token_a_lowered_limit_and_a_new_tenant_apply_at_once(
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     caplog.set_level(logging.INFO, logger="agentplane.server.tenants_reload")
-    await changed_on_disk(h, lambda: rewrite(
-        h, acme_token="acme-rotated-token", daily_limit_usd=0.000001,
-        max_session_budget_usd=0.000001,
-        more=tenant_toml("newco", TOKEN["newco"], anthropic_api_key_env=KEY)))
+    await changed_on_disk(
+        h,
+        lambda: rewrite(
+            h,
+            acme_token="acme-rotated-token",
+            daily_limit_usd=0.000001,
+            max_session_budget_usd=0.000001,
+            more=tenant_toml("newco", TOKEN["newco"], anthropic_api_key_env=KEY),
+        ),
+    )
 
     # The leaked token fails its very next call, on the same connection; the new one works.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -230,7 +257,8 @@ async def test_an_invalid_file_keeps_the_last_valid_one_and_says_so(
     assert "tenants.steady.max_session_budget_usd" in detail and "last valid" in detail
     assert "readiness" not in detail
     ready = await health_pb2_grpc.HealthStub(h.channel).Check(
-        health_pb2.HealthCheckRequest(service="readiness"))
+        health_pb2.HealthCheckRequest(service="readiness")
+    )
     assert ready.status == SERVING  # the server still serves, under the old file
 
     await changed_on_disk(h, lambda: rewrite(h, acme_token="acme-other-token"))
@@ -246,7 +274,8 @@ async def test_a_reload_while_sessions_run(h: Harness, restore: None) -> None:
         """A session whose model request is in flight."""
         call = h.sessions.RunSession(
             session_pb2.RunSessionRequest(prompt=f"[[sandbox:{script}]] go", model=MODEL),
-            metadata=auth(token))
+            metadata=auth(token),
+        )
         await call.read()  # admitted
         await until(lambda: bool(h.sandbox.find(script=script)), f"{script} asked the model")
         return call
@@ -256,10 +285,18 @@ async def test_a_reload_while_sessions_run(h: Harness, restore: None) -> None:
 
     # gone removed; steady narrowed: fewer tools, a smaller session budget, a new prompt.
     (h.work_dir / "tenants.toml").write_text(
-        tenants_toml(h.workspace) + "\n" + tenant_toml(
-            "steady", TOKEN["steady"], anthropic_api_key_env=KEY, allowed_tools=["Read"],
-            system_prompt="You are the NEW steady prompt.", daily_limit_usd=20.0,
-            max_session_budget_usd=0.5))
+        tenants_toml(h.workspace)
+        + "\n"
+        + tenant_toml(
+            "steady",
+            TOKEN["steady"],
+            anthropic_api_key_env=KEY,
+            allowed_tools=["Read"],
+            system_prompt="You are the NEW steady prompt.",
+            daily_limit_usd=20.0,
+            max_session_budget_usd=0.5,
+        )
+    )
     changes = await h.app.reload_tenants("test")
     assert changes is not None and changes.removed == ("gone",)
     assert not h.sandbox.find(script="reload_slow")[0].status, "ended before the reload"
@@ -302,8 +339,9 @@ async def test_sighup_reloads_the_tenants_file(database_url: str) -> None:
     sandbox = SandboxServer()
     await sandbox.start()
     # The watcher is (all but) off: only the signal can apply the file.
-    server = await start_server(work, f"sqlite:///{work}/hup.db", sandbox.base_url,
-                                AGENTPLANE_TENANTS_POLL_S="3600")
+    server = await start_server(
+        work, f"sqlite:///{work}/hup.db", sandbox.base_url, AGENTPLANE_TENANTS_POLL_S="3600"
+    )
     try:
         budgets = budget_pb2_grpc.BudgetServiceStub(server.channel)
 
@@ -315,9 +353,12 @@ async def test_sighup_reloads_the_tenants_file(database_url: str) -> None:
             return reply.tenant
 
         assert await tenant_of(TOKENS["acme"]) == "acme"
-        path.write_text(tenants_toml(workspace).replace(hash_token(TOKENS["acme"]),
-                                                        hash_token("acme-after-hup"))
-                        + tenant_toml("newco", TOKEN["newco"], anthropic_api_key_env=KEY))
+        path.write_text(
+            tenants_toml(workspace).replace(
+                hash_token(TOKENS["acme"]), hash_token("acme-after-hup")
+            )
+            + tenant_toml("newco", TOKEN["newco"], anthropic_api_key_env=KEY)
+        )
         assert await tenant_of(TOKEN["newco"]) == grpc.StatusCode.UNAUTHENTICATED
         server.proc.send_signal(signal.SIGHUP)
         await until(lambda: _is(tenant_of(TOKEN["newco"]), "newco"), "SIGHUP applied the file")
@@ -333,7 +374,8 @@ async def test_sighup_reloads_the_tenants_file(database_url: str) -> None:
         logged = [json.loads(line) for line in server.log_lines() if line.startswith("{")]
         reloads = [e for e in logged if e.get("event") == "tenants_reloaded"]
         assert [(e["trigger"], e["added"], e["changed"]) for e in reloads] == [
-            ("SIGHUP", ["newco"], {"acme": ["token_sha256"]})]
+            ("SIGHUP", ["newco"], {"acme": ["token_sha256"]})
+        ]
         failed = [e for e in logged if e.get("event") == "tenants_reload_failed"]
         assert len(failed) == 1 and "not valid TOML" in failed[0]["detail"]
         text = server.log.read_text()

@@ -25,16 +25,22 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.slow, requires_postgres]
 OPS = (("authorization", f"Bearer {TOKENS['ops']}"),)
 SCRIPTS = {
     "stuck": Script(steps=[Step(hang=True)]),
-    "tools": Script(steps=[
-        *(Step(tool_calls=[ToolCall("Bash", {"command": "sleep 0.3"})]) for _ in range(4)),
-        Step(text="all done"),
-    ]),
+    "tools": Script(
+        steps=[
+            *(Step(tool_calls=[ToolCall("Bash", {"command": "sleep 0.3"})]) for _ in range(4)),
+            Step(text="all done"),
+        ]
+    ),
     # Answered ($0.0045 on sonnet: 1,000 in, 100 out), then the model never answers again.
-    "answered_then_stuck": Script(steps=[
-        Step(tool_calls=[ToolCall("Bash", {"command": "true"})],
-             usage=Usage(input_tokens=1000, output_tokens=100)),
-        Step(hang=True),
-    ]),
+    "answered_then_stuck": Script(
+        steps=[
+            Step(
+                tool_calls=[ToolCall("Bash", {"command": "true"})],
+                usage=Usage(input_tokens=1000, output_tokens=100),
+            ),
+            Step(hang=True),
+        ]
+    ),
     "slow": Script(steps=[Step(text="slow done", delay_s=3.0)]),
 }
 COMPLETE = session_pb2.SESSION_STATE_COMPLETE
@@ -58,7 +64,10 @@ async def events_of(call: grpc.aio.UnaryStreamCall) -> list[session_pb2.SessionE
 async def until_running(call: grpc.aio.UnaryStreamCall) -> str:
     while True:
         event = await call.read()
-        if event.HasField("state_change") and event.state_change.to_state == session_pb2.SESSION_STATE_RUNNING:
+        if (
+            event.HasField("state_change")
+            and event.state_change.to_state == session_pb2.SESSION_STATE_RUNNING
+        ):
             return event.session_id
 
 
@@ -75,10 +84,14 @@ async def ops_spent(fleet: Replicas) -> tuple[Decimal, Decimal]:
     engine = create_engine(fleet.database_url)
     try:
         async with sessionmaker(engine)() as db:
-            rows = list(await db.scalars(select(BudgetWindowRow).where(BudgetWindowRow.tenant == "ops")))
+            rows = list(
+                await db.scalars(select(BudgetWindowRow).where(BudgetWindowRow.tenant == "ops"))
+            )
     finally:
         await engine.dispose()
-    return sum((r.spent_usd for r in rows), Decimal(0)), sum((r.reserved_usd for r in rows), Decimal(0))
+    return sum((r.spent_usd for r in rows), Decimal(0)), sum(
+        (r.reserved_usd for r in rows), Decimal(0)
+    )
 
 
 async def test_a_cancel_through_any_replica_stops_the_session_where_it_runs() -> None:
@@ -89,7 +102,8 @@ async def test_a_cancel_through_any_replica_stops_the_session_where_it_runs() ->
         for i, session_id in enumerate(ids):  # each through the next replica, not its own
             start = asyncio.get_running_loop().time()
             cancelled = await fleet[(i + 1) % 3].sessions.CancelSession(
-                session_pb2.CancelSessionRequest(session_id=session_id), metadata=OPS)
+                session_pb2.CancelSessionRequest(session_id=session_id), metadata=OPS
+            )
             took.append(asyncio.get_running_loop().time() - start)
             assert cancelled.state == ERROR
             assert cancelled.error.reason == session_pb2.ERROR_REASON_CANCELLED
@@ -104,7 +118,8 @@ async def test_followers_on_every_replica_get_every_event_to_the_result() -> Non
         first = await call.read()
         followers = [
             fleet[i % 3].sessions.StreamSession(
-                session_pb2.StreamSessionRequest(session_id=first.session_id), metadata=OPS)
+                session_pb2.StreamSessionRequest(session_id=first.session_id), metadata=OPS
+            )
             for i in range(15)
         ]
         received: list[list[tuple[session_pb2.SessionEvent, dt.datetime]]] = [[] for _ in followers]
@@ -125,11 +140,15 @@ async def test_followers_on_every_replica_get_every_event_to_the_result() -> Non
         for replica in range(3):
             lags = sorted(
                 (at - e.time.ToDatetime(dt.UTC)).total_seconds() * 1000
-                for k, stream in enumerate(received) if k % 3 == replica
-                for e, at in stream if e.seq > 3
+                for k, stream in enumerate(received)
+                if k % 3 == replica
+                for e, at in stream
+                if e.seq > 3
             )
-            print(f"replica {replica}: lag p50 {statistics.median(lags):.1f} ms, "
-                  f"max {lags[-1]:.1f} ms")
+            print(
+                f"replica {replica}: lag p50 {statistics.median(lags):.1f} ms, "
+                f"max {lags[-1]:.1f} ms"
+            )
 
 
 async def test_a_killed_replica_with_answered_requests_loses_no_spend() -> None:
@@ -141,7 +160,8 @@ async def test_a_killed_replica_with_answered_requests_loses_no_spend() -> None:
         for i, session_id in enumerate(ids):  # live progress, on every replica
             for _ in range(100):
                 progress = await fleet[i].sessions.GetSession(
-                    session_pb2.GetSessionRequest(session_id=session_id), metadata=OPS)
+                    session_pb2.GetSessionRequest(session_id=session_id), metadata=OPS
+                )
                 if Decimal(progress.cost_usd) == Decimal("0.0045"):
                     break
                 await asyncio.sleep(0.05)
@@ -154,8 +174,14 @@ async def test_a_killed_replica_with_answered_requests_loses_no_spend() -> None:
             c.cancel()
         finals = []
         for i, session_id in enumerate(ids):  # followed to the end on the living replicas
-            events = await asyncio.wait_for(events_of(fleet[1 + i % 2].sessions.StreamSession(
-                session_pb2.StreamSessionRequest(session_id=session_id), metadata=OPS)), 30)
+            events = await asyncio.wait_for(
+                events_of(
+                    fleet[1 + i % 2].sessions.StreamSession(
+                        session_pb2.StreamSessionRequest(session_id=session_id), metadata=OPS
+                    )
+                ),
+                30,
+            )
             finals.append(events[-1].result.session)
         for final in finals:
             assert final.state == ERROR

@@ -48,13 +48,19 @@ def pki() -> Iterator[Pki]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def client(h: Harness, *, ca: bytes | None, pair: KeyPair | None = None,
-           token: str | None = None) -> AsyncClient:
+def client(
+    h: Harness, *, ca: bytes | None, pair: KeyPair | None = None, token: str | None = None
+) -> AsyncClient:
     """A client of `h` trusting `ca` (None: plaintext), with a client certificate."""
     return AsyncClient(
-        f"127.0.0.1:{h.app.port}", token=token, timeout=10, options=PRIVATE,
-        secure=ca is not None, root_certificates=ca,
-        certificate_chain=pair.cert if pair else None, private_key=pair.key if pair else None,
+        f"127.0.0.1:{h.app.port}",
+        token=token,
+        timeout=10,
+        options=PRIVATE,
+        secure=ca is not None,
+        root_certificates=ca,
+        certificate_chain=pair.cert if pair else None,
+        private_key=pair.key if pair else None,
     )
 
 
@@ -79,7 +85,9 @@ async def tls(database_url: str, pki: Pki) -> AsyncIterator[Harness]:
     them."""
     cert_file, key_file = pki.server.write(short_dir("tlsr"), "rotating")
     h = await start_harness(
-        database_url, tls_cert_file=cert_file, tls_key_file=key_file,
+        database_url,
+        tls_cert_file=cert_file,
+        tls_key_file=key_file,
         credentials=grpc.ssl_channel_credentials(pki.ca.pem),
     )
     yield h
@@ -99,8 +107,9 @@ async def test_a_tls_client_runs_a_session_and_a_plaintext_one_is_refused(
     plain = await refused(client(tls, ca=None, token=TOKENS["acme"]))
     assert plain.code == grpc.StatusCode.UNAVAILABLE
     # TLS, but not trusting the server's CA: the handshake fails too.
-    stranger = await refused(client(tls, ca=CertificateAuthority("other").pem,
-                                    token=TOKENS["acme"]))
+    stranger = await refused(
+        client(tls, ca=CertificateAuthority("other").pem, token=TOKENS["acme"])
+    )
     assert stranger.code == grpc.StatusCode.UNAVAILABLE
 
 
@@ -138,14 +147,25 @@ async def test_certificates_rotated_on_disk_are_taken_without_a_restart(
 
 BILLING_SAN = "billing.acme.internal"
 AUDIT_SUBJECT = "CN=audit,O=Acme"
-MTLS_TENANTS = "\n".join([
-    # Bound to a certificate alone (no token).
-    tenant_toml("billing", anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
-                allowed_tools=["Read"], client_cert_sans=[BILLING_SAN]),
-    # Bound to a certificate (by its subject, written loosely) and a token.
-    tenant_toml("audit", "audit-token", anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
-                allowed_tools=["Read"], client_cert_subjects=["o=Acme, cn=audit"]),
-])
+MTLS_TENANTS = "\n".join(
+    [
+        # Bound to a certificate alone (no token).
+        tenant_toml(
+            "billing",
+            anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+            allowed_tools=["Read"],
+            client_cert_sans=[BILLING_SAN],
+        ),
+        # Bound to a certificate (by its subject, written loosely) and a token.
+        tenant_toml(
+            "audit",
+            "audit-token",
+            anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+            allowed_tools=["Read"],
+            client_cert_subjects=["o=Acme, cn=audit"],
+        ),
+    ]
+)
 
 
 @dataclass
@@ -169,11 +189,12 @@ def clients(pki: Pki) -> Clients:
 @pytest.fixture(scope="module")
 async def mtls(database_url: str, pki: Pki, clients: Clients) -> AsyncIterator[Harness]:
     h = await start_harness(
-        database_url, extra_tenants=MTLS_TENANTS,
-        tls_cert_file=pki.cert_file, tls_key_file=pki.key_file,
+        database_url,
+        extra_tenants=MTLS_TENANTS,
+        tls_cert_file=pki.cert_file,
+        tls_key_file=pki.key_file,
         tls_client_ca_file=pki.client_ca_file,
-        credentials=grpc.ssl_channel_credentials(
-            pki.ca.pem, clients.probe.key, clients.probe.cert),
+        credentials=grpc.ssl_channel_credentials(pki.ca.pem, clients.probe.key, clients.probe.cert),
     )
     yield h
     await stop_harness(h)
@@ -185,11 +206,13 @@ async def test_a_certificate_authenticates_its_tenant_only(
     ca = pki.ca.pem
     assert await budget_tenant(client(mtls, ca=ca, pair=clients.billing)) == "billing"
     assert await budget_tenant(client(mtls, ca=ca, pair=clients.audit)) == "audit"
-    assert await budget_tenant(
-        client(mtls, ca=ca, pair=clients.audit, token="audit-token")) == "audit"
+    assert (
+        await budget_tenant(client(mtls, ca=ca, pair=clients.audit, token="audit-token")) == "audit"
+    )
     # A certificate bound to no tenant: the token decides; alone it is no one.
-    assert await budget_tenant(
-        client(mtls, ca=ca, pair=clients.probe, token=TOKENS["acme"])) == "acme"
+    assert (
+        await budget_tenant(client(mtls, ca=ca, pair=clients.probe, token=TOKENS["acme"])) == "acme"
+    )
     nobody = await refused(client(mtls, ca=ca, pair=clients.probe))
     assert nobody.code == grpc.StatusCode.UNAUTHENTICATED and nobody.reason == "UNAUTHENTICATED"
 
@@ -239,15 +262,28 @@ async def test_the_cli_speaks_tls_and_mtls(mtls: Harness, pki: Pki, clients: Cli
 
         async def cli(*argv: str) -> tuple[int, str, str]:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agentplane.cli", "--target",
-                f"localhost:{mtls.app.port}", *argv, env=env,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                sys.executable,
+                "-m",
+                "agentplane.cli",
+                "--target",
+                f"localhost:{mtls.app.port}",
+                *argv,
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
             out, err = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode is not None
             return proc.returncode, out.decode(), err.decode()
 
-        mutual = ("--ca-file", str(ca_file), "--cert-file", str(billing_cert),
-                  "--key-file", str(billing_key))
+        mutual = (
+            "--ca-file",
+            str(ca_file),
+            "--cert-file",
+            str(billing_cert),
+            "--key-file",
+            str(billing_key),
+        )
         code, out, err = await cli(*mutual, "budget", "--json")
         assert code == 0, err
         assert json.loads(out)["tenant"] == "billing"
@@ -272,15 +308,20 @@ def _check_config(tenants: Path, **env: str) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [sys.executable, "-m", "agentplane.server", "check-config"],
         env={**clean, "AGENTPLANE_TENANTS_FILE": str(tenants), **env},
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
 def test_check_config_checks_certificates_and_keys(pki: Pki, tmp_path: Path) -> None:
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(tenant_toml("a", "tok"))
-    good = {"AGENTPLANE_TLS_CERT_FILE": str(pki.cert_file),
-            "AGENTPLANE_TLS_KEY_FILE": str(pki.key_file)}
+    good = {
+        "AGENTPLANE_TLS_CERT_FILE": str(pki.cert_file),
+        "AGENTPLANE_TLS_KEY_FILE": str(pki.key_file),
+    }
     proc = _check_config(tenants, **good, AGENTPLANE_TLS_CLIENT_CA_FILE=str(pki.client_ca_file))
     assert proc.returncode == 0, proc.stderr
     assert "tls: CN=agentplane" in proc.stdout and "mTLS" in proc.stdout
@@ -293,19 +334,45 @@ def test_check_config_checks_certificates_and_keys(pki: Pki, tmp_path: Path) -> 
     bound = tmp_path / "bound.toml"
     bound.write_text(tenant_toml("b", client_cert_sans=["b.internal"]))
     cases = [
-        ({**good, "AGENTPLANE_TLS_KEY_FILE": str(other_key)}, tenants,
-         "AGENTPLANE_TLS_KEY_FILE", "does not belong"),
-        ({"AGENTPLANE_TLS_CERT_FILE": str(expired_cert),
-          "AGENTPLANE_TLS_KEY_FILE": str(expired_key)}, tenants,
-         "AGENTPLANE_TLS_CERT_FILE", "expired"),
-        ({**good, "AGENTPLANE_TLS_CERT_FILE": str(not_pem)}, tenants,
-         "AGENTPLANE_TLS_CERT_FILE", "no PEM certificate"),
-        ({**good, "AGENTPLANE_TLS_CLIENT_CA_FILE": str(not_pem)}, tenants,
-         "AGENTPLANE_TLS_CLIENT_CA_FILE", "no PEM certificate"),
-        ({"AGENTPLANE_TLS_CERT_FILE": str(pki.cert_file)}, tenants,
-         "AGENTPLANE_TLS_KEY_FILE", "both"),
-        ({"AGENTPLANE_TLS_CLIENT_CA_FILE": str(pki.client_ca_file)}, tenants,
-         "AGENTPLANE_TLS_CLIENT_CA_FILE", "mTLS needs TLS"),
+        (
+            {**good, "AGENTPLANE_TLS_KEY_FILE": str(other_key)},
+            tenants,
+            "AGENTPLANE_TLS_KEY_FILE",
+            "does not belong",
+        ),
+        (
+            {
+                "AGENTPLANE_TLS_CERT_FILE": str(expired_cert),
+                "AGENTPLANE_TLS_KEY_FILE": str(expired_key),
+            },
+            tenants,
+            "AGENTPLANE_TLS_CERT_FILE",
+            "expired",
+        ),
+        (
+            {**good, "AGENTPLANE_TLS_CERT_FILE": str(not_pem)},
+            tenants,
+            "AGENTPLANE_TLS_CERT_FILE",
+            "no PEM certificate",
+        ),
+        (
+            {**good, "AGENTPLANE_TLS_CLIENT_CA_FILE": str(not_pem)},
+            tenants,
+            "AGENTPLANE_TLS_CLIENT_CA_FILE",
+            "no PEM certificate",
+        ),
+        (
+            {"AGENTPLANE_TLS_CERT_FILE": str(pki.cert_file)},
+            tenants,
+            "AGENTPLANE_TLS_KEY_FILE",
+            "both",
+        ),
+        (
+            {"AGENTPLANE_TLS_CLIENT_CA_FILE": str(pki.client_ca_file)},
+            tenants,
+            "AGENTPLANE_TLS_CLIENT_CA_FILE",
+            "mTLS needs TLS",
+        ),
         (good, bound, "tenants.b.client_cert_sans", "AGENTPLANE_TLS_CLIENT_CA_FILE"),
     ]
     for env, tenants_file, setting, words in cases:

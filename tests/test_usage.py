@@ -61,24 +61,44 @@ async def test_usage_is_computed_from_the_database_and_survives_a_restart(
     assert empty.sessions_total == 0 and empty.success_rate == 0
     assert empty.total_cost_usd == "0.000000" and empty.average_cost_usd == "0.000000"
 
-    h.sandbox.add_script("used", Script(steps=[
-        Step(tool_calls=[ToolCall("Glob", {"pattern": "*.txt"}),
-                         ToolCall("Read", {"file_path": "hello.txt"})],
-             usage=Usage(input_tokens=1000, output_tokens=50)),
-        Step(tool_calls=[ToolCall("Read", {"file_path": "hello.txt"})],
-             usage=Usage(input_tokens=1100, output_tokens=40)),
-        Step(text="PAPAYA", usage=Usage(input_tokens=1200, output_tokens=10)),
-    ]))
-    h.sandbox.add_script("short", Script(steps=[
-        Step(tool_calls=[ToolCall("Glob", {"pattern": "*"})]), Step(text="never"),
-    ]))
+    h.sandbox.add_script(
+        "used",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[
+                        ToolCall("Glob", {"pattern": "*.txt"}),
+                        ToolCall("Read", {"file_path": "hello.txt"}),
+                    ],
+                    usage=Usage(input_tokens=1000, output_tokens=50),
+                ),
+                Step(
+                    tool_calls=[ToolCall("Read", {"file_path": "hello.txt"})],
+                    usage=Usage(input_tokens=1100, output_tokens=40),
+                ),
+                Step(text="PAPAYA", usage=Usage(input_tokens=1200, output_tokens=10)),
+            ]
+        ),
+    )
+    h.sandbox.add_script(
+        "short",
+        Script(
+            steps=[
+                Step(tool_calls=[ToolCall("Glob", {"pattern": "*"})]),
+                Step(text="never"),
+            ]
+        ),
+    )
     ok, failed, other = await asyncio.gather(
         h.run(prompt="[[sandbox:used]] go"),
         h.run(prompt="[[sandbox:short]] go", max_turns=1),
         h.run("globex", prompt="not acme's"),
     )
     sessions = [ok[-1].result.session, failed[-1].result.session]
-    assert [s.state for s in sessions] == [session_pb2.SESSION_STATE_COMPLETE, session_pb2.SESSION_STATE_ERROR]
+    assert [s.state for s in sessions] == [
+        session_pb2.SESSION_STATE_COMPLETE,
+        session_pb2.SESSION_STATE_ERROR,
+    ]
     assert sessions[1].error.reason == session_pb2.ERROR_REASON_MAX_TURNS
     assert other[-1].result.session.tenant == "globex"
     after = datetime.now(UTC) + timedelta(seconds=1)
@@ -124,26 +144,50 @@ async def test_usage_is_computed_from_the_database_and_survives_a_restart(
             return client.get_usage(start_time=before, end_time=after)
 
     assert await asyncio.to_thread(by_client) == ranged
-    code = await asyncio.to_thread(main, [
-        "--target", f"127.0.0.1:{h.app.port}", "--token", TOKENS["acme"], "usage",
-        "--since", before.isoformat(), "--until", after.isoformat(),
-    ])
+    code = await asyncio.to_thread(
+        main,
+        [
+            "--target",
+            f"127.0.0.1:{h.app.port}",
+            "--token",
+            TOKENS["acme"],
+            "usage",
+            "--since",
+            before.isoformat(),
+            "--until",
+            after.isoformat(),
+        ],
+    )
     printed = json.loads(capsys.readouterr().out)
     assert code == 0
     assert printed["sessions_total"] == "2" and printed["success_rate"] == 0.5
     assert printed["failures_by_reason"] == {"MAX_TURNS": "1"}
     assert printed["total_cost_usd"] == ranged.total_cost_usd
-    assert await asyncio.to_thread(main, [
-        "--target", f"127.0.0.1:{h.app.port}", "--token", TOKENS["globex"], "usage",
-    ]) == 0
+    assert (
+        await asyncio.to_thread(
+            main,
+            [
+                "--target",
+                f"127.0.0.1:{h.app.port}",
+                "--token",
+                TOKENS["globex"],
+                "usage",
+            ],
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["tenant"] == "globex" and printed["sessions_failed"] == "0"
     assert printed["tool_uses"] == {} and printed["success_rate"] == 1.0
 
 
 HAIKU, OPUS = "claude-haiku-4-5", "claude-opus-4-6"
-TOKEN_KINDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
-               "cache_read_input_tokens")
+TOKEN_KINDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
 Run = tuple[str, session_pb2.Session]  # a script's name, the final session that ran it
 
 
@@ -173,10 +217,12 @@ def expected_by_model(h: Harness, runs: list[Run]) -> list[usage_pb2.ModelUsage]
 
 async def run_all(h: Harness, *runs: tuple[str, str, str]) -> list[Run]:
     """Run the sessions (tenant, model, script name) at once."""
-    results = await asyncio.gather(*(
-        h.run(tenant, model=model, prompt=f"[[sandbox:{script}]] go")
-        for tenant, model, script in runs
-    ))
+    results = await asyncio.gather(
+        *(
+            h.run(tenant, model=model, prompt=f"[[sandbox:{script}]] go")
+            for tenant, model, script in runs
+        )
+    )
     return [
         (script, events[-1].result.session)
         for (_, _, script), events in zip(runs, results, strict=True)
@@ -201,27 +247,44 @@ async def test_usage_by_model_sums_the_tenants_metered_requests_that_ended_in_th
         "bm-gx-opus": Usage(6000, 600, cache_read_input_tokens=60),
     }.items():
         h.sandbox.add_script(name, Script(steps=[Step(text="PAPAYA", usage=step_usage)]))
-    h.sandbox.add_script("bm-tools", Script(steps=[
-        Step(tool_calls=[ToolCall("Read", {"file_path": "hello.txt"})],
-             usage=Usage(1000, 50, cache_creation_input_tokens=300)),
-        Step(text="PAPAYA", usage=Usage(200, 20, cache_read_input_tokens=1300)),
-    ]))
-    h.sandbox.add_script("bm-fail", Script(steps=[
-        Step(fail_always=HttpFailure(500, should_retry=False)),
-    ]))
+    h.sandbox.add_script(
+        "bm-tools",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[ToolCall("Read", {"file_path": "hello.txt"})],
+                    usage=Usage(1000, 50, cache_creation_input_tokens=300),
+                ),
+                Step(text="PAPAYA", usage=Usage(200, 20, cache_read_input_tokens=1300)),
+            ]
+        ),
+    )
+    h.sandbox.add_script(
+        "bm-fail",
+        Script(
+            steps=[
+                Step(fail_always=HttpFailure(500, should_retry=False)),
+            ]
+        ),
+    )
 
     t0 = datetime.now(UTC)
     early = await run_all(h, ("acme", MODEL, "bm-early"))
     t1 = datetime.now(UTC)
     inside = await run_all(
-        h, ("acme", MODEL, "bm-tools"), ("acme", HAIKU, "bm-haiku"), ("acme", HAIKU, "bm-fail"),
-        ("globex", MODEL, "bm-gx-sonnet"), ("globex", OPUS, "bm-gx-opus"),
+        h,
+        ("acme", MODEL, "bm-tools"),
+        ("acme", HAIKU, "bm-haiku"),
+        ("acme", HAIKU, "bm-fail"),
+        ("globex", MODEL, "bm-gx-sonnet"),
+        ("globex", OPUS, "bm-gx-opus"),
     )
     t2 = datetime.now(UTC)
     late = await run_all(h, ("acme", MODEL, "bm-late"))
     for script, session in early + inside + late:
         assert session.state == (
-            session_pb2.SESSION_STATE_ERROR if script == "bm-fail"
+            session_pb2.SESSION_STATE_ERROR
+            if script == "bm-fail"
             else session_pb2.SESSION_STATE_COMPLETE
         )
     acme_inside = [run for run in inside if run[1].tenant == "acme"]
@@ -250,14 +313,28 @@ async def test_usage_by_model_sums_the_tenants_metered_requests_that_ended_in_th
     assert await models(h, start_time=ts(datetime.now(UTC))) == []
 
     # The CLI prints the same breakdown.
-    assert await asyncio.to_thread(main, [
-        "--target", f"127.0.0.1:{h.app.port}", "--token", TOKENS["acme"], "usage",
-        "--since", t1.isoformat(), "--until", t2.isoformat(),
-    ]) == 0
+    assert (
+        await asyncio.to_thread(
+            main,
+            [
+                "--target",
+                f"127.0.0.1:{h.app.port}",
+                "--token",
+                TOKENS["acme"],
+                "usage",
+                "--since",
+                t1.isoformat(),
+                "--until",
+                t2.isoformat(),
+            ],
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["models"] == [
-        MessageToDict(m, preserving_proto_field_name=True,
-                      always_print_fields_with_no_presence=True)
+        MessageToDict(
+            m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
         for m in want
     ]
     assert printed["models"][1]["model"] == MODEL
@@ -270,10 +347,17 @@ async def test_usage_by_model_counts_a_request_by_when_it_ended_not_by_its_sessi
     """A session created before a range's start has its later requests in the range
     (while the session fields, by creation time, leave it out)."""
     h = server[0]
-    h.sandbox.add_script("bm-span", Script(steps=[
-        Step(tool_calls=[ToolCall("Read", {"file_path": "hello.txt"})], usage=Usage(800, 80)),
-        Step(text="PAPAYA", usage=Usage(300, 30, cache_read_input_tokens=900), delay_s=1.5),
-    ]))
+    h.sandbox.add_script(
+        "bm-span",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[ToolCall("Read", {"file_path": "hello.txt"})], usage=Usage(800, 80)
+                ),
+                Step(text="PAPAYA", usage=Usage(300, 30, cache_read_input_tokens=900), delay_s=1.5),
+            ]
+        ),
+    )
     t0 = datetime.now(UTC)
     running = asyncio.create_task(run_all(h, ("acme", MODEL, "bm-span")))
     async with asyncio.timeout(30):

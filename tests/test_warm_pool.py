@@ -40,10 +40,17 @@ def twin_tenants(pool_size: int, **extra: TomlValue) -> str:
     """Two tenants alike in everything but the name and `warm`'s pool."""
     return "\n".join(
         tenant_toml(
-            name, TOKENS[name], anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
-            allowed_tools=["Read", "Glob"], system_prompt="You are a careful assistant.",
-            max_session_budget_usd=0.5, max_turns=6, max_concurrent_sessions=8,
-            warm_pool_size=size, warm_pool_model="claude-sonnet-4-5", **extra,
+            name,
+            TOKENS[name],
+            anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+            allowed_tools=["Read", "Glob"],
+            system_prompt="You are a careful assistant.",
+            max_session_budget_usd=0.5,
+            max_turns=6,
+            max_concurrent_sessions=8,
+            warm_pool_size=size,
+            warm_pool_model="claude-sonnet-4-5",
+            **extra,
         )
         for name, size in (("warm", pool_size), ("cold", 0))
     )
@@ -74,11 +81,18 @@ def warm_markers(h: Harness) -> list[Path]:
 @pytest.fixture(scope="module")
 async def pooled(database_url: str) -> AsyncIterator[Harness]:
     h = await start_harness(database_url, extra_tenants=twin_tenants(1))
-    h.sandbox.add_script("glob_then_answer", Script(steps=[
-        Step(tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})],
-             usage=Usage(input_tokens=800, output_tokens=30)),
-        Step(text="There is hello.txt.", usage=Usage(input_tokens=900, output_tokens=12)),
-    ]))
+    h.sandbox.add_script(
+        "glob_then_answer",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})],
+                    usage=Usage(input_tokens=800, output_tokens=30),
+                ),
+                Step(text="There is hello.txt.", usage=Usage(input_tokens=900, output_tokens=12)),
+            ]
+        ),
+    )
     yield h
     await stop_harness(h)
 
@@ -89,21 +103,43 @@ def pool(h: Harness) -> Any:
 
 
 # What differs between any two sessions: ids, times, the tenant and its folder.
-_VARYING = {"sessionId", "session_id", "id", "uuid", "createTime", "startTime", "endTime",
-            "time", "tenant", "sdkSessionId", "toolUseId", "tool_use_id", "durationMs",
-            "duration_ms", "duration_api_ms", "cwd", "original_cwd", "memory_paths",
-            "messaging_socket_path"}
+_VARYING = {
+    "sessionId",
+    "session_id",
+    "id",
+    "uuid",
+    "createTime",
+    "startTime",
+    "endTime",
+    "time",
+    "tenant",
+    "sdkSessionId",
+    "toolUseId",
+    "tool_use_id",
+    "durationMs",
+    "duration_ms",
+    "duration_api_ms",
+    "cwd",
+    "original_cwd",
+    "memory_paths",
+    "messaging_socket_path",
+}
 
 
 def comparable(events: list[session_pb2.SessionEvent]) -> list[Any]:
     """Events without what differs between any two sessions (ids, times, tenant)."""
+
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
-            return {k: strip(json.loads(v) if k.endswith("Json") else v)
-                    for k, v in value.items() if k not in _VARYING}
+            return {
+                k: strip(json.loads(v) if k.endswith("Json") else v)
+                for k, v in value.items()
+                if k not in _VARYING
+            }
         if isinstance(value, list):
             return [strip(v) for v in value]
         return value
+
     return [strip(json_format.MessageToDict(e)) for e in events]
 
 
@@ -125,9 +161,11 @@ async def test_a_hit_streams_and_persists_exactly_what_a_cold_start_does(pooled:
     stored = {}
     for tenant, events in (("warm", warm), ("cold", cold)):
         got = await pooled.sessions.GetSession(
-            session_pb2.GetSessionRequest(session_id=events[0].session_id), metadata=auth(tenant))
+            session_pb2.GetSessionRequest(session_id=events[0].session_id), metadata=auth(tenant)
+        )
         listed = pooled.sessions.StreamSession(
-            session_pb2.StreamSessionRequest(session_id=events[0].session_id), metadata=auth(tenant))
+            session_pb2.StreamSessionRequest(session_id=events[0].session_id), metadata=auth(tenant)
+        )
         assert comparable([e async for e in listed]) == comparable(events)
         stored[tenant] = json_format.MessageToDict(got)
     for record in stored.values():
@@ -160,13 +198,17 @@ async def test_requests_off_the_defaults_start_cold_and_leave_the_pool_alone(
 async def test_a_repeated_request_id_gives_the_agent_back_unused(pooled: Harness) -> None:
     request_id = str(uuid.uuid4())
     await until(lambda: pool(pooled).ready("warm") == 1)
-    first = await run(pooled, "warm", prompt="[[sandbox:glob_then_answer]] go", request_id=request_id)
+    first = await run(
+        pooled, "warm", prompt="[[sandbox:glob_then_answer]] go", request_id=request_id
+    )
     await until(lambda: pool(pooled).ready("warm") == 1)
     waiting = pool(pooled)._ready["warm"][0].session_id
     stats = pool(pooled).stats["warm"]
     hits, misses = stats.hits, stats.misses
 
-    again = await run(pooled, "warm", prompt="[[sandbox:glob_then_answer]] go", request_id=request_id)
+    again = await run(
+        pooled, "warm", prompt="[[sandbox:glob_then_answer]] go", request_id=request_id
+    )
 
     assert again[0].session_id == first[0].session_id
     assert (stats.hits, stats.misses) == (hits, misses)  # a re-attach is neither
@@ -177,9 +219,18 @@ async def test_the_pool_never_hands_one_agent_to_two_sessions(database_url: str)
     h = await start_harness(database_url, extra_tenants=twin_tenants(2))
     try:
         for i in range(6):
-            h.sandbox.add_script(f"own{i}", Script(steps=[
-                Step(text=f"answer {i}", delay_s=0.3, usage=Usage(input_tokens=50, output_tokens=5)),
-            ]))
+            h.sandbox.add_script(
+                f"own{i}",
+                Script(
+                    steps=[
+                        Step(
+                            text=f"answer {i}",
+                            delay_s=0.3,
+                            usage=Usage(input_tokens=50, output_tokens=5),
+                        ),
+                    ]
+                ),
+            )
         await until(lambda: pool(h).ready("warm") == 2)
         made = {a.session_id for a in pool(h)._ready["warm"]}
 
@@ -254,11 +305,17 @@ async def test_the_pool_stays_within_the_session_limit_and_replaces_old_agents(
         await asyncio.sleep(0.5)
         assert pool(h).size <= 2  # never the third: max_sessions is 2
 
-        await until(lambda: pool(h).stats["warm"].discarded >= gone + 2
-                    and pool(h).ready("warm") == 2
-                    and first.isdisjoint(a.session_id for a in pool(h)._ready["warm"]))
+        await until(
+            lambda: (
+                pool(h).stats["warm"].discarded >= gone + 2
+                and pool(h).ready("warm") == 2
+                and first.isdisjoint(a.session_id for a in pool(h)._ready["warm"])
+            )
+        )
         for session_id in first:
-            assert agent_processes(h.work_dir / "w" / "warm" / session_id.replace("-", "")[:16]) == []
+            assert (
+                agent_processes(h.work_dir / "w" / "warm" / session_id.replace("-", "")[:16]) == []
+            )
     finally:
         await stop_harness(h)
 
@@ -276,7 +333,9 @@ async def test_start_up_sweeps_what_dead_servers_left(tmp_path: Path) -> None:
         (orphan / WARM_MARKER).write_text("")
         (tenant_dir / "0123456789abcdef.owner").write_text(f"{dead.pid} 1")
         sleeper = await asyncio.create_subprocess_exec(  # stands for the dead server's CLI
-            sys.executable, "-c", "import time; time.sleep(60)",
+            sys.executable,
+            "-c",
+            "import time; time.sleep(60)",
             env={**os.environ, "AGENTPLANE_SESSION_DIR": str(orphan)},
         )
         # A live pid whose start time is not the mark's: the pid was reused.
@@ -289,8 +348,10 @@ async def test_start_up_sweeps_what_dead_servers_left(tmp_path: Path) -> None:
         unmarked = tenant_dir / "dddddddddddddddd"  # a release before marks: left alone
         unmarked.mkdir()
         # A mark that would hang or flood a naive read.
-        for name, plant in (("aaaaaaaaaaaaaaaa", lambda m: m.symlink_to("/dev/zero")),
-                            ("bbbbbbbbbbbbbbbb", os.mkfifo)):
+        for name, plant in (
+            ("aaaaaaaaaaaaaaaa", lambda m: m.symlink_to("/dev/zero")),
+            ("bbbbbbbbbbbbbbbb", os.mkfifo),
+        ):
             (tenant_dir / name).mkdir()
             plant(tenant_dir / f"{name}.owner")
 
@@ -298,8 +359,12 @@ async def test_start_up_sweeps_what_dead_servers_left(tmp_path: Path) -> None:
 
         assert await asyncio.wait_for(sleeper.wait(), 10) != 0
         left = {p.name for p in tenant_dir.iterdir()}
-        for name in ("0123456789abcdef", "cccccccccccccccc", "aaaaaaaaaaaaaaaa",
-                     "bbbbbbbbbbbbbbbb"):
+        for name in (
+            "0123456789abcdef",
+            "cccccccccccccccc",
+            "aaaaaaaaaaaaaaaa",
+            "bbbbbbbbbbbbbbbb",
+        ):
             assert name not in left and f"{name}.owner" not in left
         assert {"dddddddddddddddd", "fedcba9876543210", "fedcba9876543210.owner"} <= left
         for path in (ours, unmarked):
@@ -316,8 +381,12 @@ async def test_an_unpriced_warm_pool_model_stops_the_server_at_start(tmp_path: P
 
     unpriced = twin_tenants(1).replace('"claude-sonnet-4-5"', '"no-such-model"', 1)
     tenants = write_tenants(tmp_path, unpriced)
-    settings = Settings(listen="127.0.0.1:0", database_url=sqlite(tmp_path),
-                        tenants_file=tenants, work_dir=tmp_path / "w")
+    settings = Settings(
+        listen="127.0.0.1:0",
+        database_url=sqlite(tmp_path),
+        tenants_file=tenants,
+        work_dir=tmp_path / "w",
+    )
     with pytest.raises(ConfigError, match="tenants.warm.warm_pool_model"):
         await App.start(settings, TenantRegistry.load(tenants))
 
@@ -346,8 +415,12 @@ async def test_warm_agents_and_sessions_together_never_exceed_the_session_limit(
     try:
         await until(lambda: pool(h).ready("warm") == 2)
         # Two places are the pool's; a cold session gets the one left, the next none.
-        cold = h.sessions.RunSession(session_pb2.RunSessionRequest(
-            prompt="[[sandbox:hang]] wait", model="claude-sonnet-4-5"), metadata=auth("cold"))
+        cold = h.sessions.RunSession(
+            session_pb2.RunSessionRequest(
+                prompt="[[sandbox:hang]] wait", model="claude-sonnet-4-5"
+            ),
+            metadata=auth("cold"),
+        )
         calls.append(cold)
         assert (await cold.read()).HasField("started")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -356,8 +429,12 @@ async def test_warm_agents_and_sessions_together_never_exceed_the_session_limit(
         assert error_details(caught.value)["ErrorInfo"].reason == "CONCURRENCY_LIMIT"
 
         # A session the pool serves takes a waiting agent's place; none starts to refill.
-        warm = h.sessions.RunSession(session_pb2.RunSessionRequest(
-            prompt="[[sandbox:hang]] wait", model="claude-sonnet-4-5"), metadata=auth("warm"))
+        warm = h.sessions.RunSession(
+            session_pb2.RunSessionRequest(
+                prompt="[[sandbox:hang]] wait", model="claude-sonnet-4-5"
+            ),
+            metadata=auth("warm"),
+        )
         calls.append(warm)
         assert (await warm.read()).HasField("started")
         await asyncio.sleep(1.0)  # time enough for a refill, which must not come
@@ -384,12 +461,23 @@ async def test_a_reload_retires_agents_started_under_a_changed_policy(database_u
         await until(lambda: pool(h).ready("warm") == 1)
         before = pool(h).stats["warm"]
         started, discarded = before.started, before.discarded
-        (h.work_dir / "tenants.toml").write_text("\n".join([
-            tenants_toml(h.workspace),
-            twin_tenants(1).replace("You are a careful assistant.", "You are a NEW assistant."),
-            tenant_toml("warm2", "warm2-token", anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
-                        warm_pool_size=1, warm_pool_model="claude-sonnet-4-5"),
-        ]))
+        (h.work_dir / "tenants.toml").write_text(
+            "\n".join(
+                [
+                    tenants_toml(h.workspace),
+                    twin_tenants(1).replace(
+                        "You are a careful assistant.", "You are a NEW assistant."
+                    ),
+                    tenant_toml(
+                        "warm2",
+                        "warm2-token",
+                        anthropic_api_key_env="AGENTPLANE_TEST_ACME_KEY",
+                        warm_pool_size=1,
+                        warm_pool_model="claude-sonnet-4-5",
+                    ),
+                ]
+            )
+        )
         changes = await h.app.reload_tenants("test")
         assert changes is not None and changes.added == ("warm2",)
         assert changes.changed["warm"] == ("system_prompt",)
@@ -397,14 +485,16 @@ async def test_a_reload_retires_agents_started_under_a_changed_policy(database_u
         # The agent started with the old prompt is closed; one with the new one replaces it,
         # and the new tenant's pool fills.
         await until(lambda: pool(h).stats["warm"].discarded == discarded + 1)
-        await until(lambda: pool(h).stats["warm"].started == started + 1
-                    and pool(h).ready("warm") == 1)
+        await until(
+            lambda: pool(h).stats["warm"].started == started + 1 and pool(h).ready("warm") == 1
+        )
         await until(lambda: pool(h).ready("warm2") == 1)
         events = await run(h, "warm", prompt="[[sandbox:reload_warm]] hi")
         assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
         assert pool(h).stats["warm"].hits == 1
-        systems = json.dumps([r.body.get("system") for r in h.sandbox.find(script="reload_warm")
-                              if r.body])
+        systems = json.dumps(
+            [r.body.get("system") for r in h.sandbox.find(script="reload_warm") if r.body]
+        )
         assert "NEW assistant" in systems and "careful" not in systems
     finally:
         await stop_harness(h)

@@ -37,8 +37,9 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 class CertificateAuthority:
@@ -49,16 +50,27 @@ class CertificateAuthority:
         now = dt.datetime.now(dt.UTC)
         self.cert = (
             x509.CertificateBuilder()
-            .subject_name(_name(name)).issuer_name(_name(name))
-            .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
+            .subject_name(_name(name))
+            .issuer_name(_name(name))
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(hours=1))
             .not_valid_after(now + dt.timedelta(days=2))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
-            ), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .sign(self._key, hashes.SHA256())
         )
 
@@ -81,20 +93,29 @@ class CertificateAuthority:
         one that expired an hour ago)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
-        start, end = (now - dt.timedelta(days=2), now - dt.timedelta(hours=1)) if expired \
+        start, end = (
+            (now - dt.timedelta(days=2), now - dt.timedelta(hours=1))
+            if expired
             else (now - dt.timedelta(hours=1), now + dt.timedelta(days=1))
+        )
         names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         names += [x509.UniformResourceIdentifier(u) for u in uris]
         names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         builder = (
             x509.CertificateBuilder()
-            .subject_name(_name(common_name, organization)).issuer_name(self.cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(end)
+            .subject_name(_name(common_name, organization))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-            ), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
         )
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
@@ -103,5 +124,6 @@ class CertificateAuthority:
 
     def server(self, **kwargs: bool) -> KeyPair:
         """A server certificate for 127.0.0.1 and localhost."""
-        return self.issue("agentplane", dns=("localhost",), ips=("127.0.0.1",), server=True,
-                          **kwargs)
+        return self.issue(
+            "agentplane", dns=("localhost",), ips=("127.0.0.1",), server=True, **kwargs
+        )

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = '0003'
-down_revision = '0002'
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index('ix_sessions_state_lease', 'sessions', ['state', 'lease_expires_at'])
+    op.create_index("ix_sessions_state_lease", "sessions", ["state", "lease_expires_at"])
 
 
 def downgrade() -> None:
-    op.drop_index('ix_sessions_state_lease', table_name='sessions')
+    op.drop_index("ix_sessions_state_lease", table_name="sessions")

@@ -14,20 +14,23 @@ import agentplane.server.store.types
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0004'
-down_revision = '0003'
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('sessions') as batch:
-        batch.add_column(sa.Column(
-            'cancel_requested_at', agentplane.server.store.types.UTCDateTime(timezone=True),
-            nullable=True,
-        ))
+    with op.batch_alter_table("sessions") as batch:
+        batch.add_column(
+            sa.Column(
+                "cancel_requested_at",
+                agentplane.server.store.types.UTCDateTime(timezone=True),
+                nullable=True,
+            )
+        )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('sessions') as batch:
-        batch.drop_column('cancel_requested_at')
+    with op.batch_alter_table("sessions") as batch:
+        batch.drop_column("cancel_requested_at")

@@ -14,31 +14,31 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0007'
-down_revision = '0006'
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('sessions') as batch:
-        batch.add_column(sa.Column('output_schema', sa.Text(), nullable=True))
-        batch.add_column(sa.Column('structured_result', sa.JSON(), nullable=True))
+    with op.batch_alter_table("sessions") as batch:
+        batch.add_column(sa.Column("output_schema", sa.Text(), nullable=True))
+        batch.add_column(sa.Column("structured_result", sa.JSON(), nullable=True))
     op.create_table(
-        'session_artifacts',
-        sa.Column('session_id', sa.String(length=36), nullable=False),
-        sa.Column('path', sa.String(length=1024), nullable=False),
-        sa.Column('size', sa.BigInteger(), nullable=False),
-        sa.Column('sha256', sa.String(length=64), nullable=False),
-        sa.Column('content', sa.LargeBinary(), nullable=True),
-        sa.Column('omitted_reason', sa.Text(), nullable=False),
-        sa.ForeignKeyConstraint(['session_id'], ['sessions.id'], ondelete='CASCADE'),
-        sa.PrimaryKeyConstraint('session_id', 'path'),
+        "session_artifacts",
+        sa.Column("session_id", sa.String(length=36), nullable=False),
+        sa.Column("path", sa.String(length=1024), nullable=False),
+        sa.Column("size", sa.BigInteger(), nullable=False),
+        sa.Column("sha256", sa.String(length=64), nullable=False),
+        sa.Column("content", sa.LargeBinary(), nullable=True),
+        sa.Column("omitted_reason", sa.Text(), nullable=False),
+        sa.ForeignKeyConstraint(["session_id"], ["sessions.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("session_id", "path"),
     )
 
 
 def downgrade() -> None:
-    op.drop_table('session_artifacts')
-    with op.batch_alter_table('sessions') as batch:
-        batch.drop_column('structured_result')
-        batch.drop_column('output_schema')
+    op.drop_table("session_artifacts")
+    with op.batch_alter_table("sessions") as batch:
+        batch.drop_column("structured_result")
+        batch.drop_column("output_schema")

@@ -48,8 +48,9 @@ def from_timestamp(msg: object, field: str) -> datetime | None:
         return None
     value: Timestamp = getattr(msg, field)
     if not _MIN_SECONDS <= value.seconds <= _MAX_SECONDS:
-        raise InvalidArgument(field, "must lie between 0001-01-01T00:00:00Z and "
-                                     "9999-12-31T23:59:59Z")
+        raise InvalidArgument(
+            field, "must lie between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z"
+        )
     if not 0 <= value.nanos <= 999_999_999:
         raise InvalidArgument(field, "nanos must be between 0 and 999,999,999")
     return value.ToDatetime(tzinfo=UTC)
@@ -94,7 +95,8 @@ def session_to_proto(s: Session) -> session_pb2.Session:
         output_schema_json=s.output_schema,
         structured_result_json=(
             json.dumps(s.structured_result, ensure_ascii=False)
-            if s.structured_result is not None else ""
+            if s.structured_result is not None
+            else ""
         ),
     )
     if s.error_reason is not None:
@@ -111,7 +113,9 @@ def event_to_proto(e: Event) -> session_pb2.SessionEvent:
     elif e.kind is EventKind.RESULT:
         msg.result.session.CopyFrom(session_to_proto(Session.from_json(data["session"])))
     elif e.kind is EventKind.INPUT_REQUEST:
-        msg.input_request.CopyFrom(input_request_to_proto(InputRequest.from_json(e.session_id, data)))
+        msg.input_request.CopyFrom(
+            input_request_to_proto(InputRequest.from_json(e.session_id, data))
+        )
     elif e.kind is EventKind.INPUT_RESOLVED:
         msg.input_resolved.CopyFrom(input_resolved_to_proto(data))
     elif e.kind is EventKind.STATE_CHANGE:
@@ -119,9 +123,7 @@ def event_to_proto(e: Event) -> session_pb2.SessionEvent:
         msg.state_change.to_state = state_to_proto(SessionState(data["to_state"]))  # type: ignore[assignment]
     else:
         # The other kinds store exactly their proto message's fields.
-        getattr(msg, e.kind.value).MergeFrom(
-            getattr(session_pb2, _MESSAGE_OF[e.kind])(**data)
-        )
+        getattr(msg, e.kind.value).MergeFrom(getattr(session_pb2, _MESSAGE_OF[e.kind])(**data))
     return msg
 
 
@@ -165,10 +167,14 @@ def respond_request(msg: session_pb2.RespondRequest) -> tuple[InputKind, InputAn
         result = msg.tool_result
         value: dict[str, Any] = {"text": result.text, "is_error": result.is_error}
         if result.structured_json:
-            value["structured"] = _json_object("tool_result.structured_json", result.structured_json)
+            value["structured"] = _json_object(
+                "tool_result.structured_json", result.structured_json
+            )
         return InputKind.TOOL_CALL, InputAnswer(
-            Decider.CALLER, "error" if result.is_error else "result",
-            result.text if result.is_error else "", value,
+            Decider.CALLER,
+            "error" if result.is_error else "result",
+            result.text if result.is_error else "",
+            value,
         )
     if which == "permission":
         decision = msg.permission
@@ -251,8 +257,9 @@ def money(value: Decimal) -> str:
     return f"{usd(value):.6f}"
 
 
-def budget_to_proto(w: BudgetWindow, *, max_session_budget: str, max_turns: int,
-                    max_concurrent: int) -> budget_pb2.Budget:
+def budget_to_proto(
+    w: BudgetWindow, *, max_session_budget: str, max_turns: int, max_concurrent: int
+) -> budget_pb2.Budget:
     return budget_pb2.Budget(
         tenant=w.tenant,
         date=w.day,

@@ -139,9 +139,15 @@ def _safe(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
 
 
 async def _refuse(context: grpc.aio.ServicerContext, method: str) -> None:
-    await _abort(context, method, InvalidArgument(
-        "request", "is not a valid message of its type: a string field holds invalid UTF-8, "
-                   "or the bytes are corrupt; send it as the generated stubs encode it"))
+    await _abort(
+        context,
+        method,
+        InvalidArgument(
+            "request",
+            "is not a valid message of its type: a string field holds invalid UTF-8, "
+            "or the bytes are corrupt; send it as the generated stubs encode it",
+        ),
+    )
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):

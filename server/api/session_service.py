@@ -121,7 +121,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         content = found.content or b""
         for offset in range(0, max(len(content), 1), ARTIFACT_CHUNK_BYTES):
             chunk = session_pb2.ArtifactChunk(
-                data=content[offset:offset + ARTIFACT_CHUNK_BYTES], offset=offset
+                data=content[offset : offset + ARTIFACT_CHUNK_BYTES], offset=offset
             )
             if offset == 0:
                 chunk.artifact.CopyFrom(convert.artifact_to_proto(found))

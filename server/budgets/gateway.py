@@ -293,9 +293,12 @@ class MeteringGateway:
         self.on_upstream(False)
         where = URL(meter.upstream_base_url).with_user(None).with_password(None)
         return error_response(
-            502, "api_error",
+            502,
+            "api_error",
             f"the model API at {where} cannot be reached ({type(exc.os_error).__name__}): "
-            "check ANTHROPIC_BASE_URL and the network", should_retry=False)
+            "check ANTHROPIC_BASE_URL and the network",
+            should_retry=False,
+        )
 
     def _upstream(self, request: web.Request, meter: SessionMeter) -> tuple[URL, CIMultiDict[str]]:
         url = URL(meter.upstream_base_url + request.raw_path, encoded=True)
@@ -405,7 +408,9 @@ class MeteringGateway:
                     payload = await up.read()
                     record.outcome = "upstream_error"
                     return web.Response(
-                        status=up.status, reason=up.reason, body=payload,
+                        status=up.status,
+                        reason=up.reason,
+                        body=payload,
                         headers=_reply_headers(up),
                     )
                 if up.content_type != "text/event-stream":
@@ -414,7 +419,9 @@ class MeteringGateway:
                     usage = usage_from_message(decoder.decode(payload))
                     record.outcome = "completed" if usage is not None else "usage_missing"
                     return web.Response(
-                        status=up.status, reason=up.reason, body=payload,
+                        status=up.status,
+                        reason=up.reason,
+                        body=payload,
                         headers=_reply_headers(up),
                     )
                 parser = SseUsageParser()

@@ -58,11 +58,7 @@ def _without_images(value: Any) -> tuple[Any, int]:
     if not isinstance(value, dict):
         return value, 0
     source = value.get("source")
-    if (
-        value.get("type") == "image"
-        and isinstance(source, dict)
-        and source.get("type") == "base64"
-    ):
+    if value.get("type") == "image" and isinstance(source, dict) and source.get("type") == "base64":
         return {**value, "source": {**source, "data": ""}}, 1
     stripped = {key: _without_images(item) for key, item in value.items()}
     return (

@@ -39,9 +39,7 @@ async def reserve_for_session(
     )
     if not held:
         window = await repo.get_window(db, tenant.name, day)
-        remaining = (
-            window.limit_usd - window.spent_usd - window.reserved_usd if window else amount
-        )
+        remaining = window.limit_usd - window.spent_usd - window.reserved_usd if window else amount
         raise QuotaExceeded(
             "BUDGET_EXCEEDED",
             f"tenant:{tenant.name}:daily_usd",

@@ -107,9 +107,10 @@ class ModelPrice:
             return 0
         tokens = math.floor(left / self.output)
         # worst_case rounds up to the micro-dollar: step down until it fits.
-        while tokens > 0 and self.worst_case(
-            input_tokens_estimate, tokens, long_cache=long_cache
-        ) > budget_usd:
+        while (
+            tokens > 0
+            and self.worst_case(input_tokens_estimate, tokens, long_cache=long_cache) > budget_usd
+        ):
             tokens -= 1
         return tokens
 
@@ -165,9 +166,7 @@ class PriceTable:
             for model, entry in models_data.items()
         }
         aliases = data.get("aliases", {})
-        if not isinstance(aliases, dict) or not all(
-            isinstance(v, str) for v in aliases.values()
-        ):
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
             raise PriceTableError(source, "`aliases` must be a table of name -> model id")
         table = cls(version, models, aliases, source)
         table._check_aliases()
@@ -182,8 +181,12 @@ class PriceTable:
             name: _with_version(price, version)
             for name, price in {**self.models, **other.models}.items()
         }
-        table = PriceTable(version, models, {**self.aliases, **other.aliases},
-                           source=f"{self.source}+{other.source}")
+        table = PriceTable(
+            version,
+            models,
+            {**self.aliases, **other.aliases},
+            source=f"{self.source}+{other.source}",
+        )
         table._check_aliases()
         return table
 

@@ -34,11 +34,26 @@ CLI_INSIDE = "/run/agentplane/claude"
 # Files of /etc the CLI and ordinary tools need (user names, DNS-free host names, time
 # zone, dynamic linker cache, certificates); none of them is secret.
 ETC_FILES = (
-    "passwd", "group", "nsswitch.conf", "hosts", "localtime", "ld.so.cache", "alternatives",
-    "ssl", "ca-certificates", "bash.bashrc", "profile", "inputrc", "mime.types",
+    "passwd",
+    "group",
+    "nsswitch.conf",
+    "hosts",
+    "localtime",
+    "ld.so.cache",
+    "alternatives",
+    "ssl",
+    "ca-certificates",
+    "bash.bashrc",
+    "profile",
+    "inputrc",
+    "mime.types",
 )
 NAMESPACES = (
-    "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+    "--unshare-pid",
+    "--unshare-net",
+    "--unshare-ipc",
+    "--unshare-uts",
+    "--unshare-cgroup-try",
 )
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RO_PATH = re.compile(r"/[A-Za-z0-9._/@+-]*")
@@ -55,10 +70,23 @@ class Tools:
 
 def sandbox_args() -> list[str]:
     """bwrap's arguments that build the system part of every sandbox (and the probe's)."""
-    args = ["--die-with-parent", "--new-session", *NAMESPACES, "--cap-drop", "ALL",
-            "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
-            "--setenv", "LANG", "C.UTF-8",
-            "--ro-bind", "/usr", "/usr"]
+    args = [
+        "--die-with-parent",
+        "--new-session",
+        *NAMESPACES,
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/local/bin:/usr/bin:/bin",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+        "--ro-bind",
+        "/usr",
+        "/usr",
+    ]
     for link in ("bin", "sbin", "lib", "lib64"):
         if Path("/", link).is_symlink() or not Path("/", link).exists():
             args += ["--symlink", f"usr/{link}", f"/{link}"]
@@ -68,8 +96,19 @@ def sandbox_args() -> list[str]:
     args += ["--perms", "0755", "--dir", "/etc"]
     for name in ETC_FILES:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-    return [*args, "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run",
-            "--perms", "0755", "--dir", str(Path(GATEWAY_INSIDE).parent)]
+    return [
+        *args,
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/run",
+        "--perms",
+        "0755",
+        "--dir",
+        str(Path(GATEWAY_INSIDE).parent),
+    ]
 
 
 # The launcher: `@NAME@` marks are filled in by `launcher_script` (shell-quoted).
@@ -157,8 +196,14 @@ def write_launcher(path: Path, tools: Tools, cli: Path) -> Path:
 
 
 def session_variables(
-    *, passed: Iterable[str], cgroup_procs: Iterable[Path], gateway_socket: Path, port: int,
-    uid: int | None = None, gid: int | None = None, ro_paths: Iterable[str] = (),
+    *,
+    passed: Iterable[str],
+    cgroup_procs: Iterable[Path],
+    gateway_socket: Path,
+    port: int,
+    uid: int | None = None,
+    gid: int | None = None,
+    ro_paths: Iterable[str] = (),
 ) -> dict[str, str]:
     """The AGENTPLANE_SANDBOX_* variables of one CLI start. `passed` names the variables
     the CLI gets inside (the SDK's own are added here); `ro_paths`, host paths bound
@@ -188,8 +233,14 @@ def session_variables(
 # Variables the SDK itself sets for the CLI (claude_agent_sdk/_internal/transport/
 # subprocess_cli.py), which must reach it inside.
 SDK_VARIABLES = (
-    "CLAUDE_CODE_ENTRYPOINT", "CLAUDE_AGENT_SDK_VERSION", "CLAUDE_AGENT_SDK_CLIENT_APP",
-    "CLAUDE_AGENT_SDK_DERIVED_CLIENT_APP", "CLAUDE_CODE_SDK_READS_SESSION_STATE",
-    "CLAUDE_CODE_ENABLE_SDK_FILE_CHECKPOINTING", "TRACEPARENT", "TRACESTATE", "PWD",
+    "CLAUDE_CODE_ENTRYPOINT",
+    "CLAUDE_AGENT_SDK_VERSION",
+    "CLAUDE_AGENT_SDK_CLIENT_APP",
+    "CLAUDE_AGENT_SDK_DERIVED_CLIENT_APP",
+    "CLAUDE_CODE_SDK_READS_SESSION_STATE",
+    "CLAUDE_CODE_ENABLE_SDK_FILE_CHECKPOINTING",
+    "TRACEPARENT",
+    "TRACESTATE",
+    "PWD",
     "CLAUDE_CONFIG_DIR",
 )

@@ -43,7 +43,9 @@ class Cgroups:
             for controller in _V1_CONTROLLERS:
                 base = root / controller
                 if not base.is_dir():
-                    raise CgroupsUnavailable(f"the {controller} cgroup controller is not mounted at {base}")
+                    raise CgroupsUnavailable(
+                        f"the {controller} cgroup controller is not mounted at {base}"
+                    )
                 parents[controller] = base / own.get(controller, "/").lstrip("/") / "agentplane"
                 parents[controller].mkdir(exist_ok=True)
             return cls(parents, unified=False)
@@ -100,19 +102,26 @@ class SessionCgroup:
             forks_refused = _field(self.paths["pids"] / "pids.events", "max")
             cpu_s = _number(self.paths["cpuacct"] / "cpuacct.usage") / 1e9
         if oom:
-            return Breach(ErrorReason.MEMORY_LIMIT, (
-                f"the session used more than its memory limit of {limits.memory_mib} MiB "
-                "(files in its folder count too); a process of it was killed"
-            ))
+            return Breach(
+                ErrorReason.MEMORY_LIMIT,
+                (
+                    f"the session used more than its memory limit of {limits.memory_mib} MiB "
+                    "(files in its folder count too); a process of it was killed"
+                ),
+            )
         if forks_refused:
-            return Breach(ErrorReason.PROCESS_LIMIT, (
-                f"the session tried to run more than its limit of {limits.processes} "
-                "processes and threads at once"
-            ))
+            return Breach(
+                ErrorReason.PROCESS_LIMIT,
+                (
+                    f"the session tried to run more than its limit of {limits.processes} "
+                    "processes and threads at once"
+                ),
+            )
         if cpu_s > limits.cpu_s:
-            return Breach(ErrorReason.CPU_LIMIT, (
-                f"the session used more than its CPU-time limit of {limits.cpu_s} s"
-            ))
+            return Breach(
+                ErrorReason.CPU_LIMIT,
+                (f"the session used more than its CPU-time limit of {limits.cpu_s} s"),
+            )
         return None
 
     def kill_all(self, timeout_s: float = 5.0) -> None:

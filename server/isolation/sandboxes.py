@@ -85,13 +85,21 @@ class Sandboxes:
             os.chown(path, uid, gid)
 
     def variables(
-        self, root: Path, passed: Iterable[str], uid: int | None, gid: int | None,
+        self,
+        root: Path,
+        passed: Iterable[str],
+        uid: int | None,
+        gid: int | None,
         ro_paths: Iterable[str] = (),
     ) -> dict[str, str]:
         """The launcher's variables for one CLI start in the folder `root`."""
         return session_variables(
-            passed=passed, cgroup_procs=self._cgroup(root).procs_files(),
-            gateway_socket=self.gateway_socket, port=self.gateway_port, uid=uid, gid=gid,
+            passed=passed,
+            cgroup_procs=self._cgroup(root).procs_files(),
+            gateway_socket=self.gateway_socket,
+            port=self.gateway_port,
+            uid=uid,
+            gid=gid,
             ro_paths=ro_paths,
         )
 
@@ -99,10 +107,13 @@ class Sandboxes:
         """The limit the session in `root` hit, if any."""
         found = self._cgroup(root).breach(limits)
         if found is None and _used_bytes(root) > limits.disk_mib << 20:
-            found = Breach(ErrorReason.DISK_LIMIT, (
-                f"the session wrote more than its disk limit of {limits.disk_mib} MiB "
-                "(its folder and /tmp)"
-            ))
+            found = Breach(
+                ErrorReason.DISK_LIMIT,
+                (
+                    f"the session wrote more than its disk limit of {limits.disk_mib} MiB "
+                    "(its folder and /tmp)"
+                ),
+            )
         return found
 
     def remove(self, root: Path) -> None:
@@ -142,9 +153,21 @@ def probe(tools: Tools, work_dir: Path) -> None:
         unmount(scratch)
         try:
             done = subprocess.run(
-                [str(tools.bwrap), *sandbox_args(), "--bind", str(scratch), "/tmp",
-                 "--", "/bin/sh", "-c", "echo ok > /tmp/probe"],
-                capture_output=True, text=True, timeout=30, check=False,
+                [
+                    str(tools.bwrap),
+                    *sandbox_args(),
+                    "--bind",
+                    str(scratch),
+                    "/tmp",
+                    "--",
+                    "/bin/sh",
+                    "-c",
+                    "echo ok > /tmp/probe",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise SandboxUnavailable(f"{tools.bwrap} does not start: {exc}") from None

@@ -60,7 +60,11 @@ def cli_servers(servers: Iterable[McpServer], gateway_url: str, token: str) -> C
                 env[name] = f"${{{variable}}}"
             else:
                 env[name] = value.resolve()
-        out.config[server.name] = {"type": "stdio", "command": server.command,
-                                   "args": list(server.args), "env": env}
+        out.config[server.name] = {
+            "type": "stdio",
+            "command": server.command,
+            "args": list(server.args),
+            "env": env,
+        }
         out.paths += server.paths
     return out

@@ -25,11 +25,23 @@ log = logging.getLogger(__name__)
 
 ROUTE = "/mcp/"
 # Never forwarded: hop-by-hop headers, the session's token, and what aiohttp sets itself.
-_DROP_REQUEST = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "content-length", "x-api-key", "authorization",
-    "accept-encoding",
-})
+_DROP_REQUEST = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "x-api-key",
+        "authorization",
+        "accept-encoding",
+    }
+)
 _DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
 
 
@@ -39,15 +51,16 @@ def relay_path(name: str) -> str:
 
 
 async def forward(
-    request: web.Request, http: aiohttp.ClientSession, servers: Mapping[str, RemoteServer],
+    request: web.Request,
+    http: aiohttp.ClientSession,
+    servers: Mapping[str, RemoteServer],
     session_id: str,
 ) -> web.StreamResponse:
     """Relay one request of a session's CLI to its MCP server (see the module docstring)."""
-    name, _, rest = request.raw_path[len(ROUTE):].partition("/")
+    name, _, rest = request.raw_path[len(ROUTE) :].partition("/")
     server = servers.get(name)
     if server is None:  # another tenant's, or none: the same answer
-        return web.json_response({"error": f"no MCP server {name!r} for this session"},
-                                 status=404)
+        return web.json_response({"error": f"no MCP server {name!r} for this session"}, status=404)
     headers: CIMultiDict[str] = CIMultiDict(
         (k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST
     )
@@ -56,19 +69,27 @@ async def forward(
         for header, value in server.headers:
             headers[header] = value.resolve()
     except SecretUnavailable as exc:
-        log.warning("mcp_relay_failed", extra={"session_id": session_id, "server": name,
-                                                "detail": f"header {header}: {exc}"})
-        return web.json_response({"error": f"MCP server {name}: header {header} is not "
-                                  "available"}, status=502)
+        log.warning(
+            "mcp_relay_failed",
+            extra={"session_id": session_id, "server": name, "detail": f"header {header}: {exc}"},
+        )
+        return web.json_response(
+            {"error": f"MCP server {name}: header {header} is not available"}, status=502
+        )
     url = URL(server.origin + "/" + rest, encoded=True)
     body = await request.read()
     response: web.StreamResponse | None = None
     try:
-        async with http.request(request.method, url, data=body or None, headers=headers,
-                                allow_redirects=False) as up:
-            response = web.StreamResponse(status=up.status, reason=up.reason, headers=CIMultiDict(
-                (k, v) for k, v in up.headers.items() if k.lower() not in _DROP_RESPONSE
-            ))
+        async with http.request(
+            request.method, url, data=body or None, headers=headers, allow_redirects=False
+        ) as up:
+            response = web.StreamResponse(
+                status=up.status,
+                reason=up.reason,
+                headers=CIMultiDict(
+                    (k, v) for k, v in up.headers.items() if k.lower() not in _DROP_RESPONSE
+                ),
+            )
             await response.prepare(request)
             rewrite = server.transport == "sse" and up.content_type == "text/event-stream"
             pending = b""
@@ -85,14 +106,17 @@ async def forward(
             return response
     except (aiohttp.ClientError, TimeoutError) as exc:
         # What failed is logged (no header, no secret); the CLI sees the server as failed.
-        log.warning("mcp_relay_failed", extra={"session_id": session_id, "server": name,
-                                                "detail": type(exc).__name__})
+        log.warning(
+            "mcp_relay_failed",
+            extra={"session_id": session_id, "server": name, "detail": type(exc).__name__},
+        )
         if response is not None:  # broke off mid-answer: break the CLI's the same way
             if request.transport is not None:
                 request.transport.abort()
             return response
-        return web.json_response({"error": f"MCP server {name} cannot be reached "
-                                  f"({type(exc).__name__})"}, status=502)
+        return web.json_response(
+            {"error": f"MCP server {name} cannot be reached ({type(exc).__name__})"}, status=502
+        )
     except ConnectionError:  # the CLI went away
         return response or web.StreamResponse()
 
@@ -111,6 +135,6 @@ def _endpoint(head: bytes, server: RemoteServer) -> bytes:
             target = target.removeprefix(server.origin)
             if target.startswith("/"):
                 target = relay_path(server.name) + target
-            line = f"data: {target}{line[len(line.rstrip(chr(13) + chr(10))):]}"
+            line = f"data: {target}{line[len(line.rstrip(chr(13) + chr(10))) :]}"
         out.append(line)
     return "".join(out + lines[end:]).encode()

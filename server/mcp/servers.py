@@ -118,7 +118,7 @@ def tool_server(name: str) -> str | None:
     """The server of an MCP tool name (`mcp__crm__lookup`) or server rule (`mcp__crm`)."""
     if not name.startswith(PREFIX):
         return None
-    return name[len(PREFIX):].split("__", 1)[0] or None
+    return name[len(PREFIX) :].split("__", 1)[0] or None
 
 
 def covered(name: str, tools: Iterable[str]) -> bool:
@@ -155,13 +155,19 @@ def parse_servers(raw: Any, where: str) -> tuple[McpServer, ...]:
 
 def _server(name: str, raw: Any, where: str) -> McpServer:
     if not _SERVER.fullmatch(name) or len(name) > 64 or name in RESERVED:
-        raise ConfigError(where, "server names are 1-64 chars of [A-Za-z0-9_-] without '__', "
-                          f"and not {', '.join(sorted(RESERVED))}")
+        raise ConfigError(
+            where,
+            "server names are 1-64 chars of [A-Za-z0-9_-] without '__', "
+            f"and not {', '.join(sorted(RESERVED))}",
+        )
     if not isinstance(raw, Mapping):
         raise ConfigError(where, "must be a table")
     kind = raw.get("type", "stdio")
-    keys = {"stdio": {"type", "command", "args", "env", "paths"},
-            "http": {"type", "url", "headers"}, "sse": {"type", "url", "headers"}}
+    keys = {
+        "stdio": {"type", "command", "args", "env", "paths"},
+        "http": {"type", "url", "headers"},
+        "sse": {"type", "url", "headers"},
+    }
     if kind not in keys:
         raise ConfigError(f"{where}.type", "must be stdio, http or sse")
     unknown = set(raw) - keys[kind]
@@ -171,21 +177,28 @@ def _server(name: str, raw: Any, where: str) -> McpServer:
         return _stdio(name, raw, where)
     url = raw.get("url")
     parts = urlsplit(url) if isinstance(url, str) else None
-    if not isinstance(url, str) or parts is None or parts.scheme not in ("http", "https") \
-            or not parts.hostname:
+    if (
+        not isinstance(url, str)
+        or parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+    ):
         raise ConfigError(f"{where}.url", "must be an http:// or https:// URL")
     if parts.username or parts.password or parts.fragment:
-        raise ConfigError(f"{where}.url", "must not hold credentials or a fragment "
-                          "(put secrets in headers)")
-    return RemoteServer(name, kind, url, _pairs(raw.get("headers", {}), f"{where}.headers",
-                                                _HEADER, "header names"))
+        raise ConfigError(
+            f"{where}.url", "must not hold credentials or a fragment (put secrets in headers)"
+        )
+    return RemoteServer(
+        name, kind, url, _pairs(raw.get("headers", {}), f"{where}.headers", _HEADER, "header names")
+    )
 
 
 def _stdio(name: str, raw: Mapping[str, Any], where: str) -> StdioServer:
     command = raw.get("command")
     if not isinstance(command, str) or not command.startswith("/"):
-        raise ConfigError(f"{where}.command", "must be an absolute path (the sandbox has no "
-                          "search of your PATH)")
+        raise ConfigError(
+            f"{where}.command", "must be an absolute path (the sandbox has no search of your PATH)"
+        )
     args = raw.get("args", [])
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise ConfigError(f"{where}.args", "must be a list of strings")
@@ -195,15 +208,20 @@ def _stdio(name: str, raw: Mapping[str, Any], where: str) -> StdioServer:
     for path in paths:
         # Not "/" (the whole host), no "." or ".." parts.
         if not _PATH.fullmatch(path) or {".", ".."} & set(path.split("/")):
-            raise ConfigError(f"{where}.paths", f"{path!r}: an absolute path below / of "
-                              "[A-Za-z0-9._/@+-], without '.' or '..' parts")
+            raise ConfigError(
+                f"{where}.paths",
+                f"{path!r}: an absolute path below / of "
+                "[A-Za-z0-9._/@+-], without '.' or '..' parts",
+            )
         if not os.path.exists(path):
             raise ConfigError(f"{where}.paths", f"{path} does not exist")
     env = _pairs(raw.get("env", {}), f"{where}.env", _VARIABLE, "variable names")
     return StdioServer(name, command, tuple(args), env, tuple(dict.fromkeys(paths)))
 
 
-def _pairs(raw: Any, where: str, names: re.Pattern[str], what: str) -> tuple[tuple[str, Value], ...]:
+def _pairs(
+    raw: Any, where: str, names: re.Pattern[str], what: str
+) -> tuple[tuple[str, Value], ...]:
     if not isinstance(raw, Mapping):
         raise ConfigError(where, "must be a table of name = value")
     pairs = []
@@ -219,11 +237,15 @@ def _value(raw: Any, where: str) -> Value:
         if "\n" in raw or "\r" in raw or "\0" in raw:
             raise ConfigError(where, "must not hold line breaks or NULs")
         return Value(literal=raw)
-    if not isinstance(raw, Mapping) or len({"env", "file"} & set(raw)) != 1 or (
-        set(raw) - {"env", "file", "prefix"}
+    if (
+        not isinstance(raw, Mapping)
+        or len({"env", "file"} & set(raw)) != 1
+        or (set(raw) - {"env", "file", "prefix"})
     ):
-        raise ConfigError(where, 'must be a string, {env = "NAME"} or {file = "/path"} '
-                          '(optionally with prefix = "...")')
+        raise ConfigError(
+            where,
+            'must be a string, {env = "NAME"} or {file = "/path"} (optionally with prefix = "...")',
+        )
     prefix = raw.get("prefix", "")
     if not isinstance(prefix, str):
         raise ConfigError(where, "prefix must be a string")

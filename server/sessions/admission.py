@@ -89,9 +89,7 @@ class Admitter:
         # after a quiet spell is written at once. Followers on other replicas read events
         # once committed, so PostgreSQL's is short; SQLite serves one server, whose
         # followers read memory, and fewer writes leave more of its one writer lock.
-        self.event_write_interval_s = (
-            0.02 if db.kw["bind"].dialect.name == "postgresql" else 0.05
-        )
+        self.event_write_interval_s = 0.02 if db.kw["bind"].dialect.name == "postgresql" else 0.05
 
     async def admit(self, tenant: Tenant, request: RunRequest) -> Admission:
         """Admit a session (persist it IDLE and reserve its budget, atomically) and start it.
@@ -106,8 +104,10 @@ class Admitter:
             reason = exc.reason
             self._observer.rejected(tenant.name, reason)
             detail = {"detail": str(exc)} if isinstance(exc, QuotaExceeded) else {}
-            log.info("budget_rejected" if reason == "BUDGET_EXCEEDED" else "admission_rejected",
-                     extra={"tenant": tenant.name, "reason": reason, **detail})
+            log.info(
+                "budget_rejected" if reason == "BUDGET_EXCEEDED" else "admission_rejected",
+                extra={"tenant": tenant.name, "reason": reason, **detail},
+            )
             raise
 
     async def _admit(self, tenant: Tenant, request: RunRequest) -> Admission:
@@ -153,9 +153,7 @@ class Admitter:
         assert admission is not None
         return admission
 
-    async def _insert(
-        self, tenant: Tenant, spec: SessionSpec, warm: WarmAgent | None
-    ) -> Admission:
+    async def _insert(self, tenant: Tenant, spec: SessionSpec, warm: WarmAgent | None) -> Admission:
         """The admission transaction, with the id of `warm` (a warm agent made for it) or
         a new one. A request_id that a concurrent request won re-attaches to its session."""
         now = utcnow()
@@ -175,15 +173,23 @@ class Admitter:
             require_approval=spec.require_approval,
             output_schema=spec.output_schema_json,
         )
-        live = LiveSession(session, self._persist_events, self._observer.event,
-                           write_interval_s=self.event_write_interval_s)
+        live = LiveSession(
+            session,
+            self._persist_events,
+            self._observer.event,
+            write_interval_s=self.event_write_interval_s,
+        )
         started = live.build(EventKind.STARTED, {"session": session.to_json()})
         try:
             async with self._db.begin() as db:
                 day = day_of(now, tenant.time_zone).isoformat()
                 await repo.insert_session(
-                    db, session, request_hash=spec.fingerprint(), budget_day=day,
-                    owner=self._leases.owner, lease_until=self._leases.expiry(now),
+                    db,
+                    session,
+                    request_hash=spec.fingerprint(),
+                    budget_day=day,
+                    owner=self._leases.owner,
+                    lease_until=self._leases.expiry(now),
                 )
                 await repo.insert_events(db, [started])
                 # The reservation's UPDATE locks the tenant's window row until commit, so
@@ -221,10 +227,17 @@ class Admitter:
         # The run task starts in the context the observer gives (its trace span current).
         session = live.session
         context = self._observer.admitted(session, spec.prompt)
-        context.run(log.info, "session_start", extra={
-            "session_id": session.id, "tenant": tenant.name, "model": session.model,
-            "max_budget_usd": str(session.max_budget_usd), "max_turns": session.max_turns,
-        })
+        context.run(
+            log.info,
+            "session_start",
+            extra={
+                "session_id": session.id,
+                "tenant": tenant.name,
+                "model": session.model,
+                "max_budget_usd": str(session.max_budget_usd),
+                "max_turns": session.max_turns,
+            },
+        )
         self._lifecycle.launch(live, spec, tenant, warm, context)
 
     async def _resolve_resume(self, tenant: Tenant, spec: SessionSpec) -> SessionSpec:

@@ -70,11 +70,16 @@ class CallerLoop:
         return {CALLER_SERVER: create_sdk_mcp_server(CALLER_SERVER, tools=tools)}
 
     def hooks(self) -> dict[Any, list[HookMatcher]]:
-        return {"PreToolUse": [HookMatcher(
-            matcher=None, hooks=[self._before_tool],  # type: ignore[list-item]
-            # A failing hook must not let a call through unapproved.
-            on_failure="block",
-        )]}
+        return {
+            "PreToolUse": [
+                HookMatcher(
+                    matcher=None,
+                    hooks=[self._before_tool],  # type: ignore[list-item]
+                    # A failing hook must not let a call through unapproved.
+                    on_failure="block",
+                )
+            ]
+        }
 
     def _tool(self, tool: CallerTool) -> SdkMcpTool[Any]:
         async def call(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -84,8 +89,13 @@ class CallerLoop:
         schema = {"properties": {}, **tool.input_schema}
         # Read-only, so the CLI runs parallel calls at once: the caller may answer them in
         # any order.
-        return SdkMcpTool(tool.name, tool.description, schema, call,
-                          annotations=ToolAnnotations(readOnlyHint=True))
+        return SdkMcpTool(
+            tool.name,
+            tool.description,
+            schema,
+            call,
+            annotations=ToolAnnotations(readOnlyHint=True),
+        )
 
     async def _call(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
         ids = self._call_ids.get((name, _canonical(arguments)))
@@ -109,10 +119,13 @@ class CallerLoop:
             key = (name.removeprefix(CALLER_PREFIX), _canonical(tool_input))
             self._call_ids[key].append(tool_use_id or "")
         if name == QUESTION_TOOL or self._needs_approval(name, tool_input):
-            return {"hookSpecificOutput": {
-                "hookEventName": "PreToolUse", "permissionDecision": "ask",
-                "permissionDecisionReason": "the caller decides",
-            }}
+            return {
+                "hookSpecificOutput": {
+                    "hookEventName": "PreToolUse",
+                    "permissionDecision": "ask",
+                    "permissionDecisionReason": "the caller decides",
+                }
+            }
         return {}  # no opinion: the session's allowed tools decide
 
     async def can_use_tool(
@@ -164,4 +177,3 @@ def _canonical(value: dict[str, Any]) -> str:
 
 def _text(text: str, *, error: bool) -> dict[str, Any]:
     return {"content": [{"type": "text", "text": text}], "is_error": error}
-

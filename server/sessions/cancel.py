@@ -24,8 +24,13 @@ class SessionStopper:
     charged for what it used, recorded ERROR with the reason given)."""
 
     def __init__(
-        self, db: async_sessionmaker[DbSession], capacity: Capacity, queries: SessionQueries,
-        *, remote_wait_s: float = 30.0, poll_s: float = 0.05,
+        self,
+        db: async_sessionmaker[DbSession],
+        capacity: Capacity,
+        queries: SessionQueries,
+        *,
+        remote_wait_s: float = 30.0,
+        poll_s: float = 0.05,
     ) -> None:
         self._db = db
         # Another replica's CancelSession for a session this one runs.
@@ -92,8 +97,10 @@ class SessionStopper:
     @staticmethod
     def tenant_removed(live: LiveSession) -> None:
         """Stop one session of a tenant a reload removed."""
-        live.request_cancel(ErrorReason.CANCELLED,
-                            f"tenant {live.session.tenant!r} was removed from the tenants file")
+        live.request_cancel(
+            ErrorReason.CANCELLED,
+            f"tenant {live.session.tenant!r} was removed from the tenants file",
+        )
 
     def lost(self, session_id: str) -> None:
         """Another server closed a session we still run (we were cut off): stop it."""

@@ -20,12 +20,17 @@ from ..store import sessions as repo
 
 def result_event(final: Session, seq: int) -> Event:
     """The `result` event of an ended session: the final Session, numbered `seq`."""
-    return Event(final.id, seq, final.end_time or utcnow(), EventKind.RESULT,
-                 {"session": final.to_json()})
+    return Event(
+        final.id, seq, final.end_time or utcnow(), EventKind.RESULT, {"session": final.to_json()}
+    )
 
 
 async def write_end(
-    db: DbSession, final: Session, *, expect: SessionState, seq: int | None = None,
+    db: DbSession,
+    final: Session,
+    *,
+    expect: SessionState,
+    seq: int | None = None,
     lease_expired_by: datetime | None = None,
 ) -> Event | None:
     """In `db`'s transaction: record `final` if the session is still in state `expect`
@@ -35,11 +40,13 @@ async def write_end(
     was closed meanwhile, or its owner renewed its lease (then nothing is written)."""
     if not await repo.save_progress(db, final, expect=expect, lease_expired_by=lease_expired_by):
         return None
-    await settle_session(db, session_id=final.id, actual=final.cost_usd,
-                         now=final.end_time or utcnow())
+    await settle_session(
+        db, session_id=final.id, actual=final.cost_usd, now=final.end_time or utcnow()
+    )
     # What it still waited for can no longer be answered.
-    await inputs.settle_all(db, final.id, at=final.end_time or utcnow(),
-                            message="the session ended")
+    await inputs.settle_all(
+        db, final.id, at=final.end_time or utcnow(), message="the session ended"
+    )
     if seq is None:
         seq = await repo.last_seq(db, final.id) + 1
     result = result_event(final, seq)

@@ -30,7 +30,10 @@ class Feed:
     """The events of one session, read from the database as they are committed."""
 
     def __init__(
-        self, db: async_sessionmaker[DbSession], tenant: str, session_id: str,
+        self,
+        db: async_sessionmaker[DbSession],
+        tenant: str,
+        session_id: str,
         poll_s: Callable[[], float],
     ) -> None:
         self._db = db
@@ -63,8 +66,10 @@ class Feed:
                         db, self._session_id, after_seq=len(self.events)
                     )
                 self.events.extend(events)
-                done = state is None or state.terminal or any(
-                    e.kind is EventKind.RESULT for e in events
+                done = (
+                    state is None
+                    or state.terminal
+                    or any(e.kind is EventKind.RESULT for e in events)
                 )
                 if events or done:
                     self._changed(ended=done)
@@ -144,5 +149,8 @@ class Feeds:
         await asyncio.gather(*(f.task for f in feeds), return_exceptions=True)
         for feed in feeds:
             if not feed.ended:
-                feed.stop(Unavailable(
-                    "the server is shutting down; follow the session on another replica"))
+                feed.stop(
+                    Unavailable(
+                        "the server is shutting down; follow the session on another replica"
+                    )
+                )

@@ -85,8 +85,7 @@ def _orphans(work_dir: Path) -> list[Path]:
         markers = list(work_dir.glob(f"*/*{OWNER_SUFFIX}"))
     except OSError:  # the work dir is gone (a server removed it meanwhile)
         return []
-    return [m.with_name(m.name.removesuffix(OWNER_SUFFIX)) for m in markers
-            if not owner_alive(m)]
+    return [m.with_name(m.name.removesuffix(OWNER_SUFFIX)) for m in markers if not owner_alive(m)]
 
 
 def _marker(root: Path) -> Path:

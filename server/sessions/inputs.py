@@ -73,7 +73,13 @@ class InputWaiter:
         live, hub = self._live, self._hub
         now = utcnow()
         request = InputRequest(
-            str(uuid.uuid4()), live.id, kind, tool_name, tool_use_id, tool_input, now,
+            str(uuid.uuid4()),
+            live.id,
+            kind,
+            tool_name,
+            tool_use_id,
+            tool_input,
+            now,
             now + timedelta(seconds=self.timeout_s),
         )
         started = asyncio.get_running_loop().time()
@@ -94,10 +100,15 @@ class InputWaiter:
             )
             live.input_settled()
             waited_ms = int((asyncio.get_running_loop().time() - started) * 1000)
-            live.emit(EventKind.INPUT_RESOLVED, {
-                **(answer or _ended(live)).to_json(request), "tool_name": tool_name,
-                "tool_use_id": tool_use_id, "waited_ms": waited_ms,
-            })
+            live.emit(
+                EventKind.INPUT_RESOLVED,
+                {
+                    **(answer or _ended(live)).to_json(request),
+                    "tool_name": tool_name,
+                    "tool_use_id": tool_use_id,
+                    "waited_ms": waited_ms,
+                },
+            )
 
     async def _wait(self, request: InputRequest, wake: asyncio.Event) -> InputAnswer:
         live, hub = self._live, self._hub
@@ -116,8 +127,9 @@ class InputWaiter:
             stop = asyncio.ensure_future(live.cancel_requested.wait())
             heard = asyncio.ensure_future(wake.wait())
             try:
-                await asyncio.wait({stop, heard}, timeout=min(left, poll),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {stop, heard}, timeout=min(left, poll), return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 stop.cancel()
                 heard.cancel()
@@ -133,8 +145,11 @@ class InputWaiter:
 
 def _timed_out(kind: InputKind, timeout_s: float) -> InputAnswer:
     message = f"the caller did not answer within {timeout_s:g} s"
-    outcome = {InputKind.TOOL_CALL: "error", InputKind.PERMISSION: "deny",
-               InputKind.QUESTION: "unanswered"}[kind]
+    outcome = {
+        InputKind.TOOL_CALL: "error",
+        InputKind.PERMISSION: "deny",
+        InputKind.QUESTION: "unanswered",
+    }[kind]
     return InputAnswer(Decider.TIMEOUT, outcome, message)
 
 
@@ -143,8 +158,13 @@ def _ended(live: LiveSession) -> InputAnswer:
 
 
 async def respond(
-    db: async_sessionmaker[DbSession], queries: SessionQueries, tenant: Tenant,
-    session_id: str, request_id: str, kind: InputKind, answer: InputAnswer,
+    db: async_sessionmaker[DbSession],
+    queries: SessionQueries,
+    tenant: Tenant,
+    session_id: str,
+    request_id: str,
+    kind: InputKind,
+    answer: InputAnswer,
 ) -> tuple[InputRequest, InputAnswer]:
     """Settle a request of a session of `tenant` with the caller's `answer` (of `kind`).
 
@@ -163,8 +183,10 @@ async def respond(
             raise NotFound(f"no input request {quote(request_id)} in session {session_id}")
         request = stored.request
         if stored.answer is None and request.kind is not kind:
-            raise InvalidArgument("response", f"request {request_id} asks for "
-                                  f"{_EXPECTED[request.kind]}, not {_EXPECTED[kind]}")
+            raise InvalidArgument(
+                "response",
+                f"request {request_id} asks for {_EXPECTED[request.kind]}, not {_EXPECTED[kind]}",
+            )
         if stored.answer is None and await repo.settle(tx, request, answer, at=utcnow()):
             return request, answer
     async with db() as tx:
@@ -192,6 +214,6 @@ def _unanswerable(
             f"session {session.id} ended before input request {request.id} was answered",
             "SESSION_ENDED",
         )
-    return FailedPrecondition(f"input request {request.id} was already answered",
-                              "ALREADY_ANSWERED")
-
+    return FailedPrecondition(
+        f"input request {request.id} was already answered", "ALREADY_ANSWERED"
+    )

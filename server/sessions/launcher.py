@@ -60,7 +60,10 @@ class Launcher:
     """
 
     def __init__(
-        self, config: LaunchConfig, store: SqlSessionStore, gateway: MeteringGateway,
+        self,
+        config: LaunchConfig,
+        store: SqlSessionStore,
+        gateway: MeteringGateway,
         sandboxes: Sandboxes | None = None,
     ) -> None:
         self.config = config
@@ -89,8 +92,11 @@ class Launcher:
     ) -> SessionMeter:
         """The session's meter at the gateway: its token is the CLI's API key, and lets it
         reach the remote MCP servers of its tools (only those) through the gateway."""
-        remote = [s for s in session_servers(spec.tools, tenant.mcp_servers)
-                  if isinstance(s, RemoteServer)]
+        remote = [
+            s
+            for s in session_servers(spec.tools, tenant.mcp_servers)
+            if isinstance(s, RemoteServer)
+        ]
         return self._gateway.open_session(
             session_id,
             budget_usd=budget,
@@ -117,16 +123,25 @@ class Launcher:
         await self.folders.remove(dirs.root)
 
     def options(
-        self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs, meter: SessionMeter, *,
-        resume: str | None, budget: Decimal, max_turns: int, caller: CallerLoop | None = None,
+        self,
+        spec: SessionSpec,
+        tenant: Tenant,
+        dirs: SessionDirs,
+        meter: SessionMeter,
+        *,
+        resume: str | None,
+        budget: Decimal,
+        max_turns: int,
+        caller: CallerLoop | None = None,
     ) -> ClaudeAgentOptions:
         """The SDK options of one CLI start for `spec` (limits as given: what is left);
         `caller` brings the caller's tools and its hook on every tool call."""
         extra = {}
         if self.config.cli_max_retries is not None:
             extra["CLAUDE_CODE_MAX_RETRIES"] = str(self.config.cli_max_retries)
-        servers = cli_servers(session_servers(spec.tools, tenant.mcp_servers),
-                              self._gateway.base_url, meter.token)
+        servers = cli_servers(
+            session_servers(spec.tools, tenant.mcp_servers), self._gateway.base_url, meter.token
+        )
         if servers.config:
             extra.update(servers.env)
             # The CLI waits for its servers before the first turn (not connecting them in
@@ -146,11 +161,15 @@ class Launcher:
         )
         if self.sandboxes is not None:
             ids = tenant.unix_ids()
-            env.update(self.sandboxes.variables(
-                dirs.root, [name for name, value in env.items() if value],
-                uid=ids[0] if ids else None, gid=ids[1] if ids else None,
-                ro_paths=servers.paths,
-            ))
+            env.update(
+                self.sandboxes.variables(
+                    dirs.root,
+                    [name for name, value in env.items() if value],
+                    uid=ids[0] if ids else None,
+                    gid=ids[1] if ids else None,
+                    ro_paths=servers.paths,
+                )
+            )
             cli = self.sandboxes.launcher
         else:
             cli = self._cli_for(tenant)
@@ -161,15 +180,15 @@ class Launcher:
             # decides first what needs its approval); any other MCP tool is refused.
             tools=[t for t in spec.tools if not t.startswith(MCP_PREFIX)],
             allowed_tools=[*spec.tools, *caller_tools],
-            mcp_servers={**servers.config,
-                         **(caller.mcp_servers() if caller is not None else {})},
+            mcp_servers={**servers.config, **(caller.mcp_servers() if caller is not None else {})},
             # No MCP server but the session's: none from settings, plugins or .mcp.json.
             strict_mcp_config=True,
             hooks=caller.hooks() if caller is not None else None,
             can_use_tool=caller.can_use_tool if caller is not None else None,
             output_format=(
                 {"type": "json_schema", "schema": spec.output_schema}
-                if spec.output_schema is not None else None
+                if spec.output_schema is not None
+                else None
             ),
             system_prompt=tenant.system_prompt,
             max_turns=max_turns,
@@ -206,7 +225,7 @@ class Launcher:
             tmp.write_text(
                 "#!/bin/sh\n"
                 f"exec setpriv --reuid={entry.pw_uid} --regid={entry.pw_gid} "
-                f"--init-groups -- {shlex.quote(str(self.config.cli_path))} \"$@\"\n"
+                f'--init-groups -- {shlex.quote(str(self.config.cli_path))} "$@"\n'
             )
             tmp.chmod(0o755)
             tmp.replace(launcher)

@@ -98,7 +98,9 @@ class LeaseKeeper:
             closed.append(final.id)
             # What is left of its agent on this host (a dead server sharing the work dir).
             await self._folders.remove(self._folders.dirs(final.tenant, final.id).root)
-            log.warning("session_interrupted", extra={"session_id": final.id, "tenant": final.tenant})
+            log.warning(
+                "session_interrupted", extra={"session_id": final.id, "tenant": final.tenant}
+            )
         return closed
 
     async def run(self) -> None:

@@ -62,7 +62,11 @@ class SessionLifecycle:
         self._finish_retry_s = finish_retry_s
 
     def launch(
-        self, live: LiveSession, spec: SessionSpec, tenant: Tenant, warm: WarmAgent | None,
+        self,
+        live: LiveSession,
+        spec: SessionSpec,
+        tenant: Tenant,
+        warm: WarmAgent | None,
         context: contextvars.Context,
     ) -> None:
         """Start the session's run task in `context` (the observer's, its span current)."""
@@ -107,7 +111,9 @@ class SessionLifecycle:
             await asyncio.shield(self._finish(live, Outcome(verdict)))
             raise
         except DatabaseUnavailable as exc:  # the database went away before the agent started
-            outcome = Outcome(Verdict(SessionState.ERROR, ErrorReason.DATABASE_UNAVAILABLE, str(exc)))
+            outcome = Outcome(
+                Verdict(SessionState.ERROR, ErrorReason.DATABASE_UNAVAILABLE, str(exc))
+            )
         except Exception as exc:  # a bug of ours must still end the session and settle
             log.exception("session %s failed", live.id)
             outcome = Outcome(
@@ -147,10 +153,12 @@ class SessionLifecycle:
         log.info(
             "session_complete" if final.state is SessionState.COMPLETE else "session_error",
             extra={
-                "session_id": final.id, "tenant": final.tenant,
+                "session_id": final.id,
+                "tenant": final.tenant,
                 "reason": final.error_reason.value if final.error_reason else None,
                 "detail": final.error_message[:500] or None,
-                "cost_usd": str(final.cost_usd), "num_turns": final.num_turns,
+                "cost_usd": str(final.cost_usd),
+                "num_turns": final.num_turns,
             },
         )
 
@@ -180,8 +188,12 @@ class SessionLifecycle:
             except (DBAPIError, DatabaseUnavailable, TimeoutError) as exc:
                 if loop.time() + delay > deadline:
                     live.writer.abort()
-                    log.error("recording the end of session %s failed for good (%s); crash "
-                              "recovery will close it", final.id, type(exc).__name__)
+                    log.error(
+                        "recording the end of session %s failed for good (%s); crash "
+                        "recovery will close it",
+                        final.id,
+                        type(exc).__name__,
+                    )
                     return None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

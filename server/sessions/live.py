@@ -75,8 +75,12 @@ class EventWriter:
                     await self._persist(batch)
                     delay = 0.2
                 except Exception as exc:  # noqa: BLE001 - any failure: keep the batch, retry
-                    log.warning("writing %d events failed (%s); retrying in %.1f s",
-                                len(batch), type(exc).__name__, delay)
+                    log.warning(
+                        "writing %d events failed (%s); retrying in %.1f s",
+                        len(batch),
+                        type(exc).__name__,
+                        delay,
+                    )
                     self._pending[:0] = batch
                     self._wake.set()
                     await asyncio.sleep(delay)
@@ -125,9 +129,7 @@ class LiveSession:
         session whose events cannot be written for longer than the writer's buffer lasts
         ends ERROR/DATABASE_UNAVAILABLE."""
         self.session = session
-        self.writer = EventWriter(
-            persist, interval=write_interval_s, on_overflow=self._overflowed
-        )
+        self.writer = EventWriter(persist, interval=write_interval_s, on_overflow=self._overflowed)
         # Told of every published event (telemetry); must not raise.
         self.on_publish = on_publish or (lambda _session, _event: None)
         self.task: asyncio.Task[None] | None = None

@@ -1,14 +1,14 @@
 """The sessions of this server as `api/` sees them; each job lives in its own module.
 
-    admission.py   RunSession: validate, idempotency, resume, capacity, the admission write
-    lifecycle.py   the run task: IDLE -> RUNNING, the agent's run, the end
-    ending.py      the one final transaction (shared with crash recovery, leases.py)
-    cancel.py      cancel, disconnect, lost leases, drain
-    queries.py     GetSession, StreamSession, ListSessions (paging.py: page tokens)
-    capacity.py    live sessions, admissions and warm agents against the session limit
-    retention.py   DeleteSession and each tenant's retention_days
-    inputs.py      waiting for the caller: input requests, timeouts, Respond (caller_loop.py:
-                   the caller's tools and the hook on every tool call)
+admission.py   RunSession: validate, idempotency, resume, capacity, the admission write
+lifecycle.py   the run task: IDLE -> RUNNING, the agent's run, the end
+ending.py      the one final transaction (shared with crash recovery, leases.py)
+cancel.py      cancel, disconnect, lost leases, drain
+queries.py     GetSession, StreamSession, ListSessions (paging.py: page tokens)
+capacity.py    live sessions, admissions and warm agents against the session limit
+retention.py   DeleteSession and each tenant's retention_days
+inputs.py      waiting for the caller: input requests, timeouts, Respond (caller_loop.py:
+               the caller's tools and the hook on every tool call)
 """
 
 from __future__ import annotations
@@ -70,18 +70,36 @@ class SessionManager:
         self.stopper = SessionStopper(db, capacity, self.queries)
         self.deleter = SessionDeleter(db, self.queries)
         self.lease_keeper = LeaseKeeper(
-            upkeep, self.leases, capacity, launcher.folders, self.stopper.lost,
+            upkeep,
+            self.leases,
+            capacity,
+            launcher.folders,
+            self.stopper.lost,
             on_cancel=self.stopper.cancelled_elsewhere,
         )
         self._db = db
         # Running sessions wait for their callers' answers through the upkeep pool.
         lifecycle = SessionLifecycle(
-            upkeep, runner, capacity, self.queries, observer, pool, inputs=InputHub(upkeep),
+            upkeep,
+            runner,
+            capacity,
+            self.queries,
+            observer,
+            pool,
+            inputs=InputHub(upkeep),
             finish_retry_s=finish_retry_s,
         )
         self._admitter = Admitter(
-            db, launcher, capacity, self.queries, lifecycle, observer, self.leases, pool,
-            not_ready=not_ready, upkeep_db=upkeep,
+            db,
+            launcher,
+            capacity,
+            self.queries,
+            lifecycle,
+            observer,
+            self.leases,
+            pool,
+            not_ready=not_ready,
+            upkeep_db=upkeep,
         )
 
     async def start(self, tenant: Tenant, request: RunRequest) -> Admission:
@@ -103,7 +121,11 @@ class SessionManager:
         return await self.stopper.cancel(tenant, session_id)
 
     async def respond(
-        self, tenant: Tenant, session_id: str, request_id: str, kind: InputKind,
+        self,
+        tenant: Tenant,
+        session_id: str,
+        request_id: str,
+        kind: InputKind,
         answer: InputAnswer,
     ) -> tuple[InputRequest, InputAnswer]:
         """The caller's answer to an input request of a running session (any replica)."""

@@ -29,8 +29,14 @@ log = logging.getLogger(__name__)
 class RequestRecorder:
     """Records one running session's model requests (see the module docstring)."""
 
-    def __init__(self, db: async_sessionmaker[DbSession], live: LiveSession,
-                 *, retry_s: float = 0.5, give_up_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        db: async_sessionmaker[DbSession],
+        live: LiveSession,
+        *,
+        retry_s: float = 0.5,
+        give_up_s: float = 60.0,
+    ) -> None:
         self._db = db
         self._live = live
         self._retry_s = retry_s
@@ -47,12 +53,21 @@ class RequestRecorder:
             usage=session.usage.plus(request.usage),
             num_turns=session.num_turns + (1 if completed else 0),
         )
-        self._pending.append(ModelRequestRecord(
-            session_id=session.id, tenant=session.tenant, started_at=request.started_at,
-            ended_at=request.ended_at or utcnow(), model=request.model, outcome=request.outcome,
-            status=request.status, usage=request.usage, cost_usd=usd(request.cost_usd),
-            price_version=request.price_version, upstream_request_id=request.upstream_request_id,
-        ))
+        self._pending.append(
+            ModelRequestRecord(
+                session_id=session.id,
+                tenant=session.tenant,
+                started_at=request.started_at,
+                ended_at=request.ended_at or utcnow(),
+                model=request.model,
+                outcome=request.outcome,
+                status=request.status,
+                usage=request.usage,
+                cost_usd=usd(request.cost_usd),
+                price_version=request.price_version,
+                upstream_request_id=request.upstream_request_id,
+            )
+        )
         if self._writing is None or self._writing.done():
             self._writing = asyncio.create_task(self._write(), name=f"meter-{session.id}")
 
@@ -71,12 +86,19 @@ class RequestRecorder:
                 failing_since = failing_since if failing_since is not None else now
                 if now - failing_since > self._give_up_s:
                     # The session's end still records its totals (and retries on its own).
-                    log.error("recording %d model requests of %s failed for good (%s)",
-                              len(batch) + len(self._pending), progress.id, type(exc).__name__)
+                    log.error(
+                        "recording %d model requests of %s failed for good (%s)",
+                        len(batch) + len(self._pending),
+                        progress.id,
+                        type(exc).__name__,
+                    )
                     self._pending.clear()
                     return
-                log.warning("recording model requests of %s failed (%s); retrying",
-                            progress.id, type(exc).__name__)
+                log.warning(
+                    "recording model requests of %s failed (%s); retrying",
+                    progress.id,
+                    type(exc).__name__,
+                )
                 self._pending = batch + self._pending
                 await asyncio.sleep(self._retry_s)
             else:

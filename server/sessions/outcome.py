@@ -38,7 +38,8 @@ class Outcome:
             usage=self.usage.plus(later.usage),
             sdk_session_id=later.sdk_session_id or self.sdk_session_id,
             result=later.result,
-            sdk_total_usd=later.sdk_total_usd if later.sdk_total_usd is not None
+            sdk_total_usd=later.sdk_total_usd
+            if later.sdk_total_usd is not None
             else self.sdk_total_usd,
             structured=later.structured,
         )

@@ -43,8 +43,7 @@ def decode_token(token: str, flt: SessionFilter) -> tuple[datetime, str]:
         # Tokens carry the UTC time of a session this server listed, never another.
         if created.utcoffset() != timedelta(0) or not is_session_id(session_id):
             raise ValueError(token)
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError,
-            OverflowError):
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError, OverflowError):
         raise InvalidArgument("page_token", "is not a token this server issued") from None
     if digest != _filter_digest(flt):
         raise InvalidArgument("page_token", "was issued for different filters")

@@ -284,8 +284,9 @@ class WarmPool:
             agent = await self._prestart(tenant, spec)
         except Exception as exc:  # noqa: BLE001  # whatever stops a start: try again later
             self._capacity.release_pooled()
-            log.warning("warm_pool_start_failed",
-                        extra={"tenant": tenant.name, "detail": str(exc)[:500]})
+            log.warning(
+                "warm_pool_start_failed", extra={"tenant": tenant.name, "detail": str(exc)[:500]}
+            )
             return False
         except BaseException:
             self._capacity.release_pooled()
@@ -314,10 +315,17 @@ class WarmPool:
         try:
             await self._launcher.folders.prepare(dirs, tenant)
             write_marker(dirs.root / WARM_MARKER)
-            client = ClaudeSDKClient(self._launcher.options(
-                spec, tenant, dirs, meter,
-                resume=None, budget=spec.budget_usd, max_turns=spec.max_turns,
-            ))
+            client = ClaudeSDKClient(
+                self._launcher.options(
+                    spec,
+                    tenant,
+                    dirs,
+                    meter,
+                    resume=None,
+                    budget=spec.budget_usd,
+                    max_turns=spec.max_turns,
+                )
+            )
             await client.connect()
         except BaseException:
             await self._launcher.release(session_id, dirs)

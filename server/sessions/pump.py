@@ -20,8 +20,13 @@ from .translate import TextDeltas, to_events
 
 
 async def pump(
-    client: ClaudeSDKClient, live: LiveSession, *, end_at: float, max_duration_s: float,
-    idle_timeout_s: float, interrupt_grace_s: float,
+    client: ClaudeSDKClient,
+    live: LiveSession,
+    *,
+    end_at: float,
+    max_duration_s: float,
+    idle_timeout_s: float,
+    interrupt_grace_s: float,
 ) -> ResultMessage | None:
     """Publish the client's messages as `live`'s events until the result (None: the
     output ended without one, or the agent did not stop in time after an interrupt).
@@ -45,7 +50,8 @@ async def pump(
                 if live.awaiting_caller:
                     wake_at = min(_now() + idle_timeout_s, end_at)
                 done, _ = await asyncio.wait(
-                    {pull, cancel}, timeout=max(0.0, wake_at - _now()),
+                    {pull, cancel},
+                    timeout=max(0.0, wake_at - _now()),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if not done:
@@ -53,9 +59,10 @@ async def pump(
                     idle = _now() >= max(last, live.input_settled_at) + idle_timeout_s
                     if not ran_out and (live.awaiting_caller or not idle):
                         continue
-                    live.request_cancel(ErrorReason.TIMEOUT, _timeout_message(
-                        idle_timeout_s, max_duration_s, ran_out=ran_out
-                    ))
+                    live.request_cancel(
+                        ErrorReason.TIMEOUT,
+                        _timeout_message(idle_timeout_s, max_duration_s, ran_out=ran_out),
+                    )
                 if pull not in done:
                     interrupt_deadline = _now() + interrupt_grace_s
                     with contextlib.suppress(Exception):
@@ -86,11 +93,14 @@ async def pump(
             if init and (failed := failed_servers(message.data)):
                 # The agent would run on without their tools (or wait on them): the
                 # session ends now, saying which (the init event above shows them too).
-                live.request_cancel(ErrorReason.AGENT_FAILED, (
-                    f"MCP server {', '.join(failed)} did not start or answer in time"
-                    if len(failed) == 1 else
-                    f"MCP servers {', '.join(failed)} did not start or answer in time"
-                ))
+                live.request_cancel(
+                    ErrorReason.AGENT_FAILED,
+                    (
+                        f"MCP server {', '.join(failed)} did not start or answer in time"
+                        if len(failed) == 1
+                        else f"MCP servers {', '.join(failed)} did not start or answer in time"
+                    ),
+                )
             if isinstance(message, ResultMessage):
                 return message
     finally:
@@ -101,8 +111,15 @@ def failed_servers(init: dict[str, Any]) -> list[str]:
     """The MCP servers the CLI's init message reports as failed (or needing an OAuth
     login, which a headless agent cannot do)."""
     servers = init.get("mcp_servers")
-    return [str(s.get("name")) for s in servers if isinstance(s, dict)
-            and s.get("status") in ("failed", "needs-auth")] if isinstance(servers, list) else []
+    return (
+        [
+            str(s.get("name"))
+            for s in servers
+            if isinstance(s, dict) and s.get("status") in ("failed", "needs-auth")
+        ]
+        if isinstance(servers, list)
+        else []
+    )
 
 
 def _now() -> float:

@@ -148,6 +148,4 @@ async def _with_awaiting(db: DbSession, sessions: list[Session]) -> list[Session
     """`sessions` with what the running ones wait for from their callers."""
     running = [s.id for s in sessions if s.state is SessionState.RUNNING]
     waiting = await inputs.pending(db, running)
-    return [
-        s.evolve(awaiting=tuple(waiting[s.id])) if s.id in waiting else s for s in sessions
-    ]
+    return [s.evolve(awaiting=tuple(waiting[s.id])) if s.id in waiting else s for s in sessions]

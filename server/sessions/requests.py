@@ -127,8 +127,12 @@ class SessionSpec:
     @property
     def knobs(self) -> tuple[bool, str, int, str]:
         """What the CLI's start depends on besides tools, model and limits."""
-        return (self.include_partial_messages, self.effort, self.max_thinking_tokens,
-                self.fallback_model)
+        return (
+            self.include_partial_messages,
+            self.effort,
+            self.max_thinking_tokens,
+            self.fallback_model,
+        )
 
     def fingerprint(self) -> str:
         """A hash of the request body, to tell a true repeat of a request_id from a reuse."""
@@ -140,17 +144,40 @@ class SessionSpec:
             "model": self.model,
             "labels": self.labels,
             "resume": self.resume_session_id,
-            **({"caller": [
-                [[t.name, t.description, t.input_schema_json] for t in self.caller_tools],
-                list(self.require_approval), self.answer_timeout_s,
-            ]} if self.in_the_loop else {}),
+            **(
+                {
+                    "caller": [
+                        [[t.name, t.description, t.input_schema_json] for t in self.caller_tools],
+                        list(self.require_approval),
+                        self.answer_timeout_s,
+                    ]
+                }
+                if self.in_the_loop
+                else {}
+            ),
             **({"output_schema": self.output_schema_json} if self.output_schema_json else {}),
-            **({"files": [
-                [f.path, hashlib.sha256(f.content).hexdigest()] for f in self.input_files
-            ]} if self.input_files else {}),
+            **(
+                {
+                    "files": [
+                        [f.path, hashlib.sha256(f.content).hexdigest()] for f in self.input_files
+                    ]
+                }
+                if self.input_files
+                else {}
+            ),
             # Only when set, so that earlier requests keep their fingerprints.
-            **({"knobs": [self.include_partial_messages, self.effort, self.max_thinking_tokens,
-                          self.fallback_model]} if self.knobs != _NO_KNOBS else {}),
+            **(
+                {
+                    "knobs": [
+                        self.include_partial_messages,
+                        self.effort,
+                        self.max_thinking_tokens,
+                        self.fallback_model,
+                    ]
+                }
+                if self.knobs != _NO_KNOBS
+                else {}
+            ),
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -162,8 +189,9 @@ def _effort(raw: str, tenant: Tenant) -> str:
     effort = raw.strip()
     if effort and effort not in tenant.allowed_efforts:
         allowed = ", ".join(tenant.allowed_efforts) or "none: the model's default only"
-        raise InvalidArgument("effort", f"{quote(raw)} is not among the tenant's efforts "
-                              f"({allowed})")
+        raise InvalidArgument(
+            "effort", f"{quote(raw)} is not among the tenant's efforts ({allowed})"
+        )
     return effort
 
 
@@ -174,8 +202,9 @@ def _thinking(raw: int, tenant: Tenant) -> int:
         raise InvalidArgument("max_thinking_tokens", "the tenant allows no thinking budget")
     if not MIN_THINKING_TOKENS <= raw <= tenant.max_thinking_tokens:
         raise InvalidArgument(
-            "max_thinking_tokens", f"must be between {MIN_THINKING_TOKENS} and the tenant's "
-            f"maximum {tenant.max_thinking_tokens}, not {raw}"
+            "max_thinking_tokens",
+            f"must be between {MIN_THINKING_TOKENS} and the tenant's "
+            f"maximum {tenant.max_thinking_tokens}, not {raw}",
         )
     return raw
 
@@ -187,8 +216,9 @@ def _fallback(raw: str, model: str, tenant: Tenant) -> str:
         return ""
     if fallback not in tenant.fallback_models:
         allowed = ", ".join(tenant.fallback_models) or "none"
-        raise InvalidArgument("fallback_model", f"{quote(raw)} is not among the tenant's "
-                              f"fallback models ({allowed})")
+        raise InvalidArgument(
+            "fallback_model", f"{quote(raw)} is not among the tenant's fallback models ({allowed})"
+        )
     if fallback == model:
         raise InvalidArgument("fallback_model", "must differ from model")
     return fallback
@@ -249,17 +279,26 @@ def _caller_tools(raw: tuple[CallerTool, ...], tools: tuple[str, ...]) -> tuple[
     for i, tool in enumerate(raw):
         where = f"tools[{i}]"
         if not _TOOL_NAME.fullmatch(tool.name):
-            raise InvalidArgument(f"{where}.name", f"{quote(tool.name)}: names are 1-64 "
-                                  "characters of [A-Za-z0-9_-]")
+            raise InvalidArgument(
+                f"{where}.name", f"{quote(tool.name)}: names are 1-64 characters of [A-Za-z0-9_-]"
+            )
         if tool.name in seen or tool.name in tools:
             raise InvalidArgument(f"{where}.name", f"{tool.name} is taken by another tool")
         seen.add(tool.name)
         if len(tool.description) > MAX_TOOL_DESCRIPTION_CHARS:
-            raise InvalidArgument(f"{where}.description", f"{tool.name}: at most "
-                                  f"{MAX_TOOL_DESCRIPTION_CHARS} characters")
+            raise InvalidArgument(
+                f"{where}.description",
+                f"{tool.name}: at most {MAX_TOOL_DESCRIPTION_CHARS} characters",
+            )
         no_nul(f"{where}.description", tool.description)
-        checked.append(CallerTool(tool.name, tool.description, tool.input_schema_json,
-                                  _schema(f"{where}.input_schema_json", tool)))
+        checked.append(
+            CallerTool(
+                tool.name,
+                tool.description,
+                tool.input_schema_json,
+                _schema(f"{where}.input_schema_json", tool),
+            )
+        )
     return tuple(checked)
 
 
@@ -280,8 +319,7 @@ def json_schema(where: str, text: str, prefix: str = "") -> dict[str, Any]:
     except ValueError as exc:
         raise InvalidArgument(where, f"{prefix}not JSON ({exc})") from None
     if not isinstance(schema, dict) or schema.get("type") != "object":
-        raise InvalidArgument(where, f'{prefix}the schema must be an object with "type": '
-                              '"object"')
+        raise InvalidArgument(where, f'{prefix}the schema must be an object with "type": "object"')
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -296,36 +334,51 @@ def _input_files(raw: tuple[InputFile, ...], tenant: Tenant) -> tuple[InputFile,
     a symlink of its workspace template (which is copied into the workspace first)."""
     limits = tenant.files
     if len(raw) > limits.max_input_files:
-        raise InvalidArgument("input_files", f"at most {limits.max_input_files} files, "
-                              f"not {len(raw)}")
+        raise InvalidArgument(
+            "input_files", f"at most {limits.max_input_files} files, not {len(raw)}"
+        )
     total = sum(len(f.content) for f in raw)
     if total > limits.max_input_total_bytes:
-        raise InvalidArgument("input_files", f"{total} bytes in all, above the tenant's "
-                              f"{limits.max_input_total_bytes >> 20} MiB")
+        raise InvalidArgument(
+            "input_files",
+            f"{total} bytes in all, above the tenant's {limits.max_input_total_bytes >> 20} MiB",
+        )
     seen: set[str] = set()
     folders: set[str] = set()
     for i, file in enumerate(raw):
         where = f"input_files[{i}].path"
         parts = file.path.split("/")
-        if (not file.path or len(file.path) > 1024 or "\0" in file.path
-                or any(part in ("", ".", "..") for part in parts)):
-            raise InvalidArgument(where, f"{quote(file.path)}: a relative path of names "
-                                  "(no leading /, no empty, . or .. parts)")
+        if (
+            not file.path
+            or len(file.path) > 1024
+            or "\0" in file.path
+            or any(part in ("", ".", "..") for part in parts)
+        ):
+            raise InvalidArgument(
+                where,
+                f"{quote(file.path)}: a relative path of names "
+                "(no leading /, no empty, . or .. parts)",
+            )
         if len(file.content) > limits.max_input_file_bytes:
-            raise InvalidArgument(where, f"{quote(file.path)}: {len(file.content)} bytes, above "
-                                  f"the tenant's {limits.max_input_file_bytes >> 20} MiB")
+            raise InvalidArgument(
+                where,
+                f"{quote(file.path)}: {len(file.content)} bytes, above "
+                f"the tenant's {limits.max_input_file_bytes >> 20} MiB",
+            )
         prefixes = {"/".join(parts[:n]) for n in range(1, len(parts))}
         if file.path in seen or file.path in folders or prefixes & seen:
-            raise InvalidArgument(where, f"{quote(file.path)} is given twice (or as a file "
-                                  "and a folder)")
+            raise InvalidArgument(
+                where, f"{quote(file.path)} is given twice (or as a file and a folder)"
+            )
         seen.add(file.path)
         folders |= prefixes
         template = tenant.workspace_template
         if template is not None and any(
             (template / "/".join(parts[:n])).is_symlink() for n in range(1, len(parts) + 1)
         ):
-            raise InvalidArgument(where, f"{quote(file.path)} passes through a symlink of the "
-                                  "workspace template")
+            raise InvalidArgument(
+                where, f"{quote(file.path)} passes through a symlink of the workspace template"
+            )
     return raw
 
 
@@ -350,8 +403,9 @@ def _answer_timeout(raw: float, tenant: Tenant) -> float:
         return tenant.answer_timeout_s
     if not 0 < raw <= tenant.max_answer_timeout_s:
         raise InvalidArgument(
-            "answer_timeout", f"must be between 0 and the tenant's maximum of "
-            f"{tenant.max_answer_timeout_s:g} s, not {raw:g} s"
+            "answer_timeout",
+            f"must be between 0 and the tenant's maximum of "
+            f"{tenant.max_answer_timeout_s:g} s, not {raw:g} s",
         )
     return raw
 
@@ -407,7 +461,8 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
         output_schema_json=request.output_schema_json.strip(),
         output_schema=(
             json_schema("output_schema_json", request.output_schema_json)
-            if request.output_schema_json.strip() else None
+            if request.output_schema_json.strip()
+            else None
         ),
         input_files=_input_files(request.input_files, tenant),
         model=model,

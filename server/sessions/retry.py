@@ -27,4 +27,6 @@ class RetryPolicy:
 
 def transient_api_failure(reason: ErrorReason | None, status: int | None) -> bool:
     """A model API failure that another attempt may get past (never a 4xx but 408/429)."""
-    return reason is ErrorReason.MODEL_API_ERROR and (status is None or status in TRANSIENT_STATUSES)
+    return reason is ErrorReason.MODEL_API_ERROR and (
+        status is None or status in TRANSIENT_STATUSES
+    )

@@ -97,7 +97,10 @@ class AgentRunner:
         self._launcher = launcher
 
     async def run(
-        self, live: LiveSession, spec: SessionSpec, tenant: Tenant,
+        self,
+        live: LiveSession,
+        spec: SessionSpec,
+        tenant: Tenant,
         warm: WarmAgent | None = None,
         on_model_request: Callable[[MeteredRequest], None] | None = None,
         waiter: InputWaiter | None = None,
@@ -123,9 +126,17 @@ class AgentRunner:
         else:
             meter = self._launcher.open_meter(live.id, tenant, spec.budget_usd, spec)
         meter.on_request = on_model_request
-        run = AgentRun(live, spec, tenant, dirs, meter, _now() + spec.max_duration_s, warm,
-                       breach=lambda: self._launcher.breach(dirs, tenant),
-                       caller=CallerLoop(spec, waiter, str(dirs.cwd)) if waiter else None)
+        run = AgentRun(
+            live,
+            spec,
+            tenant,
+            dirs,
+            meter,
+            _now() + spec.max_duration_s,
+            warm,
+            breach=lambda: self._launcher.breach(dirs, tenant),
+            caller=CallerLoop(spec, waiter, str(dirs.cwd)) if waiter else None,
+        )
         watch: asyncio.Task[None] | None = None
         try:
             if warm is None:
@@ -155,7 +166,8 @@ class AgentRunner:
             )
             if meter.exhausted and outcome.verdict.state is not SessionState.COMPLETE:
                 outcome.verdict = Verdict(
-                    SessionState.ERROR, ErrorReason.BUDGET_EXCEEDED,
+                    SessionState.ERROR,
+                    ErrorReason.BUDGET_EXCEEDED,
                     f"the session's budget of {spec.budget_usd} USD was used up",
                 )
             # A limit hit ends the session ERROR even if the agent answered meanwhile.
@@ -192,21 +204,32 @@ class AgentRunner:
                 return total
             if run.meter.exhausted or run.meter.spent_usd >= run.spec.budget_usd:
                 total.verdict = Verdict(
-                    SessionState.ERROR, ErrorReason.BUDGET_EXCEEDED,
+                    SessionState.ERROR,
+                    ErrorReason.BUDGET_EXCEEDED,
                     f"the session's budget was used up before a retry ({total.verdict.message})",
                 )
                 return total
             attempt += 1
             delay = policy.delay_s(attempt)
-            live.emit(EventKind.RETRYING, {
-                "attempt": attempt, "delay_ms": int(delay * 1000), "reason": total.verdict.message,
-            })
-            log.warning("retry", extra={
-                "session_id": live.id, "tenant": run.tenant.name, "attempt": attempt,
-                "delay_s": round(delay, 3),
-                "reason": total.verdict.reason.value if total.verdict.reason else None,
-                "detail": total.verdict.message[:500],
-            })
+            live.emit(
+                EventKind.RETRYING,
+                {
+                    "attempt": attempt,
+                    "delay_ms": int(delay * 1000),
+                    "reason": total.verdict.message,
+                },
+            )
+            log.warning(
+                "retry",
+                extra={
+                    "session_id": live.id,
+                    "tenant": run.tenant.name,
+                    "attempt": attempt,
+                    "delay_s": round(delay, 3),
+                    "reason": total.verdict.reason.value if total.verdict.reason else None,
+                    "detail": total.verdict.message[:500],
+                },
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(live.cancel_requested.wait(), delay)
             if live.cancel_requested.is_set():
@@ -226,17 +249,27 @@ class AgentRunner:
             else:
                 if run.starts:  # an agent ran in this folder before: seal it again
                     await self._launcher.reseal(run.dirs, run.tenant)
-                connected = ClaudeSDKClient(self._launcher.options(
-                    spec, run.tenant, run.dirs, run.meter, resume=resume,
-                    budget=run.meter.remaining_usd,
-                    max_turns=max(1, spec.max_turns - before.num_turns), caller=run.caller,
-                ))
+                connected = ClaudeSDKClient(
+                    self._launcher.options(
+                        spec,
+                        run.tenant,
+                        run.dirs,
+                        run.meter,
+                        resume=resume,
+                        budget=run.meter.remaining_usd,
+                        max_turns=max(1, spec.max_turns - before.num_turns),
+                        caller=run.caller,
+                    )
+                )
             run.starts += 1
             async with connected as client:
                 retrying = resume is not None and resume == before.sdk_session_id
                 await client.query(RESUME_PROMPT if retrying else spec.prompt)
                 result = await pump(
-                    client, live, end_at=run.end_at, max_duration_s=spec.max_duration_s,
+                    client,
+                    live,
+                    end_at=run.end_at,
+                    max_duration_s=spec.max_duration_s,
                     idle_timeout_s=self.config.idle_timeout_s,
                     interrupt_grace_s=self.config.interrupt_grace_s,
                 )
@@ -264,7 +297,6 @@ class AgentRunner:
         except ClaudeSDKError as exc:
             return Outcome.failed(f"the agent failed: {exc}"), False
 
-
     @staticmethod
     def _bring_in(spec: SessionSpec, tenant: Tenant, dirs: SessionDirs) -> dict[str, Stamp]:
         """Write the request's input files; what the workspace holds before the agent runs."""
@@ -275,16 +307,21 @@ class AgentRunner:
 def check_structured(value: Any, schema: dict[str, Any]) -> Verdict:
     """COMPLETE if the structured result matches `schema`, else ERROR/INVALID_OUTPUT."""
     if value is None:
-        return Verdict(SessionState.ERROR, ErrorReason.INVALID_OUTPUT,
-                       "the agent returned no structured result")
+        return Verdict(
+            SessionState.ERROR,
+            ErrorReason.INVALID_OUTPUT,
+            "the agent returned no structured result",
+        )
     error = jsonschema.exceptions.best_match(
         jsonschema.validators.validator_for(schema)(schema).iter_errors(value)
     )
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(the result)"
-        return Verdict(SessionState.ERROR, ErrorReason.INVALID_OUTPUT,
-                       f"the structured result does not match the schema at {where}: "
-                       f"{error.message[:500]}")
+        return Verdict(
+            SessionState.ERROR,
+            ErrorReason.INVALID_OUTPUT,
+            f"the structured result does not match the schema at {where}: {error.message[:500]}",
+        )
     return Verdict(SessionState.COMPLETE)
 
 

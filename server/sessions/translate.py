@@ -29,8 +29,12 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = [c.get("text", "") if isinstance(c, dict) and c.get("type") == "text" else
-                 json.dumps(c, default=str) for c in content]
+        parts = [
+            c.get("text", "")
+            if isinstance(c, dict) and c.get("type") == "text"
+            else json.dumps(c, default=str)
+            for c in content
+        ]
         return "\n".join(parts)
     return json.dumps(content, default=str)
 
@@ -38,6 +42,7 @@ def _text_of(content: Any) -> str:
 def _without_paths(value: Any) -> Any:
     """`value` without the server's file paths (absolute ones: the session's folder, the
     CLI's socket, memory files), which callers have no use for and should not see."""
+
     def is_path(v: Any) -> bool:
         return isinstance(v, str) and v.startswith("/")
 
@@ -62,7 +67,9 @@ def to_events(message: Any) -> list[EventData]:
         events: list[EventData] = []
         for block in message.content:
             if isinstance(block, TextBlock):
-                events.append((EventKind.ASSISTANT_TEXT, {"text": block.text, "model": message.model}))
+                events.append(
+                    (EventKind.ASSISTANT_TEXT, {"text": block.text, "model": message.model})
+                )
             elif isinstance(block, ThinkingBlock):
                 events.append((EventKind.THINKING, {"text": block.thinking}))
             elif isinstance(block, ToolUseBlock):
@@ -79,8 +86,15 @@ def to_events(message: Any) -> list[EventData]:
             elif isinstance(block, ToolResultBlock):
                 events.append(_tool_result(block))
         if message.error:
-            events.append((EventKind.SYSTEM, {"subtype": "assistant_error",
-                                              "data_json": json.dumps({"error": message.error})}))
+            events.append(
+                (
+                    EventKind.SYSTEM,
+                    {
+                        "subtype": "assistant_error",
+                        "data_json": json.dumps({"error": message.error}),
+                    },
+                )
+            )
         return events
     if isinstance(message, UserMessage):
         if isinstance(message.content, list):
@@ -88,14 +102,22 @@ def to_events(message: Any) -> list[EventData]:
         return []
     if isinstance(message, SystemMessage):
         data = _without_paths(message.data) if message.subtype == "init" else message.data
-        return [(EventKind.SYSTEM, {"subtype": message.subtype,
-                                    "data_json": json.dumps(data, default=str)})]
+        return [
+            (
+                EventKind.SYSTEM,
+                {"subtype": message.subtype, "data_json": json.dumps(data, default=str)},
+            )
+        ]
     if isinstance(message, ResultMessage | StreamEvent):  # StreamEvent: see TextDeltas
         return []
     # Newer SDK message types (rate-limit notices, task events, ...) still become events.
     data = getattr(message, "__dict__", {"value": repr(message)})
-    return [(EventKind.SYSTEM, {"subtype": type(message).__name__,
-                                "data_json": json.dumps(data, default=str)})]
+    return [
+        (
+            EventKind.SYSTEM,
+            {"subtype": type(message).__name__, "data_json": json.dumps(data, default=str)},
+        )
+    ]
 
 
 class TextDeltas:
@@ -118,8 +140,11 @@ class TextDeltas:
             return None
         if delta.get("type") != "text_delta" or not delta.get("text"):
             return None
-        return {"text": str(delta["text"]), "index": int(event.get("index") or 0),
-                "message_id": self._message.get(message.parent_tool_use_id, "")}
+        return {
+            "text": str(delta["text"]),
+            "index": int(event.get("index") or 0),
+            "message_id": self._message.get(message.parent_tool_use_id, ""),
+        }
 
 
 @dataclass(frozen=True)
@@ -146,15 +171,26 @@ def verdict(result: ResultMessage) -> Verdict:
     detail = "; ".join(result.errors or []) or (result.result or "")
     terminal = result.terminal_reason or ""
     if result.subtype == "error_max_turns" or terminal == "max_turns":
-        return Verdict(SessionState.ERROR, ErrorReason.MAX_TURNS,
-                       f"the agent reached its limit of turns ({result.num_turns} taken)")
+        return Verdict(
+            SessionState.ERROR,
+            ErrorReason.MAX_TURNS,
+            f"the agent reached its limit of turns ({result.num_turns} taken)",
+        )
     if result.subtype == "error_max_budget_usd" or terminal == "budget_exhausted":
-        return Verdict(SessionState.ERROR, ErrorReason.BUDGET_EXCEEDED,
-                       "the session's budget was used up")
+        return Verdict(
+            SessionState.ERROR, ErrorReason.BUDGET_EXCEEDED, "the session's budget was used up"
+        )
     if result.api_error_status or terminal == "api_error":
         status = f"HTTP {result.api_error_status}" if result.api_error_status else "an error"
-        return Verdict(SessionState.ERROR, ErrorReason.MODEL_API_ERROR,
-                       f"the model API answered {status} after the agent's retries: {detail}"[:2000])
-    return Verdict(SessionState.ERROR, ErrorReason.AGENT_FAILED,
-                   f"the agent ended with {result.subtype}"
-                   + (f" ({terminal})" if terminal else "") + (f": {detail}" if detail else ""))
+        return Verdict(
+            SessionState.ERROR,
+            ErrorReason.MODEL_API_ERROR,
+            f"the model API answered {status} after the agent's retries: {detail}"[:2000],
+        )
+    return Verdict(
+        SessionState.ERROR,
+        ErrorReason.AGENT_FAILED,
+        f"the agent ended with {result.subtype}"
+        + (f" ({terminal})" if terminal else "")
+        + (f": {detail}" if detail else ""),
+    )

@@ -20,9 +20,7 @@ from .requests import InputFile
 Stamp = tuple[int, int, int]
 
 
-def write_input_files(
-    cwd: Path, files: Sequence[InputFile], owner: tuple[int, int] | None
-) -> None:
+def write_input_files(cwd: Path, files: Sequence[InputFile], owner: tuple[int, int] | None) -> None:
     """Write each file below `cwd`, making its folders; OSError if a path component is a
     symlink or not a folder (requests.py refuses those of the template at admission)."""
     for file in files:
@@ -39,8 +37,9 @@ def write_input_files(
                 inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
                 os.close(fd)
                 fd = inner
-            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600,
-                          dir_fd=fd)
+            out = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=fd
+            )
             with os.fdopen(out, "wb") as written:
                 written.write(file.content)
                 if owner is not None:
@@ -69,10 +68,14 @@ def collect_artifacts(cwd: Path, before: dict[str, Stamp], limits: FileLimits) -
         if kept >= limits.max_artifacts:
             reason = f"more than the tenant's max_artifacts ({limits.max_artifacts})"
         elif st.st_size > limits.max_artifact_bytes:
-            reason = f"larger than the tenant's max_artifact_mib ({limits.max_artifact_bytes >> 20})"
+            reason = (
+                f"larger than the tenant's max_artifact_mib ({limits.max_artifact_bytes >> 20})"
+            )
         elif total + st.st_size > limits.max_artifacts_total_bytes:
-            reason = ("over the tenant's max_artifacts_total_mib "
-                      f"({limits.max_artifacts_total_bytes >> 20})")
+            reason = (
+                "over the tenant's max_artifacts_total_mib "
+                f"({limits.max_artifacts_total_bytes >> 20})"
+            )
         if reason:
             found.append(Artifact(path, st.st_size, omitted_reason=reason))
             continue

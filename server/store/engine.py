@@ -49,7 +49,10 @@ UPKEEP_POOL = (4, 4)
 
 
 def create_engine(
-    url: str, *, statement_timeout_s: float = 10.0, pool_timeout_s: float = 5.0,
+    url: str,
+    *,
+    statement_timeout_s: float = 10.0,
+    pool_timeout_s: float = 5.0,
     pool: tuple[int, int] = POOL,
 ) -> AsyncEngine:
     """An async engine whose callers wait at most `pool_timeout_s` for a connection;
@@ -59,9 +62,7 @@ def create_engine(
     url = async_url(url)
     if is_sqlite(url):
         private_sqlite_files(make_url(url).database)
-        engine = create_async_engine(
-            url, connect_args={"timeout": 30}, pool_timeout=pool_timeout_s
-        )
+        engine = create_async_engine(url, connect_args={"timeout": 30}, pool_timeout=pool_timeout_s)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
@@ -77,8 +78,12 @@ def create_engine(
     # a connection from everyone else for long.
     options = f"-c statement_timeout={round(statement_timeout_s * 1000)}"
     return create_async_engine(
-        url, pool_size=pool[0], max_overflow=pool[1], pool_timeout=pool_timeout_s,
-        pool_pre_ping=True, connect_args={"options": options},
+        url,
+        pool_size=pool[0],
+        max_overflow=pool[1],
+        pool_timeout=pool_timeout_s,
+        pool_pre_ping=True,
+        connect_args={"options": options},
     )
 
 

@@ -30,9 +30,14 @@ class StoredInput:
 
 def _request(row: SessionInputRow) -> InputRequest:
     return InputRequest(
-        id=row.id, session_id=row.session_id, kind=InputKind(row.kind),
-        tool_name=row.tool_name, tool_use_id=row.tool_use_id, input=dict(row.input),
-        created_at=row.created_at, deadline=row.deadline,
+        id=row.id,
+        session_id=row.session_id,
+        kind=InputKind(row.kind),
+        tool_name=row.tool_name,
+        tool_use_id=row.tool_use_id,
+        input=dict(row.input),
+        created_at=row.created_at,
+        deadline=row.deadline,
     )
 
 
@@ -40,25 +45,38 @@ def _stored(row: SessionInputRow) -> StoredInput:
     answer = None
     if row.resolved_at is not None:
         answer = InputAnswer(
-            Decider(row.decided_by or Decider.SESSION_END.value), row.outcome or "",
-            row.message or "", dict(row.answer or {}),
+            Decider(row.decided_by or Decider.SESSION_END.value),
+            row.outcome or "",
+            row.message or "",
+            dict(row.answer or {}),
         )
     return StoredInput(_request(row), answer, row.resolved_at)
 
 
 async def insert_request(db: DbSession, request: InputRequest) -> None:
-    await db.execute(insert(table(SessionInputRow)), [{
-        "id": request.id, "session_id": request.session_id, "kind": request.kind.value,
-        "tool_name": request.tool_name, "tool_use_id": request.tool_use_id,
-        "input": request.input, "created_at": request.created_at,
-        "deadline": request.deadline,
-    }])
+    await db.execute(
+        insert(table(SessionInputRow)),
+        [
+            {
+                "id": request.id,
+                "session_id": request.session_id,
+                "kind": request.kind.value,
+                "tool_name": request.tool_name,
+                "tool_use_id": request.tool_use_id,
+                "input": request.input,
+                "created_at": request.created_at,
+                "deadline": request.deadline,
+            }
+        ],
+    )
 
 
 async def get_input(db: DbSession, session_id: str, request_id: str) -> StoredInput | None:
-    row = await db.scalar(select(SessionInputRow).where(
-        SessionInputRow.id == request_id, SessionInputRow.session_id == session_id
-    ))
+    row = await db.scalar(
+        select(SessionInputRow).where(
+            SessionInputRow.id == request_id, SessionInputRow.session_id == session_id
+        )
+    )
     return _stored(row) if row is not None else None
 
 
@@ -72,10 +90,15 @@ async def settle(
     )
     if answer.decided_by is Decider.CALLER:
         query = query.where(SessionInputRow.deadline > at)
-    result = await db.execute(query.values(
-        resolved_at=at, decided_by=answer.decided_by.value, outcome=answer.outcome,
-        message=answer.message, answer=answer.value,
-    ))
+    result = await db.execute(
+        query.values(
+            resolved_at=at,
+            decided_by=answer.decided_by.value,
+            outcome=answer.outcome,
+            message=answer.message,
+            answer=answer.value,
+        )
+    )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
     await notify(db, INPUTS_CHANNEL, f"{request.session_id} {request.id}")
@@ -102,6 +125,11 @@ async def settle_all(db: DbSession, session_id: str, *, at: datetime, message: s
     await db.execute(
         update(SessionInputRow)
         .where(SessionInputRow.session_id == session_id, SessionInputRow.resolved_at.is_(None))
-        .values(resolved_at=at, decided_by=Decider.SESSION_END.value, outcome="ended",
-                message=message, answer={})
+        .values(
+            resolved_at=at,
+            decided_by=Decider.SESSION_END.value,
+            outcome="ended",
+            message=message,
+            answer={},
+        )
     )

@@ -51,10 +51,16 @@ async def reserve(
     await _ensure_window(db, tenant, day, limit)
     # The hold is written before the window's UPDATE, which locks the row until commit:
     # the caller's transaction is rolled back when the window cannot cover it.
-    await db.execute(insert(table(ReservationRow)).values(
-        session_id=session_id, tenant=tenant, day=day, amount_usd=amount, status=HELD,
-        created_at=now,
-    ))
+    await db.execute(
+        insert(table(ReservationRow)).values(
+            session_id=session_id,
+            tenant=tenant,
+            day=day,
+            amount_usd=amount,
+            status=HELD,
+            created_at=now,
+        )
+    )
     w = BudgetWindowRow
     result = await db.execute(
         update(table(w))
@@ -110,7 +116,9 @@ async def window_totals(conn: AsyncConnection, tenant: str, day: str) -> tuple[D
     """(spent, reserved) of a window, zero if none; on a bare connection (no ORM session),
     the cheapest read there is, for GetBudget."""
     w = table(BudgetWindowRow)
-    row = (await conn.execute(
-        select(w.c.spent_usd, w.c.reserved_usd).where(w.c.tenant == tenant, w.c.day == day)
-    )).first()
+    row = (
+        await conn.execute(
+            select(w.c.spent_usd, w.c.reserved_usd).where(w.c.tenant == tenant, w.c.day == day)
+        )
+    ).first()
     return (row.spent_usd, row.reserved_usd) if row else (Decimal(0), Decimal(0))

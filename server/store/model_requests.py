@@ -34,33 +34,55 @@ class ModelRequestRecord:
 async def insert_records(db: DbSession, records: Sequence[ModelRequestRecord]) -> None:
     if not records:
         return
-    await db.execute(insert(ModelRequestRow), [
-        {
-            "session_id": r.session_id, "tenant": r.tenant, "started_at": r.started_at,
-            "ended_at": r.ended_at, "model": r.model[:128], "outcome": r.outcome[:32],
-            "status": r.status, "input_tokens": r.usage.input_tokens,
-            "output_tokens": r.usage.output_tokens,
-            "cache_creation_input_tokens": r.usage.cache_creation_input_tokens,
-            "cache_read_input_tokens": r.usage.cache_read_input_tokens,
-            "cost_usd": r.cost_usd, "price_version": r.price_version[:32],
-            "upstream_request_id": r.upstream_request_id[:128],
-        }
-        for r in records
-    ])
+    await db.execute(
+        insert(ModelRequestRow),
+        [
+            {
+                "session_id": r.session_id,
+                "tenant": r.tenant,
+                "started_at": r.started_at,
+                "ended_at": r.ended_at,
+                "model": r.model[:128],
+                "outcome": r.outcome[:32],
+                "status": r.status,
+                "input_tokens": r.usage.input_tokens,
+                "output_tokens": r.usage.output_tokens,
+                "cache_creation_input_tokens": r.usage.cache_creation_input_tokens,
+                "cache_read_input_tokens": r.usage.cache_read_input_tokens,
+                "cost_usd": r.cost_usd,
+                "price_version": r.price_version[:32],
+                "upstream_request_id": r.upstream_request_id[:128],
+            }
+            for r in records
+        ],
+    )
 
 
 async def session_records(db: DbSession, session_id: str) -> list[ModelRequestRecord]:
     """A session's recorded requests, in the order they settled."""
     rows = await db.scalars(
-        select(ModelRequestRow).where(ModelRequestRow.session_id == session_id)
+        select(ModelRequestRow)
+        .where(ModelRequestRow.session_id == session_id)
         .order_by(ModelRequestRow.id)
     )
     return [
         ModelRequestRecord(
-            r.session_id, r.tenant, r.started_at, r.ended_at, r.model, r.outcome, r.status,
-            TokenUsage(r.input_tokens, r.output_tokens, r.cache_creation_input_tokens,
-                       r.cache_read_input_tokens),
-            r.cost_usd, r.price_version, r.upstream_request_id,
+            r.session_id,
+            r.tenant,
+            r.started_at,
+            r.ended_at,
+            r.model,
+            r.outcome,
+            r.status,
+            TokenUsage(
+                r.input_tokens,
+                r.output_tokens,
+                r.cache_creation_input_tokens,
+                r.cache_read_input_tokens,
+            ),
+            r.cost_usd,
+            r.price_version,
+            r.upstream_request_id,
         )
         for r in rows
     ]

@@ -129,8 +129,9 @@ class ModelRequestRow(Base):
         Index("ix_model_requests_tenant_time", "tenant", "ended_at"),
     )
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-                                    autoincrement=True)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
     session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
     tenant: Mapped[str] = mapped_column(String(63))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -74,8 +74,9 @@ async def notify(db: DbSession, channel: str, payload: str) -> None:
     """Tell `channel` `payload` at the commit of `db`'s transaction."""
     db.sync_session.info.setdefault(_PENDING, []).append((channel, payload))
     if db.get_bind().dialect.name == "postgresql":
-        await db.execute(text("SELECT pg_notify(:channel, :payload)"),
-                         {"channel": channel, "payload": payload})
+        await db.execute(
+            text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload}
+        )
 
 
 def committed(info: dict[str, object]) -> None:

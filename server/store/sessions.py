@@ -94,30 +94,36 @@ async def insert_session(
     lease_until: datetime | None = None,
 ) -> None:
     # Core statements, not the ORM's unit of work: they cost a fraction of its CPU.
-    await db.execute(insert(table(SessionRow)), [{
-        "id": session.id,
-        "tenant": session.tenant,
-        "created_at": session.create_time,
-        "request_id": session.request_id or None,
-        "request_hash": request_hash,
-        "model": session.model,
-        "allowed_tools": list(session.allowed_tools),
-        "labels": dict(session.labels),
-        "max_budget_usd": session.max_budget_usd,
-        "max_turns": session.max_turns,
-        "budget_day": budget_day,
-        "resumed_from": session.resumed_from or None,
-        "caller_tools": list(session.caller_tools) or None,
-        "require_approval": list(session.require_approval) or None,
-        "output_schema": session.output_schema or None,
-        "owner": owner,
-        "lease_expires_at": lease_until,
-        **_outcome_columns(session),
-    }])
+    await db.execute(
+        insert(table(SessionRow)),
+        [
+            {
+                "id": session.id,
+                "tenant": session.tenant,
+                "created_at": session.create_time,
+                "request_id": session.request_id or None,
+                "request_hash": request_hash,
+                "model": session.model,
+                "allowed_tools": list(session.allowed_tools),
+                "labels": dict(session.labels),
+                "max_budget_usd": session.max_budget_usd,
+                "max_turns": session.max_turns,
+                "budget_day": budget_day,
+                "resumed_from": session.resumed_from or None,
+                "caller_tools": list(session.caller_tools) or None,
+                "require_approval": list(session.require_approval) or None,
+                "output_schema": session.output_schema or None,
+                "owner": owner,
+                "lease_expires_at": lease_until,
+                **_outcome_columns(session),
+            }
+        ],
+    )
     if session.labels:
-        await db.execute(insert(table(SessionLabelRow)), [
-            {"session_id": session.id, "key": k, "value": v} for k, v in session.labels.items()
-        ])
+        await db.execute(
+            insert(table(SessionLabelRow)),
+            [{"session_id": session.id, "key": k, "value": v} for k, v in session.labels.items()],
+        )
 
 
 async def get_session(db: DbSession, tenant: str, session_id: str) -> Session | None:
@@ -146,7 +152,10 @@ async def find_by_request_id(
 
 
 async def save_progress(
-    db: DbSession, session: Session, *, expect: SessionState,
+    db: DbSession,
+    session: Session,
+    *,
+    expect: SessionState,
     lease_expired_by: datetime | None = None,
 ) -> bool:
     """Write a session's state and outcome if it is still in state `expect` (and, with
@@ -158,8 +167,12 @@ async def save_progress(
     """
     guard = [SessionRow.id == session.id, SessionRow.state == expect.value]
     if lease_expired_by is not None:
-        guard.append(or_(SessionRow.lease_expires_at.is_(None),
-                         SessionRow.lease_expires_at < lease_expired_by))
+        guard.append(
+            or_(
+                SessionRow.lease_expires_at.is_(None),
+                SessionRow.lease_expires_at < lease_expired_by,
+            )
+        )
     result = await db.execute(
         update(table(SessionRow)).where(*guard).values(**_outcome_columns(session))
     )
@@ -273,9 +286,11 @@ async def list_sessions(
             )
         )
     if flt.awaiting:
-        query = query.where(exists().where(
-            SessionInputRow.session_id == SessionRow.id, SessionInputRow.resolved_at.is_(None)
-        ))
+        query = query.where(
+            exists().where(
+                SessionInputRow.session_id == SessionRow.id, SessionInputRow.resolved_at.is_(None)
+            )
+        )
     if after is not None:
         created, last_id = after
         query = query.where(
@@ -292,11 +307,19 @@ async def insert_events(db: DbSession, events: Sequence[Event]) -> None:
     """Insert a batch of events (one executemany) and record its tool uses."""
     if not events:
         return
-    await db.execute(insert(table(EventRow)), [
-        {"session_id": e.session_id, "seq": e.seq, "time": e.time, "kind": e.kind.value,
-         "payload": e.data}
-        for e in events
-    ])
+    await db.execute(
+        insert(table(EventRow)),
+        [
+            {
+                "session_id": e.session_id,
+                "seq": e.seq,
+                "time": e.time,
+                "kind": e.kind.value,
+                "payload": e.data,
+            }
+            for e in events
+        ],
+    )
     await _record_tool_uses(db, events)
     # Followers on other replicas read the new events when told (at this commit).
     last: dict[str, int] = {}
@@ -308,14 +331,24 @@ async def insert_events(db: DbSession, events: Sequence[Event]) -> None:
 
 async def _record_tool_uses(db: DbSession, events: Sequence[Event]) -> None:
     uses = [
-        {"session_id": e.session_id, "tool_use_id": e.data["tool_use_id"],
-         "name": e.data["name"], "started_at": e.time}
-        for e in events if e.kind is EventKind.TOOL_USE
+        {
+            "session_id": e.session_id,
+            "tool_use_id": e.data["tool_use_id"],
+            "name": e.data["name"],
+            "started_at": e.time,
+        }
+        for e in events
+        if e.kind is EventKind.TOOL_USE
     ]
     ends = [
-        {"sid": e.session_id, "tid": e.data["tool_use_id"], "end": e.time,
-         "err": bool(e.data["is_error"])}
-        for e in events if e.kind is EventKind.TOOL_RESULT
+        {
+            "sid": e.session_id,
+            "tid": e.data["tool_use_id"],
+            "end": e.time,
+            "err": bool(e.data["is_error"]),
+        }
+        for e in events
+        if e.kind is EventKind.TOOL_RESULT
     ]
     if uses:  # first: a result may end a use of the same batch
         await db.execute(insert(table(ToolUseRow)), uses)
@@ -338,7 +371,9 @@ async def list_events(
         query = query.where(EventRow.seq <= up_to)
     rows = await db.scalars(query.order_by(EventRow.seq))
     return [
-        Event(session_id=r.session_id, seq=r.seq, time=r.time, kind=EventKind(r.kind), data=r.payload)
+        Event(
+            session_id=r.session_id, seq=r.seq, time=r.time, kind=EventKind(r.kind), data=r.payload
+        )
         for r in rows
     ]
 
@@ -348,21 +383,30 @@ async def delete_session(db: DbSession, session: Session) -> bool:
     metered requests, input requests, artifacts: by cascade), and its transcript unless
     another session of the tenant continues the same conversation. False if it was gone
     or not ended (then nothing is deleted)."""
-    deleted = await db.execute(delete(SessionRow).where(
-        SessionRow.id == session.id, SessionRow.tenant == session.tenant,
-        SessionRow.state.in_([SessionState.COMPLETE.value, SessionState.ERROR.value]),
-    ))
+    deleted = await db.execute(
+        delete(SessionRow).where(
+            SessionRow.id == session.id,
+            SessionRow.tenant == session.tenant,
+            SessionRow.state.in_([SessionState.COMPLETE.value, SessionState.ERROR.value]),
+        )
+    )
     if deleted.rowcount != 1:  # type: ignore[attr-defined]
         return False
     conversation = session.sdk_session_id
-    if conversation and not await db.scalar(select(exists().where(
-        SessionRow.tenant == session.tenant, SessionRow.sdk_session_id == conversation
-    ))):
+    if conversation and not await db.scalar(
+        select(
+            exists().where(
+                SessionRow.tenant == session.tenant, SessionRow.sdk_session_id == conversation
+            )
+        )
+    ):
         for model in (TranscriptEntryRow, TranscriptRow):
-            await db.execute(delete(model).where(
-                model.project_key == project_key(session.tenant),
-                model.session_id == conversation,
-            ))
+            await db.execute(
+                delete(model).where(
+                    model.project_key == project_key(session.tenant),
+                    model.session_id == conversation,
+                )
+            )
     return True
 
 
@@ -370,8 +414,12 @@ async def ended_before(db: DbSession, tenant: str, before: datetime, limit: int)
     """Up to `limit` of the tenant's sessions that ended before `before` (retention)."""
     rows = await db.scalars(
         select(SessionRow)
-        .where(SessionRow.tenant == tenant, SessionRow.ended_at < before,
-               SessionRow.state.in_([SessionState.COMPLETE.value, SessionState.ERROR.value]))
-        .order_by(SessionRow.ended_at).limit(limit)
+        .where(
+            SessionRow.tenant == tenant,
+            SessionRow.ended_at < before,
+            SessionRow.state.in_([SessionState.COMPLETE.value, SessionState.ERROR.value]),
+        )
+        .order_by(SessionRow.ended_at)
+        .limit(limit)
     )
     return [_to_domain(row) for row in rows]

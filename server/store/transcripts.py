@@ -46,9 +46,13 @@ class SqlSessionStore:
             uuids = [e["uuid"] for e in entries if isinstance(e.get("uuid"), str)]
             seen = set()
             if uuids:
-                seen = set(await db.scalars(
-                    select(TranscriptEntryRow.uuid).where(*where, TranscriptEntryRow.uuid.in_(uuids))
-                ))
+                seen = set(
+                    await db.scalars(
+                        select(TranscriptEntryRow.uuid).where(
+                            *where, TranscriptEntryRow.uuid.in_(uuids)
+                        )
+                    )
+                )
             rows = []
             for entry in entries:
                 uuid = entry.get("uuid") if isinstance(entry.get("uuid"), str) else None
@@ -56,8 +60,15 @@ class SqlSessionStore:
                     if uuid in seen:
                         continue
                     seen.add(uuid)
-                rows.append({"project_key": project, "session_id": session, "subpath": subpath,
-                             "uuid": uuid, "entry": entry})
+                rows.append(
+                    {
+                        "project_key": project,
+                        "session_id": session,
+                        "subpath": subpath,
+                        "uuid": uuid,
+                        "entry": entry,
+                    }
+                )
             if rows:
                 await db.execute(insert(table(TranscriptEntryRow)), rows)
             await self._touch(db, project, session, subpath)
@@ -69,9 +80,11 @@ class SqlSessionStore:
         stmt = dialect.insert(TranscriptRow).values(
             project_key=project, session_id=session, subpath=subpath, mtime_ms=now_ms
         )
-        await db.execute(stmt.on_conflict_do_update(
-            index_elements=["project_key", "session_id", "subpath"], set_={"mtime_ms": now_ms}
-        ))
+        await db.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["project_key", "session_id", "subpath"], set_={"mtime_ms": now_ms}
+            )
+        )
 
     async def load(self, key: Key) -> list[dict[str, Any]] | None:
         project, session, subpath = _parts(key)

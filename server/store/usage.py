@@ -103,8 +103,9 @@ async def by_model(
     costs: dict[str, Decimal] = {}
     for model, outcome, count, inputs, outputs, cache_writes, cache_reads, cost_sum in rows:
         outcomes.setdefault(model, {})[outcome] = int(count)
-        group = TokenUsage(int(inputs or 0), int(outputs or 0), int(cache_writes or 0),
-                           int(cache_reads or 0))
+        group = TokenUsage(
+            int(inputs or 0), int(outputs or 0), int(cache_writes or 0), int(cache_reads or 0)
+        )
         tokens[model] = tokens.get(model, TokenUsage()).plus(group)
         costs[model] = costs.get(model, Decimal(0)) + Decimal(cost_sum or 0)
     # Sorted here, not in SQL: the databases' collations order strings differently.

@@ -40,38 +40,58 @@ class SessionMetrics:
     def __init__(self, provider: metrics.MeterProvider) -> None:
         meter = provider.get_meter(METER_NAME)
         self.started = meter.create_counter(
-            SESSIONS_STARTED, unit="{session}", description="Sessions admitted")
+            SESSIONS_STARTED, unit="{session}", description="Sessions admitted"
+        )
         self.ended = meter.create_counter(
-            SESSIONS_ENDED, unit="{session}", description="Sessions ended, by outcome")
+            SESSIONS_ENDED, unit="{session}", description="Sessions ended, by outcome"
+        )
         self.active = meter.create_up_down_counter(
-            SESSIONS_ACTIVE, unit="{session}", description="Sessions admitted and not ended")
+            SESSIONS_ACTIVE, unit="{session}", description="Sessions admitted and not ended"
+        )
         self.duration = meter.create_histogram(
-            SESSION_DURATION, unit="s", description="Session run time (admission to end)",
-            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS))
+            SESSION_DURATION,
+            unit="s",
+            description="Session run time (admission to end)",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )
         self.cost = meter.create_counter(
-            SESSION_COST, unit="{USD}", description="Cost of ended sessions")
+            SESSION_COST, unit="{USD}", description="Cost of ended sessions"
+        )
         self.turns = meter.create_counter(
-            SESSION_TURNS, unit="{turn}", description="Agent turns of ended sessions")
+            SESSION_TURNS, unit="{turn}", description="Agent turns of ended sessions"
+        )
         self.tokens = meter.create_counter(
-            SESSION_TOKENS, unit="{token}", description="Model tokens of ended sessions, by type")
+            SESSION_TOKENS, unit="{token}", description="Model tokens of ended sessions, by type"
+        )
         self.retries = meter.create_counter(
-            SESSION_RETRIES, unit="{retry}", description="Retries of transient failures")
+            SESSION_RETRIES, unit="{retry}", description="Retries of transient failures"
+        )
         self.tool_uses = meter.create_counter(
-            TOOL_USES, unit="{call}", description="Tool calls, by tool and outcome")
+            TOOL_USES, unit="{call}", description="Tool calls, by tool and outcome"
+        )
         self.rejections = meter.create_counter(
-            ADMISSION_REJECTIONS, unit="{request}", description="Refused RunSession requests")
+            ADMISSION_REJECTIONS, unit="{request}", description="Refused RunSession requests"
+        )
         self.pool_hits = meter.create_counter(
-            WARM_POOL_HITS, unit="{session}", description="Sessions served by a warm agent")
+            WARM_POOL_HITS, unit="{session}", description="Sessions served by a warm agent"
+        )
         self.pool_misses = meter.create_counter(
-            WARM_POOL_MISSES, unit="{session}",
-            description="Sessions of tenants with a warm pool that started cold")
+            WARM_POOL_MISSES,
+            unit="{session}",
+            description="Sessions of tenants with a warm pool that started cold",
+        )
         self.caller_inputs = meter.create_counter(
-            CALLER_INPUTS, unit="{request}",
+            CALLER_INPUTS,
+            unit="{request}",
             description="Requests to callers (tool calls, approvals, questions), by who "
-                        "settled them (CALLER, TIMEOUT, SESSION_END) and how")
+            "settled them (CALLER, TIMEOUT, SESSION_END) and how",
+        )
         self.caller_wait = meter.create_histogram(
-            CALLER_WAIT, unit="s", description="How long sessions waited for their callers",
-            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS))
+            CALLER_WAIT,
+            unit="s",
+            description="How long sessions waited for their callers",
+            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        )
 
     def admitted(self, session: Session) -> None:
         labels = {"tenant": session.tenant}
@@ -93,8 +113,14 @@ class SessionMetrics:
     def caller_input(self, tenant: str, data: dict[str, Any]) -> None:
         """An input request was settled (the `input_resolved` event's data)."""
         kind = {"tenant": tenant, "kind": str(data.get("kind", ""))}
-        self.caller_inputs.add(1, {**kind, "decided_by": str(data.get("decided_by", "")),
-                                   "outcome": str(data.get("outcome", ""))})
+        self.caller_inputs.add(
+            1,
+            {
+                **kind,
+                "decided_by": str(data.get("decided_by", "")),
+                "outcome": str(data.get("outcome", "")),
+            },
+        )
         self.caller_wait.record(int(data.get("waited_ms", 0)) / 1000, kind)
 
     def ended_session(self, final: Session) -> None:
@@ -120,4 +146,3 @@ class SessionMetrics:
         ):
             if count:
                 self.tokens.add(count, {**tenant, "type": kind})
-

@@ -80,11 +80,16 @@ class TelemetryObserver:
             return
         if event.kind is EventKind.TOOL_USE:
             span = spans.tool_started(event)
-            log.info("tool_use", extra={
-                "session_id": session.id, "tenant": session.tenant,
-                "tool": event.data.get("name", ""), "tool_use_id": event.data.get("tool_use_id", ""),
-                **span_ids(span),
-            })
+            log.info(
+                "tool_use",
+                extra={
+                    "session_id": session.id,
+                    "tenant": session.tenant,
+                    "tool": event.data.get("name", ""),
+                    "tool_use_id": event.data.get("tool_use_id", ""),
+                    **span_ids(span),
+                },
+            )
         elif event.kind is EventKind.TOOL_RESULT:
             finished = spans.tool_finished(event)
             if finished is not None:

@@ -79,12 +79,13 @@ class OtelConfig:
         default = cls()
         traces_protocol = _protocol(env, "TRACES", default.traces_protocol)
         metrics_protocol = _protocol(env, "METRICS", default.metrics_protocol)
-        interval = (
-            env.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip()
-            or str(default.metric_export_interval_ms)
+        interval = env.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip() or str(
+            default.metric_export_interval_ms
         )
         if not interval.isdigit() or int(interval) < 1:
-            raise ConfigError("OTEL_METRIC_EXPORT_INTERVAL", f"{interval!r} is not milliseconds > 0")
+            raise ConfigError(
+                "OTEL_METRIC_EXPORT_INTERVAL", f"{interval!r} is not milliseconds > 0"
+            )
         return cls(
             disabled=_flag(env, "OTEL_SDK_DISABLED"),
             service_name=env.get("OTEL_SERVICE_NAME", "").strip() or default.service_name,

@@ -27,6 +27,7 @@ from .otel_env import OtelConfig
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ContentPolicy:
     """Whether prompts and tool inputs/outputs go on spans (off by default), and how much."""
@@ -117,9 +118,7 @@ class Telemetry:
         # With nowhere to send spans, record none: their contexts still carry the caller's
         # trace id into logs and to the CLI, at a fraction of the CPU.
         sampler = None if processors else ALWAYS_OFF
-        tracer_provider = TracerProvider(
-            resource=resource, shutdown_on_exit=False, sampler=sampler
-        )
+        tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False, sampler=sampler)
         for processor in processors:
             tracer_provider.add_span_processor(processor)
         readers = [*_metric_readers(config), *metric_readers]
@@ -159,4 +158,3 @@ class Telemetry:
             self.meter_provider.shutdown()
         if self.prometheus is not None:
             self.prometheus.close()
-

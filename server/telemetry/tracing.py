@@ -74,8 +74,9 @@ def _messages(role: str, text: str) -> str:
 class SessionSpans:
     """The spans of one session; the invoke_agent span is current in `context`."""
 
-    def __init__(self, tracer: trace.Tracer, session: Session, prompt: str,
-                 content: ContentPolicy) -> None:
+    def __init__(
+        self, tracer: trace.Tracer, session: Session, prompt: str, content: ContentPolicy
+    ) -> None:
         self._tracer = tracer
         self._content = content
         attributes: dict[str, Any] = {
@@ -91,8 +92,10 @@ class SessionSpans:
         if content.capture:
             attributes[INPUT_MESSAGES] = _messages("user", content.cap(prompt))
         self.span: Span = tracer.start_span(
-            f"{INVOKE_AGENT} {session.tenant}", kind=SpanKind.INTERNAL,
-            attributes=attributes, start_time=ns(session.create_time),
+            f"{INVOKE_AGENT} {session.tenant}",
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=ns(session.create_time),
         )
         self.context = trace.set_span_in_context(self.span)
         self._tools: dict[str, tuple[Span, str]] = {}
@@ -115,8 +118,11 @@ class SessionSpans:
         if self._content.capture:
             attributes[TOOL_ARGUMENTS] = self._content.cap(str(event.data.get("input_json", "")))
         span = self._tracer.start_span(
-            f"{EXECUTE_TOOL} {name}", context=self.context, kind=SpanKind.INTERNAL,
-            attributes=attributes, start_time=ns(event.time),
+            f"{EXECUTE_TOOL} {name}",
+            context=self.context,
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=ns(event.time),
         )
         self._tools[call_id] = (span, name)
         return span
@@ -153,8 +159,11 @@ class SessionSpans:
         if request.max_tokens_forwarded is not None:
             attributes[REQUEST_MAX_TOKENS] = request.max_tokens_forwarded
         span = self._tracer.start_span(
-            f"{CHAT} {request.model}", context=self.context, kind=SpanKind.CLIENT,
-            attributes=attributes, start_time=ns(request.started_at),
+            f"{CHAT} {request.model}",
+            context=self.context,
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=ns(request.started_at),
         )
         if request.outcome != "completed":
             span.set_attribute(ERROR_TYPE, request.outcome or "error")
@@ -164,8 +173,10 @@ class SessionSpans:
     def retry(self, event: Event) -> None:
         self.span.add_event(
             RETRY_EVENT,
-            {"attempt": int(event.data.get("attempt", 0)),
-             "delay_ms": int(event.data.get("delay_ms", 0))},
+            {
+                "attempt": int(event.data.get("attempt", 0)),
+                "delay_ms": int(event.data.get("delay_ms", 0)),
+            },
             timestamp=ns(event.time),
         )
 
@@ -196,20 +207,24 @@ class SessionSpans:
             span.end(end_time=end_time)
         self._tools.clear()
         span = self.span
-        span.set_attributes({
-            CONVERSATION_ID: final.sdk_session_id or final.id,
-            INPUT_TOKENS: final.usage.input_tokens,
-            OUTPUT_TOKENS: final.usage.output_tokens,
-            CACHE_READ_TOKENS: final.usage.cache_read_input_tokens,
-            CACHE_CREATION_TOKENS: final.usage.cache_creation_input_tokens,
-            COST_USD: float(final.cost_usd),
-            NUM_TURNS: final.num_turns,
-            SESSION_STATE: final.state.value,
-        })
+        span.set_attributes(
+            {
+                CONVERSATION_ID: final.sdk_session_id or final.id,
+                INPUT_TOKENS: final.usage.input_tokens,
+                OUTPUT_TOKENS: final.usage.output_tokens,
+                CACHE_READ_TOKENS: final.usage.cache_read_input_tokens,
+                CACHE_CREATION_TOKENS: final.usage.cache_creation_input_tokens,
+                COST_USD: float(final.cost_usd),
+                NUM_TURNS: final.num_turns,
+                SESSION_STATE: final.state.value,
+            }
+        )
         if final.state is SessionState.ERROR:
             span.set_attribute(ERROR_TYPE, reason)
             span.set_status(Status(StatusCode.ERROR, final.error_message[:500]))
         elif self._content.capture and final.result:
-            span.set_attribute(OUTPUT_MESSAGES, _messages("assistant", self._content.cap(final.result)))
+            span.set_attribute(
+                OUTPUT_MESSAGES, _messages("assistant", self._content.cap(final.result))
+            )
         span.end(end_time=end_time)
         return interrupted

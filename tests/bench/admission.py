@@ -95,9 +95,15 @@ async def contended(server: Server, calls: int, admits: int, run: int) -> Round:
     db = server.database_url
     rows = scalar(db, "SELECT count(*) FROM reservations WHERE tenant = ?", [tenant])
     sessions = scalar(db, "SELECT count(*) FROM sessions WHERE tenant = ?", [tenant])
-    held = scalar(db, "SELECT count(*) FROM reservations WHERE tenant = ? AND status = 'HELD'",
-                  [tenant])
-    assert rows == sessions == result.admitted and held == 0, (rows, sessions, held, result.admitted)
+    held = scalar(
+        db, "SELECT count(*) FROM reservations WHERE tenant = ? AND status = 'HELD'", [tenant]
+    )
+    assert rows == sessions == result.admitted and held == 0, (
+        rows,
+        sessions,
+        held,
+        result.admitted,
+    )
     return result
 
 
@@ -111,7 +117,8 @@ async def run(bench: Bench, server: Server) -> list[str]:
     calls, admits = sizes(bench.quick)
     runs = iter(range(bench.runs))
     rounds, alone = await interleaved(
-        bench.runs, lambda: contended(server, calls, admits, next(runs)),
+        bench.runs,
+        lambda: contended(server, calls, admits, next(runs)),
         lambda: uncontended(server),
     )
     p50 = [statistics.median(r.latencies) for r in rounds]
@@ -123,13 +130,26 @@ async def run(bench: Bench, server: Server) -> list[str]:
     exact = admitted == [admits]
     where = f"{calls} concurrent, {server.label}"
     return [
-        row(f"admission latency p50, {where}", f"{summary([x * 1000 for x in p50], '.1f')} ms",
-            f"{summary(ms, '.1f')} ms uncontended", ratio(p50, alone), "(none set)"),
-        row(f"admission latency p99, {where}", f"{summary([x * 1000 for x in p99], '.1f')} ms",
-            f"{summary(ms, '.1f')} ms uncontended", ratio(p99, alone), "(none set)"),
-        row(f"admitted and overspend, {where}",
+        row(
+            f"admission latency p50, {where}",
+            f"{summary([x * 1000 for x in p50], '.1f')} ms",
+            f"{summary(ms, '.1f')} ms uncontended",
+            ratio(p50, alone),
+            "(none set)",
+        ),
+        row(
+            f"admission latency p99, {where}",
+            f"{summary([x * 1000 for x in p99], '.1f')} ms",
+            f"{summary(ms, '.1f')} ms uncontended",
+            ratio(p99, alone),
+            "(none set)",
+        ),
+        row(
+            f"admitted and overspend, {where}",
             f"{'/'.join(map(str, admitted))} of {calls} admitted every run; peak spent+reserved "
-            f"{peak} USD", f"limit {limit} USD = {admits} x {PER_SESSION_USD} USD",
+            f"{peak} USD",
+            f"limit {limit} USD = {admits} x {PER_SESSION_USD} USD",
             f"{peak / limit:.2f}" + ("" if exact else " (admitted != expected)"),
-            f"exactly {admits} admitted, <= 1.00 (zero overspend)"),
+            f"exactly {admits} admitted, <= 1.00 (zero overspend)",
+        ),
     ]

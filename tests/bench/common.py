@@ -43,12 +43,16 @@ def relay_script(tool_calls: int, steps: int) -> Script:
     2 events each (tool_use, tool_result). A Read of a missing file is the cheapest tool the
     CLI runs (~1 ms), so the CLI, not the tool, sets the pace."""
     per = -(-tool_calls // steps)
-    calls = [ToolCall("Read", {"file_path": f"/nonexistent/agentplane-bench/{i}"})
-             for i in range(tool_calls)]
-    return Script(steps=[
-        *[Step(tool_calls=calls[i:i + per], usage=USAGE) for i in range(0, tool_calls, per)],
-        Step(text="done", usage=USAGE),
-    ])
+    calls = [
+        ToolCall("Read", {"file_path": f"/nonexistent/agentplane-bench/{i}"})
+        for i in range(tool_calls)
+    ]
+    return Script(
+        steps=[
+            *[Step(tool_calls=calls[i : i + per], usage=USAGE) for i in range(0, tool_calls, per)],
+            Step(text="done", usage=USAGE),
+        ]
+    )
 
 
 CHATTY_TEXT = 3200  # characters of text per message: 200 text deltas of the sandbox's 16
@@ -58,32 +62,48 @@ def chatty_script(steps: int) -> Script:
     """`steps` * 5 messages (at most 7: the bench tenant's 8 turns) of CHATTY_TEXT characters
     each, a Glob after each but the last."""
     text = ("Streaming answers arrive piece by piece. " * 80)[:CHATTY_TEXT]
-    return Script(steps=[
-        *[Step(text=text, tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"})], usage=USAGE)
-          for i in range(min(steps * 5, 7) - 1)],
-        Step(text=text, usage=USAGE),
-    ])
+    return Script(
+        steps=[
+            *[
+                Step(text=text, tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"})], usage=USAGE)
+                for i in range(min(steps * 5, 7) - 1)
+            ],
+            Step(text=text, usage=USAGE),
+        ]
+    )
 
 
 def scripts(*, relay_tool_calls: int, relay_steps: int = 1, hold_s: float) -> dict[str, Script]:
     return {
         "one": Script(steps=[Step(text="done", usage=USAGE)]),
-        "tools": Script(steps=[
-            *[Step(tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"})], usage=USAGE)
-              for i in range(3)],
-            Step(text="done", usage=Usage(input_tokens=600, output_tokens=20)),
-        ]),
+        "tools": Script(
+            steps=[
+                *[
+                    Step(tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"})], usage=USAGE)
+                    for i in range(3)
+                ],
+                Step(text="done", usage=Usage(input_tokens=600, output_tokens=20)),
+            ]
+        ),
         "relay": relay_script(relay_tool_calls, relay_steps),
         # Live text: long answers, streamed as text deltas when the request asks for them.
         "chatty": chatty_script(relay_steps),
         # Admitted sessions of the admission benchmark: alive until every admission is decided.
         "hold": Script(steps=[Step(text="done", usage=USAGE, delay_s=hold_s)]),
         # Events paced by the model (10 tool turns, 0.1 s apart): followers see each as it comes.
-        "paced": Script(steps=[
-            *[Step(tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"})], usage=USAGE, delay_s=0.1)
-              for i in range(10)],
-            Step(text="done", usage=USAGE),
-        ]),
+        "paced": Script(
+            steps=[
+                *[
+                    Step(
+                        tool_calls=[ToolCall("Glob", {"pattern": f"*{i}*"})],
+                        usage=USAGE,
+                        delay_s=0.1,
+                    )
+                    for i in range(10)
+                ],
+                Step(text="done", usage=USAGE),
+            ]
+        ),
         # A session that stays RUNNING until cancelled (the idle streams follow it).
         "hang": Script(steps=[Step(hang=True)]),
     }
@@ -107,34 +127,54 @@ def tenants_toml(workspace: Path, *, adm_runs: int, adm_admits: int, warm: bool 
     admitting exactly `adm_admits` sessions of 0.1 USD)."""
     key = "AGENTPLANE_TEST_ACME_KEY"
     acme: dict[str, TomlValue] = {
-        "anthropic_api_key_env": key, "allowed_tools": ["Read", "Glob", "Grep"],
-        "system_prompt": "You are acme's assistant.", "daily_limit_usd": 100000.0,
-        "max_session_budget_usd": 1.0, "max_turns": 8, "max_concurrent_sessions": 64,
+        "anthropic_api_key_env": key,
+        "allowed_tools": ["Read", "Glob", "Grep"],
+        "system_prompt": "You are acme's assistant.",
+        "daily_limit_usd": 100000.0,
+        "max_session_budget_usd": 1.0,
+        "max_turns": 8,
+        "max_concurrent_sessions": 64,
         "workspace_template": workspace,
     }
     per_session = float(PER_SESSION_USD)
-    return "\n".join([
-        tenant_toml("acme", TOKENS["acme"], **acme),
-        tenant_toml(
-            "solo", "solo-token", anthropic_api_key_env=key, allowed_tools=["Read"],
-            daily_limit_usd=100000.0, max_session_budget_usd=per_session, max_turns=4,
-            max_concurrent_sessions=64,
-        ),
-        # acme's policy with one agent kept started ahead of demand (the warm pool).
-        *([tenant_toml("warm", WARM_TOKEN, **acme, warm_pool_size=1, warm_pool_model=MODEL)]
-          if warm else []),
-        *(
+    return "\n".join(
+        [
+            tenant_toml("acme", TOKENS["acme"], **acme),
             tenant_toml(
-                f"adm{run}", adm_token(run), anthropic_api_key_env=key, allowed_tools=["Read"],
-                daily_limit_usd=round(per_session * adm_admits, 1),
-                max_session_budget_usd=per_session, max_turns=4, max_concurrent_sessions=100,
-            )
-            for run in range(adm_runs)
-        ),
-    ])
+                "solo",
+                "solo-token",
+                anthropic_api_key_env=key,
+                allowed_tools=["Read"],
+                daily_limit_usd=100000.0,
+                max_session_budget_usd=per_session,
+                max_turns=4,
+                max_concurrent_sessions=64,
+            ),
+            # acme's policy with one agent kept started ahead of demand (the warm pool).
+            *(
+                [tenant_toml("warm", WARM_TOKEN, **acme, warm_pool_size=1, warm_pool_model=MODEL)]
+                if warm
+                else []
+            ),
+            *(
+                tenant_toml(
+                    f"adm{run}",
+                    adm_token(run),
+                    anthropic_api_key_env=key,
+                    allowed_tools=["Read"],
+                    daily_limit_usd=round(per_session * adm_admits, 1),
+                    max_session_budget_usd=per_session,
+                    max_turns=4,
+                    max_concurrent_sessions=100,
+                )
+                for run in range(adm_runs)
+            ),
+        ]
+    )
 
 
 # -- the server process -----------------------------------------------------------------------
+
 
 @dataclass
 class Server:
@@ -163,17 +203,27 @@ class Server:
 
     @classmethod
     async def start(
-        cls, *, label: str, database_url: str, sandbox_url: str, tenants_file: Path, work: Path,
+        cls,
+        *,
+        label: str,
+        database_url: str,
+        sandbox_url: str,
+        tenants_file: Path,
+        work: Path,
         settings: Mapping[str, str] | None = None,
     ) -> Server:
         """`settings`: variables over the benchmarks' own (AGENTPLANE_SANDBOX=none, say)."""
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
         env.update(
-            AGENTPLANE_LISTEN=f"127.0.0.1:{port}", AGENTPLANE_DATABASE_URL=database_url,
-            AGENTPLANE_TENANTS_FILE=str(tenants_file), AGENTPLANE_WORK_DIR=str(work),
-            AGENTPLANE_TEST_ACME_KEY="bench", ANTHROPIC_BASE_URL=sandbox_url,
-            AGENTPLANE_LOG_LEVEL="WARNING", AGENTPLANE_CLI_MAX_RETRIES="0",
+            AGENTPLANE_LISTEN=f"127.0.0.1:{port}",
+            AGENTPLANE_DATABASE_URL=database_url,
+            AGENTPLANE_TENANTS_FILE=str(tenants_file),
+            AGENTPLANE_WORK_DIR=str(work),
+            AGENTPLANE_TEST_ACME_KEY="bench",
+            ANTHROPIC_BASE_URL=sandbox_url,
+            AGENTPLANE_LOG_LEVEL="WARNING",
+            AGENTPLANE_CLI_MAX_RETRIES="0",
             AGENTPLANE_AUTO_MIGRATE="1",
             # Benchmark 4 runs 8 sessions at once, benchmark 7 admits 50 at once.
             AGENTPLANE_MAX_SESSIONS="64",
@@ -237,6 +287,7 @@ class Server:
 
 # -- /proc ------------------------------------------------------------------------------------
 
+
 def cpu_of(pid: int) -> tuple[float, float]:
     """(own CPU s, reaped children's CPU s) of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -265,9 +316,14 @@ class CpuGroup:
         """A new group `name` below this process's own cpuacct cgroup."""
         if not (CPUACCT / "cpuacct.usage").is_file():
             return cls(None, f"no cgroup v1 cpuacct controller at {CPUACCT}")
-        own = next((line.split(":", 2)[2] for line in
-                    Path("/proc/self/cgroup").read_text().splitlines()
-                    if "cpuacct" in line.split(":", 2)[1].split(",")), "/")
+        own = next(
+            (
+                line.split(":", 2)[2]
+                for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if "cpuacct" in line.split(":", 2)[1].split(",")
+            ),
+            "/",
+        )
         path = CPUACCT / own.lstrip("/") / name
         try:
             path.mkdir()
@@ -289,8 +345,11 @@ class CpuGroup:
         """Remove the group and the (empty) groups the server left below it."""
         if self.path is None or not self.path.is_dir():
             return
-        for folder in sorted((p for p in self.path.rglob("*") if p.is_dir()),
-                             key=lambda p: len(p.parts), reverse=True):
+        for folder in sorted(
+            (p for p in self.path.rglob("*") if p.is_dir()),
+            key=lambda p: len(p.parts),
+            reverse=True,
+        ):
             with suppress(OSError):
                 folder.rmdir()
         with suppress(OSError):
@@ -311,6 +370,7 @@ def load_average() -> str:
 
 # -- one session, two ways --------------------------------------------------------------------
 
+
 @dataclass
 class Sample:
     wall_s: float  # request sent -> the end (the result)
@@ -327,16 +387,20 @@ class Sample:
 
 
 async def via_agentplane(
-    stub: session_pb2_grpc.SessionServiceStub, script: str,
-    auth: Sequence[tuple[str, str]] = AUTH, *, partial: bool = False,
+    stub: session_pb2_grpc.SessionServiceStub,
+    script: str,
+    auth: Sequence[tuple[str, str]] = AUTH,
+    *,
+    partial: bool = False,
 ) -> Sample:
     start = time.perf_counter()
     first = None
     agent = streamed = deltas = 0
     session_id = ""
     call = stub.RunSession(
-        session_pb2.RunSessionRequest(prompt=f"[[sandbox:{script}]] go", model=MODEL,
-                                      include_partial_messages=partial),
+        session_pb2.RunSessionRequest(
+            prompt=f"[[sandbox:{script}]] go", model=MODEL, include_partial_messages=partial
+        ),
         metadata=tuple(auth),
     )
     async for event in call:
@@ -361,12 +425,20 @@ async def via_sdk(base_url: str, script: str) -> Sample:
     root = short_dir("apb")
     dirs = SessionDirs(root / "s")
     dirs.create()
-    env = cli_environment(dirs, base_url=base_url, api_key="bench",
-                          extra={"CLAUDE_CODE_MAX_RETRIES": "0"})
+    env = cli_environment(
+        dirs, base_url=base_url, api_key="bench", extra={"CLAUDE_CODE_MAX_RETRIES": "0"}
+    )
     options = ClaudeAgentOptions(
-        tools=["Read", "Glob", "Grep"], allowed_tools=["Read", "Glob", "Grep"],
-        system_prompt="You are acme's assistant.", max_turns=8, max_budget_usd=1.0, model=MODEL,
-        cwd=str(dirs.cwd), env=env, cli_path=str(BUNDLED_CLI), setting_sources=[],
+        tools=["Read", "Glob", "Grep"],
+        allowed_tools=["Read", "Glob", "Grep"],
+        system_prompt="You are acme's assistant.",
+        max_turns=8,
+        max_budget_usd=1.0,
+        model=MODEL,
+        cwd=str(dirs.cwd),
+        env=env,
+        cli_path=str(BUNDLED_CLI),
+        setting_sources=[],
     )
     start = time.perf_counter()
     first = None
@@ -410,12 +482,14 @@ async def closed_loop(concurrency: int, total: int, one: Callable[[], Awaitable[
 
 # -- databases --------------------------------------------------------------------------------
 
+
 @contextmanager
 def connect(database_url: str) -> Iterator[Any]:
     """A DB-API connection to the server's database (sqlite3 or psycopg, autocommit)."""
     if database_url.startswith("sqlite:///"):
-        conn: Any = sqlite3.connect(database_url.removeprefix("sqlite:///"), timeout=30,
-                                    isolation_level=None)
+        conn: Any = sqlite3.connect(
+            database_url.removeprefix("sqlite:///"), timeout=30, isolation_level=None
+        )
     else:
         conn = psycopg.connect(database_url, autocommit=True)
     try:
@@ -433,6 +507,7 @@ def scalar(database_url: str, sql: str, params: Sequence[Any] = ()) -> Any:
 
 
 # -- the table --------------------------------------------------------------------------------
+
 
 def summary(values: Sequence[float], fmt: str = ".3f") -> str:
     """median (min-max)."""

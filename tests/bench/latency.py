@@ -69,11 +69,16 @@ async def sandboxed_and_not(bench: Bench) -> AsyncIterator[tuple[Server, Server]
     servers: list[Server] = []
     try:
         for name, settings in (("sandboxed", {}), ("unsandboxed", {"AGENTPLANE_SANDBOX": "none"})):
-            servers.append(await Server.start(
-                label=f"SQLite, {name}", database_url=f"sqlite:///{folder}/{name[0]}.db",
-                sandbox_url=bench.sandbox.base_url, tenants_file=tenants, work=folder / name[0],
-                settings=settings,
-            ))
+            servers.append(
+                await Server.start(
+                    label=f"SQLite, {name}",
+                    database_url=f"sqlite:///{folder}/{name[0]}.db",
+                    sandbox_url=bench.sandbox.base_url,
+                    tenants_file=tenants,
+                    work=folder / name[0],
+                    settings=settings,
+                )
+            )
         boxed, bare = servers
         assert await boxed.sandboxed(), "AGENTPLANE_SANDBOX's default does not sandbox"
         assert not await bare.sandboxed(), "AGENTPLANE_SANDBOX=none did not take"
@@ -102,30 +107,55 @@ async def cold(bench: Bench) -> list[str]:
     fa, fc = [m.sample.first_s for m in ours], [m.sample.first_s for m in sdk]
     wall_ms = (median(a) - median(b)) * 1000
     lines = [
-        row("1-turn session, wall", f"{summary(a)} s", f"{summary(c)} s", ratio(a, c),
-            met("<= 1.05 (cold)", median(a) <= 1.05 * median(c))),
-        row("time to first agent event", f"{summary(fa)} s", f"{summary(fc)} s", ratio(fa, fc),
-            met("<= 0.4 (needs the warm pool)", median(fa) <= 0.4 * median(fc))),
-        row("sandbox cost: 1-turn session, wall", f"{summary(a)} s sandboxed",
-            f"{summary(b)} s unsandboxed", f"{wall_ms:+.1f} ms ({ratio(a, b)})",
-            met("<= +10 ms", wall_ms <= 10)),
+        row(
+            "1-turn session, wall",
+            f"{summary(a)} s",
+            f"{summary(c)} s",
+            ratio(a, c),
+            met("<= 1.05 (cold)", median(a) <= 1.05 * median(c)),
+        ),
+        row(
+            "time to first agent event",
+            f"{summary(fa)} s",
+            f"{summary(fc)} s",
+            ratio(fa, fc),
+            met("<= 0.4 (needs the warm pool)", median(fa) <= 0.4 * median(fc)),
+        ),
+        row(
+            "sandbox cost: 1-turn session, wall",
+            f"{summary(a)} s sandboxed",
+            f"{summary(b)} s unsandboxed",
+            f"{wall_ms:+.1f} ms ({ratio(a, b)})",
+            met("<= +10 ms", wall_ms <= 10),
+        ),
     ]
     cost = "sandbox cost: CPU per 1-turn session (server, CLI, bwrap, socat, sh)"
     if no_cpu:
-        return [*lines, row(cost, f"not measured: {no_cpu}", "-", "-", "<= +0.01 CPU-s"),
-                row("control-plane CPU per session", f"not measured: {no_cpu}", "-", "-",
-                    "<= 0.05")]
+        return [
+            *lines,
+            row(cost, f"not measured: {no_cpu}", "-", "-", "<= +0.01 CPU-s"),
+            row("control-plane CPU per session", f"not measured: {no_cpu}", "-", "-", "<= 0.05"),
+        ]
     ca, cb = [m.cpu_s for m in ours], [m.cpu_s for m in unboxed]
     cpu = median(ca) - median(cb)
     server = mean(m.own_s for m in ours)  # ticks of 10 ms: a mean, not a median
     rest = mean(m.cpu_s - m.own_s for m in ours)
     return [
         *lines,
-        row(cost, f"{summary(ca)} CPU-s sandboxed", f"{summary(cb)} CPU-s unsandboxed",
-            f"{cpu:+.3f} CPU-s ({ratio(ca, cb)})", met("<= +0.01 CPU-s", cpu <= 0.01)),
-        row("control-plane CPU per session", f"{server:.3f} CPU-s",
-            f"CLI and its sandbox {rest:.3f} CPU-s", ratio(server, rest),
-            met("<= 0.05", server <= 0.05 * rest)),
+        row(
+            cost,
+            f"{summary(ca)} CPU-s sandboxed",
+            f"{summary(cb)} CPU-s unsandboxed",
+            f"{cpu:+.3f} CPU-s ({ratio(ca, cb)})",
+            met("<= +0.01 CPU-s", cpu <= 0.01),
+        ),
+        row(
+            "control-plane CPU per session",
+            f"{server:.3f} CPU-s",
+            f"CLI and its sandbox {rest:.3f} CPU-s",
+            ratio(server, rest),
+            met("<= 0.05", server <= 0.05 * rest),
+        ),
     ]
 
 
@@ -146,10 +176,20 @@ async def warm_pool(bench: Bench, server: Server) -> list[str]:
     a, b = [x.wall_s for x in ours], [x.wall_s for x in theirs]
     fa, fb = [x.first_s for x in ours], [x.first_s for x in theirs]
     return [
-        row("1-turn session, wall, warm pool", f"{summary(a)} s", f"{summary(b)} s",
-            ratio(a, b), met("< 1.0 (warm)", median(a) < median(b))),
-        row("time to first agent event, warm pool", f"{summary(fa)} s", f"{summary(fb)} s",
-            ratio(fa, fb), met("<= 0.4", median(fa) <= 0.4 * median(fb))),
+        row(
+            "1-turn session, wall, warm pool",
+            f"{summary(a)} s",
+            f"{summary(b)} s",
+            ratio(a, b),
+            met("< 1.0 (warm)", median(a) < median(b)),
+        ),
+        row(
+            "time to first agent event, warm pool",
+            f"{summary(fa)} s",
+            f"{summary(fb)} s",
+            ratio(fa, fb),
+            met("<= 0.4", median(fa) <= 0.4 * median(fb)),
+        ),
     ]
 
 
@@ -163,6 +203,13 @@ async def run(bench: Bench, server: Server) -> list[str]:
         lambda: via_sdk(bench.sandbox.base_url, "tools"),
     )
     a, b = [x.wall_s for x in ours], [x.wall_s for x in theirs]
-    lines.append(row("3-tool-turn session, wall", f"{summary(a)} s", f"{summary(b)} s",
-                     ratio(a, b), met("<= 1.05 (cold)", median(a) <= 1.05 * median(b))))
+    lines.append(
+        row(
+            "3-tool-turn session, wall",
+            f"{summary(a)} s",
+            f"{summary(b)} s",
+            ratio(a, b),
+            met("<= 1.05 (cold)", median(a) <= 1.05 * median(b)),
+        )
+    )
     return lines

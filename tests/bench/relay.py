@@ -47,22 +47,34 @@ async def run(bench: Bench, server: Server) -> list[str]:
         lambda: via_agentplane(server.sessions, "relay"),
         lambda: via_sdk(bench.sandbox.base_url, "relay"),
     )
-    persisted = [scalar(server.database_url,
-                        "SELECT count(*) FROM session_events WHERE session_id = ?", [s.session_id])
-                 for s in ours]
+    persisted = [
+        scalar(
+            server.database_url,
+            "SELECT count(*) FROM session_events WHERE session_id = ?",
+            [s.session_id],
+        )
+        for s in ours
+    ]
     events = ours[0].agent_events
     assert all(s.agent_events == events for s in ours + theirs), (ours, theirs)
     a, b = [s.relay_rate for s in ours], [s.relay_rate for s in theirs]
     streamed = [s.streamed for s in ours]
     same = all(p == s for p, s in zip(persisted, streamed, strict=True))
     return [
-        row(f"event relay, {server.label} ({events:,} agent events)",
+        row(
+            f"event relay, {server.label} ({events:,} agent events)",
             f"{summary(a, '.0f')} events/s streamed + persisted",
-            f"{summary(b, '.0f')} events/s (direct SDK, no gRPC, no DB)", ratio(a, b), ">= 0.8"),
-        row(f"events persisted = streamed, {server.label}",
+            f"{summary(b, '.0f')} events/s (direct SDK, no gRPC, no DB)",
+            ratio(a, b),
+            ">= 0.8",
+        ),
+        row(
+            f"events persisted = streamed, {server.label}",
             f"{min(persisted):,}-{max(persisted):,} persisted",
             f"{min(streamed):,}-{max(streamed):,} streamed",
-            ratio(sum(persisted), sum(streamed)) if same else "MISMATCH", "1.00 every run"),
+            ratio(sum(persisted), sum(streamed)) if same else "MISMATCH",
+            "1.00 every run",
+        ),
     ]
 
 
@@ -75,9 +87,14 @@ async def live_text(bench: Bench, server: Server) -> list[str]:
         lambda: via_agentplane(server.sessions, "chatty"),
     )
     assert all(s.deltas for s in on) and not any(s.deltas for s in off), (on, off)
-    persisted = [scalar(server.database_url,
-                        "SELECT count(*) FROM session_events WHERE session_id = ?", [s.session_id])
-                 for s in on]
+    persisted = [
+        scalar(
+            server.database_url,
+            "SELECT count(*) FROM session_events WHERE session_id = ?",
+            [s.session_id],
+        )
+        for s in on
+    ]
     # The deltas are live only: what is persisted is what a session without them streams.
     same = all(p == s.streamed - s.deltas for p, s in zip(persisted, on, strict=True))
     rate_on = [s.streamed / max(s.wall_s - s.first_s, 1e-9) for s in on]
@@ -85,14 +102,21 @@ async def live_text(bench: Bench, server: Server) -> list[str]:
     wall_on, wall_off = [s.wall_s for s in on], [s.wall_s for s in off]
     deltas = on[0].deltas
     return [
-        row(f"live text, {server.label} ({deltas:,} text deltas, {off[0].streamed} events)",
+        row(
+            f"live text, {server.label} ({deltas:,} text deltas, {off[0].streamed} events)",
             f"{summary(rate_on, '.0f')} events/s with deltas (deltas included)"
             + ("" if same else "; PERSISTED DELTAS"),
-            f"{summary(rate_off, '.0f')} events/s without", ratio(rate_on, rate_off),
-            "(none set)"),
-        row(f"live text, session wall time, {server.label}",
-            f"{summary(wall_on)} s with deltas", f"{summary(wall_off)} s without",
-            ratio(wall_on, wall_off), "(none set)"),
+            f"{summary(rate_off, '.0f')} events/s without",
+            ratio(rate_on, rate_off),
+            "(none set)",
+        ),
+        row(
+            f"live text, session wall time, {server.label}",
+            f"{summary(wall_on)} s with deltas",
+            f"{summary(wall_off)} s without",
+            ratio(wall_on, wall_off),
+            "(none set)",
+        ),
     ]
 
 
@@ -139,7 +163,10 @@ async def count_statements(bench: Bench, database_url: str, label: str) -> str:
         await stop_harness(h)
     total = sum(statements.values())
     top = ", ".join(f"{n:,} {kind}" for kind, n in statements.most_common(4))
-    return row(f"DB work per relay session, {label} ({sample.streamed:,} events)",
-               f"{commits:,} commits, {total:,} statements: {top}",
-               f"{sample.streamed:,} events", f"{total / sample.streamed:.2f} statements/event",
-               "batched: no commit or statement per event")
+    return row(
+        f"DB work per relay session, {label} ({sample.streamed:,} events)",
+        f"{commits:,} commits, {total:,} statements: {top}",
+        f"{sample.streamed:,} events",
+        f"{total / sample.streamed:.2f} statements/event",
+        "batched: no commit or statement per event",
+    )

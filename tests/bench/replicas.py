@@ -48,22 +48,30 @@ async def follow_lag(owner: Server, on: Server, followers: int) -> list[float]:
     """One paced session on `owner`, followed by `followers` streams on `on`."""
     run = owner.sessions.RunSession(request("paced"), metadata=AUTH)
     first = await run.read()
-    calls = [on.sessions.StreamSession(
-        session_pb2.StreamSessionRequest(session_id=first.session_id), metadata=AUTH)
-        for _ in range(followers)]
+    calls = [
+        on.sessions.StreamSession(
+            session_pb2.StreamSessionRequest(session_id=first.session_id), metadata=AUTH
+        )
+        for _ in range(followers)
+    ]
     joined = dt.datetime.now(dt.UTC).timestamp() + 0.2  # events after every follower joined
     lags: list[float] = []
-    await asyncio.gather(*(_collect(call, joined, lags) for call in calls),
-                         _collect(run, joined, []))
+    await asyncio.gather(
+        *(_collect(call, joined, lags) for call in calls), _collect(run, joined, [])
+    )
     return lags
 
 
 def counters(url: str) -> tuple[int, int]:
     """(transactions committed in the database, scans of the events table)."""
-    commits = scalar(url, "SELECT xact_commit FROM pg_stat_database WHERE datname = "
-                          "current_database()")
-    scans = scalar(url, "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM "
-                        "pg_stat_user_tables WHERE relname = 'session_events'")
+    commits = scalar(
+        url, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+    )
+    scans = scalar(
+        url,
+        "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM "
+        "pg_stat_user_tables WHERE relname = 'session_events'",
+    )
     return int(commits), int(scans)
 
 
@@ -87,9 +95,12 @@ async def idle_load(
     before = await _rate(owner.database_url)
     added = {}
     for n in FOLLOWERS:
-        calls = [other.sessions.StreamSession(
-            session_pb2.StreamSessionRequest(session_id=first.session_id), metadata=AUTH)
-            for _ in range(n)]
+        calls = [
+            other.sessions.StreamSession(
+                session_pb2.StreamSessionRequest(session_id=first.session_id), metadata=AUTH
+            )
+            for _ in range(n)
+        ]
         readers = [asyncio.create_task(c.read()) for c in calls]
         await asyncio.sleep(1.5)  # joined (the replay read), and the counters flushed
         added[n] = await _rate(owner.database_url)
@@ -107,11 +118,15 @@ async def cancel_latency(owner: Server, other: Server) -> float:
     first = await run.read()
     while True:  # RUNNING: the CLI is up and waiting for the model
         event = await run.read()
-        if event.HasField("state_change") and event.state_change.to_state == session_pb2.SESSION_STATE_RUNNING:
+        if (
+            event.HasField("state_change")
+            and event.state_change.to_state == session_pb2.SESSION_STATE_RUNNING
+        ):
             break
     start = time.perf_counter()
     cancelled = await other.sessions.CancelSession(
-        session_pb2.CancelSessionRequest(session_id=first.session_id), metadata=AUTH)
+        session_pb2.CancelSessionRequest(session_id=first.session_id), metadata=AUTH
+    )
     took = time.perf_counter() - start
     assert cancelled.error.reason == session_pb2.ERROR_REASON_CANCELLED, cancelled
     while await run.read() is not grpc.aio.EOF:
@@ -121,9 +136,13 @@ async def cancel_latency(owner: Server, other: Server) -> float:
 
 async def run(bench: Bench, owner: Server) -> list[str]:
     """The rows, with a second replica started beside `owner` (PostgreSQL)."""
-    other = await Server.start(label="PostgreSQL, replica 2", database_url=owner.database_url,
-                               sandbox_url=bench.sandbox.base_url,
-                               tenants_file=bench.tenants_file, work=Path(f"{bench.work}/p2"))
+    other = await Server.start(
+        label="PostgreSQL, replica 2",
+        database_url=owner.database_url,
+        sandbox_url=bench.sandbox.base_url,
+        tenants_file=bench.tenants_file,
+        work=Path(f"{bench.work}/p2"),
+    )
     rows = []
     try:
         for n in FOLLOWERS:
@@ -133,29 +152,49 @@ async def run(bench: Bench, owner: Server) -> list[str]:
                 on_owner += await follow_lag(owner, owner, n)
                 on_other += await follow_lag(owner, other, n)
             p50, p99 = percentile(on_other, 50), percentile(on_other, 99)
-            rows.append(row(
-                f"follow lag on another replica, {n} follower(s) per replica, p50 / p99 ms",
-                f"{p50:.1f} / {p99:.1f}",
-                f"owner {percentile(on_owner, 50):.1f} / {percentile(on_owner, 99):.1f}", "-",
-                met(f"<= {LAG_P50_MS:g} / {LAG_P99_MS:g}", p50 <= LAG_P50_MS and p99 <= LAG_P99_MS),
-            ))
+            rows.append(
+                row(
+                    f"follow lag on another replica, {n} follower(s) per replica, p50 / p99 ms",
+                    f"{p50:.1f} / {p99:.1f}",
+                    f"owner {percentile(on_owner, 50):.1f} / {percentile(on_owner, 99):.1f}",
+                    "-",
+                    met(
+                        f"<= {LAG_P50_MS:g} / {LAG_P99_MS:g}",
+                        p50 <= LAG_P50_MS and p99 <= LAG_P99_MS,
+                    ),
+                )
+            )
         base, added = await idle_load(owner, other)
         counts = " / ".join(f"{n}" for n in FOLLOWERS)
-        rows.append(row(
-            f"database transactions/s added by {counts} idle followers on another replica",
-            " / ".join(f"{added[n][0]:+.1f}" for n in FOLLOWERS),
-            f"{base[0]:.1f} with none", "-", "independent of the count",
-        ))
-        rows.append(row(
-            f"reads of the events table/s added by {counts} idle followers on another replica",
-            " / ".join(f"{added[n][1]:+.2f}" for n in FOLLOWERS),
-            f"{base[1]:.2f} with none", "-",
-            met("independent of the count (each < 1)", max(a[1] for a in added.values()) < 1),
-        ))
+        rows.append(
+            row(
+                f"database transactions/s added by {counts} idle followers on another replica",
+                " / ".join(f"{added[n][0]:+.1f}" for n in FOLLOWERS),
+                f"{base[0]:.1f} with none",
+                "-",
+                "independent of the count",
+            )
+        )
+        rows.append(
+            row(
+                f"reads of the events table/s added by {counts} idle followers on another replica",
+                " / ".join(f"{added[n][1]:+.2f}" for n in FOLLOWERS),
+                f"{base[1]:.2f} with none",
+                "-",
+                met("independent of the count (each < 1)", max(a[1] for a in added.values()) < 1),
+            )
+        )
         for where, through in (("on the owner", owner), ("through another replica", other)):
             took = [await cancel_latency(owner, through) for _ in range(CANCELS)]
-            rows.append(row(f"CancelSession {where}, {CANCELS} sessions, s", summary(took),
-                            "-", "-", met("p99 < 1 s", percentile(took, 99) < 1.0)))
+            rows.append(
+                row(
+                    f"CancelSession {where}, {CANCELS} sessions, s",
+                    summary(took),
+                    "-",
+                    "-",
+                    met("p99 < 1 s", percentile(took, 99) < 1.0),
+                )
+            )
     finally:
         await other.stop()
     return rows

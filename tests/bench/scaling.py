@@ -42,8 +42,11 @@ async def idle_streams(bench: Bench, server: Server) -> list[str]:
     sandbox holds RUNNING (its model request never answers): connected streams with nothing
     to send."""
     held = server.sessions.RunSession(
-        session_pb2.RunSessionRequest(prompt="[[sandbox:hang]] go", model=MODEL,
-                                      on_disconnect=session_pb2.ON_DISCONNECT_CONTINUE),
+        session_pb2.RunSessionRequest(
+            prompt="[[sandbox:hang]] go",
+            model=MODEL,
+            on_disconnect=session_pb2.ON_DISCONNECT_CONTINUE,
+        ),
         metadata=AUTH,
     )
     session_id = (await held.read()).session_id
@@ -75,9 +78,15 @@ async def idle_streams(bench: Bench, server: Server) -> list[str]:
     _, rss0, cpu0_pct = figures[0]
     for n, rss, cpu in figures:
         per = f" (+{(rss - rss0) * 1024 / n:.0f} KiB/stream)" if n else ""
-        lines.append(row(f"server RSS and CPU, {n} idle streams", f"{rss:.1f} MiB{per}, CPU {cpu:.1f} %",
-                         f"0 streams: {rss0:.1f} MiB, CPU {cpu0_pct:.1f} %", ratio(rss, rss0),
-                         "RSS flat (<= 1.10), CPU ~0"))
+        lines.append(
+            row(
+                f"server RSS and CPU, {n} idle streams",
+                f"{rss:.1f} MiB{per}, CPU {cpu:.1f} %",
+                f"0 streams: {rss0:.1f} MiB, CPU {cpu0_pct:.1f} %",
+                ratio(rss, rss0),
+                "RSS flat (<= 1.10), CPU ~0",
+            )
+        )
     return lines
 
 
@@ -89,8 +98,9 @@ async def figures(bench: Bench, server: Server, requests: dict[str, bytes]) -> d
         phases.append(unary.phase(server.target, "ListSessions", requests["ListSessions"], bench))
     results = await unary.load(phases)
     c = QUICK_CONCURRENCY if bench.quick else CONCURRENCY
-    rates = [await agentplane_rate(server, c, c if bench.quick else 2 * c)
-             for _ in range(bench.runs)]
+    rates = [
+        await agentplane_rate(server, c, c if bench.quick else 2 * c) for _ in range(bench.runs)
+    ]
     return {"GetSession": results[0::2], "ListSessions": results[1::2], "throughput": rates}
 
 
@@ -100,13 +110,16 @@ def elsewhere(database_url: str) -> bytes:
     it keeps in memory, so every call reads the database (the index is what is measured)."""
     session_id = str(uuid.UUID(int=1))  # seed.py's first session
     with connect(database_url) as conn:
-        sql = ("UPDATE sessions SET state = 'RUNNING', ended_at = NULL, owner = 'elsewhere', "
-               "lease_expires_at = ? WHERE id = ?")
+        sql = (
+            "UPDATE sessions SET state = 'RUNNING', ended_at = NULL, owner = 'elsewhere', "
+            "lease_expires_at = ? WHERE id = ?"
+        )
         if not database_url.startswith("sqlite"):
             sql = sql.replace("?", "%s")
         lease = datetime(2100, 1, 1, tzinfo=UTC)
-        conn.execute(sql, (sqlite_value(lease) if database_url.startswith("sqlite") else lease,
-                           session_id))
+        conn.execute(
+            sql, (sqlite_value(lease) if database_url.startswith("sqlite") else lease, session_id)
+        )
     return session_pb2.GetSessionRequest(session_id=session_id).SerializeToString()
 
 
@@ -126,26 +139,45 @@ async def run(bench: Bench, server: Server) -> tuple[list[str], list[str]]:
     seeded = BASE
     requests = {**requests, "GetSession": await asyncio.to_thread(elsewhere, server.database_url)}
     base = await figures(bench, server, requests)
-    notes = [(f"{server.label} baseline (+{BASE} rows seeded, beside the benchmarks' own "
-              f"sessions): {rows_in(server)}.")]
+    notes = [
+        (
+            f"{server.label} baseline (+{BASE} rows seeded, beside the benchmarks' own "
+            f"sessions): {rows_in(server)}."
+        )
+    ]
     lines = []
     for size in QUICK_SIZES if bench.quick else SIZES:
         started = time.perf_counter()
         await asyncio.to_thread(seed, server.database_url, seeded, size - seeded)
-        notes.append(f"{server.label} +{size:,} seeded ({time.perf_counter() - started:.0f} s): "
-                     f"{rows_in(server)}.")
+        notes.append(
+            f"{server.label} +{size:,} seeded ({time.perf_counter() - started:.0f} s): "
+            f"{rows_in(server)}."
+        )
         seeded = size
         now = await figures(bench, server, requests)
-        for method, label in (("GetSession", "GetSession"),
-                              ("ListSessions", "ListSessions (page of 50)")):
+        for method, label in (
+            ("GetSession", "GetSession"),
+            ("ListSessions", "ListSessions (page of 50)"),
+        ):
             ours, theirs = now[method], base[method]
-            lines.append(row(f"{label}, {server.label}, +{size:,} rows", unary.cell(ours),
-                             f"+{BASE} rows: " + unary.cell(theirs),
-                             ratio([r["rps"] for r in ours], [r["rps"] for r in theirs]), FLAT))
-        lines.append(row(f"sessions/s at concurrency {c}, {server.label}, +{size:,} rows",
-                         f"{summary(now['throughput'], '.2f')} /s",
-                         f"+{BASE} rows: {summary(base['throughput'], '.2f')} /s",
-                         ratio(now["throughput"], base["throughput"]), FLAT))
+            lines.append(
+                row(
+                    f"{label}, {server.label}, +{size:,} rows",
+                    unary.cell(ours),
+                    f"+{BASE} rows: " + unary.cell(theirs),
+                    ratio([r["rps"] for r in ours], [r["rps"] for r in theirs]),
+                    FLAT,
+                )
+            )
+        lines.append(
+            row(
+                f"sessions/s at concurrency {c}, {server.label}, +{size:,} rows",
+                f"{summary(now['throughput'], '.2f')} /s",
+                f"+{BASE} rows: {summary(base['throughput'], '.2f')} /s",
+                ratio(now["throughput"], base["throughput"]),
+                FLAT,
+            )
+        )
     notes.append(f"Query plans at +{seeded:,} rows, {server.label}: " + plans(server))
     return lines, notes
 
@@ -154,13 +186,13 @@ async def run(bench: Bench, server: Server) -> tuple[list[str], list[str]]:
 QUERIES = {
     "GetSession": "SELECT * FROM sessions WHERE id = ? AND tenant = ?",
     "ListSessions": "SELECT * FROM sessions WHERE tenant = ? "
-                    "ORDER BY created_at DESC, id DESC LIMIT 51",
+    "ORDER BY created_at DESC, id DESC LIMIT 51",
     "admission count": "SELECT count(*) FROM sessions WHERE tenant = ? "
-                       "AND state IN ('IDLE', 'RUNNING')",
+    "AND state IN ('IDLE', 'RUNNING')",
     "crash recovery (every lease TTL/3)": "SELECT * FROM sessions WHERE state IN ('IDLE', "
-        "'RUNNING') AND (lease_expires_at IS NULL OR lease_expires_at < ?) LIMIT 100",
+    "'RUNNING') AND (lease_expires_at IS NULL OR lease_expires_at < ?) LIMIT 100",
     "StreamSession replay": "SELECT * FROM session_events WHERE session_id = ? AND seq > ? "
-                            "ORDER BY seq",
+    "ORDER BY seq",
 }
 
 
@@ -169,9 +201,12 @@ def plans(server: Server) -> str:
     sqlite = server.database_url.startswith("sqlite")
     sid = "00000000-0000-0000-0000-000000000001"
     params = {
-        "GetSession": [sid, "acme"], "ListSessions": ["acme"], "admission count": ["acme"],
-        "crash recovery (every lease TTL/3)": ["2000-01-01 00:00:00.000000" if sqlite
-                                                else "2000-01-01T00:00:00+00:00"],
+        "GetSession": [sid, "acme"],
+        "ListSessions": ["acme"],
+        "admission count": ["acme"],
+        "crash recovery (every lease TTL/3)": [
+            "2000-01-01 00:00:00.000000" if sqlite else "2000-01-01T00:00:00+00:00"
+        ],
         "StreamSession replay": [sid, 0],
     }
     parts = []
@@ -186,6 +221,8 @@ def plans(server: Server) -> str:
                 t0 = time.perf_counter()
                 conn.execute(sql, params[name]).fetchall()
                 times.append(time.perf_counter() - t0)
-            parts.append(f"{name}: `{'; '.join(p.strip() for p in plan[:2])}` "
-                         f"({statistics.median(times) * 1000:.2f} ms)")
+            parts.append(
+                f"{name}: `{'; '.join(p.strip() for p in plan[:2])}` "
+                f"({statistics.median(times) * 1000:.2f} ms)"
+            )
     return "; ".join(parts) + "."

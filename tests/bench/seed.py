@@ -24,21 +24,44 @@ def _session(i: int, tenant: str) -> dict[str, Any]:
     created = EPOCH + timedelta(seconds=i)
     return {
         "id": str(uuid.UUID(int=i + 1)),  # never a uuid4: no clash with real sessions
-        "tenant": tenant, "state": "COMPLETE", "created_at": created, "started_at": created,
-        "ended_at": created + timedelta(seconds=1), "request_id": None, "request_hash": "0" * 64,
-        "model": MODEL, "allowed_tools": json.dumps(["Read"]), "labels": "{}",
-        "max_budget_usd": Decimal(1), "max_turns": 8, "budget_day": created.date().isoformat(),
-        "resumed_from": None, "cost_usd": Decimal("0.0016"), "sdk_cost_usd": Decimal("0.0016"),
-        "num_turns": 1, "input_tokens": 500, "output_tokens": 20,
-        "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "error_reason": None,
-        "error_message": "", "sdk_session_id": "", "result": "done", "owner": None,
+        "tenant": tenant,
+        "state": "COMPLETE",
+        "created_at": created,
+        "started_at": created,
+        "ended_at": created + timedelta(seconds=1),
+        "request_id": None,
+        "request_hash": "0" * 64,
+        "model": MODEL,
+        "allowed_tools": json.dumps(["Read"]),
+        "labels": "{}",
+        "max_budget_usd": Decimal(1),
+        "max_turns": 8,
+        "budget_day": created.date().isoformat(),
+        "resumed_from": None,
+        "cost_usd": Decimal("0.0016"),
+        "sdk_cost_usd": Decimal("0.0016"),
+        "num_turns": 1,
+        "input_tokens": 500,
+        "output_tokens": 20,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "error_reason": None,
+        "error_message": "",
+        "sdk_session_id": "",
+        "result": "done",
+        "owner": None,
         "lease_expires_at": None,
     }
 
 
 def _event(session: dict[str, Any]) -> dict[str, Any]:
-    return {"session_id": session["id"], "seq": 1, "time": session["created_at"],
-            "kind": "started", "payload": json.dumps({"seeded": True})}
+    return {
+        "session_id": session["id"],
+        "seq": 1,
+        "time": session["created_at"],
+        "kind": "started",
+        "payload": json.dumps({"seeded": True}),
+    }
 
 
 def sqlite_value(value: Any) -> Any:
@@ -67,16 +90,22 @@ def seed(database_url: str, start: int, count: int, tenant: str = "acme") -> Non
 def _columns(conn: Any, table: str, sqlite: bool) -> list[str]:
     if sqlite:
         return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
-    return [r[0] for r in conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
-        "AND table_schema = current_schema() ORDER BY ordinal_position", (table,))]
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
+            "AND table_schema = current_schema() ORDER BY ordinal_position",
+            (table,),
+        )
+    ]
 
 
 def _seed_sqlite(conn: Any, start: int, count: int, tenant: str) -> None:
     s_cols, e_cols = _columns(conn, "sessions", True), _columns(conn, "session_events", True)
     s_sql = f"INSERT INTO sessions ({', '.join(s_cols)}) VALUES ({', '.join('?' * len(s_cols))})"
-    e_sql = (f"INSERT INTO session_events ({', '.join(e_cols)}) "
-             f"VALUES ({', '.join('?' * len(e_cols))})")
+    e_sql = (
+        f"INSERT INTO session_events ({', '.join(e_cols)}) VALUES ({', '.join('?' * len(e_cols))})"
+    )
     rows = _rows(start, count, tenant)
     conn.execute("BEGIN")
     while True:

@@ -38,6 +38,13 @@ async def run(bench: Bench, server: Server) -> list[str]:
             lambda c=c, n=total: agentplane_rate(server, c, n),
             lambda c=c, n=total: closed_loop(c, n, lambda: via_sdk(bench.sandbox.base_url, "one")),
         )
-        lines.append(row(f"sessions/s at concurrency {c}", f"{summary(ours, '.2f')} /s",
-                         f"{summary(theirs, '.2f')} /s", ratio(ours, theirs), ">= 0.95"))
+        lines.append(
+            row(
+                f"sessions/s at concurrency {c}",
+                f"{summary(ours, '.2f')} /s",
+                f"{summary(theirs, '.2f')} /s",
+                ratio(ours, theirs),
+                ">= 0.95",
+            )
+        )
     return lines

@@ -30,11 +30,19 @@ def durations(bench: Bench) -> tuple[float, float]:
     return (0.1, 0.3) if bench.quick else (0.3, 1.5)
 
 
-def phase(target: str, method: str, request: bytes, bench: Bench,
-          token: str = TOKENS["acme"]) -> dict[str, Any]:
+def phase(
+    target: str, method: str, request: bytes, bench: Bench, token: str = TOKENS["acme"]
+) -> dict[str, Any]:
     warmup, duration = durations(bench)
-    return {"target": target, "method": PATHS[method], "request_hex": request.hex(),
-            "token": token, "tasks": TASKS, "warmup_s": warmup, "duration_s": duration}
+    return {
+        "target": target,
+        "method": PATHS[method],
+        "request_hex": request.hex(),
+        "token": token,
+        "tasks": TASKS,
+        "warmup_s": warmup,
+        "duration_s": duration,
+    }
 
 
 async def load(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -43,7 +51,9 @@ async def load(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         json.dump({"phases": phases}, spec)
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(HERE / "loadgen.py"), spec.name,
+            sys.executable,
+            str(HERE / "loadgen.py"),
+            spec.name,
             stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await proc.communicate()
@@ -54,8 +64,9 @@ async def load(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     results = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
     for p, r in zip(phases, results, strict=True):
         if r["errors"]:
-            raise RuntimeError(f"{p['method']} on {p['target']}: {r['errors']} errors, "
-                               f"e.g. {r['first_error']}")
+            raise RuntimeError(
+                f"{p['method']} on {p['target']}: {r['errors']} errors, e.g. {r['first_error']}"
+            )
     return results
 
 
@@ -80,11 +91,15 @@ async def canned_requests(server: Server) -> tuple[dict[str, bytes], dict[str, s
         "ListSessions": await server.sessions.ListSessions(requests["ListSessions"], metadata=AUTH),
         "GetBudget": await server.budgets.GetBudget(requests["GetBudget"], metadata=AUTH),
     }
-    return ({k: v.SerializeToString() for k, v in requests.items()},
-            {k: v.SerializeToString().hex() for k, v in answers.items()})
+    return (
+        {k: v.SerializeToString() for k, v in requests.items()},
+        {k: v.SerializeToString().hex() for k, v in answers.items()},
+    )
 
 
-async def start_bare(canned: dict[str, str], folder: Path) -> tuple[asyncio.subprocess.Process, str]:
+async def start_bare(
+    canned: dict[str, str], folder: Path
+) -> tuple[asyncio.subprocess.Process, str]:
     path = folder / "canned.json"
     path.write_text(json.dumps(canned))
     port = free_port()
@@ -113,8 +128,15 @@ async def run(bench: Bench, server: Server) -> list[str]:
         await bare.wait()
     lines = []
     for i, method in enumerate(methods):
-        mine = results[i * 2 * bench.runs:(i + 1) * 2 * bench.runs]
+        mine = results[i * 2 * bench.runs : (i + 1) * 2 * bench.runs]
         ours, theirs = mine[0::2], mine[1::2]
-        lines.append(row(f"{method}, {server.label}", cell(ours), cell(theirs),
-                         ratio([r["rps"] for r in ours], [r["rps"] for r in theirs]), GOAL))
+        lines.append(
+            row(
+                f"{method}, {server.label}",
+                cell(ours),
+                cell(theirs),
+                ratio([r["rps"] for r in ours], [r["rps"] for r in theirs]),
+                GOAL,
+            )
+        )
     return lines
