@@ -379,10 +379,10 @@ def smoke(tmp: Path) -> None:
 
 def main() -> int:
     started = time.monotonic()
-    os.umask(0o022)  # installed files readable by the sandboxes' unprivileged uids
+    os.umask(0o022)  # installed files readable by every uid (a tenant's os_user)
     # Short (AGENTPLANE_WORK_DIR lives in it) and outside the checkout; 0755 (and /tmp
-    # above it is world-traversable) because the sandboxed CLI, an unprivileged uid, runs
-    # the binary bundled inside the virtualenv.
+    # above it is world-traversable), as an operator's install must be: a tenant's os_user,
+    # an unprivileged uid, runs the CLI binary bundled inside the virtualenv.
     tmp = Path(tempfile.mkdtemp(prefix="apsmoke-", dir="/tmp"))
     tmp.chmod(0o755)
     try:
