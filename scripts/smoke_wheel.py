@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Smoke-test the built artifact: what `pip install agentplane[server]` gives an operator.
 
-Builds the sdist and, from it, the wheel (`python -m build`), installs the wheel with its
+Builds the sdist and, from it, the wheel (`python -m build`) from a clean copy of the
+checkout's files (git's list: tracked and new, never ignored), installs the wheel with its
 `server` extra into a fresh virtualenv outside the checkout and, from a directory outside
 the checkout, checks that:
   1. every file of client/, server/ and migrations/ is in the installed package (modules,
@@ -96,18 +97,43 @@ def project_version() -> str:
         return str(tomllib.load(f)["project"]["version"])
 
 
-def source_files() -> list[str]:
-    """The tracked files of the package roots (git's list: no caches, no build output)."""
+def checkout_files() -> list[str]:
+    """The checkout's files as git sees them: tracked, and new ones not ignored (no
+    .venv, caches, build/ or the editable install's egg-info, whose stale SOURCES.txt
+    setuptools would read into the sdist)."""
     try:
         listed = subprocess.run(
-            ["git", "-C", str(REPO), "ls-files", "--", *SOURCE_ROOTS],
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+            ],
             capture_output=True,
             text=True,
             check=True,
-        ).stdout.split()
+        ).stdout.split("\0")
     except (OSError, subprocess.CalledProcessError):
         raise SmokeFailure(f"cannot list the source files: {REPO} is not a git checkout") from None
-    return listed
+    return sorted({name for name in listed if name and (REPO / name).is_file()})
+
+
+def package_files(files: list[str]) -> list[str]:
+    """Those of the package roots (client/, server/, migrations/)."""
+    return [name for name in files if name.split("/", 1)[0] in SOURCE_ROOTS]
+
+
+def copy_source(files: list[str], tmp: Path) -> Path:
+    """The checkout's files (with their uncommitted changes) in a clean folder to build from."""
+    src = tmp / "src"
+    for name in files:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, src / name)
+    return src
 
 
 def clean_env(venv: Path) -> dict[str, str]:
@@ -130,13 +156,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def build(tmp: Path, env: dict[str, str]) -> Path:
+def build(tmp: Path, src: Path, env: dict[str, str]) -> Path:
     """The sdist, then the wheel built from it (what `python -m build` does by default, so a
     file the sdist leaves out is missing from the wheel too). Returns the wheel."""
     dist = tmp / "dist"
     step("building the sdist and the wheel (python -m build)")
     run(
-        [sys.executable, "-m", "build", "--outdir", dist, REPO],
+        [sys.executable, "-m", "build", "--outdir", dist, src],
         what="python -m build",
         cwd=tmp,
         env=env,
@@ -173,10 +199,10 @@ def site_packages(venv: Path, env: dict[str, str], tmp: Path) -> Path:
     return Path(done.stdout.strip())
 
 
-def check_files(installed: Path) -> None:
-    """Every tracked file of the package roots is in the installed package."""
+def check_files(installed: Path, files: list[str]) -> None:
+    """Every file of the package roots is in the installed package."""
     missing = []
-    for name in source_files():
+    for name in files:
         root, _, rest = name.partition("/")
         if not (installed / SOURCE_ROOTS[root] / rest).is_file():
             missing.append(f"{name} (expected at {SOURCE_ROOTS[root] / rest})")
@@ -186,7 +212,7 @@ def check_files(installed: Path) -> None:
             "found by pyproject.toml's discovery, or package data not declared):\n  "
             + "\n  ".join(missing)
         )
-    step(f"all {len(source_files())} files of client/, server/ and migrations/ are installed")
+    step(f"all {len(files)} files of client/, server/ and migrations/ are installed")
 
 
 IMPORT_ALL = """
@@ -362,9 +388,10 @@ class DevServer:
 def smoke(tmp: Path) -> None:
     version = project_version()
     env = clean_env(tmp / "venv")
-    wheel = build(tmp, env)
+    files = checkout_files()
+    wheel = build(tmp, copy_source(files, tmp), env)
     venv = install(tmp, wheel, env)
-    check_files(site_packages(venv, env, tmp))
+    check_files(site_packages(venv, env, tmp), package_files(files))
     check_imports(venv, env, tmp)
     check_versions(venv, env, tmp, version)
     server = DevServer(venv, env, tmp)
