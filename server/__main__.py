@@ -8,6 +8,8 @@ import getpass
 import os
 import sys
 
+from agentplane._version import package_version
+
 from .config import Settings, settings_help
 from .errors import ConfigError
 from .mcp.servers import problem as mcp_problem
@@ -25,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in [
         ("serve", "run the gRPC server (configured by the environment below)"),
