@@ -228,9 +228,11 @@ async def test_the_database_tenants_file_and_other_sessions_are_not_visible(h: H
     assert "token_sha256" not in out and "SQLite format" not in out
     for target in hidden:
         assert f"ls: cannot access '{target}': No such file or directory" in out, target
-    # The folders above its own show only the way to it: no other tenant, no database.
-    listing = out.split("LISTING", 1)[1].split("LISTED", 1)[0].split()
-    assert "victim" not in listing and "tenants.toml" not in listing and "ops" in listing
+    # The folders above its own are the way to it only (0711): the agent, not root, cannot
+    # even list them, and no other tenant or database lies there.
+    listing = out.split("LISTING", 1)[1].split("LISTED", 1)[0]
+    assert "victim" not in listing and "tenants.toml" not in listing
+    assert f"ls: cannot open directory '{work_dir}': Permission denied" in listing
     assert not Path("/var/tmp/ap-escape").exists() and not Path("/etc/ap-escape").exists()
     assert final(victim.result()).state == session_pb2.SESSION_STATE_COMPLETE
 
@@ -307,11 +309,13 @@ async def test_processes_that_shed_their_session_do_not_outlive_it(h: Harness) -
 
 
 async def test_symlinks_planted_in_its_folder_do_not_reach_the_host_on_a_retry(h: Harness) -> None:
-    # The agent points its folder's tmp and config folders at the host's / and /etc, then
-    # the model fails, so the session is retried: a new CLI starts in the same folder.
+    # The agent points its folder's tmp and config folders at the host's /, /tmp and /etc,
+    # then the model fails, so the session is retried: a new CLI starts in the same folder.
+    # (Its config folder points at /tmp, which it can write inside, so that its own CLI
+    # keeps working; on the host that link names the host's /tmp.)
     plant = (
         "cd $AGENTPLANE_SESSION_DIR && mv t t.old && ln -s / t && mv h h.old && mkdir h "
-        "&& ln -s /etc h/.claude && ln -s /etc h/.claude-resumed.AAAAAA && echo planted"
+        "&& ln -s /tmp h/.claude && ln -s /etc h/.claude-resumed.AAAAAA && echo planted"
     )
     check = (
         "echo TMP; ls /tmp; echo SESSION; ls -a $AGENTPLANE_SESSION_DIR $AGENTPLANE_SESSION_DIR/h; "
@@ -341,7 +345,7 @@ async def test_symlinks_planted_in_its_folder_do_not_reach_the_host_on_a_retry(h
     assert "t.old" in session and "h.old" in session and ".claude-resumed." in session
     assert not {"usr", "etc", "root", "proc"} & set(tmp.split())  # /tmp is not the host's /
     assert final(events).state == session_pb2.SESSION_STATE_COMPLETE, final(events).error
-    for host_path in ("/ap-escape-probe", "/etc/ap-escape-probe"):
+    for host_path in ("/ap-escape-probe", "/etc/ap-escape-probe", "/tmp/ap-escape-probe"):
         assert not Path(host_path).exists(), host_path
 
 
@@ -416,4 +420,7 @@ async def test_the_agent_works_in_its_own_folder_with_its_template(h: Harness) -
     assert "kiwi" in results[1].content
     assert "plan.txt" in results[2].content
     assert "GUAVA" in results[3].content
-    assert results[4].content.split() == ["made", "The", "plan", "is", "GUAVA.", "0"]
+    *said, uid = results[4].content.split()
+    assert said == ["made", "The", "plan", "is", "GUAVA."]
+    low, high = h.app.settings.sandbox_uids
+    assert low <= int(uid) <= high  # its own unprivileged uid, not root
