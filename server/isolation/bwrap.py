@@ -140,9 +140,17 @@ if [ "${CLAUDE_CONFIG_DIR:-$config}" != "$config" ]; then
   cp -R "$CLAUDE_CONFIG_DIR/." "$fresh/"
   chown -R "$U:$G" "$fresh"
   set -- --bind "$fresh" "$CLAUDE_CONFIG_DIR" "$@"; n=$((n + 3))
+  d=$CLAUDE_CONFIG_DIR
+  while d=${d%/*}; [ -n "$d" ]; do set -- --perms 0711 --dir "$d" "$@"; n=$((n + 4)); done
 fi
 # Host paths an MCP server of the tenant needs (validated: no spaces, no glob characters).
-for p in ${AGENTPLANE_SANDBOX_RO_BINDS:-}; do set -- --ro-bind "$p" "$p" "$@"; n=$((n + 3)); done
+# The folders bwrap makes above a mount point would be root's and 0700: the agent's uid
+# must pass them (0711: pass, not list).
+for p in ${AGENTPLANE_SANDBOX_RO_BINDS:-}; do
+  set -- --ro-bind "$p" "$p" "$@"; n=$((n + 3))
+  d=$p
+  while d=${d%/*}; [ -n "$d" ]; do set -- --perms 0711 --dir "$d" "$@"; n=$((n + 4)); done
+done
 for name in $AGENTPLANE_SANDBOX_ENV; do
   eval "[ -z \"\${$name+x}\" ]" || { eval "set -- --setenv $name \"\$$name\" \"\$@\""; n=$((n + 3)); }
 done
