@@ -23,7 +23,7 @@ from pathlib import Path
 DEFAULT_RANGE = (3_000_000, 3_065_535)
 
 
-class NoFreeUid(Exception):
+class NoFreeUid(OSError):
     """Every uid of the range belongs to a live session."""
 
 

@@ -140,7 +140,10 @@ class AgentRunner:
         watch: asyncio.Task[None] | None = None
         try:
             if warm is None:
-                await self._launcher.folders.prepare(dirs, tenant)
+                try:
+                    await self._launcher.folders.prepare(dirs, tenant)
+                except OSError as exc:  # no tmpfs, no cgroup, no free uid
+                    return Outcome.failed(f"the session's sandbox could not be prepared: {exc}")
             else:
                 warm.unmark()
             try:
