@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -105,7 +106,17 @@ async def _sandboxes(settings: Settings, cli: Path, gateway: MeteringGateway) ->
     socket = gateway.unix_socket
     assert socket is not None
     try:
-        return await asyncio.to_thread(Sandboxes.open, settings.work_dir, cli, socket, gateway.port)
+        return await asyncio.to_thread(
+            functools.partial(
+                Sandboxes.open,
+                settings.work_dir,
+                cli,
+                socket,
+                gateway.port,
+                uid_range=settings.sandbox_uids,
+                uid_lock_dir=(settings.host_dir or default_host_dir()) / "uids",
+            )
+        )
     except SandboxUnavailable as exc:
         raise ConfigError(
             "AGENTPLANE_SANDBOX",

@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
+from .isolation.uids import DEFAULT_RANGE, parse_range
 
 # The one dependency on telemetry, and one way only: Settings carries the OTEL_* variables
 # as the value telemetry defines and parses (without the SDK; app.py wires the providers).
@@ -295,6 +296,14 @@ class Settings:
         "(unsafe with more than one tenant; logged at start, health `agentplane.sandbox` "
         "NOT_SERVING)",
         shown="`bwrap`",
+    )
+    sandbox_uids: tuple[int, int] = setting(
+        "AGENTPLANE_SANDBOX_UIDS",
+        parse_range,
+        f"{DEFAULT_RANGE[0]}-{DEFAULT_RANGE[1]}",
+        "host uids for sandboxed sessions, FIRST-LAST: each live session runs as one of its "
+        "own (shared with the other servers of the host through AGENTPLANE_HOST_DIR); no "
+        "user of the host may hold one (tenants with an os_user run as that user instead)",
     )
     cli_max_retries: int | None = setting(
         "AGENTPLANE_CLI_MAX_RETRIES",

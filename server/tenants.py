@@ -269,9 +269,13 @@ def _parse_tenant(
     os_user = cfg["os_user"]
     if os_user is not None:
         try:
-            pwd.getpwnam(str(os_user))
+            entry = pwd.getpwnam(str(os_user))
         except KeyError:
             raise ConfigError(key("os_user"), f"no such Unix user {os_user!r}") from None
+        if entry.pw_uid == 0 or entry.pw_gid == 0:
+            raise ConfigError(
+                key("os_user"), f"{os_user!r} is root (uid or gid 0): an agent never runs as root"
+            )
         if os.geteuid() != 0:
             raise ConfigError(key("os_user"), "running agents as another user needs a root server")
     key_file = cfg["anthropic_api_key_file"]

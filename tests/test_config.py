@@ -33,6 +33,10 @@ GOOD_HASH = hash_token("tok")
         ({"AGENTPLANE_AUTO_MIGRATE": "maybe"}, "AGENTPLANE_AUTO_MIGRATE"),
         ({"AGENTPLANE_LOG_LEVEL": "LOUD"}, "AGENTPLANE_LOG_LEVEL"),
         ({"AGENTPLANE_SANDBOX": "off"}, "AGENTPLANE_SANDBOX"),
+        ({"AGENTPLANE_SANDBOX_UIDS": "3000000"}, "AGENTPLANE_SANDBOX_UIDS"),
+        ({"AGENTPLANE_SANDBOX_UIDS": "0-65535"}, "AGENTPLANE_SANDBOX_UIDS"),  # root in it
+        ({"AGENTPLANE_SANDBOX_UIDS": "5000-4000"}, "AGENTPLANE_SANDBOX_UIDS"),
+        ({"AGENTPLANE_SANDBOX_UIDS": "-1-5"}, "AGENTPLANE_SANDBOX_UIDS"),
     ],
 )
 def test_each_bad_setting_is_named(env: dict[str, str], setting: str) -> None:
@@ -124,6 +128,7 @@ def test_config_and_telemetry_setup_do_not_import_each_other_or_sessions() -> No
         (tenant_toml("a", "tok", max_processes=8), "tenants.a.max_processes"),
         (tenant_toml("a", "tok", max_cpu_s=0), "tenants.a.max_cpu_s"),
         (tenant_toml("a", "tok", max_disk_mib=True), "tenants.a.max_disk_mib"),
+        (tenant_toml("a", "tok", os_user="root"), "tenants.a.os_user"),  # never root
         ("not toml at all [", "AGENTPLANE_TENANTS_FILE"),
         ("[other]\nx = 1\n", "AGENTPLANE_TENANTS_FILE"),
     ],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import logging
 import pwd
 import shlex
 from collections.abc import Iterable
@@ -31,6 +31,7 @@ from .folders import SessionFolders
 from .requests import SessionSpec
 
 ANTHROPIC_API = "https://api.anthropic.com"
+log = logging.getLogger(__name__)
 
 # The longest line of the CLI's output the SDK accepts (its default, 1 MiB, fails a session
 # whose one assistant message or transcript-mirror frame is larger: 1,000 parallel tool
@@ -38,6 +39,28 @@ ANTHROPIC_API = "https://api.anthropic.com"
 MAX_CLI_MESSAGE_BYTES = 64 << 20
 
 BUNDLED_CLI = Path(claude_agent_sdk.__file__).resolve().parent / "_bundled" / "claude"
+
+
+class CliStderr:
+    """Logs (at DEBUG) what one CLI writes to its stderr: at most `MAX_LINES` lines of at
+    most `MAX_CHARS` characters, since a tool of the agent can write there too."""
+
+    MAX_LINES = 200
+    MAX_CHARS = 1000
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.lines = 0
+
+    def __call__(self, line: str) -> None:
+        self.lines += 1
+        if self.lines <= self.MAX_LINES:
+            log.debug(
+                "cli_stderr",
+                extra={"session_id": self.session_id, "line": line[: self.MAX_CHARS]},
+            )
+        elif self.lines == self.MAX_LINES + 1:
+            log.debug("cli_stderr_truncated", extra={"session_id": self.session_id})
 
 
 @dataclass(frozen=True)
@@ -105,11 +128,10 @@ class Launcher:
             mcp_servers={server.name: server for server in remote},
         )
 
-    async def reseal(self, dirs: SessionDirs, tenant: Tenant) -> None:
+    async def reseal(self, dirs: SessionDirs) -> None:
         """Before a CLI starts again in the folder of an agent that already ran there."""
         if self.sandboxes is not None:
-            uid, gid = tenant.unix_ids() or (os.getuid(), os.getgid())
-            await asyncio.to_thread(self.sandboxes.reseal, dirs.root, uid, gid)
+            await asyncio.to_thread(self.sandboxes.reseal, dirs.root)
 
     def breach(self, dirs: SessionDirs, tenant: Tenant) -> Breach | None:
         """The limit the session in `dirs` hit so far (None: none, or no sandbox)."""
@@ -160,13 +182,11 @@ class Launcher:
             extra=extra,
         )
         if self.sandboxes is not None:
-            ids = tenant.unix_ids()
             env.update(
                 self.sandboxes.variables(
                     dirs.root,
                     [name for name, value in env.items() if value],
-                    uid=ids[0] if ids else None,
-                    gid=ids[1] if ids else None,
+                    user=tenant.os_user or "agent",
                     ro_paths=servers.paths,
                 )
             )
@@ -206,6 +226,9 @@ class Launcher:
             cli_path=str(cli),
             setting_sources=[],
             max_buffer_size=MAX_CLI_MESSAGE_BYTES,
+            # A pipe of its own (the SDK pipes stderr only for a callback): the server's
+            # stderr, its log, never reaches an agent.
+            stderr=CliStderr(meter.session_id),
         )
 
     def _cli_for(self, tenant: Tenant) -> Path:

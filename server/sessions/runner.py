@@ -140,7 +140,10 @@ class AgentRunner:
         watch: asyncio.Task[None] | None = None
         try:
             if warm is None:
-                await self._launcher.folders.prepare(dirs, tenant)
+                try:
+                    await self._launcher.folders.prepare(dirs, tenant)
+                except OSError as exc:  # no tmpfs, no cgroup, no free uid
+                    return Outcome.failed(f"the session's sandbox could not be prepared: {exc}")
             else:
                 warm.unmark()
             try:
@@ -248,7 +251,7 @@ class AgentRunner:
                 connected = run.warm.connected()
             else:
                 if run.starts:  # an agent ran in this folder before: seal it again
-                    await self._launcher.reseal(run.dirs, run.tenant)
+                    await self._launcher.reseal(run.dirs)
                 connected = ClaudeSDKClient(
                     self._launcher.options(
                         spec,
@@ -297,10 +300,11 @@ class AgentRunner:
         except ClaudeSDKError as exc:
             return Outcome.failed(f"the agent failed: {exc}"), False
 
-    @staticmethod
-    def _bring_in(spec: SessionSpec, tenant: Tenant, dirs: SessionDirs) -> dict[str, Stamp]:
+    def _bring_in(self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs) -> dict[str, Stamp]:
         """Write the request's input files; what the workspace holds before the agent runs."""
-        write_input_files(dirs.cwd, spec.input_files, tenant.unix_ids())
+        write_input_files(
+            dirs.cwd, spec.input_files, self._launcher.folders.owner(dirs.root, tenant)
+        )
         return snapshot(dirs.cwd)
 
 
