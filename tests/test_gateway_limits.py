@@ -254,6 +254,8 @@ async def test_large_bodies_are_parsed_in_a_worker_process_that_is_replaced_if_i
         assert await parser.run(100, os.getpid) == os.getpid()  # small: inline
         worker = await parser.run(101, os.getpid)
         assert worker != os.getpid()
+        # at a lower priority than the server (niceness is capped at 19)
+        assert await parser.run(101, os.nice, 0) == min(19, os.nice(0) + 10)
         raw = json.dumps(_with_blocks(_document(pdf(2)))).encode()
         assert await parser.run(len(raw), inspect, raw, 0.2) == inspect(raw, 0.2)
         with pytest.raises(ParseFailed):

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import multiprocessing
+import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +31,7 @@ T = TypeVar("T")
 
 OFF_LOOP_BYTES = 1024 * 1024  # bodies above this are parsed in a worker process
 WORKERS = 2  # worker processes (started on the first large body)
+WORKER_NICENESS = 10
 _LONG_CACHE = re.compile(rb'"ttl"\s*:\s*"1h"')
 
 
@@ -82,6 +84,12 @@ def refit(raw: bytes, max_tokens: int) -> tuple[bytes, int | None]:
     return json.dumps(fitted, separators=(",", ":"), ensure_ascii=False).encode(), thinking
 
 
+def _lower_priority() -> None:
+    # A worker parses what agents send, hostile floods included: the server's own event
+    # loop and the agents' CLIs come first on a busy machine.
+    os.nice(WORKER_NICENESS)
+
+
 class ParseFailed(Exception):
     """The worker process died while parsing (a new one serves the next body)."""
 
@@ -121,7 +129,9 @@ class BodyParser:
         if self._pool is None:
             # spawn: the server has threads (gRPC), which a fork would copy half-way.
             self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn")
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_lower_priority,
             )
         return self._pool
 
