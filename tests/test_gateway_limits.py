@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -25,6 +26,7 @@ from agentplane.server.budgets.gateway_meter import SessionMeter
 from agentplane.server.budgets.gateway_parse import BodyParser, ParseFailed, inspect
 from agentplane.server.budgets.pricing import PriceTable
 from agentplane.server.sandbox import SandboxServer
+from harness import processes
 from test_gateway import _document, _with_blocks, pdf
 
 CAP = 1024 * 1024
@@ -181,6 +183,26 @@ async def test_a_large_body_is_metered_like_a_small_one(
     forwarded = sandbox.requests[-1].body
     assert forwarded is not None and forwarded["max_tokens"] == record.max_tokens_forwarded
     assert forwarded["messages"] == big["messages"]
+
+
+async def test_a_parser_process_that_dies_fails_its_request_only(
+    sandbox: SandboxServer, gateway: MeteringGateway
+) -> None:
+    meter = _open(gateway, sandbox, budget="5")
+    raw = json.dumps(_request("x" * (2 * OFF_LOOP))).encode()
+    assert (await _post(gateway, meter.token, raw))[0] == 200  # the parsers are running
+    parsers = [p.pid for p in processes() if p.ppid == os.getpid() and b"spawn_main" in p.cmdline]
+    assert parsers
+    for pid in parsers:
+        os.kill(pid, signal.SIGKILL)
+    status, headers, body = await _post(gateway, meter.token, raw)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert "could not be parsed" in body["error"]["message"]
+    assert headers["x-should-retry"] == "false"
+    # New parser processes serve the next body.
+    assert (await _post(gateway, meter.token, raw))[0] == 200
+    assert [r.outcome for r in meter.requests] == ["completed", "invalid", "completed"]
+    assert meter.reserved_usd == 0
 
 
 # -- reads per session ---------------------------------------------------------------------------

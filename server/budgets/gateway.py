@@ -432,66 +432,68 @@ class MeteringGateway:
         forward, or the refusal."""
         raw = await read_body(request, self.max_body_bytes)
         record = MeteredRequest(model="", price_version=self.prices.version)
+        reservation: Reservation | None = None
         try:
             facts = await self._parser.run(len(raw), inspect, raw, self.input_margin)
-        except ParseFailed:
-            return self._refuse(meter, record, "invalid", UNPARSED)
-        if facts.invalid is not None:
-            return self._refuse(meter, record, "invalid", facts.invalid)
-        record.model = facts.model
-        record.stream = facts.stream
-        record.thinking_budget_requested = facts.thinking_budget
-        record.max_tokens_requested = facts.max_tokens
-        if not record.model:
-            return self._refuse(meter, record, "invalid", "model: a model id is required")
-        if record.max_tokens_requested is None or record.max_tokens_requested < 1:
-            return self._refuse(meter, record, "invalid", "max_tokens: must be an integer >= 1")
-        try:
-            price = self.prices.price(record.model)
-        except UnknownModel as exc:
-            return self._refuse(meter, record, "refused", exc.description)
+            if facts.invalid is not None:
+                return self._refuse(meter, record, "invalid", facts.invalid)
+            record.model = facts.model
+            record.stream = facts.stream
+            record.thinking_budget_requested = facts.thinking_budget
+            record.max_tokens_requested = facts.max_tokens
+            if not record.model:
+                return self._refuse(meter, record, "invalid", "model: a model id is required")
+            if record.max_tokens_requested is None or record.max_tokens_requested < 1:
+                return self._refuse(meter, record, "invalid", "max_tokens: must be an integer >= 1")
+            try:
+                price = self.prices.price(record.model)
+            except UnknownModel as exc:
+                return self._refuse(meter, record, "refused", exc.description)
 
-        record.input_tokens_estimate = facts.input_tokens_estimate
-        record.price_version = price.version
-        reservation = meter.reserve(
-            price,
-            facts.input_tokens_estimate,
-            record.max_tokens_requested,
-            min_output_tokens=self.min_output_tokens,
-            long_cache=facts.long_cache,
-        )
-        if reservation is None:
-            log.info(
-                "gateway session=%s refused: budget exhausted (remaining %s USD, model %s)",
-                meter.session_id,
-                meter.remaining_usd,
-                record.model,
+            record.input_tokens_estimate = facts.input_tokens_estimate
+            record.price_version = price.version
+            reservation = meter.reserve(
+                price,
+                facts.input_tokens_estimate,
+                record.max_tokens_requested,
+                min_output_tokens=self.min_output_tokens,
+                long_cache=facts.long_cache,
             )
-            return self._refuse(meter, record, "refused", BUDGET_EXHAUSTED)
-        record.reserved_usd = reservation.amount_usd
-        record.max_tokens_forwarded = reservation.max_tokens
-        if reservation.max_tokens == record.max_tokens_requested:
-            record.thinking_budget_forwarded = record.thinking_budget_requested
-            return reservation, record, raw
-        try:
+            if reservation is None:
+                log.info(
+                    "gateway session=%s refused: budget exhausted (remaining %s USD, model %s)",
+                    meter.session_id,
+                    meter.remaining_usd,
+                    record.model,
+                )
+                return self._refuse(meter, record, "refused", BUDGET_EXHAUSTED)
+            record.reserved_usd = reservation.amount_usd
+            record.max_tokens_forwarded = reservation.max_tokens
+            if reservation.max_tokens == record.max_tokens_requested:
+                record.thinking_budget_forwarded = record.thinking_budget_requested
+                return reservation, record, raw
             data, record.thinking_budget_forwarded = await self._parser.run(
                 len(raw), refit, raw, reservation.max_tokens
             )
-        except ParseFailed:  # not forwarded: the reservation is released
-            record.status, record.outcome = 400, "invalid"
-            meter.settle(reservation, record)
-            return error_response(400, "invalid_request_error", UNPARSED)
-        except BaseException:  # the agent went away: nothing was forwarded
-            record.outcome = "client_disconnected"
-            meter.settle(reservation, record)
+            return reservation, record, data
+        except ParseFailed:  # not forwarded: a reservation is released
+            return self._refuse(meter, record, "invalid", UNPARSED, reservation)
+        except BaseException:
+            if reservation is not None:  # the agent went away before it was forwarded
+                record.outcome = "client_disconnected"
+                meter.settle(reservation, record)
             raise
-        return reservation, record, data
 
     def _refuse(
-        self, meter: SessionMeter, record: MeteredRequest, outcome: str, message: str
+        self,
+        meter: SessionMeter,
+        record: MeteredRequest,
+        outcome: str,
+        message: str,
+        reservation: Reservation | None = None,
     ) -> web.Response:
         record.status, record.outcome = 400, outcome
-        meter.settle(None, record)
+        meter.settle(reservation, record)
         return error_response(400, "invalid_request_error", message)
 
     async def _forward(
