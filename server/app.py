@@ -243,7 +243,11 @@ class App:
         cli = settings.cli_path or BUNDLED_CLI
         # Per server (pid): replicas may share a work dir.
         socket = settings.work_dir / f".gateway-{os.getpid()}.sock"
-        gateway = MeteringGateway(prices, unix_socket=socket if settings.sandbox else None)
+        gateway = MeteringGateway(
+            prices,
+            unix_socket=socket if settings.sandbox else None,
+            max_body_bytes=settings.gateway_max_body_mib * 1024 * 1024,
+        )
         await gateway.start()
         resources.push_async_callback(gateway.stop)
         gateway.on_upstream = health.model_api

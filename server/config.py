@@ -264,6 +264,13 @@ class Settings:
         "the model API behind the metering gateway (unset: the Anthropic API)",
         shown="unset",
     )
+    gateway_max_body_mib: int = setting(
+        "AGENTPLANE_GATEWAY_MAX_BODY_MIB",
+        _integer(1, 1024),
+        "32",
+        "the largest request body the metering gateway reads from an agent, 1..1024 MiB; a "
+        "larger one is answered 413 before it is read (the Messages API's own limit is 32 MB)",
+    )
     work_dir: Path = setting(  # noqa: RUF009
         "AGENTPLANE_WORK_DIR",
         _absolute,

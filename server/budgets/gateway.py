@@ -12,21 +12,22 @@ and the priced usage is added to the session's spend (see :mod:`.gateway_meter`)
 
 Routes: ``POST /v1/messages`` (metered), ``POST /v1/messages/count_tokens`` (forwarded,
 free), ``/mcp/<server>/...`` (the session's remote MCP servers, see :mod:`..mcp.relay`);
-anything else is 404. Unauthenticated requests get 401.
+anything else is 404. Unauthenticated requests get 401. On every route a body over
+``max_body_bytes`` gets 413 before it is buffered, and a session has at most a few
+bodies read and parsed at once (see :mod:`.gateway_limits`); a large body is parsed and
+estimated off the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
-import re
 import secrets
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 import aiohttp
 from aiohttp import web
@@ -36,14 +37,18 @@ from yarl import URL
 from ..domain import TokenUsage, utcnow
 from ..mcp import relay
 from ..mcp.servers import RemoteServer
-from .gateway_meter import (
-    MeteredRequest,
-    Reservation,
-    SessionMeter,
-    estimate_input_tokens,
-    fit_body,
-    thinking_budget,
+from .gateway_limits import (
+    MAX_BODY_BYTES,
+    READS_PER_SESSION,
+    WAITING_PER_SESSION,
+    BodyTooLarge,
+    ReadSlots,
+    TooManyReads,
+    over_cap,
+    read_body,
 )
+from .gateway_meter import MeteredRequest, Reservation, SessionMeter
+from .gateway_parse import OFF_LOOP_BYTES, BodyParser, ParseFailed, inspect, refit
 from .gateway_sse import SideDecoder, SseUsageParser, usage_from_message
 from .pricing import PriceTable, UnknownModel
 
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 MESSAGES = "/v1/messages"
 COUNT_TOKENS = "/v1/messages/count_tokens"
 BUDGET_EXHAUSTED = "session budget exhausted"
+UNPARSED = "the request body could not be parsed (the gateway's parser failed)"
 
 _HOP_BY_HOP = frozenset(
     {
@@ -77,15 +83,21 @@ _DROP_REQUEST = _HOP_BY_HOP | {
     "accept-encoding",
 }
 _DROP_RESPONSE = _HOP_BY_HOP | {"content-length"}
-_LONG_CACHE = re.compile(rb'"ttl"\s*:\s*"1h"')
 
 
 def error_response(
-    status: int, error_type: str, message: str, *, should_retry: bool | None = False
+    status: int,
+    error_type: str,
+    message: str,
+    *,
+    should_retry: bool | None = False,
+    retry_after_s: int | None = None,
 ) -> web.Response:
     """An Anthropic-style JSON error (``x-should-retry`` set unless ``should_retry`` is
     None)."""
     headers = {"request-id": "req_agentplane_" + secrets.token_hex(8)}
+    if retry_after_s is not None:
+        headers["retry-after"] = str(retry_after_s)
     if should_retry is not None:
         headers["x-should-retry"] = "true" if should_retry else "false"
     body = {"type": "error", "error": {"type": error_type, "message": message}}
@@ -106,14 +118,6 @@ def _token_of(request: web.Request) -> str | None:
     return None
 
 
-def _json_object(raw: bytes) -> dict[str, Any] | None:
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
 def _abort(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
@@ -126,7 +130,11 @@ class MeteringGateway:
     ``upstream_timeout_s`` is the longest the gateway waits for the next bytes of an
     upstream response (not the whole response: a long generation may stream for longer);
     ``input_margin`` the safety margin of the input estimate; ``min_output_tokens`` the
-    smallest ``max_tokens`` worth forwarding when the budget forces it down.
+    smallest ``max_tokens`` worth forwarding when the budget forces it down;
+    ``max_body_bytes`` the largest request body read (413 above); ``reads_per_session``
+    and ``waiting_per_session`` how many of a session's bodies are read at once and how
+    many more may wait for their turn (429 beyond); ``parse_off_loop_bytes`` the size above
+    which a body is parsed in a worker process.
     """
 
     def __init__(
@@ -140,7 +148,13 @@ class MeteringGateway:
         input_margin: float = 0.2,
         min_output_tokens: int = 512,
         unix_socket: Path | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        reads_per_session: int = READS_PER_SESSION,
+        waiting_per_session: int = WAITING_PER_SESSION,
+        parse_off_loop_bytes: int = OFF_LOOP_BYTES,
     ) -> None:
+        if max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be >= 1")
         if input_margin < 0:
             raise ValueError("input_margin must be >= 0")
         if min_output_tokens < 1:
@@ -152,6 +166,10 @@ class MeteringGateway:
         self.connect_timeout_s = connect_timeout_s
         self.input_margin = input_margin
         self.min_output_tokens = min_output_tokens
+        self.max_body_bytes = max_body_bytes
+        self.reads_per_session = reads_per_session
+        self.waiting_per_session = waiting_per_session
+        ReadSlots(reads_per_session, waiting_per_session)  # checks the two
         # Also served on this unix socket: sandboxed agents reach the gateway only there.
         self.unix_socket = unix_socket
         self._meters: dict[str, SessionMeter] = {}
@@ -159,6 +177,9 @@ class MeteringGateway:
         # (health reports it; see app.py). Must not raise.
         self.on_upstream: Callable[[bool], None] = lambda _reachable: None
         self._by_token: dict[bytes, SessionMeter] = {}
+        self._reads: dict[str, ReadSlots] = {}
+        # Bodies over parse_off_loop_bytes are parsed in worker processes.
+        self._parser = BodyParser(off_loop_bytes=parse_off_loop_bytes)
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
 
@@ -167,7 +188,8 @@ class MeteringGateway:
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError("metering gateway already started")
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        # client_max_size: a backstop; every body is read by gateway_limits.read_body.
+        app = web.Application(client_max_size=self.max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         # handler_cancellation: when the agent goes away, its upstream request is closed.
         runner = web.AppRunner(
@@ -206,6 +228,7 @@ class MeteringGateway:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        self._parser.close()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -250,6 +273,7 @@ class MeteringGateway:
         )
         meter.mcp_servers = dict(mcp_servers or {})
         self._meters[session_id] = meter
+        self._reads[session_id] = ReadSlots(self.reads_per_session, self.waiting_per_session)
         self._by_token[_digest(meter.token)] = meter
         return meter
 
@@ -259,6 +283,7 @@ class MeteringGateway:
         Requests already in flight finish and settle into the returned meter.
         """
         meter = self._meters.pop(session_id, None)
+        self._reads.pop(session_id, None)
         if meter is not None:
             self._by_token.pop(_digest(meter.token), None)
             meter.closed = True
@@ -268,6 +293,10 @@ class MeteringGateway:
         """The open meter of a session, if any."""
         return self._meters.get(session_id)
 
+    def read_slots(self, session_id: str) -> ReadSlots | None:
+        """The read turns of an open session (how many of its bodies are read, and wait)."""
+        return self._reads.get(session_id)
+
     # -- HTTP ------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -275,15 +304,66 @@ class MeteringGateway:
         meter = self._by_token.get(_digest(token)) if token else None
         if meter is None:
             return error_response(401, "authentication_error", "invalid x-api-key")
-        if request.path.startswith(relay.ROUTE):
-            return await relay.forward(request, self._http, meter.mcp_servers, meter.session_id)
-        if request.method == "POST" and request.path == MESSAGES:
-            return await self._messages(request, meter)
-        if request.method == "POST" and request.path == COUNT_TOKENS:
-            return await self._pass_through(request, meter)
+        slots = self._reads[meter.session_id]
+        try:
+            if (too_large := over_cap(request, self.max_body_bytes)) is not None:
+                raise too_large
+            if request.path.startswith(relay.ROUTE):
+                return await self._relay(request, meter, slots)
+            if request.method == "POST" and request.path == MESSAGES:
+                return await self._messages(request, meter, slots)
+            if request.method == "POST" and request.path == COUNT_TOKENS:
+                return await self._pass_through(request, meter, slots)
+        except BodyTooLarge as exc:
+            return self._too_large(meter, slots, exc)
+        except TooManyReads:
+            return self._busy(meter, slots)
         return error_response(
             404, "not_found_error", f"Not found: {request.method} {request.path}", should_retry=None
         )
+
+    def _too_large(self, meter: SessionMeter, slots: ReadSlots, exc: BodyTooLarge) -> web.Response:
+        if "too_large" not in slots.logged:  # once per session: a flood is not a log flood
+            slots.logged.add("too_large")
+            log.warning(
+                "gateway session=%s: a request body over %d bytes refused (413; logged once)",
+                meter.session_id,
+                exc.limit,
+            )
+        size = f"of {exc.declared:,} bytes " if exc.declared is not None else ""
+        return error_response(
+            413,
+            "request_too_large",
+            f"the request body {size}is over the limit of {exc.limit:,} bytes "
+            "(the Messages API's own limit is 32 MB)",
+        )
+
+    def _busy(self, meter: SessionMeter, slots: ReadSlots) -> web.Response:
+        if "busy" not in slots.logged:
+            slots.logged.add("busy")
+            log.warning(
+                "gateway session=%s: too many requests at once, answered 429 (logged once)",
+                meter.session_id,
+            )
+        return error_response(
+            429,
+            "rate_limit_error",
+            f"too many requests of this session at once ({slots.reads} being read, "
+            f"{slots.waiting_max} waiting): retry when one has been answered",
+            should_retry=True,
+            retry_after_s=1,
+        )
+
+    async def _read(self, request: web.Request, slots: ReadSlots) -> bytes:
+        """The request's body, read in one of the session's turns (capped)."""
+        async with slots.turn():
+            return await read_body(request, self.max_body_bytes)
+
+    async def _relay(
+        self, request: web.Request, meter: SessionMeter, slots: ReadSlots
+    ) -> web.StreamResponse:
+        body = await self._read(request, slots)
+        return await relay.forward(request, body, self._http, meter.mcp_servers, meter.session_id)
 
     def _unanswered(self, exc: BaseException, meter: SessionMeter) -> web.Response:
         """What the agent gets when upstream gave no (complete) answer."""
@@ -317,9 +397,11 @@ class MeteringGateway:
             raise RuntimeError("metering gateway not started")
         return self._client
 
-    async def _pass_through(self, request: web.Request, meter: SessionMeter) -> web.Response:
+    async def _pass_through(
+        self, request: web.Request, meter: SessionMeter, slots: ReadSlots
+    ) -> web.Response:
         """Forward as is, answer with upstream's reply (count_tokens: free)."""
-        raw = await request.read()
+        raw = await self._read(request, slots)
         url, headers = self._upstream(request, meter)
         try:
             async with self._http.post(url, data=raw, headers=headers) as up:
@@ -331,60 +413,87 @@ class MeteringGateway:
         except (aiohttp.ClientError, TimeoutError) as exc:
             return self._unanswered(exc, meter)
 
-    async def _messages(self, request: web.Request, meter: SessionMeter) -> web.StreamResponse:
-        raw = await request.read()
-        record = MeteredRequest(model="", price_version=self.prices.version)
-        body = _json_object(raw)
-        if body is None:
-            return self._refuse(meter, record, "invalid", "request body must be a JSON object")
-        model, max_tokens = body.get("model"), body.get("max_tokens")
-        record.model = model if isinstance(model, str) else ""
-        record.stream = bool(body.get("stream"))
-        record.thinking_budget_requested = thinking_budget(body)
-        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
-            record.max_tokens_requested = max_tokens
-        if not record.model:
-            return self._refuse(meter, record, "invalid", "model: a model id is required")
-        if record.max_tokens_requested is None or record.max_tokens_requested < 1:
-            return self._refuse(meter, record, "invalid", "max_tokens: must be an integer >= 1")
-        try:
-            price = self.prices.price(record.model)
-        except UnknownModel as exc:
-            return self._refuse(meter, record, "refused", exc.description)
-
-        estimate = estimate_input_tokens(body, self.input_margin)
-        record.input_tokens_estimate = estimate
-        record.price_version = price.version
-        reservation = meter.reserve(
-            price,
-            estimate,
-            record.max_tokens_requested,
-            min_output_tokens=self.min_output_tokens,
-            long_cache=bool(_LONG_CACHE.search(raw)),
-        )
-        if reservation is None:
-            log.info(
-                "gateway session=%s refused: budget exhausted (remaining %s USD, model %s)",
-                meter.session_id,
-                meter.remaining_usd,
-                record.model,
-            )
-            return self._refuse(meter, record, "refused", BUDGET_EXHAUSTED)
-        record.reserved_usd = reservation.amount_usd
-        record.max_tokens_forwarded = reservation.max_tokens
-        if reservation.max_tokens < record.max_tokens_requested:
-            fitted, record.thinking_budget_forwarded = fit_body(body, reservation.max_tokens)
-            data = json.dumps(fitted, separators=(",", ":"), ensure_ascii=False).encode()
-        else:
-            record.thinking_budget_forwarded = record.thinking_budget_requested
-            data = raw
+    async def _messages(
+        self, request: web.Request, meter: SessionMeter, slots: ReadSlots
+    ) -> web.StreamResponse:
+        # The read turn covers reading, parsing and the reservation, not the forwarding:
+        # the body and its parse are dropped once `_meter` returns (but the bytes sent).
+        async with slots.turn():
+            metered = await self._meter(request, meter)
+        if isinstance(metered, web.Response):
+            return metered
+        reservation, record, data = metered
         return await self._forward(request, meter, reservation, record, data)
 
+    async def _meter(
+        self, request: web.Request, meter: SessionMeter
+    ) -> web.Response | tuple[Reservation, MeteredRequest, bytes]:
+        """Read, check and price a Messages request and reserve its worst case: what to
+        forward, or the refusal."""
+        raw = await read_body(request, self.max_body_bytes)
+        record = MeteredRequest(model="", price_version=self.prices.version)
+        reservation: Reservation | None = None
+        try:
+            facts = await self._parser.run(len(raw), inspect, raw, self.input_margin)
+            if facts.invalid is not None:
+                return self._refuse(meter, record, "invalid", facts.invalid)
+            record.model = facts.model
+            record.stream = facts.stream
+            record.thinking_budget_requested = facts.thinking_budget
+            record.max_tokens_requested = facts.max_tokens
+            if not record.model:
+                return self._refuse(meter, record, "invalid", "model: a model id is required")
+            if record.max_tokens_requested is None or record.max_tokens_requested < 1:
+                return self._refuse(meter, record, "invalid", "max_tokens: must be an integer >= 1")
+            try:
+                price = self.prices.price(record.model)
+            except UnknownModel as exc:
+                return self._refuse(meter, record, "refused", exc.description)
+
+            record.input_tokens_estimate = facts.input_tokens_estimate
+            record.price_version = price.version
+            reservation = meter.reserve(
+                price,
+                facts.input_tokens_estimate,
+                record.max_tokens_requested,
+                min_output_tokens=self.min_output_tokens,
+                long_cache=facts.long_cache,
+            )
+            if reservation is None:
+                log.info(
+                    "gateway session=%s refused: budget exhausted (remaining %s USD, model %s)",
+                    meter.session_id,
+                    meter.remaining_usd,
+                    record.model,
+                )
+                return self._refuse(meter, record, "refused", BUDGET_EXHAUSTED)
+            record.reserved_usd = reservation.amount_usd
+            record.max_tokens_forwarded = reservation.max_tokens
+            if reservation.max_tokens == record.max_tokens_requested:
+                record.thinking_budget_forwarded = record.thinking_budget_requested
+                return reservation, record, raw
+            data, record.thinking_budget_forwarded = await self._parser.run(
+                len(raw), refit, raw, reservation.max_tokens
+            )
+            return reservation, record, data
+        except ParseFailed:  # not forwarded: a reservation is released
+            return self._refuse(meter, record, "invalid", UNPARSED, reservation)
+        except BaseException:
+            if reservation is not None:  # the agent went away before it was forwarded
+                record.outcome = "client_disconnected"
+                meter.settle(reservation, record)
+            raise
+
     def _refuse(
-        self, meter: SessionMeter, record: MeteredRequest, outcome: str, message: str
+        self,
+        meter: SessionMeter,
+        record: MeteredRequest,
+        outcome: str,
+        message: str,
+        reservation: Reservation | None = None,
     ) -> web.Response:
         record.status, record.outcome = 400, outcome
-        meter.settle(None, record)
+        meter.settle(reservation, record)
         return error_response(400, "invalid_request_error", message)
 
     async def _forward(

@@ -16,10 +16,11 @@ in a ``finally`` of a cancelled request cannot be interrupted.
 
 from __future__ import annotations
 
-import json
+import binascii
 import logging
 import math
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -33,38 +34,83 @@ log = logging.getLogger(__name__)
 
 THINKING_MIN_BUDGET = 1024  # the API's minimum thinking.budget_tokens
 CHARS_PER_TOKEN = 4
-IMAGE_TOKENS = 3000  # per base64 image: about twice what the API bills for the largest
+IMAGE_TOKENS = 3000  # per image: about twice what the API bills for the largest
+# Per PDF page the API bills the page's text (1,500-3,000 tokens, it documents) and the page
+# as an image: the top of that range plus IMAGE_TOKENS.
+PDF_PAGE_TOKENS = 3000 + IMAGE_TOKENS
+# A document the gateway cannot see (a URL or a Files API file): the API's 100-page limit.
+UNSEEN_DOCUMENT_TOKENS = 100 * PDF_PAGE_TOKENS
+# A PDF page object: `/Type /Page` (not `/Pages`), however it is spaced.
+_PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z0-9#])")
+_NON_ASCII = bytes(range(128, 256))
+_MEDIA = (b'"image"', b'"document"', b"\\u")  # a block type, or an escape that may spell one
+_TOOL_USES = ("tool_use", "server_tool_use", "mcp_tool_use")
 
 
-def estimate_input_tokens(body: dict[str, Any], margin: float) -> int:
-    """Estimated input tokens of a Messages request: the characters of its JSON-encoded
-    ``system``, ``messages`` and ``tools`` / 4, times ``1 + margin``, rounded up.
+def estimate_input_tokens(raw: bytes, body: dict[str, Any], margin: float) -> int:
+    """Estimated input tokens of a Messages request (``body`` is ``raw`` parsed): the
+    characters of the raw JSON body / 4, plus its media at what the API bills for them,
+    times ``1 + margin``, rounded up. A safe upper bound, computed without a copy of the
+    body (it may be 32 MB).
 
-    Non-ASCII characters count as their 6-character ``\\uXXXX`` escapes, which keeps
-    the estimate on the safe side for scripts with few characters per token. A base64
-    image counts as :data:`IMAGE_TOKENS` instead of its data (the API bills an image by
-    its pixels, ~1,600 tokens at most after its downscaling, not by its bytes).
+    - Text: every byte of the body but the data of base64 media; each non-ASCII byte
+      counts 3 characters (at least a ``\\uXXXX`` escape's 6 per character), for scripts
+      with few characters per token.
+    - An image (any source) counts :data:`IMAGE_TOKENS`, not its data: the API bills it by
+      its pixels, ~1,600 tokens at most after its downscaling.
+    - A base64 PDF counts the larger of its data / 4 and :data:`PDF_PAGE_TOKENS` per page
+      object found in it (at least one). Pages inside compressed object streams are not
+      seen; such a PDF counts by its size.
+    - A text document counts as text; a document of content blocks, by its blocks.
+    - A document by URL or Files API id counts :data:`UNSEEN_DOCUMENT_TOKENS`.
     """
-    parts, images = _without_images([body.get("system"), body.get("messages"), body.get("tools")])
-    text = json.dumps(parts, separators=(",", ":"))
-    return math.ceil((len(text) / CHARS_PER_TOKEN + images * IMAGE_TOKENS) * (1 + margin))
+    chars = len(raw)
+    if not raw.isascii():
+        chars += 2 * (len(raw) - len(raw.translate(None, _NON_ASCII)))
+    media = 0
+    if any(marker in raw for marker in _MEDIA):
+        for block in _media_blocks([body.get("system"), body.get("messages")]):
+            source = block["source"]
+            data = source.get("data")
+            if source.get("type") == "base64" and isinstance(data, str):
+                chars -= len(data)  # never more than its bytes in `raw`
+            if block["type"] == "image":
+                media += IMAGE_TOKENS
+            elif source.get("type") in ("url", "file"):
+                media += UNSEEN_DOCUMENT_TOKENS
+            elif source.get("type") == "base64" and isinstance(data, str):
+                media += _pdf_tokens(data)
+    return math.ceil((chars / CHARS_PER_TOKEN + media) * (1 + margin))
 
 
-def _without_images(value: Any) -> tuple[Any, int]:
-    """``value`` with the data of base64 images emptied, and how many there were."""
-    if isinstance(value, list):
-        items = [_without_images(item) for item in value]
-        return [item for item, _ in items], sum(count for _, count in items)
-    if not isinstance(value, dict):
-        return value, 0
-    source = value.get("source")
-    if value.get("type") == "image" and isinstance(source, dict) and source.get("type") == "base64":
-        return {**value, "source": {**source, "data": ""}}, 1
-    stripped = {key: _without_images(item) for key, item in value.items()}
-    return (
-        {key: item for key, (item, _) in stripped.items()},
-        sum(count for _, count in stripped.values()),
-    )
+def _media_blocks(value: Any) -> Iterator[dict[str, Any]]:
+    """The image and document blocks (with a ``source`` object) anywhere in ``value``,
+    in tool results' and documents' content too; iterative (any depth). A tool use's
+    ``input`` is the model's own JSON, billed as text: not searched."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            kind = item.get("type")
+            if kind in ("image", "document") and isinstance(item.get("source"), dict):
+                yield item
+            stack.extend(
+                v
+                for k, v in item.items()
+                if isinstance(v, list | dict) and not (k == "input" and kind in _TOOL_USES)
+            )
+
+
+def _pdf_tokens(data: str) -> int:
+    """What a base64 PDF counts (see :func:`estimate_input_tokens`)."""
+    try:
+        pdf = binascii.a2b_base64(data)
+    except (binascii.Error, ValueError):  # not base64 (the API will refuse it): its size
+        pdf = b""
+    pages = max(1, sum(1 for _ in _PDF_PAGE.finditer(pdf)))
+    return max(math.ceil(len(data) / CHARS_PER_TOKEN), pages * PDF_PAGE_TOKENS)
 
 
 @dataclass
