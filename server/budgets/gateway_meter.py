@@ -179,6 +179,14 @@ class SessionMeter:
         return total
 
     @property
+    def cost_by_model(self) -> dict[str, Decimal]:
+        """What the requests settled so far cost, by the model they asked for."""
+        costs: dict[str, Decimal] = {}
+        for request in self.requests:
+            costs[request.model] = costs.get(request.model, Decimal(0)) + request.cost_usd
+        return costs
+
+    @property
     def answered(self) -> int:
         """How many requests upstream answered in full (each one turn of the agent's)."""
         return sum(1 for request in self.requests if request.outcome == "completed")
