@@ -248,9 +248,10 @@ async def test_a_meter_below_the_clis_count_is_logged_counted_and_shown(
         line: Any = lines[0]
         assert (line.session_id, line.tenant, line.model) == (session.id, "acme", MODEL)
         assert (Decimal(line.cli_cost_usd), Decimal(line.metered_cost_usd)) == (cli, metered)
+        data: Any = memory.get_metrics_data()
         points = [
             (dict(point.attributes), point.value)
-            for rm in memory.get_metrics_data().resource_metrics
+            for rm in data.resource_metrics
             for sm in rm.scope_metrics
             for metric in sm.metrics
             if metric.name == METERING_SHORTFALL
