@@ -6,7 +6,7 @@ that size, plus, for each metered server tool it offers, ``max_uses`` uses at th
 and :data:`SERVER_TOOL_RESULT_TOKENS` of results per use) is reserved out of
 ``budget - spent - reserved``; ``max_tokens`` is lowered to what that covers, and when
 even the smallest useful ``max_tokens`` does not fit, the tools' ``max_uses`` are lowered
-first. When the response ends the reservation is released and the response's priced
+until it does. When the response ends the reservation is released and the response's priced
 usage is added to ``spent``. Output can never exceed the forwarded ``max_tokens`` nor uses
 the forwarded ``max_uses``, so a session's spend passes its budget only by the error of
 the input estimate (actual input tokens, or results, above the estimate, at the dearest
@@ -234,8 +234,8 @@ class SessionMeter:
                 if not uses or max(uses.values()) <= 1:
                     self.exhausted = True
                     return None
-                dearest = max(uses, key=lambda index: uses[index])
-                uses[dearest] -= 1
+                most = max(uses, key=lambda index: uses[index])
+                uses[most] -= 1
             forwarded = min(
                 max_tokens,
                 price.max_output_tokens(
