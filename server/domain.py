@@ -177,7 +177,7 @@ def server_tool_counts(value: object) -> dict[str, int]:
     """The counts of a ``server_tool_use`` object (unit name -> uses): every key with a
     positive integer count (``web_search_requests``, ``web_fetch_requests``, any other
     the API adds); anything else counts as nothing."""
-    if not isinstance(value, Mapping):
+    if not value or not isinstance(value, Mapping):
         return {}
     return {str(unit): count for unit, v in value.items() if (count := _count(v))}
 
@@ -232,27 +232,28 @@ class TokenUsage:
         top level leaves some iterations out (a compaction's), and what upstream bills
         is the sum. Other keys (``service_tier``, ...) are ignored.
         """
-        top = cls._counts(usage)
+        top = cls._counts(usage, server_tool_counts(usage.get("server_tool_use")))
         iterations = usage.get("iterations")
         if isinstance(iterations, list):
             summed = cls()
             for iteration in iterations:
                 if isinstance(iteration, Mapping):
-                    summed = summed.plus(cls._counts(iteration))
+                    summed = summed.plus(cls._counts(iteration, {}))
             top = top.max_with(summed)
-        return replace(top, server_tool_use=server_tool_counts(usage.get("server_tool_use")))
+        return top
 
     @classmethod
-    def _counts(cls, usage: Mapping[str, Any]) -> TokenUsage:
+    def _counts(cls, usage: Mapping[str, Any], server_tool_use: Mapping[str, int]) -> TokenUsage:
         detail = usage.get("cache_creation")
         return cls(
-            input_tokens=_count(usage.get("input_tokens")),
-            output_tokens=_count(usage.get("output_tokens")),
-            cache_creation_input_tokens=_count(usage.get("cache_creation_input_tokens")),
-            cache_read_input_tokens=_count(usage.get("cache_read_input_tokens")),
-            cache_creation_1h_input_tokens=_count(
+            _count(usage.get("input_tokens")),
+            _count(usage.get("output_tokens")),
+            _count(usage.get("cache_creation_input_tokens")),
+            _count(usage.get("cache_read_input_tokens")),
+            _count(
                 detail.get("ephemeral_1h_input_tokens") if isinstance(detail, Mapping) else None
             ),
+            server_tool_use,
         )
 
     def to_json(self) -> dict[str, int]:

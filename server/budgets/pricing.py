@@ -11,6 +11,7 @@ highest price the table knows for it: nothing unknown is ever priced at zero.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -118,7 +119,7 @@ class ModelPrice:
     fallback_use: Mapping[str, Decimal] = field(default_factory=dict)
     fallback_unknown: Decimal = Decimal(0)
 
-    @property
+    @functools.cached_property
     def base_rates(self) -> Rates:
         return Rates(
             self.input, self.output, self.cache_write, self.cache_read, self.cache_write_1h
@@ -146,13 +147,14 @@ class ModelPrice:
     def cost(self, usage: TokenUsage) -> Decimal:
         """The exact cost of one response's ``usage``, quantized to the micro-dollar:
         its tokens at the rates of its size (:meth:`rates`) plus its server-tool uses."""
-        total = self.rates(usage.prompt_tokens).tokens(usage) + PER_TOKEN * sum(
-            (count * self.use_price(unit) for unit, count in usage.server_tool_use.items()),
-            Decimal(0),
-        )
+        total = self.rates(usage.prompt_tokens).tokens(usage)
+        if usage.server_tool_use:
+            total += PER_TOKEN * self._uses_cost(usage.server_tool_use)
         return usd(total / PER_TOKEN)
 
-    def _uses_cost(self, uses: Mapping[str, int]) -> Decimal:
+    def _uses_cost(self, uses: Mapping[str, int] | None) -> Decimal:
+        if not uses:
+            return Decimal(0)
         return sum((count * self.use_price(unit) for unit, count in uses.items()), Decimal(0))
 
     def worst_case(
@@ -170,7 +172,7 @@ class ModelPrice:
         total = (
             input_tokens_estimate * rates.input_worst(long_cache=long_cache)
             + max_tokens * rates.output
-            + PER_TOKEN * self._uses_cost(uses or {})
+            + PER_TOKEN * self._uses_cost(uses)
         )
         return (total / PER_TOKEN).quantize(MICRO, rounding=ROUND_CEILING)
 
@@ -185,7 +187,7 @@ class ModelPrice:
         """The largest ``max_tokens`` whose :meth:`worst_case` fits ``budget_usd`` (>= 0)."""
         rates = self.rates(input_tokens_estimate)
         left = (
-            Decimal(budget_usd) - self._uses_cost(uses or {})
+            Decimal(budget_usd) - self._uses_cost(uses)
         ) * PER_TOKEN - input_tokens_estimate * rates.input_worst(long_cache=long_cache)
         if left <= 0:
             return 0
