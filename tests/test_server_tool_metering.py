@@ -164,6 +164,12 @@ async def test_a_session_that_searches_a_lot_ends_at_its_budget(h: Harness) -> N
 
     assert session.state == session_pb2.SESSION_STATE_ERROR
     assert session.error.reason == session_pb2.ERROR_REASON_BUDGET_EXCEEDED, session.error
+    # What the CLI sends for a WebSearch call (the tenant's cap is the default, 8): as is,
+    # until the budget left cannot hold 8 searches; then fewer.
+    sent = [r.body["tools"] for r in h.sandbox.find(script="tsm_flood") if r.body]
+    assert sent[0] == [{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}]
+    allowed = [tools[0]["max_uses"] for tools in sent]
+    assert allowed == sorted(allowed, reverse=True) and allowed[-1] < 8
     answered = [r for r in h.sandbox.find(script="tsm_flood") if r.usage is not None]
     searches = sum(
         r.usage.server_tool_use.get("web_search_requests", 0) for r in answered if r.usage
