@@ -357,8 +357,8 @@ class Settings:
         "AGENTPLANE_PRICES_FILE",
         _optional(_file),
         "",
-        "TOML price table (model -> $ per Mtok input, output, cache_write, cache_read) "
-        "overriding `server/budgets/prices.toml`",
+        "TOML price table (model -> $ per Mtok input, output, cache_write, cache_read, a "
+        "long-context premium; $ per server-tool use) overriding `server/budgets/prices.toml`",
         shown="the packaged table",
     )
     shutdown_grace_s: float = setting(

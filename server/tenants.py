@@ -37,6 +37,8 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # The input files of one request travel in it: the gRPC server takes messages this large.
 MAX_INPUT_TOTAL_BYTES = 64 << 20
+# The largest max_server_tool_uses_per_request (the gateway reserves for every use).
+MAX_SERVER_TOOL_USES = 100
 
 
 def hash_token(token: str) -> str:
@@ -98,6 +100,9 @@ class Tenant:
     # agent has), and how long each has to start and answer the CLI's handshake.
     mcp_servers: tuple[McpServer, ...] = ()
     mcp_timeout_s: float = 30.0
+    # The most uses a model request may have of each server tool it offers (a web
+    # search's `max_uses`): the gateway caps it, sets it where missing and reserves for it.
+    max_server_tool_uses_per_request: int = 8
 
     def unix_ids(self) -> tuple[int, int] | None:
         """The uid and gid of the tenant's os_user (None: its agents run as the server)."""
@@ -163,6 +168,7 @@ _DEFAULTS: Mapping[str, Any] = {
     "fallback_models": [],
     "mcp_servers": {},
     "mcp_timeout_s": 30,
+    "max_server_tool_uses_per_request": 8,
 }
 _KEYS = {"token_sha256", "client_cert_sans", "client_cert_subjects", *_DEFAULTS}
 
@@ -357,6 +363,13 @@ def _parse_tenant(
         isinstance(m, str) and m.strip() and len(m) <= 128 for m in fallbacks
     ):
         raise ConfigError(key("fallback_models"), "must be a list of model names")
+    server_tool_uses = _positive_int(
+        cfg["max_server_tool_uses_per_request"], key("max_server_tool_uses_per_request")
+    )
+    if server_tool_uses > MAX_SERVER_TOOL_USES:
+        raise ConfigError(
+            key("max_server_tool_uses_per_request"), f"must be at most {MAX_SERVER_TOOL_USES}"
+        )
     daily = _money(cfg["daily_limit_usd"], key("daily_limit_usd"))
     per_session = _money(cfg["max_session_budget_usd"], key("max_session_budget_usd"))
     if per_session > daily:
@@ -393,6 +406,7 @@ def _parse_tenant(
         fallback_models=tuple(dict.fromkeys(m.strip() for m in fallbacks)),
         mcp_servers=servers,
         mcp_timeout_s=float(_positive_int(cfg["mcp_timeout_s"], key("mcp_timeout_s"))),
+        max_server_tool_uses_per_request=server_tool_uses,
     )
 
 

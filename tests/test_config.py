@@ -302,6 +302,24 @@ def test_the_model_knob_settings_are_checked(
     assert (plain.allowed_efforts, plain.max_thinking_tokens, plain.fallback_models) == ((), 0, ())
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [(0, "must be a positive integer"), ("8", "must be a positive integer"), (101, "at most 100")],
+)
+def test_max_server_tool_uses_per_request_is_checked(
+    tmp_path: Path, value: Any, problem: str
+) -> None:
+    path = write_tenants(tmp_path, tenant_toml("a", "tok", max_server_tool_uses_per_request=value))
+    with pytest.raises(ConfigError) as caught:
+        TenantRegistry.load(path)
+    assert "tenants.a.max_server_tool_uses_per_request" in str(caught.value)
+    assert problem in str(caught.value)
+    ok = write_tenants(tmp_path, tenant_toml("a", "tok", max_server_tool_uses_per_request=3))
+    assert TenantRegistry.load(ok).tenants["a"].max_server_tool_uses_per_request == 3
+    plain = TenantRegistry.load(write_tenants(tmp_path, tenant_toml("a", "tok"))).tenants["a"]
+    assert plain.max_server_tool_uses_per_request == 8
+
+
 def mcp_tenant(servers: str, tools: str = '["mcp__crm"]') -> str:
     return tenant_toml("a", "tok") + f"allowed_tools = {tools}\n" + servers
 

@@ -410,7 +410,7 @@ async def test_unknown_model_is_refused(sandbox: SandboxServer, gateway: Meterin
         "error": {
             "type": "invalid_request_error",
             "message": "model claude-fable-9 is not in agentplane's price table "
-            "(version 2026-11-01)",
+            "(version 2026-12-08)",
         },
     }
     assert len(sandbox.requests) == before  # never forwarded

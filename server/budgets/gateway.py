@@ -6,7 +6,9 @@ token as its ``ANTHROPIC_API_KEY``; the tenant's real key stays in this process 
 put on the forwarded request only. For each ``POST /v1/messages`` the gateway prices the
 requested model, reserves the request's worst case out of the session's remaining budget
 (lowering ``max_tokens``, and an enabled thinking budget with it, to what the budget
-covers, or refusing below ``min_output_tokens``), streams the response through
+covers, or refusing below ``min_output_tokens``; a metered server tool it offers, such as
+web search, is reserved for at its ``max_uses``, which is capped at the session's maximum
+and set where missing, see :mod:`.server_tools`), streams the response through
 unchanged while reading its usage on the side, and settles: the reservation is released
 and the priced usage is added to the session's spend (see :mod:`.gateway_meter`).
 
@@ -24,7 +26,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Self
@@ -37,6 +39,7 @@ from yarl import URL
 from ..domain import TokenUsage, utcnow
 from ..mcp import relay
 from ..mcp.servers import RemoteServer
+from . import server_tools
 from .gateway_limits import (
     MAX_BODY_BYTES,
     READS_PER_SESSION,
@@ -47,7 +50,12 @@ from .gateway_limits import (
     over_cap,
     read_body,
 )
-from .gateway_meter import MeteredRequest, Reservation, SessionMeter
+from .gateway_meter import (
+    DEFAULT_MAX_SERVER_TOOL_USES,
+    MeteredRequest,
+    Reservation,
+    SessionMeter,
+)
 from .gateway_parse import OFF_LOOP_BYTES, BodyParser, ParseFailed, inspect, refit
 from .gateway_sse import SideDecoder, SseUsageParser, usage_from_message
 from .pricing import PriceTable, UnknownModel
@@ -255,21 +263,29 @@ class MeteringGateway:
         upstream_base_url: str,
         upstream_api_key: str,
         mcp_servers: Mapping[str, RemoteServer] | None = None,
+        tools: Collection[str] | None = None,
+        max_server_tool_uses: int = DEFAULT_MAX_SERVER_TOOL_USES,
     ) -> SessionMeter:
         """Start metering a session; its CLI authenticates with the meter's ``token``.
-        `mcp_servers`: the remote MCP servers it may reach through the relay, by name."""
+        `mcp_servers`: the remote MCP servers it may reach through the relay, by name;
+        `tools`: the session's tools, which say which server tools its requests may offer
+        (None: any); `max_server_tool_uses`: the most uses a request may have of each."""
         if session_id in self._meters:
             raise ValueError(f"session {session_id} already has an open meter")
         if Decimal(budget_usd) < 0:
             raise ValueError("budget_usd must be >= 0")
         if not upstream_api_key:
             raise ValueError(f"session {session_id}: no upstream API key")
+        if max_server_tool_uses < 1:
+            raise ValueError("max_server_tool_uses must be >= 1")
         meter = SessionMeter(
             session_id,
             budget_usd=Decimal(budget_usd),
             upstream_base_url=upstream_base_url,
             upstream_api_key=upstream_api_key,
             token=secrets.token_urlsafe(32),
+            tools=tools,
+            max_server_tool_uses=max_server_tool_uses,
         )
         meter.mcp_servers = dict(mcp_servers or {})
         self._meters[session_id] = meter
@@ -450,6 +466,15 @@ class MeteringGateway:
             except UnknownModel as exc:
                 return self._refuse(meter, record, "refused", exc.description)
 
+            tools = facts.server_tools
+            if meter.tools is not None and (barred := server_tools.not_allowed(tools, meter.tools)):
+                return self._refuse(
+                    meter,
+                    record,
+                    "refused",
+                    f"tools: the server tool {barred.type} needs {barred.allowed_by} among the "
+                    "session's tools",
+                )
             record.input_tokens_estimate = facts.input_tokens_estimate
             record.price_version = price.version
             reservation = meter.reserve(
@@ -458,6 +483,7 @@ class MeteringGateway:
                 record.max_tokens_requested,
                 min_output_tokens=self.min_output_tokens,
                 long_cache=facts.long_cache,
+                tools=tools,
             )
             if reservation is None:
                 log.info(
@@ -469,11 +495,20 @@ class MeteringGateway:
                 return self._refuse(meter, record, "refused", BUDGET_EXHAUSTED)
             record.reserved_usd = reservation.amount_usd
             record.max_tokens_forwarded = reservation.max_tokens
-            if reservation.max_tokens == record.max_tokens_requested:
+            record.server_tool_uses_forwarded = {
+                tool.unit: reservation.uses[tool.index] for tool in tools
+            }
+            # max_uses is set wherever it differs from what the request asked for.
+            uses = {
+                t.index: reservation.uses[t.index]
+                for t in tools
+                if reservation.uses[t.index] != t.requested
+            }
+            if reservation.max_tokens == record.max_tokens_requested and not uses:
                 record.thinking_budget_forwarded = record.thinking_budget_requested
                 return reservation, record, raw
             data, record.thinking_budget_forwarded = await self._parser.run(
-                len(raw), refit, raw, reservation.max_tokens
+                len(raw), refit, raw, reservation.max_tokens, uses
             )
             return reservation, record, data
         except ParseFailed:  # not forwarded: a reservation is released
@@ -558,11 +593,23 @@ class MeteringGateway:
             elif usage is not None:
                 record.usage = usage
                 record.cost_usd = reservation.price.cost(usage)
+                unpriced = reservation.price.unpriced_units(usage)
+                if unpriced:
+                    log.warning(
+                        "gateway session=%s: model %s has no price for %s; metered at the "
+                        "highest price the table has (%s)",
+                        meter.session_id,
+                        record.model,
+                        ", ".join(f"{unit} x{usage.server_tool_use[unit]}" for unit in unpriced),
+                        ", ".join(
+                            f"{unit} {reservation.price.use_price(unit)} USD" for unit in unpriced
+                        ),
+                    )
             record.ended_at = utcnow()
             meter.settle(reservation, record)
             log.info(
                 "gateway session=%s model=%s status=%s outcome=%s max_tokens=%s/%s "
-                "in=%d out=%d cache_write=%d cache_read=%d cost=%s spent=%s/%s",
+                "in=%d out=%d cache_write=%d cache_read=%d server_tools=%s cost=%s spent=%s/%s",
                 meter.session_id,
                 record.model,
                 record.status,
@@ -573,6 +620,7 @@ class MeteringGateway:
                 record.usage.output_tokens,
                 record.usage.cache_creation_input_tokens,
                 record.usage.cache_read_input_tokens,
+                dict(record.usage.server_tool_use) or "-",
                 record.cost_usd,
                 meter.spent_usd,
                 meter.budget_usd,

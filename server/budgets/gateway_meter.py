@@ -1,12 +1,17 @@
 """One session's meter: its budget, the reservations of requests in flight, the record.
 
 Money rule: before a request is forwarded its worst case (estimated input tokens at the
-dearest input price plus ``max_tokens`` at the output price) is reserved out of
-``budget - spent - reserved``; ``max_tokens`` is lowered to what that covers. When the
-response ends the reservation is released and the response's priced usage is added to
-``spent``. Output can never exceed the forwarded ``max_tokens``, so a session's spend
-passes its budget only by the error of the input estimate (actual input tokens above the
-estimate, at the dearest input price).
+dearest input price plus ``max_tokens`` at the output price, at the rates of a request of
+that size, plus, for each metered server tool it offers, ``max_uses`` uses at their price
+and :data:`SERVER_TOOL_RESULT_TOKENS` of results per use) is reserved out of
+``budget - spent - reserved``; ``max_tokens`` is lowered to what that covers, and when
+even the smallest useful ``max_tokens`` does not fit, the tools' ``max_uses`` are lowered
+until it does. When the response ends the reservation is released and the response's priced
+usage is added to ``spent``. Output can never exceed the forwarded ``max_tokens`` nor uses
+the forwarded ``max_uses``, so a session's spend passes its budget only by the error of
+the input estimate (actual input tokens, or results, above the estimate, at the dearest
+input price; and the long-context premium of a request estimated below its model's
+threshold that turned out above it).
 
 :meth:`SessionMeter.reserve` and :meth:`SessionMeter.settle` are synchronous: each runs
 on the event loop without an ``await`` between reading and updating the totals, so
@@ -20,7 +25,7 @@ import binascii
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -29,10 +34,16 @@ from typing import Any
 from ..domain import TokenUsage, usd, utcnow
 from ..mcp.servers import RemoteServer
 from .pricing import ModelPrice
+from .server_tools import OfferedTool
 
 log = logging.getLogger(__name__)
 
 THINKING_MIN_BUDGET = 1024  # the API's minimum thinking.budget_tokens
+# Input tokens reserved per server-tool use for what it adds to the prompt (a search's
+# results are billed as input tokens): a generous allowance, not a bound (an estimate).
+SERVER_TOOL_RESULT_TOKENS = 10_000
+# The server-tool uses a request may have per tool when the tenant does not say.
+DEFAULT_MAX_SERVER_TOOL_USES = 8
 CHARS_PER_TOKEN = 4
 IMAGE_TOKENS = 3000  # per image: about twice what the API bills for the largest
 # Per PDF page the API bills the page's text (1,500-3,000 tokens, it documents) and the page
@@ -141,18 +152,22 @@ class MeteredRequest:
     reserved_usd: Decimal = Decimal(0)
     thinking_budget_requested: int | None = None
     thinking_budget_forwarded: int | None = None
+    # The max_uses each metered server tool was forwarded with, by its usage unit.
+    server_tool_uses_forwarded: dict[str, int] = field(default_factory=dict)
     price_version: str = ""
     upstream_request_id: str = ""
 
 
 @dataclass(frozen=True)
 class Reservation:
-    """What a request may spend: its worst case at the ``max_tokens`` it is sent with."""
+    """What a request may spend: its worst case at the ``max_tokens`` (and the server
+    tools' ``max_uses``, by their index in ``tools``) it is sent with."""
 
     price: ModelPrice
     amount_usd: Decimal
     input_tokens_estimate: int
     max_tokens: int
+    uses: Mapping[int, int] = field(default_factory=dict)
 
 
 class SessionMeter:
@@ -170,6 +185,8 @@ class SessionMeter:
         upstream_base_url: str,
         upstream_api_key: str,
         token: str,
+        tools: Collection[str] | None = None,
+        max_server_tool_uses: int = DEFAULT_MAX_SERVER_TOOL_USES,
     ) -> None:
         self.session_id = session_id
         self.budget_usd = usd(budget_usd)
@@ -185,6 +202,10 @@ class SessionMeter:
         self.on_request: Callable[[MeteredRequest], None] | None = None
         # The remote MCP servers the session may reach through the gateway's relay.
         self.mcp_servers: Mapping[str, RemoteServer] = {}
+        # The session's tools (None: any), which say which server tools it may use, and
+        # the most uses a request may have of each.
+        self.tools = frozenset(tools) if tools is not None else None
+        self.max_server_tool_uses = max_server_tool_uses
 
     @property
     def upstream_api_key(self) -> str:
@@ -202,6 +223,14 @@ class SessionMeter:
         for request in self.requests:
             total = total.plus(request.usage)
         return total
+
+    @property
+    def cost_by_model(self) -> dict[str, Decimal]:
+        """What the requests settled so far cost, by the model they asked for."""
+        costs: dict[str, Decimal] = {}
+        for request in self.requests:
+            costs[request.model] = costs.get(request.model, Decimal(0)) + request.cost_usd
+        return costs
 
     @property
     def answered(self) -> int:
@@ -225,25 +254,50 @@ class SessionMeter:
         *,
         min_output_tokens: int,
         long_cache: bool = False,
+        tools: Sequence[OfferedTool] = (),
     ) -> Reservation | None:
         """Hold the request's worst case, lowering ``max_tokens`` to what the remaining
-        budget covers; None (and ``exhausted``) when that is below the useful minimum
-        (``min(max_tokens, min_output_tokens)``)."""
+        budget covers (and, when even ``min(max_tokens, min_output_tokens)`` does not fit,
+        the ``max_uses`` of its server ``tools``, down to 1 each); None (and
+        ``exhausted``) when that is not enough."""
         remaining = self.remaining_usd
-        worst = price.worst_case(input_tokens_estimate, max_tokens, long_cache=long_cache)
+        uses = {tool.index: tool.uses(self.max_server_tool_uses) for tool in tools}
+        units = {tool.index: tool.unit for tool in tools}
+
+        def worst(count: int) -> Decimal:
+            return price.worst_case(
+                _prompt(input_tokens_estimate, uses),
+                count,
+                long_cache=long_cache,
+                uses=_by_unit(uses, units),
+            )
+
         forwarded = max_tokens
-        if worst > remaining:
+        amount = worst(max_tokens)
+        if amount > remaining:
+            floor = min(max_tokens, min_output_tokens)
+            while worst(floor) > remaining:
+                if not uses or max(uses.values()) <= 1:
+                    self.exhausted = True
+                    return None
+                most = max(uses, key=lambda index: uses[index])
+                uses[most] -= 1
             forwarded = min(
                 max_tokens,
-                price.max_output_tokens(remaining, input_tokens_estimate, long_cache=long_cache),
+                price.max_output_tokens(
+                    remaining,
+                    _prompt(input_tokens_estimate, uses),
+                    long_cache=long_cache,
+                    uses=_by_unit(uses, units),
+                ),
             )
-            if forwarded < min(max_tokens, min_output_tokens) or forwarded < 1:
+            if forwarded < floor or forwarded < 1:
                 self.exhausted = True
                 return None
-            worst = price.worst_case(input_tokens_estimate, forwarded, long_cache=long_cache)
-        self.reserved_usd += worst
+            amount = worst(forwarded)
+        self.reserved_usd += amount
         self.in_flight += 1
-        return Reservation(price, worst, input_tokens_estimate, forwarded)
+        return Reservation(price, amount, input_tokens_estimate, forwarded, uses)
 
     def settle(self, reservation: Reservation | None, record: MeteredRequest) -> None:
         """Release ``reservation``, add ``record.cost_usd`` to spent, record the request."""
@@ -266,6 +320,18 @@ class SessionMeter:
             callback(record)
         except Exception:
             log.exception("on_request callback failed for session %s", self.session_id)
+
+
+def _prompt(input_tokens_estimate: int, uses: Mapping[int, int]) -> int:
+    """The input tokens of a request at its worst: its estimate and every use's results."""
+    return input_tokens_estimate + SERVER_TOOL_RESULT_TOKENS * sum(uses.values())
+
+
+def _by_unit(uses: Mapping[int, int], units: Mapping[int, str]) -> dict[str, int]:
+    by_unit: dict[str, int] = {}
+    for index, count in uses.items():
+        by_unit[units[index]] = by_unit.get(units[index], 0) + count
+    return by_unit
 
 
 def fit_body(body: dict[str, Any], max_tokens: int) -> tuple[dict[str, Any], int | None]:

@@ -18,13 +18,15 @@ import logging
 import multiprocessing
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from . import server_tools
 from .gateway_meter import estimate_input_tokens, fit_body, thinking_budget
+from .server_tools import OfferedTool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,6 +49,7 @@ class RequestFacts:
     thinking_budget: int | None = None
     input_tokens_estimate: int = 0
     long_cache: bool = False  # asks for 1-hour cache writes
+    server_tools: list[OfferedTool] = field(default_factory=list)  # metered per use
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
@@ -72,15 +75,21 @@ def inspect(raw: bytes, input_margin: float) -> RequestFacts:
         thinking_budget=thinking_budget(body),
         input_tokens_estimate=estimate_input_tokens(raw, body, input_margin),
         long_cache=bool(_LONG_CACHE.search(raw)),
+        server_tools=server_tools.offered(body),
     )
 
 
-def refit(raw: bytes, max_tokens: int) -> tuple[bytes, int | None]:
-    """``raw`` (an inspected, valid body) re-encoded with ``max_tokens`` lowered, and the
-    thinking budget it is sent with (see :func:`.fit_body`)."""
+def refit(
+    raw: bytes, max_tokens: int, uses: Mapping[int, int] | None = None
+) -> tuple[bytes, int | None]:
+    """``raw`` (an inspected, valid body) re-encoded with ``max_tokens`` (lowered, or as
+    it was) and the server tools at the indexes of ``uses`` given those ``max_uses``, and
+    the thinking budget it is sent with (see :func:`.fit_body`)."""
     body = _json_object(raw)
     assert body is not None, "refit of a body inspect() refused"
     fitted, thinking = fit_body(body, max_tokens)
+    if uses:
+        fitted = server_tools.with_max_uses(fitted, uses)
     return json.dumps(fitted, separators=(",", ":"), ensure_ascii=False).encode(), thinking
 
 

@@ -126,6 +126,8 @@ class Launcher:
             upstream_base_url=self.config.base_url or ANTHROPIC_API,
             upstream_api_key=tenant.api_key() or "",
             mcp_servers={server.name: server for server in remote},
+            tools=spec.tools,
+            max_server_tool_uses=tenant.max_server_tool_uses_per_request,
         )
 
     async def reseal(self, dirs: SessionDirs) -> None:

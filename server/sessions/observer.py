@@ -8,6 +8,7 @@ must never raise: it runs on the session's own path.
 from __future__ import annotations
 
 import contextvars
+from decimal import Decimal
 from typing import Any, Protocol
 
 from ..domain import Event, Session
@@ -36,6 +37,10 @@ class SessionObserver(Protocol):
         """A session of a tenant with a warm pool was admitted, served by a warm agent (hit)
         or started cold."""
 
+    def shortfall(self, session: Session, model: str, gap_usd: Decimal) -> None:
+        """An ending session's metered cost of `model` fell short of the CLI's own count
+        by `gap_usd` (see sessions/shortfall.py)."""
+
 
 class NullObserver:
     """Observes nothing."""
@@ -53,4 +58,7 @@ class NullObserver:
         pass
 
     def pool_served(self, tenant: str, hit: bool) -> None:
+        pass
+
+    def shortfall(self, session: Session, model: str, gap_usd: Decimal) -> None:
         pass

@@ -29,6 +29,7 @@ from ..domain import ErrorReason, EventKind, SessionState, usd
 from ..isolation.limits import Breach
 from ..mcp.servers import SecretUnavailable
 from ..tenants import Tenant
+from . import shortfall
 from .caller_loop import CallerLoop
 from .cli_env import SessionDirs
 from .inputs import InputWaiter
@@ -161,6 +162,13 @@ class AgentRunner:
             # The gateway's meter is the cost; the SDK's own estimate is kept beside it.
             outcome.sdk_total_usd = outcome.cost_usd
             outcome.cost_usd = usd(meter.spent_usd)
+            outcome.shortfalls = shortfall.by_model(
+                outcome.sdk_total_usd,
+                outcome.cost_usd,
+                outcome.sdk_model_costs,
+                meter.cost_by_model,
+                spec.model,
+            )
             # So are its tokens and turns: the CLI reports none for a turn it was stopped
             # in, or no result at all, yet counts the stopped turn.
             outcome.usage = meter.usage

@@ -12,7 +12,15 @@ from datetime import datetime
 from sqlalchemy import and_, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from ..domain import ErrorReason, Event, EventKind, Session, SessionState, TokenUsage
+from ..domain import (
+    ErrorReason,
+    Event,
+    EventKind,
+    Session,
+    SessionState,
+    TokenUsage,
+    server_tool_counts,
+)
 from .models import (
     EventRow,
     SessionInputRow,
@@ -43,12 +51,14 @@ def _to_domain(row: SessionRow) -> Session:
         end_time=row.ended_at,
         cost_usd=row.cost_usd,
         sdk_cost_usd=row.sdk_cost_usd,
+        shortfall_usd=row.shortfall_usd,
         num_turns=row.num_turns,
         usage=TokenUsage(
             input_tokens=row.input_tokens,
             output_tokens=row.output_tokens,
             cache_creation_input_tokens=row.cache_creation_input_tokens,
             cache_read_input_tokens=row.cache_read_input_tokens,
+            server_tool_use=server_tool_counts(row.server_tool_use),
         ),
         error_reason=ErrorReason(row.error_reason) if row.error_reason else None,
         error_message=row.error_message,
@@ -71,11 +81,13 @@ def _outcome_columns(session: Session) -> dict[str, object]:
         "ended_at": session.end_time,
         "cost_usd": session.cost_usd,
         "sdk_cost_usd": session.sdk_cost_usd,
+        "shortfall_usd": session.shortfall_usd,
         "num_turns": session.num_turns,
         "input_tokens": session.usage.input_tokens,
         "output_tokens": session.usage.output_tokens,
         "cache_creation_input_tokens": session.usage.cache_creation_input_tokens,
         "cache_read_input_tokens": session.usage.cache_read_input_tokens,
+        "server_tool_use": dict(session.usage.server_tool_use) or None,
         "error_reason": session.error_reason.value if session.error_reason else None,
         "error_message": session.error_message,
         "sdk_session_id": session.sdk_session_id,

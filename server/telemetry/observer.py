@@ -6,6 +6,7 @@ import contextvars
 import functools
 import logging
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from ..domain import Event, EventKind, Session
@@ -66,6 +67,10 @@ class TelemetryObserver:
     @_never_raises
     def pool_served(self, tenant: str, hit: bool) -> None:
         self.metrics.pool_served(tenant, hit)
+
+    @_never_raises
+    def shortfall(self, session: Session, model: str, gap_usd: Decimal) -> None:
+        self.metrics.shortfall(session.tenant, model, gap_usd)
 
     @_never_raises
     def model_request(self, session: Session, request: Any) -> None:
