@@ -467,6 +467,12 @@ async def test_waiting_for_the_caller_is_on_the_span_and_counted(traced: Traced)
         for w in waits
     ] == [("TOOL_CALL", "CALLER", "result"), ("PERMISSION", "TIMEOUT", "deny")]
     assert waits[1]["agentplane.input.waited_ms"] >= 1000
+    # The Respond call is a trace of its own that names the session and links to its trace.
+    (respond,) = [s for s in spans if s.name == "/agentplane.v1.SessionService/Respond"]
+    assert attributes(respond.attributes)["session.id"] == session_id
+    assert [(link.trace_id, link.span_id) for link in respond.links] == [
+        (agent.trace_id, agent.parent_span_id)  # the RunSession span that admitted it
+    ]
     bash = next(s for s in spans if s.name == "execute_tool Bash" and s.trace_id == agent.trace_id)
     assert attributes(bash.attributes)["agentplane.input.decided_by"] == "TIMEOUT"
     points = _points(traced.memory)

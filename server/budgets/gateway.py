@@ -463,6 +463,9 @@ class MeteringGateway:
             # The session's observer writes the request's log line (`model_request`, with
             # its tenant and its chat span's trace ids).
             meter.settle(reservation, record)
+            # Content was kept for the chat span, made in settle: the meter keeps its
+            # records for the session's life, not the bodies of its conversation.
+            record.request_body = record.response.content = None
 
     async def _stream(
         self,
