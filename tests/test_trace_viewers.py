@@ -334,14 +334,13 @@ async def test_calls_about_a_session_carry_its_id_and_link_to_its_trace(viewer: 
         "reattach", Script(steps=[Step(text="first"), Step(text="later", delay_s=1.0)])
     )
     h.sandbox.add_script("cancelled", Script(steps=[Step(text="never", delay_s=30)]))
-    call = h.sessions.RunSession(
-        session_pb2.RunSessionRequest(
-            prompt="[[sandbox:reattach]] go",
-            model=MODEL,
-            on_disconnect=session_pb2.ON_DISCONNECT_CONTINUE,
-        ),
-        metadata=h.auth(),
+    request = session_pb2.RunSessionRequest(
+        prompt="[[sandbox:reattach]] go",
+        model=MODEL,
+        on_disconnect=session_pb2.ON_DISCONNECT_CONTINUE,
+        request_id="5d0c2f7e-1b9a-4c3d-8e6f-7a8b9c0d1e2f",
     )
+    call = h.sessions.RunSession(request, metadata=h.auth())
     session_id = (await call.read()).session_id
     call.cancel()  # the caller goes away; the session goes on
     rest = [
@@ -351,6 +350,9 @@ async def test_calls_about_a_session_carry_its_id_and_link_to_its_trace(viewer: 
         )
     ]
     assert rest[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    # The same request again: re-attached to the session it started.
+    again = [e async for e in h.sessions.RunSession(request, metadata=h.auth())]
+    assert again[-1].result.session.id == session_id
     got = await h.sessions.GetSession(
         session_pb2.GetSessionRequest(session_id=session_id), metadata=h.auth()
     )
@@ -379,24 +381,24 @@ async def test_calls_about_a_session_carry_its_id_and_link_to_its_trace(viewer: 
             for s in spans
             if attrs(s).get("session.id") in (session_id, cancelled_id)
             and s.name.startswith("/agentplane.v1.SessionService/")
-            and s.name != RUN_SESSION
+            and s.trace_id not in (root.trace_id, cancelled_root.trace_id)
         }
 
-    found = calls(await viewer.spans(lambda s: len(calls(s)) == 3))
-    assert sorted(found) == ["CancelSession", "GetSession", "StreamSession"]
-    for name in ("StreamSession", "GetSession"):
+    cancelled_root = one(await trace_of(viewer, cancelled_id), RUN_SESSION)
+    found = calls(await viewer.spans(lambda s: len(calls(s)) == 4))
+    assert sorted(found) == ["CancelSession", "GetSession", "RunSession", "StreamSession"]
+    for name in ("StreamSession", "GetSession", "RunSession"):
         span = found[name]
         assert span.trace_id != root.trace_id  # a trace of its own, linked to the session's
         assert attrs(span)["session.id"] == session_id and attrs(span)["user.id"] == "acme"
         (link,) = span.links
         assert (link.trace_id, link.span_id) == (root.trace_id, root.span_id)
         assert attributes(link.attributes)["session.id"] == session_id
-    stream = attrs(found["StreamSession"])
-    assert stream["agentplane.session.state"] == "COMPLETE"  # it streamed the session's end
+    for name in ("StreamSession", "RunSession"):  # each streamed the session's end
+        assert attrs(found[name])["agentplane.session.state"] == "COMPLETE"
     cancel = found["CancelSession"]
+    assert attrs(cancel)["session.id"] == cancelled_id
     (link,) = cancel.links
-    cancelled_spans = await trace_of(viewer, cancelled_id)
-    cancelled_root = one(cancelled_spans, RUN_SESSION)
     assert (link.trace_id, link.span_id) == (cancelled_root.trace_id, cancelled_root.span_id)
 
 

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import grpc
 from agentplane.v1 import session_pb2, session_pb2_grpc
 
-from ..domain import Event, EventKind, Session
-from ..errors import InvalidArgument
+from ..domain import Event
+from ..errors import AgentplaneError, InvalidArgument
 from ..sessions.manager import SessionManager
 from ..store.sessions import SessionFilter
 from ..telemetry.rpc import CallSpans
@@ -41,14 +41,17 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
     async def _about(self, tenant: Tenant, session_id: str) -> None:
         """The call is about a session: its span says which and links to its trace (a
         read from memory for sessions running or ended here)."""
-        if self._spans.recording():
-            self._spans.session(await self._sessions.get(tenant, session_id))
+        if not self._spans.recording():
+            return
+        try:
+            session = await self._sessions.get(tenant, session_id)
+        except AgentplaneError:  # deleted meanwhile, or the database went away: no matter
+            return
+        self._spans.session(session)
 
     def _event(self, event: Event) -> session_pb2.SessionEvent:
-        """An event to send; the last one (`result`) also tells the call's span how the
-        session ended."""
-        if event.kind is EventKind.RESULT:
-            self._spans.ended(Session.from_json(event.data["session"]))
+        """An event to send (the last one also tells the call's span how it ended)."""
+        self._spans.event(event)
         return convert.event_to_proto(event)
 
     @streaming

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from ..domain import Event, EventKind, Session
+from .guard import never_raises
 from .logs import span_ids
 from .metrics import SessionMetrics
 from .setup import Telemetry
@@ -19,21 +18,7 @@ if TYPE_CHECKING:  # typing only: telemetry is handed the records, it never mete
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _never_raises(method: F) -> F:
-    """Telemetry must not break a session: a failure here is logged and swallowed."""
-
-    @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        except Exception:  # any failure: log it, keep the session going
-            log.exception("telemetry_failed")
-            return None
-
-    return wrapper  # type: ignore[return-value]
+_never_raises = never_raises
 
 
 class TelemetryObserver:

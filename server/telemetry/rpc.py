@@ -25,7 +25,8 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from ..domain import Session, SessionState
+from ..domain import Event, EventKind, Session, SessionState
+from .guard import never_raises
 from .setup import ContentPolicy
 from .tracing import (
     CONVERSATION_ID,
@@ -221,10 +222,12 @@ class CallSpans:
         """Whether the current call's span records (is sampled and exported)."""
         return trace.get_current_span().is_recording()
 
+    @never_raises
     def caller(self, tenant: str) -> None:
         """The call's authenticated tenant."""
         trace.get_current_span().set_attributes({USER_ID: tenant, TENANT: tenant})
 
+    @never_raises
     def session(self, session: Session, prompt: str | None = None) -> None:
         """The call is about `session`: its id, tenant and labels; a link to the call that
         admitted it (when that was another one); RunSession's prompt as `input.value`
@@ -248,13 +251,15 @@ class CallSpans:
         if link is not None and link.span_id != span.get_span_context().span_id:
             span.add_link(link, {SESSION_ID: session.id})
 
-    def ended(self, session: Session) -> None:
-        """The session the call streamed ended: a failure is the call's ERROR status with
-        the session's reason as `error.type`; its result is `output.value` when content is
-        recorded."""
+    @never_raises
+    def event(self, event: Event) -> None:
+        """The call sends one of a session's events: at its `result` the session ended,
+        and a failure is the call's ERROR status with the session's reason as
+        `error.type`; its result is `output.value` when content is recorded."""
         span = trace.get_current_span()
-        if not span.is_recording():
+        if event.kind is not EventKind.RESULT or not span.is_recording():
             return
+        session = Session.from_json(event.data["session"])
         span.set_attribute(SESSION_STATE, session.state.value)
         if session.sdk_session_id:
             span.set_attribute(CONVERSATION_ID, session.sdk_session_id)
