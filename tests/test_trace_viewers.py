@@ -17,8 +17,15 @@ from typing import Any
 import grpc
 import jsonschema
 import pytest
+from agentplane.server.budgets.gateway_sse import (
+    ResponseFacts,
+    SseUsageParser,
+    usage_from_message,
+)
 from agentplane.server.sandbox import HttpFailure, Script, Step, ToolCall, Usage
+from agentplane.server.sandbox.sse import Reply, encode_event
 from agentplane.server.store.models import ModelRequestRow
+from agentplane.server.telemetry import messages
 from agentplane.server.telemetry.setup import ContentPolicy
 from agentplane.v1 import session_pb2
 from harness import MODEL, error_details
@@ -442,3 +449,107 @@ async def test_the_gateway_logs_one_json_line_per_model_request_with_its_span(
     first = next(line for line in lines if line["cache_read_input_tokens"] == 7)
     assert (first["input_tokens"], first["output_tokens"]) == (10, 5)
     assert sorted(Decimal(line["cost_usd"]) for line in lines) == sorted(r.cost_usd for r in rows)
+
+
+# -- without a server ---------------------------------------------------------------------
+
+
+def test_messages_become_genai_messages_cut_to_the_content_policy() -> None:
+    content = ContentPolicy(capture=True, max_chars=300)
+    body = {
+        "system": [{"type": "text", "text": "S" * 500}],
+        "messages": [
+            {"role": "user", "content": "old question " * 40},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "hmm", "signature": "x"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"p": "/a"}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "toolu_1",
+                        "content": [{"type": "text", "text": "body"}, {"type": "image"}],
+                    }
+                ],
+            },
+        ],
+    }
+    sent, system = messages.input_messages(json.dumps(body).encode(), content)
+    assert sent is not None and system is not None
+    parsed = json.loads(sent)
+    jsonschema.validate(parsed, INPUT_MESSAGES)
+    # The newest messages that fit 300 characters: the old question is left out.
+    assert [m["role"] for m in parsed] == ["assistant", "tool"]
+    assert parsed[0]["parts"] == [
+        {"type": "reasoning", "content": "hmm"},
+        {"type": "tool_call", "id": "toolu_1", "name": "Read", "arguments": {"p": "/a"}},
+    ]
+    assert parsed[1]["parts"] == [
+        {"type": "tool_call_response", "id": "toolu_1", "response": "body\n[image]"}
+    ]
+    (instructions,) = json.loads(system)
+    assert instructions == {"type": "text", "content": "S" * 300 + "…"}
+    # Only the last message, cut, when even it is too long.
+    long_last = {"messages": [{"role": "user", "content": "x" * 1000}]}
+    (only,) = json.loads(messages.input_messages(json.dumps(long_last).encode(), content)[0] or "")
+    assert only["parts"][0]["content"] == "x" * 300 + "…"
+    assert messages.input_messages(b"not json", content) == (None, None)
+
+    streamed = [
+        {"type": "text", "text": "let me look"},
+        {"type": "tool_use", "id": "toolu_2", "name": "Glob", "input": '{"pattern": "*"}'},
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search"},
+    ]
+    output = json.loads(messages.output_messages(streamed, "tool_use", content))
+    jsonschema.validate(output, OUTPUT_MESSAGES)
+    assert output[0]["finish_reason"] == "tool_call"
+    assert output[0]["parts"][1]["arguments"] == {"pattern": "*"}
+    assert output[0]["parts"][2] == {"type": "server_tool_use"}
+    expected = {
+        "end_turn": "stop",
+        "stop_sequence": "stop",
+        "max_tokens": "length",
+        "refusal": "content_filter",
+        "pause_turn": "pause_turn",
+        "": "error",
+    }
+    for stop_reason, reason in expected.items():
+        assert messages.finish_reason(stop_reason) == reason
+
+
+def test_the_sse_parser_keeps_the_reply_only_when_asked() -> None:
+    reply = Reply(
+        model=MODEL,
+        content=[
+            {"type": "text", "text": "a longer text than one delta carries"},
+            {"type": "tool_use", "id": "toolu_9", "name": "Glob", "input": {"pattern": "**/*"}},
+        ],
+        stop_reason="tool_use",
+        usage=Usage(input_tokens=3, output_tokens=4),
+    )
+    raw = b"".join(encode_event(name, data) for name, data in reply.events())
+    for keep in (False, True):
+        parser = SseUsageParser(keep_content=keep)
+        for i in range(0, len(raw), 11):
+            parser.feed(raw[i : i + 11])
+        parser.close()
+        facts = parser.response
+        assert (facts.id, facts.model, facts.stop_reason) == (reply.id, MODEL, "tool_use")
+        assert parser.usage.output_tokens == 4
+        if not keep:
+            assert facts.content is None
+            continue
+        assert facts.content is not None
+        text, tool = facts.content
+        assert text == {"type": "text", "text": "a longer text than one delta carries"}
+        assert tool["name"] == "Glob" and json.loads(tool["input"]) == {"pattern": "**/*"}
+
+    kept = ResponseFacts(content=[])
+    usage = usage_from_message(json.dumps(reply.message()).encode(), kept)
+    assert usage is not None and usage.input_tokens == 3
+    assert (kept.id, kept.stop_reason, kept.content) == (reply.id, "tool_use", reply.content)

@@ -19,6 +19,7 @@ import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -62,7 +63,7 @@ def _peer(peer: str) -> dict[str, Any]:
     family, _, rest = peer.partition(":")
     if family not in ("ipv4", "ipv6") or ":" not in rest:
         return {}
-    address, _, port = rest.rpartition(":")
+    address, _, port = unquote(rest).rpartition(":")
     return {PEER_ADDRESS: address.strip("[]"), PEER_PORT: int(port) if port.isdigit() else port}
 
 
