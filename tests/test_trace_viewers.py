@@ -286,6 +286,9 @@ async def test_the_root_span_of_a_completed_session_reads_at_a_glance(viewer: Tr
     assert root.status.code == UNSET and "error.type" not in a
     assert list(root.events) == []
     assert final.trace_id == hexid(root.trace_id)  # GetSession's too, below
+    agent = attrs(one(spans, "invoke_agent acme"))
+    assert agent["user.id"] == "acme" and agent["agentplane.label.team"] == "search"
+    assert json.loads(agent["metadata"]) == {"team": "search", "ticket": "T-7"}
 
 
 async def test_the_root_span_of_a_failed_session_has_its_reason(viewer: Traced) -> None:

@@ -16,7 +16,6 @@ ended, in the attributes OpenInference viewers (Phoenix, ...) list traces by.
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
@@ -35,6 +34,8 @@ from .tracing import (
     SESSION_ID,
     SESSION_STATE,
     TENANT,
+    USER_ID,
+    label_attributes,
 )
 
 # OpenInference (what LLM trace viewers key their lists on).
@@ -44,9 +45,6 @@ INPUT_VALUE = "input.value"
 INPUT_MIME_TYPE = "input.mime_type"
 OUTPUT_VALUE = "output.value"
 OUTPUT_MIME_TYPE = "output.mime_type"
-METADATA = "metadata"
-USER_ID = "user.id"
-LABEL_PREFIX = "agentplane.label."
 # RPC conventions (as opentelemetry-instrumentation-grpc names them).
 RPC_SYSTEM = "rpc.system"
 RPC_SERVICE = "rpc.service"
@@ -240,10 +238,8 @@ class CallSpans:
             SESSION_ID: session.id,
             USER_ID: session.tenant,
             TENANT: session.tenant,
+            **label_attributes(session.labels),
         }
-        if session.labels:
-            attributes[METADATA] = json.dumps(session.labels, sort_keys=True)
-            attributes.update({LABEL_PREFIX + k: v for k, v in session.labels.items()})
         if prompt is not None and self._content.capture:
             attributes[INPUT_VALUE] = self._content.cap(prompt)
             attributes[INPUT_MIME_TYPE] = "text/plain"

@@ -12,6 +12,7 @@ its size.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,9 @@ UPSTREAM_REQUEST_ID = "agentplane.upstream.request_id"
 # OpenInference's input/output of a span (what LLM viewers show in their lists).
 INPUT_VALUE = "input.value"
 OUTPUT_VALUE = "output.value"
+USER_ID = "user.id"  # the tenant
+METADATA = "metadata"  # OpenInference: the session's labels, as a JSON object
+LABEL_PREFIX = "agentplane.label."
 RETRY_EVENT = "agentplane.retry"
 # A wait for the caller ended (on invoke_agent; its tool's span gets the decision too).
 CALLER_INPUT_EVENT = "agentplane.caller_input"
@@ -78,6 +82,16 @@ TOOL_ERROR = "tool_error"
 def ns(when: datetime) -> int:
     """A datetime as OpenTelemetry's nanoseconds since the epoch."""
     return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
+
+
+def label_attributes(labels: dict[str, str]) -> dict[str, str]:
+    """A session's labels: one `agentplane.label.{key}` each, and `metadata` (JSON)."""
+    if not labels:
+        return {}
+    return {
+        METADATA: json.dumps(labels, sort_keys=True),
+        **{LABEL_PREFIX + key: value for key, value in labels.items()},
+    }
 
 
 def usage_attributes(usage: TokenUsage) -> dict[str, int]:
@@ -107,6 +121,8 @@ class SessionSpans:
             CONVERSATION_ID: session.id,
             SESSION_ID: session.id,
             TENANT: session.tenant,
+            USER_ID: session.tenant,
+            **label_attributes(session.labels),
         }
         if session.model:
             attributes[REQUEST_MODEL] = session.model
