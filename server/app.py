@@ -50,6 +50,7 @@ from .store.engine import POOL, UPKEEP_POOL, create_engine, sessionmaker
 from .store.notify import Bus, Listener
 from .store.transcripts import SqlSessionStore
 from .telemetry.observer import TelemetryObserver
+from .telemetry.rpc import CallSpans
 from .telemetry.setup import ContentPolicy, Telemetry
 from .tenants import MAX_INPUT_TOTAL_BYTES, TenantChanges, TenantRegistry
 from .tenants_reload import TenantsReloader
@@ -251,6 +252,7 @@ class App:
         await gateway.start()
         resources.push_async_callback(gateway.stop)
         gateway.on_upstream = health.model_api
+        gateway.keep_content = telemetry.content.capture  # for the chat spans' messages
         sandboxes = await _sandboxes(settings, cli, gateway) if settings.sandbox else None
         if sandboxes is not None:
             resources.callback(sandboxes.close)
@@ -484,7 +486,9 @@ def _grpc_server(
             ("grpc.max_receive_message_length", MAX_INPUT_TOTAL_BYTES + (1 << 20)),
         ],
     )
-    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(tenants, sessions), server)
+    session_pb2_grpc.add_SessionServiceServicer_to_server(
+        SessionService(tenants, sessions, CallSpans(telemetry.content)), server
+    )
     budget_pb2_grpc.add_BudgetServiceServicer_to_server(BudgetService(tenants, budgets), server)
     usage_pb2_grpc.add_UsageServiceServicer_to_server(
         UsageService(tenants, UsageReader(db)), server

@@ -316,6 +316,10 @@ class Session:
     # The schema its result must match (JSON text; "" for none), and the matching result.
     output_schema: str = ""
     structured_result: Any = None
+    # The trace it was admitted in and that RunSession's span (hex; "" when untraced):
+    # what later calls about the session link to.
+    trace_id: str = ""
+    trace_span_id: str = ""
 
     def evolve(self, **changes: Any) -> Session:
         return replace(self, **changes)
@@ -351,6 +355,8 @@ class Session:
             "awaiting": [request.to_json() for request in self.awaiting],
             "output_schema": self.output_schema,
             "structured_result": self.structured_result,
+            "trace_id": self.trace_id,
+            "trace_span_id": self.trace_span_id,
         }
 
     @classmethod
@@ -386,6 +392,8 @@ class Session:
             awaiting=tuple(InputRequest.from_json(data["id"], a) for a in data.get("awaiting", ())),
             output_schema=data.get("output_schema", ""),
             structured_result=data.get("structured_result"),
+            trace_id=data.get("trace_id", ""),
+            trace_span_id=data.get("trace_span_id", ""),
         )
 
 

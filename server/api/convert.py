@@ -99,6 +99,7 @@ def session_to_proto(s: Session) -> session_pb2.Session:
             if s.structured_result is not None
             else ""
         ),
+        trace_id=s.trace_id,
     )
     if s.error_reason is not None:
         msg.error.reason = session_pb2.ErrorReason.Value(f"ERROR_REASON_{s.error_reason.value}")

@@ -184,6 +184,9 @@ class MeteringGateway:
         # Told True when the model API answered, False when it could not be reached
         # (health reports it; see app.py). Must not raise.
         self.on_upstream: Callable[[bool], None] = lambda _reachable: None
+        # Keep each forwarded request's body and its reply's content on its record, for
+        # traces that record content (AGENTPLANE_TRACE_CONTENT); off, neither is kept.
+        self.keep_content = False
         self._by_token: dict[bytes, SessionMeter] = {}
         self._reads: dict[str, ReadSlots] = {}
         # Bodies over parse_off_loop_bytes are parsed in worker processes.
@@ -542,6 +545,9 @@ class MeteringGateway:
         url, headers = self._upstream(request, meter)
         usage: TokenUsage | None = None
         parser: SseUsageParser | None = None
+        if self.keep_content:
+            record.request_body = data
+            record.response.content = []
         try:
             async with self._http.post(url, data=data, headers=headers) as up:
                 self.on_upstream(True)
@@ -560,7 +566,7 @@ class MeteringGateway:
                 if up.content_type != "text/event-stream":
                     payload = await up.read()
                     decoder = SideDecoder(up.headers.get("content-encoding"))
-                    usage = usage_from_message(decoder.decode(payload))
+                    usage = usage_from_message(decoder.decode(payload), record.response)
                     record.outcome = "completed" if usage is not None else "usage_missing"
                     return web.Response(
                         status=up.status,
@@ -568,7 +574,8 @@ class MeteringGateway:
                         body=payload,
                         headers=_reply_headers(up),
                     )
-                parser = SseUsageParser()
+                parser = SseUsageParser(keep_content=self.keep_content)
+                record.response = parser.response
                 return await self._stream(request, up, parser, record)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # No (complete) response from upstream: the agent gets a retryable error.
@@ -585,10 +592,13 @@ class MeteringGateway:
             if record.outcome == "usage_missing":
                 record.cost_usd = reservation.amount_usd
                 log.warning(
-                    "gateway session=%s: a %s response without usage; charged its worst case %s",
-                    meter.session_id,
-                    record.model,
-                    reservation.amount_usd,
+                    "gateway_usage_missing",
+                    extra={
+                        "session_id": meter.session_id,
+                        "model": record.model,
+                        "detail": "a response without usage, charged its worst case",
+                        "cost_usd": str(reservation.amount_usd),
+                    },
                 )
             elif usage is not None:
                 record.usage = usage
@@ -606,25 +616,12 @@ class MeteringGateway:
                         ),
                     )
             record.ended_at = utcnow()
+            # The session's observer writes the request's log line (`model_request`, with
+            # its tenant and its chat span's trace ids).
             meter.settle(reservation, record)
-            log.info(
-                "gateway session=%s model=%s status=%s outcome=%s max_tokens=%s/%s "
-                "in=%d out=%d cache_write=%d cache_read=%d server_tools=%s cost=%s spent=%s/%s",
-                meter.session_id,
-                record.model,
-                record.status,
-                record.outcome,
-                record.max_tokens_forwarded,
-                record.max_tokens_requested,
-                record.usage.input_tokens,
-                record.usage.output_tokens,
-                record.usage.cache_creation_input_tokens,
-                record.usage.cache_read_input_tokens,
-                dict(record.usage.server_tool_use) or "-",
-                record.cost_usd,
-                meter.spent_usd,
-                meter.budget_usd,
-            )
+            # Content was kept for the chat span, made in settle: the meter keeps its
+            # records for the session's life, not the bodies of its conversation.
+            record.request_body = record.response.content = None
 
     async def _stream(
         self,

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..domain import TokenUsage, usd, utcnow
 from ..mcp.servers import RemoteServer
+from .gateway_sse import ResponseFacts
 from .pricing import ModelPrice
 from .server_tools import OfferedTool
 
@@ -135,7 +136,9 @@ class MeteredRequest:
     broke off; what was seen is charged), ``client_disconnected`` (the agent went away;
     what was seen is charged), ``usage_missing`` (a success without readable usage;
     charged its reservation, the worst case). ``usage`` is what the response reported
-    (zero when it was not forwarded, or reported none).
+    (zero when it was not forwarded, or reported none), ``response`` its message id,
+    model and stop reason. ``request_body`` (the body as forwarded) and
+    ``response.content`` are kept only when the gateway keeps content for traces.
     """
 
     model: str
@@ -156,6 +159,8 @@ class MeteredRequest:
     server_tool_uses_forwarded: dict[str, int] = field(default_factory=dict)
     price_version: str = ""
     upstream_request_id: str = ""
+    response: ResponseFacts = field(default_factory=ResponseFacts)
+    request_body: bytes | None = None
 
 
 @dataclass(frozen=True)

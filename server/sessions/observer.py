@@ -22,6 +22,10 @@ class SessionObserver(Protocol):
         the ErrorInfo reason its caller got (BUDGET_EXCEEDED, CONCURRENCY_LIMIT,
         INVALID_ARGUMENT, UNKNOWN_MODEL, UNAVAILABLE, DATABASE_UNAVAILABLE, ...)."""
 
+    def current_trace(self) -> tuple[str, str]:
+        """The trace id and span id (hex) of the call being served, which a session
+        admitted now is part of; ("", "") when it is not traced."""
+
     def admitted(self, session: Session, prompt: str) -> contextvars.Context:
         """A session was admitted (IDLE, persisted). Returns the context its run task is
         created in (the current one, or a copy with the session's own trace span)."""
@@ -47,6 +51,9 @@ class NullObserver:
 
     def rejected(self, tenant: str, reason: str) -> None:
         pass
+
+    def current_trace(self) -> tuple[str, str]:
+        return "", ""
 
     def admitted(self, session: Session, prompt: str) -> contextvars.Context:
         return contextvars.copy_context()

@@ -94,6 +94,10 @@ class SessionRow(Base):
     # The request's output schema (JSON text) and the structured result that matched it.
     output_schema: Mapped[str | None] = mapped_column(Text)
     structured_result: Mapped[Any] = mapped_column(JSON, nullable=True)
+    # The trace it was admitted in and that call's span (hex), for links to it (NULL:
+    # untraced).
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    trace_span_id: Mapped[str | None] = mapped_column(String(16))
 
 
 class SessionLabelRow(Base):

@@ -69,6 +69,8 @@ def _to_domain(row: SessionRow) -> Session:
         require_approval=tuple(row.require_approval or ()),
         output_schema=row.output_schema or "",
         structured_result=row.structured_result,
+        trace_id=row.trace_id or "",
+        trace_span_id=row.trace_span_id or "",
     )
 
 
@@ -125,6 +127,8 @@ async def insert_session(
                 "caller_tools": list(session.caller_tools) or None,
                 "require_approval": list(session.require_approval) or None,
                 "output_schema": session.output_schema or None,
+                "trace_id": session.trace_id or None,
+                "trace_span_id": session.trace_span_id or None,
                 "owner": owner,
                 "lease_expires_at": lease_until,
                 **_outcome_columns(session),

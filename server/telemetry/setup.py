@@ -9,12 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from opentelemetry import metrics, trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.instrumentation.grpc.filters import health_check, negate
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -26,6 +23,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from .otel_env import OtelConfig
 
 log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = "/grpc.health.v1.Health/"
 
 
 @dataclass(frozen=True)
@@ -145,10 +144,10 @@ class Telemetry:
         checks are not traced)."""
         if not self.tracing:
             return []
-        interceptor: Any = aio_server_interceptor(
-            tracer_provider=self.tracer_provider, filter_=negate(health_check())
-        )
-        return [interceptor]
+        from .rpc import ServerSpans  # it needs this module's ContentPolicy
+
+        tracer = self.tracer_provider.get_tracer("agentplane.grpc")
+        return [ServerSpans(tracer, skip=lambda method: method.startswith(HEALTH_SERVICE))]
 
     def shutdown(self) -> None:
         """Flush and stop (blocking: exporters may wait on the network)."""
