@@ -111,6 +111,11 @@ def test_config_and_telemetry_setup_do_not_import_each_other_or_sessions() -> No
         (tenant_toml("a", "tok", max_turns=0), "tenants.a.max_turns"),
         (tenant_toml("a", "tok", timezone="Mars/Base"), "tenants.a.timezone"),
         (tenant_toml("a", "tok", colour="red"), "tenants.a.colour"),
+        # A string where one is meant: not turned into one (5 -> "5"), nor a crash.
+        (tenant_toml("a", "tok", system_prompt=5), "tenants.a.system_prompt"),
+        (tenant_toml("a", "tok", workspace_template=5), "tenants.a.workspace_template"),
+        (tenant_toml("a", "tok", anthropic_api_key_env=5), "tenants.a.anthropic_api_key_env"),
+        (tenant_toml("a", "tok", anthropic_api_key_env=""), "tenants.a.anthropic_api_key_env"),
         (
             tenant_toml("a", "tok", daily_limit_usd=1, max_session_budget_usd=2),
             "tenants.a.max_session_budget_usd",
@@ -133,11 +138,6 @@ def test_config_and_telemetry_setup_do_not_import_each_other_or_sessions() -> No
         (tenant_toml("a", "tok", max_processes=8), "tenants.a.max_processes"),
         (tenant_toml("a", "tok", max_cpu_s=0), "tenants.a.max_cpu_s"),
         (tenant_toml("a", "tok", max_disk_mib=True), "tenants.a.max_disk_mib"),
-        # A string where one is meant: not turned into one (5 -> "5"), nor a crash.
-        (tenant_toml("a", "tok", system_prompt=5), "tenants.a.system_prompt"),
-        (tenant_toml("a", "tok", workspace_template=5), "tenants.a.workspace_template"),
-        (tenant_toml("a", "tok", anthropic_api_key_env=5), "tenants.a.anthropic_api_key_env"),
-        (tenant_toml("a", "tok", anthropic_api_key_env=""), "tenants.a.anthropic_api_key_env"),
         ("not toml at all [", "AGENTPLANE_TENANTS_FILE"),
         ("[other]\nx = 1\n", "AGENTPLANE_TENANTS_FILE"),
     ],

@@ -102,9 +102,10 @@ async def _sqlite_gone(h: Harness, *, replaced: bool) -> AsyncIterator[None]:
     if replaced:
         folder.mkdir()  # SQLite creates a new, empty database file here
     # An open SQLite connection keeps reading the file it opened, wherever it was moved:
-    # the outage shows on new connections, so the pool's idle ones are closed (as any
-    # recycling of connections would).
-    await h.app.engine.dispose()
+    # the outage shows on new connections, so the pools' idle ones are closed (as any
+    # recycling of connections would): the callers' and the running sessions' (lease
+    # upkeep's too).
+    await _dispose_pools(h)
     try:
         yield
     finally:
@@ -113,7 +114,13 @@ async def _sqlite_gone(h: Harness, *, replaced: bool) -> AsyncIterator[None]:
         away.rename(folder)
         if replaced:
             # Connections opened meanwhile hold the empty replacement open, as above.
-            await h.app.engine.dispose()
+            await _dispose_pools(h)
+
+
+async def _dispose_pools(h: Harness) -> None:
+    await h.app.engine.dispose()
+    if h.app.upkeep_engine is not None:
+        await h.app.upkeep_engine.dispose()
 
 
 def assert_unavailable(err: grpc.aio.AioRpcError, *reasons: str) -> None:
