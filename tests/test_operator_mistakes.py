@@ -363,10 +363,11 @@ def test_the_images_defaults_refuse_to_serve_unauthenticated(tmp_path: Path) -> 
         "AGENTPLANE_TENANTS_FILE" not in image and "AGENTPLANE_ALLOW_UNAUTHENTICATED" not in image
     )
     image["AGENTPLANE_LISTEN"] = f"0.0.0.0:{free_port()}"
-    done = run_server(
-        "serve", env=server_env(**image, AGENTPLANE_DATABASE_URL=f"sqlite:///{tmp_path}/a.db")
-    )
-    assert "AGENTPLANE_TENANTS_FILE: unset" in the_one_line(done, alone=True)
+    env = server_env(**image, AGENTPLANE_DATABASE_URL=f"sqlite:///{tmp_path}/a.db")
+    for command in ("serve", "check-config"):  # check-config says what serve would refuse
+        assert "AGENTPLANE_TENANTS_FILE: unset" in the_one_line(
+            run_server(command, env=env), alone=True
+        )
 
 
 async def test_the_opt_in_serves_beyond_loopback_and_warns_at_every_start(
@@ -438,6 +439,22 @@ def test_migrate_on_a_missing_postgresql_database_is_one_line() -> None:
         "agentplane-server: invalid configuration: AGENTPLANE_DATABASE_URL: cannot migrate "
     ), line
     assert f'database "{name}" does not exist; create it (`createdb ' in line, line
+
+
+def test_migrate_with_no_database_server_is_one_line_without_the_password() -> None:
+    port = free_port()  # nothing listens there
+    url = f"postgresql://ap:s3cret-pw@127.0.0.1:{port}/agentplane"
+    done = run_server("migrate", env=server_env(AGENTPLANE_DATABASE_URL=url))
+    line = the_one_line(done, alone=True)
+    assert line.startswith(
+        "agentplane-server: invalid configuration: AGENTPLANE_DATABASE_URL: cannot migrate "
+        f"postgresql://ap:***@127.0.0.1:{port}/agentplane: "
+    ), line
+    assert line.endswith(
+        "Connection refused; start the database server, or set AGENTPLANE_DATABASE_URL to "
+        "where it runs"
+    ), line
+    assert "s3cret-pw" not in done.stdout + done.stderr
 
 
 def test_migrate_into_a_missing_folder_is_one_line() -> None:
