@@ -506,12 +506,12 @@ def test_check_config_finds_a_database_not_migrated(tmp_path: Path, empty_databa
     # One that serve would not migrate (AGENTPLANE_AUTO_MIGRATE=0).
     env = {"AGENTPLANE_DATABASE_URL": empty_database, "AGENTPLANE_AUTO_MIGRATE": "0"}
     line = the_one_line(check_config(tmp_path, **env), alone=True)
-    assert "is never migrated, not at the newest migration (" in line, line
+    assert " was never migrated (the newest migration is " in line, line
     assert line.endswith("run `agentplane-server migrate` (or set AGENTPLANE_AUTO_MIGRATE=1)")
     # Serve would migrate it at start: fine. Then, migrated: at the newest.
     done = check_config(tmp_path, **{**env, "AGENTPLANE_AUTO_MIGRATE": "1"})
     assert done.returncode == 0, done.stderr
-    assert "never migrated; migrated to" in done.stdout
+    assert "was never migrated; serve migrates it to" in done.stdout
     assert run_server("migrate", env=server_env(**env)).returncode == 0
     done = check_config(tmp_path, **env)
     assert done.returncode == 0, done.stderr

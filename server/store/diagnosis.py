@@ -77,18 +77,18 @@ async def check(url: str, *, migrated_at_start: bool) -> str:
     newest = ", ".join(sorted(heads))
     if current == heads:
         return f"database: {shown(url)}, at the newest migration ({newest})"
-    at = f"at revision {', '.join(sorted(current))}" if current else "never migrated"
+    at = f"is at revision {', '.join(sorted(current))}" if current else "was never migrated"
     if current - known:
         raise ConfigError(
             SETTING,
-            f"{shown(url)} is {at}, which this release does not have (a newer agentplane "
+            f"{shown(url)} {at}, which this release does not have (a newer agentplane "
             "migrated it?): run that release or a newer one",
         )
     if migrated_at_start:
-        return f"database: {shown(url)}, {at}; migrated to {newest} at start"
+        return f"database: {shown(url)} {at}; serve migrates it to {newest} at start"
     raise ConfigError(
         SETTING,
-        f"{shown(url)} is {at}, not at the newest migration ({newest}): run "
+        f"{shown(url)} {at} (the newest migration is {newest}): run "
         "`agentplane-server migrate` (or set AGENTPLANE_AUTO_MIGRATE=1)",
     )
 
