@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import logging
 import os
 import sys
 
 from agentplane._version import package_version
 
 from .config import Settings, settings_help
+from .config_warnings import tenants_file_warnings, unknown_variables
 from .errors import ConfigError
 from .mcp.servers import problem as mcp_problem
 from .sandbox import cli as sandbox_cli
@@ -18,6 +20,8 @@ from .telemetry.logs import configure_logging
 from .tenants import TenantRegistry
 
 EXIT_CONFIG = 2
+
+log = logging.getLogger("agentplane.server")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,11 +65,21 @@ def _settings() -> Settings:
 
 
 async def _migrate(settings: Settings) -> None:
+    """Apply the migrations; ConfigError (one line: the cause, what to do) when the
+    database cannot be reached or refuses them."""
+    from sqlalchemy.exc import DBAPIError
+
+    from .store.diagnosis import explain, shown
     from .store.engine import create_engine, migrate
 
     engine = create_engine(settings.database_url)
     try:
         await migrate(engine)
+    except (DBAPIError, OSError) as exc:
+        url = settings.database_url
+        raise ConfigError(
+            "AGENTPLANE_DATABASE_URL", f"cannot migrate {shown(url)}: {explain(exc, url)}"
+        ) from None
     finally:
         await engine.dispose()
 
@@ -119,15 +133,48 @@ def _missing_keys(tenants: TenantRegistry) -> list[str]:
     return lines
 
 
+def _warnings(settings: Settings, tenants: TenantRegistry) -> list[str]:
+    """What is accepted but likely a mistake: unknown AGENTPLANE_* variables, tools the
+    CLI does not have, amounts written as strings (see config_warnings.py)."""
+    lines = unknown_variables(os.environ, tenants.key_env_names())
+    if settings.tenants_file is not None and not tenants.dev_mode:
+        lines += tenants_file_warnings(settings.tenants_file)
+    return lines
+
+
+def _sandbox_tools(settings: Settings) -> str:
+    """The sandbox's tools found on PATH (a line); ConfigError naming a missing one."""
+    from .app import sandbox_unavailable
+    from .isolation.sandboxes import SandboxUnavailable, find_tools
+
+    if not settings.sandbox:
+        return (
+            "warning: AGENTPLANE_SANDBOX=none: agents run unsandboxed (unsafe with more than "
+            "one tenant)"
+        )
+    try:
+        tools = find_tools()
+    except SandboxUnavailable as exc:
+        raise sandbox_unavailable(exc) from None
+    return f"sandbox: bwrap {tools.bwrap}, socat {tools.socat}, setpriv {tools.setpriv}"
+
+
 def _check_config(settings: Settings, tenants: TenantRegistry) -> int:
     """What `serve` would refuse, without starting anything: the settings, the tenants
-    file, the TLS certificate, key and client CA. Raises ConfigError."""
+    file, the TLS certificate, key and client CA, the sandbox's tools, the database and
+    its migrations. Raises ConfigError; prints what it found, then warnings."""
     from .app import price_table, tenant_checks
+    from .store.diagnosis import check as check_database
     from .tls import certificate_files
 
+    settings.check_exposure(tenants.dev_mode)
     certificates = certificate_files(settings)
     prices = price_table(settings)
     tenant_checks(settings, prices.price)(tenants)
+    sandbox = _sandbox_tools(settings)
+    database = asyncio.run(
+        check_database(settings.database_url, migrated_at_start=settings.migrate_at_start)
+    )
     print(
         f"configuration ok: {len(tenants.tenants)} tenant(s)"
         + (" (dev mode)" if tenants.dev_mode else "")
@@ -138,8 +185,12 @@ def _check_config(settings: Settings, tenants: TenantRegistry) -> int:
             f"tls: {material.subject}, valid until {material.not_after:%Y-%m-%d %H:%M} UTC"
             + ("; client certificates required (mTLS)" if certificates.mutual else "")
         )
+    print(sandbox)
+    print(database)
     for line in _missing_keys(tenants):
         print(line)
+    for line in _warnings(settings, tenants):
+        print(f"warning: {line}")
     return 0
 
 
@@ -174,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         tenants = load_tenants(settings)  # a bad tenants file stops us before anything starts
         if command == "check-config":
             return _check_config(settings, tenants)
+        for line in _warnings(settings, tenants):
+            log.warning(line)
         return asyncio.run(
             _dev(settings, tenants) if command == "dev" else serve(settings, tenants)
         )

@@ -33,7 +33,7 @@ from .api.session_service import SessionService
 from .budgets.gateway import MeteringGateway
 from .budgets.ledger import BudgetReader
 from .budgets.pricing import PriceTable
-from .config import Settings
+from .config import Settings, is_loopback
 from .errors import ConfigError, InvalidArgument
 from .health import Health
 from .isolation.sandboxes import Sandboxes, SandboxUnavailable
@@ -51,7 +51,7 @@ from .store.notify import Bus, Listener
 from .store.transcripts import SqlSessionStore
 from .telemetry.observer import TelemetryObserver
 from .telemetry.rpc import CallSpans
-from .telemetry.setup import ContentPolicy, Telemetry
+from .telemetry.setup import ContentPolicy, EndpointUnavailable, Telemetry
 from .tenants import MAX_INPUT_TOTAL_BYTES, TenantChanges, TenantRegistry
 from .tenants_reload import TenantsReloader
 from .tls import CertificateFiles, certificate_files
@@ -119,13 +119,16 @@ async def _sandboxes(settings: Settings, cli: Path, gateway: MeteringGateway) ->
             )
         )
     except SandboxUnavailable as exc:
-        raise ConfigError(
-            "AGENTPLANE_SANDBOX",
-            (
-                f"cannot sandbox sessions: {exc}; or set AGENTPLANE_SANDBOX=none to run agents "
-                "unsandboxed (unsafe with more than one tenant)"
-            ),
-        ) from None
+        raise sandbox_unavailable(exc) from None
+
+
+def sandbox_unavailable(exc: SandboxUnavailable) -> ConfigError:
+    """What `serve` and `check-config` say where this host cannot sandbox sessions."""
+    return ConfigError(
+        "AGENTPLANE_SANDBOX",
+        f"cannot sandbox sessions: {exc}; or set AGENTPLANE_SANDBOX=none to run agents "
+        "unsandboxed (unsafe with more than one tenant)",
+    )
 
 
 def price_table(settings: Settings) -> PriceTable:
@@ -139,12 +142,20 @@ def price_table(settings: Settings) -> PriceTable:
 def telemetry_for(settings: Settings) -> Telemetry:
     """The telemetry the settings ask for (OTEL_*, AGENTPLANE_PROMETHEUS_PORT, ...).
 
-    Here, not in telemetry/, so that telemetry never depends on the server's settings."""
-    return Telemetry.create(
-        settings.otel,
-        content=ContentPolicy(settings.trace_content, settings.trace_content_max_chars),
-        prometheus=settings.prometheus_address,
-    )
+    Here, not in telemetry/, so that telemetry never depends on the server's settings.
+    ConfigError when /metrics cannot listen (exit 2, as for the gRPC port)."""
+    try:
+        return Telemetry.create(
+            settings.otel,
+            content=ContentPolicy(settings.trace_content, settings.trace_content_max_chars),
+            prometheus=settings.prometheus_address,
+        )
+    except EndpointUnavailable as exc:
+        raise ConfigError(
+            "AGENTPLANE_PROMETHEUS_PORT",
+            f"{exc} for /metrics: another server has the port, or the host is not an "
+            "address of this machine; choose a free port, or unset it (no /metrics)",
+        ) from None
 
 
 @dataclass
@@ -186,7 +197,15 @@ class App:
         what was opened so far is closed before the error propagates."""
         tenants = tenants or load_tenants(settings)
         certificates = certificate_files(settings)  # checked before anything opens
-        if tenants.dev_mode:
+        settings.check_exposure(tenants.dev_mode)
+        if tenants.dev_mode and not is_loopback(settings.listen_host):
+            log.warning(
+                "AGENTPLANE_ALLOW_UNAUTHENTICATED=1: no AGENTPLANE_TENANTS_FILE and listening "
+                "on %s: ANYONE who reaches this address is served without auth (dev mode, "
+                "one `default` tenant) and can run agents on this host and spend its budget",
+                settings.listen,
+            )
+        elif tenants.dev_mode:
             log.warning("no AGENTPLANE_TENANTS_FILE: dev mode, one `default` tenant, no auth")
         if not settings.sandbox:
             log.warning(

@@ -7,6 +7,7 @@ Configuration table (tests/test_config.py compares it) all come from those decla
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -126,6 +127,8 @@ def _http_url(raw: str) -> str:
 
 
 def _file(raw: str) -> Path:
+    if not Path(raw).exists():
+        raise ValueError(f"{raw} does not exist: create the file, or mount it there")
     if not Path(raw).is_file():
         raise ValueError(f"{raw} is not a file")
     return Path(raw)
@@ -248,8 +251,16 @@ class Settings:
         "",
         "TOML tenants file, re-read on SIGHUP and when it changes (an invalid one is "
         "ignored: health `agentplane.tenants` NOT_SERVING); unset = dev mode: one "
-        "`default` tenant, no auth (logged)",
+        "`default` tenant, no auth (logged), on loopback only (see the next)",
         shown="unset",
+    )
+    allow_unauthenticated: bool = setting(
+        "AGENTPLANE_ALLOW_UNAUTHENTICATED",
+        _bool,
+        "0",
+        "`1`: a server without `AGENTPLANE_TENANTS_FILE` (dev mode: no auth) may listen beyond "
+        "loopback, serving anyone who reaches it (logged as a warning); `0`: it refuses to "
+        "start there (exit 2)",
     )
     tenants_poll_s: float = setting(
         "AGENTPLANE_TENANTS_POLL_S",
@@ -443,11 +454,42 @@ class Settings:
         return make_url(self.database_url).get_backend_name() == "sqlite"
 
     @property
+    def listen_host(self) -> str:
+        """The host of AGENTPLANE_LISTEN, without an IPv6 address's brackets."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
     def prometheus_address(self) -> tuple[str, int] | None:
         """Where /metrics is served: the listen host, AGENTPLANE_PROMETHEUS_PORT."""
         if self.prometheus_port is None:
             return None
-        return self.listen.rpartition(":")[0].strip("[]"), self.prometheus_port
+        return self.listen_host, self.prometheus_port
+
+    def check_exposure(self, dev_mode: bool) -> None:
+        """ConfigError when dev mode (no tenants file: every caller is served, unasked)
+        would listen beyond loopback without AGENTPLANE_ALLOW_UNAUTHENTICATED=1."""
+        if dev_mode and not self.allow_unauthenticated and not is_loopback(self.listen_host):
+            raise ConfigError(
+                "AGENTPLANE_TENANTS_FILE",
+                "unset, so every caller would be served without auth (dev mode), and "
+                f"AGENTPLANE_LISTEN={self.listen} is reachable beyond this machine: set "
+                "AGENTPLANE_TENANTS_FILE to a tenants file, or listen on 127.0.0.1, or set "
+                "AGENTPLANE_ALLOW_UNAUTHENTICATED=1 to serve it unauthenticated anyway",
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine's loopback only: localhost,
+    127.0.0.0/8 or ::1. Any other name, and 0.0.0.0 or :: (every interface), is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: it may resolve to any address
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _check_tls(values: Mapping[str, Any]) -> None:

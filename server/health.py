@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .errors import DatabaseUnavailable, Unavailable
 from .sessions.cli_env import NO_OUTBOUND_TRAFFIC
+from .store.diagnosis import explain
 from .store.engine import migrate, migrations_current
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ async def _database_problem(
         if not await migrations_current(engine):
             return "the database schema is not current: run `agentplane-server migrate`", None
     except Exception as exc:  # noqa: BLE001  (any driver error means "not ready")
-        detail = f"the database is unreachable: {type(exc).__name__}: {exc}".splitlines()[0]
+        detail = f"the database is unreachable: {explain(exc, engine.url)}"
         return "the database is unreachable; retry later", detail
     return None, None
 

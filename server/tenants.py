@@ -206,6 +206,15 @@ def _model(value: Any, setting: str) -> str:
     return value.strip()
 
 
+def _text(value: Any, setting: str, *, empty: bool = False) -> str | None:
+    """A string setting (None: unset): any other type is refused, not turned into text."""
+    if value is not None and (not isinstance(value, str) or not (empty or value.strip())):
+        raise ConfigError(
+            setting, f"must be a {'' if empty else 'non-empty '}string, not {value!r}"
+        )
+    return value
+
+
 def _strings(value: Any, setting: str, what: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise ConfigError(setting, f"must be a list of {what}")
@@ -269,7 +278,7 @@ def _parse_tenant(
         ZoneInfo(str(cfg["timezone"]))
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(key("timezone"), f"unknown time zone {cfg['timezone']!r}") from None
-    template = cfg["workspace_template"]
+    template = _text(cfg["workspace_template"], key("workspace_template"))
     if template is not None and not Path(template).is_dir():
         raise ConfigError(key("workspace_template"), f"{template} is not a directory")
     os_user = cfg["os_user"]
@@ -377,9 +386,11 @@ def _parse_tenant(
     return Tenant(
         name=name,
         token_sha256=frozenset(t.lower() for t in tokens),
-        anthropic_api_key_env=str(cfg["anthropic_api_key_env"]),
+        anthropic_api_key_env=str(
+            _text(cfg["anthropic_api_key_env"], key("anthropic_api_key_env"))
+        ),
         allowed_tools=tuple(tools),
-        system_prompt=cfg["system_prompt"],
+        system_prompt=_text(cfg["system_prompt"], key("system_prompt"), empty=True),
         daily_limit_usd=daily,
         max_session_budget_usd=per_session,
         max_turns=_positive_int(cfg["max_turns"], key("max_turns")),

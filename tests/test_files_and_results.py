@@ -367,7 +367,7 @@ async def test_artifacts_and_deletion_from_another_replica(replicas: Any) -> Non
         )
     )
     assert err.code() == grpc.StatusCode.NOT_FOUND
-    for _ in range(100):  # the owner forgets it once the deletion's NOTIFY arrives
+    for _ in range(1200):  # the owner forgets it once the deletion's NOTIFY arrives
         try:
             await owner.sessions.GetSession(
                 session_pb2.GetSessionRequest(session_id=session_id), metadata=owner.auth("files")

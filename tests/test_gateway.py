@@ -80,7 +80,7 @@ def no_cli_left(session_dirs: SessionDirs) -> Iterator[None]:
     """Fail the test if a CLI of its session is still running afterwards."""
     yield
     marker = f"AGENTPLANE_SESSION_DIR={session_dirs.root}".encode()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # at once, unless the machine is loaded
     while (left := _processes_with_env(marker)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not left, f"CLI processes left running: {list(left)}"

@@ -22,9 +22,11 @@ pytestmark = pytest.mark.asyncio
 async def replicas(database_url: str) -> AsyncIterator[tuple[Harness, Harness]]:
     if not database_url.startswith("postgresql"):
         pytest.skip("replicas share a PostgreSQL database (SQLite serves one server)")
-    # A short lease: renewal, the fallback for a missed NOTIFY, comes every 0.5 s.
-    owner = await start_harness(database_url, lease_ttl_s=1.5)
-    other = await start_harness(database_url, lease_ttl_s=1.5)
+    # A short lease: renewal, the fallback for a missed NOTIFY, comes every 2 s. Not
+    # shorter: a loaded machine may keep a server from renewing for a few seconds, and the
+    # other would then close its running sessions INTERRUPTED.
+    owner = await start_harness(database_url, lease_ttl_s=6)
+    other = await start_harness(database_url, lease_ttl_s=6)
     for h in (owner, other):
         h.sandbox.add_script("held", Script(steps=[Step(hang=True)]))
     yield owner, other
@@ -252,7 +254,7 @@ async def test_getbudget_on_another_replica_follows_each_reservation_and_settlem
 
 
 async def until_changed(h: Harness, was: tuple[str, str]) -> tuple[str, str]:
-    for _ in range(200):
+    for _ in range(3000):
         now = await budget_of(h)
         if now != was:
             return now

@@ -177,14 +177,14 @@ async def test_a_killed_server_takes_its_sandboxes_with_it(model: SandboxServer)
             async for event in call:
                 if event.HasField("tool_use"):
                     break
-            for _ in range(100):  # the tool has started both sleeps
+            for _ in range(1200):  # the tool has started both sleeps
                 if len(sleepers()) == 2:
                     break
                 await asyncio.sleep(0.05)
             assert len(sleepers()) == 2
             server.kill()
             await server.wait()
-            for _ in range(100):
+            for _ in range(1200):
                 if not sleepers():
                     break
                 await asyncio.sleep(0.05)

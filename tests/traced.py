@@ -50,7 +50,7 @@ class Traced:
         return [json.loads(line) for line in self.logs.getvalue().splitlines()]
 
     async def spans(
-        self, ready: Callable[[list[trace_pb2.Span]], bool], timeout: float = 15.0
+        self, ready: Callable[[list[trace_pb2.Span]], bool], timeout: float = 60.0
     ) -> list[trace_pb2.Span]:
         """Flush until the received spans satisfy `ready`."""
         deadline = asyncio.get_running_loop().time() + timeout

@@ -198,6 +198,20 @@ async def migrate(engine: AsyncEngine) -> None:
         await conn.run_sync(_upgrade)
 
 
+def _revisions(connection: Connection) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    script = ScriptDirectory.from_config(_alembic_config())
+    current = frozenset(MigrationContext.configure(connection).get_current_heads())
+    known = frozenset(r.revision for r in script.walk_revisions())
+    return current, frozenset(script.get_heads()), known
+
+
+async def revisions(engine: AsyncEngine) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """The database's current revisions, the newest of this release's migrations, and
+    every revision this release has (reads only)."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(_revisions)
+
+
 async def migrations_current(engine: AsyncEngine) -> bool:
     """True when the database is at the newest migration."""
     async with engine.connect() as conn:

@@ -20,6 +20,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
+from ..telemetry.recurring import RecurringProblem
+from .outages import cause
+
 log = logging.getLogger(__name__)
 
 # A session was asked to stop by a replica that does not run it (payload: its id).
@@ -105,6 +108,10 @@ class Listener:
         bus.hears_all = self.listening.is_set
 
     async def run(self) -> None:
+        # The cause once, then at growing intervals while it lasts (not every retry).
+        problem = RecurringProblem(
+            log, f"listen: database unavailable, retrying every {self._retry_s:g} s"
+        )
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
@@ -113,11 +120,12 @@ class Listener:
                     for channel in self._bus.channels:
                         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     self.listening.set()
+                    problem.resolved()
                     self._bus.resumed()
                     async for message in conn.notifies():
                         self._bus.deliver(message.channel, message.payload)
             except psycopg.OperationalError as exc:
-                log.warning("listen: database unavailable (%s); retrying", type(exc).__name__)
+                problem.failed(cause(exc))
             finally:
                 self.listening.clear()
             await asyncio.sleep(self._retry_s)

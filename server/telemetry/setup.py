@@ -66,6 +66,10 @@ def _metric_readers(config: OtelConfig) -> list[MetricReader]:
     return [PeriodicExportingMetricReader(exporter, config.metric_export_interval_ms)]
 
 
+class EndpointUnavailable(Exception):
+    """The Prometheus endpoint cannot listen where it was asked to; says where and why."""
+
+
 class PrometheusEndpoint:
     """`/metrics` over HTTP from a registry of its own (not prometheus_client's global)."""
 
@@ -73,8 +77,13 @@ class PrometheusEndpoint:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
         self.registry = CollectorRegistry(auto_describe=True)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # in use, not an address of this machine, no such name
+            raise EndpointUnavailable(
+                f"cannot bind {host}:{port} ({exc.strerror or exc})"
+            ) from None
         self.reader = PrometheusMetricReader(registry=self.registry)
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         self.host = host
 
     @property
@@ -111,6 +120,8 @@ class Telemetry:
         content = content or ContentPolicy()
         if config.disabled:
             return cls(trace.NoOpTracerProvider(), metrics.NoOpMeterProvider(), content)
+        # First: it may fail (EndpointUnavailable), before anything else has started.
+        endpoint = PrometheusEndpoint(*prometheus) if prometheus is not None else None
         resource = Resource.create({SERVICE_NAME: config.service_name})
         processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in _span_exporters(config)]
         processors += span_processors
@@ -121,9 +132,7 @@ class Telemetry:
         for processor in processors:
             tracer_provider.add_span_processor(processor)
         readers = [*_metric_readers(config), *metric_readers]
-        endpoint = None
-        if prometheus is not None:
-            endpoint = PrometheusEndpoint(*prometheus)
+        if endpoint is not None:
             readers.append(endpoint.reader)
             log.info("prometheus_listening", extra={"address": f"{endpoint.host}:{endpoint.port}"})
         meter_provider = MeterProvider(
