@@ -69,14 +69,23 @@ async def _migrate(settings: Settings) -> None:
     database cannot be reached or refuses them."""
     from sqlalchemy.exc import DBAPIError
 
-    from .store.diagnosis import explain, shown
+    from .store.diagnosis import explain, remedy, shown, sqlite_folder
     from .store.engine import create_engine, migrate
 
-    engine = create_engine(settings.database_url)
+    url = settings.database_url
+    folder = sqlite_folder(url)
+    if folder is not None and not folder.is_dir():
+        # Said before connecting: a failed connect leaves aiosqlite's thread to report
+        # into a closed event loop (a traceback after the line).
+        reason = "unable to open database file"
+        raise ConfigError(
+            "AGENTPLANE_DATABASE_URL",
+            f"cannot migrate {shown(url)}: {reason}; {remedy(reason, url)}",
+        )
+    engine = create_engine(url)
     try:
         await migrate(engine)
     except (DBAPIError, OSError) as exc:
-        url = settings.database_url
         raise ConfigError(
             "AGENTPLANE_DATABASE_URL", f"cannot migrate {shown(url)}: {explain(exc, url)}"
         ) from None

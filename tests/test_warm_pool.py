@@ -115,6 +115,7 @@ _VARYING = {
     "time",
     "tenant",
     "sdkSessionId",
+    "traceId",
     "toolUseId",
     "tool_use_id",
     "durationMs",
@@ -170,7 +171,15 @@ async def test_a_hit_streams_and_persists_exactly_what_a_cold_start_does(pooled:
         assert comparable([e async for e in listed]) == comparable(events)
         stored[tenant] = json_format.MessageToDict(got)
     for record in stored.values():
-        for key in ("id", "tenant", "createTime", "startTime", "endTime", "sdkSessionId"):
+        for key in (
+            "id",
+            "tenant",
+            "createTime",
+            "startTime",
+            "endTime",
+            "sdkSessionId",
+            "traceId",
+        ):
             record.pop(key, None)
     assert stored["warm"] == stored["cold"]
 

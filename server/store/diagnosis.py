@@ -93,6 +93,16 @@ async def check(url: str, *, migrated_at_start: bool) -> str:
     )
 
 
+def sqlite_folder(url: str) -> Path | None:
+    """The folder of a SQLite database file (None: not SQLite, or in memory)."""
+    if not is_sqlite(url):
+        return None
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).parent
+
+
 def _sqlite_file_problem(url: str, migrated_at_start: bool) -> str | None:
     """For a SQLite file not there yet: what the server would do (a line), or ConfigError
     when it could not create it. None: the file is there (or it is in memory)."""
