@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -144,7 +145,9 @@ class AgentRunner:
             else:
                 warm.unmark()
             try:
-                before = await asyncio.to_thread(self._bring_in, spec, tenant, dirs)
+                before = await asyncio.to_thread(
+                    self._bring_in, spec, tenant, self._launcher.folders.work_dir, dirs
+                )
             except OSError as exc:
                 return Outcome.failed(f"the input files could not be written: {exc}")
             if self._launcher.sandboxes is not None:
@@ -177,7 +180,7 @@ class AgentRunner:
             if spec.output_schema is not None and outcome.verdict.state is SessionState.COMPLETE:
                 outcome.verdict = check_structured(outcome.structured, spec.output_schema)
             outcome.artifacts = await asyncio.to_thread(
-                collect_artifacts, dirs.cwd, before, tenant.files
+                collect_artifacts, self._launcher.folders.work_dir, dirs.cwd, before, tenant.files
             )
             return outcome
         finally:
@@ -298,10 +301,12 @@ class AgentRunner:
             return Outcome.failed(f"the agent failed: {exc}"), False
 
     @staticmethod
-    def _bring_in(spec: SessionSpec, tenant: Tenant, dirs: SessionDirs) -> dict[str, Stamp]:
+    def _bring_in(
+        spec: SessionSpec, tenant: Tenant, work_dir: Path, dirs: SessionDirs
+    ) -> dict[str, Stamp]:
         """Write the request's input files; what the workspace holds before the agent runs."""
-        write_input_files(dirs.cwd, spec.input_files, tenant.unix_ids())
-        return snapshot(dirs.cwd)
+        write_input_files(work_dir, dirs.cwd, spec.input_files, tenant.unix_ids())
+        return snapshot(work_dir, dirs.cwd)
 
 
 def check_structured(value: Any, schema: dict[str, Any]) -> Verdict:
