@@ -139,6 +139,8 @@ class AgentRunner:
             caller=CallerLoop(spec, waiter, str(dirs.cwd)) if waiter else None,
         )
         watch: asyncio.Task[None] | None = None
+        # What its CLIs mirror of its transcript counts against what the session may store.
+        self._launcher.charge_to(live.id, live.charge)
         try:
             if warm is None:
                 await self._launcher.folders.prepare(dirs, tenant)
@@ -174,6 +176,10 @@ class AgentRunner:
                     f"the session's budget of {spec.budget_usd} USD was used up",
                 )
             # A limit hit ends the session ERROR even if the agent answered meanwhile.
+            if live.event_limit_message:
+                outcome.verdict = Verdict(
+                    SessionState.ERROR, ErrorReason.EVENT_LIMIT, live.event_limit_message
+                )
             breach = run.breach()
             if breach is not None:
                 outcome.verdict = Verdict(SessionState.ERROR, breach.reason, breach.message)
@@ -186,7 +192,10 @@ class AgentRunner:
         finally:
             if watch is not None:
                 watch.cancel()
-            await self._launcher.release(live.id, dirs)
+            try:
+                await self._launcher.release(live.id, dirs)
+            finally:
+                self._launcher.charge_to(live.id, None)
 
     async def _attempts(self, run: AgentRun) -> Outcome:
         """Attempts until one ends for good (see `run`)."""
