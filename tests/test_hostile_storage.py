@@ -34,9 +34,10 @@ TOKENS.update({"linker": "linker-token-1", "flooder": "flooder-token-2", "bulky"
 MAX_EVENTS = 200
 MAX_EVENTS_MIB = 1
 
-# Run inside the sandbox: find the agent CLI (the first ancestor that is not a shell),
-# then write `count` forged stream-json `assistant` lines of about `size` bytes into its
-# stdout, which the SDK in the server reads as the CLI's own messages.
+# Run inside the sandbox: find the agent CLI (its first ancestor named claude), then write
+# `count` forged stream-json `assistant` lines of about `size` bytes into its stdout,
+# which the SDK in the server reads as the CLI's own messages. An agent running as an
+# unprivileged uid cannot reopen that pipe (the server's, mode 0600): it prints REFUSED.
 FORGE = r"""
 import json, os, sys
 count, size = int(sys.argv[1]), int(sys.argv[2])
@@ -46,7 +47,11 @@ while pid > 1:
     if argv0.endswith(b"claude"):
         break
     pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-out = os.open(f"/proc/{pid}/fd/1", os.O_WRONLY)
+try:
+    out = os.open(f"/proc/{pid}/fd/1", os.O_WRONLY)
+except PermissionError:
+    print("REFUSED", pid, flush=True)
+    sys.exit(3)
 print("cli", pid, flush=True)
 for i in range(count):
     text = f"FORGED-{i}-" + "x" * size
@@ -265,11 +270,23 @@ async def assert_ended_at_its_limit(
     return stored
 
 
+def forge_refused(events: list[session_pb2.SessionEvent]) -> bool:
+    """Whether the forging agent could not open its CLI's stdout (then: nothing forged
+    was stored, and the session ended as its model said)."""
+    if "REFUSED" not in tool_output(events):
+        return False
+    assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    assert not [e for e in events if "FORGED-" in e.assistant_text.text]
+    return True
+
+
 @needs_root
 async def test_forged_cli_output_counts_against_the_session_event_limit(h: Harness) -> None:
     events = await bash_session(
-        h, "flooder", "forge-many", f"python3 -c '{FORGE}' 5000 100; sleep 60"
+        h, "flooder", "forge-many", f"python3 -c '{FORGE}' 5000 100 && sleep 60"
     )
+    if forge_refused(events):
+        return
     stored = await assert_ended_at_its_limit(h, "flooder", events, "max_events")
     assert len(stored) == MAX_EVENTS
     forged = [e for e in stored if "FORGED-" in json.dumps(e["payload"])]
@@ -280,8 +297,10 @@ async def test_forged_cli_output_counts_against_the_session_event_limit(h: Harne
 async def test_forged_cli_output_counts_against_the_session_byte_limit(h: Harness) -> None:
     # 3 KiB lines (under the pipe's atomic 4 KiB): 4000 of them would be 12 MiB.
     events = await bash_session(
-        h, "bulky", "forge-big", f"python3 -c '{FORGE}' 4000 3000; sleep 60"
+        h, "bulky", "forge-big", f"python3 -c '{FORGE}' 4000 3000 && sleep 60"
     )
+    if forge_refused(events):
+        return
     stored = await assert_ended_at_its_limit(h, "bulky", events, "max_events_mib")
     before_end = sum(len(json.dumps(e["payload"])) for e in stored[:-1])
     assert before_end <= MAX_EVENTS_MIB << 20
@@ -300,7 +319,11 @@ while pid > 1:
     if argv0.endswith(b"claude"):
         break
     pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-out = os.open(f"/proc/{pid}/fd/1", os.O_WRONLY)
+try:
+    out = os.open(f"/proc/{pid}/fd/1", os.O_WRONLY)
+except PermissionError:
+    print("REFUSED", pid, flush=True)
+    sys.exit(3)
 projects = os.environ["CLAUDE_CONFIG_DIR"] + "/projects/forged"
 for i in range(count):
     entry = {"type": "user", "uuid": str(uuid.uuid4()), "text": "MIRRORED-" + "y" * size}
@@ -315,10 +338,11 @@ print("mirrored", count, flush=True)
 async def test_forged_transcript_frames_count_against_the_session_byte_limit(h: Harness) -> None:
     # Each frame names a new conversation: a limit per conversation would not hold them.
     events = await bash_session(
-        h, "bulky", "forge-mirror", f"python3 -c '{FORGE_MIRROR}' 3000 3000; sleep 1"
+        h, "bulky", "forge-mirror", f"python3 -c '{FORGE_MIRROR}' 3000 3000 && sleep 60"
     )
-    print("TOOL", tool_output(events)[-300:])
-    # await assert_ended_at_its_limit(h, "bulky", events, "max_events_mib")
+    if forge_refused(events):
+        return
+    await assert_ended_at_its_limit(h, "bulky", events, "max_events_mib")
     async with h.app.engine.connect() as conn:
         rows = await conn.execute(
             sqlalchemy.text("SELECT entry FROM transcript_entries"),
@@ -328,5 +352,29 @@ async def test_forged_transcript_frames_count_against_the_session_byte_limit(h: 
             for (e,) in rows
             if "MIRRORED-" in (e if isinstance(e, str) else json.dumps(e))
         )
-    print("FORGED", forged)
     assert 0 < forged <= MAX_EVENTS_MIB << 20
+
+
+# The same limits, reached the ordinary way: by what the model makes the agent do.
+
+
+async def test_a_session_past_its_event_count_ends_event_limit(h: Harness) -> None:
+    # One turn of 120 tool calls: each a tool_use and a tool_result event.
+    calls = [ToolCall("Bash", {"command": f"echo call-{i}"}) for i in range(120)]
+    h.sandbox.add_script("many-calls", Script(steps=[Step(tool_calls=calls), Step(text="done")]))
+    events = await h.run("flooder", prompt="[[sandbox:many-calls]] go")
+    stored = await assert_ended_at_its_limit(h, "flooder", events, "max_events")
+    assert len(stored) == MAX_EVENTS
+
+
+async def test_a_session_past_its_event_bytes_ends_event_limit(h: Harness) -> None:
+    # Answers of 300 KiB each: the fourth passes 1 MiB (with the transcript, sooner).
+    steps = [
+        Step(tool_calls=[ToolCall("Bash", {"command": f"echo turn-{i}"})], text="z" * (300 << 10))
+        for i in range(6)
+    ]
+    h.sandbox.add_script("big-answers", Script(steps=[*steps, Step(text="done")]))
+    events = await h.run("bulky", prompt="[[sandbox:big-answers]] go")
+    stored = await assert_ended_at_its_limit(h, "bulky", events, "max_events_mib")
+    assert sum(len(json.dumps(e["payload"])) for e in stored[:-1]) <= MAX_EVENTS_MIB << 20
+    assert len([e for e in stored if "z" * 1000 in json.dumps(e["payload"])]) < 4
