@@ -58,6 +58,7 @@ class ErrorReason(enum.StrEnum):
     CPU_LIMIT = "CPU_LIMIT"
     DISK_LIMIT = "DISK_LIMIT"
     INVALID_OUTPUT = "INVALID_OUTPUT"
+    EVENT_LIMIT = "EVENT_LIMIT"
 
 
 class EventKind(enum.StrEnum):

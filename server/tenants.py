@@ -82,6 +82,8 @@ class Tenant:
     files: FileLimits = field(default_factory=lambda: FileLimits())
     # Ended sessions older than this are deleted in the background (0: kept for ever).
     retention_days: int = 0
+    # What each session may store of its event log (past it, it ends ERROR/EVENT_LIMIT).
+    events: EventLimits = field(default_factory=lambda: EventLimits())
     # Client certificates (mTLS) that authenticate as this tenant: by a subject
     # alternative name, or by the subject (RFC 4514, canonical), each exactly.
     client_cert_sans: frozenset[str] = frozenset()
@@ -120,6 +122,19 @@ class Tenant:
             except OSError:
                 return None
         return os.environ.get(self.anthropic_api_key_env) or None
+
+
+@dataclass(frozen=True)
+class EventLimits:
+    """What one session of a tenant may store of its event log: events (its `result`
+    included) and their payloads' bytes (its `result` aside)."""
+
+    max_events: int = 20_000
+    max_bytes: int = 32 << 20
+
+
+# The least a session needs to say anything (started, init, a turn, its result...).
+MIN_EVENTS = 16
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,8 @@ _DEFAULTS: Mapping[str, Any] = {
     "max_artifact_mib": FileLimits.max_artifact_bytes >> 20,
     "max_artifacts_total_mib": FileLimits.max_artifacts_total_bytes >> 20,
     "retention_days": 0,
+    "max_events": EventLimits.max_events,
+    "max_events_mib": EventLimits.max_bytes >> 20,
     "allowed_efforts": [],
     "max_thinking_tokens": 0,
     "fallback_models": [],
@@ -359,6 +376,15 @@ def _parse_tenant(
             key("max_input_total_mib"),
             f"must be at most {MAX_INPUT_TOTAL_BYTES >> 20} (the largest request the server takes)",
         )
+    events = EventLimits(
+        _positive_int(cfg["max_events"], key("max_events")),
+        _positive_int(cfg["max_events_mib"], key("max_events_mib")) << 20,
+    )
+    if events.max_events < MIN_EVENTS:
+        raise ConfigError(
+            key("max_events"),
+            f"must be at least {MIN_EVENTS} (a session needs a few to say anything)",
+        )
     efforts = cfg["allowed_efforts"]
     if not isinstance(efforts, list) or not all(e in EFFORTS for e in efforts):
         raise ConfigError(key("allowed_efforts"), f"must be a list of {', '.join(EFFORTS)}")
@@ -409,6 +435,7 @@ def _parse_tenant(
         answer_timeout_s=float(answer_timeout),
         max_answer_timeout_s=float(max_answer_timeout),
         files=files,
+        events=events,
         retention_days=_count(cfg["retention_days"], key("retention_days")),
         client_cert_sans=frozenset(sans),
         client_cert_subjects=frozenset(subjects),

@@ -334,6 +334,29 @@ def test_max_server_tool_uses_per_request_is_checked(
     assert plain.max_server_tool_uses_per_request == 8
 
 
+@pytest.mark.parametrize(
+    ("settings", "setting", "words"),
+    [
+        ({"max_events": 15}, "max_events", "at least 16"),
+        ({"max_events": "many"}, "max_events", "positive integer"),
+        ({"max_events_mib": 0}, "max_events_mib", "positive integer"),
+        ({"max_events_mib": 1.5}, "max_events_mib", "positive integer"),
+    ],
+)
+def test_the_event_limits_are_checked(
+    tmp_path: Path, settings: dict[str, Any], setting: str, words: str
+) -> None:
+    path = write_tenants(tmp_path, tenant_toml("a", "tok", **settings))
+    with pytest.raises(ConfigError, match=f"tenants.a.{setting}.*{words}"):
+        TenantRegistry.load(path)
+    ok = write_tenants(tmp_path, tenant_toml("a", "tok", max_events=500, max_events_mib=4))
+    tenant = TenantRegistry.load(ok).tenants["a"]
+    assert (tenant.events.max_events, tenant.events.max_bytes) == (500, 4 << 20)
+    plain = TenantRegistry.load(write_tenants(tmp_path, tenant_toml("a", "tok"))).tenants["a"]
+    # The defaults: well under 64 MiB stored per session.
+    assert (plain.events.max_events, plain.events.max_bytes) == (20_000, 32 << 20)
+
+
 def mcp_tenant(servers: str, tools: str = '["mcp__crm"]') -> str:
     return tenant_toml("a", "tok") + f"allowed_tools = {tools}\n" + servers
 

@@ -151,7 +151,7 @@ async def test_files_in_and_artifacts_out(harness: Harness) -> None:
     found = await artifacts(harness, session_id)
     assert set(found) == {"docs/spec.md", "out/result.txt", "big.bin", "link"}  # not untouched
     assert found["big.bin"].omitted_reason.startswith("larger than")
-    assert found["link"].omitted_reason == "a symbolic link"
+    assert found["link"].omitted_reason == "symlink"
     assert await download(harness, session_id, "out/result.txt") == b"made\n"
     assert await download(harness, session_id, "docs/spec.md") == b"SPEC-123\nchanged\n"
     assert found["out/result.txt"].size_bytes == 5 and len(found["out/result.txt"].sha256) == 64

@@ -36,6 +36,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_CPU_LIMIT: _ClassVar[ErrorReason]
     ERROR_REASON_DISK_LIMIT: _ClassVar[ErrorReason]
     ERROR_REASON_INVALID_OUTPUT: _ClassVar[ErrorReason]
+    ERROR_REASON_EVENT_LIMIT: _ClassVar[ErrorReason]
 
 class OnDisconnect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -76,6 +77,7 @@ ERROR_REASON_PROCESS_LIMIT: ErrorReason
 ERROR_REASON_CPU_LIMIT: ErrorReason
 ERROR_REASON_DISK_LIMIT: ErrorReason
 ERROR_REASON_INVALID_OUTPUT: ErrorReason
+ERROR_REASON_EVENT_LIMIT: ErrorReason
 ON_DISCONNECT_UNSPECIFIED: OnDisconnect
 ON_DISCONNECT_CANCEL: OnDisconnect
 ON_DISCONNECT_CONTINUE: OnDisconnect

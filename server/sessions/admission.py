@@ -181,6 +181,7 @@ class Admitter:
             self._persist_events,
             self._observer.event,
             write_interval_s=self.event_write_interval_s,
+            limits=tenant.events,
         )
         started = live.build(EventKind.STARTED, {"session": session.to_json()})
         try:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import pwd
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +23,7 @@ from ..isolation.sandboxes import Sandboxes
 from ..mcp.cli_config import cli_servers, session_servers
 from ..mcp.servers import PREFIX as MCP_PREFIX
 from ..mcp.servers import RemoteServer
-from ..store.transcripts import SqlSessionStore, TenantTranscripts
+from ..store.transcripts import ChargedTranscripts, SqlSessionStore, TenantTranscripts
 from ..tenants import Tenant
 from .caller_loop import CallerLoop
 from .cli_env import SessionDirs, cli_environment
@@ -94,6 +94,8 @@ class Launcher:
         self.folders = SessionFolders(config.work_dir, sandboxes)
         self._store = store
         self._gateway = gateway
+        # What each running session's transcript is charged to (see `charge_to`).
+        self._charges: dict[str, Callable[[int], bool]] = {}
 
     def scrub_also(self, names: Iterable[str]) -> None:
         """Keep these variables (a reloaded file's key variables) from agents from now on;
@@ -109,6 +111,18 @@ class Launcher:
     def transcripts(self, tenant: str) -> TenantTranscripts:
         """The tenant's SDK transcripts (the SessionStore the CLI mirrors into)."""
         return TenantTranscripts(self._store, tenant)
+
+    def charge_to(self, session_id: str, charge: Callable[[int], bool] | None) -> None:
+        """Charge what the CLIs of the session mirror of its transcript to `charge` from
+        now on (None: to nothing; a warm agent waiting for its session mirrors nothing)."""
+        if charge is None:
+            self._charges.pop(session_id, None)
+        else:
+            self._charges[session_id] = charge
+
+    def _charged(self, session_id: str, size: int) -> bool:
+        charge = self._charges.get(session_id)
+        return charge is None or charge(size)
 
     def open_meter(
         self, session_id: str, tenant: Tenant, budget: Decimal, spec: SessionSpec
@@ -217,7 +231,12 @@ class Launcher:
             max_budget_usd=float(budget),
             resume=resume,
             # Transcripts are mirrored to the database, so a resume works on any replica.
-            session_store=cast(SessionStore, self.transcripts(tenant.name)),
+            session_store=cast(
+                SessionStore,
+                ChargedTranscripts(
+                    self._store, tenant.name, lambda size: self._charged(meter.session_id, size)
+                ),
+            ),
             model=spec.model or None,
             effort=spec.effort or None,  # type: ignore[arg-type]  # validated: an EffortLevel
             max_thinking_tokens=spec.max_thinking_tokens or None,

@@ -139,6 +139,8 @@ class AgentRunner:
             caller=CallerLoop(spec, waiter, str(dirs.cwd)) if waiter else None,
         )
         watch: asyncio.Task[None] | None = None
+        # What its CLIs mirror of its transcript counts against what the session may store.
+        self._launcher.charge_to(live.id, live.charge)
         try:
             if warm is None:
                 try:
@@ -182,19 +184,26 @@ class AgentRunner:
                     f"the session's budget of {spec.budget_usd} USD was used up",
                 )
             # A limit hit ends the session ERROR even if the agent answered meanwhile.
+            if live.event_limit_message:
+                outcome.verdict = Verdict(
+                    SessionState.ERROR, ErrorReason.EVENT_LIMIT, live.event_limit_message
+                )
             breach = run.breach()
             if breach is not None:
                 outcome.verdict = Verdict(SessionState.ERROR, breach.reason, breach.message)
             if spec.output_schema is not None and outcome.verdict.state is SessionState.COMPLETE:
                 outcome.verdict = check_structured(outcome.structured, spec.output_schema)
             outcome.artifacts = await asyncio.to_thread(
-                collect_artifacts, dirs.cwd, before, tenant.files
+                collect_artifacts, self._launcher.folders.work_dir, dirs.cwd, before, tenant.files
             )
             return outcome
         finally:
             if watch is not None:
                 watch.cancel()
-            await self._launcher.release(live.id, dirs)
+            try:
+                await self._launcher.release(live.id, dirs)
+            finally:
+                self._launcher.charge_to(live.id, None)
 
     async def _attempts(self, run: AgentRun) -> Outcome:
         """Attempts until one ends for good (see `run`)."""
@@ -310,10 +319,10 @@ class AgentRunner:
 
     def _bring_in(self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs) -> dict[str, Stamp]:
         """Write the request's input files; what the workspace holds before the agent runs."""
-        write_input_files(
-            dirs.cwd, spec.input_files, self._launcher.folders.owner(dirs.root, tenant)
-        )
-        return snapshot(dirs.cwd)
+        work_dir = self._launcher.folders.work_dir
+        owner = self._launcher.folders.owner(dirs.root, tenant)
+        write_input_files(work_dir, dirs.cwd, spec.input_files, owner)
+        return snapshot(work_dir, dirs.cwd)
 
 
 def check_structured(value: Any, schema: dict[str, Any]) -> Verdict:
