@@ -11,26 +11,35 @@ queries name only metrics /metrics lists.
 from __future__ import annotations
 
 import asyncio
+import logging
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from agentplane.server.budgets.windows import day_of
-from agentplane.server.domain import utcnow
+from agentplane.server.domain import BudgetWindow, SessionState, utcnow
+from agentplane.server.health import Health
 from agentplane.server.sandbox import HttpFailure, Script, Step, ToolCall
+from agentplane.server.store.engine import create_engine
 from agentplane.server.store.models import (
     BudgetWindowRow,
     ModelRequestRow,
     SessionInputRow,
     SessionRow,
 )
+from agentplane.server.telemetry.gauges import Occupancy, ServerGauges, Sources
+from agentplane.server.telemetry.otel_env import OtelConfig
+from agentplane.server.telemetry.setup import Telemetry
 from agentplane.v1 import session_pb2
 from google.protobuf.duration_pb2 import Duration
 from harness import MODEL, Harness, collect, error_details, start_harness, stop_harness, tenant_toml
 from monitoring import SUFFIXES, alert_queries, dashboard_queries, load_dashboard, metric_names
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -455,3 +464,164 @@ async def test_the_dashboard_and_the_alerts_read_only_listed_metrics(served: Har
     for family, kind in FAMILIES.items():
         names = {f"{family}{s}" for s in SUFFIXES} | {family}
         assert names & used, f"no panel or alert reads {family} ({kind})"
+
+
+async def test_a_tenant_a_reload_adds_is_listed_at_zero(served: Harness) -> None:
+    h = served
+    path = h.app.settings.tenants_file
+    assert path is not None
+    before = path.read_text()
+    path.write_text(before + "\n" + tenant_toml("late", "late-token-10", daily_limit_usd=3.0))
+    try:
+        changes = await h.app.reload_tenants("test")
+        assert changes is not None and changes.added == ("late",)
+
+        def listed(found: Scrape) -> None:
+            assert ({"tenant": "late"}, 0.0) in found.samples["agentplane_sessions_started_total"]
+            assert (
+                {"tenant": "late", "reason": "BUDGET_EXCEEDED"},
+                0.0,
+            ) in found.samples["agentplane_admission_rejections_total"]
+            assert found.value("agentplane_sessions_live", tenant="late", state="running") == 0
+            assert ({"tenant": "late", "state": "running"}, 0.0) in found.samples[
+                "agentplane_sessions_live"
+            ]
+            assert found.value("agentplane_budget_limit_usd", tenant="late") == 3.0
+            assert found.value("agentplane_budget_remaining_usd", tenant="late") == 3.0
+
+        await eventually(h, listed)
+    finally:
+        path.write_text(before)
+        await h.app.reload_tenants("test")
+
+
+# -- the gauges and readiness, without a server -------------------------------------------
+
+
+def _gauge_points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any], float]]]:
+    found: dict[str, list[tuple[dict[str, Any], float]]] = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                for point in metric.data.data_points:
+                    found.setdefault(metric.name, []).append(
+                        (dict(point.attributes or {}), point.value)  # type: ignore[union-attr]
+                    )
+    return found
+
+
+def _window(tenant: str, limit: str, spent: str, reserved: str) -> BudgetWindow:
+    now = utcnow()
+    return BudgetWindow(
+        tenant, "2030-01-01", "UTC", now, now, Decimal(limit), Decimal(spent), Decimal(reserved)
+    )
+
+
+def test_the_gauges_report_what_holds_the_server_and_every_label_at_zero() -> None:
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry.create(OtelConfig(), metric_readers=[reader])
+    occupancy = Occupancy(
+        limit=8,
+        admitting=1,
+        warm_agents=3,
+        sessions=[
+            ("a", SessionState.IDLE, False),
+            ("a", SessionState.RUNNING, True),
+            ("a", SessionState.RUNNING, False),
+            ("b", SessionState.RUNNING, False),
+        ],
+        warm_idle={"b": 2},
+    )
+    ServerGauges(
+        telemetry.instruments("agentplane"),
+        Sources(
+            tenants=lambda: ["a", "b", "c"],
+            occupancy=lambda: occupancy,
+            budgets=lambda: {"a": _window("a", "10", "7.5", "1.5")},
+            pools={},
+            readiness=lambda: {"server": False, "database": True},
+        ),
+    )
+    points = _gauge_points(reader)
+    assert sorted(points["agentplane.capacity.limit"]) == [({}, 8)]
+    assert {p["holder"]: v for p, v in points["agentplane.capacity.used"]} == {
+        "session": 4,
+        "admitting": 1,
+        "warm_agent": 3,
+    }
+    live = {(p["tenant"], p["state"]): v for p, v in points["agentplane.sessions.live"]}
+    assert live == {
+        ("a", "starting"): 1,
+        ("a", "running"): 1,
+        ("a", "awaiting_caller"): 1,
+        ("b", "starting"): 0,
+        ("b", "running"): 1,
+        ("b", "awaiting_caller"): 0,
+        ("c", "starting"): 0,
+        ("c", "running"): 0,
+        ("c", "awaiting_caller"): 0,
+    }
+    assert {p["tenant"]: v for p, v in points["agentplane.warm_pool.idle"]} == {
+        "a": 0,
+        "b": 2,
+        "c": 0,
+    }
+    assert points["agentplane.budget.spent_usd"] == [({"tenant": "a"}, 7.5)]
+    assert points["agentplane.budget.reserved_usd"] == [({"tenant": "a"}, 1.5)]
+    assert points["agentplane.budget.remaining_usd"] == [({"tenant": "a"}, 1.0)]
+    assert {p["dependency"]: v for p, v in points["agentplane.ready"]} == {
+        "server": 0,
+        "database": 1,
+    }
+    telemetry.shutdown()
+
+
+def test_a_gauge_whose_source_fails_is_left_out_and_the_rest_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry.create(OtelConfig(), metric_readers=[reader])
+
+    def broken() -> Occupancy:
+        raise RuntimeError("dictionary changed size during iteration")
+
+    ServerGauges(
+        telemetry.instruments("agentplane"),
+        Sources(
+            tenants=lambda: ["a"],
+            occupancy=broken,
+            budgets=dict,
+            pools={},
+            readiness=lambda: {"server": True},
+        ),
+    )
+    with caplog.at_level(logging.ERROR, logger="agentplane"):
+        points = _gauge_points(reader)
+    assert "agentplane.capacity.used" not in points
+    assert points["agentplane.ready"] == [({"dependency": "server"}, 1)]
+    assert any(r.message == "telemetry_failed" for r in caplog.records)
+    telemetry.shutdown()
+
+
+async def test_readiness_per_dependency(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/h.db")
+    health = Health()
+    await health.init(sandboxed=False)
+    assert health.dependencies()["server"] is False  # starting up
+    assert health.dependencies()["database"] is False  # not checked yet
+    try:
+        await health.check(engine, tmp_path / "no-such-cli", migrate_first=True)
+        assert health.dependencies() == {
+            "server": False,
+            "database": True,
+            "agent_cli": False,
+            "model_api": True,
+            "sandbox": False,
+            "tenants_file": True,
+        }
+        await health.tenants(False)
+        assert health.dependencies()["tenants_file"] is False
+    finally:
+        await health.shutdown()
+        await engine.dispose()
