@@ -273,6 +273,15 @@ async def test_a_session_waiting_for_its_caller_and_a_refusal(served: Harness) -
     assert [r.state for r in rows] == ["RUNNING"]
     assert await _pending_inputs(h) == 1
     windows = await _windows_today(h)
+    # Its first model request (the tool call) is recorded as it settles.
+    requests: list[ModelRequestRow] = []
+    for _ in range(600):  # written by the session's recorder, soon after it settled
+        requests = [r for r in await _request_rows(h) if r.tenant == "waiter"]
+        if requests:
+            break
+        await asyncio.sleep(0.1)
+    spent_so_far = sum((r.cost_usd for r in requests), Decimal(0))
+    assert spent_so_far > 0
 
     def waiting(found: Scrape) -> None:
         assert (
@@ -285,6 +294,9 @@ async def test_a_session_waiting_for_its_caller_and_a_refusal(served: Harness) -
         )
         assert windows["waiter"].reserved_usd == Decimal(1)
         assert found.value("agentplane_budget_remaining_usd", tenant="waiter") == 0
+        # The cost accrues with each request, before the session ends.
+        assert _usd(found.value("agentplane_cost_usd_total", tenant="waiter")) == spent_so_far
+        assert found.value("agentplane_session_cost_usd_total", tenant="waiter") == 0
 
     await eventually(h, waiting)
 
