@@ -37,6 +37,7 @@ from .config import Settings, is_loopback
 from .errors import ConfigError, InvalidArgument
 from .health import Health
 from .isolation.sandboxes import Sandboxes, SandboxUnavailable
+from .operator_gauges import watch_server
 from .sessions.capacity import Capacity
 from .sessions.host_dirs import default_host_dir, register
 from .sessions.launcher import BUNDLED_CLI, LaunchConfig, Launcher
@@ -49,6 +50,7 @@ from .sessions.usage import UsageReader
 from .store.engine import POOL, UPKEEP_POOL, create_engine, sessionmaker
 from .store.notify import Bus, Listener
 from .store.transcripts import SqlSessionStore
+from .telemetry.budget_watch import BudgetWatch
 from .telemetry.observer import TelemetryObserver
 from .telemetry.rpc import CallSpans
 from .telemetry.setup import ContentPolicy, EndpointUnavailable, Telemetry
@@ -181,6 +183,8 @@ class App:
     # TLS on the gRPC port (None: plaintext); the tenants file's watcher (None: dev mode).
     certificates: CertificateFiles | None = None
     reloader: TenantsReloader | None = None
+    # Each tenant's budget today, for the budget gauges.
+    budget_watch: BudgetWatch | None = None
     _ready_task: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -297,6 +301,7 @@ class App:
             launcher,
         )
         observer = TelemetryObserver(telemetry)
+        observer.declare_tenants(tenants.tenants)
         capacity = Capacity(settings.max_sessions)
         pool = WarmPool(
             launcher,
@@ -326,13 +331,25 @@ class App:
             upkeep_db=upkeep_db,
         )
         budgets = BudgetReader(db)
+        budget_watch = watch_server(
+            telemetry,
+            tenants=tenants,
+            capacity=capacity,
+            pool=pool,
+            budgets=budgets,
+            bus=bus,
+            engines={"main": engine, "upkeep": upkeep_engine},
+            health=health,
+        )
         reloader = None
         if settings.tenants_file is not None and not tenants.dev_mode:
             reloader = TenantsReloader(
                 settings.tenants_file,
                 tenants,
                 check=check_tenants,
-                applied=_follow_tenants(settings, sessions, pool, launcher),
+                applied=_follow_tenants(
+                    settings, sessions, pool, launcher, (observer, budget_watch)
+                ),
                 status=health.tenants,
             )
         server = _grpc_server(telemetry, tenants, sessions, db, budgets, health)
@@ -369,6 +386,7 @@ class App:
             upkeep_engine,
             certificates,
             reloader,
+            budget_watch,
         )
         resources.push_async_callback(app._cancel_background)
         return app
@@ -381,6 +399,11 @@ class App:
         await self.health.check(self.engine, cli_path, migrate_first=self.settings.migrate_at_start)
         if self.sessions.pool is not None:
             self.sessions.pool.start()  # once ready: a server that cannot serve spends nothing
+        if self.budget_watch is not None:
+            await self.budget_watch.refresh()  # the budget gauges have values once ready
+            self._background.append(
+                asyncio.create_task(self.budget_watch.run(), name="budget-gauges")
+            )
         if self.reloader is not None:
             self._background.append(
                 asyncio.create_task(
@@ -468,11 +491,18 @@ def _open_work_dir(work_dir: Path, tenants: TenantRegistry) -> None:
 
 
 def _follow_tenants(
-    settings: Settings, sessions: SessionManager, pool: WarmPool, launcher: Launcher
+    settings: Settings,
+    sessions: SessionManager,
+    pool: WarmPool,
+    launcher: Launcher,
+    metrics: tuple[TelemetryObserver, BudgetWatch],
 ) -> Callable[[TenantRegistry, TenantChanges], None]:
     """What follows a reloaded tenants file, once it is in force."""
 
     def follow(registry: TenantRegistry, changes: TenantChanges) -> None:
+        observer, budget_watch = metrics
+        observer.declare_tenants(changes.added)
+        budget_watch.changed()  # the budgets of added tenants, the new limits
         if changes.removed:
             stopped = sessions.tenants_removed(set(changes.removed))
             if stopped:

@@ -60,12 +60,16 @@ class Health:
         self.servicer = _Servicer()
         self.problem: str | None = "starting up"
         self._stopping = False
-        self._cli_problem: str | None = None
+        self._cli_problem: str | None = "not checked yet"
         self._database_down = False
+        self._database_fine = False
         self._model_api_reachable = True
+        self._sandboxed = True
+        self._tenants_valid = True
         self._updates: set[asyncio.Task[None]] = set()
 
     async def init(self, *, sandboxed: bool = True) -> None:
+        self._sandboxed = sandboxed
         for name in READY_NAMES:
             await self.servicer.set(name, NOT_SERVING)
         await self.servicer.set(LIVENESS, SERVING)
@@ -88,6 +92,7 @@ class Health:
 
     async def tenants(self, valid: bool) -> None:
         """The tenants file on disk was read: valid (and applied), or not (ignored)."""
+        self._tenants_valid = valid
         await self.servicer.set(TENANTS, SERVING if valid else NOT_SERVING)
 
     async def _set_ready(self, problem: str | None) -> None:
@@ -132,7 +137,22 @@ class Health:
     ) -> tuple[str | None, str | None]:
         problem, detail = await _database_problem(engine, migrate_first)
         self._database_down = detail is not None
+        self._database_fine = problem is None
         return problem, detail
+
+    def dependencies(self) -> dict[str, bool]:
+        """Whether each dependency is fine now (for the metrics): `server` is readiness
+        itself; `database` reachable and migrated; `agent_cli` found and starting;
+        `model_api` reached by the last model request; `sandbox` in use; `tenants_file`
+        valid on disk."""
+        return {
+            "server": self.problem is None and not self._stopping,
+            "database": self._database_fine,
+            "agent_cli": self._cli_problem is None,
+            "model_api": self._model_api_reachable,
+            "sandbox": self._sandboxed,
+            "tenants_file": self._tenants_valid,
+        }
 
     async def drain(self) -> None:
         """Draining: every name that invites work goes NOT_SERVING; liveness stays SERVING."""

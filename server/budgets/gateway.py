@@ -650,6 +650,8 @@ class MeteringGateway:
                 return response
             if not chunk:
                 break
+            if record.first_chunk_at is None:
+                record.first_chunk_at = utcnow()
             parser.feed(decoder.decode(chunk))
             try:
                 await response.write(chunk)

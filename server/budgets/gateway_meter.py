@@ -149,6 +149,8 @@ class MeteredRequest:
     status: int | None = None
     started_at: datetime = field(default_factory=utcnow)
     ended_at: datetime | None = None
+    # When a streamed response's first bytes arrived (time to first chunk).
+    first_chunk_at: datetime | None = None
     outcome: str = ""
     stream: bool = False
     input_tokens_estimate: int = 0

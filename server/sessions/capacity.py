@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from ..domain import SessionState
 from ..errors import QuotaExceeded
 from .live import LiveSession
 
@@ -40,6 +41,14 @@ class Capacity:
     def room(self) -> int:
         """How many more agents could start now."""
         return self.limit - self.used
+
+    def sessions(self) -> list[tuple[str, SessionState, bool]]:
+        """Each live session's tenant, state and whether it waits for its caller (the
+        metrics read this from their own thread: one copy of the table, then reads)."""
+        return [
+            (live.session.tenant, live.session.state, live.awaiting_caller)
+            for live in list(self.live.values())
+        ]
 
     # -- sessions ------------------------------------------------------------------------
 

@@ -153,6 +153,10 @@ class WarmPool:
         """How many agents of `tenant` wait in the pool."""
         return len(self._ready.get(tenant, ()))
 
+    def idle(self) -> dict[str, int]:
+        """How many agents wait in the pool, by tenant."""
+        return {name: len(queue) for name, queue in list(self._ready.items())}
+
     @property
     def size(self) -> int:
         """Agents pooled or starting, all tenants."""

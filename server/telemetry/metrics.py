@@ -5,9 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from opentelemetry import metrics
-
-from ..domain import Session
+from ..domain import ErrorReason, Session, SessionState
+from .instruments import Instruments
 
 METER_NAME = "agentplane"
 
@@ -29,6 +28,8 @@ METERING_SHORTFALL = "agentplane.metering.shortfall"
 
 # Seconds: a session lasts from under a second to an hour.
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# The refusals an operator watches (the rest are the callers' mistakes).
+QUOTA_REASONS = ("BUDGET_EXCEEDED", "CONCURRENCY_LIMIT")
 
 
 class SessionMetrics:
@@ -40,68 +41,64 @@ class SessionMetrics:
     metering shortfalls.
     """
 
-    def __init__(self, provider: metrics.MeterProvider) -> None:
-        meter = provider.get_meter(METER_NAME)
-        self.started = meter.create_counter(
-            SESSIONS_STARTED, unit="{session}", description="Sessions admitted"
+    def __init__(self, instruments: Instruments) -> None:
+        self.started = instruments.counter(SESSIONS_STARTED, "{session}", "Sessions admitted")
+        self.ended = instruments.counter(SESSIONS_ENDED, "{session}", "Sessions ended, by outcome")
+        self.active = instruments.up_down_counter(
+            SESSIONS_ACTIVE, "{session}", "Sessions admitted and not ended"
         )
-        self.ended = meter.create_counter(
-            SESSIONS_ENDED, unit="{session}", description="Sessions ended, by outcome"
+        self.duration = instruments.histogram(
+            SESSION_DURATION, "s", "Session run time (admission to end)", DURATION_BUCKETS
         )
-        self.active = meter.create_up_down_counter(
-            SESSIONS_ACTIVE, unit="{session}", description="Sessions admitted and not ended"
+        self.cost = instruments.counter(SESSION_COST, "{USD}", "Cost of ended sessions")
+        self.turns = instruments.counter(SESSION_TURNS, "{turn}", "Agent turns of ended sessions")
+        self.tokens = instruments.counter(
+            SESSION_TOKENS, "{token}", "Model tokens of ended sessions, by type"
         )
-        self.duration = meter.create_histogram(
-            SESSION_DURATION,
-            unit="s",
-            description="Session run time (admission to end)",
-            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        self.retries = instruments.counter(
+            SESSION_RETRIES, "{retry}", "Retries of transient failures"
         )
-        self.cost = meter.create_counter(
-            SESSION_COST, unit="{USD}", description="Cost of ended sessions"
+        self.tool_uses = instruments.counter(TOOL_USES, "{call}", "Tool calls, by tool and outcome")
+        self.rejections = instruments.counter(
+            ADMISSION_REJECTIONS, "{request}", "Refused RunSession requests"
         )
-        self.turns = meter.create_counter(
-            SESSION_TURNS, unit="{turn}", description="Agent turns of ended sessions"
+        self.pool_hits = instruments.counter(
+            WARM_POOL_HITS, "{session}", "Sessions served by a warm agent"
         )
-        self.tokens = meter.create_counter(
-            SESSION_TOKENS, unit="{token}", description="Model tokens of ended sessions, by type"
-        )
-        self.retries = meter.create_counter(
-            SESSION_RETRIES, unit="{retry}", description="Retries of transient failures"
-        )
-        self.tool_uses = meter.create_counter(
-            TOOL_USES, unit="{call}", description="Tool calls, by tool and outcome"
-        )
-        self.rejections = meter.create_counter(
-            ADMISSION_REJECTIONS, unit="{request}", description="Refused RunSession requests"
-        )
-        self.pool_hits = meter.create_counter(
-            WARM_POOL_HITS, unit="{session}", description="Sessions served by a warm agent"
-        )
-        self.pool_misses = meter.create_counter(
+        self.pool_misses = instruments.counter(
             WARM_POOL_MISSES,
-            unit="{session}",
-            description="Sessions of tenants with a warm pool that started cold",
+            "{session}",
+            "Sessions of tenants with a warm pool that started cold",
         )
-        self.caller_inputs = meter.create_counter(
+        self.caller_inputs = instruments.counter(
             CALLER_INPUTS,
-            unit="{request}",
-            description="Requests to callers (tool calls, approvals, questions), by who "
+            "{request}",
+            "Requests to callers (tool calls, approvals, questions), by who "
             "settled them (CALLER, TIMEOUT, SESSION_END) and how",
         )
-        self.caller_wait = meter.create_histogram(
-            CALLER_WAIT,
-            unit="s",
-            description="How long sessions waited for their callers",
-            explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
+        self.caller_wait = instruments.histogram(
+            CALLER_WAIT, "s", "How long sessions waited for their callers", DURATION_BUCKETS
         )
-
-        self.shortfalls = meter.create_counter(
+        self.shortfalls = instruments.counter(
             METERING_SHORTFALL,
-            unit="{USD}",
-            description="How far metered costs fell short of the agent CLI's own count, by "
+            "{USD}",
+            "How far metered costs fell short of the agent CLI's own count, by "
             "model (a price the table lacks)",
         )
+
+    def declare_tenant(self, tenant: str) -> None:
+        """Zero series for `tenant` (see instruments.py): sessions started, active and
+        ended (by outcome and reason), their cost, and the refusals an operator alerts on."""
+        labels = {"tenant": tenant}
+        for counter in (self.started, self.cost, self.active):
+            counter.add(0, labels)
+        self.ended.add(0, {**labels, "outcome": SessionState.COMPLETE.value, "reason": ""})
+        for error in ErrorReason:
+            self.ended.add(
+                0, {**labels, "outcome": SessionState.ERROR.value, "reason": error.value}
+            )
+        for refusal in QUOTA_REASONS:
+            self.rejections.add(0, {**labels, "reason": refusal})
 
     def shortfall(self, tenant: str, model: str, gap_usd: Decimal) -> None:
         self.shortfalls.add(float(gap_usd), {"tenant": tenant, "model": model})

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextvars
 import logging
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from ..domain import Event, EventKind, Session
 from .guard import never_raises
 from .logs import span_ids
-from .metrics import SessionMetrics
+from .metrics import METER_NAME, SessionMetrics
+from .model_metrics import ModelRequestMetrics
 from .setup import Telemetry
 from .tracing import TRACER_NAME, SessionSpans
 
@@ -29,8 +31,16 @@ class TelemetryObserver:
     def __init__(self, telemetry: Telemetry) -> None:
         self._tracer = telemetry.tracer_provider.get_tracer(TRACER_NAME)
         self._content = telemetry.content
-        self.metrics = SessionMetrics(telemetry.meter_provider)
+        instruments = telemetry.instruments(METER_NAME)
+        self.metrics = SessionMetrics(instruments)
+        self.model_metrics = ModelRequestMetrics(instruments)
         self._spans: dict[str, SessionSpans] = {}
+
+    @_never_raises
+    def declare_tenants(self, tenants: Iterable[str]) -> None:
+        """Zero series for each of `tenants` (at start, and for those a reload adds)."""
+        for tenant in tenants:
+            self.metrics.declare_tenant(tenant)
 
     @_never_raises
     def rejected(self, tenant: str, reason: str) -> None:
@@ -67,7 +77,8 @@ class TelemetryObserver:
 
     @_never_raises
     def model_request(self, session: Session, request: MeteredRequest) -> None:
-        """The request's chat span, and its log line (with that span's ids)."""
+        """The request's chat span, metrics and log line (with that span's ids)."""
+        self.model_metrics.settled(session.tenant, request)
         spans = self._spans.get(session.id)
         span = spans.model_request(request) if spans is not None else None
         ended = request.ended_at or request.started_at

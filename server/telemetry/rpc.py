@@ -16,6 +16,7 @@ ended, in the attributes OpenInference viewers (Phoenix, ...) list traces by.
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
@@ -27,6 +28,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from ..domain import Event, EventKind, Session, SessionState
 from .guard import never_raises
+from .rpc_metrics import CallMetrics
 from .setup import ContentPolicy
 from .tracing import (
     CONVERSATION_ID,
@@ -78,11 +80,19 @@ def _reason(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class _Call:
-    """One call's server span: opened at the start, closed with the call's code."""
+    """One call's server span and metrics: opened at the start, closed with the call's
+    code."""
 
     def __init__(
-        self, tracer: trace.Tracer, method: str, context: grpc.aio.ServicerContext
+        self,
+        tracer: trace.Tracer,
+        metrics: CallMetrics,
+        method: str,
+        context: grpc.aio.ServicerContext,
     ) -> None:
+        self.metrics, self.method = metrics, method
+        self.started = time.monotonic()
+        metrics.started(method)
         carrier = {
             key: value
             for key, value in context.invocation_metadata() or ()
@@ -120,14 +130,19 @@ class _Call:
                 span.set_attribute(ERROR_TYPE, _reason(context) or code.name)
             span.set_status(Status(StatusCode.ERROR, str(context.details() or code.name)[:500]))
         span.end()
+        self.metrics.ended(self.method, code, time.monotonic() - self.started)
 
 
 class ServerSpans(grpc.aio.ServerInterceptor):
     """A SERVER span per call (continuing the caller's `traceparent`), current while
-    its handler runs; calls `skip` says so are not traced (health checks)."""
+    its handler runs, and the call's metrics; calls `skip` says so are neither traced
+    nor counted (health checks)."""
 
-    def __init__(self, tracer: trace.Tracer, skip: Callable[[str], bool]) -> None:
+    def __init__(
+        self, tracer: trace.Tracer, metrics: CallMetrics, skip: Callable[[str], bool]
+    ) -> None:
         self._tracer = tracer
+        self._metrics = metrics
         self._skip = skip
 
     async def intercept_service(
@@ -174,7 +189,7 @@ class ServerSpans(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior: Any, method: str) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            rpc = _Call(self._tracer, method, context)
+            rpc = _Call(self._tracer, self._metrics, method, context)
             with trace.use_span(rpc.span, record_exception=False, set_status_on_exception=False):
                 try:
                     result = await behavior(request, context)
@@ -188,7 +203,7 @@ class ServerSpans(grpc.aio.ServerInterceptor):
 
     def _stream(self, behavior: Any, method: str) -> Any:
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            rpc = _Call(self._tracer, method, context)
+            rpc = _Call(self._tracer, self._metrics, method, context)
             with trace.use_span(rpc.span, record_exception=False, set_status_on_exception=False):
                 try:
                     async for response in behavior(request, context):

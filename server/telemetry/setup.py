@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from prometheus_client import CollectorRegistry, start_http_server
 
+from .instruments import Declarations, DeclaredFamilies, Instruments
 from .otel_env import OtelConfig
 
 log = logging.getLogger(__name__)
@@ -71,19 +72,22 @@ class EndpointUnavailable(Exception):
 
 
 class PrometheusEndpoint:
-    """`/metrics` over HTTP from a registry of its own (not prometheus_client's global)."""
+    """`/metrics` over HTTP from a registry of its own (not prometheus_client's global),
+    listing every family in `declarations` from the start (see instruments.py)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, declarations: Declarations) -> None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
         self.registry = CollectorRegistry(auto_describe=True)
+        measured = CollectorRegistry()  # what the reader exports, under the declared ones
+        self.registry.register(DeclaredFamilies(measured, declarations))
         try:
             self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:  # in use, not an address of this machine, no such name
             raise EndpointUnavailable(
                 f"cannot bind {host}:{port} ({exc.strerror or exc})"
             ) from None
-        self.reader = PrometheusMetricReader(registry=self.registry)
+        self.reader = PrometheusMetricReader(registry=measured)
         self.host = host
 
     @property
@@ -104,6 +108,8 @@ class Telemetry:
     meter_provider: metrics.MeterProvider
     content: ContentPolicy = field(default_factory=ContentPolicy)
     prometheus: PrometheusEndpoint | None = None
+    # Every instrument made by `instruments` (what /metrics lists from the start).
+    declarations: Declarations = field(default_factory=Declarations)
 
     @classmethod
     def create(
@@ -120,8 +126,9 @@ class Telemetry:
         content = content or ContentPolicy()
         if config.disabled:
             return cls(trace.NoOpTracerProvider(), metrics.NoOpMeterProvider(), content)
+        declarations = Declarations()
         # First: it may fail (EndpointUnavailable), before anything else has started.
-        endpoint = PrometheusEndpoint(*prometheus) if prometheus is not None else None
+        endpoint = PrometheusEndpoint(*prometheus, declarations) if prometheus is not None else None
         resource = Resource.create({SERVICE_NAME: config.service_name})
         processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in _span_exporters(config)]
         processors += span_processors
@@ -138,25 +145,31 @@ class Telemetry:
         meter_provider = MeterProvider(
             metric_readers=readers, resource=resource, shutdown_on_exit=False
         )
-        return cls(tracer_provider, meter_provider, content, endpoint)
+        return cls(tracer_provider, meter_provider, content, endpoint, declarations)
 
     @classmethod
     def disabled(cls) -> Telemetry:
         return cls.create(OtelConfig(disabled=True))
+
+    def instruments(self, meter_name: str) -> Instruments:
+        """Creates instruments on the meter `meter_name`, declaring each."""
+        return Instruments(self.meter_provider.get_meter(meter_name), self.declarations)
 
     @property
     def tracing(self) -> bool:
         return isinstance(self.tracer_provider, TracerProvider)
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """The gRPC server span interceptor (continues the caller's traceparent; health
-        checks are not traced)."""
+        """The gRPC server span and metrics interceptor (continues the caller's
+        traceparent; health checks are neither traced nor counted)."""
         if not self.tracing:
             return []
         from .rpc import ServerSpans  # it needs this module's ContentPolicy
+        from .rpc_metrics import CallMetrics
 
         tracer = self.tracer_provider.get_tracer("agentplane.grpc")
-        return [ServerSpans(tracer, skip=lambda method: method.startswith(HEALTH_SERVICE))]
+        metrics = CallMetrics(self.instruments("agentplane.grpc"))
+        return [ServerSpans(tracer, metrics, skip=lambda method: method.startswith(HEALTH_SERVICE))]
 
     def shutdown(self) -> None:
         """Flush and stop (blocking: exporters may wait on the network)."""
