@@ -21,11 +21,14 @@ from typing import Any
 import grpc
 import pytest
 from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.store.engine import create_engine, sessionmaker
+from agentplane.server.store.models import WebhookDeliveryRow
 from agentplane.server.tenants import hash_token
-from agentplane.v1 import session_pb2, webhook_pb2, webhook_pb2_grpc
+from agentplane.v1 import session_pb2, session_pb2_grpc, webhook_pb2, webhook_pb2_grpc
 from google.protobuf import json_format
 from harness import MODEL, Harness, error_details, start_harness, stop_harness
-from sqlalchemy import text
+from replicas_harness import Replica, Replicas, start_replicas
+from sqlalchemy import select, text
 from webhook_receiver import Received, WebhookReceiver, dead_port, new_secret
 
 pytestmark = pytest.mark.asyncio
@@ -433,8 +436,6 @@ async def test_the_signing_secret_is_in_no_log_row_or_error(
     assert key not in logged
 
     # Every text of the tables a tenant's data lands in.
-    from agentplane.server.store.engine import sessionmaker
-
     async with sessionmaker(hooks.harness.app.engine)() as db:
         for table in ("webhook_deliveries", "webhook_attempts", "sessions", "session_events"):
             rows = (await db.execute(text(f"SELECT * FROM {table}"))).all()
@@ -443,3 +444,83 @@ async def test_the_signing_secret_is_in_no_log_row_or_error(
     # Nor do the requests themselves carry it: only its signature.
     for r in hooks.receiver.received:
         assert key not in r.body.decode() and key not in json.dumps(r.headers)
+
+
+@pytest.mark.slow
+async def test_a_replica_killed_while_sending_leaves_the_delivery_to_another() -> None:
+    secret = new_secret()
+    receiver = WebhookReceiver(secret)
+    await receiver.start()
+    release = receiver.hold("/held")
+    hooks_tenant = f"""
+[tenants.hooks]
+token_sha256 = ["{hash_token(TOKENS["hooks"])}"]
+anthropic_api_key_env = "AGENTPLANE_TEST_ACME_KEY"
+allowed_tools = ["Read"]
+
+[tenants.hooks.webhooks]
+secret_env = "{SECRET_ENV}"
+first_retry_s = 0.1
+max_retry_delay_s = 0.5
+retry_s = 300
+
+[tenants.hooks.webhooks.endpoints.main]
+url = "{receiver.base}/held"
+events = ["session.ended"]
+"""
+    try:
+        async with start_replicas(
+            2,
+            extra_tenants=hooks_tenant,
+            AGENTPLANE_WEBHOOK_TIMEOUT_S="5",
+            **{SECRET_ENV: secret},
+        ) as fleet:
+            stub = session_pb2_grpc.SessionServiceStub(fleet[0].channel)
+            call = stub.RunSession(
+                session_pb2.RunSessionRequest(prompt="hello", model=MODEL), metadata=auth("hooks")
+            )
+            events = [e async for e in call]
+            session_id = events[-1].result.session.id
+
+            # The session ended; one replica claimed its webhook and is sending it: the
+            # receiver holds that request. Kill -9 that replica, mid-send.
+            (first,) = await receiver.wait(about(session_id, "/held"))
+            sender = await claimant(fleet, first.webhook_id)
+            survivor = next(r for r in fleet.replicas if r is not sender)
+            sender.kill()
+            await sender.wait()
+            release.set()
+
+            # Its claim expires; the other replica sends it again, under the same id.
+            got = await receiver.wait(about(session_id, "/held"), count=2)
+            assert [r.webhook_id for r in got] == [first.webhook_id] * 2
+            stub = webhook_pb2_grpc.WebhookServiceStub(survivor.channel)
+            for _ in range(2400):
+                reply = await stub.ListWebhookDeliveries(
+                    webhook_pb2.ListWebhookDeliveriesRequest(session_id=session_id),
+                    metadata=auth("hooks"),
+                )
+                if reply.deliveries[0].state == webhook_pb2.DELIVERY_STATE_DELIVERED:
+                    break
+                await asyncio.sleep(0.05)
+            (delivery,) = reply.deliveries
+            assert delivery.state == webhook_pb2.DELIVERY_STATE_DELIVERED
+            # The killed replica never recorded its attempt; the survivor's is the one.
+            assert [(a.number, a.http_status) for a in delivery.attempts] == [(1, 200)]
+    finally:
+        await receiver.stop()
+
+
+async def claimant(fleet: Replicas, delivery_id: str) -> Replica:
+    """The replica whose claim a delivery holds (its sender logs its owner id at start)."""
+    engine = create_engine(fleet.database_url)
+    try:
+        async with sessionmaker(engine)() as db:
+            owner = await db.scalar(
+                select(WebhookDeliveryRow.claimed_by).where(WebhookDeliveryRow.id == delivery_id)
+            )
+    finally:
+        await engine.dispose()
+    assert owner, "the delivery is not claimed"
+    (replica,) = [r for r in fleet.replicas if any(owner in line for line in r.log_lines())]
+    return replica

@@ -3,6 +3,7 @@ request with the Standard Webhooks library, records it, and answers as a test pl
 
     receiver = WebhookReceiver(secret); await receiver.start()
     receiver.plan("/cb/flaky", [500, 500])        # then 200
+    release = receiver.hold("/slow")               # the next request waits for release.set()
     got = await receiver.wait(lambda r: r.path == "/cb/flaky", count=3)
 """
 
@@ -63,6 +64,7 @@ class WebhookReceiver:
         self._verifier = Webhook(secret)
         self.received: list[Received] = []
         self._plans: dict[str, list[int]] = {}
+        self._holds: dict[str, asyncio.Event] = {}
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -73,6 +75,12 @@ class WebhookReceiver:
 
     def plan(self, path: str, statuses: list[int]) -> None:
         self._plans[path] = list(statuses)
+
+    def hold(self, path: str) -> asyncio.Event:
+        """Hold the next request to `path` unanswered (it is recorded at once) until the
+        returned event is set."""
+        self._holds[path] = asyncio.Event()
+        return self._holds[path]
 
     async def start(self) -> None:
         app = web.Application()
@@ -101,6 +109,9 @@ class WebhookReceiver:
         async with self._changed:
             self.received.append(Received(request.path, headers, body, payload, status))
             self._changed.notify_all()
+        held = self._holds.pop(request.path, None)
+        if held is not None:
+            await held.wait()
         if status == 302:
             raise web.HTTPFound(f"{self.base}/target")
         return web.Response(status=status, text="ok" if status < 300 else "no")

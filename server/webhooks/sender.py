@@ -113,6 +113,8 @@ class WebhookSender:
             trust_env=False,  # never a proxy from the environment
             headers={"user-agent": USER_AGENT},
         )
+        # Which replica a delivery's claim names (`claimed_by`): for operators and tests.
+        log.info("webhook_sender_started", extra={"owner": self.config.owner})
         try:
             while True:
                 self._wake.clear()
