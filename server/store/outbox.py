@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import ColumnElement, and_, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
@@ -225,6 +225,32 @@ async def record_attempt(
         )
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def release(db: DbSession, owner: str) -> int:
+    """Give up `owner`'s claims on deliveries not yet sent (a sender stopping): any
+    replica may send them at once instead of after the lease. How many."""
+    d = WebhookDeliveryRow
+    result = await db.execute(
+        update(table(d))
+        .where(d.claimed_by == owner, d.state == PENDING)
+        .values(claimed_by=None, claim_expires_at=None)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def delete_ended(db: DbSession, before: datetime, limit: int = 1000) -> int:
+    """Delete up to `limit` deliveries delivered or given up before `before` (with their
+    attempts); how many."""
+    d = WebhookDeliveryRow
+    ids = list(
+        await db.scalars(select(d.id).where(d.state != PENDING, d.ended_at < before).limit(limit))
+    )
+    if not ids:
+        return 0
+    await db.execute(delete(table(WebhookAttemptRow)).where(WebhookAttemptRow.delivery_id.in_(ids)))
+    await db.execute(delete(table(d)).where(d.id.in_(ids)))
+    return len(ids)
 
 
 async def attempt_number(db: DbSession, delivery_id: str) -> int:

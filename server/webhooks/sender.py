@@ -37,6 +37,7 @@ from .metrics import WebhookMetrics
 log = logging.getLogger(__name__)
 
 USER_AGENT = "agentplane-webhooks"
+PRUNE_INTERVAL_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class SenderConfig:
     poll_s: float = 2.0
     # Deliveries in flight on this replica, all tenants together.
     max_in_flight: int = 64
+    # Delivered and failed deliveries are listed this long, then deleted (checked hourly).
+    keep_days: float = 30.0
 
     @property
     def lease(self) -> timedelta:
@@ -115,11 +118,16 @@ class WebhookSender:
         )
         # Which replica a delivery's claim names (`claimed_by`): for operators and tests.
         log.info("webhook_sender_started", extra={"owner": self.config.owner})
+        loop = asyncio.get_running_loop()
+        prune_at = loop.time()
         try:
             while True:
                 self._wake.clear()
                 try:
                     await self._claim_due()
+                    if loop.time() >= prune_at:
+                        await self._prune()
+                        prune_at = loop.time() + PRUNE_INTERVAL_S
                     problem.resolved()
                 except (DBAPIError, DatabaseUnavailable) as exc:
                     problem.failed(cause(exc.__cause__ or exc))
@@ -133,6 +141,23 @@ class WebhookSender:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._http.close()
+            await self._release()
+
+    async def _release(self) -> None:
+        """Stopping: hand this replica's unsent claims back (best effort: else they
+        expire with their lease)."""
+        try:
+            async with self._db.begin() as db:
+                await repo.release(db, self.config.owner)
+        except (DBAPIError, DatabaseUnavailable, OSError) as exc:
+            log.warning("webhook_claims_kept", extra={"detail": cause(exc)})
+
+    async def _prune(self) -> None:
+        before = utcnow() - timedelta(days=self.config.keep_days)
+        async with self._db.begin() as db:
+            deleted = await repo.delete_ended(db, before)
+        if deleted:
+            log.info("webhook_deliveries_pruned", extra={"deleted": deleted})
 
     def _policy(self, tenant: str) -> WebhookPolicy | None:
         found = self._tenants.tenants.get(tenant)
