@@ -385,7 +385,7 @@ class App:
             upkeep_engine,
             certificates,
             reloader,
-            webhooks,
+            webhooks=webhooks,  # by name: other fields may come before it
         )
         resources.push_async_callback(app._cancel_background)
         return app
