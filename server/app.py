@@ -21,6 +21,8 @@ from agentplane.v1 import (
     session_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -30,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from .api.budget_service import BudgetService, UsageService
 from .api.errors import DecodeGuard
 from .api.session_service import SessionService
+from .api.webhook_service import WebhookService, render
 from .budgets.gateway import MeteringGateway
 from .budgets.ledger import BudgetReader
 from .budgets.pricing import PriceTable
@@ -57,6 +60,10 @@ from .telemetry.setup import ContentPolicy, EndpointUnavailable, Telemetry
 from .tenants import MAX_INPUT_TOTAL_BYTES, TenantChanges, TenantRegistry
 from .tenants_reload import TenantsReloader
 from .tls import CertificateFiles, certificate_files
+from .webhooks.listing import DeliveryReader
+from .webhooks.metrics import WebhookMetrics
+from .webhooks.outbox import WebhookOutbox
+from .webhooks.sender import SenderConfig, WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +192,8 @@ class App:
     reloader: TenantsReloader | None = None
     # Each tenant's budget today, for the budget gauges.
     budget_watch: BudgetWatch | None = None
+    # Sends the webhooks' outbox (every replica runs one).
+    webhooks: WebhookSender | None = None
     _ready_task: asyncio.Task[None] | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -317,6 +326,7 @@ class App:
         check_tenants(tenants)
         # A pool even with no tenant's pool configured: a reload may add one.
         resources.push_async_callback(pool.close)
+        owner = f"agentplane-{uuid.uuid4().hex[:12]}"
         sessions = SessionManager(
             db,
             launcher,
@@ -324,11 +334,17 @@ class App:
             capacity,
             pool=pool,
             observer=observer,
-            leases=LeaseConfig(
-                owner=f"agentplane-{uuid.uuid4().hex[:12]}", ttl_s=settings.lease_ttl_s
-            ),
+            leases=LeaseConfig(owner=owner, ttl_s=settings.lease_ttl_s),
             not_ready=health.refusal,
             upkeep_db=upkeep_db,
+            webhooks=WebhookOutbox(tenants, render),
+        )
+        # Its own pool's connections (the upkeep pool): receivers never hold callers' ones.
+        webhooks = WebhookSender(
+            upkeep_db,
+            tenants,
+            SenderConfig(owner=owner, timeout_s=settings.webhook_timeout_s),
+            WebhookMetrics(telemetry.meter_provider),
         )
         budgets = BudgetReader(db)
         budget_watch = watch_server(
@@ -386,7 +402,8 @@ class App:
             upkeep_engine,
             certificates,
             reloader,
-            budget_watch,
+            budget_watch=budget_watch,
+            webhooks=webhooks,
         )
         resources.push_async_callback(app._cancel_background)
         return app
@@ -417,6 +434,11 @@ class App:
             )
         self._background += [
             asyncio.create_task(self.sessions.lease_keeper.run(), name="leases"),
+            *(
+                [asyncio.create_task(self.webhooks.run(), name="webhooks")]
+                if self.webhooks is not None
+                else []
+            ),
             asyncio.create_task(
                 self.health.monitor(self.engine, self.settings.health_interval_s), name="health"
             ),
@@ -542,12 +564,16 @@ def _grpc_server(
     usage_pb2_grpc.add_UsageServiceServicer_to_server(
         UsageService(tenants, UsageReader(db)), server
     )
+    webhook_pb2_grpc.add_WebhookServiceServicer_to_server(
+        WebhookService(tenants, DeliveryReader(db)), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         [
             session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
             budget_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name,
             usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+            webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],

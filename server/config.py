@@ -409,6 +409,13 @@ class Settings:
         "3600",
         "how often ended sessions past their tenant's retention_days are deleted",
     )
+    webhook_timeout_s: float = setting(
+        "AGENTPLANE_WEBHOOK_TIMEOUT_S",
+        _seconds,
+        "10",
+        "a webhook attempt whose receiver has not answered in this long fails (and is "
+        "retried per its tenant's `webhooks` table); redirects are never followed",
+    )
     log_level: str = setting(
         "AGENTPLANE_LOG_LEVEL",
         _log_level,

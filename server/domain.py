@@ -321,6 +321,8 @@ class Session:
     # what later calls about the session link to.
     trace_id: str = ""
     trace_span_id: str = ""
+    # Where its events are also sent (one of its tenant's webhooks.callback_urls; "": none).
+    callback_url: str = ""
 
     def evolve(self, **changes: Any) -> Session:
         return replace(self, **changes)
@@ -358,6 +360,7 @@ class Session:
             "structured_result": self.structured_result,
             "trace_id": self.trace_id,
             "trace_span_id": self.trace_span_id,
+            "callback_url": self.callback_url,
         }
 
     @classmethod
@@ -395,6 +398,7 @@ class Session:
             structured_result=data.get("structured_result"),
             trace_id=data.get("trace_id", ""),
             trace_span_id=data.get("trace_span_id", ""),
+            callback_url=data.get("callback_url", ""),
         )
 
 

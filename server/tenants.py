@@ -27,6 +27,7 @@ from .errors import ConfigError, Unauthenticated
 from .isolation.limits import SessionLimits
 from .mcp.servers import PREFIX as MCP_PREFIX
 from .mcp.servers import McpServer, RemoteServer, parse_servers, tool_server
+from .webhooks.config import WebhookPolicy, parse_webhooks
 
 DEFAULT_TENANT = "default"
 # The SDK's effort levels (ClaudeAgentOptions.effort).
@@ -105,6 +106,9 @@ class Tenant:
     # The most uses a model request may have of each server tool it offers (a web
     # search's `max_uses`): the gateway caps it, sets it where missing and reserves for it.
     max_server_tool_uses_per_request: int = 8
+    # Its webhooks: endpoints, callback URLs a request may name, retries (its `webhooks`
+    # table; the default sends nothing).
+    webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
 
     def unix_ids(self) -> tuple[int, int] | None:
         """The uid and gid of the tenant's os_user (None: its agents run as the server)."""
@@ -187,7 +191,7 @@ _DEFAULTS: Mapping[str, Any] = {
     "mcp_timeout_s": 30,
     "max_server_tool_uses_per_request": 8,
 }
-_KEYS = {"token_sha256", "client_cert_sans", "client_cert_subjects", *_DEFAULTS}
+_KEYS = {"token_sha256", "client_cert_sans", "client_cert_subjects", "webhooks", *_DEFAULTS}
 
 
 def dev_tenant() -> Tenant:
@@ -445,6 +449,7 @@ def _parse_tenant(
         mcp_servers=servers,
         mcp_timeout_s=float(_positive_int(cfg["mcp_timeout_s"], key("mcp_timeout_s"))),
         max_server_tool_uses_per_request=server_tool_uses,
+        webhooks=parse_webhooks(raw.get("webhooks"), key("webhooks")),
     )
 
 
@@ -603,10 +608,14 @@ class TenantRegistry:
         return tenant
 
     def key_env_names(self) -> set[str]:
-        """Every variable of the server's that holds a tenant's secret: API keys and MCP
-        servers' headers and variables (scrubbed from unsandboxed agents' environment)."""
+        """Every variable of the server's that holds a tenant's secret: API keys, MCP
+        servers' headers and variables, webhook signing secrets (scrubbed from unsandboxed
+        agents' environment)."""
         names = {t.anthropic_api_key_env for t in self.tenants.values()}
         for tenant in self.tenants.values():
+            hooks = tenant.webhooks
+            secrets = [hooks.secret, *(e.secret for e in hooks.endpoints)]
+            names.update(s.env for s in secrets if s is not None and s.env)
             for server in tenant.mcp_servers:
                 pairs = server.headers if isinstance(server, RemoteServer) else server.env
                 names.update(value.env for _, value in pairs if value.env)

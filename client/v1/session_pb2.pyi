@@ -120,7 +120,7 @@ class SessionError(_message.Message):
     def __init__(self, reason: _Optional[_Union[ErrorReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("id", "tenant", "state", "create_time", "start_time", "end_time", "cost_usd", "sdk_cost_usd", "max_budget_usd", "num_turns", "max_turns", "usage", "model", "error", "sdk_session_id", "labels", "result", "allowed_tools", "request_id", "resume_session_id", "awaiting", "caller_tools", "require_approval", "structured_result_json", "output_schema_json", "trace_id")
+    __slots__ = ("id", "tenant", "state", "create_time", "start_time", "end_time", "cost_usd", "sdk_cost_usd", "max_budget_usd", "num_turns", "max_turns", "usage", "model", "error", "sdk_session_id", "labels", "result", "allowed_tools", "request_id", "resume_session_id", "awaiting", "caller_tools", "require_approval", "structured_result_json", "output_schema_json", "trace_id", "callback_url")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class Session(_message.Message):
     STRUCTURED_RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     state: SessionState
@@ -180,10 +181,11 @@ class Session(_message.Message):
     structured_result_json: str
     output_schema_json: str
     trace_id: str
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_usd: _Optional[str] = ..., sdk_cost_usd: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., num_turns: _Optional[int] = ..., max_turns: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., sdk_session_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., result: _Optional[str] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., awaiting: _Optional[_Iterable[_Union[InputRequest, _Mapping]]] = ..., caller_tools: _Optional[_Iterable[str]] = ..., require_approval: _Optional[_Iterable[str]] = ..., structured_result_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...
+    callback_url: str
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_usd: _Optional[str] = ..., sdk_cost_usd: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., num_turns: _Optional[int] = ..., max_turns: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., sdk_session_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., result: _Optional[str] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., awaiting: _Optional[_Iterable[_Union[InputRequest, _Mapping]]] = ..., caller_tools: _Optional[_Iterable[str]] = ..., require_approval: _Optional[_Iterable[str]] = ..., structured_result_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., trace_id: _Optional[str] = ..., callback_url: _Optional[str] = ...) -> None: ...
 
 class RunSessionRequest(_message.Message):
-    __slots__ = ("prompt", "request_id", "max_budget_usd", "max_turns", "allowed_tools", "model", "labels", "on_disconnect", "resume_session_id", "tools", "require_approval", "answer_timeout", "output_schema_json", "input_files", "include_partial_messages", "effort", "max_thinking_tokens", "fallback_model")
+    __slots__ = ("prompt", "request_id", "max_budget_usd", "max_turns", "allowed_tools", "model", "labels", "on_disconnect", "resume_session_id", "tools", "require_approval", "answer_timeout", "output_schema_json", "input_files", "include_partial_messages", "effort", "max_thinking_tokens", "fallback_model", "callback_url")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +211,7 @@ class RunSessionRequest(_message.Message):
     EFFORT_FIELD_NUMBER: _ClassVar[int]
     MAX_THINKING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_MODEL_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     request_id: str
     max_budget_usd: str
@@ -227,7 +230,8 @@ class RunSessionRequest(_message.Message):
     effort: str
     max_thinking_tokens: int
     fallback_model: str
-    def __init__(self, prompt: _Optional[str] = ..., request_id: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., max_turns: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., resume_session_id: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[CallerTool, _Mapping]]] = ..., require_approval: _Optional[_Iterable[str]] = ..., answer_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., output_schema_json: _Optional[str] = ..., input_files: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ..., include_partial_messages: _Optional[bool] = ..., effort: _Optional[str] = ..., max_thinking_tokens: _Optional[int] = ..., fallback_model: _Optional[str] = ...) -> None: ...
+    callback_url: str
+    def __init__(self, prompt: _Optional[str] = ..., request_id: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., max_turns: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., resume_session_id: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[CallerTool, _Mapping]]] = ..., require_approval: _Optional[_Iterable[str]] = ..., answer_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., output_schema_json: _Optional[str] = ..., input_files: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ..., include_partial_messages: _Optional[bool] = ..., effort: _Optional[str] = ..., max_thinking_tokens: _Optional[int] = ..., fallback_model: _Optional[str] = ..., callback_url: _Optional[str] = ...) -> None: ...
 
 class InputFile(_message.Message):
     __slots__ = ("path", "content")

@@ -108,7 +108,8 @@ class SessionServiceServicer:
         the price table lacks has ErrorInfo reason UNKNOWN_MODEL. BadRequest names the field.
         Also: caller tools, approval rules, answer_timeout, output_schema_json, input files,
         effort, max_thinking_tokens and fallback_model outside the request's rules or the
-        tenant's policy (each named in BadRequest).
+        tenant's policy (each named in BadRequest). A callback_url outside the tenant's
+        webhooks.callback_urls has ErrorInfo reason CALLBACK_URL_NOT_ALLOWED.
         - NOT_FOUND: resume_session_id names no session of this tenant.
         - FAILED_PRECONDITION: resume_session_id names a session that has not ended or has
         no conversation to continue; a secret of one of the tenant's MCP servers cannot be

@@ -100,6 +100,7 @@ def session_to_proto(s: Session) -> session_pb2.Session:
             else ""
         ),
         trace_id=s.trace_id,
+        callback_url=s.callback_url,
     )
     if s.error_reason is not None:
         msg.error.reason = session_pb2.ErrorReason.Value(f"ERROR_REASON_{s.error_reason.value}")
@@ -243,6 +244,7 @@ def run_request(msg: session_pb2.RunSessionRequest) -> RunRequest:
         effort=msg.effort,
         max_thinking_tokens=msg.max_thinking_tokens,
         fallback_model=msg.fallback_model,
+        callback_url=msg.callback_url,
         output_schema_json=msg.output_schema_json,
         input_files=tuple(InputFile(f.path, f.content) for f in msg.input_files),
     )

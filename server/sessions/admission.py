@@ -175,6 +175,7 @@ class Admitter:
             output_schema=spec.output_schema_json,
             trace_id=trace_id,
             trace_span_id=trace_span_id,
+            callback_url=spec.callback_url,
         )
         live = LiveSession(
             session,

@@ -16,6 +16,7 @@ from ..budgets.ledger import settle_session
 from ..domain import Event, EventKind, Session, SessionState, utcnow
 from ..store import inputs
 from ..store import sessions as repo
+from ..webhooks.outbox import WebhookOutbox
 
 
 def result_event(final: Session, seq: int) -> Event:
@@ -32,17 +33,24 @@ async def write_end(
     expect: SessionState,
     seq: int | None = None,
     lease_expired_by: datetime | None = None,
+    webhooks: WebhookOutbox | None = None,
 ) -> Event | None:
     """In `db`'s transaction: record `final` if the session is still in state `expect`
     (and, for a recovery, its lease expired before `lease_expired_by`), settle its
     reservation to `final.cost_usd` and append its `result` event as number `seq`
     (default: after the last one persisted). Returns that event, or None when the session
-    was closed meanwhile, or its owner renewed its lease (then nothing is written)."""
+    was closed meanwhile, or its owner renewed its lease (then nothing is written).
+    With `webhooks`, the deliveries the end owes (session.ended, and budget.threshold
+    when its cost took the day past the tenant's share) are written with it."""
     if not await repo.save_progress(db, final, expect=expect, lease_expired_by=lease_expired_by):
         return None
-    await settle_session(
+    settled = await settle_session(
         db, session_id=final.id, actual=final.cost_usd, now=final.end_time or utcnow()
     )
+    if webhooks is not None:
+        await webhooks.session_ended(db, final)
+        if settled:
+            await webhooks.spend_settled(db, final.tenant, final.id)
     # What it still waited for can no longer be answered.
     await inputs.settle_all(
         db, final.id, at=final.end_time or utcnow(), message="the session ended"

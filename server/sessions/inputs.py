@@ -23,6 +23,7 @@ from ..store import inputs as repo
 from ..store.engine import bus_of
 from ..store.notify import INPUTS_CHANNEL
 from ..tenants import Tenant
+from ..webhooks.outbox import WebhookOutbox
 from .live import LiveSession
 from .queries import SessionQueries
 from .requests import is_session_id
@@ -36,8 +37,13 @@ SAFETY_POLL_S = 5.0
 class InputHub:
     """This replica's waiting requests, told of answers by the bus."""
 
-    def __init__(self, db: async_sessionmaker[DbSession]) -> None:
+    def __init__(
+        self, db: async_sessionmaker[DbSession], webhooks: WebhookOutbox | None = None
+    ) -> None:
+        """`webhooks`: where each request's `session.waiting` deliveries are written (in
+        the request's own transaction)."""
         self._db = db
+        self._webhooks = webhooks
         self._bus = bus_of(db)
         self._bus.subscribe(INPUTS_CHANNEL, self._heard)
         self._wakes: dict[str, asyncio.Event] = {}
@@ -85,6 +91,8 @@ class InputWaiter:
         started = asyncio.get_running_loop().time()
         async with hub._db.begin() as db:
             await repo.insert_request(db, request)
+            if hub._webhooks is not None:
+                await hub._webhooks.session_waiting(db, live.session, request)
         wake = hub._wakes[request.id] = asyncio.Event()
         answer: InputAnswer | None = None
         try:

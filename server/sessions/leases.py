@@ -23,6 +23,7 @@ from ..errors import DatabaseUnavailable
 from ..store import sessions as repo
 from ..store.outages import cause
 from ..telemetry.recurring import RecurringProblem
+from ..webhooks.outbox import WebhookOutbox
 from .capacity import Capacity
 from .ending import write_end
 from .folders import SessionFolders
@@ -52,12 +53,14 @@ class LeaseKeeper:
         folders: SessionFolders,
         on_lost: Callable[[str], None],
         on_cancel: Callable[[str], None] = lambda _: None,
+        webhooks: WebhookOutbox | None = None,
     ) -> None:
         """Leases are kept for `capacity.live`; `on_lost(id)` is told of a session we run
         that another server closed, `on_cancel(id)` of one another server was asked to
         cancel (in case its NOTIFY was missed); a recovered session's folder here is
-        removed."""
+        removed; `webhooks` writes the deliveries a recovered end owes."""
         self._db = db
+        self._webhooks = webhooks
         self.config = config
         self._live = capacity.live
         self._folders = folders
@@ -95,7 +98,14 @@ class LeaseKeeper:
                 error_message="the server running the session stopped before it ended",
             )
             async with self._db.begin() as db:
-                if await write_end(db, final, expect=session.state, lease_expired_by=now) is None:
+                ended = await write_end(
+                    db,
+                    final,
+                    expect=session.state,
+                    lease_expired_by=now,
+                    webhooks=self._webhooks,
+                )
+                if ended is None:
                     continue  # closed meanwhile, or its owner renewed the lease: alive
             closed.append(final.id)
             # What is left of its agent on this host (a dead server sharing the work dir).

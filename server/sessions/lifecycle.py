@@ -21,6 +21,7 @@ from ..errors import DatabaseUnavailable
 from ..store import artifacts
 from ..store import sessions as repo
 from ..tenants import Tenant
+from ..webhooks.outbox import WebhookOutbox
 from .capacity import Capacity
 from .ending import result_event, write_end
 from .inputs import InputHub
@@ -52,8 +53,10 @@ class SessionLifecycle:
         *,
         inputs: InputHub | None = None,
         finish_retry_s: float = 60.0,
+        webhooks: WebhookOutbox | None = None,
     ) -> None:
         self._db = db
+        self._webhooks = webhooks
         self._runner = runner
         self._capacity = capacity
         self._queries = queries
@@ -199,7 +202,9 @@ class SessionLifecycle:
                 if not await live.writer.close(timeout=max(remaining, 0.0)):
                     raise TimeoutError("events still unwritten")
                 async with self._db.begin() as db:
-                    result = await write_end(db, final, expect=live.session.state, seq=seq)
+                    result = await write_end(
+                        db, final, expect=live.session.state, seq=seq, webhooks=self._webhooks
+                    )
                     if result is not None:  # with the end, or not at all
                         await artifacts.insert_artifacts(db, final.id, kept)
                 if result is None:

@@ -25,6 +25,7 @@ from ..domain import Artifact, Event, InputAnswer, InputKind, InputRequest, Sess
 from ..errors import Unavailable
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
+from ..webhooks.outbox import WebhookOutbox
 from .admission import Admission, Admitter
 from .cancel import SessionStopper
 from .capacity import Capacity
@@ -56,10 +57,12 @@ class SessionManager:
         not_ready: Callable[[], Unavailable | None] = lambda: None,
         finish_retry_s: float = 60.0,
         upkeep_db: async_sessionmaker[DbSession] | None = None,
+        webhooks: WebhookOutbox | None = None,
     ) -> None:
         """`upkeep_db` (default: `db`) serves what running sessions write (events, model
         requests, leases, their end): a pool of its own, so callers that exhaust `db`'s
-        connections cannot fail a running session."""
+        connections cannot fail a running session. `webhooks` writes the deliveries that
+        sessions' ends and requests to their callers owe, in their transactions."""
         upkeep = upkeep_db or db
         observer = observer or NullObserver()
         self.capacity = capacity
@@ -76,6 +79,7 @@ class SessionManager:
             launcher.folders,
             self.stopper.lost,
             on_cancel=self.stopper.cancelled_elsewhere,
+            webhooks=webhooks,
         )
         self._db = db
         # Running sessions wait for their callers' answers through the upkeep pool.
@@ -86,8 +90,9 @@ class SessionManager:
             self.queries,
             observer,
             pool,
-            inputs=InputHub(upkeep),
+            inputs=InputHub(upkeep, webhooks),
             finish_retry_s=finish_retry_s,
+            webhooks=webhooks,
         )
         self._admitter = Admitter(
             db,

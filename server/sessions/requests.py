@@ -85,6 +85,8 @@ class RunRequest:
     effort: str = ""
     max_thinking_tokens: int = 0
     fallback_model: str = ""
+    # Where the session's events are also sent ("": only the tenant's endpoints).
+    callback_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ class SessionSpec:
     effort: str = ""
     max_thinking_tokens: int = 0
     fallback_model: str = ""
+    # One of the tenant's webhooks.callback_urls ("": none).
+    callback_url: str = ""
 
     @property
     def in_the_loop(self) -> bool:
@@ -178,6 +182,7 @@ class SessionSpec:
                 if self.knobs != _NO_KNOBS
                 else {}
             ),
+            **({"callback_url": self.callback_url} if self.callback_url else {}),
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -470,6 +475,11 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
         effort=_effort(request.effort, tenant),
         max_thinking_tokens=_thinking(request.max_thinking_tokens, tenant),
         fallback_model=_fallback(request.fallback_model, model, tenant),
+        callback_url=(
+            tenant.webhooks.check_callback(request.callback_url.strip())
+            if request.callback_url.strip()
+            else ""
+        ),
         labels=check_labels(request.labels),
         request_id=str(uuid.UUID(request.request_id)) if request.request_id else "",
         on_disconnect_continue=request.on_disconnect_continue,

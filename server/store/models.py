@@ -98,6 +98,8 @@ class SessionRow(Base):
     # untraced).
     trace_id: Mapped[str | None] = mapped_column(String(32))
     trace_span_id: Mapped[str | None] = mapped_column(String(16))
+    # The request's callback URL (one of its tenant's webhooks.callback_urls; NULL: none).
+    callback_url: Mapped[str | None] = mapped_column(Text)
 
 
 class SessionLabelRow(Base):
@@ -210,6 +212,62 @@ class ArtifactRow(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     content: Mapped[bytes | None] = mapped_column(LargeBinary)
     omitted_reason: Mapped[str] = mapped_column(Text)
+
+
+class WebhookDeliveryRow(Base):
+    """One event for one receiver (the outbox): written in the transaction of the event,
+    sent by whichever replica claims it, retried until delivered or its deadline. Its id
+    is the `webhook-id` of every attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # What is due: the claim's scan.
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+        Index("ix_webhook_deliveries_tenant_created", "tenant", "created_at", "id"),
+        Index("ix_webhook_deliveries_session", "session_id"),
+        # Events sent once per key (a day's budget threshold per endpoint).
+        UniqueConstraint("dedupe_key", name="uq_webhook_deliveries_dedupe_key"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(32))
+    # The tenant's endpoint it goes to, or "callback" (the session's callback URL).
+    target: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    session_id: Mapped[str | None] = mapped_column(String(36))
+    # The exact bytes signed and sent (JSON text).
+    body: Mapped[str] = mapped_column(Text)
+    dedupe_key: Mapped[str | None] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16))  # PENDING | DELIVERED | FAILED
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Retried until then (its tenant's webhooks.retry_s after the event).
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The replica sending it now and until when its claim holds (then any may take it).
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claim_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookAttemptRow(Base):
+    """One attempt to send a delivery, and how it went."""
+
+    __tablename__ = "webhook_attempts"
+
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), primary_key=True
+    )
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    # The receiver's HTTP status (NULL: no response: refused, timed out, ...).
+    status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str] = mapped_column(Text, default="")
+    sender: Mapped[str] = mapped_column(String(64))
 
 
 class BudgetWindowRow(Base):

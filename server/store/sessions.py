@@ -71,6 +71,7 @@ def _to_domain(row: SessionRow) -> Session:
         structured_result=row.structured_result,
         trace_id=row.trace_id or "",
         trace_span_id=row.trace_span_id or "",
+        callback_url=row.callback_url or "",
     )
 
 
@@ -129,6 +130,7 @@ async def insert_session(
                 "output_schema": session.output_schema or None,
                 "trace_id": session.trace_id or None,
                 "trace_span_id": session.trace_span_id or None,
+                "callback_url": session.callback_url or None,
                 "owner": owner,
                 "lease_expires_at": lease_until,
                 **_outcome_columns(session),

@@ -20,11 +20,13 @@ from opentelemetry import trace
 _STANDARD = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime", "taskName"}
 )
-_SECRETS = re.compile(r"(sk-ant-[A-Za-z0-9_\-]{4})[A-Za-z0-9_\-]*|(Bearer\s+)\S+", re.IGNORECASE)
+_SECRETS = re.compile(
+    r"(sk-ant-[A-Za-z0-9_\-]{4}|whsec_)[A-Za-z0-9_\-+/=]*|(Bearer\s+)\S+", re.IGNORECASE
+)
 
 
 def redact(text: str) -> str:
-    """Mask API keys (keeping a short prefix) and bearer tokens."""
+    """Mask API keys (keeping a short prefix), webhook signing secrets and bearer tokens."""
     return _SECRETS.sub(lambda m: f"{m.group(1)}***" if m.group(1) else f"{m.group(2)}***", text)
 
 
