@@ -1,5 +1,5 @@
 """Every priced unit of a response: server-tool uses and long-context premiums, from the
-usage the stream reports (Anthropic's own SDK fixtures among them) to the price table and
+usage the stream reports (in the shapes of Anthropic's SDK fixtures among them) to the price table and
 the gateway's reservation (direct requests through the gateway to the sandbox model)."""
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def _chunkings(raw: bytes) -> list[int]:
     return [1, 37, len(raw)]
 
 
-# -- the streams: Anthropic's SDK fixtures and a web-search stream --------------------------
+# -- the streams: in the shapes of Anthropic's SDK fixtures, and a web-search stream --------
 
 
-def test_sdk_fixture_with_cumulative_delta_counts_and_a_web_search() -> None:
+def test_cumulative_delta_counts_and_a_web_search() -> None:
     raw = (FIXTURES / "message_delta_fields_response.txt").read_bytes()
     for size in _chunkings(raw):
         parser = _feed(raw, size)
@@ -57,7 +57,7 @@ def test_sdk_fixture_with_cumulative_delta_counts_and_a_web_search() -> None:
         assert price.cost(parser.usage) == Decimal("0.000287") + Decimal("0.01")
 
 
-def test_sdk_fixtures_without_usage_at_the_start_and_with_compaction() -> None:
+def test_no_usage_at_the_start_and_a_compaction() -> None:
     omitted = (FIXTURES / "usage_omitted_response.txt").read_bytes()
     compaction = (FIXTURES / "compaction_response.txt").read_bytes()
     for size in _chunkings(omitted):
