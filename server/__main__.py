@@ -60,7 +60,8 @@ def _settings() -> Settings:
 async def _migrate(settings: Settings) -> None:
     from .store.engine import create_engine, migrate
 
-    engine = create_engine(settings.database_url)
+    # Straight to PostgreSQL when the pools go through a pooler (DDL needs no pooling).
+    engine = create_engine(settings.direct_url, purpose="migrate")
     try:
         await migrate(engine)
     finally:
