@@ -1,11 +1,13 @@
 """Replicas on one PostgreSQL database behave as one: a cancel taken by any of them stops
 the session wherever it runs, and followers on any of them get its events as they are
-committed (two real servers in this process, one database)."""
+committed (two real servers in this process, one database). Each test runs with the
+replicas straight on PostgreSQL and with their pools through PgBouncer in transaction
+mode."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -14,17 +16,33 @@ from agentplane.server.sandbox import Script, Step, ToolCall
 from agentplane.server.store.notify import EVENTS_CHANNEL, Bus, Listener
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import MODEL, Harness, error_details, start_harness, stop_harness
+from pgbouncer import PgBouncer, running_pgbouncer
 
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture
-async def replicas(database_url: str) -> AsyncIterator[tuple[Harness, Harness]]:
+@pytest.fixture(scope="module")
+def bouncer() -> Iterator[PgBouncer]:
+    with running_pgbouncer() as running:
+        yield running
+
+
+@pytest.fixture(params=["direct", "pgbouncer"])
+async def replicas(
+    database_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Harness, Harness]]:
+    """Two replicas, straight on PostgreSQL or with their pools through PgBouncer in
+    transaction mode (their LISTEN connections straight to PostgreSQL)."""
     if not database_url.startswith("postgresql"):
         pytest.skip("replicas share a PostgreSQL database (SQLite serves one server)")
+    route: dict[str, str] = {}
+    if request.param == "pgbouncer":
+        pooled: PgBouncer = request.getfixturevalue("bouncer")
+        route = {"database_listen_url": database_url}
+        database_url = pooled.url(database_url)
     # A short lease: renewal, the fallback for a missed NOTIFY, comes every 0.5 s.
-    owner = await start_harness(database_url, lease_ttl_s=1.5)
-    other = await start_harness(database_url, lease_ttl_s=1.5)
+    owner = await start_harness(database_url, lease_ttl_s=1.5, **route)
+    other = await start_harness(database_url, lease_ttl_s=1.5, **route)
     for h in (owner, other):
         h.sandbox.add_script("held", Script(steps=[Step(hang=True)]))
     yield owner, other
@@ -159,7 +177,7 @@ async def test_followers_on_another_replica_share_one_pushed_read(
     bus.subscribe(
         EVENTS_CHANNEL, lambda p: notified.append(p) if p.startswith(session_id) else None
     )
-    listener = Listener(other.app.engine.url, bus)
+    listener = Listener(other.app.settings.direct_url, bus)
     listening = asyncio.create_task(listener.run())
     await asyncio.wait_for(listener.listening.wait(), 10)
     reads = event_reads(other)
