@@ -119,3 +119,15 @@ def _wait_ready(bouncer: PgBouncer, upstream: str) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def routed(
+    database_url: str, route: str, request: pytest.FixtureRequest
+) -> tuple[str, dict[str, str]]:
+    """The database URL and settings of a replica straight on PostgreSQL ("direct"), or
+    with its pools through PgBouncer (conftest.py's `bouncer`) and its LISTEN connection
+    straight ("pgbouncer")."""
+    if route == "direct":
+        return database_url, {}
+    pooled: PgBouncer = request.getfixturevalue("bouncer")
+    return pooled.url(database_url), {"database_listen_url": database_url}

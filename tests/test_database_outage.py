@@ -50,8 +50,12 @@ async def readiness(h: Harness) -> int:
     return int(reply.status)
 
 
-async def wait_readiness(h: Harness, wanted: int) -> None:
-    for _ in range(100):
+async def wait_readiness(h: Harness, wanted: int, timeout: float = 30) -> None:
+    """Until readiness says `wanted` (on PostgreSQL SERVING also waits for the LISTEN
+    connection to reconnect and prove itself)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
         if await readiness(h) == wanted:
             return
         await asyncio.sleep(0.05)

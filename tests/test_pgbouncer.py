@@ -4,14 +4,14 @@ on session state there: no startup options, no prepared statements, the statemen
 set per transaction. A LISTEN URL that points at PgBouncer is caught at start: the replica
 says NOT_SERVING, and why, instead of believing it hears the others.
 
-(Cancel, Respond-free followers and GetBudget across replicas through PgBouncer: the
-`pgbouncer` cases of tests/test_replicas.py.)"""
+(Cancel, followers and GetBudget across replicas through PgBouncer: the `pgbouncer` cases
+of tests/test_replicas.py; Respond and artifacts: those of the `replicas` fixture's users.)"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -26,7 +26,7 @@ from agentplane.server.tenants import TenantRegistry
 from agentplane.v1 import session_pb2, session_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import MODEL, Harness, error_details, start_harness, stop_harness
-from pgbouncer import PgBouncer, running_pgbouncer
+from pgbouncer import PgBouncer
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -42,12 +42,6 @@ def postgres_url(database_url: str) -> str:
     if not database_url.startswith("postgresql"):
         pytest.skip("PgBouncer fronts PostgreSQL")
     return database_url
-
-
-@pytest.fixture(scope="module")
-def bouncer(postgres_url: str) -> Iterator[PgBouncer]:
-    with running_pgbouncer() as running:
-        yield running
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ mode."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -16,15 +16,9 @@ from agentplane.server.sandbox import Script, Step, ToolCall
 from agentplane.server.store.notify import EVENTS_CHANNEL, Bus, Listener
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import MODEL, Harness, error_details, start_harness, stop_harness
-from pgbouncer import PgBouncer, running_pgbouncer
+from pgbouncer import routed
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture(scope="module")
-def bouncer() -> Iterator[PgBouncer]:
-    with running_pgbouncer() as running:
-        yield running
 
 
 @pytest.fixture(params=["direct", "pgbouncer"])
@@ -35,14 +29,10 @@ async def replicas(
     transaction mode (their LISTEN connections straight to PostgreSQL)."""
     if not database_url.startswith("postgresql"):
         pytest.skip("replicas share a PostgreSQL database (SQLite serves one server)")
-    route: dict[str, str] = {}
-    if request.param == "pgbouncer":
-        pooled: PgBouncer = request.getfixturevalue("bouncer")
-        route = {"database_listen_url": database_url}
-        database_url = pooled.url(database_url)
+    url, route = routed(database_url, request.param, request)
     # A short lease: renewal, the fallback for a missed NOTIFY, comes every 0.5 s.
-    owner = await start_harness(database_url, lease_ttl_s=1.5, **route)
-    other = await start_harness(database_url, lease_ttl_s=1.5, **route)
+    owner = await start_harness(url, lease_ttl_s=1.5, **route)
+    other = await start_harness(url, lease_ttl_s=1.5, **route)
     for h in (owner, other):
         h.sandbox.add_script("held", Script(steps=[Step(hang=True)]))
     yield owner, other

@@ -44,9 +44,10 @@ DELETED_CHANNEL = "agentplane_deleted"
 # hears it within milliseconds, one through a transaction pooler never.
 SELF_CHECK_S = 10.0
 # The longest wait between attempts to (re)connect it.
-MAX_RETRY_S = 5.0
+MAX_RETRY_S = 2.0
 _LISTEN_PARAMS: dict[str, str | int] = {
     "application_name": application_name("listen"),
+    "connect_timeout": 10,  # a host that drops packets does not hold up readiness's verdict
     # The connection is silent while nothing is notified: TCP keepalives find a peer that
     # vanished (a host or network gone) within about a minute, not hours.
     "keepalives": 1,
