@@ -18,9 +18,13 @@ from agentplane import AsyncClient
 from agentplane.server.config import Settings
 from agentplane.server.store import app_names
 from agentplane.server.store.app_names import application_name
+from agentplane.server.store.engine import create_engine
+from agentplane.server.store.pools import IdleClosingPool, PoolSize
 from harness import TOKENS
 from replicas_harness import Replicas, requires_postgres, start_replicas
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.util import greenlet_spawn
 
 # What a replica holds at idle, and at most (the documented arithmetic, default sizes).
 IDLE = Counter({"write": 1, "listen": 1})
@@ -103,3 +107,63 @@ def test_application_names_fit_postgresql(monkeypatch: pytest.MonkeyPatch) -> No
     assert name.startswith("agentplane/pod-x") and name.endswith(f"/{app_names.os.getpid()}/write")
     monkeypatch.setattr(app_names.socket, "gethostname", lambda: "höst")
     assert application_name("main").startswith("agentplane/h?st/")
+
+
+@requires_postgres
+@pytest.mark.asyncio
+async def test_closing_idle_connections_during_bursts_keeps_the_pool_whole(
+    database_url: str,
+) -> None:
+    """The pool's idle closing takes connections out of the pool and puts them back while
+    bursts check out and return others: no call fails, none is lost or counted twice,
+    and once idle the pool holds none."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the pools close idle connections on PostgreSQL")
+    engine = create_engine(database_url, pool=PoolSize(2, 3, 0.05), purpose="pooltest")
+    pool = engine.sync_engine.pool
+    assert isinstance(pool, IdleClosingPool)
+    failures: list[BaseException] = []
+    closed = 0
+
+    async def burst(worker: int) -> None:
+        for i in range(40):
+            try:
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+            except Exception as exc:  # noqa: BLE001  (any failure fails the test)
+                failures.append(exc)
+            await asyncio.sleep(0.001 * ((worker + i) % 5))
+
+    async def reap() -> None:
+        nonlocal closed
+        while True:
+            closed += await greenlet_spawn(pool.close_idle, 0.002)
+            await asyncio.sleep(0.003)
+
+    reaper = asyncio.create_task(reap())
+    try:
+        await asyncio.gather(*(burst(w) for w in range(8)))
+    finally:
+        reaper.cancel()
+    try:
+        assert failures == []
+        assert closed > 0  # it did close connections between the bursts
+        assert pool.checkedout() == 0 and pool.checkedin() <= pool.size()
+        assert pool.connections() <= pool.size()
+        await greenlet_spawn(pool.close_idle, 0)
+        assert pool.connections() == 0
+        name = application_name("pooltest")
+        async with await psycopg.AsyncConnection.connect(
+            host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+        ) as admin:
+            left = await (
+                await admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)
+                )
+            ).fetchone()
+        assert left == (0,)
+        # The pool still serves after all that.
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar() == 1
+    finally:
+        await engine.dispose()
