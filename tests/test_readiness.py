@@ -1,7 +1,8 @@
 """Readiness means able to serve: a replica without its LISTEN connection cannot hear the
-others (their cancels, events, budget changes), so it is NOT_SERVING and refuses new
-sessions at admission, until the connection is back; then it is SERVING again by itself.
-(The pools' side: tests/test_database_outage.py.)"""
+others (their cancels, events, budget changes), one whose callers' pool cannot connect
+cannot answer them; either is NOT_SERVING and refuses new sessions at admission until it
+recovers, then SERVING again by itself. (The whole database gone, the running sessions'
+pool with it: tests/test_database_outage.py.)"""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import grpc
 import psycopg
 import pytest
 from agentplane.server.health import DEAF
+from agentplane.server.store.pools import IdleClosingPool
 from agentplane.v1 import session_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import Harness, error_details, start_harness, stop_harness
@@ -142,3 +144,44 @@ async def test_a_replica_that_loses_its_listen_connection_is_not_serving_until_i
         )
         await admin.execute(f"DROP ROLE IF EXISTS {role}")
         await admin.close()
+
+
+async def test_a_replica_whose_callers_pool_cannot_connect_is_not_serving_until_it_can(
+    postgres_url: str,
+) -> None:
+    """The database refuses new connections while the running sessions' pool and the
+    LISTEN connection keep theirs (as when max_connections is reached): the callers' pool,
+    which closed its idle connections, cannot open one. The first call that finds so turns
+    readiness NOT_SERVING; readiness re-checks that pool until it connects again."""
+    h = await start_harness(postgres_url, db_idle_timeout_s=0.5, health_interval_s=0.2)
+    name = make_url(postgres_url).database
+    admin = await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    )
+    pool = h.app.engine.sync_engine.pool
+    assert isinstance(pool, IdleClosingPool)
+    try:
+        await wait_readiness(h, SERVING)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 60
+        while pool.connections() > 0:  # the callers' pool went idle
+            assert loop.time() < end, "the callers' pool kept its connections"
+            await asyncio.sleep(0.1)
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.sessions.ListSessions(session_pb2.ListSessionsRequest(), metadata=h.auth())
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        await wait_readiness(h, NOT_SERVING)
+        assert h.app.notifications is not None and h.app.notifications.listening.is_set()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # refused at admission
+            await h.run(prompt="hello")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_details(refused.value)["ErrorInfo"].reason == "DATABASE_UNAVAILABLE"
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await wait_readiness(h, SERVING)
+        events = await h.run(prompt="hello")
+        assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
+        await stop_harness(h)
