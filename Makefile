@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# What ruff formats and checks (mypy: the packages and the scripts written in Python).
+LINT_PATHS := client server tests migrations scripts setup.py
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto check-proto lint-proto run test test-fast bench lint migrate clean
+.PHONY: help setup proto check-proto lint-proto run test test-fast bench lint deps smoke migrate clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,9 +52,21 @@ migrate: $(STAMP) ## apply database migrations to AGENTPLANE_DATABASE_URL
 test: setup ## run the whole test suite (PostgreSQL too when AGENTPLANE_TEST_DATABASE_URL is set)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff and mypy
-	$(VENV)/bin/ruff check client server tests migrations
-	$(VENV)/bin/mypy client server
+lint: $(STAMP) ## ruff format --check (fails on a diff), ruff check, mypy, then `make deps`
+	$(VENV)/bin/ruff format --check $(LINT_PATHS) \
+	  || { echo "not formatted: run '$(VENV)/bin/ruff format $(LINT_PATHS)'" >&2; exit 1; }
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/mypy client server scripts/smoke_wheel.py setup.py
+	@$(MAKE) --no-print-directory deps
+
+deps: $(STAMP) ## deptry: every import declared for its install, every declared dependency imported
+	@echo "deps: client/, server/, migrations/ against the base dependencies and the server extra"
+	$(VENV)/bin/deptry client server migrations
+	@echo "deps: client/ alone against the base dependencies (a server-extra import is DEP004)"
+	$(VENV)/bin/deptry client --optional-dependencies-dev-groups dev,server
+
+smoke: $(STAMP) ## build the sdist and wheel, install the wheel in a fresh venv, serve, run a session
+	$(PY) scripts/smoke_wheel.py
 
 bench: $(STAMP) ## agentplane vs the direct SDK, as ratios; writes BENCHMARKS.md (BENCH_ARGS=--quick: one run)
 	$(PY) tests/bench/run.py $(BENCH_ARGS)

@@ -252,6 +252,7 @@ def session_details(session: session_pb2.Session) -> str:
         ),
         ("request id", session.request_id),
         ("sdk session", session.sdk_session_id),
+        ("trace id", session.trace_id),
     ]
     lines = [f"{name + ':':<13}{value}" for name, value in rows if value]
     if session.structured_result_json:

@@ -48,6 +48,7 @@ from ._files import destination, write_file
 from ._health import HealthStatus
 from ._inputs import Deny, ToolResult
 from ._requests import TARGET_ENV, TOKEN_ENV, session_state
+from ._version import package_version
 from .v1 import session_pb2
 
 EXIT_OK = 0
@@ -398,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run Claude agent sessions on an agentplane server and look them up.",
         epilog="Exit status: 0 ok, 1 session ERROR / not SERVING, 2 usage, 3 RPC error.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     _add_globals(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

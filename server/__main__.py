@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import logging
 import os
 import sys
 
+from agentplane._version import package_version
+
 from .config import Settings, settings_help
+from .config_warnings import tenants_file_warnings, unknown_variables
 from .errors import ConfigError
 from .mcp.servers import problem as mcp_problem
 from .sandbox import cli as sandbox_cli
@@ -16,6 +20,8 @@ from .telemetry.logs import configure_logging
 from .tenants import TenantRegistry
 
 EXIT_CONFIG = 2
+
+log = logging.getLogger("agentplane.server")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in [
         ("serve", "run the gRPC server (configured by the environment below)"),
@@ -58,12 +65,29 @@ def _settings() -> Settings:
 
 
 async def _migrate(settings: Settings) -> None:
+    """Apply the migrations; ConfigError (one line: the cause, what to do) when the
+    database cannot be reached or refuses them."""
+    from sqlalchemy.exc import DBAPIError
+
+    from .store.diagnosis import LISTEN_SETTING, SETTING, explain, remedy, shown, sqlite_folder
     from .store.engine import create_engine, migrate
 
     # Straight to PostgreSQL when the pools go through a pooler (DDL needs no pooling).
-    engine = create_engine(settings.direct_url, purpose="migrate")
+    url = settings.direct_url
+    setting = LISTEN_SETTING if settings.pooled else SETTING
+    folder = sqlite_folder(url)
+    if folder is not None and not folder.is_dir():
+        # Said before connecting: a failed connect leaves aiosqlite's thread to report
+        # into a closed event loop (a traceback after the line).
+        reason = "unable to open database file"
+        raise ConfigError(setting, f"cannot migrate {shown(url)}: {reason}; {remedy(reason, url)}")
+    engine = create_engine(url, purpose="migrate")
     try:
         await migrate(engine)
+    except (DBAPIError, OSError) as exc:
+        raise ConfigError(
+            setting, f"cannot migrate {shown(url)}: {explain(exc, url, setting)}"
+        ) from None
     finally:
         await engine.dispose()
 
@@ -117,15 +141,52 @@ def _missing_keys(tenants: TenantRegistry) -> list[str]:
     return lines
 
 
+def _warnings(settings: Settings, tenants: TenantRegistry) -> list[str]:
+    """What is accepted but likely a mistake: unknown AGENTPLANE_* variables, tools the
+    CLI does not have, amounts written as strings (see config_warnings.py)."""
+    lines = unknown_variables(os.environ, tenants.key_env_names())
+    if settings.tenants_file is not None and not tenants.dev_mode:
+        lines += tenants_file_warnings(settings.tenants_file)
+    return lines
+
+
+def _sandbox_tools(settings: Settings) -> str:
+    """The sandbox's tools found on PATH (a line); ConfigError naming a missing one."""
+    from .app import sandbox_unavailable
+    from .isolation.sandboxes import SandboxUnavailable, find_tools
+
+    if not settings.sandbox:
+        return (
+            "warning: AGENTPLANE_SANDBOX=none: agents run unsandboxed (unsafe with more than "
+            "one tenant)"
+        )
+    try:
+        tools = find_tools()
+    except SandboxUnavailable as exc:
+        raise sandbox_unavailable(exc) from None
+    return f"sandbox: bwrap {tools.bwrap}, socat {tools.socat}, setpriv {tools.setpriv}"
+
+
 def _check_config(settings: Settings, tenants: TenantRegistry) -> int:
     """What `serve` would refuse, without starting anything: the settings, the tenants
-    file, the TLS certificate, key and client CA. Raises ConfigError."""
+    file, the TLS certificate, key and client CA, the sandbox's tools, the database and
+    its migrations. Raises ConfigError; prints what it found, then warnings."""
     from .app import price_table, tenant_checks
+    from .store.diagnosis import check as check_database
     from .tls import certificate_files
 
+    settings.check_exposure(tenants.dev_mode)
     certificates = certificate_files(settings)
     prices = price_table(settings)
     tenant_checks(settings, prices.price)(tenants)
+    sandbox = _sandbox_tools(settings)
+    database = asyncio.run(
+        check_database(
+            settings.database_url,
+            migrated_at_start=settings.migrate_at_start,
+            listen_url=settings.database_listen_url,
+        )
+    )
     print(
         f"configuration ok: {len(tenants.tenants)} tenant(s)"
         + (" (dev mode)" if tenants.dev_mode else "")
@@ -136,8 +197,12 @@ def _check_config(settings: Settings, tenants: TenantRegistry) -> int:
             f"tls: {material.subject}, valid until {material.not_after:%Y-%m-%d %H:%M} UTC"
             + ("; client certificates required (mTLS)" if certificates.mutual else "")
         )
+    print(sandbox)
+    print(database)
     for line in _missing_keys(tenants):
         print(line)
+    for line in _warnings(settings, tenants):
+        print(f"warning: {line}")
     return 0
 
 
@@ -172,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         tenants = load_tenants(settings)  # a bad tenants file stops us before anything starts
         if command == "check-config":
             return _check_config(settings, tenants)
+        for line in _warnings(settings, tenants):
+            log.warning(line)
         return asyncio.run(
             _dev(settings, tenants) if command == "dev" else serve(settings, tenants)
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ from .api.session_service import SessionService
 from .budgets.gateway import MeteringGateway
 from .budgets.ledger import BudgetReader
 from .budgets.pricing import PriceTable
-from .config import Settings
+from .config import Settings, is_loopback
 from .errors import ConfigError, InvalidArgument
 from .health import DATABASE, WRITES, Health, PoolCheck
 from .isolation.sandboxes import Sandboxes, SandboxUnavailable
@@ -45,12 +46,14 @@ from .sessions.pool import PoolConfig, WarmPool
 from .sessions.retry import RetryPolicy
 from .sessions.runner import AgentRunner, RunnerConfig
 from .sessions.usage import UsageReader
+from .store.diagnosis import LISTEN_SETTING, SETTING, explain
 from .store.engine import create_engine, on_connection_failure, sessionmaker
 from .store.notify import SELF_CHECK_S, Bus, Listener
 from .store.pools import PoolSize, close_idle_connections
 from .store.transcripts import SqlSessionStore
 from .telemetry.observer import TelemetryObserver
-from .telemetry.setup import ContentPolicy, Telemetry
+from .telemetry.rpc import CallSpans
+from .telemetry.setup import ContentPolicy, EndpointUnavailable, Telemetry
 from .tenants import MAX_INPUT_TOTAL_BYTES, TenantChanges, TenantRegistry
 from .tenants_reload import TenantsReloader
 from .tls import CertificateFiles, certificate_files
@@ -117,15 +120,28 @@ async def _sandboxes(settings: Settings, cli: Path, gateway: MeteringGateway) ->
     socket = gateway.unix_socket
     assert socket is not None
     try:
-        return await asyncio.to_thread(Sandboxes.open, settings.work_dir, cli, socket, gateway.port)
+        return await asyncio.to_thread(
+            functools.partial(
+                Sandboxes.open,
+                settings.work_dir,
+                cli,
+                socket,
+                gateway.port,
+                uid_range=settings.sandbox_uids,
+                uid_lock_dir=(settings.host_dir or default_host_dir()) / "uids",
+            )
+        )
     except SandboxUnavailable as exc:
-        raise ConfigError(
-            "AGENTPLANE_SANDBOX",
-            (
-                f"cannot sandbox sessions: {exc}; or set AGENTPLANE_SANDBOX=none to run agents "
-                "unsandboxed (unsafe with more than one tenant)"
-            ),
-        ) from None
+        raise sandbox_unavailable(exc) from None
+
+
+def sandbox_unavailable(exc: SandboxUnavailable) -> ConfigError:
+    """What `serve` and `check-config` say where this host cannot sandbox sessions."""
+    return ConfigError(
+        "AGENTPLANE_SANDBOX",
+        f"cannot sandbox sessions: {exc}; or set AGENTPLANE_SANDBOX=none to run agents "
+        "unsandboxed (unsafe with more than one tenant)",
+    )
 
 
 def price_table(settings: Settings) -> PriceTable:
@@ -139,12 +155,20 @@ def price_table(settings: Settings) -> PriceTable:
 def telemetry_for(settings: Settings) -> Telemetry:
     """The telemetry the settings ask for (OTEL_*, AGENTPLANE_PROMETHEUS_PORT, ...).
 
-    Here, not in telemetry/, so that telemetry never depends on the server's settings."""
-    return Telemetry.create(
-        settings.otel,
-        content=ContentPolicy(settings.trace_content, settings.trace_content_max_chars),
-        prometheus=settings.prometheus_address,
-    )
+    Here, not in telemetry/, so that telemetry never depends on the server's settings.
+    ConfigError when /metrics cannot listen (exit 2, as for the gRPC port)."""
+    try:
+        return Telemetry.create(
+            settings.otel,
+            content=ContentPolicy(settings.trace_content, settings.trace_content_max_chars),
+            prometheus=settings.prometheus_address,
+        )
+    except EndpointUnavailable as exc:
+        raise ConfigError(
+            "AGENTPLANE_PROMETHEUS_PORT",
+            f"{exc} for /metrics: another server has the port, or the host is not an "
+            "address of this machine; choose a free port, or unset it (no /metrics)",
+        ) from None
 
 
 @dataclass
@@ -186,7 +210,15 @@ class App:
         what was opened so far is closed before the error propagates."""
         tenants = tenants or load_tenants(settings)
         certificates = certificate_files(settings)  # checked before anything opens
-        if tenants.dev_mode:
+        settings.check_exposure(tenants.dev_mode)
+        if tenants.dev_mode and not is_loopback(settings.listen_host):
+            log.warning(
+                "AGENTPLANE_ALLOW_UNAUTHENTICATED=1: no AGENTPLANE_TENANTS_FILE and listening "
+                "on %s: ANYONE who reaches this address is served without auth (dev mode, "
+                "one `default` tenant) and can run agents on this host and spend its budget",
+                settings.listen,
+            )
+        elif tenants.dev_mode:
             log.warning("no AGENTPLANE_TENANTS_FILE: dev mode, one `default` tenant, no auth")
         if not settings.sandbox:
             log.warning(
@@ -232,16 +264,23 @@ class App:
         upkeep_engine = _engine(settings, "write", writes_pool)
         resources.push_async_callback(upkeep_engine.dispose)
         health = Health()
-        on_connection_failure(engine, lambda detail: health.pool_failed(DATABASE, detail))
-        on_connection_failure(upkeep_engine, lambda detail: health.pool_failed(WRITES, detail))
+        on_connection_failure(engine, lambda error: health.pool_failed(DATABASE, engine, error))
+        on_connection_failure(
+            upkeep_engine, lambda error: health.pool_failed(WRITES, upkeep_engine, error)
+        )
         # What this server's commits and (PostgreSQL) the other replicas' notify.
         bus = Bus()
         notifications = None
         if engine.dialect.name == "postgresql":
             # Straight to PostgreSQL (a pooler's server connection would not stay ours),
             # proven by a NOTIFY through the sessions' pool, which readiness keeps warm.
+            listen_setting = LISTEN_SETTING if settings.pooled else SETTING
             notifications = Listener(
-                settings.direct_url, bus, notify_through=upkeep_engine, status=health.listen
+                settings.direct_url,
+                bus,
+                notify_through=upkeep_engine,
+                status=health.listen,
+                describe=lambda error: explain(error, settings.direct_url, listen_setting),
             )
         db = sessionmaker(engine, bus)
         upkeep_db = sessionmaker(upkeep_engine, bus)
@@ -253,10 +292,15 @@ class App:
         cli = settings.cli_path or BUNDLED_CLI
         # Per server (pid): replicas may share a work dir.
         socket = settings.work_dir / f".gateway-{os.getpid()}.sock"
-        gateway = MeteringGateway(prices, unix_socket=socket if settings.sandbox else None)
+        gateway = MeteringGateway(
+            prices,
+            unix_socket=socket if settings.sandbox else None,
+            max_body_bytes=settings.gateway_max_body_mib * 1024 * 1024,
+        )
         await gateway.start()
         resources.push_async_callback(gateway.stop)
         gateway.on_upstream = health.model_api
+        gateway.keep_content = telemetry.content.capture  # for the chat spans' messages
         sandboxes = await _sandboxes(settings, cli, gateway) if settings.sandbox else None
         if sandboxes is not None:
             resources.callback(sandboxes.close)
@@ -516,7 +560,9 @@ def _grpc_server(
             ("grpc.max_receive_message_length", MAX_INPUT_TOTAL_BYTES + (1 << 20)),
         ],
     )
-    session_pb2_grpc.add_SessionServiceServicer_to_server(SessionService(tenants, sessions), server)
+    session_pb2_grpc.add_SessionServiceServicer_to_server(
+        SessionService(tenants, sessions, CallSpans(telemetry.content)), server
+    )
     budget_pb2_grpc.add_BudgetServiceServicer_to_server(BudgetService(tenants, budgets), server)
     usage_pb2_grpc.add_UsageServiceServicer_to_server(
         UsageService(tenants, UsageReader(db)), server

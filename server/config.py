@@ -7,6 +7,7 @@ Configuration table (tests/test_config.py compares it) all come from those decla
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -17,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
+from .isolation.uids import DEFAULT_RANGE, parse_range
 
 # The one dependency on telemetry, and one way only: Settings carries the OTEL_* variables
 # as the value telemetry defines and parses (without the SDK; app.py wires the providers).
@@ -125,6 +127,8 @@ def _http_url(raw: str) -> str:
 
 
 def _file(raw: str) -> Path:
+    if not Path(raw).exists():
+        raise ValueError(f"{raw} does not exist: create the file, or mount it there")
     if not Path(raw).is_file():
         raise ValueError(f"{raw} is not a file")
     return Path(raw)
@@ -291,8 +295,16 @@ class Settings:
         "",
         "TOML tenants file, re-read on SIGHUP and when it changes (an invalid one is "
         "ignored: health `agentplane.tenants` NOT_SERVING); unset = dev mode: one "
-        "`default` tenant, no auth (logged)",
+        "`default` tenant, no auth (logged), on loopback only (see the next)",
         shown="unset",
+    )
+    allow_unauthenticated: bool = setting(
+        "AGENTPLANE_ALLOW_UNAUTHENTICATED",
+        _bool,
+        "0",
+        "`1`: a server without `AGENTPLANE_TENANTS_FILE` (dev mode: no auth) may listen beyond "
+        "loopback, serving anyone who reaches it (logged as a warning); `0`: it refuses to "
+        "start there (exit 2)",
     )
     tenants_poll_s: float = setting(
         "AGENTPLANE_TENANTS_POLL_S",
@@ -306,6 +318,13 @@ class Settings:
         "",
         "the model API behind the metering gateway (unset: the Anthropic API)",
         shown="unset",
+    )
+    gateway_max_body_mib: int = setting(
+        "AGENTPLANE_GATEWAY_MAX_BODY_MIB",
+        _integer(1, 1024),
+        "32",
+        "the largest request body the metering gateway reads from an agent, 1..1024 MiB; a "
+        "larger one is answered 413 before it is read (the Messages API's own limit is 32 MB)",
     )
     work_dir: Path = setting(  # noqa: RUF009
         "AGENTPLANE_WORK_DIR",
@@ -339,6 +358,14 @@ class Settings:
         "(unsafe with more than one tenant; logged at start, health `agentplane.sandbox` "
         "NOT_SERVING)",
         shown="`bwrap`",
+    )
+    sandbox_uids: tuple[int, int] = setting(
+        "AGENTPLANE_SANDBOX_UIDS",
+        parse_range,
+        f"{DEFAULT_RANGE[0]}-{DEFAULT_RANGE[1]}",
+        "host uids for sandboxed sessions, FIRST-LAST: each live session runs as one of its "
+        "own (shared with the other servers of the host through AGENTPLANE_HOST_DIR); no "
+        "user of the host may hold one (tenants with an os_user run as that user instead)",
     )
     cli_max_retries: int | None = setting(
         "AGENTPLANE_CLI_MAX_RETRIES",
@@ -385,8 +412,8 @@ class Settings:
         "AGENTPLANE_PRICES_FILE",
         _optional(_file),
         "",
-        "TOML price table (model -> $ per Mtok input, output, cache_write, cache_read) "
-        "overriding `server/budgets/prices.toml`",
+        "TOML price table (model -> $ per Mtok input, output, cache_write, cache_read, a "
+        "long-context premium; $ per server-tool use) overriding `server/budgets/prices.toml`",
         shown="the packaged table",
     )
     shutdown_grace_s: float = setting(
@@ -485,11 +512,42 @@ class Settings:
         return self.database_listen_url or self.database_url
 
     @property
+    def listen_host(self) -> str:
+        """The host of AGENTPLANE_LISTEN, without an IPv6 address's brackets."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
     def prometheus_address(self) -> tuple[str, int] | None:
         """Where /metrics is served: the listen host, AGENTPLANE_PROMETHEUS_PORT."""
         if self.prometheus_port is None:
             return None
-        return self.listen.rpartition(":")[0].strip("[]"), self.prometheus_port
+        return self.listen_host, self.prometheus_port
+
+    def check_exposure(self, dev_mode: bool) -> None:
+        """ConfigError when dev mode (no tenants file: every caller is served, unasked)
+        would listen beyond loopback without AGENTPLANE_ALLOW_UNAUTHENTICATED=1."""
+        if dev_mode and not self.allow_unauthenticated and not is_loopback(self.listen_host):
+            raise ConfigError(
+                "AGENTPLANE_TENANTS_FILE",
+                "unset, so every caller would be served without auth (dev mode), and "
+                f"AGENTPLANE_LISTEN={self.listen} is reachable beyond this machine: set "
+                "AGENTPLANE_TENANTS_FILE to a tenants file, or listen on 127.0.0.1, or set "
+                "AGENTPLANE_ALLOW_UNAUTHENTICATED=1 to serve it unauthenticated anyway",
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine's loopback only: localhost,
+    127.0.0.0/8 or ::1. Any other name, and 0.0.0.0 or :: (every interface), is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: it may resolve to any address
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _check_listen_url(values: Mapping[str, Any]) -> None:

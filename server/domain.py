@@ -58,6 +58,7 @@ class ErrorReason(enum.StrEnum):
     CPU_LIMIT = "CPU_LIMIT"
     DISK_LIMIT = "DISK_LIMIT"
     INVALID_OUTPUT = "INVALID_OUTPUT"
+    EVENT_LIMIT = "EVENT_LIMIT"
 
 
 class EventKind(enum.StrEnum):
@@ -169,6 +170,17 @@ RECORDED_COUNTS = (
     "cache_creation_input_tokens",
     "cache_read_input_tokens",
 )
+# Every token count of a TokenUsage (the four above and the 1-hour part of cache writes).
+TOKEN_COUNTS = (*RECORDED_COUNTS, "cache_creation_1h_input_tokens")
+
+
+def server_tool_counts(value: object) -> dict[str, int]:
+    """The counts of a ``server_tool_use`` object (unit name -> uses): every key with a
+    positive integer count (``web_search_requests``, ``web_fetch_requests``, any other
+    the API adds); anything else counts as nothing."""
+    if not value or not isinstance(value, Mapping):
+        return {}
+    return {str(unit): count for unit, v in value.items() if (count := _count(v))}
 
 
 @dataclass(frozen=True)
@@ -178,6 +190,9 @@ class TokenUsage:
     ``cache_creation_1h_input_tokens`` is the part of ``cache_creation_input_tokens``
     written with a 1-hour TTL (priced higher than a 5-minute write). It only prices
     requests: the sessions table, the proto and :meth:`to_json` keep the four API counts.
+    ``server_tool_use`` counts the server-side tool uses upstream ran (and bills per use),
+    by the usage object's name for them (``web_search_requests``, ...); positive counts
+    only, so an empty mapping is "none".
     """
 
     input_tokens: int = 0
@@ -185,48 +200,85 @@ class TokenUsage:
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
     cache_creation_1h_input_tokens: int = 0
+    server_tool_use: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Every input token of the request: uncached, written to and read from the cache
+        (what a long-context threshold is measured against)."""
+        return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
     def plus(self, other: TokenUsage) -> TokenUsage:
         """The field-wise sum (a session's requests, or a resumed session's runs)."""
-        return TokenUsage(
-            *(getattr(self, name) + getattr(other, name) for name in self.__dataclass_fields__)
-        )
+        uses = dict(self.server_tool_use)
+        for unit, count in other.server_tool_use.items():
+            uses[unit] = uses.get(unit, 0) + count
+        return _token_usage([getattr(self, n) + getattr(other, n) for n in TOKEN_COUNTS], uses)
 
     def max_with(self, other: TokenUsage) -> TokenUsage:
         """The field-wise maximum (how a stream's cumulative usage events combine)."""
-        return TokenUsage(
-            *(max(getattr(self, name), getattr(other, name)) for name in self.__dataclass_fields__)
-        )
+        uses = dict(self.server_tool_use)
+        for unit, count in other.server_tool_use.items():
+            uses[unit] = max(uses.get(unit, 0), count)
+        return _token_usage([max(getattr(self, n), getattr(other, n)) for n in TOKEN_COUNTS], uses)
 
     @classmethod
     def from_api(cls, usage: Mapping[str, Any]) -> TokenUsage:
         """Parse the Messages API's ``usage`` object (the one parser of it).
 
         The 1-hour share of the cache writes is ``cache_creation.ephemeral_1h_input_tokens``;
-        other keys (``server_tool_use``, ``service_tier``, ...) are ignored.
+        ``server_tool_use`` holds the server-side tool uses. When the object breaks the
+        request down into ``iterations`` (server-side loops, compaction, an advisor), each
+        count is the larger of its top-level value and its sum over the iterations: the
+        top level leaves some iterations out (a compaction's), and what upstream bills
+        is the sum. Other keys (``service_tier``, ...) are ignored.
         """
+        top = cls._counts(usage, server_tool_counts(usage.get("server_tool_use")))
+        iterations = usage.get("iterations")
+        if isinstance(iterations, list):
+            summed = cls()
+            for iteration in iterations:
+                if isinstance(iteration, Mapping):
+                    summed = summed.plus(cls._counts(iteration, {}))
+            top = top.max_with(summed)
+        return top
+
+    @classmethod
+    def _counts(cls, usage: Mapping[str, Any], server_tool_use: Mapping[str, int]) -> TokenUsage:
         detail = usage.get("cache_creation")
         return cls(
-            input_tokens=_count(usage.get("input_tokens")),
-            output_tokens=_count(usage.get("output_tokens")),
-            cache_creation_input_tokens=_count(usage.get("cache_creation_input_tokens")),
-            cache_read_input_tokens=_count(usage.get("cache_read_input_tokens")),
-            cache_creation_1h_input_tokens=_count(
+            _count(usage.get("input_tokens")),
+            _count(usage.get("output_tokens")),
+            _count(usage.get("cache_creation_input_tokens")),
+            _count(usage.get("cache_read_input_tokens")),
+            _count(
                 detail.get("ephemeral_1h_input_tokens") if isinstance(detail, Mapping) else None
             ),
+            server_tool_use,
         )
 
     def to_json(self) -> dict[str, int]:
         """The counts a session records (Session.to_json's ``usage``): the four of the
         database and the proto. The 1-hour part of cache writes only prices requests; left
         out, event payloads stay readable by servers of the previous release (which take
-        exactly these four keys) during a rolling upgrade."""
+        exactly these four keys). Server tool uses travel beside it (Session.to_json)."""
         return {name: getattr(self, name) for name in RECORDED_COUNTS}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> TokenUsage:
-        """Read :meth:`to_json` (a key it lacks is 0)."""
-        return cls(**{name: int(data.get(name, 0)) for name in cls.__dataclass_fields__})
+    def from_json(
+        cls, data: Mapping[str, Any], server_tool_use: Mapping[str, Any] | None = None
+    ) -> TokenUsage:
+        """Read :meth:`to_json` (a key it lacks is 0), with the server tool uses kept
+        beside it."""
+        return _token_usage(
+            [int(data.get(name, 0)) for name in TOKEN_COUNTS], server_tool_counts(server_tool_use)
+        )
+
+
+def _token_usage(counts: list[int], server_tool_use: Mapping[str, int]) -> TokenUsage:
+    """A TokenUsage of the TOKEN_COUNTS in their order."""
+    inputs, outputs, writes, reads, writes_1h = counts
+    return TokenUsage(inputs, outputs, writes, reads, writes_1h, server_tool_use)
 
 
 @dataclass(frozen=True)
@@ -247,6 +299,9 @@ class Session:
     end_time: datetime | None = None
     cost_usd: Decimal = Decimal(0)
     sdk_cost_usd: Decimal = Decimal(0)
+    # How far the metered cost fell short of the CLI's own count (sdk_cost_usd), when by
+    # more than the tolerance (see sessions/shortfall.py); else 0.
+    shortfall_usd: Decimal = Decimal(0)
     num_turns: int = 0
     usage: TokenUsage = TokenUsage()
     error_reason: ErrorReason | None = None
@@ -262,6 +317,10 @@ class Session:
     # The schema its result must match (JSON text; "" for none), and the matching result.
     output_schema: str = ""
     structured_result: Any = None
+    # The trace it was admitted in and that RunSession's span (hex; "" when untraced):
+    # what later calls about the session link to.
+    trace_id: str = ""
+    trace_span_id: str = ""
 
     def evolve(self, **changes: Any) -> Session:
         return replace(self, **changes)
@@ -283,8 +342,10 @@ class Session:
             "end_time": self.end_time.isoformat() if self.end_time else None,
             "cost_usd": str(self.cost_usd),
             "sdk_cost_usd": str(self.sdk_cost_usd),
+            "shortfall_usd": str(self.shortfall_usd),
             "num_turns": self.num_turns,
             "usage": self.usage.to_json(),
+            "server_tool_use": dict(self.usage.server_tool_use),
             "error_reason": self.error_reason.value if self.error_reason else None,
             "error_message": self.error_message,
             "sdk_session_id": self.sdk_session_id,
@@ -295,6 +356,8 @@ class Session:
             "awaiting": [request.to_json() for request in self.awaiting],
             "output_schema": self.output_schema,
             "structured_result": self.structured_result,
+            "trace_id": self.trace_id,
+            "trace_span_id": self.trace_span_id,
         }
 
     @classmethod
@@ -317,8 +380,9 @@ class Session:
             end_time=when(data["end_time"]),
             cost_usd=Decimal(data["cost_usd"]),
             sdk_cost_usd=Decimal(data["sdk_cost_usd"]),
+            shortfall_usd=Decimal(data.get("shortfall_usd", "0")),
             num_turns=data["num_turns"],
-            usage=TokenUsage.from_json(data["usage"]),
+            usage=TokenUsage.from_json(data["usage"], data.get("server_tool_use")),
             error_reason=ErrorReason(data["error_reason"]) if data["error_reason"] else None,
             error_message=data["error_message"],
             sdk_session_id=data["sdk_session_id"],
@@ -329,6 +393,8 @@ class Session:
             awaiting=tuple(InputRequest.from_json(data["id"], a) for a in data.get("awaiting", ())),
             output_schema=data.get("output_schema", ""),
             structured_result=data.get("structured_result"),
+            trace_id=data.get("trace_id", ""),
+            trace_span_id=data.get("trace_span_id", ""),
         )
 
 
@@ -404,6 +470,9 @@ class Usage:
     total_turns: int = 0
     tool_uses: dict[str, int] = field(default_factory=dict)
     models: tuple[ModelUsage, ...] = ()
+    # Sessions whose metered cost fell short of the CLI's own count, and by how much.
+    sessions_short: int = 0
+    shortfall_usd: Decimal = Decimal(0)
 
     @property
     def sessions_failed(self) -> int:

@@ -12,11 +12,14 @@ from pathlib import Path
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # the public name of the asyncio servicer
 from sqlalchemy import text
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .errors import DatabaseUnavailable, Unavailable
 from .sessions.cli_env import NO_OUTBOUND_TRAFFIC
+from .store.diagnosis import explain
 from .store.engine import migrate, migrations_current
+from .telemetry.recurring import RecurringProblem
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +65,6 @@ LISTEN = "listen"  # the LISTEN connection is subscribed and hears what the pool
 CLI = "cli"  # the agent CLI starts
 _ORDER = (STARTING, DATABASE, WRITES, LISTEN, CLI)
 
-# PgBouncer refuses the startup options a direct connection carries.
-POOLER_HINT = (
-    "AGENTPLANE_DATABASE_URL looks like PgBouncer's: set AGENTPLANE_DATABASE_LISTEN_URL to "
-    "PostgreSQL itself, which also makes the pools fit for transaction pooling"
-)
 _POOLS = {DATABASE: "the callers' pool", WRITES: "the running sessions' pool"}
 UNREACHABLE = "the database is unreachable; retry later"
 DEAF = (
@@ -100,6 +98,10 @@ class Health:
         self._model_api_reachable = True
         self._updates: set[asyncio.Task[None]] = set()
         self._details: dict[str, str] = {}  # each problem's words for the log
+        # Each failing part's log: its cause once, then at growing intervals while it
+        # lasts (a failing pool is re-checked, the LISTEN connection retried, every few
+        # seconds), a new cause at once, and its end.
+        self._logs: dict[str, RecurringProblem] = {}
 
     async def init(self, *, sandboxed: bool = True, listens: bool = False) -> None:
         """`listens`: readiness waits for a LISTEN connection too (see `listen`)."""
@@ -140,11 +142,13 @@ class Health:
         """The LISTEN connection is subscribed and proven (None), or not: why (for the log)."""
         self._spawn(self._set(LISTEN, None if detail is None else _Problem(DEAF, True), detail))
 
-    def pool_failed(self, part: str, detail: str) -> None:
-        """A request found the pool of `part` unable to connect (or lost a connection in
-        use): not ready until a check of that pool passes again."""
+    def pool_failed(self, part: str, engine: AsyncEngine, error: BaseException) -> None:
+        """A request found the pool of `part` (`engine`'s) unable to connect (or lost a
+        connection in use: the driver's `error`): not ready until a check of that pool
+        passes again."""
         if part not in self._problems:
-            self._spawn(self._pool_failed(part, f"{_POOLS[part]}: {detail}"))
+            detail = f"{_POOLS[part]}: {unreachable(error, engine.url)}"
+            self._spawn(self._pool_failed(part, detail))
 
     async def _pool_failed(self, part: str, detail: str) -> None:
         if part not in self._problems:  # a check may have found it (in its own words) since
@@ -180,8 +184,10 @@ class Health:
         """The start-up checks are done: ready if every part is."""
         problems = [p for p in _ORDER if p in self._problems and p != STARTING]
         if problems:
-            details = (self._details.get(p, self._problems[p].message) for p in problems)
-            log.error("not ready: %s", "; ".join(details))
+            details = {p: self._details.get(p, self._problems[p].message) for p in problems}
+            log.error("not ready: %s", "; ".join(details.values()))
+            for part, detail in details.items():
+                self._log(part).failed(detail, said=True)
         else:
             log.info("ready: database migrated, pools and LISTEN connected, agent CLI found")
         await self._set(STARTING, None, None, quiet=True)
@@ -203,23 +209,32 @@ class Health:
     async def _set(
         self, part: str, problem: _Problem | None, detail: str | None, *, quiet: bool = False
     ) -> None:
-        """Record `part`'s problem (None: it has none), log a change, publish readiness."""
+        """Record `part`'s problem (None: it has none), log it (see `_logs`), publish a
+        change of readiness."""
         was = self._problems.get(part)
-        if problem == was:
-            if problem is not None and detail:
-                self._details[part] = detail  # the same for callers, maybe not for the log
-            return
         if problem is None:
+            if was is None:
+                return
             del self._problems[part]
             self._details.pop(part, None)
-            if not quiet and part != STARTING and STARTING not in self._problems:
-                log.info("readiness: %s ready again%s", part, "" if self.problem else "; ready")
+            logged = self._logs.pop(part, None)
+            if logged is not None and not quiet:
+                logged.resolved()
+                if self.problem is None:
+                    log.info("ready")
         else:
             self._problems[part] = problem
             self._details[part] = detail or problem.message
             if STARTING not in self._problems and not self._stopping:
-                log.warning("not ready: %s", detail or problem.message)
+                self._log(part).failed(detail or problem.message)
+            if problem == was:
+                return  # the same for callers
         await self._publish()
+
+    def _log(self, part: str) -> RecurringProblem:
+        if part not in self._logs:
+            self._logs[part] = RecurringProblem(log, f"readiness: {part}")
+        return self._logs[part]
 
     async def _publish(self) -> None:
         for name in READY_NAMES:
@@ -257,11 +272,14 @@ async def _database_problem(
         if not await migrations_current(engine):
             return "the database schema is not current: run `agentplane-server migrate`", None
     except Exception as exc:  # noqa: BLE001  (any driver error means "not ready")
-        detail = f"the database is unreachable: {type(exc).__name__}: {exc}".splitlines()[0]
-        if "unsupported startup parameter" in str(exc):
-            detail += f" ({POOLER_HINT})"
-        return "the database is unreachable; retry later", detail
+        return UNREACHABLE, unreachable(exc, engine.url)
     return None, None
+
+
+def unreachable(error: BaseException, url: URL) -> str:
+    """The log's words for a pool that cannot reach the database at `url`: the driver's
+    cause and what to do (store/diagnosis.py)."""
+    return f"the database is unreachable: {explain(error, url)}"
 
 
 async def _cli_problem(cli_path: Path) -> str | None:

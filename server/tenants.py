@@ -37,6 +37,8 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # The input files of one request travel in it: the gRPC server takes messages this large.
 MAX_INPUT_TOTAL_BYTES = 64 << 20
+# The largest max_server_tool_uses_per_request (the gateway reserves for every use).
+MAX_SERVER_TOOL_USES = 100
 
 
 def hash_token(token: str) -> str:
@@ -80,6 +82,8 @@ class Tenant:
     files: FileLimits = field(default_factory=lambda: FileLimits())
     # Ended sessions older than this are deleted in the background (0: kept for ever).
     retention_days: int = 0
+    # What each session may store of its event log (past it, it ends ERROR/EVENT_LIMIT).
+    events: EventLimits = field(default_factory=lambda: EventLimits())
     # Client certificates (mTLS) that authenticate as this tenant: by a subject
     # alternative name, or by the subject (RFC 4514, canonical), each exactly.
     client_cert_sans: frozenset[str] = frozenset()
@@ -98,6 +102,9 @@ class Tenant:
     # agent has), and how long each has to start and answer the CLI's handshake.
     mcp_servers: tuple[McpServer, ...] = ()
     mcp_timeout_s: float = 30.0
+    # The most uses a model request may have of each server tool it offers (a web
+    # search's `max_uses`): the gateway caps it, sets it where missing and reserves for it.
+    max_server_tool_uses_per_request: int = 8
 
     def unix_ids(self) -> tuple[int, int] | None:
         """The uid and gid of the tenant's os_user (None: its agents run as the server)."""
@@ -115,6 +122,19 @@ class Tenant:
             except OSError:
                 return None
         return os.environ.get(self.anthropic_api_key_env) or None
+
+
+@dataclass(frozen=True)
+class EventLimits:
+    """What one session of a tenant may store of its event log: events (its `result`
+    included) and their payloads' bytes (its `result` aside)."""
+
+    max_events: int = 20_000
+    max_bytes: int = 32 << 20
+
+
+# The least a session needs to say anything (started, init, a turn, its result...).
+MIN_EVENTS = 16
 
 
 @dataclass(frozen=True)
@@ -158,11 +178,14 @@ _DEFAULTS: Mapping[str, Any] = {
     "max_artifact_mib": FileLimits.max_artifact_bytes >> 20,
     "max_artifacts_total_mib": FileLimits.max_artifacts_total_bytes >> 20,
     "retention_days": 0,
+    "max_events": EventLimits.max_events,
+    "max_events_mib": EventLimits.max_bytes >> 20,
     "allowed_efforts": [],
     "max_thinking_tokens": 0,
     "fallback_models": [],
     "mcp_servers": {},
     "mcp_timeout_s": 30,
+    "max_server_tool_uses_per_request": 8,
 }
 _KEYS = {"token_sha256", "client_cert_sans", "client_cert_subjects", *_DEFAULTS}
 
@@ -198,6 +221,15 @@ def _model(value: Any, setting: str) -> str:
     if not isinstance(value, str) or len(value) > 128:
         raise ConfigError(setting, f"must be a model name (a string), not {value!r}")
     return value.strip()
+
+
+def _text(value: Any, setting: str, *, empty: bool = False) -> str | None:
+    """A string setting (None: unset): any other type is refused, not turned into text."""
+    if value is not None and (not isinstance(value, str) or not (empty or value.strip())):
+        raise ConfigError(
+            setting, f"must be a {'' if empty else 'non-empty '}string, not {value!r}"
+        )
+    return value
 
 
 def _strings(value: Any, setting: str, what: str) -> list[str]:
@@ -263,15 +295,19 @@ def _parse_tenant(
         ZoneInfo(str(cfg["timezone"]))
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(key("timezone"), f"unknown time zone {cfg['timezone']!r}") from None
-    template = cfg["workspace_template"]
+    template = _text(cfg["workspace_template"], key("workspace_template"))
     if template is not None and not Path(template).is_dir():
         raise ConfigError(key("workspace_template"), f"{template} is not a directory")
     os_user = cfg["os_user"]
     if os_user is not None:
         try:
-            pwd.getpwnam(str(os_user))
+            entry = pwd.getpwnam(str(os_user))
         except KeyError:
             raise ConfigError(key("os_user"), f"no such Unix user {os_user!r}") from None
+        if entry.pw_uid == 0 or entry.pw_gid == 0:
+            raise ConfigError(
+                key("os_user"), f"{os_user!r} is root (uid or gid 0): an agent never runs as root"
+            )
         if os.geteuid() != 0:
             raise ConfigError(key("os_user"), "running agents as another user needs a root server")
     key_file = cfg["anthropic_api_key_file"]
@@ -340,6 +376,15 @@ def _parse_tenant(
             key("max_input_total_mib"),
             f"must be at most {MAX_INPUT_TOTAL_BYTES >> 20} (the largest request the server takes)",
         )
+    events = EventLimits(
+        _positive_int(cfg["max_events"], key("max_events")),
+        _positive_int(cfg["max_events_mib"], key("max_events_mib")) << 20,
+    )
+    if events.max_events < MIN_EVENTS:
+        raise ConfigError(
+            key("max_events"),
+            f"must be at least {MIN_EVENTS} (a session needs a few to say anything)",
+        )
     efforts = cfg["allowed_efforts"]
     if not isinstance(efforts, list) or not all(e in EFFORTS for e in efforts):
         raise ConfigError(key("allowed_efforts"), f"must be a list of {', '.join(EFFORTS)}")
@@ -353,6 +398,13 @@ def _parse_tenant(
         isinstance(m, str) and m.strip() and len(m) <= 128 for m in fallbacks
     ):
         raise ConfigError(key("fallback_models"), "must be a list of model names")
+    server_tool_uses = _positive_int(
+        cfg["max_server_tool_uses_per_request"], key("max_server_tool_uses_per_request")
+    )
+    if server_tool_uses > MAX_SERVER_TOOL_USES:
+        raise ConfigError(
+            key("max_server_tool_uses_per_request"), f"must be at most {MAX_SERVER_TOOL_USES}"
+        )
     daily = _money(cfg["daily_limit_usd"], key("daily_limit_usd"))
     per_session = _money(cfg["max_session_budget_usd"], key("max_session_budget_usd"))
     if per_session > daily:
@@ -360,9 +412,11 @@ def _parse_tenant(
     return Tenant(
         name=name,
         token_sha256=frozenset(t.lower() for t in tokens),
-        anthropic_api_key_env=str(cfg["anthropic_api_key_env"]),
+        anthropic_api_key_env=str(
+            _text(cfg["anthropic_api_key_env"], key("anthropic_api_key_env"))
+        ),
         allowed_tools=tuple(tools),
-        system_prompt=cfg["system_prompt"],
+        system_prompt=_text(cfg["system_prompt"], key("system_prompt"), empty=True),
         daily_limit_usd=daily,
         max_session_budget_usd=per_session,
         max_turns=_positive_int(cfg["max_turns"], key("max_turns")),
@@ -381,6 +435,7 @@ def _parse_tenant(
         answer_timeout_s=float(answer_timeout),
         max_answer_timeout_s=float(max_answer_timeout),
         files=files,
+        events=events,
         retention_days=_count(cfg["retention_days"], key("retention_days")),
         client_cert_sans=frozenset(sans),
         client_cert_subjects=frozenset(subjects),
@@ -389,6 +444,7 @@ def _parse_tenant(
         fallback_models=tuple(dict.fromkeys(m.strip() for m in fallbacks)),
         mcp_servers=servers,
         mcp_timeout_s=float(_positive_int(cfg["mcp_timeout_s"], key("mcp_timeout_s"))),
+        max_server_tool_uses_per_request=server_tool_uses,
     )
 
 

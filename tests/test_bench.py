@@ -48,6 +48,11 @@ ROWS = [
     "ListSessions (page of 50), SQLite, +1,000 rows",
     "sessions/s at concurrency 1, SQLite, +1,000 rows",
     "GetSession, PostgreSQL, seeded rows",
+    # 10: the gateway flood
+    "gateway flood, 6 x 48 MiB refused (413): server RSS growth",
+    "gateway flood, 6 x 48 MiB refused (413): health latency",
+    "gateway flood, 2 x 31 MiB of JSON values parsed: server RSS growth",
+    "gateway flood, 2 x 31 MiB of JSON values parsed: health latency",
 ]
 
 

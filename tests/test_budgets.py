@@ -12,6 +12,7 @@ import pytest
 from agentplane.server.sandbox import Script, Step, ToolCall, Usage
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import MODEL, Harness, error_details, start_harness, stop_harness
+from test_gateway import pdf
 
 pytestmark = pytest.mark.asyncio
 
@@ -89,3 +90,39 @@ async def test_a_session_stops_when_its_budget_is_used_up(money: Harness) -> Non
     assert (
         json.dumps(forwarded[-1].headers).find("sk-ant-test-acme-key") >= 0
     )  # upstream got the key
+
+
+async def test_a_pdf_the_budget_cannot_cover_is_never_forwarded(money: Harness) -> None:
+    # 30 pages in 3 KB: by its size ~1,000 tokens, by its pages (what the API bills) ~180,000.
+    (money.workspace / "report.pdf").write_bytes(pdf(30))
+    (money.workspace / "report.txt").write_text("The report says PAPAYA.\n" * 100)
+    for name in ("pdf", "txt"):
+        money.sandbox.add_script(
+            f"read-{name}",
+            Script(
+                steps=[
+                    Step(
+                        tool_calls=[ToolCall("Read", {"file_path": f"report.{name}"})],
+                        usage=Usage(input_tokens=1000, output_tokens=50),
+                    ),
+                    Step(text="read", usage=Usage(input_tokens=1200, output_tokens=20)),
+                ]
+            ),
+        )
+    budget = "0.30"
+    # The budget covers the conversation with the text file read ...
+    events = await money.run("acme", prompt="[[sandbox:read-txt]] go", max_budget_usd=budget)
+    assert events[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
+
+    # ... but not with the PDF: the request that carries it is refused before forwarding.
+    before = len(money.sandbox.requests)
+    events = await money.run("acme", prompt="[[sandbox:read-pdf]] go", max_budget_usd=budget)
+    final = events[-1].result.session
+    assert final.state == session_pb2.SESSION_STATE_ERROR
+    assert final.error.reason == session_pb2.ERROR_REASON_BUDGET_EXCEEDED
+    assert Decimal(final.cost_usd) <= Decimal(budget)
+    read = [e.tool_result for e in events if e.HasField("tool_result")]
+    assert len(read) == 1 and not read[0].is_error  # the agent did read the PDF
+    forwarded = [r for r in money.sandbox.requests[before:] if r.kind == "conversation"]
+    assert len(forwarded) == 1  # the first turn only
+    assert all('"document"' not in json.dumps(r.body) for r in money.sandbox.requests[before:])

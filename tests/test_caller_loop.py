@@ -619,8 +619,13 @@ async def test_a_caller_tool_answered_through_another_replica(replicas: Any) -> 
     assert session_id not in [s.id for s in listed.sessions]
 
 
+# The agent's own silences (the CLI starting up, answering) must stay far below the idle
+# timeout even on a loaded machine, where they take seconds; the caller's, above it.
+IDLE_TIMEOUT_S = 8.0
+
+
 async def test_the_idle_timeout_does_not_fire_while_the_caller_is_asked(database_url: str) -> None:
-    h = await start_harness(database_url, session_idle_timeout_s=1)
+    h = await start_harness(database_url, session_idle_timeout_s=IDLE_TIMEOUT_S)
     try:
         call = start(
             h,
@@ -632,7 +637,7 @@ async def test_the_idle_timeout_does_not_fire_while_the_caller_is_asked(database
             tools=[LOOKUP],
         )
         events = await until(call, "input_request")
-        await asyncio.sleep(2.5)  # the caller takes longer than the idle timeout
+        await asyncio.sleep(IDLE_TIMEOUT_S + 1)  # the caller takes longer than the idle timeout
         await respond(
             h,
             events[0].session_id,

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import sys
 import time
@@ -96,6 +97,9 @@ async def test_run_streams_readable_events_and_a_summary(
     details = capsys.readouterr().out
     assert f"id:          {session_id}" in details and "state:       COMPLETE" in details
     assert "labels:      n=1, via=cli" in details and details.rstrip().endswith("Second line.")
+    # The trace it ran in (the server traces even with no exporter: ids still flow).
+    (trace_line,) = [line for line in details.splitlines() if line.startswith("trace id:")]
+    assert re.fullmatch(r"trace id:    [0-9a-f]{32}", trace_line)
 
     assert await cli(harness, "get", session_id, "--json") == 0
     got = json.loads(capsys.readouterr().out)

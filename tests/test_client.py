@@ -111,13 +111,14 @@ async def test_the_async_client_runs_a_session_and_reads_it_back(harness: Harnes
 
 
 async def test_leaving_a_run_early_cancels_the_session(harness: Harness) -> None:
-    harness.sandbox.add_script("client_slow", Script(steps=[Step(text="late", delay_s=5.0)]))
+    # The model never answers: only the cancel can end the session, however long it takes.
+    harness.sandbox.add_script("client_slow", Script(steps=[Step(hang=True)]))
 
     async with AsyncClient(target(harness), token=TOKENS["acme"], timeout=10) as client:
         async with client.run("[[sandbox:client_slow]] wait", model=MODEL) as stream:
             first = await anext(stream)
         assert first.HasField("started")
-        for _ in range(100):
+        for _ in range(600):
             session = await client.get_session(first.session_id)
             if session.state == session_pb2.SESSION_STATE_ERROR:
                 break

@@ -380,7 +380,7 @@ async def test_a_permission_handlers_exception_stops_the_iteration(harness: Harn
                     events.append(event)
         assert events[-1].HasField("input_request")
         session_id = events[0].session_id
-        for _ in range(200):  # leaving the stream was a disconnect: the session is cancelled
+        for _ in range(1200):  # leaving the stream was a disconnect: the session is cancelled
             session = await client.get_session(session_id)
             if session.state == session_pb2.SESSION_STATE_ERROR:
                 break

@@ -10,8 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentplane.server.config import MAX_WORK_DIR_BYTES, SETTINGS, Settings, settings_table
+from agentplane.server.builtin_tools import BUILTIN_TOOLS, PROMPT_ONLY_TOOLS, closest_tool
+from agentplane.server.config import (
+    MAX_WORK_DIR_BYTES,
+    SETTINGS,
+    Settings,
+    is_loopback,
+    settings_table,
+)
+from agentplane.server.config_warnings import unknown_variables
 from agentplane.server.errors import ConfigError, Unauthenticated
+from agentplane.server.sessions.cli_env import SessionDirs
 from agentplane.server.tenants import TenantRegistry, hash_token
 from harness import tenant_toml, write_tenants
 from test_warm_pool import twin_tenants
@@ -48,6 +57,10 @@ GOOD_HASH = hash_token("tok")
         ),
         # A LISTEN URL beside SQLite: there is no LISTEN (nor a pooler) there.
         ({"AGENTPLANE_DATABASE_LISTEN_URL": "postgresql://h/db"}, "AGENTPLANE_DATABASE_LISTEN_URL"),
+        ({"AGENTPLANE_SANDBOX_UIDS": "3000000"}, "AGENTPLANE_SANDBOX_UIDS"),
+        ({"AGENTPLANE_SANDBOX_UIDS": "0-65535"}, "AGENTPLANE_SANDBOX_UIDS"),  # root in it
+        ({"AGENTPLANE_SANDBOX_UIDS": "5000-4000"}, "AGENTPLANE_SANDBOX_UIDS"),
+        ({"AGENTPLANE_SANDBOX_UIDS": "-1-5"}, "AGENTPLANE_SANDBOX_UIDS"),
     ],
 )
 def test_each_bad_setting_is_named(env: dict[str, str], setting: str) -> None:
@@ -125,6 +138,11 @@ def test_config_and_telemetry_setup_do_not_import_each_other_or_sessions() -> No
         (tenant_toml("a", "tok", max_turns=0), "tenants.a.max_turns"),
         (tenant_toml("a", "tok", timezone="Mars/Base"), "tenants.a.timezone"),
         (tenant_toml("a", "tok", colour="red"), "tenants.a.colour"),
+        # A string where one is meant: not turned into one (5 -> "5"), nor a crash.
+        (tenant_toml("a", "tok", system_prompt=5), "tenants.a.system_prompt"),
+        (tenant_toml("a", "tok", workspace_template=5), "tenants.a.workspace_template"),
+        (tenant_toml("a", "tok", anthropic_api_key_env=5), "tenants.a.anthropic_api_key_env"),
+        (tenant_toml("a", "tok", anthropic_api_key_env=""), "tenants.a.anthropic_api_key_env"),
         (
             tenant_toml("a", "tok", daily_limit_usd=1, max_session_budget_usd=2),
             "tenants.a.max_session_budget_usd",
@@ -147,6 +165,7 @@ def test_config_and_telemetry_setup_do_not_import_each_other_or_sessions() -> No
         (tenant_toml("a", "tok", max_processes=8), "tenants.a.max_processes"),
         (tenant_toml("a", "tok", max_cpu_s=0), "tenants.a.max_cpu_s"),
         (tenant_toml("a", "tok", max_disk_mib=True), "tenants.a.max_disk_mib"),
+        (tenant_toml("a", "tok", os_user="root"), "tenants.a.os_user"),  # never root
         ("not toml at all [", "AGENTPLANE_TENANTS_FILE"),
         ("[other]\nx = 1\n", "AGENTPLANE_TENANTS_FILE"),
     ],
@@ -320,6 +339,47 @@ def test_the_model_knob_settings_are_checked(
     assert (plain.allowed_efforts, plain.max_thinking_tokens, plain.fallback_models) == ((), 0, ())
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [(0, "must be a positive integer"), ("8", "must be a positive integer"), (101, "at most 100")],
+)
+def test_max_server_tool_uses_per_request_is_checked(
+    tmp_path: Path, value: Any, problem: str
+) -> None:
+    path = write_tenants(tmp_path, tenant_toml("a", "tok", max_server_tool_uses_per_request=value))
+    with pytest.raises(ConfigError) as caught:
+        TenantRegistry.load(path)
+    assert "tenants.a.max_server_tool_uses_per_request" in str(caught.value)
+    assert problem in str(caught.value)
+    ok = write_tenants(tmp_path, tenant_toml("a", "tok", max_server_tool_uses_per_request=3))
+    assert TenantRegistry.load(ok).tenants["a"].max_server_tool_uses_per_request == 3
+    plain = TenantRegistry.load(write_tenants(tmp_path, tenant_toml("a", "tok"))).tenants["a"]
+    assert plain.max_server_tool_uses_per_request == 8
+
+
+@pytest.mark.parametrize(
+    ("settings", "setting", "words"),
+    [
+        ({"max_events": 15}, "max_events", "at least 16"),
+        ({"max_events": "many"}, "max_events", "positive integer"),
+        ({"max_events_mib": 0}, "max_events_mib", "positive integer"),
+        ({"max_events_mib": 1.5}, "max_events_mib", "positive integer"),
+    ],
+)
+def test_the_event_limits_are_checked(
+    tmp_path: Path, settings: dict[str, Any], setting: str, words: str
+) -> None:
+    path = write_tenants(tmp_path, tenant_toml("a", "tok", **settings))
+    with pytest.raises(ConfigError, match=f"tenants.a.{setting}.*{words}"):
+        TenantRegistry.load(path)
+    ok = write_tenants(tmp_path, tenant_toml("a", "tok", max_events=500, max_events_mib=4))
+    tenant = TenantRegistry.load(ok).tenants["a"]
+    assert (tenant.events.max_events, tenant.events.max_bytes) == (500, 4 << 20)
+    plain = TenantRegistry.load(write_tenants(tmp_path, tenant_toml("a", "tok"))).tenants["a"]
+    # The defaults: well under 64 MiB stored per session.
+    assert (plain.events.max_events, plain.events.max_bytes) == (20_000, 32 << 20)
+
+
 def mcp_tenant(servers: str, tools: str = '["mcp__crm"]') -> str:
     return tenant_toml("a", "tok") + f"allowed_tools = {tools}\n" + servers
 
@@ -441,3 +501,114 @@ def test_mcp_servers_parse_and_keep_no_secret(
         ("X-Team", "acme"),
     ]
     assert "t0k" not in repr(registry.tenants["a"]) and "from-a-file" not in repr(crm)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("::ffff:10.1.2.3", False),
+        ("agentplane.example", False),  # a name may resolve anywhere
+    ],
+)
+def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_dev_mode_beyond_loopback_needs_the_explicit_opt_in() -> None:
+    beyond = Settings.from_env({"AGENTPLANE_LISTEN": "[::]:50051"})
+    assert beyond.listen_host == "::"
+    with pytest.raises(ConfigError) as caught:
+        beyond.check_exposure(dev_mode=True)
+    assert caught.value.setting == "AGENTPLANE_TENANTS_FILE"
+    assert "AGENTPLANE_ALLOW_UNAUTHENTICATED=1" in str(caught.value)
+    beyond.check_exposure(dev_mode=False)  # a tenants file: callers authenticate
+    Settings.from_env({"AGENTPLANE_LISTEN": "[::1]:50051"}).check_exposure(dev_mode=True)
+    allowed = Settings.from_env(
+        {"AGENTPLANE_LISTEN": "0.0.0.0:50051", "AGENTPLANE_ALLOW_UNAUTHENTICATED": "1"}
+    )
+    allowed.check_exposure(dev_mode=True)
+    with pytest.raises(ConfigError, match="AGENTPLANE_ALLOW_UNAUTHENTICATED"):
+        Settings.from_env({"AGENTPLANE_ALLOW_UNAUTHENTICATED": "yes"})
+
+
+def test_unknown_agentplane_variables_are_named_with_the_closest_setting() -> None:
+    env = {
+        "AGENTPLANE_LISTENN": "x",
+        "AGENTPLANE_DATABSE_URL": "x",
+        "AGENTPLANE_ZZZ": "x",
+        "AGENTPLANE_LISTEN": "x",  # known: a setting
+        "AGENTPLANE_TARGET": "x",  # the client's
+        "AGENTPLANE_TEST_DATABASE_URL": "x",  # the tests'
+        "AGENTPLANE_ACME_KEY": "x",  # named by the tenants file
+        "PATH": "x",
+    }
+    assert unknown_variables(env, {"AGENTPLANE_ACME_KEY"}) == [
+        (
+            "AGENTPLANE_DATABSE_URL is not an agentplane setting (ignored); did you mean "
+            "AGENTPLANE_DATABASE_URL?"
+        ),
+        (
+            "AGENTPLANE_LISTENN is not an agentplane setting (ignored); did you mean "
+            "AGENTPLANE_LISTEN?"
+        ),
+        (
+            "AGENTPLANE_ZZZ is not an agentplane setting (ignored); `agentplane-server --help` "
+            "lists the settings"
+        ),
+    ]
+
+
+async def test_the_builtin_tool_names_are_the_bundled_clis(session_dirs: SessionDirs) -> None:
+    # The CLI drops a name it does not have: asked for all of ours and one it has not, it
+    # offers exactly ours; asked for none, only tools among ours.
+    from agentplane.server.sandbox import SandboxServer
+    from agentplane.server.sessions.cli_env import NO_OUTBOUND_TRAFFIC
+    from agentplane.server.sessions.launcher import BUNDLED_CLI
+    from claude_agent_sdk import ClaudeAgentOptions, SystemMessage, query
+
+    model = SandboxServer()
+    await model.start()
+    env = {
+        **NO_OUTBOUND_TRAFFIC,
+        "ANTHROPIC_BASE_URL": model.base_url,
+        "ANTHROPIC_API_KEY": "sandbox",
+        "HOME": str(session_dirs.home),
+        "CLAUDE_CONFIG_DIR": str(session_dirs.config),
+        "CLAUDE_CODE_TMPDIR": str(session_dirs.tmp),
+    }
+
+    async def offered(tools: list[str] | None) -> set[str]:
+        options = ClaudeAgentOptions(
+            tools=tools,
+            env=env,
+            cwd=str(session_dirs.cwd),
+            cli_path=str(BUNDLED_CLI),
+            setting_sources=[],
+            max_turns=1,
+        )
+        found: set[str] = set()
+        async for message in query(prompt="hello", options=options):
+            if isinstance(message, SystemMessage) and message.subtype == "init":
+                found = set(message.data["tools"])
+        return found
+
+    try:
+        asked = sorted(BUILTIN_TOOLS - PROMPT_ONLY_TOOLS)
+        assert await offered([*asked, "Globb"]) == set(asked)
+        assert await offered(None) <= BUILTIN_TOOLS
+    finally:
+        await model.stop()
+
+
+def test_closest_tool_names_a_misspelled_one_only() -> None:
+    assert closest_tool("Globb") == "Glob"
+    assert closest_tool("bash") == "Bash"
+    assert closest_tool("Frobnicate") is None

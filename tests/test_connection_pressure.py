@@ -22,7 +22,9 @@ pytestmark = pytest.mark.asyncio
 
 @pytest.fixture
 async def h(database_url: str) -> AsyncIterator[Harness]:
-    harness = await start_harness(database_url, db_pool_timeout_s=0.5, db_statement_timeout_s=0.5)
+    # Short, for the waits these tests cause; not sub-second: every statement of the server
+    # (its sessions' writes too) is held to them, and a loaded machine slows some.
+    harness = await start_harness(database_url, db_pool_timeout_s=2, db_statement_timeout_s=2)
     harness.sandbox.add_script("steady", Script(steps=[Step(text="steady done", delay_s=1.5)]))
     yield harness
     await stop_harness(harness)

@@ -10,6 +10,7 @@ PostgreSQL: the database refuses connections and its backends are terminated.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,16 +51,14 @@ async def readiness(h: Harness) -> int:
     return int(reply.status)
 
 
-async def wait_readiness(h: Harness, wanted: int, timeout: float = 30) -> None:
-    """Until readiness says `wanted` (on PostgreSQL SERVING also waits for the LISTEN
-    connection to reconnect and prove itself)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if await readiness(h) == wanted:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"readiness never became {wanted}")
+async def wait_readiness(h: Harness, wanted: int) -> None:
+    # Bounded generously: a loaded machine takes seconds to notice and to check.
+    try:
+        async with asyncio.timeout(60):
+            while await readiness(h) != wanted:
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"readiness never became {wanted}") from None
 
 
 @asynccontextmanager
@@ -103,9 +102,10 @@ async def _sqlite_gone(h: Harness, *, replaced: bool) -> AsyncIterator[None]:
     if replaced:
         folder.mkdir()  # SQLite creates a new, empty database file here
     # An open SQLite connection keeps reading the file it opened, wherever it was moved:
-    # the outage shows on new connections, so the pool's idle ones are closed (as any
-    # recycling of connections would).
-    await h.app.engine.dispose()
+    # the outage shows on new connections, so the pools' idle ones are closed (as any
+    # recycling of connections would): the callers' and the running sessions' (lease
+    # upkeep's too).
+    await _dispose_pools(h)
     try:
         yield
     finally:
@@ -114,7 +114,13 @@ async def _sqlite_gone(h: Harness, *, replaced: bool) -> AsyncIterator[None]:
         away.rename(folder)
         if replaced:
             # Connections opened meanwhile hold the empty replacement open, as above.
-            await h.app.engine.dispose()
+            await _dispose_pools(h)
+
+
+async def _dispose_pools(h: Harness) -> None:
+    await h.app.engine.dispose()
+    if h.app.upkeep_engine is not None:
+        await h.app.upkeep_engine.dispose()
 
 
 def assert_unavailable(err: grpc.aio.AioRpcError, *reasons: str) -> None:
@@ -230,10 +236,15 @@ async def test_a_replaced_sqlite_file_is_unavailable_too(h: Harness) -> None:
     assert (await get_budget(h)).tenant == "acme"
 
 
-async def test_the_server_serves_again_and_its_upkeep_survived(h: Harness) -> None:
+async def test_the_server_serves_again_and_its_upkeep_survived(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "agentplane.server.sessions.leases")
     async with database_gone(h):
         await wait_readiness(h, NOT_SERVING)
-        await asyncio.sleep(1.2)  # a lease-upkeep round fails meanwhile
+        async with asyncio.timeout(60):  # a lease-upkeep round fails meanwhile, and says why
+            while not [r for r in caplog.records if "lease upkeep failed" in r.getMessage()]:
+                await asyncio.sleep(0.05)
     # The periodic upkeep (lease renewal and recovery, readiness) kept running through it.
     assert all(not task.done() for task in h.app._background)
     events = await h.run(prompt="hi")

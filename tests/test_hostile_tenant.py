@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import shlex
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
+import pyseccomp
 import pytest
 from agentplane import server
+from agentplane.server.isolation import seccomp
 from agentplane.server.sandbox import HttpFailure, Script, Step, ToolCall, Usage
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import (
@@ -228,9 +232,11 @@ async def test_the_database_tenants_file_and_other_sessions_are_not_visible(h: H
     assert "token_sha256" not in out and "SQLite format" not in out
     for target in hidden:
         assert f"ls: cannot access '{target}': No such file or directory" in out, target
-    # The folders above its own show only the way to it: no other tenant, no database.
-    listing = out.split("LISTING", 1)[1].split("LISTED", 1)[0].split()
-    assert "victim" not in listing and "tenants.toml" not in listing and "ops" in listing
+    # The folders above its own are the way to it only (0711): the agent, not root, cannot
+    # even list them, and no other tenant or database lies there.
+    listing = out.split("LISTING", 1)[1].split("LISTED", 1)[0]
+    assert "victim" not in listing and "tenants.toml" not in listing
+    assert f"ls: cannot open directory '{work_dir}': Permission denied" in listing
     assert not Path("/var/tmp/ap-escape").exists() and not Path("/etc/ap-escape").exists()
     assert final(victim.result()).state == session_pb2.SESSION_STATE_COMPLETE
 
@@ -296,7 +302,7 @@ async def test_processes_that_shed_their_session_do_not_outlive_it(h: Harness) -
         assert f"sleep 98765{n}" in out, out  # each escape attempt ran inside
     assert final(events).state == session_pb2.SESSION_STATE_COMPLETE
     survivors: list[bytes] = []
-    for _ in range(50):
+    for _ in range(600):
         survivors = [
             p.cmdline for p in processes() if b"98765" in p.cmdline and b"grep" not in p.cmdline
         ]
@@ -307,11 +313,13 @@ async def test_processes_that_shed_their_session_do_not_outlive_it(h: Harness) -
 
 
 async def test_symlinks_planted_in_its_folder_do_not_reach_the_host_on_a_retry(h: Harness) -> None:
-    # The agent points its folder's tmp and config folders at the host's / and /etc, then
-    # the model fails, so the session is retried: a new CLI starts in the same folder.
+    # The agent points its folder's tmp and config folders at the host's /, /tmp and /etc,
+    # then the model fails, so the session is retried: a new CLI starts in the same folder.
+    # (Its config folder points at /tmp, which it can write inside, so that its own CLI
+    # keeps working; on the host that link names the host's /tmp.)
     plant = (
         "cd $AGENTPLANE_SESSION_DIR && mv t t.old && ln -s / t && mv h h.old && mkdir h "
-        "&& ln -s /etc h/.claude && ln -s /etc h/.claude-resumed.AAAAAA && echo planted"
+        "&& ln -s /tmp h/.claude && ln -s /etc h/.claude-resumed.AAAAAA && echo planted"
     )
     check = (
         "echo TMP; ls /tmp; echo SESSION; ls -a $AGENTPLANE_SESSION_DIR $AGENTPLANE_SESSION_DIR/h; "
@@ -341,7 +349,7 @@ async def test_symlinks_planted_in_its_folder_do_not_reach_the_host_on_a_retry(h
     assert "t.old" in session and "h.old" in session and ".claude-resumed." in session
     assert not {"usr", "etc", "root", "proc"} & set(tmp.split())  # /tmp is not the host's /
     assert final(events).state == session_pb2.SESSION_STATE_COMPLETE, final(events).error
-    for host_path in ("/ap-escape-probe", "/etc/ap-escape-probe"):
+    for host_path in ("/ap-escape-probe", "/etc/ap-escape-probe", "/tmp/ap-escape-probe"):
         assert not Path(host_path).exists(), host_path
 
 
@@ -416,4 +424,156 @@ async def test_the_agent_works_in_its_own_folder_with_its_template(h: Harness) -
     assert "kiwi" in results[1].content
     assert "plan.txt" in results[2].content
     assert "GUAVA" in results[3].content
-    assert results[4].content.split() == ["made", "The", "plan", "is", "GUAVA.", "0"]
+    *said, uid = results[4].content.split()
+    assert said == ["made", "The", "plan", "is", "GUAVA."]
+    low, high = h.app.settings.sandbox_uids
+    assert low <= int(uid) <= high  # its own unprivileged uid, not root
+
+
+# -- the sandbox as a security boundary: never host root, the kernel out of reach -----------
+
+KERNEL_FILES = (
+    "/proc/sys/kernel/core_pattern",
+    "/proc/sys/kernel/panic",
+    "/proc/sys/vm/drop_caches",
+    "/proc/sys/vm/overcommit_memory",
+    "/proc/sysrq-trigger",
+    "/sys/kernel/uevent_helper",
+    "/sys/fs/cgroup/cgroup.procs",
+)
+
+
+def host_uids(under: Path) -> set[int]:
+    """The real, effective, saved and fs uids of the agent processes whose folders lie
+    under `under`, read from the host's /proc."""
+    uids: set[int] = set()
+    for process in processes(under):
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            uids.update(int(u) for u in status.split("\nUid:", 1)[1].split("\n", 1)[0].split())
+    return uids
+
+
+async def test_no_agent_process_is_host_root_and_no_two_sessions_share_a_uid(h: Harness) -> None:
+    work_dir = h.app.settings.work_dir
+    command = "echo ID $(id -u) $(id -g); echo MAP $(cat /proc/self/uid_map)"
+    async with victim_running(h) as victim:
+        victim_uids = host_uids(work_dir / "victim")
+        attack = await h.run("ops", prompt=bash_script(h, "whoami", command))
+    out = tool_output(attack)
+    uid, gid = (int(v) for v in out.split("ID ", 1)[1].split()[:2])
+    # No user namespace: the map is the host's own, so the uid inside is the host uid.
+    inside, outside, count = (int(v) for v in out.split("MAP ", 1)[1].split()[:3])
+    host_uid = outside + uid - inside
+    assert inside <= uid < inside + count
+    low, high = h.app.settings.sandbox_uids
+    assert low <= host_uid <= high and low <= gid <= high, out
+    # Seen from the host, while it ran: the victim's agent processes are one other uid.
+    assert len(victim_uids) == 1 and 0 not in victim_uids, victim_uids
+    assert host_uid not in victim_uids
+    assert final(victim.result()).state == session_pb2.SESSION_STATE_COMPLETE
+
+
+async def test_kernel_settings_cannot_be_opened_for_writing(h: Harness) -> None:
+    # Opened for appending, never written: a test must not change the host.
+    probe = (
+        "import sys\n"
+        "for path in sys.argv[1:]:\n"
+        "    try:\n"
+        "        open(path, 'a').close()\n"
+        "        print('OPENED', path)\n"
+        "    except OSError as exc:\n"
+        "        print('REFUSED', path, exc.strerror)\n"
+    )
+    command = (
+        f"python3 -c {shlex.quote(probe)} {' '.join(KERNEL_FILES)}; "
+        "unshare -U true 2>&1; echo unshare=$?; "
+        "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status"
+    )
+    events = await h.run("ops", prompt=bash_script(h, "sysctl", command))
+    out = tool_output(events)
+    for path in KERNEL_FILES:
+        assert f"REFUSED {path}" in out, out
+    assert "OPENED" not in out
+    assert "unshare=1" in out or "unshare=0" not in out
+    status = dict(line.split(":\t") for line in out.splitlines() if ":\t" in line)
+    assert status == {"Seccomp": "2", "NoNewPrivs": "1"}, out
+
+
+def syscall_table() -> dict[str, tuple[int, tuple[int, ...], str]]:
+    """name -> (number, arguments, the errno the sandbox must answer)."""
+    arch = pyseccomp.system_arch()
+    table = {name: (pyseccomp.resolve_syscall(arch, name), (), "EPERM") for name in seccomp.BLOCKED}
+    table |= {
+        name: (pyseccomp.resolve_syscall(arch, name), (), "ENOSYS") for name in seccomp.UNSUPPORTED
+    }
+    number = pyseccomp.resolve_syscall
+    # A new user namespace by clone (SIGCHLD | CLONE_NEWUSER), typing into a terminal.
+    table["clone(CLONE_NEWUSER)"] = (number(arch, "clone"), (0x10000000 | 17,), "EPERM")
+    table["ioctl(TIOCSTI)"] = (number(arch, "ioctl"), (0, 0x5412, 0), "EPERM")
+    return table
+
+
+async def test_each_blocked_syscall_answers_its_errno(h: Harness) -> None:
+    # After Flatpak's tests/try-syscall.c: each call made directly, its errno printed. With
+    # nonsense arguments, a call the filter let through would fail otherwise (EFAULT,
+    # EBADF, EINVAL...), never with the filter's errno.
+    table = syscall_table()
+    probe = (
+        "import ctypes, errno, json, os, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "for name, (nr, args, _) in json.loads(sys.argv[1]).items():\n"
+        "    padded = [*args, *[0] * (6 - len(args))]\n"
+        "    r = libc.syscall(nr, *[ctypes.c_long(a) for a in padded])\n"
+        "    if r == 0 and name.startswith('clone'):\n"
+        "        os._exit(0)\n"
+        "    code = ctypes.get_errno() if r == -1 else 0\n"
+        "    print('CALL', name, errno.errorcode.get(code, code) if r == -1 else 'allowed')\n"
+        "print('CALL getpid', 'allowed' if libc.syscall(39) > 0 else 'refused')\n"
+    )
+    command = f"python3 -c {shlex.quote(probe)} {shlex.quote(json.dumps(table))}"
+    events = await h.run("ops", prompt=bash_script(h, "try-syscall", command))
+    out = tool_output(events)
+    answers = dict(line.split()[1:3] for line in out.splitlines() if line.startswith("CALL "))
+    assert answers == {**{name: want for name, (_, _, want) in table.items()}, "getpid": "allowed"}
+
+
+async def test_a_key_in_the_kernel_keyring_reaches_no_other_session(h: Harness) -> None:
+    # add_key("user", "apkey", "KEYRING-SECRET", 14, KEY_SPEC_USER_KEYRING), then list the
+    # keys the session can see.
+    add = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "r = libc.syscall(248, b'user', b'apkey', b'KEYRING-SECRET', 14, ctypes.c_long(-4))\n"
+        "print('ADD', r, ctypes.get_errno())\n"
+    )
+    planted = await h.run("ops", prompt=bash_script(h, "key-add", f"python3 -c {shlex.quote(add)}"))
+    assert "ADD -1 1" in tool_output(planted)  # EPERM
+    look = "cat /proc/keys 2>&1; cat /proc/key-users 2>&1; echo LOOKED"
+    later = await h.run("worker", prompt=bash_script(h, "key-look", look))
+    out = tool_output(later)
+    assert "LOOKED" in out and "apkey" not in out and "KEYRING-SECRET" not in out
+
+
+async def test_no_descriptor_of_the_server_is_open_inside(h: Harness) -> None:
+    # Every descriptor of every process the agent can see, and the server's log (its
+    # stderr, which bwrap and the CLI inherited before) through bwrap's pid 1.
+    command = (
+        'echo "S $AGENTPLANE_SESSION_DIR"; '
+        'for f in /proc/[0-9]*/fd/*; do echo "FD $f $(readlink $f)"; done; '
+        "cat /proc/1/fd/2 < /dev/null 2>&1 | head -c 300; echo; echo SCANNED"
+    )
+    server_stderr = os.readlink("/proc/self/fd/2")
+    events = await h.run("ops", prompt=bash_script(h, "fds", command))
+    out = tool_output(events)
+    assert "SCANNED" in out
+    assert "cat: /proc/1/fd/2: Permission denied" in out
+    session_dir = out.split("S ", 1)[1].split("\n", 1)[0]
+    # (An empty target: the process had gone, or is not the agent's to read: bwrap's.)
+    targets = [line.split(" ", 2)[2] for line in out.splitlines() if line.startswith("FD ")]
+    targets = [target for target in targets if target]
+    assert any(target.startswith("pipe:") for target in targets), out
+    ours = ("pipe:", "socket:", "anon_inode:", "/dev/", "/tmp", "/usr", "/run/agentplane/")
+    for target in targets:
+        assert target.startswith((*ours, session_dir)), target
+        assert target != server_stderr, target

@@ -4,10 +4,13 @@ sandbox model's options, tenants without keys, a token from a pipe, an empty lis
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,8 +20,10 @@ from agentplane.v1 import session_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import (
     MODEL,
+    TEST_PG_URL,
     TOKENS,
     Harness,
+    PostgresDatabase,
     short_dir,
     start_harness,
     stop_harness,
@@ -284,3 +289,291 @@ def test_check_config_names_a_missing_mcp_secret_but_never_a_value(tmp_path: Pat
         env={**env, "AGENTPLANE_TEST_CRM_BEARER": "crm-bearer-value"},
     )
     assert "crmco" not in done.stdout and "crm-bearer-value" not in done.stdout + done.stderr
+
+
+# -- each operator mistake: exit 2, one line saying what to do, no traceback ---------------
+
+
+def run_server(
+    *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SERVER, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
+
+
+def the_one_line(done: subprocess.CompletedProcess[str], *, alone: bool = False) -> str:
+    """The error line of a command that stopped on an operator mistake: exit 2, no
+    traceback, one line that is not a log record (`alone`: nothing else on stderr)."""
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    errors = [line for line in lines if not line.startswith("{")]  # log records are JSON
+    assert len(errors) == 1, done.stderr[-2000:]
+    if alone:
+        assert lines == errors, done.stderr[-2000:]
+    assert errors[0].startswith("agentplane-server: "), errors[0]
+    return errors[0]
+
+
+def missing_pg_database() -> str:
+    """A URL of a database that does not exist on the test PostgreSQL server."""
+    from sqlalchemy.engine import make_url
+
+    if not TEST_PG_URL:
+        pytest.skip("needs AGENTPLANE_TEST_DATABASE_URL (PostgreSQL)")
+    url = make_url(TEST_PG_URL).set(database=f"ap_missing_{uuid.uuid4().hex[:8]}")
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "10.1.2.3"])
+def test_serve_refuses_to_listen_beyond_loopback_without_a_tenants_file(
+    host: str, tmp_path: Path
+) -> None:
+    done = run_server(
+        "serve",
+        env=server_env(
+            AGENTPLANE_LISTEN=f"{host}:{free_port()}",
+            AGENTPLANE_DATABASE_URL=f"sqlite:///{tmp_path}/a.db",
+            AGENTPLANE_WORK_DIR=str(short_dir() / "w"),
+        ),
+    )
+    line = the_one_line(done, alone=True)
+    assert line.startswith(
+        "agentplane-server: invalid configuration: AGENTPLANE_TENANTS_FILE: unset, so every "
+        "caller would be served without auth (dev mode)"
+    ), line
+    assert f"AGENTPLANE_LISTEN={host}:" in line
+    for remedy in (
+        "set AGENTPLANE_TENANTS_FILE",
+        "127.0.0.1",
+        "AGENTPLANE_ALLOW_UNAUTHENTICATED=1",
+    ):
+        assert remedy in line
+    assert not (tmp_path / "a.db").exists()  # nothing was opened
+
+
+def test_the_images_defaults_refuse_to_serve_unauthenticated(tmp_path: Path) -> None:
+    # deploy/Dockerfile's ENV, as shipped (on a free port, in case it did start).
+    dockerfile = (Path(__file__).resolve().parents[1] / "deploy" / "Dockerfile").read_text()
+    block = dockerfile[dockerfile.index("\nENV ") + 5 :].split("\n\n")[0].split("\nRUN")[0]
+    image = dict(pair.split("=", 1) for pair in block.replace("\\\n", " ").split() if "=" in pair)
+    assert image["AGENTPLANE_LISTEN"].startswith("0.0.0.0:")
+    assert (
+        "AGENTPLANE_TENANTS_FILE" not in image and "AGENTPLANE_ALLOW_UNAUTHENTICATED" not in image
+    )
+    image["AGENTPLANE_LISTEN"] = f"0.0.0.0:{free_port()}"
+    env = server_env(**image, AGENTPLANE_DATABASE_URL=f"sqlite:///{tmp_path}/a.db")
+    for command in ("serve", "check-config"):  # check-config says what serve would refuse
+        assert "AGENTPLANE_TENANTS_FILE: unset" in the_one_line(
+            run_server(command, env=env), alone=True
+        )
+
+
+async def test_the_opt_in_serves_beyond_loopback_and_warns_at_every_start(
+    tmp_path: Path,
+) -> None:
+    # The explicit opt-in starts it, loudly; a misspelled variable is named at start too.
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *SERVER,
+        "serve",
+        stderr=asyncio.subprocess.PIPE,
+        env=server_env(
+            AGENTPLANE_LISTEN=f"0.0.0.0:{port}",
+            AGENTPLANE_ALLOW_UNAUTHENTICATED="1",
+            AGENTPLANE_LISTENN="127.0.0.1:1",
+            AGENTPLANE_SANDBOX="none",
+            AGENTPLANE_DATABASE_URL=f"sqlite:///{tmp_path}/a.db",
+            AGENTPLANE_WORK_DIR=str(short_dir() / "w"),
+        ),
+    )
+    assert proc.stderr is not None
+    records = []
+    try:
+        async with asyncio.timeout(120):
+            while not any("agentplane listening" in r["event"] for r in records):
+                line = await proc.stderr.readline()
+                assert line, f"the server exited: {records}"
+                records.append(json.loads(line))
+    finally:
+        proc.terminate()
+        await proc.wait()
+    warnings = [r["event"] for r in records if r["level"] == "WARNING"]
+    assert (
+        "AGENTPLANE_LISTENN is not an agentplane setting (ignored); did you mean AGENTPLANE_LISTEN?"
+    ) in warnings
+    loud = [w for w in warnings if w.startswith("AGENTPLANE_ALLOW_UNAUTHENTICATED=1")]
+    assert len(loud) == 1 and f"0.0.0.0:{port}" in loud[0] and "ANYONE" in loud[0], warnings
+
+
+def test_a_busy_prometheus_port_is_exit_2_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_server(
+            "serve",
+            env=server_env(
+                AGENTPLANE_LISTEN=f"127.0.0.1:{free_port()}",
+                AGENTPLANE_PROMETHEUS_PORT=str(port),
+                AGENTPLANE_SANDBOX="none",
+                AGENTPLANE_DATABASE_URL=f"sqlite:///{tmp_path}/a.db",
+                AGENTPLANE_WORK_DIR=str(short_dir() / "w"),
+            ),
+        )
+    line = the_one_line(done)
+    assert line.startswith(
+        "agentplane-server: invalid configuration: AGENTPLANE_PROMETHEUS_PORT: "
+        f"cannot bind 127.0.0.1:{port} (Address already in use) for /metrics"
+    ), line
+    assert "choose a free port, or unset it" in line
+
+
+def test_migrate_on_a_missing_postgresql_database_is_one_line() -> None:
+    url = missing_pg_database()
+    name = url.rsplit("/", 1)[1]
+    done = run_server("migrate", env=server_env(AGENTPLANE_DATABASE_URL=url))
+    line = the_one_line(done, alone=True)
+    assert line.startswith(
+        "agentplane-server: invalid configuration: AGENTPLANE_DATABASE_URL: cannot migrate "
+    ), line
+    assert f'database "{name}" does not exist; create it (`createdb ' in line, line
+
+
+def test_migrate_with_no_database_server_is_one_line_without_the_password() -> None:
+    port = free_port()  # nothing listens there
+    url = f"postgresql://ap:s3cret-pw@127.0.0.1:{port}/agentplane"
+    done = run_server("migrate", env=server_env(AGENTPLANE_DATABASE_URL=url))
+    line = the_one_line(done, alone=True)
+    assert line.startswith(
+        "agentplane-server: invalid configuration: AGENTPLANE_DATABASE_URL: cannot migrate "
+        f"postgresql://ap:***@127.0.0.1:{port}/agentplane: "
+    ), line
+    assert line.endswith(
+        "Connection refused; start the database server, or set AGENTPLANE_DATABASE_URL to "
+        "where it runs"
+    ), line
+    assert "s3cret-pw" not in done.stdout + done.stderr
+
+
+def test_migrate_into_a_missing_folder_is_one_line() -> None:
+    done = run_server(
+        "migrate", env=server_env(AGENTPLANE_DATABASE_URL="sqlite:////no/such/folder/a.db")
+    )
+    line = the_one_line(done, alone=True)
+    assert "cannot migrate sqlite:////no/such/folder/a.db: unable to open database file" in line
+    assert "the folder of /no/such/folder/a.db must exist and be writable" in line
+
+
+def check_config(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """check-config on a database of its own in tmp_path, unless `env` names one."""
+    defaults = {"AGENTPLANE_DATABASE_URL": f"sqlite:///{tmp_path}/a.db"}
+    return run_server("check-config", env=server_env(**{**defaults, **env}), timeout=60)
+
+
+def test_check_config_finds_a_database_it_cannot_reach(tmp_path: Path) -> None:
+    line = the_one_line(
+        check_config(tmp_path, AGENTPLANE_DATABASE_URL="sqlite:////no/such/folder/a.db"),
+        alone=True,
+    )
+    assert line == (
+        "agentplane-server: invalid configuration: AGENTPLANE_DATABASE_URL: "
+        "/no/such/folder/a.db: the folder /no/such/folder does not exist; create it"
+    )
+    if TEST_PG_URL:
+        url = missing_pg_database()
+        line = the_one_line(check_config(tmp_path, AGENTPLANE_DATABASE_URL=url), alone=True)
+        assert "AGENTPLANE_DATABASE_URL: cannot connect to postgresql://" in line
+        assert "does not exist; create it (`createdb " in line
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database of its own that is there and empty (SQLite: an empty file)."""
+    if request.param == "sqlite":
+        (tmp_path / "empty.db").touch()
+        yield f"sqlite:///{tmp_path}/empty.db"
+        return
+    if not TEST_PG_URL:
+        pytest.skip("needs AGENTPLANE_TEST_DATABASE_URL (PostgreSQL)")
+    db = PostgresDatabase(TEST_PG_URL)
+    yield db.create()
+    db.drop()
+
+
+def test_check_config_finds_a_database_not_migrated(tmp_path: Path, empty_database: str) -> None:
+    # One that serve would not migrate (AGENTPLANE_AUTO_MIGRATE=0).
+    env = {"AGENTPLANE_DATABASE_URL": empty_database, "AGENTPLANE_AUTO_MIGRATE": "0"}
+    line = the_one_line(check_config(tmp_path, **env), alone=True)
+    assert " was never migrated (the newest migration is " in line, line
+    assert line.endswith("run `agentplane-server migrate` (or set AGENTPLANE_AUTO_MIGRATE=1)")
+    # Serve would migrate it at start: fine. Then, migrated: at the newest.
+    done = check_config(tmp_path, **{**env, "AGENTPLANE_AUTO_MIGRATE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "was never migrated; serve migrates it to" in done.stdout
+    assert run_server("migrate", env=server_env(**env)).returncode == 0
+    done = check_config(tmp_path, **env)
+    assert done.returncode == 0, done.stderr
+    assert "at the newest migration" in done.stdout, done.stdout
+
+
+def test_check_config_finds_the_sandbox_tools_missing(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    line = the_one_line(check_config(tmp_path, PATH=str(empty)), alone=True)
+    assert line == (
+        "agentplane-server: invalid configuration: AGENTPLANE_SANDBOX: cannot sandbox "
+        "sessions: bwrap and socat and setpriv not found on PATH (as root: apt-get install -y "
+        "bubblewrap socat); or set AGENTPLANE_SANDBOX=none to run agents unsandboxed (unsafe "
+        "with more than one tenant)"
+    )
+    done = check_config(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "sandbox: bwrap /" in done.stdout
+
+
+def test_check_config_warns_of_likely_mistakes(tmp_path: Path) -> None:
+    from harness import tenant_toml
+
+    write_tenants(
+        tmp_path,
+        tenant_toml(
+            "acme",
+            "acme-tok",
+            anthropic_api_key_env="AGENTPLANE_ACME_KEY",
+            allowed_tools=["Read", "Globb", "Frobnicate", "mcp__crm"],
+            daily_limit_usd="5",
+        )
+        + '[tenants.acme.mcp_servers.crm]\ntype = "http"\nurl = "https://crm.example/mcp"\n',
+    )
+    done = check_config(
+        tmp_path,
+        AGENTPLANE_TENANTS_FILE=str(tmp_path / "tenants.toml"),
+        AGENTPLANE_ACME_KEY="sk-ant-test",  # named by the tenants file: known
+        AGENTPLANE_LISTENN="0.0.0.0:1",
+        AGENTPLANE_TOKEN="client-token",  # the client's
+        AGENTPLANE_TEST_WHATEVER="1",  # the tests'
+    )
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stdout.splitlines() if line.startswith("warning: ")]
+    assert warnings[:2] == [
+        (
+            "warning: AGENTPLANE_LISTENN is not an agentplane setting (ignored); did you mean "
+            "AGENTPLANE_LISTEN?"
+        ),
+        (
+            "warning: tenant 'acme': allowed_tools: 'Globb' is not a tool of the agent CLI, which "
+            "ignores it; did you mean 'Glob'?"
+        ),
+    ], warnings
+    assert warnings[2].startswith(
+        "warning: tenant 'acme': allowed_tools: 'Frobnicate' is not a tool of the agent CLI, "
+        "which ignores it; its tools are AskUserQuestion, Bash, "
+    ), warnings
+    assert warnings[3:] == [
+        (
+            "warning: tenant 'acme': daily_limit_usd = '5' is a string; write the number without "
+            "quotes (daily_limit_usd = 5)"
+        )
+    ], warnings

@@ -4,6 +4,9 @@ on session state there: no startup options, no prepared statements, the statemen
 set per transaction. A LISTEN URL that points at PgBouncer is caught at start: the replica
 says NOT_SERVING, and why, instead of believing it hears the others.
 
+`migrate` goes straight to PostgreSQL (the LISTEN URL), and `check-config` reaches the
+database as the pools do and proves the LISTEN URL as a replica does.
+
 (Cancel, followers and GetBudget across replicas through PgBouncer: the `pgbouncer` cases
 of tests/test_replicas.py; Respond and artifacts: those of the `replicas` fixture's users.)"""
 
@@ -11,25 +14,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import grpc
 import psycopg
 import pytest
 from agentplane.server.app import App
 from agentplane.server.config import Settings
-from agentplane.server.health import POOLER_HINT
+from agentplane.server.store.diagnosis import LISTEN_POOLER_HINT, POOLER_HINT, shown
 from agentplane.server.store.engine import create_engine
 from agentplane.server.store.outages import TOO_SLOW
 from agentplane.server.tenants import TenantRegistry
 from agentplane.v1 import session_pb2, session_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import MODEL, Harness, error_details, start_harness, stop_harness
+from harness import (
+    MODEL,
+    Harness,
+    PostgresDatabase,
+    error_details,
+    start_harness,
+    stop_harness,
+)
 from pgbouncer import PgBouncer
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from test_operator_mistakes import run_server, server_env, the_one_line
 
 pytestmark = pytest.mark.asyncio
 
@@ -178,3 +190,60 @@ async def test_a_database_url_at_pgbouncer_without_a_listen_url_says_what_to_set
         assert any(POOLER_HINT in line for line in said), said
     finally:
         await app.stop(grace=1)
+
+
+@pytest.fixture
+def fresh_database(postgres_url: str) -> Iterator[str]:
+    """An empty database of its own on the test PostgreSQL server."""
+    db = PostgresDatabase(postgres_url)
+    yield db.create()
+    db.drop()
+
+
+async def command(*args: str, env: dict[str, str], timeout: float = 120) -> CompletedProcess[str]:
+    """`agentplane-server <args>` in a process of its own (waited for off the event loop)."""
+    return await asyncio.to_thread(run_server, *args, env=env, timeout=timeout)
+
+
+async def test_migrate_and_check_config_reach_postgresql_as_the_server_does(
+    fresh_database: str, bouncer: PgBouncer
+) -> None:
+    """Through PgBouncer the pools send no startup options: check-config reaches it the
+    same way (and proves the LISTEN URL hears what goes through it); migrate goes straight
+    to PostgreSQL, at the LISTEN URL."""
+    through = bouncer.url(fresh_database)
+    env = server_env(
+        AGENTPLANE_DATABASE_URL=through,
+        AGENTPLANE_DATABASE_LISTEN_URL=fresh_database,
+        AGENTPLANE_AUTO_MIGRATE="0",
+    )
+    line = the_one_line(await command("check-config", env=env, timeout=60), alone=True)
+    assert " was never migrated (the newest migration is " in line, line
+    migrated = await command("migrate", env=env)
+    assert migrated.returncode == 0, migrated.stderr[-2000:]
+    done = await command("check-config", env=env, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"(LISTEN: {shown(fresh_database)}), at the newest migration" in done.stdout
+    # Without a LISTEN URL the pools would send their startup options: refused, and said so.
+    env.pop("AGENTPLANE_DATABASE_LISTEN_URL")
+    line = the_one_line(await command("check-config", env=env, timeout=60), alone=True)
+    assert "AGENTPLANE_DATABASE_URL: cannot connect to " in line, line
+    assert line.endswith(POOLER_HINT), line
+
+
+async def test_check_config_and_migrate_catch_a_listen_url_through_pgbouncer(
+    postgres_url: str, bouncer: PgBouncer
+) -> None:
+    through = bouncer.url(postgres_url)
+    env = server_env(AGENTPLANE_DATABASE_URL=through, AGENTPLANE_DATABASE_LISTEN_URL=through)
+    line = the_one_line(await command("check-config", env=env, timeout=90), alone=True)
+    assert line.startswith(
+        "agentplane-server: invalid configuration: AGENTPLANE_DATABASE_LISTEN_URL: "
+    ), line
+    assert "did not hear its own NOTIFY" in line, line
+    # migrate connects with the statement timeout among its startup options: refused.
+    line = the_one_line(await command("migrate", env=env), alone=True)
+    assert line.startswith(
+        "agentplane-server: invalid configuration: AGENTPLANE_DATABASE_LISTEN_URL: cannot migrate "
+    ), line
+    assert line.endswith(LISTEN_POOLER_HINT), line

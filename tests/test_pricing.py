@@ -114,15 +114,15 @@ def test_dated_ids_and_aliases_fall_back_to_their_family() -> None:
 def test_unknown_model_is_refused_with_a_clear_message(model: str) -> None:
     with pytest.raises(UnknownModel) as caught:
         TABLE.price(model)
-    message = f"model {model} is not in agentplane's price table (version 2026-11-01)"
+    message = f"model {model} is not in agentplane's price table (version 2026-12-08)"
     assert str(caught.value) == message
-    assert caught.value.model == model and caught.value.version == "2026-11-01"
+    assert caught.value.model == model and caught.value.version == "2026-12-08"
     # A domain error the API layer maps to INVALID_ARGUMENT on the `model` field.
     assert isinstance(caught.value, InvalidArgument) and caught.value.field == "model"
 
 
 def test_every_model_has_four_positive_prices() -> None:
-    assert TABLE.version == "2026-11-01"
+    assert TABLE.version == "2026-12-08"
     assert len(TABLE.models) >= 15
     for name, price in TABLE.models.items():
         assert isinstance(price, ModelPrice) and price.model == name
@@ -161,16 +161,16 @@ def test_override_file(tmp_path: Path) -> None:
         """,
     )
     table = TABLE.override(override)
-    assert table.version == "2026-11-01+acme-7"
+    assert table.version == "2026-12-08+acme-7"
     sonnet = table.price("claude-sonnet-4-5-20250929")
     assert (sonnet.input, sonnet.output) == (Decimal("2.5"), Decimal("12.5"))
-    assert sonnet.version == "2026-11-01+acme-7"
+    assert sonnet.version == "2026-12-08+acme-7"
     assert table.price("private").cache_write_1h == Decimal("1.5")
     opus = TABLE.price("claude-opus-4-5")
     assert table.price("claude-opus-4-5") == replace(opus, version=table.version)
     assert table.price("sonnet").model == "claude-sonnet-5-5"  # packaged aliases kept
     assert TABLE.price("claude-sonnet-4-5").input == Decimal("3.0")  # the base is unchanged
-    with pytest.raises(UnknownModel, match=r"\(version 2026-11-01\+acme-7\)"):
+    with pytest.raises(UnknownModel, match=r"\(version 2026-12-08\+acme-7\)"):
         table.price("claude-fable-9")
 
     # load(path) replaces the packaged table entirely.

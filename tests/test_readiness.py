@@ -19,7 +19,9 @@ from agentplane.server.store.pools import IdleClosingPool
 from agentplane.v1 import session_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import Harness, error_details, start_harness, stop_harness
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 from test_server_process import free_port
 
 pytestmark = pytest.mark.asyncio
@@ -185,3 +187,26 @@ async def test_a_replica_whose_callers_pool_cannot_connect_is_not_serving_until_
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         await admin.close()
         await stop_harness(h)
+
+
+async def test_a_call_cancelled_in_a_statement_leaves_readiness_alone(harness: Harness) -> None:
+    """A caller that goes away while its call runs a statement (its task cancelled: the
+    connection is dropped, its state unknown) says nothing of the database: readiness
+    stays SERVING."""
+    await wait_readiness(harness, SERVING)
+    for engine in (harness.app.engine, harness.app.upkeep_engine):
+        assert engine is not None
+        for delay in range(40):  # cancelled at different points of the call
+
+            async def call(engine: AsyncEngine = engine) -> None:
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+
+            task = asyncio.create_task(call())
+            for _ in range(delay):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(0.1)  # what a connection failure would have spawned has run
+    assert harness.app.health.problem is None
+    assert await readiness(harness) == SERVING

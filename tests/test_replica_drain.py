@@ -104,7 +104,7 @@ async def test_sigterm_of_one_replica_fails_no_call_of_a_balanced_client() -> No
             await asyncio.sleep(SIGTERM_AFTER_S)
             terminated_at = dt.datetime.now(dt.UTC)
             draining.terminate()
-            await draining.wait_status(NOT_SERVING, "readiness", timeout=5)
+            await draining.wait_status(NOT_SERVING, "readiness", timeout=30)
             # It refuses new sessions while it drains: a caller without the config fails.
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await events_of(draining.sessions.RunSession(request("work"), metadata=AUTH))

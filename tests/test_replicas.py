@@ -30,9 +30,11 @@ async def replicas(
     if not database_url.startswith("postgresql"):
         pytest.skip("replicas share a PostgreSQL database (SQLite serves one server)")
     url, route = routed(database_url, request.param, request)
-    # A short lease: renewal, the fallback for a missed NOTIFY, comes every 0.5 s.
-    owner = await start_harness(url, lease_ttl_s=1.5, **route)
-    other = await start_harness(url, lease_ttl_s=1.5, **route)
+    # A short lease: renewal, the fallback for a missed NOTIFY, comes every 2 s. Not
+    # shorter: a loaded machine may keep a server from renewing for a few seconds, and the
+    # other would then close its running sessions INTERRUPTED.
+    owner = await start_harness(url, lease_ttl_s=6, **route)
+    other = await start_harness(url, lease_ttl_s=6, **route)
     for h in (owner, other):
         h.sandbox.add_script("held", Script(steps=[Step(hang=True)]))
     yield owner, other
@@ -260,7 +262,7 @@ async def test_getbudget_on_another_replica_follows_each_reservation_and_settlem
 
 
 async def until_changed(h: Harness, was: tuple[str, str]) -> tuple[str, str]:
-    for _ in range(200):
+    for _ in range(3000):
         now = await budget_of(h)
         if now != was:
             return now

@@ -105,15 +105,20 @@ async def events_of(call: grpc.aio.UnaryStreamCall) -> list[session_pb2.SessionE
 
 
 async def wait_requests(sandbox: SandboxServer, n: int) -> None:
-    for _ in range(300):
+    for _ in range(2400):
         if len([r for r in sandbox.requests if r.kind == "conversation"]) >= n:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"the model never got {n} requests")
 
 
+GRACE_S = 6
+
+
 async def test_sigterm_drains_finishes_what_it_can_and_exits_0(world: World) -> None:
-    server = await world.start(AGENTPLANE_SHUTDOWN_GRACE_S="3")
+    # The grace must let the quick sessions finish (their answer is 1 s away, then the CLI
+    # ends them, in seconds on a loaded machine); the stuck one ends SHUTDOWN at its end.
+    server = await world.start(AGENTPLANE_SHUTDOWN_GRACE_S=str(GRACE_S))
     watch = server.health.Watch(health_pb2.HealthCheckRequest(service="readiness"))
     assert (await watch.read()).status == SERVING
     calls = [run(server, "quick"), run(server, "quick"), run(server, "stuck")]
@@ -134,7 +139,7 @@ async def test_sigterm_drains_finishes_what_it_can_and_exits_0(world: World) -> 
     ]
     assert results[2].error.reason == session_pb2.ERROR_REASON_SHUTDOWN
     assert await asyncio.wait_for(server.proc.wait(), 15) == 0
-    assert asyncio.get_running_loop().time() - started < 3 + 8  # grace + a small margin
+    assert asyncio.get_running_loop().time() - started < GRACE_S + 8  # grace + a margin
     await server.channel.close()
     assert agent_processes(world.work) == []
 
@@ -249,7 +254,7 @@ async def test_a_killed_replica_loses_no_spend(world: World) -> None:
     assert progress.state == session_pb2.SESSION_STATE_RUNNING
     assert Decimal(progress.cost_usd) == Decimal("0.0045") and progress.num_turns == 1
     assert progress.usage.input_tokens == 1000 and progress.usage.output_tokens == 100
-    for _ in range(100):  # written as it settled: the database has it too
+    for _ in range(1200):  # written as it settled: the database has it too
         sessions, _, _ = await world.rows()
         if [s.cost_usd for s in sessions if s.id == started.session_id] == [Decimal("0.0045")]:
             break

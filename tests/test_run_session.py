@@ -339,14 +339,14 @@ async def test_a_caller_that_goes_away_cancels_its_session_and_its_cli(harness: 
     started = await call.read()
     await call.read()  # RUNNING
     session_id = started.session_id
-    for _ in range(100):  # wait until the CLI has asked the model
+    for _ in range(600):  # wait until the CLI has asked the model
         if harness.sandbox.find(script="very_slow"):
             break
         await asyncio.sleep(0.1)
     assert agent_processes(harness.work_dir)  # the check below can see a live CLI
     call.cancel()
 
-    for _ in range(100):
+    for _ in range(600):
         got = await harness.sessions.GetSession(
             session_pb2.GetSessionRequest(session_id=session_id), metadata=harness.auth("globex")
         )

@@ -66,6 +66,16 @@ def test_without_bwrap_the_server_refuses_to_start_and_says_how_to_install_it() 
     assert "apt-get install -y bubblewrap" in lines[0] and "AGENTPLANE_SANDBOX=none" in lines[0]
 
 
+def test_a_uid_range_holding_a_user_of_the_host_is_refused_at_start() -> None:
+    # nobody (65534) is on every host: its files and processes are not the agents' to take.
+    work = short_dir()
+    proc = run_server(work, AGENTPLANE_SANDBOX_UIDS="60000-70000")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "holds the host's user 'nobody'" in lines[0] and "AGENTPLANE_SANDBOX_UIDS" in lines[0]
+
+
 def test_where_namespaces_cannot_be_made_the_server_refuses_to_start() -> None:
     # Root without CAP_SYS_ADMIN, as in a default container: no mounts, no namespaces.
     work = short_dir()
@@ -167,14 +177,14 @@ async def test_a_killed_server_takes_its_sandboxes_with_it(model: SandboxServer)
             async for event in call:
                 if event.HasField("tool_use"):
                     break
-            for _ in range(100):  # the tool has started both sleeps
+            for _ in range(1200):  # the tool has started both sleeps
                 if len(sleepers()) == 2:
                     break
                 await asyncio.sleep(0.05)
             assert len(sleepers()) == 2
             server.kill()
             await server.wait()
-            for _ in range(100):
+            for _ in range(1200):
                 if not sleepers():
                     break
                 await asyncio.sleep(0.05)

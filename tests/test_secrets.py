@@ -66,7 +66,7 @@ async def cli_environ(h: Harness) -> list[bytes]:
     )
     await call.read()
     cli: list[bytes] = []
-    for _ in range(100):
+    for _ in range(1200):  # it runs at least 2 s once started; starting may take a while
         # The CLI itself (the launcher and bwrap before it run as the server, outside the
         # sandbox; the agent cannot see them).
         found = [

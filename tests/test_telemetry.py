@@ -13,7 +13,6 @@ import json
 import logging
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -45,8 +44,6 @@ from harness import (
     Harness,
     error_details,
     processes,
-    start_harness,
-    stop_harness,
     tenant_toml,
 )
 from opentelemetry import propagate, trace
@@ -55,8 +52,9 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from otlp_receiver import OtlpReceiver, attributes
+from otlp_receiver import attributes
 from prometheus_client.parser import text_string_to_metric_families
+from traced import Traced, hexid, json_logs, start_traced
 
 TIGHT_TOKEN = "tight-secret-token-5"
 # Its whole day fits one session: a second one while the first runs is BUDGET_EXCEEDED.
@@ -76,76 +74,18 @@ CLIENT = trace_pb2.Span.SPAN_KIND_CLIENT
 ERROR = trace_pb2.Status.STATUS_CODE_ERROR
 
 
-@dataclass
-class Traced:
-    """A server with telemetry pointed at this test's receiver, reader and log buffer."""
-
-    h: Harness
-    telemetry: Telemetry
-    receiver: OtlpReceiver
-    memory: InMemoryMetricReader
-    logs: io.StringIO
-    stopped: bool = False
-
-    async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await stop_harness(self.h)
-
-    def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.logs.getvalue().splitlines()]
-
-    async def spans(
-        self, ready: Callable[[list[trace_pb2.Span]], bool], timeout: float = 15.0
-    ) -> list[trace_pb2.Span]:
-        """Flush until the received spans satisfy `ready`."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            if not self.stopped:  # a blocking flush whose export this loop must serve
-                await asyncio.to_thread(self.telemetry.tracer_provider.force_flush)  # type: ignore[attr-defined]
-            spans = [span for _, span in self.receiver.spans()]
-            if ready(spans) or asyncio.get_running_loop().time() > deadline:
-                return spans
-            await asyncio.sleep(0.05)
+@pytest.fixture(scope="module")
+def logs(database_url: str) -> Iterator[io.StringIO]:
+    """One buffer of JSON log lines per database, like the server's stderr."""
+    with json_logs() as buffer:
+        yield buffer
 
 
 @pytest.fixture(scope="module")
-def json_logs(database_url: str) -> Iterator[io.StringIO]:
-    """agentplane's log records as the server writes them: JSON lines (one buffer per
-    database, like the server)."""
-    buffer = io.StringIO()
-    handler = logging.StreamHandler(buffer)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("agentplane")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield buffer
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
-@pytest.fixture(scope="module")
-async def traced(database_url: str, json_logs: io.StringIO) -> AsyncIterator[Traced]:
-    receiver = OtlpReceiver()
-    await receiver.start()
-    memory = InMemoryMetricReader()
-    config = OtelConfig.from_env(
-        {
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_METRIC_EXPORT_INTERVAL": "3600000",  # so only the shutdown exports metrics
-        }
-    )
-    telemetry = Telemetry.create(config, prometheus=("127.0.0.1", 0), metric_readers=[memory])
-    h = await start_harness(database_url, extra_tenants=TIGHT, telemetry=telemetry)
-    t = Traced(h, telemetry, receiver, memory, json_logs)
+async def traced(database_url: str, logs: io.StringIO) -> AsyncIterator[Traced]:
+    t = await start_traced(database_url, logs, extra_tenants=TIGHT, prometheus=True)
     yield t
-    await t.stop()
-    await receiver.stop()
-
-
-def hexid(raw: bytes) -> str:
-    return raw.hex()
+    await t.close()
 
 
 async def read_until(call: Any, done: Callable[[session_pb2.SessionEvent], bool]) -> list[Any]:
@@ -354,11 +294,14 @@ async def test_a_session_that_outlives_its_stream_still_gets_complete_spans(trac
     ]
     assert rest[-1].result.session.state == session_pb2.SESSION_STATE_COMPLETE
 
-    def ended(spans: list[trace_pb2.Span]) -> bool:
-        return any(attributes(s.attributes).get("session.id") == session_id for s in spans)
+    def is_agent(span: trace_pb2.Span) -> bool:
+        return (
+            span.name.startswith("invoke_agent")
+            and attributes(span.attributes).get("session.id") == session_id
+        )
 
-    spans = await traced.spans(ended)
-    agent = next(s for s in spans if attributes(s.attributes).get("session.id") == session_id)
+    spans = await traced.spans(lambda spans: any(is_agent(s) for s in spans))
+    agent = next(s for s in spans if is_agent(s))
     server = next(s for s in spans if s.span_id == agent.parent_span_id)
     assert server.name == "/agentplane.v1.SessionService/RunSession"
     assert server.end_time_unix_nano < agent.end_time_unix_nano  # the stream went first
@@ -524,6 +467,12 @@ async def test_waiting_for_the_caller_is_on_the_span_and_counted(traced: Traced)
         for w in waits
     ] == [("TOOL_CALL", "CALLER", "result"), ("PERMISSION", "TIMEOUT", "deny")]
     assert waits[1]["agentplane.input.waited_ms"] >= 1000
+    # The Respond call is a trace of its own that names the session and links to its trace.
+    (respond,) = [s for s in spans if s.name == "/agentplane.v1.SessionService/Respond"]
+    assert attributes(respond.attributes)["session.id"] == session_id
+    assert [(link.trace_id, link.span_id) for link in respond.links] == [
+        (agent.trace_id, agent.parent_span_id)  # the RunSession span that admitted it
+    ]
     bash = next(s for s in spans if s.name == "execute_tool Bash" and s.trace_id == agent.trace_id)
     assert attributes(bash.attributes)["agentplane.input.decided_by"] == "TIMEOUT"
     points = _points(traced.memory)

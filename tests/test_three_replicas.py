@@ -72,7 +72,7 @@ async def until_running(call: grpc.aio.UnaryStreamCall) -> str:
 
 
 async def wait_requests(fleet: Replicas, n: int) -> None:
-    for _ in range(400):
+    for _ in range(2400):
         if len([r for r in fleet.sandbox.requests if r.kind == "conversation"]) >= n:
             return
         await asyncio.sleep(0.05)
@@ -158,7 +158,7 @@ async def test_a_killed_replica_with_answered_requests_loses_no_spend() -> None:
         ids = [await until_running(c) for c in calls]
         await wait_requests(fleet, 6)  # each session's first request answered, its second held
         for i, session_id in enumerate(ids):  # live progress, on every replica
-            for _ in range(100):
+            for _ in range(1200):
                 progress = await fleet[i].sessions.GetSession(
                     session_pb2.GetSessionRequest(session_id=session_id), metadata=OPS
                 )

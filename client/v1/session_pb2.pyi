@@ -36,6 +36,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_CPU_LIMIT: _ClassVar[ErrorReason]
     ERROR_REASON_DISK_LIMIT: _ClassVar[ErrorReason]
     ERROR_REASON_INVALID_OUTPUT: _ClassVar[ErrorReason]
+    ERROR_REASON_EVENT_LIMIT: _ClassVar[ErrorReason]
 
 class OnDisconnect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -76,6 +77,7 @@ ERROR_REASON_PROCESS_LIMIT: ErrorReason
 ERROR_REASON_CPU_LIMIT: ErrorReason
 ERROR_REASON_DISK_LIMIT: ErrorReason
 ERROR_REASON_INVALID_OUTPUT: ErrorReason
+ERROR_REASON_EVENT_LIMIT: ErrorReason
 ON_DISCONNECT_UNSPECIFIED: OnDisconnect
 ON_DISCONNECT_CANCEL: OnDisconnect
 ON_DISCONNECT_CONTINUE: OnDisconnect
@@ -89,16 +91,25 @@ DECIDER_TIMEOUT: Decider
 DECIDER_SESSION_END: Decider
 
 class TokenUsage(_message.Message):
-    __slots__ = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    __slots__ = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "server_tool_use")
+    class ServerToolUseEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_CREATION_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_READ_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TOOL_USE_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     output_tokens: int
     cache_creation_input_tokens: int
     cache_read_input_tokens: int
-    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cache_creation_input_tokens: _Optional[int] = ..., cache_read_input_tokens: _Optional[int] = ...) -> None: ...
+    server_tool_use: _containers.ScalarMap[str, int]
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cache_creation_input_tokens: _Optional[int] = ..., cache_read_input_tokens: _Optional[int] = ..., server_tool_use: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SessionError(_message.Message):
     __slots__ = ("reason", "message")
@@ -109,7 +120,7 @@ class SessionError(_message.Message):
     def __init__(self, reason: _Optional[_Union[ErrorReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("id", "tenant", "state", "create_time", "start_time", "end_time", "cost_usd", "sdk_cost_usd", "max_budget_usd", "num_turns", "max_turns", "usage", "model", "error", "sdk_session_id", "labels", "result", "allowed_tools", "request_id", "resume_session_id", "awaiting", "caller_tools", "require_approval", "structured_result_json", "output_schema_json")
+    __slots__ = ("id", "tenant", "state", "create_time", "start_time", "end_time", "cost_usd", "sdk_cost_usd", "max_budget_usd", "num_turns", "max_turns", "usage", "model", "error", "sdk_session_id", "labels", "result", "allowed_tools", "request_id", "resume_session_id", "awaiting", "caller_tools", "require_approval", "structured_result_json", "output_schema_json", "trace_id")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +153,7 @@ class Session(_message.Message):
     REQUIRE_APPROVAL_FIELD_NUMBER: _ClassVar[int]
     STRUCTURED_RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     state: SessionState
@@ -167,7 +179,8 @@ class Session(_message.Message):
     require_approval: _containers.RepeatedScalarFieldContainer[str]
     structured_result_json: str
     output_schema_json: str
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_usd: _Optional[str] = ..., sdk_cost_usd: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., num_turns: _Optional[int] = ..., max_turns: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., sdk_session_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., result: _Optional[str] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., awaiting: _Optional[_Iterable[_Union[InputRequest, _Mapping]]] = ..., caller_tools: _Optional[_Iterable[str]] = ..., require_approval: _Optional[_Iterable[str]] = ..., structured_result_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ...) -> None: ...
+    trace_id: str
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_usd: _Optional[str] = ..., sdk_cost_usd: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., num_turns: _Optional[int] = ..., max_turns: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., sdk_session_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., result: _Optional[str] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., awaiting: _Optional[_Iterable[_Union[InputRequest, _Mapping]]] = ..., caller_tools: _Optional[_Iterable[str]] = ..., require_approval: _Optional[_Iterable[str]] = ..., structured_result_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class RunSessionRequest(_message.Message):
     __slots__ = ("prompt", "request_id", "max_budget_usd", "max_turns", "allowed_tools", "model", "labels", "on_disconnect", "resume_session_id", "tools", "require_approval", "answer_timeout", "output_schema_json", "input_files", "include_partial_messages", "effort", "max_thinking_tokens", "fallback_model")

@@ -26,7 +26,7 @@ from agentplane.v1 import session_pb2 as agentplane_dot_v1_dot_session__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentplane/v1/usage.proto\x12\ragentplane.v1\x1a\x1b\x61gentplane/v1/session.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x0fGetUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x04\n\x05Usage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esessions_total\x18\x04 \x01(\x03\x12\x1a\n\x12sessions_succeeded\x18\x05 \x01(\x03\x12\x17\n\x0fsessions_failed\x18\x06 \x01(\x03\x12\x46\n\x12\x66\x61ilures_by_reason\x18\x07 \x03(\x0b\x32*.agentplane.v1.Usage.FailuresByReasonEntry\x12\x14\n\x0csuccess_rate\x18\x08 \x01(\x01\x12\x16\n\x0etotal_cost_usd\x18\t \x01(\t\x12\x18\n\x10\x61verage_cost_usd\x18\n \x01(\t\x12\x13\n\x0btotal_turns\x18\x0b \x01(\x03\x12\x35\n\ttool_uses\x18\x0c \x03(\x0b\x32\".agentplane.v1.Usage.ToolUsesEntry\x12)\n\x06models\x18\r \x03(\x0b\x32\x19.agentplane.v1.ModelUsage\x1a\x37\n\x15\x46\x61iluresByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a/\n\rToolUsesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xf8\x01\n\nModelUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0erequests_total\x18\x02 \x01(\x03\x12M\n\x13requests_by_outcome\x18\x03 \x03(\x0b\x32\x30.agentplane.v1.ModelUsage.RequestsByOutcomeEntry\x12(\n\x05usage\x18\x04 \x01(\x0b\x32\x19.agentplane.v1.TokenUsage\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\t\x1a\x38\n\x16RequestsByOutcomeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32P\n\x0cUsageService\x12@\n\x08GetUsage\x12\x1e.agentplane.v1.GetUsageRequest\x1a\x14.agentplane.v1.Usageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61gentplane/v1/usage.proto\x12\ragentplane.v1\x1a\x1b\x61gentplane/v1/session.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x0fGetUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe2\x04\n\x05Usage\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esessions_total\x18\x04 \x01(\x03\x12\x1a\n\x12sessions_succeeded\x18\x05 \x01(\x03\x12\x17\n\x0fsessions_failed\x18\x06 \x01(\x03\x12\x46\n\x12\x66\x61ilures_by_reason\x18\x07 \x03(\x0b\x32*.agentplane.v1.Usage.FailuresByReasonEntry\x12\x14\n\x0csuccess_rate\x18\x08 \x01(\x01\x12\x16\n\x0etotal_cost_usd\x18\t \x01(\t\x12\x18\n\x10\x61verage_cost_usd\x18\n \x01(\t\x12\x13\n\x0btotal_turns\x18\x0b \x01(\x03\x12\x35\n\ttool_uses\x18\x0c \x03(\x0b\x32\".agentplane.v1.Usage.ToolUsesEntry\x12)\n\x06models\x18\r \x03(\x0b\x32\x19.agentplane.v1.ModelUsage\x12\x16\n\x0esessions_short\x18\x0e \x01(\x03\x12\x15\n\rshortfall_usd\x18\x0f \x01(\t\x1a\x37\n\x15\x46\x61iluresByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a/\n\rToolUsesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xf8\x01\n\nModelUsage\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0erequests_total\x18\x02 \x01(\x03\x12M\n\x13requests_by_outcome\x18\x03 \x03(\x0b\x32\x30.agentplane.v1.ModelUsage.RequestsByOutcomeEntry\x12(\n\x05usage\x18\x04 \x01(\x0b\x32\x19.agentplane.v1.TokenUsage\x12\x10\n\x08\x63ost_usd\x18\x05 \x01(\t\x1a\x38\n\x16RequestsByOutcomeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32P\n\x0cUsageService\x12@\n\x08GetUsage\x12\x1e.agentplane.v1.GetUsageRequest\x1a\x14.agentplane.v1.Usageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,15 +42,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETUSAGEREQUEST']._serialized_start=106
   _globals['_GETUSAGEREQUEST']._serialized_end=217
   _globals['_USAGE']._serialized_start=220
-  _globals['_USAGE']._serialized_end=783
-  _globals['_USAGE_FAILURESBYREASONENTRY']._serialized_start=679
-  _globals['_USAGE_FAILURESBYREASONENTRY']._serialized_end=734
-  _globals['_USAGE_TOOLUSESENTRY']._serialized_start=736
-  _globals['_USAGE_TOOLUSESENTRY']._serialized_end=783
-  _globals['_MODELUSAGE']._serialized_start=786
-  _globals['_MODELUSAGE']._serialized_end=1034
-  _globals['_MODELUSAGE_REQUESTSBYOUTCOMEENTRY']._serialized_start=978
-  _globals['_MODELUSAGE_REQUESTSBYOUTCOMEENTRY']._serialized_end=1034
-  _globals['_USAGESERVICE']._serialized_start=1036
-  _globals['_USAGESERVICE']._serialized_end=1116
+  _globals['_USAGE']._serialized_end=830
+  _globals['_USAGE_FAILURESBYREASONENTRY']._serialized_start=726
+  _globals['_USAGE_FAILURESBYREASONENTRY']._serialized_end=781
+  _globals['_USAGE_TOOLUSESENTRY']._serialized_start=783
+  _globals['_USAGE_TOOLUSESENTRY']._serialized_end=830
+  _globals['_MODELUSAGE']._serialized_start=833
+  _globals['_MODELUSAGE']._serialized_end=1081
+  _globals['_MODELUSAGE_REQUESTSBYOUTCOMEENTRY']._serialized_start=1025
+  _globals['_MODELUSAGE_REQUESTSBYOUTCOMEENTRY']._serialized_end=1081
+  _globals['_USAGESERVICE']._serialized_start=1083
+  _globals['_USAGESERVICE']._serialized_end=1163
 # @@protoc_insertion_point(module_scope)

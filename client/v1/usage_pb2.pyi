@@ -19,7 +19,7 @@ class GetUsageRequest(_message.Message):
     def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("tenant", "start_time", "end_time", "sessions_total", "sessions_succeeded", "sessions_failed", "failures_by_reason", "success_rate", "total_cost_usd", "average_cost_usd", "total_turns", "tool_uses", "models")
+    __slots__ = ("tenant", "start_time", "end_time", "sessions_total", "sessions_succeeded", "sessions_failed", "failures_by_reason", "success_rate", "total_cost_usd", "average_cost_usd", "total_turns", "tool_uses", "models", "sessions_short", "shortfall_usd")
     class FailuresByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,8 @@ class Usage(_message.Message):
     TOTAL_TURNS_FIELD_NUMBER: _ClassVar[int]
     TOOL_USES_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_SHORT_FIELD_NUMBER: _ClassVar[int]
+    SHORTFALL_USD_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
@@ -60,7 +62,9 @@ class Usage(_message.Message):
     total_turns: int
     tool_uses: _containers.ScalarMap[str, int]
     models: _containers.RepeatedCompositeFieldContainer[ModelUsage]
-    def __init__(self, tenant: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sessions_total: _Optional[int] = ..., sessions_succeeded: _Optional[int] = ..., sessions_failed: _Optional[int] = ..., failures_by_reason: _Optional[_Mapping[str, int]] = ..., success_rate: _Optional[float] = ..., total_cost_usd: _Optional[str] = ..., average_cost_usd: _Optional[str] = ..., total_turns: _Optional[int] = ..., tool_uses: _Optional[_Mapping[str, int]] = ..., models: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ...) -> None: ...
+    sessions_short: int
+    shortfall_usd: str
+    def __init__(self, tenant: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sessions_total: _Optional[int] = ..., sessions_succeeded: _Optional[int] = ..., sessions_failed: _Optional[int] = ..., failures_by_reason: _Optional[_Mapping[str, int]] = ..., success_rate: _Optional[float] = ..., total_cost_usd: _Optional[str] = ..., average_cost_usd: _Optional[str] = ..., total_turns: _Optional[int] = ..., tool_uses: _Optional[_Mapping[str, int]] = ..., models: _Optional[_Iterable[_Union[ModelUsage, _Mapping]]] = ..., sessions_short: _Optional[int] = ..., shortfall_usd: _Optional[str] = ...) -> None: ...
 
 class ModelUsage(_message.Message):
     __slots__ = ("model", "requests_total", "requests_by_outcome", "usage", "cost_usd")

@@ -22,6 +22,7 @@ from ..domain import (
     InputRequest,
     Session,
     SessionState,
+    TokenUsage,
     Usage,
     usd,
 )
@@ -81,7 +82,7 @@ def session_to_proto(s: Session) -> session_pb2.Session:
         max_budget_usd=money(s.max_budget_usd),
         num_turns=s.num_turns,
         max_turns=s.max_turns,
-        usage=session_pb2.TokenUsage(**s.usage.to_json()),
+        usage=token_usage(s.usage),
         model=s.model,
         sdk_session_id=s.sdk_session_id,
         labels=s.labels,
@@ -98,6 +99,7 @@ def session_to_proto(s: Session) -> session_pb2.Session:
             if s.structured_result is not None
             else ""
         ),
+        trace_id=s.trace_id,
     )
     if s.error_reason is not None:
         msg.error.reason = session_pb2.ErrorReason.Value(f"ERROR_REASON_{s.error_reason.value}")
@@ -295,9 +297,16 @@ def usage_to_proto(u: Usage) -> usage_pb2.Usage:
                 model=m.model,
                 requests_total=m.requests_total,
                 requests_by_outcome=m.requests_by_outcome,
-                usage=session_pb2.TokenUsage(**m.usage.to_json()),
+                usage=token_usage(m.usage),
                 cost_usd=money(m.cost_usd),
             )
             for m in u.models
         ],
+        sessions_short=u.sessions_short,
+        shortfall_usd=money(u.shortfall_usd),
     )
+
+
+def token_usage(usage: TokenUsage) -> session_pb2.TokenUsage:
+    """The proto's token counts, with the server-tool uses."""
+    return session_pb2.TokenUsage(**usage.to_json(), server_tool_use=dict(usage.server_tool_use))

@@ -1,12 +1,17 @@
 """One session's meter: its budget, the reservations of requests in flight, the record.
 
 Money rule: before a request is forwarded its worst case (estimated input tokens at the
-dearest input price plus ``max_tokens`` at the output price) is reserved out of
-``budget - spent - reserved``; ``max_tokens`` is lowered to what that covers. When the
-response ends the reservation is released and the response's priced usage is added to
-``spent``. Output can never exceed the forwarded ``max_tokens``, so a session's spend
-passes its budget only by the error of the input estimate (actual input tokens above the
-estimate, at the dearest input price).
+dearest input price plus ``max_tokens`` at the output price, at the rates of a request of
+that size, plus, for each metered server tool it offers, ``max_uses`` uses at their price
+and :data:`SERVER_TOOL_RESULT_TOKENS` of results per use) is reserved out of
+``budget - spent - reserved``; ``max_tokens`` is lowered to what that covers, and when
+even the smallest useful ``max_tokens`` does not fit, the tools' ``max_uses`` are lowered
+until it does. When the response ends the reservation is released and the response's priced
+usage is added to ``spent``. Output can never exceed the forwarded ``max_tokens`` nor uses
+the forwarded ``max_uses``, so a session's spend passes its budget only by the error of
+the input estimate (actual input tokens, or results, above the estimate, at the dearest
+input price; and the long-context premium of a request estimated below its model's
+threshold that turned out above it).
 
 :meth:`SessionMeter.reserve` and :meth:`SessionMeter.settle` are synchronous: each runs
 on the event loop without an ``await`` between reading and updating the totals, so
@@ -16,10 +21,11 @@ in a ``finally`` of a cancelled request cannot be interrupted.
 
 from __future__ import annotations
 
-import json
+import binascii
 import logging
 import math
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -27,44 +33,96 @@ from typing import Any
 
 from ..domain import TokenUsage, usd, utcnow
 from ..mcp.servers import RemoteServer
+from .gateway_sse import ResponseFacts
 from .pricing import ModelPrice
+from .server_tools import OfferedTool
 
 log = logging.getLogger(__name__)
 
 THINKING_MIN_BUDGET = 1024  # the API's minimum thinking.budget_tokens
+# Input tokens reserved per server-tool use for what it adds to the prompt (a search's
+# results are billed as input tokens): a generous allowance, not a bound (an estimate).
+SERVER_TOOL_RESULT_TOKENS = 10_000
+# The server-tool uses a request may have per tool when the tenant does not say.
+DEFAULT_MAX_SERVER_TOOL_USES = 8
 CHARS_PER_TOKEN = 4
-IMAGE_TOKENS = 3000  # per base64 image: about twice what the API bills for the largest
+IMAGE_TOKENS = 3000  # per image: about twice what the API bills for the largest
+# Per PDF page the API bills the page's text (1,500-3,000 tokens, it documents) and the page
+# as an image: the top of that range plus IMAGE_TOKENS.
+PDF_PAGE_TOKENS = 3000 + IMAGE_TOKENS
+# A document the gateway cannot see (a URL or a Files API file): the API's 100-page limit.
+UNSEEN_DOCUMENT_TOKENS = 100 * PDF_PAGE_TOKENS
+# A PDF page object: `/Type /Page` (not `/Pages`), however it is spaced.
+_PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z0-9#])")
+_NON_ASCII = bytes(range(128, 256))
+_MEDIA = (b'"image"', b'"document"', b"\\u")  # a block type, or an escape that may spell one
+_TOOL_USES = ("tool_use", "server_tool_use", "mcp_tool_use")
 
 
-def estimate_input_tokens(body: dict[str, Any], margin: float) -> int:
-    """Estimated input tokens of a Messages request: the characters of its JSON-encoded
-    ``system``, ``messages`` and ``tools`` / 4, times ``1 + margin``, rounded up.
+def estimate_input_tokens(raw: bytes, body: dict[str, Any], margin: float) -> int:
+    """Estimated input tokens of a Messages request (``body`` is ``raw`` parsed): the
+    characters of the raw JSON body / 4, plus its media at what the API bills for them,
+    times ``1 + margin``, rounded up. A safe upper bound, computed without a copy of the
+    body (it may be 32 MB).
 
-    Non-ASCII characters count as their 6-character ``\\uXXXX`` escapes, which keeps
-    the estimate on the safe side for scripts with few characters per token. A base64
-    image counts as :data:`IMAGE_TOKENS` instead of its data (the API bills an image by
-    its pixels, ~1,600 tokens at most after its downscaling, not by its bytes).
+    - Text: every byte of the body but the data of base64 media; each non-ASCII byte
+      counts 3 characters (at least a ``\\uXXXX`` escape's 6 per character), for scripts
+      with few characters per token.
+    - An image (any source) counts :data:`IMAGE_TOKENS`, not its data: the API bills it by
+      its pixels, ~1,600 tokens at most after its downscaling.
+    - A base64 PDF counts the larger of its data / 4 and :data:`PDF_PAGE_TOKENS` per page
+      object found in it (at least one). Pages inside compressed object streams are not
+      seen; such a PDF counts by its size.
+    - A text document counts as text; a document of content blocks, by its blocks.
+    - A document by URL or Files API id counts :data:`UNSEEN_DOCUMENT_TOKENS`.
     """
-    parts, images = _without_images([body.get("system"), body.get("messages"), body.get("tools")])
-    text = json.dumps(parts, separators=(",", ":"))
-    return math.ceil((len(text) / CHARS_PER_TOKEN + images * IMAGE_TOKENS) * (1 + margin))
+    chars = len(raw)
+    if not raw.isascii():
+        chars += 2 * (len(raw) - len(raw.translate(None, _NON_ASCII)))
+    media = 0
+    if any(marker in raw for marker in _MEDIA):
+        for block in _media_blocks([body.get("system"), body.get("messages")]):
+            source = block["source"]
+            data = source.get("data")
+            if source.get("type") == "base64" and isinstance(data, str):
+                chars -= len(data)  # never more than its bytes in `raw`
+            if block["type"] == "image":
+                media += IMAGE_TOKENS
+            elif source.get("type") in ("url", "file"):
+                media += UNSEEN_DOCUMENT_TOKENS
+            elif source.get("type") == "base64" and isinstance(data, str):
+                media += _pdf_tokens(data)
+    return math.ceil((chars / CHARS_PER_TOKEN + media) * (1 + margin))
 
 
-def _without_images(value: Any) -> tuple[Any, int]:
-    """``value`` with the data of base64 images emptied, and how many there were."""
-    if isinstance(value, list):
-        items = [_without_images(item) for item in value]
-        return [item for item, _ in items], sum(count for _, count in items)
-    if not isinstance(value, dict):
-        return value, 0
-    source = value.get("source")
-    if value.get("type") == "image" and isinstance(source, dict) and source.get("type") == "base64":
-        return {**value, "source": {**source, "data": ""}}, 1
-    stripped = {key: _without_images(item) for key, item in value.items()}
-    return (
-        {key: item for key, (item, _) in stripped.items()},
-        sum(count for _, count in stripped.values()),
-    )
+def _media_blocks(value: Any) -> Iterator[dict[str, Any]]:
+    """The image and document blocks (with a ``source`` object) anywhere in ``value``,
+    in tool results' and documents' content too; iterative (any depth). A tool use's
+    ``input`` is the model's own JSON, billed as text: not searched."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            kind = item.get("type")
+            if kind in ("image", "document") and isinstance(item.get("source"), dict):
+                yield item
+            stack.extend(
+                v
+                for k, v in item.items()
+                if isinstance(v, list | dict) and not (k == "input" and kind in _TOOL_USES)
+            )
+
+
+def _pdf_tokens(data: str) -> int:
+    """What a base64 PDF counts (see :func:`estimate_input_tokens`)."""
+    try:
+        pdf = binascii.a2b_base64(data)
+    except (binascii.Error, ValueError):  # not base64 (the API will refuse it): its size
+        pdf = b""
+    pages = max(1, sum(1 for _ in _PDF_PAGE.finditer(pdf)))
+    return max(math.ceil(len(data) / CHARS_PER_TOKEN), pages * PDF_PAGE_TOKENS)
 
 
 @dataclass
@@ -78,7 +136,9 @@ class MeteredRequest:
     broke off; what was seen is charged), ``client_disconnected`` (the agent went away;
     what was seen is charged), ``usage_missing`` (a success without readable usage;
     charged its reservation, the worst case). ``usage`` is what the response reported
-    (zero when it was not forwarded, or reported none).
+    (zero when it was not forwarded, or reported none), ``response`` its message id,
+    model and stop reason. ``request_body`` (the body as forwarded) and
+    ``response.content`` are kept only when the gateway keeps content for traces.
     """
 
     model: str
@@ -95,18 +155,24 @@ class MeteredRequest:
     reserved_usd: Decimal = Decimal(0)
     thinking_budget_requested: int | None = None
     thinking_budget_forwarded: int | None = None
+    # The max_uses each metered server tool was forwarded with, by its usage unit.
+    server_tool_uses_forwarded: dict[str, int] = field(default_factory=dict)
     price_version: str = ""
     upstream_request_id: str = ""
+    response: ResponseFacts = field(default_factory=ResponseFacts)
+    request_body: bytes | None = None
 
 
 @dataclass(frozen=True)
 class Reservation:
-    """What a request may spend: its worst case at the ``max_tokens`` it is sent with."""
+    """What a request may spend: its worst case at the ``max_tokens`` (and the server
+    tools' ``max_uses``, by their index in ``tools``) it is sent with."""
 
     price: ModelPrice
     amount_usd: Decimal
     input_tokens_estimate: int
     max_tokens: int
+    uses: Mapping[int, int] = field(default_factory=dict)
 
 
 class SessionMeter:
@@ -124,6 +190,8 @@ class SessionMeter:
         upstream_base_url: str,
         upstream_api_key: str,
         token: str,
+        tools: Collection[str] | None = None,
+        max_server_tool_uses: int = DEFAULT_MAX_SERVER_TOOL_USES,
     ) -> None:
         self.session_id = session_id
         self.budget_usd = usd(budget_usd)
@@ -139,6 +207,10 @@ class SessionMeter:
         self.on_request: Callable[[MeteredRequest], None] | None = None
         # The remote MCP servers the session may reach through the gateway's relay.
         self.mcp_servers: Mapping[str, RemoteServer] = {}
+        # The session's tools (None: any), which say which server tools it may use, and
+        # the most uses a request may have of each.
+        self.tools = frozenset(tools) if tools is not None else None
+        self.max_server_tool_uses = max_server_tool_uses
 
     @property
     def upstream_api_key(self) -> str:
@@ -156,6 +228,14 @@ class SessionMeter:
         for request in self.requests:
             total = total.plus(request.usage)
         return total
+
+    @property
+    def cost_by_model(self) -> dict[str, Decimal]:
+        """What the requests settled so far cost, by the model they asked for."""
+        costs: dict[str, Decimal] = {}
+        for request in self.requests:
+            costs[request.model] = costs.get(request.model, Decimal(0)) + request.cost_usd
+        return costs
 
     @property
     def answered(self) -> int:
@@ -179,25 +259,50 @@ class SessionMeter:
         *,
         min_output_tokens: int,
         long_cache: bool = False,
+        tools: Sequence[OfferedTool] = (),
     ) -> Reservation | None:
         """Hold the request's worst case, lowering ``max_tokens`` to what the remaining
-        budget covers; None (and ``exhausted``) when that is below the useful minimum
-        (``min(max_tokens, min_output_tokens)``)."""
+        budget covers (and, when even ``min(max_tokens, min_output_tokens)`` does not fit,
+        the ``max_uses`` of its server ``tools``, down to 1 each); None (and
+        ``exhausted``) when that is not enough."""
         remaining = self.remaining_usd
-        worst = price.worst_case(input_tokens_estimate, max_tokens, long_cache=long_cache)
+        uses = {tool.index: tool.uses(self.max_server_tool_uses) for tool in tools}
+        units = {tool.index: tool.unit for tool in tools}
+
+        def worst(count: int) -> Decimal:
+            return price.worst_case(
+                _prompt(input_tokens_estimate, uses),
+                count,
+                long_cache=long_cache,
+                uses=_by_unit(uses, units),
+            )
+
         forwarded = max_tokens
-        if worst > remaining:
+        amount = worst(max_tokens)
+        if amount > remaining:
+            floor = min(max_tokens, min_output_tokens)
+            while worst(floor) > remaining:
+                if not uses or max(uses.values()) <= 1:
+                    self.exhausted = True
+                    return None
+                most = max(uses, key=lambda index: uses[index])
+                uses[most] -= 1
             forwarded = min(
                 max_tokens,
-                price.max_output_tokens(remaining, input_tokens_estimate, long_cache=long_cache),
+                price.max_output_tokens(
+                    remaining,
+                    _prompt(input_tokens_estimate, uses),
+                    long_cache=long_cache,
+                    uses=_by_unit(uses, units),
+                ),
             )
-            if forwarded < min(max_tokens, min_output_tokens) or forwarded < 1:
+            if forwarded < floor or forwarded < 1:
                 self.exhausted = True
                 return None
-            worst = price.worst_case(input_tokens_estimate, forwarded, long_cache=long_cache)
-        self.reserved_usd += worst
+            amount = worst(forwarded)
+        self.reserved_usd += amount
         self.in_flight += 1
-        return Reservation(price, worst, input_tokens_estimate, forwarded)
+        return Reservation(price, amount, input_tokens_estimate, forwarded, uses)
 
     def settle(self, reservation: Reservation | None, record: MeteredRequest) -> None:
         """Release ``reservation``, add ``record.cost_usd`` to spent, record the request."""
@@ -220,6 +325,18 @@ class SessionMeter:
             callback(record)
         except Exception:
             log.exception("on_request callback failed for session %s", self.session_id)
+
+
+def _prompt(input_tokens_estimate: int, uses: Mapping[int, int]) -> int:
+    """The input tokens of a request at its worst: its estimate and every use's results."""
+    return input_tokens_estimate + SERVER_TOOL_RESULT_TOKENS * sum(uses.values())
+
+
+def _by_unit(uses: Mapping[int, int], units: Mapping[int, str]) -> dict[str, int]:
+    by_unit: dict[str, int] = {}
+    for index, count in uses.items():
+        by_unit[units[index]] = by_unit.get(units[index], 0) + count
+    return by_unit
 
 
 def fit_body(body: dict[str, Any], max_tokens: int) -> tuple[dict[str, Any], int | None]:

@@ -13,8 +13,13 @@ bwrap. Inside, the agent sees:
 - its own PID, network, IPC, UTS and cgroup namespaces; its network has only loopback,
   where a forwarder (socat) listens on the gateway's port and relays to the metering
   gateway's unix socket, bound in at /run/agentplane/gateway.sock;
-- no capabilities and no new privileges; with an os_user, that user's uid and gid;
-- only the variables named in AGENTPLANE_SANDBOX_ENV (the CLI's own), never the server's.
+- never host root: every process runs as the session's own unprivileged host uid (one
+  per live session, `uids.py`, or the tenant's os_user), with no capabilities, no new
+  privileges and a seccomp filter (`seccomp.py`); /etc/passwd and /etc/group list only
+  that user, root and nobody;
+- only the variables named in AGENTPLANE_SANDBOX_ENV (the CLI's own), never the server's;
+- no file descriptor of the server's: the SDK gives the CLI its own stdin, stdout and
+  stderr pipes, and the launcher's descriptors are closed by bwrap once read.
 
 Every process of the session joins its cgroups before bwrap starts, and bwrap dies with
 the server (--die-with-parent), taking the whole PID namespace with it.
@@ -31,11 +36,9 @@ from pathlib import Path
 GATEWAY_INSIDE = "/run/agentplane/gateway.sock"
 # Where the CLI binary is seen inside (wherever it lies outside, /tmp even).
 CLI_INSIDE = "/run/agentplane/claude"
-# Files of /etc the CLI and ordinary tools need (user names, DNS-free host names, time
-# zone, dynamic linker cache, certificates); none of them is secret.
+# Files of /etc the CLI and ordinary tools need (DNS-free host names, time zone, dynamic
+# linker cache, certificates); none of them is secret. passwd and group are the launcher's.
 ETC_FILES = (
-    "passwd",
-    "group",
     "nsswitch.conf",
     "hosts",
     "localtime",
@@ -57,6 +60,7 @@ NAMESPACES = (
 )
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RO_PATH = re.compile(r"/[A-Za-z0-9._/@+-]*")
+_USER = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def sandbox_args() -> list[str]:
             args += ["--symlink", f"usr/{link}", f"/{link}"]
         else:
             args += ["--ro-bind", f"/{link}", f"/{link}"]
-    # Folders bwrap makes for a mount point are 0700: an os_user could not enter them.
+    # Folders bwrap makes for a mount point are 0700: the session's uid could not enter them.
     args += ["--perms", "0755", "--dir", "/etc"]
     for name in ETC_FILES:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
@@ -117,17 +121,16 @@ _LAUNCHER = r"""#!/bin/sh
 # sandbox. Not for hand use: it reads the sandbox from AGENTPLANE_SANDBOX_* variables.
 set -eu
 S=${AGENTPLANE_SESSION_DIR:?this is an agentplane session launcher; it needs AGENTPLANE_SESSION_DIR}
+# Never host root: every process of the session runs as the session's own uid.
+U=${AGENTPLANE_SANDBOX_UID:?the session has no uid of its own (AGENTPLANE_SANDBOX_UID)}
+G=${AGENTPLANE_SANDBOX_GID:?the session has no gid of its own (AGENTPLANE_SANDBOX_GID)}
+[ "$U" != 0 ] && [ "$G" != 0 ] || { echo "agentplane: refusing to run an agent as root" >&2; exit 1; }
 for procs in ${AGENTPLANE_SANDBOX_CGROUPS:-}; do echo $$ > "$procs"; done
 config=$S/h/.claude
-caps=
 # "$@" becomes: n words of bwrap options, then the command.
-set -- /bin/sh -c @FORWARDER@ "$AGENTPLANE_SANDBOX_PORT" "$PWD" @CLI_INSIDE@ "$@"
+set -- @SETPRIV@ --reuid="$U" --regid="$G" --clear-groups --inh-caps=-all --no-new-privs -- \
+  /bin/sh -c @FORWARDER@ "$AGENTPLANE_SANDBOX_PORT" "$PWD" @CLI_INSIDE@ "$@"
 n=0
-if [ -n "${AGENTPLANE_SANDBOX_UID:-}" ]; then
-  set -- @SETPRIV@ --reuid="$AGENTPLANE_SANDBOX_UID" --regid="$AGENTPLANE_SANDBOX_GID" \
-    --clear-groups --no-new-privs -- "$@"
-  caps="--cap-add CAP_SETUID --cap-add CAP_SETGID"
-fi
 if [ "${CLAUDE_CONFIG_DIR:-$config}" != "$config" ]; then
   # A resume: the SDK put the transcript in a folder of the server's. The agent gets a copy
   # in its own folder, seen at the path the SDK expects its transcript under. The copy goes
@@ -135,12 +138,19 @@ if [ "${CLAUDE_CONFIG_DIR:-$config}" != "$config" ]; then
   # filled with symlinks (no process of the session runs now: the server made sure).
   fresh=$(mktemp -d "$S/h/.claude-resumed.XXXXXX")
   cp -R "$CLAUDE_CONFIG_DIR/." "$fresh/"
-  [ -z "${AGENTPLANE_SANDBOX_UID:-}" ] ||
-    chown -R "$AGENTPLANE_SANDBOX_UID:$AGENTPLANE_SANDBOX_GID" "$fresh"
+  chown -R "$U:$G" "$fresh"
   set -- --bind "$fresh" "$CLAUDE_CONFIG_DIR" "$@"; n=$((n + 3))
+  d=$CLAUDE_CONFIG_DIR
+  while d=${d%/*}; [ -n "$d" ]; do set -- --perms 0711 --dir "$d" "$@"; n=$((n + 4)); done
 fi
 # Host paths an MCP server of the tenant needs (validated: no spaces, no glob characters).
-for p in ${AGENTPLANE_SANDBOX_RO_BINDS:-}; do set -- --ro-bind "$p" "$p" "$@"; n=$((n + 3)); done
+# The folders bwrap makes above a mount point would be root's and 0700: the agent's uid
+# must pass them (0711: pass, not list).
+for p in ${AGENTPLANE_SANDBOX_RO_BINDS:-}; do
+  set -- --ro-bind "$p" "$p" "$@"; n=$((n + 3))
+  d=$p
+  while d=${d%/*}; [ -n "$d" ]; do set -- --perms 0711 --dir "$d" "$@"; n=$((n + 4)); done
+done
 for name in $AGENTPLANE_SANDBOX_ENV; do
   eval "[ -z \"\${$name+x}\" ]" || { eval "set -- --setenv $name \"\$$name\" \"\$@\""; n=$((n + 3)); }
 done
@@ -158,12 +168,27 @@ options=${0%/*}/options.$$
 while [ "$n" -gt 0 ]; do printf '%s\0' "$1" >> "$options"; shift; n=$((n - 1)); done
 exec 3< "$options"
 rm -f "$options"
-exec /usr/bin/env -i @BWRAP@ @SYSTEM@ $caps --ro-bind @CLI@ @CLI_INSIDE@ \
-  --bind "$AGENTPLANE_SANDBOX_GATEWAY" @GATEWAY@ --bind "$S/t" /tmp --chdir / --args 3 -- "$@"
+# The seccomp filter (seccomp.py), and the only users and groups the agent sees: itself,
+# root and nobody (not the host's list).
+exec 4< @SECCOMP@
+exec 5<<PASSWD
+root:x:0:0:root:/root:/usr/sbin/nologin
+${AGENTPLANE_SANDBOX_USER:-agent}:x:$U:$G::$S/h:/bin/sh
+nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
+PASSWD
+exec 6<<GROUP
+root:x:0:
+${AGENTPLANE_SANDBOX_USER:-agent}:x:$G:
+nogroup:x:65534:
+GROUP
+exec /usr/bin/env -i @BWRAP@ @SYSTEM@ --cap-add CAP_SETUID --cap-add CAP_SETGID \
+  --seccomp 4 --perms 0644 --ro-bind-data 5 /etc/passwd --perms 0644 --ro-bind-data 6 /etc/group \
+  --ro-bind @CLI@ @CLI_INSIDE@ --bind "$AGENTPLANE_SANDBOX_GATEWAY" @GATEWAY@ \
+  --bind "$S/t" /tmp --chdir / --args 3 -- "$@"
 """
 
 
-def launcher_script(tools: Tools, cli: Path) -> str:
+def launcher_script(tools: Tools, cli: Path, seccomp_filter: Path) -> str:
     """The shell script the SDK runs as the CLI (see the module docstring)."""
     q = shlex.quote
     forwarder = (
@@ -178,6 +203,7 @@ def launcher_script(tools: Tools, cli: Path) -> str:
         "@BWRAP@": q(str(tools.bwrap)),
         "@SYSTEM@": " ".join(q(a) for a in sandbox_args()),
         "@GATEWAY@": q(GATEWAY_INSIDE),
+        "@SECCOMP@": q(str(seccomp_filter)),
     }
     script = _LAUNCHER
     for mark, value in fills.items():
@@ -185,11 +211,11 @@ def launcher_script(tools: Tools, cli: Path) -> str:
     return script
 
 
-def write_launcher(path: Path, tools: Tools, cli: Path) -> Path:
+def write_launcher(path: Path, tools: Tools, cli: Path, seccomp_filter: Path) -> Path:
     """Write the launcher script to `path` (atomically, root-readable only) and return it."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(launcher_script(tools, cli))
+    tmp.write_text(launcher_script(tools, cli, seccomp_filter))
     tmp.chmod(0o700)
     tmp.replace(path)
     return path
@@ -201,13 +227,19 @@ def session_variables(
     cgroup_procs: Iterable[Path],
     gateway_socket: Path,
     port: int,
-    uid: int | None = None,
-    gid: int | None = None,
+    uid: int,
+    gid: int,
+    user: str = "agent",
     ro_paths: Iterable[str] = (),
 ) -> dict[str, str]:
     """The AGENTPLANE_SANDBOX_* variables of one CLI start. `passed` names the variables
-    the CLI gets inside (the SDK's own are added here); `ro_paths`, host paths bound
-    read-only at the same place (a tenant's MCP servers' programs)."""
+    the CLI gets inside (the SDK's own are added here); `uid`:`gid` the host ids every
+    process of the session runs as (never 0), called `user` inside; `ro_paths`, host
+    paths bound read-only at the same place (a tenant's MCP servers' programs)."""
+    if uid == 0 or gid == 0:
+        raise ValueError("a sandboxed agent never runs as root")
+    if not _USER.fullmatch(user):
+        raise ValueError(f"not a user name: {user!r}")
     names = sorted({*passed, *SDK_VARIABLES} - {"PATH"})
     bad = [n for n in names if not _NAME.match(n)]
     if bad:
@@ -224,9 +256,9 @@ def session_variables(
         raise ValueError(f"not a path the sandbox can bind: {bad[0]!r}")
     if paths:
         env["AGENTPLANE_SANDBOX_RO_BINDS"] = " ".join(paths)
-    if uid is not None:
-        env["AGENTPLANE_SANDBOX_UID"] = str(uid)
-        env["AGENTPLANE_SANDBOX_GID"] = str(gid)
+    env["AGENTPLANE_SANDBOX_UID"] = str(uid)
+    env["AGENTPLANE_SANDBOX_GID"] = str(gid)
+    env["AGENTPLANE_SANDBOX_USER"] = user
     return env
 
 

@@ -52,11 +52,13 @@ def relay_path(name: str) -> str:
 
 async def forward(
     request: web.Request,
+    body: bytes,
     http: aiohttp.ClientSession,
     servers: Mapping[str, RemoteServer],
     session_id: str,
 ) -> web.StreamResponse:
-    """Relay one request of a session's CLI to its MCP server (see the module docstring)."""
+    """Relay one request of a session's CLI to its MCP server (see the module docstring).
+    `body`: the request's body, read by the gateway within its bounds."""
     name, _, rest = request.raw_path[len(ROUTE) :].partition("/")
     server = servers.get(name)
     if server is None:  # another tenant's, or none: the same answer
@@ -77,7 +79,6 @@ async def forward(
             {"error": f"MCP server {name}: header {header} is not available"}, status=502
         )
     url = URL(server.origin + "/" + rest, encoded=True)
-    body = await request.read()
     response: web.StreamResponse | None = None
     try:
         async with http.request(

@@ -66,6 +66,17 @@ def last_prompt(body: dict[str, Any], limit: int = 200) -> str:
     return ""
 
 
+def web_search_max_uses(body: dict[str, Any]) -> int | None:
+    """How many searches a request allows: the ``max_uses`` of its web search tool (None:
+    no limit given); 0 when it offers no web search tool."""
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search_"):
+            uses = tool.get("max_uses")
+            return uses if isinstance(uses, int) and not isinstance(uses, bool) else None
+    return 0
+
+
 # Side requests: model calls of the CLI that are not a turn of the agent's conversation.
 # Measured with the bundled CLI 2.1.331 and the mandatory env (nonessential traffic off):
 # - A plain turn, tool turns, several queries per client, dropped streams, 500s, huge

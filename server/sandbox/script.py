@@ -46,20 +46,38 @@ def _check_keys(kind: str, data: dict[str, Any], allowed: set[str]) -> None:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token usage reported for one model response."""
+    """Usage reported for one model response: tokens, and the server-side tool uses
+    (``server_tool_use``: count name -> uses, e.g. ``{"web_search_requests": 3}``).
+
+    A response reporting ``web_search_requests`` carries that many searches (a
+    ``server_tool_use`` block and its ``web_search_tool_result`` each), at most the
+    ``max_uses`` of the request's web search tool, as the real API does.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    server_tool_use: dict[str, int] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name != "server_tool_use"
+        }
+        if self.server_tool_use:
+            data["server_tool_use"] = dict(self.server_tool_use)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Usage:
         _check_keys("usage", data, {f.name for f in fields(cls)})
-        return cls(**{k: int(v) for k, v in data.items()})
+        uses = data.get("server_tool_use") or {}
+        if not isinstance(uses, dict):
+            raise TypeError("usage.server_tool_use must be an object of count name -> uses")
+        return cls(
+            **{k: int(v) for k, v in data.items() if k != "server_tool_use"},
+            server_tool_use={str(k): int(v) for k, v in uses.items()},
+        )
 
 
 def _default_usage() -> Usage:

@@ -58,6 +58,8 @@ class RecordedRequest:
     attempt: int | None = None
     status: int | None = None
     query: str = ""
+    # The usage the reply reported (None: no reply, or an error): what upstream would bill.
+    usage: Usage | None = None
 
     @property
     def stream(self) -> bool:
@@ -231,7 +233,7 @@ class SandboxServer:
         model = str(body.get("model") or "claude-sonnet-4-5")
         if routing.is_side_request(body):
             record.kind = "side"
-            return await self._send(request, body, routing.side_reply(body, model))
+            return await self._send(request, record, routing.side_reply(body, model))
         record.marker = routing.script_marker(body)
         script = self.scripts.get(record.marker) if record.marker else None
         if script is not None:
@@ -243,13 +245,13 @@ class SandboxServer:
             prompt = routing.last_prompt(body)
             text = GREETING + prompt
             usage = Usage(input_tokens=10 + len(prompt) // 4, output_tokens=12 + len(prompt) // 4)
-            return await self._send(request, body, _text_reply(model, text, usage))
+            return await self._send(request, record, _text_reply(model, text, usage))
 
         record.kind = "conversation"
         record.step = index = routing.step_index(body)
         if index >= len(script.steps):
             usage = Usage(input_tokens=100, output_tokens=8)
-            return await self._send(request, body, _text_reply(model, FINISHED_TEXT, usage))
+            return await self._send(request, record, _text_reply(model, FINISHED_TEXT, usage))
         step = script.steps[index]
         key = (request.headers.get(SESSION_HEADER, ""), record.script, index)
         record.attempt = self._attempts[key] = self._attempts.get(key, 0) + 1
@@ -262,14 +264,18 @@ class SandboxServer:
         if step.hang:
             await self._hold(request)
             return web.Response()  # never sent: the connection is gone
-        return await self._send(
-            request, body, step_reply(step, model, body.get("max_tokens")), step
-        )
+        return await self._send(request, record, step_reply(step, model, body), step)
 
     async def _send(
-        self, request: web.Request, body: dict[str, Any], reply: Reply, step: Step | None = None
+        self,
+        request: web.Request,
+        record: RecordedRequest,
+        reply: Reply,
+        step: Step | None = None,
     ) -> web.StreamResponse:
-        """Answer with ``reply``: SSE if the request streams, JSON otherwise."""
+        """Answer ``record``'s request with ``reply``: SSE if it streams, JSON otherwise."""
+        body = record.body or {}
+        record.usage = reply.usage
         headers = {"request-id": new_id("req_")}
         if not body.get("stream"):
             return web.json_response(reply.message(), headers=headers)
@@ -318,23 +324,59 @@ def _text_reply(model: str, text: str, usage: Usage) -> Reply:
     )
 
 
-def step_reply(step: Step, request_model: str, max_tokens: Any = None) -> Reply:
-    """The assistant message a step answers with (fresh ids for tool calls without one).
+def step_reply(step: Step, request_model: str, body: dict[str, Any] | None = None) -> Reply:
+    """The assistant message a step answers `body` with (fresh ids for tool calls without
+    one).
 
     Like the real API, it never reports more output than the request's `max_tokens`
-    allows: a step scripted for more is cut there, with stop_reason "max_tokens".
+    allows (a step scripted for more is cut there, with stop_reason "max_tokens"), nor
+    more web searches than its web search tool's `max_uses`, nor any without one; each
+    search it reports comes as a `server_tool_use` block and its result, before the text.
     """
+    body = body or {}
+    usage, stop_reason = step.usage, step.effective_stop_reason
+    searches = usage.server_tool_use.get("web_search_requests", 0)
+    if searches:
+        allowed = routing.web_search_max_uses(body)
+        if allowed is not None and allowed < searches:
+            uses = {**usage.server_tool_use, "web_search_requests": allowed}
+            usage = dataclasses.replace(usage, server_tool_use=uses)
+            searches = allowed
     content: list[dict[str, Any]] = []
+    query = routing.last_prompt(body)
+    for _ in range(searches):
+        content.extend(_web_search_blocks(query))
     if step.text is not None:
         content.append({"type": "text", "text": step.text})
     content.extend(_tool_use_block(call) for call in step.tool_calls)
-    usage, stop_reason = step.usage, step.effective_stop_reason
+    max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, int) and 0 < max_tokens < usage.output_tokens:
         usage = dataclasses.replace(usage, output_tokens=max_tokens)
         stop_reason = "max_tokens"
     return Reply(
         model=step.model or request_model, content=content, stop_reason=stop_reason, usage=usage
     )
+
+
+def _web_search_blocks(query: str) -> list[dict[str, Any]]:
+    """One search as the real API reports it: the call and its (one) result."""
+    call_id = new_id("srvtoolu_")
+    return [
+        {"type": "server_tool_use", "id": call_id, "name": "web_search", "input": {"query": query}},
+        {
+            "type": "web_search_tool_result",
+            "tool_use_id": call_id,
+            "content": [
+                {
+                    "type": "web_search_result",
+                    "title": "Sandbox search result",
+                    "url": "https://sandbox.invalid/result",
+                    "encrypted_content": "c2FuZGJveA==",
+                    "page_age": None,
+                }
+            ],
+        },
+    ]
 
 
 def _tool_use_block(call: ToolCall) -> dict[str, Any]:

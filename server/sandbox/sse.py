@@ -21,14 +21,18 @@ def new_id(prefix: str) -> str:
 
 
 def usage_dict(usage: Usage, *, output_tokens: int | None = None) -> dict[str, Any]:
-    """The ``usage`` object of a message (``output_tokens`` overridable)."""
-    return {
+    """The ``usage`` object of a message (``output_tokens`` overridable: a stream's start
+    reports 1, and its server tool uses only at the end, like the real API)."""
+    data: dict[str, Any] = {
         "input_tokens": usage.input_tokens,
         "cache_creation_input_tokens": usage.cache_creation_input_tokens,
         "cache_read_input_tokens": usage.cache_read_input_tokens,
         "output_tokens": usage.output_tokens if output_tokens is None else output_tokens,
         "service_tier": "standard",
     }
+    if usage.server_tool_use and output_tokens is None:
+        data["server_tool_use"] = {"web_search_requests": 0, **usage.server_tool_use}
+    return data
 
 
 @dataclass
@@ -83,17 +87,19 @@ def _chunks(text: str, size: int) -> list[str]:
 
 
 def _block_events(index: int, block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    if block["type"] == "tool_use":
+    if block["type"] in ("tool_use", "server_tool_use"):
         start = {**block, "input": {}}
         deltas = [
             {"type": "input_json_delta", "partial_json": part}
             for part in ["", *_chunks(json.dumps(block["input"]), _JSON_CHUNK)]
         ]
-    else:
+    elif block["type"] == "text":
         start = {"type": "text", "text": ""}
         deltas = [
             {"type": "text_delta", "text": part} for part in _chunks(block["text"], _TEXT_CHUNK)
         ]
+    else:  # a server tool's result arrives whole with its start
+        start, deltas = block, []
     events: list[tuple[str, dict[str, Any]]] = [
         (
             "content_block_start",

@@ -157,6 +157,7 @@ class Admitter:
         """The admission transaction, with the id of `warm` (a warm agent made for it) or
         a new one. A request_id that a concurrent request won re-attaches to its session."""
         now = utcnow()
+        trace_id, trace_span_id = self._observer.current_trace()
         session = Session(
             id=warm.session_id if warm is not None else str(uuid.uuid4()),
             tenant=tenant.name,
@@ -172,12 +173,15 @@ class Admitter:
             caller_tools=tuple(t.name for t in spec.caller_tools),
             require_approval=spec.require_approval,
             output_schema=spec.output_schema_json,
+            trace_id=trace_id,
+            trace_span_id=trace_span_id,
         )
         live = LiveSession(
             session,
             self._persist_events,
             self._observer.event,
             write_interval_s=self.event_write_interval_s,
+            limits=tenant.events,
         )
         started = live.build(EventKind.STARTED, {"session": session.to_json()})
         try:

@@ -10,7 +10,6 @@ session's own folders.
 from __future__ import annotations
 
 import os
-import pwd
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,19 +54,15 @@ class SessionDirs:
     def tmp(self) -> Path:
         return self.root / "t"
 
-    def create(self, owner: str | None = None) -> None:
+    def create(self, owner: tuple[int, int] | None = None) -> None:
         """Make every folder (not the parent of `root`), mode 0700, owned by `owner` (a
-        Unix user) when given."""
-        uid = gid = -1
-        if owner is not None:
-            entry = pwd.getpwnam(owner)
-            uid, gid = entry.pw_uid, entry.pw_gid
+        uid and gid) when given."""
         self.root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         for path in (self.root, self.cwd, self.home, self.config, self.tmp):
             path.mkdir(mode=0o700, exist_ok=True)
             os.chmod(path, 0o700)
             if owner is not None:
-                os.chown(path, uid, gid)
+                os.chown(path, *owner)
 
 
 def cli_environment(

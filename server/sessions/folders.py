@@ -45,14 +45,21 @@ class SessionFolders:
         # Before the folder: a folder never exists without its owner's mark.
         write_marker(_marker(dirs.root))
         if self._sandboxes is not None:
-            uid, gid = ids or (os.getuid(), os.getgid())
-            self._sandboxes.prepare(dirs.root, tenant.limits, uid=uid, gid=gid)
-        dirs.create(owner=tenant.os_user)
+            # The session's own uid (or its tenant's os_user): never the server's.
+            ids = self._sandboxes.prepare(dirs.root, tenant.limits, ids)
+        dirs.create(owner=ids)
         if tenant.workspace_template is not None:
             shutil.copytree(tenant.workspace_template, dirs.cwd, dirs_exist_ok=True)
             if ids is not None:
                 for path in [dirs.cwd, *dirs.cwd.rglob("*")]:
                     os.chown(path, *ids, follow_symlinks=False)
+
+    def owner(self, root: Path, tenant: Tenant) -> tuple[int, int] | None:
+        """The uid and gid the agents of the folder `root` run as (None: the server's,
+        unsandboxed without an os_user)."""
+        if self._sandboxes is not None:
+            return self._sandboxes.owner(root)
+        return tenant.unix_ids()
 
     async def remove(self, root: Path) -> None:
         """Kill every process of the session folder `root` (tools included), remove it

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import logging
 import pwd
 import shlex
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +23,7 @@ from ..isolation.sandboxes import Sandboxes
 from ..mcp.cli_config import cli_servers, session_servers
 from ..mcp.servers import PREFIX as MCP_PREFIX
 from ..mcp.servers import RemoteServer
-from ..store.transcripts import SqlSessionStore, TenantTranscripts
+from ..store.transcripts import ChargedTranscripts, SqlSessionStore, TenantTranscripts
 from ..tenants import Tenant
 from .caller_loop import CallerLoop
 from .cli_env import SessionDirs, cli_environment
@@ -31,6 +31,7 @@ from .folders import SessionFolders
 from .requests import SessionSpec
 
 ANTHROPIC_API = "https://api.anthropic.com"
+log = logging.getLogger(__name__)
 
 # The longest line of the CLI's output the SDK accepts (its default, 1 MiB, fails a session
 # whose one assistant message or transcript-mirror frame is larger: 1,000 parallel tool
@@ -38,6 +39,28 @@ ANTHROPIC_API = "https://api.anthropic.com"
 MAX_CLI_MESSAGE_BYTES = 64 << 20
 
 BUNDLED_CLI = Path(claude_agent_sdk.__file__).resolve().parent / "_bundled" / "claude"
+
+
+class CliStderr:
+    """Logs (at DEBUG) what one CLI writes to its stderr: at most `MAX_LINES` lines of at
+    most `MAX_CHARS` characters, since a tool of the agent can write there too."""
+
+    MAX_LINES = 200
+    MAX_CHARS = 1000
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.lines = 0
+
+    def __call__(self, line: str) -> None:
+        self.lines += 1
+        if self.lines <= self.MAX_LINES:
+            log.debug(
+                "cli_stderr",
+                extra={"session_id": self.session_id, "line": line[: self.MAX_CHARS]},
+            )
+        elif self.lines == self.MAX_LINES + 1:
+            log.debug("cli_stderr_truncated", extra={"session_id": self.session_id})
 
 
 @dataclass(frozen=True)
@@ -71,6 +94,8 @@ class Launcher:
         self.folders = SessionFolders(config.work_dir, sandboxes)
         self._store = store
         self._gateway = gateway
+        # What each running session's transcript is charged to (see `charge_to`).
+        self._charges: dict[str, Callable[[int], bool]] = {}
 
     def scrub_also(self, names: Iterable[str]) -> None:
         """Keep these variables (a reloaded file's key variables) from agents from now on;
@@ -86,6 +111,18 @@ class Launcher:
     def transcripts(self, tenant: str) -> TenantTranscripts:
         """The tenant's SDK transcripts (the SessionStore the CLI mirrors into)."""
         return TenantTranscripts(self._store, tenant)
+
+    def charge_to(self, session_id: str, charge: Callable[[int], bool] | None) -> None:
+        """Charge what the CLIs of the session mirror of its transcript to `charge` from
+        now on (None: to nothing; a warm agent waiting for its session mirrors nothing)."""
+        if charge is None:
+            self._charges.pop(session_id, None)
+        else:
+            self._charges[session_id] = charge
+
+    def _charged(self, session_id: str, size: int) -> bool:
+        charge = self._charges.get(session_id)
+        return charge is None or charge(size)
 
     def open_meter(
         self, session_id: str, tenant: Tenant, budget: Decimal, spec: SessionSpec
@@ -103,13 +140,14 @@ class Launcher:
             upstream_base_url=self.config.base_url or ANTHROPIC_API,
             upstream_api_key=tenant.api_key() or "",
             mcp_servers={server.name: server for server in remote},
+            tools=spec.tools,
+            max_server_tool_uses=tenant.max_server_tool_uses_per_request,
         )
 
-    async def reseal(self, dirs: SessionDirs, tenant: Tenant) -> None:
+    async def reseal(self, dirs: SessionDirs) -> None:
         """Before a CLI starts again in the folder of an agent that already ran there."""
         if self.sandboxes is not None:
-            uid, gid = tenant.unix_ids() or (os.getuid(), os.getgid())
-            await asyncio.to_thread(self.sandboxes.reseal, dirs.root, uid, gid)
+            await asyncio.to_thread(self.sandboxes.reseal, dirs.root)
 
     def breach(self, dirs: SessionDirs, tenant: Tenant) -> Breach | None:
         """The limit the session in `dirs` hit so far (None: none, or no sandbox)."""
@@ -160,13 +198,11 @@ class Launcher:
             extra=extra,
         )
         if self.sandboxes is not None:
-            ids = tenant.unix_ids()
             env.update(
                 self.sandboxes.variables(
                     dirs.root,
                     [name for name, value in env.items() if value],
-                    uid=ids[0] if ids else None,
-                    gid=ids[1] if ids else None,
+                    user=tenant.os_user or "agent",
                     ro_paths=servers.paths,
                 )
             )
@@ -195,7 +231,12 @@ class Launcher:
             max_budget_usd=float(budget),
             resume=resume,
             # Transcripts are mirrored to the database, so a resume works on any replica.
-            session_store=cast(SessionStore, self.transcripts(tenant.name)),
+            session_store=cast(
+                SessionStore,
+                ChargedTranscripts(
+                    self._store, tenant.name, lambda size: self._charged(meter.session_id, size)
+                ),
+            ),
             model=spec.model or None,
             effort=spec.effort or None,  # type: ignore[arg-type]  # validated: an EffortLevel
             max_thinking_tokens=spec.max_thinking_tokens or None,
@@ -206,6 +247,9 @@ class Launcher:
             cli_path=str(cli),
             setting_sources=[],
             max_buffer_size=MAX_CLI_MESSAGE_BYTES,
+            # A pipe of its own (the SDK pipes stderr only for a callback): the server's
+            # stderr, its log, never reaches an agent.
+            stderr=CliStderr(meter.session_id),
         )
 
     def _cli_for(self, tenant: Tenant) -> Path:

@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from ..domain import ErrorReason, SessionState, utcnow
 from ..errors import DatabaseUnavailable
 from ..store import sessions as repo
+from ..store.outages import cause
+from ..telemetry.recurring import RecurringProblem
 from .capacity import Capacity
 from .ending import write_end
 from .folders import SessionFolders
@@ -106,10 +108,12 @@ class LeaseKeeper:
     async def run(self) -> None:
         """Renew and recover until cancelled; database outages are waited out."""
         interval = self.config.ttl_s / 3
+        problem = RecurringProblem(log, "lease upkeep failed (database unavailable)")
         while True:
             try:
                 await self.renew()
                 await self.recover()
+                problem.resolved()
             except (DBAPIError, DatabaseUnavailable) as exc:
-                log.warning("lease upkeep failed (database unavailable): %s", type(exc).__name__)
+                problem.failed(cause(exc.__cause__ or exc))  # the driver's error, if chained
             await asyncio.sleep(interval)

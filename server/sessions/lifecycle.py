@@ -32,6 +32,7 @@ from .pool import WarmAgent, WarmPool
 from .queries import SessionQueries
 from .requests import SessionSpec
 from .runner import AgentRunner
+from .shortfall import session_shortfall
 from .translate import Verdict
 
 log = logging.getLogger(__name__)
@@ -136,12 +137,14 @@ class SessionLifecycle:
             error_message=v.message,
             cost_usd=usd(outcome.cost_usd),
             sdk_cost_usd=usd(sdk_cost),
+            shortfall_usd=session_shortfall(usd(sdk_cost), usd(outcome.cost_usd)),
             num_turns=outcome.num_turns,
             usage=outcome.usage,
             sdk_session_id=outcome.sdk_session_id,
             result=outcome.result if v.state is SessionState.COMPLETE else "",
             structured_result=outcome.structured if v.state is SessionState.COMPLETE else None,
         )
+        self._report_shortfalls(final, outcome)
         seq = live.next_seq
         recorded = await self._record_end(live, final, seq, outcome.artifacts)
         live.session = final
@@ -161,6 +164,23 @@ class SessionLifecycle:
                 "num_turns": final.num_turns,
             },
         )
+
+    def _report_shortfalls(self, final: Session, outcome: Outcome) -> None:
+        """Log and count each model whose metered cost fell short of the CLI's count."""
+        for short in outcome.shortfalls:
+            log.warning(
+                "metering_shortfall",
+                extra={
+                    "session_id": final.id,
+                    "tenant": final.tenant,
+                    "model": short.model,
+                    "cli_cost_usd": str(short.cli_usd),
+                    "metered_cost_usd": str(short.metered_usd),
+                    "shortfall_usd": str(short.gap_usd),
+                    "price_table_hint": "the price table lacks a price the CLI knows",
+                },
+            )
+            self._observer.shortfall(final, short.model, short.gap_usd)
 
     async def _record_end(
         self, live: LiveSession, final: Session, seq: int, kept: list[Artifact]

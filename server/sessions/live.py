@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from ..domain import ErrorReason, Event, EventKind, Session, utcnow
+from ..tenants import EventLimits
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,12 @@ class LiveSession:
     Transient events (text deltas) are a side channel: not numbered (seq 0), not
     persisted, and seen only by watchers following at the time, in their place between
     the numbered events.
+
+    What a session stores is bounded (`limits`): the event that would pass its count
+    (one is kept for the `result`) or its bytes (the payloads' JSON) is not published;
+    the session is stopped (EVENT_LIMIT) and every later event but the `result` is
+    dropped. Whatever produced them (an agent's tools can forge the CLI's output) cannot
+    grow the log further.
     """
 
     def __init__(
@@ -124,11 +132,17 @@ class LiveSession:
         on_publish: Callable[[Session, Event], None] | None = None,
         *,
         write_interval_s: float = 0.05,
+        limits: EventLimits | None = None,
     ) -> None:
         """Events are written with `persist`, batched for up to `write_interval_s`; a
         session whose events cannot be written for longer than the writer's buffer lasts
         ends ERROR/DATABASE_UNAVAILABLE."""
         self.session = session
+        self.limits = limits or EventLimits()
+        # The bytes stored so far: events' payloads (the result aside) and transcript entries.
+        self.stored_bytes = 0
+        # Why the session reached its event limit ("" while it has not).
+        self.event_limit_message = ""
         self.writer = EventWriter(persist, interval=write_interval_s, on_overflow=self._overflowed)
         # Told of every published event (telemetry); must not raise.
         self.on_publish = on_publish or (lambda _session, _event: None)
@@ -161,9 +175,12 @@ class LiveSession:
         return Event(self.session.id, self.next_seq, utcnow(), kind, data)
 
     def publish(self, event: Event, *, persist: bool = True) -> None:
-        """Make an event visible to watchers (and queue it for the database)."""
+        """Make an event visible to watchers (and queue it for the database), if it is
+        within the session's limits (see the class docstring)."""
         if event.seq != len(self._events) + 1:
             raise RuntimeError(f"event {event.seq} out of order after {len(self._events)}")
+        if event.kind is not EventKind.RESULT and not self._within_limits(event):
+            return
         self._events.append(event)
         if persist:
             self.writer.add(event)
@@ -186,6 +203,44 @@ class LiveSession:
         event = self.build(kind, data)
         self.publish(event)
         return event
+
+    def _within_limits(self, event: Event) -> bool:
+        if self.event_limit_message:
+            return False
+        if event.seq >= self.limits.max_events:  # the last one is the result's
+            return self._reached(
+                f"the session stored its maximum of {self.limits.max_events} events "
+                "(the tenant's max_events) and was stopped"
+            )
+        return self.charge(len(json.dumps(event.data)))  # as stored (ASCII: chars are bytes)
+
+    def charge(self, size: int) -> bool:
+        """Count `size` more bytes the session stores (an event's payload, or its
+        transcript's entries), if they fit its limit; else the session is stopped there.
+        A negative size gives back what was not stored after all."""
+        if size <= 0:
+            self.stored_bytes += size
+            return True
+        if self.event_limit_message:
+            return False
+        if self.stored_bytes + size > self.limits.max_bytes:
+            return self._reached(
+                f"the session's events and transcript reached its maximum of "
+                f"{self.limits.max_bytes >> 20} MiB (the tenant's max_events_mib) "
+                "and it was stopped"
+            )
+        self.stored_bytes += size
+        return True
+
+    def _reached(self, message: str) -> bool:
+        """The session is at its limit: say so, stop it; False (nothing more is stored)."""
+        self.event_limit_message = message
+        log.warning(
+            "session_event_limit",
+            extra={"session_id": self.id, "events": len(self._events), "bytes": self.stored_bytes},
+        )
+        self.request_cancel(ErrorReason.EVENT_LIMIT, message)
+        return False
 
     def _overflowed(self) -> None:
         self.request_cancel(

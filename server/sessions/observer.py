@@ -8,6 +8,7 @@ must never raise: it runs on the session's own path.
 from __future__ import annotations
 
 import contextvars
+from decimal import Decimal
 from typing import Any, Protocol
 
 from ..domain import Event, Session
@@ -20,6 +21,10 @@ class SessionObserver(Protocol):
         """A RunSession was refused; `reason` is the refusal's `AgentplaneError.reason`,
         the ErrorInfo reason its caller got (BUDGET_EXCEEDED, CONCURRENCY_LIMIT,
         INVALID_ARGUMENT, UNKNOWN_MODEL, UNAVAILABLE, DATABASE_UNAVAILABLE, ...)."""
+
+    def current_trace(self) -> tuple[str, str]:
+        """The trace id and span id (hex) of the call being served, which a session
+        admitted now is part of; ("", "") when it is not traced."""
 
     def admitted(self, session: Session, prompt: str) -> contextvars.Context:
         """A session was admitted (IDLE, persisted). Returns the context its run task is
@@ -36,12 +41,19 @@ class SessionObserver(Protocol):
         """A session of a tenant with a warm pool was admitted, served by a warm agent (hit)
         or started cold."""
 
+    def shortfall(self, session: Session, model: str, gap_usd: Decimal) -> None:
+        """An ending session's metered cost of `model` fell short of the CLI's own count
+        by `gap_usd` (see sessions/shortfall.py)."""
+
 
 class NullObserver:
     """Observes nothing."""
 
     def rejected(self, tenant: str, reason: str) -> None:
         pass
+
+    def current_trace(self) -> tuple[str, str]:
+        return "", ""
 
     def admitted(self, session: Session, prompt: str) -> contextvars.Context:
         return contextvars.copy_context()
@@ -53,4 +65,7 @@ class NullObserver:
         pass
 
     def pool_served(self, tenant: str, hit: bool) -> None:
+        pass
+
+    def shortfall(self, session: Session, model: str, gap_usd: Decimal) -> None:
         pass

@@ -9,6 +9,7 @@ from typing import Any
 from claude_agent_sdk import ResultMessage
 
 from ..domain import Artifact, ErrorReason, SessionState, TokenUsage, usd
+from .shortfall import ModelShortfall, cli_costs
 from .translate import Verdict, verdict
 
 
@@ -28,6 +29,10 @@ class Outcome:
     # artifacts once the run has ended.
     structured: Any = None
     artifacts: list[Artifact] = field(default_factory=list)
+    # The CLI's own cost per model (its last report), and, once metered, the models whose
+    # metered cost fell short of it (see shortfall.py).
+    sdk_model_costs: dict[str, Decimal] = field(default_factory=dict)
+    shortfalls: list[ModelShortfall] = field(default_factory=list)
 
     def plus(self, later: Outcome) -> Outcome:
         """The totals after a further attempt, which decides the verdict."""
@@ -42,6 +47,7 @@ class Outcome:
             if later.sdk_total_usd is not None
             else self.sdk_total_usd,
             structured=later.structured,
+            sdk_model_costs=later.sdk_model_costs or self.sdk_model_costs,
         )
 
     def stopped(self, reason: ErrorReason, message: str) -> Outcome:
@@ -66,4 +72,5 @@ class Outcome:
             result=(result.result or "") if not result.is_error else "",
             sdk_total_usd=total,
             structured=result.structured_output if not result.is_error else None,
+            sdk_model_costs=cli_costs(result.model_usage),
         )

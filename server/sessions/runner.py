@@ -29,6 +29,7 @@ from ..domain import ErrorReason, EventKind, SessionState, usd
 from ..isolation.limits import Breach
 from ..mcp.servers import SecretUnavailable
 from ..tenants import Tenant
+from . import shortfall
 from .caller_loop import CallerLoop
 from .cli_env import SessionDirs
 from .inputs import InputWaiter
@@ -138,9 +139,14 @@ class AgentRunner:
             caller=CallerLoop(spec, waiter, str(dirs.cwd)) if waiter else None,
         )
         watch: asyncio.Task[None] | None = None
+        # What its CLIs mirror of its transcript counts against what the session may store.
+        self._launcher.charge_to(live.id, live.charge)
         try:
             if warm is None:
-                await self._launcher.folders.prepare(dirs, tenant)
+                try:
+                    await self._launcher.folders.prepare(dirs, tenant)
+                except OSError as exc:  # no tmpfs, no cgroup, no free uid
+                    return Outcome.failed(f"the session's sandbox could not be prepared: {exc}")
             else:
                 warm.unmark()
             try:
@@ -158,6 +164,13 @@ class AgentRunner:
             # The gateway's meter is the cost; the SDK's own estimate is kept beside it.
             outcome.sdk_total_usd = outcome.cost_usd
             outcome.cost_usd = usd(meter.spent_usd)
+            outcome.shortfalls = shortfall.by_model(
+                outcome.sdk_total_usd,
+                outcome.cost_usd,
+                outcome.sdk_model_costs,
+                meter.cost_by_model,
+                spec.model,
+            )
             # So are its tokens and turns: the CLI reports none for a turn it was stopped
             # in, or no result at all, yet counts the stopped turn.
             outcome.usage = meter.usage
@@ -171,19 +184,26 @@ class AgentRunner:
                     f"the session's budget of {spec.budget_usd} USD was used up",
                 )
             # A limit hit ends the session ERROR even if the agent answered meanwhile.
+            if live.event_limit_message:
+                outcome.verdict = Verdict(
+                    SessionState.ERROR, ErrorReason.EVENT_LIMIT, live.event_limit_message
+                )
             breach = run.breach()
             if breach is not None:
                 outcome.verdict = Verdict(SessionState.ERROR, breach.reason, breach.message)
             if spec.output_schema is not None and outcome.verdict.state is SessionState.COMPLETE:
                 outcome.verdict = check_structured(outcome.structured, spec.output_schema)
             outcome.artifacts = await asyncio.to_thread(
-                collect_artifacts, dirs.cwd, before, tenant.files
+                collect_artifacts, self._launcher.folders.work_dir, dirs.cwd, before, tenant.files
             )
             return outcome
         finally:
             if watch is not None:
                 watch.cancel()
-            await self._launcher.release(live.id, dirs)
+            try:
+                await self._launcher.release(live.id, dirs)
+            finally:
+                self._launcher.charge_to(live.id, None)
 
     async def _attempts(self, run: AgentRun) -> Outcome:
         """Attempts until one ends for good (see `run`)."""
@@ -248,7 +268,7 @@ class AgentRunner:
                 connected = run.warm.connected()
             else:
                 if run.starts:  # an agent ran in this folder before: seal it again
-                    await self._launcher.reseal(run.dirs, run.tenant)
+                    await self._launcher.reseal(run.dirs)
                 connected = ClaudeSDKClient(
                     self._launcher.options(
                         spec,
@@ -297,11 +317,12 @@ class AgentRunner:
         except ClaudeSDKError as exc:
             return Outcome.failed(f"the agent failed: {exc}"), False
 
-    @staticmethod
-    def _bring_in(spec: SessionSpec, tenant: Tenant, dirs: SessionDirs) -> dict[str, Stamp]:
+    def _bring_in(self, spec: SessionSpec, tenant: Tenant, dirs: SessionDirs) -> dict[str, Stamp]:
         """Write the request's input files; what the workspace holds before the agent runs."""
-        write_input_files(dirs.cwd, spec.input_files, tenant.unix_ids())
-        return snapshot(dirs.cwd)
+        work_dir = self._launcher.folders.work_dir
+        owner = self._launcher.folders.owner(dirs.root, tenant)
+        write_input_files(work_dir, dirs.cwd, spec.input_files, owner)
+        return snapshot(work_dir, dirs.cwd)
 
 
 def check_structured(value: Any, schema: dict[str, Any]) -> Verdict:

@@ -1,12 +1,14 @@
 """Files in and out of a session's workspace: a request's input files, written before the
 agent starts, and the artifacts kept when it ends (what it created or changed).
 
-Both run on the host, in a folder an agent wrote to: nothing here follows a symlink.
+Both run on the host, as root, in a folder an agent controls: every path is opened one
+component at a time below the server's work dir, never following a symlink (`beneath.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 from collections.abc import Sequence
@@ -14,58 +16,140 @@ from pathlib import Path
 
 from ..domain import Artifact
 from ..tenants import FileLimits
+from .beneath import Listing, SymlinkInPath, open_folder, open_folder_at, read_file, walk
 from .requests import InputFile
+
+log = logging.getLogger(__name__)
 
 # What a file looked like before the agent ran: a changed one differs in one of these.
 Stamp = tuple[int, int, int]
+# The reason a symlink is listed with (it is never read).
+SYMLINK = "symlink"
+# The artifact path of notes about the workspace as a whole.
+WORKSPACE = "."
+# How far a walk of the workspace goes: folders deep, and entries (files, folders, links).
+MAX_DEPTH = 64
+MAX_ENTRIES = 100_000
+# Files left out that are listed one by one; past that, one note says how many more.
+MAX_LEFT_OUT = 1000
 
 
-def write_input_files(cwd: Path, files: Sequence[InputFile], owner: tuple[int, int] | None) -> None:
-    """Write each file below `cwd`, making its folders; OSError if a path component is a
-    symlink or not a folder (requests.py refuses those of the template at admission)."""
-    for file in files:
-        *folders, name = file.path.split("/")
-        fd = os.open(cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            for folder in folders:
-                try:
-                    os.mkdir(folder, 0o700, dir_fd=fd)
-                    if owner is not None:
-                        os.chown(folder, *owner, dir_fd=fd, follow_symlinks=False)
-                except FileExistsError:
-                    pass
-                inner = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+def write_input_files(
+    base: Path, cwd: Path, files: Sequence[InputFile], owner: tuple[int, int] | None
+) -> None:
+    """Write each file below `cwd` (a folder below the work dir `base`), making its
+    folders. OSError if a path component is a symlink or not a folder (requests.py refuses
+    those of the template at admission). Whatever holds a file's name already (a template
+    file; a link, FIFO or hard link an earlier agent left) is unlinked, not written
+    through: each file is created anew (O_EXCL)."""
+    top = open_folder(base, cwd)
+    try:
+        for file in files:
+            *folders, name = file.path.split("/")
+            fd = os.dup(top)
+            try:
+                for folder in folders:
+                    made = _make_folder(fd, folder)
+                    inner = open_folder_at(fd, [folder])
+                    os.close(fd)
+                    fd = inner
+                    if made and owner is not None:
+                        os.fchown(fd, *owner)
+                out = _create(fd, name)
+            finally:
                 os.close(fd)
-                fd = inner
-            out = os.open(
-                name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=fd
-            )
             with os.fdopen(out, "wb") as written:
-                written.write(file.content)
                 if owner is not None:
                     os.fchown(written.fileno(), *owner)
-        finally:
-            os.close(fd)
+                written.write(file.content)
+    finally:
+        os.close(top)
 
 
-def snapshot(cwd: Path) -> dict[str, Stamp]:
-    """Every regular file below `cwd` with its size, mtime and inode."""
-    return {path: (st.st_size, st.st_mtime_ns, st.st_ino) for path, st in _walk(cwd)}
+def _make_folder(dir_fd: int, name: str) -> bool:
+    try:
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        return False
+    return True
 
 
-def collect_artifacts(cwd: Path, before: dict[str, Stamp], limits: FileLimits) -> list[Artifact]:
-    """The files below `cwd` that are new or changed since `before`, by path: their
-    content within `limits`, else the reason each was left out (symlinks are left out)."""
-    found: list[Artifact] = []
-    kept = total = 0
-    for path, st in sorted(_walk(cwd, with_links=True), key=lambda item: item[0]):
+def _create(dir_fd: int, name: str) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except FileExistsError:
+        os.unlink(name, dir_fd=dir_fd)  # the name itself, never what it points to
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+
+
+def snapshot(base: Path, cwd: Path) -> dict[str, Stamp]:
+    """Every regular file below `cwd` (below the work dir `base`) with its size, mtime
+    and inode."""
+    top = open_folder(base, cwd)
+    try:
+        listing = walk(top, max_depth=MAX_DEPTH, max_entries=MAX_ENTRIES)
+    finally:
+        os.close(top)
+    return {
+        path: (st.st_size, st.st_mtime_ns, st.st_ino)
+        for path, st in listing.entries
+        if stat.S_ISREG(st.st_mode)
+    }
+
+
+def collect_artifacts(
+    base: Path, cwd: Path, before: dict[str, Stamp], limits: FileLimits
+) -> list[Artifact]:
+    """The files below `cwd` (below the work dir `base`) that are new or changed since
+    `before`, by path: their content within `limits`, else the reason each was left out.
+    A symlink is left out ("symlink") and never read; a workspace that is itself a
+    symlink (or gone) yields no file, only a note at path "."."""
+    try:
+        top = open_folder(base, cwd)
+    except SymlinkInPath:
+        log.warning("artifacts_workspace_symlink", extra={"path": str(cwd)})
+        return [
+            Artifact(
+                WORKSPACE,
+                0,
+                omitted_reason=f"{SYMLINK}: the workspace itself was replaced "
+                "by a symlink, so nothing in it was kept",
+            )
+        ]
+    except OSError as exc:
+        return [
+            Artifact(
+                WORKSPACE, 0, omitted_reason=f"the workspace could not be read: {exc.strerror}"
+            )
+        ]
+    try:
+        listing = walk(top, max_depth=MAX_DEPTH, max_entries=MAX_ENTRIES)
+        return _artifacts(top, listing, before, limits)
+    finally:
+        os.close(top)
+
+
+def _artifacts(
+    top: int, listing: Listing, before: dict[str, Stamp], limits: FileLimits
+) -> list[Artifact]:
+    kept: list[Artifact] = []
+    left_out: list[Artifact] = [
+        Artifact(path, 0, omitted_reason=f"more than {MAX_DEPTH} folders deep")
+        for path in listing.too_deep
+    ]
+    total = 0
+    for path, st in listing.entries:
         if stat.S_ISLNK(st.st_mode):
-            found.append(Artifact(path, 0, omitted_reason="a symbolic link"))
+            left_out.append(Artifact(path, 0, omitted_reason=SYMLINK))
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            left_out.append(Artifact(path, 0, omitted_reason="not a regular file"))
             continue
         if before.get(path) == (st.st_size, st.st_mtime_ns, st.st_ino):
             continue
         reason = ""
-        if kept >= limits.max_artifacts:
+        if len(kept) >= limits.max_artifacts:
             reason = f"more than the tenant's max_artifacts ({limits.max_artifacts})"
         elif st.st_size > limits.max_artifact_bytes:
             reason = (
@@ -77,37 +161,28 @@ def collect_artifacts(cwd: Path, before: dict[str, Stamp], limits: FileLimits) -
                 f"({limits.max_artifacts_total_bytes >> 20})"
             )
         if reason:
-            found.append(Artifact(path, st.st_size, omitted_reason=reason))
+            left_out.append(Artifact(path, st.st_size, omitted_reason=reason))
             continue
-        content = _read(cwd / path)
+        room = min(limits.max_artifact_bytes, limits.max_artifacts_total_bytes - total)
+        content = read_file(top, path, st, room)
         if content is None:
-            found.append(Artifact(path, st.st_size, omitted_reason="could not be read"))
+            left_out.append(
+                Artifact(
+                    path, st.st_size, omitted_reason="could not be read (or changed meanwhile)"
+                )
+            )
             continue
-        kept += 1
         total += len(content)
-        found.append(Artifact(path, len(content), hashlib.sha256(content).hexdigest(), content))
-    return found
-
-
-def _walk(root: Path, *, with_links: bool = False) -> list[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of the regular files (and symlinks, if asked) below root."""
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=False):
-        for name in [*files, *dirs]:
-            full = Path(folder) / name
-            try:
-                st = full.lstat()
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode) or (with_links and stat.S_ISLNK(st.st_mode)):
-                found.append((str(full.relative_to(root)), st))
-    return found
-
-
-def _read(path: Path) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as file:
-        return file.read()
+        kept.append(Artifact(path, len(content), hashlib.sha256(content).hexdigest(), content))
+    notes = []
+    more = len(left_out) - MAX_LEFT_OUT
+    if more > 0:
+        notes.append(f"{more} more files left out are not listed (at most {MAX_LEFT_OUT} are)")
+    if listing.truncated:
+        notes.append(
+            f"the workspace holds more than {MAX_ENTRIES} entries: the rest was not looked at"
+        )
+    found = kept + left_out[:MAX_LEFT_OUT]
+    if notes:
+        found.append(Artifact(WORKSPACE, 0, omitted_reason="; ".join(notes)))
+    return sorted(found, key=lambda a: a.path)

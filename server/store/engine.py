@@ -106,18 +106,20 @@ def create_engine(
     return engine
 
 
-def on_connection_failure(engine: AsyncEngine, failed: Callable[[str], None]) -> None:
-    """Tell `failed(detail)` when `engine` cannot open a connection, or loses one in use
-    (not when its pre-ping finds a stale one: the pool replaces that itself). The detail is
-    the driver's first line, for the log."""
+def on_connection_failure(engine: AsyncEngine, failed: Callable[[BaseException], None]) -> None:
+    """Tell `failed(error)` (the driver's) when `engine` cannot open a connection, or loses
+    one in use (not when its pre-ping finds a stale one: the pool replaces that itself)."""
 
     @event.listens_for(engine.sync_engine, "handle_error")
     def _failed(context: ExceptionContext) -> None:
         if context.is_pre_ping or not (context.connection is None or context.is_disconnect):
             return
         error = context.original_exception
-        words = str(error).strip().splitlines()
-        failed(f"{type(error).__name__}: {words[0] if words else ''}")
+        # A task cancelled in a connect or a statement (its caller went away) drops that
+        # connection (SQLAlchemy counts it a disconnect), but says nothing of the
+        # database: only errors (the driver's, an OS error) do.
+        if isinstance(error, Exception):
+            failed(error)
 
 
 class _Transaction(AsyncSessionTransaction):
@@ -229,6 +231,20 @@ async def migrate(engine: AsyncEngine) -> None:
     """Apply every pending migration."""
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade)
+
+
+def _revisions(connection: Connection) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    script = ScriptDirectory.from_config(_alembic_config())
+    current = frozenset(MigrationContext.configure(connection).get_current_heads())
+    known = frozenset(r.revision for r in script.walk_revisions())
+    return current, frozenset(script.get_heads()), known
+
+
+async def revisions(engine: AsyncEngine) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+    """The database's current revisions, the newest of this release's migrations, and
+    every revision this release has (reads only)."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(_revisions)
 
 
 async def migrations_current(engine: AsyncEngine) -> bool:

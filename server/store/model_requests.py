@@ -10,7 +10,7 @@ from decimal import Decimal
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from ..domain import TokenUsage
+from ..domain import TokenUsage, server_tool_counts
 from .models import ModelRequestRow
 
 
@@ -49,6 +49,7 @@ async def insert_records(db: DbSession, records: Sequence[ModelRequestRecord]) -
                 "output_tokens": r.usage.output_tokens,
                 "cache_creation_input_tokens": r.usage.cache_creation_input_tokens,
                 "cache_read_input_tokens": r.usage.cache_read_input_tokens,
+                "server_tool_use": dict(r.usage.server_tool_use) or None,
                 "cost_usd": r.cost_usd,
                 "price_version": r.price_version[:32],
                 "upstream_request_id": r.upstream_request_id[:128],
@@ -79,6 +80,7 @@ async def session_records(db: DbSession, session_id: str) -> list[ModelRequestRe
                 r.output_tokens,
                 r.cache_creation_input_tokens,
                 r.cache_read_input_tokens,
+                server_tool_use=server_tool_counts(r.server_tool_use),
             ),
             r.cost_usd,
             r.price_version,

@@ -69,11 +69,15 @@ class SessionRow(Base):
     resumed_from: Mapped[str | None] = mapped_column(String(36))
     cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
     sdk_cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
+    # How far the metered cost fell short of the CLI's own count, beyond the tolerance.
+    shortfall_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
     num_turns: Mapped[int] = mapped_column(Integer, default=0)
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cache_creation_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cache_read_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Server-side tool uses by the usage object's count name (NULL: none).
+    server_tool_use: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     error_reason: Mapped[str | None] = mapped_column(String(32))
     error_message: Mapped[str] = mapped_column(Text, default="")
     sdk_session_id: Mapped[str] = mapped_column(String(64), default="")
@@ -90,6 +94,10 @@ class SessionRow(Base):
     # The request's output schema (JSON text) and the structured result that matched it.
     output_schema: Mapped[str | None] = mapped_column(Text)
     structured_result: Mapped[Any] = mapped_column(JSON, nullable=True)
+    # The trace it was admitted in and that call's span (hex), for links to it (NULL:
+    # untraced).
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    trace_span_id: Mapped[str | None] = mapped_column(String(16))
 
 
 class SessionLabelRow(Base):
@@ -143,6 +151,8 @@ class ModelRequestRow(Base):
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cache_creation_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cache_read_input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    # Server-side tool uses by the usage object's count name (NULL: none).
+    server_tool_use: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     cost_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
     price_version: Mapped[str] = mapped_column(String(32), default="")
     upstream_request_id: Mapped[str] = mapped_column(String(128), default="")

@@ -11,7 +11,6 @@ Handlers may thus be told of one change twice (at the commit here, and by the Li
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections.abc import Callable
 
@@ -26,8 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from ..errors import DatabaseUnavailable
 from .app_names import application_name
-
-log = logging.getLogger(__name__)
+from .outages import cause
 
 # A session was asked to stop by a replica that does not run it (payload: its id).
 CANCEL_CHANNEL = "agentplane_cancel"
@@ -123,8 +121,9 @@ class Listener:
     what the pools notify: it NOTIFYs itself through them and waits at most `check_s` to
     hear it. A connection that is no session of its own (one through PgBouncer in
     transaction mode, whose server connection serves others between transactions) never
-    hears it. `status(detail)` is told each change: None once subscribed and proven, else
-    why not (for the log: may name hosts)."""
+    hears it. `status(detail)` is told each failed attempt (why, for the log: may name
+    hosts) and each success after a failure (None: subscribed and proven); `describe`
+    words a driver's error (default: `outages.cause`)."""
 
     def __init__(
         self,
@@ -133,6 +132,7 @@ class Listener:
         *,
         notify_through: AsyncEngine | None = None,
         status: Callable[[str | None], None] = lambda _: None,
+        describe: Callable[[BaseException], str] = cause,
         retry_s: float = 1.0,
         check_s: float = SELF_CHECK_S,
     ) -> None:
@@ -145,6 +145,7 @@ class Listener:
         self._bus = bus
         self._engine = notify_through
         self._status = status
+        self._describe = describe
         self._retry_s = retry_s
         self._check_s = check_s
         # This listener's own channel, for its proof.
@@ -176,7 +177,7 @@ class Listener:
             except NotHeard as exc:
                 self._report(f"the LISTEN connection is not proven: {exc}")
             except (psycopg.Error, OSError) as exc:
-                self._report(f"the LISTEN connection failed: {_words(exc)}")
+                self._report(f"the LISTEN connection failed: {self._describe(exc)}")
             finally:
                 self.listening.clear()
             failures += 1
@@ -195,7 +196,10 @@ class Listener:
                     {"channel": self._ping_channel, "payload": payload},
                 )
         except (SQLAlchemyError, DatabaseUnavailable, OSError) as exc:
-            raise NotHeard(f"its check NOTIFY could not be sent: {_words(exc)}") from exc
+            # DatabaseUnavailable says what callers are told; the driver's words are its cause.
+            driver = exc.__cause__ if isinstance(exc, DatabaseUnavailable) else None
+            why = self._describe(driver or exc)
+            raise NotHeard(f"its check NOTIFY could not be sent: {why}") from exc
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._check_s
         while (left := deadline - loop.time()) > 0:
@@ -212,21 +216,13 @@ class Listener:
         )
 
     def _report(self, detail: str | None) -> None:
+        """Tell `status` of a failure (each: its log backs off while the cause is the same)
+        or of a success after failures."""
+        if detail is not None or self._reported is not None:
+            self._reported = detail
+            self._status(detail)
         self.tried.set()
-        if detail == self._reported:
-            return
-        self._reported = detail
-        if detail is not None:
-            log.debug("listen: %s; retrying", detail)
-        self._status(detail)
 
 
 class NotHeard(Exception):
     """The LISTEN connection did not hear its own NOTIFY (in time, or at all)."""
-
-
-def _words(exc: BaseException) -> str:
-    """The driver's first line (not SQLAlchemy's wrapping), after the error's type."""
-    orig = getattr(exc, "orig", None) or exc
-    lines = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {lines[0] if lines else ''}"

@@ -15,8 +15,13 @@ from contextlib import contextmanager
 from sqlalchemy import exc as sa_exc
 
 from ..errors import DatabaseUnavailable
+from ..telemetry.recurring import RecurringProblem
 
 log = logging.getLogger(__name__)
+# Every call that meets the same outage would log it again: its cause is logged once,
+# then at growing intervals while it lasts (lease upkeep meets it every few seconds); a
+# minute without one ends it.
+_problems = RecurringProblem(log, "database unavailable", new_after_s=60.0)
 
 # What callers are told; the driver's own message (which may name hosts) goes to the log.
 UNREACHABLE = "the database is unreachable; retry later"
@@ -86,14 +91,22 @@ def outage(exc: BaseException) -> str | None:
     return None
 
 
+def cause(exc: BaseException) -> str:
+    """What went wrong in the driver's own words: the first line of its message (not
+    the statement, parameters or context lines after it, which are never logged); for
+    operators (it may name hosts and databases), never callers."""
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else type(orig).__name__
+
+
 def unavailable(exc: BaseException) -> DatabaseUnavailable | None:
     message = outage(exc)
     if message is None:
         return None
-    orig = getattr(exc, "orig", None) or exc
-    # The driver's message, without SQLAlchemy's statement and parameters (never logged).
-    detail = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
-    log.warning("database unavailable: %s: %s", type(orig).__name__, detail)
+    _problems.failed(cause(exc))
     return DatabaseUnavailable(message)
 
 

@@ -97,6 +97,12 @@ class IdleClosingPool(AsyncAdaptedQueuePool):
         return self.checkedout() + idle_open
 
 
+# SQLAlchemy names a pool's logger after the pool's class: this one's is under
+# agentplane's, whose INFO lines are shown. Its pool's lines at INFO (each dispose and
+# recreation) stay unshown, as those of SQLAlchemy's own pools are (it sets WARN).
+logging.getLogger(f"{__name__}.{IdleClosingPool.__name__}").setLevel(logging.WARNING)
+
+
 async def close_idle_connections(engine: AsyncEngine, idle_timeout_s: float) -> None:
     """Until cancelled, close `engine`'s connections once unused for `idle_timeout_s`
     (checked every half of it)."""

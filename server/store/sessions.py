@@ -12,7 +12,15 @@ from datetime import datetime
 from sqlalchemy import and_, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from ..domain import ErrorReason, Event, EventKind, Session, SessionState, TokenUsage
+from ..domain import (
+    ErrorReason,
+    Event,
+    EventKind,
+    Session,
+    SessionState,
+    TokenUsage,
+    server_tool_counts,
+)
 from .models import (
     EventRow,
     SessionInputRow,
@@ -43,12 +51,14 @@ def _to_domain(row: SessionRow) -> Session:
         end_time=row.ended_at,
         cost_usd=row.cost_usd,
         sdk_cost_usd=row.sdk_cost_usd,
+        shortfall_usd=row.shortfall_usd,
         num_turns=row.num_turns,
         usage=TokenUsage(
             input_tokens=row.input_tokens,
             output_tokens=row.output_tokens,
             cache_creation_input_tokens=row.cache_creation_input_tokens,
             cache_read_input_tokens=row.cache_read_input_tokens,
+            server_tool_use=server_tool_counts(row.server_tool_use),
         ),
         error_reason=ErrorReason(row.error_reason) if row.error_reason else None,
         error_message=row.error_message,
@@ -59,6 +69,8 @@ def _to_domain(row: SessionRow) -> Session:
         require_approval=tuple(row.require_approval or ()),
         output_schema=row.output_schema or "",
         structured_result=row.structured_result,
+        trace_id=row.trace_id or "",
+        trace_span_id=row.trace_span_id or "",
     )
 
 
@@ -71,11 +83,13 @@ def _outcome_columns(session: Session) -> dict[str, object]:
         "ended_at": session.end_time,
         "cost_usd": session.cost_usd,
         "sdk_cost_usd": session.sdk_cost_usd,
+        "shortfall_usd": session.shortfall_usd,
         "num_turns": session.num_turns,
         "input_tokens": session.usage.input_tokens,
         "output_tokens": session.usage.output_tokens,
         "cache_creation_input_tokens": session.usage.cache_creation_input_tokens,
         "cache_read_input_tokens": session.usage.cache_read_input_tokens,
+        "server_tool_use": dict(session.usage.server_tool_use) or None,
         "error_reason": session.error_reason.value if session.error_reason else None,
         "error_message": session.error_message,
         "sdk_session_id": session.sdk_session_id,
@@ -113,6 +127,8 @@ async def insert_session(
                 "caller_tools": list(session.caller_tools) or None,
                 "require_approval": list(session.require_approval) or None,
                 "output_schema": session.output_schema or None,
+                "trace_id": session.trace_id or None,
+                "trace_span_id": session.trace_span_id or None,
                 "owner": owner,
                 "lease_expires_at": lease_until,
                 **_outcome_columns(session),

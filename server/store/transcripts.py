@@ -7,7 +7,9 @@ here, so a conversation survives the loss of the server that held its local file
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import delete, insert, select
@@ -173,3 +175,28 @@ class TenantTranscripts:
     async def has(self, session_id: str) -> bool:
         """Whether a conversation with this SDK session id was mirrored."""
         return await self.load({"project_key": self._project, "session_id": session_id}) is not None
+
+
+class ChargedTranscripts(TenantTranscripts):
+    """A tenant's transcripts as one session's CLI mirrors them.
+
+    The SDK stores whatever `transcript_mirror` frame the CLI's stdout holds, and a tool
+    can write forged ones there (for any conversation): so each append is charged to the
+    session first, and one that `charge(bytes)` refuses is dropped. (Dropped, not raised:
+    the SDK retries a failed append with a pause, once per conversation a frame names, and
+    a closing CLI waits for all of that. The session is stopped at its limit meanwhile.)
+    """
+
+    def __init__(self, store: SqlSessionStore, tenant: str, charge: Callable[[int], bool]) -> None:
+        super().__init__(store, tenant)
+        self._charge = charge
+
+    async def append(self, key: Key, entries: list[dict[str, Any]]) -> None:
+        size = sum(len(json.dumps(entry)) for entry in entries)
+        if not self._charge(size):
+            return
+        try:
+            await super().append(key, entries)
+        except BaseException:
+            self._charge(-size)  # not stored after all
+            raise

@@ -9,10 +9,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from ..domain import ModelUsage, SessionState, TokenUsage, Usage, usd
+from ..domain import ModelUsage, SessionState, TokenUsage, Usage, server_tool_counts, usd
 from .models import ModelRequestRow, SessionRow, ToolUseRow
 
 
@@ -25,8 +25,8 @@ def _in_range(tenant: str, start: datetime | None, end: datetime) -> list[Any]:
 
 async def usage(db: DbSession, tenant: str, start: datetime | None, end: datetime) -> Usage:
     """The tenant's sessions created in [start, end): counts by state and error reason,
-    cost and turns; their tool uses by tool name; and the tenant's model requests that
-    ended in [start, end), by model (see `by_model`)."""
+    cost, turns and metering shortfalls; their tool uses by tool name; and the tenant's
+    model requests that ended in [start, end), by model (see `by_model`)."""
     where = _in_range(tenant, start, end)
     rows = await db.execute(
         select(
@@ -35,18 +35,22 @@ async def usage(db: DbSession, tenant: str, start: datetime | None, end: datetim
             func.count(),
             func.sum(SessionRow.cost_usd),
             func.sum(SessionRow.num_turns),
+            func.sum(case((SessionRow.shortfall_usd > 0, 1), else_=0)),
+            func.sum(SessionRow.shortfall_usd),
         )
         .where(*where)
         .group_by(SessionRow.state, SessionRow.error_reason)
     )
-    total = succeeded = turns = 0
-    cost = ended_cost = Decimal(0)
+    total = succeeded = turns = short = 0
+    cost = ended_cost = shortfall = Decimal(0)
     failures: dict[str, int] = {}
-    for state, reason, count, cost_sum, turns_sum in rows:
+    for state, reason, count, cost_sum, turns_sum, short_count, short_sum in rows:
         group_cost = Decimal(cost_sum or 0)
         total += count
         cost += group_cost
         turns += int(turns_sum or 0)
+        short += int(short_count or 0)
+        shortfall += Decimal(short_sum or 0)
         if state == SessionState.COMPLETE.value:
             succeeded += count
             ended_cost += group_cost
@@ -72,6 +76,8 @@ async def usage(db: DbSession, tenant: str, start: datetime | None, end: datetim
         total_turns=turns,
         tool_uses={name: int(count) for name, count in tools},
         models=await by_model(db, tenant, start, end),
+        sessions_short=short,
+        shortfall_usd=usd(shortfall),
     )
 
 
@@ -79,8 +85,9 @@ async def by_model(
     db: DbSession, tenant: str, start: datetime | None, end: datetime
 ) -> tuple[ModelUsage, ...]:
     """The tenant's model requests that ended in [start, end), per model (sorted by model
-    id): counts by outcome, tokens by kind and cost. By `ended_at`, as a request is charged
-    when it settles; the index on (tenant, ended_at) serves the range."""
+    id): counts by outcome, tokens by kind, server-tool uses and cost. By `ended_at`, as a
+    request is charged when it settles; the index on (tenant, ended_at) serves the range.
+    Server-tool uses are JSON per request, summed here (only the few requests with any)."""
     conditions = [ModelRequestRow.tenant == tenant, ModelRequestRow.ended_at < end]
     if start is not None:
         conditions.append(ModelRequestRow.ended_at >= start)
@@ -108,6 +115,13 @@ async def by_model(
         )
         tokens[model] = tokens.get(model, TokenUsage()).plus(group)
         costs[model] = costs.get(model, Decimal(0)) + Decimal(cost_sum or 0)
+    uses = await db.execute(
+        select(ModelRequestRow.model, ModelRequestRow.server_tool_use).where(
+            *conditions, ModelRequestRow.server_tool_use.is_not(None)
+        )
+    )
+    for model, counts in uses:
+        tokens[model] = tokens[model].plus(TokenUsage(server_tool_use=server_tool_counts(counts)))
     # Sorted here, not in SQL: the databases' collations order strings differently.
     return tuple(
         ModelUsage(model, outcomes[model], tokens[model], usd(costs[model]))

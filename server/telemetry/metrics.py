@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 from opentelemetry import metrics
@@ -24,6 +25,7 @@ WARM_POOL_HITS = "agentplane.warm_pool.hits"
 WARM_POOL_MISSES = "agentplane.warm_pool.misses"
 CALLER_INPUTS = "agentplane.caller.inputs"
 CALLER_WAIT = "agentplane.caller.wait"
+METERING_SHORTFALL = "agentplane.metering.shortfall"
 
 # Seconds: a session lasts from under a second to an hour.
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -34,7 +36,8 @@ class SessionMetrics:
 
     Labels: `tenant` everywhere; `outcome` (COMPLETE or ERROR) and `reason` (the
     ErrorReason, "" on success) on ended sessions; `tool` and `outcome` (ok, error,
-    interrupted) on tool uses; `reason` on rejections; `type` on tokens.
+    interrupted) on tool uses; `reason` on rejections; `type` on tokens; `model` on
+    metering shortfalls.
     """
 
     def __init__(self, provider: metrics.MeterProvider) -> None:
@@ -92,6 +95,16 @@ class SessionMetrics:
             description="How long sessions waited for their callers",
             explicit_bucket_boundaries_advisory=list(DURATION_BUCKETS),
         )
+
+        self.shortfalls = meter.create_counter(
+            METERING_SHORTFALL,
+            unit="{USD}",
+            description="How far metered costs fell short of the agent CLI's own count, by "
+            "model (a price the table lacks)",
+        )
+
+    def shortfall(self, tenant: str, model: str, gap_usd: Decimal) -> None:
+        self.shortfalls.add(float(gap_usd), {"tenant": tenant, "model": model})
 
     def admitted(self, session: Session) -> None:
         labels = {"tenant": session.tenant}

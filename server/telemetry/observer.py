@@ -3,38 +3,28 @@
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from ..domain import Event, EventKind, Session
+from .guard import never_raises
 from .logs import span_ids
 from .metrics import SessionMetrics
 from .setup import Telemetry
 from .tracing import TRACER_NAME, SessionSpans
 
+if TYPE_CHECKING:  # typing only: telemetry is handed the records, it never meters
+    from ..budgets.gateway_meter import MeteredRequest
+
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _never_raises(method: F) -> F:
-    """Telemetry must not break a session: a failure here is logged and swallowed."""
-
-    @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        except Exception:  # any failure: log it, keep the session going
-            log.exception("telemetry_failed")
-            return None
-
-    return wrapper  # type: ignore[return-value]
+_never_raises = never_raises
 
 
 class TelemetryObserver:
-    """Spans per session and tool use, session metrics, and the tool_use log line."""
+    """Spans per session, model request and tool use, session metrics, and the
+    model_request and tool_use log lines."""
 
     def __init__(self, telemetry: Telemetry) -> None:
         self._tracer = telemetry.tracer_provider.get_tracer(TRACER_NAME)
@@ -45,6 +35,10 @@ class TelemetryObserver:
     @_never_raises
     def rejected(self, tenant: str, reason: str) -> None:
         self.metrics.rejected(tenant, reason)
+
+    def current_trace(self) -> tuple[str, str]:
+        ids = span_ids()
+        return ids.get("trace_id", ""), ids.get("span_id", "")
 
     def admitted(self, session: Session, prompt: str) -> contextvars.Context:
         """Open the session's invoke_agent span under the current one (the RunSession
@@ -68,10 +62,37 @@ class TelemetryObserver:
         self.metrics.pool_served(tenant, hit)
 
     @_never_raises
-    def model_request(self, session: Session, request: Any) -> None:
+    def shortfall(self, session: Session, model: str, gap_usd: Decimal) -> None:
+        self.metrics.shortfall(session.tenant, model, gap_usd)
+
+    @_never_raises
+    def model_request(self, session: Session, request: MeteredRequest) -> None:
+        """The request's chat span, and its log line (with that span's ids)."""
         spans = self._spans.get(session.id)
-        if spans is not None:
-            spans.model_request(request)
+        span = spans.model_request(request) if spans is not None else None
+        ended = request.ended_at or request.started_at
+        usage = request.usage
+        log.info(
+            "model_request",
+            extra={
+                "session_id": session.id,
+                "tenant": session.tenant,
+                "model": request.model,
+                "status": request.status,
+                "outcome": request.outcome,
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "cache_read_input_tokens": usage.cache_read_input_tokens,
+                "cache_creation_input_tokens": usage.cache_creation_input_tokens,
+                "server_tool_use": dict(usage.server_tool_use) or None,
+                "cost_usd": str(request.cost_usd),
+                "duration_ms": round((ended - request.started_at).total_seconds() * 1000),
+                "max_tokens": request.max_tokens_forwarded,
+                "response_id": request.response.id or None,
+                "upstream_request_id": request.upstream_request_id or None,
+                **(span_ids(span) if span is not None else {}),
+            },
+        )
 
     @_never_raises
     def event(self, session: Session, event: Event) -> None:

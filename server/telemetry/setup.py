@@ -9,12 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from opentelemetry import metrics, trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.instrumentation.grpc.filters import health_check, negate
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -26,6 +23,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from .otel_env import OtelConfig
 
 log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = "/grpc.health.v1.Health/"
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,10 @@ def _metric_readers(config: OtelConfig) -> list[MetricReader]:
     return [PeriodicExportingMetricReader(exporter, config.metric_export_interval_ms)]
 
 
+class EndpointUnavailable(Exception):
+    """The Prometheus endpoint cannot listen where it was asked to; says where and why."""
+
+
 class PrometheusEndpoint:
     """`/metrics` over HTTP from a registry of its own (not prometheus_client's global)."""
 
@@ -74,8 +77,13 @@ class PrometheusEndpoint:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
         self.registry = CollectorRegistry(auto_describe=True)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # in use, not an address of this machine, no such name
+            raise EndpointUnavailable(
+                f"cannot bind {host}:{port} ({exc.strerror or exc})"
+            ) from None
         self.reader = PrometheusMetricReader(registry=self.registry)
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         self.host = host
 
     @property
@@ -112,6 +120,8 @@ class Telemetry:
         content = content or ContentPolicy()
         if config.disabled:
             return cls(trace.NoOpTracerProvider(), metrics.NoOpMeterProvider(), content)
+        # First: it may fail (EndpointUnavailable), before anything else has started.
+        endpoint = PrometheusEndpoint(*prometheus) if prometheus is not None else None
         resource = Resource.create({SERVICE_NAME: config.service_name})
         processors: list[SpanProcessor] = [BatchSpanProcessor(e) for e in _span_exporters(config)]
         processors += span_processors
@@ -122,9 +132,7 @@ class Telemetry:
         for processor in processors:
             tracer_provider.add_span_processor(processor)
         readers = [*_metric_readers(config), *metric_readers]
-        endpoint = None
-        if prometheus is not None:
-            endpoint = PrometheusEndpoint(*prometheus)
+        if endpoint is not None:
             readers.append(endpoint.reader)
             log.info("prometheus_listening", extra={"address": f"{endpoint.host}:{endpoint.port}"})
         meter_provider = MeterProvider(
@@ -145,10 +153,10 @@ class Telemetry:
         checks are not traced)."""
         if not self.tracing:
             return []
-        interceptor: Any = aio_server_interceptor(
-            tracer_provider=self.tracer_provider, filter_=negate(health_check())
-        )
-        return [interceptor]
+        from .rpc import ServerSpans  # it needs this module's ContentPolicy
+
+        tracer = self.tracer_provider.get_tracer("agentplane.grpc")
+        return [ServerSpans(tracer, skip=lambda method: method.startswith(HEALTH_SERVICE))]
 
     def shutdown(self) -> None:
         """Flush and stop (blocking: exporters may wait on the network)."""

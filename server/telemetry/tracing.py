@@ -1,9 +1,13 @@
 """Span names and attributes (OpenTelemetry GenAI conventions) in one place, and the spans
-of one session: `invoke_agent {agent}` with an `execute_tool {tool}` child per tool use.
+of one session: `invoke_agent {agent}` with a `chat {model}` child per model request and an
+`execute_tool {tool}` child per tool use.
 
 Tool spans get their real start and end times from the session's tool_use and
-tool_result events. Prompts and tool inputs/outputs go on spans only when the
-ContentPolicy says so, cut to its size.
+tool_result events, chat spans from the gateway's record of the request. Token counts
+follow the conventions: `gen_ai.usage.input_tokens` includes the cache reads and writes
+(Anthropic's `input_tokens` does not), which the cache attributes break down. Prompts,
+messages and tool inputs/outputs go on spans only when the ContentPolicy says so, cut to
+its size.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from ..domain import Event, Session, SessionState
+from ..domain import Event, Session, SessionState, TokenUsage
+from . import messages
 from .setup import ContentPolicy
 
 if TYPE_CHECKING:  # typing only: telemetry is handed the records, it never meters
@@ -30,6 +35,9 @@ EXECUTE_TOOL = "execute_tool"
 CHAT = "chat"
 REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
 RESPONSE_MODEL = "gen_ai.response.model"
+RESPONSE_ID = "gen_ai.response.id"
+FINISH_REASONS = "gen_ai.response.finish_reasons"
+HTTP_STATUS = "http.response.status_code"
 
 # GenAI semantic conventions.
 OPERATION_NAME = "gen_ai.operation.name"
@@ -43,6 +51,7 @@ CACHE_READ_TOKENS = "gen_ai.usage.cache_read.input_tokens"
 CACHE_CREATION_TOKENS = "gen_ai.usage.cache_creation.input_tokens"
 INPUT_MESSAGES = "gen_ai.input.messages"
 OUTPUT_MESSAGES = "gen_ai.output.messages"
+SYSTEM_INSTRUCTIONS = "gen_ai.system_instructions"
 TOOL_NAME = "gen_ai.tool.name"
 TOOL_CALL_ID = "gen_ai.tool.call.id"
 TOOL_TYPE = "gen_ai.tool.type"
@@ -55,6 +64,14 @@ TENANT = "agentplane.tenant"
 COST_USD = "agentplane.cost_usd"
 NUM_TURNS = "agentplane.num_turns"
 SESSION_STATE = "agentplane.session.state"
+OUTCOME = "agentplane.model_request.outcome"
+UPSTREAM_REQUEST_ID = "agentplane.upstream.request_id"
+# OpenInference's input/output of a span (what LLM viewers show in their lists).
+INPUT_VALUE = "input.value"
+OUTPUT_VALUE = "output.value"
+USER_ID = "user.id"  # the tenant
+METADATA = "metadata"  # OpenInference: the session's labels, as a JSON object
+LABEL_PREFIX = "agentplane.label."
 RETRY_EVENT = "agentplane.retry"
 # A wait for the caller ended (on invoke_agent; its tool's span gets the decision too).
 CALLER_INPUT_EVENT = "agentplane.caller_input"
@@ -67,8 +84,26 @@ def ns(when: datetime) -> int:
     return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
 
 
-def _messages(role: str, text: str) -> str:
-    return json.dumps([{"role": role, "parts": [{"type": "text", "content": text}]}])
+def label_attributes(labels: dict[str, str]) -> dict[str, str]:
+    """A session's labels: one `agentplane.label.{key}` each, and `metadata` (JSON)."""
+    if not labels:
+        return {}
+    return {
+        METADATA: json.dumps(labels, sort_keys=True),
+        **{LABEL_PREFIX + key: value for key, value in labels.items()},
+    }
+
+
+def usage_attributes(usage: TokenUsage) -> dict[str, int]:
+    """Token counts as the GenAI conventions define them: input includes the cache."""
+    return {
+        INPUT_TOKENS: usage.input_tokens
+        + usage.cache_read_input_tokens
+        + usage.cache_creation_input_tokens,
+        OUTPUT_TOKENS: usage.output_tokens,
+        CACHE_READ_TOKENS: usage.cache_read_input_tokens,
+        CACHE_CREATION_TOKENS: usage.cache_creation_input_tokens,
+    }
 
 
 class SessionSpans:
@@ -86,11 +121,14 @@ class SessionSpans:
             CONVERSATION_ID: session.id,
             SESSION_ID: session.id,
             TENANT: session.tenant,
+            USER_ID: session.tenant,
+            **label_attributes(session.labels),
         }
         if session.model:
             attributes[REQUEST_MODEL] = session.model
         if content.capture:
-            attributes[INPUT_MESSAGES] = _messages("user", content.cap(prompt))
+            attributes[INPUT_MESSAGES] = messages.text_messages("user", prompt, content)
+            attributes[INPUT_VALUE] = content.cap(prompt)
         self.span: Span = tracer.start_span(
             f"{INVOKE_AGENT} {session.tenant}",
             kind=SpanKind.INTERNAL,
@@ -99,6 +137,8 @@ class SessionSpans:
         )
         self.context = trace.set_span_in_context(self.span)
         self._tools: dict[str, tuple[Span, str]] = {}
+        # The model that last answered (the CLI picks one when the caller asked none).
+        self._model = session.model
 
     def attach(self) -> None:
         """Make the invoke_agent span current in the running context."""
@@ -143,21 +183,33 @@ class SessionSpans:
         span.end(end_time=ns(event.time))
         return name, failed
 
-    def model_request(self, request: MeteredRequest) -> None:
+    def model_request(self, request: MeteredRequest) -> Span:
         """A `chat {model}` span for one model request the gateway metered, with its real
-        start and end times, tokens and cost."""
+        start and end times, tokens, cost, HTTP status and what the response said of
+        itself (and its messages, when content is recorded)."""
+        response = request.response
         attributes: dict[str, Any] = {
             OPERATION_NAME: CHAT,
             PROVIDER_NAME: PROVIDER,
             REQUEST_MODEL: request.model,
-            INPUT_TOKENS: request.usage.input_tokens,
-            OUTPUT_TOKENS: request.usage.output_tokens,
-            CACHE_READ_TOKENS: request.usage.cache_read_input_tokens,
-            CACHE_CREATION_TOKENS: request.usage.cache_creation_input_tokens,
+            **usage_attributes(request.usage),
             COST_USD: str(request.cost_usd),
+            OUTCOME: request.outcome,
         }
         if request.max_tokens_forwarded is not None:
             attributes[REQUEST_MAX_TOKENS] = request.max_tokens_forwarded
+        if request.status is not None:
+            attributes[HTTP_STATUS] = request.status
+        if request.upstream_request_id:
+            attributes[UPSTREAM_REQUEST_ID] = request.upstream_request_id
+        if response.id:
+            attributes[RESPONSE_ID] = response.id
+        if response.model:
+            attributes[RESPONSE_MODEL] = response.model
+        if response.stop_reason:
+            attributes[FINISH_REASONS] = [messages.finish_reason(response.stop_reason)]
+        if self._content.capture:
+            attributes.update(self._chat_content(request))
         span = self._tracer.start_span(
             f"{CHAT} {request.model}",
             context=self.context,
@@ -167,8 +219,28 @@ class SessionSpans:
         )
         if request.outcome != "completed":
             span.set_attribute(ERROR_TYPE, request.outcome or "error")
-            span.set_status(Status(StatusCode.ERROR, f"model request {request.outcome}"))
+            span.set_status(
+                Status(StatusCode.ERROR, f"model request {request.outcome} ({request.status})")
+            )
+        if request.outcome == "completed" or response.model:
+            self._model = response.model or request.model
         span.end(end_time=ns(request.ended_at or request.started_at))
+        return span
+
+    def _chat_content(self, request: MeteredRequest) -> dict[str, str]:
+        attributes: dict[str, str] = {}
+        if request.request_body is not None:
+            sent, system = messages.input_messages(request.request_body, self._content)
+            if sent is not None:
+                attributes[INPUT_MESSAGES] = sent
+            if system is not None:
+                attributes[SYSTEM_INSTRUCTIONS] = system
+        response = request.response
+        if response.content is not None and (response.content or response.stop_reason):
+            attributes[OUTPUT_MESSAGES] = messages.output_messages(
+                response.content, response.stop_reason, self._content
+            )
+        return attributes
 
     def retry(self, event: Event) -> None:
         self.span.add_event(
@@ -210,21 +282,26 @@ class SessionSpans:
         span.set_attributes(
             {
                 CONVERSATION_ID: final.sdk_session_id or final.id,
-                INPUT_TOKENS: final.usage.input_tokens,
-                OUTPUT_TOKENS: final.usage.output_tokens,
-                CACHE_READ_TOKENS: final.usage.cache_read_input_tokens,
-                CACHE_CREATION_TOKENS: final.usage.cache_creation_input_tokens,
+                **usage_attributes(final.usage),
                 COST_USD: float(final.cost_usd),
                 NUM_TURNS: final.num_turns,
                 SESSION_STATE: final.state.value,
             }
         )
+        model = self._model or final.model
+        if model:
+            span.set_attribute(RESPONSE_MODEL, model)
         if final.state is SessionState.ERROR:
             span.set_attribute(ERROR_TYPE, reason)
             span.set_status(Status(StatusCode.ERROR, final.error_message[:500]))
         elif self._content.capture and final.result:
-            span.set_attribute(
-                OUTPUT_MESSAGES, _messages("assistant", self._content.cap(final.result))
+            span.set_attributes(
+                {
+                    OUTPUT_MESSAGES: messages.text_messages(
+                        "assistant", final.result, self._content, stop_reason="end_turn"
+                    ),
+                    OUTPUT_VALUE: self._content.cap(final.result),
+                }
             )
         span.end(end_time=end_time)
         return interrupted

@@ -122,7 +122,7 @@ def adm_token(run: int) -> str:
 
 def tenants_toml(workspace: Path, *, adm_runs: int, adm_admits: int, warm: bool = True) -> str:
     """acme (limits high enough for concurrency 8 and thousands of sessions), `solo` (one
-    uncontended admission at a time), `warm` (acme with a warm pool of one agent; not with
+    uncontended admission at a time), `flood` (Bash, for benchmark 10), `warm` (acme with a warm pool of one agent; not with
     warm=False) and `adm0..` (one fresh budget window per run of the admission benchmark,
     admitting exactly `adm_admits` sessions of 0.1 USD)."""
     key = "AGENTPLANE_TEST_ACME_KEY"
@@ -149,6 +149,17 @@ def tenants_toml(workspace: Path, *, adm_runs: int, adm_admits: int, warm: bool 
                 max_session_budget_usd=per_session,
                 max_turns=4,
                 max_concurrent_sessions=64,
+            ),
+            # Its agents flood the gateway (benchmark 10): Bash, generous budgets.
+            tenant_toml(
+                "flood",
+                "flood-token",
+                anthropic_api_key_env=key,
+                allowed_tools=["Bash"],
+                daily_limit_usd=100000.0,
+                max_session_budget_usd=1.0,
+                max_turns=4,
+                max_concurrent_sessions=8,
             ),
             # acme's policy with one agent kept started ahead of demand (the warm pool).
             *(

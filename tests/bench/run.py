@@ -12,6 +12,7 @@ runs, with min and max. The benchmarks, one module each:
     admission.py   7    50 concurrent admissions against one budget: latency, no overspend
     scaling.py     8    memory/CPU with idle streams; figures with 10k-1M rows in the tables
     replicas.py    9    two replicas: follow lag and database load, cancel through the other
+    flood.py       10   the metering gateway flooded from a sandbox: server RSS, health latency
 
     python tests/bench/run.py [--runs N] [--quick] [--output BENCHMARKS.md]
 
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import admission
 import claude_agent_sdk
+import flood
 import grpc
 import latency
 import psycopg
@@ -147,6 +149,21 @@ SECTIONS = {
             f"{replicas.IDLE_WINDOW_S:g} s while N followers on the other replica follow a session "
             "that waits for the model, minus the rates with none (before and after, averaged). Cancel: CancelSession on the "
             "replica that does not run the session, sent -> answered (the session has ended)."
+        ),
+    ),
+    "10": (
+        "Gateway flood (benchmark 10, SQLite)",
+        (
+            "A session's agent posts bodies to the metering gateway from inside its sandbox "
+            "(its ANTHROPIC_BASE_URL and token), six at a time: "
+            f"{flood.BODIES} of 48 MiB (half with a Content-Length, half chunked; to "
+            "/v1/messages, count_tokens and the MCP relay), refused 413 before they are "
+            f"buffered; and {flood.PARSED} of 31 MiB of small JSON values, which the gateway "
+            "reads and parses (in its worker processes) and refuses for want of a model. "
+            "RSS growth: the server process's peak VmRSS during the session minus before it "
+            "(per run). Health: grpc.health Check latency from the bench process, polled every "
+            "10 ms through each session, against the same while a session of the same tenant "
+            "runs `sleep 2`."
         ),
     ),
 }
@@ -316,6 +333,7 @@ async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
             lines, more = await scaling.run(bench, server)
             rows["8"] += lines
             notes["8"] += more
+            rows["10"] += await flood.run(bench, server)
         finally:
             await server.stop()
         await on_postgres(bench, rows, notes)

@@ -40,6 +40,7 @@ def _session(i: int, tenant: str) -> dict[str, Any]:
         "resumed_from": None,
         "cost_usd": Decimal("0.0016"),
         "sdk_cost_usd": Decimal("0.0016"),
+        "shortfall_usd": Decimal(0),
         "num_turns": 1,
         "input_tokens": 500,
         "output_tokens": 20,
