@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "installed into $(VENV)"
 
-setup: $(STAMP) ## create .venv, install agentplane with its extras, and the sandbox's tools (bwrap, socat)
+setup: $(STAMP) ## create .venv, install agentplane with its extras, the sandbox's tools (bwrap, socat) and, for the tests, pgbouncer
 	@scripts/install_sandbox_tools.sh
+	@scripts/install_pgbouncer.sh
 
 proto: $(STAMP) ## regenerate the Python stubs in client/v1 from protos/
 	scripts/gen_protos.sh

@@ -69,25 +69,24 @@ async def _migrate(settings: Settings) -> None:
     database cannot be reached or refuses them."""
     from sqlalchemy.exc import DBAPIError
 
-    from .store.diagnosis import explain, remedy, shown, sqlite_folder
+    from .store.diagnosis import LISTEN_SETTING, SETTING, explain, remedy, shown, sqlite_folder
     from .store.engine import create_engine, migrate
 
-    url = settings.database_url
+    # Straight to PostgreSQL when the pools go through a pooler (DDL needs no pooling).
+    url = settings.direct_url
+    setting = LISTEN_SETTING if settings.pooled else SETTING
     folder = sqlite_folder(url)
     if folder is not None and not folder.is_dir():
         # Said before connecting: a failed connect leaves aiosqlite's thread to report
         # into a closed event loop (a traceback after the line).
         reason = "unable to open database file"
-        raise ConfigError(
-            "AGENTPLANE_DATABASE_URL",
-            f"cannot migrate {shown(url)}: {reason}; {remedy(reason, url)}",
-        )
-    engine = create_engine(url)
+        raise ConfigError(setting, f"cannot migrate {shown(url)}: {reason}; {remedy(reason, url)}")
+    engine = create_engine(url, purpose="migrate")
     try:
         await migrate(engine)
     except (DBAPIError, OSError) as exc:
         raise ConfigError(
-            "AGENTPLANE_DATABASE_URL", f"cannot migrate {shown(url)}: {explain(exc, url)}"
+            setting, f"cannot migrate {shown(url)}: {explain(exc, url, setting)}"
         ) from None
     finally:
         await engine.dispose()
@@ -182,7 +181,11 @@ def _check_config(settings: Settings, tenants: TenantRegistry) -> int:
     tenant_checks(settings, prices.price)(tenants)
     sandbox = _sandbox_tools(settings)
     database = asyncio.run(
-        check_database(settings.database_url, migrated_at_start=settings.migrate_at_start)
+        check_database(
+            settings.database_url,
+            migrated_at_start=settings.migrate_at_start,
+            listen_url=settings.database_listen_url,
+        )
     )
     print(
         f"configuration ok: {len(tenants.tenants)} tenant(s)"

@@ -38,7 +38,7 @@ from .budgets.ledger import BudgetReader
 from .budgets.pricing import PriceTable
 from .config import Settings, is_loopback
 from .errors import ConfigError, InvalidArgument
-from .health import Health
+from .health import DATABASE, WRITES, Health, PoolCheck
 from .isolation.sandboxes import Sandboxes, SandboxUnavailable
 from .operator_gauges import watch_server
 from .sessions.capacity import Capacity
@@ -50,8 +50,10 @@ from .sessions.pool import PoolConfig, WarmPool
 from .sessions.retry import RetryPolicy
 from .sessions.runner import AgentRunner, RunnerConfig
 from .sessions.usage import UsageReader
-from .store.engine import POOL, UPKEEP_POOL, create_engine, sessionmaker
-from .store.notify import Bus, Listener
+from .store.diagnosis import LISTEN_SETTING, SETTING, explain
+from .store.engine import create_engine, on_connection_failure, sessionmaker
+from .store.notify import SELF_CHECK_S, Bus, Listener
+from .store.pools import PoolSize, close_idle_connections
 from .store.transcripts import SqlSessionStore
 from .telemetry.budget_watch import BudgetWatch
 from .telemetry.observer import TelemetryObserver
@@ -102,12 +104,23 @@ def tenant_checks(
     return check
 
 
-def _engine(settings: Settings, pool: tuple[int, int] = POOL) -> AsyncEngine:
+def _engine(settings: Settings, purpose: str, pool: PoolSize) -> AsyncEngine:
     return create_engine(
         settings.database_url,
         statement_timeout_s=settings.db_statement_timeout_s,
         pool_timeout_s=settings.db_pool_timeout_s,
         pool=pool,
+        purpose=purpose,
+        pooled=settings.pooled,
+    )
+
+
+def pool_sizes(settings: Settings) -> tuple[PoolSize, PoolSize]:
+    """The callers' pool and the running sessions' (writes) pool, as the settings say."""
+    idle = settings.db_idle_timeout_s
+    return (
+        PoolSize(settings.db_pool_size, settings.db_pool_overflow, idle),
+        PoolSize(settings.db_write_pool_size, settings.db_write_pool_overflow, idle),
     )
 
 
@@ -257,18 +270,34 @@ class App:
         reverse order."""
         telemetry = telemetry or telemetry_for(settings)
         resources.push_async_callback(asyncio.to_thread, telemetry.shutdown)  # flushes
-        engine = _engine(settings)
+        callers_pool, writes_pool = pool_sizes(settings)
+        engine = _engine(settings, "main", callers_pool)
         resources.push_async_callback(engine.dispose)
+        # Running sessions write through a pool of their own (see SessionManager).
+        upkeep_engine = _engine(settings, "write", writes_pool)
+        resources.push_async_callback(upkeep_engine.dispose)
+        health = Health()
+        on_connection_failure(engine, lambda error: health.pool_failed(DATABASE, engine, error))
+        on_connection_failure(
+            upkeep_engine, lambda error: health.pool_failed(WRITES, upkeep_engine, error)
+        )
         # What this server's commits and (PostgreSQL) the other replicas' notify.
         bus = Bus()
-        notifications = Listener(engine.url, bus) if engine.dialect.name == "postgresql" else None
+        notifications = None
+        if engine.dialect.name == "postgresql":
+            # Straight to PostgreSQL (a pooler's server connection would not stay ours),
+            # proven by a NOTIFY through the sessions' pool, which readiness keeps warm.
+            listen_setting = LISTEN_SETTING if settings.pooled else SETTING
+            notifications = Listener(
+                settings.direct_url,
+                bus,
+                notify_through=upkeep_engine,
+                status=health.listen,
+                describe=lambda error: explain(error, settings.direct_url, listen_setting),
+            )
         db = sessionmaker(engine, bus)
-        # Running sessions write through a pool of their own (see SessionManager).
-        upkeep_engine = _engine(settings, UPKEEP_POOL)
-        resources.push_async_callback(upkeep_engine.dispose)
         upkeep_db = sessionmaker(upkeep_engine, bus)
-        health = Health()
-        await health.init(sandboxed=settings.sandbox)
+        await health.init(sandboxed=settings.sandbox, listens=notifications is not None)
         resources.push_async_callback(health.shutdown)
         settings.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _open_work_dir(settings.work_dir, tenants)
@@ -413,7 +442,24 @@ class App:
         renewal and crash recovery, and readiness re-checks of the database."""
         cli_path = self.settings.cli_path or BUNDLED_CLI
         await self._sweep_host()  # before readiness: a restart's own leftovers too
-        await self.health.check(self.engine, cli_path, migrate_first=self.settings.migrate_at_start)
+        assert self.upkeep_engine is not None
+        if self.notifications is not None:
+            # Cancels, events and budget changes of the other replicas, as they commit.
+            self._background.append(
+                asyncio.create_task(self.notifications.run(), name="notifications")
+            )
+        await self.health.check(
+            self.engine,
+            self.upkeep_engine,
+            cli_path,
+            migrate_first=self.settings.migrate_at_start,
+        )
+        if self.notifications is not None:
+            # Its first verdict (a refused connection comes at once, an unheard NOTIFY
+            # after SELF_CHECK_S); readiness follows it later as it changes.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.notifications.tried.wait(), SELF_CHECK_S + 20)
+        await self.health.started()
         if self.sessions.pool is not None:
             self.sessions.pool.start()  # once ready: a server that cannot serve spends nothing
         if self.budget_watch is not None:
@@ -427,11 +473,13 @@ class App:
                     self.reloader.watch(self.settings.tenants_poll_s), name="tenants-file"
                 )
             )
-        if self.notifications is not None:
-            # Cancels, events and budget changes of the other replicas, as they commit.
-            self._background.append(
-                asyncio.create_task(self.notifications.run(), name="notifications")
-            )
+        sqlite = self.engine.dialect.name == "sqlite"
+        checks = [
+            PoolCheck(WRITES, self.upkeep_engine),
+            # On PostgreSQL the callers' pool is checked only while a request found it
+            # failing: checking it always would keep a connection of it open for good.
+            PoolCheck(DATABASE, self.engine, always=sqlite),
+        ]
         self._background += [
             asyncio.create_task(self.sessions.lease_keeper.run(), name="leases"),
             *(
@@ -440,7 +488,14 @@ class App:
                 else []
             ),
             asyncio.create_task(
-                self.health.monitor(self.engine, self.settings.health_interval_s), name="health"
+                self.health.monitor(checks, self.settings.health_interval_s), name="health"
+            ),
+            *(
+                asyncio.create_task(
+                    close_idle_connections(e, self.settings.db_idle_timeout_s), name="idle"
+                )
+                for e in (self.engine, self.upkeep_engine)
+                if not sqlite
             ),
             asyncio.create_task(
                 self.sessions.deleter.run(

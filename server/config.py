@@ -232,6 +232,16 @@ class Settings:
         "sqlite:///./agentplane.db",
         "`sqlite:///path` or `postgresql://user@host/db` (psycopg 3)",
     )
+    database_listen_url: str | None = setting(
+        "AGENTPLANE_DATABASE_LISTEN_URL",
+        _optional(_database_url),
+        "",
+        "`postgresql://...` straight to PostgreSQL, for the one LISTEN connection, when "
+        "`AGENTPLANE_DATABASE_URL` goes through PgBouncer in transaction mode; set, the pools "
+        "send no startup options, prepare no statements and set the statement timeout in "
+        "each transaction",
+        shown="unset (`AGENTPLANE_DATABASE_URL`, no pooler)",
+    )
     db_statement_timeout_s: float = setting(
         "AGENTPLANE_DB_STATEMENT_TIMEOUT_S",
         _seconds,
@@ -244,6 +254,40 @@ class Settings:
         _seconds,
         "5",
         "how long a call waits for a free database connection before it is answered UNAVAILABLE",
+    )
+    db_pool_size: int = setting(
+        "AGENTPLANE_DB_POOL_SIZE",
+        _integer(1),
+        "5",
+        "PostgreSQL: connections of the callers' pool kept while in use (each closed once "
+        "idle for `AGENTPLANE_DB_IDLE_TIMEOUT_S`)",
+    )
+    db_pool_overflow: int = setting(
+        "AGENTPLANE_DB_POOL_OVERFLOW",
+        _integer(0),
+        "5",
+        "PostgreSQL: more connections the callers' pool opens for a burst, each closed as "
+        "soon as it is returned",
+    )
+    db_write_pool_size: int = setting(
+        "AGENTPLANE_DB_WRITE_POOL_SIZE",
+        _integer(1),
+        "4",
+        "PostgreSQL: the same for the running sessions' own pool (events, model requests, "
+        "leases, their end; and the readiness checks)",
+    )
+    db_write_pool_overflow: int = setting(
+        "AGENTPLANE_DB_WRITE_POOL_OVERFLOW",
+        _integer(0),
+        "2",
+        "PostgreSQL: the running sessions' pool's burst connections",
+    )
+    db_idle_timeout_s: float = setting(
+        "AGENTPLANE_DB_IDLE_TIMEOUT_S",
+        _seconds,
+        "60",
+        "PostgreSQL: a pooled connection unused this long is closed (an idle replica keeps "
+        "two: one of the sessions' pool, one LISTEN)",
     )
     tenants_file: Path | None = setting(  # noqa: RUF009
         "AGENTPLANE_TENANTS_FILE",
@@ -401,7 +445,8 @@ class Settings:
         "AGENTPLANE_HEALTH_INTERVAL_S",
         _seconds,
         "5",
-        "how often readiness re-checks the database",
+        "how often readiness re-checks the database (through the running sessions' pool; "
+        "the callers' pool while a call found it failing)",
     )
     retention_interval_s: float = setting(
         "AGENTPLANE_RETENTION_INTERVAL_S",
@@ -452,6 +497,7 @@ class Settings:
             f.name: f.metadata[_SETTING].read(env) for f in fields(cls) if _SETTING in f.metadata
         }
         _check_tls(values)
+        _check_listen_url(values)
         return cls(**values, otel=OtelConfig.from_env(env))
 
     @property
@@ -459,6 +505,18 @@ class Settings:
         if self.auto_migrate is not None:
             return self.auto_migrate
         return make_url(self.database_url).get_backend_name() == "sqlite"
+
+    @property
+    def pooled(self) -> bool:
+        """Whether AGENTPLANE_DATABASE_URL goes through a pooler in transaction mode (the
+        operator gave the LISTEN connection a URL of its own)."""
+        return self.database_listen_url is not None
+
+    @property
+    def direct_url(self) -> str:
+        """PostgreSQL itself, not through a pooler: for the LISTEN connection and
+        migrations (AGENTPLANE_DATABASE_LISTEN_URL, else AGENTPLANE_DATABASE_URL)."""
+        return self.database_listen_url or self.database_url
 
     @property
     def listen_host(self) -> str:
@@ -497,6 +555,24 @@ def is_loopback(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
+
+
+def _check_listen_url(values: Mapping[str, Any]) -> None:
+    """A LISTEN URL is PostgreSQL's, beside a PostgreSQL database URL."""
+    listen = values["database_listen_url"]
+    if listen is None:
+        return
+    if make_url(listen).get_backend_name() != "postgresql":
+        raise ConfigError(
+            "AGENTPLANE_DATABASE_LISTEN_URL",
+            "must be a postgresql:// URL (PostgreSQL itself, not a pooler in transaction mode)",
+        )
+    if make_url(values["database_url"]).get_backend_name() != "postgresql":
+        raise ConfigError(
+            "AGENTPLANE_DATABASE_LISTEN_URL",
+            "is for PostgreSQL only: AGENTPLANE_DATABASE_URL is not a postgresql:// URL "
+            "(unset AGENTPLANE_DATABASE_LISTEN_URL)",
+        )
 
 
 def _check_tls(values: Mapping[str, Any]) -> None:

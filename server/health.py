@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # the public name of the asyncio servicer
 from sqlalchemy import text
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .errors import DatabaseUnavailable, Unavailable
 from .sessions.cli_env import NO_OUTBOUND_TRAFFIC
 from .store.diagnosis import explain
 from .store.engine import migrate, migrations_current
+from .telemetry.recurring import RecurringProblem
 
 log = logging.getLogger(__name__)
 
@@ -53,29 +57,77 @@ class _Servicer(health_aio.HealthServicer):
         )
 
 
+# The parts of readiness: a replica is ready when none of them has a problem.
+STARTING = "starting"  # the start-up checks have not all finished
+DATABASE = "database"  # the callers' pool reaches the database, whose schema is current
+WRITES = "writes"  # the running sessions' own pool does (their events, leases, end)
+LISTEN = "listen"  # the LISTEN connection is subscribed and hears what the pools notify
+CLI = "cli"  # the agent CLI starts
+_ORDER = (STARTING, DATABASE, WRITES, LISTEN, CLI)
+
+_POOLS = {DATABASE: "the callers' pool", WRITES: "the running sessions' pool"}
+UNREACHABLE = "the database is unreachable; retry later"
+DEAF = (
+    "this replica cannot hear the other replicas now (its LISTEN connection is down); retry later"
+)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    message: str  # what a caller is told
+    database: bool  # the caller gets DatabaseUnavailable (else Unavailable)
+
+
+@dataclass(frozen=True)
+class PoolCheck:
+    """A pool readiness checks: always (each interval), or only while it is failing
+    (found so by a caller's request or the start-up check)."""
+
+    part: str
+    engine: AsyncEngine
+    always: bool = True
+
+
 class Health:
-    """Owns the health servicer and the reason the server is not ready, if any."""
+    """Owns the health servicer and the reasons the server is not ready, if any."""
 
     def __init__(self) -> None:
         self.servicer = _Servicer()
-        self.problem: str | None = "starting up"
+        self._problems: dict[str, _Problem] = {STARTING: _Problem("starting up", False)}
         self._stopping = False
-        self._cli_problem: str | None = "not checked yet"
-        self._database_down = False
-        self._database_fine = False
         self._model_api_reachable = True
         self._sandboxed = True
         self._tenants_valid = True
+        self._checked: set[str] = set()  # the parts checked at least once
         self._updates: set[asyncio.Task[None]] = set()
+        self._details: dict[str, str] = {}  # each problem's words for the log
+        # Each failing part's log: its cause once, then at growing intervals while it
+        # lasts (a failing pool is re-checked, the LISTEN connection retried, every few
+        # seconds), a new cause at once, and its end.
+        self._logs: dict[str, RecurringProblem] = {}
 
-    async def init(self, *, sandboxed: bool = True) -> None:
+    async def init(self, *, sandboxed: bool = True, listens: bool = False) -> None:
+        """`listens`: readiness waits for a LISTEN connection too (see `listen`)."""
         self._sandboxed = sandboxed
+        if listens:
+            self._problems[LISTEN] = _Problem(DEAF, True)
         for name in READY_NAMES:
             await self.servicer.set(name, NOT_SERVING)
         await self.servicer.set(LIVENESS, SERVING)
         await self.servicer.set(SANDBOX, SERVING if sandboxed else NOT_SERVING)
         await self.servicer.set(MODEL_API, SERVING)
         await self.servicer.set(TENANTS, SERVING)
+
+    @property
+    def problem(self) -> str | None:
+        """Why the server is not ready, for callers (None: it is)."""
+        if self._stopping:
+            return "the server is shutting down"
+        first = self._first()
+        return first.message if first is not None else None
+
+    def _first(self) -> _Problem | None:
+        return next((self._problems[p] for p in _ORDER if p in self._problems), None)
 
     def model_api(self, reachable: bool) -> None:
         """The metering gateway reached the model API, or could not connect to it."""
@@ -84,71 +136,135 @@ class Health:
         self._model_api_reachable = reachable
         if not reachable:
             log.warning("model_api_unreachable")
-        task = asyncio.get_running_loop().create_task(
-            self.servicer.set(MODEL_API, SERVING if reachable else NOT_SERVING)
-        )
-        self._updates.add(task)
-        task.add_done_callback(self._updates.discard)
+        self._spawn(self.servicer.set(MODEL_API, SERVING if reachable else NOT_SERVING))
 
     async def tenants(self, valid: bool) -> None:
         """The tenants file on disk was read: valid (and applied), or not (ignored)."""
         self._tenants_valid = valid
         await self.servicer.set(TENANTS, SERVING if valid else NOT_SERVING)
 
-    async def _set_ready(self, problem: str | None) -> None:
-        self.problem = problem
-        status = SERVING if problem is None and not self._stopping else NOT_SERVING
-        for name in READY_NAMES:
-            await self.servicer.set(name, status)
+    def listen(self, detail: str | None) -> None:
+        """The LISTEN connection is subscribed and proven (None), or not: why (for the log)."""
+        self._spawn(self._set(LISTEN, None if detail is None else _Problem(DEAF, True), detail))
+
+    def pool_failed(self, part: str, engine: AsyncEngine, error: BaseException) -> None:
+        """A request found the pool of `part` (`engine`'s) unable to connect (or lost a
+        connection in use: the driver's `error`): not ready until a check of that pool
+        passes again."""
+        if part not in self._problems:
+            detail = f"{_POOLS[part]}: {unreachable(error, engine.url)}"
+            self._spawn(self._pool_failed(part, detail))
+
+    async def _pool_failed(self, part: str, detail: str) -> None:
+        if part not in self._problems:  # a check may have found it (in its own words) since
+            await self._set(part, _Problem(UNREACHABLE, True), detail)
 
     def refusal(self) -> Unavailable | None:
         """Why the server takes no new work now, as the error a caller gets (None: it
-        does): DatabaseUnavailable while readiness finds the database unreachable."""
-        if self.problem is None:
+        does): DatabaseUnavailable while the database, either pool or the LISTEN
+        connection fails."""
+        if self._stopping:
+            return Unavailable("the server is shutting down")
+        first = self._first()
+        if first is None:
             return None
-        if self._database_down and not self._stopping:
-            return DatabaseUnavailable(self.problem)
-        return Unavailable(self.problem)
+        return DatabaseUnavailable(first.message) if first.database else Unavailable(first.message)
 
-    async def check(self, engine: AsyncEngine, cli_path: Path, *, migrate_first: bool) -> None:
-        """Check the database, its migrations and the agent CLI; SERVING if all pass."""
-        self._cli_problem = await _cli_problem(cli_path)
-        problem, detail = await self._database(engine, migrate_first)
-        problem = problem or self._cli_problem
-        if problem:
-            log.error("not ready: %s", detail or problem)
+    async def check(
+        self,
+        engine: AsyncEngine,
+        write_engine: AsyncEngine,
+        cli_path: Path,
+        *,
+        migrate_first: bool,
+    ) -> None:
+        """The start-up checks of the database through both pools (migrating it first if
+        asked) and of the agent CLI; `started` then says whether all passed."""
+        cli = await _cli_problem(cli_path)
+        self._checked.add(CLI)
+        await self._set(CLI, None if cli is None else _Problem(cli, False), cli)
+        await self._check_pool(DATABASE, engine, migrate_first)
+        await self._check_pool(WRITES, write_engine, False)
+
+    async def started(self) -> None:
+        """The start-up checks are done: ready if every part is."""
+        problems = [p for p in _ORDER if p in self._problems and p != STARTING]
+        if problems:
+            details = {p: self._details.get(p, self._problems[p].message) for p in problems}
+            log.error("not ready: %s", "; ".join(details.values()))
+            for part, detail in details.items():
+                self._log(part).failed(detail, said=True)
         else:
-            log.info("ready: database migrated and agent CLI found")
-        await self._set_ready(problem)
+            log.info("ready: database migrated, pools and LISTEN connected, agent CLI found")
+        await self._set(STARTING, None, None, quiet=True)
 
-    async def monitor(self, engine: AsyncEngine, interval_s: float) -> None:
-        """Re-check the database every `interval_s`: readiness follows it down and back up
-        without a restart."""
+    async def monitor(self, checks: list[PoolCheck], interval_s: float) -> None:
+        """Re-check the pools every `interval_s` (each `always`, the others while they
+        fail): readiness follows them down and back up without a restart."""
         while not self._stopping:
             await asyncio.sleep(interval_s)
-            problem, detail = await self._database(engine, False)
-            problem = problem or self._cli_problem
-            if problem != self.problem and not self._stopping:
-                log.warning("readiness: %s", detail or problem or "ready again")
-                await self._set_ready(problem)
+            for check in checks:
+                if (check.always or check.part in self._problems) and not self._stopping:
+                    await self._check_pool(check.part, check.engine, False)
 
-    async def _database(
-        self, engine: AsyncEngine, migrate_first: bool
-    ) -> tuple[str | None, str | None]:
+    async def _check_pool(self, part: str, engine: AsyncEngine, migrate_first: bool) -> None:
         problem, detail = await _database_problem(engine, migrate_first)
-        self._database_down = detail is not None
-        self._database_fine = problem is None
-        return problem, detail
+        self._checked.add(part)
+        found = None if problem is None else _Problem(problem, detail is not None)
+        await self._set(part, found, f"{_POOLS[part]}: {detail or problem}")
+
+    async def _set(
+        self, part: str, problem: _Problem | None, detail: str | None, *, quiet: bool = False
+    ) -> None:
+        """Record `part`'s problem (None: it has none), log it (see `_logs`), publish a
+        change of readiness."""
+        was = self._problems.get(part)
+        if problem is None:
+            if was is None:
+                return
+            del self._problems[part]
+            self._details.pop(part, None)
+            logged = self._logs.pop(part, None)
+            if logged is not None and not quiet:
+                logged.resolved()
+                if self.problem is None:
+                    log.info("ready")
+        else:
+            self._problems[part] = problem
+            self._details[part] = detail or problem.message
+            if STARTING not in self._problems and not self._stopping:
+                self._log(part).failed(detail or problem.message)
+            if problem == was:
+                return  # the same for callers
+        await self._publish()
+
+    def _log(self, part: str) -> RecurringProblem:
+        if part not in self._logs:
+            self._logs[part] = RecurringProblem(log, f"readiness: {part}")
+        return self._logs[part]
+
+    async def _publish(self) -> None:
+        for name in READY_NAMES:
+            # Read at each set: the last update to run publishes the current state.
+            await self.servicer.set(name, SERVING if self.problem is None else NOT_SERVING)
+
+    def _spawn(self, update: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(update)
+        self._updates.add(task)
+        task.add_done_callback(self._updates.discard)
 
     def dependencies(self) -> dict[str, bool]:
         """Whether each dependency is fine now (for the metrics): `server` is readiness
-        itself; `database` reachable and migrated; `agent_cli` found and starting;
-        `model_api` reached by the last model request; `sandbox` in use; `tenants_file`
-        valid on disk."""
+        itself; `database` reachable and migrated through both pools; `agent_cli` found
+        and starting; `model_api` reached by the last model request; `sandbox` in use;
+        `tenants_file` valid on disk. One not checked yet is not fine."""
+        problems = self._problems
         return {
-            "server": self.problem is None and not self._stopping,
-            "database": self._database_fine,
-            "agent_cli": self._cli_problem is None,
+            "server": self.problem is None,
+            "database": DATABASE in self._checked
+            and DATABASE not in problems
+            and WRITES not in problems,
+            "agent_cli": CLI in self._checked and CLI not in problems,
             "model_api": self._model_api_reachable,
             "sandbox": self._sandboxed,
             "tenants_file": self._tenants_valid,
@@ -157,14 +273,12 @@ class Health:
     async def drain(self) -> None:
         """Draining: every name that invites work goes NOT_SERVING; liveness stays SERVING."""
         self._stopping = True
-        self.problem = "the server is shutting down"
         for name in READY_NAMES:
             await self.servicer.set(name, NOT_SERVING)
 
     async def shutdown(self) -> None:
         """NOT_SERVING for good (liveness too: the process is going away)."""
         self._stopping = True
-        self.problem = "the server is shutting down"
         await self.servicer.enter_graceful_shutdown()
 
 
@@ -182,9 +296,14 @@ async def _database_problem(
         if not await migrations_current(engine):
             return "the database schema is not current: run `agentplane-server migrate`", None
     except Exception as exc:  # noqa: BLE001  (any driver error means "not ready")
-        detail = f"the database is unreachable: {explain(exc, engine.url)}"
-        return "the database is unreachable; retry later", detail
+        return UNREACHABLE, unreachable(exc, engine.url)
     return None, None
+
+
+def unreachable(error: BaseException, url: URL) -> str:
+    """The log's words for a pool that cannot reach the database at `url`: the driver's
+    cause and what to do (store/diagnosis.py)."""
+    return f"the database is unreachable: {explain(error, url)}"
 
 
 async def _cli_problem(cli_path: Path) -> str | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from agentplane.server.sessions.cli_env import SessionDirs
 from harness import TEST_PG_URL, Harness, PostgresDatabase, short_dir, start_harness, stop_harness
+from pgbouncer import PgBouncer, routed, running_pgbouncer
 
 BACKENDS = ["sqlite"] + (["postgresql"] if TEST_PG_URL else [])
 
@@ -35,13 +36,24 @@ async def harness(database_url: str) -> AsyncIterator[Harness]:
     await stop_harness(h)
 
 
-@pytest.fixture
-async def replicas(database_url: str) -> AsyncIterator[tuple[Harness, Harness]]:
-    """Two servers on one PostgreSQL database (skipped on SQLite, which serves one)."""
+@pytest.fixture(scope="module")
+def bouncer() -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode in front of the test PostgreSQL (see pgbouncer.py)."""
+    with running_pgbouncer() as running:
+        yield running
+
+
+@pytest.fixture(params=["direct", "pgbouncer"])
+async def replicas(
+    database_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Harness, Harness]]:
+    """Two servers on one PostgreSQL database (skipped on SQLite, which serves one),
+    straight on it or through PgBouncer."""
     if not database_url.startswith("postgresql"):
         pytest.skip("replicas share a PostgreSQL database (SQLite serves one server)")
-    owner = await start_harness(database_url)
-    other = await start_harness(database_url)
+    url, route = routed(database_url, request.param, request)
+    owner = await start_harness(url, **route)
+    other = await start_harness(url, **route)
     yield owner, other
     await stop_harness(other)
     await stop_harness(owner)

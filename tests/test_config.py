@@ -42,6 +42,21 @@ GOOD_HASH = hash_token("tok")
         ({"AGENTPLANE_AUTO_MIGRATE": "maybe"}, "AGENTPLANE_AUTO_MIGRATE"),
         ({"AGENTPLANE_LOG_LEVEL": "LOUD"}, "AGENTPLANE_LOG_LEVEL"),
         ({"AGENTPLANE_SANDBOX": "off"}, "AGENTPLANE_SANDBOX"),
+        ({"AGENTPLANE_DB_POOL_SIZE": "0"}, "AGENTPLANE_DB_POOL_SIZE"),  # 0: no limit at all
+        ({"AGENTPLANE_DB_POOL_OVERFLOW": "-1"}, "AGENTPLANE_DB_POOL_OVERFLOW"),
+        ({"AGENTPLANE_DB_WRITE_POOL_SIZE": "0"}, "AGENTPLANE_DB_WRITE_POOL_SIZE"),
+        ({"AGENTPLANE_DB_WRITE_POOL_OVERFLOW": "x"}, "AGENTPLANE_DB_WRITE_POOL_OVERFLOW"),
+        ({"AGENTPLANE_DB_IDLE_TIMEOUT_S": "0"}, "AGENTPLANE_DB_IDLE_TIMEOUT_S"),
+        ({"AGENTPLANE_DATABASE_LISTEN_URL": "::::"}, "AGENTPLANE_DATABASE_LISTEN_URL"),
+        (
+            {
+                "AGENTPLANE_DATABASE_URL": "postgresql://h/db",
+                "AGENTPLANE_DATABASE_LISTEN_URL": "sqlite:///x.db",
+            },
+            "AGENTPLANE_DATABASE_LISTEN_URL",
+        ),
+        # A LISTEN URL beside SQLite: there is no LISTEN (nor a pooler) there.
+        ({"AGENTPLANE_DATABASE_LISTEN_URL": "postgresql://h/db"}, "AGENTPLANE_DATABASE_LISTEN_URL"),
         ({"AGENTPLANE_SANDBOX_UIDS": "3000000"}, "AGENTPLANE_SANDBOX_UIDS"),
         ({"AGENTPLANE_SANDBOX_UIDS": "0-65535"}, "AGENTPLANE_SANDBOX_UIDS"),  # root in it
         ({"AGENTPLANE_SANDBOX_UIDS": "5000-4000"}, "AGENTPLANE_SANDBOX_UIDS"),
@@ -63,6 +78,14 @@ def test_defaults() -> None:
     assert not Settings.from_env({"AGENTPLANE_DATABASE_URL": "postgresql://h/db"}).migrate_at_start
     # The dataclass defaults and the environment's come from the same declarations.
     assert Settings() == s
+    assert not s.pooled and s.direct_url == s.database_url
+    pooled = Settings.from_env(
+        {
+            "AGENTPLANE_DATABASE_URL": "postgresql://u@pgbouncer:6432/db",
+            "AGENTPLANE_DATABASE_LISTEN_URL": "postgresql://u@postgres:5432/db",
+        }
+    )
+    assert pooled.pooled and pooled.direct_url == "postgresql://u@postgres:5432/db"
 
 
 def test_a_too_long_work_dir_is_refused_with_the_reason() -> None:

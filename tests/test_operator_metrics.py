@@ -623,7 +623,7 @@ async def test_readiness_per_dependency(tmp_path: Path) -> None:
     assert health.dependencies()["server"] is False  # starting up
     assert health.dependencies()["database"] is False  # not checked yet
     try:
-        await health.check(engine, tmp_path / "no-such-cli", migrate_first=True)
+        await health.check(engine, engine, tmp_path / "no-such-cli", migrate_first=True)
         assert health.dependencies() == {
             "server": False,
             "database": True,

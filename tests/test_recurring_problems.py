@@ -1,18 +1,18 @@
 """A problem that recurs on every retry (the database gone) is logged with its cause: at
 once, then only at growing intervals while it lasts, again when its cause changes, and
-once when it is over."""
+once when it is over. Readiness logs its parts (the pools, the LISTEN connection) so."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 
 import pytest
-from agentplane.server.store.diagnosis import remedy
+from agentplane.server.health import Health
+from agentplane.server.store.diagnosis import LISTEN_SETTING, POOLER_HINT, remedy
 from agentplane.server.store.notify import Bus, Listener
 from agentplane.server.telemetry.recurring import RecurringProblem
-from harness import TEST_PG_URL
+from harness import TEST_PG_URL, PostgresDatabase
 from sqlalchemy.engine import make_url
 
 LOGGER = "agentplane.test.recurring"
@@ -102,30 +102,59 @@ def test_each_database_cause_says_what_to_do(cause: str, advice: str) -> None:
     assert remedy(cause, "postgresql://ap:pw@db:5433/shop") == advice
 
 
+def test_a_pooler_refusing_startup_options_says_which_url_to_point_where() -> None:
+    refused = "connection failed: ... FATAL: unsupported startup parameter: options"
+    assert remedy(refused, "postgresql://ap@bouncer:6432/shop") == POOLER_HINT
+    listen = remedy(refused, "postgresql://ap@bouncer:6432/shop", LISTEN_SETTING)
+    assert listen.startswith("AGENTPLANE_DATABASE_LISTEN_URL looks like PgBouncer's: point it at ")
+    # Any other cause names the setting it was given.
+    assert remedy("Connection refused", "postgresql://db/shop", LISTEN_SETTING) == (
+        "start the database server, or set AGENTPLANE_DATABASE_LISTEN_URL to where it runs"
+    )
+
+
 async def test_the_listener_names_its_cause_and_does_not_repeat_it_every_retry(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """The LISTEN connection's failures reach readiness, whose log names the cause once,
+    then backs off while it lasts, and says once when it is over."""
     if not TEST_PG_URL:
         pytest.skip("the listener is PostgreSQL's (needs AGENTPLANE_TEST_DATABASE_URL)")
-    name = f"ap_missing_{uuid.uuid4().hex[:8]}"
-    url = make_url(TEST_PG_URL).set(drivername="postgresql+psycopg", database=name)
-    caplog.set_level(logging.WARNING, "agentplane.server.store.notify")
-    listener = Listener(url, Bus(), retry_s=0.02)  # retries about 50 times a second
+    database = PostgresDatabase(TEST_PG_URL)  # not there until the end
+    name = database.name
+    caplog.set_level(logging.INFO, "agentplane.server.health")
+    health = Health()
+    await health.init(listens=True)
+    await health.started()  # the start-up verdict ("not ready"): what follows is upkeep's
+    url = make_url(database.url).set(drivername="postgresql+psycopg")
+    listener = Listener(url, Bus(), status=health.listen, retry_s=0.02)  # retries fast
     task = asyncio.create_task(listener.run())
 
     def logged() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.name == "agentplane.server.store.notify"]
+        return [
+            r
+            for r in caplog.records
+            if r.name == "agentplane.server.health" and "readiness: listen" in r.getMessage()
+        ]
 
     try:
         async with asyncio.timeout(60):
             while len(logged()) < 2:  # the first repeat is due 2 s after the first line
                 await asyncio.sleep(0.05)
+            first, repeat = (r.getMessage() for r in logged()[:2])
+            assert first.startswith("readiness: listen: the LISTEN connection failed: "), first
+            assert f'database "{name}" does not exist' in first
+            assert repeat.startswith("readiness: listen (still: "), repeat
+            assert f'database "{name}" does not exist' in repeat
+            # Every retry in between failed the same way, unlogged.
+            assert logged()[1].failures > 2, repeat  # type: ignore[attr-defined]
+            database.create()
+            while not listener.listening.is_set() or health.problem is not None:
+                await asyncio.sleep(0.05)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    first, repeat = (r.getMessage() for r in logged()[:2])
-    assert first.startswith("listen: database unavailable, retrying every 0.02 s: "), first
-    assert f'database "{name}" does not exist' in first
-    assert f'database "{name}" does not exist' in repeat
-    # Every retry in between failed the same way, unlogged.
-    assert logged()[1].failures > 2, repeat  # type: ignore[attr-defined]
+        database.drop()
+    ends = [r.getMessage() for r in logged() if "resolved" in r.getMessage()]
+    assert len(ends) == 1 and ends[0].startswith("readiness: listen: resolved after "), ends
+    await health.shutdown()

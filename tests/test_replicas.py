@@ -1,6 +1,8 @@
 """Replicas on one PostgreSQL database behave as one: a cancel taken by any of them stops
 the session wherever it runs, and followers on any of them get its events as they are
-committed (two real servers in this process, one database)."""
+committed (two real servers in this process, one database). Each test runs with the
+replicas straight on PostgreSQL and with their pools through PgBouncer in transaction
+mode."""
 
 from __future__ import annotations
 
@@ -14,19 +16,25 @@ from agentplane.server.sandbox import Script, Step, ToolCall
 from agentplane.server.store.notify import EVENTS_CHANNEL, Bus, Listener
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import MODEL, Harness, error_details, start_harness, stop_harness
+from pgbouncer import routed
 
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture
-async def replicas(database_url: str) -> AsyncIterator[tuple[Harness, Harness]]:
+@pytest.fixture(params=["direct", "pgbouncer"])
+async def replicas(
+    database_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Harness, Harness]]:
+    """Two replicas, straight on PostgreSQL or with their pools through PgBouncer in
+    transaction mode (their LISTEN connections straight to PostgreSQL)."""
     if not database_url.startswith("postgresql"):
         pytest.skip("replicas share a PostgreSQL database (SQLite serves one server)")
+    url, route = routed(database_url, request.param, request)
     # A short lease: renewal, the fallback for a missed NOTIFY, comes every 2 s. Not
     # shorter: a loaded machine may keep a server from renewing for a few seconds, and the
     # other would then close its running sessions INTERRUPTED.
-    owner = await start_harness(database_url, lease_ttl_s=6)
-    other = await start_harness(database_url, lease_ttl_s=6)
+    owner = await start_harness(url, lease_ttl_s=6, **route)
+    other = await start_harness(url, lease_ttl_s=6, **route)
     for h in (owner, other):
         h.sandbox.add_script("held", Script(steps=[Step(hang=True)]))
     yield owner, other
@@ -161,7 +169,7 @@ async def test_followers_on_another_replica_share_one_pushed_read(
     bus.subscribe(
         EVENTS_CHANNEL, lambda p: notified.append(p) if p.startswith(session_id) else None
     )
-    listener = Listener(other.app.engine.url, bus)
+    listener = Listener(other.app.settings.direct_url, bus)
     listening = asyncio.create_task(listener.run())
     await asyncio.wait_for(listener.listening.wait(), 10)
     reads = event_reads(other)

@@ -5,6 +5,7 @@ factory, whose sessions turn an outage of the database into DatabaseUnavailable 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -13,7 +14,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSessionTransaction,
@@ -24,8 +25,10 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.orm import Session
 
 from .. import migrations as _migrations  # type: ignore[attr-defined]  # top-level migrations/
+from .app_names import application_name
 from .notify import BUS, Bus, committed, rolled_back
 from .outages import database_outages, unavailable
+from .pools import IdleClosingPool, PoolSize
 
 MIGRATIONS_DIR = Path(_migrations.__file__).resolve().parent
 
@@ -43,22 +46,21 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-# Connections of the main pool (callers' requests), and of the running sessions' own.
-POOL = (10, 10)  # pool_size, max_overflow
-UPKEEP_POOL = (4, 4)
-
-
 def create_engine(
     url: str,
     *,
     statement_timeout_s: float = 10.0,
     pool_timeout_s: float = 5.0,
-    pool: tuple[int, int] = POOL,
+    pool: PoolSize = PoolSize(),  # noqa: B008  (frozen: one shared default is fine)
+    purpose: str = "main",
+    pooled: bool = False,
 ) -> AsyncEngine:
     """An async engine whose callers wait at most `pool_timeout_s` for a connection;
-    PostgreSQL cancels statements after `statement_timeout_s`. SQLite gets WAL, a busy
-    timeout and foreign keys, and files only the server's user can read (see
-    `private_sqlite_files`)."""
+    PostgreSQL cancels statements after `statement_timeout_s`, and names each connection
+    `application_name(purpose)`. `pooled`: the URL is a pooler's in transaction mode
+    (PgBouncer), which keeps no session state: no startup options, no prepared statements,
+    the statement timeout set in each transaction. SQLite gets WAL, a busy timeout and
+    foreign keys, and files only the server's user can read (see `private_sqlite_files`)."""
     url = async_url(url)
     if is_sqlite(url):
         private_sqlite_files(make_url(url).database)
@@ -76,15 +78,48 @@ def create_engine(
         return engine
     # Every statement is bounded, so one slow query (or a lock held elsewhere) cannot keep
     # a connection from everyone else for long.
-    options = f"-c statement_timeout={round(statement_timeout_s * 1000)}"
-    return create_async_engine(
+    timeout_ms = round(statement_timeout_s * 1000)
+    connect_args: dict[str, object] = {"application_name": application_name(purpose)}
+    if pooled:
+        # A server connection serves another client's next transaction: a statement
+        # prepared on it would collide (or be missing), a SET would leak.
+        connect_args["prepare_threshold"] = None
+    else:
+        connect_args["options"] = f"-c statement_timeout={timeout_ms}"
+    engine = create_async_engine(
         url,
-        pool_size=pool[0],
-        max_overflow=pool[1],
+        poolclass=IdleClosingPool,
+        pool_size=pool.size,
+        max_overflow=pool.overflow,
+        pool_use_lifo=True,  # the connections a light load needs stay warm, the rest idle
         pool_timeout=pool_timeout_s,
         pool_pre_ping=True,
-        connect_args={"options": options},
+        connect_args=connect_args,
     )
+    if pooled:
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _statement_timeout(conn: Connection) -> None:
+            # SET LOCAL lasts until the transaction's end: what a transaction pooler keeps.
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {timeout_ms}")
+
+    return engine
+
+
+def on_connection_failure(engine: AsyncEngine, failed: Callable[[BaseException], None]) -> None:
+    """Tell `failed(error)` (the driver's) when `engine` cannot open a connection, or loses
+    one in use (not when its pre-ping finds a stale one: the pool replaces that itself)."""
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _failed(context: ExceptionContext) -> None:
+        if context.is_pre_ping or not (context.connection is None or context.is_disconnect):
+            return
+        error = context.original_exception
+        # A task cancelled in a connect or a statement (its caller went away) drops that
+        # connection (SQLAlchemy counts it a disconnect), but says nothing of the
+        # database: only errors (the driver's, an OS error) do.
+        if isinstance(error, Exception):
+            failed(error)
 
 
 class _Transaction(AsyncSessionTransaction):

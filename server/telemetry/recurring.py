@@ -43,14 +43,16 @@ class RecurringProblem:
         """The cause of the problem going on (None: none is)."""
         return self._cause
 
-    def failed(self, cause: str) -> None:
-        """One more failure, for `cause` (the driver's words, one line)."""
+    def failed(self, cause: str, *, said: bool = False) -> None:
+        """One more failure, for `cause` (the driver's words, one line). `said`: a new
+        cause was already logged in other words (it is not logged again now)."""
         now = self._clock()
         if cause != self._cause or now - self._last > self._new_after_s:
             self._cause, self._since, self._failures = cause, now, 0
             self._interval = FIRST_INTERVAL_S
             self._due = now + self._interval
-            self._log.warning("%s: %s", self._event, cause)
+            if not said:
+                self._log.warning("%s: %s", self._event, cause)
         elif now >= self._due:
             self._interval = min(self._interval * 2, self._max_interval_s)
             self._due = now + self._interval
