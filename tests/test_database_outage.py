@@ -10,6 +10,8 @@ PostgreSQL: the database refuses connections and its backends are terminated.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import itertools
 import logging
 import shutil
 import uuid
@@ -165,8 +167,15 @@ async def list_sessions(h: Harness) -> Any:
     return await h.sessions.ListSessions(session_pb2.ListSessionsRequest(), metadata=h.auth())
 
 
+_UNREAD_DAYS = itertools.count()
+
+
 async def get_budget(h: Harness) -> Any:
-    return await h.budgets.GetBudget(budget_pb2.GetBudgetRequest(), metadata=h.auth())
+    # A day nothing has read yet: a window read before (today's, which the budget gauges
+    # read) may be known in memory, and is then answered, exact, without the database.
+    day = datetime.date(2001, 1, 1) + datetime.timedelta(days=next(_UNREAD_DAYS))
+    request = budget_pb2.GetBudgetRequest(date=day.isoformat())
+    return await h.budgets.GetBudget(request, metadata=h.auth())
 
 
 async def get_usage(h: Harness) -> Any:
