@@ -15,7 +15,7 @@ from .config import Settings, settings_help
 from .config_warnings import tenants_file_warnings, unknown_variables
 from .errors import ConfigError
 from .mcp.servers import problem as mcp_problem
-from .sandbox import cli as sandbox_cli
+from .model_double import cli as sandbox_cli
 from .telemetry.logs import configure_logging
 from .tenants import TenantRegistry
 
@@ -99,7 +99,7 @@ async def _dev(settings: Settings, tenants: TenantRegistry) -> int:
     if not os.environ.get("ANTHROPIC_API_KEY") and settings.anthropic_base_url is None:
         from dataclasses import replace
 
-        from .sandbox import SandboxServer
+        from .model_double import SandboxServer
 
         sandbox = SandboxServer()
         await sandbox.start()

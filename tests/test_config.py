@@ -569,7 +569,7 @@ def test_unknown_agentplane_variables_are_named_with_the_closest_setting() -> No
 async def test_the_builtin_tool_names_are_the_bundled_clis(session_dirs: SessionDirs) -> None:
     # The CLI drops a name it does not have: asked for all of ours and one it has not, it
     # offers exactly ours; asked for none, only tools among ours.
-    from agentplane.server.sandbox import SandboxServer
+    from agentplane.server.model_double import SandboxServer
     from agentplane.server.sessions.cli_env import NO_OUTBOUND_TRAFFIC
     from agentplane.server.sessions.launcher import BUNDLED_CLI
     from claude_agent_sdk import ClaudeAgentOptions, SystemMessage, query

@@ -29,7 +29,7 @@ from agentplane.server.budgets.gateway_meter import (
 from agentplane.server.budgets.gateway_sse import SseUsageParser
 from agentplane.server.budgets.pricing import PriceTable
 from agentplane.server.domain import TokenUsage
-from agentplane.server.sandbox import (
+from agentplane.server.model_double import (
     HttpFailure,
     RecordedRequest,
     SandboxServer,

@@ -25,7 +25,7 @@ from agentplane.server.budgets.gateway_limits import ReadSlots
 from agentplane.server.budgets.gateway_meter import SessionMeter
 from agentplane.server.budgets.gateway_parse import BodyParser, ParseFailed, inspect
 from agentplane.server.budgets.pricing import PriceTable
-from agentplane.server.sandbox import SandboxServer
+from agentplane.server.model_double import SandboxServer
 from harness import processes
 from test_gateway import _document, _with_blocks, pdf
 

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.server.sessions.beneath import SymlinkInPath
 from agentplane.server.sessions.requests import InputFile
 from agentplane.server.sessions.workspace_files import write_input_files

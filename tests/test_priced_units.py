@@ -20,7 +20,7 @@ from agentplane.server.budgets.gateway_meter import SERVER_TOOL_RESULT_TOKENS, S
 from agentplane.server.budgets.gateway_sse import SseUsageParser, usage_from_message
 from agentplane.server.budgets.pricing import PriceTable, PriceTableError
 from agentplane.server.domain import TokenUsage
-from agentplane.server.sandbox import SandboxServer, Script, Step, Usage
+from agentplane.server.model_double import SandboxServer, Script, Step, Usage
 
 PRICES = PriceTable.load()
 FIXTURES = Path(__file__).parent / "fixtures" / "sse"

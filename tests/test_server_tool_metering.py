@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentplane.server.sandbox import RecordedRequest, Script, Step, ToolCall, Usage
+from agentplane.server.model_double import RecordedRequest, Script, Step, ToolCall, Usage
 from agentplane.server.telemetry.metrics import METERING_SHORTFALL
 from agentplane.server.telemetry.otel_env import OtelConfig
 from agentplane.server.telemetry.setup import Telemetry

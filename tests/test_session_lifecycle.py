@@ -9,7 +9,7 @@ from decimal import Decimal
 import grpc
 import pytest
 from agentplane.server.domain import ErrorReason, SessionState
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.server.sessions.lifecycle import SessionLifecycle
 from agentplane.server.sessions.requests import RunRequest
 from agentplane.v1 import budget_pb2, session_pb2
@@ -283,7 +283,7 @@ async def test_a_caller_that_goes_away_with_continue_leaves_the_session_running(
 
 
 async def test_a_transient_model_failure_is_retried_and_resumed(harness: Harness) -> None:
-    from agentplane.server.sandbox import HttpFailure
+    from agentplane.server.model_double import HttpFailure
 
     harness.sandbox.add_script(
         "flaky",
@@ -324,7 +324,7 @@ async def test_a_transient_model_failure_is_retried_and_resumed(harness: Harness
 
 
 async def test_a_permanent_failure_ends_after_the_configured_attempts(harness: Harness) -> None:
-    from agentplane.server.sandbox import HttpFailure
+    from agentplane.server.model_double import HttpFailure
 
     harness.sandbox.add_script(
         "down",
@@ -346,7 +346,7 @@ async def test_a_permanent_failure_ends_after_the_configured_attempts(harness: H
 
 
 async def test_a_client_error_is_not_retried(harness: Harness) -> None:
-    from agentplane.server.sandbox import HttpFailure
+    from agentplane.server.model_double import HttpFailure
 
     # 401: a bad key will not get better by asking again. (The CLI itself re-sends a 400
     # a few times, so a 400 would not show whether *we* retried.)

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from agentplane.server.errors import ConfigError
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.server.sessions.owners import write_marker
 from agentplane.server.sessions.pool import WARM_MARKER
 from agentplane.v1 import session_pb2

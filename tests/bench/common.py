@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 import psycopg
-from agentplane.server.sandbox import SandboxServer, Script, Step, ToolCall, Usage
+from agentplane.server.model_double import SandboxServer, Script, Step, ToolCall, Usage
 from agentplane.server.sessions.cli_env import SessionDirs, cli_environment
 from agentplane.server.sessions.launcher import BUNDLED_CLI
 from agentplane.server.sessions.translate import to_events

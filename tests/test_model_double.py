@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from agentplane.server.sandbox import (
+from agentplane.server.model_double import (
     FINISHED_TEXT,
     GREETING,
     HttpFailure,
@@ -695,7 +695,7 @@ def test_script_round_trip_and_load_scripts(tmp_path: Path) -> None:
 def test_cli_serves_until_sigint(tmp_path: Path) -> None:
     scripts = tmp_path / "s.json"
     scripts.write_text(json.dumps({"hi": {"steps": [{"text": "from the file"}]}}))
-    code = "from agentplane.server.sandbox.cli import main; raise SystemExit(main())"
+    code = "from agentplane.server.model_double.cli import main; raise SystemExit(main())"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--port", "0", "--scripts", str(scripts)],
         stdout=subprocess.PIPE,
