@@ -1,4 +1,4 @@
-"""``agentplane-server sandbox``: serve the sandbox model until SIGINT/SIGTERM."""
+"""``agentplane-server model-double``: serve the model double until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ DESCRIPTION = "Serve a scripted Anthropic Messages API (point ANTHROPIC_BASE_URL
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agentplane-server sandbox", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="agentplane-server model-double", description=DESCRIPTION)
     add_options(parser)
     return parser
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    """The sandbox model's options (also those of `agentplane-server sandbox`)."""
+    """The sandbox model's options (also those of `agentplane-server model-double`)."""
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
     )
@@ -55,6 +55,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(args.host, args.port, args.scripts))
     except (OSError, TypeError, ValueError) as exc:
-        print(f"agentplane-server sandbox: {exc}", flush=True)
+        print(f"agentplane-server model-double: {exc}", flush=True)
         return 1
     return 0
