@@ -154,7 +154,7 @@ def _warnings(settings: Settings, tenants: TenantRegistry) -> list[str]:
 def _sandbox_tools(settings: Settings) -> str:
     """The sandbox's tools found on PATH (a line); ConfigError naming a missing one."""
     from .app import sandbox_unavailable
-    from .isolation.sandboxes import SandboxUnavailable, find_tools
+    from .sandbox.sandboxes import SandboxUnavailable, find_tools
 
     if not settings.sandbox:
         return (

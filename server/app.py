@@ -39,10 +39,10 @@ from .budgets.pricing import PriceTable
 from .config import Settings, is_loopback
 from .errors import ConfigError, InvalidArgument
 from .health import DATABASE, WRITES, Health, PoolCheck
-from .isolation.sandboxes import Sandboxes, SandboxUnavailable
 from .operator_gauges import watch_server
+from .sandbox.host_dirs import default_host_dir, register
+from .sandbox.sandboxes import Sandboxes, SandboxUnavailable
 from .sessions.capacity import Capacity
-from .sessions.host_dirs import default_host_dir, register
 from .sessions.launcher import BUNDLED_CLI, LaunchConfig, Launcher
 from .sessions.leases import LeaseConfig
 from .sessions.manager import SessionManager

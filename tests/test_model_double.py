@@ -28,7 +28,7 @@ from agentplane.server.model_double import (
     Usage,
     load_scripts,
 )
-from agentplane.server.sessions.cli_env import SessionDirs, cli_environment
+from agentplane.server.sandbox.cli_env import SessionDirs, cli_environment
 from claude_agent_sdk import (
     AssistantMessage,
     ClaudeAgentOptions,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agentplane.server.isolation.bwrap import CLI_INSIDE
 from agentplane.server.model_double import Script, Step, ToolCall
+from agentplane.server.sandbox.bwrap import CLI_INSIDE
 from agentplane.server.sessions.launcher import BUNDLED_CLI
 from agentplane.server.store.engine import sessionmaker
 from agentplane.server.store.models import Base

@@ -18,16 +18,16 @@ from claude_agent_sdk import ClaudeAgentOptions, SessionStore
 from ..budgets.gateway import MeteringGateway
 from ..budgets.gateway_meter import SessionMeter
 from ..budgets.pricing import UnknownModel
-from ..isolation.limits import Breach
-from ..isolation.sandboxes import Sandboxes
 from ..mcp.cli_config import cli_servers, session_servers
 from ..mcp.servers import PREFIX as MCP_PREFIX
 from ..mcp.servers import RemoteServer
+from ..sandbox.cli_env import SessionDirs, cli_environment
+from ..sandbox.folders import SessionFolders
+from ..sandbox.limits import Breach
+from ..sandbox.sandboxes import Sandboxes
 from ..store.transcripts import ChargedTranscripts, SqlSessionStore, TenantTranscripts
 from ..tenants import Tenant
 from .caller_loop import CallerLoop
-from .cli_env import SessionDirs, cli_environment
-from .folders import SessionFolders
 from .requests import SessionSpec
 
 ANTHROPIC_API = "https://api.anthropic.com"

@@ -20,13 +20,13 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..domain import ErrorReason, SessionState, utcnow
 from ..errors import DatabaseUnavailable
+from ..sandbox.folders import SessionFolders
 from ..store import sessions as repo
 from ..store.outages import cause
 from ..telemetry.recurring import RecurringProblem
 from ..webhooks.outbox import WebhookOutbox
 from .capacity import Capacity
 from .ending import write_end
-from .folders import SessionFolders
 
 log = logging.getLogger(__name__)
 

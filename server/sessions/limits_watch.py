@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from ..isolation.limits import Breach
+from ..sandbox.limits import Breach
 from .live import LiveSession
 
 # How often the cgroup counters and the folder's free space are read (a few small reads).

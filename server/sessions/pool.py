@@ -25,11 +25,11 @@ from claude_agent_sdk import ClaudeSDKClient
 
 from ..budgets.gateway_meter import SessionMeter
 from ..errors import ConfigError, InvalidArgument
+from ..sandbox.cli_env import SessionDirs
+from ..sandbox.owners import write_marker
 from ..tenants import Tenant
 from .capacity import Capacity
-from .cli_env import SessionDirs
 from .launcher import Launcher
-from .owners import write_marker
 from .requests import RunRequest, SessionSpec, validate
 
 log = logging.getLogger(__name__)

@@ -26,12 +26,12 @@ from claude_agent_sdk import (
 
 from ..budgets.gateway_meter import MeteredRequest, SessionMeter
 from ..domain import ErrorReason, EventKind, SessionState, usd
-from ..isolation.limits import Breach
 from ..mcp.servers import SecretUnavailable
+from ..sandbox.cli_env import SessionDirs
+from ..sandbox.limits import Breach
 from ..tenants import Tenant
 from . import shortfall
 from .caller_loop import CallerLoop
-from .cli_env import SessionDirs
 from .inputs import InputWaiter
 from .launcher import Launcher
 from .limits_watch import watch_limits

@@ -7,11 +7,11 @@ import os
 import shutil
 from pathlib import Path
 
-from ..isolation.sandboxes import Sandboxes
 from ..tenants import Tenant
 from .cli_env import SessionDirs
 from .owners import owner_alive, write_marker
 from .reaper import kill_session_processes
+from .sandboxes import Sandboxes
 
 # `<tenant>/<folder>.owner`, beside the folder: out of its sandboxed agent's reach.
 OWNER_SUFFIX = ".owner"

@@ -117,7 +117,7 @@ def sandbox_args() -> list[str]:
 
 # The launcher: `@NAME@` marks are filled in by `launcher_script` (shell-quoted).
 _LAUNCHER = r"""#!/bin/sh
-# Written by agentplane (server/isolation/bwrap.py): starts one session's agent CLI in its
+# Written by agentplane (server/sandbox/bwrap.py): starts one session's agent CLI in its
 # sandbox. Not for hand use: it reads the sandbox from AGENTPLANE_SANDBOX_* variables.
 set -eu
 S=${AGENTPLANE_SESSION_DIR:?this is an agentplane session launcher; it needs AGENTPLANE_SESSION_DIR}
