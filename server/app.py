@@ -33,12 +33,12 @@ from .api.budget_service import BudgetService, UsageService
 from .api.errors import DecodeGuard
 from .api.session_service import SessionService
 from .api.webhook_service import WebhookService, render
-from .budgets.gateway import MeteringGateway
-from .budgets.ledger import BudgetReader
-from .budgets.pricing import PriceTable
 from .config import Settings, is_loopback
 from .errors import ConfigError, InvalidArgument
+from .gateway.proxy import MeteringGateway
 from .health import DATABASE, WRITES, Health, PoolCheck
+from .money.ledger import BudgetReader
+from .money.pricing import PriceTable
 from .operator_gauges import watch_server
 from .sandbox.host_dirs import default_host_dir, register
 from .sandbox.sandboxes import Sandboxes, SandboxUnavailable

@@ -413,7 +413,7 @@ class Settings:
         _optional(_file),
         "",
         "TOML price table (model -> $ per Mtok input, output, cache_write, cache_read, a "
-        "long-context premium; $ per server-tool use) overriding `server/budgets/prices.toml`",
+        "long-context premium; $ per server-tool use) overriding `server/money/prices.toml`",
         shown="the packaged table",
     )
     shutdown_grace_s: float = setting(

@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .budgets.ledger import BudgetReader
 from .domain import BudgetWindow, utcnow
 from .health import Health
+from .money.ledger import BudgetReader
 from .sessions.capacity import Capacity
 from .sessions.pool import WarmPool
 from .store.notify import BUDGET_CHANNEL, Bus

@@ -17,11 +17,7 @@ from typing import Any
 import grpc
 import jsonschema
 import pytest
-from agentplane.server.budgets.gateway_sse import (
-    ResponseFacts,
-    SseUsageParser,
-    usage_from_message,
-)
+from agentplane.server.gateway.sse import ResponseFacts, SseUsageParser, usage_from_message
 from agentplane.server.model_double import HttpFailure, Script, Step, ToolCall, Usage
 from agentplane.server.model_double.sse import Reply, encode_event
 from agentplane.server.store.models import ModelRequestRow

@@ -17,8 +17,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..budgets.ledger import reserve_for_session
-from ..budgets.windows import day_of
 from ..domain import Event, EventKind, Session, SessionState, utcnow
 from ..errors import (
     AgentplaneError,
@@ -30,6 +28,8 @@ from ..errors import (
 )
 from ..mcp.cli_config import session_servers
 from ..mcp.servers import problem as mcp_problem
+from ..money.ledger import reserve_for_session
+from ..money.windows import day_of
 from ..store import sessions as repo
 from ..tenants import Tenant
 from .capacity import Capacity

@@ -12,8 +12,8 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from ..budgets.ledger import settle_session
 from ..domain import Event, EventKind, Session, SessionState, utcnow
+from ..money.ledger import settle_session
 from ..store import inputs
 from ..store import sessions as repo
 from ..webhooks.outbox import WebhookOutbox

@@ -15,12 +15,12 @@ from typing import cast
 import claude_agent_sdk
 from claude_agent_sdk import ClaudeAgentOptions, SessionStore
 
-from ..budgets.gateway import MeteringGateway
-from ..budgets.gateway_meter import SessionMeter
-from ..budgets.pricing import UnknownModel
+from ..gateway.meter import SessionMeter
+from ..gateway.proxy import MeteringGateway
 from ..mcp.cli_config import cli_servers, session_servers
 from ..mcp.servers import PREFIX as MCP_PREFIX
 from ..mcp.servers import RemoteServer
+from ..money.pricing import UnknownModel
 from ..sandbox.cli_env import SessionDirs, cli_environment
 from ..sandbox.folders import SessionFolders
 from ..sandbox.limits import Breach

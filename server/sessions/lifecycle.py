@@ -15,9 +15,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..budgets.gateway_meter import MeteredRequest
 from ..domain import Artifact, ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
 from ..errors import DatabaseUnavailable
+from ..gateway.meter import MeteredRequest
+from ..money.shortfall import session_shortfall
 from ..store import artifacts
 from ..store import sessions as repo
 from ..tenants import Tenant
@@ -33,7 +34,6 @@ from .pool import WarmAgent, WarmPool
 from .queries import SessionQueries
 from .requests import SessionSpec
 from .runner import AgentRunner
-from .shortfall import session_shortfall
 from .translate import Verdict
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..budgets.gateway_meter import MeteredRequest
 from ..domain import SessionState, usd, utcnow
 from ..errors import DatabaseUnavailable
+from ..gateway.meter import MeteredRequest
 from ..store import sessions as repo
 from ..store.model_requests import ModelRequestRecord, insert_records
 from .live import LiveSession

@@ -23,8 +23,8 @@ from decimal import Decimal
 
 from claude_agent_sdk import ClaudeSDKClient
 
-from ..budgets.gateway_meter import SessionMeter
 from ..errors import ConfigError, InvalidArgument
+from ..gateway.meter import SessionMeter
 from ..sandbox.cli_env import SessionDirs
 from ..sandbox.owners import write_marker
 from ..tenants import Tenant

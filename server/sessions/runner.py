@@ -24,13 +24,13 @@ from claude_agent_sdk import (
     ProcessError,
 )
 
-from ..budgets.gateway_meter import MeteredRequest, SessionMeter
 from ..domain import ErrorReason, EventKind, SessionState, usd
+from ..gateway.meter import MeteredRequest, SessionMeter
 from ..mcp.servers import SecretUnavailable
+from ..money import shortfall
 from ..sandbox.cli_env import SessionDirs
 from ..sandbox.limits import Breach
 from ..tenants import Tenant
-from . import shortfall
 from .caller_loop import CallerLoop
 from .inputs import InputWaiter
 from .launcher import Launcher

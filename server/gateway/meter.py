@@ -33,9 +33,9 @@ from typing import Any
 
 from ..domain import TokenUsage, usd, utcnow
 from ..mcp.servers import RemoteServer
-from .gateway_sse import ResponseFacts
-from .pricing import ModelPrice
+from ..money.pricing import ModelPrice
 from .server_tools import OfferedTool
+from .sse import ResponseFacts
 
 log = logging.getLogger(__name__)
 

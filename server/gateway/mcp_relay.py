@@ -19,7 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .servers import RemoteServer, SecretUnavailable
+from ..mcp.servers import RemoteServer, SecretUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from . import server_tools
-from .gateway_meter import estimate_input_tokens, fit_body, thinking_budget
+from .meter import estimate_input_tokens, fit_body, thinking_budget
 from .server_tools import OfferedTool
 
 log = logging.getLogger(__name__)

@@ -37,10 +37,11 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..domain import TokenUsage, utcnow
-from ..mcp import relay
 from ..mcp.servers import RemoteServer
+from ..money.pricing import PriceTable, UnknownModel
+from . import mcp_relay as relay
 from . import server_tools
-from .gateway_limits import (
+from .limits import (
     MAX_BODY_BYTES,
     READS_PER_SESSION,
     WAITING_PER_SESSION,
@@ -50,15 +51,9 @@ from .gateway_limits import (
     over_cap,
     read_body,
 )
-from .gateway_meter import (
-    DEFAULT_MAX_SERVER_TOOL_USES,
-    MeteredRequest,
-    Reservation,
-    SessionMeter,
-)
-from .gateway_parse import OFF_LOOP_BYTES, BodyParser, ParseFailed, inspect, refit
-from .gateway_sse import SideDecoder, SseUsageParser, usage_from_message
-from .pricing import PriceTable, UnknownModel
+from .meter import DEFAULT_MAX_SERVER_TOOL_USES, MeteredRequest, Reservation, SessionMeter
+from .parse import OFF_LOOP_BYTES, BodyParser, ParseFailed, inspect, refit
+from .sse import SideDecoder, SseUsageParser, usage_from_message
 
 log = logging.getLogger(__name__)
 
