@@ -27,7 +27,7 @@ from ..sandbox.limits import Breach
 from ..sandbox.sandboxes import Sandboxes
 from ..store.transcripts import ChargedTranscripts, SqlSessionStore, TenantTranscripts
 from ..tenants import Tenant
-from .caller_loop import CallerLoop
+from .caller_loop.loop import CallerLoop
 from .requests import SessionSpec
 
 ANTHROPIC_API = "https://api.anthropic.com"

@@ -23,9 +23,9 @@ from ..store import artifacts
 from ..store import sessions as repo
 from ..tenants import Tenant
 from ..webhooks.outbox import WebhookOutbox
+from .caller_loop.inputs import InputHub
 from .capacity import Capacity
 from .ending import result_event, write_end
-from .inputs import InputHub
 from .live import LiveSession
 from .metering import RequestRecorder
 from .observer import SessionObserver

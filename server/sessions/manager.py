@@ -27,9 +27,9 @@ from ..store.sessions import SessionFilter
 from ..tenants import Tenant
 from ..webhooks.outbox import WebhookOutbox
 from .admission import Admission, Admitter
+from .caller_loop.inputs import InputHub, respond
 from .cancel import SessionStopper
 from .capacity import Capacity
-from .inputs import InputHub, respond
 from .launcher import Launcher
 from .leases import LeaseConfig, LeaseKeeper
 from .lifecycle import SessionLifecycle

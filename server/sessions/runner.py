@@ -31,8 +31,8 @@ from ..money import shortfall
 from ..sandbox.cli_env import SessionDirs
 from ..sandbox.limits import Breach
 from ..tenants import Tenant
-from .caller_loop import CallerLoop
-from .inputs import InputWaiter
+from .caller_loop.inputs import InputWaiter
+from .caller_loop.loop import CallerLoop
 from .launcher import Launcher
 from .limits_watch import watch_limits
 from .live import LiveSession

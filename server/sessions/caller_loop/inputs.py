@@ -17,16 +17,16 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..domain import Decider, EventKind, InputAnswer, InputKind, InputRequest, Session, utcnow
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, quote
-from ..store import inputs as repo
-from ..store.engine import bus_of
-from ..store.notify import INPUTS_CHANNEL
-from ..tenants import Tenant
-from ..webhooks.outbox import WebhookOutbox
-from .live import LiveSession
-from .queries import SessionQueries
-from .requests import is_session_id
+from ...domain import Decider, EventKind, InputAnswer, InputKind, InputRequest, Session, utcnow
+from ...errors import FailedPrecondition, InvalidArgument, NotFound, quote
+from ...store import inputs as repo
+from ...store.engine import bus_of
+from ...store.notify import INPUTS_CHANNEL
+from ...tenants import Tenant
+from ...webhooks.outbox import WebhookOutbox
+from ..live import LiveSession
+from ..queries import SessionQueries
+from ..requests import is_session_id
 
 # How often a waiter re-reads its request while notifications may be missed, and while
 # they are heard (a missed one is then only a lost connection's window).

@@ -35,10 +35,10 @@ from claude_agent_sdk.types import (
     ToolPermissionContext,
 )
 
-from ..approvals import ApprovalPolicy
-from ..domain import Decider, InputKind
+from ...approvals import ApprovalPolicy
+from ...domain import Decider, InputKind
+from ..requests import CALLER_PREFIX, CALLER_SERVER, CallerTool, SessionSpec
 from .inputs import InputWaiter
-from .requests import CALLER_PREFIX, CALLER_SERVER, CallerTool, SessionSpec
 
 QUESTION_TOOL = "AskUserQuestion"
 
