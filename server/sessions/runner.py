@@ -42,7 +42,7 @@ from .pump import pump
 from .requests import SessionSpec
 from .retry import RetryPolicy, transient_api_failure
 from .translate import Verdict
-from .workspace_files import Stamp, collect_artifacts, snapshot, write_input_files
+from .workspace.files import Stamp, collect_artifacts, snapshot, write_input_files
 
 log = logging.getLogger(__name__)
 

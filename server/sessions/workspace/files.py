@@ -14,10 +14,10 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..domain import Artifact
-from ..tenants import FileLimits
+from ...domain import Artifact
+from ...tenants import FileLimits
+from ..requests import InputFile
 from .beneath import Listing, SymlinkInPath, open_folder, open_folder_at, read_file, walk
-from .requests import InputFile
 
 log = logging.getLogger(__name__)
 
