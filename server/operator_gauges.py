@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .domain import BudgetWindow, utcnow
 from .health import Health
 from .money.ledger import BudgetReader
+from .sessions.agents.pool import WarmPool
 from .sessions.capacity import Capacity
-from .sessions.pool import WarmPool
 from .store.notify import BUDGET_CHANNEL, Bus
 from .telemetry.budget_watch import BudgetWatch
 from .telemetry.gauges import Occupancy, ServerGauges, Sources

@@ -571,7 +571,7 @@ async def test_the_builtin_tool_names_are_the_bundled_clis(session_dirs: Session
     # offers exactly ours; asked for none, only tools among ours.
     from agentplane.server.model_double import SandboxServer
     from agentplane.server.sandbox.cli_env import NO_OUTBOUND_TRAFFIC
-    from agentplane.server.sessions.launcher import BUNDLED_CLI
+    from agentplane.server.sessions.agents.launcher import BUNDLED_CLI
     from claude_agent_sdk import ClaudeAgentOptions, SystemMessage, query
 
     model = SandboxServer()

@@ -20,7 +20,7 @@ import grpc
 import pytest
 import sqlalchemy
 from agentplane.server.model_double import Script, Step, ToolCall, Usage
-from agentplane.server.sessions.requests import InputFile
+from agentplane.server.sessions.run_request import InputFile
 from agentplane.server.sessions.workspace.beneath import SymlinkInPath
 from agentplane.server.sessions.workspace.files import write_input_files
 from agentplane.v1 import session_pb2

@@ -10,8 +10,8 @@ import grpc
 import pytest
 from agentplane.server.domain import ErrorReason, SessionState
 from agentplane.server.model_double import Script, Step, ToolCall, Usage
-from agentplane.server.sessions.lifecycle import SessionLifecycle
-from agentplane.server.sessions.requests import RunRequest
+from agentplane.server.sessions.run.lifecycle import SessionLifecycle
+from agentplane.server.sessions.run_request import RunRequest
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import MODEL, Harness, agent_processes
 
@@ -400,7 +400,7 @@ async def test_a_killed_cli_is_retried_and_the_session_completes(harness: Harnes
 async def test_recovery_does_not_close_a_session_whose_lease_was_renewed(harness: Harness) -> None:
     # Another server saw the lease expired, but the owner renewed it before that server's
     # closing UPDATE: the UPDATE checks the lease itself, so the session stays the owner's.
-    from agentplane.server.sessions.ending import write_end
+    from agentplane.server.sessions.run.ending import write_end
     from agentplane.server.store import sessions as repo
     from agentplane.server.store.engine import sessionmaker
 

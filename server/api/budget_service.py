@@ -11,7 +11,7 @@ from agentplane.v1 import budget_pb2, budget_pb2_grpc, usage_pb2, usage_pb2_grpc
 from ..domain import utcnow
 from ..errors import InvalidArgument, quote
 from ..money.ledger import BudgetReader
-from ..sessions.usage import UsageReader
+from ..sessions.records.usage import UsageReader
 from ..tenants import TenantRegistry
 from . import convert
 from .auth import caller

@@ -48,7 +48,7 @@ import sqlalchemy
 import throughput
 import unary
 from agentplane.server.model_double import SandboxServer
-from agentplane.server.sessions.launcher import BUNDLED_CLI
+from agentplane.server.sessions.agents.launcher import BUNDLED_CLI
 from common import (
     CHATTY_TEXT,
     PER_SESSION_USD,

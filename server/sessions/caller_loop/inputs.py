@@ -25,8 +25,8 @@ from ...store.notify import INPUTS_CHANNEL
 from ...tenants import Tenant
 from ...webhooks.outbox import WebhookOutbox
 from ..live import LiveSession
-from ..queries import SessionQueries
-from ..requests import is_session_id
+from ..records.queries import SessionQueries
+from ..run_request import is_session_id
 
 # How often a waiter re-reads its request while notifications may be missed, and while
 # they are heard (a missed one is then only a lost connection's window).

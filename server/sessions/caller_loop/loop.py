@@ -37,7 +37,7 @@ from claude_agent_sdk.types import (
 
 from ...approvals import ApprovalPolicy
 from ...domain import Decider, InputKind
-from ..requests import CALLER_PREFIX, CALLER_SERVER, CallerTool, SessionSpec
+from ..run_request import CALLER_PREFIX, CALLER_SERVER, CallerTool, SessionSpec
 from .inputs import InputWaiter
 
 QUESTION_TOOL = "AskUserQuestion"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ...domain import Artifact
 from ...tenants import FileLimits
-from ..requests import InputFile
+from ..run_request import InputFile
 from .beneath import Listing, SymlinkInPath, open_folder, open_folder_at, read_file, walk
 
 log = logging.getLogger(__name__)

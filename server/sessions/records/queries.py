@@ -8,20 +8,20 @@ from collections.abc import AsyncIterator
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..coalesce import Coalescer
-from ..domain import Artifact, Event, Session, SessionState
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, quote
-from ..store import artifacts as artifacts_repo
-from ..store import inputs
-from ..store import sessions as repo
-from ..store.engine import bus_of
-from ..store.notify import DELETED_CHANNEL
-from ..store.sessions import SessionFilter
-from ..tenants import Tenant
-from .capacity import Capacity
-from .feeds import Feeds
+from ...coalesce import Coalescer
+from ...domain import Artifact, Event, Session, SessionState
+from ...errors import FailedPrecondition, InvalidArgument, NotFound, quote
+from ...store import artifacts as artifacts_repo
+from ...store import inputs
+from ...store import sessions as repo
+from ...store.engine import bus_of
+from ...store.notify import DELETED_CHANNEL
+from ...store.sessions import SessionFilter
+from ...tenants import Tenant
+from ..capacity import Capacity
+from ..replicas.feeds import Feeds
+from ..run_request import check_labels, is_session_id
 from .paging import decode_token, encode_token
-from .requests import check_labels, is_session_id
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500

@@ -14,11 +14,11 @@ from datetime import timedelta
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..domain import utcnow
-from ..errors import FailedPrecondition, NotFound
-from ..store import sessions as repo
-from ..store.notify import DELETED_CHANNEL, notify
-from ..tenants import Tenant
+from ...domain import utcnow
+from ...errors import FailedPrecondition, NotFound
+from ...store import sessions as repo
+from ...store.notify import DELETED_CHANNEL, notify
+from ...tenants import Tenant
 from .queries import SessionQueries
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from ..sandbox.limits import Breach
-from .live import LiveSession
+from ...sandbox.limits import Breach
+from ..live import LiveSession
 
 # How often the cgroup counters and the folder's free space are read (a few small reads).
 WATCH_INTERVAL_S = 0.25

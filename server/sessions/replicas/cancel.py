@@ -8,15 +8,15 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..domain import ErrorReason, Session, utcnow
-from ..errors import FailedPrecondition
-from ..store import sessions as repo
-from ..store.engine import bus_of
-from ..store.notify import CANCEL_CHANNEL, notify
-from ..tenants import Tenant
-from .capacity import Capacity
-from .live import LiveSession
-from .queries import SessionQueries
+from ...domain import ErrorReason, Session, utcnow
+from ...errors import FailedPrecondition
+from ...store import sessions as repo
+from ...store.engine import bus_of
+from ...store.notify import CANCEL_CHANNEL, notify
+from ...tenants import Tenant
+from ..capacity import Capacity
+from ..live import LiveSession
+from ..records.queries import SessionQueries
 
 
 class SessionStopper:

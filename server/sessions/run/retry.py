@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..domain import ErrorReason
+from ...domain import ErrorReason
 
 # Model API statuses that say "try again later" (after the CLI's own retries gave up).
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})

@@ -14,8 +14,8 @@ from typing import Any
 
 from claude_agent_sdk import ClaudeSDKClient, ResultMessage, StreamEvent, SystemMessage
 
-from ..domain import ErrorReason, EventKind
-from .live import LiveSession
+from ...domain import ErrorReason, EventKind
+from ..live import LiveSession
 from .translate import TextDeltas, to_events
 
 

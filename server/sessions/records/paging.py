@@ -8,9 +8,9 @@ import hashlib
 import json
 from datetime import datetime, timedelta
 
-from ..errors import InvalidArgument
-from ..store.sessions import SessionFilter
-from .requests import is_session_id
+from ...errors import InvalidArgument
+from ...store.sessions import SessionFilter
+from ..run_request import is_session_id
 
 
 def _filter_digest(flt: SessionFilter) -> str:

@@ -18,15 +18,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..domain import ErrorReason, SessionState, utcnow
-from ..errors import DatabaseUnavailable
-from ..sandbox.folders import SessionFolders
-from ..store import sessions as repo
-from ..store.outages import cause
-from ..telemetry.recurring import RecurringProblem
-from ..webhooks.outbox import WebhookOutbox
-from .capacity import Capacity
-from .ending import write_end
+from ...domain import ErrorReason, SessionState, utcnow
+from ...errors import DatabaseUnavailable
+from ...sandbox.folders import SessionFolders
+from ...store import sessions as repo
+from ...store.outages import cause
+from ...telemetry.recurring import RecurringProblem
+from ...webhooks.outbox import WebhookOutbox
+from ..capacity import Capacity
+from ..run.ending import write_end
 
 log = logging.getLogger(__name__)
 

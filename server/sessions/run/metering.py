@@ -16,12 +16,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..domain import SessionState, usd, utcnow
-from ..errors import DatabaseUnavailable
-from ..gateway.meter import MeteredRequest
-from ..store import sessions as repo
-from ..store.model_requests import ModelRequestRecord, insert_records
-from .live import LiveSession
+from ...domain import SessionState, usd, utcnow
+from ...errors import DatabaseUnavailable
+from ...gateway.meter import MeteredRequest
+from ...store import sessions as repo
+from ...store.model_requests import ModelRequestRecord, insert_records
+from ..live import LiveSession
 
 log = logging.getLogger(__name__)
 

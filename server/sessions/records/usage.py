@@ -7,10 +7,10 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..domain import Usage, utcnow
-from ..errors import InvalidArgument
-from ..store import usage as repo
-from ..tenants import Tenant
+from ...domain import Usage, utcnow
+from ...errors import InvalidArgument
+from ...store import usage as repo
+from ...tenants import Tenant
 
 
 class UsageReader:

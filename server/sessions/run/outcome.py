@@ -8,8 +8,8 @@ from typing import Any
 
 from claude_agent_sdk import ResultMessage
 
-from ..domain import Artifact, ErrorReason, SessionState, TokenUsage, usd
-from ..money.shortfall import ModelShortfall, cli_costs
+from ...domain import Artifact, ErrorReason, SessionState, TokenUsage, usd
+from ...money.shortfall import ModelShortfall, cli_costs
 from .translate import Verdict, verdict
 
 

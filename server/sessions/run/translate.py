@@ -18,7 +18,7 @@ from claude_agent_sdk import (
     UserMessage,
 )
 
-from ..domain import ErrorReason, EventKind, SessionState
+from ...domain import ErrorReason, EventKind, SessionState
 
 EventData = tuple[EventKind, dict[str, Any]]
 

@@ -24,25 +24,25 @@ from claude_agent_sdk import (
     ProcessError,
 )
 
-from ..domain import ErrorReason, EventKind, SessionState, usd
-from ..gateway.meter import MeteredRequest, SessionMeter
-from ..mcp.servers import SecretUnavailable
-from ..money import shortfall
-from ..sandbox.cli_env import SessionDirs
-from ..sandbox.limits import Breach
-from ..tenants import Tenant
-from .caller_loop.inputs import InputWaiter
-from .caller_loop.loop import CallerLoop
-from .launcher import Launcher
+from ...domain import ErrorReason, EventKind, SessionState, usd
+from ...gateway.meter import MeteredRequest, SessionMeter
+from ...mcp.servers import SecretUnavailable
+from ...money import shortfall
+from ...sandbox.cli_env import SessionDirs
+from ...sandbox.limits import Breach
+from ...tenants import Tenant
+from ..agents.launcher import Launcher
+from ..agents.pool import WarmAgent
+from ..caller_loop.inputs import InputWaiter
+from ..caller_loop.loop import CallerLoop
+from ..live import LiveSession
+from ..run_request import SessionSpec
+from ..workspace.files import Stamp, collect_artifacts, snapshot, write_input_files
 from .limits_watch import watch_limits
-from .live import LiveSession
 from .outcome import Outcome
-from .pool import WarmAgent
 from .pump import pump
-from .requests import SessionSpec
 from .retry import RetryPolicy, transient_api_failure
 from .translate import Verdict
-from .workspace.files import Stamp, collect_artifacts, snapshot, write_input_files
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from ..domain import Event, EventKind, Session, SessionState, utcnow
-from ..money.ledger import settle_session
-from ..store import inputs
-from ..store import sessions as repo
-from ..webhooks.outbox import WebhookOutbox
+from ...domain import Event, EventKind, Session, SessionState, utcnow
+from ...money.ledger import settle_session
+from ...store import inputs
+from ...store import sessions as repo
+from ...webhooks.outbox import WebhookOutbox
 
 
 def result_event(final: Session, seq: int) -> Event:

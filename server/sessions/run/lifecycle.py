@@ -15,24 +15,24 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..domain import Artifact, ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
-from ..errors import DatabaseUnavailable
-from ..gateway.meter import MeteredRequest
-from ..money.shortfall import session_shortfall
-from ..store import artifacts
-from ..store import sessions as repo
-from ..tenants import Tenant
-from ..webhooks.outbox import WebhookOutbox
-from .caller_loop.inputs import InputHub
-from .capacity import Capacity
+from ...domain import Artifact, ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
+from ...errors import DatabaseUnavailable
+from ...gateway.meter import MeteredRequest
+from ...money.shortfall import session_shortfall
+from ...store import artifacts
+from ...store import sessions as repo
+from ...tenants import Tenant
+from ...webhooks.outbox import WebhookOutbox
+from ..agents.pool import WarmAgent, WarmPool
+from ..caller_loop.inputs import InputHub
+from ..capacity import Capacity
+from ..live import LiveSession
+from ..observer import SessionObserver
+from ..records.queries import SessionQueries
+from ..run_request import SessionSpec
 from .ending import result_event, write_end
-from .live import LiveSession
 from .metering import RequestRecorder
-from .observer import SessionObserver
 from .outcome import Outcome
-from .pool import WarmAgent, WarmPool
-from .queries import SessionQueries
-from .requests import SessionSpec
 from .runner import AgentRunner
 from .translate import Verdict
 

@@ -15,20 +15,20 @@ from typing import cast
 import claude_agent_sdk
 from claude_agent_sdk import ClaudeAgentOptions, SessionStore
 
-from ..gateway.meter import SessionMeter
-from ..gateway.proxy import MeteringGateway
-from ..mcp.cli_config import cli_servers, session_servers
-from ..mcp.servers import PREFIX as MCP_PREFIX
-from ..mcp.servers import RemoteServer
-from ..money.pricing import UnknownModel
-from ..sandbox.cli_env import SessionDirs, cli_environment
-from ..sandbox.folders import SessionFolders
-from ..sandbox.limits import Breach
-from ..sandbox.sandboxes import Sandboxes
-from ..store.transcripts import ChargedTranscripts, SqlSessionStore, TenantTranscripts
-from ..tenants import Tenant
-from .caller_loop.loop import CallerLoop
-from .requests import SessionSpec
+from ...gateway.meter import SessionMeter
+from ...gateway.proxy import MeteringGateway
+from ...mcp.cli_config import cli_servers, session_servers
+from ...mcp.servers import PREFIX as MCP_PREFIX
+from ...mcp.servers import RemoteServer
+from ...money.pricing import UnknownModel
+from ...sandbox.cli_env import SessionDirs, cli_environment
+from ...sandbox.folders import SessionFolders
+from ...sandbox.limits import Breach
+from ...sandbox.sandboxes import Sandboxes
+from ...store.transcripts import ChargedTranscripts, SqlSessionStore, TenantTranscripts
+from ...tenants import Tenant
+from ..caller_loop.loop import CallerLoop
+from ..run_request import SessionSpec
 
 ANTHROPIC_API = "https://api.anthropic.com"
 log = logging.getLogger(__name__)

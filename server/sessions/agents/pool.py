@@ -23,14 +23,14 @@ from decimal import Decimal
 
 from claude_agent_sdk import ClaudeSDKClient
 
-from ..errors import ConfigError, InvalidArgument
-from ..gateway.meter import SessionMeter
-from ..sandbox.cli_env import SessionDirs
-from ..sandbox.owners import write_marker
-from ..tenants import Tenant
-from .capacity import Capacity
+from ...errors import ConfigError, InvalidArgument
+from ...gateway.meter import SessionMeter
+from ...sandbox.cli_env import SessionDirs
+from ...sandbox.owners import write_marker
+from ...tenants import Tenant
+from ..capacity import Capacity
+from ..run_request import RunRequest, SessionSpec, validate
 from .launcher import Launcher
-from .requests import RunRequest, SessionSpec, validate
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Callable
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..domain import Event, EventKind
-from ..errors import Unavailable
-from ..store import sessions as repo
-from ..store.engine import bus_of
-from ..store.notify import EVENTS_CHANNEL
+from ...domain import Event, EventKind
+from ...errors import Unavailable
+from ...store import sessions as repo
+from ...store.engine import bus_of
+from ...store.notify import EVENTS_CHANNEL
 
 # How often a feed reads when notifications may be missed, and when they cannot be.
 POLL_S = 0.25
