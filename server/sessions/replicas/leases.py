@@ -20,10 +20,10 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ...domain import ErrorReason, SessionState, utcnow
 from ...errors import DatabaseUnavailable
+from ...recurring import RecurringProblem
 from ...sandbox.folders import SessionFolders
 from ...store import sessions as repo
 from ...store.outages import cause
-from ...telemetry.recurring import RecurringProblem
 from ...webhooks.outbox import WebhookOutbox
 from ..capacity import Capacity
 from ..run.ending import write_end
