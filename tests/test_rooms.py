@@ -61,7 +61,7 @@ ROOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("sessions.run", "sessions.agents", "sessions.caller_loop", "store", "gateway", "api"),
     ),
     # Telemetry watches sessions through the observer hook: sessions never import it.
-    "sessions": (("sessions.manager",), ("api", "telemetry", "model_double")),
+    "sessions": (("sessions.build", "sessions.manager"), ("api", "telemetry", "model_double")),
 }
 
 PROBE = """
