@@ -117,7 +117,9 @@ def next_step(app: App, tenants: TenantRegistry) -> str:
     target = f"{host}:{app.port}"
     options = "" if target == DEFAULT_TARGET else f" --target {target}"
     if app.certificates is not None:
-        options += " --ca-file <the CA of AGENTPLANE_TLS_CERT_FILE>"
+        options += " --ca-file <the CA that signed AGENTPLANE_TLS_CERT_FILE>"
+        if app.certificates.mutual:
+            options += " --cert-file <a client certificate> --key-file <its key>"
     if not tenants.dev_mode:
         options += " --token <a caller token of the tenants file>"
     return f'next: in another terminal: {_client_command()}{options} run "hello"'
