@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from ..domain import Artifact, Event, InputAnswer, InputKind, InputRequest, Session
+from ..domain import Artifact, Event, Session
 from ..errors import Unavailable
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
@@ -71,6 +72,8 @@ class SessionManager:
             on_cancel=self.stopper.cancelled_elsewhere,
         )
         self._db = parts.db
+        # The caller's answer to an input request of a running session (any replica).
+        self.respond = functools.partial(respond, parts.db, parts.queries)
         lifecycle = SessionLifecycle(parts, runner, pool, finish_retry_s=finish_retry_s)
         self._admitter = Admitter(
             parts, launcher, lifecycle, self.leases, pool, not_ready=not_ready
@@ -93,17 +96,6 @@ class SessionManager:
 
     async def cancel(self, tenant: Tenant, session_id: str) -> Session:
         return await self.stopper.cancel(tenant, session_id)
-
-    async def respond(
-        self,
-        tenant: Tenant,
-        session_id: str,
-        request_id: str,
-        kind: InputKind,
-        answer: InputAnswer,
-    ) -> tuple[InputRequest, InputAnswer]:
-        """The caller's answer to an input request of a running session (any replica)."""
-        return await respond(self._db, self.queries, tenant, session_id, request_id, kind, answer)
 
     async def artifacts(self, tenant: Tenant, session_id: str) -> builtins.list[Artifact]:
         return await self.queries.artifacts(tenant, session_id)
