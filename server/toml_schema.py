@@ -23,8 +23,8 @@ class Key:
 
     name: str
     # The TOML value -> the value, or ValueError(the reason). A nested table's parser
-    # (`nested`) is given its place too, `parse(value, where)`, and raises ConfigError
-    # naming its own keys.
+    # (`nested`) is also given its place and the values read before it, `parse(value,
+    # where, values)`, and raises ConfigError naming its own keys.
     parse: Callable[..., Any]
     default: Any  # the TOML value an absent key has (parsed like a given one)
     help: str  # Markdown, for the docs
@@ -34,12 +34,13 @@ class Key:
     nested: bool = False
     shown: str | None = None  # the default as the docs name it (else the TOML value)
 
-    def read(self, raw: Mapping[str, Any], where: str) -> Any:
-        """The key's value in `raw` (a table), parsed; ConfigError naming `where.<key>`."""
+    def read(self, raw: Mapping[str, Any], where: str, values: Mapping[str, Any]) -> Any:
+        """The key's value in `raw` (a table, of which `values` are read), parsed;
+        ConfigError naming `where.<key>`."""
         setting = f"{where}.{self.name}"
         value = raw.get(self.name, self.default)
         if self.nested:
-            return self.parse(value, setting)
+            return self.parse(value, setting, values)
         try:
             return self.parse(value)
         except ValueError as exc:
@@ -79,7 +80,7 @@ class Table:
         values: dict[str, Any] = {}
         for entry in self.entries:
             if isinstance(entry, Key):
-                values[entry.name] = entry.read(raw, where)
+                values[entry.name] = entry.read(raw, where, values)
                 continue
             problem = entry.check(values, raw)
             if problem is not None:
@@ -107,6 +108,8 @@ def toml_text(value: Any) -> str:
     """A value as the tenants file writes it."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list):

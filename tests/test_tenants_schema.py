@@ -14,7 +14,7 @@ from agentplane.server.tenants import (
     dev_tenant,
     tenant_keys_table,
 )
-from agentplane.server.webhooks.config import WebhookPolicy
+from agentplane.server.webhooks.config import ENDPOINT, WEBHOOKS, WebhookPolicy
 
 
 def test_the_keys_table_lists_every_declared_key_once() -> None:
@@ -42,3 +42,12 @@ def test_the_defaults_are_values_their_keys_take() -> None:
         300.0,
     )
     assert not (tenant.token_sha256 or tenant.client_cert_sans or tenant.client_cert_subjects)
+
+
+def test_the_webhooks_table_is_declared_the_same_way() -> None:
+    header, _, *rows = WEBHOOKS.reference("webhooks.").splitlines()
+    assert header == "| key | default | meaning |"
+    assert [row.split("|")[1].strip().strip("`") for row in rows] == [
+        f"webhooks.{key.name}" for key in WEBHOOKS.keys
+    ]
+    assert {key.name for key in ENDPOINT.keys} == {"url", "events", "secret_env", "secret_file"}

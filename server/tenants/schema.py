@@ -451,7 +451,7 @@ TENANT = Table(
         Key("fallback_models", _models, [], "fallback models a request may name"),
         Key(
             "mcp_servers",
-            parse_servers,
+            lambda value, where, _: parse_servers(value, where),
             {},
             "the tenant's MCP servers ([below](#tenant-mcp-servers))",
             nested=True,
@@ -477,7 +477,7 @@ TENANT = Table(
         ),
         Key(
             "webhooks",
-            parse_webhooks,
+            lambda value, where, _: parse_webhooks(value, where),
             None,
             "receivers told of session ends, waits and budget thresholds "
             "([webhooks.md](webhooks.md))",
