@@ -309,16 +309,11 @@ def _threshold_wanted(values: Mapping[str, Any], raw: Mapping[str, Any]) -> str 
     return None
 
 
-_SECRET_KEYS = (
-    Key(
-        "secret_env",
-        _secret_env,
-        None,
-        "the variable holding the signing secret (`whsec_<base64>`)",
-        shown="unset",
-    ),
-    Key("secret_file", _secret_file, None, "or: a file holding it", shown="unset"),
-)
+def _secret_keys(meaning: str, shown: str) -> tuple[Key, ...]:
+    return (
+        Key("secret_env", _secret_env, None, meaning, shown=shown),
+        Key("secret_file", _secret_file, None, "or: a file holding it", shown=shown),
+    )
 
 
 def _endpoint(signed_by_table: bool) -> Table:
@@ -329,8 +324,8 @@ def _endpoint(signed_by_table: bool) -> Table:
             Key("events", _events, list(EVENTS), "the events it is sent"),
             Rule("secret_file", _one_secret),
             *needs,
-            *_SECRET_KEYS,
-            Key("url", _url, None, "where they are sent (http or https)"),
+            *_secret_keys("the variable holding the endpoint's own signing secret", "the table's"),
+            Key("url", _url, None, "where they are sent (http or https)", shown="required"),
         )
     )
 
@@ -365,23 +360,33 @@ _DEFAULTS = WebhookPolicy()
 WEBHOOKS = Table(
     (
         Rule("secret_file", _one_secret),
-        *_SECRET_KEYS,
+        *_secret_keys(
+            "the variable holding the table's signing secret (`whsec_<base64>`): it signs "
+            "callbacks, and endpoints without a secret of their own",
+            "unset",
+        ),
         Key(
             "endpoints",
             _endpoints,
             {},
-            "named receivers (`[...webhooks.endpoints.<name>]`): `url`, `events` (default: all), "
-            "`secret_env` or `secret_file` (default: the table's)",
+            "named receivers, each a table `[tenants.<tenant>.webhooks.endpoints.<name>]` "
+            "(its keys below)",
             nested=True,
             shown="none",
         ),
-        Key("callback_urls", _urls, [], "URLs a request's callback_url may name"),
+        Key(
+            "callback_urls",
+            _urls,
+            [],
+            "URLs a request's `callback_url` may name (exactly, or below one ending in `/`)",
+        ),
         Rule("secret_env", _callbacks_signed),
         Key(
             "budget_threshold",
             _share,
             None,
-            "budget.threshold fires when the day's spend reaches this share of the limit",
+            "`budget.threshold` is sent once a day when the day's spend reaches this share of "
+            "`daily_limit_usd` (above 0, at most 1)",
             shown="unset (never)",
         ),
         Key(
@@ -431,3 +436,10 @@ def parse_webhooks(raw: Any, setting: str) -> WebhookPolicy:
         max_concurrent=read["max_concurrent"],
         budget_threshold=read["budget_threshold"],
     )
+
+
+def webhook_keys_table() -> str:
+    """The docs' table of a `webhooks` table's keys and its endpoints' (docs/webhooks.md; a
+    test keeps it in step)."""
+    endpoint_rows = ENDPOINT.reference("endpoints.<name>.").splitlines()[2:]
+    return WEBHOOKS.reference("") + "".join(row + "\n" for row in endpoint_rows)
