@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from agentplane.server.isolation.limits import SessionLimits
+from agentplane.server.sandbox.limits import SessionLimits
 from agentplane.server.tenants import (
     TENANT,
     EventLimits,

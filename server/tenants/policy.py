@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from ..isolation.limits import SessionLimits
 from ..mcp.servers import McpServer
+from ..sandbox.limits import SessionLimits
 from ..webhooks.config import WebhookPolicy
 
 DEFAULT_TENANT = "default"

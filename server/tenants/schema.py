@@ -20,9 +20,9 @@ from ..approvals import parse_rule
 from ..certs import canonical_subject
 from ..domain import usd
 from ..errors import ConfigError
-from ..isolation.limits import SessionLimits
 from ..mcp.servers import PREFIX as MCP_PREFIX
 from ..mcp.servers import parse_servers, tool_server
+from ..sandbox.limits import SessionLimits
 from ..toml_schema import Key, Rule, Table, bounded, count, mib, positive_int, strings, text
 from ..webhooks.config import parse_webhooks
 from . import policy
