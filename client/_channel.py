@@ -5,7 +5,7 @@ the client balances calls over them with ``round_robin`` and checks each replica
 (grpc.health.v1 ``Watch`` of ``readiness``), so a replica that drains on SIGTERM, is still
 starting or has lost its database gets no new calls. Every client, one address or several,
 retries UNAVAILABLE. All of it is grpc's own service config (:func:`service_config`); other
-languages use the same JSON (README, "Replicas and draining").
+languages use the same JSON (docs/operations.md, "Clients of several replicas").
 """
 
 from __future__ import annotations
