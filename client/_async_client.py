@@ -123,14 +123,19 @@ class AsyncClient:
         self.timeout = timeout
         self._metadata = rq.auth_metadata(rq.resolve_token(token))
         credentials = make_credentials(secure, root_certificates, certificate_chain, private_key)
-        opts = _channel.channel_options(
-            self.balanced, [*(options or ()), *tls_options(server_name, credentials)]
-        )
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.target, options=opts)
-        else:
-            self._channel = grpc.aio.secure_channel(self.target, credentials, options=opts)
+        given = [*(options or ()), *tls_options(server_name, credentials)]
+
+        def channel(admission: bool) -> grpc.aio.Channel:
+            opts = _channel.channel_options(self.balanced, given, admission=admission)
+            if credentials is None:
+                return grpc.aio.insecure_channel(self.target, options=opts)
+            return grpc.aio.secure_channel(self.target, credentials, options=opts)
+
+        self._channel = channel(admission=False)
+        # RunSession's own channel, balanced over the replicas with room (_channel.py).
+        self._admission_channel = channel(admission=True) if self.balanced else self._channel
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
+        self._admissions = session_pb2_grpc.SessionServiceStub(self._admission_channel)
         self._budgets = budget_pb2_grpc.BudgetServiceStub(self._channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
         self._health_check = self._channel.unary_unary(
@@ -140,8 +145,10 @@ class AsyncClient:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close the channel (calls in flight are cancelled)."""
+        """Close the channels (calls in flight are cancelled)."""
         await self._channel.close()
+        if self._admission_channel is not self._channel:
+            await self._admission_channel.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -217,7 +224,7 @@ class AsyncClient:
         )
         handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
         return AsyncEventStream(
-            self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout),
+            self._admissions.RunSession(request, metadata=self._metadata, timeout=timeout),
             handlers,
             lambda message: self._unary(self._sessions.Respond, message),
         )

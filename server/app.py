@@ -340,7 +340,7 @@ class App:
         )
         observer = TelemetryObserver(telemetry)
         observer.declare_tenants(tenants.tenants)
-        capacity = Capacity(settings.max_sessions)
+        capacity = Capacity(settings.max_sessions, on_full=health.full)
         pool = WarmPool(
             launcher,
             tenants.tenants.values(),
