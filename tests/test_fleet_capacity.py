@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from agentplane import service_config
-from agentplane.server.sandbox import Script, Step
+from agentplane.server.model_double import Script, Step
 from agentplane.v1 import session_pb2, session_pb2_grpc
 from harness import MODEL, error_details, tenant_toml
 from replicas_harness import NOT_SERVING, SERVING, Replicas, requires_postgres, start_replicas

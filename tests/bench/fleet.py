@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from agentplane.server.sandbox import SandboxServer
+from agentplane.server.model_double import SandboxServer
 from agentplane.server.store.engine import create_engine, migrate
 from agentplane.v1 import budget_pb2, session_pb2
 from common import (
