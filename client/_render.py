@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from ._requests import decider_name, input_kind_name, reason_name, state_name
+from ._values import decider_name, input_kind_name, reason_name, state_name
 from .v1 import budget_pb2, session_pb2
 
 TOOL_RESULT_CHARS = 200
