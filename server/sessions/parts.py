@@ -42,7 +42,7 @@ class SessionParts:
     ) -> SessionParts:
         """The parts over a new Capacity of `max_sessions` (AGENTPLANE_MAX_SESSIONS), which
         tells `on_full` when it fills and frees (the admission health)."""
-        capacity = Capacity(max_sessions, on_full=on_full)
+        capacity = Capacity(max_sessions, on_full=on_full or (lambda full: None))
         return cls(
             db,
             upkeep_db or db,
