@@ -587,6 +587,13 @@ def _follow_tenants(
                     "tenant_sessions_cancelled",
                     extra={"tenants": list(changes.removed), "sessions": stopped},
                 )
+        raised = {
+            name: registry.tenants[name]
+            for name, names in changes.changed.items()
+            if "daily_limit_usd" in names
+        }
+        if raised:
+            sessions.limits_raised(raised)
         pool.update(registry.tenants.values())
         launcher.scrub_also(registry.key_env_names())
         _open_work_dir(settings.work_dir, registry)

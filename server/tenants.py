@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .approvals import parse_rule
 from .certs import CertIdentity, canonical_subject
-from .domain import usd
+from .domain import OnBudgetExhausted, usd
 from .errors import ConfigError, Unauthenticated
 from .isolation.limits import SessionLimits
 from .mcp.servers import PREFIX as MCP_PREFIX
@@ -109,6 +109,10 @@ class Tenant:
     # Its webhooks: endpoints, callback URLs a request may name, retries (its `webhooks`
     # table; the default sends nothing).
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
+    # What its sessions do when a model request would pass their budget (a request may
+    # say otherwise): END them, or PAUSE them for at most max_pause_s until it is raised.
+    on_budget_exhausted: OnBudgetExhausted = OnBudgetExhausted.END
+    max_pause_s: float = 3600.0
 
     def unix_ids(self) -> tuple[int, int] | None:
         """The uid and gid of the tenant's os_user (None: its agents run as the server)."""
@@ -190,6 +194,8 @@ _DEFAULTS: Mapping[str, Any] = {
     "mcp_servers": {},
     "mcp_timeout_s": 30,
     "max_server_tool_uses_per_request": 8,
+    "on_budget_exhausted": "END",
+    "max_pause_s": 3600,
 }
 _KEYS = {"token_sha256", "client_cert_sans", "client_cert_subjects", "webhooks", *_DEFAULTS}
 
@@ -409,6 +415,11 @@ def _parse_tenant(
         raise ConfigError(
             key("max_server_tool_uses_per_request"), f"must be at most {MAX_SERVER_TOOL_USES}"
         )
+    exhausted = cfg["on_budget_exhausted"]
+    if exhausted not in tuple(OnBudgetExhausted):
+        raise ConfigError(
+            key("on_budget_exhausted"), f'must be "END" or "PAUSE", not {exhausted!r}'
+        )
     daily = _money(cfg["daily_limit_usd"], key("daily_limit_usd"))
     per_session = _money(cfg["max_session_budget_usd"], key("max_session_budget_usd"))
     if per_session > daily:
@@ -450,6 +461,8 @@ def _parse_tenant(
         mcp_timeout_s=float(_positive_int(cfg["mcp_timeout_s"], key("mcp_timeout_s"))),
         max_server_tool_uses_per_request=server_tool_uses,
         webhooks=parse_webhooks(raw.get("webhooks"), key("webhooks")),
+        on_budget_exhausted=OnBudgetExhausted(exhausted),
+        max_pause_s=float(_positive_int(cfg["max_pause_s"], key("max_pause_s"))),
     )
 
 

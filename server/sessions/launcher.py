@@ -168,7 +168,7 @@ class Launcher:
         meter: SessionMeter,
         *,
         resume: str | None,
-        budget: Decimal,
+        budget: Decimal | None,
         max_turns: int,
         caller: CallerLoop | None = None,
     ) -> ClaudeAgentOptions:
@@ -228,7 +228,7 @@ class Launcher:
             ),
             system_prompt=tenant.system_prompt,
             max_turns=max_turns,
-            max_budget_usd=float(budget),
+            max_budget_usd=float(budget) if budget is not None else None,
             resume=resume,
             # Transcripts are mirrored to the database, so a resume works on any replica.
             session_store=cast(

@@ -29,6 +29,7 @@ from .live import LiveSession
 from .metering import RequestRecorder
 from .observer import SessionObserver
 from .outcome import Outcome
+from .pauses import BudgetHub
 from .pool import WarmAgent, WarmPool
 from .queries import SessionQueries
 from .requests import SessionSpec
@@ -54,8 +55,10 @@ class SessionLifecycle:
         inputs: InputHub | None = None,
         finish_retry_s: float = 60.0,
         webhooks: WebhookOutbox | None = None,
+        budgets: BudgetHub | None = None,
     ) -> None:
         self._db = db
+        self._budgets = budgets or BudgetHub(db, webhooks)
         self._webhooks = webhooks
         self._runner = runner
         self._capacity = capacity
@@ -105,7 +108,13 @@ class SessionLifecycle:
                 waiter = (
                     self._inputs.waiter(live, spec.answer_timeout_s) if spec.in_the_loop else None
                 )
-                outcome = await self._runner.run(live, spec, tenant, warm, settled, waiter)
+                budget = self._budgets.session(live, spec.max_pause_s)
+                try:
+                    outcome = await self._runner.run(
+                        live, spec, tenant, warm, settled, waiter, budget
+                    )
+                finally:
+                    budget.close()
                 await recorder.close()
         except asyncio.CancelledError:
             # Cancelled from outside (event loop shutdown): still record the end.

@@ -34,6 +34,7 @@ from .launcher import Launcher
 from .leases import LeaseConfig, LeaseKeeper
 from .lifecycle import SessionLifecycle
 from .observer import NullObserver, SessionObserver
+from .pauses import BudgetHub, raise_budget
 from .pool import WarmPool
 from .queries import SessionQueries
 from .requests import RunRequest
@@ -82,6 +83,8 @@ class SessionManager:
             webhooks=webhooks,
         )
         self._db = db
+        # Raises of running sessions' budgets, and their pauses at it.
+        self.budgets = BudgetHub(upkeep, webhooks)
         # Running sessions wait for their callers' answers through the upkeep pool.
         lifecycle = SessionLifecycle(
             upkeep,
@@ -93,6 +96,7 @@ class SessionManager:
             inputs=InputHub(upkeep, webhooks),
             finish_retry_s=finish_retry_s,
             webhooks=webhooks,
+            budgets=self.budgets,
         )
         self._admitter = Admitter(
             db,
@@ -135,6 +139,14 @@ class SessionManager:
     ) -> tuple[InputRequest, InputAnswer]:
         """The caller's answer to an input request of a running session (any replica)."""
         return await respond(self._db, self.queries, tenant, session_id, request_id, kind, answer)
+
+    async def update_budget(self, tenant: Tenant, session_id: str, max_budget_usd: str) -> Session:
+        """Raise a session's budget, wherever it runs (see `pauses.raise_budget`)."""
+        return await raise_budget(self._db, tenant, session_id, max_budget_usd)
+
+    def limits_raised(self, tenants: dict[str, Tenant]) -> int:
+        """A reload changed these tenants' daily limits: retry raises that wait for them."""
+        return self.budgets.limits_raised(tenants)
 
     async def artifacts(self, tenant: Tenant, session_id: str) -> builtins.list[Artifact]:
         return await self.queries.artifacts(tenant, session_id)
