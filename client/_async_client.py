@@ -28,6 +28,8 @@ from .v1 import (
     session_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -133,6 +135,7 @@ class AsyncClient:
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
         self._budgets = budget_pb2_grpc.BudgetServiceStub(self._channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
+        self._webhooks = webhook_pb2_grpc.WebhookServiceStub(self._channel)
         self._health_check = self._channel.unary_unary(
             CHECK_METHOD, request_serializer=encode_request, response_deserializer=decode_response
         )
@@ -178,6 +181,8 @@ class AsyncClient:
         effort: str | None = None,
         max_thinking_tokens: int | None = None,
         fallback_model: str | None = None,
+        callback_url: str | None = None,
+        on_budget_exhausted: rq.ExhaustedLike | None = None,
         on_tool_call: inputs.AsyncToolCallHandler | None = None,
         on_permission: inputs.AsyncPermissionHandler | None = None,
         on_question: inputs.AsyncQuestionHandler | None = None,
@@ -192,8 +197,8 @@ class AsyncClient:
         ``tools``, ``require_approval``, ``answer_timeout`` and the handlers are those of
         :meth:`Client.run`; handlers may be coroutine functions or plain functions (a
         plain one runs on the event loop: keep it quick). Requests are answered one at a
-        time, in the order they arrive. ``output_schema`` and ``input_files`` are those
-        of :meth:`Client.run`.
+        time, in the order they arrive. ``output_schema``, ``input_files``,
+        ``callback_url`` and ``on_budget_exhausted`` are those of :meth:`Client.run`.
         """
         request = rq.run_request(
             prompt,
@@ -214,6 +219,8 @@ class AsyncClient:
             effort=effort,
             max_thinking_tokens=max_thinking_tokens,
             fallback_model=fallback_model,
+            callback_url=callback_url,
+            on_budget_exhausted_=on_budget_exhausted,
         )
         handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
         return AsyncEventStream(
@@ -281,6 +288,7 @@ class AsyncClient:
         create_time_start: rq.Time | None = None,
         create_time_end: rq.Time | None = None,
         awaiting: bool = False,
+        paused: bool = False,
     ) -> session_pb2.ListSessionsResponse:
         """One page of sessions, newest first (``page_size`` 0: the server's default, 50);
         ``awaiting``: only sessions waiting for their caller."""
@@ -292,6 +300,7 @@ class AsyncClient:
             create_time_start=create_time_start,
             create_time_end=create_time_end,
             awaiting=awaiting,
+            paused=paused,
         )
         return await self._unary(self._sessions.ListSessions, request)
 
@@ -305,6 +314,7 @@ class AsyncClient:
         create_time_start: rq.Time | None = None,
         create_time_end: rq.Time | None = None,
         awaiting: bool = False,
+        paused: bool = False,
     ) -> AsyncIterator[session_pb2.Session]:
         """Every matching session, newest first, fetching pages as needed (at most
         ``limit``)."""
@@ -319,6 +329,7 @@ class AsyncClient:
                 create_time_start=create_time_start,
                 create_time_end=create_time_end,
                 awaiting=awaiting,
+                paused=paused,
             )
             for session in page.sessions[: None if limit is None else limit - count]:
                 count += 1
@@ -331,6 +342,32 @@ class AsyncClient:
         """Cancel a session; returns it in its terminal state."""
         request = session_pb2.CancelSessionRequest(session_id=rq.session_id(session_id))
         return await self._unary(self._sessions.CancelSession, request)
+
+    async def update_session_budget(
+        self, session_id: str | uuid.UUID, max_budget_usd: rq.Money
+    ) -> session_pb2.Session:
+        """Raise a session's budget; see :meth:`Client.update_session_budget`."""
+        request = rq.budget_update_request(session_id, max_budget_usd)
+        return await self._unary(self._sessions.UpdateSessionBudget, request)
+
+    async def list_webhook_deliveries(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        session_id: str | uuid.UUID | None = None,
+        state: int | str | None = None,
+        event: str = "",
+    ) -> webhook_pb2.ListWebhookDeliveriesResponse:
+        """One page of webhook deliveries; see :meth:`Client.list_webhook_deliveries`."""
+        request = rq.deliveries_request(
+            page_size=page_size,
+            page_token=page_token,
+            session_id_=session_id,
+            state=state,
+            event=event,
+        )
+        return await self._unary(self._webhooks.ListWebhookDeliveries, request)
 
     async def delete_session(self, session_id: str | uuid.UUID) -> None:
         """Delete an ended session; see :meth:`Client.delete_session`."""

@@ -26,6 +26,8 @@ from .v1 import (
     session_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -136,6 +138,7 @@ class Client:
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
         self._budgets = budget_pb2_grpc.BudgetServiceStub(self._channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
+        self._webhooks = webhook_pb2_grpc.WebhookServiceStub(self._channel)
         self._health_check = self._channel.unary_unary(
             CHECK_METHOD, request_serializer=encode_request, response_deserializer=decode_response
         )
@@ -181,6 +184,8 @@ class Client:
         effort: str | None = None,
         max_thinking_tokens: int | None = None,
         fallback_model: str | None = None,
+        callback_url: str | None = None,
+        on_budget_exhausted: rq.ExhaustedLike | None = None,
         on_tool_call: inputs.ToolCallHandler | None = None,
         on_permission: inputs.PermissionHandler | None = None,
         on_question: inputs.QuestionHandler | None = None,
@@ -215,6 +220,12 @@ class Client:
         Live text and model knobs: ``include_partial_messages`` streams ``text_delta``
         events as the agent writes (live only, seq 0, never replayed); ``effort``,
         ``max_thinking_tokens`` and ``fallback_model`` within what the tenant allows.
+
+        Hanging up: ``callback_url`` (one of the tenant's ``webhooks.callback_urls``) is
+        sent the session's signed webhooks; ``on_budget_exhausted`` ``"pause"`` holds the
+        session at its budget (a ``paused`` event, ``Session.paused``) until
+        :meth:`update_session_budget` raises it, ``"end"`` ends it there (default: the
+        tenant's).
         """
         request = rq.run_request(
             prompt,
@@ -235,6 +246,8 @@ class Client:
             effort=effort,
             max_thinking_tokens=max_thinking_tokens,
             fallback_model=fallback_model,
+            callback_url=callback_url,
+            on_budget_exhausted_=on_budget_exhausted,
         )
         handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
         return EventStream(
@@ -310,9 +323,11 @@ class Client:
         create_time_start: rq.Time | None = None,
         create_time_end: rq.Time | None = None,
         awaiting: bool = False,
+        paused: bool = False,
     ) -> session_pb2.ListSessionsResponse:
         """One page of sessions, newest first (``page_size`` 0: the server's default, 50);
-        ``awaiting``: only sessions waiting for their caller."""
+        ``awaiting``: only sessions waiting for their caller; ``paused``: only sessions
+        paused at their budget."""
         request = rq.list_request(
             page_size=page_size,
             page_token=page_token,
@@ -321,6 +336,7 @@ class Client:
             create_time_start=create_time_start,
             create_time_end=create_time_end,
             awaiting=awaiting,
+            paused=paused,
         )
         return self._unary(self._sessions.ListSessions, request)
 
@@ -334,6 +350,7 @@ class Client:
         create_time_start: rq.Time | None = None,
         create_time_end: rq.Time | None = None,
         awaiting: bool = False,
+        paused: bool = False,
     ) -> Iterator[session_pb2.Session]:
         """Every matching session, newest first, fetching pages as needed (at most
         ``limit``)."""
@@ -348,6 +365,7 @@ class Client:
                 create_time_start=create_time_start,
                 create_time_end=create_time_end,
                 awaiting=awaiting,
+                paused=paused,
             )
             for session in page.sessions[: None if limit is None else limit - count]:
                 count += 1
@@ -360,6 +378,38 @@ class Client:
         """Cancel a session; returns it in its terminal state."""
         request = session_pb2.CancelSessionRequest(session_id=rq.session_id(session_id))
         return self._unary(self._sessions.CancelSession, request)
+
+    def update_session_budget(
+        self, session_id: str | uuid.UUID, max_budget_usd: rq.Money
+    ) -> session_pb2.Session:
+        """Raise a session's budget (a paused one goes on, on whichever replica runs it);
+        returns the session. Errors: lowering it is INVALID_ARGUMENT; above the tenant's
+        per-session maximum FAILED_PRECONDITION (``reason`` SESSION_BUDGET_MAX); past the
+        day's window RESOURCE_EXHAUSTED (BUDGET_EXCEEDED); an ended session
+        FAILED_PRECONDITION (SESSION_ENDED)."""
+        request = rq.budget_update_request(session_id, max_budget_usd)
+        return self._unary(self._sessions.UpdateSessionBudget, request)
+
+    def list_webhook_deliveries(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        session_id: str | uuid.UUID | None = None,
+        state: int | str | None = None,
+        event: str = "",
+    ) -> webhook_pb2.ListWebhookDeliveriesResponse:
+        """One page of the tenant's webhook deliveries, newest first, each with its
+        attempts; filtered by session, ``state`` ("pending", "delivered", "failed") or
+        ``event`` ("session.ended", ...)."""
+        request = rq.deliveries_request(
+            page_size=page_size,
+            page_token=page_token,
+            session_id_=session_id,
+            state=state,
+            event=event,
+        )
+        return self._unary(self._webhooks.ListWebhookDeliveries, request)
 
     def delete_session(self, session_id: str | uuid.UUID) -> None:
         """Delete an ended session (its events, transcript and artifacts; its spend stays

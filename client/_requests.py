@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 
 from . import _files as files
 from . import _inputs as inputs
-from .v1 import budget_pb2, session_pb2, usage_pb2
+from .v1 import budget_pb2, session_pb2, usage_pb2, webhook_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TARGET_ENV = "AGENTPLANE_TARGET"
@@ -24,6 +24,7 @@ Money: TypeAlias = Decimal | str | int | float
 Time: TypeAlias = dt.datetime | timestamp_pb2.Timestamp
 StateLike: TypeAlias = int | str
 DisconnectLike: TypeAlias = int | str
+ExhaustedLike: TypeAlias = int | str
 
 
 def resolve_target(target: str | None) -> str:
@@ -110,6 +111,16 @@ def decider_name(value: int) -> str:
     return _short(session_pb2.Decider, value, "DECIDER_")
 
 
+def pause_reason_name(value: int) -> str:
+    """ "SESSION_BUDGET" for PAUSE_REASON_SESSION_BUDGET."""
+    return _short(session_pb2.PauseReason, value, "PAUSE_REASON_")
+
+
+def delivery_state_name(value: int) -> str:
+    """ "DELIVERED" for DELIVERY_STATE_DELIVERED."""
+    return _short(webhook_pb2.DeliveryState, value, "DELIVERY_STATE_")
+
+
 def _short(enum: object, value: int, prefix: str) -> str:
     try:
         name = enum.Name(value)  # type: ignore[attr-defined]
@@ -132,6 +143,60 @@ def on_disconnect(value: DisconnectLike | None) -> int:
                 f"on_disconnect must be 'cancel' or 'continue', not {value!r}"
             ) from None
     return int(value)
+
+
+def on_budget_exhausted(value: ExhaustedLike | None) -> int:
+    """ "end" or "pause" (or the enum's value); None: the tenant's default."""
+    if value is None:
+        return session_pb2.ON_BUDGET_EXHAUSTED_UNSPECIFIED
+    if isinstance(value, str):
+        name = value.strip().upper()
+        if not name.startswith("ON_BUDGET_EXHAUSTED_"):
+            name = "ON_BUDGET_EXHAUSTED_" + name
+        try:
+            return session_pb2.OnBudgetExhausted.Value(name)
+        except ValueError:
+            raise ValueError(
+                f"on_budget_exhausted must be 'end' or 'pause', not {value!r}"
+            ) from None
+    return int(value)
+
+
+def budget_update_request(
+    session_id_: str | uuid.UUID, max_budget_usd: Money
+) -> session_pb2.UpdateSessionBudgetRequest:
+    return session_pb2.UpdateSessionBudgetRequest(
+        session_id=session_id(session_id_), max_budget_usd=money(max_budget_usd)
+    )
+
+
+def deliveries_request(
+    *,
+    page_size: int = 0,
+    page_token: str = "",
+    session_id_: str | uuid.UUID | None = None,
+    state: int | str | None = None,
+    event: str = "",
+) -> webhook_pb2.ListWebhookDeliveriesRequest:
+    """ListWebhookDeliveries' request; `state` "pending", "delivered", "failed" or the
+    enum's value."""
+    if isinstance(state, str):
+        name = state.strip().upper()
+        try:
+            state = webhook_pb2.DeliveryState.Value(
+                name if name.startswith("DELIVERY_STATE_") else "DELIVERY_STATE_" + name
+            )
+        except ValueError:
+            raise ValueError(
+                f"state must be 'pending', 'delivered' or 'failed', not {state!r}"
+            ) from None
+    return webhook_pb2.ListWebhookDeliveriesRequest(
+        page_size=page_size,
+        page_token=page_token,
+        session_id=str(session_id_) if session_id_ is not None else "",
+        state=state or 0,  # type: ignore[arg-type]
+        event=event,
+    )
 
 
 def _strings(name: str, values: Sequence[str] | None) -> list[str]:
@@ -162,6 +227,8 @@ def run_request(
     effort: str | None = None,
     max_thinking_tokens: int | None = None,
     fallback_model: str | None = None,
+    callback_url: str | None = None,
+    on_budget_exhausted_: ExhaustedLike | None = None,
 ) -> session_pb2.RunSessionRequest:
     request = session_pb2.RunSessionRequest(
         prompt=prompt,
@@ -181,6 +248,8 @@ def run_request(
         effort=effort or "",
         max_thinking_tokens=max_thinking_tokens or 0,
         fallback_model=fallback_model or "",
+        callback_url=callback_url or "",
+        on_budget_exhausted=on_budget_exhausted(on_budget_exhausted_),  # type: ignore[arg-type]
     )
     timeout = inputs.duration(answer_timeout)
     if timeout is not None:
@@ -197,9 +266,11 @@ def list_request(
     create_time_start: Time | None = None,
     create_time_end: Time | None = None,
     awaiting: bool = False,
+    paused: bool = False,
 ) -> session_pb2.ListSessionsRequest:
     request = session_pb2.ListSessionsRequest(
         awaiting=awaiting,
+        paused=paused,
         page_size=page_size,
         page_token=page_token,
         state=session_state(state),  # type: ignore[arg-type]

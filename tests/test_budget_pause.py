@@ -17,6 +17,8 @@ from typing import Any
 
 import grpc
 import pytest
+from agentplane import AsyncClient
+from agentplane.cli import main
 from agentplane.server.sandbox import Script, Step, ToolCall, Usage
 from agentplane.server.tenants import hash_token
 from agentplane.v1 import budget_pb2, budget_pb2_grpc, session_pb2, session_pb2_grpc
@@ -48,6 +50,7 @@ def tenants(receiver_base: str = "") -> str:
         f"""
 [tenants.pauser.webhooks]
 secret_env = "{SECRET_ENV}"
+callback_urls = ["{receiver_base}/cb/"]
 
 [tenants.pauser.webhooks.endpoints.paused]
 url = "{receiver_base}/paused"
@@ -327,6 +330,68 @@ async def test_every_refusal_of_update_session_budget(setup: Setup) -> None:
     assert ended.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_details(ended)["ErrorInfo"].reason == "SESSION_ENDED"
     assert await reserved(h, "pauser") == 0
+
+
+async def test_the_clients_and_the_cli_show_and_raise_a_paused_session(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    h = setup.harness
+    target = f"127.0.0.1:{h.app.port}"
+
+    async def cli(*argv: str) -> tuple[int, str]:
+        """The CLI's exit code and output (stdout, then stderr)."""
+        code = await asyncio.to_thread(
+            main, ["--target", target, "--token", TOKENS["pauser"], *argv]
+        )
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    async with AsyncClient(target, token=TOKENS["pauser"]) as client:
+        stream = client.run(
+            "[[sandbox:three]] go",
+            model=MODEL,
+            max_budget_usd=TWO,
+            on_budget_exhausted="pause",
+            callback_url=f"{setup.receiver.base}/cb/mine",
+        )
+        async for event in stream:
+            if event.HasField("paused"):
+                break
+        sid = event.session_id
+        listed = await client.list_sessions(paused=True)
+        assert [s.id for s in listed.sessions] == [sid]
+
+        code, out = await cli("list", "--paused")
+        assert code == 0 and sid in out and "PAUSED" in out
+        code, out = await cli("get", sid)
+        assert code == 0 and "paused:      SESSION_BUDGET since" in out
+        (hook,) = await setup.receiver.wait(lambda r: r.path == "/cb/mine" and r.verified)
+        assert hook.payload["type"] == "session.paused"
+        code, out = await cli("deliveries", "--session", sid, "--event", "session.paused")
+        assert code == 0 and "session.paused" in out and "callback" in out
+        deliveries = await client.list_webhook_deliveries(session_id=sid)
+        assert sorted((d.event, d.endpoint) for d in deliveries.deliveries) == [
+            ("session.paused", "callback"),
+            ("session.paused", "paused"),
+        ]
+
+        code, out = await cli("raise-budget", sid, "0.2")
+        assert code == 0 and "budget:      $0.200000" in out
+        rest = [e async for e in stream]
+        final = rest[-1].result.session
+        assert final.state == session_pb2.SESSION_STATE_COMPLETE
+        assert final.max_budget_usd == "0.200000"
+    with pytest.raises(Exception, match="SESSION_ENDED"):
+        await asyncio.to_thread(_sync_raise, target, sid)
+    code, out = await cli("raise-budget", sid, "0.3")
+    assert code == 3 and "SESSION_ENDED" in out
+
+
+def _sync_raise(target: str, session_id: str) -> None:
+    from agentplane import Client
+
+    with Client(target, token=TOKENS["pauser"]) as client:
+        client.update_session_budget(session_id, "0.3")
 
 
 @pytest.mark.slow
