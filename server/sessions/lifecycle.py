@@ -29,7 +29,7 @@ from .live import LiveSession
 from .metering import RequestRecorder
 from .observer import SessionObserver
 from .outcome import Outcome
-from .pauses import BudgetHub
+from .pauses import BudgetHub, SessionBudget
 from .pool import WarmAgent, WarmPool
 from .queries import SessionQueries
 from .requests import SessionSpec
@@ -77,12 +77,32 @@ class SessionLifecycle:
         context: contextvars.Context,
     ) -> None:
         """Start the session's run task in `context` (the observer's, its span current)."""
+        # From admission on, raises of its budget (UpdateSessionBudget) reach the session.
+        budget = self._budgets.session(live, spec.max_pause_s)
         live.task = asyncio.create_task(
-            self._run(live, spec, tenant, warm), name=f"session-{live.id}", context=context
+            self._run(live, spec, tenant, warm, budget), name=f"session-{live.id}", context=context
         )
 
     async def _run(
-        self, live: LiveSession, spec: SessionSpec, tenant: Tenant, warm: WarmAgent | None
+        self,
+        live: LiveSession,
+        spec: SessionSpec,
+        tenant: Tenant,
+        warm: WarmAgent | None,
+        budget: SessionBudget,
+    ) -> None:
+        try:
+            await self._runs(live, spec, tenant, warm, budget)
+        finally:
+            budget.close()
+
+    async def _runs(
+        self,
+        live: LiveSession,
+        spec: SessionSpec,
+        tenant: Tenant,
+        warm: WarmAgent | None,
+        budget: SessionBudget,
     ) -> None:
         try:
             if live.cancel_requested.is_set():  # cancelled while IDLE: never start
@@ -108,13 +128,7 @@ class SessionLifecycle:
                 waiter = (
                     self._inputs.waiter(live, spec.answer_timeout_s) if spec.in_the_loop else None
                 )
-                budget = self._budgets.session(live, spec.max_pause_s)
-                try:
-                    outcome = await self._runner.run(
-                        live, spec, tenant, warm, settled, waiter, budget
-                    )
-                finally:
-                    budget.close()
+                outcome = await self._runner.run(live, spec, tenant, warm, settled, waiter, budget)
                 await recorder.close()
         except asyncio.CancelledError:
             # Cancelled from outside (event loop shutdown): still record the end.
