@@ -7,8 +7,12 @@ import asyncio
 import getpass
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from agentplane import DEFAULT_TARGET
 from agentplane._version import package_version
 
 from .config import Settings, settings_help
@@ -18,6 +22,9 @@ from .mcp.servers import problem as mcp_problem
 from .sandbox import cli as sandbox_cli
 from .telemetry.logs import configure_logging
 from .tenants import TenantRegistry
+
+if TYPE_CHECKING:
+    from .app import App
 
 EXIT_CONFIG = 2
 
@@ -92,9 +99,39 @@ async def _migrate(settings: Settings) -> None:
         await engine.dispose()
 
 
+def _client_command() -> str:
+    """How to call the `agentplane` CLI installed beside this server: its name when PATH
+    finds it, else its path (relative to the current folder when under it: .venv/bin/...)."""
+    cli = Path(sys.executable).parent / "agentplane"
+    found = shutil.which("agentplane")
+    if found is not None and Path(found).resolve() == cli.resolve():
+        return "agentplane"
+    return str(cli.relative_to(Path.cwd())) if cli.is_relative_to(Path.cwd()) else str(cli)
+
+
+def next_step(app: App, tenants: TenantRegistry) -> str:
+    """What `dev` prints once it is ready: the command to run a first session."""
+    host = app.settings.listen.rsplit(":", 1)[0]
+    if host in ("0.0.0.0", "[::]", ""):  # every address: this machine's loopback is one
+        host = "127.0.0.1"
+    target = f"{host}:{app.port}"
+    options = "" if target == DEFAULT_TARGET else f" --target {target}"
+    if app.certificates is not None:
+        options += " --ca-file <the CA that signed AGENTPLANE_TLS_CERT_FILE>"
+        if app.certificates.mutual:
+            options += " --cert-file <a client certificate> --key-file <its key>"
+    if not tenants.dev_mode:
+        options += " --token <a caller token of the tenants file>"
+    return f'next: in another terminal: {_client_command()}{options} run "hello"'
+
+
 async def _dev(settings: Settings, tenants: TenantRegistry) -> int:
-    """Serve; without an API key, start the sandbox model first and point the CLI at it."""
+    """Serve; without an API key, start the sandbox model first and point the CLI at it.
+    Once ready, say what to type next."""
     from .app import serve
+
+    def on_ready(app: App) -> None:
+        print(next_step(app, tenants), flush=True)
 
     if not os.environ.get("ANTHROPIC_API_KEY") and settings.anthropic_base_url is None:
         from dataclasses import replace
@@ -114,10 +151,10 @@ async def _dev(settings: Settings, tenants: TenantRegistry) -> int:
             flush=True,
         )
         try:
-            return await serve(settings, tenants)
+            return await serve(settings, tenants, on_ready)
         finally:
             await sandbox.stop()
-    return await serve(settings, tenants)
+    return await serve(settings, tenants, on_ready)
 
 
 def _missing_keys(tenants: TenantRegistry) -> list[str]:

@@ -644,10 +644,21 @@ def _grpc_server(
     return server
 
 
-async def serve(settings: Settings, tenants: TenantRegistry | None = None) -> int:
+async def _when_ready(app: App, on_ready: Callable[[App], None]) -> None:
+    await app.health.became_ready.wait()
+    on_ready(app)
+
+
+async def serve(
+    settings: Settings,
+    tenants: TenantRegistry | None = None,
+    on_ready: Callable[[App], None] | None = None,
+) -> int:
     """Run until SIGTERM or SIGINT, then drain and stop; a second signal cuts the grace
-    period short. Returns the exit code."""
+    period short. `on_ready` is called once, when readiness is first SERVING. Returns the
+    exit code."""
     app = await App.start(settings, tenants)
+    announce = None if on_ready is None else asyncio.create_task(_when_ready(app, on_ready))
     stop, force = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:
@@ -665,5 +676,7 @@ async def serve(settings: Settings, tenants: TenantRegistry | None = None) -> in
         loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
+    if announce is not None:
+        announce.cancel()
     await app.stop(force=force)
     return 0

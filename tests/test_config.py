@@ -102,13 +102,14 @@ def test_the_work_dir_limit_mirrors_the_cli_socket_limit() -> None:
     assert MAX_WORK_DIR_BYTES == MAX_SOCKET_DIR_BYTES // 2
 
 
-def test_the_readme_configuration_table_is_the_declared_one() -> None:
-    readme = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
-    start = readme.index("| variable | default | meaning |")
-    end = next((i for i in range(start, len(readme)) if not readme[i].startswith("|")), None)
-    assert readme[start:end] == settings_table().splitlines(), (
-        "README.md's Configuration table differs from server/config.py: paste the output of "
-        "python -c 'from agentplane.server.config import settings_table; print(settings_table())'"
+def test_the_documented_settings_table_is_the_declared_one() -> None:
+    page = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text().splitlines()
+    start = page.index("| variable | default | meaning |")
+    end = next((i for i in range(start, len(page)) if not page[i].startswith("|")), None)
+    assert page[start:end] == settings_table().splitlines(), (
+        "docs/configuration.md's settings table differs from server/config.py: paste the "
+        "output of python -c "
+        "'from agentplane.server.config import settings_table; print(settings_table())'"
     )
 
 

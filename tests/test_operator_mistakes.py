@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -201,6 +202,20 @@ async def test_dev_with_a_tenants_file_needs_no_keys(tmp_path: Path) -> None:
                 except grpc.aio.AioRpcError:
                     pass
                 await asyncio.sleep(0.1)
+        # Ready, it says what to type next: the client beside it, this address, a token.
+        assert proc.stdout is not None
+        hint = ""
+        while not hint.startswith("next:"):
+            hint = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            assert hint, "dev's stdout ended without saying what to type next"
+        assert hint.startswith("next: in another terminal: "), hint
+        client, _, options = hint.strip().removeprefix("next: in another terminal: ").partition(" ")
+        found = shutil.which(client)  # by PATH, or a path from the current folder
+        assert found is not None, hint
+        assert Path(found).resolve() == (Path(sys.executable).parent / "agentplane").resolve()
+        assert options == (
+            f'--target 127.0.0.1:{port} --token <a caller token of the tenants file> run "hello"'
+        )
         code = await asyncio.to_thread(
             cli_main,
             [
