@@ -319,6 +319,12 @@ async def test_every_refusal_of_update_session_budget(setup: Setup) -> None:
         err = await refusal(tenant, session_id, "0.2")
         assert err.code() == grpc.StatusCode.NOT_FOUND, (tenant, session_id)
 
+    with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+        await h.sessions.UpdateSessionBudget(
+            session_pb2.UpdateSessionBudgetRequest(session_id=sid, max_budget_usd="0.2")
+        )
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
     # The budget it already has: nothing changes (a retry is safe).
     same = await raise_to(h.sessions, "pauser", sid, "0.07")
     assert same.max_budget_usd == "0.070000" and same.HasField("paused")
@@ -329,6 +335,33 @@ async def test_every_refusal_of_update_session_budget(setup: Setup) -> None:
     ended = await refusal("pauser", sid, "0.3")
     assert ended.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_details(ended)["ErrorInfo"].reason == "SESSION_ENDED"
+    assert await reserved(h, "pauser") == 0
+
+
+async def test_concurrent_raises_reserve_exactly_the_final_budget(setup: Setup) -> None:
+    h = setup.harness
+    paused = await until_paused(h.sessions, "pauser")
+    sid = paused.session_id
+    amounts = [f"0.{n}" for n in range(10, 20)]
+
+    async def attempt(amount: str) -> str:
+        try:
+            await raise_to(h.sessions, "pauser", sid, amount)
+        except grpc.aio.AioRpcError as err:
+            # Lower than a raise that won first: refused, nothing reserved.
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+            return "lower"
+        return "raised"
+
+    outcomes = await asyncio.gather(*(attempt(a) for a in amounts))
+    assert "raised" in outcomes
+    # The largest raise won (its owner applies it once told), and the day holds exactly
+    # that: no raise was reserved twice.
+    session = await until(h.sessions, "pauser", sid, lambda s: s.max_budget_usd == "0.190000")
+    assert session.max_budget_usd == "0.190000"
+    assert await reserved(h, "pauser") == Decimal("0.19")
+    final = await paused.finish()
+    assert final.state == session_pb2.SESSION_STATE_COMPLETE
     assert await reserved(h, "pauser") == 0
 
 

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 # while they are heard (a missed one is then only a lost connection's window).
 POLL_S = 0.25
 SAFETY_POLL_S = 5.0
+# Times UpdateSessionBudget reads the budget again when concurrent raises changed it.
+RAISE_ATTEMPTS = 20
 
 
 class _WindowFull(Exception):
@@ -302,7 +304,7 @@ async def raise_budget(
         raise InvalidArgument("max_budget_usd", "has more than six decimals (a micro-dollar)")
     if not is_session_id(session_id):
         raise NotFound(f"session {session_id[:100]!r} not found")
-    for _ in range(5):  # a concurrent raise changed the budget meanwhile: read it again
+    for _ in range(RAISE_ATTEMPTS):  # a concurrent raise changed the budget: read it again
         session = await _read(db, tenant, session_id)
         if session.state.terminal:
             raise FailedPrecondition(
