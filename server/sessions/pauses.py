@@ -300,6 +300,13 @@ async def raise_budget(
     if not raw.strip():
         raise InvalidArgument("max_budget_usd", "is required (the new budget, in USD)")
     amount = parse_usd(raw, "max_budget_usd")
+    if amount > tenant.max_session_budget_usd:  # first: a huge number cannot be rounded
+        raise FailedPrecondition(
+            f"{amount if len(raw) < 40 else raw[:40] + '...'} USD is above the tenant's "
+            f"per-session maximum of {tenant.max_session_budget_usd} USD "
+            "(max_session_budget_usd in the tenants file)",
+            "SESSION_BUDGET_MAX",
+        )
     if amount != usd(amount):
         raise InvalidArgument("max_budget_usd", "has more than six decimals (a micro-dollar)")
     if not is_session_id(session_id):
@@ -320,13 +327,6 @@ async def raise_budget(
             )
         if amount == session.max_budget_usd:
             return session
-        if amount > tenant.max_session_budget_usd:
-            raise FailedPrecondition(
-                f"{amount} USD is above the tenant's per-session maximum of "
-                f"{tenant.max_session_budget_usd} USD (max_session_budget_usd in the tenants "
-                "file)",
-                "SESSION_BUDGET_MAX",
-            )
         try:
             if not await _reserve_raise(
                 db, tenant, session_id, before=session.max_budget_usd, after=amount
