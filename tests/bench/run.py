@@ -176,8 +176,9 @@ SECTIONS = {
             "Standard Webhooks library), p50/p99 over the sessions of a run, median over the "
             f"runs. Isolation: {webhooks.DEAD_RECEIVERS} endpoints of another tenant that accept "
             "connections and never answer (each attempt waits out AGENTPLANE_WEBHOOK_TIMEOUT_S, "
-            "10 s, then is retried), two sessions' ends to each; measured after their first "
-            "attempts started, against the same figures before those deliveries existed."
+            "10 s, then is retried), two sessions' ends to each (one in --quick); measured after "
+            "their first attempts started, against the same figures before those deliveries "
+            "existed."
         ),
     ),
 }
