@@ -1,4 +1,4 @@
-"""`agentplane-server`: serve, migrate, check-config, hash-token, sandbox, dev."""
+"""`agentplane-server`: serve, migrate, check-config, hash-token, model-double, dev."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .config import Settings, settings_help
 from .config_warnings import tenants_file_warnings, unknown_variables
 from .errors import ConfigError
 from .mcp.servers import problem as mcp_problem
-from .sandbox import cli as sandbox_cli
+from .model_double import cli as model_double_cli
 from .telemetry.logs import configure_logging
 from .tenants import TenantRegistry
 
@@ -56,12 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         "hash-token", help="print the SHA-256 of a caller token for the tenants file"
     )
     hash_cmd.add_argument("token", nargs="?", help="the token (prompted for when omitted)")
-    sandbox = sub.add_parser(
-        "sandbox",
-        help="run the scripted Anthropic Messages API server",
-        description=sandbox_cli.DESCRIPTION,
+    double = sub.add_parser(
+        "model-double",
+        aliases=["sandbox"],  # its old name, deprecated: kept for one release
+        help="run the scripted Anthropic Messages API server (the model double)",
+        description=model_double_cli.DESCRIPTION,
     )
-    sandbox_cli.add_options(sandbox)
+    model_double_cli.add_options(double)
     return parser
 
 
@@ -136,7 +137,7 @@ async def _dev(settings: Settings, tenants: TenantRegistry) -> int:
     if not os.environ.get("ANTHROPIC_API_KEY") and settings.anthropic_base_url is None:
         from dataclasses import replace
 
-        from .sandbox import SandboxServer
+        from .model_double import SandboxServer
 
         sandbox = SandboxServer()
         await sandbox.start()
@@ -190,7 +191,7 @@ def _warnings(settings: Settings, tenants: TenantRegistry) -> list[str]:
 def _sandbox_tools(settings: Settings) -> str:
     """The sandbox's tools found on PATH (a line); ConfigError naming a missing one."""
     from .app import sandbox_unavailable
-    from .isolation.sandboxes import SandboxUnavailable, find_tools
+    from .sandbox.sandboxes import SandboxUnavailable, find_tools
 
     if not settings.sandbox:
         return (
@@ -261,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         print(hash_token(token))
         return 0
-    if command == "sandbox":
-        return sandbox_cli.run(args)
+    if command in ("model-double", "sandbox"):
+        if command == "sandbox":
+            print(
+                "agentplane-server: `sandbox` is deprecated (it starts the model double, not a "
+                "sandbox): use `agentplane-server model-double`",
+                file=sys.stderr,
+            )
+        return model_double_cli.run(args)
     try:
         settings = _settings()
         if command == "migrate":

@@ -33,23 +33,23 @@ from .api.budget_service import BudgetService, UsageService
 from .api.errors import DecodeGuard
 from .api.session_service import SessionService
 from .api.webhook_service import WebhookService, render
-from .budgets.gateway import MeteringGateway
-from .budgets.ledger import BudgetReader
-from .budgets.pricing import PriceTable
 from .config import Settings, is_loopback
 from .errors import ConfigError, InvalidArgument
+from .gateway.proxy import MeteringGateway
 from .health import DATABASE, WRITES, Health, PoolCheck
-from .isolation.sandboxes import Sandboxes, SandboxUnavailable
+from .money.ledger import BudgetReader
+from .money.pricing import PriceTable
 from .operator_gauges import watch_server
+from .sandbox.host_dirs import default_host_dir, register
+from .sandbox.sandboxes import Sandboxes, SandboxUnavailable
+from .sessions.agents.launcher import BUNDLED_CLI, LaunchConfig, Launcher
+from .sessions.agents.pool import PoolConfig, WarmPool
 from .sessions.capacity import Capacity
-from .sessions.host_dirs import default_host_dir, register
-from .sessions.launcher import BUNDLED_CLI, LaunchConfig, Launcher
-from .sessions.leases import LeaseConfig
 from .sessions.manager import SessionManager
-from .sessions.pool import PoolConfig, WarmPool
-from .sessions.retry import RetryPolicy
-from .sessions.runner import AgentRunner, RunnerConfig
-from .sessions.usage import UsageReader
+from .sessions.records.usage import UsageReader
+from .sessions.replicas.leases import LeaseConfig
+from .sessions.run.retry import RetryPolicy
+from .sessions.run.runner import AgentRunner, RunnerConfig
 from .store.diagnosis import LISTEN_SETTING, SETTING, explain
 from .store.engine import create_engine, on_connection_failure, sessionmaker
 from .store.notify import SELF_CHECK_S, Bus, Listener

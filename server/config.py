@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
-from .isolation.uids import DEFAULT_RANGE, parse_range
+from .sandbox.uids import DEFAULT_RANGE, parse_range
 
 # The one dependency on telemetry, and one way only: Settings carries the OTEL_* variables
 # as the value telemetry defines and parses (without the SDK; app.py wires the providers).
@@ -413,7 +413,7 @@ class Settings:
         _optional(_file),
         "",
         "TOML price table (model -> $ per Mtok input, output, cache_write, cache_read, a "
-        "long-context premium; $ per server-tool use) overriding `server/budgets/prices.toml`",
+        "long-context premium; $ per server-tool use) overriding `server/money/prices.toml`",
         shown="the packaged table",
     )
     shutdown_grace_s: float = setting(

@@ -16,10 +16,10 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .errors import DatabaseUnavailable, Unavailable
-from .sessions.cli_env import NO_OUTBOUND_TRAFFIC
+from .recurring import RecurringProblem
+from .sandbox.cli_env import NO_OUTBOUND_TRAFFIC
 from .store.diagnosis import explain
 from .store.engine import migrate, migrations_current
-from .telemetry.recurring import RecurringProblem
 
 log = logging.getLogger(__name__)
 

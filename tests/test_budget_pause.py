@@ -19,7 +19,7 @@ import grpc
 import pytest
 from agentplane import AsyncClient
 from agentplane.cli import main
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.server.tenants import hash_token
 from agentplane.v1 import budget_pb2, budget_pb2_grpc, session_pb2, session_pb2_grpc
 from harness import MODEL, Harness, error_details, start_harness, stop_harness

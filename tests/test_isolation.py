@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import AsyncIterator
 
 import pytest
-from agentplane.server.sandbox import Script, Step, ToolCall
+from agentplane.server.model_double import Script, Step, ToolCall
 from agentplane.v1 import session_pb2
 from harness import Harness, start_harness, stop_harness, tenant_toml
 

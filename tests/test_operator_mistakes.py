@@ -119,17 +119,35 @@ async def test_an_unreachable_model_api_fails_the_session_fast_and_shows_in_heal
 
 def test_the_sandbox_model_takes_its_options() -> None:
     shown = subprocess.run(
-        [*SERVER, "sandbox", "--help"], capture_output=True, text=True, timeout=60, check=False
+        [*SERVER, "model-double", "--help"], capture_output=True, text=True, timeout=60, check=False
     )
     assert shown.returncode == 0
     assert "--port" in shown.stdout and "--host" in shown.stdout and "--scripts" in shown.stdout
     port = free_port()
     proc = subprocess.Popen(
-        [*SERVER, "sandbox", "--port", str(port)], stdout=subprocess.PIPE, text=True
+        [*SERVER, "model-double", "--port", str(port)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
         assert f"127.0.0.1:{port}" in proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_old_sandbox_command_still_starts_the_model_double_and_says_it_is_deprecated() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*SERVER, "sandbox", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert f"127.0.0.1:{port}" in proc.stdout.readline()
+        note = proc.stderr.readline()
+        assert "deprecated" in note and "agentplane-server model-double" in note
     finally:
         proc.terminate()
         proc.wait(timeout=30)

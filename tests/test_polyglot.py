@@ -19,7 +19,7 @@ import grpc
 import pytest
 import test_budget_pause as pause
 from agentplane import service_config
-from agentplane.server.sandbox.script import Script, Step, ToolCall, Usage
+from agentplane.server.model_double.script import Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2
 from harness import (
     MODEL,

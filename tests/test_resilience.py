@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
-from agentplane.server.sandbox import SandboxServer, Script, Step, ToolCall, Usage
+from agentplane.server.model_double import SandboxServer, Script, Step, ToolCall, Usage
 from agentplane.server.store.engine import create_engine, sessionmaker
 from agentplane.server.store.models import BudgetWindowRow, EventRow, SessionRow
 from agentplane.v1 import session_pb2

@@ -29,7 +29,6 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..budgets.gateway_meter import SessionMeter
 from ..domain import BudgetPause, EventKind, PauseReason, Session, SessionState, usd, utcnow
 from ..errors import (
     AgentplaneError,
@@ -39,6 +38,7 @@ from ..errors import (
     NotFound,
     QuotaExceeded,
 )
+from ..gateway.meter import SessionMeter
 from ..store import ledger
 from ..store import sessions as repo
 from ..store.engine import bus_of
@@ -46,7 +46,7 @@ from ..store.notify import SESSION_BUDGET_CHANNEL, notify
 from ..tenants import Tenant
 from ..webhooks.outbox import WebhookOutbox
 from .live import LiveSession
-from .requests import is_session_id, parse_usd
+from .run_request import is_session_id, parse_usd
 
 log = logging.getLogger(__name__)
 
