@@ -66,7 +66,7 @@ def test_the_benchmarks_run(tmp_path: Path) -> None:
         [sys.executable, str(script), "--quick"],
         capture_output=True,
         text=True,
-        timeout=420,
+        timeout=300,
         check=False,
         cwd=tmp_path,
     )
