@@ -202,7 +202,10 @@ class SessionBudget:
         """The gateway's hold of a request the budget cannot cover: True once the budget
         was raised (reserve again), False to refuse it (the pause timed out, the session
         is stopping, or the pause could not be recorded)."""
-        if self._expired or self.live.cancel_requested.is_set():
+        if self.live.cancel_requested.is_set() and self._meter is not None:
+            self._meter.exhausted = False  # refused for the stop: it ends as the stop says
+            return False
+        if self._expired:
             return False
         if self._pause is None or self._pause.done():
             self._pause = asyncio.create_task(self._paused(), name=f"pause-{self.live.id}")
