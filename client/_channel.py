@@ -5,19 +5,21 @@ the client balances calls over them with ``round_robin`` and checks each replica
 (grpc.health.v1 ``Watch`` of ``readiness``), so a replica that drains on SIGTERM, is still
 starting or has lost its database gets no new calls. Every client, one address or several,
 retries UNAVAILABLE. All of it is grpc's own service config (:func:`service_config`); other
-languages use the same JSON (README, "Replicas and draining").
+languages use the same JSON (docs/operations.md, "Clients of several replicas").
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
-from . import _requests as rq
-
 Target: TypeAlias = str | Sequence[str]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+TARGET_ENV = "AGENTPLANE_TARGET"
 ChannelOptions: TypeAlias = Sequence[tuple[str, Any]]
 
 # The health name a replica reports SERVING on only while it takes new sessions: NOT_SERVING
@@ -83,6 +85,11 @@ def service_config(*, balanced: bool = True) -> dict[str, Any]:
     return config
 
 
+def resolve_target(target: str | None) -> str:
+    """The target argument, else ``$AGENTPLANE_TARGET``, else 127.0.0.1:50051."""
+    return target or os.environ.get(TARGET_ENV, "").strip() or DEFAULT_TARGET
+
+
 def resolve(target: Target | None) -> tuple[str, bool]:
     """The grpc target string for ``target`` and whether it names several replicas.
 
@@ -94,7 +101,7 @@ def resolve(target: Target | None) -> tuple[str, bool]:
     anything else, naming the bad address.
     """
     if target is None or isinstance(target, str):
-        text = rq.resolve_target(target).strip()
+        text = resolve_target(target).strip()
         if text.startswith(_SCHEMES):
             scheme, _, rest = text.partition(":")
             return text, scheme == "dns" or (scheme in ("ipv4", "ipv6") and "," in rest)

@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from ._requests import (
+from ._values import (
     decider_name,
     delivery_state_name,
     input_kind_name,

@@ -42,12 +42,14 @@ from typing import Any
 
 from . import _prompt
 from . import _render as render
+from ._channel import TARGET_ENV
 from ._client import Client, EventStream
 from ._errors import AgentplaneError, RPCError
 from ._files import destination, write_file
 from ._health import HealthStatus
 from ._inputs import Deny, ToolResult
-from ._requests import TARGET_ENV, TOKEN_ENV, session_state
+from ._requests import TOKEN_ENV
+from ._values import session_state
 from ._version import package_version
 from .v1 import session_pb2
 

@@ -60,7 +60,7 @@ from .telemetry.observer import TelemetryObserver
 from .telemetry.rpc import CallSpans
 from .telemetry.setup import ContentPolicy, EndpointUnavailable, Telemetry
 from .tenants import MAX_INPUT_TOTAL_BYTES, TenantChanges, TenantRegistry
-from .tenants_reload import TenantsReloader
+from .tenants.reload import TenantsReloader
 from .tls import CertificateFiles, certificate_files
 from .webhooks.listing import DeliveryReader
 from .webhooks.metrics import WebhookMetrics
