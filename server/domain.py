@@ -348,7 +348,7 @@ class Session:
     cost_usd: Decimal = Decimal(0)
     sdk_cost_usd: Decimal = Decimal(0)
     # How far the metered cost fell short of the CLI's own count (sdk_cost_usd), when by
-    # more than the tolerance (see sessions/shortfall.py); else 0.
+    # more than the tolerance (see money/shortfall.py); else 0.
     shortfall_usd: Decimal = Decimal(0)
     num_turns: int = 0
     usage: TokenUsage = TokenUsage()

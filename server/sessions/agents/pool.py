@@ -23,7 +23,6 @@ from decimal import Decimal
 
 from claude_agent_sdk import ClaudeSDKClient
 
-from ...errors import ConfigError, InvalidArgument
 from ...gateway.meter import SessionMeter
 from ...sandbox.cli_env import SessionDirs
 from ...sandbox.owners import write_marker
@@ -189,14 +188,6 @@ class WarmPool:
         """Whether the agent was started under its tenant's policy as configured now."""
         wanted = self._wanted.get(agent.tenant)
         return wanted is not None and wanted[0] == agent.policy
-
-    def check_models(self) -> None:
-        """Raise ConfigError if a tenant's warm_pool_model is not in the price table."""
-        for name, (_, spec) in self._wanted.items():
-            try:
-                self._launcher.check_model(spec.model)
-            except InvalidArgument as exc:
-                raise ConfigError(f"tenants.{name}.warm_pool_model", str(exc)) from None
 
     # -- handing out ---------------------------------------------------------------------
 

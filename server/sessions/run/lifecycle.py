@@ -12,8 +12,6 @@ import contextvars
 import logging
 
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession as DbSession
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ...domain import Artifact, ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
 from ...errors import DatabaseUnavailable
@@ -22,14 +20,11 @@ from ...money.shortfall import session_shortfall
 from ...store import artifacts
 from ...store import sessions as repo
 from ...tenants import Tenant
-from ...webhooks.outbox import WebhookOutbox
 from ..agents.pool import WarmAgent, WarmPool
 from ..caller_loop.inputs import InputHub
-from ..capacity import Capacity
 from ..live import LiveSession
-from ..observer import SessionObserver
+from ..parts import SessionParts
 from ..pauses import BudgetHub, SessionBudget
-from ..records.queries import SessionQueries
 from ..run_request import SessionSpec
 from .ending import result_event, write_end
 from .metering import RequestRecorder
@@ -45,27 +40,24 @@ class SessionLifecycle:
 
     def __init__(
         self,
-        db: async_sessionmaker[DbSession],
+        parts: SessionParts,
         runner: AgentRunner,
-        capacity: Capacity,
-        queries: SessionQueries,
-        observer: SessionObserver,
         pool: WarmPool | None = None,
         *,
-        inputs: InputHub | None = None,
         finish_retry_s: float = 60.0,
-        webhooks: WebhookOutbox | None = None,
         budgets: BudgetHub | None = None,
     ) -> None:
-        self._db = db
-        self._budgets = budgets or BudgetHub(db, webhooks)
-        self._webhooks = webhooks
+        # A running session writes, and waits for its caller's answers, through the
+        # running sessions' own pool.
+        self._db = parts.upkeep_db
+        self._webhooks = parts.webhooks
+        self._budgets = budgets or BudgetHub(parts.upkeep_db, parts.webhooks)
         self._runner = runner
-        self._capacity = capacity
-        self._queries = queries
-        self._observer = observer
+        self._capacity = parts.capacity
+        self._queries = parts.queries
+        self._observer = parts.observer
         self._pool = pool
-        self._inputs = inputs or InputHub(db)
+        self._inputs = InputHub(parts.upkeep_db, parts.webhooks)
         self._finish_retry_s = finish_retry_s
 
     def launch(
