@@ -74,21 +74,9 @@ class SessionLifecycle:
         live.task = asyncio.create_task(
             self._run(live, spec, tenant, warm, budget), name=f"session-{live.id}", context=context
         )
+        live.task.add_done_callback(lambda _: budget.close())
 
     async def _run(
-        self,
-        live: LiveSession,
-        spec: SessionSpec,
-        tenant: Tenant,
-        warm: WarmAgent | None,
-        budget: SessionBudget,
-    ) -> None:
-        try:
-            await self._runs(live, spec, tenant, warm, budget)
-        finally:
-            budget.close()
-
-    async def _runs(
         self,
         live: LiveSession,
         spec: SessionSpec,
