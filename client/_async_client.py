@@ -82,8 +82,10 @@ class AsyncClient(
     # -- lifecycle ---------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close the channel (calls in flight are cancelled)."""
+        """Close the channels (calls in flight are cancelled)."""
         await self._channel.close()
+        if self._admission_channel is not self._channel:
+            await self._admission_channel.close()
 
     async def __aenter__(self) -> Self:
         return self

@@ -85,8 +85,10 @@ class Client(
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the channel (calls in flight are cancelled)."""
+        """Close the channels (calls in flight are cancelled)."""
         self._channel.close()
+        if self._admission_channel is not self._channel:
+            self._admission_channel.close()
 
     def __enter__(self) -> Self:
         return self

@@ -250,14 +250,19 @@ class ClientCore(
         self.timeout = timeout
         self._metadata = auth_metadata(resolve_token(token))
         credentials = make_credentials(secure, root_certificates, certificate_chain, private_key)
-        opts = _channel.channel_options(
-            self.balanced, [*(options or ()), *tls_options(server_name, credentials)]
-        )
-        if credentials is None:
-            self._channel = self._grpc.insecure_channel(self.target, options=opts)
-        else:
-            self._channel = self._grpc.secure_channel(self.target, credentials, options=opts)
+        given = [*(options or ()), *tls_options(server_name, credentials)]
+
+        def channel(admission: bool) -> Any:
+            opts = _channel.channel_options(self.balanced, given, admission=admission)
+            if credentials is None:
+                return self._grpc.insecure_channel(self.target, options=opts)
+            return self._grpc.secure_channel(self.target, credentials, options=opts)
+
+        self._channel = channel(admission=False)
+        # RunSession's own channel, balanced over the replicas with room (_channel.py).
+        self._admission_channel = channel(admission=True) if self.balanced else self._channel
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
+        self._admissions = session_pb2_grpc.SessionServiceStub(self._admission_channel)
         self._budgets = budget_pb2_grpc.BudgetServiceStub(self._channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
         self._webhooks = webhook_pb2_grpc.WebhookServiceStub(self._channel)
@@ -383,7 +388,7 @@ class ClientCore(
             callback_url=callback_url,
             on_budget_exhausted_=on_budget_exhausted,
         )
-        call = self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout)
+        call = self._admissions.RunSession(request, metadata=self._metadata, timeout=timeout)
         return self._stream(call, inputs.Handlers(on_tool_call, on_permission, on_question))
 
     def stream_session(

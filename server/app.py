@@ -293,6 +293,7 @@ class App:
                 upkeep_db=store.upkeep_db,
                 observer=observer,
                 webhooks=WebhookOutbox(tenants, render),
+                on_full=health.full,
             ),
             gateway,
             sandboxes,

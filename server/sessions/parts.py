@@ -3,6 +3,7 @@ collaborator edits this file, not every constructor that passes it on."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
@@ -37,9 +38,11 @@ class SessionParts:
         upkeep_db: async_sessionmaker[DbSession] | None = None,
         observer: SessionObserver | None = None,
         webhooks: WebhookOutbox | None = None,
+        on_full: Callable[[bool], None] | None = None,
     ) -> SessionParts:
-        """The parts over a new Capacity of `max_sessions` (AGENTPLANE_MAX_SESSIONS)."""
-        capacity = Capacity(max_sessions)
+        """The parts over a new Capacity of `max_sessions` (AGENTPLANE_MAX_SESSIONS), which
+        tells `on_full` when it fills and frees (the admission health)."""
+        capacity = Capacity(max_sessions, on_full=on_full or (lambda full: None))
         return cls(
             db,
             upkeep_db or db,

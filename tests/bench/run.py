@@ -12,6 +12,7 @@ runs, with min and max. The benchmarks, one module each:
     admission.py   7    50 concurrent admissions against one budget: latency, no overspend
     scaling.py     8    memory/CPU with idle streams; figures with 10k-1M rows in the tables
     replicas.py    9    two replicas: follow lag and database load, cancel through the other
+    fleet.py       9    connections per idle/busy replica; lag and cancel via PgBouncer vs direct
     flood.py       10   the metering gateway flooded from a sandbox: server RSS, health latency
     webhooks.py    11   webhook delivery latency; 10 dead receivers against another tenant
 
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import admission
 import claude_agent_sdk
+import fleet
 import flood
 import grpc
 import latency
@@ -150,7 +152,11 @@ SECTIONS = {
             "(`pg_stat_user_tables` scans) over "
             f"{replicas.IDLE_WINDOW_S:g} s while N followers on the other replica follow a session "
             "that waits for the model, minus the rates with none (before and after, averaged). Cancel: CancelSession on the "
-            "replica that does not run the session, sent -> answered (the session has ended)."
+            "replica that does not run the session, sent -> answered (the session has ended). "
+            "Connections (tests/bench/fleet.py): a replica's rows in `pg_stat_activity` (by its "
+            "`application_name`) at idle and at the peak of a burst of sessions and reads. "
+            "PgBouncer: a pair of replicas whose pools go through PgBouncer (transaction mode; "
+            "LISTEN straight to PostgreSQL) against a pair straight on PostgreSQL, interleaved."
         ),
     ),
     "10": (
@@ -286,6 +292,7 @@ async def on_postgres(
         rows["8"] += lines
         notes["8"] += more
         rows["9"] += await replicas.run(bench, server)
+        rows["9"] += await fleet.run(bench, url)
     finally:
         if server is not None:
             await server.stop()
