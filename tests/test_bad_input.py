@@ -276,6 +276,7 @@ async def test_health_list_names_every_service(harness: Harness) -> None:
         "readiness": serving,
         "liveness": serving,
         "agentplane.v1.SessionService": serving,
+        "agentplane.admission": serving,
         "agentplane.sandbox": serving,
         "agentplane.model_api": serving,
         "agentplane.tenants": serving,
