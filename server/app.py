@@ -34,6 +34,7 @@ from .api.errors import DecodeGuard
 from .api.session_service import SessionService
 from .api.webhook_service import WebhookService, render
 from .budgets.gateway import MeteringGateway
+from .budgets.in_flight import PendingWriter
 from .budgets.ledger import BudgetReader
 from .budgets.pricing import PriceTable
 from .config import Settings, is_loopback
@@ -356,6 +357,9 @@ class App:
         # A pool even with no tenant's pool configured: a reload may add one.
         resources.push_async_callback(pool.close)
         owner = f"agentplane-{uuid.uuid4().hex[:12]}"
+        # Each model request's pending record, written before the gateway forwards it.
+        gateway.in_flight = PendingWriter(upkeep_db, owner)
+        resources.push_async_callback(gateway.in_flight.close)
         sessions = SessionManager(
             db,
             launcher,

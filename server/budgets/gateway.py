@@ -58,6 +58,7 @@ from .gateway_meter import (
 )
 from .gateway_parse import OFF_LOOP_BYTES, BodyParser, ParseFailed, inspect, refit
 from .gateway_sse import SideDecoder, SseUsageParser, usage_from_message
+from .in_flight import NotRecorded, PendingWriter
 from .pricing import PriceTable, UnknownModel
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,9 @@ class MeteringGateway:
         self._parser = BodyParser(off_loop_bytes=parse_off_loop_bytes)
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
+        # Writes each request's pending record before it is forwarded (None: none are;
+        # a gateway without a database). See in_flight.py.
+        self.in_flight: PendingWriter | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -442,7 +446,41 @@ class MeteringGateway:
         if isinstance(metered, web.Response):
             return metered
         reservation, record, data = metered
+        if self.in_flight is not None and meter.recorded:
+            refusal = await self._record_pending(meter, reservation, record)
+            if refusal is not None:
+                return refusal
         return await self._forward(request, meter, reservation, record, data)
+
+    async def _record_pending(
+        self, meter: SessionMeter, reservation: Reservation, record: MeteredRequest
+    ) -> web.Response | None:
+        """Write the request's pending record before it is forwarded: None once written,
+        else the refusal (the request is never forwarded unrecorded)."""
+        assert self.in_flight is not None
+        try:
+            await self.in_flight.record(meter.session_id, record)
+            return None
+        except NotRecorded as exc:
+            log.warning(
+                "gateway session=%s: request refused, its pending record was not written (%s)",
+                meter.session_id,
+                exc,
+            )
+            record.status, record.outcome = 503, "unrecorded"
+            meter.settle(reservation, record)
+            return error_response(
+                503,
+                "api_error",
+                "the gateway could not record the request before forwarding it "
+                "(database unavailable); retry shortly",
+                should_retry=True,
+                retry_after_s=1,
+            )
+        except BaseException:  # the agent went away meanwhile: never forwarded
+            record.outcome = "client_disconnected"
+            meter.settle(reservation, record)
+            raise
 
     async def _meter(
         self, request: web.Request, meter: SessionMeter

@@ -160,6 +160,23 @@ class ModelRequestRow(Base):
     upstream_request_id: Mapped[str] = mapped_column(String(128), default="")
 
 
+class ModelRequestInFlightRow(Base):
+    """A model request the gateway forwarded and has not settled yet: written before it is
+    forwarded, replaced by its `model_requests` row when it settles. Crash recovery
+    charges what is left of a dead server's at its estimate (the request's reservation)."""
+
+    __tablename__ = "model_requests_in_flight"
+    __table_args__ = (Index("ix_model_requests_in_flight_session", "session_id"),)
+
+    request_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(128))
+    estimate_usd: Mapped[Decimal] = mapped_column(Money())
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The server that forwarded it.
+    replica: Mapped[str] = mapped_column(String(64))
+
+
 class ToolUseRow(Base):
     """One tool call of a session, with its outcome."""
 
