@@ -1,4 +1,4 @@
-"""model_requests_in_flight: the model requests forwarded and not yet settled
+"""model_requests_in_flight; budget_windows.holds; reservations without a foreign key
 
 Revision ID: 0011
 Revises: 0010
@@ -8,6 +8,11 @@ The metering gateway writes a request's pending record (with its estimate, the r
 reservation) before it forwards it; its settlement replaces it with the request's
 `model_requests` row. Crash recovery charges a dead server's pending records at their
 estimate, so kill -9 during a model request loses no spend.
+
+Admission takes its hold in a short transaction of its own, before the session's row is
+written: a reservation no longer refers to its session by a foreign key, and each window
+counts its reservations still HELD (the tenant's active sessions admitted in it), which
+the hold's one conditional UPDATE checks against max_concurrent_sessions.
 """
 
 from __future__ import annotations
@@ -40,7 +45,30 @@ def upgrade() -> None:
         "ix_model_requests_in_flight_session", "model_requests_in_flight", ["session_id"]
     )
 
+    with op.batch_alter_table("budget_windows") as batch:
+        batch.add_column(sa.Column("holds", sa.Integer(), nullable=False, server_default="0"))
+    op.execute(
+        "UPDATE budget_windows SET holds = (SELECT count(*) FROM reservations r "
+        "WHERE r.tenant = budget_windows.tenant AND r.day = budget_windows.day "
+        "AND r.status = 'HELD')"
+    )
+    with op.batch_alter_table("reservations") as batch:
+        batch.drop_constraint("fk_reservations_session_id_sessions", type_="foreignkey")
+    op.create_index("ix_reservations_status_created", "reservations", ["status", "created_at"])
+
 
 def downgrade() -> None:
+    op.drop_index("ix_reservations_status_created", table_name="reservations")
+    op.execute("DELETE FROM reservations WHERE session_id NOT IN (SELECT id FROM sessions)")
+    with op.batch_alter_table("reservations") as batch:
+        batch.create_foreign_key(
+            "fk_reservations_session_id_sessions",
+            "sessions",
+            ["session_id"],
+            ["id"],
+            ondelete="CASCADE",
+        )
+    with op.batch_alter_table("budget_windows") as batch:
+        batch.drop_column("holds")
     op.drop_index("ix_model_requests_in_flight_session", table_name="model_requests_in_flight")
     op.drop_table("model_requests_in_flight")

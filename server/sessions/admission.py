@@ -2,26 +2,32 @@
 
 In order: the request is checked against the tenant's policy, a resume is resolved, a
 repeated request_id re-attaches to the session it started, the server must be ready and
-have room, and then one transaction inserts the session (IDLE) with its `started` event
-and reserves its budget in the tenant's day window.
+have room. Then a short transaction holds the session's budget in the tenant's day window
+and counts it among the tenant's active sessions (one conditional UPDATE: exact on any
+number of replicas, and the window's row locked only until that commit), and another
+inserts the session (IDLE) with its `started` event; if that fails, the hold is undone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..budgets.ledger import reserve_for_session
+from ..budgets.ledger import confirm_hold, release_hold, reserve_for_session
 from ..budgets.windows import day_of
 from ..domain import Event, EventKind, Session, SessionState, utcnow
 from ..errors import (
     AgentplaneError,
+    DatabaseUnavailable,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -185,32 +191,25 @@ class Admitter:
             limits=tenant.events,
         )
         started = live.build(EventKind.STARTED, {"session": session.to_json()})
+        day = day_of(now, tenant.time_zone).isoformat()
         try:
-            async with self._db.begin() as db:
-                day = day_of(now, tenant.time_zone).isoformat()
-                await repo.insert_session(
-                    db,
-                    session,
-                    request_hash=spec.fingerprint(),
-                    budget_day=day,
-                    owner=self._leases.owner,
-                    lease_until=self._leases.expiry(now),
-                )
-                await repo.insert_events(db, [started])
-                # The reservation's UPDATE locks the tenant's window row until commit, so
-                # the count below cannot race another admission of the same tenant; all
-                # else is written before it, to hold that lock as briefly as possible.
-                await reserve_for_session(
-                    db, tenant, session_id=session.id, amount=spec.budget_usd, day=day, now=now
-                )
-                active = await repo.count_active(db, tenant.name)
-                if active > tenant.max_concurrent_sessions:
-                    raise QuotaExceeded(
-                        "CONCURRENCY_LIMIT",
-                        f"tenant:{tenant.name}:concurrent_sessions",
-                        f"tenant {tenant.name!r} already runs its maximum of "
-                        f"{tenant.max_concurrent_sessions} concurrent sessions; retry when one ends",
+            await self._hold(tenant, session.id, spec.budget_usd, day, now)
+            try:
+                async with self._db.begin() as db:
+                    if not await confirm_hold(db, session.id):
+                        raise Unavailable("the admission took too long and its hold was released")
+                    await repo.insert_session(
+                        db,
+                        session,
+                        request_hash=spec.fingerprint(),
+                        budget_day=day,
+                        owner=self._leases.owner,
+                        lease_until=self._leases.expiry(now),
                     )
+                    await repo.insert_events(db, [started])
+            except BaseException:
+                await asyncio.shield(self._release(session.id))
+                raise
         except IntegrityError:
             await live.writer.close()
             if not spec.request_id:
@@ -225,6 +224,32 @@ class Admitter:
             raise
         live.publish(started, persist=False)
         return Admission(session.id, self._queries.follow(tenant, session.id, 0), live)
+
+    async def _hold(
+        self, tenant: Tenant, session_id: str, amount: Decimal, day: str, now: datetime
+    ) -> None:
+        """The budget check and hold, and the count of the tenant's active sessions, in a
+        transaction of their own: the window's row is locked from the hold's conditional
+        UPDATE to this commit only, so a tenant's admissions do not queue behind each
+        other's writes (raises QuotaExceeded)."""
+        async with self._db.begin() as db:
+            await reserve_for_session(
+                db, tenant, session_id=session_id, amount=amount, day=day, now=now
+            )
+
+    async def _release(self, session_id: str) -> None:
+        """Undo the hold of an admission that failed after it (never a hold leaked: what
+        this cannot undo, with the database away, crash recovery releases later)."""
+        try:
+            async with self._db.begin() as db:
+                await release_hold(db, session_id)
+        except (DBAPIError, DatabaseUnavailable) as exc:
+            log.error(
+                "releasing the hold of a failed admission (%s) failed (%s); crash recovery "
+                "releases it",
+                session_id,
+                type(exc).__name__,
+            )
 
     def _start(
         self, live: LiveSession, spec: SessionSpec, tenant: Tenant, warm: WarmAgent | None

@@ -297,16 +297,22 @@ class BudgetWindowRow(Base):
     limit_usd: Mapped[Decimal] = mapped_column(Money())
     spent_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
     reserved_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
+    # Its reservations still HELD: the tenant's active sessions admitted in this window,
+    # which the reservation's one conditional UPDATE counts (max_concurrent_sessions).
+    holds: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class ReservationRow(Base):
-    """What a session holds in its window until it settles (exactly once)."""
+    """What a session holds in its window until it settles (exactly once).
+
+    Written by the short transaction that takes the hold, before the session's row exists
+    (no foreign key): a hold whose session never came to be is released by the
+    admission's compensation, or else by crash recovery (`store.ledger.orphans`)."""
 
     __tablename__ = "reservations"
+    __table_args__ = (Index("ix_reservations_status_created", "status", "created_at"),)
 
-    session_id: Mapped[str] = mapped_column(
-        ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
-    )
+    session_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64))
     day: Mapped[str] = mapped_column(String(10))
     amount_usd: Mapped[Decimal] = mapped_column(Money())
