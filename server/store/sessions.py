@@ -23,6 +23,7 @@ from ..domain import (
 )
 from .models import (
     EventRow,
+    ReservationRow,
     SessionInputRow,
     SessionLabelRow,
     SessionRow,
@@ -410,6 +411,8 @@ async def delete_session(db: DbSession, session: Session) -> bool:
     )
     if deleted.rowcount != 1:  # type: ignore[attr-defined]
         return False
+    # Its settled reservation (no foreign key: a hold is taken before its session exists).
+    await db.execute(delete(ReservationRow).where(ReservationRow.session_id == session.id))
     conversation = session.sdk_session_id
     if conversation and not await db.scalar(
         select(
