@@ -23,14 +23,22 @@ MAX_KNOWN = 4096
 
 
 async def reserve_for_session(
-    db: DbSession, tenant: Tenant, *, session_id: str, amount: Decimal, day: str, now: datetime
+    db: DbSession,
+    tenant: Tenant,
+    *,
+    session_id: str,
+    amount: Decimal,
+    day: str,
+    now: datetime,
+    announce: bool = True,
 ) -> None:
     """Hold a session's maximum cost in the window of `day`, counting it among the
     tenant's active sessions; raises QuotaExceeded (BUDGET_EXCEEDED, or CONCURRENCY_LIMIT
     when the tenant already runs its maximum), then `db`'s transaction must be rolled back.
 
     The window's row stays locked until `db` commits: admission commits this alone, at
-    once, and writes the session after (see `sessions/admission.py`).
+    once, and writes the session after (see `sessions/admission.py`). `announce` False:
+    the change is notified by the caller's next transaction (`confirm_hold`).
     """
     held = await repo.reserve(
         db,
@@ -41,6 +49,7 @@ async def reserve_for_session(
         amount=amount,
         now=now,
         max_holds=tenant.max_concurrent_sessions,
+        announce=announce,
     )
     if held:
         return
@@ -73,8 +82,10 @@ async def release_hold(db: DbSession, session_id: str) -> bool:
     return await repo.release(db, session_id)
 
 
-async def confirm_hold(db: DbSession, session_id: str) -> bool:
-    """In the admission's transaction: whether its hold still stands (locked till commit)."""
+async def confirm_hold(db: DbSession, tenant: Tenant, session_id: str, day: str) -> bool:
+    """In the admission's transaction: whether its hold still stands (locked till commit);
+    the hold's change of the window is notified at this commit."""
+    await repo.announce(db, tenant.name, day)
     return await repo.confirm(db, session_id)
 
 

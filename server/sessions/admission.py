@@ -15,8 +15,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
-from decimal import Decimal
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
@@ -191,25 +189,15 @@ class Admitter:
             limits=tenant.events,
         )
         started = live.build(EventKind.STARTED, {"session": session.to_json()})
-        day = day_of(now, tenant.time_zone).isoformat()
         try:
-            await self._hold(tenant, session.id, spec.budget_usd, day, now)
-            try:
-                async with self._db.begin() as db:
-                    if not await confirm_hold(db, session.id):
-                        raise Unavailable("the admission took too long and its hold was released")
-                    await repo.insert_session(
-                        db,
-                        session,
-                        request_hash=spec.fingerprint(),
-                        budget_day=day,
-                        owner=self._leases.owner,
-                        lease_until=self._leases.expiry(now),
-                    )
-                    await repo.insert_events(db, [started])
-            except BaseException:
-                await asyncio.shield(self._release(session.id))
-                raise
+            await write_admission(
+                self._db,
+                tenant,
+                session,
+                started,
+                request_hash=spec.fingerprint(),
+                leases=self._leases,
+            )
         except IntegrityError:
             await live.writer.close()
             if not spec.request_id:
@@ -224,32 +212,6 @@ class Admitter:
             raise
         live.publish(started, persist=False)
         return Admission(session.id, self._queries.follow(tenant, session.id, 0), live)
-
-    async def _hold(
-        self, tenant: Tenant, session_id: str, amount: Decimal, day: str, now: datetime
-    ) -> None:
-        """The budget check and hold, and the count of the tenant's active sessions, in a
-        transaction of their own: the window's row is locked from the hold's conditional
-        UPDATE to this commit only, so a tenant's admissions do not queue behind each
-        other's writes (raises QuotaExceeded)."""
-        async with self._db.begin() as db:
-            await reserve_for_session(
-                db, tenant, session_id=session_id, amount=amount, day=day, now=now
-            )
-
-    async def _release(self, session_id: str) -> None:
-        """Undo the hold of an admission that failed after it (never a hold leaked: what
-        this cannot undo, with the database away, crash recovery releases later)."""
-        try:
-            async with self._db.begin() as db:
-                await release_hold(db, session_id)
-        except (DBAPIError, DatabaseUnavailable) as exc:
-            log.error(
-                "releasing the hold of a failed admission (%s) failed (%s); crash recovery "
-                "releases it",
-                session_id,
-                type(exc).__name__,
-            )
 
     def _start(
         self, live: LiveSession, spec: SessionSpec, tenant: Tenant, warm: WarmAgent | None
@@ -306,3 +268,64 @@ class Admitter:
     async def _persist_events(self, events: Sequence[Event]) -> None:
         async with self._upkeep_db.begin() as db:
             await repo.insert_events(db, events)
+
+
+async def write_admission(
+    db: async_sessionmaker[DbSession],
+    tenant: Tenant,
+    session: Session,
+    started: Event,
+    *,
+    request_hash: str,
+    leases: LeaseConfig,
+) -> None:
+    """What admitting `session` writes: first its hold (the budget check and hold, and the
+    count of the tenant's active sessions, in a transaction of their own, so the window's
+    row is locked from the hold's conditional UPDATE to that commit only and a tenant's
+    admissions do not queue behind each other's writes), then the session (IDLE) with its
+    `started` event, owned by `leases.owner`. Raises QuotaExceeded (nothing written), or
+    what writing the session raised (the hold undone)."""
+    now = session.create_time
+    day = day_of(now, tenant.time_zone).isoformat()
+    async with db.begin() as s:
+        # Notified with the session's writes, not here: on PostgreSQL every commit that
+        # notifies takes one lock of the whole database, so an admission takes it once.
+        await reserve_for_session(
+            s,
+            tenant,
+            session_id=session.id,
+            amount=session.max_budget_usd,
+            day=day,
+            now=now,
+            announce=False,
+        )
+    try:
+        async with db.begin() as s:
+            if not await confirm_hold(s, tenant, session.id, day):
+                raise Unavailable("the admission took too long and its hold was released")
+            await repo.insert_session(
+                s,
+                session,
+                request_hash=request_hash,
+                budget_day=day,
+                owner=leases.owner,
+                lease_until=leases.expiry(now),
+            )
+            await repo.insert_events(s, [started])
+    except BaseException:
+        await asyncio.shield(_release(db, session.id))
+        raise
+
+
+async def _release(db: async_sessionmaker[DbSession], session_id: str) -> None:
+    """Undo the hold of an admission that failed after it (never a hold leaked: what this
+    cannot undo, with the database away, crash recovery releases later)."""
+    try:
+        async with db.begin() as s:
+            await release_hold(s, session_id)
+    except (DBAPIError, DatabaseUnavailable) as exc:
+        log.error(
+            "releasing the hold of a failed admission (%s) failed (%s); crash recovery releases it",
+            session_id,
+            type(exc).__name__,
+        )

@@ -43,6 +43,7 @@ async def reserve(
     amount: Decimal,
     now: datetime,
     max_holds: int | None = None,
+    announce: bool = True,
 ) -> bool:
     """Hold `amount` in the window if spent + reserved + amount stays within `limit` and,
     with `max_holds`, the tenant's reservations still held (its active sessions) stay
@@ -51,7 +52,8 @@ async def reserve(
     The configured limit is written on every reservation, so a changed tenants file
     takes effect on the next admission. Returns False when the window cannot cover the
     amount (or the holds are at their maximum); the caller must then roll back (the
-    reservation row is already written).
+    reservation row is already written). `announce`: notify the window's change at this
+    commit (else the caller notifies it, see `announce`).
     """
     await _ensure_window(db, tenant, day, limit)
     # All else is written before the window's UPDATE, which locks its row until commit:
@@ -67,7 +69,8 @@ async def reserve(
             created_at=now,
         )
     )
-    await notify(db, BUDGET_CHANNEL, f"{tenant} {day}")
+    if announce:
+        await notify(db, BUDGET_CHANNEL, f"{tenant} {day}")
     w = BudgetWindowRow
     checks = [w.tenant == tenant, w.day == day, w.spent_usd + w.reserved_usd + amount <= limit]
     if max_holds is not None:
@@ -83,6 +86,11 @@ async def reserve(
         .values(reserved_usd=w.reserved_usd + amount, holds=w.holds + 1, limit_usd=limit)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def announce(db: DbSession, tenant: str, day: str) -> None:
+    """Notify a window's change at the commit of `db`'s transaction."""
+    await notify(db, BUDGET_CHANNEL, f"{tenant} {day}")
 
 
 async def confirm(db: DbSession, session_id: str) -> bool:
