@@ -198,19 +198,6 @@ async def save_progress(
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
-async def count_active(db: DbSession, tenant: str) -> int:
-    """The tenant's sessions that are IDLE or RUNNING."""
-    count = await db.scalar(
-        select(func.count())
-        .select_from(SessionRow)
-        .where(
-            SessionRow.tenant == tenant,
-            SessionRow.state.in_([SessionState.IDLE.value, SessionState.RUNNING.value]),
-        )
-    )
-    return int(count or 0)
-
-
 async def renew_leases(
     db: DbSession, *, owner: str, ids: Sequence[str], until: datetime
 ) -> set[str]:
