@@ -158,8 +158,9 @@ class Admitter:
         return admission
 
     async def _insert(self, tenant: Tenant, spec: SessionSpec, warm: WarmAgent | None) -> Admission:
-        """The admission's writes (`write_admission`), with the id of `warm` (a warm agent made for it) or
-        a new one. A request_id that a concurrent request won re-attaches to its session."""
+        """The admission's writes (`write_admission`), with the id of `warm` (a warm agent
+        made for it) or a new one. A request_id that a concurrent request won re-attaches to
+        its session."""
         now = utcnow()
         trace_id, trace_span_id = self._observer.current_trace()
         session = Session(
