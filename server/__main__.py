@@ -1,4 +1,4 @@
-"""`agentplane-server`: serve, migrate, check-config, hash-token, sandbox, dev."""
+"""`agentplane-server`: serve, migrate, check-config, hash-token, model-double, dev."""
 
 from __future__ import annotations
 
@@ -7,17 +7,24 @@ import asyncio
 import getpass
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from agentplane import DEFAULT_TARGET
 from agentplane._version import package_version
 
 from .config import Settings, settings_help
 from .config_warnings import tenants_file_warnings, unknown_variables
 from .errors import ConfigError
 from .mcp.servers import problem as mcp_problem
-from .sandbox import cli as sandbox_cli
+from .model_double import cli as model_double_cli
 from .telemetry.logs import configure_logging
 from .tenants import TenantRegistry
+
+if TYPE_CHECKING:
+    from .app import App
 
 EXIT_CONFIG = 2
 
@@ -49,12 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         "hash-token", help="print the SHA-256 of a caller token for the tenants file"
     )
     hash_cmd.add_argument("token", nargs="?", help="the token (prompted for when omitted)")
-    sandbox = sub.add_parser(
-        "sandbox",
-        help="run the scripted Anthropic Messages API server",
-        description=sandbox_cli.DESCRIPTION,
+    double = sub.add_parser(
+        "model-double",
+        aliases=["sandbox"],  # its old name, deprecated: kept for one release
+        help="run the scripted Anthropic Messages API server (the model double)",
+        description=model_double_cli.DESCRIPTION,
     )
-    sandbox_cli.add_options(sandbox)
+    model_double_cli.add_options(double)
     return parser
 
 
@@ -92,14 +100,44 @@ async def _migrate(settings: Settings) -> None:
         await engine.dispose()
 
 
+def _client_command() -> str:
+    """How to call the `agentplane` CLI installed beside this server: its name when PATH
+    finds it, else its path (relative to the current folder when under it: .venv/bin/...)."""
+    cli = Path(sys.executable).parent / "agentplane"
+    found = shutil.which("agentplane")
+    if found is not None and Path(found).resolve() == cli.resolve():
+        return "agentplane"
+    return str(cli.relative_to(Path.cwd())) if cli.is_relative_to(Path.cwd()) else str(cli)
+
+
+def next_step(app: App, tenants: TenantRegistry) -> str:
+    """What `dev` prints once it is ready: the command to run a first session."""
+    host = app.settings.listen.rsplit(":", 1)[0]
+    if host in ("0.0.0.0", "[::]", ""):  # every address: this machine's loopback is one
+        host = "127.0.0.1"
+    target = f"{host}:{app.port}"
+    options = "" if target == DEFAULT_TARGET else f" --target {target}"
+    if app.certificates is not None:
+        options += " --ca-file <the CA that signed AGENTPLANE_TLS_CERT_FILE>"
+        if app.certificates.mutual:
+            options += " --cert-file <a client certificate> --key-file <its key>"
+    if not tenants.dev_mode:
+        options += " --token <a caller token of the tenants file>"
+    return f'next: in another terminal: {_client_command()}{options} run "hello"'
+
+
 async def _dev(settings: Settings, tenants: TenantRegistry) -> int:
-    """Serve; without an API key, start the sandbox model first and point the CLI at it."""
+    """Serve; without an API key, start the sandbox model first and point the CLI at it.
+    Once ready, say what to type next."""
     from .app import serve
+
+    def on_ready(app: App) -> None:
+        print(next_step(app, tenants), flush=True)
 
     if not os.environ.get("ANTHROPIC_API_KEY") and settings.anthropic_base_url is None:
         from dataclasses import replace
 
-        from .sandbox import SandboxServer
+        from .model_double import SandboxServer
 
         sandbox = SandboxServer()
         await sandbox.start()
@@ -114,10 +152,10 @@ async def _dev(settings: Settings, tenants: TenantRegistry) -> int:
             flush=True,
         )
         try:
-            return await serve(settings, tenants)
+            return await serve(settings, tenants, on_ready)
         finally:
             await sandbox.stop()
-    return await serve(settings, tenants)
+    return await serve(settings, tenants, on_ready)
 
 
 def _missing_keys(tenants: TenantRegistry) -> list[str]:
@@ -153,7 +191,7 @@ def _warnings(settings: Settings, tenants: TenantRegistry) -> list[str]:
 def _sandbox_tools(settings: Settings) -> str:
     """The sandbox's tools found on PATH (a line); ConfigError naming a missing one."""
     from .app import sandbox_unavailable
-    from .isolation.sandboxes import SandboxUnavailable, find_tools
+    from .sandbox.sandboxes import SandboxUnavailable, find_tools
 
     if not settings.sandbox:
         return (
@@ -224,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         print(hash_token(token))
         return 0
-    if command == "sandbox":
-        return sandbox_cli.run(args)
+    if command in ("model-double", "sandbox"):
+        if command == "sandbox":
+            print(
+                "agentplane-server: `sandbox` is deprecated (it starts the model double, not a "
+                "sandbox): use `agentplane-server model-double`",
+                file=sys.stderr,
+            )
+        return model_double_cli.run(args)
     try:
         settings = _settings()
         if command == "migrate":

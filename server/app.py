@@ -33,24 +33,24 @@ from .api.budget_service import BudgetService, UsageService
 from .api.errors import DecodeGuard
 from .api.session_service import SessionService
 from .api.webhook_service import WebhookService, render
-from .budgets.gateway import MeteringGateway
-from .budgets.in_flight import PendingWriter
-from .budgets.ledger import BudgetReader
-from .budgets.pricing import PriceTable
 from .config import Settings, is_loopback
 from .errors import ConfigError, InvalidArgument
+from .gateway.in_flight import PendingWriter
+from .gateway.proxy import MeteringGateway
 from .health import DATABASE, WRITES, Health, PoolCheck
-from .isolation.sandboxes import Sandboxes, SandboxUnavailable
+from .money.ledger import BudgetReader
+from .money.pricing import PriceTable
 from .operator_gauges import watch_server
+from .sandbox.host_dirs import default_host_dir, register
+from .sandbox.sandboxes import Sandboxes, SandboxUnavailable
+from .sessions.agents.launcher import BUNDLED_CLI, LaunchConfig, Launcher
+from .sessions.agents.pool import PoolConfig, WarmPool
 from .sessions.capacity import Capacity
-from .sessions.host_dirs import default_host_dir, register
-from .sessions.launcher import BUNDLED_CLI, LaunchConfig, Launcher
-from .sessions.leases import LeaseConfig
 from .sessions.manager import SessionManager
-from .sessions.pool import PoolConfig, WarmPool
-from .sessions.retry import RetryPolicy
-from .sessions.runner import AgentRunner, RunnerConfig
-from .sessions.usage import UsageReader
+from .sessions.records.usage import UsageReader
+from .sessions.replicas.leases import LeaseConfig
+from .sessions.run.retry import RetryPolicy
+from .sessions.run.runner import AgentRunner, RunnerConfig
 from .store.diagnosis import LISTEN_SETTING, SETTING, explain
 from .store.engine import create_engine, on_connection_failure, sessionmaker
 from .store.notify import SELF_CHECK_S, Bus, Listener
@@ -641,10 +641,21 @@ def _grpc_server(
     return server
 
 
-async def serve(settings: Settings, tenants: TenantRegistry | None = None) -> int:
+async def _when_ready(app: App, on_ready: Callable[[App], None]) -> None:
+    await app.health.became_ready.wait()
+    on_ready(app)
+
+
+async def serve(
+    settings: Settings,
+    tenants: TenantRegistry | None = None,
+    on_ready: Callable[[App], None] | None = None,
+) -> int:
     """Run until SIGTERM or SIGINT, then drain and stop; a second signal cuts the grace
-    period short. Returns the exit code."""
+    period short. `on_ready` is called once, when readiness is first SERVING. Returns the
+    exit code."""
     app = await App.start(settings, tenants)
+    announce = None if on_ready is None else asyncio.create_task(_when_ready(app, on_ready))
     stop, force = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:
@@ -662,5 +673,7 @@ async def serve(settings: Settings, tenants: TenantRegistry | None = None) -> in
         loop.add_signal_handler(sig, on_signal)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
+    if announce is not None:
+        announce.cancel()
     await app.stop(force=force)
     return 0

@@ -11,7 +11,7 @@ import difflib
 
 BUILTIN_TOOLS = frozenset(
     {
-        # Offered only to a client that answers prompts: the caller's loop (caller_loop.py).
+        # Offered only to a client that answers prompts: the caller's loop (sessions/caller_loop/).
         "AskUserQuestion",
         "Bash",
         "CronCreate",

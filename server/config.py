@@ -1,8 +1,8 @@
 """Settings from the environment, validated once at start-up.
 
 Each setting is declared once, as a field of `Settings`: its variable, parser, default and
-help text. `Settings.from_env`, the dataclass defaults, `--help` and the README's
-Configuration table (tests/test_config.py compares it) all come from those declarations.
+help text. `Settings.from_env`, the dataclass defaults, `--help` and docs/configuration.md's
+settings table (tests/test_config.py compares it) all come from those declarations.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
-from .isolation.uids import DEFAULT_RANGE, parse_range
+from .sandbox.uids import DEFAULT_RANGE, parse_range
 
 # The one dependency on telemetry, and one way only: Settings carries the OTEL_* variables
 # as the value telemetry defines and parses (without the SDK; app.py wires the providers).
@@ -45,7 +45,7 @@ class Setting(Generic[T]):
     # reason. None: only documented here, parsed by OtelConfig.from_env.
     parse: Callable[[str], T] | None
     default: str  # "" = none: the setting is unset
-    help: str  # Markdown, for the README; --help prints it without backticks
+    help: str  # Markdown, for docs/configuration.md; --help prints it without backticks
     shown: str | None = None  # how the docs name a default that is not one literal value
     # Checks the value against this machine. Only from_env runs it, so that Settings() with
     # a default never fails (e.g. in a deep current directory).
@@ -57,7 +57,7 @@ class Setting(Generic[T]):
 
     @property
     def default_text(self) -> str:
-        """The default as the README and --help name it."""
+        """The default as docs/configuration.md and --help name it."""
         return self.shown if self.shown is not None else f"`{self.default}`"
 
     def read(self, env: Mapping[str, str]) -> T:
@@ -189,7 +189,7 @@ def _log_level(raw: str) -> str:
     return level
 
 
-# -- the settings, in the order of --help and the README -------------------------------------
+# -- the settings, in the order of --help and docs/configuration.md ----------------------------
 
 
 @dataclass(frozen=True)
@@ -413,7 +413,7 @@ class Settings:
         _optional(_file),
         "",
         "TOML price table (model -> $ per Mtok input, output, cache_write, cache_read, a "
-        "long-context premium; $ per server-tool use) overriding `server/budgets/prices.toml`",
+        "long-context premium; $ per server-tool use) overriding `server/money/prices.toml`",
         shown="the packaged table",
     )
     shutdown_grace_s: float = setting(
@@ -642,7 +642,7 @@ OTEL_SETTINGS: tuple[Setting[Any], ...] = (
     ),
 )
 
-# Every setting, in the order of --help and the README: Settings' own, then OTEL_*.
+# Every setting, in the order of --help and docs/configuration.md: Settings' own, then OTEL_*.
 SETTINGS: tuple[Setting[Any], ...] = (
     *(f.metadata[_SETTING] for f in fields(Settings) if _SETTING in f.metadata),
     *OTEL_SETTINGS,
@@ -668,7 +668,7 @@ def settings_help() -> str:
 
 
 def settings_table() -> str:
-    """The README's Configuration table, in Markdown (a test checks the README has it)."""
+    """docs/configuration.md's settings table, in Markdown (a test checks the page has it)."""
     return "\n".join(
         [
             "| variable | default | meaning |",

@@ -5,7 +5,7 @@ the `reason` label of the admission-rejection metric, so the two always agree.
 
     AgentplaneError                                       reason
     ├── InvalidArgument      a request field is wrong     INVALID_ARGUMENT
-    │   └── UnknownModel     not in the price table       UNKNOWN_MODEL (budgets/pricing.py)
+    │   └── UnknownModel     not in the price table       UNKNOWN_MODEL (money/pricing.py)
     ├── Unauthenticated      no or unknown caller token   UNAUTHENTICATED
     ├── NotFound             no such session (tenant)     NOT_FOUND
     ├── FailedPrecondition   not in the session's state   FAILED_PRECONDITION

@@ -16,10 +16,10 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .errors import DatabaseUnavailable, Unavailable
-from .sessions.cli_env import NO_OUTBOUND_TRAFFIC
+from .recurring import RecurringProblem
+from .sandbox.cli_env import NO_OUTBOUND_TRAFFIC
 from .store.diagnosis import explain
 from .store.engine import migrate, migrations_current
-from .telemetry.recurring import RecurringProblem
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class Health:
         # lasts (a failing pool is re-checked, the LISTEN connection retried, every few
         # seconds), a new cause at once, and its end.
         self._logs: dict[str, RecurringProblem] = {}
+        # Set the first time readiness is SERVING (`dev` then says what to type next).
+        self.became_ready = asyncio.Event()
 
     async def init(self, *, sandboxed: bool = True, listens: bool = False) -> None:
         """`listens`: readiness waits for a LISTEN connection too (see `listen`)."""
@@ -247,6 +249,8 @@ class Health:
         for name in READY_NAMES:
             # Read at each set: the last update to run publishes the current state.
             await self.servicer.set(name, SERVING if self.problem is None else NOT_SERVING)
+        if self.problem is None:
+            self.became_ready.set()
 
     def _spawn(self, update: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(update)

@@ -7,11 +7,11 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .budgets.ledger import BudgetReader
 from .domain import BudgetWindow, utcnow
 from .health import Health
+from .money.ledger import BudgetReader
+from .sessions.agents.pool import WarmPool
 from .sessions.capacity import Capacity
-from .sessions.pool import WarmPool
 from .store.notify import BUDGET_CHANNEL, Bus
 from .telemetry.budget_watch import BudgetWatch
 from .telemetry.gauges import Occupancy, ServerGauges, Sources

@@ -24,9 +24,9 @@ from .approvals import parse_rule
 from .certs import CertIdentity, canonical_subject
 from .domain import usd
 from .errors import ConfigError, Unauthenticated
-from .isolation.limits import SessionLimits
 from .mcp.servers import PREFIX as MCP_PREFIX
 from .mcp.servers import McpServer, RemoteServer, parse_servers, tool_server
+from .sandbox.limits import SessionLimits
 from .webhooks.config import WebhookPolicy, parse_webhooks
 
 DEFAULT_TENANT = "default"

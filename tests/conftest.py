@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from agentplane.server.sessions.cli_env import SessionDirs
+from agentplane.server.sandbox.cli_env import SessionDirs
 from harness import TEST_PG_URL, Harness, PostgresDatabase, short_dir, start_harness, stop_harness
 from pgbouncer import PgBouncer, routed, running_pgbouncer
 

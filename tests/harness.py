@@ -21,7 +21,7 @@ import grpc
 import psycopg
 from agentplane.server.app import App
 from agentplane.server.config import Settings
-from agentplane.server.sandbox import SandboxServer
+from agentplane.server.model_double import SandboxServer
 from agentplane.server.telemetry.setup import Telemetry
 from agentplane.server.tenants import TenantRegistry, hash_token
 from agentplane.v1 import budget_pb2_grpc, session_pb2, session_pb2_grpc, usage_pb2_grpc

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from agentplane.server.sandbox import SandboxServer
+from agentplane.server.model_double import SandboxServer
 
 # The script steps of the tests of callers in the loop: a caller tool, a tool that needs
 # approval, and the agent's question, each with a fixed tool_use id to find its result by.

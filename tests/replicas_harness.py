@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agentplane.server.sandbox import SandboxServer, Script
+from agentplane.server.model_double import SandboxServer, Script
 from agentplane.server.store.engine import create_engine, migrate, sessionmaker
 from agentplane.server.store.models import SessionRow
 from agentplane.v1 import session_pb2_grpc

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from agentplane.server.sessions.paging import _filter_digest
+from agentplane.server.sessions.records.paging import _filter_digest
 from agentplane.server.store.sessions import SessionFilter
 from agentplane.v1 import budget_pb2, session_pb2, usage_pb2
 from google.protobuf import message_factory

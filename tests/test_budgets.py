@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import grpc
 import pytest
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import MODEL, Harness, error_details, start_harness, stop_harness
 from test_gateway import pdf

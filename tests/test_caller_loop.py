@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2
 from google.protobuf.duration_pb2 import Duration
 from harness import MODEL, Harness, error_details, start_harness, stop_harness

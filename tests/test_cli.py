@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from agentplane.cli import main
-from agentplane.server.sandbox.script import HttpFailure, Script, Step, ToolCall, Usage
+from agentplane.server.model_double.script import HttpFailure, Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2
 from harness import MODEL, TOKENS, Harness
 from model_view import (

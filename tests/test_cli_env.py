@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from agentplane.server.sessions.cli_env import NO_OUTBOUND_TRAFFIC, SessionDirs, cli_environment
+from agentplane.server.sandbox.cli_env import NO_OUTBOUND_TRAFFIC, SessionDirs, cli_environment
 
 
 def test_session_folders_are_private_and_leave_their_parent_alone(short_tmp: Path) -> None:

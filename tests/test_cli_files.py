@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from agentplane.cli import main
-from agentplane.server.sandbox.script import Script, Step, ToolCall
+from agentplane.server.model_double.script import Script, Step, ToolCall
 from harness import MODEL, TOKENS, Harness
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}

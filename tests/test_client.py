@@ -19,7 +19,7 @@ from agentplane import (
     RPCError,
 )
 from agentplane._health import decode_response, encode_request
-from agentplane.server.sandbox.script import Script, Step, Usage
+from agentplane.server.model_double.script import Script, Step, Usage
 from agentplane.v1 import session_pb2
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2

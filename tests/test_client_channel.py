@@ -159,11 +159,9 @@ def json_block_after(text: str, marker: str, opening: str) -> Any:
     return json.loads(textwrap.dedent("\n".join(block)))
 
 
-def test_the_readme_and_kubernetes_example_show_the_clients_service_config() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert json_block_after(readme, "**Clients of several replicas.**", "```json") == (
-        service_config()
-    )
+def test_the_operations_page_and_kubernetes_example_show_the_clients_service_config() -> None:
+    page = (ROOT / "docs" / "operations.md").read_text()
+    assert json_block_after(page, "## Clients of several replicas", "```json") == (service_config())
     manifest = (ROOT / "deploy" / "kubernetes.yaml").read_text()
     assert json_block_after(manifest, "name: agentplane-client", "service-config.json: |") == (
         service_config()

@@ -23,7 +23,7 @@ from agentplane import (
     structured_result,
 )
 from agentplane._files import ArtifactAssembler, input_files, output_schema_json
-from agentplane.server.sandbox.script import Script, Step, ToolCall
+from agentplane.server.model_double.script import Script, Step, ToolCall
 from agentplane.v1 import session_pb2
 from harness import MODEL, TOKENS, Harness
 

@@ -26,8 +26,8 @@ from agentplane import (
 )
 from agentplane import _inputs as inputs
 from agentplane import _requests as rq
-from agentplane.server.sandbox.script import Script, Step, Usage
-from agentplane.server.sandbox.script import ToolCall as ScriptedCall
+from agentplane.server.model_double.script import Script, Step, Usage
+from agentplane.server.model_double.script import ToolCall as ScriptedCall
 from agentplane.v1 import session_pb2
 from harness import MODEL, TOKENS, Harness
 from model_view import (

@@ -20,7 +20,7 @@ from agentplane.server.config import (
 )
 from agentplane.server.config_warnings import unknown_variables
 from agentplane.server.errors import ConfigError, Unauthenticated
-from agentplane.server.sessions.cli_env import SessionDirs
+from agentplane.server.sandbox.cli_env import SessionDirs
 from agentplane.server.tenants import TenantRegistry, hash_token
 from harness import tenant_toml, write_tenants
 from test_warm_pool import twin_tenants
@@ -97,18 +97,19 @@ def test_a_too_long_work_dir_is_refused_with_the_reason() -> None:
 
 def test_the_work_dir_limit_mirrors_the_cli_socket_limit() -> None:
     # config keeps a copy so that it does not import sessions; this keeps the copy honest.
-    from agentplane.server.sessions.cli_env import MAX_SOCKET_DIR_BYTES
+    from agentplane.server.sandbox.cli_env import MAX_SOCKET_DIR_BYTES
 
     assert MAX_WORK_DIR_BYTES == MAX_SOCKET_DIR_BYTES // 2
 
 
-def test_the_readme_configuration_table_is_the_declared_one() -> None:
-    readme = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
-    start = readme.index("| variable | default | meaning |")
-    end = next((i for i in range(start, len(readme)) if not readme[i].startswith("|")), None)
-    assert readme[start:end] == settings_table().splitlines(), (
-        "README.md's Configuration table differs from server/config.py: paste the output of "
-        "python -c 'from agentplane.server.config import settings_table; print(settings_table())'"
+def test_the_documented_settings_table_is_the_declared_one() -> None:
+    page = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text().splitlines()
+    start = page.index("| variable | default | meaning |")
+    end = next((i for i in range(start, len(page)) if not page[i].startswith("|")), None)
+    assert page[start:end] == settings_table().splitlines(), (
+        "docs/configuration.md's settings table differs from server/config.py: paste the "
+        "output of python -c "
+        "'from agentplane.server.config import settings_table; print(settings_table())'"
     )
 
 
@@ -569,9 +570,9 @@ def test_unknown_agentplane_variables_are_named_with_the_closest_setting() -> No
 async def test_the_builtin_tool_names_are_the_bundled_clis(session_dirs: SessionDirs) -> None:
     # The CLI drops a name it does not have: asked for all of ours and one it has not, it
     # offers exactly ours; asked for none, only tools among ours.
-    from agentplane.server.sandbox import SandboxServer
-    from agentplane.server.sessions.cli_env import NO_OUTBOUND_TRAFFIC
-    from agentplane.server.sessions.launcher import BUNDLED_CLI
+    from agentplane.server.model_double import SandboxServer
+    from agentplane.server.sandbox.cli_env import NO_OUTBOUND_TRAFFIC
+    from agentplane.server.sessions.agents.launcher import BUNDLED_CLI
     from claude_agent_sdk import ClaudeAgentOptions, SystemMessage, query
 
     model = SandboxServer()

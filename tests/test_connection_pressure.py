@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import psycopg
 import pytest
-from agentplane.server.sandbox import Script, Step
+from agentplane.server.model_double import Script, Step
 from agentplane.server.store.outages import NO_CONNECTION, TOO_SLOW
 from agentplane.v1 import session_pb2
 from harness import MODEL, Harness, error_details, start_harness, stop_harness

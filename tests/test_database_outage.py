@@ -248,7 +248,7 @@ async def test_a_replaced_sqlite_file_is_unavailable_too(h: Harness) -> None:
 async def test_the_server_serves_again_and_its_upkeep_survived(
     h: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, "agentplane.server.sessions.leases")
+    caplog.set_level(logging.WARNING, "agentplane.server.sessions.replicas.leases")
     async with database_gone(h):
         await wait_readiness(h, NOT_SERVING)
         async with asyncio.timeout(60):  # a lease-upkeep round fails meanwhile, and says why

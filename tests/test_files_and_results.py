@@ -13,7 +13,7 @@ import grpc
 import pytest
 import sqlalchemy
 from agentplane.server.domain import utcnow
-from agentplane.server.sandbox import Script, Step, ToolCall
+from agentplane.server.model_double import Script, Step, ToolCall
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import (
     MODEL,

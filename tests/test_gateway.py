@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from agentplane.server.budgets.gateway import MeteringGateway
-from agentplane.server.budgets.gateway_meter import (
+from agentplane.server.domain import TokenUsage
+from agentplane.server.gateway.meter import (
     IMAGE_TOKENS,
     PDF_PAGE_TOKENS,
     UNSEEN_DOCUMENT_TOKENS,
@@ -26,10 +26,9 @@ from agentplane.server.budgets.gateway_meter import (
     SessionMeter,
     estimate_input_tokens,
 )
-from agentplane.server.budgets.gateway_sse import SseUsageParser
-from agentplane.server.budgets.pricing import PriceTable
-from agentplane.server.domain import TokenUsage
-from agentplane.server.sandbox import (
+from agentplane.server.gateway.proxy import MeteringGateway
+from agentplane.server.gateway.sse import SseUsageParser
+from agentplane.server.model_double import (
     HttpFailure,
     RecordedRequest,
     SandboxServer,
@@ -38,7 +37,8 @@ from agentplane.server.sandbox import (
     ToolCall,
     Usage,
 )
-from agentplane.server.sessions.cli_env import SessionDirs, cli_environment
+from agentplane.server.money.pricing import PriceTable
+from agentplane.server.sandbox.cli_env import SessionDirs, cli_environment
 from claude_agent_sdk import (
     AssistantMessage,
     ClaudeAgentOptions,

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import TOKENS, Harness, start_harness, stop_harness, tenant_toml

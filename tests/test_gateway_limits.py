@@ -20,12 +20,12 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from agentplane.server.budgets.gateway import MeteringGateway
-from agentplane.server.budgets.gateway_limits import ReadSlots
-from agentplane.server.budgets.gateway_meter import SessionMeter
-from agentplane.server.budgets.gateway_parse import BodyParser, ParseFailed, inspect
-from agentplane.server.budgets.pricing import PriceTable
-from agentplane.server.sandbox import SandboxServer
+from agentplane.server.gateway.limits import ReadSlots
+from agentplane.server.gateway.meter import SessionMeter
+from agentplane.server.gateway.parse import BodyParser, ParseFailed, inspect
+from agentplane.server.gateway.proxy import MeteringGateway
+from agentplane.server.model_double import SandboxServer
+from agentplane.server.money.pricing import PriceTable
 from harness import processes
 from test_gateway import _document, _with_blocks, pdf
 

@@ -19,10 +19,10 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
-from agentplane.server.sessions.beneath import SymlinkInPath
-from agentplane.server.sessions.requests import InputFile
-from agentplane.server.sessions.workspace_files import write_input_files
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
+from agentplane.server.sessions.run_request import InputFile
+from agentplane.server.sessions.workspace.beneath import SymlinkInPath
+from agentplane.server.sessions.workspace.files import write_input_files
 from agentplane.v1 import session_pb2
 from harness import TOKENS, Harness, short_dir, start_harness, stop_harness, tenant_toml
 

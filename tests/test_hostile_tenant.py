@@ -20,8 +20,8 @@ from pathlib import Path
 import pyseccomp
 import pytest
 from agentplane import server
-from agentplane.server.isolation import seccomp
-from agentplane.server.sandbox import HttpFailure, Script, Step, ToolCall, Usage
+from agentplane.server.model_double import HttpFailure, Script, Step, ToolCall, Usage
+from agentplane.server.sandbox import seccomp
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import (
     TOKENS,

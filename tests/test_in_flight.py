@@ -13,12 +13,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from agentplane.server.budgets.gateway import MeteringGateway
-from agentplane.server.budgets.gateway_meter import MeteredRequest, SessionMeter
-from agentplane.server.budgets.in_flight import NotRecorded, PendingWriter
-from agentplane.server.budgets.pricing import PriceTable
 from agentplane.server.domain import Session, SessionState, utcnow
-from agentplane.server.sandbox import SandboxServer
+from agentplane.server.gateway.in_flight import NotRecorded, PendingWriter
+from agentplane.server.gateway.meter import MeteredRequest, SessionMeter
+from agentplane.server.gateway.proxy import MeteringGateway
+from agentplane.server.model_double import SandboxServer
+from agentplane.server.money.pricing import PriceTable
 from agentplane.server.store import model_requests
 from agentplane.server.store import sessions as repo
 from agentplane.server.store.engine import create_engine, migrate, sessionmaker

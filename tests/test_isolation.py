@@ -10,7 +10,7 @@ import subprocess
 from collections.abc import AsyncIterator
 
 import pytest
-from agentplane.server.sandbox import Script, Step, ToolCall
+from agentplane.server.model_double import Script, Step, ToolCall
 from agentplane.v1 import session_pb2
 from harness import Harness, start_harness, stop_harness, tenant_toml
 
@@ -96,7 +96,7 @@ async def test_an_agent_cannot_read_another_tenants_files(isolated: Harness) -> 
 async def test_a_session_of_an_os_user_resumes_in_its_sandbox(isolated: Harness) -> None:
     h = isolated
     if not h.app.settings.sandbox:
-        pytest.skip("unsandboxed, the SDK's resume folder is the server user's (README)")
+        pytest.skip("unsandboxed, the SDK's resume folder is the server user's (docs/security.md)")
     memory = Script(
         steps=[
             Step(text="Noted: the fruit is FIG."),

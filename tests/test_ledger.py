@@ -9,16 +9,16 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from agentplane.server.budgets.ledger import (
+from agentplane.server.domain import Session, SessionState
+from agentplane.server.errors import QuotaExceeded
+from agentplane.server.money.ledger import (
     BudgetReader,
     release_hold,
     release_orphans,
     reserve_for_session,
     settle_session,
 )
-from agentplane.server.budgets.windows import day_of, window_bounds
-from agentplane.server.domain import Session, SessionState
-from agentplane.server.errors import QuotaExceeded
+from agentplane.server.money.windows import day_of, window_bounds
 from agentplane.server.store import ledger
 from agentplane.server.store import sessions as repo
 from agentplane.server.store.engine import create_engine, migrate, sessionmaker

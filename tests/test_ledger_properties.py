@@ -10,8 +10,8 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 
-from agentplane.server.budgets.ledger import BudgetReader, settle_session
 from agentplane.server.errors import QuotaExceeded
+from agentplane.server.money.ledger import BudgetReader, settle_session
 from agentplane.server.store.engine import create_engine, migrate, sessionmaker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from agentplane.server.sandbox import Script, Step
+from agentplane.server.model_double import Script, Step
 from agentplane.v1 import session_pb2
 from harness import (
     MODEL,

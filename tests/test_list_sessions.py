@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from agentplane.server.domain import ErrorReason
-from agentplane.server.sessions.requests import RunRequest
+from agentplane.server.sessions.run_request import RunRequest
 from agentplane.v1 import session_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from harness import MODEL, Harness, error_details

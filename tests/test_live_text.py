@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import grpc
 import pytest
-from agentplane.server.sandbox import Script, Step, ToolCall
+from agentplane.server.model_double import Script, Step, ToolCall
 from agentplane.server.store.engine import sessionmaker
 from agentplane.server.store.models import EventRow
 from agentplane.v1 import session_pb2

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from agentplane.server.sandbox import Script, Step, ToolCall
+from agentplane.server.model_double import Script, Step, ToolCall
 from agentplane.server.store.engine import sessionmaker
 from agentplane.server.store.models import Base
 from agentplane.v1 import session_pb2

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from agentplane.server.sandbox import HttpFailure, Script, Step
+from agentplane.server.model_double import HttpFailure, Script, Step
 from agentplane.v1 import session_pb2, usage_pb2
 from harness import TOKENS, Harness, error_details, start_harness, stop_harness, tenant_toml
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import grpc
 import pytest
-from agentplane.server.budgets.windows import day_of
 from agentplane.server.domain import BudgetWindow, SessionState, utcnow
 from agentplane.server.health import Health
-from agentplane.server.sandbox import HttpFailure, Script, Step, ToolCall
+from agentplane.server.model_double import HttpFailure, Script, Step, ToolCall
+from agentplane.server.money.windows import day_of
 from agentplane.server.store.engine import create_engine
 from agentplane.server.store.models import (
     BudgetWindowRow,

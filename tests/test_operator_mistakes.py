@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -118,17 +119,35 @@ async def test_an_unreachable_model_api_fails_the_session_fast_and_shows_in_heal
 
 def test_the_sandbox_model_takes_its_options() -> None:
     shown = subprocess.run(
-        [*SERVER, "sandbox", "--help"], capture_output=True, text=True, timeout=60, check=False
+        [*SERVER, "model-double", "--help"], capture_output=True, text=True, timeout=60, check=False
     )
     assert shown.returncode == 0
     assert "--port" in shown.stdout and "--host" in shown.stdout and "--scripts" in shown.stdout
     port = free_port()
     proc = subprocess.Popen(
-        [*SERVER, "sandbox", "--port", str(port)], stdout=subprocess.PIPE, text=True
+        [*SERVER, "model-double", "--port", str(port)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
         assert f"127.0.0.1:{port}" in proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_old_sandbox_command_still_starts_the_model_double_and_says_it_is_deprecated() -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*SERVER, "sandbox", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert f"127.0.0.1:{port}" in proc.stdout.readline()
+        note = proc.stderr.readline()
+        assert "deprecated" in note and "agentplane-server model-double" in note
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -201,6 +220,20 @@ async def test_dev_with_a_tenants_file_needs_no_keys(tmp_path: Path) -> None:
                 except grpc.aio.AioRpcError:
                     pass
                 await asyncio.sleep(0.1)
+        # Ready, it says what to type next: the client beside it, this address, a token.
+        assert proc.stdout is not None
+        hint = ""
+        while not hint.startswith("next:"):
+            hint = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            assert hint, "dev's stdout ended without saying what to type next"
+        assert hint.startswith("next: in another terminal: "), hint
+        client, _, options = hint.strip().removeprefix("next: in another terminal: ").partition(" ")
+        found = shutil.which(client)  # by PATH, or a path from the current folder
+        assert found is not None, hint
+        assert Path(found).resolve() == (Path(sys.executable).parent / "agentplane").resolve()
+        assert options == (
+            f'--target 127.0.0.1:{port} --token <a caller token of the tenants file> run "hello"'
+        )
         code = await asyncio.to_thread(
             cli_main,
             [

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentplane import service_config
-from agentplane.server.sandbox.script import Script, Step, ToolCall, Usage
+from agentplane.server.model_double.script import Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2
 from harness import (
     MODEL,

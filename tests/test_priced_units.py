@@ -15,12 +15,12 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from agentplane.server.budgets.gateway import MeteringGateway
-from agentplane.server.budgets.gateway_meter import SERVER_TOOL_RESULT_TOKENS, SessionMeter
-from agentplane.server.budgets.gateway_sse import SseUsageParser, usage_from_message
-from agentplane.server.budgets.pricing import PriceTable, PriceTableError
 from agentplane.server.domain import TokenUsage
-from agentplane.server.sandbox import SandboxServer, Script, Step, Usage
+from agentplane.server.gateway.meter import SERVER_TOOL_RESULT_TOKENS, SessionMeter
+from agentplane.server.gateway.proxy import MeteringGateway
+from agentplane.server.gateway.sse import SseUsageParser, usage_from_message
+from agentplane.server.model_double import SandboxServer, Script, Step, Usage
+from agentplane.server.money.pricing import PriceTable, PriceTableError
 
 PRICES = PriceTable.load()
 FIXTURES = Path(__file__).parent / "fixtures" / "sse"
@@ -419,7 +419,7 @@ async def test_an_unpriced_unit_is_metered_at_the_highest_price_with_a_warning(
     usage = Usage(100, 10, 0, 0, {"code_execution_requests": 4})
     sandbox.add_script("units_unknown", Script(steps=[Step(text="ran", usage=usage)]))
     meter = _open(gateway, sandbox, "5")
-    with caplog.at_level(logging.WARNING, logger="agentplane.server.budgets.gateway"):
+    with caplog.at_level(logging.WARNING, logger="agentplane.server.gateway.proxy"):
         status, _ = await _post(gateway, meter, _search_body("units_unknown", stream=False))
     assert status == 200
     request = meter.requests[-1]

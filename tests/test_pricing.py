@@ -7,14 +7,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from agentplane.server.budgets.pricing import (
-    ModelPrice,
-    PriceTable,
-    PriceTableError,
-    UnknownModel,
-)
 from agentplane.server.domain import TokenUsage
 from agentplane.server.errors import InvalidArgument
+from agentplane.server.money.pricing import ModelPrice, PriceTable, PriceTableError, UnknownModel
 
 TABLE = PriceTable.load()
 

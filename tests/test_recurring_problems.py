@@ -9,9 +9,9 @@ import logging
 
 import pytest
 from agentplane.server.health import Health
+from agentplane.server.recurring import RecurringProblem
 from agentplane.server.store.diagnosis import LISTEN_SETTING, POOLER_HINT, remedy
 from agentplane.server.store.notify import Bus, Listener
-from agentplane.server.telemetry.recurring import RecurringProblem
 from harness import TEST_PG_URL, PostgresDatabase
 from sqlalchemy.engine import make_url
 

@@ -11,7 +11,7 @@ import json
 import grpc
 import pytest
 from agentplane import AsyncClient, RPCError
-from agentplane.server.sandbox import Script, Step, Usage
+from agentplane.server.model_double import Script, Step, Usage
 from agentplane.v1 import session_pb2
 from harness import MODEL, tenant_toml
 from replicas_harness import NOT_SERVING, Replica, requires_postgres, start_replicas

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import sqlalchemy
-from agentplane.server.sandbox import Script, Step, ToolCall
+from agentplane.server.model_double import Script, Step, ToolCall
 from agentplane.server.store.notify import EVENTS_CHANNEL, Bus, Listener
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import MODEL, Harness, error_details, start_harness, stop_harness

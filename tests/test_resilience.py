@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
-from agentplane.server.budgets.pricing import PriceTable
 from agentplane.server.domain import TokenUsage
-from agentplane.server.sandbox import SandboxServer, Script, Step, ToolCall, Usage
+from agentplane.server.model_double import SandboxServer, Script, Step, ToolCall, Usage
+from agentplane.server.money.pricing import PriceTable
 from agentplane.server.store.engine import create_engine, sessionmaker
 from agentplane.server.store.models import (
     BudgetWindowRow,

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import grpc
 import pytest
-from agentplane.server.sandbox import Script, Step, Usage
+from agentplane.server.model_double import Script, Step, Usage
 from agentplane.server.store.engine import create_engine, migrate, sessionmaker
 from agentplane.server.store.transcripts import SqlSessionStore, TenantTranscripts
 from agentplane.v1 import session_pb2

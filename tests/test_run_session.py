@@ -9,7 +9,7 @@ from decimal import Decimal
 import grpc
 import pytest
 from agentplane.server.api.convert import event_to_proto
-from agentplane.server.sandbox import HttpFailure, Script, Step, ToolCall, Usage
+from agentplane.server.model_double import HttpFailure, Script, Step, ToolCall, Usage
 from agentplane.server.store.engine import sessionmaker
 from agentplane.server.store.sessions import list_events
 from agentplane.v1 import budget_pb2, session_pb2

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agentplane.server.isolation.mounts import unmount
-from agentplane.server.sandbox import SandboxServer, Script, Step, ToolCall
+from agentplane.server.model_double import SandboxServer, Script, Step, ToolCall
+from agentplane.server.sandbox.mounts import unmount
 from agentplane.v1 import session_pb2, session_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import processes, short_dir, tenant_toml, write_tenants

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agentplane.server.isolation.bwrap import CLI_INSIDE
-from agentplane.server.sandbox import Script, Step, ToolCall
-from agentplane.server.sessions.launcher import BUNDLED_CLI
+from agentplane.server.model_double import Script, Step, ToolCall
+from agentplane.server.sandbox.bwrap import CLI_INSIDE
+from agentplane.server.sessions.agents.launcher import BUNDLED_CLI
 from agentplane.server.store.engine import sessionmaker
 from agentplane.server.store.models import Base
 from agentplane.v1 import session_pb2

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agentplane.server.sandbox import RecordedRequest, Script, Step, ToolCall, Usage
+from agentplane.server.model_double import RecordedRequest, Script, Step, ToolCall, Usage
 from agentplane.server.telemetry.metrics import METERING_SHORTFALL
 from agentplane.server.telemetry.otel_env import OtelConfig
 from agentplane.server.telemetry.setup import Telemetry
@@ -239,7 +239,7 @@ async def test_a_meter_below_the_clis_count_is_logged_counted_and_shown(
         h.sandbox.add_script(
             "tsm_cheap", Script(steps=[Step(text="ok", usage=Usage(100_000, 1_000))])
         )
-        with caplog.at_level(logging.WARNING, logger="agentplane.server.sessions.lifecycle"):
+        with caplog.at_level(logging.WARNING, logger="agentplane.server.sessions.run.lifecycle"):
             session = final(await h.run("acme", prompt="[[sandbox:tsm_cheap]] hi", model=MODEL))
         assert session.state == session_pb2.SESSION_STATE_COMPLETE, session.error
         cli = (100_000 * 3 + 1_000 * 15) / M

@@ -9,9 +9,9 @@ from decimal import Decimal
 import grpc
 import pytest
 from agentplane.server.domain import ErrorReason, SessionState
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
-from agentplane.server.sessions.lifecycle import SessionLifecycle
-from agentplane.server.sessions.requests import RunRequest
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
+from agentplane.server.sessions.run.lifecycle import SessionLifecycle
+from agentplane.server.sessions.run_request import RunRequest
 from agentplane.v1 import budget_pb2, session_pb2
 from harness import MODEL, Harness, agent_processes
 
@@ -283,7 +283,7 @@ async def test_a_caller_that_goes_away_with_continue_leaves_the_session_running(
 
 
 async def test_a_transient_model_failure_is_retried_and_resumed(harness: Harness) -> None:
-    from agentplane.server.sandbox import HttpFailure
+    from agentplane.server.model_double import HttpFailure
 
     harness.sandbox.add_script(
         "flaky",
@@ -324,7 +324,7 @@ async def test_a_transient_model_failure_is_retried_and_resumed(harness: Harness
 
 
 async def test_a_permanent_failure_ends_after_the_configured_attempts(harness: Harness) -> None:
-    from agentplane.server.sandbox import HttpFailure
+    from agentplane.server.model_double import HttpFailure
 
     harness.sandbox.add_script(
         "down",
@@ -346,7 +346,7 @@ async def test_a_permanent_failure_ends_after_the_configured_attempts(harness: H
 
 
 async def test_a_client_error_is_not_retried(harness: Harness) -> None:
-    from agentplane.server.sandbox import HttpFailure
+    from agentplane.server.model_double import HttpFailure
 
     # 401: a bad key will not get better by asking again. (The CLI itself re-sends a 400
     # a few times, so a 400 would not show whether *we* retried.)
@@ -400,7 +400,7 @@ async def test_a_killed_cli_is_retried_and_the_session_completes(harness: Harnes
 async def test_recovery_does_not_close_a_session_whose_lease_was_renewed(harness: Harness) -> None:
     # Another server saw the lease expired, but the owner renewed it before that server's
     # closing UPDATE: the UPDATE checks the lease itself, so the session stays the owner's.
-    from agentplane.server.sessions.ending import write_end
+    from agentplane.server.sessions.run.ending import write_end
     from agentplane.server.store import sessions as repo
     from agentplane.server.store.engine import sessionmaker
 

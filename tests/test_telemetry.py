@@ -30,7 +30,7 @@ from agentplane.server.domain import (
     utcnow,
 )
 from agentplane.server.errors import ConfigError
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.server.telemetry.logs import JsonFormatter, redact
 from agentplane.server.telemetry.otel_env import OtelConfig
 from agentplane.server.telemetry.setup import ContentPolicy, Telemetry

@@ -17,8 +17,8 @@ import grpc
 import pytest
 from agentplane.server.errors import ConfigError, Unauthenticated
 from agentplane.server.health import TENANTS
-from agentplane.server.sandbox import SandboxServer
-from agentplane.server.sandbox.script import Script, Step, Usage
+from agentplane.server.model_double import SandboxServer
+from agentplane.server.model_double.script import Script, Step, Usage
 from agentplane.server.tenants import TenantRegistry, hash_token
 from agentplane.v1 import budget_pb2, budget_pb2_grpc, session_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc

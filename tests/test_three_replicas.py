@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import grpc
 import pytest
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.server.store.engine import create_engine, sessionmaker
 from agentplane.server.store.models import BudgetWindowRow, ModelRequestRow, ReservationRow
 from agentplane.v1 import session_pb2

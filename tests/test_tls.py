@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentplane import AsyncClient, HealthStatus, RPCError
-from agentplane.server.sandbox.script import Script, Step, Usage
+from agentplane.server.model_double.script import Script, Step, Usage
 from harness import MODEL, TOKENS, Harness, short_dir, start_harness, stop_harness, tenant_toml
 from tls_certs import CertificateAuthority, KeyPair
 

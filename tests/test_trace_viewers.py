@@ -17,13 +17,9 @@ from typing import Any
 import grpc
 import jsonschema
 import pytest
-from agentplane.server.budgets.gateway_sse import (
-    ResponseFacts,
-    SseUsageParser,
-    usage_from_message,
-)
-from agentplane.server.sandbox import HttpFailure, Script, Step, ToolCall, Usage
-from agentplane.server.sandbox.sse import Reply, encode_event
+from agentplane.server.gateway.sse import ResponseFacts, SseUsageParser, usage_from_message
+from agentplane.server.model_double import HttpFailure, Script, Step, ToolCall, Usage
+from agentplane.server.model_double.sse import Reply, encode_event
 from agentplane.server.store.models import ModelRequestRow
 from agentplane.server.telemetry import messages
 from agentplane.server.telemetry.setup import ContentPolicy

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from agentplane.server.isolation.uids import NoFreeUid, UidPool, parse_range, taken_by_users
+from agentplane.server.sandbox.uids import NoFreeUid, UidPool, parse_range, taken_by_users
 
 
 def test_no_two_holders_share_a_uid_and_a_released_one_returns(tmp_path: Path) -> None:
@@ -26,7 +26,7 @@ def test_a_dead_servers_uids_are_free_again(tmp_path: Path) -> None:
     holder = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from agentplane.server.isolation.uids import UidPool\n"
+        "from agentplane.server.sandbox.uids import UidPool\n"
         f"lease = UidPool(Path({str(tmp_path / 'uids')!r}), 3_000_000, 3_000_000).acquire()\n"
         "print(lease.uid, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"

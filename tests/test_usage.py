@@ -15,7 +15,7 @@ import pytest
 from agentplane import Client
 from agentplane.cli import main
 from agentplane.server.app import App
-from agentplane.server.sandbox import HttpFailure, Script, Step, ToolCall, Usage
+from agentplane.server.model_double import HttpFailure, Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2, usage_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp

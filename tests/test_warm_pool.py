@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 import pytest
 from agentplane.server.errors import ConfigError
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
-from agentplane.server.sessions.owners import write_marker
-from agentplane.server.sessions.pool import WARM_MARKER
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
+from agentplane.server.sandbox.owners import write_marker
+from agentplane.server.sessions.agents.pool import WARM_MARKER
 from agentplane.v1 import session_pb2
 from google.protobuf import json_format
 from harness import (

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.server.store.engine import create_engine, sessionmaker
 from agentplane.server.store.models import WebhookDeliveryRow
 from agentplane.server.tenants import hash_token

@@ -8,10 +8,10 @@ from datetime import date
 import grpc
 from agentplane.v1 import budget_pb2, budget_pb2_grpc, usage_pb2, usage_pb2_grpc
 
-from ..budgets.ledger import BudgetReader
 from ..domain import utcnow
 from ..errors import InvalidArgument, quote
-from ..sessions.usage import UsageReader
+from ..money.ledger import BudgetReader
+from ..sessions.records.usage import UsageReader
 from ..tenants import TenantRegistry
 from . import convert
 from .auth import caller

@@ -27,7 +27,7 @@ from ..domain import (
     usd,
 )
 from ..errors import InvalidArgument
-from ..sessions.requests import CallerTool, InputFile, RunRequest
+from ..sessions.run_request import CallerTool, InputFile, RunRequest
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:

@@ -10,9 +10,9 @@ import grpc
 from agentplane.v1 import budget_pb2, webhook_pb2, webhook_pb2_grpc
 from google.protobuf.json_format import MessageToDict
 
-from ..budgets.windows import window_bounds
 from ..domain import InputRequest, Session
 from ..errors import InvalidArgument
+from ..money.windows import window_bounds
 from ..store.outbox import Delivery
 from ..tenants import TenantRegistry
 from ..webhooks.config import BUDGET_THRESHOLD, SESSION_ENDED, SESSION_WAITING

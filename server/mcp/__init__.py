@@ -1,2 +1,2 @@
-"""Tenants' MCP servers: their declarations (`servers.py`) and the gateway's relay to the
-remote ones (`relay.py`)."""
+"""Tenants' MCP servers: their declarations (`servers.py`) and what a session's CLI is given
+(`cli_config.py`); the gateway relays the remote ones (`gateway/mcp_relay.py`)."""

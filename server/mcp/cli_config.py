@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .relay import relay_path
+from ..gateway.mcp_relay import relay_path
 from .servers import McpServer, RemoteServer, StdioServer, tool_server
 
 # The CLI's variable holding its session's gateway token, for the relay's x-api-key.

@@ -91,7 +91,7 @@ class StdioServer:
 
 @dataclass(frozen=True)
 class RemoteServer:
-    """A server at a URL, reached through the metering gateway's relay (`relay.py`)."""
+    """A server at a URL, reached through the metering gateway's relay (`gateway/mcp_relay.py`)."""
 
     name: str
     transport: Literal["http", "sse"]

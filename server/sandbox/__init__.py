@@ -1,24 +1,8 @@
-"""Scripted Anthropic Messages API server: the model double for the bundled CLI.
+"""The sandbox: where each session's agent CLI runs on the host, sealed from the others.
 
-Point the CLI at :attr:`SandboxServer.base_url` through ``ANTHROPIC_BASE_URL``; a prompt
-containing ``[[sandbox:NAME]]`` is answered step by step from the script named NAME.
+Bubblewrap namespaces, a seccomp filter, cgroup limits, a uid of its own and a
+size-limited folder per session; the session's folders, their owners and the sweep of dead
+servers' ones; the CLI's environment; killing every process of a session.
+
+Knows nothing of gRPC, the database, the SDK or the sessions that use it.
 """
-
-from .routing import is_side_request
-from .script import HttpFailure, Script, Step, ToolCall, Usage, load_scripts, scripts_from_dict
-from .server import FINISHED_TEXT, GREETING, RecordedRequest, SandboxServer
-
-__all__ = [
-    "FINISHED_TEXT",
-    "GREETING",
-    "HttpFailure",
-    "RecordedRequest",
-    "SandboxServer",
-    "Script",
-    "Step",
-    "ToolCall",
-    "Usage",
-    "is_side_request",
-    "load_scripts",
-    "scripts_from_dict",
-]

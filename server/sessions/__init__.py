@@ -1,0 +1,4 @@
+"""Sessions: admission, the run, the caller loop, the workspace, and reading them back.
+
+`manager.py` is what `api/` calls; its docstring maps the sub-packages.
+"""

@@ -20,8 +20,6 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-from ..budgets.ledger import confirm_hold, release_hold, reserve_for_session
-from ..budgets.windows import day_of
 from ..domain import Event, EventKind, Session, SessionState, utcnow
 from ..errors import (
     AgentplaneError,
@@ -34,17 +32,19 @@ from ..errors import (
 )
 from ..mcp.cli_config import session_servers
 from ..mcp.servers import problem as mcp_problem
+from ..money.ledger import confirm_hold, release_hold, reserve_for_session
+from ..money.windows import day_of
 from ..store import sessions as repo
 from ..tenants import Tenant
+from .agents.launcher import Launcher
+from .agents.pool import WarmAgent, WarmPool
 from .capacity import Capacity
-from .launcher import Launcher
-from .leases import LeaseConfig
-from .lifecycle import SessionLifecycle
 from .live import LiveSession
 from .observer import SessionObserver
-from .pool import WarmAgent, WarmPool
-from .queries import SessionQueries
-from .requests import RunRequest, SessionSpec, validate
+from .records.queries import SessionQueries
+from .replicas.leases import LeaseConfig
+from .run.lifecycle import SessionLifecycle
+from .run_request import RunRequest, SessionSpec, validate
 
 log = logging.getLogger(__name__)
 

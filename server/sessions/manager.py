@@ -1,14 +1,15 @@
 """The sessions of this server as `api/` sees them; each job lives in its own module.
 
-admission.py   RunSession: validate, idempotency, resume, capacity, the admission write
-lifecycle.py   the run task: IDLE -> RUNNING, the agent's run, the end
-ending.py      the one final transaction (shared with crash recovery, leases.py)
-cancel.py      cancel, disconnect, lost leases, drain
-queries.py     GetSession, StreamSession, ListSessions (paging.py: page tokens)
-capacity.py    live sessions, admissions and warm agents against the session limit
-retention.py   DeleteSession and each tenant's retention_days
-inputs.py      waiting for the caller: input requests, timeouts, Respond (caller_loop.py:
-               the caller's tools and the hook on every tool call)
+admission.py       RunSession: validate, idempotency, resume, capacity, the admission write
+run_request.py     what a caller asks for, validated against the tenant's policy
+capacity.py        live sessions, admissions and warm agents against the session limit
+live.py            a running session's events (observer.py: the telemetry hook)
+agents/            launching an agent CLI; the warm pool
+run/               the run task: IDLE -> RUNNING, the agent's run, the pump, the end
+replicas/          leases and crash recovery, cancel and drain, following other replicas
+records/           GetSession, StreamSession, ListSessions, GetUsage, DeleteSession, retention
+caller_loop/       the caller's tools, the hook on every tool call, waiting for the caller
+workspace/         input files in, artifacts out
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ from ..store.sessions import SessionFilter
 from ..tenants import Tenant
 from ..webhooks.outbox import WebhookOutbox
 from .admission import Admission, Admitter
-from .cancel import SessionStopper
+from .agents.launcher import Launcher
+from .agents.pool import WarmPool
+from .caller_loop.inputs import InputHub, respond
 from .capacity import Capacity
-from .inputs import InputHub, respond
-from .launcher import Launcher
-from .leases import LeaseConfig, LeaseKeeper
-from .lifecycle import SessionLifecycle
 from .observer import NullObserver, SessionObserver
-from .pool import WarmPool
-from .queries import SessionQueries
-from .requests import RunRequest
-from .retention import SessionDeleter
-from .runner import AgentRunner
+from .records.queries import SessionQueries
+from .records.retention import SessionDeleter
+from .replicas.cancel import SessionStopper
+from .replicas.leases import LeaseConfig, LeaseKeeper
+from .run.lifecycle import SessionLifecycle
+from .run.runner import AgentRunner
+from .run_request import RunRequest
 
 
 class SessionManager:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from sqlalchemy import exc as sa_exc
 
 from ..errors import DatabaseUnavailable
-from ..telemetry.recurring import RecurringProblem
+from ..recurring import RecurringProblem
 
 log = logging.getLogger(__name__)
 # Every call that meets the same outage would log it again: its cause is logged once,

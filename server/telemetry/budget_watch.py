@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from ..domain import BudgetWindow
 from ..errors import AgentplaneError
-from .recurring import RecurringProblem
+from ..recurring import RecurringProblem
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from .tracing import (
 )
 
 if TYPE_CHECKING:  # typing only: telemetry is handed the records, it never meters
-    from ..budgets.gateway_meter import MeteredRequest
+    from ..gateway.meter import MeteredRequest
 
 TOKEN_USAGE = "gen_ai.client.token.usage"
 OPERATION_DURATION = "gen_ai.client.operation.duration"

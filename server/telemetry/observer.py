@@ -17,7 +17,7 @@ from .setup import Telemetry
 from .tracing import TRACER_NAME, SessionSpans
 
 if TYPE_CHECKING:  # typing only: telemetry is handed the records, it never meters
-    from ..budgets.gateway_meter import MeteredRequest
+    from ..gateway.meter import MeteredRequest
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from . import messages
 from .setup import ContentPolicy
 
 if TYPE_CHECKING:  # typing only: telemetry is handed the records, it never meters
-    from ..budgets.gateway_meter import MeteredRequest
+    from ..gateway.meter import MeteredRequest
 
 TRACER_NAME = "agentplane"
 PROVIDER = "anthropic"

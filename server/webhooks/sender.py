@@ -26,10 +26,10 @@ from standardwebhooks import Webhook
 
 from ..domain import utcnow
 from ..errors import DatabaseUnavailable
+from ..recurring import RecurringProblem
 from ..store import outbox as repo
 from ..store.engine import bus_of
 from ..store.outages import cause
-from ..telemetry.recurring import RecurringProblem
 from ..tenants import TenantRegistry
 from .config import SecretUnavailable, WebhookPolicy
 from .metrics import WebhookMetrics

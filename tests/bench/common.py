@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 
 import grpc
 import psycopg
-from agentplane.server.sandbox import SandboxServer, Script, Step, ToolCall, Usage
-from agentplane.server.sessions.cli_env import SessionDirs, cli_environment
-from agentplane.server.sessions.launcher import BUNDLED_CLI
-from agentplane.server.sessions.translate import to_events
+from agentplane.server.model_double import SandboxServer, Script, Step, ToolCall, Usage
+from agentplane.server.sandbox.cli_env import SessionDirs, cli_environment
+from agentplane.server.sessions.agents.launcher import BUNDLED_CLI
+from agentplane.server.sessions.run.translate import to_events
 from agentplane.v1 import budget_pb2_grpc, session_pb2, session_pb2_grpc
 from claude_agent_sdk import AssistantMessage, ClaudeAgentOptions, ResultMessage, query
 from grpc_health.v1 import health_pb2, health_pb2_grpc

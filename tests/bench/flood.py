@@ -14,7 +14,7 @@ import statistics
 import textwrap
 import time
 
-from agentplane.server.sandbox import Script, Step, ToolCall, Usage
+from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2
 from common import MODEL, Bench, Server, percentile, ratio, row, rss_mib
 from grpc_health.v1 import health_pb2, health_pb2_grpc

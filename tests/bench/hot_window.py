@@ -22,7 +22,7 @@ from pathlib import Path
 
 from agentplane.server.domain import Event, EventKind, Session, SessionState, utcnow
 from agentplane.server.sessions.admission import write_admission
-from agentplane.server.sessions.leases import LeaseConfig
+from agentplane.server.sessions.replicas.leases import LeaseConfig
 from agentplane.server.store import ledger
 from agentplane.server.store.engine import create_engine, migrate, sessionmaker
 from agentplane.server.tenants import Tenant

@@ -49,8 +49,8 @@ import scaling
 import sqlalchemy
 import throughput
 import unary
-from agentplane.server.sandbox import SandboxServer
-from agentplane.server.sessions.launcher import BUNDLED_CLI
+from agentplane.server.model_double import SandboxServer
+from agentplane.server.sessions.agents.launcher import BUNDLED_CLI
 from common import (
     CHATTY_TEXT,
     PER_SESSION_USD,

@@ -56,7 +56,7 @@ const LOADER_OPTIONS = {
   oneofs: true,
 };
 
-// agentplane's service config (README, "Replicas and draining"; the Python client's
+// agentplane's service config (docs/operations.md, "Clients of several replicas"; the Python client's
 // agentplane.service_config()): round_robin over every address of the target, and
 // UNAVAILABLE retried, which a draining replica answers new sessions with before anything
 // starts. grpc-js (1.14) ignores healthCheckConfig (no client-side health checking), so

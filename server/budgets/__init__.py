@@ -1,1 +1,0 @@
-"""The budget ledger: daily windows, reservations and settlement."""

@@ -1,0 +1,2 @@
+"""Sessions as records: GetSession, StreamSession (replayed, then followed), ListSessions and
+its page tokens, GetUsage, DeleteSession and each tenant's retention."""
