@@ -12,7 +12,8 @@ estimate, so kill -9 during a model request loses no spend.
 Admission takes its hold in a short transaction of its own, before the session's row is
 written: a reservation no longer refers to its session by a foreign key, and each window
 counts its reservations still HELD (the tenant's active sessions admitted in it), which
-the hold's one conditional UPDATE checks against max_concurrent_sessions.
+the hold's one conditional UPDATE checks against max_concurrent_sessions. A hold keeps its
+admission's request_id, unique per tenant: concurrent repeats of a request take one hold.
 """
 
 from __future__ import annotations
@@ -54,13 +55,19 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("reservations") as batch:
         batch.drop_constraint("fk_reservations_session_id_sessions", type_="foreignkey")
+        batch.add_column(sa.Column("request_id", sa.String(length=64), nullable=True))
     op.create_index("ix_reservations_status_created", "reservations", ["status", "created_at"])
+    op.create_index(
+        "uq_reservations_tenant_request_id", "reservations", ["tenant", "request_id"], unique=True
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("uq_reservations_tenant_request_id", table_name="reservations")
     op.drop_index("ix_reservations_status_created", table_name="reservations")
     op.execute("DELETE FROM reservations WHERE session_id NOT IN (SELECT id FROM sessions)")
     with op.batch_alter_table("reservations") as batch:
+        batch.drop_column("request_id")
         batch.create_foreign_key(
             "fk_reservations_session_id_sessions",
             "sessions",

@@ -31,6 +31,7 @@ async def reserve_for_session(
     day: str,
     now: datetime,
     announce: bool = True,
+    request_id: str | None = None,
 ) -> None:
     """Hold a session's maximum cost in the window of `day`, counting it among the
     tenant's active sessions; raises QuotaExceeded (BUDGET_EXCEEDED, or CONCURRENCY_LIMIT
@@ -39,6 +40,7 @@ async def reserve_for_session(
     The window's row stays locked until `db` commits: admission commits this alone, at
     once, and writes the session after (see `sessions/admission.py`). `announce` False:
     the change is notified by the caller's next transaction (`confirm_hold`).
+    `request_id`: the admission's; a concurrent repeat's hold raises IntegrityError.
     """
     held = await repo.reserve(
         db,
@@ -50,6 +52,7 @@ async def reserve_for_session(
         now=now,
         max_holds=tenant.max_concurrent_sessions,
         announce=announce,
+        request_id=request_id,
     )
     if held:
         return
@@ -87,6 +90,12 @@ async def confirm_hold(db: DbSession, tenant: Tenant, session_id: str, day: str)
     the hold's change of the window is notified at this commit."""
     await repo.announce(db, tenant.name, day)
     return await repo.confirm(db, session_id)
+
+
+async def holds_request(db: DbSession, tenant: str, request_id: str) -> bool:
+    """Whether an admission of this tenant's request_id holds its budget (and may be
+    writing its session)."""
+    return await repo.holds_request(db, tenant, request_id)
 
 
 async def release_orphans(db: async_sessionmaker[DbSession], now: datetime) -> list[str]:

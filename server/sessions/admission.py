@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..mcp.cli_config import session_servers
 from ..mcp.servers import problem as mcp_problem
-from ..money.ledger import confirm_hold, release_hold, reserve_for_session
+from ..money.ledger import confirm_hold, holds_request, release_hold, reserve_for_session
 from ..money.windows import day_of
 from ..store import sessions as repo
 from ..tenants import Tenant
@@ -47,6 +47,9 @@ from .run.lifecycle import SessionLifecycle
 from .run_request import RunRequest, SessionSpec, validate
 
 log = logging.getLogger(__name__)
+
+# How long a repeat of a request waits for a concurrent one's session to be written.
+EARLIER_POLLS, EARLIER_POLL_S = 100, 0.05
 
 
 @dataclass
@@ -203,10 +206,14 @@ class Admitter:
             await live.writer.close()
             if not spec.request_id:
                 raise
-            # A concurrent request with the same request_id won the unique constraint.
-            earlier = await self._by_request_id(tenant, spec)
+            # A concurrent request with the same request_id won the unique constraint (of
+            # its hold, or of its session): re-attach to its session once written.
+            earlier = await self._earlier(tenant, spec)
             if earlier is None:
-                raise
+                raise Unavailable(
+                    f"request_id: a concurrent request with {spec.request_id} was not "
+                    "admitted; retry"
+                ) from None
             return earlier
         except BaseException:
             await live.writer.close()
@@ -251,6 +258,19 @@ class Admitter:
                 f"resume_session_id: session {earlier.id} left no conversation to continue"
             )
         return replace(spec, resume_sdk_session_id=earlier.sdk_session_id)
+
+    async def _earlier(self, tenant: Tenant, spec: SessionSpec) -> Admission | None:
+        """The session a concurrent repeat of this request is admitting, once written; None
+        if that admission let its hold go without one."""
+        for _ in range(EARLIER_POLLS):
+            earlier = await self._by_request_id(tenant, spec)
+            if earlier is not None:
+                return earlier
+            async with self._db() as db:
+                if not await holds_request(db, tenant.name, spec.request_id):
+                    return await self._by_request_id(tenant, spec)
+            await asyncio.sleep(EARLIER_POLL_S)
+        return None
 
     async def _by_request_id(self, tenant: Tenant, spec: SessionSpec) -> Admission | None:
         async with self._db() as db:
@@ -299,6 +319,7 @@ async def write_admission(
             day=day,
             now=now,
             announce=False,
+            request_id=session.request_id or None,  # none: never collides
         )
     try:
         async with db.begin() as s:

@@ -44,6 +44,7 @@ async def reserve(
     now: datetime,
     max_holds: int | None = None,
     announce: bool = True,
+    request_id: str | None = None,
 ) -> bool:
     """Hold `amount` in the window if spent + reserved + amount stays within `limit` and,
     with `max_holds`, the tenant's reservations still held (its active sessions) stay
@@ -53,7 +54,8 @@ async def reserve(
     takes effect on the next admission. Returns False when the window cannot cover the
     amount (or the holds are at their maximum); the caller must then roll back (the
     reservation row is already written). `announce`: notify the window's change at this
-    commit (else the caller notifies it, see `announce`).
+    commit (else the caller notifies it, see `announce`). `request_id`: the admission's;
+    a hold of the same tenant and request_id raises IntegrityError.
     """
     await _ensure_window(db, tenant, day, limit)
     # All else is written before the window's UPDATE, which locks its row until commit:
@@ -67,6 +69,7 @@ async def reserve(
             amount_usd=amount,
             status=HELD,
             created_at=now,
+            request_id=request_id,
         )
     )
     if announce:
@@ -145,6 +148,16 @@ async def orphans(db: DbSession, *, older_than: datetime, limit: int = 100) -> l
         .limit(limit)
     )
     return list(ids)
+
+
+async def holds_request(db: DbSession, tenant: str, request_id: str) -> bool:
+    """Whether a hold of this tenant's request_id is HELD (its admission may be writing)."""
+    r = ReservationRow
+    return bool(
+        await db.scalar(
+            select(exists().where(r.tenant == tenant, r.request_id == request_id, r.status == HELD))
+        )
+    )
 
 
 async def has_session(db: DbSession, session_id: str) -> bool:

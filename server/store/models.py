@@ -310,13 +310,19 @@ class ReservationRow(Base):
     admission's compensation, or else by crash recovery (`store.ledger.orphans`)."""
 
     __tablename__ = "reservations"
-    __table_args__ = (Index("ix_reservations_status_created", "status", "created_at"),)
+    __table_args__ = (
+        Index("ix_reservations_status_created", "status", "created_at"),
+        # Concurrent repeats of a request take one hold: the others re-attach to its session.
+        Index("uq_reservations_tenant_request_id", "tenant", "request_id", unique=True),
+    )
 
     session_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64))
     day: Mapped[str] = mapped_column(String(10))
     amount_usd: Mapped[Decimal] = mapped_column(Money())
     status: Mapped[str] = mapped_column(String(16))  # HELD | SETTLED
+    # The admission's request_id (NULL: none), as on its session.
+    request_id: Mapped[str | None] = mapped_column(String(64))
     actual_usd: Mapped[Decimal | None] = mapped_column(Money())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
