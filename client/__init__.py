@@ -21,7 +21,7 @@ generated protos in
 """
 
 from ._async_client import AsyncClient, AsyncEventStream
-from ._channel import service_config
+from ._channel import DEFAULT_TARGET, TARGET_ENV, service_config
 from ._client import Client, EventStream
 from ._errors import (
     AgentplaneError,
@@ -45,7 +45,7 @@ from ._inputs import (
     ToolCall,
     ToolResult,
 )
-from ._requests import DEFAULT_TARGET, TARGET_ENV, TOKEN_ENV
+from ._requests import TOKEN_ENV
 
 __all__ = [
     "DEFAULT_TARGET",

@@ -3,21 +3,25 @@
 Given several replicas (a list of addresses, a comma-separated target, or a ``dns:`` name),
 the client balances calls over them with ``round_robin`` and checks each replica's health
 (grpc.health.v1 ``Watch`` of ``readiness``), so a replica that drains on SIGTERM, is still
-starting or has lost its database gets no new calls. Every client, one address or several,
+starting or has lost its database gets no new calls. RunSession goes over a second channel
+that checks ``agentplane.admission`` instead, which is NOT_SERVING also while a replica is
+full, so new sessions go to replicas with room. Every client, one address or several,
 retries UNAVAILABLE. All of it is grpc's own service config (:func:`service_config`); other
-languages use the same JSON (README, "Replicas and draining").
+languages use the same JSON (docs/operations.md, "Clients of several replicas").
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
-from . import _requests as rq
-
 Target: TypeAlias = str | Sequence[str]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+TARGET_ENV = "AGENTPLANE_TARGET"
 ChannelOptions: TypeAlias = Sequence[tuple[str, Any]]
 
 # The health name a replica reports SERVING on only while it takes new sessions: NOT_SERVING
@@ -25,6 +29,11 @@ ChannelOptions: TypeAlias = Sequence[tuple[str, Any]]
 # (server/health.py READY_NAMES; "" and agentplane.v1.SessionService follow it). Kubernetes'
 # readinessProbe and Envoy check the same name.
 HEALTH_SERVICE = "readiness"
+# The health name RunSession is balanced on (a channel of its own when balanced): as
+# `readiness`, and NOT_SERVING too while the replica is full (AGENTPLANE_MAX_SESSIONS
+# agents), so new sessions go to replicas with room while reads, cancels and answers still
+# reach a full replica (server/health.py ADMISSION).
+ADMISSION_HEALTH_SERVICE = "agentplane.admission"
 
 # Schemes grpc resolves itself; a target without one is "host:port" (or a list of them).
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:", "google-c2p:")
@@ -33,7 +42,9 @@ _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:
 # the call is committed, i.e. before any response header or message arrived; after that the
 # caller gets the error. What an uncommitted UNAVAILABLE means, per method:
 # - RunSession (server streaming, not idempotent without a request_id): a replica that is
-#   draining, not ready or cut off from its database refuses *before admission* (nothing
+#   draining, not ready, full (REPLICA_FULL: another replica may have room; a tenant's own
+#   limit is RESOURCE_EXHAUSTED, not retried) or cut off from its database refuses *before
+#   admission* (nothing
 #   was created, no budget held) with a trailers-only UNAVAILABLE, so a retry on the next
 #   replica is what the caller wants. Once admitted, the `started` event is the first
 #   message, which commits the call: a later failure is never retried (re-attach with
@@ -65,22 +76,31 @@ _RETRY_POLICY = {
 _RETRY_THROTTLING = {"maxTokens": 100, "tokenRatio": 1}
 
 
-def service_config(*, balanced: bool = True) -> dict[str, Any]:
+def service_config(*, balanced: bool = True, admission: bool = False) -> dict[str, Any]:
     """grpc's service config for agentplane, as a JSON-ready dict (a new one each call).
 
     ``balanced``: health-checked ``round_robin`` over every address of the target (for
-    several replicas) plus the retry policy; otherwise the retry policy alone. Pass
-    ``json.dumps(service_config())`` as the ``grpc.service_config`` channel option.
+    several replicas) plus the retry policy; otherwise the retry policy alone.
+    ``admission``: the health name is ``agentplane.admission`` (for the channel that
+    carries RunSession: replicas without room are skipped) instead of ``readiness`` (for
+    every other call). Pass ``json.dumps(service_config())`` as the
+    ``grpc.service_config`` channel option.
     """
     config: dict[str, Any] = {}
     if balanced:
         config["loadBalancingConfig"] = [{"round_robin": {}}]
-        config["healthCheckConfig"] = {"serviceName": HEALTH_SERVICE}
+        name = ADMISSION_HEALTH_SERVICE if admission else HEALTH_SERVICE
+        config["healthCheckConfig"] = {"serviceName": name}
     config["methodConfig"] = [
         {"name": [dict(n) for n in _RETRIED], "retryPolicy": dict(_RETRY_POLICY)}
     ]
     config["retryThrottling"] = dict(_RETRY_THROTTLING)
     return config
+
+
+def resolve_target(target: str | None) -> str:
+    """The target argument, else ``$AGENTPLANE_TARGET``, else 127.0.0.1:50051."""
+    return target or os.environ.get(TARGET_ENV, "").strip() or DEFAULT_TARGET
 
 
 def resolve(target: Target | None) -> tuple[str, bool]:
@@ -94,7 +114,7 @@ def resolve(target: Target | None) -> tuple[str, bool]:
     anything else, naming the bad address.
     """
     if target is None or isinstance(target, str):
-        text = rq.resolve_target(target).strip()
+        text = resolve_target(target).strip()
         if text.startswith(_SCHEMES):
             scheme, _, rest = text.partition(":")
             return text, scheme == "dns" or (scheme in ("ipv4", "ipv6") and "," in rest)
@@ -154,13 +174,16 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def channel_options(balanced: bool, options: ChannelOptions | None) -> list[tuple[str, Any]]:
+def channel_options(
+    balanced: bool, options: ChannelOptions | None, *, admission: bool = False
+) -> list[tuple[str, Any]]:
     """The caller's channel options, plus retries and agentplane's service config unless the
-    caller set those options themselves."""
+    caller set those options themselves (`admission`: see `service_config`)."""
     given = list(options or ())
     names = {name for name, _ in given}
+    config = service_config(balanced=balanced, admission=admission)
     ours: list[tuple[str, Any]] = [
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", json.dumps(service_config(balanced=balanced))),
+        ("grpc.service_config", json.dumps(config)),
     ]
     return given + [(name, value) for name, value in ours if name not in names]

@@ -1,37 +1,26 @@
-"""The synchronous client, over grpc's blocking channel."""
+"""The synchronous client: the client core (``_requests.ClientCore``) over grpc's blocking
+channel."""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import grpc
 
-from . import _channel
 from . import _files as files
 from . import _inputs as inputs
 from . import _requests as rq
-from ._channel import ChannelOptions, Target
-from ._errors import AgentplaneError, RPCError
-from ._health import CHECK_METHOD, HealthStatus, decode_response, encode_request
-from ._tls import make_credentials, tls_options
-from .v1 import (
-    budget_pb2,
-    budget_pb2_grpc,
-    session_pb2,
-    session_pb2_grpc,
-    usage_pb2,
-    usage_pb2_grpc,
-)
-
-T = TypeVar("T")
+from . import _values as values
+from ._errors import rpc_errors
+from ._health import HealthStatus
+from ._stream import StreamCore
+from .v1 import budget_pb2, session_pb2, usage_pb2
 
 
-class EventStream(Iterator[session_pb2.SessionEvent]):
+class EventStream(StreamCore, Iterator[session_pb2.SessionEvent]):
     """The events of one RunSession / StreamSession call, in order.
 
     Iterate it; errors surface as :class:`RPCError`. ``cancel()`` (or leaving a ``with``
@@ -43,47 +32,18 @@ class EventStream(Iterator[session_pb2.SessionEvent]):
     handler runs and its answer is sent with Respond before the stream is read on.
     """
 
-    def __init__(
-        self,
-        call: Any,
-        handlers: inputs.Handlers | None = None,
-        respond: Callable[[session_pb2.RespondRequest], Any] | None = None,
-    ) -> None:
-        self._call = call
-        self._handlers = handlers or inputs.Handlers()
-        self._respond = respond
-        self._pending: inputs.AnyRequest | None = None
-
     def __iter__(self) -> EventStream:
         return self
 
     def __next__(self) -> session_pb2.SessionEvent:
-        if self._pending is not None:
-            request, self._pending = self._pending, None
-            self._answer(request)
-        try:
-            event = next(self._call)
-        except grpc.RpcError as exc:
-            raise RPCError.from_grpc(exc) from exc
-        if self._handlers:
-            self._pending = self._handlers.pending(event)
-        return event
-
-    def _answer(self, request: inputs.AnyRequest) -> None:
-        handler = self._handlers.handler(request)
-        assert handler is not None and self._respond is not None
-        message = inputs.handle(request, handler)
-        if message is None:
-            return
-        try:
-            self._respond(message)
-        except RPCError as exc:
-            if not inputs.settled_elsewhere(exc, request):
-                raise
-
-    def cancel(self) -> None:
-        """End the call (a no-op once it has finished)."""
-        self._call.cancel()
+        request = self._take_pending()
+        if request is not None:
+            message = inputs.handle(request, self._handler(request))
+            if message is not None:
+                with inputs.unless_settled(request):
+                    self._respond(message)
+        with rpc_errors():
+            return self._received(next(self._call))
 
     def __enter__(self) -> Self:
         return self
@@ -92,7 +52,18 @@ class EventStream(Iterator[session_pb2.SessionEvent]):
         self.cancel()
 
 
-class Client:
+class Client(
+    rq.ClientCore[
+        EventStream,
+        session_pb2.ListSessionsResponse,
+        Iterator[session_pb2.Session],
+        session_pb2.InputResolved,
+        Path,
+        inputs.ToolCallHandler,
+        inputs.PermissionHandler,
+        inputs.QuestionHandler,
+    ]
+):
     """A blocking agentplane client.
 
     ``target`` defaults to ``$AGENTPLANE_TARGET`` or ``127.0.0.1:50051``; several replicas
@@ -109,42 +80,15 @@ class Client:
     agentplane's). Use it as a context manager, or call :meth:`close`.
     """
 
-    def __init__(
-        self,
-        target: Target | None = None,
-        *,
-        token: str | None = None,
-        secure: bool = False,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-        server_name: str | None = None,
-        timeout: float | None = None,
-        options: ChannelOptions | None = None,
-    ) -> None:
-        self.target, self.balanced = _channel.resolve(target)
-        self.timeout = timeout
-        self._metadata = rq.auth_metadata(rq.resolve_token(token))
-        credentials = make_credentials(secure, root_certificates, certificate_chain, private_key)
-        opts = _channel.channel_options(
-            self.balanced, [*(options or ()), *tls_options(server_name, credentials)]
-        )
-        if credentials is None:
-            self._channel = grpc.insecure_channel(self.target, options=opts)
-        else:
-            self._channel = grpc.secure_channel(self.target, credentials, options=opts)
-        self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
-        self._budgets = budget_pb2_grpc.BudgetServiceStub(self._channel)
-        self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
-        self._health_check = self._channel.unary_unary(
-            CHECK_METHOD, request_serializer=encode_request, response_deserializer=decode_response
-        )
+    _grpc = grpc
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the channel (calls in flight are cancelled)."""
+        """Close the channels (calls in flight are cancelled)."""
         self._channel.close()
+        if self._admission_channel is not self._channel:
+            self._admission_channel.close()
 
     def __enter__(self) -> Self:
         return self
@@ -152,96 +96,29 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- calls -------------------------------------------------------------------------
+    # -- how a call is made ------------------------------------------------------------
 
-    def _unary(self, method: Callable[..., T], request: Any) -> T:
-        try:
-            return method(request, metadata=self._metadata, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise RPCError.from_grpc(exc) from exc
+    def _call(self, method: Callable[..., Any], build: rq.Build, pick: rq.Pick = rq.same) -> Any:
+        with rpc_errors():
+            return pick(self._send(method, build))
 
-    def run(
-        self,
-        prompt: str,
-        *,
-        max_budget_usd: rq.Money | None = None,
-        max_turns: int | None = None,
-        allowed_tools: Sequence[str] | None = None,
-        model: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        request_id: str | uuid.UUID | None = None,
-        on_disconnect: rq.DisconnectLike | None = None,
-        resume_session_id: str | uuid.UUID | None = None,
-        tools: Sequence[inputs.ToolLike] | None = None,
-        require_approval: Sequence[str] | None = None,
-        answer_timeout: inputs.Seconds | None = None,
-        output_schema: files.SchemaLike | None = None,
-        input_files: files.InputFilesLike | None = None,
-        include_partial_messages: bool = False,
-        effort: str | None = None,
-        max_thinking_tokens: int | None = None,
-        fallback_model: str | None = None,
-        on_tool_call: inputs.ToolCallHandler | None = None,
-        on_permission: inputs.PermissionHandler | None = None,
-        on_question: inputs.QuestionHandler | None = None,
-        timeout: float | None = None,
-    ) -> EventStream:
-        """Start a session and stream its events (``started`` first, ``result`` last).
-
-        A session that fails after admission still ends with a ``result`` event (state
-        ERROR); errors before admission raise :class:`RPCError` on the first ``next()``.
-
-        Callers in the loop: ``tools`` are caller tools (:class:`agentplane.Tool` or dicts
-        with ``name``, ``description``, ``input_schema``), ``require_approval`` tool names
-        or patterns (``"Bash"``, ``"Bash(git push:*)"``) that need the caller's approval,
-        ``answer_timeout`` (seconds or a timedelta) how long the session waits for each
-        answer. While iterating, each ``input_request`` is answered by its handler with
-        Respond on this channel: ``on_tool_call(call)`` returns a str, a dict (structured
-        content) or a :class:`ToolResult` (an exception answers an error result with its
-        message); ``on_permission(request)`` returns True/False, :class:`Allow` or
-        :class:`Deny`; ``on_question(request)`` returns ``{question: label}``. A request
-        with no handler for its kind (or whose handler returns None) is left unanswered:
-        answer it with :meth:`respond`, here or on any replica, before its deadline (then
-        a tool call fails, an approval is denied, questions go unanswered). A handler's
-        answer that comes after the request was settled is dropped.
-
-        Files and results: ``input_files`` (``{path: bytes | str}`` or ``[(path,
-        content), ...]``) are written into the workspace before the agent starts;
-        ``output_schema`` (a JSON Schema, as a dict or JSON text) makes the session end
-        with a structured result matching it (:func:`agentplane.structured_result` parses
-        it from the final Session), or ERROR with reason INVALID_OUTPUT. See also
-        :meth:`run_for_result`.
-
-        Live text and model knobs: ``include_partial_messages`` streams ``text_delta``
-        events as the agent writes (live only, seq 0, never replayed); ``effort``,
-        ``max_thinking_tokens`` and ``fallback_model`` within what the tenant allows.
-        """
-        request = rq.run_request(
-            prompt,
-            max_budget_usd=max_budget_usd,
-            max_turns=max_turns,
-            allowed_tools=allowed_tools,
-            model=model,
-            labels=labels,
-            request_id=request_id,
-            on_disconnect_=on_disconnect,
-            resume_session_id=resume_session_id,
-            tools=tools,
-            require_approval=require_approval,
-            answer_timeout=answer_timeout,
-            output_schema=output_schema,
-            input_files=input_files,
-            include_partial_messages=include_partial_messages,
-            effort=effort,
-            max_thinking_tokens=max_thinking_tokens,
-            fallback_model=fallback_model,
-        )
-        handlers = inputs.Handlers(on_tool_call, on_permission, on_question)
+    def _stream(self, call: Any, handlers: inputs.Handlers | None) -> EventStream:
         return EventStream(
-            self._sessions.RunSession(request, metadata=self._metadata, timeout=timeout),
+            call,
             handlers,
-            lambda message: self._unary(self._sessions.Respond, message),
+            lambda message: self._call(self._sessions.Respond, lambda: message),
         )
+
+    def _pages(self, pager: rq.Pager) -> Iterator[session_pb2.Session]:
+        while (request := pager.next_request()) is not None:
+            yield from pager.take(self._call(self._sessions.ListSessions, lambda: request))
+
+    def _download(
+        self, session_id: values.SessionId, path: str, target: Path, timeout: float | None
+    ) -> Path:
+        return files.write_file(target, self.get_artifact(session_id, path, timeout=timeout))
+
+    # -- calls -------------------------------------------------------------------------
 
     def run_for_result(self, prompt: str, output_schema: files.SchemaLike, **kwargs: Any) -> Any:
         """Run a session to its end and return its structured result, parsed (a value
@@ -256,170 +133,54 @@ class Client:
             for event in stream:
                 if event.HasField("result"):
                     final = event.result.session
-        if final is None:
-            raise AgentplaneError("the session's event stream ended without a result")
         return files.result_of(final)
 
-    def respond(
-        self,
-        session_id: str | uuid.UUID,
-        request_id: str,
-        *,
-        tool_result: inputs.ToolResultLike | None = None,
-        permission: inputs.DecisionLike | None = None,
-        answers: inputs.AnswersLike | None = None,
-    ) -> session_pb2.InputResolved:
-        """Answer one ``input_request`` of a running session (give exactly one of
-        ``tool_result``, ``permission`` or ``answers``, of the request's kind, as the
-        handlers of :meth:`run` return them); returns how it was settled. Errors: an
-        answer of the wrong kind is INVALID_ARGUMENT; one that comes too late (answered,
-        timed out) FAILED_PRECONDITION with ``reason`` ALREADY_ANSWERED, after the
-        session's end SESSION_ENDED."""
-        message = inputs.respond_request(
-            rq.session_id(session_id),
-            request_id,
-            tool_result_=tool_result,
-            permission=permission,
-            answers_=answers,
-        )
-        return self._unary(self._sessions.Respond, message).resolved
-
-    def stream_session(
-        self, session_id: str | uuid.UUID, after_seq: int = 0, *, timeout: float | None = None
-    ) -> EventStream:
-        """Replay a session's events after ``after_seq``, then follow it to its end."""
-        request = session_pb2.StreamSessionRequest(
-            session_id=rq.session_id(session_id), after_seq=after_seq
-        )
-        return EventStream(
-            self._sessions.StreamSession(request, metadata=self._metadata, timeout=timeout)
-        )
-
-    def get_session(self, session_id: str | uuid.UUID) -> session_pb2.Session:
+    def get_session(self, session_id: values.SessionId) -> session_pb2.Session:
         """One session of the caller's tenant."""
-        request = session_pb2.GetSessionRequest(session_id=rq.session_id(session_id))
-        return self._unary(self._sessions.GetSession, request)
+        request = session_pb2.GetSessionRequest(session_id=str(session_id))
+        return self._call(self._sessions.GetSession, lambda: request)
 
-    def list_sessions(
-        self,
-        *,
-        page_size: int = 0,
-        page_token: str = "",
-        state: rq.StateLike | None = None,
-        labels: Mapping[str, str] | None = None,
-        create_time_start: rq.Time | None = None,
-        create_time_end: rq.Time | None = None,
-        awaiting: bool = False,
-    ) -> session_pb2.ListSessionsResponse:
-        """One page of sessions, newest first (``page_size`` 0: the server's default, 50);
-        ``awaiting``: only sessions waiting for their caller."""
-        request = rq.list_request(
-            page_size=page_size,
-            page_token=page_token,
-            state=state,
-            labels=labels,
-            create_time_start=create_time_start,
-            create_time_end=create_time_end,
-            awaiting=awaiting,
-        )
-        return self._unary(self._sessions.ListSessions, request)
-
-    def iter_sessions(
-        self,
-        *,
-        page_size: int = 100,
-        limit: int | None = None,
-        state: rq.StateLike | None = None,
-        labels: Mapping[str, str] | None = None,
-        create_time_start: rq.Time | None = None,
-        create_time_end: rq.Time | None = None,
-        awaiting: bool = False,
-    ) -> Iterator[session_pb2.Session]:
-        """Every matching session, newest first, fetching pages as needed (at most
-        ``limit``)."""
-        token, count = "", 0
-        size = page_size if limit is None else max(1, min(page_size, limit))
-        while limit is None or count < limit:
-            page = self.list_sessions(
-                page_size=size,
-                page_token=token,
-                state=state,
-                labels=labels,
-                create_time_start=create_time_start,
-                create_time_end=create_time_end,
-                awaiting=awaiting,
-            )
-            for session in page.sessions[: None if limit is None else limit - count]:
-                count += 1
-                yield session
-            token = page.next_page_token
-            if not token:
-                return
-
-    def cancel_session(self, session_id: str | uuid.UUID) -> session_pb2.Session:
+    def cancel_session(self, session_id: values.SessionId) -> session_pb2.Session:
         """Cancel a session; returns it in its terminal state."""
-        request = session_pb2.CancelSessionRequest(session_id=rq.session_id(session_id))
-        return self._unary(self._sessions.CancelSession, request)
+        request = session_pb2.CancelSessionRequest(session_id=str(session_id))
+        return self._call(self._sessions.CancelSession, lambda: request)
 
-    def delete_session(self, session_id: str | uuid.UUID) -> None:
+    def delete_session(self, session_id: values.SessionId) -> None:
         """Delete an ended session (its events, transcript and artifacts; its spend stays
         in the budget). FAILED_PRECONDITION while it is IDLE or RUNNING: cancel it first."""
-        request = session_pb2.DeleteSessionRequest(session_id=rq.session_id(session_id))
-        self._unary(self._sessions.DeleteSession, request)
+        request = session_pb2.DeleteSessionRequest(session_id=str(session_id))
+        self._call(self._sessions.DeleteSession, lambda: request)
 
-    def list_artifacts(self, session_id: str | uuid.UUID) -> list[session_pb2.Artifact]:
+    def list_artifacts(self, session_id: values.SessionId) -> list[session_pb2.Artifact]:
         """The files an ended session created or changed, by path: kept ones (with size and
         SHA-256) and left-out ones (``omitted_reason`` says why)."""
-        request = session_pb2.ListArtifactsRequest(session_id=rq.session_id(session_id))
-        return list(self._unary(self._sessions.ListArtifacts, request).artifacts)
+        request = session_pb2.ListArtifactsRequest(session_id=str(session_id))
+        return list(self._call(self._sessions.ListArtifacts, lambda: request).artifacts)
 
     def get_artifact(
-        self, session_id: str | uuid.UUID, path: str, *, timeout: float | None = None
+        self, session_id: values.SessionId, path: str, *, timeout: float | None = None
     ) -> bytes:
         """One kept artifact's content, its chunks checked (offsets, size, SHA-256;
         :class:`ArtifactError` otherwise). A left-out file is FAILED_PRECONDITION, a missing
         one NOT_FOUND. ``timeout``: the whole download's deadline (default the client's)."""
-        sid = rq.session_id(session_id)
-        request = session_pb2.GetArtifactRequest(session_id=sid, path=path)
-        assembler = files.ArtifactAssembler(sid, path)
-        call = self._sessions.GetArtifact(
-            request, metadata=self._metadata, timeout=self.timeout if timeout is None else timeout
-        )
-        try:
+        call, assembler = self._artifact_call(session_id, path, timeout)
+        with rpc_errors(call):
             for chunk in call:
                 assembler.add(chunk)
-        except grpc.RpcError as exc:
-            raise RPCError.from_grpc(exc) from exc
-        finally:
-            call.cancel()
         return assembler.content()
-
-    def download_artifact(
-        self,
-        session_id: str | uuid.UUID,
-        path: str,
-        dest: str | os.PathLike[str],
-        *,
-        timeout: float | None = None,
-    ) -> Path:
-        """Download an artifact to ``dest`` (a file, replaced atomically, or a directory to
-        put it in under its own name); returns the file written. Errors as
-        :meth:`get_artifact`; nothing is written when it fails."""
-        target = files.destination(dest, path)
-        return files.write_file(target, self.get_artifact(session_id, path, timeout=timeout))
 
     def get_budget(self, date: str | dt.date | None = None) -> budget_pb2.Budget:
         """The tenant's budget window for ``date`` ("YYYY-MM-DD" or a date; None: today)."""
-        return self._unary(self._budgets.GetBudget, rq.budget_request(date))
+        return self._call(self._budgets.GetBudget, lambda: rq.budget_request(date))
 
     def get_usage(
-        self, *, start_time: rq.Time | None = None, end_time: rq.Time | None = None
+        self, *, start_time: values.Time | None = None, end_time: values.Time | None = None
     ) -> usage_pb2.Usage:
         """The tenant's usage over [start_time, end_time)."""
-        return self._unary(self._usage.GetUsage, rq.usage_request(start_time, end_time))
+        return self._call(self._usage.GetUsage, lambda: rq.usage_request(start_time, end_time))
 
     def health(self, service: str = "") -> HealthStatus:
         """grpc.health.v1 Check for ``service`` ("" is the server as a whole). Over several
         replicas, a replica that is ready answers; with none ready the call fails
         UNAVAILABLE."""
-        return self._unary(self._health_check, service)
+        return self._call(self._health_check, lambda: service)

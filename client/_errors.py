@@ -20,7 +20,8 @@ metadata ``grpc-status-details-bin``) are decoded into plain attributes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,3 +179,16 @@ def _rich_status(trailing: Iterable[tuple[str, Any]]) -> status_pb2.Status | Non
             except DecodeError:
                 return None
     return None
+
+
+@contextmanager
+def rpc_errors(call: Any = None) -> Iterator[None]:
+    """Re-raise a gRPC failure inside as :class:`RPCError`; cancel ``call`` (a streaming
+    call) on the way out, whichever way that is."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise RPCError.from_grpc(exc) from exc
+    finally:
+        if call is not None:
+            call.cancel()

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from ._errors import ArtifactError, SessionFailed
+from ._errors import AgentplaneError, ArtifactError, SessionFailed
 from .v1 import session_pb2
 
 FileContent: TypeAlias = bytes | bytearray | memoryview | str
@@ -25,6 +25,7 @@ InputFilesLike: TypeAlias = (
     Mapping[str, FileContent] | Sequence[tuple[str, FileContent] | session_pb2.InputFile]
 )
 SchemaLike: TypeAlias = Mapping[str, Any] | str
+Destination: TypeAlias = str | os.PathLike[str]  # a file, or a directory to put one in
 
 
 def output_schema_json(schema: SchemaLike | None) -> str:
@@ -76,9 +77,11 @@ def structured_result(session: session_pb2.Session) -> Any:
     return json.loads(session.structured_result_json)
 
 
-def result_of(session: session_pb2.Session) -> Any:
-    """The structured result of a finished session; :class:`SessionFailed` if it ended
-    ERROR."""
+def result_of(session: session_pb2.Session | None) -> Any:
+    """The structured result of a finished session (None: the stream ended without one);
+    :class:`SessionFailed` if it ended ERROR."""
+    if session is None:
+        raise AgentplaneError("the session's event stream ended without a result")
     if session.state == session_pb2.SESSION_STATE_ERROR:
         raise SessionFailed(session)
     return structured_result(session)
@@ -123,7 +126,7 @@ class ArtifactAssembler:
         return data
 
 
-def destination(dest: str | os.PathLike[str], artifact_path: str) -> Path:
+def destination(dest: Destination, artifact_path: str) -> Path:
     """Where a download goes: ``dest``, or inside it when it is a directory (under the
     artifact's file name)."""
     target = Path(dest)

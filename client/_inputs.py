@@ -28,7 +28,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from inspect import isawaitable
 from typing import Any, TypeAlias
@@ -443,3 +444,14 @@ def settled_elsewhere(exc: RPCError, request: AnyRequest) -> bool:
         )
         return True
     return False
+
+
+@contextmanager
+def unless_settled(request: AnyRequest) -> Iterator[None]:
+    """Around a handler's Respond: a failure because the request was settled elsewhere is
+    dropped (see :func:`settled_elsewhere`); any other propagates."""
+    try:
+        yield
+    except RPCError as exc:
+        if not settled_elsewhere(exc, request):
+            raise

@@ -35,33 +35,37 @@ from .api.session_service import SessionService
 from .api.webhook_service import WebhookService, render
 from .config import Settings, is_loopback
 from .errors import ConfigError, InvalidArgument
-from .gateway.in_flight import PendingWriter
 from .gateway.proxy import MeteringGateway
 from .health import DATABASE, WRITES, Health, PoolCheck
+from .money.in_flight import PendingWriter
 from .money.ledger import BudgetReader
 from .money.pricing import PriceTable
 from .operator_gauges import watch_server
 from .sandbox.host_dirs import default_host_dir, register
 from .sandbox.sandboxes import Sandboxes, SandboxUnavailable
-from .sessions.agents.launcher import BUNDLED_CLI, LaunchConfig, Launcher
-from .sessions.agents.pool import PoolConfig, WarmPool
-from .sessions.capacity import Capacity
+from .sessions.build import (
+    BUNDLED_CLI,
+    LaunchConfig,
+    LeaseConfig,
+    PoolConfig,
+    RetryPolicy,
+    RunnerConfig,
+    SessionsConfig,
+    build_sessions,
+)
 from .sessions.manager import SessionManager
+from .sessions.parts import SessionParts
 from .sessions.records.usage import UsageReader
-from .sessions.replicas.leases import LeaseConfig
-from .sessions.run.retry import RetryPolicy
-from .sessions.run.runner import AgentRunner, RunnerConfig
 from .store.diagnosis import LISTEN_SETTING, SETTING, explain
 from .store.engine import create_engine, on_connection_failure, sessionmaker
 from .store.notify import SELF_CHECK_S, Bus, Listener
 from .store.pools import PoolSize, close_idle_connections
-from .store.transcripts import SqlSessionStore
 from .telemetry.budget_watch import BudgetWatch
 from .telemetry.observer import TelemetryObserver
 from .telemetry.rpc import CallSpans
 from .telemetry.setup import ContentPolicy, EndpointUnavailable, Telemetry
 from .tenants import MAX_INPUT_TOTAL_BYTES, TenantChanges, TenantRegistry
-from .tenants_reload import TenantsReloader
+from .tenants.reload import TenantsReloader
 from .tls import CertificateFiles, certificate_files
 from .webhooks.listing import DeliveryReader
 from .webhooks.metrics import WebhookMetrics
@@ -181,7 +185,7 @@ def telemetry_for(settings: Settings) -> Telemetry:
         ) from None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class App:
     """A running agentplane server. Whatever it opened is closed by `stop`, or at once
     when `start` fails part-way."""
@@ -271,123 +275,56 @@ class App:
         reverse order."""
         telemetry = telemetry or telemetry_for(settings)
         resources.push_async_callback(asyncio.to_thread, telemetry.shutdown)  # flushes
-        callers_pool, writes_pool = pool_sizes(settings)
-        engine = _engine(settings, "main", callers_pool)
-        resources.push_async_callback(engine.dispose)
-        # Running sessions write through a pool of their own (see SessionManager).
-        upkeep_engine = _engine(settings, "write", writes_pool)
-        resources.push_async_callback(upkeep_engine.dispose)
         health = Health()
-        on_connection_failure(engine, lambda error: health.pool_failed(DATABASE, engine, error))
-        on_connection_failure(
-            upkeep_engine, lambda error: health.pool_failed(WRITES, upkeep_engine, error)
-        )
-        # What this server's commits and (PostgreSQL) the other replicas' notify.
-        bus = Bus()
-        notifications = None
-        if engine.dialect.name == "postgresql":
-            # Straight to PostgreSQL (a pooler's server connection would not stay ours),
-            # proven by a NOTIFY through the sessions' pool, which readiness keeps warm.
-            listen_setting = LISTEN_SETTING if settings.pooled else SETTING
-            notifications = Listener(
-                settings.direct_url,
-                bus,
-                notify_through=upkeep_engine,
-                status=health.listen,
-                describe=lambda error: explain(error, settings.direct_url, listen_setting),
-            )
-        db = sessionmaker(engine, bus)
-        upkeep_db = sessionmaker(upkeep_engine, bus)
-        await health.init(sandboxed=settings.sandbox, listens=notifications is not None)
+        store = _open_store(resources, settings, health)
+        await health.init(sandboxed=settings.sandbox, listens=store.notifications is not None)
         resources.push_async_callback(health.shutdown)
         settings.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _open_work_dir(settings.work_dir, tenants)
-        prices = price_table(settings)
-        cli = settings.cli_path or BUNDLED_CLI
-        # Per server (pid): replicas may share a work dir.
-        socket = settings.work_dir / f".gateway-{os.getpid()}.sock"
-        gateway = MeteringGateway(
-            prices,
-            unix_socket=socket if settings.sandbox else None,
-            max_body_bytes=settings.gateway_max_body_mib * 1024 * 1024,
-        )
-        await gateway.start()
-        resources.push_async_callback(gateway.stop)
-        gateway.on_upstream = health.model_api
-        gateway.keep_content = telemetry.content.capture  # for the chat spans' messages
-        sandboxes = await _sandboxes(settings, cli, gateway) if settings.sandbox else None
-        if sandboxes is not None:
-            resources.callback(sandboxes.close)
-        launcher = Launcher(
-            LaunchConfig(
-                work_dir=settings.work_dir,
-                base_url=settings.anthropic_base_url,
-                cli_path=cli,
-                cli_max_retries=settings.cli_max_retries,
-                scrub_env=frozenset(tenants.key_env_names()),
-            ),
-            SqlSessionStore(upkeep_db),
-            gateway,
-            sandboxes,
-        )
-        runner = AgentRunner(
-            RunnerConfig(
-                idle_timeout_s=settings.session_idle_timeout_s,
-                retry=RetryPolicy(
-                    attempts=settings.retry_attempts, base_delay_s=settings.retry_base_delay_s
-                ),
-            ),
-            launcher,
-        )
+        gateway = await _open_gateway(resources, settings, health, telemetry)
+        sandboxes = await _open_sandboxes(resources, settings, gateway)
         observer = TelemetryObserver(telemetry)
         observer.declare_tenants(tenants.tenants)
-        capacity = Capacity(settings.max_sessions)
-        pool = WarmPool(
-            launcher,
-            tenants.tenants.values(),
-            capacity,
-            config=PoolConfig(
-                max_age_s=settings.warm_pool_max_age_s,
-                min_available_mib=settings.warm_pool_min_available_mib,
-            ),
-            on_served=observer.pool_served,
-        )
-        check_tenants = tenant_checks(settings, launcher.check_model)
-        check_tenants(tenants)
-        # A pool even with no tenant's pool configured: a reload may add one.
-        resources.push_async_callback(pool.close)
         owner = f"agentplane-{uuid.uuid4().hex[:12]}"
         # Each model request's pending record, written before the gateway forwards it.
-        gateway.in_flight = PendingWriter(upkeep_db, owner)
+        gateway.in_flight = PendingWriter(store.upkeep_db, owner)
         resources.push_async_callback(gateway.in_flight.close)
-        sessions = SessionManager(
-            db,
-            launcher,
-            runner,
-            capacity,
-            pool=pool,
-            observer=observer,
-            leases=LeaseConfig(owner=owner, ttl_s=settings.lease_ttl_s),
+        sessions = build_sessions(
+            sessions_config(settings, tenants, owner),
+            SessionParts.open(
+                store.db,
+                settings.max_sessions,
+                upkeep_db=store.upkeep_db,
+                observer=observer,
+                webhooks=WebhookOutbox(tenants, render),
+                on_full=health.full,
+            ),
+            gateway,
+            sandboxes,
+            tenants.tenants.values(),
             not_ready=health.refusal,
-            upkeep_db=upkeep_db,
-            webhooks=WebhookOutbox(tenants, render),
         )
+        check_tenants = tenant_checks(settings, sessions.launcher.check_model)
+        check_tenants(tenants)
+        # A pool even with no tenant's pool configured: a reload may add one.
+        assert sessions.pool is not None
+        resources.push_async_callback(sessions.pool.close)
         # Its own pool's connections (the upkeep pool): receivers never hold callers' ones.
         webhooks = WebhookSender(
-            upkeep_db,
+            store.upkeep_db,
             tenants,
             SenderConfig(owner=owner, timeout_s=settings.webhook_timeout_s),
             WebhookMetrics(telemetry.meter_provider),
         )
-        budgets = BudgetReader(db)
+        budgets = BudgetReader(store.db)
         budget_watch = watch_server(
             telemetry,
             tenants=tenants,
-            capacity=capacity,
-            pool=pool,
+            capacity=sessions.capacity,
+            pool=sessions.pool,
             budgets=budgets,
-            bus=bus,
-            engines={"main": engine, "upkeep": upkeep_engine},
+            bus=store.bus,
+            engines={"main": store.engine, "upkeep": store.upkeep_engine},
             health=health,
         )
         reloader = None
@@ -396,45 +333,29 @@ class App:
                 settings.tenants_file,
                 tenants,
                 check=check_tenants,
-                applied=_follow_tenants(
-                    settings, sessions, pool, launcher, (observer, budget_watch)
-                ),
+                applied=_follow_tenants(settings, sessions, (observer, budget_watch)),
                 status=health.tenants,
             )
-        server = _grpc_server(telemetry, tenants, sessions, db, budgets, health)
+        server = _grpc_server(telemetry, tenants, sessions, store.db, budgets, health)
         resources.push_async_callback(server.stop, 1.0)
-        try:
-            if certificates is None:
-                port = server.add_insecure_port(settings.listen)
-            else:
-                port = server.add_secure_port(settings.listen, certificates.credentials())
-        except RuntimeError:  # grpcio raises where older releases returned 0
-            port = 0
-        if port == 0:
-            raise ConfigError(
-                "AGENTPLANE_LISTEN",
-                (
-                    f"cannot bind {settings.listen}: the port is in use (another agentplane "
-                    "server?), or the host is not an address of this machine"
-                ),
-            )
+        port = _bind(server, settings, certificates)
         await server.start()
         app = cls(
-            settings,
-            tenants,
-            server,
-            health,
-            sessions,
-            engine,
-            gateway,
-            telemetry,
-            port,
-            resources,
-            notifications,
-            budgets,
-            upkeep_engine,
-            certificates,
-            reloader,
+            settings=settings,
+            tenants=tenants,
+            server=server,
+            health=health,
+            sessions=sessions,
+            engine=store.engine,
+            gateway=gateway,
+            telemetry=telemetry,
+            port=port,
+            _resources=resources,
+            notifications=store.notifications,
+            budgets=budgets,
+            upkeep_engine=store.upkeep_engine,
+            certificates=certificates,
+            reloader=reloader,
             budget_watch=budget_watch,
             webhooks=webhooks,
         )
@@ -571,11 +492,132 @@ def _open_work_dir(work_dir: Path, tenants: TenantRegistry) -> None:
         work_dir.chmod(0o711)
 
 
+@dataclass(frozen=True)
+class _Store:
+    """The database as the server opened it: the callers' engine and the running
+    sessions' (upkeep) one, their sessionmakers, and what commits notify."""
+
+    engine: AsyncEngine
+    upkeep_engine: AsyncEngine
+    db: async_sessionmaker[DbSession]
+    upkeep_db: async_sessionmaker[DbSession]
+    bus: Bus
+    # PostgreSQL: the LISTEN for what other replicas tell this one (None on SQLite).
+    notifications: Listener | None
+
+
+def _open_store(resources: contextlib.AsyncExitStack, settings: Settings, health: Health) -> _Store:
+    callers_pool, writes_pool = pool_sizes(settings)
+    engine = _engine(settings, "main", callers_pool)
+    resources.push_async_callback(engine.dispose)
+    # Running sessions write through a pool of their own (see SessionParts).
+    upkeep_engine = _engine(settings, "write", writes_pool)
+    resources.push_async_callback(upkeep_engine.dispose)
+    on_connection_failure(engine, lambda error: health.pool_failed(DATABASE, engine, error))
+    on_connection_failure(
+        upkeep_engine, lambda error: health.pool_failed(WRITES, upkeep_engine, error)
+    )
+    # What this server's commits and (PostgreSQL) the other replicas' notify.
+    bus = Bus()
+    notifications = None
+    if engine.dialect.name == "postgresql":
+        # Straight to PostgreSQL (a pooler's server connection would not stay ours),
+        # proven by a NOTIFY through the sessions' pool, which readiness keeps warm.
+        listen_setting = LISTEN_SETTING if settings.pooled else SETTING
+        notifications = Listener(
+            settings.direct_url,
+            bus,
+            notify_through=upkeep_engine,
+            status=health.listen,
+            describe=lambda error: explain(error, settings.direct_url, listen_setting),
+        )
+    return _Store(
+        engine,
+        upkeep_engine,
+        sessionmaker(engine, bus),
+        sessionmaker(upkeep_engine, bus),
+        bus,
+        notifications,
+    )
+
+
+async def _open_gateway(
+    resources: contextlib.AsyncExitStack, settings: Settings, health: Health, telemetry: Telemetry
+) -> MeteringGateway:
+    # Per server (pid): replicas may share a work dir.
+    socket = settings.work_dir / f".gateway-{os.getpid()}.sock"
+    gateway = MeteringGateway(
+        price_table(settings),
+        unix_socket=socket if settings.sandbox else None,
+        max_body_bytes=settings.gateway_max_body_mib * 1024 * 1024,
+    )
+    await gateway.start()
+    resources.push_async_callback(gateway.stop)
+    gateway.on_upstream = health.model_api
+    gateway.keep_content = telemetry.content.capture  # for the chat spans' messages
+    return gateway
+
+
+async def _open_sandboxes(
+    resources: contextlib.AsyncExitStack, settings: Settings, gateway: MeteringGateway
+) -> Sandboxes | None:
+    """The sessions' sandboxes (None: AGENTPLANE_SANDBOX=none)."""
+    if not settings.sandbox:
+        return None
+    sandboxes = await _sandboxes(settings, settings.cli_path or BUNDLED_CLI, gateway)
+    resources.callback(sandboxes.close)
+    return sandboxes
+
+
+def sessions_config(settings: Settings, tenants: TenantRegistry, owner: str) -> SessionsConfig:
+    """The sessions room's configuration, as the settings say."""
+    return SessionsConfig(
+        launch=LaunchConfig(
+            work_dir=settings.work_dir,
+            base_url=settings.anthropic_base_url,
+            cli_path=settings.cli_path or BUNDLED_CLI,
+            cli_max_retries=settings.cli_max_retries,
+            scrub_env=frozenset(tenants.key_env_names()),
+        ),
+        runner=RunnerConfig(
+            idle_timeout_s=settings.session_idle_timeout_s,
+            retry=RetryPolicy(
+                attempts=settings.retry_attempts, base_delay_s=settings.retry_base_delay_s
+            ),
+        ),
+        pool=PoolConfig(
+            max_age_s=settings.warm_pool_max_age_s,
+            min_available_mib=settings.warm_pool_min_available_mib,
+        ),
+        leases=LeaseConfig(owner=owner, ttl_s=settings.lease_ttl_s),
+    )
+
+
+def _bind(
+    server: grpc.aio.Server, settings: Settings, certificates: CertificateFiles | None
+) -> int:
+    """Bind the gRPC port (TLS when `certificates`); ConfigError where it cannot."""
+    try:
+        if certificates is None:
+            port = server.add_insecure_port(settings.listen)
+        else:
+            port = server.add_secure_port(settings.listen, certificates.credentials())
+    except RuntimeError:  # grpcio raises where older releases returned 0
+        port = 0
+    if port == 0:
+        raise ConfigError(
+            "AGENTPLANE_LISTEN",
+            (
+                f"cannot bind {settings.listen}: the port is in use (another agentplane "
+                "server?), or the host is not an address of this machine"
+            ),
+        )
+    return port
+
+
 def _follow_tenants(
     settings: Settings,
     sessions: SessionManager,
-    pool: WarmPool,
-    launcher: Launcher,
     metrics: tuple[TelemetryObserver, BudgetWatch],
 ) -> Callable[[TenantRegistry, TenantChanges], None]:
     """What follows a reloaded tenants file, once it is in force."""
@@ -591,8 +633,16 @@ def _follow_tenants(
                     "tenant_sessions_cancelled",
                     extra={"tenants": list(changes.removed), "sessions": stopped},
                 )
-        pool.update(registry.tenants.values())
-        launcher.scrub_also(registry.key_env_names())
+        raised = {
+            name: registry.tenants[name]
+            for name, names in changes.changed.items()
+            if "daily_limit_usd" in names
+        }
+        if raised:
+            sessions.limits_raised(raised)
+        if sessions.pool is not None:
+            sessions.pool.update(registry.tenants.values())
+        sessions.launcher.scrub_also(registry.key_env_names())
         _open_work_dir(settings.work_dir, registry)
 
     return follow

@@ -385,8 +385,9 @@ class Settings:
         "AGENTPLANE_MAX_SESSIONS",
         _integer(1),
         str(SESSIONS_PER_CPU * (os.cpu_count() or 1)),
-        "agents this server runs at once (sessions and warm agents); over it RunSession "
-        "is RESOURCE_EXHAUSTED/CONCURRENCY_LIMIT",
+        "agents this server runs at once (sessions and warm agents); while full its "
+        "health `agentplane.admission` is NOT_SERVING and RunSession is "
+        "UNAVAILABLE/REPLICA_FULL (clients retry it on another replica)",
         shown=f"{SESSIONS_PER_CPU} per CPU",
     )
     session_idle_timeout_s: float = setting(

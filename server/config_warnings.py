@@ -21,7 +21,7 @@ PREFIX = "AGENTPLANE_"
 CLIENT_VARIABLES = frozenset({TARGET_ENV, TOKEN_ENV})
 # The test suite's and the benchmarks' own variables (tests/, tests/bench/).
 DEVELOPMENT_PREFIXES = ("AGENTPLANE_TEST_", "AGENTPLANE_BENCH_")
-# Amounts tenants.py reads from a string as well, where a number is meant.
+# Amounts tenants/schema.py reads from a string as well, where a number is meant.
 MONEY_KEYS = ("daily_limit_usd", "max_session_budget_usd")
 
 

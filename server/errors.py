@@ -11,7 +11,8 @@ the `reason` label of the admission-rejection metric, so the two always agree.
     ├── FailedPrecondition   not in the session's state   FAILED_PRECONDITION
     ├── QuotaExceeded        admission refused            BUDGET_EXCEEDED, CONCURRENCY_LIMIT
     ├── Unavailable          not ready, draining          UNAVAILABLE
-    │   └── DatabaseUnavailable  the database is out      DATABASE_UNAVAILABLE
+    │   ├── DatabaseUnavailable  the database is out      DATABASE_UNAVAILABLE
+    │   └── ReplicaFull      this replica runs its most   REPLICA_FULL (retried elsewhere)
     ├── Unimplemented        not in this release          UNIMPLEMENTED
     └── ConfigError          invalid configuration        CONFIG_ERROR (start-up, names the setting)
 """
@@ -86,6 +87,19 @@ class DatabaseUnavailable(Unavailable):
 
     def __init__(self, message: str = "the database is unreachable; retry later") -> None:
         super().__init__(message)
+
+
+class ReplicaFull(Unavailable):
+    """This replica runs its maximum of agents (AGENTPLANE_MAX_SESSIONS); another replica
+    may have room. UNAVAILABLE, so the client's service config retries it on the next
+    replica (a tenant's own limit is QuotaExceeded: no replica would take it). The caller
+    may retry after `retry_after_s` (RetryInfo)."""
+
+    reason = "REPLICA_FULL"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unimplemented(AgentplaneError):

@@ -38,6 +38,11 @@ MODEL_API = "agentplane.model_api"
 TENANTS = "agentplane.tenants"
 # The names that say "send me work": NOT_SERVING until ready, and again on shutdown.
 READY_NAMES = ("", SESSION_SERVICE, READINESS)
+# Readiness for new sessions: as READINESS, and NOT_SERVING too while the replica is full
+# (no place for another agent, sessions/capacity.py). The client balances RunSession on
+# it, so new sessions go to replicas with room; every other call (reads, cancels,
+# answers) balances on READINESS, so a fleet that is full still serves them.
+ADMISSION = "agentplane.admission"
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -98,6 +103,7 @@ class Health:
         self._model_api_reachable = True
         self._sandboxed = True
         self._tenants_valid = True
+        self._full = False  # every place taken (sessions/capacity.py): ADMISSION only
         self._checked: set[str] = set()  # the parts checked at least once
         self._updates: set[asyncio.Task[None]] = set()
         self._details: dict[str, str] = {}  # each problem's words for the log
@@ -113,7 +119,7 @@ class Health:
         self._sandboxed = sandboxed
         if listens:
             self._problems[LISTEN] = _Problem(DEAF, True)
-        for name in READY_NAMES:
+        for name in (*READY_NAMES, ADMISSION):
             await self.servicer.set(name, NOT_SERVING)
         await self.servicer.set(LIVENESS, SERVING)
         await self.servicer.set(SANDBOX, SERVING if sandboxed else NOT_SERVING)
@@ -144,6 +150,13 @@ class Health:
         """The tenants file on disk was read: valid (and applied), or not (ignored)."""
         self._tenants_valid = valid
         await self.servicer.set(TENANTS, SERVING if valid else NOT_SERVING)
+
+    def full(self, full: bool) -> None:
+        """The replica became full, or has room again: ADMISSION follows (fullness is no
+        problem: readiness, the metrics' `server` dependency and refusals ignore it)."""
+        self._full = full
+        log.debug("replica_full" if full else "replica_has_room")
+        self._spawn(self._publish())
 
     def listen(self, detail: str | None) -> None:
         """The LISTEN connection is subscribed and proven (None), or not: why (for the log)."""
@@ -246,9 +259,11 @@ class Health:
         return self._logs[part]
 
     async def _publish(self) -> None:
+        # Read at each set: the last update to run publishes the current state.
         for name in READY_NAMES:
-            # Read at each set: the last update to run publishes the current state.
             await self.servicer.set(name, SERVING if self.problem is None else NOT_SERVING)
+        room = self.problem is None and not self._full
+        await self.servicer.set(ADMISSION, SERVING if room else NOT_SERVING)
         if self.problem is None:
             self.became_ready.set()
 
@@ -277,7 +292,7 @@ class Health:
     async def drain(self) -> None:
         """Draining: every name that invites work goes NOT_SERVING; liveness stays SERVING."""
         self._stopping = True
-        for name in READY_NAMES:
+        for name in (*READY_NAMES, ADMISSION):
             await self.servicer.set(name, NOT_SERVING)
 
     async def shutdown(self) -> None:

@@ -300,7 +300,7 @@ def rich_status(err: grpc.aio.AioRpcError) -> Any:
 
 
 def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
-    """The ErrorInfo / BadRequest / QuotaFailure of an error, by type name."""
+    """The ErrorInfo / BadRequest / QuotaFailure / RetryInfo of an error, by type name."""
     from google.rpc import error_details_pb2
 
     status = rich_status(err)
@@ -310,6 +310,7 @@ def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
             error_details_pb2.ErrorInfo,
             error_details_pb2.BadRequest,
             error_details_pb2.QuotaFailure,
+            error_details_pb2.RetryInfo,
         ):
             if detail.Is(cls.DESCRIPTOR):
                 msg = cls()

@@ -108,10 +108,12 @@ class Replica:
         return "\n".join(self.log_lines()[-lines:])
 
 
-async def start_server(work: Path, database_url: str, model_url: str, **env: str) -> Replica:
+async def start_server(
+    work: Path, database_url: str, model_url: str, *, ready_within: float = 60, **env: str
+) -> Replica:
     """`agentplane-server serve` on a free loopback port, its tenants file and work dir in
     `work`, logging to `work/server-<port>.log`; `env` over the test defaults. Returns once
-    it is SERVING."""
+    it is SERVING (AssertionError if not within `ready_within` seconds)."""
     port = free_port()
     full = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPLANE_")}
     full.update(
@@ -134,7 +136,7 @@ async def start_server(work: Path, database_url: str, model_url: str, **env: str
         )
     replica = Replica(proc, port, log, grpc.aio.insecure_channel(f"127.0.0.1:{port}"))
     try:
-        await replica.wait_status(SERVING)
+        await replica.wait_status(SERVING, timeout=ready_within)
     except BaseException:
         if proc.returncode is None:
             proc.kill()
@@ -163,10 +165,15 @@ class Replicas:
         """ "host:port" of each replica, for a balanced client."""
         return [r.address for r in self.replicas]
 
-    async def start(self, **env: str) -> Replica:
+    async def start(self, *, ready_within: float = 60, **env: str) -> Replica:
         """One more replica (the database is already migrated); returns once it is SERVING."""
         replica = await start_server(
-            self.work, self.database_url, self.sandbox.base_url, AGENTPLANE_AUTO_MIGRATE="0", **env
+            self.work,
+            self.database_url,
+            self.sandbox.base_url,
+            ready_within=ready_within,
+            AGENTPLANE_AUTO_MIGRATE="0",
+            **env,
         )
         self.replicas.append(replica)
         return replica

@@ -11,9 +11,14 @@ from typing import Any
 
 import pytest
 from agentplane import AsyncClient, Client, HealthStatus, service_config
-from agentplane._channel import HEALTH_SERVICE, channel_options, resolve
+from agentplane._channel import (
+    ADMISSION_HEALTH_SERVICE,
+    HEALTH_SERVICE,
+    channel_options,
+    resolve,
+)
 from agentplane.cli import main
-from agentplane.server.health import READY_NAMES
+from agentplane.server.health import ADMISSION, READY_NAMES
 from agentplane.v1 import budget_pb2, session_pb2, usage_pb2
 from harness import TOKENS, Harness
 from test_server_process import free_port
@@ -104,6 +109,25 @@ def test_the_service_config_balances_checks_health_and_retries_unavailable() -> 
     }
     assert services <= {n["service"] for n in method["name"] if "method" not in n}
     assert service_config() is not service_config()  # callers may change their copy
+
+
+def test_run_session_is_balanced_over_the_replicas_with_room() -> None:
+    # RunSession's channel checks the name a full replica turns NOT_SERVING; the same
+    # retries (REPLICA_FULL is UNAVAILABLE: retried on the next replica).
+    admission = service_config(admission=True)
+    assert admission["healthCheckConfig"] == {"serviceName": ADMISSION_HEALTH_SERVICE}
+    assert ADMISSION_HEALTH_SERVICE == ADMISSION
+    assert admission["methodConfig"] == service_config()["methodConfig"]
+    client = Client(["127.0.0.1:1", "127.0.0.1:2"])
+    try:
+        assert client._admission_channel is not client._channel
+    finally:
+        client.close()
+    single = Client("127.0.0.1:1")
+    try:
+        assert single._admission_channel is single._channel  # one replica: one channel
+    finally:
+        single.close()
 
 
 def test_the_callers_own_channel_options_win() -> None:

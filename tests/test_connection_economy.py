@@ -21,7 +21,7 @@ from agentplane.server.store.app_names import application_name
 from agentplane.server.store.engine import create_engine
 from agentplane.server.store.pools import IdleClosingPool, PoolSize
 from harness import TOKENS
-from replicas_harness import Replicas, requires_postgres, start_replicas
+from replicas_harness import SERVING, Replicas, requires_postgres, start_replicas
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.util import greenlet_spawn
@@ -167,3 +167,83 @@ async def test_closing_idle_connections_during_bursts_keeps_the_pool_whole(
             assert (await conn.execute(text("SELECT 1"))).scalar() == 1
     finally:
         await engine.dispose()
+
+
+# 20 replicas straight on a default PostgreSQL (max_connections 100, 3 reserved): each may
+# hold at most 97 // 20 = 4, so pools of 1 + 1 and 1 + 0, plus the LISTEN connection (the
+# README's arithmetic; more replicas than that go through PgBouncer).
+FLEET = 20
+SMALL = {
+    "AGENTPLANE_DB_POOL_SIZE": "1",
+    "AGENTPLANE_DB_POOL_OVERFLOW": "1",
+    "AGENTPLANE_DB_WRITE_POOL_SIZE": "1",
+    "AGENTPLANE_DB_WRITE_POOL_OVERFLOW": "0",
+}
+SMALL_MOST = 1 + 1 + 1 + 0 + 1
+
+
+async def room_for_agentplane() -> int:
+    """max_connections less the superuser reserve, of the test database's server."""
+    async with await psycopg.AsyncConnection.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    ) as admin:
+        row = await (
+            await admin.execute(
+                "SELECT current_setting('max_connections')::int"
+                " - current_setting('superuser_reserved_connections')::int"
+            )
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@requires_postgres
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # 20 servers' start-up on a small, busy machine
+@pytest.mark.asyncio
+async def test_twenty_replicas_fit_a_default_postgresql() -> None:
+    room = await room_for_agentplane()
+    if FLEET * SMALL_MOST > room:
+        pytest.skip(f"this PostgreSQL leaves {room} connections, fewer than its defaults' 97")
+    env = {**SMALL, "AGENTPLANE_DB_IDLE_TIMEOUT_S": "1", "AGENTPLANE_HEALTH_INTERVAL_S": "2"}
+    # Started a few at a time: 20 servers starting at once on a small machine outlast the
+    # harness's patience for each.
+    async with start_replicas(2, **env) as fleet:
+        while len(fleet) < FLEET:
+            await asyncio.gather(*(fleet.start(ready_within=300, **env) for _ in range(3)))
+        for replica in fleet.replicas:  # all SERVING together, none lost its database
+            await replica.wait_status(SERVING, "readiness")
+        idle = await wait_idle(fleet)
+        assert idle == {r.proc.pid: IDLE for r in fleet.replicas}
+        assert sum(sum(c.values()) for c in idle.values()) == FLEET * 2
+
+        # A small burst over the whole fleet, sampled while it runs.
+        peak: dict[int, int] = {}
+        total_peak = 0
+
+        async def sample() -> None:
+            nonlocal total_peak
+            while True:
+                now = await held(fleet)
+                total_peak = max(total_peak, sum(sum(c.values()) for c in now.values()))
+                for pid, purposes in now.items():
+                    peak[pid] = max(peak.get(pid, 0), sum(purposes.values()))
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            async with AsyncClient(fleet.addresses, token=TOKENS["acme"]) as client:
+                for _ in range(2):
+                    await asyncio.gather(
+                        *(client.list_sessions() for _ in range(3 * FLEET)),
+                        *(client.get_budget() for _ in range(FLEET)),
+                    )
+        finally:
+            sampler.cancel()
+        assert peak and max(peak.values()) <= SMALL_MOST, peak
+        assert total_peak <= FLEET * SMALL_MOST <= room
+        assert any(n > 2 for n in peak.values()), peak  # the burst showed
+
+        assert await wait_idle(fleet) == {r.proc.pid: IDLE for r in fleet.replicas}
+        for replica in fleet.replicas:
+            assert await replica.status("readiness") == SERVING

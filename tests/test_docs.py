@@ -1,13 +1,16 @@
-"""The README and docs/ stay true: their links lead somewhere, and the tenants page lists
-the keys the tenants file takes. (The settings table is checked in test_config.py, the
+"""The README and docs/ stay true: their links lead somewhere, and the tenants and webhooks
+pages' keys tables are the ones the schema generates. (The settings table is checked in test_config.py, the
 clients' service config in test_client_channel.py.)"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
-from agentplane.server.tenants import _KEYS, TenantRegistry, hash_token
+import pytest
+from agentplane.server.tenants import TenantRegistry, hash_token, tenant_keys_table
+from agentplane.server.webhooks.config import webhook_keys_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -38,24 +41,32 @@ def test_every_link_of_the_readme_and_docs_leads_somewhere() -> None:
     assert not broken, "\n".join(broken)
 
 
-def documented_tenant_keys() -> list[str]:
-    """The first column of docs/tenants.md's keys table."""
-    lines = (ROOT / "docs" / "tenants.md").read_text().splitlines()
-    start = lines.index("| key | default | meaning |") + 2  # past the header and |---|
-    keys = []
-    for row in lines[start:]:
-        if not row.startswith("|"):
-            break
-        keys.append(row.split("|")[1].strip().strip("`"))
-    return keys
+def generated_table(page: str) -> list[str]:
+    """The keys table of a docs/ page, as lines."""
+    lines = (ROOT / "docs" / page).read_text().splitlines()
+    start = lines.index("| key | default | meaning |")
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), None)
+    return lines[start:end]
 
 
-def test_the_tenants_page_lists_every_key_of_the_tenants_file() -> None:
-    keys = documented_tenant_keys()
-    assert len(keys) == len(set(keys)), "a key is listed twice"
-    assert set(keys) == set(_KEYS), (
-        f"docs/tenants.md lists {sorted(set(keys) - set(_KEYS))} that the parser does not "
-        f"take and misses {sorted(set(_KEYS) - set(keys))}"
+@pytest.mark.parametrize(
+    ("page", "table", "function"),
+    [
+        ("tenants.md", tenant_keys_table, "agentplane.server.tenants import tenant_keys_table"),
+        (
+            "webhooks.md",
+            webhook_keys_table,
+            "agentplane.server.webhooks.config import webhook_keys_table",
+        ),
+    ],
+)
+def test_the_keys_tables_are_the_schemas(page: str, table: Any, function: str) -> None:
+    """docs/tenants.md's and docs/webhooks.md's keys tables are generated from the
+    declarations the parser reads: every key it takes, which is required, its default and
+    meaning."""
+    assert generated_table(page) == table().splitlines(), (
+        f"docs/{page}'s keys table differs from the schema: paste the output of python -c "
+        f"'from {function}; print({function.split()[-1]}())'"
     )
 
 

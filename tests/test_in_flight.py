@@ -7,17 +7,17 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
 import pytest
 from agentplane.server.domain import Session, SessionState, utcnow
-from agentplane.server.gateway.in_flight import NotRecorded, PendingWriter
 from agentplane.server.gateway.meter import MeteredRequest, SessionMeter
 from agentplane.server.gateway.proxy import MeteringGateway
 from agentplane.server.model_double import SandboxServer
+from agentplane.server.money.in_flight import NotRecorded, PendingWriter
 from agentplane.server.money.pricing import PriceTable
 from agentplane.server.store import model_requests
 from agentplane.server.store import sessions as repo
@@ -60,6 +60,11 @@ async def new_session(db: async_sessionmaker[AsyncSession]) -> str:
     return session.id
 
 
+def rec(writer: PendingWriter, session_id: str, r: MeteredRequest) -> Awaitable[None]:
+    """Write `r`'s pending record, as the gateway does."""
+    return writer.record(r.request_id, session_id, r.model, r.reserved_usd, r.started_at)
+
+
 def request(estimate: str = "0.25") -> MeteredRequest:
     return MeteredRequest(model=MODEL, reserved_usd=Decimal(estimate))
 
@@ -88,7 +93,7 @@ async def test_a_burst_of_records_is_one_commit(
     burst = [request(f"0.0{i}") for i in range(1, 10)] + [request("0.5") for _ in range(11)]
     event.listen(engine.sync_engine, "commit", committed)
     try:
-        await asyncio.gather(*(writer.record(session_id, r) for r in burst))
+        await asyncio.gather(*(rec(writer, session_id, r) for r in burst))
     finally:
         event.remove(engine.sync_engine, "commit", committed)
     assert commits == 1
@@ -107,14 +112,14 @@ async def test_a_failed_write_refuses_its_whole_batch_and_the_next_one_is_writte
     # One transaction for a burst: a record that breaks it (here its session does not
     # exist) refuses every request of the burst, none of which is written.
     outcomes = await asyncio.gather(
-        writer.record(session_id, good),
-        writer.record("no-such-session", twin),
+        rec(writer, session_id, good),
+        rec(writer, "no-such-session", twin),
         return_exceptions=True,
     )
     assert [type(o) for o in outcomes] == [NotRecorded, NotRecorded]
     assert "IntegrityError" in str(outcomes[0])
     assert await pending_rows(db, session_id) == []
-    await writer.record(session_id, good)
+    await rec(writer, session_id, good)
     assert [r.request_id for r in await pending_rows(db, session_id)] == [good.request_id]
 
 
@@ -125,7 +130,7 @@ async def test_settling_replaces_the_pending_record_in_one_transaction(
     writer = PendingWriter(db, "replica-a")
     held, done = request(), request()
     for r in (held, done):
-        await writer.record(session_id, r)
+        await rec(writer, session_id, r)
     settled = model_requests.ModelRequestRecord(
         session_id=session_id,
         tenant="acme",

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from agentplane.server.model_double import Script, Step
 from agentplane.v1 import session_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import (
     MODEL,
     Harness,
@@ -20,6 +21,9 @@ from harness import (
 )
 
 pytestmark = pytest.mark.asyncio
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +82,35 @@ async def test_a_server_over_its_session_limit_is_refused(tight: Harness) -> Non
     running = [start(tight, tenant, "[[sandbox:slow]] x") for tenant in ("acme", "acme", "globex")]
     for call in running:
         assert (await call.read()).HasField("started")
+    # Full: admission health turns NOT_SERVING (balanced clients send new sessions
+    # elsewhere); readiness stays SERVING (every other call is still served here).
+    await until_ready(tight, NOT_SERVING)
+    assert await health_of(tight, "readiness") == SERVING
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await tight.run("ops", prompt="four")
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error_details(caught.value)["ErrorInfo"].reason == "CONCURRENCY_LIMIT"
+    # UNAVAILABLE, which the client's service config retries on another replica (unlike a
+    # tenant's own limit, above), with when to retry here.
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = error_details(caught.value)
+    assert details["ErrorInfo"].reason == "REPLICA_FULL"
+    assert details["RetryInfo"].retry_delay.ToTimedelta().total_seconds() > 0
     assert "AGENTPLANE_MAX_SESSIONS" in caught.value.details()
     await asyncio.gather(*(finish(call) for call in running))
+    await until_ready(tight, SERVING)  # a place freed: it takes sessions again
+
+
+async def health_of(h: Harness, name: str) -> int:
+    health = health_pb2_grpc.HealthStub(h.channel)
+    return int((await health.Check(health_pb2.HealthCheckRequest(service=name))).status)
+
+
+async def until_ready(h: Harness, wanted: int) -> None:
+    """Wait (generously) for the server's admission health to become `wanted`."""
+    for _ in range(600):
+        if await health_of(h, "agentplane.admission") == wanted:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"agentplane.admission never became {wanted}")
 
 
 async def test_a_silent_agent_times_out(impatient: Harness) -> None:

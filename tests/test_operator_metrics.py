@@ -180,7 +180,7 @@ async def test_every_family_is_listed_from_the_start(served: Harness) -> None:
             assert ({"tenant": name}, 0.0) in found.samples[f"agentplane_budget_{gauge}_usd"]
         assert ({"tenant": name}, 0.0) in found.samples["agentplane_sessions_started_total"]
         assert ({"tenant": name}, 0.0) in found.samples["agentplane_warm_pool_idle"]
-        for reason in ("BUDGET_EXCEEDED", "CONCURRENCY_LIMIT"):
+        for reason in ("BUDGET_EXCEEDED", "CONCURRENCY_LIMIT", "REPLICA_FULL"):
             assert (
                 {"tenant": name, "reason": reason},
                 0.0,

@@ -199,7 +199,7 @@ async def test_a_removed_token_a_lowered_limit_and_a_new_tenant_apply_at_once(
         await budget(h, TOKEN["newco"])
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-    caplog.set_level(logging.INFO, logger="agentplane.server.tenants_reload")
+    caplog.set_level(logging.INFO, logger="agentplane.server.tenants.reload")
     await changed_on_disk(
         h,
         lambda: rewrite(
@@ -242,7 +242,7 @@ async def test_an_invalid_file_keeps_the_last_valid_one_and_says_so(
 ) -> None:
     reloader = h.app.reloader
     assert reloader is not None and await tenants_health(h) == SERVING
-    caplog.set_level(logging.INFO, logger="agentplane.server.tenants_reload")
+    caplog.set_level(logging.INFO, logger="agentplane.server.tenants.reload")
     # Removes acme's token and breaks steady: the file is refused whole.
     rewrite(h, acme_token="acme-other-token", max_session_budget_usd=50.0)
     await until(lambda: reloader.problem is not None, "the invalid file was read")

@@ -452,8 +452,8 @@ async def test_warm_agents_and_sessions_together_never_exceed_the_session_limit(
         assert (await cold.read()).HasField("started")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await run(h, "cold", prompt="[[sandbox:hang]] one too many")
-        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert error_details(caught.value)["ErrorInfo"].reason == "CONCURRENCY_LIMIT"
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_details(caught.value)["ErrorInfo"].reason == "REPLICA_FULL"
 
         # A session the pool serves takes a waiting agent's place; none starts to refill.
         warm = h.sessions.RunSession(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import inspect
 import logging
@@ -9,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -19,6 +20,7 @@ from ..errors import (
     InvalidArgument,
     NotFound,
     QuotaExceeded,
+    ReplicaFull,
     Unauthenticated,
     Unavailable,
     Unimplemented,
@@ -48,8 +50,8 @@ def _pack(message: Any) -> any_pb2.Any:
 
 
 def to_status(exc: AgentplaneError) -> grpc.Status:
-    """The rich status for a domain error: ErrorInfo always, BadRequest/QuotaFailure when
-    they apply."""
+    """The rich status for a domain error: ErrorInfo always, BadRequest/QuotaFailure/
+    RetryInfo when they apply."""
     code = next((c for cls, c in _CODES if isinstance(exc, cls)), code_pb2.INTERNAL)
     details = []
     if isinstance(exc, QuotaExceeded):
@@ -76,6 +78,10 @@ def to_status(exc: AgentplaneError) -> grpc.Status:
                 )
             )
         )
+    if isinstance(exc, ReplicaFull):
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(dt.timedelta(seconds=exc.retry_after_s))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     details.insert(0, _pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN)))
     return rpc_status.to_status(status_pb2.Status(code=code, message=str(exc), details=details))
 

@@ -19,11 +19,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..mcp.servers import RemoteServer, SecretUnavailable
+from ..mcp.servers import RELAY_ROUTE as ROUTE
+from ..mcp.servers import RemoteServer, SecretUnavailable, relay_path
 
 log = logging.getLogger(__name__)
 
-ROUTE = "/mcp/"
 # Never forwarded: hop-by-hop headers, the session's token, and what aiohttp sets itself.
 _DROP_REQUEST = frozenset(
     {
@@ -43,11 +43,6 @@ _DROP_REQUEST = frozenset(
     }
 )
 _DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
-
-
-def relay_path(name: str) -> str:
-    """Where the relay serves the server `name` (prefix of the agent's URL for it)."""
-    return f"{ROUTE}{name}"
 
 
 async def forward(

@@ -26,7 +26,7 @@ import logging
 import math
 import re
 import secrets
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -166,7 +166,7 @@ class MeteredRequest:
     upstream_request_id: str = ""
     response: ResponseFacts = field(default_factory=ResponseFacts)
     request_body: bytes | None = None
-    # The gateway's own id of the request (its pending record's key, see in_flight.py).
+    # The gateway's own id of the request (its pending record's key, see money/in_flight.py).
     request_id: str = field(default_factory=lambda: secrets.token_hex(16))
 
 
@@ -212,6 +212,10 @@ class SessionMeter:
         self.closed = False
         self.in_flight = 0
         self.on_request: Callable[[MeteredRequest], None] | None = None
+        # A session that pauses at its budget: the gateway awaits this with a request its
+        # budget cannot cover; True once the budget was raised (reserve again), False to
+        # refuse it. None: refused at once (the session ends).
+        self.hold: Callable[[], Awaitable[bool]] | None = None
         # The remote MCP servers the session may reach through the gateway's relay.
         self.mcp_servers: Mapping[str, RemoteServer] = {}
         # The session's tools (None: any), which say which server tools it may use, and

@@ -27,9 +27,10 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Callable, Collection, Mapping
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Self
+from typing import Protocol, Self
 
 import aiohttp
 from aiohttp import web
@@ -41,7 +42,6 @@ from ..mcp.servers import RemoteServer
 from ..money.pricing import PriceTable, UnknownModel
 from . import mcp_relay as relay
 from . import server_tools
-from .in_flight import NotRecorded, PendingWriter
 from .limits import (
     MAX_BODY_BYTES,
     READS_PER_SESSION,
@@ -87,6 +87,20 @@ _DROP_REQUEST = _HOP_BY_HOP | {
     "accept-encoding",
 }
 _DROP_RESPONSE = _HOP_BY_HOP | {"content-length"}
+
+
+class PendingRecorder(Protocol):
+    """Writes a request's pending record before it is forwarded (`money.in_flight`):
+    returns once it is committed, raises when it cannot be."""
+
+    async def record(
+        self,
+        request_id: str,
+        session_id: str,
+        model: str,
+        estimate_usd: Decimal,
+        started_at: datetime,
+    ) -> None: ...
 
 
 def error_response(
@@ -190,8 +204,8 @@ class MeteringGateway:
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
         # Writes each request's pending record before it is forwarded (None: none are;
-        # a gateway without a database). See in_flight.py.
-        self.in_flight: PendingWriter | None = None
+        # a gateway without a database). See money/in_flight.py.
+        self.in_flight: PendingRecorder | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -454,9 +468,15 @@ class MeteringGateway:
         else the refusal (the request is never forwarded unrecorded)."""
         assert self.in_flight is not None
         try:
-            await self.in_flight.record(meter.session_id, record)
+            await self.in_flight.record(
+                record.request_id,
+                meter.session_id,
+                record.model,
+                record.reserved_usd,
+                record.started_at,
+            )
             return None
-        except NotRecorded as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed, it is not recorded
             log.warning(
                 "gateway session=%s: request refused, its pending record was not written (%s)",
                 meter.session_id,
@@ -513,14 +533,19 @@ class MeteringGateway:
                 )
             record.input_tokens_estimate = facts.input_tokens_estimate
             record.price_version = price.version
-            reservation = meter.reserve(
-                price,
-                facts.input_tokens_estimate,
-                record.max_tokens_requested,
-                min_output_tokens=self.min_output_tokens,
-                long_cache=facts.long_cache,
-                tools=tools,
-            )
+            while True:
+                reservation = meter.reserve(
+                    price,
+                    facts.input_tokens_estimate,
+                    record.max_tokens_requested,
+                    min_output_tokens=self.min_output_tokens,
+                    long_cache=facts.long_cache,
+                    tools=tools,
+                )
+                # A session that pauses at its budget holds the request until the budget
+                # is raised (then it is reserved anew: forwarded only once that holds).
+                if reservation is not None or meter.hold is None or not await meter.hold():
+                    break
             if reservation is None:
                 log.info(
                     "gateway session=%s refused: budget exhausted (remaining %s USD, model %s)",

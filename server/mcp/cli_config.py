@@ -14,8 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..gateway.mcp_relay import relay_path
-from .servers import McpServer, RemoteServer, StdioServer, tool_server
+from .servers import McpServer, RemoteServer, StdioServer, relay_path, tool_server
 
 # The CLI's variable holding its session's gateway token, for the relay's x-api-key.
 TOKEN_VARIABLE = "AGENTPLANE_MCP_TOKEN"

@@ -38,6 +38,8 @@ _PATH = re.compile(r"(/[A-Za-z0-9._@+-]+)+/?", re.ASCII)
 # The in-process server of the caller's tools (mcp__caller__*).
 RESERVED = frozenset({"caller"})
 PREFIX = "mcp__"
+# Where the metering gateway relays remote servers: `<gateway>/mcp/<name>/<path>`.
+RELAY_ROUTE = "/mcp/"
 
 
 class SecretUnavailable(Exception):
@@ -112,6 +114,11 @@ class RemoteServer:
 
 
 McpServer = StdioServer | RemoteServer
+
+
+def relay_path(name: str) -> str:
+    """Where the gateway's relay serves the server `name` (prefix of the agent's URL for it)."""
+    return f"{RELAY_ROUTE}{name}"
 
 
 def tool_server(name: str) -> str | None:

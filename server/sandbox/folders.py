@@ -6,12 +6,30 @@ import asyncio
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
-from ..tenants import Tenant
 from .cli_env import SessionDirs
+from .limits import SessionLimits
 from .owners import owner_alive, write_marker
 from .reaper import kill_session_processes
 from .sandboxes import Sandboxes
+
+
+class Tenant(Protocol):
+    """What the sandbox reads of a tenant (`tenants.Tenant` is one): its folder's name, the
+    limits of its sessions, its workspace template and the host user its agents run as."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def limits(self) -> SessionLimits: ...
+
+    @property
+    def workspace_template(self) -> Path | None: ...
+
+    def unix_ids(self) -> tuple[int, int] | None: ...
+
 
 # `<tenant>/<folder>.owner`, beside the folder: out of its sandboxed agent's reach.
 OWNER_SUFFIX = ".owner"

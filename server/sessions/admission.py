@@ -38,10 +38,8 @@ from ..store import sessions as repo
 from ..tenants import Tenant
 from .agents.launcher import Launcher
 from .agents.pool import WarmAgent, WarmPool
-from .capacity import Capacity
 from .live import LiveSession
-from .observer import SessionObserver
-from .records.queries import SessionQueries
+from .parts import SessionParts
 from .replicas.leases import LeaseConfig
 from .run.lifecycle import SessionLifecycle
 from .run_request import RunRequest, SessionSpec, validate
@@ -67,27 +65,24 @@ class Admitter:
 
     def __init__(
         self,
-        db: async_sessionmaker[DbSession],
+        parts: SessionParts,
         launcher: Launcher,
-        capacity: Capacity,
-        queries: SessionQueries,
         lifecycle: SessionLifecycle,
-        observer: SessionObserver,
         leases: LeaseConfig,
         pool: WarmPool | None = None,
         *,
         not_ready: Callable[[], Unavailable | None] = lambda: None,
-        upkeep_db: async_sessionmaker[DbSession] | None = None,
     ) -> None:
         """`not_ready()` is the error a caller gets while the server cannot take work now
         (None: it can)."""
+        db = parts.db
         self._db = db
-        self._upkeep_db = upkeep_db or db  # the running sessions' own pool
+        self._upkeep_db = parts.upkeep_db  # the running sessions' own pool
         self._launcher = launcher
-        self._capacity = capacity
-        self._queries = queries
+        self._capacity = parts.capacity
+        self._queries = parts.queries
         self._lifecycle = lifecycle
-        self._observer = observer
+        self._observer = parts.observer
         self._leases = leases
         self._pool = pool
         self._not_ready = not_ready

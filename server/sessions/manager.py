@@ -1,5 +1,7 @@
 """The sessions of this server as `api/` sees them; each job lives in its own module.
 
+build.py           the room built from its configuration (what app.py calls)
+parts.py           what the parts share: databases, Capacity, reads, observer, webhooks
 admission.py       RunSession: validate, idempotency, resume, capacity, the admission write
 run_request.py     what a caller asks for, validated against the tenant's policy
 capacity.py        live sessions, admissions and warm agents against the session limit
@@ -16,24 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
 
-from sqlalchemy.ext.asyncio import AsyncSession as DbSession
-from sqlalchemy.ext.asyncio import async_sessionmaker
-
-from ..domain import Artifact, Event, InputAnswer, InputKind, InputRequest, Session
+from ..domain import Artifact, Event, Session
 from ..errors import Unavailable
 from ..store.sessions import SessionFilter
 from ..tenants import Tenant
-from ..webhooks.outbox import WebhookOutbox
 from .admission import Admission, Admitter
 from .agents.launcher import Launcher
 from .agents.pool import WarmPool
-from .caller_loop.inputs import InputHub, respond
-from .capacity import Capacity
-from .observer import NullObserver, SessionObserver
-from .records.queries import SessionQueries
+from .caller_loop.inputs import respond
+from .parts import SessionParts
+from .pauses import BudgetHub, raise_budget
 from .records.retention import SessionDeleter
 from .replicas.cancel import SessionStopper
 from .replicas.leases import LeaseConfig, LeaseKeeper
@@ -47,65 +45,43 @@ class SessionManager:
 
     def __init__(
         self,
-        db: async_sessionmaker[DbSession],
+        parts: SessionParts,
         launcher: Launcher,
         runner: AgentRunner,
-        capacity: Capacity,
-        *,
         pool: WarmPool | None = None,
-        observer: SessionObserver | None = None,
+        *,
         leases: LeaseConfig | None = None,
         not_ready: Callable[[], Unavailable | None] = lambda: None,
         finish_retry_s: float = 60.0,
-        upkeep_db: async_sessionmaker[DbSession] | None = None,
-        webhooks: WebhookOutbox | None = None,
     ) -> None:
-        """`upkeep_db` (default: `db`) serves what running sessions write (events, model
-        requests, leases, their end): a pool of its own, so callers that exhaust `db`'s
-        connections cannot fail a running session. `webhooks` writes the deliveries that
-        sessions' ends and requests to their callers owe, in their transactions."""
-        upkeep = upkeep_db or db
-        observer = observer or NullObserver()
-        self.capacity = capacity
+        """`parts` holds what every part shares (its databases, the one Capacity, the
+        reads, the telemetry hook, the webhooks' outbox); `not_ready()` is the error a
+        caller gets while the server cannot take work now (None: it can)."""
+        self.capacity = parts.capacity
         self.pool = pool
+        self.launcher = launcher
         self.folders = launcher.folders
         self.leases = leases or LeaseConfig(owner=f"agentplane-{uuid.uuid4().hex[:12]}")
-        self.queries = SessionQueries(db, capacity)
-        self.stopper = SessionStopper(db, capacity, self.queries)
-        self.deleter = SessionDeleter(db, self.queries)
+        self.queries = parts.queries
+        self.stopper = SessionStopper(parts.db, parts.capacity, parts.queries)
+        self.deleter = SessionDeleter(parts.db, parts.queries)
         self.lease_keeper = LeaseKeeper(
-            upkeep,
+            parts,
             self.leases,
-            capacity,
             launcher.folders,
             self.stopper.lost,
             on_cancel=self.stopper.cancelled_elsewhere,
-            webhooks=webhooks,
         )
-        self._db = db
-        # Running sessions wait for their callers' answers through the upkeep pool.
+        self._db = parts.db
+        # The caller's answer to an input request of a running session (any replica).
+        self.respond = functools.partial(respond, parts.db, parts.queries)
+        # Raises of running sessions' budgets, and their pauses at it.
+        self.budgets = BudgetHub(parts.upkeep_db, parts.webhooks)
         lifecycle = SessionLifecycle(
-            upkeep,
-            runner,
-            capacity,
-            self.queries,
-            observer,
-            pool,
-            inputs=InputHub(upkeep, webhooks),
-            finish_retry_s=finish_retry_s,
-            webhooks=webhooks,
+            parts, runner, pool, finish_retry_s=finish_retry_s, budgets=self.budgets
         )
         self._admitter = Admitter(
-            db,
-            launcher,
-            capacity,
-            self.queries,
-            lifecycle,
-            observer,
-            self.leases,
-            pool,
-            not_ready=not_ready,
-            upkeep_db=upkeep,
+            parts, launcher, lifecycle, self.leases, pool, not_ready=not_ready
         )
 
     async def start(self, tenant: Tenant, request: RunRequest) -> Admission:
@@ -126,16 +102,13 @@ class SessionManager:
     async def cancel(self, tenant: Tenant, session_id: str) -> Session:
         return await self.stopper.cancel(tenant, session_id)
 
-    async def respond(
-        self,
-        tenant: Tenant,
-        session_id: str,
-        request_id: str,
-        kind: InputKind,
-        answer: InputAnswer,
-    ) -> tuple[InputRequest, InputAnswer]:
-        """The caller's answer to an input request of a running session (any replica)."""
-        return await respond(self._db, self.queries, tenant, session_id, request_id, kind, answer)
+    async def update_budget(self, tenant: Tenant, session_id: str, max_budget_usd: str) -> Session:
+        """Raise a session's budget, wherever it runs (see `pauses.raise_budget`)."""
+        return await raise_budget(self._db, tenant, session_id, max_budget_usd)
+
+    def limits_raised(self, tenants: dict[str, Tenant]) -> int:
+        """A reload changed these tenants' daily limits: retry raises that wait for them."""
+        return self.budgets.limits_raised(tenants)
 
     async def artifacts(self, tenant: Tenant, session_id: str) -> builtins.list[Artifact]:
         return await self.queries.artifacts(tenant, session_id)

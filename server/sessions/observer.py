@@ -43,7 +43,7 @@ class SessionObserver(Protocol):
 
     def shortfall(self, session: Session, model: str, gap_usd: Decimal) -> None:
         """An ending session's metered cost of `model` fell short of the CLI's own count
-        by `gap_usd` (see sessions/shortfall.py)."""
+        by `gap_usd` (see money/shortfall.py)."""
 
 
 class NullObserver:

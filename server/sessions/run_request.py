@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 
 from ..approvals import MAX_RULES, parse_rule
-from ..domain import usd
+from ..domain import OnBudgetExhausted, usd
 from ..errors import InvalidArgument, quote
 from ..mcp.servers import covered
 from ..tenants import MIN_THINKING_TOKENS, Tenant
@@ -87,6 +87,8 @@ class RunRequest:
     fallback_model: str = ""
     # Where the session's events are also sent ("": only the tenant's endpoints).
     callback_url: str = ""
+    # END or PAUSE at its budget (None: the tenant's on_budget_exhausted).
+    on_budget_exhausted: OnBudgetExhausted | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,14 @@ class SessionSpec:
     fallback_model: str = ""
     # One of the tenant's webhooks.callback_urls ("": none).
     callback_url: str = ""
+    # Pause at its budget instead of ending (and for how long at most).
+    on_budget_exhausted: OnBudgetExhausted = OnBudgetExhausted.END
+    max_pause_s: float = 3600.0
+
+    @property
+    def pauses(self) -> bool:
+        """Whether the session pauses at its budget (instead of ending)."""
+        return self.on_budget_exhausted is OnBudgetExhausted.PAUSE
 
     @property
     def in_the_loop(self) -> bool:
@@ -183,6 +193,7 @@ class SessionSpec:
                 else {}
             ),
             **({"callback_url": self.callback_url} if self.callback_url else {}),
+            **({"pause": True} if self.pauses else {}),
         }
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -229,15 +240,20 @@ def _fallback(raw: str, model: str, tenant: Tenant) -> str:
     return fallback
 
 
-def _budget(raw: str, tenant: Tenant) -> Decimal:
-    if not raw.strip():
-        return usd(tenant.max_session_budget_usd)
+def parse_usd(raw: str, field: str) -> Decimal:
+    """A request's amount of US dollars (a plain decimal; not yet rounded)."""
     # ASCII digits only: Decimal() would also take "１" (fullwidth), "1_0" and "1e3".
     if not _DECIMAL.fullmatch(raw.strip()):
         raise InvalidArgument(
-            "max_budget_usd", f"{quote(raw)} is not a decimal number of US dollars like 0.25"
+            field, f"{quote(raw)} is not a decimal number of US dollars like 0.25"
         )
-    amount = Decimal(raw.strip())
+    return Decimal(raw.strip())
+
+
+def _budget(raw: str, tenant: Tenant) -> Decimal:
+    if not raw.strip():
+        return usd(tenant.max_session_budget_usd)
+    amount = parse_usd(raw, "max_budget_usd")
     if amount <= 0:
         raise InvalidArgument("max_budget_usd", f"must be greater than 0, not {quote(raw)}")
     if amount > tenant.max_session_budget_usd:
@@ -484,6 +500,8 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
         request_id=str(uuid.UUID(request.request_id)) if request.request_id else "",
         on_disconnect_continue=request.on_disconnect_continue,
         max_duration_s=tenant.max_duration_s,
+        on_budget_exhausted=request.on_budget_exhausted or tenant.on_budget_exhausted,
+        max_pause_s=tenant.max_pause_s,
         resume_session_id=(
             str(uuid.UUID(request.resume_session_id)) if request.resume_session_id else ""
         ),

@@ -10,7 +10,7 @@ from decimal import Decimal
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from ..domain import TokenUsage, server_tool_counts
+from ..domain import TokenUsage
 from .models import ModelRequestInFlightRow, ModelRequestRow
 
 INTERRUPTED = "interrupted"  # the outcome of a request its server died during
@@ -136,34 +136,3 @@ async def insert_records(db: DbSession, records: Sequence[ModelRequestRecord]) -
             for r in records
         ],
     )
-
-
-async def session_records(db: DbSession, session_id: str) -> list[ModelRequestRecord]:
-    """A session's recorded requests, in the order they settled."""
-    rows = await db.scalars(
-        select(ModelRequestRow)
-        .where(ModelRequestRow.session_id == session_id)
-        .order_by(ModelRequestRow.id)
-    )
-    return [
-        ModelRequestRecord(
-            r.session_id,
-            r.tenant,
-            r.started_at,
-            r.ended_at,
-            r.model,
-            r.outcome,
-            r.status,
-            TokenUsage(
-                r.input_tokens,
-                r.output_tokens,
-                r.cache_creation_input_tokens,
-                r.cache_read_input_tokens,
-                server_tool_use=server_tool_counts(r.server_tool_use),
-            ),
-            r.cost_usd,
-            r.price_version,
-            r.upstream_request_id,
-        )
-        for r in rows
-    ]

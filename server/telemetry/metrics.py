@@ -28,8 +28,9 @@ METERING_SHORTFALL = "agentplane.metering.shortfall"
 
 # Seconds: a session lasts from under a second to an hour.
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-# The refusals an operator watches (the rest are the callers' mistakes).
-QUOTA_REASONS = ("BUDGET_EXCEEDED", "CONCURRENCY_LIMIT")
+# The refusals an operator watches (the rest are the callers' mistakes); REPLICA_FULL, counted
+# where it was refused (the caller retried elsewhere), says the fleet runs near its capacity.
+QUOTA_REASONS = ("BUDGET_EXCEEDED", "CONCURRENCY_LIMIT", "REPLICA_FULL")
 
 
 class SessionMetrics:

@@ -19,13 +19,15 @@ from typing import Any
 from yarl import URL
 
 from ..errors import ConfigError, InvalidArgument, quote
+from ..toml_schema import Key, Rule, Table
 
 SESSION_ENDED = "session.ended"
 SESSION_WAITING = "session.waiting"
+SESSION_PAUSED = "session.paused"
 BUDGET_THRESHOLD = "budget.threshold"
-EVENTS = (SESSION_ENDED, SESSION_WAITING, BUDGET_THRESHOLD)
+EVENTS = (SESSION_ENDED, SESSION_WAITING, SESSION_PAUSED, BUDGET_THRESHOLD)
 # What a request's callback URL is sent: the events of its own session.
-CALLBACK_EVENTS = (SESSION_ENDED, SESSION_WAITING)
+CALLBACK_EVENTS = (SESSION_ENDED, SESSION_WAITING, SESSION_PAUSED)
 # The name of a request's callback URL among a delivery's targets.
 CALLBACK = "callback"
 
@@ -192,73 +194,230 @@ def url_allowed(url: str, allowed: str) -> bool:
     )
 
 
-# -- parsing the tenants file's table -------------------------------------------------------
-
-_KEYS = {
-    "endpoints",
-    "callback_urls",
-    "secret_env",
-    "secret_file",
-    "retry_s",
-    "first_retry_s",
-    "max_retry_delay_s",
-    "max_concurrent",
-    "budget_threshold",
-}
-_ENDPOINT_KEYS = {"url", "events", "secret_env", "secret_file"}
+# -- the tenants file's table, declared -----------------------------------------------------
 
 
-def _url(value: Any, setting: str) -> str:
+def _url(value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_URL_CHARS:
-        raise ConfigError(setting, f"must be an http(s) URL, not {value!r}")
+        raise ValueError(f"must be an http(s) URL, not {value!r}")
     url = value.strip()
     try:
         parsed = URL(url)
     except ValueError:
-        raise ConfigError(setting, f"{url!r} is not a URL") from None
+        raise ValueError(f"{url!r} is not a URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ConfigError(setting, f"{url!r} is not an http(s) URL with a host")
+        raise ValueError(f"{url!r} is not an http(s) URL with a host")
     if parsed.user is not None or parsed.password is not None:
-        raise ConfigError(setting, "must not carry a user name or password (sign with a secret)")
+        raise ValueError("must not carry a user name or password (sign with a secret)")
     if parsed.fragment:
-        raise ConfigError(setting, "must not have a #fragment")
+        raise ValueError("must not have a #fragment")
     return url
 
 
-def _number(value: Any, setting: str, low: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > low:
-        raise ConfigError(setting, f"must be a number above {low:g}, not {value!r}")
+def _urls(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list of http(s) URLs")  # noqa: TRY004 (a parser's reason)
+    return tuple(_url(u) for u in value)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"must be a number above 0, not {value!r}")
     if value == float("inf"):
-        raise ConfigError(setting, "must be finite")
+        raise ValueError("must be finite")
     return float(value)
 
 
-def _secret(raw: Mapping[str, Any], setting: str, *, required: bool) -> Secret | None:
-    env, file = raw.get("secret_env"), raw.get("secret_file")
-    if env is not None and file is not None:
-        raise ConfigError(f"{setting}.secret_file", "set it or secret_env, not both")
-    if env is None and file is None:
-        if required:
-            raise ConfigError(
-                f"{setting}.secret_env",
-                "a signing secret is needed: secret_env (a variable's name) or secret_file",
-            )
+def _share(value: Any) -> float | None:
+    if value is None:
         return None
-    if env is not None:
-        if not isinstance(env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
-            raise ConfigError(f"{setting}.secret_env", f"must be a variable's name, not {env!r}")
-        secret = Secret(env=env)
-        key = f"{setting}.secret_env"
-    else:
-        if not isinstance(file, str) or not file.strip():
-            raise ConfigError(f"{setting}.secret_file", f"must be a file's path, not {file!r}")
-        secret = Secret(file=Path(file).resolve())
-        key = f"{setting}.secret_file"
+    if _number(value) > 1:
+        raise ValueError("is a share of the daily limit: above 0, at most 1")
+    return float(value)
+
+
+def _concurrency(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
+        raise ValueError(f"must be an integer in 1..64, not {value!r}")
+    return value
+
+
+def _events(value: Any) -> tuple[str, ...]:
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(e, str) and e in EVENTS for e in value)
+    ):
+        raise ValueError(f"must be a list of {', '.join(EVENTS)}")
+    return tuple(dict.fromkeys(value))
+
+
+def _readable(secret: Secret) -> Secret:
     try:
         secret.read()  # here, so that a missing secret is a start-up error, not a failed send
     except SecretUnavailable as exc:
-        raise ConfigError(key, str(exc)) from None
+        raise ValueError(str(exc)) from None
     return secret
+
+
+def _secret_env(value: Any) -> Secret | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError(f"must be a variable's name, not {value!r}")
+    return _readable(Secret(env=value))
+
+
+def _secret_file(value: Any) -> Secret | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a file's path, not {value!r}")
+    return _readable(Secret(file=Path(value).resolve()))
+
+
+def _secret(values: Mapping[str, Any]) -> Secret | None:
+    """The secret a table's secret_env or secret_file names (None: neither)."""
+    return values["secret_env"] or values["secret_file"]
+
+
+def _one_secret(values: Mapping[str, Any], raw: Mapping[str, Any]) -> str | None:
+    both = raw.get("secret_env") is not None and raw.get("secret_file") is not None
+    return "set it or secret_env, not both" if both else None
+
+
+def _needs_secret(values: Mapping[str, Any], raw: Mapping[str, Any]) -> str | None:
+    if raw.get("secret_env") is None and raw.get("secret_file") is None:
+        return "a signing secret is needed: secret_env (a variable's name) or secret_file"
+    return None
+
+
+def _callbacks_signed(values: Mapping[str, Any], raw: Mapping[str, Any]) -> str | None:
+    if values["callback_urls"] and _secret(values) is None:
+        return "callback_urls need the table's own signing secret: secret_env or secret_file"
+    return None
+
+
+def _retry_delays(values: Mapping[str, Any], raw: Mapping[str, Any]) -> str | None:
+    above = values["first_retry_s"] > values["max_retry_delay_s"]
+    return "is above max_retry_delay_s" if above else None
+
+
+def _threshold_wanted(values: Mapping[str, Any], raw: Mapping[str, Any]) -> str | None:
+    wanted = any(BUDGET_THRESHOLD in e.events for e in values["endpoints"])
+    if values["budget_threshold"] is not None and not wanted:
+        return f"no endpoint wants {BUDGET_THRESHOLD} events"
+    return None
+
+
+def _secret_keys(meaning: str, shown: str) -> tuple[Key, ...]:
+    return (
+        Key("secret_env", _secret_env, None, meaning, shown=shown),
+        Key("secret_file", _secret_file, None, "or: a file holding it", shown=shown),
+    )
+
+
+def _endpoint(signed_by_table: bool) -> Table:
+    """An endpoint's keys; without the table's own secret, it needs one of its own."""
+    needs = () if signed_by_table else (Rule("secret_env", _needs_secret),)
+    return Table(
+        (
+            Key("events", _events, list(EVENTS), "the events it is sent"),
+            Rule("secret_file", _one_secret),
+            *needs,
+            *_secret_keys("the variable holding the endpoint's own signing secret", "the table's"),
+            Key("url", _url, None, "where they are sent (http or https)", shown="required"),
+        )
+    )
+
+
+ENDPOINT = _endpoint(signed_by_table=True)
+_SIGNED_ENDPOINT = _endpoint(signed_by_table=False)
+
+
+def _endpoints(value: Any, setting: str, values: Mapping[str, Any]) -> tuple[Endpoint, ...]:
+    if not isinstance(value, dict):
+        raise ConfigError(setting, "must be a table of named endpoints")
+    default_secret = _secret(values)
+    table = ENDPOINT if default_secret is not None else _SIGNED_ENDPOINT
+    endpoints = []
+    for name, entry in value.items():
+        where = f"{setting}.{name}"
+        if not _NAME.match(name):
+            raise ConfigError(where, "endpoint names are 1-63 chars of [a-z0-9_-]")
+        if name == CALLBACK:
+            raise ConfigError(where, f"{CALLBACK!r} names a request's callback URL: pick another")
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "must be a table (url, events, secret_env or secret_file)")
+        read = table.read(entry, where)
+        secret = _secret(read) or default_secret
+        assert secret is not None
+        endpoints.append(Endpoint(name, read["url"], read["events"], secret))
+    return tuple(endpoints)
+
+
+_DEFAULTS = WebhookPolicy()
+# The keys of a tenant's [tenants.<name>.webhooks] table, in the order they are checked.
+WEBHOOKS = Table(
+    (
+        Rule("secret_file", _one_secret),
+        *_secret_keys(
+            "the variable holding the table's signing secret (`whsec_<base64>`): it signs "
+            "callbacks, and endpoints without a secret of their own",
+            "unset",
+        ),
+        Key(
+            "endpoints",
+            _endpoints,
+            {},
+            "named receivers, each a table `[tenants.<tenant>.webhooks.endpoints.<name>]` "
+            "(its keys below)",
+            nested=True,
+            shown="none",
+        ),
+        Key(
+            "callback_urls",
+            _urls,
+            [],
+            "URLs a request's `callback_url` may name (exactly, or below one ending in `/`)",
+        ),
+        Rule("secret_env", _callbacks_signed),
+        Key(
+            "budget_threshold",
+            _share,
+            None,
+            "`budget.threshold` is sent once a day when the day's spend reaches this share of "
+            "`daily_limit_usd` (above 0, at most 1)",
+            shown="unset (never)",
+        ),
+        Key(
+            "retry_s",
+            _number,
+            _DEFAULTS.retry_s,
+            "how long a delivery is retried after its event",
+        ),
+        Key(
+            "first_retry_s",
+            _number,
+            _DEFAULTS.first_retry_s,
+            "the first retry's delay; it doubles per retry, times a random factor in [0.5, 1]",
+        ),
+        Key(
+            "max_retry_delay_s",
+            _number,
+            _DEFAULTS.max_retry_delay_s,
+            "the longest delay between retries",
+        ),
+        Key(
+            "max_concurrent",
+            _concurrency,
+            _DEFAULTS.max_concurrent,
+            "deliveries in flight at once, per replica (1-64)",
+        ),
+        Rule("first_retry_s", _retry_delays),
+        Rule("budget_threshold", _threshold_wanted),
+    )
+)
 
 
 def parse_webhooks(raw: Any, setting: str) -> WebhookPolicy:
@@ -267,83 +426,21 @@ def parse_webhooks(raw: Any, setting: str) -> WebhookPolicy:
         return WebhookPolicy()
     if not isinstance(raw, dict):
         raise ConfigError(setting, "must be a table")
-    unknown = set(raw) - _KEYS
-    if unknown:
-        raise ConfigError(f"{setting}.{min(unknown)}", "unknown setting")
-    default_secret = _secret(raw, setting, required=False)
-    endpoints_raw = raw.get("endpoints", {})
-    if not isinstance(endpoints_raw, dict):
-        raise ConfigError(f"{setting}.endpoints", "must be a table of named endpoints")
-    endpoints = []
-    for name, entry in endpoints_raw.items():
-        where = f"{setting}.endpoints.{name}"
-        if not _NAME.match(name):
-            raise ConfigError(where, "endpoint names are 1-63 chars of [a-z0-9_-]")
-        if name == CALLBACK:
-            raise ConfigError(where, f"{CALLBACK!r} names a request's callback URL: pick another")
-        if not isinstance(entry, dict):
-            raise ConfigError(where, "must be a table (url, events, secret_env or secret_file)")
-        unknown = set(entry) - _ENDPOINT_KEYS
-        if unknown:
-            raise ConfigError(f"{where}.{min(unknown)}", "unknown setting")
-        events = entry.get("events", list(EVENTS))
-        if (
-            not isinstance(events, list)
-            or not events
-            or not all(isinstance(e, str) and e in EVENTS for e in events)
-        ):
-            raise ConfigError(f"{where}.events", f"must be a list of {', '.join(EVENTS)}")
-        secret = _secret(entry, where, required=default_secret is None) or default_secret
-        assert secret is not None
-        endpoints.append(
-            Endpoint(
-                name, _url(entry.get("url"), f"{where}.url"), tuple(dict.fromkeys(events)), secret
-            )
-        )
-    callbacks = raw.get("callback_urls", [])
-    if not isinstance(callbacks, list):
-        raise ConfigError(f"{setting}.callback_urls", "must be a list of http(s) URLs")
-    callback_urls = tuple(_url(u, f"{setting}.callback_urls") for u in callbacks)
-    if callback_urls and default_secret is None:
-        raise ConfigError(
-            f"{setting}.secret_env",
-            "callback_urls need the table's own signing secret: secret_env or secret_file",
-        )
-    threshold = raw.get("budget_threshold")
-    if threshold is not None:
-        threshold = _number(threshold, f"{setting}.budget_threshold")
-        if threshold > 1:
-            raise ConfigError(
-                f"{setting}.budget_threshold", "is a share of the daily limit: above 0, at most 1"
-            )
-    defaults = WebhookPolicy()
-    policy = WebhookPolicy(
-        endpoints=tuple(endpoints),
-        callback_urls=callback_urls,
-        secret=default_secret,
-        retry_s=_number(raw.get("retry_s", defaults.retry_s), f"{setting}.retry_s"),
-        first_retry_s=_number(
-            raw.get("first_retry_s", defaults.first_retry_s), f"{setting}.first_retry_s"
-        ),
-        max_retry_delay_s=_number(
-            raw.get("max_retry_delay_s", defaults.max_retry_delay_s),
-            f"{setting}.max_retry_delay_s",
-        ),
-        max_concurrent=_positive(raw.get("max_concurrent", defaults.max_concurrent), setting),
-        budget_threshold=threshold,
+    read = WEBHOOKS.read(raw, setting)
+    return WebhookPolicy(
+        endpoints=read["endpoints"],
+        callback_urls=read["callback_urls"],
+        secret=_secret(read),
+        retry_s=read["retry_s"],
+        first_retry_s=read["first_retry_s"],
+        max_retry_delay_s=read["max_retry_delay_s"],
+        max_concurrent=read["max_concurrent"],
+        budget_threshold=read["budget_threshold"],
     )
-    if policy.first_retry_s > policy.max_retry_delay_s:
-        raise ConfigError(f"{setting}.first_retry_s", "is above max_retry_delay_s")
-    if threshold is not None and not policy.wanting(BUDGET_THRESHOLD):
-        raise ConfigError(
-            f"{setting}.budget_threshold", f"no endpoint wants {BUDGET_THRESHOLD} events"
-        )
-    return policy
 
 
-def _positive(value: Any, setting: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 64:
-        raise ConfigError(
-            f"{setting}.max_concurrent", f"must be an integer in 1..64, not {value!r}"
-        )
-    return value
+def webhook_keys_table() -> str:
+    """The docs' table of a `webhooks` table's keys and its endpoints' (docs/webhooks.md; a
+    test keeps it in step)."""
+    endpoint_rows = ENDPOINT.reference("endpoints.<name>.").splitlines()[2:]
+    return WEBHOOKS.reference("") + "".join(row + "\n" for row in endpoint_rows)

@@ -26,6 +26,7 @@ from .config import (
     CALLBACK,
     CALLBACK_EVENTS,
     SESSION_ENDED,
+    SESSION_PAUSED,
     SESSION_WAITING,
 )
 
@@ -100,32 +101,40 @@ class WebhookOutbox:
     async def session_ended(self, db: DbSession, final: Session) -> None:
         """`session.ended` with the final Session, in the transaction that records it."""
         tenant = self._tenant(final.tenant)
-        if tenant is None:
-            return
-        await insert_deliveries(
-            db,
-            self._deliveries(
+        if tenant is not None:
+            deliveries = self._deliveries(
                 tenant,
                 SESSION_ENDED,
                 {"session": final.to_json()},
                 at=final.end_time or utcnow(),
                 session=final,
-            ),
-        )
+            )
+            await insert_deliveries(db, deliveries)
 
     async def session_waiting(self, db: DbSession, session: Session, request: InputRequest) -> None:
         """`session.waiting`: a running session asks its caller (in the request's
         transaction)."""
         tenant = self._tenant(session.tenant)
-        if tenant is None:
+        if tenant is not None:
+            data = {"session_id": session.id, "input_request": request.to_json()}
+            deliveries = self._deliveries(
+                tenant, SESSION_WAITING, data, at=request.created_at, session=session
+            )
+            await insert_deliveries(db, deliveries)
+
+    async def session_paused(self, db: DbSession, session: Session) -> None:
+        """`session.paused`: a running session paused at its budget (`session.paused` set),
+        with the Session as it is then, in the pause's transaction."""
+        tenant = self._tenant(session.tenant)
+        if tenant is None or session.paused is None:
             return
         await insert_deliveries(
             db,
             self._deliveries(
                 tenant,
-                SESSION_WAITING,
-                {"session_id": session.id, "input_request": request.to_json()},
-                at=request.created_at,
+                SESSION_PAUSED,
+                {"session": session.to_json()},
+                at=session.paused.since,
                 session=session,
             ),
         )

@@ -1,6 +1,6 @@
 """Benchmark 9 (rows): what the pending record of a model request costs it. Small Messages
 requests through the metering gateway to the sandbox model, one at a time, with the
-gateway writing each one's pending record first (`gateway.in_flight.PendingWriter`, on
+gateway writing each one's pending record first (`money.in_flight.PendingWriter`, on
 the database) against the same gateway writing none (interleaved); the added latency is
 the difference of the medians. A burst of requests at once is written in one commit.
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import aiohttp
 from agentplane.server.domain import Session, SessionState, utcnow
-from agentplane.server.gateway.in_flight import PendingWriter
 from agentplane.server.gateway.meter import SessionMeter
 from agentplane.server.gateway.proxy import MeteringGateway
 from agentplane.server.model_double import SandboxServer
+from agentplane.server.money.in_flight import PendingWriter
 from agentplane.server.money.pricing import PriceTable
 from agentplane.server.store import sessions as repo
 from agentplane.server.store.engine import create_engine, migrate, sessionmaker

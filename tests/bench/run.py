@@ -12,7 +12,9 @@ runs, with min and max. The benchmarks, one module each:
     admission.py   7    50 concurrent admissions against one budget: latency, no overspend
     scaling.py     8    memory/CPU with idle streams; figures with 10k-1M rows in the tables
     replicas.py    9    two replicas: follow lag and database load, cancel through the other
+    fleet.py       9    connections per idle/busy replica; lag and cancel via PgBouncer vs direct
     flood.py       10   the metering gateway flooded from a sandbox: server RSS, health latency
+    webhooks.py    11   webhook delivery latency; 10 dead receivers against another tenant
 
     python tests/bench/run.py [--runs N] [--quick] [--output BENCHMARKS.md]
 
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import admission
 import claude_agent_sdk
+import fleet
 import flood
 import grpc
 import hot_window
@@ -49,6 +52,7 @@ import scaling
 import sqlalchemy
 import throughput
 import unary
+import webhooks
 from agentplane.server.model_double import SandboxServer
 from agentplane.server.sessions.agents.launcher import BUNDLED_CLI
 from common import (
@@ -151,6 +155,10 @@ SECTIONS = {
             f"{replicas.IDLE_WINDOW_S:g} s while N followers on the other replica follow a session "
             "that waits for the model, minus the rates with none (before and after, averaged). Cancel: CancelSession on the "
             "replica that does not run the session, sent -> answered (the session has ended). "
+            "Connections (tests/bench/fleet.py): a replica's rows in `pg_stat_activity` (by its "
+            "`application_name`) at idle and at the peak of a burst of sessions and reads. "
+            "PgBouncer: a pair of replicas whose pools go through PgBouncer (transaction mode; "
+            "LISTEN straight to PostgreSQL) against a pair straight on PostgreSQL, interleaved. "
             "Money (on SQLite and PostgreSQL, each on a database of its own; --quick: SQLite): "
             "the latency a model request's pending record adds (small requests through the "
             "metering gateway to the sandbox model, one at a time, with and without the record, "
@@ -173,6 +181,19 @@ SECTIONS = {
             "(per run). Health: grpc.health Check latency from the bench process, polled every "
             "10 ms through each session, against the same while a session of the same tenant "
             "runs `sleep 2`."
+        ),
+    ),
+    "11": (
+        "Webhooks (benchmark 11, SQLite)",
+        (
+            "Delivery latency: a session's end (its `end_time`) to the arrival of its signed "
+            "`session.ended` at a healthy receiver in the bench process (verified with the "
+            "Standard Webhooks library), p50/p99 over the sessions of a run, median over the "
+            f"runs. Isolation: {webhooks.DEAD_RECEIVERS} endpoints of another tenant that accept "
+            "connections and never answer (each attempt waits out AGENTPLANE_WEBHOOK_TIMEOUT_S, "
+            "10 s, then is retried), two sessions' ends to each (one in --quick); measured after "
+            "their first attempts started, against the same figures before those deliveries "
+            "existed."
         ),
     ),
 }
@@ -281,6 +302,7 @@ async def on_postgres(
         rows["8"] += lines
         notes["8"] += more
         rows["9"] += await replicas.run(bench, server)
+        rows["9"] += await fleet.run(bench, url)
     finally:
         if server is not None:
             await server.stop()
@@ -317,8 +339,12 @@ async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
     await sandbox.start()
     work = short_dir("apb")
     (work / TEMPLATE).mkdir()
+    receivers = webhooks.Receivers()
+    await receivers.start()
     tenants_file = write_tenants(
-        work, tenants_toml(work / TEMPLATE, adm_runs=runs, adm_admits=admits)
+        work,
+        tenants_toml(work / TEMPLATE, adm_runs=runs, adm_admits=admits),
+        receivers.tenants_toml(),
     )
     bench = Bench(
         quick=quick,
@@ -358,12 +384,14 @@ async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
             rows["8"] += lines
             notes["8"] += more
             rows["10"] += await flood.run(bench, server)
+            rows["11"] += await webhooks.run(bench, server, receivers)
         finally:
             await server.stop()
         rows["9"] += await money_rows(bench, f"sqlite:///{work}/money.db", "SQLite")
         await on_postgres(bench, rows, notes)
     finally:
         await sandbox.stop()
+        await receivers.stop()
         shutil.rmtree(work, ignore_errors=True)
     minutes = (time.perf_counter() - started) / 60
     text = render(

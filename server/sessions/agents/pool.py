@@ -23,7 +23,6 @@ from decimal import Decimal
 
 from claude_agent_sdk import ClaudeSDKClient
 
-from ...errors import ConfigError, InvalidArgument
 from ...gateway.meter import SessionMeter
 from ...sandbox.cli_env import SessionDirs
 from ...sandbox.owners import write_marker
@@ -48,8 +47,15 @@ PoolKey = tuple[tuple[str, ...], str, int, Decimal, tuple[bool, str, int, str]]
 def pool_key(spec: SessionSpec) -> PoolKey | None:
     """What a CLI's options depend on at spawn, for matching a request to a warm agent
     (None: the request resumes a conversation, has its caller in the loop, an output
-    schema or input files: all are fixed at spawn too)."""
-    if spec.resume_session_id or spec.in_the_loop or spec.output_schema or spec.input_files:
+    schema or input files: all are fixed at spawn too; or it pauses at its budget: a warm
+    CLI checks a budget of its own)."""
+    if (
+        spec.resume_session_id
+        or spec.in_the_loop
+        or spec.output_schema
+        or spec.input_files
+        or spec.pauses
+    ):
         return None
     return (spec.tools, spec.model, spec.max_turns, spec.budget_usd, spec.knobs)
 
@@ -182,14 +188,6 @@ class WarmPool:
         """Whether the agent was started under its tenant's policy as configured now."""
         wanted = self._wanted.get(agent.tenant)
         return wanted is not None and wanted[0] == agent.policy
-
-    def check_models(self) -> None:
-        """Raise ConfigError if a tenant's warm_pool_model is not in the price table."""
-        for name, (_, spec) in self._wanted.items():
-            try:
-                self._launcher.check_model(spec.model)
-            except InvalidArgument as exc:
-                raise ConfigError(f"tenants.{name}.warm_pool_model", str(exc)) from None
 
     # -- handing out ---------------------------------------------------------------------
 

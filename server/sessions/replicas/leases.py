@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession as DbSession
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ...domain import ErrorReason, SessionState, utcnow
 from ...errors import DatabaseUnavailable
@@ -26,8 +24,7 @@ from ...recurring import RecurringProblem
 from ...sandbox.folders import SessionFolders
 from ...store import sessions as repo
 from ...store.outages import cause
-from ...webhooks.outbox import WebhookOutbox
-from ..capacity import Capacity
+from ..parts import SessionParts
 from ..run.ending import write_end
 
 log = logging.getLogger(__name__)
@@ -49,22 +46,21 @@ class LeaseKeeper:
 
     def __init__(
         self,
-        db: async_sessionmaker[DbSession],
+        parts: SessionParts,
         config: LeaseConfig,
-        capacity: Capacity,
         folders: SessionFolders,
         on_lost: Callable[[str], None],
         on_cancel: Callable[[str], None] = lambda _: None,
-        webhooks: WebhookOutbox | None = None,
     ) -> None:
         """Leases are kept for `capacity.live`; `on_lost(id)` is told of a session we run
         that another server closed, `on_cancel(id)` of one another server was asked to
         cancel (in case its NOTIFY was missed); a recovered session's folder here is
-        removed; `webhooks` writes the deliveries a recovered end owes."""
-        self._db = db
-        self._webhooks = webhooks
+        removed; the outbox of `parts` gets the deliveries a recovered end owes. Leases are
+        written through the running sessions' own pool."""
+        self._db = parts.upkeep_db
+        self._webhooks = parts.webhooks
         self.config = config
-        self._live = capacity.live
+        self._live = parts.capacity.live
         self._folders = folders
         self._on_lost = on_lost
         self._on_cancel = on_cancel

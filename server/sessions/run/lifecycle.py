@@ -12,8 +12,6 @@ import contextvars
 import logging
 
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession as DbSession
-from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ...domain import Artifact, ErrorReason, Event, EventKind, Session, SessionState, usd, utcnow
 from ...errors import DatabaseUnavailable
@@ -22,13 +20,11 @@ from ...money.shortfall import session_shortfall
 from ...store import artifacts
 from ...store import sessions as repo
 from ...tenants import Tenant
-from ...webhooks.outbox import WebhookOutbox
 from ..agents.pool import WarmAgent, WarmPool
 from ..caller_loop.inputs import InputHub
-from ..capacity import Capacity
 from ..live import LiveSession
-from ..observer import SessionObserver
-from ..records.queries import SessionQueries
+from ..parts import SessionParts
+from ..pauses import BudgetHub, SessionBudget
 from ..run_request import SessionSpec
 from .ending import result_event, write_end
 from .metering import RequestRecorder
@@ -44,25 +40,24 @@ class SessionLifecycle:
 
     def __init__(
         self,
-        db: async_sessionmaker[DbSession],
+        parts: SessionParts,
         runner: AgentRunner,
-        capacity: Capacity,
-        queries: SessionQueries,
-        observer: SessionObserver,
         pool: WarmPool | None = None,
         *,
-        inputs: InputHub | None = None,
         finish_retry_s: float = 60.0,
-        webhooks: WebhookOutbox | None = None,
+        budgets: BudgetHub | None = None,
     ) -> None:
-        self._db = db
-        self._webhooks = webhooks
+        # A running session writes, and waits for its caller's answers, through the
+        # running sessions' own pool.
+        self._db = parts.upkeep_db
+        self._webhooks = parts.webhooks
+        self._budgets = budgets or BudgetHub(parts.upkeep_db, parts.webhooks)
         self._runner = runner
-        self._capacity = capacity
-        self._queries = queries
-        self._observer = observer
+        self._capacity = parts.capacity
+        self._queries = parts.queries
+        self._observer = parts.observer
         self._pool = pool
-        self._inputs = inputs or InputHub(db)
+        self._inputs = InputHub(parts.upkeep_db, parts.webhooks)
         self._finish_retry_s = finish_retry_s
 
     def launch(
@@ -74,12 +69,20 @@ class SessionLifecycle:
         context: contextvars.Context,
     ) -> None:
         """Start the session's run task in `context` (the observer's, its span current)."""
+        # From admission on, raises of its budget (UpdateSessionBudget) reach the session.
+        budget = self._budgets.session(live, spec.max_pause_s)
         live.task = asyncio.create_task(
-            self._run(live, spec, tenant, warm), name=f"session-{live.id}", context=context
+            self._run(live, spec, tenant, warm, budget), name=f"session-{live.id}", context=context
         )
+        live.task.add_done_callback(lambda _: budget.close())
 
     async def _run(
-        self, live: LiveSession, spec: SessionSpec, tenant: Tenant, warm: WarmAgent | None
+        self,
+        live: LiveSession,
+        spec: SessionSpec,
+        tenant: Tenant,
+        warm: WarmAgent | None,
+        budget: SessionBudget,
     ) -> None:
         try:
             if live.cancel_requested.is_set():  # cancelled while IDLE: never start
@@ -105,7 +108,7 @@ class SessionLifecycle:
                 waiter = (
                     self._inputs.waiter(live, spec.answer_timeout_s) if spec.in_the_loop else None
                 )
-                outcome = await self._runner.run(live, spec, tenant, warm, settled, waiter)
+                outcome = await self._runner.run(live, spec, tenant, warm, settled, waiter, budget)
                 await recorder.close()
         except asyncio.CancelledError:
             # Cancelled from outside (event loop shutdown): still record the end.

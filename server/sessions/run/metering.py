@@ -80,7 +80,7 @@ class RequestRecorder:
             progress = self._live.session
             try:
                 async with self._db.begin() as db:
-                    # In place of their pending records (see gateway/in_flight.py).
+                    # In place of their pending records (see money/in_flight.py).
                     await settle_records(db, batch)
                     if progress.state is SessionState.RUNNING:
                         await repo.save_progress(db, progress, expect=SessionState.RUNNING)

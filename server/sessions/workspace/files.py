@@ -38,7 +38,7 @@ def write_input_files(
     base: Path, cwd: Path, files: Sequence[InputFile], owner: tuple[int, int] | None
 ) -> None:
     """Write each file below `cwd` (a folder below the work dir `base`), making its
-    folders. OSError if a path component is a symlink or not a folder (requests.py refuses
+    folders. OSError if a path component is a symlink or not a folder (run_request.py refuses
     those of the template at admission). Whatever holds a file's name already (a template
     file; a link, FIFO or hard link an earlier agent left) is unlinked, not written
     through: each file is created anew (O_EXCL)."""

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
+from decimal import Decimal
 
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..store.model_requests import PendingRequest, insert_pending
-from .meter import MeteredRequest
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,22 @@ class PendingWriter:
         self._queue: list[tuple[PendingRequest, asyncio.Future[None]]] = []
         self._writing: asyncio.Task[None] | None = None
 
-    async def record(self, session_id: str, request: MeteredRequest) -> None:
-        """Write `request`'s pending record (committed when this returns); raises
+    async def record(
+        self,
+        request_id: str,
+        session_id: str,
+        model: str,
+        estimate_usd: Decimal,
+        started_at: datetime,
+    ) -> None:
+        """Write a request's pending record (committed when this returns); raises
         NotRecorded when it could not be, in `timeout_s`."""
         pending = PendingRequest(
-            request_id=request.request_id,
+            request_id=request_id,
             session_id=session_id,
-            model=request.model,
-            estimate_usd=request.reserved_usd,
-            started_at=request.started_at,
+            model=model,
+            estimate_usd=estimate_usd,
+            started_at=started_at,
             replica=self.replica,
         )
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -15,8 +15,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from .errors import ConfigError
-from .tenants import TenantChanges, TenantRegistry
+from ..errors import ConfigError
+from .registry import TenantChanges, TenantRegistry
 
 log = logging.getLogger(__name__)
 
