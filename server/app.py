@@ -37,6 +37,7 @@ from .config import Settings, is_loopback
 from .errors import ConfigError, InvalidArgument
 from .gateway.proxy import MeteringGateway
 from .health import DATABASE, WRITES, Health, PoolCheck
+from .money.in_flight import PendingWriter
 from .money.ledger import BudgetReader
 from .money.pricing import PriceTable
 from .operator_gauges import watch_server
@@ -285,6 +286,9 @@ class App:
         observer = TelemetryObserver(telemetry)
         observer.declare_tenants(tenants.tenants)
         owner = f"agentplane-{uuid.uuid4().hex[:12]}"
+        # Each model request's pending record, written before the gateway forwards it.
+        gateway.in_flight = PendingWriter(store.upkeep_db, owner)
+        resources.push_async_callback(gateway.in_flight.close)
         sessions = build_sessions(
             sessions_config(settings, tenants, owner),
             SessionParts.open(

@@ -48,6 +48,9 @@ ROWS = [
     "ListSessions (page of 50), SQLite, +1,000 rows",
     "sessions/s at concurrency 1, SQLite, +1,000 rows",
     "GetSession, PostgreSQL, seeded rows",
+    # 9: money (on SQLite in --quick)
+    "model request through the gateway, its pending record written first, SQLite",
+    "admission p50 / p99, 50 at once of one tenant",
     # 10: the gateway flood
     "gateway flood, 6 x 48 MiB refused (413): server RSS growth",
     "gateway flood, 6 x 48 MiB refused (413): health latency",

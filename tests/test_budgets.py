@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -126,3 +127,22 @@ async def test_a_pdf_the_budget_cannot_cover_is_never_forwarded(money: Harness) 
     forwarded = [r for r in money.sandbox.requests[before:] if r.kind == "conversation"]
     assert len(forwarded) == 1  # the first turn only
     assert all('"document"' not in json.dumps(r.body) for r in money.sandbox.requests[before:])
+
+
+async def test_racing_repeats_of_a_request_id_hold_the_budget_once(money: Harness) -> None:
+    # Each repeat that loses the race takes its hold, fails to write its session (the
+    # request_id is taken) and undoes the hold before it re-attaches: none is leaked.
+    before = await window(money)
+    request = session_pb2.RunSessionRequest(
+        prompt="[[sandbox:hold]] go", model=MODEL, request_id=str(uuid.uuid4())
+    )
+
+    async def send() -> list[session_pb2.SessionEvent]:
+        return [e async for e in money.sessions.RunSession(request, metadata=AUTH)]
+
+    streams = await asyncio.gather(*(send() for _ in range(8)))
+    assert len({s[0].session_id for s in streams}) == 1
+    assert {s[-1].result.session.state for s in streams} == {session_pb2.SESSION_STATE_COMPLETE}
+    after = await window(money)
+    assert Decimal(after.reserved_usd) == 0
+    assert Decimal(after.spent_usd) - Decimal(before.spent_usd) == Decimal("0.0045")

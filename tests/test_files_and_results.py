@@ -239,6 +239,7 @@ async def rows_of(h: Harness, session_id: str) -> dict[str, int]:
             ("session_labels", "session_id"),
             ("tool_uses", "session_id"),
             ("model_requests", "session_id"),
+            ("model_requests_in_flight", "session_id"),
             ("session_inputs", "session_id"),
             ("session_artifacts", "session_id"),
             ("reservations", "session_id"),

@@ -13,9 +13,17 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
+from agentplane.server.domain import TokenUsage
 from agentplane.server.model_double import SandboxServer, Script, Step, ToolCall, Usage
+from agentplane.server.money.pricing import PriceTable
 from agentplane.server.store.engine import create_engine, sessionmaker
-from agentplane.server.store.models import BudgetWindowRow, EventRow, SessionRow
+from agentplane.server.store.models import (
+    BudgetWindowRow,
+    EventRow,
+    ModelRequestInFlightRow,
+    ModelRequestRow,
+    SessionRow,
+)
 from agentplane.v1 import session_pb2
 from grpc_health.v1 import health_pb2
 from harness import MODEL, TOKENS, agent_processes, tenants_toml, write_tenants
@@ -27,6 +35,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 AUTH = (("authorization", f"Bearer {TOKENS['acme']}"),)
+PRICES = PriceTable.load()
 
 
 @dataclass
@@ -42,6 +51,27 @@ class World:
         server = await start_server(self.work, self.database_url, self.sandbox.base_url, **env)
         self.processes.append(server.proc)
         return server
+
+    async def model_requests(
+        self, session_id: str
+    ) -> tuple[list[ModelRequestRow], list[ModelRequestInFlightRow]]:
+        """A session's settled model requests and its pending records."""
+        engine = create_engine(self.database_url)
+        try:
+            async with sessionmaker(engine)() as db:
+                settled = await db.scalars(
+                    select(ModelRequestRow)
+                    .where(ModelRequestRow.session_id == session_id)
+                    .order_by(ModelRequestRow.id)
+                )
+                pending = await db.scalars(
+                    select(ModelRequestInFlightRow).where(
+                        ModelRequestInFlightRow.session_id == session_id
+                    )
+                )
+                return list(settled), list(pending)
+        finally:
+            await engine.dispose()
 
     async def rows(self) -> tuple[list[SessionRow], dict[str, list[int]], list[BudgetWindowRow]]:
         engine = create_engine(self.database_url)
@@ -237,33 +267,63 @@ async def test_any_replica_of_the_host_removes_what_a_dead_one_left(
 
 
 async def test_a_killed_replica_loses_no_spend(world: World) -> None:
-    # The model answered the first request (sonnet, 1,000 in / 100 out: $0.0045) when the
-    # server is killed; the server that recovers the session charges exactly that.
+    # The model answered the first request (sonnet, 1,000 in / 100 out: $0.0045) and is
+    # streaming the second (20,000 in / 400 out: $0.066, billed though never finished)
+    # when the server is killed. Its pending record, written before it was forwarded,
+    # is charged at its estimate by the server that recovers the session: the day's
+    # spend covers all the model billed, and exceeds it by at most that one estimate.
     def acme_day(windows: list[BudgetWindowRow]) -> tuple[Decimal, Decimal]:
         spent = sum((w.spent_usd for w in windows if w.tenant == "acme"), Decimal(0))
         return spent, sum((w.reserved_usd for w in windows if w.tenant == "acme"), Decimal(0))
 
+    world.sandbox.add_script(
+        "answered_then_held",
+        Script(
+            steps=[
+                Step(
+                    tool_calls=[ToolCall("Glob", {"pattern": "*.txt"})],
+                    usage=Usage(input_tokens=1000, output_tokens=100),
+                ),
+                Step(
+                    text="never finished",
+                    usage=Usage(input_tokens=20_000, output_tokens=400),
+                    stall_after_events=2,  # message_start and a block's start, then held
+                ),
+            ]
+        ),
+    )
     first = await world.start(AGENTPLANE_LEASE_TTL_S="2")  # (it migrates a new database)
     before, _ = acme_day((await world.rows())[2])  # the module's other tests spend too
-    call = run(first, "answered_then_stuck")
+    call = run(first, "answered_then_held")
     started = await call.read()
-    await wait_requests(world.sandbox, 2)  # the second one hangs
+    await wait_requests(world.sandbox, 2)  # the second one is held
     progress = await first.sessions.GetSession(
         session_pb2.GetSessionRequest(session_id=started.session_id), metadata=AUTH
     )
     assert progress.state == session_pb2.SESSION_STATE_RUNNING
     assert Decimal(progress.cost_usd) == Decimal("0.0045") and progress.num_turns == 1
     assert progress.usage.input_tokens == 1000 and progress.usage.output_tokens == 100
-    for _ in range(1200):  # written as it settled: the database has it too
-        sessions, _, _ = await world.rows()
-        if [s.cost_usd for s in sessions if s.id == started.session_id] == [Decimal("0.0045")]:
-            break
-        await asyncio.sleep(0.05)
-    assert [s.cost_usd for s in sessions if s.id == started.session_id] == [Decimal("0.0045")]
+    ours = [r for r in world.sandbox.requests if r.kind == "conversation"]
+    billed = sum(
+        (
+            PRICES.price(MODEL).cost(TokenUsage(r.usage.input_tokens, r.usage.output_tokens))
+            for r in ours
+            if r.usage
+        ),
+        Decimal(0),
+    )
+    assert billed == Decimal("0.0705")
+
     final = (await kill_and_recover(world, first, call, started.session_id))[-1].result.session
     assert final.error.reason == session_pb2.ERROR_REASON_INTERRUPTED
-    assert Decimal(final.cost_usd) == Decimal("0.0045")
-    assert acme_day((await world.rows())[2]) == (before + Decimal("0.0045"), Decimal(0))
+    requests, pending = await world.model_requests(started.session_id)
+    assert pending == []
+    assert [r.outcome for r in requests] == ["completed", "interrupted"]
+    estimate = requests[1].cost_usd  # the held request, charged at its reservation
+    assert Decimal(final.cost_usd) == Decimal("0.0045") + estimate
+    spent, reserved = acme_day((await world.rows())[2])
+    assert reserved == 0
+    assert billed <= spent - before <= billed + estimate
 
 
 async def test_a_database_outage_is_ridden_out(world: World) -> None:

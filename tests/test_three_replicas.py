@@ -1,6 +1,6 @@
 """Three replica processes on one PostgreSQL database behave as one: a cancel through any
 of them, followers on each of them, a kill -9 of one with answered requests, and an owner
-that is slow but alive."""
+that is slow but alive; and five of them admit exactly what a tenant's day covers."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import grpc
 import pytest
 from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.server.store.engine import create_engine, sessionmaker
-from agentplane.server.store.models import BudgetWindowRow
+from agentplane.server.store.models import BudgetWindowRow, ModelRequestRow, ReservationRow
 from agentplane.v1 import session_pb2
-from harness import MODEL, TOKENS
+from harness import MODEL, TOKENS, error_details
 from replicas_harness import Replica, Replicas, requires_postgres, start_replicas
 from sqlalchemy import select
 
@@ -183,13 +183,77 @@ async def test_a_killed_replica_with_answered_requests_loses_no_spend() -> None:
                 30,
             )
             finals.append(events[-1].result.session)
+        # Each one's held request left its pending record: charged at its estimate (the
+        # model billed nothing for it: it never answered), recorded `interrupted`.
+        estimates = await interrupted(fleet, ids)
         for final in finals:
             assert final.state == ERROR
             assert final.error.reason == session_pb2.ERROR_REASON_INTERRUPTED
-            assert Decimal(final.cost_usd) == Decimal("0.0045")
+            assert Decimal(final.cost_usd) == Decimal("0.0045") + estimates[final.id] > 0
         spent, reserved = await ops_spent(fleet)
-        assert spent - spent_before == Decimal("0.0135")
+        assert spent - spent_before == Decimal("0.0135") + sum(estimates.values())
         assert reserved == 0
+
+
+async def interrupted(fleet: Replicas, ids: list[str]) -> dict[str, Decimal]:
+    """The estimate charged for each session's one `interrupted` request."""
+    engine = create_engine(fleet.database_url)
+    try:
+        async with sessionmaker(engine)() as db:
+            rows = list(
+                await db.scalars(
+                    select(ModelRequestRow).where(
+                        ModelRequestRow.session_id.in_(ids),
+                        ModelRequestRow.outcome == "interrupted",
+                    )
+                )
+            )
+    finally:
+        await engine.dispose()
+    assert sorted(r.session_id for r in rows) == sorted(ids)
+    return {r.session_id: r.cost_usd for r in rows}
+
+
+async def test_sixty_admissions_over_five_replicas_take_exactly_the_window() -> None:
+    # Tenant `ten`: a day of 1 USD, sessions of 0.1 USD: exactly 10 fit, on any number of
+    # replicas, and never a micro-dollar more is held or spent.
+    scripts = {"done": Script(steps=[Step(text="done", usage=Usage(1000, 100))])}
+    async with start_replicas(1, scripts=scripts, AGENTPLANE_MAX_SESSIONS="64") as fleet:
+        for _ in range(4):  # one by one: five starting at once are slow on a loaded machine
+            await fleet.start(AGENTPLANE_MAX_SESSIONS="64")
+        auth = (("authorization", f"Bearer {TOKENS['ten']}"),)
+
+        async def attempt(i: int) -> session_pb2.Session | grpc.aio.AioRpcError:
+            call = fleet[i % 5].sessions.RunSession(
+                session_pb2.RunSessionRequest(prompt="[[sandbox:done]] go", model=MODEL),
+                metadata=auth,
+            )
+            try:
+                return (await events_of(call))[-1].result.session
+            except grpc.aio.AioRpcError as exc:
+                return exc
+
+        outcomes = await asyncio.gather(*(attempt(i) for i in range(60)))
+        admitted = [o for o in outcomes if isinstance(o, session_pb2.Session)]
+        refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+        assert len(admitted) == 10 and len(refused) == 50
+        assert all(o.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for o in refused)
+        assert {error_details(o)["ErrorInfo"].reason for o in refused} == {"BUDGET_EXCEEDED"}
+        engine = create_engine(fleet.database_url)
+        try:
+            async with sessionmaker(engine)() as db:
+                (window,) = await db.scalars(
+                    select(BudgetWindowRow).where(BudgetWindowRow.tenant == "ten")
+                )
+                holds = await db.scalars(
+                    select(ReservationRow).where(ReservationRow.tenant == "ten")
+                )
+                assert len(list(holds)) == 10  # the refused left no hold behind
+        finally:
+            await engine.dispose()
+        assert (window.reserved_usd, window.holds) == (0, 0)
+        assert window.spent_usd == sum(Decimal(s.cost_usd) for s in admitted) > 0
+        assert window.spent_usd <= window.limit_usd
 
 
 async def test_a_slow_owner_keeps_its_sessions() -> None:

@@ -1,7 +1,7 @@
 """sessions: paused at the budget
 
 Revision ID: 0013
-Revises: 0010
+Revises: 0011
 Create Date: 2027-01-20 10:00:00
 
 A running session paused at its budget (a model request held until its budget is
@@ -16,7 +16,7 @@ from agentplane.server.store.types import Money, UTCDateTime
 from alembic import op
 
 revision = "0013"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 

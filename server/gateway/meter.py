@@ -25,6 +25,7 @@ import binascii
 import logging
 import math
 import re
+import secrets
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -135,7 +136,9 @@ class MeteredRequest:
     ``upstream_failed`` (no response from upstream), ``upstream_dropped`` (the stream
     broke off; what was seen is charged), ``client_disconnected`` (the agent went away;
     what was seen is charged), ``usage_missing`` (a success without readable usage;
-    charged its reservation, the worst case). ``usage`` is what the response reported
+    charged its reservation, the worst case), ``unrecorded`` (its pending record could not
+    be written: not forwarded), ``interrupted`` (its server died before it settled:
+    charged its reservation by crash recovery). ``usage`` is what the response reported
     (zero when it was not forwarded, or reported none), ``response`` its message id,
     model and stop reason. ``request_body`` (the body as forwarded) and
     ``response.content`` are kept only when the gateway keeps content for traces.
@@ -163,6 +166,8 @@ class MeteredRequest:
     upstream_request_id: str = ""
     response: ResponseFacts = field(default_factory=ResponseFacts)
     request_body: bytes | None = None
+    # The gateway's own id of the request (its pending record's key, see money/in_flight.py).
+    request_id: str = field(default_factory=lambda: secrets.token_hex(16))
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,13 @@ class SessionMeter:
         # the most uses a request may have of each.
         self.tools = frozenset(tools) if tools is not None else None
         self.max_server_tool_uses = max_server_tool_uses
+
+    @property
+    def recorded(self) -> bool:
+        """Whether its settled requests are written to the database (a running session's
+        are; a warm agent's, before its session runs, are not): only then is a request's
+        pending record written before it is forwarded."""
+        return self.on_request is not None
 
     @property
     def upstream_api_key(self) -> str:

@@ -27,9 +27,10 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Callable, Collection, Mapping
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Self
+from typing import Protocol, Self
 
 import aiohttp
 from aiohttp import web
@@ -86,6 +87,20 @@ _DROP_REQUEST = _HOP_BY_HOP | {
     "accept-encoding",
 }
 _DROP_RESPONSE = _HOP_BY_HOP | {"content-length"}
+
+
+class PendingRecorder(Protocol):
+    """Writes a request's pending record before it is forwarded (`money.in_flight`):
+    returns once it is committed, raises when it cannot be."""
+
+    async def record(
+        self,
+        request_id: str,
+        session_id: str,
+        model: str,
+        estimate_usd: Decimal,
+        started_at: datetime,
+    ) -> None: ...
 
 
 def error_response(
@@ -188,6 +203,9 @@ class MeteringGateway:
         self._parser = BodyParser(off_loop_bytes=parse_off_loop_bytes)
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
+        # Writes each request's pending record before it is forwarded (None: none are;
+        # a gateway without a database). See money/in_flight.py.
+        self.in_flight: PendingRecorder | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -437,7 +455,47 @@ class MeteringGateway:
         if isinstance(metered, web.Response):
             return metered
         reservation, record, data = metered
+        if self.in_flight is not None and meter.recorded:
+            refusal = await self._record_pending(meter, reservation, record)
+            if refusal is not None:
+                return refusal
         return await self._forward(request, meter, reservation, record, data)
+
+    async def _record_pending(
+        self, meter: SessionMeter, reservation: Reservation, record: MeteredRequest
+    ) -> web.Response | None:
+        """Write the request's pending record before it is forwarded: None once written,
+        else the refusal (the request is never forwarded unrecorded)."""
+        assert self.in_flight is not None
+        try:
+            await self.in_flight.record(
+                record.request_id,
+                meter.session_id,
+                record.model,
+                record.reserved_usd,
+                record.started_at,
+            )
+            return None
+        except Exception as exc:  # noqa: BLE001 - whatever failed, it is not recorded
+            log.warning(
+                "gateway session=%s: request refused, its pending record was not written (%s)",
+                meter.session_id,
+                exc,
+            )
+            record.status, record.outcome = 503, "unrecorded"
+            meter.settle(reservation, record)
+            return error_response(
+                503,
+                "api_error",
+                "the gateway could not record the request before forwarding it "
+                "(database unavailable); retry shortly",
+                should_retry=True,
+                retry_after_s=1,
+            )
+        except BaseException:  # the agent went away meanwhile: never forwarded
+            record.outcome = "client_disconnected"
+            meter.settle(reservation, record)
+            raise
 
     async def _meter(
         self, request: web.Request, meter: SessionMeter

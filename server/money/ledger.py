@@ -23,10 +23,24 @@ MAX_KNOWN = 4096
 
 
 async def reserve_for_session(
-    db: DbSession, tenant: Tenant, *, session_id: str, amount: Decimal, day: str, now: datetime
+    db: DbSession,
+    tenant: Tenant,
+    *,
+    session_id: str,
+    amount: Decimal,
+    day: str,
+    now: datetime,
+    announce: bool = True,
+    request_id: str | None = None,
 ) -> None:
-    """Hold a session's maximum cost in the window of `day` (part of the admission
-    transaction); raises QuotaExceeded(BUDGET_EXCEEDED) when the window cannot cover it.
+    """Hold a session's maximum cost in the window of `day`, counting it among the
+    tenant's active sessions; raises QuotaExceeded (BUDGET_EXCEEDED, or CONCURRENCY_LIMIT
+    when the tenant already runs its maximum), then `db`'s transaction must be rolled back.
+
+    The window's row stays locked until `db` commits: admission commits this alone, at
+    once, and writes the session after (see `sessions/admission.py`). `announce` False:
+    the change is notified by the caller's next transaction (`confirm_hold`).
+    `request_id`: the admission's; a concurrent repeat's hold raises IntegrityError.
     """
     held = await repo.reserve(
         db,
@@ -36,23 +50,76 @@ async def reserve_for_session(
         limit=tenant.daily_limit_usd,
         amount=amount,
         now=now,
+        max_holds=tenant.max_concurrent_sessions,
+        announce=announce,
+        request_id=request_id,
     )
-    if not held:
-        window = await repo.get_window(db, tenant.name, day)
-        remaining = window.limit_usd - window.spent_usd - window.reserved_usd if window else amount
+    if held:
+        return
+    window = await repo.get_window(db, tenant.name, day)
+    remaining = window.limit_usd - window.spent_usd - window.reserved_usd if window else amount
+    if remaining >= amount:  # the window covers it: the holds are at their maximum
         raise QuotaExceeded(
-            "BUDGET_EXCEEDED",
-            f"tenant:{tenant.name}:daily_usd",
-            f"the daily budget of tenant {tenant.name!r} cannot cover this session: "
-            f"it needs {amount} USD, {max(remaining, Decimal(0))} USD of "
-            f"{tenant.daily_limit_usd} USD remain for {day}; ask for a smaller "
-            "max_budget_usd or wait for the next window",
+            "CONCURRENCY_LIMIT",
+            f"tenant:{tenant.name}:concurrent_sessions",
+            f"tenant {tenant.name!r} already runs its maximum of "
+            f"{tenant.max_concurrent_sessions} concurrent sessions; retry when one ends",
         )
+    raise QuotaExceeded(
+        "BUDGET_EXCEEDED",
+        f"tenant:{tenant.name}:daily_usd",
+        f"the daily budget of tenant {tenant.name!r} cannot cover this session: "
+        f"it needs {amount} USD, {max(remaining, Decimal(0))} USD of "
+        f"{tenant.daily_limit_usd} USD remain for {day}; ask for a smaller "
+        "max_budget_usd or wait for the next window",
+    )
 
 
 async def settle_session(db: DbSession, *, session_id: str, actual: Decimal, now: datetime) -> bool:
     """Release the session's hold and record its actual cost (exactly once)."""
     return await repo.settle(db, session_id=session_id, actual=actual, now=now)
+
+
+async def release_hold(db: DbSession, session_id: str) -> bool:
+    """Undo the hold of an admission that failed after it (its compensation)."""
+    return await repo.release(db, session_id)
+
+
+async def confirm_hold(db: DbSession, tenant: Tenant, session_id: str, day: str) -> bool:
+    """In the admission's transaction: whether its hold still stands (locked till commit);
+    the hold's change of the window is notified at this commit."""
+    await repo.announce(db, tenant.name, day)
+    return await repo.confirm(db, session_id)
+
+
+async def holds_request(db: DbSession, tenant: str, request_id: str) -> bool:
+    """Whether an admission of this tenant's request_id holds its budget (and may be
+    writing its session)."""
+    return await repo.holds_request(db, tenant, request_id)
+
+
+async def release_orphans(db: async_sessionmaker[DbSession], now: datetime) -> list[str]:
+    """Release the holds whose session was never written (an admission that died between
+    its hold and its writes, and so could not undo it); the ids of those released."""
+    async with db() as s:
+        ids = await repo.orphans(s, older_than=now - repo.ORPHAN_AFTER)
+    released = []
+    for session_id in ids:
+        try:
+            async with db.begin() as s:
+                if not await repo.release(s, session_id):
+                    continue
+                # Claimed (locked): an admission's writes that committed meanwhile keep it.
+                if await repo.has_session(s, session_id):
+                    raise _Kept
+        except _Kept:
+            continue
+        released.append(session_id)
+    return released
+
+
+class _Kept(Exception):
+    """Rolls back the release of a hold whose session turned out to exist."""
 
 
 class BudgetReader:

@@ -2,22 +2,28 @@
 
 In order: the request is checked against the tenant's policy, a resume is resolved, a
 repeated request_id re-attaches to the session it started, the server must be ready and
-have room, and then one transaction inserts the session (IDLE) with its `started` event
-and reserves its budget in the tenant's day window.
+have room. Then a short transaction holds the session's budget in the tenant's day window
+and counts it among the tenant's active sessions (one conditional UPDATE: exact on any
+number of replicas, and the window's row locked only until that commit), and another
+inserts the session (IDLE) with its `started` event; if that fails, the hold is undone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from ..domain import Event, EventKind, Session, SessionState, utcnow
 from ..errors import (
     AgentplaneError,
+    DatabaseUnavailable,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -26,7 +32,7 @@ from ..errors import (
 )
 from ..mcp.cli_config import session_servers
 from ..mcp.servers import problem as mcp_problem
-from ..money.ledger import reserve_for_session
+from ..money.ledger import confirm_hold, holds_request, release_hold, reserve_for_session
 from ..money.windows import day_of
 from ..store import sessions as repo
 from ..tenants import Tenant
@@ -39,6 +45,9 @@ from .run.lifecycle import SessionLifecycle
 from .run_request import RunRequest, SessionSpec, validate
 
 log = logging.getLogger(__name__)
+
+# How long a repeat of a request waits for a concurrent one's session to be written.
+EARLIER_POLLS, EARLIER_POLL_S = 100, 0.05
 
 
 @dataclass
@@ -147,8 +156,9 @@ class Admitter:
         return admission
 
     async def _insert(self, tenant: Tenant, spec: SessionSpec, warm: WarmAgent | None) -> Admission:
-        """The admission transaction, with the id of `warm` (a warm agent made for it) or
-        a new one. A request_id that a concurrent request won re-attaches to its session."""
+        """The admission's writes (`write_admission`), with the id of `warm` (a warm agent
+        made for it) or a new one. A request_id that a concurrent request won re-attaches to
+        its session."""
         now = utcnow()
         trace_id, trace_span_id = self._observer.current_trace()
         session = Session(
@@ -179,39 +189,26 @@ class Admitter:
         )
         started = live.build(EventKind.STARTED, {"session": session.to_json()})
         try:
-            async with self._db.begin() as db:
-                day = day_of(now, tenant.time_zone).isoformat()
-                await repo.insert_session(
-                    db,
-                    session,
-                    request_hash=spec.fingerprint(),
-                    budget_day=day,
-                    owner=self._leases.owner,
-                    lease_until=self._leases.expiry(now),
-                )
-                await repo.insert_events(db, [started])
-                # The reservation's UPDATE locks the tenant's window row until commit, so
-                # the count below cannot race another admission of the same tenant; all
-                # else is written before it, to hold that lock as briefly as possible.
-                await reserve_for_session(
-                    db, tenant, session_id=session.id, amount=spec.budget_usd, day=day, now=now
-                )
-                active = await repo.count_active(db, tenant.name)
-                if active > tenant.max_concurrent_sessions:
-                    raise QuotaExceeded(
-                        "CONCURRENCY_LIMIT",
-                        f"tenant:{tenant.name}:concurrent_sessions",
-                        f"tenant {tenant.name!r} already runs its maximum of "
-                        f"{tenant.max_concurrent_sessions} concurrent sessions; retry when one ends",
-                    )
+            await write_admission(
+                self._db,
+                tenant,
+                session,
+                started,
+                request_hash=spec.fingerprint(),
+                leases=self._leases,
+            )
         except IntegrityError:
             await live.writer.close()
             if not spec.request_id:
                 raise
-            # A concurrent request with the same request_id won the unique constraint.
-            earlier = await self._by_request_id(tenant, spec)
+            # A concurrent request with the same request_id won the unique constraint (of
+            # its hold, or of its session): re-attach to its session once written.
+            earlier = await self._earlier(tenant, spec)
             if earlier is None:
-                raise
+                raise Unavailable(
+                    f"request_id: a concurrent request with {spec.request_id} was not "
+                    "admitted; retry"
+                ) from None
             return earlier
         except BaseException:
             await live.writer.close()
@@ -257,6 +254,19 @@ class Admitter:
             )
         return replace(spec, resume_sdk_session_id=earlier.sdk_session_id)
 
+    async def _earlier(self, tenant: Tenant, spec: SessionSpec) -> Admission | None:
+        """The session a concurrent repeat of this request is admitting, once written; None
+        if that admission let its hold go without one."""
+        for _ in range(EARLIER_POLLS):
+            earlier = await self._by_request_id(tenant, spec)
+            if earlier is not None:
+                return earlier
+            async with self._db() as db:
+                if not await holds_request(db, tenant.name, spec.request_id):
+                    return await self._by_request_id(tenant, spec)
+            await asyncio.sleep(EARLIER_POLL_S)
+        return None
+
     async def _by_request_id(self, tenant: Tenant, spec: SessionSpec) -> Admission | None:
         async with self._db() as db:
             found = await repo.find_by_request_id(db, tenant.name, spec.request_id)
@@ -274,3 +284,65 @@ class Admitter:
     async def _persist_events(self, events: Sequence[Event]) -> None:
         async with self._upkeep_db.begin() as db:
             await repo.insert_events(db, events)
+
+
+async def write_admission(
+    db: async_sessionmaker[DbSession],
+    tenant: Tenant,
+    session: Session,
+    started: Event,
+    *,
+    request_hash: str,
+    leases: LeaseConfig,
+) -> None:
+    """What admitting `session` writes: first its hold (the budget check and hold, and the
+    count of the tenant's active sessions, in a transaction of their own, so the window's
+    row is locked from the hold's conditional UPDATE to that commit only and a tenant's
+    admissions do not queue behind each other's writes), then the session (IDLE) with its
+    `started` event, owned by `leases.owner`. Raises QuotaExceeded (nothing written), or
+    what writing the session raised (the hold undone)."""
+    now = session.create_time
+    day = day_of(now, tenant.time_zone).isoformat()
+    async with db.begin() as s:
+        # Notified with the session's writes, not here: on PostgreSQL every commit that
+        # notifies takes one lock of the whole database, so an admission takes it once.
+        await reserve_for_session(
+            s,
+            tenant,
+            session_id=session.id,
+            amount=session.max_budget_usd,
+            day=day,
+            now=now,
+            announce=False,
+            request_id=session.request_id or None,  # none: never collides
+        )
+    try:
+        async with db.begin() as s:
+            if not await confirm_hold(s, tenant, session.id, day):
+                raise Unavailable("the admission took too long and its hold was released")
+            await repo.insert_session(
+                s,
+                session,
+                request_hash=request_hash,
+                budget_day=day,
+                owner=leases.owner,
+                lease_until=leases.expiry(now),
+            )
+            await repo.insert_events(s, [started])
+    except BaseException:
+        await asyncio.shield(_release(db, session.id))
+        raise
+
+
+async def _release(db: async_sessionmaker[DbSession], session_id: str) -> None:
+    """Undo the hold of an admission that failed after it (never a hold leaked: what this
+    cannot undo, with the database away, crash recovery releases later)."""
+    try:
+        async with db.begin() as s:
+            await release_hold(s, session_id)
+    except (DBAPIError, DatabaseUnavailable) as exc:
+        log.error(
+            "releasing the hold of a failed admission (%s) failed (%s); crash recovery releases it",
+            session_id,
+            type(exc).__name__,
+        )

@@ -3,20 +3,21 @@
 Each function is one step of a transaction the caller owns. The conditional UPDATE in
 `reserve` is what makes concurrent admissions safe on any number of replicas: the check
 and the hold are one statement, so two sessions can never both pass a check only one
-should pass.
+should pass. It locks the tenant's window row until commit, so its transaction is kept
+to that (the admission's own writes come after, in another; see `sessions/admission.py`).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from .models import BudgetWindowRow, ReservationRow, table
+from .models import BudgetWindowRow, ReservationRow, SessionRow, table
 from .notify import BUDGET_CHANNEL, notify
 
 HELD = "HELD"
@@ -41,16 +42,25 @@ async def reserve(
     limit: Decimal,
     amount: Decimal,
     now: datetime,
+    max_holds: int | None = None,
+    announce: bool = True,
+    request_id: str | None = None,
 ) -> bool:
-    """Hold `amount` in the window if spent + reserved + amount stays within `limit`.
+    """Hold `amount` in the window if spent + reserved + amount stays within `limit` and,
+    with `max_holds`, the tenant's reservations still held (its active sessions) stay
+    within it, counting this one.
 
     The configured limit is written on every reservation, so a changed tenants file
     takes effect on the next admission. Returns False when the window cannot cover the
-    amount; the caller must then roll back (the reservation row is already written).
+    amount (or the holds are at their maximum); the caller must then roll back (the
+    reservation row is already written). `announce`: notify the window's change at this
+    commit (else the caller notifies it, see `announce`). `request_id`: the admission's;
+    a hold of the same tenant and request_id raises IntegrityError.
     """
     await _ensure_window(db, tenant, day, limit)
-    # The hold is written before the window's UPDATE, which locks the row until commit:
-    # the caller's transaction is rolled back when the window cannot cover it.
+    # All else is written before the window's UPDATE, which locks its row until commit:
+    # the caller's transaction is rolled back when the window cannot cover it (and the
+    # notification with it: it is sent at commit).
     await db.execute(
         insert(table(ReservationRow)).values(
             session_id=session_id,
@@ -59,22 +69,102 @@ async def reserve(
             amount_usd=amount,
             status=HELD,
             created_at=now,
+            request_id=request_id,
         )
     )
+    if announce:
+        await notify(db, BUDGET_CHANNEL, f"{tenant} {day}")
     w = BudgetWindowRow
+    checks = [w.tenant == tenant, w.day == day, w.spent_usd + w.reserved_usd + amount <= limit]
+    if max_holds is not None:
+        # Other days' holds only ever go down (a window admits on its own day): read
+        # before the lock, they can only make the check stricter than it need be.
+        others = await db.scalar(
+            select(func.coalesce(func.sum(w.holds), 0)).where(w.tenant == tenant, w.day != day)
+        )
+        checks.append(w.holds + int(others or 0) < max_holds)
     result = await db.execute(
         update(table(w))
-        .where(
-            w.tenant == tenant,
-            w.day == day,
-            w.spent_usd + w.reserved_usd + amount <= limit,
-        )
-        .values(reserved_usd=w.reserved_usd + amount, limit_usd=limit)
+        .where(*checks)
+        .values(reserved_usd=w.reserved_usd + amount, holds=w.holds + 1, limit_usd=limit)
     )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return False
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def announce(db: DbSession, tenant: str, day: str) -> None:
+    """Notify a window's change at the commit of `db`'s transaction."""
     await notify(db, BUDGET_CHANNEL, f"{tenant} {day}")
+
+
+async def confirm(db: DbSession, session_id: str) -> bool:
+    """Whether a session's hold is still HELD, locking it until commit: the admission's
+    writes check it, so a hold released meanwhile (see `orphans`) admits nothing."""
+    result = await db.execute(
+        update(table(ReservationRow))
+        .where(ReservationRow.session_id == session_id, ReservationRow.status == HELD)
+        .values(status=HELD)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def release(db: DbSession, session_id: str) -> bool:
+    """Undo a hold that admitted nothing: its row deleted, the window given back what it
+    held (exactly once: False when it was not HELD)."""
+    held = await db.scalar(
+        select(ReservationRow).where(
+            ReservationRow.session_id == session_id, ReservationRow.status == HELD
+        )
+    )
+    if held is None:
+        return False
+    gone = await db.execute(
+        delete(table(ReservationRow)).where(
+            ReservationRow.session_id == session_id, ReservationRow.status == HELD
+        )
+    )
+    if gone.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    w = BudgetWindowRow
+    await db.execute(
+        update(table(w))
+        .where(w.tenant == held.tenant, w.day == held.day)
+        .values(reserved_usd=w.reserved_usd - held.amount_usd, holds=w.holds - 1)
+    )
+    await notify(db, BUDGET_CHANNEL, f"{held.tenant} {held.day}")
     return True
+
+
+async def orphans(db: DbSession, *, older_than: datetime, limit: int = 100) -> list[str]:
+    """Sessions ids of holds taken before `older_than` whose session was never written
+    (its admission died between the hold and its own writes)."""
+    r = ReservationRow
+    ids = await db.scalars(
+        select(r.session_id)
+        .where(
+            r.status == HELD,
+            r.created_at < older_than,
+            ~exists().where(SessionRow.id == r.session_id),
+        )
+        .limit(limit)
+    )
+    return list(ids)
+
+
+async def holds_request(db: DbSession, tenant: str, request_id: str) -> bool:
+    """Whether a hold of this tenant's request_id is HELD (its admission may be writing)."""
+    r = ReservationRow
+    return bool(
+        await db.scalar(
+            select(exists().where(r.tenant == tenant, r.request_id == request_id, r.status == HELD))
+        )
+    )
+
+
+async def has_session(db: DbSession, session_id: str) -> bool:
+    return bool(await db.scalar(select(exists().where(SessionRow.id == session_id))))
+
+
+ORPHAN_AFTER = timedelta(minutes=10)  # far beyond any admission's own writes
 
 
 async def settle(db: DbSession, *, session_id: str, actual: Decimal, now: datetime) -> bool:
@@ -100,7 +190,11 @@ async def settle(db: DbSession, *, session_id: str, actual: Decimal, now: dateti
     await db.execute(
         update(table(w))
         .where(w.tenant == held.tenant, w.day == held.day)
-        .values(reserved_usd=w.reserved_usd - held.amount_usd, spent_usd=w.spent_usd + actual)
+        .values(
+            reserved_usd=w.reserved_usd - held.amount_usd,
+            spent_usd=w.spent_usd + actual,
+            holds=w.holds - 1,
+        )
     )
     await notify(db, BUDGET_CHANNEL, f"{held.tenant} {held.day}")
     return True

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import insert
+from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from ..domain import TokenUsage
-from .models import ModelRequestRow
+from .models import ModelRequestInFlightRow, ModelRequestRow
+
+INTERRUPTED = "interrupted"  # the outcome of a request its server died during
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,83 @@ class ModelRequestRecord:
     cost_usd: Decimal
     price_version: str = ""
     upstream_request_id: str = ""
+    # The gateway's id of the request (its pending record's key; "" if it had none).
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class PendingRequest:
+    """A model request about to be forwarded: what a crash would leave unsettled."""
+
+    request_id: str
+    session_id: str
+    model: str
+    estimate_usd: Decimal
+    started_at: datetime
+    replica: str
+
+
+async def insert_pending(db: DbSession, pending: Sequence[PendingRequest]) -> None:
+    if not pending:
+        return
+    await db.execute(
+        insert(ModelRequestInFlightRow),
+        [
+            {
+                "request_id": p.request_id,
+                "session_id": p.session_id,
+                "model": p.model[:128],
+                "estimate_usd": p.estimate_usd,
+                "started_at": p.started_at,
+                "replica": p.replica[:64],
+            }
+            for p in pending
+        ],
+    )
+
+
+async def settle_records(db: DbSession, records: Sequence[ModelRequestRecord]) -> None:
+    """Write settled requests in place of their pending records (in `db`'s transaction)."""
+    await insert_records(db, records)
+    await drop_pending(db, [r.request_id for r in records if r.request_id])
+
+
+async def pending_of(db: DbSession, session_id: str) -> list[PendingRequest]:
+    """A session's pending records: its requests forwarded and not settled."""
+    rows = await db.scalars(
+        select(ModelRequestInFlightRow)
+        .where(ModelRequestInFlightRow.session_id == session_id)
+        .order_by(ModelRequestInFlightRow.started_at)
+    )
+    return [
+        PendingRequest(r.request_id, r.session_id, r.model, r.estimate_usd, r.started_at, r.replica)
+        for r in rows
+    ]
+
+
+async def drop_pending(db: DbSession, request_ids: Sequence[str]) -> None:
+    if request_ids:
+        await db.execute(
+            delete(ModelRequestInFlightRow).where(
+                ModelRequestInFlightRow.request_id.in_(request_ids)
+            )
+        )
+
+
+def interrupted(tenant: str, pending: PendingRequest, at: datetime) -> ModelRequestRecord:
+    """The settled record of a request its server died during: charged its estimate."""
+    return ModelRequestRecord(
+        session_id=pending.session_id,
+        tenant=tenant,
+        started_at=pending.started_at,
+        ended_at=at,
+        model=pending.model,
+        outcome=INTERRUPTED,
+        status=None,
+        usage=TokenUsage(),
+        cost_usd=pending.estimate_usd,
+        request_id=pending.request_id,
+    )
 
 
 async def insert_records(db: DbSession, records: Sequence[ModelRequestRecord]) -> None:

@@ -166,6 +166,23 @@ class ModelRequestRow(Base):
     upstream_request_id: Mapped[str] = mapped_column(String(128), default="")
 
 
+class ModelRequestInFlightRow(Base):
+    """A model request the gateway forwarded and has not settled yet: written before it is
+    forwarded, replaced by its `model_requests` row when it settles. Crash recovery
+    charges what is left of a dead server's at its estimate (the request's reservation)."""
+
+    __tablename__ = "model_requests_in_flight"
+    __table_args__ = (Index("ix_model_requests_in_flight_session", "session_id"),)
+
+    request_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(128))
+    estimate_usd: Mapped[Decimal] = mapped_column(Money())
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The server that forwarded it.
+    replica: Mapped[str] = mapped_column(String(64))
+
+
 class ToolUseRow(Base):
     """One tool call of a session, with its outcome."""
 
@@ -286,20 +303,32 @@ class BudgetWindowRow(Base):
     limit_usd: Mapped[Decimal] = mapped_column(Money())
     spent_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
     reserved_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0))
+    # Its reservations still HELD: the tenant's active sessions admitted in this window,
+    # which the reservation's one conditional UPDATE counts (max_concurrent_sessions).
+    holds: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class ReservationRow(Base):
-    """What a session holds in its window until it settles (exactly once)."""
+    """What a session holds in its window until it settles (exactly once).
+
+    Written by the short transaction that takes the hold, before the session's row exists
+    (no foreign key): a hold whose session never came to be is released by the
+    admission's compensation, or else by crash recovery (`store.ledger.orphans`)."""
 
     __tablename__ = "reservations"
-
-    session_id: Mapped[str] = mapped_column(
-        ForeignKey("sessions.id", ondelete="CASCADE"), primary_key=True
+    __table_args__ = (
+        Index("ix_reservations_status_created", "status", "created_at"),
+        # Concurrent repeats of a request take one hold: the others re-attach to its session.
+        Index("uq_reservations_tenant_request_id", "tenant", "request_id", unique=True),
     )
+
+    session_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64))
     day: Mapped[str] = mapped_column(String(10))
     amount_usd: Mapped[Decimal] = mapped_column(Money())
     status: Mapped[str] = mapped_column(String(16))  # HELD | SETTLED
+    # The admission's request_id (NULL: none), as on its session.
+    request_id: Mapped[str | None] = mapped_column(String(64))
     actual_usd: Mapped[Decimal | None] = mapped_column(Money())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

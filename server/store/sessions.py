@@ -26,6 +26,7 @@ from ..domain import (
 )
 from .models import (
     EventRow,
+    ReservationRow,
     SessionInputRow,
     SessionLabelRow,
     SessionRow,
@@ -263,19 +264,6 @@ async def save_progress(
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
-async def count_active(db: DbSession, tenant: str) -> int:
-    """The tenant's sessions that are IDLE or RUNNING."""
-    count = await db.scalar(
-        select(func.count())
-        .select_from(SessionRow)
-        .where(
-            SessionRow.tenant == tenant,
-            SessionRow.state.in_([SessionState.IDLE.value, SessionState.RUNNING.value]),
-        )
-    )
-    return int(count or 0)
-
-
 async def renew_leases(
     db: DbSession, *, owner: str, ids: Sequence[str], until: datetime
 ) -> set[str]:
@@ -482,6 +470,8 @@ async def delete_session(db: DbSession, session: Session) -> bool:
     )
     if deleted.rowcount != 1:  # type: ignore[attr-defined]
         return False
+    # Its settled reservation (no foreign key: a hold is taken before its session exists).
+    await db.execute(delete(ReservationRow).where(ReservationRow.session_id == session.id))
     conversation = session.sdk_session_id
     if conversation and not await db.scalar(
         select(

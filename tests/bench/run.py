@@ -42,7 +42,9 @@ import claude_agent_sdk
 import fleet
 import flood
 import grpc
+import hot_window
 import latency
+import pending
 import psycopg
 import relay
 import replicas
@@ -156,7 +158,14 @@ SECTIONS = {
             "Connections (tests/bench/fleet.py): a replica's rows in `pg_stat_activity` (by its "
             "`application_name`) at idle and at the peak of a burst of sessions and reads. "
             "PgBouncer: a pair of replicas whose pools go through PgBouncer (transaction mode; "
-            "LISTEN straight to PostgreSQL) against a pair straight on PostgreSQL, interleaved."
+            "LISTEN straight to PostgreSQL) against a pair straight on PostgreSQL, interleaved. "
+            "Money (on SQLite and PostgreSQL, each on a database of its own; --quick: SQLite): "
+            "the latency a model request's pending record adds (small requests through the "
+            "metering gateway to the sandbox model, one at a time, with and without the record, "
+            "interleaved; medians), and the commits a burst of 20 takes; and "
+            f"{hot_window.CONCURRENT} admissions of one tenant at once (the admission's "
+            f"database work only: no agent starts) from {hot_window.REPLICAS} processes, "
+            f"against one alone and against {hot_window.CONCURRENT} tenants' at once."
         ),
     ),
     "10": (
@@ -271,6 +280,7 @@ async def on_postgres(
             )
         rows["8"].append(bench.skipped("GetSession, PostgreSQL, seeded rows", scaling.FLAT))
         rows["9"].append(bench.skipped("follow lag on another replica", "<= 20 / 100 ms"))
+        rows["9"].append(bench.skipped("money rows, PostgreSQL", "see SQLite's"))
         return
     database = PostgresDatabase(bench.pg_url)
     url = database.create()
@@ -297,6 +307,20 @@ async def on_postgres(
         if server is not None:
             await server.stop()
         database.drop()
+    money = PostgresDatabase(bench.pg_url)  # a database of their own: no server on it
+    try:
+        rows["9"] += await money_rows(bench, money.create(), "PostgreSQL")
+    finally:
+        money.drop()
+
+
+async def money_rows(bench: Bench, url: str, label: str) -> list[str]:
+    """Benchmark 9's rows of what money costs: a model request's pending record, and one
+    tenant's admissions at once (see pending.py and hot_window.py)."""
+    return [
+        *await pending.run(url, label),
+        *await hot_window.run(url, label, rounds=1 if bench.quick else 3),
+    ]
 
 
 async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
@@ -363,6 +387,7 @@ async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
             rows["11"] += await webhooks.run(bench, server, receivers)
         finally:
             await server.stop()
+        rows["9"] += await money_rows(bench, f"sqlite:///{work}/money.db", "SQLite")
         await on_postgres(bench, rows, notes)
     finally:
         await sandbox.stop()

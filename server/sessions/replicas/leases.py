@@ -3,7 +3,8 @@
 The owner renews its sessions' leases while it runs them. Any server closes sessions
 whose lease has expired (their owner died) as ERROR/INTERRUPTED, settles their
 reservations and appends their final event, so nothing stays RUNNING forever and
-watchers re-attached with StreamSession see the end.
+watchers re-attached with StreamSession see the end. It also releases the budget holds
+of admissions that died before they wrote their session.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from ...domain import ErrorReason, SessionState, utcnow
 from ...errors import DatabaseUnavailable
+from ...money.ledger import release_orphans
 from ...recurring import RecurringProblem
 from ...sandbox.folders import SessionFolders
 from ...store import sessions as repo
@@ -109,6 +111,8 @@ class LeaseKeeper:
             log.warning(
                 "session_interrupted", extra={"session_id": final.id, "tenant": final.tenant}
             )
+        for session_id in await release_orphans(self._db, now):
+            log.warning("budget_hold_released", extra={"session_id": session_id})
         return closed
 
     async def run(self) -> None:

@@ -12,9 +12,10 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
-from ...domain import Event, EventKind, Session, SessionState, utcnow
+from ...domain import Event, EventKind, Session, SessionState, usd, utcnow
 from ...money.ledger import settle_session
 from ...store import inputs
+from ...store import model_requests as requests
 from ...store import sessions as repo
 from ...webhooks.outbox import WebhookOutbox
 
@@ -37,13 +38,26 @@ async def write_end(
 ) -> Event | None:
     """In `db`'s transaction: record `final` if the session is still in state `expect`
     (and, for a recovery, its lease expired before `lease_expired_by`), settle its
-    reservation to `final.cost_usd` and append its `result` event as number `seq`
+    reservation to `final.cost_usd` (a recovery adds the estimate of each request its
+    dead server forwarded and never settled, recorded `interrupted`; a normal end's cost
+    is its meter's, which has them all) and append its `result` event as number `seq`
     (default: after the last one persisted). Returns that event, or None when the session
     was closed meanwhile, or its owner renewed its lease (then nothing is written).
     With `webhooks`, the deliveries the end owes (session.ended, and budget.threshold
     when its cost took the day past the tenant's share) are written with it."""
+    pending = await requests.pending_of(db, final.id)
+    recovery = lease_expired_by is not None
+    if recovery and pending:
+        final = final.evolve(cost_usd=usd(final.cost_usd + sum(p.estimate_usd for p in pending)))
     if not await repo.save_progress(db, final, expect=expect, lease_expired_by=lease_expired_by):
         return None
+    if recovery:
+        at = final.end_time or utcnow()
+        await requests.settle_records(
+            db, [requests.interrupted(final.tenant, p, at) for p in pending]
+        )
+    else:
+        await requests.drop_pending(db, [p.request_id for p in pending])
     settled = await settle_session(
         db, session_id=final.id, actual=final.cost_usd, now=final.end_time or utcnow()
     )

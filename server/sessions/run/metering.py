@@ -3,7 +3,8 @@
 With each request the session's totals so far (cost, tokens, turns) are written too, so
 GetSession on any replica shows a running session's progress, and crash recovery, which
 closes a dead replica's session at its recorded totals, settles it at what its requests
-cost: a dead replica loses no spend.
+cost; a request still in flight there left its pending record, which recovery charges at
+its estimate (see `ending.py`): a dead replica loses no spend.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ...domain import SessionState, usd, utcnow
 from ...errors import DatabaseUnavailable
 from ...gateway.meter import MeteredRequest
 from ...store import sessions as repo
-from ...store.model_requests import ModelRequestRecord, insert_records
+from ...store.model_requests import ModelRequestRecord, settle_records
 from ..live import LiveSession
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class RequestRecorder:
                 cost_usd=usd(request.cost_usd),
                 price_version=request.price_version,
                 upstream_request_id=request.upstream_request_id,
+                request_id=request.request_id,
             )
         )
         if self._writing is None or self._writing.done():
@@ -78,7 +80,8 @@ class RequestRecorder:
             progress = self._live.session
             try:
                 async with self._db.begin() as db:
-                    await insert_records(db, batch)
+                    # In place of their pending records (see money/in_flight.py).
+                    await settle_records(db, batch)
                     if progress.state is SessionState.RUNNING:
                         await repo.save_progress(db, progress, expect=SessionState.RUNNING)
             except (DBAPIError, DatabaseUnavailable) as exc:
