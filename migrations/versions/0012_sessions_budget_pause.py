@@ -1,6 +1,6 @@
 """sessions: paused at the budget
 
-Revision ID: 0013
+Revision ID: 0012
 Revises: 0011
 Create Date: 2027-01-20 10:00:00
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from agentplane.server.store.types import Money, UTCDateTime
 from alembic import op
 
-revision = "0013"
+revision = "0012"
 down_revision = "0011"
 branch_labels = None
 depends_on = None
