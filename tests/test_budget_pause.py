@@ -358,7 +358,7 @@ async def test_concurrent_raises_reserve_exactly_the_final_budget(setup: Setup) 
             return "lower"
         return "raised"
 
-    outcomes = dict(zip(amounts, await asyncio.gather(*(attempt(a) for a in amounts))))
+    outcomes = dict(zip(amounts, await asyncio.gather(*(attempt(a) for a in amounts)), strict=True))
     raised = [Decimal(a) for a, outcome in outcomes.items() if outcome == "raised"]
     assert raised, outcomes
     final = await paused.finish()
