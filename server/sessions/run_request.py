@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -122,6 +122,8 @@ class SessionSpec:
     fallback_model: str = ""
     # One of the tenant's webhooks.callback_urls ("": none).
     callback_url: str = ""
+    # The hash of the request body (see fingerprint), filled in by validate.
+    request_hash: str = field(default="", compare=False)
 
     @property
     def in_the_loop(self) -> bool:
@@ -137,57 +139,6 @@ class SessionSpec:
             self.max_thinking_tokens,
             self.fallback_model,
         )
-
-    def fingerprint(self) -> str:
-        """A hash of the request body, to tell a true repeat of a request_id from a reuse."""
-        body = {
-            "prompt": self.prompt,
-            "budget": str(self.budget_usd),
-            "max_turns": self.max_turns,
-            "tools": list(self.tools),
-            "model": self.model,
-            "labels": self.labels,
-            "resume": self.resume_session_id,
-            **(
-                {
-                    "caller": [
-                        [[t.name, t.description, t.input_schema_json] for t in self.caller_tools],
-                        list(self.require_approval),
-                        self.answer_timeout_s,
-                    ]
-                }
-                if self.in_the_loop
-                else {}
-            ),
-            **({"output_schema": self.output_schema_json} if self.output_schema_json else {}),
-            **(
-                {
-                    "files": [
-                        [f.path, hashlib.sha256(f.content).hexdigest()] for f in self.input_files
-                    ]
-                }
-                if self.input_files
-                else {}
-            ),
-            # Only when set, so that earlier requests keep their fingerprints.
-            **(
-                {
-                    "knobs": [
-                        self.include_partial_messages,
-                        self.effort,
-                        self.max_thinking_tokens,
-                        self.fallback_model,
-                    ]
-                }
-                if self.knobs != _NO_KNOBS
-                else {}
-            ),
-            **({"callback_url": self.callback_url} if self.callback_url else {}),
-        }
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-_NO_KNOBS = (False, "", 0, "")
 
 
 def _effort(raw: str, tenant: Tenant) -> str:
@@ -279,32 +230,32 @@ def _tools(raw: tuple[str, ...], tenant: Tenant) -> tuple[str, ...]:
 def _caller_tools(raw: tuple[CallerTool, ...], tools: tuple[str, ...]) -> tuple[CallerTool, ...]:
     if len(raw) > MAX_CALLER_TOOLS:
         raise InvalidArgument("tools", f"at most {MAX_CALLER_TOOLS} tools, not {len(raw)}")
-    seen: set[str] = set()
-    checked = []
-    for i, tool in enumerate(raw):
-        where = f"tools[{i}]"
-        if not _TOOL_NAME.fullmatch(tool.name):
-            raise InvalidArgument(
-                f"{where}.name", f"{quote(tool.name)}: names are 1-64 characters of [A-Za-z0-9_-]"
-            )
-        if tool.name in seen or tool.name in tools:
-            raise InvalidArgument(f"{where}.name", f"{tool.name} is taken by another tool")
-        seen.add(tool.name)
-        if len(tool.description) > MAX_TOOL_DESCRIPTION_CHARS:
-            raise InvalidArgument(
-                f"{where}.description",
-                f"{tool.name}: at most {MAX_TOOL_DESCRIPTION_CHARS} characters",
-            )
-        no_nul(f"{where}.description", tool.description)
-        checked.append(
-            CallerTool(
-                tool.name,
-                tool.description,
-                tool.input_schema_json,
-                _schema(f"{where}.input_schema_json", tool),
-            )
+    names = [tool.name for tool in raw]
+    return tuple(
+        _caller_tool(f"tools[{i}]", tool, taken={*tools, *names[:i]}) for i, tool in enumerate(raw)
+    )
+
+
+def _caller_tool(where: str, tool: CallerTool, taken: set[str]) -> CallerTool:
+    """`tool` checked, with its schema parsed; `taken`: the names it must not reuse."""
+    if not _TOOL_NAME.fullmatch(tool.name):
+        raise InvalidArgument(
+            f"{where}.name", f"{quote(tool.name)}: names are 1-64 characters of [A-Za-z0-9_-]"
         )
-    return tuple(checked)
+    if tool.name in taken:
+        raise InvalidArgument(f"{where}.name", f"{tool.name} is taken by another tool")
+    if len(tool.description) > MAX_TOOL_DESCRIPTION_CHARS:
+        raise InvalidArgument(
+            f"{where}.description",
+            f"{tool.name}: at most {MAX_TOOL_DESCRIPTION_CHARS} characters",
+        )
+    no_nul(f"{where}.description", tool.description)
+    return CallerTool(
+        tool.name,
+        tool.description,
+        tool.input_schema_json,
+        _schema(f"{where}.input_schema_json", tool),
+    )
 
 
 def _schema(where: str, tool: CallerTool) -> dict[str, Any]:
@@ -453,7 +404,7 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
     tools = _tools(request.allowed_tools, tenant)
     caller_tools = _caller_tools(request.caller_tools, tools)
     model = request.model.strip()
-    return SessionSpec(
+    spec = SessionSpec(
         prompt=request.prompt,
         budget_usd=_budget(request.max_budget_usd, tenant),
         max_turns=_turns(request.max_turns, tenant),
@@ -488,3 +439,54 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
             str(uuid.UUID(request.resume_session_id)) if request.resume_session_id else ""
         ),
     )
+    return replace(spec, request_hash=fingerprint(spec))
+
+
+# The knobs of a request that sets none (see SessionSpec.knobs).
+_NO_KNOBS = (False, "", 0, "")
+
+
+def fingerprint(spec: SessionSpec) -> str:
+    """A hash of the request body, to tell a true repeat of a request_id from a reuse
+    (its resume_sdk_session_id, found later, is no part of it)."""
+    body = {
+        "prompt": spec.prompt,
+        "budget": str(spec.budget_usd),
+        "max_turns": spec.max_turns,
+        "tools": list(spec.tools),
+        "model": spec.model,
+        "labels": spec.labels,
+        "resume": spec.resume_session_id,
+        **(
+            {
+                "caller": [
+                    [[t.name, t.description, t.input_schema_json] for t in spec.caller_tools],
+                    list(spec.require_approval),
+                    spec.answer_timeout_s,
+                ]
+            }
+            if spec.in_the_loop
+            else {}
+        ),
+        **({"output_schema": spec.output_schema_json} if spec.output_schema_json else {}),
+        **(
+            {"files": [[f.path, hashlib.sha256(f.content).hexdigest()] for f in spec.input_files]}
+            if spec.input_files
+            else {}
+        ),
+        # Only when set, so that earlier requests keep their fingerprints.
+        **(
+            {
+                "knobs": [
+                    spec.include_partial_messages,
+                    spec.effort,
+                    spec.max_thinking_tokens,
+                    spec.fallback_model,
+                ]
+            }
+            if spec.knobs != _NO_KNOBS
+            else {}
+        ),
+        **({"callback_url": spec.callback_url} if spec.callback_url else {}),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
