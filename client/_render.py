@@ -7,8 +7,15 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from ._values import decider_name, input_kind_name, reason_name, state_name
-from .v1 import budget_pb2, session_pb2
+from ._values import (
+    decider_name,
+    delivery_state_name,
+    input_kind_name,
+    pause_reason_name,
+    reason_name,
+    state_name,
+)
+from .v1 import budget_pb2, session_pb2, webhook_pb2
 
 TOOL_RESULT_CHARS = 200
 TOOL_INPUT_CHARS = 200
@@ -93,6 +100,15 @@ def event_summary(event: session_pb2.SessionEvent) -> str:
         if r.message:
             text += f": {shorten(r.message, TOOL_RESULT_CHARS)}"
         return text
+    if kind == "paused":
+        p = event.paused
+        return (
+            f"at its budget of {money(p.max_budget_usd)} (spent {money(p.cost_usd)}): "
+            f"raise it with `agentplane raise-budget` before {p.pause.deadline.ToJsonString()}"
+        )
+    if kind == "budget_raised":
+        r = event.budget_raised
+        return f"{money(r.previous_budget_usd)} -> {money(r.max_budget_usd)}"
     if kind == "result":
         s = event.result.session
         text = state_name(s.state)
@@ -201,8 +217,9 @@ def session_row(session: session_pb2.Session) -> str:
     """One line of `agentplane list`."""
     created = session.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
     labels = ",".join(f"{k}={v}" for k, v in sorted(session.labels.items()))
+    state = "PAUSED" if session.HasField("paused") else state_name(session.state)
     return (
-        f"{session.id}  {state_name(session.state):<8}  {created}  "
+        f"{session.id}  {state:<8}  {created}  "
         f"{money(session.cost_usd):>11}  {session.num_turns:>3} turns  {labels}"
     ).rstrip()
 
@@ -214,6 +231,8 @@ def session_details(session: session_pb2.Session) -> str:
         ("tenant", session.tenant),
         ("state", state_name(session.state)),
     ]
+    if session.HasField("paused"):
+        rows.append(("paused", pause_line(session.paused)))
     if session.state == session_pb2.SESSION_STATE_ERROR:
         rows.append(("error", error_line(session)))
     for name in ("create_time", "start_time", "end_time"):
@@ -262,6 +281,32 @@ def session_details(session: session_pb2.Session) -> str:
         lines.append("result:")
         lines.append(session.result)
     return "\n".join(lines)
+
+
+def pause_line(pause: session_pb2.BudgetPause) -> str:
+    """Why and until when a session is paused at its budget."""
+    text = (
+        f"{pause_reason_name(pause.reason)} since {pause.since.ToJsonString()}, "
+        f"until {pause.deadline.ToJsonString()}"
+    )
+    if pause.pending_budget_usd:
+        text += f"; raise to {money(pause.pending_budget_usd)} waits for the day's limit"
+    return text
+
+
+def delivery_row(delivery: webhook_pb2.WebhookDelivery) -> str:
+    """One line of `agentplane deliveries`."""
+    created = delivery.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+    last = delivery.attempts[-1] if delivery.attempts else None
+    outcome = (
+        f"{len(delivery.attempts)} attempts, last {last.http_status or last.error}"
+        if last is not None
+        else "no attempt yet"
+    )
+    return (
+        f"{delivery.id}  {delivery_state_name(delivery.state):<9}  {created}  "
+        f"{delivery.event:<16}  {delivery.endpoint}  {outcome}  {delivery.session_id}"
+    ).rstrip()
 
 
 def budget_details(budget: budget_pb2.Budget) -> str:

@@ -29,6 +29,8 @@ from .v1 import (
     session_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
 )
 
 TOKEN_ENV = "AGENTPLANE_TOKEN"
@@ -68,6 +70,8 @@ def run_request(
     effort: str | None = None,
     max_thinking_tokens: int | None = None,
     fallback_model: str | None = None,
+    callback_url: str | None = None,
+    on_budget_exhausted_: values.ExhaustedLike | None = None,
 ) -> session_pb2.RunSessionRequest:
     request = session_pb2.RunSessionRequest(
         prompt=prompt,
@@ -87,6 +91,8 @@ def run_request(
         effort=effort or "",
         max_thinking_tokens=max_thinking_tokens or 0,
         fallback_model=fallback_model or "",
+        callback_url=callback_url or "",
+        on_budget_exhausted=values.on_budget_exhausted(on_budget_exhausted_),  # type: ignore[arg-type]
     )
     timeout = inputs.duration(answer_timeout)
     if timeout is not None:
@@ -102,9 +108,11 @@ def list_request(
     create_time_start: values.Time | None,
     create_time_end: values.Time | None,
     awaiting: bool,
+    paused: bool = False,
 ) -> session_pb2.ListSessionsRequest:
     request = session_pb2.ListSessionsRequest(
         awaiting=awaiting,
+        paused=paused,
         page_size=page_size,
         page_token=page_token,
         state=values.session_state(state),  # type: ignore[arg-type]
@@ -116,6 +124,30 @@ def list_request(
     if end is not None:
         request.create_time_end.CopyFrom(end)
     return request
+
+
+def budget_update_request(
+    session_id: values.SessionId, max_budget_usd: values.Money
+) -> session_pb2.UpdateSessionBudgetRequest:
+    return session_pb2.UpdateSessionBudgetRequest(
+        session_id=values.session_id(session_id), max_budget_usd=values.money(max_budget_usd)
+    )
+
+
+def deliveries_request(
+    page_size: int,
+    page_token: str,
+    session_id: values.SessionId | None,
+    state: int | str | None,
+    event: str,
+) -> webhook_pb2.ListWebhookDeliveriesRequest:
+    return webhook_pb2.ListWebhookDeliveriesRequest(
+        page_size=page_size,
+        page_token=page_token,
+        session_id=str(session_id) if session_id is not None else "",
+        state=values.delivery_state(state),  # type: ignore[arg-type]
+        event=event,
+    )
 
 
 def budget_request(date: str | dt.date | None) -> budget_pb2.GetBudgetRequest:
@@ -233,6 +265,7 @@ class ClientCore(
         self._admissions = session_pb2_grpc.SessionServiceStub(self._admission_channel)
         self._budgets = budget_pb2_grpc.BudgetServiceStub(self._channel)
         self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
+        self._webhooks = webhook_pb2_grpc.WebhookServiceStub(self._channel)
         self._health_check = self._channel.unary_unary(
             CHECK_METHOD, request_serializer=encode_request, response_deserializer=decode_response
         )
@@ -285,6 +318,8 @@ class ClientCore(
         effort: str | None = None,
         max_thinking_tokens: int | None = None,
         fallback_model: str | None = None,
+        callback_url: str | None = None,
+        on_budget_exhausted: values.ExhaustedLike | None = None,
         on_tool_call: ToolCallT | None = None,
         on_permission: PermissionT | None = None,
         on_question: QuestionT | None = None,
@@ -324,6 +359,12 @@ class ClientCore(
         Live text and model knobs: ``include_partial_messages`` streams ``text_delta``
         events as the agent writes (live only, seq 0, never replayed); ``effort``,
         ``max_thinking_tokens`` and ``fallback_model`` within what the tenant allows.
+
+        Hanging up: ``callback_url`` (one of the tenant's ``webhooks.callback_urls``) is
+        sent the session's signed webhooks; ``on_budget_exhausted`` ``"pause"`` holds the
+        session at its budget (a ``paused`` event, ``Session.paused``) until
+        :meth:`update_session_budget` raises it, ``"end"`` ends it there (default: the
+        tenant's).
         """
         request = run_request(
             prompt,
@@ -344,6 +385,8 @@ class ClientCore(
             effort=effort,
             max_thinking_tokens=max_thinking_tokens,
             fallback_model=fallback_model,
+            callback_url=callback_url,
+            on_budget_exhausted_=on_budget_exhausted,
         )
         call = self._admissions.RunSession(request, metadata=self._metadata, timeout=timeout)
         return self._stream(call, inputs.Handlers(on_tool_call, on_permission, on_question))
@@ -395,13 +438,22 @@ class ClientCore(
         create_time_start: values.Time | None = None,
         create_time_end: values.Time | None = None,
         awaiting: bool = False,
+        paused: bool = False,
     ) -> PageT:
         """One page of sessions, newest first (``page_size`` 0: the server's default, 50);
-        ``awaiting``: only sessions waiting for their caller."""
+        ``awaiting``: only sessions waiting for their caller; ``paused``: only sessions
+        paused at their budget."""
         return self._call(
             self._sessions.ListSessions,
             lambda: list_request(
-                page_size, page_token, state, labels, create_time_start, create_time_end, awaiting
+                page_size,
+                page_token,
+                state,
+                labels,
+                create_time_start,
+                create_time_end,
+                awaiting,
+                paused,
             ),
         )
 
@@ -415,16 +467,47 @@ class ClientCore(
         create_time_start: values.Time | None = None,
         create_time_end: values.Time | None = None,
         awaiting: bool = False,
+        paused: bool = False,
     ) -> SessionsT:
         """Every matching session, newest first, fetching pages as needed (at most
         ``limit``)."""
 
         def build(size: int, token: str) -> session_pb2.ListSessionsRequest:
             return list_request(
-                size, token, state, labels, create_time_start, create_time_end, awaiting
+                size, token, state, labels, create_time_start, create_time_end, awaiting, paused
             )
 
         return self._pages(Pager(build, page_size, limit))
+
+    def update_session_budget(
+        self, session_id: values.SessionId, max_budget_usd: values.Money
+    ) -> Any:
+        """Raise a session's budget (a paused one goes on, on whichever replica runs it);
+        returns the session (awaitable in :class:`AsyncClient`). Errors: lowering it is
+        INVALID_ARGUMENT; above the tenant's per-session maximum FAILED_PRECONDITION
+        (``reason`` SESSION_BUDGET_MAX); past the day's window RESOURCE_EXHAUSTED
+        (BUDGET_EXCEEDED); an ended session FAILED_PRECONDITION (SESSION_ENDED)."""
+        return self._call(
+            self._sessions.UpdateSessionBudget,
+            lambda: budget_update_request(session_id, max_budget_usd),
+        )
+
+    def list_webhook_deliveries(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        session_id: values.SessionId | None = None,
+        state: int | str | None = None,
+        event: str = "",
+    ) -> Any:
+        """One page of the tenant's webhook deliveries (a ListWebhookDeliveriesResponse),
+        newest first, each with its attempts; filtered by session, ``state`` ("pending",
+        "delivered", "failed") or ``event`` ("session.ended", ...)."""
+        return self._call(
+            self._webhooks.ListWebhookDeliveries,
+            lambda: deliveries_request(page_size, page_token, session_id, state, event),
+        )
 
     def download_artifact(
         self,

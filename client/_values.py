@@ -11,12 +11,13 @@ from typing import Any, TypeAlias
 
 from google.protobuf import timestamp_pb2
 
-from .v1 import session_pb2
+from .v1 import session_pb2, webhook_pb2
 
 Money: TypeAlias = Decimal | str | int | float
 Time: TypeAlias = dt.datetime | timestamp_pb2.Timestamp
 StateLike: TypeAlias = int | str
 DisconnectLike: TypeAlias = int | str
+ExhaustedLike: TypeAlias = int | str
 SessionId: TypeAlias = str | uuid.UUID
 
 
@@ -97,6 +98,36 @@ def on_disconnect(value: DisconnectLike | None) -> int:
         value,
         lambda v: f"on_disconnect must be 'cancel' or 'continue', not {v!r}",
     )
+
+
+def on_budget_exhausted(value: ExhaustedLike | None) -> int:
+    """ "end" or "pause" (or the enum's value); None: the tenant's default."""
+    return _enum_value(
+        session_pb2.OnBudgetExhausted,
+        "ON_BUDGET_EXHAUSTED_",
+        value,
+        lambda v: f"on_budget_exhausted must be 'end' or 'pause', not {v!r}",
+    )
+
+
+def delivery_state(value: int | str | None) -> int:
+    """ "pending", "delivered", "failed" (or the enum's value); None: any."""
+    return _enum_value(
+        webhook_pb2.DeliveryState,
+        "DELIVERY_STATE_",
+        value,
+        lambda v: f"state must be 'pending', 'delivered' or 'failed', not {v!r}",
+    )
+
+
+def pause_reason_name(value: int) -> str:
+    """ "SESSION_BUDGET" for PAUSE_REASON_SESSION_BUDGET."""
+    return _short(session_pb2.PauseReason, value, "PAUSE_REASON_")
+
+
+def delivery_state_name(value: int) -> str:
+    """ "DELIVERED" for DELIVERY_STATE_DELIVERED."""
+    return _short(webhook_pb2.DeliveryState, value, "DELIVERY_STATE_")
 
 
 def _enum_value(

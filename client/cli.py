@@ -220,6 +220,8 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         effort=args.effort,
         max_thinking_tokens=args.max_thinking_tokens,
         fallback_model=args.fallback_model,
+        callback_url=args.callback_url,
+        on_budget_exhausted=args.on_budget_exhausted,
         timeout=args.timeout,
     )
     return _follow(stream, args.json)
@@ -248,6 +250,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         state=args.state,
         labels=dict(args.label or ()),
         awaiting=args.awaiting,
+        paused=args.paused,
     )
     shown = 0
     for session in sessions:
@@ -256,9 +259,30 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     if not shown and not args.json:  # (JSON lines: none is an empty output)
         print(
             "no sessions"
-            + (" match these filters" if args.state or args.label or args.awaiting else ""),
+            + (
+                " match these filters"
+                if args.state or args.label or args.awaiting or args.paused
+                else ""
+            ),
             file=sys.stderr,
         )
+    return EXIT_OK
+
+
+def cmd_raise_budget(client: Client, args: argparse.Namespace) -> int:
+    session = client.update_session_budget(args.id, args.budget)
+    _out(render.to_json(session, indent=2) if args.json else render.session_details(session))
+    return EXIT_OK
+
+
+def cmd_deliveries(client: Client, args: argparse.Namespace) -> int:
+    page = client.list_webhook_deliveries(
+        page_size=args.limit, session_id=args.session, state=args.state, event=args.event or ""
+    )
+    for delivery in page.deliveries:
+        _out(render.to_json(delivery) if args.json else render.delivery_row(delivery))
+    if not page.deliveries and not args.json:
+        print("no webhook deliveries", file=sys.stderr)
     return EXIT_OK
 
 
@@ -482,6 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="the model to use when the first is overloaded (one of the tenant's fallback_models)",
     )
+    run.add_argument(
+        "--callback-url",
+        metavar="URL",
+        help="also send this session's signed webhooks here (one of the tenant's callback_urls)",
+    )
+    run.add_argument(
+        "--on-budget-exhausted",
+        choices=["end", "pause"],
+        help="at its budget, end the session or pause it until `raise-budget` "
+        "(default: the tenant's)",
+    )
     json_flag(run, "print each event as one JSON line")
 
     get = command("get", cmd_get, "show one session")
@@ -495,7 +530,26 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument(
         "--awaiting", action="store_true", help="only sessions waiting for their caller's answer"
     )
+    lst.add_argument("--paused", action="store_true", help="only sessions paused at their budget")
     json_flag(lst, "print each session as one JSON line")
+
+    raise_budget = command(
+        "raise-budget",
+        cmd_raise_budget,
+        "raise a session's budget (a session paused at its budget goes on)",
+    )
+    raise_budget.add_argument("id")
+    raise_budget.add_argument("budget", type=_usd, metavar="USD", help="the new budget")
+    json_flag(raise_budget)
+
+    deliveries = command(
+        "deliveries", cmd_deliveries, "list the tenant's webhook deliveries, newest first"
+    )
+    deliveries.add_argument("--session", metavar="ID", help="only this session's")
+    deliveries.add_argument("--state", choices=["pending", "delivered", "failed"])
+    deliveries.add_argument("--event", metavar="TYPE", help='e.g. "session.ended"')
+    deliveries.add_argument("--limit", type=_positive_int, default=20, metavar="N")
+    json_flag(deliveries, "print each delivery as one JSON line")
 
     budget = command("budget", cmd_budget, "show the tenant's budget window")
     budget.add_argument("--date", type=_date, metavar="YYYY-MM-DD", help="default: today")

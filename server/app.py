@@ -629,6 +629,13 @@ def _follow_tenants(
                     "tenant_sessions_cancelled",
                     extra={"tenants": list(changes.removed), "sessions": stopped},
                 )
+        raised = {
+            name: registry.tenants[name]
+            for name, names in changes.changed.items()
+            if "daily_limit_usd" in names
+        }
+        if raised:
+            sessions.limits_raised(raised)
         if sessions.pool is not None:
             sessions.pool.update(registry.tenants.values())
         sessions.launcher.scrub_also(registry.key_env_names())

@@ -75,8 +75,56 @@ class EventKind(enum.StrEnum):
     RESULT = "result"
     INPUT_REQUEST = "input_request"
     INPUT_RESOLVED = "input_resolved"
+    # Paused at its budget, and its budget raised (see BudgetPause).
+    PAUSED = "paused"
+    BUDGET_RAISED = "budget_raised"
     # Live only (LiveSession.publish_transient): seq 0, never persisted or replayed.
     TEXT_DELTA = "text_delta"
+
+
+class OnBudgetExhausted(enum.StrEnum):
+    """What a session does when its next model request would pass its budget (names
+    match the proto's OnBudgetExhausted)."""
+
+    END = "END"
+    PAUSE = "PAUSE"
+
+
+class PauseReason(enum.StrEnum):
+    """Why a session is paused (names match the proto's PauseReason)."""
+
+    SESSION_BUDGET = "SESSION_BUDGET"
+    DAILY_LIMIT = "DAILY_LIMIT"
+
+
+@dataclass(frozen=True)
+class BudgetPause:
+    """A running session paused at its budget: a model request of it is held until its
+    budget is raised, it is cancelled, or `deadline` passes. `pending_usd`: a raise asked
+    for that the tenant's day window could not cover (reason DAILY_LIMIT)."""
+
+    reason: PauseReason
+    since: datetime
+    deadline: datetime
+    pending_usd: Decimal | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason.value,
+            "since": self.since.isoformat(),
+            "deadline": self.deadline.isoformat(),
+            "pending_budget_usd": str(self.pending_usd) if self.pending_usd is not None else "",
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BudgetPause:
+        pending = data.get("pending_budget_usd") or ""
+        return cls(
+            PauseReason(data["reason"]),
+            datetime.fromisoformat(data["since"]),
+            datetime.fromisoformat(data["deadline"]),
+            Decimal(pending) if pending else None,
+        )
 
 
 class InputKind(enum.StrEnum):
@@ -323,6 +371,8 @@ class Session:
     trace_span_id: str = ""
     # Where its events are also sent (one of its tenant's webhooks.callback_urls; "": none).
     callback_url: str = ""
+    # Set while it is paused at its budget (RUNNING only).
+    paused: BudgetPause | None = None
 
     def evolve(self, **changes: Any) -> Session:
         return replace(self, **changes)
@@ -361,6 +411,7 @@ class Session:
             "trace_id": self.trace_id,
             "trace_span_id": self.trace_span_id,
             "callback_url": self.callback_url,
+            "paused": self.paused.to_json() if self.paused is not None else None,
         }
 
     @classmethod
@@ -399,6 +450,7 @@ class Session:
             trace_id=data.get("trace_id", ""),
             trace_span_id=data.get("trace_span_id", ""),
             callback_url=data.get("callback_url", ""),
+            paused=BudgetPause.from_json(data["paused"]) if data.get("paused") else None,
         )
 
 

@@ -53,6 +53,10 @@ ROWS = [
     "gateway flood, 6 x 48 MiB refused (413): health latency",
     "gateway flood, 2 x 31 MiB of JSON values parsed: server RSS growth",
     "gateway flood, 2 x 31 MiB of JSON values parsed: health latency",
+    # 11: webhooks
+    "webhook delivery latency p50 / p99, sessions per run: 1",
+    "webhook delivery latency p50 / p99, 10 dead receivers of another tenant",
+    "1-turn session wall time, 10 dead receivers of another tenant",
 ]
 
 

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import random
 import shutil
 from decimal import Decimal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import test_budget_pause as pause
 from agentplane import service_config
 from agentplane.server.model_double.script import Script, Step, ToolCall, Usage
 from agentplane.v1 import session_pb2
@@ -30,18 +32,27 @@ from harness import (
 )
 from model_view import BASH_COMMAND, BASH_ID, BASH_OUTPUT, LOOKUP_ID, tool_results_seen
 from tls_certs import CertificateAuthority
+from webhook_receiver import WebhookReceiver, new_secret
 
 POLYGLOT = Path(__file__).parent / "polyglot"
 NODE = shutil.which("node")
 
 
-async def run(*argv: str, cwd: Path = POLYGLOT, timeout: float = 120) -> tuple[int, str, str]:
+async def run(
+    *argv: str, cwd: Path = POLYGLOT, timeout: float = 120, stdin: str | None = None
+) -> tuple[int, str, str]:
     """A subprocess that does not block the event loop serving the in-process server."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv,
+        cwd=cwd,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else None,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(
+            proc.communicate(stdin.encode() if stdin is not None else None), timeout
+        )
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -52,7 +63,8 @@ async def run(*argv: str, cwd: Path = POLYGLOT, timeout: float = 120) -> tuple[i
 
 async def node_modules() -> None:
     """Install the locked dependencies once (npm ci), or skip saying why not."""
-    if (POLYGLOT / "node_modules" / "@grpc" / "grpc-js").is_dir():
+    modules = POLYGLOT / "node_modules"
+    if (modules / "@grpc" / "grpc-js").is_dir() and (modules / "standardwebhooks").is_dir():
         return
     npm = shutil.which("npm")
     if npm is None:
@@ -60,6 +72,65 @@ async def node_modules() -> None:
     code, out, err = await run(npm, "ci", "--no-audit", "--no-fund", timeout=300)
     if code != 0:
         pytest.skip(f"`npm ci` failed in tests/polyglot (exit {code}): {(err or out)[-500:]}")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not on PATH")
+async def test_a_node_client_raises_a_paused_budget_and_verifies_a_webhook_in_node(
+    database_url: str,
+) -> None:
+    await node_modules()
+    secret = new_secret()
+    os.environ[pause.SECRET_ENV] = secret
+    receiver = WebhookReceiver(secret)
+    await receiver.start()
+    h = await start_harness(database_url, extra_tenants=pause.tenants(receiver.base))
+    try:
+        h.sandbox.add_script("three", pause.THREE)
+        assert NODE is not None
+        code, out, err = await run(
+            NODE,
+            "run_session.js",
+            "--target",
+            f"127.0.0.1:{h.app.port}",
+            "--token",
+            pause.TOKENS["pauser"],
+            "--model",
+            MODEL,
+            "--budget",
+            pause.TWO,
+            "--on-budget-exhausted",
+            "pause",
+            "--raise-to",
+            "0.2",
+            "--prompt",
+            "[[sandbox:three]] go",
+        )
+        assert code == 0, (out, err)
+        summary = json.loads(out)
+        assert summary["state"] == "SESSION_STATE_COMPLETE"
+        assert [p["reason"] for p in summary["pauses"]] == ["PAUSE_REASON_SESSION_BUDGET"]
+        assert summary["raised"] == ["0.200000"]
+        assert {"paused", "budget_raised"} <= set(summary["kinds"])
+        assert Decimal(summary["cost_usd"]) == 3 * pause.PER_REQUEST
+
+        # The session.paused webhook, as received, verifies in Node; a changed body does not.
+        (hook,) = await receiver.wait(lambda r: r.path == "/paused" and r.verified)
+        request = {
+            "secret": secret,
+            "headers": hook.headers,
+            "body_base64": base64.b64encode(hook.body).decode(),
+        }
+        code, out, err = await run(NODE, "verify_webhook.js", stdin=json.dumps(request))
+        assert code == 0, (out, err)
+        verdict = json.loads(out)
+        assert verdict["verified"] is True and verdict["type"] == "session.paused"
+        assert verdict["data"]["session"]["id"] == summary["session_id"]
+        forged = {**request, "body_base64": base64.b64encode(hook.body + b" ").decode()}
+        code, out, _ = await run(NODE, "verify_webhook.js", stdin=json.dumps(forged))
+        assert code == 1 and json.loads(out)["verified"] is False
+    finally:
+        await stop_harness(h)
+        await receiver.stop()
 
 
 @pytest.mark.skipif(NODE is None, reason="node is not on PATH")

@@ -13,7 +13,9 @@ from harness import Harness, agent_processes
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
-SESSIONS = 120  # 15 rounds of AT_ONCE: enough for a leak to show in the fds and RSS, and CI stays short
+SESSIONS = (
+    120  # 15 rounds of AT_ONCE: enough for a leak to show in the fds and RSS, and CI stays short
+)
 AT_ONCE = 8
 
 

@@ -38,6 +38,18 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_INVALID_OUTPUT: _ClassVar[ErrorReason]
     ERROR_REASON_EVENT_LIMIT: _ClassVar[ErrorReason]
 
+class OnBudgetExhausted(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ON_BUDGET_EXHAUSTED_UNSPECIFIED: _ClassVar[OnBudgetExhausted]
+    ON_BUDGET_EXHAUSTED_END: _ClassVar[OnBudgetExhausted]
+    ON_BUDGET_EXHAUSTED_PAUSE: _ClassVar[OnBudgetExhausted]
+
+class PauseReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PAUSE_REASON_UNSPECIFIED: _ClassVar[PauseReason]
+    PAUSE_REASON_SESSION_BUDGET: _ClassVar[PauseReason]
+    PAUSE_REASON_DAILY_LIMIT: _ClassVar[PauseReason]
+
 class OnDisconnect(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ON_DISCONNECT_UNSPECIFIED: _ClassVar[OnDisconnect]
@@ -78,6 +90,12 @@ ERROR_REASON_CPU_LIMIT: ErrorReason
 ERROR_REASON_DISK_LIMIT: ErrorReason
 ERROR_REASON_INVALID_OUTPUT: ErrorReason
 ERROR_REASON_EVENT_LIMIT: ErrorReason
+ON_BUDGET_EXHAUSTED_UNSPECIFIED: OnBudgetExhausted
+ON_BUDGET_EXHAUSTED_END: OnBudgetExhausted
+ON_BUDGET_EXHAUSTED_PAUSE: OnBudgetExhausted
+PAUSE_REASON_UNSPECIFIED: PauseReason
+PAUSE_REASON_SESSION_BUDGET: PauseReason
+PAUSE_REASON_DAILY_LIMIT: PauseReason
 ON_DISCONNECT_UNSPECIFIED: OnDisconnect
 ON_DISCONNECT_CANCEL: OnDisconnect
 ON_DISCONNECT_CONTINUE: OnDisconnect
@@ -89,6 +107,18 @@ DECIDER_UNSPECIFIED: Decider
 DECIDER_CALLER: Decider
 DECIDER_TIMEOUT: Decider
 DECIDER_SESSION_END: Decider
+
+class BudgetPause(_message.Message):
+    __slots__ = ("reason", "since", "deadline", "pending_budget_usd")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    PENDING_BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    reason: PauseReason
+    since: _timestamp_pb2.Timestamp
+    deadline: _timestamp_pb2.Timestamp
+    pending_budget_usd: str
+    def __init__(self, reason: _Optional[_Union[PauseReason, str]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pending_budget_usd: _Optional[str] = ...) -> None: ...
 
 class TokenUsage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "server_tool_use")
@@ -120,7 +150,7 @@ class SessionError(_message.Message):
     def __init__(self, reason: _Optional[_Union[ErrorReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("id", "tenant", "state", "create_time", "start_time", "end_time", "cost_usd", "sdk_cost_usd", "max_budget_usd", "num_turns", "max_turns", "usage", "model", "error", "sdk_session_id", "labels", "result", "allowed_tools", "request_id", "resume_session_id", "awaiting", "caller_tools", "require_approval", "structured_result_json", "output_schema_json", "trace_id", "callback_url")
+    __slots__ = ("id", "tenant", "state", "create_time", "start_time", "end_time", "cost_usd", "sdk_cost_usd", "max_budget_usd", "num_turns", "max_turns", "usage", "model", "error", "sdk_session_id", "labels", "result", "allowed_tools", "request_id", "resume_session_id", "awaiting", "caller_tools", "require_approval", "structured_result_json", "output_schema_json", "trace_id", "callback_url", "paused")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +185,7 @@ class Session(_message.Message):
     OUTPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
     id: str
     tenant: str
     state: SessionState
@@ -182,10 +213,11 @@ class Session(_message.Message):
     output_schema_json: str
     trace_id: str
     callback_url: str
-    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_usd: _Optional[str] = ..., sdk_cost_usd: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., num_turns: _Optional[int] = ..., max_turns: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., sdk_session_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., result: _Optional[str] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., awaiting: _Optional[_Iterable[_Union[InputRequest, _Mapping]]] = ..., caller_tools: _Optional[_Iterable[str]] = ..., require_approval: _Optional[_Iterable[str]] = ..., structured_result_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., trace_id: _Optional[str] = ..., callback_url: _Optional[str] = ...) -> None: ...
+    paused: BudgetPause
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cost_usd: _Optional[str] = ..., sdk_cost_usd: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., num_turns: _Optional[int] = ..., max_turns: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., model: _Optional[str] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., sdk_session_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., result: _Optional[str] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., awaiting: _Optional[_Iterable[_Union[InputRequest, _Mapping]]] = ..., caller_tools: _Optional[_Iterable[str]] = ..., require_approval: _Optional[_Iterable[str]] = ..., structured_result_json: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., trace_id: _Optional[str] = ..., callback_url: _Optional[str] = ..., paused: _Optional[_Union[BudgetPause, _Mapping]] = ...) -> None: ...
 
 class RunSessionRequest(_message.Message):
-    __slots__ = ("prompt", "request_id", "max_budget_usd", "max_turns", "allowed_tools", "model", "labels", "on_disconnect", "resume_session_id", "tools", "require_approval", "answer_timeout", "output_schema_json", "input_files", "include_partial_messages", "effort", "max_thinking_tokens", "fallback_model", "callback_url")
+    __slots__ = ("prompt", "request_id", "max_budget_usd", "max_turns", "allowed_tools", "model", "labels", "on_disconnect", "resume_session_id", "tools", "require_approval", "answer_timeout", "output_schema_json", "input_files", "include_partial_messages", "effort", "max_thinking_tokens", "fallback_model", "callback_url", "on_budget_exhausted")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +244,7 @@ class RunSessionRequest(_message.Message):
     MAX_THINKING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_MODEL_FIELD_NUMBER: _ClassVar[int]
     CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
+    ON_BUDGET_EXHAUSTED_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     request_id: str
     max_budget_usd: str
@@ -231,7 +264,16 @@ class RunSessionRequest(_message.Message):
     max_thinking_tokens: int
     fallback_model: str
     callback_url: str
-    def __init__(self, prompt: _Optional[str] = ..., request_id: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., max_turns: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., resume_session_id: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[CallerTool, _Mapping]]] = ..., require_approval: _Optional[_Iterable[str]] = ..., answer_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., output_schema_json: _Optional[str] = ..., input_files: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ..., include_partial_messages: _Optional[bool] = ..., effort: _Optional[str] = ..., max_thinking_tokens: _Optional[int] = ..., fallback_model: _Optional[str] = ..., callback_url: _Optional[str] = ...) -> None: ...
+    on_budget_exhausted: OnBudgetExhausted
+    def __init__(self, prompt: _Optional[str] = ..., request_id: _Optional[str] = ..., max_budget_usd: _Optional[str] = ..., max_turns: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_disconnect: _Optional[_Union[OnDisconnect, str]] = ..., resume_session_id: _Optional[str] = ..., tools: _Optional[_Iterable[_Union[CallerTool, _Mapping]]] = ..., require_approval: _Optional[_Iterable[str]] = ..., answer_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., output_schema_json: _Optional[str] = ..., input_files: _Optional[_Iterable[_Union[InputFile, _Mapping]]] = ..., include_partial_messages: _Optional[bool] = ..., effort: _Optional[str] = ..., max_thinking_tokens: _Optional[int] = ..., fallback_model: _Optional[str] = ..., callback_url: _Optional[str] = ..., on_budget_exhausted: _Optional[_Union[OnBudgetExhausted, str]] = ...) -> None: ...
+
+class UpdateSessionBudgetRequest(_message.Message):
+    __slots__ = ("session_id", "max_budget_usd")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    max_budget_usd: str
+    def __init__(self, session_id: _Optional[str] = ..., max_budget_usd: _Optional[str] = ...) -> None: ...
 
 class InputFile(_message.Message):
     __slots__ = ("path", "content")
@@ -320,7 +362,7 @@ class GetSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "state", "create_time_start", "create_time_end", "labels", "awaiting")
+    __slots__ = ("page_size", "page_token", "state", "create_time_start", "create_time_end", "labels", "awaiting", "paused")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +377,7 @@ class ListSessionsRequest(_message.Message):
     CREATE_TIME_END_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     AWAITING_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     state: SessionState
@@ -342,7 +385,8 @@ class ListSessionsRequest(_message.Message):
     create_time_end: _timestamp_pb2.Timestamp
     labels: _containers.ScalarMap[str, str]
     awaiting: bool
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., awaiting: _Optional[bool] = ...) -> None: ...
+    paused: bool
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[SessionState, str]] = ..., create_time_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., awaiting: _Optional[bool] = ..., paused: _Optional[bool] = ...) -> None: ...
 
 class ListSessionsResponse(_message.Message):
     __slots__ = ("sessions", "next_page_token")
@@ -359,7 +403,7 @@ class CancelSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionEvent(_message.Message):
-    __slots__ = ("session_id", "seq", "time", "started", "assistant_text", "tool_use", "tool_result", "retrying", "state_change", "system", "thinking", "result", "input_request", "input_resolved", "text_delta")
+    __slots__ = ("session_id", "seq", "time", "started", "assistant_text", "tool_use", "tool_result", "retrying", "state_change", "system", "thinking", "result", "input_request", "input_resolved", "text_delta", "paused", "budget_raised")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -375,6 +419,8 @@ class SessionEvent(_message.Message):
     INPUT_REQUEST_FIELD_NUMBER: _ClassVar[int]
     INPUT_RESOLVED_FIELD_NUMBER: _ClassVar[int]
     TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_RAISED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     seq: int
     time: _timestamp_pb2.Timestamp
@@ -390,7 +436,27 @@ class SessionEvent(_message.Message):
     input_request: InputRequest
     input_resolved: InputResolved
     text_delta: TextDelta
-    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[SessionStarted, _Mapping]] = ..., assistant_text: _Optional[_Union[AssistantText, _Mapping]] = ..., tool_use: _Optional[_Union[ToolUse, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., retrying: _Optional[_Union[Retrying, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., system: _Optional[_Union[SystemMessage, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., result: _Optional[_Union[SessionResult, _Mapping]] = ..., input_request: _Optional[_Union[InputRequest, _Mapping]] = ..., input_resolved: _Optional[_Union[InputResolved, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ...) -> None: ...
+    paused: BudgetPaused
+    budget_raised: BudgetRaised
+    def __init__(self, session_id: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[SessionStarted, _Mapping]] = ..., assistant_text: _Optional[_Union[AssistantText, _Mapping]] = ..., tool_use: _Optional[_Union[ToolUse, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., retrying: _Optional[_Union[Retrying, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., system: _Optional[_Union[SystemMessage, _Mapping]] = ..., thinking: _Optional[_Union[Thinking, _Mapping]] = ..., result: _Optional[_Union[SessionResult, _Mapping]] = ..., input_request: _Optional[_Union[InputRequest, _Mapping]] = ..., input_resolved: _Optional[_Union[InputResolved, _Mapping]] = ..., text_delta: _Optional[_Union[TextDelta, _Mapping]] = ..., paused: _Optional[_Union[BudgetPaused, _Mapping]] = ..., budget_raised: _Optional[_Union[BudgetRaised, _Mapping]] = ...) -> None: ...
+
+class BudgetPaused(_message.Message):
+    __slots__ = ("pause", "max_budget_usd", "cost_usd")
+    PAUSE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    pause: BudgetPause
+    max_budget_usd: str
+    cost_usd: str
+    def __init__(self, pause: _Optional[_Union[BudgetPause, _Mapping]] = ..., max_budget_usd: _Optional[str] = ..., cost_usd: _Optional[str] = ...) -> None: ...
+
+class BudgetRaised(_message.Message):
+    __slots__ = ("max_budget_usd", "previous_budget_usd")
+    MAX_BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
+    max_budget_usd: str
+    previous_budget_usd: str
+    def __init__(self, max_budget_usd: _Optional[str] = ..., previous_budget_usd: _Optional[str] = ...) -> None: ...
 
 class TextDelta(_message.Message):
     __slots__ = ("text", "message_id", "index")

@@ -84,6 +84,11 @@ class SessionServiceStub:
                 request_serializer=agentplane_dot_v1_dot_session__pb2.DeleteSessionRequest.SerializeToString,
                 response_deserializer=agentplane_dot_v1_dot_session__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
+        self.UpdateSessionBudget = channel.unary_unary(
+                '/agentplane.v1.SessionService/UpdateSessionBudget',
+                request_serializer=agentplane_dot_v1_dot_session__pb2.UpdateSessionBudgetRequest.SerializeToString,
+                response_deserializer=agentplane_dot_v1_dot_session__pb2.Session.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -226,6 +231,27 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateSessionBudget(self, request, context):
+        """Raises the budget of a session that has not ended, on any replica. The raise is
+        reserved in the tenant's day window (the one the session was admitted in) at once,
+        like an admission; a session paused at its budget (`Session.paused`) then goes on
+        with the request it held, on whichever replica runs it. Returns the session with its
+        new budget. Asking for the budget it already has changes nothing (a retry is safe).
+
+        Errors: INVALID_ARGUMENT (empty session_id; a max_budget_usd that is malformed or
+        below the session's budget: a budget is only raised), UNAUTHENTICATED, NOT_FOUND (no
+        such session for this tenant), FAILED_PRECONDITION (ErrorInfo reason SESSION_ENDED:
+        the session has ended; SESSION_BUDGET_MAX: above the tenant's max_session_budget_usd),
+        RESOURCE_EXHAUSTED (ErrorInfo reason BUDGET_EXCEEDED, with a QuotaFailure: the day's
+        window cannot cover the raise; a paused session keeps waiting with
+        `paused.reason` DAILY_LIMIT, and the raise is applied when a reload of the tenants
+        file raises the tenant's daily_limit_usd enough),
+        UNAVAILABLE (ErrorInfo reason DATABASE_UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +299,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.DeleteSession,
                     request_deserializer=agentplane_dot_v1_dot_session__pb2.DeleteSessionRequest.FromString,
                     response_serializer=agentplane_dot_v1_dot_session__pb2.DeleteSessionResponse.SerializeToString,
+            ),
+            'UpdateSessionBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSessionBudget,
+                    request_deserializer=agentplane_dot_v1_dot_session__pb2.UpdateSessionBudgetRequest.FromString,
+                    response_serializer=agentplane_dot_v1_dot_session__pb2.Session.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -523,6 +554,33 @@ class SessionService:
             '/agentplane.v1.SessionService/DeleteSession',
             agentplane_dot_v1_dot_session__pb2.DeleteSessionRequest.SerializeToString,
             agentplane_dot_v1_dot_session__pb2.DeleteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSessionBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentplane.v1.SessionService/UpdateSessionBudget',
+            agentplane_dot_v1_dot_session__pb2.UpdateSessionBudgetRequest.SerializeToString,
+            agentplane_dot_v1_dot_session__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,8 +28,9 @@ if _version_not_supported:
 class WebhookServiceStub:
     """Reports the caller's tenant's webhook deliveries.
 
-    A delivery is one event (`session.ended`, `session.waiting`, `budget.threshold`) for one
-    receiver (an endpoint of the tenants file, or a session's callback URL). It is written
+    A delivery is one event (`session.ended`, `session.waiting`, `session.paused`,
+    `budget.threshold`) for one receiver (an endpoint of the tenants file, or a session's
+    callback URL). It is written
     in the transaction of its event and sent, signed per the Standard Webhooks
     specification, by whichever replica claims it; a failed attempt is retried with
     exponential backoff and jitter until the tenant's `webhooks.retry_s` has passed. Every
@@ -52,8 +53,9 @@ class WebhookServiceStub:
 class WebhookServiceServicer:
     """Reports the caller's tenant's webhook deliveries.
 
-    A delivery is one event (`session.ended`, `session.waiting`, `budget.threshold`) for one
-    receiver (an endpoint of the tenants file, or a session's callback URL). It is written
+    A delivery is one event (`session.ended`, `session.waiting`, `session.paused`,
+    `budget.threshold`) for one receiver (an endpoint of the tenants file, or a session's
+    callback URL). It is written
     in the transaction of its event and sent, signed per the Standard Webhooks
     specification, by whichever replica claims it; a failed attempt is retried with
     exponential backoff and jitter until the tenant's `webhooks.retry_s` has passed. Every
@@ -91,8 +93,9 @@ def add_WebhookServiceServicer_to_server(servicer, server):
 class WebhookService:
     """Reports the caller's tenant's webhook deliveries.
 
-    A delivery is one event (`session.ended`, `session.waiting`, `budget.threshold`) for one
-    receiver (an endpoint of the tenants file, or a session's callback URL). It is written
+    A delivery is one event (`session.ended`, `session.waiting`, `session.paused`,
+    `budget.threshold`) for one receiver (an endpoint of the tenants file, or a session's
+    callback URL). It is written
     in the transaction of its event and sent, signed per the Standard Webhooks
     specification, by whichever replica claims it; a failed attempt is retried with
     exponential backoff and jitter until the tenant's `webhooks.retry_s` has passed. Every

@@ -20,6 +20,7 @@ from ..domain import (
     InputAnswer,
     InputKind,
     InputRequest,
+    OnBudgetExhausted,
     Session,
     SessionState,
     TokenUsage,
@@ -101,6 +102,7 @@ def session_to_proto(s: Session) -> session_pb2.Session:
         ),
         trace_id=s.trace_id,
         callback_url=s.callback_url,
+        paused=pause_to_proto(s.paused.to_json()) if s.paused is not None else None,
     )
     if s.error_reason is not None:
         msg.error.reason = session_pb2.ErrorReason.Value(f"ERROR_REASON_{s.error_reason.value}")
@@ -121,6 +123,10 @@ def event_to_proto(e: Event) -> session_pb2.SessionEvent:
         )
     elif e.kind is EventKind.INPUT_RESOLVED:
         msg.input_resolved.CopyFrom(input_resolved_to_proto(data))
+    elif e.kind is EventKind.PAUSED:
+        msg.paused.pause.CopyFrom(pause_to_proto(data["pause"]))
+        msg.paused.max_budget_usd = data["max_budget_usd"]
+        msg.paused.cost_usd = data["cost_usd"]
     elif e.kind is EventKind.STATE_CHANGE:
         msg.state_change.from_state = state_to_proto(SessionState(data["from_state"]))  # type: ignore[assignment]
         msg.state_change.to_state = state_to_proto(SessionState(data["to_state"]))  # type: ignore[assignment]
@@ -138,7 +144,29 @@ _MESSAGE_OF = {
     EventKind.SYSTEM: "SystemMessage",
     EventKind.THINKING: "Thinking",
     EventKind.TEXT_DELTA: "TextDelta",
+    EventKind.BUDGET_RAISED: "BudgetRaised",
 }
+
+
+def pause_to_proto(data: dict[str, Any]) -> session_pb2.BudgetPause:
+    """A BudgetPause's JSON (BudgetPause.to_json) as its message."""
+    return session_pb2.BudgetPause(
+        reason=session_pb2.PauseReason.Value(f"PAUSE_REASON_{data['reason']}"),
+        since=timestamp(datetime.fromisoformat(data["since"])),
+        deadline=timestamp(datetime.fromisoformat(data["deadline"])),
+        pending_budget_usd=data.get("pending_budget_usd", ""),
+    )
+
+
+def on_budget_exhausted(value: int) -> OnBudgetExhausted | None:
+    """RunSessionRequest.on_budget_exhausted (None: the tenant's default)."""
+    if value == session_pb2.ON_BUDGET_EXHAUSTED_UNSPECIFIED:
+        return None
+    if value not in session_pb2.OnBudgetExhausted.values():
+        raise InvalidArgument("on_budget_exhausted", f"{value} is not an OnBudgetExhausted")
+    return OnBudgetExhausted(
+        session_pb2.OnBudgetExhausted.Name(value).removeprefix("ON_BUDGET_EXHAUSTED_")
+    )
 
 
 def input_request_to_proto(r: InputRequest) -> session_pb2.InputRequest:
@@ -245,6 +273,7 @@ def run_request(msg: session_pb2.RunSessionRequest) -> RunRequest:
         max_thinking_tokens=msg.max_thinking_tokens,
         fallback_model=msg.fallback_model,
         callback_url=msg.callback_url,
+        on_budget_exhausted=on_budget_exhausted(msg.on_budget_exhausted),
         output_schema_json=msg.output_schema_json,
         input_files=tuple(InputFile(f.path, f.content) for f in msg.input_files),
     )

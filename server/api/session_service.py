@@ -109,6 +109,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
             created_before=convert.from_timestamp(request, "create_time_end"),
             labels=tuple(sorted(request.labels.items())),
             awaiting=request.awaiting,
+            paused=request.paused,
         )
         page, token = await self._sessions.list(
             tenant, flt, page_size=request.page_size, page_token=request.page_token
@@ -123,6 +124,17 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.Session:
         tenant = self._caller(context)
         session = await self._sessions.cancel(tenant, request.session_id)
+        self._spans.session(session)
+        return convert.session_to_proto(session)
+
+    @unary
+    async def UpdateSessionBudget(
+        self, request: session_pb2.UpdateSessionBudgetRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.Session:
+        tenant = self._caller(context)
+        session = await self._sessions.update_budget(
+            tenant, request.session_id, request.max_budget_usd
+        )
         self._spans.session(session)
         return convert.session_to_proto(session)
 

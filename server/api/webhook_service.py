@@ -15,7 +15,7 @@ from ..errors import InvalidArgument
 from ..money.windows import window_bounds
 from ..store.outbox import Delivery
 from ..tenants import TenantRegistry
-from ..webhooks.config import BUDGET_THRESHOLD, SESSION_ENDED, SESSION_WAITING
+from ..webhooks.config import BUDGET_THRESHOLD, SESSION_ENDED, SESSION_PAUSED, SESSION_WAITING
 from ..webhooks.listing import DeliveryReader, check_filter
 from . import convert
 from .auth import caller
@@ -25,8 +25,9 @@ from .errors import unary
 def render(event: str, data: dict[str, Any]) -> dict[str, Any]:
     """A webhook's `data`: session.ended carries the final Session, session.waiting the
     InputRequest, budget.threshold the day's Budget (and the share it reached), each in
-    the protos' JSON mapping (lowerCamelCase names, enums by name)."""
-    if event == SESSION_ENDED:
+    the protos' JSON mapping (lowerCamelCase names, enums by name); session.paused the
+    paused Session (its `paused` says why and until when)."""
+    if event in (SESSION_ENDED, SESSION_PAUSED):
         session = convert.session_to_proto(Session.from_json(data["session"]))
         return {"session": MessageToDict(session)}
     if event == SESSION_WAITING:

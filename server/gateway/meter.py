@@ -25,7 +25,7 @@ import binascii
 import logging
 import math
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -207,6 +207,10 @@ class SessionMeter:
         self.closed = False
         self.in_flight = 0
         self.on_request: Callable[[MeteredRequest], None] | None = None
+        # A session that pauses at its budget: the gateway awaits this with a request its
+        # budget cannot cover; True once the budget was raised (reserve again), False to
+        # refuse it. None: refused at once (the session ends).
+        self.hold: Callable[[], Awaitable[bool]] | None = None
         # The remote MCP servers the session may reach through the gateway's relay.
         self.mcp_servers: Mapping[str, RemoteServer] = {}
         # The session's tools (None: any), which say which server tools it may use, and

@@ -475,14 +475,19 @@ class MeteringGateway:
                 )
             record.input_tokens_estimate = facts.input_tokens_estimate
             record.price_version = price.version
-            reservation = meter.reserve(
-                price,
-                facts.input_tokens_estimate,
-                record.max_tokens_requested,
-                min_output_tokens=self.min_output_tokens,
-                long_cache=facts.long_cache,
-                tools=tools,
-            )
+            while True:
+                reservation = meter.reserve(
+                    price,
+                    facts.input_tokens_estimate,
+                    record.max_tokens_requested,
+                    min_output_tokens=self.min_output_tokens,
+                    long_cache=facts.long_cache,
+                    tools=tools,
+                )
+                # A session that pauses at its budget holds the request until the budget
+                # is raised (then it is reserved anew: forwarded only once that holds).
+                if reservation is not None or meter.hold is None or not await meter.hold():
+                    break
             if reservation is None:
                 log.info(
                     "gateway session=%s refused: budget exhausted (remaining %s USD, model %s)",

@@ -105,13 +105,12 @@ class Admitter:
 
     async def _admit(self, tenant: Tenant, request: RunRequest) -> Admission:
         spec = validate(request, tenant)
-        request_hash = spec.request_hash
         self._launcher.check_model(spec.model)
         self._launcher.check_model(spec.fallback_model, field="fallback_model")
         if spec.resume_session_id:
             spec = await self._resolve_resume(tenant, spec)
         if spec.request_id:
-            earlier = await self._by_request_id(tenant, spec.request_id, request_hash)
+            earlier = await self._by_request_id(tenant, spec)
             if earlier is not None:
                 return earlier
         if self.draining:
@@ -131,7 +130,7 @@ class Admitter:
         self._capacity.begin_admission(warm=warm is not None)
         admission: Admission | None = None
         try:
-            admission = await self._insert(tenant, spec, request_hash, warm)
+            admission = await self._insert(tenant, spec, warm)
         finally:
             live = admission.live if admission is not None else None
             if live is not None:
@@ -147,9 +146,7 @@ class Admitter:
         assert admission is not None
         return admission
 
-    async def _insert(
-        self, tenant: Tenant, spec: SessionSpec, request_hash: str, warm: WarmAgent | None
-    ) -> Admission:
+    async def _insert(self, tenant: Tenant, spec: SessionSpec, warm: WarmAgent | None) -> Admission:
         """The admission transaction, with the id of `warm` (a warm agent made for it) or
         a new one. A request_id that a concurrent request won re-attaches to its session."""
         now = utcnow()
@@ -187,7 +184,7 @@ class Admitter:
                 await repo.insert_session(
                     db,
                     session,
-                    request_hash=request_hash,
+                    request_hash=spec.request_hash,
                     budget_day=day,
                     owner=self._leases.owner,
                     lease_until=self._leases.expiry(now),
@@ -212,7 +209,7 @@ class Admitter:
             if not spec.request_id:
                 raise
             # A concurrent request with the same request_id won the unique constraint.
-            earlier = await self._by_request_id(tenant, spec.request_id, request_hash)
+            earlier = await self._by_request_id(tenant, spec)
             if earlier is None:
                 raise
             return earlier
@@ -260,20 +257,18 @@ class Admitter:
             )
         return replace(spec, resume_sdk_session_id=earlier.sdk_session_id)
 
-    async def _by_request_id(
-        self, tenant: Tenant, request_id: str, request_hash: str
-    ) -> Admission | None:
-        """The session that `request_id` started (None: none yet); InvalidArgument if that
-        was a different request (its hash is not `request_hash`)."""
+    async def _by_request_id(self, tenant: Tenant, spec: SessionSpec) -> Admission | None:
+        """The session that the spec's request_id started (None: none yet); InvalidArgument
+        if that was a different request (another request hash)."""
         async with self._db() as db:
-            found = await repo.find_by_request_id(db, tenant.name, request_id)
+            found = await repo.find_by_request_id(db, tenant.name, spec.request_id)
         if found is None:
             return None
         session, earlier_hash = found
-        if earlier_hash != request_hash:
+        if earlier_hash != spec.request_hash:
             raise InvalidArgument(
                 "request_id",
-                f"{request_id} was already used for session {session.id} with a "
+                f"{spec.request_id} was already used for session {session.id} with a "
                 "different request; use a new request_id for a new session",
             )
         return Admission(session.id, self._queries.follow(tenant, session.id, 0), None)

@@ -250,8 +250,9 @@ class LiveSession:
 
     @property
     def awaiting_caller(self) -> bool:
-        """Whether the session waits for its caller now (the idle timeout does not run)."""
-        return bool(self.session.awaiting)
+        """Whether the session waits for its caller now, for an answer or for a raise of
+        its budget (the idle timeout does not run)."""
+        return bool(self.session.awaiting) or self.session.paused is not None
 
     def input_settled(self) -> None:
         self.input_settled_at = asyncio.get_running_loop().time()

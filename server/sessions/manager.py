@@ -31,6 +31,7 @@ from .agents.launcher import Launcher
 from .agents.pool import WarmPool
 from .caller_loop.inputs import respond
 from .parts import SessionParts
+from .pauses import BudgetHub, raise_budget
 from .records.retention import SessionDeleter
 from .replicas.cancel import SessionStopper
 from .replicas.leases import LeaseConfig, LeaseKeeper
@@ -74,7 +75,11 @@ class SessionManager:
         self._db = parts.db
         # The caller's answer to an input request of a running session (any replica).
         self.respond = functools.partial(respond, parts.db, parts.queries)
-        lifecycle = SessionLifecycle(parts, runner, pool, finish_retry_s=finish_retry_s)
+        # Raises of running sessions' budgets, and their pauses at it.
+        self.budgets = BudgetHub(parts.upkeep_db, parts.webhooks)
+        lifecycle = SessionLifecycle(
+            parts, runner, pool, finish_retry_s=finish_retry_s, budgets=self.budgets
+        )
         self._admitter = Admitter(
             parts, launcher, lifecycle, self.leases, pool, not_ready=not_ready
         )
@@ -96,6 +101,14 @@ class SessionManager:
 
     async def cancel(self, tenant: Tenant, session_id: str) -> Session:
         return await self.stopper.cancel(tenant, session_id)
+
+    async def update_budget(self, tenant: Tenant, session_id: str, max_budget_usd: str) -> Session:
+        """Raise a session's budget, wherever it runs (see `pauses.raise_budget`)."""
+        return await raise_budget(self._db, tenant, session_id, max_budget_usd)
+
+    def limits_raised(self, tenants: dict[str, Tenant]) -> int:
+        """A reload changed these tenants' daily limits: retry raises that wait for them."""
+        return self.budgets.limits_raised(tenants)
 
     async def artifacts(self, tenant: Tenant, session_id: str) -> builtins.list[Artifact]:
         return await self.queries.artifacts(tenant, session_id)

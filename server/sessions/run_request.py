@@ -12,8 +12,8 @@ from typing import Any
 
 import jsonschema
 
-from ..approvals import MAX_RULES, parse_rule
-from ..domain import usd
+from ..approvals import MAX_RULES, Rule, parse_rule
+from ..domain import OnBudgetExhausted, usd
 from ..errors import InvalidArgument, quote
 from ..mcp.servers import covered
 from ..tenants import MIN_THINKING_TOKENS, Tenant
@@ -87,6 +87,8 @@ class RunRequest:
     fallback_model: str = ""
     # Where the session's events are also sent ("": only the tenant's endpoints).
     callback_url: str = ""
+    # END or PAUSE at its budget (None: the tenant's on_budget_exhausted).
+    on_budget_exhausted: OnBudgetExhausted | None = None
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,16 @@ class SessionSpec:
     fallback_model: str = ""
     # One of the tenant's webhooks.callback_urls ("": none).
     callback_url: str = ""
+    # Pause at its budget instead of ending (and for how long at most).
+    on_budget_exhausted: OnBudgetExhausted = OnBudgetExhausted.END
+    max_pause_s: float = 3600.0
     # The hash of the request body (see fingerprint), filled in by validate.
     request_hash: str = field(default="", compare=False)
+
+    @property
+    def pauses(self) -> bool:
+        """Whether the session pauses at its budget (instead of ending)."""
+        return self.on_budget_exhausted is OnBudgetExhausted.PAUSE
 
     @property
     def in_the_loop(self) -> bool:
@@ -180,15 +190,20 @@ def _fallback(raw: str, model: str, tenant: Tenant) -> str:
     return fallback
 
 
-def _budget(raw: str, tenant: Tenant) -> Decimal:
-    if not raw.strip():
-        return usd(tenant.max_session_budget_usd)
+def parse_usd(raw: str, field: str) -> Decimal:
+    """A request's amount of US dollars (a plain decimal; not yet rounded)."""
     # ASCII digits only: Decimal() would also take "１" (fullwidth), "1_0" and "1e3".
     if not _DECIMAL.fullmatch(raw.strip()):
         raise InvalidArgument(
-            "max_budget_usd", f"{quote(raw)} is not a decimal number of US dollars like 0.25"
+            field, f"{quote(raw)} is not a decimal number of US dollars like 0.25"
         )
-    amount = Decimal(raw.strip())
+    return Decimal(raw.strip())
+
+
+def _budget(raw: str, tenant: Tenant) -> Decimal:
+    if not raw.strip():
+        return usd(tenant.max_session_budget_usd)
+    amount = parse_usd(raw, "max_budget_usd")
     if amount <= 0:
         raise InvalidArgument("max_budget_usd", f"must be greater than 0, not {quote(raw)}")
     if amount > tenant.max_session_budget_usd:
@@ -213,26 +228,12 @@ def _turns(raw: int, tenant: Tenant) -> int:
     return raw
 
 
-def _tools(raw: tuple[str, ...], tenant: Tenant) -> tuple[str, ...]:
-    if not raw:
-        return tenant.allowed_tools
-    # A request may name one tool of a server the tenant allows as a whole.
-    outside = [t for t in raw if not covered(t, tenant.allowed_tools)]
-    if outside:
-        raise InvalidArgument(
-            "allowed_tools",
-            f"{', '.join(sorted(set(outside)))} not in the tenant's tools "
-            f"({', '.join(tenant.allowed_tools) or 'none'})",
-        )
-    return tuple(dict.fromkeys(raw))
-
-
-def _caller_tools(raw: tuple[CallerTool, ...], tools: tuple[str, ...]) -> tuple[CallerTool, ...]:
+def _caller_tools(raw: tuple[CallerTool, ...]) -> tuple[CallerTool, ...]:
     if len(raw) > MAX_CALLER_TOOLS:
         raise InvalidArgument("tools", f"at most {MAX_CALLER_TOOLS} tools, not {len(raw)}")
     names = [tool.name for tool in raw]
     return tuple(
-        _caller_tool(f"tools[{i}]", tool, taken={*tools, *names[:i]}) for i, tool in enumerate(raw)
+        _caller_tool(f"tools[{i}]", tool, taken=set(names[:i])) for i, tool in enumerate(raw)
     )
 
 
@@ -338,20 +339,46 @@ def _input_files(raw: tuple[InputFile, ...], tenant: Tenant) -> tuple[InputFile,
     return raw
 
 
-def _approval(raw: tuple[str, ...], tenant: Tenant, tools: set[str]) -> tuple[str, ...]:
-    """The tenant's rules, then the request's (each naming a tool of the session)."""
-    if len(raw) > MAX_RULES:
-        raise InvalidArgument("require_approval", f"at most {MAX_RULES} rules, not {len(raw)}")
-    for i, text in enumerate(raw):
-        try:
-            rule = parse_rule(text)
-        except ValueError as exc:
-            raise InvalidArgument(f"require_approval[{i}]", f"{quote(text)}: {exc}") from None
-        if not covered(rule.tool, tools) and not any(covered(t, {rule.tool}) for t in tools):
+def _tool_policy(
+    request: RunRequest, tenant: Tenant
+) -> tuple[tuple[str, ...], tuple[CallerTool, ...], tuple[str, ...]]:
+    """The session's tools, the caller's tools and the approval rules (the tenant's, then
+    the request's), checked in one place: the caller's tools and the rules' own form
+    first, then every name against the tenant's tools and one another."""
+    caller_tools = _caller_tools(request.caller_tools)
+    raw_rules = request.require_approval
+    if len(raw_rules) > MAX_RULES:
+        raise InvalidArgument(
+            "require_approval", f"at most {MAX_RULES} rules, not {len(raw_rules)}"
+        )
+    rules = [_rule(f"require_approval[{i}]", text) for i, text in enumerate(raw_rules)]
+    # A request may name one tool of a server the tenant allows as a whole.
+    outside = [t for t in request.allowed_tools if not covered(t, tenant.allowed_tools)]
+    if outside:
+        raise InvalidArgument(
+            "allowed_tools",
+            f"{', '.join(sorted(set(outside)))} not in the tenant's tools "
+            f"({', '.join(tenant.allowed_tools) or 'none'})",
+        )
+    tools = tuple(dict.fromkeys(request.allowed_tools)) or tenant.allowed_tools
+    for i, tool in enumerate(caller_tools):
+        if tool.name in tools:
+            raise InvalidArgument(f"tools[{i}].name", f"{tool.name} is taken by another tool")
+    names = {*tools, *(t.name for t in caller_tools)}
+    for i, (text, rule) in enumerate(zip(raw_rules, rules, strict=True)):
+        if not covered(rule.tool, names) and not any(covered(t, {rule.tool}) for t in names):
             raise InvalidArgument(
                 f"require_approval[{i}]", f"{quote(text)} names no tool of this session"
             )
-    return tuple(dict.fromkeys((*tenant.require_approval, *(t.strip() for t in raw))))
+    approval = (*tenant.require_approval, *(t.strip() for t in raw_rules))
+    return tools, caller_tools, tuple(dict.fromkeys(approval))
+
+
+def _rule(where: str, text: str) -> Rule:
+    try:
+        return parse_rule(text)
+    except ValueError as exc:
+        raise InvalidArgument(where, f"{quote(text)}: {exc}") from None
 
 
 def _answer_timeout(raw: float, tenant: Tenant) -> float:
@@ -401,40 +428,51 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
             uuid.UUID(request.resume_session_id)
         except ValueError:
             raise InvalidArgument("resume_session_id", "must be a session id (a UUID)") from None
-    tools = _tools(request.allowed_tools, tenant)
-    caller_tools = _caller_tools(request.caller_tools, tools)
     model = request.model.strip()
+    effort = _effort(request.effort, tenant)
+    thinking = _thinking(request.max_thinking_tokens, tenant)
+    fallback = _fallback(request.fallback_model, model, tenant)
+    max_turns = _turns(request.max_turns, tenant)
+    answer_timeout_s = _answer_timeout(request.answer_timeout_s, tenant)
+    output_schema = (
+        json_schema("output_schema_json", request.output_schema_json)
+        if request.output_schema_json.strip()
+        else None
+    )
+    callback_url = (
+        tenant.webhooks.check_callback(request.callback_url.strip())
+        if request.callback_url.strip()
+        else ""
+    )
+    labels = check_labels(request.labels)
+    # What involves other parts of the policy comes last, each part asked once: the
+    # tools (MCP servers and approval rules), the files, the money.
+    tools, caller_tools, require_approval = _tool_policy(request, tenant)
+    input_files = _input_files(request.input_files, tenant)
+    budget = _budget(request.max_budget_usd, tenant)
     spec = SessionSpec(
         prompt=request.prompt,
-        budget_usd=_budget(request.max_budget_usd, tenant),
-        max_turns=_turns(request.max_turns, tenant),
+        budget_usd=budget,
+        max_turns=max_turns,
         tools=tools,
         caller_tools=caller_tools,
-        require_approval=_approval(
-            request.require_approval, tenant, {*tools, *(t.name for t in caller_tools)}
-        ),
-        answer_timeout_s=_answer_timeout(request.answer_timeout_s, tenant),
+        require_approval=require_approval,
+        answer_timeout_s=answer_timeout_s,
         output_schema_json=request.output_schema_json.strip(),
-        output_schema=(
-            json_schema("output_schema_json", request.output_schema_json)
-            if request.output_schema_json.strip()
-            else None
-        ),
-        input_files=_input_files(request.input_files, tenant),
+        output_schema=output_schema,
+        input_files=input_files,
         model=model,
         include_partial_messages=request.include_partial_messages,
-        effort=_effort(request.effort, tenant),
-        max_thinking_tokens=_thinking(request.max_thinking_tokens, tenant),
-        fallback_model=_fallback(request.fallback_model, model, tenant),
-        callback_url=(
-            tenant.webhooks.check_callback(request.callback_url.strip())
-            if request.callback_url.strip()
-            else ""
-        ),
-        labels=check_labels(request.labels),
+        effort=effort,
+        max_thinking_tokens=thinking,
+        fallback_model=fallback,
+        callback_url=callback_url,
+        labels=labels,
         request_id=str(uuid.UUID(request.request_id)) if request.request_id else "",
         on_disconnect_continue=request.on_disconnect_continue,
         max_duration_s=tenant.max_duration_s,
+        on_budget_exhausted=request.on_budget_exhausted or tenant.on_budget_exhausted,
+        max_pause_s=tenant.max_pause_s,
         resume_session_id=(
             str(uuid.UUID(request.resume_session_id)) if request.resume_session_id else ""
         ),
@@ -488,5 +526,6 @@ def fingerprint(spec: SessionSpec) -> str:
             else {}
         ),
         **({"callback_url": spec.callback_url} if spec.callback_url else {}),
+        **({"pause": True} if spec.pauses else {}),
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

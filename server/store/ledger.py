@@ -122,3 +122,35 @@ async def window_totals(conn: AsyncConnection, tenant: str, day: str) -> tuple[D
         )
     ).first()
     return (row.spent_usd, row.reserved_usd) if row else (Decimal(0), Decimal(0))
+
+
+async def raise_hold(db: DbSession, *, session_id: str, amount: Decimal, limit: Decimal) -> bool:
+    """Add `amount` to a session's held reservation if its window (the day it was taken
+    from) covers it within `limit`; one conditional UPDATE, like `reserve`. False when the
+    window cannot cover it, or the session holds nothing (it was settled)."""
+    held = await db.scalar(
+        select(ReservationRow).where(
+            ReservationRow.session_id == session_id, ReservationRow.status == HELD
+        )
+    )
+    if held is None:
+        return False
+    w = BudgetWindowRow
+    result = await db.execute(
+        update(table(w))
+        .where(
+            w.tenant == held.tenant,
+            w.day == held.day,
+            w.spent_usd + w.reserved_usd + amount <= limit,
+        )
+        .values(reserved_usd=w.reserved_usd + amount, limit_usd=limit)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    await db.execute(
+        update(table(ReservationRow))
+        .where(ReservationRow.session_id == session_id, ReservationRow.status == HELD)
+        .values(amount_usd=ReservationRow.amount_usd + amount)
+    )
+    await notify(db, BUDGET_CHANNEL, f"{held.tenant} {held.day}")
+    return True

@@ -100,6 +100,12 @@ class SessionRow(Base):
     trace_span_id: Mapped[str | None] = mapped_column(String(16))
     # The request's callback URL (one of its tenant's webhooks.callback_urls; NULL: none).
     callback_url: Mapped[str | None] = mapped_column(Text)
+    # Paused at its budget (all NULL while not): why, since and until when, and a raise
+    # the day's window could not cover yet (see domain.BudgetPause).
+    pause_reason: Mapped[str | None] = mapped_column(String(16))
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    pause_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    pending_budget_usd: Mapped[Decimal | None] = mapped_column(Money())
 
 
 class SessionLabelRow(Base):

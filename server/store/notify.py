@@ -35,6 +35,9 @@ EVENTS_CHANNEL = "agentplane_events"
 BUDGET_CHANNEL = "agentplane_budget"
 # A session's input request was answered (payload: "<session id> <request id>").
 INPUTS_CHANNEL = "agentplane_inputs"
+# A session's budget was raised, or a raise of it waits for the day's window (payload: its
+# id): its owner reads it and applies it (a paused session goes on).
+SESSION_BUDGET_CHANNEL = "agentplane_session_budget"
 # A session was deleted (payload: its id): every replica forgets it.
 DELETED_CHANNEL = "agentplane_deleted"
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 from sqlalchemy import and_, bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 
 from ..domain import (
+    BudgetPause,
     ErrorReason,
     Event,
     EventKind,
+    PauseReason,
     Session,
     SessionState,
     TokenUsage,
@@ -72,7 +75,68 @@ def _to_domain(row: SessionRow) -> Session:
         trace_id=row.trace_id or "",
         trace_span_id=row.trace_span_id or "",
         callback_url=row.callback_url or "",
+        paused=_pause_of(row),
     )
+
+
+def _pause_of(row: SessionRow) -> BudgetPause | None:
+    if row.pause_reason is None or row.paused_at is None or row.pause_deadline is None:
+        return None
+    if row.state != SessionState.RUNNING.value:
+        return None
+    return BudgetPause(
+        PauseReason(row.pause_reason), row.paused_at, row.pause_deadline, row.pending_budget_usd
+    )
+
+
+def _pause_columns(pause: BudgetPause | None) -> dict[str, object]:
+    return {
+        "pause_reason": pause.reason.value if pause is not None else None,
+        "paused_at": pause.since if pause is not None else None,
+        "pause_deadline": pause.deadline if pause is not None else None,
+        "pending_budget_usd": pause.pending_usd if pause is not None else None,
+    }
+
+
+async def save_pause(db: DbSession, session_id: str, pause: BudgetPause | None) -> None:
+    """Record a running session's pause at its budget (None: it is not paused)."""
+    await db.execute(
+        update(table(SessionRow))
+        .where(SessionRow.id == session_id, SessionRow.state == SessionState.RUNNING.value)
+        .values(**_pause_columns(pause))
+    )
+
+
+async def set_budget(db: DbSession, session_id: str, *, before: Decimal, after: Decimal) -> bool:
+    """Raise an active session's budget from `before` to `after` (and drop a raise that
+    waited for the day's window); False when it ended or its budget is no longer `before`
+    (a concurrent raise: read it again)."""
+    active = [SessionState.IDLE.value, SessionState.RUNNING.value]
+    result = await db.execute(
+        update(table(SessionRow))
+        .where(
+            SessionRow.id == session_id,
+            SessionRow.state.in_(active),
+            SessionRow.max_budget_usd == before,
+        )
+        .values(max_budget_usd=after, pending_budget_usd=None)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def set_pending_budget(db: DbSession, session_id: str, amount: Decimal) -> bool:
+    """Keep a raise the day's window cannot cover on a paused session, for a raised daily
+    limit to apply (reason DAILY_LIMIT); False when it is not paused."""
+    result = await db.execute(
+        update(table(SessionRow))
+        .where(
+            SessionRow.id == session_id,
+            SessionRow.state == SessionState.RUNNING.value,
+            SessionRow.paused_at.is_not(None),
+        )
+        .values(pending_budget_usd=amount, pause_reason=PauseReason.DAILY_LIMIT.value)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def _outcome_columns(session: Session) -> dict[str, object]:
@@ -96,6 +160,8 @@ def _outcome_columns(session: Session) -> dict[str, object]:
         "sdk_session_id": session.sdk_session_id,
         "result": session.result,
         "structured_result": session.structured_result,
+        # A session's end (or its recovery) ends its pause.
+        **(_pause_columns(None) if session.state.terminal else {}),
     }
 
 
@@ -277,6 +343,8 @@ class SessionFilter:
     labels: tuple[tuple[str, str], ...] = ()
     # Only sessions with an unsettled input request.
     awaiting: bool = False
+    # Only sessions paused at their budget.
+    paused: bool = False
 
 
 async def list_sessions(
@@ -308,6 +376,10 @@ async def list_sessions(
             exists().where(
                 SessionInputRow.session_id == SessionRow.id, SessionInputRow.resolved_at.is_(None)
             )
+        )
+    if flt.paused:
+        query = query.where(
+            SessionRow.state == SessionState.RUNNING.value, SessionRow.paused_at.is_not(None)
         )
     if after is not None:
         created, last_id = after

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
+from ..domain import OnBudgetExhausted
 from ..mcp.servers import McpServer
 from ..sandbox.limits import SessionLimits
 from ..webhooks.config import WebhookPolicy
@@ -89,6 +90,10 @@ class Tenant:
     # Its webhooks: endpoints, callback URLs a request may name, retries (its `webhooks`
     # table; the default sends nothing).
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
+    # What its sessions do when a model request would pass their budget (a request may
+    # say otherwise): END them, or PAUSE them for at most max_pause_s until it is raised.
+    on_budget_exhausted: OnBudgetExhausted = OnBudgetExhausted.END
+    max_pause_s: float = 3600.0
 
     def unix_ids(self) -> tuple[int, int] | None:
         """The uid and gid of the tenant's os_user (None: its agents run as the server)."""

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ..approvals import parse_rule
 from ..certs import canonical_subject
-from ..domain import usd
+from ..domain import OnBudgetExhausted, usd
 from ..errors import ConfigError
 from ..mcp.servers import PREFIX as MCP_PREFIX
 from ..mcp.servers import parse_servers, tool_server
@@ -147,6 +147,12 @@ def _models(value: Any) -> tuple[str, ...]:
 
 def _seconds(value: Any) -> float:
     return float(positive_int(value))
+
+
+def _on_budget_exhausted(value: Any) -> OnBudgetExhausted:
+    if value not in tuple(OnBudgetExhausted):
+        raise ValueError(f'must be "END" or "PAUSE", not {value!r}')
+    return OnBudgetExhausted(value)
 
 
 def _at_least(low: int, reason: str) -> Callable[[Any], int]:
@@ -474,6 +480,19 @@ TENANT = Table(
             ),
             8,
             f"web searches (fetches) per model request, 1-{policy.MAX_SERVER_TOOL_USES}",
+        ),
+        Key(
+            "on_budget_exhausted",
+            _on_budget_exhausted,
+            "END",
+            'at its budget a session ends, or (`"PAUSE"`) waits for a raise '
+            "([money.md](money.md#pausing-at-the-budget)); a request may say otherwise",
+        ),
+        Key(
+            "max_pause_s",
+            _seconds,
+            3600,
+            "how long a paused session waits for a raise, then ends ERROR/BUDGET_EXCEEDED",
         ),
         Key(
             "webhooks",

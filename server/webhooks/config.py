@@ -23,10 +23,11 @@ from ..toml_schema import Key, Rule, Table
 
 SESSION_ENDED = "session.ended"
 SESSION_WAITING = "session.waiting"
+SESSION_PAUSED = "session.paused"
 BUDGET_THRESHOLD = "budget.threshold"
-EVENTS = (SESSION_ENDED, SESSION_WAITING, BUDGET_THRESHOLD)
+EVENTS = (SESSION_ENDED, SESSION_WAITING, SESSION_PAUSED, BUDGET_THRESHOLD)
 # What a request's callback URL is sent: the events of its own session.
-CALLBACK_EVENTS = (SESSION_ENDED, SESSION_WAITING)
+CALLBACK_EVENTS = (SESSION_ENDED, SESSION_WAITING, SESSION_PAUSED)
 # The name of a request's callback URL among a delivery's targets.
 CALLBACK = "callback"
 

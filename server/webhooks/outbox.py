@@ -26,6 +26,7 @@ from .config import (
     CALLBACK,
     CALLBACK_EVENTS,
     SESSION_ENDED,
+    SESSION_PAUSED,
     SESSION_WAITING,
 )
 
@@ -120,6 +121,23 @@ class WebhookOutbox:
                 tenant, SESSION_WAITING, data, at=request.created_at, session=session
             )
             await insert_deliveries(db, deliveries)
+
+    async def session_paused(self, db: DbSession, session: Session) -> None:
+        """`session.paused`: a running session paused at its budget (`session.paused` set),
+        with the Session as it is then, in the pause's transaction."""
+        tenant = self._tenant(session.tenant)
+        if tenant is None or session.paused is None:
+            return
+        await insert_deliveries(
+            db,
+            self._deliveries(
+                tenant,
+                SESSION_PAUSED,
+                {"session": session.to_json()},
+                at=session.paused.since,
+                session=session,
+            ),
+        )
 
     async def spend_settled(self, db: DbSession, tenant_name: str, session_id: str) -> None:
         """After a session's cost was added to its day (same transaction): `budget.threshold`

@@ -14,6 +14,7 @@ runs, with min and max. The benchmarks, one module each:
     replicas.py    9    two replicas: follow lag and database load, cancel through the other
     fleet.py       9    connections per idle/busy replica; lag and cancel via PgBouncer vs direct
     flood.py       10   the metering gateway flooded from a sandbox: server RSS, health latency
+    webhooks.py    11   webhook delivery latency; 10 dead receivers against another tenant
 
     python tests/bench/run.py [--runs N] [--quick] [--output BENCHMARKS.md]
 
@@ -49,6 +50,7 @@ import scaling
 import sqlalchemy
 import throughput
 import unary
+import webhooks
 from agentplane.server.model_double import SandboxServer
 from agentplane.server.sessions.agents.launcher import BUNDLED_CLI
 from common import (
@@ -170,6 +172,19 @@ SECTIONS = {
             "(per run). Health: grpc.health Check latency from the bench process, polled every "
             "10 ms through each session, against the same while a session of the same tenant "
             "runs `sleep 2`."
+        ),
+    ),
+    "11": (
+        "Webhooks (benchmark 11, SQLite)",
+        (
+            "Delivery latency: a session's end (its `end_time`) to the arrival of its signed "
+            "`session.ended` at a healthy receiver in the bench process (verified with the "
+            "Standard Webhooks library), p50/p99 over the sessions of a run, median over the "
+            f"runs. Isolation: {webhooks.DEAD_RECEIVERS} endpoints of another tenant that accept "
+            "connections and never answer (each attempt waits out AGENTPLANE_WEBHOOK_TIMEOUT_S, "
+            "10 s, then is retried), two sessions' ends to each (one in --quick); measured after "
+            "their first attempts started, against the same figures before those deliveries "
+            "existed."
         ),
     ),
 }
@@ -300,8 +315,12 @@ async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
     await sandbox.start()
     work = short_dir("apb")
     (work / TEMPLATE).mkdir()
+    receivers = webhooks.Receivers()
+    await receivers.start()
     tenants_file = write_tenants(
-        work, tenants_toml(work / TEMPLATE, adm_runs=runs, adm_admits=admits)
+        work,
+        tenants_toml(work / TEMPLATE, adm_runs=runs, adm_admits=admits),
+        receivers.tenants_toml(),
     )
     bench = Bench(
         quick=quick,
@@ -341,11 +360,13 @@ async def main(runs: int, quick: bool, output: Path | None) -> list[str]:
             rows["8"] += lines
             notes["8"] += more
             rows["10"] += await flood.run(bench, server)
+            rows["11"] += await webhooks.run(bench, server, receivers)
         finally:
             await server.stop()
         await on_postgres(bench, rows, notes)
     finally:
         await sandbox.stop()
+        await receivers.stop()
         shutil.rmtree(work, ignore_errors=True)
     minutes = (time.perf_counter() - started) / 60
     text = render(

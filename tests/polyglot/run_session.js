@@ -10,6 +10,7 @@
 //                       [--require-approval PATTERN]... [--permission allow|deny]
 //                       [--output-schema JSON] [--input-file REMOTE=LOCAL]...
 //                       [--download PATH]...
+//                       [--on-budget-exhausted END|PAUSE [--raise-to USD]]
 //                       [--ca-file PEM [--cert-file PEM --key-file PEM]]
 //   node run_session.js --print-service-config
 //
@@ -36,6 +37,10 @@
 // artifacts are listed ("artifacts": ListArtifacts) and each PATH is fetched with
 // GetArtifact ("downloads": {PATH: {"artifact": the first chunk's, "offsets": [...],
 // "base64": the bytes, "sha256": their hex digest}}).
+// Budgets: --on-budget-exhausted PAUSE makes a session pause at its budget (a `paused`
+// event) instead of ending; with --raise-to, each pause is answered with
+// UpdateSessionBudget to that budget, and the summary has "pauses" (each event's
+// BudgetPause) and "raised" (the max_budget_usd of each reply).
 // Exit status: 0 every session ended COMPLETE; 1 one ended otherwise; 2 the server is not
 // SERVING; 3 a call failed (the summary's "error" has the gRPC code and details); 64 usage.
 
@@ -117,6 +122,8 @@ function options() {
         'output-schema': { type: 'string', default: '' },
         'input-file': { type: 'string', multiple: true, default: [] },
         download: { type: 'string', multiple: true, default: [] },
+        'on-budget-exhausted': { type: 'string', default: '' },
+        'raise-to': { type: 'string' },
         'ca-file': { type: 'string' },
         'cert-file': { type: 'string' },
         'key-file': { type: 'string' },
@@ -218,6 +225,7 @@ function answerFor(request, opts) {
 async function runSession(sessions, request, metadata, opts, summary) {
   Object.assign(summary, {
     session_id: null, kinds: [], seqs: [], state: null, inputs: [], resolved: [], responded: [],
+    pauses: [], raised: [],
   });
   const call = sessions.RunSession(request, metadata, { deadline: deadline(opts.timeout) });
   let final = null;
@@ -228,6 +236,16 @@ async function runSession(sessions, request, metadata, opts, summary) {
     summary.kinds.push(event.kind);
     summary.seqs.push(Number(event.seq));
     if (event.kind === 'result') final = event.result.session;
+    if (event.kind === 'paused') {
+      summary.pauses.push(event.paused.pause);
+      if (opts['raise-to'] !== undefined) {
+        const raise = { session_id: event.session_id, max_budget_usd: opts['raise-to'] };
+        answers.push(unary(sessions, 'UpdateSessionBudget', raise, metadata, 30).then(
+          (reply) => { summary.raised.push(reply.max_budget_usd); },
+          (err) => { failures.push(err); },
+        ));
+      }
+    }
     if (event.kind === 'input_resolved') summary.resolved.push(event.input_resolved);
     if (event.kind === 'input_request') {
       const asked = event.input_request;
@@ -314,6 +332,8 @@ async function main() {
       prompt: opts.prompt, model: opts.model, max_budget_usd: opts.budget,
       tools: opts.callerTools, require_approval: opts['require-approval'],
       output_schema_json: opts['output-schema'], input_files: opts.inputFiles,
+      on_budget_exhausted: opts['on-budget-exhausted']
+        ? `ON_BUDGET_EXHAUSTED_${opts['on-budget-exhausted'].toUpperCase()}` : 'ON_BUDGET_EXHAUSTED_UNSPECIFIED',
     };
     for (let i = 0; i < opts.sessions; i += 1) {
       const final = await runSession(sessions, request, metadata, opts, summary);

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # whose one assistant message or transcript-mirror frame is larger: 1,000 parallel tool
 # uses, say, or a long answer).
 MAX_CLI_MESSAGE_BYTES = 64 << 20
+# How much longer than its pause may last the CLI waits for a request held at the budget
+# (the answer itself may take minutes once the request goes on).
+PAUSED_REQUEST_MARGIN_S = 600.0
 
 BUNDLED_CLI = Path(claude_agent_sdk.__file__).resolve().parent / "_bundled" / "claude"
 
@@ -168,7 +171,7 @@ class Launcher:
         meter: SessionMeter,
         *,
         resume: str | None,
-        budget: Decimal,
+        budget: Decimal | None,
         max_turns: int,
         caller: CallerLoop | None = None,
     ) -> ClaudeAgentOptions:
@@ -177,6 +180,10 @@ class Launcher:
         extra = {}
         if self.config.cli_max_retries is not None:
             extra["CLAUDE_CODE_MAX_RETRIES"] = str(self.config.cli_max_retries)
+        if spec.pauses:
+            # A request held while the session is paused at its budget must not time out
+            # in the CLI first (its default: 10 minutes): the pause's own bound governs.
+            extra["API_TIMEOUT_MS"] = str(int((spec.max_pause_s + PAUSED_REQUEST_MARGIN_S) * 1000))
         servers = cli_servers(
             session_servers(spec.tools, tenant.mcp_servers), self._gateway.base_url, meter.token
         )
@@ -228,7 +235,7 @@ class Launcher:
             ),
             system_prompt=tenant.system_prompt,
             max_turns=max_turns,
-            max_budget_usd=float(budget),
+            max_budget_usd=float(budget) if budget is not None else None,
             resume=resume,
             # Transcripts are mirrored to the database, so a resume works on any replica.
             session_store=cast(

@@ -47,8 +47,15 @@ PoolKey = tuple[tuple[str, ...], str, int, Decimal, tuple[bool, str, int, str]]
 def pool_key(spec: SessionSpec) -> PoolKey | None:
     """What a CLI's options depend on at spawn, for matching a request to a warm agent
     (None: the request resumes a conversation, has its caller in the loop, an output
-    schema or input files: all are fixed at spawn too)."""
-    if spec.resume_session_id or spec.in_the_loop or spec.output_schema or spec.input_files:
+    schema or input files: all are fixed at spawn too; or it pauses at its budget: a warm
+    CLI checks a budget of its own)."""
+    if (
+        spec.resume_session_id
+        or spec.in_the_loop
+        or spec.output_schema
+        or spec.input_files
+        or spec.pauses
+    ):
         return None
     return (spec.tools, spec.model, spec.max_turns, spec.budget_usd, spec.knobs)
 

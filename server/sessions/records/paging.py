@@ -22,6 +22,7 @@ def _filter_digest(flt: SessionFilter) -> str:
             sorted(flt.labels),
             # Only when set, so tokens issued before the filter existed stay valid.
             *(["awaiting"] if flt.awaiting else []),
+            *(["paused"] if flt.paused else []),
         ]
     )
     return hashlib.sha256(body.encode()).hexdigest()[:16]

@@ -24,6 +24,7 @@ from ..agents.pool import WarmAgent, WarmPool
 from ..caller_loop.inputs import InputHub
 from ..live import LiveSession
 from ..parts import SessionParts
+from ..pauses import BudgetHub, SessionBudget
 from ..run_request import SessionSpec
 from .ending import result_event, write_end
 from .metering import RequestRecorder
@@ -44,11 +45,13 @@ class SessionLifecycle:
         pool: WarmPool | None = None,
         *,
         finish_retry_s: float = 60.0,
+        budgets: BudgetHub | None = None,
     ) -> None:
         # A running session writes, and waits for its caller's answers, through the
         # running sessions' own pool.
         self._db = parts.upkeep_db
         self._webhooks = parts.webhooks
+        self._budgets = budgets or BudgetHub(parts.upkeep_db, parts.webhooks)
         self._runner = runner
         self._capacity = parts.capacity
         self._queries = parts.queries
@@ -66,12 +69,20 @@ class SessionLifecycle:
         context: contextvars.Context,
     ) -> None:
         """Start the session's run task in `context` (the observer's, its span current)."""
+        # From admission on, raises of its budget (UpdateSessionBudget) reach the session.
+        budget = self._budgets.session(live, spec.max_pause_s)
         live.task = asyncio.create_task(
-            self._run(live, spec, tenant, warm), name=f"session-{live.id}", context=context
+            self._run(live, spec, tenant, warm, budget), name=f"session-{live.id}", context=context
         )
+        live.task.add_done_callback(lambda _: budget.close())
 
     async def _run(
-        self, live: LiveSession, spec: SessionSpec, tenant: Tenant, warm: WarmAgent | None
+        self,
+        live: LiveSession,
+        spec: SessionSpec,
+        tenant: Tenant,
+        warm: WarmAgent | None,
+        budget: SessionBudget,
     ) -> None:
         try:
             if live.cancel_requested.is_set():  # cancelled while IDLE: never start
@@ -97,7 +108,7 @@ class SessionLifecycle:
                 waiter = (
                     self._inputs.waiter(live, spec.answer_timeout_s) if spec.in_the_loop else None
                 )
-                outcome = await self._runner.run(live, spec, tenant, warm, settled, waiter)
+                outcome = await self._runner.run(live, spec, tenant, warm, settled, waiter, budget)
                 await recorder.close()
         except asyncio.CancelledError:
             # Cancelled from outside (event loop shutdown): still record the end.

@@ -36,6 +36,7 @@ from ..agents.pool import WarmAgent
 from ..caller_loop.inputs import InputWaiter
 from ..caller_loop.loop import CallerLoop
 from ..live import LiveSession
+from ..pauses import SessionBudget
 from ..run_request import SessionSpec
 from ..workspace.files import Stamp, collect_artifacts, snapshot, write_input_files
 from .limits_watch import watch_limits
@@ -105,6 +106,7 @@ class AgentRunner:
         warm: WarmAgent | None = None,
         on_model_request: Callable[[MeteredRequest], None] | None = None,
         waiter: InputWaiter | None = None,
+        budget: SessionBudget | None = None,
     ) -> Outcome:
         """Run the agent, publishing each SDK message as events; return how it ended.
 
@@ -116,7 +118,8 @@ class AgentRunner:
         (live.cancel_requested) interrupts the agent; the outcome is then ERROR with
         live.cancel_reason, charged for what the agent used. Whatever happens, no process
         of the session survives. `waiter` asks the caller, for a session with its caller
-        in the loop (spec.in_the_loop).
+        in the loop (spec.in_the_loop); `budget` takes raises of the session's budget to
+        its meter (and holds what the budget cannot cover, for a session that pauses).
         """
         dirs = self._launcher.folders.dirs(tenant.name, live.id)
         if warm is not None:
@@ -127,6 +130,8 @@ class AgentRunner:
         else:
             meter = self._launcher.open_meter(live.id, tenant, spec.budget_usd, spec)
         meter.on_request = on_model_request
+        if budget is not None:
+            budget.attach(meter, pauses=spec.pauses)
         run = AgentRun(
             live,
             spec,
@@ -181,7 +186,7 @@ class AgentRunner:
                 outcome.verdict = Verdict(
                     SessionState.ERROR,
                     ErrorReason.BUDGET_EXCEEDED,
-                    f"the session's budget of {spec.budget_usd} USD was used up",
+                    f"the session's budget of {meter.budget_usd} USD was used up",
                 )
             # A limit hit ends the session ERROR even if the agent answered meanwhile.
             if live.event_limit_message:
@@ -222,7 +227,7 @@ class AgentRunner:
                 return run.stopped()
             if not transient or attempt >= policy.attempts:
                 return total
-            if run.meter.exhausted or run.meter.spent_usd >= run.spec.budget_usd:
+            if run.meter.exhausted or run.meter.spent_usd >= run.meter.budget_usd:
                 total.verdict = Verdict(
                     SessionState.ERROR,
                     ErrorReason.BUDGET_EXCEEDED,
@@ -276,7 +281,9 @@ class AgentRunner:
                         run.dirs,
                         run.meter,
                         resume=resume,
-                        budget=run.meter.remaining_usd,
+                        # The gateway's meter holds a session that pauses at its budget:
+                        # the CLI's own check would end it at its first budget.
+                        budget=None if spec.pauses else run.meter.remaining_usd,
                         max_turns=max(1, spec.max_turns - before.num_turns),
                         caller=run.caller,
                     )
