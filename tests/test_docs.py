@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from agentplane.server.tenants import TenantRegistry, hash_token, tenant_keys_table
-from agentplane.server.webhooks.config import webhook_keys_table
+from agentplane.server.tenants.webhooks import webhook_keys_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -56,7 +56,7 @@ def generated_table(page: str) -> list[str]:
         (
             "webhooks.md",
             webhook_keys_table,
-            "agentplane.server.webhooks.config import webhook_keys_table",
+            "agentplane.server.tenants.webhooks import webhook_keys_table",
         ),
     ],
 )

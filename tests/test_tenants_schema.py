@@ -14,7 +14,7 @@ from agentplane.server.tenants import (
     dev_tenant,
     tenant_keys_table,
 )
-from agentplane.server.webhooks.config import ENDPOINT, WEBHOOKS, WebhookPolicy
+from agentplane.server.tenants.webhooks import ENDPOINT, WEBHOOKS, WebhookPolicy
 
 
 def test_the_keys_table_lists_every_declared_key_once() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from agentplane.server.errors import ConfigError
 from agentplane.server.tenants import TenantRegistry, hash_token
-from agentplane.server.webhooks.config import (
+from agentplane.server.tenants.webhooks import (
     CallbackNotAllowed,
     Secret,
     SecretUnavailable,

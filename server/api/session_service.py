@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 from agentplane.v1 import session_pb2, session_pb2_grpc
 
-from ..domain import Event
+from ..domain import Event, Session
 from ..errors import AgentplaneError, InvalidArgument
 from ..sessions.manager import SessionManager
 from ..store.sessions import SessionFilter
@@ -48,6 +48,11 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         except AgentplaneError:  # deleted meanwhile, or the database went away: no matter
             return
         self._spans.session(session)
+
+    def _session(self, session: Session) -> session_pb2.Session:
+        """A session to answer with (the call's span says which it was)."""
+        self._spans.session(session)
+        return convert.session_to_proto(session)
 
     def _event(self, event: Event) -> session_pb2.SessionEvent:
         """An event to send (the last one also tells the call's span how it ended)."""
@@ -95,8 +100,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.Session:
         tenant = self._caller(context)
         session = await self._sessions.get(tenant, request.session_id)
-        self._spans.session(session)
-        return convert.session_to_proto(session)
+        return self._session(session)
 
     @unary
     async def ListSessions(
@@ -124,8 +128,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.Session:
         tenant = self._caller(context)
         session = await self._sessions.cancel(tenant, request.session_id)
-        self._spans.session(session)
-        return convert.session_to_proto(session)
+        return self._session(session)
 
     @unary
     async def UpdateSessionBudget(
@@ -135,8 +138,7 @@ class SessionService(session_pb2_grpc.SessionServiceServicer):
         session = await self._sessions.update_budget(
             tenant, request.session_id, request.max_budget_usd
         )
-        self._spans.session(session)
-        return convert.session_to_proto(session)
+        return self._session(session)
 
     @unary
     async def Respond(

@@ -15,7 +15,7 @@ from ..errors import InvalidArgument
 from ..money.windows import window_bounds
 from ..store.outbox import Delivery
 from ..tenants import TenantRegistry
-from ..webhooks.config import BUDGET_THRESHOLD, SESSION_ENDED, SESSION_PAUSED, SESSION_WAITING
+from ..tenants.webhooks import BUDGET_THRESHOLD, SESSION_ENDED, SESSION_PAUSED, SESSION_WAITING
 from ..webhooks.listing import DeliveryReader, check_filter
 from . import convert
 from .auth import caller

@@ -194,7 +194,7 @@ class Admitter:
                 tenant,
                 session,
                 started,
-                request_hash=spec.fingerprint(),
+                request_hash=spec.request_hash,
                 leases=self._leases,
             )
         except IntegrityError:
@@ -268,12 +268,14 @@ class Admitter:
         return None
 
     async def _by_request_id(self, tenant: Tenant, spec: SessionSpec) -> Admission | None:
+        """The session that the spec's request_id started (None: none yet); InvalidArgument
+        if that was a different request (another request hash)."""
         async with self._db() as db:
             found = await repo.find_by_request_id(db, tenant.name, spec.request_id)
         if found is None:
             return None
-        session, fingerprint = found
-        if fingerprint != spec.fingerprint():
+        session, earlier_hash = found
+        if earlier_hash != spec.request_hash:
             raise InvalidArgument(
                 "request_id",
                 f"{spec.request_id} was already used for session {session.id} with a "

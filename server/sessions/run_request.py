@@ -6,13 +6,13 @@ import hashlib
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
 import jsonschema
 
-from ..approvals import MAX_RULES, parse_rule
+from ..approvals import MAX_RULES, Rule, parse_rule
 from ..domain import OnBudgetExhausted, usd
 from ..errors import InvalidArgument, quote
 from ..mcp.servers import covered
@@ -127,6 +127,8 @@ class SessionSpec:
     # Pause at its budget instead of ending (and for how long at most).
     on_budget_exhausted: OnBudgetExhausted = OnBudgetExhausted.END
     max_pause_s: float = 3600.0
+    # The hash of the request body (see fingerprint), filled in by validate.
+    request_hash: str = field(default="", compare=False)
 
     @property
     def pauses(self) -> bool:
@@ -147,58 +149,6 @@ class SessionSpec:
             self.max_thinking_tokens,
             self.fallback_model,
         )
-
-    def fingerprint(self) -> str:
-        """A hash of the request body, to tell a true repeat of a request_id from a reuse."""
-        body = {
-            "prompt": self.prompt,
-            "budget": str(self.budget_usd),
-            "max_turns": self.max_turns,
-            "tools": list(self.tools),
-            "model": self.model,
-            "labels": self.labels,
-            "resume": self.resume_session_id,
-            **(
-                {
-                    "caller": [
-                        [[t.name, t.description, t.input_schema_json] for t in self.caller_tools],
-                        list(self.require_approval),
-                        self.answer_timeout_s,
-                    ]
-                }
-                if self.in_the_loop
-                else {}
-            ),
-            **({"output_schema": self.output_schema_json} if self.output_schema_json else {}),
-            **(
-                {
-                    "files": [
-                        [f.path, hashlib.sha256(f.content).hexdigest()] for f in self.input_files
-                    ]
-                }
-                if self.input_files
-                else {}
-            ),
-            # Only when set, so that earlier requests keep their fingerprints.
-            **(
-                {
-                    "knobs": [
-                        self.include_partial_messages,
-                        self.effort,
-                        self.max_thinking_tokens,
-                        self.fallback_model,
-                    ]
-                }
-                if self.knobs != _NO_KNOBS
-                else {}
-            ),
-            **({"callback_url": self.callback_url} if self.callback_url else {}),
-            **({"pause": True} if self.pauses else {}),
-        }
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-_NO_KNOBS = (False, "", 0, "")
 
 
 def _effort(raw: str, tenant: Tenant) -> str:
@@ -278,49 +228,35 @@ def _turns(raw: int, tenant: Tenant) -> int:
     return raw
 
 
-def _tools(raw: tuple[str, ...], tenant: Tenant) -> tuple[str, ...]:
-    if not raw:
-        return tenant.allowed_tools
-    # A request may name one tool of a server the tenant allows as a whole.
-    outside = [t for t in raw if not covered(t, tenant.allowed_tools)]
-    if outside:
-        raise InvalidArgument(
-            "allowed_tools",
-            f"{', '.join(sorted(set(outside)))} not in the tenant's tools "
-            f"({', '.join(tenant.allowed_tools) or 'none'})",
-        )
-    return tuple(dict.fromkeys(raw))
-
-
-def _caller_tools(raw: tuple[CallerTool, ...], tools: tuple[str, ...]) -> tuple[CallerTool, ...]:
+def _caller_tools(raw: tuple[CallerTool, ...]) -> tuple[CallerTool, ...]:
     if len(raw) > MAX_CALLER_TOOLS:
         raise InvalidArgument("tools", f"at most {MAX_CALLER_TOOLS} tools, not {len(raw)}")
-    seen: set[str] = set()
-    checked = []
-    for i, tool in enumerate(raw):
-        where = f"tools[{i}]"
-        if not _TOOL_NAME.fullmatch(tool.name):
-            raise InvalidArgument(
-                f"{where}.name", f"{quote(tool.name)}: names are 1-64 characters of [A-Za-z0-9_-]"
-            )
-        if tool.name in seen or tool.name in tools:
-            raise InvalidArgument(f"{where}.name", f"{tool.name} is taken by another tool")
-        seen.add(tool.name)
-        if len(tool.description) > MAX_TOOL_DESCRIPTION_CHARS:
-            raise InvalidArgument(
-                f"{where}.description",
-                f"{tool.name}: at most {MAX_TOOL_DESCRIPTION_CHARS} characters",
-            )
-        no_nul(f"{where}.description", tool.description)
-        checked.append(
-            CallerTool(
-                tool.name,
-                tool.description,
-                tool.input_schema_json,
-                _schema(f"{where}.input_schema_json", tool),
-            )
+    names = [tool.name for tool in raw]
+    return tuple(
+        _caller_tool(f"tools[{i}]", tool, taken=set(names[:i])) for i, tool in enumerate(raw)
+    )
+
+
+def _caller_tool(where: str, tool: CallerTool, taken: set[str]) -> CallerTool:
+    """`tool` checked, with its schema parsed; `taken`: the names it must not reuse."""
+    if not _TOOL_NAME.fullmatch(tool.name):
+        raise InvalidArgument(
+            f"{where}.name", f"{quote(tool.name)}: names are 1-64 characters of [A-Za-z0-9_-]"
         )
-    return tuple(checked)
+    if tool.name in taken:
+        raise InvalidArgument(f"{where}.name", f"{tool.name} is taken by another tool")
+    if len(tool.description) > MAX_TOOL_DESCRIPTION_CHARS:
+        raise InvalidArgument(
+            f"{where}.description",
+            f"{tool.name}: at most {MAX_TOOL_DESCRIPTION_CHARS} characters",
+        )
+    no_nul(f"{where}.description", tool.description)
+    return CallerTool(
+        tool.name,
+        tool.description,
+        tool.input_schema_json,
+        _schema(f"{where}.input_schema_json", tool),
+    )
 
 
 def _schema(where: str, tool: CallerTool) -> dict[str, Any]:
@@ -403,20 +339,46 @@ def _input_files(raw: tuple[InputFile, ...], tenant: Tenant) -> tuple[InputFile,
     return raw
 
 
-def _approval(raw: tuple[str, ...], tenant: Tenant, tools: set[str]) -> tuple[str, ...]:
-    """The tenant's rules, then the request's (each naming a tool of the session)."""
-    if len(raw) > MAX_RULES:
-        raise InvalidArgument("require_approval", f"at most {MAX_RULES} rules, not {len(raw)}")
-    for i, text in enumerate(raw):
-        try:
-            rule = parse_rule(text)
-        except ValueError as exc:
-            raise InvalidArgument(f"require_approval[{i}]", f"{quote(text)}: {exc}") from None
-        if not covered(rule.tool, tools) and not any(covered(t, {rule.tool}) for t in tools):
+def _tool_policy(
+    request: RunRequest, tenant: Tenant
+) -> tuple[tuple[str, ...], tuple[CallerTool, ...], tuple[str, ...]]:
+    """The session's tools, the caller's tools and the approval rules (the tenant's, then
+    the request's), checked in one place: the caller's tools and the rules' own form
+    first, then every name against the tenant's tools and one another."""
+    caller_tools = _caller_tools(request.caller_tools)
+    raw_rules = request.require_approval
+    if len(raw_rules) > MAX_RULES:
+        raise InvalidArgument(
+            "require_approval", f"at most {MAX_RULES} rules, not {len(raw_rules)}"
+        )
+    rules = [_rule(f"require_approval[{i}]", text) for i, text in enumerate(raw_rules)]
+    # A request may name one tool of a server the tenant allows as a whole.
+    outside = [t for t in request.allowed_tools if not covered(t, tenant.allowed_tools)]
+    if outside:
+        raise InvalidArgument(
+            "allowed_tools",
+            f"{', '.join(sorted(set(outside)))} not in the tenant's tools "
+            f"({', '.join(tenant.allowed_tools) or 'none'})",
+        )
+    tools = tuple(dict.fromkeys(request.allowed_tools)) or tenant.allowed_tools
+    for i, tool in enumerate(caller_tools):
+        if tool.name in tools:
+            raise InvalidArgument(f"tools[{i}].name", f"{tool.name} is taken by another tool")
+    names = {*tools, *(t.name for t in caller_tools)}
+    for i, (text, rule) in enumerate(zip(raw_rules, rules, strict=True)):
+        if not covered(rule.tool, names) and not any(covered(t, {rule.tool}) for t in names):
             raise InvalidArgument(
                 f"require_approval[{i}]", f"{quote(text)} names no tool of this session"
             )
-    return tuple(dict.fromkeys((*tenant.require_approval, *(t.strip() for t in raw))))
+    approval = (*tenant.require_approval, *(t.strip() for t in raw_rules))
+    return tools, caller_tools, tuple(dict.fromkeys(approval))
+
+
+def _rule(where: str, text: str) -> Rule:
+    try:
+        return parse_rule(text)
+    except ValueError as exc:
+        raise InvalidArgument(where, f"{quote(text)}: {exc}") from None
 
 
 def _answer_timeout(raw: float, tenant: Tenant) -> float:
@@ -466,37 +428,46 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
             uuid.UUID(request.resume_session_id)
         except ValueError:
             raise InvalidArgument("resume_session_id", "must be a session id (a UUID)") from None
-    tools = _tools(request.allowed_tools, tenant)
-    caller_tools = _caller_tools(request.caller_tools, tools)
     model = request.model.strip()
-    return SessionSpec(
+    effort = _effort(request.effort, tenant)
+    thinking = _thinking(request.max_thinking_tokens, tenant)
+    fallback = _fallback(request.fallback_model, model, tenant)
+    max_turns = _turns(request.max_turns, tenant)
+    answer_timeout_s = _answer_timeout(request.answer_timeout_s, tenant)
+    output_schema = (
+        json_schema("output_schema_json", request.output_schema_json)
+        if request.output_schema_json.strip()
+        else None
+    )
+    callback_url = (
+        tenant.webhooks.check_callback(request.callback_url.strip())
+        if request.callback_url.strip()
+        else ""
+    )
+    labels = check_labels(request.labels)
+    # What involves other parts of the policy comes last, each part asked once: the
+    # tools (MCP servers and approval rules), the files, the money.
+    tools, caller_tools, require_approval = _tool_policy(request, tenant)
+    input_files = _input_files(request.input_files, tenant)
+    budget = _budget(request.max_budget_usd, tenant)
+    spec = SessionSpec(
         prompt=request.prompt,
-        budget_usd=_budget(request.max_budget_usd, tenant),
-        max_turns=_turns(request.max_turns, tenant),
+        budget_usd=budget,
+        max_turns=max_turns,
         tools=tools,
         caller_tools=caller_tools,
-        require_approval=_approval(
-            request.require_approval, tenant, {*tools, *(t.name for t in caller_tools)}
-        ),
-        answer_timeout_s=_answer_timeout(request.answer_timeout_s, tenant),
+        require_approval=require_approval,
+        answer_timeout_s=answer_timeout_s,
         output_schema_json=request.output_schema_json.strip(),
-        output_schema=(
-            json_schema("output_schema_json", request.output_schema_json)
-            if request.output_schema_json.strip()
-            else None
-        ),
-        input_files=_input_files(request.input_files, tenant),
+        output_schema=output_schema,
+        input_files=input_files,
         model=model,
         include_partial_messages=request.include_partial_messages,
-        effort=_effort(request.effort, tenant),
-        max_thinking_tokens=_thinking(request.max_thinking_tokens, tenant),
-        fallback_model=_fallback(request.fallback_model, model, tenant),
-        callback_url=(
-            tenant.webhooks.check_callback(request.callback_url.strip())
-            if request.callback_url.strip()
-            else ""
-        ),
-        labels=check_labels(request.labels),
+        effort=effort,
+        max_thinking_tokens=thinking,
+        fallback_model=fallback,
+        callback_url=callback_url,
+        labels=labels,
         request_id=str(uuid.UUID(request.request_id)) if request.request_id else "",
         on_disconnect_continue=request.on_disconnect_continue,
         max_duration_s=tenant.max_duration_s,
@@ -506,3 +477,55 @@ def validate(request: RunRequest, tenant: Tenant) -> SessionSpec:
             str(uuid.UUID(request.resume_session_id)) if request.resume_session_id else ""
         ),
     )
+    return replace(spec, request_hash=fingerprint(spec))
+
+
+# The knobs of a request that sets none (see SessionSpec.knobs).
+_NO_KNOBS = (False, "", 0, "")
+
+
+def fingerprint(spec: SessionSpec) -> str:
+    """A hash of the request body, to tell a true repeat of a request_id from a reuse
+    (its resume_sdk_session_id, found later, is no part of it)."""
+    body = {
+        "prompt": spec.prompt,
+        "budget": str(spec.budget_usd),
+        "max_turns": spec.max_turns,
+        "tools": list(spec.tools),
+        "model": spec.model,
+        "labels": spec.labels,
+        "resume": spec.resume_session_id,
+        **(
+            {
+                "caller": [
+                    [[t.name, t.description, t.input_schema_json] for t in spec.caller_tools],
+                    list(spec.require_approval),
+                    spec.answer_timeout_s,
+                ]
+            }
+            if spec.in_the_loop
+            else {}
+        ),
+        **({"output_schema": spec.output_schema_json} if spec.output_schema_json else {}),
+        **(
+            {"files": [[f.path, hashlib.sha256(f.content).hexdigest()] for f in spec.input_files]}
+            if spec.input_files
+            else {}
+        ),
+        # Only when set, so that earlier requests keep their fingerprints.
+        **(
+            {
+                "knobs": [
+                    spec.include_partial_messages,
+                    spec.effort,
+                    spec.max_thinking_tokens,
+                    spec.fallback_model,
+                ]
+            }
+            if spec.knobs != _NO_KNOBS
+            else {}
+        ),
+        **({"callback_url": spec.callback_url} if spec.callback_url else {}),
+        **({"pause": True} if spec.pauses else {}),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 
 from alembic import command
 from alembic.config import Config
@@ -130,14 +129,9 @@ class _Transaction(AsyncSessionTransaction):
         with database_outages():
             return await super().__aenter__()
 
-    async def __aexit__(
-        self,
-        type_: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         with database_outages():
-            await super().__aexit__(type_, value, traceback)
+            await super().__aexit__(*exc_info)
 
 
 class _SyncSession(Session):
@@ -164,14 +158,10 @@ class _Session(DbSession):
     def begin(self) -> AsyncSessionTransaction:
         return _Transaction(self)
 
-    async def __aexit__(
-        self,
-        type_: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         with database_outages():
-            await super().__aexit__(type_, value, traceback)  # closes the session
+            await super().__aexit__(*exc_info)  # closes the session
+        value = exc_info[1]
         if isinstance(value, Exception) and (translated := unavailable(value)) is not None:
             raise translated from value
 

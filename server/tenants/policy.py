@@ -15,7 +15,7 @@ from pathlib import Path
 from ..domain import OnBudgetExhausted
 from ..mcp.servers import McpServer
 from ..sandbox.limits import SessionLimits
-from ..webhooks.config import WebhookPolicy
+from .webhooks import WebhookPolicy
 
 DEFAULT_TENANT = "default"
 # The SDK's effort levels (ClaudeAgentOptions.effort).

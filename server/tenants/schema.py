@@ -24,9 +24,9 @@ from ..mcp.servers import PREFIX as MCP_PREFIX
 from ..mcp.servers import parse_servers, tool_server
 from ..sandbox.limits import SessionLimits
 from ..toml_schema import Key, Rule, Table, bounded, count, mib, positive_int, strings, text
-from ..webhooks.config import parse_webhooks
 from . import policy
 from .policy import EventLimits, FileLimits, Tenant
+from .webhooks import parse_webhooks
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -16,7 +16,7 @@ from ..errors import InvalidArgument, quote
 from ..store import outbox as repo
 from ..store.outbox import Delivery, DeliveryFilter
 from ..tenants import Tenant
-from .config import EVENTS
+from ..tenants.webhooks import EVENTS
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from ..domain import InputRequest, Session, utcnow
 from ..store.outbox import NewDelivery, insert_deliveries, session_window
 from ..tenants import Tenant, TenantRegistry
-from .config import (
+from ..tenants.webhooks import (
     BUDGET_THRESHOLD,
     CALLBACK,
     CALLBACK_EVENTS,

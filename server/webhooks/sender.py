@@ -31,7 +31,7 @@ from ..store import outbox as repo
 from ..store.engine import bus_of
 from ..store.outages import cause
 from ..tenants import TenantRegistry
-from .config import SecretUnavailable, WebhookPolicy
+from ..tenants.webhooks import SecretUnavailable, WebhookPolicy
 from .metrics import WebhookMetrics
 
 log = logging.getLogger(__name__)
