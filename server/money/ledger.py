@@ -57,7 +57,10 @@ async def reserve_for_session(
     if held:
         return
     window = await repo.get_window(db, tenant.name, day)
-    remaining = window.limit_usd - window.spent_usd - window.reserved_usd if window else amount
+    # Against the tenant's limit now: the row keeps the limit of its last hold, which a
+    # reload may have lowered since (the refused UPDATE wrote nothing).
+    limit = tenant.daily_limit_usd
+    remaining = limit - window.spent_usd - window.reserved_usd if window else amount
     if remaining >= amount:  # the window covers it: the holds are at their maximum
         raise QuotaExceeded(
             "CONCURRENCY_LIMIT",
