@@ -208,14 +208,20 @@ class SessionBudget:
         if self._expired:
             return False
         if self._pause is None or self._pause.done():
-            self._pause = asyncio.create_task(self._paused(), name=f"pause-{self.live.id}")
+            assert self._meter is not None
+            # The budget the refused reservation saw, read now: a raise applied before the
+            # task first runs must still wake it (read there, it would wait for another).
+            self._pause = asyncio.create_task(
+                self._paused(self._meter.budget_usd), name=f"pause-{self.live.id}"
+            )
         # Shielded: the agent hanging up its request does not end the pause.
         return await asyncio.shield(self._pause)
 
-    async def _paused(self) -> bool:
+    async def _paused(self, budget: Decimal) -> bool:
         live, meter = self.live, self._meter
         assert meter is not None
-        budget = meter.budget_usd
+        if meter.budget_usd > budget:
+            return True  # raised already: reserve again, no pause to record
         now = utcnow()
         pause = BudgetPause(
             PauseReason.SESSION_BUDGET, now, now + timedelta(seconds=self._max_pause_s)
