@@ -151,7 +151,7 @@ class Admitter:
             if self._pool is not None and warm is not None and live is None:
                 self._pool.give_back(warm)  # not admitted (or a repeat): still unused
         if live is not None:
-            self._start(live, spec, tenant, warm)
+            self._lifecycle.launch(live, spec, tenant, warm)
         assert admission is not None
         return admission
 
@@ -203,7 +203,7 @@ class Admitter:
                 raise
             # A concurrent request with the same request_id won the unique constraint (of
             # its hold, or of its session): re-attach to its session once written.
-            earlier = await self._earlier(tenant, spec)
+            earlier = await self._by_request_id(tenant, spec, wait=True)
             if earlier is None:
                 raise Unavailable(
                     f"request_id: a concurrent request with {spec.request_id} was not "
@@ -215,25 +215,6 @@ class Admitter:
             raise
         live.publish(started, persist=False)
         return Admission(session.id, self._queries.follow(tenant, session.id, 0), live)
-
-    def _start(
-        self, live: LiveSession, spec: SessionSpec, tenant: Tenant, warm: WarmAgent | None
-    ) -> None:
-        # The run task starts in the context the observer gives (its trace span current).
-        session = live.session
-        context = self._observer.admitted(session, spec.prompt)
-        context.run(
-            log.info,
-            "session_start",
-            extra={
-                "session_id": session.id,
-                "tenant": tenant.name,
-                "model": session.model,
-                "max_budget_usd": str(session.max_budget_usd),
-                "max_turns": session.max_turns,
-            },
-        )
-        self._lifecycle.launch(live, spec, tenant, warm, context)
 
     async def _resolve_resume(self, tenant: Tenant, spec: SessionSpec) -> SessionSpec:
         """Find the SDK conversation an earlier session of this tenant left behind."""
@@ -254,24 +235,21 @@ class Admitter:
             )
         return replace(spec, resume_sdk_session_id=earlier.sdk_session_id)
 
-    async def _earlier(self, tenant: Tenant, spec: SessionSpec) -> Admission | None:
-        """The session a concurrent repeat of this request is admitting, once written; None
-        if that admission let its hold go without one."""
-        for _ in range(EARLIER_POLLS):
-            earlier = await self._by_request_id(tenant, spec)
-            if earlier is not None:
-                return earlier
+    async def _by_request_id(
+        self, tenant: Tenant, spec: SessionSpec, *, wait: bool = False
+    ) -> Admission | None:
+        """The session that the spec's request_id started (None: none yet); with `wait`,
+        a concurrent admission of it is awaited until it wrote its session or let its hold
+        go. InvalidArgument if that was a different request (another request hash)."""
+        found = None
+        for _ in range(EARLIER_POLLS if wait else 1):
             async with self._db() as db:
-                if not await holds_request(db, tenant.name, spec.request_id):
-                    return await self._by_request_id(tenant, spec)
+                # The hold first: an admission writes its session only while it holds.
+                held = wait and await holds_request(db, tenant.name, spec.request_id)
+                found = await repo.find_by_request_id(db, tenant.name, spec.request_id)
+            if found is not None or not held:
+                break
             await asyncio.sleep(EARLIER_POLL_S)
-        return None
-
-    async def _by_request_id(self, tenant: Tenant, spec: SessionSpec) -> Admission | None:
-        """The session that the spec's request_id started (None: none yet); InvalidArgument
-        if that was a different request (another request hash)."""
-        async with self._db() as db:
-            found = await repo.find_by_request_id(db, tenant.name, spec.request_id)
         if found is None:
             return None
         session, earlier_hash = found

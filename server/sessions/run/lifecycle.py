@@ -8,7 +8,6 @@ left to crash recovery.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 
 from sqlalchemy.exc import DBAPIError
@@ -66,9 +65,22 @@ class SessionLifecycle:
         spec: SessionSpec,
         tenant: Tenant,
         warm: WarmAgent | None,
-        context: contextvars.Context,
     ) -> None:
-        """Start the session's run task in `context` (the observer's, its span current)."""
+        """Start the admitted session's run task, in the context the observer gives (its
+        trace span current)."""
+        session = live.session
+        context = self._observer.admitted(session, spec.prompt)
+        context.run(
+            log.info,
+            "session_start",
+            extra={
+                "session_id": session.id,
+                "tenant": tenant.name,
+                "model": session.model,
+                "max_budget_usd": str(session.max_budget_usd),
+                "max_turns": session.max_turns,
+            },
+        )
         # From admission on, raises of its budget (UpdateSessionBudget) reach the session.
         budget = self._budgets.session(live, spec.max_pause_s)
         live.task = asyncio.create_task(
