@@ -49,8 +49,11 @@ run: setup ## migrate and start the server (sandbox model beside it when ANTHROP
 migrate: $(STAMP) ## apply database migrations to AGENTPLANE_DATABASE_URL
 	$(PY) -m agentplane.server migrate
 
-test: setup ## run the whole test suite (PostgreSQL too when AGENTPLANE_TEST_DATABASE_URL is set)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+# Test processes (pytest-xdist, a module per process): the suite waits on agents, servers
+# and databases far more than it computes, so three keep two cores busy.
+TEST_WORKERS ?= 3
+test: setup ## run the whole test suite in TEST_WORKERS processes (PostgreSQL too when AGENTPLANE_TEST_DATABASE_URL is set)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff format --check (fails on a diff), ruff check, mypy, then `make deps`
 	$(VENV)/bin/ruff format --check $(LINT_PATHS) \

@@ -210,15 +210,17 @@ async def start_replicas(
     *,
     scripts: Mapping[str, Script] | None = None,
     extra_tenants: str = "",
+    server_url: str = "",
     **env: str,
 ) -> AsyncIterator[Replicas]:
-    """`n` replicas on a fresh PostgreSQL database (dropped afterwards), started at once,
-    each SERVING; `env` is their environment on top of the harness's (e.g.
-    AGENTPLANE_SHUTDOWN_GRACE_S). Tenants: the harness's (`harness.TOKENS`) and
-    `extra_tenants` (TOML). On exit no agent process may be left."""
+    """`n` replicas on a fresh PostgreSQL database (dropped afterwards) of `server_url`'s
+    server (default: the test server), started at once, each SERVING; `env` is their
+    environment on top of the harness's (e.g. AGENTPLANE_SHUTDOWN_GRACE_S). Tenants: the
+    harness's (`harness.TOKENS`) and `extra_tenants` (TOML). On exit no agent process may
+    be left."""
     if not TEST_PG_URL:
         pytest.skip("replicas share PostgreSQL: set AGENTPLANE_TEST_DATABASE_URL")
-    database = PostgresDatabase(TEST_PG_URL)
+    database = PostgresDatabase(server_url or TEST_PG_URL)
     url = database.create()
     work = short_dir()
     try:

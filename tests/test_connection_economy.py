@@ -21,6 +21,7 @@ from agentplane.server.store.app_names import application_name
 from agentplane.server.store.engine import create_engine
 from agentplane.server.store.pools import IdleClosingPool, PoolSize
 from harness import TOKENS
+from private_postgres import private_postgres
 from replicas_harness import SERVING, Replicas, requires_postgres, start_replicas
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -40,13 +41,14 @@ MOST = (
 
 async def held(fleet: Replicas) -> dict[int, Counter[str]]:
     """Each replica's (by pid) connections to the fleet's database, by purpose."""
-    name = make_url(fleet.database_url).database
+    url = make_url(fleet.database_url)
     async with await psycopg.AsyncConnection.connect(
-        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+        host=url.host, port=url.port or 5432, user="postgres", dbname="postgres", autocommit=True
     ) as admin:
         rows = await (
             await admin.execute(
-                "SELECT application_name FROM pg_stat_activity WHERE datname = %s", (name,)
+                "SELECT application_name FROM pg_stat_activity WHERE datname = %s",
+                (url.database,),
             )
         ).fetchall()
     host = socket.gethostname()
@@ -182,10 +184,11 @@ SMALL = {
 SMALL_MOST = 1 + 1 + 1 + 0 + 1
 
 
-async def room_for_agentplane() -> int:
-    """max_connections less the superuser reserve, of the test database's server."""
+async def room_for_agentplane(server_url: str) -> int:
+    """max_connections less the superuser reserve, of `server_url`'s server."""
+    url = make_url(server_url)
     async with await psycopg.AsyncConnection.connect(
-        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+        host=url.host, port=url.port or 5432, user="postgres", dbname="postgres", autocommit=True
     ) as admin:
         row = await (
             await admin.execute(
@@ -202,13 +205,20 @@ async def room_for_agentplane() -> int:
 @pytest.mark.timeout(1200)  # 20 servers' start-up on a small, busy machine
 @pytest.mark.asyncio
 async def test_twenty_replicas_fit_a_default_postgresql() -> None:
-    room = await room_for_agentplane()
+    # A server of its own, as initdb makes it: tests running beside this one (pytest-xdist)
+    # would take some of the shared server's connections.
+    with private_postgres() as server:
+        await twenty_replicas(server)
+
+
+async def twenty_replicas(server: str) -> None:
+    room = await room_for_agentplane(server)
     if FLEET * SMALL_MOST > room:
         pytest.skip(f"this PostgreSQL leaves {room} connections, fewer than its defaults' 97")
     env = {**SMALL, "AGENTPLANE_DB_IDLE_TIMEOUT_S": "1", "AGENTPLANE_HEALTH_INTERVAL_S": "2"}
     # Started a few at a time: 20 servers starting at once on a small machine outlast the
     # harness's patience for each.
-    async with start_replicas(2, **env) as fleet:
+    async with start_replicas(2, server_url=server, **env) as fleet:
         while len(fleet) < FLEET:
             await asyncio.gather(*(fleet.start(ready_within=300, **env) for _ in range(3)))
         for replica in fleet.replicas:  # all SERVING together, none lost its database

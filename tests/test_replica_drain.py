@@ -115,7 +115,9 @@ async def test_sigterm_of_one_replica_fails_no_call_of_a_balanced_client() -> No
         failed = [o for o in outcomes if isinstance(o, RPCError)]
         assert failed == [], f"{len(failed)} of {CALLS} calls failed: {failed[:3]}"
         finals = [o for o in outcomes if isinstance(o, session_pb2.Session)]
-        assert [s.state for s in finals] == [COMPLETE] * CALLS
+        assert [s.state for s in finals] == [COMPLETE] * CALLS, [
+            (s.id, str(s.error)) for s in finals if s.state != COMPLETE
+        ]
         # Its running session finished within the grace; then it exited 0.
         assert (await events_of(held))[-1].result.session.state == COMPLETE
         assert await draining.wait(30) == 0, draining.tail()
