@@ -20,11 +20,12 @@ import grpc
 import pytest
 from agentplane import AsyncClient
 from agentplane.cli import main
-from agentplane.server.domain import Session, SessionState, utcnow
+from agentplane.server.domain import EventKind, Session, SessionState, utcnow
 from agentplane.server.gateway.meter import SessionMeter
 from agentplane.server.model_double import Script, Step, ToolCall, Usage
 from agentplane.server.sessions.live import LiveSession
 from agentplane.server.sessions.pauses import BudgetHub
+from agentplane.server.sessions.run.ending import result_event
 from agentplane.server.store.engine import create_engine, migrate, sessionmaker
 from agentplane.server.tenants import hash_token
 from agentplane.v1 import budget_pb2, budget_pb2_grpc, session_pb2, session_pb2_grpc
@@ -498,3 +499,27 @@ async def test_a_raise_applied_as_a_pause_begins_wakes_its_held_request(database
         budget.close()
     finally:
         await engine.dispose()
+
+
+async def test_a_raise_applied_as_the_session_ends_does_not_take_the_results_number() -> None:
+    """The session's end numbers its result, then records it; a raise applied meanwhile
+    must not publish an event under that number (the run task would fail on it)."""
+    session = Session(
+        id=str(uuid.uuid4()),
+        tenant="pauser",
+        state=SessionState.RUNNING,
+        create_time=utcnow(),
+        max_budget_usd=Decimal(TWO),
+        max_turns=3,
+        allowed_tools=("Glob",),
+    )
+    live = LiveSession(session, persist=lambda events: asyncio.sleep(0))
+    live.emit(EventKind.STARTED, {"session": session.to_json()})
+    live.seal()
+    seq = live.next_seq
+    assert live.emit(EventKind.BUDGET_RAISED, {"max_budget_usd": "0.19"}).seq == seq
+    final = session.evolve(state=SessionState.COMPLETE, max_budget_usd=Decimal("0.19"))
+    live.publish(result_event(final, seq), persist=False)
+    live.end()
+    assert [e.kind async for e in live.follow()] == [EventKind.STARTED, EventKind.RESULT]
+    await live.writer.close()

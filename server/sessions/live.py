@@ -160,6 +160,7 @@ class LiveSession:
         self._transient: dict[int, deque[tuple[int, Event]]] = {}
         self._wake = asyncio.Event()
         self._ended = False
+        self._sealed = False
 
     @property
     def id(self) -> str:
@@ -174,13 +175,20 @@ class LiveSession:
         """The next event of this session (not yet published)."""
         return Event(self.session.id, self.next_seq, utcnow(), kind, data)
 
+    def seal(self) -> None:
+        """The session's end is being recorded, its result numbered `next_seq`: from now
+        on only that result is published (an event that comes later, a raise of the
+        budget applied as the session ends, say, would take the result's number)."""
+        self._sealed = True
+
     def publish(self, event: Event, *, persist: bool = True) -> None:
         """Make an event visible to watchers (and queue it for the database), if it is
-        within the session's limits (see the class docstring)."""
+        within the session's limits (see the class docstring) and the session is not
+        sealed."""
+        if event.kind is not EventKind.RESULT and (self._sealed or not self._within_limits(event)):
+            return
         if event.seq != len(self._events) + 1:
             raise RuntimeError(f"event {event.seq} out of order after {len(self._events)}")
-        if event.kind is not EventKind.RESULT and not self._within_limits(event):
-            return
         self._events.append(event)
         if persist:
             self.writer.add(event)

@@ -125,6 +125,14 @@ async def set_budget(db: DbSession, session_id: str, *, before: Decimal, after: 
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+async def budget_of(db: DbSession, session_id: str) -> Decimal | None:
+    """A session's budget as stored (None: no such session)."""
+    budget: Decimal | None = await db.scalar(
+        select(SessionRow.max_budget_usd).where(SessionRow.id == session_id)
+    )
+    return budget
+
+
 async def set_pending_budget(db: DbSession, session_id: str, amount: Decimal) -> bool:
     """Keep a raise the day's window cannot cover on a paused session, for a raised daily
     limit to apply (reason DAILY_LIMIT); False when it is not paused."""

@@ -51,6 +51,11 @@ async def write_end(
         final = final.evolve(cost_usd=usd(final.cost_usd + sum(p.estimate_usd for p in pending)))
     if not await repo.save_progress(db, final, expect=expect, lease_expired_by=lease_expired_by):
         return None
+    # A raise committed after `final` was made and before this end is the session's budget
+    # (the row is ended now: no later raise can change it).
+    budget = await repo.budget_of(db, final.id)
+    if budget is not None and budget != final.max_budget_usd:
+        final = final.evolve(max_budget_usd=budget)
     if recovery:
         at = final.end_time or utcnow()
         await requests.settle_records(

@@ -163,8 +163,11 @@ class SessionLifecycle:
             structured_result=outcome.structured if v.state is SessionState.COMPLETE else None,
         )
         self._report_shortfalls(final, outcome)
+        live.seal()
         seq = live.next_seq
         recorded = await self._record_end(live, final, seq, outcome.artifacts)
+        if recorded is not None:  # as recorded: a raise of its budget may have come meanwhile
+            final = Session.from_json(recorded.data["session"])
         live.session = final
         if recorded is not None:  # else the database holds another end: `get` reads it there
             self._queries.remember(final)
