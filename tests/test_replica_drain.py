@@ -81,6 +81,9 @@ async def test_sigterm_of_one_replica_fails_no_call_of_a_balanced_client() -> No
         extra_tenants=FLEET_TENANT,
         AGENTPLANE_SHUTDOWN_GRACE_S="30",
         AGENTPLANE_MAX_SESSIONS="32",
+        # The drain is under test, not the pools: on a busy machine (tests running beside
+        # this one) a session's write may wait for its pool longer than 5 s.
+        AGENTPLANE_DB_POOL_TIMEOUT_S="30",
     ) as fleet:
         draining = fleet[1]
         held = draining.sessions.RunSession(request("long"), metadata=AUTH)
