@@ -106,12 +106,18 @@ class Paused:
 
 
 async def until_paused(
-    sessions: session_pb2_grpc.SessionServiceStub, tenant: str, **fields: Any
+    sessions: session_pb2_grpc.SessionServiceStub,
+    tenant: str,
+    *,
+    token: str = "",
+    **fields: Any,
 ) -> Paused:
+    """A session of `tenant` (its token here, or `token`) run until its `paused` event."""
     fields.setdefault("model", MODEL)
     fields.setdefault("prompt", "[[sandbox:three]] go")
     fields.setdefault("max_budget_usd", TWO)
-    call = sessions.RunSession(session_pb2.RunSessionRequest(**fields), metadata=auth(tenant))
+    metadata = (("authorization", f"Bearer {token}"),) if token else auth(tenant)
+    call = sessions.RunSession(session_pb2.RunSessionRequest(**fields), metadata=metadata)
     events: list[session_pb2.SessionEvent] = []
     async for event in call:
         events.append(event)
