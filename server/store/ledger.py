@@ -16,6 +16,7 @@ from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from .models import BudgetWindowRow, ReservationRow, SessionRow, table
 from .notify import BUDGET_CHANNEL, notify
@@ -96,13 +97,24 @@ async def announce(db: DbSession, tenant: str, day: str) -> None:
     await notify(db, BUDGET_CHANNEL, f"{tenant} {day}")
 
 
+def _is_held(session_id: str) -> tuple[ColumnElement[bool], ...]:
+    """The conditions of a session's reservation while HELD."""
+    return (ReservationRow.session_id == session_id, ReservationRow.status == HELD)
+
+
+async def _held(db: DbSession, session_id: str) -> ReservationRow | None:
+    """A session's reservation, while HELD."""
+    held: ReservationRow | None = await db.scalar(
+        select(ReservationRow).where(*_is_held(session_id))
+    )
+    return held
+
+
 async def confirm(db: DbSession, session_id: str) -> bool:
     """Whether a session's hold is still HELD, locking it until commit: the admission's
     writes check it, so a hold released meanwhile (see `orphans`) admits nothing."""
     result = await db.execute(
-        update(table(ReservationRow))
-        .where(ReservationRow.session_id == session_id, ReservationRow.status == HELD)
-        .values(status=HELD)
+        update(table(ReservationRow)).where(*_is_held(session_id)).values(status=HELD)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
 
@@ -110,18 +122,10 @@ async def confirm(db: DbSession, session_id: str) -> bool:
 async def release(db: DbSession, session_id: str) -> bool:
     """Undo a hold that admitted nothing: its row deleted, the window given back what it
     held (exactly once: False when it was not HELD)."""
-    held = await db.scalar(
-        select(ReservationRow).where(
-            ReservationRow.session_id == session_id, ReservationRow.status == HELD
-        )
-    )
+    held = await _held(db, session_id)
     if held is None:
         return False
-    gone = await db.execute(
-        delete(table(ReservationRow)).where(
-            ReservationRow.session_id == session_id, ReservationRow.status == HELD
-        )
-    )
+    gone = await db.execute(delete(table(ReservationRow)).where(*_is_held(session_id)))
     if gone.rowcount != 1:  # type: ignore[attr-defined]
         return False
     w = BudgetWindowRow
@@ -172,16 +176,12 @@ async def settle(db: DbSession, *, session_id: str, actual: Decimal, now: dateti
 
     Exactly once: a second call finds the reservation SETTLED and changes nothing.
     """
-    held = await db.scalar(
-        select(ReservationRow).where(
-            ReservationRow.session_id == session_id, ReservationRow.status == HELD
-        )
-    )
+    held = await _held(db, session_id)
     if held is None:
         return False
     claimed = await db.execute(
         update(table(ReservationRow))
-        .where(ReservationRow.session_id == session_id, ReservationRow.status == HELD)
+        .where(*_is_held(session_id))
         .values(status=SETTLED, actual_usd=actual, settled_at=now)
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
@@ -222,11 +222,7 @@ async def raise_hold(db: DbSession, *, session_id: str, amount: Decimal, limit: 
     """Add `amount` to a session's held reservation if its window (the day it was taken
     from) covers it within `limit`; one conditional UPDATE, like `reserve`. False when the
     window cannot cover it, or the session holds nothing (it was settled)."""
-    held = await db.scalar(
-        select(ReservationRow).where(
-            ReservationRow.session_id == session_id, ReservationRow.status == HELD
-        )
-    )
+    held = await _held(db, session_id)
     if held is None:
         return False
     w = BudgetWindowRow
@@ -243,7 +239,7 @@ async def raise_hold(db: DbSession, *, session_id: str, amount: Decimal, limit: 
         return False
     await db.execute(
         update(table(ReservationRow))
-        .where(ReservationRow.session_id == session_id, ReservationRow.status == HELD)
+        .where(*_is_held(session_id))
         .values(amount_usd=ReservationRow.amount_usd + amount)
     )
     await notify(db, BUDGET_CHANNEL, f"{held.tenant} {held.day}")
