@@ -5,6 +5,7 @@ a key is written once, ended deliveries are pruned. Times are passed in: no slee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -12,7 +13,9 @@ import pytest
 from agentplane.server.domain import utcnow
 from agentplane.server.store import outbox as repo
 from agentplane.server.store.engine import create_engine, migrate, sessionmaker
+from agentplane.server.tenants import TenantRegistry
 from agentplane.server.webhooks.outbox import webhook_id
+from agentplane.server.webhooks.sender import SenderConfig, WebhookSender
 from sqlalchemy.ext.asyncio import AsyncSession as DbSession
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
@@ -30,7 +33,11 @@ async def db(database_url: str) -> AsyncIterator[async_sessionmaker[DbSession]]:
 
 
 async def add(
-    db: async_sessionmaker[DbSession], tenant: str, *, dedupe: str | None = None
+    db: async_sessionmaker[DbSession],
+    tenant: str,
+    *,
+    dedupe: str | None = None,
+    window: timedelta = timedelta(hours=1),
 ) -> repo.NewDelivery:
     now = utcnow()
     new = repo.NewDelivery(
@@ -41,7 +48,7 @@ async def add(
         url="http://127.0.0.1:9/x",
         body="{}",
         created_at=now,
-        deadline=now + timedelta(hours=1),
+        deadline=now + window,
         dedupe_key=dedupe,
     )
     async with db.begin() as s:
@@ -137,3 +144,38 @@ async def test_postgres_claims_skip_rows_another_transaction_holds(
             )
     assert {d.id for d in mine} | {d.id for d in theirs} == {first.id, second.id}
     assert not {d.id for d in mine} & {d.id for d in theirs}
+
+
+async def test_a_retry_sent_after_its_deadline_fails_without_another_attempt(
+    db: async_sessionmaker[DbSession],
+) -> None:
+    # Its window closed a second ago; its first attempt failed and the retry came due
+    # within the window, but no sender took it before the deadline (a busy replica).
+    new = await add(db, "t-late", window=timedelta(seconds=-1))
+    (taken,) = await claim(db, "t-late", "a")
+    async with db.begin() as s:
+        await repo.record_attempt(
+            s,
+            taken,
+            repo.Attempt(1, utcnow(), 5, None, "cannot connect", "a"),
+            state=repo.PENDING,
+            next_attempt_at=utcnow(),
+            ended_at=None,
+        )
+    sender = WebhookSender(db, TenantRegistry([]), SenderConfig(owner="b", poll_s=0.05))
+    running = asyncio.create_task(sender.run())
+    try:
+        for _ in range(600):  # until the sender settles it (a cap for a broken test)
+            async with db() as s:
+                (listed,) = await repo.list_deliveries(
+                    s, "t-late", repo.DeliveryFilter(), after=None, limit=10
+                )
+            if listed.state != repo.PENDING:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+    assert listed.id == new.id and listed.state == repo.FAILED and listed.ended_at is not None
+    assert [a.number for a in listed.history] == [1]  # no attempt past the deadline

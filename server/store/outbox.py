@@ -227,6 +227,18 @@ async def record_attempt(
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+async def give_up(db: DbSession, delivery: Delivery, *, sender: str, at: datetime) -> bool:
+    """Fail a delivery without another attempt (its retry window closed while it waited
+    to be sent again), while `sender` still holds its claim."""
+    d = WebhookDeliveryRow
+    result = await db.execute(
+        update(table(d))
+        .where(d.id == delivery.id, d.claimed_by == sender, d.state == PENDING)
+        .values(state=FAILED, ended_at=at, claimed_by=None, claim_expires_at=None)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
 async def release(db: DbSession, owner: str) -> int:
     """Give up `owner`'s claims on deliveries not yet sent (a sender stopping): any
     replica may send them at once instead of after the lease. How many."""

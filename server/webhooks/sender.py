@@ -203,6 +203,11 @@ class WebhookSender:
     async def _deliver(self, delivery: repo.Delivery) -> None:
         policy = self._policy(delivery.tenant)
         started = utcnow()
+        if delivery.attempts and started > delivery.deadline:
+            # Its retry came due within the window but is sent after it (a busy replica):
+            # no attempt starts past the deadline.
+            await self._give_up(delivery, started)
+            return
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         outcome = await self._send(delivery, policy)
@@ -246,6 +251,31 @@ class WebhookSender:
         if state == repo.PENDING:
             loop.call_later(delay, self._wake.set)
         self._report(delivery, number, state, outcome, ended)
+
+    async def _give_up(self, delivery: repo.Delivery, at: datetime) -> None:
+        try:
+            async with self._db.begin() as db:
+                if not await repo.give_up(db, delivery, sender=self.config.owner, at=at):
+                    return
+        except (DBAPIError, DatabaseUnavailable) as exc:
+            # Its claim expires; whoever claims it next gives it up.
+            log.warning(
+                "webhook_unrecorded",
+                extra={"delivery_id": delivery.id, "tenant": delivery.tenant, "detail": cause(exc)},
+            )
+            return
+        log.warning(
+            "webhook_failed",
+            extra={
+                "delivery_id": delivery.id,
+                "tenant": delivery.tenant,
+                "event": delivery.event,
+                "endpoint": delivery.target,
+                "session_id": delivery.session_id,
+                "attempt": delivery.attempts,
+                "detail": "its retry window closed before it could be sent again",
+            },
+        )
 
     async def _send(self, delivery: repo.Delivery, policy: WebhookPolicy | None) -> _Outcome:
         if policy is None or not policy.still_allows(delivery.target, delivery.url):
