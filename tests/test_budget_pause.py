@@ -469,6 +469,19 @@ async def test_another_replica_raises_a_paused_session_and_it_completes() -> Non
             assert Decimal(budget.spent_usd) == 3 * PER_REQUEST
 
 
+def running_session() -> Session:
+    """A RUNNING session of `pauser` with a budget of TWO, held in memory only."""
+    return Session(
+        id=str(uuid.uuid4()),
+        tenant="pauser",
+        state=SessionState.RUNNING,
+        create_time=utcnow(),
+        max_budget_usd=Decimal(TWO),
+        max_turns=3,
+        allowed_tools=("Glob",),
+    )
+
+
 async def test_a_raise_applied_as_a_pause_begins_wakes_its_held_request(database_url: str) -> None:
     """The race behind concurrent raises: the gateway holds a request its budget refused,
     and a raise is applied before the pause's task first runs. The held request must go on
@@ -476,15 +489,7 @@ async def test_a_raise_applied_as_a_pause_begins_wakes_its_held_request(database
     engine = create_engine(database_url)
     await migrate(engine)
     try:
-        session = Session(
-            id=str(uuid.uuid4()),
-            tenant="pauser",
-            state=SessionState.RUNNING,
-            create_time=utcnow(),
-            max_budget_usd=Decimal(TWO),
-            max_turns=3,
-            allowed_tools=("Glob",),
-        )
+        session = running_session()
         hub = BudgetHub(sessionmaker(engine))
         live = LiveSession(session, persist=lambda events: asyncio.sleep(0))
         budget = hub.session(live, max_pause_s=3600)
@@ -510,15 +515,7 @@ async def test_a_raise_applied_as_a_pause_begins_wakes_its_held_request(database
 async def test_a_raise_applied_as_the_session_ends_does_not_take_the_results_number() -> None:
     """The session's end numbers its result, then records it; a raise applied meanwhile
     must not publish an event under that number (the run task would fail on it)."""
-    session = Session(
-        id=str(uuid.uuid4()),
-        tenant="pauser",
-        state=SessionState.RUNNING,
-        create_time=utcnow(),
-        max_budget_usd=Decimal(TWO),
-        max_turns=3,
-        allowed_tools=("Glob",),
-    )
+    session = running_session()
     live = LiveSession(session, persist=lambda events: asyncio.sleep(0))
     live.emit(EventKind.STARTED, {"session": session.to_json()})
     live.seal()
